@@ -1,0 +1,364 @@
+"""Configuration: one frozen :class:`Settings` built once from TOML.
+
+Every component receives only its own section.  :func:`load` collects *every*
+problem in a file (wrong type, bad value, unknown key — usually a typo) and
+raises one :class:`ConfigError` that names each key, so ``check-config`` can
+show them all at once.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars, no backslash
+
+STRATEGIES = ("universal", "conservative", "standard", "compression", "extended")
+
+
+def parse_size(text: str | int) -> int:
+    """``"50GB"`` → bytes.  Units are powers of 1024 (as ``df -h``); ``KiB`` etc. too."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError("must not be negative")
+        return text
+    if not isinstance(text, str):
+        raise ValueError("must be a size such as \"50GB\"")
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size such as \"50GB\" (units B, KB, MB, GB, TB)")
+    unit = m.group(2).upper().replace("I", "").rstrip("B") if m.group(2) else ""
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Serve /metrics on this separate port (on ``host``) instead of the main one.
+    metrics_port: int | None = None
+    #: Seconds to let in-flight requests finish on SIGTERM before they are cancelled.
+    shutdown_timeout: float = 10.0
+    log_format: str = "plain"
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    #: ``None`` means "no upstream configured": ``serve`` then starts a demo Orthanc.
+    url: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    connect_timeout: float = 15.0
+    read_timeout: float = 60.0
+    retries: int = 3
+    backoff_base: float = 0.25
+    backoff_max: float = 8.0
+    max_connections: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    directory: Path = Path("/var/cache/dicomcache")
+    max_size: int = 50 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class AccessSettings:
+    #: ``"METHOD /path"`` rules (``*`` globs) opening endpoints that are closed by default.
+    allow: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationSettings:
+    name: str
+    remote_ae_title: str
+    remote_host: str
+    remote_port: int
+    transfer_syntax_strategy: str = "conservative"
+    max_association_retries: int = 3
+    #: Lossy re-compression is only ever done for ``extended`` peers that allow it.
+    allow_lossy_recompression: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    enabled: bool = False
+    ae_title: str = "DICOMCACHE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    spool_directory: Path = Path("/var/lib/dicomcache/spool")
+    allowed_calling_ae_titles: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    #: Keep delivered instances this many seconds (0: delete once delivered everywhere).
+    retention: float = 0.0
+    retry_backoff_base: float = 2.0
+    retry_backoff_max: float = 300.0
+    max_pdu: int = 131072
+    destinations: tuple[DestinationSettings, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = ServerSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    cache: CacheSettings = CacheSettings()
+    access: AccessSettings = AccessSettings()
+    relay: RelaySettings = RelaySettings()
+    #: Where the file came from, for messages; ``None`` for built-in defaults.
+    source: Path | None = None
+
+
+class _Section:
+    """Typed reads from one TOML table, recording problems instead of raising."""
+
+    def __init__(self, data: Any, prefix: str, problems: list[tuple[str, str]]) -> None:
+        self.prefix = prefix
+        self.problems = problems
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            problems.append((prefix, "must be a table"))
+            data = {}
+        self.data: dict[str, Any] = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def problem(self, name: str, message: str) -> None:
+        self.problems.append((self.key(name), message))
+
+    def get(self, name: str, kind: type[T] | tuple[type, ...], default: T) -> T:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        else:
+            ok = isinstance(value, kinds)
+        if not ok:
+            names = " or ".join(k.__name__ for k in kinds)
+            self.problem(name, f"must be {names}, not {type(value).__name__} {value!r}")
+            return default
+        return value  # type: ignore[no-any-return]
+
+    def port(self, name: str, default: int) -> int:
+        value = self.get(name, int, default)
+        if not 0 <= value <= 65535:
+            self.problem(name, f"{value} is not a TCP port (0-65535)")
+        return value
+
+    def positive(self, name: str, default: float) -> float:
+        value = self.get(name, float, default)
+        if value <= 0:
+            self.problem(name, f"must be > 0, not {value}")
+        return value
+
+    def str_list(self, name: str) -> tuple[str, ...]:
+        value = self.get(name, list, [])
+        if not all(isinstance(v, str) for v in value):
+            self.problem(name, "must be a list of strings")
+            return ()
+        return tuple(value)
+
+    def finish(self) -> None:
+        for extra in sorted(set(self.data) - self.used):
+            self.problem(extra, "unknown key (a typo?)")
+
+
+def _server(sec: _Section) -> ServerSettings:
+    metrics_port = sec.get("metrics_port", int, 0)
+    log_format = sec.get("log_format", str, "plain")
+    if log_format not in ("plain", "json"):
+        sec.problem("log_format", f"must be \"plain\" or \"json\", not {log_format!r}")
+    log_level = sec.get("log_level", str, "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        sec.problem("log_level", f"must be DEBUG, INFO, WARNING or ERROR, not {log_level!r}")
+    return ServerSettings(
+        host=sec.get("host", str, "127.0.0.1"),
+        port=sec.port("port", 8080),
+        metrics_port=sec.port("metrics_port", 0) if metrics_port else None,
+        shutdown_timeout=sec.positive("shutdown_timeout", 10.0),
+        log_format=log_format,
+        log_level=log_level,
+    )
+
+
+def _upstream(sec: _Section, base: Path) -> UpstreamSettings:
+    url = sec.get("url", str, "") or None
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            sec.problem("url", f"{url!r} is not an http(s) URL such as \"http://orthanc:8042\"")
+        elif parts.username or parts.password:
+            sec.problem("url", "put credentials in username/password, not in the URL")
+        url = url.rstrip("/")
+    password = sec.get("password", str, "") or None
+    password_file = sec.get("password_file", str, "")
+    if password_file:
+        if password is not None:
+            sec.problem("password_file", "set password or password_file, not both")
+        try:
+            password = (base / password_file).read_text().strip()
+        except OSError as exc:
+            sec.problem("password_file", f"cannot read {password_file!r}: {exc.strerror}")
+    username = sec.get("username", str, "") or None
+    if (username is None) != (password is None):
+        sec.problem("username", "username and password (or password_file) go together")
+    retries = sec.get("retries", int, 3)
+    if not 0 <= retries <= 20:
+        sec.problem("retries", f"must be between 0 and 20, not {retries}")
+    max_connections = sec.get("max_connections", int, 32)
+    if max_connections < 1:
+        sec.problem("max_connections", "must be at least 1")
+    return UpstreamSettings(
+        url=url,
+        username=username,
+        password=password,
+        connect_timeout=sec.positive("connect_timeout", 15.0),
+        read_timeout=sec.positive("read_timeout", 60.0),
+        retries=retries,
+        backoff_base=sec.positive("backoff_base", 0.25),
+        backoff_max=sec.positive("backoff_max", 8.0),
+        max_connections=max_connections,
+    )
+
+
+def _cache(sec: _Section, base: Path) -> CacheSettings:
+    directory = Path(sec.get("directory", str, "/var/cache/dicomcache"))
+    raw = sec.get("max_size", (str, int), "50GB")
+    try:
+        max_size = parse_size(raw)
+    except ValueError as exc:
+        sec.problem("max_size", str(exc))
+        max_size = 50 << 30
+    else:
+        if max_size < 1 << 20:
+            sec.problem("max_size", f"{raw!r} is too small: at least 1MB")
+    return CacheSettings(directory=base / directory, max_size=max_size)
+
+
+def _access(sec: _Section) -> AccessSettings:
+    rules: list[str] = []
+    for rule in sec.str_list("allow"):
+        method, _, path = rule.strip().partition(" ")
+        if not method.isalpha() or not path.strip().startswith("/"):
+            sec.problem("allow", f"{rule!r} is not \"METHOD /path\" (e.g. \"POST /tools/find\")")
+            continue
+        rules.append(f"{method.upper()} {path.strip()}")
+    return AccessSettings(allow=tuple(rules))
+
+
+def _destination(sec: _Section) -> DestinationSettings | None:
+    name = sec.get("name", str, "")
+    ae = sec.get("remote_ae_title", str, "")
+    host = sec.get("remote_host", str, "")
+    port = sec.port("remote_port", 104)
+    strategy = sec.get("transfer_syntax_strategy", str, "conservative")
+    retries = sec.get("max_association_retries", int, 3)
+    lossy = sec.get("allow_lossy_recompression", bool, False)
+    for key, value in (("name", name), ("remote_ae_title", ae), ("remote_host", host)):
+        if not value:
+            sec.problem(key, "is required")
+    if ae and not _AE_RE.match(ae):
+        sec.problem("remote_ae_title", f"{ae!r} is not an AE title (1-16 characters, no \\)")
+    if strategy not in STRATEGIES:
+        sec.problem("transfer_syntax_strategy", f"{strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if not 1 <= retries <= 10:
+        sec.problem("max_association_retries", f"must be between 1 and 10, not {retries}")
+    if lossy and strategy != "extended":
+        sec.problem("allow_lossy_recompression", "only allowed with transfer_syntax_strategy = \"extended\"")
+    sec.finish()
+    if not (name and ae and host):
+        return None
+    return DestinationSettings(name, ae, host, port, strategy, retries, lossy)
+
+
+def _relay(sec: _Section, base: Path) -> RelaySettings:
+    ae = sec.get("ae_title", str, "DICOMCACHE")
+    if not _AE_RE.match(ae):
+        sec.problem("ae_title", f"{ae!r} is not an AE title (1-16 characters, no \\)")
+    callers = sec.str_list("allowed_calling_ae_titles")
+    for title in callers:
+        if not _AE_RE.match(title):
+            sec.problem("allowed_calling_ae_titles", f"{title!r} is not an AE title")
+    max_pdu = sec.get("max_pdu", int, 131072)
+    if max_pdu != 0 and not 4096 <= max_pdu <= 1 << 24:
+        sec.problem("max_pdu", "must be 0 (unlimited) or between 4096 and 16777216")
+    raw_dests = sec.get("destinations", list, [])
+    dests: list[DestinationSettings] = []
+    for i, raw in enumerate(raw_dests):
+        dsec = _Section(raw, f"{sec.prefix}.destinations[{i}]", sec.problems)
+        dest = _destination(dsec)
+        if dest is not None:
+            dests.append(dest)
+    names = [d.name for d in dests]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        sec.problem("destinations", f"destination name {dup!r} is used twice")
+    retention = sec.get("retention", float, 0.0)
+    if retention < 0:
+        sec.problem("retention", "must not be negative")
+    return RelaySettings(
+        enabled=sec.get("enabled", bool, False),
+        ae_title=ae,
+        host=sec.get("host", str, "127.0.0.1"),
+        port=sec.port("port", 11112),
+        spool_directory=base / sec.get("spool_directory", str, "/var/lib/dicomcache/spool"),
+        allowed_calling_ae_titles=callers,
+        allowed_hosts=sec.str_list("allowed_hosts"),
+        retention=retention,
+        retry_backoff_base=sec.positive("retry_backoff_base", 2.0),
+        retry_backoff_max=sec.positive("retry_backoff_max", 300.0),
+        max_pdu=max_pdu,
+        destinations=tuple(dests),
+    )
+
+
+def from_dict(data: dict[str, Any], *, base: Path = Path("."), source: Path | None = None) -> Settings:
+    """Build :class:`Settings` from parsed TOML; relative paths are taken from ``base``."""
+    problems: list[tuple[str, str]] = []
+    top = _Section(data, "", problems)
+    secs = {name: _Section(top.get(name, dict, {}), name, problems)
+            for name in ("server", "upstream", "cache", "access", "relay")}
+    settings = Settings(
+        server=_server(secs["server"]),
+        upstream=_upstream(secs["upstream"], base),
+        cache=_cache(secs["cache"], base),
+        access=_access(secs["access"]),
+        relay=_relay(secs["relay"], base),
+        source=source,
+    )
+    for sec in (*secs.values(), top):
+        sec.finish()
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def load(path: str | Path) -> Settings:
+    """Read and validate a TOML file; raises :class:`ConfigError` naming every bad key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([("(file)", f"cannot read {path}: {exc.strerror}")]) from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([("(syntax)", f"{path}: {exc}")]) from exc
+    return from_dict(data, base=path.resolve().parent, source=path)

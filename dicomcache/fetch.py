@@ -1,0 +1,123 @@
+"""Miss handling: coalesce, download, verify, commit.
+
+One download per Orthanc instance at a time, whatever API family asked
+(single-flight keyed by the Orthanc instance ID, which every family resolves
+to first).  Each attempt downloads the body and Orthanc's stored MD5 in
+parallel, verifies length, MD5 and a full DICOM parse in a worker thread, and
+only then commits it to the store.  A body that fails is dropped and retried;
+after the last retry the caller gets an :class:`UpstreamError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from dataclasses import dataclass
+
+from .errors import IntegrityError, NotFoundUpstream, StoreFull, UpstreamError
+from .metrics import Metrics
+from .store import AsyncStore, Entry
+from .upstream import OrthancClient
+from .verify import DicomSummary, md5_hex, verify_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A verified instance: stored (``entry``) or, when the disk is full, only in memory."""
+
+    summary: DicomSummary
+    md5: str
+    orthanc_id: str
+    entry: Entry | None = None
+    data: bytes | None = None
+
+
+class Fetcher:
+    """Turns misses into verified, stored instances; see the module docstring."""
+
+    def __init__(self, client: OrthancClient, store: AsyncStore, metrics: Metrics) -> None:
+        self.client = client
+        self.store = store
+        self.metrics = metrics
+        self._inflight: dict[str, asyncio.Task[Fetched]] = {}
+
+    async def by_orthanc_id(self, orthanc_id: str) -> Fetched:
+        """The verified instance, downloading it unless a download is already in flight."""
+        task = self._inflight.get(orthanc_id)
+        if task is not None:
+            self.metrics.coalesced.inc()
+        else:
+            # A task of its own: a viewer that hangs up must not cancel the
+            # download the other waiters (and the cache) depend on.
+            task = asyncio.create_task(self._download(orthanc_id), name=f"fetch {orthanc_id}")
+            self._inflight[orthanc_id] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(orthanc_id, None))
+        return await asyncio.shield(task)
+
+    async def resolve_sop(self, sop_uid: str) -> str:
+        """Orthanc instance ID for a SOPInstanceUID: learned before, else ``/tools/lookup``."""
+        known = await self.store.orthanc_id_of(sop_uid)
+        if known:
+            return known
+        found = await self.client.lookup_instance(sop_uid)
+        if found is None:
+            raise NotFoundUpstream(404, f"Orthanc has no instance with SOPInstanceUID {sop_uid}")
+        await self.store.learn(found, sop_uid)
+        return found
+
+    async def _download(self, orthanc_id: str) -> Fetched:
+        summary, md5, data = await self.client.retrying(
+            lambda attempt: self._attempt(orthanc_id),
+            what=f"instance {orthanc_id}")
+        self.metrics.fetched_bytes.inc(len(data))
+        try:
+            entry = await self.store.commit_bytes(data, summary, md5, orthanc_id)
+        except StoreFull as exc:
+            # The viewer still gets its verified image; only caching is lost.
+            log.error("cannot cache instance %s: %s; serving it uncached", orthanc_id, exc)
+            return Fetched(summary, md5, orthanc_id, data=data)
+        except OSError as exc:
+            log.error("cannot cache instance %s: %s; serving it uncached", orthanc_id, exc)
+            return Fetched(summary, md5, orthanc_id, data=data)
+        if not entry.path.exists():  # evicted at once: bigger than the whole cache
+            return Fetched(summary, md5, orthanc_id, data=data)
+        return Fetched(summary, md5, orthanc_id, entry=entry)
+
+    async def _attempt(self, orthanc_id: str) -> tuple[DicomSummary, str, bytes]:
+        md5_task = asyncio.create_task(self.client.instance_md5(orthanc_id))
+        try:
+            headers, body = await self.client.get(
+                f"/instances/{orthanc_id}/file", kind="instance")
+            expected_md5 = await md5_task
+        finally:
+            md5_task.cancel()
+        declared = headers.get("Content-Length")
+        expected_length = int(declared) if declared and declared.isdigit() else None
+        encoding = headers.get("Content-Encoding", "identity").lower()
+        if expected_md5 is None:
+            log.warning("Orthanc has no MD5 for instance %s (StoreMD5ForAttachments off?): "
+                        "relying on length and a full parse", orthanc_id)
+
+        def check() -> tuple[DicomSummary, str, bytes]:
+            data = body
+            if expected_length is not None and len(body) != expected_length:
+                raise IntegrityError("length_mismatch", f"received {len(body)} bytes, "
+                                     f"Content-Length said {expected_length}")
+            if encoding in ("gzip", "deflate"):
+                try:
+                    data = zlib.decompress(body, 47)  # gzip or zlib, auto-detected
+                except zlib.error as exc:
+                    raise IntegrityError("short_body", f"bad {encoding} stream: {exc}") from exc
+            elif encoding != "identity":
+                raise UpstreamError("encoding", f"unsupported Content-Encoding {encoding!r}")
+            summary = verify_bytes(data, expected_md5=expected_md5)
+            return summary, expected_md5 or md5_hex(data), data
+
+        try:
+            return await asyncio.to_thread(check)
+        except IntegrityError as exc:
+            log.warning("integrity check failed for instance %s: %s", orthanc_id, exc)
+            raise

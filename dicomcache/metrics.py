@@ -1,0 +1,119 @@
+"""Prometheus metrics: one :class:`Metrics` object with its own registry.
+
+A private ``CollectorRegistry`` (not the global one) keeps tests independent
+and lets one process hold several apps.  Names follow Prometheus conventions:
+``dicomcache_`` prefix, base units, ``_total`` for counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from aiohttp.typedefs import Handler
+
+# Hits are sub-millisecond, misses over a WAN take seconds: cover both.
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+
+#: Label values used for ``cause`` (kept in one place so dashboards and code agree).
+FAILURE_CAUSES = (
+    "timeout", "reset", "connect", "short_body", "length_mismatch", "md5_mismatch",
+    "parse_failure", "http_5xx", "http_429",
+)
+
+
+class Metrics:
+    """Every metric dicomcache exports, registered in ``self.registry``."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        # --- HTTP side -------------------------------------------------------------
+        self.request_seconds = Histogram(
+            "dicomcache_http_request_duration_seconds",
+            "Time to answer a viewer request, by API family and outcome.",
+            ["family", "outcome"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.cache_hits = Counter(
+            "dicomcache_cache_hits_total", "Instance requests served from the local store.",
+            ["family"], registry=r)
+        self.cache_misses = Counter(
+            "dicomcache_cache_misses_total", "Instance requests that needed Orthanc.",
+            ["family"], registry=r)
+        self.served_bytes = Counter(
+            "dicomcache_served_bytes_total", "Instance bytes sent to viewers from the store.",
+            registry=r)
+        self.fetched_bytes = Counter(
+            "dicomcache_upstream_fetched_bytes_total",
+            "Verified instance bytes downloaded from Orthanc.", registry=r)
+        self.cache_entries = Gauge(
+            "dicomcache_cache_entries", "Instances in the local store.", registry=r)
+        self.cache_size = Gauge(
+            "dicomcache_cache_size_bytes", "Bytes used by the local store.", registry=r)
+        self.cache_max = Gauge(
+            "dicomcache_cache_max_bytes", "Configured size bound of the local store.", registry=r)
+        self.evictions = Counter(
+            "dicomcache_cache_evictions_total", "Instances evicted to stay under max_size.",
+            registry=r)
+        self.coalesced = Counter(
+            "dicomcache_coalesced_requests_total",
+            "Misses that waited for a download already in flight instead of starting one.",
+            registry=r)
+        self.upstream_seconds = Histogram(
+            "dicomcache_upstream_request_duration_seconds",
+            "Time of one request to Orthanc, by kind (instance, md5, lookup, passthrough).",
+            ["kind"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.upstream_retries = Counter(
+            "dicomcache_upstream_retries_total", "Requests to Orthanc retried, by cause.",
+            ["cause"], registry=r)
+        self.upstream_failures = Counter(
+            "dicomcache_upstream_failures_total",
+            "Failed attempts to get a usable answer from Orthanc, by cause.", ["cause"],
+            registry=r)
+        self.integrity_failures = Counter(
+            "dicomcache_integrity_failures_total",
+            "Downloaded instances rejected by verification (each one a buffer overrun "
+            "or wrong image prevented), by cause.", ["cause"], registry=r)
+        self.upstream_up = Gauge(
+            "dicomcache_upstream_up", "1 when the last request to Orthanc succeeded.",
+            registry=r)
+        self.prefetch_queue = Gauge(
+            "dicomcache_prefetch_queue_depth", "Instances waiting to be prefetched.", registry=r)
+        self.prefetched = Counter(
+            "dicomcache_prefetch_instances_total", "Instances fetched ahead of viewers.",
+            ["outcome"], registry=r)
+        # --- DIMSE relay -----------------------------------------------------------
+        self.relay_associations = Counter(
+            "dicomcache_relay_associations_total",
+            "DIMSE associations, by direction (inbound/outbound) and outcome.",
+            ["direction", "outcome"], registry=r)
+        self.relay_received = Counter(
+            "dicomcache_relay_received_total",
+            "C-STOREs received from modalities, by DICOM status (hex).", ["status"], registry=r)
+        self.relay_forwarded = Counter(
+            "dicomcache_relay_forwarded_total",
+            "Instances forwarded, by destination and outcome (delivered/retry/quarantined).",
+            ["destination", "outcome"], registry=r)
+        self.relay_attempts = Counter(
+            "dicomcache_relay_forward_attempts_total",
+            "Association attempts made to forward instances, by destination.",
+            ["destination"], registry=r)
+        self.relay_strategy = Counter(
+            "dicomcache_relay_strategy_used_total",
+            "Delivered instances by destination, negotiation strategy and transfer syntax sent.",
+            ["destination", "strategy", "transfer_syntax"], registry=r)
+        self.relay_forward_seconds = Histogram(
+            "dicomcache_relay_forward_duration_seconds",
+            "Time to forward one instance (C-STORE round trip, transcoding included).",
+            ["destination"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.relay_queue_depth = Gauge(
+            "dicomcache_relay_queue_depth", "Instances waiting for delivery, by destination.",
+            ["destination"], registry=r)
+        self.relay_oldest_age = Gauge(
+            "dicomcache_relay_queue_oldest_age_seconds",
+            "Age of the oldest undelivered instance, by destination.", ["destination"],
+            registry=r)
+
+    def handler(self) -> Handler:
+        """An aiohttp handler exposing this registry (prometheus-client's own)."""
+        return make_aiohttp_handler(self.registry)

@@ -1,0 +1,330 @@
+"""Transfer-syntax negotiation for forwarding: pure functions, no sockets.
+
+The clinic's staff know the behaviour by its names (see docs/relay.md):
+
+* five strategies, each a set of transfer syntaxes the relay is prepared to
+  send in, from ``universal`` (Implicit VR Little Endian only) to ``extended``
+  (everything, lossy syntaxes included);
+* an automatic fallback sequence towards ``universal`` when an association
+  yields no usable presentation context, bounded by ``max_association_retries``;
+* the dataset's own syntax proposed first, so nothing is transcoded needlessly.
+
+How proposals are laid out
+--------------------------
+Every (SOP class, transfer syntax) pair is its own presentation context with a
+single transfer syntax.  An acceptor picks one syntax per context, so a
+context listing several would let the peer, not us, decide whether we
+transcode; one syntax per context tells us exactly what the peer accepts
+(which the error messages and the learned state report).  A study holds few
+SOP classes, so even ``extended`` (about 16 syntaxes) fits several classes in
+the 128-context limit; :func:`fit_batch` cuts a batch where it would not.
+
+Choosing what to send
+---------------------
+:func:`rank_targets` orders the syntaxes a dataset may be sent in, cheapest
+and most faithful first: its own syntax; the uncompressed syntaxes (same VR
+encoding first); lossless compressions we can encode; lossy ones only when
+allowed.  :func:`choose` picks the best accepted context in that order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+#: Presentation contexts an association may request (PS3.8: odd IDs 1-255).
+MAX_CONTEXTS = 128
+
+# --- transfer syntaxes ------------------------------------------------------------
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+JPEG_LOSSLESS = "1.2.840.10008.1.2.4.57"
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
+JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+JPEG_LS_NEAR_LOSSLESS = "1.2.840.10008.1.2.4.81"
+JPEG_2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+JPEG_2000 = "1.2.840.10008.1.2.4.91"
+HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
+HTJ2K_LOSSLESS_RPCL = "1.2.840.10008.1.2.4.202"
+HTJ2K = "1.2.840.10008.1.2.4.203"
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+
+#: Native (uncompressed) encodings, in the order we prefer to send them.
+UNCOMPRESSED: tuple[str, ...] = (EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE)
+#: Lossless compressions, cheapest to encode first.
+LOSSLESS: tuple[str, ...] = (
+    RLE_LOSSLESS, JPEG_LS_LOSSLESS, JPEG_LOSSLESS_SV1, JPEG_LOSSLESS, JPEG_2000_LOSSLESS,
+    HTJ2K_LOSSLESS, HTJ2K_LOSSLESS_RPCL,
+)
+#: Syntaxes whose pixel data may have lost information (PS3.5 8.2).
+LOSSY: tuple[str, ...] = (JPEG_BASELINE, JPEG_EXTENDED, JPEG_LS_NEAR_LOSSLESS, JPEG_2000, HTJ2K)
+#: Every syntax the SCP accepts from modalities (all of them pydicom can read).
+ACCEPTED_FROM_MODALITIES: tuple[str, ...] = (
+    EXPLICIT_LE, IMPLICIT_LE, DEFLATED_LE, EXPLICIT_BE, *LOSSLESS, *LOSSY,
+)
+
+STRATEGIES: tuple[str, ...] = ("universal", "conservative", "standard", "compression", "extended")
+DEFAULT_STRATEGY = "conservative"
+
+_UNIVERSAL = (IMPLICIT_LE,)
+_CONSERVATIVE = (*_UNIVERSAL, EXPLICIT_LE)
+_STANDARD = (*_CONSERVATIVE, EXPLICIT_BE)
+_COMPRESSION = (*_STANDARD, RLE_LOSSLESS, JPEG_2000_LOSSLESS, JPEG_LOSSLESS_SV1, JPEG_LOSSLESS,
+                JPEG_LS_LOSSLESS)
+_EXTENDED = (*_COMPRESSION, JPEG_BASELINE, JPEG_EXTENDED, JPEG_LS_NEAR_LOSSLESS, JPEG_2000,
+             DEFLATED_LE, HTJ2K_LOSSLESS, HTJ2K_LOSSLESS_RPCL, HTJ2K)
+
+#: The transfer syntaxes each strategy may send in.
+STRATEGY_SYNTAXES: Mapping[str, tuple[str, ...]] = {
+    "universal": _UNIVERSAL,
+    "conservative": _CONSERVATIVE,
+    "standard": _STANDARD,
+    "compression": _COMPRESSION,
+    "extended": _EXTENDED,
+}
+
+
+def is_uncompressed(ts: str) -> bool:
+    return ts in UNCOMPRESSED or ts == DEFLATED_LE
+
+
+def is_lossy(ts: str) -> bool:
+    return ts in LOSSY
+
+
+def syntax_name(ts: str) -> str:
+    """A short human name for logs ("Explicit VR Little Endian")."""
+    from pydicom.uid import UID  # local: keep this module import-light
+
+    name = UID(ts).name
+    return name if name and name != ts else ts
+
+
+def fallback_sequence(strategy: str, max_association_retries: int) -> tuple[str, ...]:
+    """The strategies tried in turn, starting with ``strategy``.
+
+    Each step drops to the next more compatible strategy
+    (``standard`` → ``conservative`` → ``universal``); at most
+    ``max_association_retries`` associations are made.
+
+    >>> fallback_sequence("standard", 3)
+    ('standard', 'conservative', 'universal')
+    """
+    if strategy not in STRATEGY_SYNTAXES:
+        raise ValueError(f"unknown strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    if max_association_retries < 1:
+        raise ValueError("max_association_retries must be at least 1")
+    start = STRATEGIES.index(strategy)
+    return tuple(reversed(STRATEGIES[: start + 1]))[:max_association_retries]
+
+
+def start_strategy(configured: str, learned: str | None) -> str:
+    """Where to start: what was learned to work, unless it is above the configuration."""
+    if learned in STRATEGY_SYNTAXES and STRATEGIES.index(learned) <= STRATEGIES.index(configured):
+        return learned
+    return configured
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """What negotiation needs to know about one instance to forward."""
+
+    sop_class: str
+    transfer_syntax: str
+    #: False for data sets without Pixel Data: their "compressed" encodings are
+    #: plain Explicit VR Little Endian, so any syntax is reachable by relabelling.
+    has_pixels: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """One requested presentation context (one abstract syntax, one transfer syntax)."""
+
+    abstract_syntax: str
+    transfer_syntax: str
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """One presentation context the peer accepted."""
+
+    context_id: int
+    abstract_syntax: str
+    transfer_syntax: str
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """How to send one instance: which accepted context, and whether to transcode."""
+
+    context_id: int
+    transfer_syntax: str
+    transcode: bool
+    #: The pixel data is re-compressed with a lossy syntax (``extended`` + allowed only).
+    lossy_recompression: bool
+
+
+def _targets_for(strategy: str, encodable: Iterable[str], allow_lossy: bool) -> list[str]:
+    """Syntaxes we can produce from any source under ``strategy`` (not own syntax)."""
+    can = set(encodable)
+    allowed = STRATEGY_SYNTAXES[strategy]
+    out = [ts for ts in UNCOMPRESSED if ts in allowed]
+    out += [ts for ts in LOSSLESS if ts in allowed and ts in can]
+    if allow_lossy and strategy == "extended":
+        out += [ts for ts in LOSSY if ts in allowed and ts in can]
+    return out
+
+
+def propose(
+    strategy: str,
+    sources: Iterable[Source],
+    *,
+    encodable: Iterable[str] = (),
+    allow_lossy: bool = False,
+) -> list[Proposal]:
+    """The presentation contexts to request for ``sources`` under ``strategy``.
+
+    Per SOP class, in order of first appearance: each source's own syntax the
+    strategy allows (first, so it is used untouched when accepted), then the
+    syntaxes we could transcode to.  Duplicates are dropped.  The result may
+    exceed :data:`MAX_CONTEXTS`; see :func:`fit_batch`.
+    """
+    allowed = STRATEGY_SYNTAXES[strategy]
+    targets = _targets_for(strategy, encodable, allow_lossy)
+    own: dict[str, list[str]] = {}
+    for src in sources:
+        syntaxes = own.setdefault(src.sop_class, [])
+        if src.transfer_syntax in allowed and src.transfer_syntax not in syntaxes:
+            syntaxes.append(src.transfer_syntax)
+    out: list[Proposal] = []
+    for sop_class, syntaxes in own.items():
+        for ts in [*syntaxes, *(t for t in targets if t not in syntaxes)]:
+            out.append(Proposal(sop_class, ts))
+    return out
+
+
+def fit_batch(
+    strategy: str,
+    sources: Sequence[Source],
+    *,
+    encodable: Iterable[str] = (),
+    allow_lossy: bool = False,
+    limit: int = MAX_CONTEXTS,
+) -> int:
+    """How many of ``sources`` (a prefix, to keep arrival order) fit in one association.
+
+    Always at least 1 when ``sources`` is not empty: one SOP class never needs
+    more contexts than there are syntaxes (< 128).
+    """
+    encodable = tuple(encodable)
+    count = 0
+    for n in range(1, len(sources) + 1):
+        if len(propose(strategy, sources[:n], encodable=encodable, allow_lossy=allow_lossy)) > limit:
+            break
+        count = n
+    return max(count, 1) if sources else 0
+
+
+def rank_targets(
+    source: Source,
+    *,
+    encodable: Iterable[str] = (),
+    allow_lossy: bool = False,
+) -> list[str]:
+    """Syntaxes ``source`` may be sent in, best first (own syntax, then cheapest).
+
+    * own syntax: sent as received;
+    * uncompressed: same VR encoding first (Explicit ↔ Implicit is cheap, Big
+      Endian last); for compressed sources this is decompression;
+    * lossless compressions we can encode (RLE, JPEG-LS, JPEG Lossless, JPEG
+      2000): a lossy source decompressed and re-encoded losslessly loses
+      nothing more;
+    * lossy compressions we can encode, only when ``allow_lossy``.
+
+    A data set without Pixel Data can be sent in any syntax (its encoding is
+    the same for every compressed syntax).
+    """
+    can = set(encodable)
+    own = source.transfer_syntax
+    if own == IMPLICIT_LE:
+        native = [IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE]
+    elif own == EXPLICIT_BE:
+        native = [EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE]
+    else:
+        native = [EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE]
+    if source.has_pixels:
+        lossless = [ts for ts in LOSSLESS if ts in can]
+        lossy = [ts for ts in LOSSY if ts in can] if allow_lossy else []
+    else:
+        lossless = list(LOSSLESS)
+        lossy = list(LOSSY)
+    out = [own]
+    for ts in (*native, *lossless, *lossy):
+        if ts not in out:
+            out.append(ts)
+    if not source.has_pixels and DEFLATED_LE not in out:
+        out.append(DEFLATED_LE)
+    return out
+
+
+def choose(
+    source: Source,
+    accepted: Iterable[Accepted],
+    *,
+    encodable: Iterable[str] = (),
+    allow_lossy: bool = False,
+) -> Choice | None:
+    """The best accepted context for ``source``, or ``None`` if none is usable."""
+    by_syntax: dict[str, int] = {}
+    for cx in accepted:
+        if cx.abstract_syntax == source.sop_class:
+            by_syntax.setdefault(cx.transfer_syntax, cx.context_id)
+    for ts in rank_targets(source, encodable=encodable, allow_lossy=allow_lossy):
+        if ts in by_syntax:
+            lossy = (ts in LOSSY and source.has_pixels and ts != source.transfer_syntax)
+            return Choice(by_syntax[ts], ts, ts != source.transfer_syntax, lossy)
+    return None
+
+
+def recommend(accepted_syntaxes: Iterable[str]) -> str | None:
+    """The smallest strategy covering every syntax the peer accepted (None: nothing accepted)."""
+    syntaxes = set(accepted_syntaxes)
+    if not syntaxes:
+        return None
+    for strategy in STRATEGIES:
+        if syntaxes <= set(STRATEGY_SYNTAXES[strategy]):
+            return strategy
+    return "extended"
+
+
+def no_context_message(sop_class: str, accepted_syntaxes: Iterable[str]) -> str:
+    """The seed's two-line diagnosis when nothing usable was accepted for a SOP class.
+
+    ``No compatible presentation context for '1.2.840.10008.5.1.4.1.1.2'.
+    Peer accepted transfer syntaxes: ['1.2.840.10008.1.2']``, then a
+    ``Recommendation: …`` line.
+    """
+    syntaxes = sorted(set(accepted_syntaxes), key=_syntax_order)
+    head = (f"No compatible presentation context for '{sop_class}'. "
+            f"Peer accepted transfer syntaxes: {syntaxes!r}")
+    strategy = recommend(syntaxes)
+    if strategy is None:
+        advice = (f"Recommendation: check that the peer supports SOP class '{sop_class}' "
+                  f"({syntax_class_name(sop_class)}); it accepted none of the proposed contexts")
+    else:
+        advice = f"Recommendation: Use '{strategy}' strategy for this peer"
+    return f"{head}\n{advice}"
+
+
+def syntax_class_name(uid: str) -> str:
+    """Human name of a SOP class UID (the UID itself when unknown)."""
+    return syntax_name(uid)
+
+
+def _syntax_order(ts: str) -> tuple[int, str]:
+    order = (*_EXTENDED,)
+    return (order.index(ts) if ts in order else len(order), ts)

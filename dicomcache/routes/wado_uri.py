@@ -1,0 +1,54 @@
+"""WADO-URI (``GET /wado?requestType=WADO&…&contentType=application/dicom``).
+
+Requests for the DICOM object itself are served from the verified store (the
+same bytes Orthanc returns); rendered images and any other parameter are read
+through from Orthanc.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..errors import NotFoundUpstream
+from .common import FETCHER, OUTCOME, STORE, BadRequest, dicom_uid, family_of, serve_instance
+from .passthrough import passthrough
+
+#: Parameters that do not change the DICOM bytes Orthanc returns.
+_PLAIN = {"requestType", "studyUID", "seriesUID", "objectUID", "contentType"}
+
+
+async def wado(request: web.Request) -> web.StreamResponse:
+    q = request.query
+    if q.get("requestType") != "WADO":
+        raise BadRequest("requestType must be WADO")
+    study = dicom_uid(q["studyUID"], "studyUID") if "studyUID" in q else None
+    series = dicom_uid(q["seriesUID"], "seriesUID") if "seriesUID" in q else None
+    sop = dicom_uid(q.get("objectUID"), "objectUID")
+    if q.get("contentType") != "application/dicom" or set(q) - _PLAIN:
+        return await passthrough(request)
+    family_of(request, "wado_uri")
+    store = request.app[STORE]
+    entry = await store.get(sop)
+    if entry is not None:
+        request[OUTCOME] = "hit"
+        _check_parents(entry.study_uid, entry.series_uid, study, series, sop)
+        return await serve_instance(request, entry)
+    request[OUTCOME] = "miss"
+    fetcher = request.app[FETCHER]
+    fetched = await fetcher.by_orthanc_id(await fetcher.resolve_sop(sop))
+    _check_parents(fetched.summary.study_instance_uid, fetched.summary.series_instance_uid,
+                   study, series, sop)
+    return await serve_instance(request, fetched)
+
+
+def _check_parents(have_study: str | None, have_series: str | None,
+                   study: str | None, series: str | None, sop: str) -> None:
+    """The instance must belong to the study and series the URL names."""
+    if study and have_study and study != have_study:
+        raise NotFoundUpstream(404, f"instance {sop} is not in study {study}")
+    if series and have_series and series != have_series:
+        raise NotFoundUpstream(404, f"instance {sop} is not in series {series}")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/wado", wado)

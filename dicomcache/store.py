@@ -1,0 +1,316 @@
+"""The verified on-disk store of DICOM instances.
+
+Guarantees:
+
+* **Only verified bytes.** :meth:`Store.commit` is only ever handed bodies that
+  passed :mod:`dicomcache.verify`; nothing else is written under ``objects/``.
+* **Crash-safe.** A body is written to ``tmp/``, fsynced, renamed into
+  ``objects/`` (and the directory fsynced) *before* the index row that points
+  to it is inserted.  A ``kill -9`` at any moment leaves either no entry or a
+  complete one; leftovers (temp files, renamed files the index never learned)
+  are swept at start-up.
+* **Size-bounded, least recently used first.** The index is a
+  :class:`diskcache.Cache` with the ``least-recently-used`` policy and
+  ``size_limit = max_size``: diskcache does the accounting and eviction, and a
+  small :class:`diskcache.Disk` subclass makes it adopt our already-written
+  files instead of copying them (its eviction then unlinks them).
+* **Keyed by immutable identity.** Entries are keyed by SOPInstanceUID; Orthanc
+  instance IDs are aliases learned from what is fetched, so the REST, WADO-URI
+  and DICOMweb forms of one instance share one file.
+
+All methods touching sqlite or the disk are synchronous and meant to run in a
+worker thread; :class:`AsyncStore` wraps them with :func:`asyncio.to_thread` so
+lookups never block the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+from .errors import StoreFull
+from .verify import DicomSummary
+
+log = logging.getLogger(__name__)
+
+#: diskcache's MODE_RAW: the sqlite ``value`` column holds our JSON metadata as text.
+_MODE_RAW = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stored, verified instance."""
+
+    sop_uid: str
+    path: Path
+    size: int
+    md5: str
+    transfer_syntax: str
+    study_uid: str | None
+    series_uid: str | None
+    orthanc_id: str | None
+    stored_at: float
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.md5}"'
+
+
+@dataclass(slots=True)
+class _Pending:
+    """What :meth:`Store.commit` hands to diskcache: a synced temp file and its metadata.
+
+    ``file`` is filled in by :class:`_AdoptingDisk` with the name it chose.
+    """
+
+    temp: Path
+    meta: dict[str, Any]
+    file: str | None = None
+
+
+class _AdoptingDisk(diskcache.Disk):  # type: ignore[misc]
+    """A diskcache ``Disk`` that renames our verified temp file into place.
+
+    diskcache would otherwise copy the value into a file of its own; adopting
+    the file keeps the write single and lets diskcache's eviction and deletion
+    (``Disk.remove``) unlink our files.
+    """
+
+    def store(self, value: Any, read: bool, key: Any = None) -> tuple[int, int, str | None, Any]:
+        if not isinstance(value, _Pending):
+            return super().store(value, read, key=key)  # type: ignore[no-any-return]
+        # A random suffix: a re-commit of the same key must not reuse the old
+        # name, which diskcache deletes after replacing the row.
+        name = f"{value.meta['sop_uid']}.{secrets.token_hex(4)}.dcm"
+        sub = secrets.token_hex(1)
+        rel = os.path.join("objects", sub, name)
+        full = os.path.join(self._directory, rel)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        os.rename(value.temp, full)
+        _fsync_dir(os.path.dirname(full))
+        value.file = rel
+        meta = dict(value.meta, file=rel)
+        return int(meta["size"]), _MODE_RAW, rel, json.dumps(meta, separators=(",", ":"))
+
+
+def _fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """Synchronous store API (call from worker threads); see the module docstring."""
+
+    def __init__(self, directory: Path, max_size: int) -> None:
+        self.directory = Path(directory)
+        self.max_size = max_size
+        self.tmp_dir = self.directory / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        # The index's sqlite file lives at the store root, so the relative
+        # names _AdoptingDisk returns (objects/xx/...) resolve there.
+        self._index = diskcache.Cache(
+            str(self.directory),
+            disk=_AdoptingDisk,
+            size_limit=max_size,
+            eviction_policy="least-recently-used",
+            cull_limit=64,
+        )
+        self._aliases = diskcache.Cache(
+            str(self.directory / "aliases"),
+            size_limit=256 << 20,
+            eviction_policy="least-recently-stored",
+        )
+        self._commit_lock = threading.Lock()
+        self.evictions = 0
+
+    # --- lifecycle -------------------------------------------------------------------
+    def close(self) -> None:
+        self._index.close()
+        self._aliases.close()
+
+    def sweep(self) -> int:
+        """Remove leftovers of interrupted writes: temp files and unindexed objects.
+
+        Returns the number of files removed.  Safe to run while serving: files
+        younger than a minute are left alone (they may be mid-commit).
+        """
+        removed = 0
+        cutoff = time.time() - 60
+        for tmp in self.tmp_dir.iterdir():
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        known = {str(self.directory / json.loads(v)["file"])
+                 for v in self._raw_values()}
+        objects = self.directory / "objects"
+        if objects.exists():
+            for path in objects.rglob("*.dcm"):
+                if str(path) not in known and path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        if removed:
+            log.info("store sweep removed %d leftover file(s) of interrupted writes", removed)
+        return removed
+
+    def _raw_values(self) -> Iterator[str]:
+        con = self._index._con
+        for (value,) in con.execute("SELECT value FROM Cache WHERE mode = ?", (_MODE_RAW,)):
+            if isinstance(value, str):
+                yield value
+
+    # --- temp files ----------------------------------------------------------------------
+    def temp_path(self) -> Path:
+        """A fresh path in ``tmp/`` (same file system as ``objects/``, so rename is atomic)."""
+        return self.tmp_dir / f"{secrets.token_hex(8)}.part"
+
+    def write_temp(self, data: bytes | memoryview) -> Path:
+        """Write ``data`` to a new temp file and fsync it; raises :class:`StoreFull` on ENOSPC."""
+        path = self.temp_path()
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(exc.errno, f"cache disk full: {exc.strerror}") from exc
+            raise
+        return path
+
+    # --- entries -------------------------------------------------------------------------
+    def commit(self, temp: Path, summary: DicomSummary, md5: str, orthanc_id: str | None) -> Entry:
+        """Adopt a verified, fsynced temp file as the entry for its SOPInstanceUID."""
+        meta = {
+            "sop_uid": summary.sop_instance_uid,
+            "size": summary.size,
+            "md5": md5,
+            "transfer_syntax": summary.transfer_syntax_uid,
+            "study_uid": summary.study_instance_uid,
+            "series_uid": summary.series_instance_uid,
+            "orthanc_id": orthanc_id,
+            "stored_at": time.time(),
+        }
+        with self._commit_lock:
+            before = len(self._index)
+            existed = summary.sop_instance_uid in self._index
+            pending = _Pending(temp, meta)
+            try:
+                self._index.set(summary.sop_instance_uid, pending, retry=True)
+            except OSError as exc:
+                temp.unlink(missing_ok=True)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StoreFull(exc.errno, f"cache disk full: {exc.strerror}") from exc
+                raise
+            after = len(self._index)
+            self.evictions += max(0, before + (0 if existed else 1) - after)
+        if orthanc_id:
+            self.learn(orthanc_id, summary.sop_instance_uid)
+        return self._entry(dict(meta, file=pending.file))
+
+    def get(self, sop_uid: str) -> Entry | None:
+        """The entry for ``sop_uid`` (marking it recently used), or ``None``.
+
+        An index row whose file has vanished (deleted by hand, disk trouble) is
+        dropped and reported as a miss, so it is fetched again.
+        """
+        raw = self._index.get(sop_uid, retry=True)
+        if raw is None:
+            return None
+        entry = self._entry(json.loads(raw))
+        if not entry.path.exists():
+            log.warning("store: file of %s vanished; dropping its index row", sop_uid)
+            self._index.delete(sop_uid, retry=True)
+            return None
+        return entry
+
+    def _entry(self, meta: dict[str, Any]) -> Entry:
+        return Entry(
+            sop_uid=meta["sop_uid"], path=self.directory / meta["file"], size=meta["size"],
+            md5=meta["md5"], transfer_syntax=meta["transfer_syntax"],
+            study_uid=meta.get("study_uid"), series_uid=meta.get("series_uid"),
+            orthanc_id=meta.get("orthanc_id"), stored_at=meta["stored_at"])
+
+    def delete(self, sop_uid: str) -> bool:
+        return bool(self._index.delete(sop_uid, retry=True))
+
+    def get_by_orthanc_id(self, orthanc_id: str) -> Entry | None:
+        """The entry of an Orthanc instance ID, if its SOPInstanceUID is known and stored."""
+        sop_uid = self.resolve(orthanc_id)
+        return self.get(sop_uid) if sop_uid else None
+
+    def resolve(self, orthanc_id: str) -> str | None:
+        """SOPInstanceUID of an Orthanc instance ID, if learned."""
+        value = self._aliases.get(("oid", orthanc_id))
+        return value if isinstance(value, str) else None
+
+    def learn(self, orthanc_id: str, sop_uid: str) -> None:
+        self._aliases.set(("oid", orthanc_id), sop_uid)
+        self._aliases.set(("sop", sop_uid), orthanc_id)
+
+    def orthanc_id_of(self, sop_uid: str) -> str | None:
+        value = self._aliases.get(("sop", sop_uid))
+        return value if isinstance(value, str) else None
+
+    def stats(self) -> dict[str, int]:
+        """Entries, bytes used (index included), bound, evictions since start."""
+        return {"entries": len(self._index), "size_bytes": int(self._index.volume()),
+                "max_bytes": self.max_size, "evictions": self.evictions}
+
+    def entries(self) -> Iterator[Entry]:
+        for raw in self._raw_values():
+            yield self._entry(json.loads(raw))
+
+
+class AsyncStore:
+    """The event-loop face of :class:`Store`: every call runs in a worker thread."""
+
+    def __init__(self, store: Store) -> None:
+        self.sync = store
+
+    async def get(self, sop_uid: str) -> Entry | None:
+        return await asyncio.to_thread(self.sync.get, sop_uid)
+
+    async def get_by_orthanc_id(self, orthanc_id: str) -> Entry | None:
+        return await asyncio.to_thread(self.sync.get_by_orthanc_id, orthanc_id)
+
+    async def resolve(self, orthanc_id: str) -> str | None:
+        return await asyncio.to_thread(self.sync.resolve, orthanc_id)
+
+    async def orthanc_id_of(self, sop_uid: str) -> str | None:
+        return await asyncio.to_thread(self.sync.orthanc_id_of, sop_uid)
+
+    async def learn(self, orthanc_id: str, sop_uid: str) -> None:
+        await asyncio.to_thread(self.sync.learn, orthanc_id, sop_uid)
+
+    async def commit_bytes(self, data: bytes, summary: DicomSummary, md5: str,
+                           orthanc_id: str | None) -> Entry:
+        """Write, fsync, rename and index a verified body (one thread hop)."""
+        def work() -> Entry:
+            temp = self.sync.write_temp(data)
+            return self.sync.commit(temp, summary, md5, orthanc_id)
+        return await asyncio.to_thread(work)
+
+    async def stats(self) -> dict[str, int]:
+        return await asyncio.to_thread(self.sync.stats)
+
+
+def entry_as_dict(entry: Entry) -> dict[str, Any]:
+    d = asdict(entry)
+    d["path"] = str(entry.path)
+    return d

@@ -1,0 +1,211 @@
+"""The Orthanc client: one pooled session, timeouts, retries with backoff and jitter.
+
+Everything dicomcache asks Orthanc goes through :class:`OrthancClient`, so the
+choices below hold everywhere:
+
+* Credentials are dicomcache's own (HTTP basic from the config); a viewer's
+  ``Authorization`` is never forwarded and Orthanc's auth challenges are never
+  passed back.
+* ``Accept-Encoding: identity`` and no automatic decompression: what Orthanc
+  sends is what we verify and store, whatever the viewer's headers say (Orthanc
+  would otherwise gzip DICOM on the fly, slowly and without ``Vary``).
+* Retries (``retries`` after the first attempt) only for idempotent requests and
+  only on connection errors, timeouts, 5xx, 429 and failed integrity checks;
+  never on other 4xx.  Backoff is exponential with full jitter, and honours a
+  ``Retry-After`` up to ``backoff_max``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
+
+import aiohttp
+from multidict import CIMultiDict
+
+from .config import UpstreamSettings
+from .errors import IntegrityError, NotFoundUpstream, UpstreamError, UpstreamTimeout
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Request headers a viewer may pass through to Orthanc (everything else is dropped,
+#: notably Authorization, Cookie, Accept-Encoding and hop-by-hop headers).
+FORWARDED_REQUEST_HEADERS = ("Accept", "Accept-Language", "Content-Type",
+                             "If-None-Match", "If-Modified-Since")
+
+
+#: Failures that another attempt cannot fix.
+FINAL_CAUSES = frozenset({"auth"})
+
+
+class OrthancClient:
+    """Async client for one Orthanc; create inside a running loop, ``await close()`` after."""
+
+    def __init__(self, settings: UpstreamSettings, metrics: Metrics) -> None:
+        if settings.url is None:
+            raise ValueError("upstream.url is not set")
+        self.settings = settings
+        self.metrics = metrics
+        self.base = settings.url
+        headers = {"Accept-Encoding": "identity", "User-Agent": "dicomcache"}
+        if settings.username:
+            headers["Authorization"] = aiohttp.encode_basic_auth(
+                settings.username, settings.password or "")
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=settings.connect_timeout,
+                sock_read=settings.read_timeout),
+            connector=aiohttp.TCPConnector(
+                limit=settings.max_connections,
+                # Orthanc closes idle keep-alive connections after ~1 s; recycle ours sooner
+                # than that to avoid racing its close on a reused socket.
+                keepalive_timeout=0.8),
+            auto_decompress=False,
+            headers=headers,
+            raise_for_status=False,
+        )
+        self._rng = random.Random()
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    # --- retries -------------------------------------------------------------------------
+    def backoff(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based): full jitter."""
+        s = self.settings
+        cap = min(s.backoff_max, s.backoff_base * (2 ** (attempt - 1)))
+        delay = self._rng.uniform(cap / 2, cap)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, s.backoff_max))
+        return delay
+
+    async def retrying(self, op: Callable[[int], Awaitable[T]], *, what: str) -> T:
+        """Run ``op(attempt)`` until it succeeds or the retries are spent.
+
+        ``op`` raises :class:`UpstreamError` or :class:`IntegrityError` for a
+        retryable failure, :class:`NotFoundUpstream` for a final one.  The error
+        after the last attempt is re-raised as :class:`UpstreamError` carrying
+        ``attempts``.
+        """
+        attempts = self.settings.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                result = await op(attempt)
+            except (UpstreamError, IntegrityError) as exc:
+                cause = exc.cause
+                self.metrics.upstream_failures.labels(cause).inc()
+                if isinstance(exc, IntegrityError):
+                    self.metrics.integrity_failures.labels(cause).inc()
+                self.metrics.upstream_up.set(0 if isinstance(exc, UpstreamError) else 1)
+                if attempt == attempts or cause in FINAL_CAUSES:
+                    log.warning("%s failed after %d attempt(s): %s", what, attempt, exc)
+                    kind = UpstreamTimeout if cause == "timeout" else UpstreamError
+                    raise kind(cause, exc.reason, attempts=attempt,
+                               status=getattr(exc, "status", None)) from exc
+                delay = self.backoff(attempt, getattr(exc, "retry_after", None))
+                log.info("%s attempt %d failed (%s); retrying in %.2f s", what, attempt, exc, delay)
+                self.metrics.upstream_retries.labels(cause).inc()
+                await asyncio.sleep(delay)
+            else:
+                self.metrics.upstream_up.set(1)
+                return result
+        raise AssertionError("unreachable")
+
+    # --- single requests -------------------------------------------------------------
+    async def _request(self, method: str, path: str, *, kind: str, body: bytes | None = None,
+                       headers: Mapping[str, str] | None = None,
+                       params: Mapping[str, str] | None = None) -> tuple[int, CIMultiDict[str], bytes]:
+        """One request, whole body read; network trouble becomes :class:`UpstreamError`."""
+        started = time.monotonic()
+        try:
+            async with self.session.request(method, self.base + path, data=body,
+                                            headers=headers, params=params) as resp:
+                data = await resp.read()
+                return resp.status, CIMultiDict(resp.headers), data
+        except aiohttp.ClientPayloadError as exc:
+            raise UpstreamError("short_body", f"{method} {path}: body cut short ({exc})") from exc
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamError("timeout", f"{method} {path}: no answer in time") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError("connect", f"{method} {path}: cannot connect ({exc.os_error})") from exc
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise UpstreamError("reset", f"{method} {path}: connection lost ({exc!r})") from exc
+        finally:
+            self.metrics.upstream_seconds.labels(kind).observe(time.monotonic() - started)
+
+    async def get(self, path: str, *, kind: str, headers: Mapping[str, str] | None = None,
+                  params: Mapping[str, str] | None = None,
+                  method: str = "GET", body: bytes | None = None) -> tuple[CIMultiDict[str], bytes]:
+        """One attempt at a request that must answer 2xx; classifies the status."""
+        status, resp_headers, data = await self._request(
+            method, path, kind=kind, headers=headers, params=params, body=body)
+        check_status(status, resp_headers, f"{method} {path}", data)
+        return resp_headers, data
+
+    async def get_retrying(self, path: str, *, kind: str, method: str = "GET",
+                           body: bytes | None = None) -> tuple[CIMultiDict[str], bytes]:
+        return await self.retrying(
+            lambda _attempt: self.get(path, kind=kind, method=method, body=body),
+            what=f"{method} {path}")
+
+    async def instance_md5(self, orthanc_id: str) -> str | None:
+        """The MD5 Orthanc stored for the instance's DICOM attachment (``None``: it has none)."""
+        try:
+            _, data = await self.get(f"/instances/{orthanc_id}/attachments/dicom/md5", kind="md5")
+        except NotFoundUpstream:
+            return None
+        text = data.decode("ascii", "replace").strip().strip('"').lower()
+        if len(text) != 32 or any(c not in "0123456789abcdef" for c in text):
+            return None
+        return text
+
+    async def lookup_instance(self, sop_uid: str) -> str | None:
+        """Orthanc instance ID for a SOPInstanceUID (``POST /tools/lookup``), or ``None``."""
+        import json
+        _, data = await self.retrying(
+            lambda _a: self.get("/tools/lookup", kind="lookup", method="POST",
+                                body=sop_uid.encode()),
+            what=f"lookup {sop_uid}")
+        for item in json.loads(data):
+            if item.get("Type") == "Instance":
+                return str(item["ID"])
+        return None
+
+    def stream(self, method: str, path: str, *, headers: Mapping[str, str],
+               params: Mapping[str, str] | None = None,
+               body: bytes | None = None) -> aiohttp.client._RequestContextManager:
+        """A streaming request for pass-through (caller reads and closes the response)."""
+        return self.session.request(method, self.base + path, headers=headers, params=params,
+                                    data=body)
+
+
+def check_status(status: int, headers: Mapping[str, str], what: str, body: bytes = b"") -> None:
+    """Raise the right error for a non-2xx upstream status (retryable or not)."""
+    if 200 <= status < 300:
+        return
+    snippet = body[:200].decode("utf-8", "replace").strip()
+    if status == 429 or status >= 500:
+        err = UpstreamError("http_429" if status == 429 else "http_5xx",
+                            f"{what}: Orthanc answered {status} {snippet}".strip(), status=status)
+        err.retry_after = _retry_after(headers.get("Retry-After"))  # type: ignore[attr-defined]
+        raise err
+    if status in (401, 403):
+        # Our own credentials were refused: the viewer can do nothing about it.
+        raise UpstreamError("auth", f"{what}: Orthanc refused dicomcache's credentials "
+                            f"({status}); check upstream.username/password", status=status)
+    raise NotFoundUpstream(status, f"{what}: Orthanc answered {status} {snippet}".strip())
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None

@@ -1,0 +1,105 @@
+"""Shared fixtures: a real Orthanc with generated instances, and settings factories."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+from dicomcache.config import Settings, from_dict
+from dicomcache.orthanc import OrthancProcess
+from dicomcache.samples import encode, make_ct_series
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One instance uploaded to the session's Orthanc."""
+
+    orthanc_id: str
+    sop: str
+    study: str
+    series: str
+    syntax: str
+    data: bytes
+
+
+#: (label, transfer syntax, extra make_ct_series arguments)
+SAMPLE_SYNTAXES: list[tuple[str, str, dict[str, Any]]] = [
+    ("explicit", ExplicitVRLittleEndian, {}),
+    ("implicit", ImplicitVRLittleEndian, {}),
+    ("bigendian", ExplicitVRBigEndian, {}),
+    ("deflated", DeflatedExplicitVRLittleEndian, {}),
+    ("rle", RLELossless, {}),
+    ("jpegls", JPEGLSLossless, {}),
+    ("j2k", JPEG2000Lossless, {}),
+    ("multiframe", ExplicitVRLittleEndian, {"frames": 4}),
+]
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
+    """A real Orthanc (with the DICOMweb plugin) on a free loopback port."""
+    proc = OrthancProcess(tmp_path_factory.mktemp("orthanc"))
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def samples(orthanc: OrthancProcess) -> dict[str, list[Sample]]:
+    """Small generated series, one per transfer syntax, uploaded to Orthanc."""
+    out: dict[str, list[Sample]] = {}
+    for i, (label, syntax, extra) in enumerate(SAMPLE_SYNTAXES):
+        datasets = make_ct_series(3, rows=64, columns=64, transfer_syntax=syntax, seed=i,
+                                  patient_id=f"P{label.upper()}", **extra)
+        blobs = [encode(ds, syntax) for ds in datasets]
+        ids = orthanc.upload(blobs)
+        out[label] = [Sample(oid, str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
+                             str(ds.SeriesInstanceUID), syntax, blob)
+                      for oid, ds, blob in zip(ids, datasets, blobs, strict=True)]
+    return out
+
+
+@pytest.fixture(scope="session")
+def ct_series(orthanc: OrthancProcess) -> list[Sample]:
+    """A 12-slice 512×512 CT (512 KiB per slice) for size and coalescing tests."""
+    datasets = make_ct_series(12, seed=99, patient_id="PBIG")
+    blobs = [encode(ds, ExplicitVRLittleEndian) for ds in datasets]
+    ids = orthanc.upload(blobs)
+    return [Sample(oid, str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
+                   str(ds.SeriesInstanceUID), ExplicitVRLittleEndian, blob)
+            for oid, ds, blob in zip(ids, datasets, blobs, strict=True)]
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, orthanc: OrthancProcess) -> SettingsFactory:
+    """Build Settings pointing at the session Orthanc (or ``url``), cache in tmp_path."""
+
+    def factory(url: str | None = None, **sections: dict[str, Any]) -> Settings:
+        data: dict[str, Any] = {
+            "upstream": {"url": url or orthanc.url, "username": orthanc.username,
+                         "password": orthanc.password, "connect_timeout": 2,
+                         "read_timeout": 5, "retries": 3, "backoff_base": 0.01,
+                         "backoff_max": 0.05},
+            "cache": {"directory": str(tmp_path / "cache"), "max_size": "1GB"},
+        }
+        for name, values in sections.items():
+            data.setdefault(name, {}).update(values)
+        return from_dict(data)
+
+    return factory
