@@ -8,6 +8,7 @@ show them all at once.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ class DestinationSettings:
     remote_host: str
     remote_port: int
     transfer_syntax_strategy: str = "conservative"
+    #: Associations tried along the fallback sequence (standard → conservative → universal).
     max_association_retries: int = 3
     #: Lossy re-compression is only ever done for ``extended`` peers that allow it.
     allow_lossy_recompression: bool = False
@@ -99,12 +101,19 @@ class RelaySettings:
     port: int = 11112
     spool_directory: Path = Path("/var/lib/dicomcache/spool")
     allowed_calling_ae_titles: tuple[str, ...] = ()
+    #: Addresses or CIDR networks allowed to connect (empty: any).
     allowed_hosts: tuple[str, ...] = ()
     #: Keep delivered instances this many seconds (0: delete once delivered everywhere).
     retention: float = 0.0
     retry_backoff_base: float = 2.0
     retry_backoff_max: float = 300.0
     max_pdu: int = 131072
+    #: ACSE/DIMSE/network timeout (seconds) of inbound and outbound associations.
+    timeout: float = 30.0
+    #: Simultaneous inbound associations (more are rejected: "local limit exceeded").
+    max_inbound_associations: int = 16
+    #: Most instances sent in one outbound association (one study at a time).
+    batch_size: int = 500
     destinations: tuple[DestinationSettings, ...] = ()
 
 
@@ -275,8 +284,12 @@ def _destination(sec: _Section) -> DestinationSettings | None:
     for key, value in (("name", name), ("remote_ae_title", ae), ("remote_host", host)):
         if not value:
             sec.problem(key, "is required")
+    if name and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        sec.problem("name", f"{name!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if ae and not _AE_RE.match(ae):
         sec.problem("remote_ae_title", f"{ae!r} is not an AE title (1-16 characters, no \\)")
+    if port == 0:
+        sec.problem("remote_port", "must be a port between 1 and 65535")
     if strategy not in STRATEGIES:
         sec.problem("transfer_syntax_strategy", f"{strategy!r} is not one of {', '.join(STRATEGIES)}")
     if not 1 <= retries <= 10:
@@ -286,7 +299,10 @@ def _destination(sec: _Section) -> DestinationSettings | None:
     sec.finish()
     if not (name and ae and host):
         return None
-    return DestinationSettings(name, ae, host, port, strategy, retries, lossy)
+    return DestinationSettings(
+        name=name, remote_ae_title=ae, remote_host=host, remote_port=port,
+        transfer_syntax_strategy=strategy, max_association_retries=retries,
+        allow_lossy_recompression=lossy)
 
 
 def _relay(sec: _Section, base: Path) -> RelaySettings:
@@ -297,6 +313,13 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
     for title in callers:
         if not _AE_RE.match(title):
             sec.problem("allowed_calling_ae_titles", f"{title!r} is not an AE title")
+    hosts = sec.str_list("allowed_hosts")
+    for entry in hosts:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            sec.problem("allowed_hosts", f"{entry!r} is not an IP address or network "
+                                         "(e.g. \"10.1.2.3\" or \"10.1.0.0/16\")")
     max_pdu = sec.get("max_pdu", int, 131072)
     if max_pdu != 0 and not 4096 <= max_pdu <= 1 << 24:
         sec.problem("max_pdu", "must be 0 (unlimited) or between 4096 and 16777216")
@@ -313,6 +336,16 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
     retention = sec.get("retention", float, 0.0)
     if retention < 0:
         sec.problem("retention", "must not be negative")
+    backoff_base = sec.positive("retry_backoff_base", 2.0)
+    backoff_max = sec.positive("retry_backoff_max", 300.0)
+    if backoff_max < backoff_base:
+        sec.problem("retry_backoff_max", f"must be at least retry_backoff_base ({backoff_base})")
+    inbound = sec.get("max_inbound_associations", int, 16)
+    if not 1 <= inbound <= 1000:
+        sec.problem("max_inbound_associations", f"must be between 1 and 1000, not {inbound}")
+    batch = sec.get("batch_size", int, 500)
+    if not 1 <= batch <= 100000:
+        sec.problem("batch_size", f"must be between 1 and 100000, not {batch}")
     return RelaySettings(
         enabled=sec.get("enabled", bool, False),
         ae_title=ae,
@@ -320,11 +353,14 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
         port=sec.port("port", 11112),
         spool_directory=base / sec.get("spool_directory", str, "/var/lib/dicomcache/spool"),
         allowed_calling_ae_titles=callers,
-        allowed_hosts=sec.str_list("allowed_hosts"),
+        allowed_hosts=hosts,
         retention=retention,
-        retry_backoff_base=sec.positive("retry_backoff_base", 2.0),
-        retry_backoff_max=sec.positive("retry_backoff_max", 300.0),
+        retry_backoff_base=backoff_base,
+        retry_backoff_max=backoff_max,
         max_pdu=max_pdu,
+        timeout=sec.positive("timeout", 30.0),
+        max_inbound_associations=inbound,
+        batch_size=batch,
         destinations=tuple(dests),
     )
 

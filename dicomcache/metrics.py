@@ -113,6 +113,17 @@ class Metrics:
             "dicomcache_relay_queue_oldest_age_seconds",
             "Age of the oldest undelivered instance, by destination.", ["destination"],
             registry=r)
+        self.relay_receive_seconds = Histogram(
+            "dicomcache_relay_receive_duration_seconds",
+            "Time to check and durably spool one received C-STORE (the modality waits for it).",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.relay_transcoded = Counter(
+            "dicomcache_relay_transcoded_total",
+            "Instances re-encoded before forwarding, by source and target transfer syntax.",
+            ["source", "target"], registry=r)
+        self.relay_spooled = Gauge(
+            "dicomcache_relay_spool_instances",
+            "Instances in the spool not yet delivered to every destination.", registry=r)
 
     def handler(self) -> Handler:
         """An aiohttp handler exposing this registry (prometheus-client's own)."""

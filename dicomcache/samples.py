@@ -7,11 +7,14 @@ a spine, a table and a sphere whose cross-section changes along the series,
 plus a fixed noise field; its pieces are cached, so 200 native 512x512 slices
 build in well under a second.
 
-Every instance carries nested sequences, so parsers see them: a Procedure
-Code Sequence (undefined length), a Request Attributes Sequence holding a
-Scheduled Protocol Code Sequence (both written with *defined* lengths), a
-Referenced Image Sequence (to the neighbouring instance, when there is one),
-a private sequence, and an empty Referenced Performed Procedure Step Sequence.
+Every instance carries nested sequences, with both length encodings, so
+parsers see them all: a Procedure Code Sequence (sequence and item of
+undefined length), a Request Attributes Sequence (defined lengths) holding a
+Scheduled Protocol Code Sequence (undefined lengths), a Referenced Image
+Sequence to the neighbouring instance when there is one (undefined sequence,
+defined item), a private sequence (undefined, so that implicit VR readers
+still see a sequence) and an empty Referenced Performed Procedure Step
+Sequence (undefined: just a delimiter).
 
 Single-frame instances are CT Image Storage.  With ``frames > 1`` they are
 Enhanced CT Image Storage with shared and per-frame functional groups (the
@@ -179,11 +182,14 @@ def _code(value: str, meaning: str) -> Dataset:
     return item
 
 
-def _defined_length(ds: Dataset, keyword: str) -> None:
-    """Write sequence ``keyword`` and its items with explicit lengths."""
-    ds[keyword].is_undefined_length = False
-    for item in ds[keyword].value:
-        item.is_undefined_length_sequence_item = False
+def _lengths(ds: Dataset, key: str | int, *, sequence: bool, items: bool) -> None:
+    """Choose undefined (True) or defined lengths for sequence ``key`` and its items.
+
+    pydicom writes defined lengths unless told otherwise."""
+    elem = ds[key]
+    elem.is_undefined_length = sequence
+    for item in elem.value:
+        item.is_undefined_length_sequence_item = items
 
 
 def _common(ds: Dataset, *, study_uid: UID, series_uid: UID, patient_id: str,
@@ -204,7 +210,9 @@ def _common(ds: Dataset, *, study_uid: UID, series_uid: UID, patient_id: str,
     ds.StudyDescription = "dicomcache synthetic study"
     ds.SeriesDescription = "synthetic phantom"
     ds.ProcedureCodeSequence = DicomSequence([_code("DCC001", "Synthetic phantom")])
+    _lengths(ds, "ProcedureCodeSequence", sequence=True, items=True)
     ds.ReferencedPerformedProcedureStepSequence = DicomSequence([])
+    _lengths(ds, "ReferencedPerformedProcedureStepSequence", sequence=True, items=True)
     ds.PatientName = patient_name
     ds.PatientID = patient_id
     ds.PatientBirthDate = "19700101"
@@ -223,13 +231,14 @@ def _common(ds: Dataset, *, study_uid: UID, series_uid: UID, patient_id: str,
     request.RequestedProcedureID = "RP1"
     request.ScheduledProcedureStepID = "SPS1"
     request.ScheduledProtocolCodeSequence = DicomSequence([_code("DCC002", "Phantom protocol")])
-    _defined_length(request, "ScheduledProtocolCodeSequence")
+    _lengths(request, "ScheduledProtocolCodeSequence", sequence=True, items=True)
     ds.RequestAttributesSequence = DicomSequence([request])
-    _defined_length(ds, "RequestAttributesSequence")
+    _lengths(ds, "RequestAttributesSequence", sequence=False, items=False)
     block = ds.private_block(_PRIVATE_GROUP, _PRIVATE_CREATOR, create=True)
     note = Dataset()
     note.TextValue = f"slice {index + 1}"
     block.add_new(0x10, "SQ", DicomSequence([note]))
+    _lengths(ds, block.get_tag(0x10), sequence=True, items=True)
 
 
 def _image_pixel_module(ds: Dataset, rows: int, columns: int, bits_allocated: int) -> None:
@@ -243,11 +252,16 @@ def _image_pixel_module(ds: Dataset, rows: int, columns: int, bits_allocated: in
     ds.PixelRepresentation = 0
 
 
+def _position(rows: int, columns: int, spacing: float, z: float) -> list[str]:
+    """Image Position (Patient): the image centred on the axis, at height ``z``."""
+    return [f"{-spacing * columns / 2:.4f}", f"{-spacing * rows / 2:.4f}", f"{z:.4f}"]
+
+
 def _single_frame(ds: Dataset, *, index: int, rows: int, columns: int, spacing: float,
                   bits_allocated: int) -> None:
     z = index * _SLICE_MM
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.ImagePositionPatient = [f"{-spacing * columns / 2:.4f}", f"{-spacing * rows / 2:.4f}", f"{z:.4f}"]
+    ds.ImagePositionPatient = _position(rows, columns, spacing, z)
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.SliceLocation = f"{z:.4f}"
     ds.PixelSpacing = [f"{spacing:.6f}", f"{spacing:.6f}"]
@@ -309,10 +323,11 @@ def _multi_frame(ds: Dataset, *, first_slice: int, frames: int, rows: int, colum
         content.DimensionIndexValues = [1, first_slice + f + 1]
         group.FrameContentSequence = DicomSequence([content])
         position = Dataset()
-        position.ImagePositionPatient = [f"{-spacing * columns / 2:.4f}", f"{-spacing * rows / 2:.4f}", f"{z:.4f}"]
+        position.ImagePositionPatient = _position(rows, columns, spacing, z)
         group.PlanePositionSequence = DicomSequence([position])
         per_frame.append(group)
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    _lengths(ds, "PerFrameFunctionalGroupsSequence", sequence=True, items=True)
 
 
 def make_ct_series(
@@ -343,7 +358,9 @@ def make_ct_series(
     ``CodecUnavailableError`` when the syntax's encoder is not installed.
     """
     if n < 0 or rows < 1 or columns < 1 or frames < 1:
-        raise ValueError(f"need n >= 0 and positive rows, columns, frames; got {n}, {rows}, {columns}, {frames}")
+        raise ValueError(
+            f"need n >= 0 and positive rows, columns, frames; got {n}, {rows}, {columns}, {frames}"
+        )
     if rows > 0xFFFF or columns > 0xFFFF:
         raise ValueError("rows and columns must fit in 16 bits")
     if bits_allocated not in (8, 16):
@@ -351,6 +368,7 @@ def make_ct_series(
     if frames > 1 and bits_allocated != 16:
         raise ValueError("Enhanced CT (frames > 1) requires bits_allocated == 16")
     syntax = UID(transfer_syntax)
+    _check_size(syntax, rows, columns)
     plugin = require_encoder(syntax)
     accession = "" if accession_number is None else accession_number
     params = (n, rows, columns, bits_allocated, str(syntax), patient_id, patient_name,
@@ -380,6 +398,7 @@ def make_ct_series(
             ref.ReferencedSOPClassUID = sop_class
             ref.ReferencedSOPInstanceUID = instance_uids[i - 1 if i else 1]
             ds.ReferencedImageSequence = DicomSequence([ref])
+            _lengths(ds, "ReferencedImageSequence", sequence=True, items=False)
         _image_pixel_module(ds, rows, columns, bits_allocated)
         if frames > 1:
             _multi_frame(ds, first_slice=i * frames, frames=frames, rows=rows,
@@ -393,6 +412,12 @@ def make_ct_series(
         _set_pixels(ds, arr, syntax, plugin)
         datasets.append(ds)
     return datasets
+
+
+def _check_size(syntax: UID, rows: int, columns: int) -> None:
+    if syntax == JPEG2000Lossless and min(rows, columns) < 32:
+        # openjpeg's encoder always uses 6 resolution levels: 2**5 pixels minimum.
+        raise ValueError(f"JPEG 2000 needs rows and columns >= 32, got {rows}x{columns}")
 
 
 def _set_pixels(ds: Dataset, arr: npt.NDArray[np.generic], syntax: UID, plugin: str) -> None:
@@ -415,15 +440,16 @@ def encode(ds: Dataset, transfer_syntax: str) -> bytes:
     """Return ``ds`` as a Part-10 file in ``transfer_syntax``.
 
     ``ds`` is not modified.  When its current syntax differs, the pixels are
-    decoded and re-encoded on a copy (SOP Instance UID kept).  Meant for
-    datasets built in memory (``make_ct_series``); a dataset read from a file
-    keeps pydicom's record of its original encoding, which pydicom may refuse
-    to change (big to little endian, for one).
+    decoded and re-encoded on a copy (SOP Instance UID kept).  Built for
+    ``make_ct_series`` datasets; datasets read from files (even big endian or
+    RLE ones) convert too, but only generated ones are covered by the tests.
     """
     syntax = UID(transfer_syntax)
     plugin = require_encoder(syntax)
-    current = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in ds.__dict__ else None
+    file_meta = getattr(ds, "file_meta", None)
+    current = None if file_meta is None else file_meta.get("TransferSyntaxUID")
     if current != syntax:
+        _check_size(syntax, int(ds.Rows), int(ds.Columns))
         arr = ds.pixel_array
         ds = copy.deepcopy(ds)
         _set_pixels(ds, arr, syntax, plugin)

@@ -20,7 +20,10 @@ Guarantees:
 
 All methods touching sqlite or the disk are synchronous and meant to run in a
 worker thread; :class:`AsyncStore` wraps them with :func:`asyncio.to_thread` so
-lookups never block the event loop.
+lookups never block the event loop.  Hits are answered from an in-memory map of
+entries already looked up (:meth:`Store.peek`): no thread hop and no sqlite
+write per hit.  Their recency is written back to the index in batches
+(:meth:`Store.flush_touches`, every second), which is what LRU eviction reads.
 """
 
 from __future__ import annotations
@@ -104,6 +107,12 @@ class _AdoptingDisk(diskcache.Disk):  # type: ignore[misc]
         meta = dict(value.meta, file=rel)
         return int(meta["size"]), _MODE_RAW, rel, json.dumps(meta, separators=(",", ":"))
 
+    def remove(self, file_path: str) -> None:
+        super().remove(file_path)
+        hook = getattr(self, "on_remove", None)
+        if hook is not None:
+            hook(file_path)
+
 
 def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -128,29 +137,39 @@ class Store:
             disk=_AdoptingDisk,
             size_limit=max_size,
             eviction_policy="least-recently-used",
-            cull_limit=64,
+            # diskcache culls in batches (10 at a time, or cull_limit per set);
+            # we evict one least-recently-used entry at a time instead, just
+            # enough to get back under the bound (see _evict_to_bound).
+            cull_limit=0,
         )
         self._aliases = diskcache.Cache(
             str(self.directory / "aliases"),
             size_limit=256 << 20,
             eviction_policy="least-recently-stored",
         )
+        self._index.disk.on_remove = self._forget_file
         self._commit_lock = threading.Lock()
         self.evictions = 0
+        # The hot map: plain dicts, read on the event loop, written by worker
+        # threads (single dict operations are atomic under the GIL).
+        self._hot: dict[str, Entry] = {}
+        self._hot_oid: dict[str, str] = {}
+        self._file_to_sop: dict[str, str] = {}
+        self._touched: dict[str, None] = {}
 
     # --- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
         self._index.close()
         self._aliases.close()
 
-    def sweep(self) -> int:
+    def sweep(self, min_age: float = 60.0) -> int:
         """Remove leftovers of interrupted writes: temp files and unindexed objects.
 
         Returns the number of files removed.  Safe to run while serving: files
         younger than a minute are left alone (they may be mid-commit).
         """
         removed = 0
-        cutoff = time.time() - 60
+        cutoff = time.time() - min_age
         for tmp in self.tmp_dir.iterdir():
             if tmp.stat().st_mtime < cutoff:
                 tmp.unlink(missing_ok=True)
@@ -207,8 +226,6 @@ class Store:
             "stored_at": time.time(),
         }
         with self._commit_lock:
-            before = len(self._index)
-            existed = summary.sop_instance_uid in self._index
             pending = _Pending(temp, meta)
             try:
                 self._index.set(summary.sop_instance_uid, pending, retry=True)
@@ -217,11 +234,23 @@ class Store:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise StoreFull(exc.errno, f"cache disk full: {exc.strerror}") from exc
                 raise
-            after = len(self._index)
-            self.evictions += max(0, before + (0 if existed else 1) - after)
+            self.evictions += self._evict_to_bound()
         if orthanc_id:
             self.learn(orthanc_id, summary.sop_instance_uid)
-        return self._entry(dict(meta, file=pending.file))
+        entry = self._entry(dict(meta, file=pending.file))
+        self._remember(entry, pending.file)
+        return entry
+
+    def _evict_to_bound(self) -> int:
+        """Evict least-recently-used entries, one at a time, until under ``max_size``."""
+        index = self._index
+        evicted = 0
+        while index.volume() > self.max_size and len(index) > 1:
+            # diskcache's own policy query and file cleanup, limited to one row.
+            with index._transact(retry=True) as (sql, cleanup):
+                index._cull(time.time(), sql, cleanup, limit=1)
+            evicted += 1
+        return evicted
 
     def get(self, sop_uid: str) -> Entry | None:
         """The entry for ``sop_uid`` (marking it recently used), or ``None``.
@@ -232,12 +261,56 @@ class Store:
         raw = self._index.get(sop_uid, retry=True)
         if raw is None:
             return None
-        entry = self._entry(json.loads(raw))
+        meta = json.loads(raw)
+        entry = self._entry(meta)
         if not entry.path.exists():
-            log.warning("store: file of %s vanished; dropping its index row", sop_uid)
-            self._index.delete(sop_uid, retry=True)
+            self.forget(sop_uid)
             return None
+        self._remember(entry, meta["file"])
         return entry
+
+    # --- the hot map -----------------------------------------------------------------
+    _HOT_LIMIT = 200_000
+
+    def _remember(self, entry: Entry, rel: str | None) -> None:
+        if len(self._hot) >= self._HOT_LIMIT:  # bound memory; misses refill it
+            self._hot.clear()
+            self._file_to_sop.clear()
+        self._hot[entry.sop_uid] = entry
+        if rel:
+            self._file_to_sop[rel] = entry.sop_uid
+        if entry.orthanc_id:
+            self._hot_oid[entry.orthanc_id] = entry.sop_uid
+
+    def peek(self, sop_uid: str) -> Entry | None:
+        """A known entry without I/O (safe on the event loop), marking it used."""
+        entry = self._hot.get(sop_uid)
+        if entry is not None:
+            self._touched[sop_uid] = None
+        return entry
+
+    def peek_orthanc_id(self, orthanc_id: str) -> Entry | None:
+        sop_uid = self._hot_oid.get(orthanc_id)
+        return self.peek(sop_uid) if sop_uid else None
+
+    def flush_touches(self) -> int:
+        """Write the recency of entries served from memory back to the index."""
+        touched = list(self._touched)
+        for key in touched:
+            self._touched.pop(key, None)
+            self._index.get(key, retry=True)  # LRU policy: a get updates access_time
+        return len(touched)
+
+    def _forget_file(self, rel: str) -> None:
+        sop_uid = self._file_to_sop.pop(rel, None)
+        if sop_uid is not None:
+            self._hot.pop(sop_uid, None)
+
+    def forget(self, sop_uid: str) -> None:
+        """Drop an entry whose file vanished (deleted by hand, disk trouble)."""
+        log.warning("store: file of %s vanished; dropping its entry", sop_uid)
+        self._hot.pop(sop_uid, None)
+        self._index.delete(sop_uid, retry=True)
 
     def _entry(self, meta: dict[str, Any]) -> Entry:
         return Entry(
@@ -247,6 +320,7 @@ class Store:
             orthanc_id=meta.get("orthanc_id"), stored_at=meta["stored_at"])
 
     def delete(self, sop_uid: str) -> bool:
+        self._hot.pop(sop_uid, None)
         return bool(self._index.delete(sop_uid, retry=True))
 
     def get_by_orthanc_id(self, orthanc_id: str) -> Entry | None:
@@ -284,10 +358,14 @@ class AsyncStore:
         self.sync = store
 
     async def get(self, sop_uid: str) -> Entry | None:
-        return await asyncio.to_thread(self.sync.get, sop_uid)
+        return self.sync.peek(sop_uid) or await asyncio.to_thread(self.sync.get, sop_uid)
 
     async def get_by_orthanc_id(self, orthanc_id: str) -> Entry | None:
-        return await asyncio.to_thread(self.sync.get_by_orthanc_id, orthanc_id)
+        return (self.sync.peek_orthanc_id(orthanc_id)
+                or await asyncio.to_thread(self.sync.get_by_orthanc_id, orthanc_id))
+
+    async def flush_touches(self) -> int:
+        return await asyncio.to_thread(self.sync.flush_touches)
 
     async def resolve(self, orthanc_id: str) -> str | None:
         return await asyncio.to_thread(self.sync.resolve, orthanc_id)

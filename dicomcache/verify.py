@@ -22,12 +22,22 @@ What the walk enforces
   inside their container; nesting is limited to ``MAX_DEPTH`` data sets.
 * Tags are strictly ascending inside each data set.
 * Pixel Data (7FE0,0010), at any nesting level (an icon image is checked
-  against its own Rows/Columns): native values have exactly the length given
+  against its own Rows/Columns; in a nested item without image attributes it
+  is opaque): native values have exactly the length given
   by the image attributes (plus one pad byte when that is odd); encapsulated
   values are a Basic Offset Table item, one or more fragments and a Sequence
   Delimitation Item, and a non-empty table has one entry per frame, each
   pointing at a fragment.
 * The buffer ends exactly after the last element.
+* A SOP Instance UID is present, and so is a SOP Class UID (from the File Meta
+  if the data set has none).  A data set with Image Pixel attributes
+  (0028,0002/0004/0100), or whose SOP class is in ``IMAGE_SOP_CLASSES``, has
+  Pixel Data (or Float / Double Float Pixel Data): without this rule a body cut
+  exactly at an element boundary before the pixels would pass, since nothing
+  in a Part-10 file records its total length.  A header-only CT is rejected.
+  The remaining blind spot: a non-image object (SR, RT plan...) cut exactly
+  at a top-level element boundary still parses; only ``expected_length`` or
+  ``expected_md5`` catch that.
 
 Implicit VR and sequences
 -------------------------
@@ -44,6 +54,8 @@ For Deflated Explicit VR Little Endian the walk runs over the inflated data
 set, so offsets in reasons refer to the inflated bytes (the reason says so) and
 ``DicomSummary.pixel`` is ``None``: offsets into a buffer the caller does not
 hold would be misleading.  The inflated size is capped at ``MAX_INFLATED``.
+After the deflate stream only a NUL pad byte, or a gzip-style trailer whose
+CRC-32 and size match the inflated data (seen in the wild), may follow.
 """
 
 from __future__ import annotations
@@ -461,14 +473,18 @@ class _Walker:
         """Rows, Columns, Samples per Pixel, Bits Allocated, Number of Frames."""
         missing = [
             name
-            for name, tag in (("Rows", _ROWS), ("Columns", _COLUMNS), ("Bits Allocated", _BITS_ALLOCATED))
+            for name, tag in (
+                ("Rows", _ROWS), ("Columns", _COLUMNS), ("Bits Allocated", _BITS_ALLOCATED)
+            )
             if tag not in image
         ]
         if missing:
             self.fail(f"Pixel Data at offset {at} but no {', '.join(missing)} in its data set")
         frames = image.get(_NUMBER_OF_FRAMES, 1)
         if frames == _NOT_AN_INTEGER:
-            self.fail(f"Pixel Data at offset {at} but Number of Frames (0028,0008) is not an integer")
+            self.fail(
+                f"Pixel Data at offset {at} but Number of Frames (0028,0008) is not an integer"
+            )
         if frames < 1:
             self.fail(f"Pixel Data at offset {at} but Number of Frames is {frames}")
         return (
@@ -526,6 +542,11 @@ class _Walker:
                 f"Basic Offset Table at offset {vpos} declares {bot_len} bytes "
                 f"but only {end - vpos - 8} remain"
             )
+        if bot_len and bot_len // 4 != frames:  # checked before unpacking a huge table
+            self.fail(
+                f"Basic Offset Table at offset {vpos} has {bot_len // 4} entries "
+                f"but Number of Frames is {frames}"
+            )
         order = "<" if c.little else ">"
         bot: tuple[int, ...] = struct.unpack_from(f"{order}{bot_len // 4}I", buf, vpos + 8)
         first: int = vpos + 8 + bot_len
@@ -548,7 +569,9 @@ class _Walker:
                 pos += 8
                 break
             if item_tag != _ITEM:
-                self.fail(f"unexpected tag {_tag(item_tag)} at offset {pos} in encapsulated Pixel Data")
+                self.fail(
+                    f"unexpected tag {_tag(item_tag)} at offset {pos} in encapsulated Pixel Data"
+                )
             if length == _UNDEFINED:
                 self.fail(f"fragment at offset {pos} has undefined length")
             if length > end - pos - 8:
@@ -562,11 +585,6 @@ class _Walker:
         if not fragments:
             self.fail(f"encapsulated Pixel Data at offset {vpos} has no fragments")
         if bot:
-            if len(bot) != frames:
-                self.fail(
-                    f"Basic Offset Table at offset {vpos} has {len(bot)} entries "
-                    f"but Number of Frames is {frames}"
-                )
             if bot[0] != 0 or any(a >= b for a, b in zip(bot, bot[1:])):
                 self.fail(
                     f"Basic Offset Table at offset {vpos} is not increasing from 0: {bot[:8]!r}"
@@ -672,7 +690,10 @@ def parse_dicom(data: Buffer) -> DicomSummary:
                   f"but only {size - vpos} remain")
         if tag == _META_GROUP_LENGTH:
             if length != 4:
-                _fail(f"File Meta Information Group Length at offset {pos} has length {length}, not 4")
+                _fail(
+                    f"File Meta Information Group Length at offset {pos} "
+                    f"has length {length}, not 4"
+                )
             group_end = vpos + 4 + _LE_U32.unpack_from(buf, vpos)[0]
         elif tag in (_MEDIA_SOP_CLASS, _MEDIA_SOP_INSTANCE, _TRANSFER_SYNTAX):
             values[tag] = _read(buf, vpos, length)
@@ -752,10 +773,12 @@ def _check_length(size: int, expected_length: int | None) -> None:
         return
     if size < expected_length:
         raise IntegrityError(
-            "short_body", f"body is {size} bytes, {expected_length - size} short of {expected_length}"
+            "short_body",
+            f"body is {size} bytes, {expected_length - size} short of {expected_length}",
         )
     raise IntegrityError(
-        "length_mismatch", f"body is {size} bytes, {size - expected_length} more than {expected_length}"
+        "length_mismatch",
+        f"body is {size} bytes, {size - expected_length} more than {expected_length}",
     )
 
 

@@ -569,9 +569,10 @@ class _DelayLine:
             self._enqueue(asyncio.get_running_loop().time(), how)
             await asyncio.wait({self._task})
 
-    async def cancel(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+    @property
+    def task(self) -> asyncio.Task[None]:
+        """The pump; done once the line is closed, reset or broken."""
+        return self._task
 
     def _enqueue(self, sent_at: float, item: bytes | _Shutdown) -> None:
         profile = self._emu.profile
@@ -677,15 +678,25 @@ class _Connection:
             if b.done() and not b.cancelled() and b.exception() is not None:
                 logger.debug("wan-emulator: response side: %r", b.exception())
         finally:
-            for t in (a, b):
-                t.cancel()
-            await asyncio.gather(a, b, return_exceptions=True)
-            await self._down.cancel()
+            # Tear down without awaiting first: stop() or set_down() may
+            # cancel us again while we wait for the tasks below.
+            tasks = [a, b, self._down.task]
             if self._up_line is not None:
-                await self._up_line.cancel()
+                tasks.append(self._up_line.task)
+            for t in tasks:
+                t.cancel()
             self._client_w.transport.abort()
             if self._up_w is not None:
                 self._up_w.transport.abort()
+            cancelled = False
+            for _ in range(10):  # bounded: each retry means another cancel()
+                try:
+                    await asyncio.wait(tasks)
+                    break
+                except asyncio.CancelledError:
+                    cancelled = True
+            if cancelled:
+                raise asyncio.CancelledError
 
     async def _ensure_upstream(self) -> _DelayLine:
         if self._up_line is None:
@@ -707,6 +718,9 @@ class _Connection:
             raw = await _read_head(self._client_r)
             if raw is None:
                 break
+            raw = raw.lstrip(b"\r\n")  # empty lines before a request are allowed
+            if not raw:
+                continue
             head = _parse_head(raw, response=False)
             method, target, version = head.first
             framing, length = _request_framing(head)
@@ -717,9 +731,12 @@ class _Connection:
             if plan is not None and plan.kind == "status_503":
                 now = loop.time()
                 nbytes = len(raw)
-                async with contextlib.aclosing(body):
-                    async for piece in body:  # read and drop: upstream never sees it
-                        nbytes += len(piece.wire)
+                if "100-continue" in head.tokens("expect"):
+                    close = True  # the body will not come before an answer: skip it
+                else:
+                    async with contextlib.aclosing(body):
+                        async for piece in body:  # read and drop: upstream never sees it
+                            nbytes += len(piece.wire)
                 emu.stats.bytes_up += nbytes
                 ready = max(now + emu.profile.latency_ms / 1000.0, self._up_not_before)
                 self._records.put_nowait(_Record(method, target, None, close, True, ready))
@@ -779,8 +796,11 @@ class _Connection:
             await self._down.finish("close")
         finally:
             for t in (rec_task, head_task):
-                if t is not None:
-                    t.cancel()
+                if t is None:
+                    continue
+                if t.done() and not t.cancelled():
+                    t.exception()  # seen: an idle upstream reset is no error
+                t.cancel()
 
     async def _answer_503(self, rec: _Record) -> None:
         wait = rec.ready_at - asyncio.get_running_loop().time()
@@ -950,6 +970,10 @@ class WanEmulator:
     def down(self) -> bool:
         """True while the link is down (see ``set_down``)."""
         return self._down_flag
+
+    @down.setter
+    def down(self, value: bool) -> None:
+        self.set_down(value)
 
     def set_down(self, down: bool = True) -> None:
         """Take the link down: new connections are closed as soon as they are
@@ -1252,7 +1276,7 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--jitter-ms", type=_non_negative, default=0.0, metavar="MS",
                    help="uniform +/- jitter on the delay")
     p.add_argument("--bandwidth-mbit", type=_non_negative, default=None, metavar="MBIT",
-                   help="per-direction cap shared by all connections (default unlimited)")
+                   help="per-direction cap shared by all connections (default or 0: unlimited)")
     for kind in FAULT_KINDS:
         p.add_argument(
             "--" + kind.replace("_", "-"), dest=kind, type=_rate, default=0.0,

@@ -124,7 +124,8 @@ def fallback_sequence(strategy: str, max_association_retries: int) -> tuple[str,
 
 def start_strategy(configured: str, learned: str | None) -> str:
     """Where to start: what was learned to work, unless it is above the configuration."""
-    if learned in STRATEGY_SYNTAXES and STRATEGIES.index(learned) <= STRATEGIES.index(configured):
+    if learned is not None and learned in STRATEGY_SYNTAXES \
+            and STRATEGIES.index(learned) <= STRATEGIES.index(configured):
         return learned
     return configured
 
@@ -217,16 +218,29 @@ def fit_batch(
 ) -> int:
     """How many of ``sources`` (a prefix, to keep arrival order) fit in one association.
 
-    Always at least 1 when ``sources`` is not empty: one SOP class never needs
-    more contexts than there are syntaxes (< 128).
+    Counts exactly what :func:`propose` would request.  Always at least 1
+    when ``sources`` is not empty: one SOP class never needs more contexts
+    than there are syntaxes (< 128).
     """
-    encodable = tuple(encodable)
-    count = 0
-    for n in range(1, len(sources) + 1):
-        if len(propose(strategy, sources[:n], encodable=encodable, allow_lossy=allow_lossy)) > limit:
-            break
-        count = n
-    return max(count, 1) if sources else 0
+    allowed = STRATEGY_SYNTAXES[strategy]
+    targets = set(_targets_for(strategy, encodable, allow_lossy))
+    own: dict[str, set[str]] = {}
+    total = 0
+    for n, src in enumerate(sources):
+        syntaxes = own.get(src.sop_class)
+        extra = 0
+        if syntaxes is None:
+            syntaxes = own[src.sop_class] = set()
+            extra = len(targets)
+        if src.transfer_syntax in allowed and src.transfer_syntax not in syntaxes \
+                and src.transfer_syntax not in targets:
+            extra += 1
+        if total + extra > limit:
+            return max(n, 1)
+        if src.transfer_syntax in allowed:
+            syntaxes.add(src.transfer_syntax)
+        total += extra
+    return len(sources)
 
 
 def rank_targets(

@@ -96,10 +96,21 @@ class InstanceFileResponse(web.FileResponse):
     identified by content, so the MD5 tag set by us is kept instead.
     """
 
-    def __init__(self, entry: Entry, headers: dict[str, str]) -> None:
+    def __init__(self, entry: Entry, headers: dict[str, str], store: AsyncStore) -> None:
         super().__init__(entry.path, headers=headers)
         self._md5_etag = entry.etag
+        self._entry = entry
+        self._store = store
         self.content_type = DICOM
+
+    def _make_response(self, request: Any, accept_encoding: str) -> Any:
+        # Runs in aiohttp's executor.  A file that vanished (deleted by hand)
+        # is dropped from the store so the next request fetches it again.
+        try:
+            return super()._make_response(request, accept_encoding)
+        except FileNotFoundError:
+            self._store.sync.forget(self._entry.sop_uid)
+            raise
 
     @property  # type: ignore[override]
     def etag(self) -> Any:
@@ -131,7 +142,7 @@ async def serve_instance(request: web.Request, found: Entry | Fetched, *,
     size = entry.size if entry is not None else len(found.data or b"")  # type: ignore[union-attr]
     request.app[METRICS].served_bytes.inc(size)
     if entry is not None and if_match is None:
-        return InstanceFileResponse(entry, headers)
+        return InstanceFileResponse(entry, headers, request.app[STORE])
     # If-Match passed (FileResponse would test it against its own mtime tag),
     # or the body is only in memory: a plain response.
     return web.Response(body=await read_instance(found), content_type=DICOM, headers=headers)

@@ -1,0 +1,188 @@
+"""Cache-hit throughput: dicomcache vs nginx (sendfile) vs Orthanc direct, same run.
+
+Warms dicomcache with 200 generated 512 KiB CT instances from a real Orthanc,
+writes the same files for nginx, then drives each server with ``wrk`` (64
+connections, cycling through the 200 URLs) and prints MB/s, p99 latency and
+the ratio to nginx.  Everything listens on 127.0.0.1 and stops by itself.
+
+    ./run bench bench/proxy_hits.py [--seconds 10] [--connections 64] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dicomcache.orthanc import OrthancProcess, free_port, loopback_env  # noqa: E402
+from dicomcache.samples import encode, make_ct_series  # noqa: E402
+
+N = 200
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()  # noqa: S310 - loopback
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def wrk(base: str, paths: list[str], seconds: int, connections: int, workdir: Path,
+        headers: dict[str, str] | None = None) -> dict[str, float]:
+    script = workdir / "paths.lua"
+    lua_paths = ",".join(json.dumps(p) for p in paths)
+    lua_headers = "".join(f'wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n'
+                          for k, v in (headers or {}).items())
+    script.write_text(textwrap.dedent(f"""
+        local paths = {{{lua_paths}}}
+        local i = 0
+        {lua_headers}
+        request = function()
+          i = i % #paths + 1
+          return wrk.format("GET", paths[i])
+        end
+        done = function(summary, latency, requests)
+          io.write(string.format("RESULT %d %d %d %f %f\\n", summary.requests, summary.bytes,
+            summary.duration, latency:percentile(99), latency:percentile(50)))
+          io.write(string.format("ERRORS %d %d %d %d %d\\n", summary.errors.connect,
+            summary.errors.read, summary.errors.write, summary.errors.status,
+            summary.errors.timeout))
+        end
+    """))
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+                          "-s", str(script), base], capture_output=True, text=True, check=True,
+                         timeout=seconds + 60).stdout
+    m = re.search(r"RESULT (\d+) (\d+) (\d+) ([\d.]+) ([\d.]+)", out)
+    e = re.search(r"ERRORS (\d+) (\d+) (\d+) (\d+) (\d+)", out)
+    assert m and e, out
+    requests, nbytes, micros = int(m[1]), int(m[2]), int(m[3])
+    return {"requests": requests, "MB/s": nbytes / micros, "req/s": requests / micros * 1e6,
+            "p99_ms": float(m[4]) / 1000, "p50_ms": float(m[5]) / 1000,
+            "errors": sum(int(x) for x in e.groups())}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--profile", action="store_true", help="py-spy dump the proxy during load")
+    args = ap.parse_args()
+    for tool in ("wrk", "nginx"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            sys.exit(f"{tool} is missing: ./run bench installs it (apt)")
+    work = Path(tempfile.mkdtemp(prefix="dicomcache-bench-"))
+    work.chmod(0o755)  # nginx workers drop root privileges and must read the files
+    procs: list[subprocess.Popen[bytes]] = []
+    orthanc = OrthancProcess(work / "orthanc")
+    try:
+        orthanc.start()
+        datasets = make_ct_series(N, seed=5)
+        blobs = [encode(ds, ds.file_meta.TransferSyntaxUID) for ds in datasets]
+        t = time.monotonic()
+        ids = orthanc.upload(blobs)
+        print(f"uploaded {N} instances of {len(blobs[0]) / 1024:.0f} KiB "
+              f"in {time.monotonic() - t:.1f} s", flush=True)
+
+        # dicomcache, as users run it
+        port = free_port()
+        cfg = work / "dicomcache.toml"
+        cfg.write_text(textwrap.dedent(f"""
+            [server]
+            port = {port}
+            log_level = "WARNING"
+            [upstream]
+            url = "{orthanc.url}"
+            username = "{orthanc.username}"
+            password = "{orthanc.password}"
+            [cache]
+            directory = "{work / 'cache'}"
+            max_size = "2GB"
+        """))
+        proxy = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", "--config",
+                                  str(cfg)], cwd=ROOT)
+        procs.append(proxy)
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/healthz")
+        paths = [f"/instances/{i}/file" for i in ids]
+        t = time.monotonic()
+        for p in paths:
+            urllib.request.urlopen(base + p).read()  # noqa: S310 - loopback
+        print(f"warmed dicomcache (cold misses) in {time.monotonic() - t:.1f} s", flush=True)
+
+        # nginx serving the same files with sendfile
+        www = work / "www" / "instances"
+        for oid, blob in zip(ids, blobs, strict=True):
+            (www / oid).mkdir(parents=True)
+            (www / oid / "file").write_bytes(blob)
+        nport = free_port()
+        (work / "nginx.conf").write_text(textwrap.dedent(f"""
+            worker_processes 2;
+            pid {work}/nginx.pid;
+            error_log {work}/nginx-error.log;
+            events {{ worker_connections 1024; }}
+            http {{
+              access_log off;
+              sendfile on; tcp_nopush on; tcp_nodelay on;
+              keepalive_requests 100000;
+              default_type application/dicom;
+              server {{ listen 127.0.0.1:{nport}; root {work}/www; }}
+            }}
+        """))
+        ngx = subprocess.Popen(["/usr/sbin/nginx", "-c", str(work / "nginx.conf"),
+                                "-g", "daemon off;"], env=loopback_env())
+        procs.append(ngx)
+        nbase = f"http://127.0.0.1:{nport}"
+        wait_http(nbase + paths[0])
+
+        results = {}
+        for name, url, headers in (("nginx", nbase, None), ("dicomcache", base, None),
+                                   ("orthanc", orthanc.url,
+                                    {"Authorization": orthanc.auth_header})):
+            if args.profile and name == "dicomcache":
+                spy = subprocess.Popen(["py-spy", "record", "-d", str(args.seconds), "-f", "raw", "--threads", "-o",
+                                        str(work / "profile.txt"), "-p", str(proxy.pid)])
+            results[name] = wrk(url, paths, args.seconds, args.connections, work, headers)
+            r = results[name]
+            print(f"{name:11s} {r['MB/s']:8.0f} MB/s {r['req/s']:7.0f} req/s "
+                  f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}",
+                  flush=True)
+            if args.profile and name == "dicomcache":
+                spy.wait()
+                print(f"profile: {work / 'profile.txt'}")
+        ratio = results["dicomcache"]["MB/s"] / results["nginx"]["MB/s"]
+        print(f"dicomcache / nginx throughput = {ratio:.2f} (goal >= 0.6)")
+        print(f"dicomcache / orthanc throughput = "
+              f"{results['dicomcache']['MB/s'] / results['orthanc']['MB/s']:.2f}")
+        return 0
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        orthanc.stop()
+        if not os.environ.get("KEEP_BENCH"):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

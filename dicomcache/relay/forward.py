@@ -1,0 +1,229 @@
+"""The forward queue's workers: one per destination.
+
+Each worker loops: take the next due batch (the oldest pending study that is
+not backing off, in arrival order, at most ``batch_size`` instances and 128
+presentation contexts), send it with :class:`~.scu.StoreSCU` in a thread,
+record every outcome in the spool as it comes (so a crash resends little),
+then back off:
+
+* the **destination** (exponential, ``retry_backoff_base`` doubling up to
+  ``retry_backoff_max``, with jitter) when it is down, rejects the
+  association or aborts;
+* the **study** when the peer answered a transient failure status for one
+  of its instances: later instances of that study wait, other studies go on.
+
+Permanent failures are quarantined and do not hold the study back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+from ..config import DestinationSettings, RelaySettings
+from ..metrics import Metrics
+from . import negotiation as neg
+from .scu import DELIVERED, QUARANTINED, RETRY, BatchReport, ItemResult, SendItem, StoreSCU
+from .spool import Outcome, QueueItem, Spool
+from .transcode import encodable_syntaxes
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Outcomes are written to the spool in groups this size (one transaction each).
+_FLUSH_EVERY = 32
+#: Longest idle sleep: new arrivals wake the worker earlier.
+_IDLE = 5.0
+
+
+def jittered(delay: float, rng: random.Random) -> float:
+    """Equal jitter: between half and all of ``delay`` (retries of many relays spread out)."""
+    return delay * (0.5 + 0.5 * rng.random())
+
+
+class Forwarder:
+    """Delivers the spool's queue for one destination."""
+
+    def __init__(
+        self,
+        settings: RelaySettings,
+        destination: DestinationSettings,
+        spool: Spool,
+        metrics: Metrics,
+        executor: Executor,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.dest = destination
+        self.spool = spool
+        self.metrics = metrics
+        self.executor = executor
+        self.rng = rng or random.Random()
+        self.scu = StoreSCU(settings.ae_title, destination, timeout=settings.timeout,
+                            max_pdu=settings.max_pdu, metrics=metrics)
+        self._stopping = threading.Event()
+        self._wakeup: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.busy = False
+        self.last_report: dict[str, Any] | None = None
+
+    # --- control ---------------------------------------------------------------------
+    def wake(self) -> None:
+        """Something new may be due (call from the event loop)."""
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def request_stop(self) -> None:
+        """Finish the instance in flight, then release and stop."""
+        self._stopping.set()
+        self.wake()
+
+    def abort(self) -> None:
+        """Abort the association in progress (shutdown deadline passed)."""
+        self.scu.abort()
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, lambda: fn(*args))
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self._wakeup is not None
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout=max(seconds, 0.0))
+        except TimeoutError:
+            pass
+
+    async def run(self) -> None:
+        """The worker loop; returns after :meth:`request_stop`."""
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        name = self.dest.name
+        log.info("Forwarder for %s started", self.scu.peer)
+        while not self._stopping.is_set():
+            try:
+                state = await self._call(self.spool.destination_state, name)
+                wait = float(state["next_attempt"]) - time.time()
+                if wait > 0:
+                    await self._sleep(min(wait, _IDLE))
+                    continue
+                batch = await self._call(self.spool.next_batch, name, self.settings.batch_size)
+                if not batch:
+                    due = await self._call(self.spool.next_due, name)
+                    idle = _IDLE if due is None else min(_IDLE, due - time.time())
+                    await self._sleep(max(idle, 0.05))
+                    continue
+                self.busy = True
+                try:
+                    await self._call(self.deliver, batch)
+                finally:
+                    self.busy = False
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep the worker alive; the queue is durable
+                log.exception("Forwarder for %s failed; retrying in %.0f s", name,
+                              self.settings.retry_backoff_base)
+                await self._sleep(self.settings.retry_backoff_base)
+        log.info("Forwarder for %s stopped", self.scu.peer)
+
+    # --- one batch (blocking, in a thread) ---------------------------------------------------
+    def deliver(self, batch: list[QueueItem]) -> BatchReport:
+        """Send one batch and record everything about it in the spool."""
+        name = self.dest.name
+        state = self.spool.destination_state(name)
+        learned = state["learned_strategy"]
+        if state["configured_strategy"] != self.dest.transfer_syntax_strategy:
+            # A changed configuration starts afresh: what was learned was for the old one.
+            learned = None
+            self.spool.update_destination(
+                name, configured_strategy=self.dest.transfer_syntax_strategy,
+                learned_strategy=None)
+        start = neg.start_strategy(self.dest.transfer_syntax_strategy, learned)
+        sources = [neg.Source(q.sop_class, q.transfer_syntax, q.has_pixels) for q in batch]
+        n = neg.fit_batch(start, sources, encodable=encodable_syntaxes(),
+                          allow_lossy=self.dest.allow_lossy_recompression)
+        batch = batch[:n]
+        by_key = {q.instance_id: q for q in batch}
+        items = [SendItem(q.instance_id, q.path, q.sop_class, q.sop_instance, q.transfer_syntax,
+                          q.has_pixels) for q in batch]
+        buffer: list[Outcome] = []
+
+        def flush() -> None:
+            if buffer:
+                self.spool.record(name, list(buffer))
+                buffer.clear()
+
+        def on_result(res: ItemResult) -> None:
+            buffer.append(Outcome(res.key, res.outcome, res.status, res.reason,
+                                  res.strategy_used, res.attempts_made, res.transfer_syntax,
+                                  res.seconds))
+            self._observe(res, by_key[res.key])
+            if len(buffer) >= _FLUSH_EVERY:
+                flush()
+
+        report = self.scu.send(items, start, should_stop=self._stopping.is_set,
+                               on_result=on_result)
+        flush()
+        self.metrics.relay_attempts.labels(name).inc(report.associations)
+        now = time.time()
+        study = batch[0].study_uid
+        retried = [r for r in report.results if r.outcome == RETRY]
+        delivered = [r for r in report.results if r.outcome == DELIVERED]
+        if report.destination_error:
+            failures = int(state["failures"]) + 1
+            delay = jittered(min(self.settings.retry_backoff_max,
+                                 self.settings.retry_backoff_base * 2 ** (failures - 1)), self.rng)
+            self.spool.update_destination(name, failures=failures, next_attempt=now + delay,
+                                          last_error=report.destination_error,
+                                          last_error_time=now)
+            log.warning("%s: %d instance(s) wait in the spool; next attempt in %.1f s",
+                        report.destination_error, len(batch) - len(delivered), delay)
+        elif retried:
+            delay = self.spool.back_off_study(
+                name, study, self.settings.retry_backoff_base, self.settings.retry_backoff_max,
+                lambda d: jittered(d, self.rng))
+            log.warning("Study %s to %s postponed %.1f s: %s", study, self.scu.peer, delay,
+                        retried[0].reason)
+        elif delivered:
+            self.spool.clear_study_backoff(name, study)
+        if delivered and not report.destination_error:
+            values: dict[str, Any] = {"failures": 0, "next_attempt": 0.0, "last_success": now}
+            if report.learned_strategy:
+                values["learned_strategy"] = report.learned_strategy
+                log.warning("Learned strategy for %s: '%s' (next batches start there)",
+                            self.scu.peer, report.learned_strategy)
+            if report.accepted_syntaxes:
+                values["learned_syntaxes"] = report.accepted_syntaxes
+            self.spool.update_destination(name, **values)
+        self.last_report = {
+            "time": now, "study_uid": study, "instances": len(batch),
+            "delivered": len(delivered), "retry": len(retried),
+            "quarantined": sum(r.outcome == QUARANTINED for r in report.results),
+            "not_attempted": len(report.not_attempted), "associations": report.associations,
+            "destination_error": report.destination_error,
+        }
+        return report
+
+    def _observe(self, res: ItemResult, item: QueueItem) -> None:
+        name = self.dest.name
+        m = self.metrics
+        m.relay_forwarded.labels(name, res.outcome).inc()
+        m.relay_forward_seconds.labels(name).observe(res.seconds)
+        if res.outcome == DELIVERED:
+            m.relay_strategy.labels(name, res.strategy_used or "", res.transfer_syntax or "").inc()
+            if res.transcoded:
+                m.relay_transcoded.labels(item.transfer_syntax, res.transfer_syntax or "").inc()
+            log.debug("C-STORE successful: %s to %s, strategy_used=%s attempts_made=%d "
+                      "transfer_syntax=%s status=0x%04X %.1f ms", item.sop_instance,
+                      self.scu.peer, res.strategy_used, res.attempts_made, res.transfer_syntax,
+                      res.status or 0, res.seconds * 1000)
+        elif res.outcome == QUARANTINED:
+            log.error("Quarantined %s for %s: %s", item.sop_instance, self.scu.peer, res.reason)

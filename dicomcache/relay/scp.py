@@ -1,0 +1,224 @@
+"""The C-STORE SCP modalities send to (plus C-ECHO).
+
+Handlers run in pynetdicom's association threads and must answer with a DICOM
+status, never an exception (pynetdicom would turn one into a generic 0xC211
+the modality cannot act on).  Statuses returned by :meth:`StoreSCP.handle_store`:
+
+=========  ==============================================================
+``0x0000``  written, fsynced and queued: safe to delete at the modality
+``0xA700``  out of resources: the spool could not be written (disk full,
+            I/O error) or an internal error; nothing was kept, resend later
+``0xA900``  the data set's SOP Class UID is not the one in the request
+``0xC000``  cannot understand: the data set does not parse (truncated,
+            overrun, malformed); kept in ``quarantine/`` with the reason
+``0xC002``  cannot understand: the SOP Instance UID differs from the
+            request's Affected SOP Instance UID; quarantined
+=========  ==============================================================
+
+Associations from a calling AE title not in ``allowed_calling_ae_titles`` are
+rejected (permanent, service user, "calling AE title not recognised"); from a
+host not in ``allowed_hosts``: permanent, service user, "no reason given"
+(PS3.8 has no reason for addresses).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from ..config import RelaySettings
+from ..errors import IntegrityError
+from ..metrics import Metrics
+from . import negotiation as neg
+from .spool import Spool, info_from_bytes, is_disk_full
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+SOP_CLASS_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+INSTANCE_MISMATCH = 0xC002
+
+
+def _networks(entries: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(e, strict=False) for e in entries]
+
+
+def host_allowed(address: str, allowed: Iterable[str]) -> bool:
+    """Is ``address`` in the allow-list (addresses or CIDR networks; empty: anyone)?"""
+    nets = _networks(allowed)
+    if not nets:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in nets)
+
+
+class StoreSCP:
+    """Accepts C-STORE/C-ECHO, spools durably, answers with a status."""
+
+    def __init__(self, settings: RelaySettings, spool: Spool, metrics: Metrics | None = None
+                 ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.metrics = metrics
+        self.server: ThreadedAssociationServer | None = None
+        self._callers = {t.strip() for t in settings.allowed_calling_ae_titles}
+
+    # --- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        """Start listening (pynetdicom's server thread); returns once bound."""
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_associations = max(self.settings.max_inbound_associations, 1)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.timeout
+        ae.maximum_pdu_size = self.settings.max_pdu
+        for cx in AllStoragePresentationContexts:
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, list(neg.ACCEPTED_FROM_MODALITIES))
+        ae.add_supported_context(Verification, [neg.EXPLICIT_LE, neg.IMPLICIT_LE,
+                                                neg.EXPLICIT_BE])
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_connect),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_ESTABLISHED, self._on_established),
+        ]
+        self.server = ae.start_server((self.settings.host, self.settings.port), block=False,
+                                      evt_handlers=handlers)
+        log.info("Relay SCP %s listening on %s:%d", self.settings.ae_title, self.settings.host,
+                 self.port)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with ``port = 0``)."""
+        if self.server is None:
+            return self.settings.port
+        return int(self.server.server_address[1])
+
+    def active(self) -> int:
+        return len(self.server.active_associations) if self.server is not None else 0
+
+    def stop(self, timeout: float) -> None:
+        """Stop accepting; let in-flight associations finish up to ``timeout``; abort the rest.
+
+        An aborted C-STORE was never acknowledged: the modality resends it.
+        """
+        server, self.server = self.server, None
+        if server is None:
+            return
+        # shutdown() also joins the association threads (socketserver's
+        # block_on_close): run it aside and abort what outlives the deadline.
+        t = threading.Thread(target=server.shutdown, name="relay-scp-shutdown", daemon=True)
+        t.start()
+        t.join(max(timeout, 0.0))
+        if t.is_alive():
+            for assoc in list(server.active_associations):
+                log.warning("Aborting inbound association from %s at shutdown",
+                            assoc.requestor.ae_title)
+                assoc.abort()
+            t.join(10.0)
+        log.info("Relay SCP stopped")
+
+    # --- handlers (pynetdicom threads) -------------------------------------------------
+    def _on_connect(self, event: Any) -> None:
+        try:
+            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (AttributeError, OSError):
+            pass
+
+    def _on_requested(self, event: Any) -> None:
+        """Allow-lists: reject before negotiation, with the proper reason."""
+        try:
+            assoc = event.assoc
+            calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+            address = str(assoc.requestor.address)
+            reason: tuple[int, int, int] | None = None
+            if self._callers and calling not in self._callers:
+                reason = (0x01, 0x01, 0x03)
+                why = f"calling AE title {calling!r} is not in allowed_calling_ae_titles"
+            elif not host_allowed(address, self.settings.allowed_hosts):
+                reason = (0x01, 0x01, 0x01)
+                why = f"host {address} is not in allowed_hosts"
+            if reason is None:
+                return
+            log.warning("Rejecting association from %s at %s: %s", calling, address, why)
+            if self.metrics is not None:
+                self.metrics.relay_associations.labels("inbound", "rejected").inc()
+            assoc.acse.send_reject(*reason)
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+            assoc.kill()
+        except Exception:  # noqa: BLE001 - a handler must not raise
+            log.exception("Association check failed")
+
+    def _on_established(self, event: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.relay_associations.labels("inbound", "established").inc()
+
+    def _on_echo(self, event: Any) -> int:
+        return SUCCESS
+
+    def handle_store(self, event: Any) -> int:
+        """Spool one C-STORE; returns the status (see the module docstring). Never raises."""
+        started = time.perf_counter()
+        status = OUT_OF_RESOURCES
+        try:
+            status = self._store(event)
+        except Exception:  # noqa: BLE001 - never let pynetdicom see an exception
+            log.exception("Unexpected error while storing a C-STORE: answering 0xA700")
+            status = OUT_OF_RESOURCES
+        finally:
+            if self.metrics is not None:
+                self.metrics.relay_received.labels(f"0x{status:04X}").inc()
+                self.metrics.relay_receive_seconds.observe(time.perf_counter() - started)
+        return status
+
+    def _store(self, event: Any) -> int:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        request = event.request
+        want_class = str(request.AffectedSOPClassUID)
+        want_instance = str(request.AffectedSOPInstanceUID)
+        data = event.encoded_dataset(include_meta=True)
+        try:
+            info = info_from_bytes(data)
+        except IntegrityError as exc:
+            return self._reject(data, CANNOT_UNDERSTAND, f"unparseable data set: {exc.reason}",
+                                calling, want_instance)
+        if info.sop_class != want_class:
+            return self._reject(data, SOP_CLASS_MISMATCH,
+                                f"SOP Class UID {info.sop_class} in the data set but "
+                                f"{want_class} in the request", calling, want_instance)
+        if info.sop_instance != want_instance:
+            return self._reject(data, INSTANCE_MISMATCH,
+                                f"SOP Instance UID {info.sop_instance} in the data set but "
+                                f"{want_instance} in the request", calling, want_instance)
+        try:
+            self.spool.put(data, info, calling)
+        except OSError as exc:
+            what = "disk full" if is_disk_full(exc) else "write error"
+            log.error("Cannot spool %s from %s (%s: %s): answering 0xA700", want_instance,
+                      calling, what, exc)
+            return OUT_OF_RESOURCES
+        log.debug("Spooled %s (%s, %d bytes) from %s", want_instance,
+                  neg.syntax_name(info.transfer_syntax), len(data), calling)
+        return SUCCESS
+
+    def _reject(self, data: bytes, status: int, reason: str, calling: str, sop: str) -> int:
+        log.warning("Refusing C-STORE of %s from %s with 0x%04X: %s", sop, calling, status,
+                    reason)
+        self.spool.quarantine_received(data, reason, status, calling, sop)
+        return status

@@ -1,0 +1,179 @@
+"""The relay as one component: SCP + spool + one forwarder per destination.
+
+``Relay(settings.relay, metrics)`` is started and stopped by the application
+(``cleanup_ctx``); ``python -m dicomcache.relay.service --config FILE`` runs
+it alone (what the kill -9 tests and the benchmark use).
+
+Shutdown (:meth:`Relay.stop`): stop accepting associations and let the
+in-flight ones finish (an aborted C-STORE was never acknowledged, so the
+modality resends it); ask the forwarders to stop after the instance in
+flight; abort what is still running at the deadline.  Nothing acknowledged
+is lost: it is in the spool and is forwarded after the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..config import RelaySettings
+from ..metrics import Metrics
+from . import transcode
+from .forward import Forwarder
+from .scp import StoreSCP
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+_STATS_EVERY = 2.0
+
+
+class Relay:
+    """The DIMSE relay (see the module docstring)."""
+
+    def __init__(self, settings: RelaySettings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.spool = Spool(settings.spool_directory, [d.name for d in settings.destinations],
+                           retention=settings.retention)
+        self.executor = ThreadPoolExecutor(max_workers=2 * len(settings.destinations) + 4,
+                                           thread_name_prefix="relay")
+        self.scp = StoreSCP(settings, self.spool, metrics)
+        self.forwarders = [Forwarder(settings, d, self.spool, metrics, self.executor)
+                           for d in settings.destinations]
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stats_task: asyncio.Task[None] | None = None
+        self._snapshot: dict[str, Any] = {}
+        self._started: float | None = None
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    async def start(self) -> None:
+        """Open the spool (recovering from a crash), start the forwarders and the SCP."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.spool.open)
+
+        def wake_all() -> None:
+            for fw in self.forwarders:
+                fw.wake()
+
+        def on_put() -> None:  # from pynetdicom's threads
+            loop.call_soon_threadsafe(wake_all)
+
+        self.spool.on_put = on_put
+        for fw in self.forwarders:
+            self._tasks.append(asyncio.create_task(fw.run(), name=f"relay-{fw.dest.name}"))
+        await loop.run_in_executor(self.executor, self.scp.start)
+        self._started = time.time()
+        await self._refresh()
+        self._stats_task = asyncio.create_task(self._stats_loop(), name="relay-stats")
+
+    async def stop(self, timeout: float) -> None:
+        """Graceful stop within ``timeout`` seconds (see the module docstring)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        # 1. No new associations; in-flight ones may finish (half the time at most).
+        await loop.run_in_executor(self.executor, self.scp.stop, timeout / 2)
+        # 2. Forwarders finish the instance in flight and release.
+        for fw in self.forwarders:
+            fw.request_stop()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks,
+                                            timeout=max(deadline - loop.time(), 0.1))
+            if pending:
+                log.warning("Aborting %d forward association(s) at the shutdown deadline",
+                            len(pending))
+                for fw in self.forwarders:
+                    fw.abort()
+                _, pending = await asyncio.wait(pending, timeout=5.0)
+                for task in pending:
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.gather(*pending, return_exceptions=True)
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stats_task
+        await loop.run_in_executor(self.executor, self.spool.close)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(transcode.shutdown_pool)
+        log.info("Relay stopped")
+
+    def status(self) -> dict[str, Any]:
+        """JSON-able state for the status page (queue figures refresh every 2 s)."""
+        return {
+            "ae_title": self.settings.ae_title,
+            "listening": f"{self.settings.host}:{self.port}",
+            "started": self._started,
+            "active_inbound_associations": self.scp.active(),
+            "forwarders": {fw.dest.name: {"busy": fw.busy, "last_batch": fw.last_report}
+                           for fw in self.forwarders},
+            **self._snapshot,
+        }
+
+    async def _refresh(self) -> None:
+        loop = asyncio.get_running_loop()
+        snap = await loop.run_in_executor(
+            self.executor, self.spool.snapshot, [d.name for d in self.settings.destinations])
+        self._snapshot = snap
+        self.metrics.relay_spooled.set(snap["spooled_instances"])
+        for name, d in snap["destinations"].items():
+            self.metrics.relay_queue_depth.labels(name).set(d["queue_depth"])
+            self.metrics.relay_oldest_age.labels(name).set(d["oldest_age_seconds"] or 0.0)
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_STATS_EVERY)
+            try:
+                await self._refresh()
+                await asyncio.get_running_loop().run_in_executor(self.executor, self.spool.purge)
+            except Exception:  # noqa: BLE001 - statistics must not stop the relay
+                log.exception("Refreshing relay statistics failed")
+
+
+async def _run_alone(settings: RelaySettings, shutdown_timeout: float) -> None:
+    relay = Relay(settings, Metrics())
+    await relay.start()
+    print(f"relay listening on {settings.host}:{relay.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await relay.stop(shutdown_timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the relay alone from a configuration file (``[relay]`` section)."""
+    from ..config import load
+    from ..errors import ConfigError
+
+    parser = argparse.ArgumentParser(prog="python -m dicomcache.relay.service",
+                                     description="Run the DIMSE relay alone.")
+    parser.add_argument("--config", required=True, help="dicomcache TOML configuration")
+    parser.add_argument("--log-level", default=None)
+    args = parser.parse_args(argv)
+    try:
+        settings = load(args.config)
+    except ConfigError as exc:
+        for key, msg in exc.problems:
+            print(f"{key}: {msg}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level or settings.server.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    asyncio.run(_run_alone(settings.relay, settings.server.shutdown_timeout))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,637 @@
+"""The durable spool: received instances, their delivery state, quarantine.
+
+Layout of ``spool_directory``::
+
+    incoming/      temp files being written (removed at start-up)
+    objects/       one Part-10 file per received instance, as received
+    quarantine/    <name>.dcm + <name>.reason.json (bad input, or a destination
+                   that refused it for good)
+    state.sqlite   queue state (WAL): instances, per-destination deliveries,
+                   back-off, learned strategies, recent errors
+
+Guarantees
+----------
+* :meth:`Spool.put` returns only once the file is written, fsynced, renamed
+  into ``objects/`` and the directory fsynced: after that a power cut cannot
+  lose it, so the SCP may acknowledge.  The database row is written after the
+  file with ``synchronous=NORMAL`` (survives a process crash, not necessarily
+  a power cut); :meth:`Spool.open` re-queues any file in ``objects/`` that has
+  no row, so the file system is the source of truth for "received".
+* Queue order is arrival order (the row id); file names start with a
+  nanosecond timestamp so re-queued files keep their order too.
+* A delivery is marked delivered only after the peer's success status: a
+  crash in between sends it again (at-least-once).
+* Thread-safe: one connection behind a lock; pynetdicom's threads, the
+  forwarders' threads and status readers share it.  Every method blocks:
+  call it from a thread, never from the event loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import IntegrityError
+from ..verify import parse_dicom
+
+log = logging.getLogger(__name__)
+
+#: Writes ``data`` durably at ``path`` (temp file in ``incoming``, fsync, rename,
+#: directory fsync).  Injectable so tests can make the disk "full".
+Writer = Callable[[Path, Path, bytes], None]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    received REAL NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT '',
+    study_uid TEXT NOT NULL,
+    sop_class TEXT NOT NULL,
+    sop_instance TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    has_pixels INTEGER NOT NULL DEFAULT 1,
+    size INTEGER NOT NULL,
+    finished REAL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    instance_id INTEGER NOT NULL REFERENCES instances(id) ON DELETE CASCADE,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_status INTEGER,
+    last_error TEXT,
+    strategy_used TEXT,
+    transfer_syntax TEXT,
+    updated REAL,
+    PRIMARY KEY (instance_id, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries(destination, state, instance_id);
+CREATE TABLE IF NOT EXISTS study_backoff (
+    destination TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    next_attempt REAL NOT NULL,
+    failures INTEGER NOT NULL,
+    PRIMARY KEY (destination, study_uid)
+);
+CREATE TABLE IF NOT EXISTS destinations (
+    name TEXT PRIMARY KEY,
+    configured_strategy TEXT,
+    learned_strategy TEXT,
+    learned_syntaxes TEXT,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    last_success REAL,
+    last_error TEXT,
+    last_error_time REAL
+);
+CREATE TABLE IF NOT EXISTS errors (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    destination TEXT,
+    sop_instance TEXT,
+    status INTEGER,
+    message TEXT NOT NULL
+);
+"""
+
+_KEEP_ERRORS = 200
+DEFLATED = "1.2.840.10008.1.2.1.99"
+_counter = itertools.count()
+
+
+def durable_write(incoming: Path, final: Path, data: bytes) -> None:
+    """Write ``data`` to ``final`` so that it survives a crash or a power cut.
+
+    Temp file in ``incoming`` (same file system), write, fsync, rename, fsync
+    the directory.  On any error the temp file is removed and the error
+    (``OSError``; ``ENOSPC`` when the disk is full) propagates.
+    """
+    tmp = incoming / (final.name + ".part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceInfo:
+    """What the queue needs to know about a received instance."""
+
+    study_uid: str
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    has_pixels: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class QueueItem:
+    """One pending delivery of one instance to one destination."""
+
+    instance_id: int
+    path: Path
+    received: float
+    study_uid: str
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    has_pixels: bool
+    size: int
+    attempts: int
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The result of trying to deliver one instance (recorded by :meth:`Spool.record`).
+
+    ``outcome`` is ``delivered``, ``retry`` (transient: back off and resend)
+    or ``quarantined`` (permanent: the destination will never take it as is).
+    """
+
+    instance_id: int
+    outcome: str
+    status: int | None = None
+    reason: str = ""
+    strategy_used: str | None = None
+    attempts_made: int = 0
+    transfer_syntax: str | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def info_from_bytes(data: bytes) -> InstanceInfo:
+    """Parse (strictly) a Part-10 file and return its queue info; raises IntegrityError."""
+    summary = parse_dicom(data)
+    # The strict parse does not summarise deflated data sets: assume pixels (the
+    # conservative answer: only relabelling of pixel-less data depends on it).
+    has_pixels = summary.pixel is not None or summary.transfer_syntax_uid == DEFLATED
+    # No Study Instance UID (invalid, but it happens): queued in arrival order with the
+    # others that lack one; the PACS decides whether to take it.
+    return InstanceInfo(summary.study_instance_uid or "", summary.sop_class_uid,
+                        summary.sop_instance_uid, summary.transfer_syntax_uid, has_pixels)
+
+
+class Spool:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        directory: Path,
+        destinations: Iterable[str] = (),
+        *,
+        retention: float = 0.0,
+        writer: Writer = durable_write,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.directory = Path(directory)
+        self.incoming = self.directory / "incoming"
+        self.objects = self.directory / "objects"
+        self.quarantine_dir = self.directory / "quarantine"
+        self.destinations = tuple(destinations)
+        self.retention = retention
+        self.writer = writer
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._db: sqlite3.Connection | None = None
+        #: Called (from any thread) after each successful :meth:`put`.
+        self.on_put: Callable[[], None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+    def open(self) -> None:
+        """Create the layout, open the database, recover from a crash."""
+        for d in (self.directory, self.incoming, self.objects, self.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for leftover in self.incoming.iterdir():  # writes cut short: never acknowledged
+            leftover.unlink(missing_ok=True)
+        db = sqlite3.connect(self.directory / "state.sqlite", check_same_thread=False,
+                             isolation_level=None, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.executescript(_SCHEMA)
+        self._db = db
+        with self._lock:
+            self._recover()
+
+    def open_readonly(self) -> None:
+        """Open the state database read-only (``relay status`` while the daemon runs)."""
+        db = self.directory / "state.sqlite"
+        self._db = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False,
+                                   isolation_level=None, timeout=30)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("spool is not open")
+        return self._db
+
+    def _recover(self) -> None:
+        db = self.db
+        known = {row[0] for row in db.execute("SELECT name FROM instances")}
+        orphans = sorted(p for p in self.objects.iterdir()
+                         if p.suffix == ".dcm" and p.name not in known)
+        for path in orphans:  # spooled and fsynced, but the row was lost in a crash
+            try:
+                data = path.read_bytes()
+                info = info_from_bytes(data)
+            except (OSError, IntegrityError) as exc:
+                log.error("Spooled file %s is unreadable (%s): quarantined", path.name, exc)
+                self._move_to_quarantine(path, f"unreadable after restart: {exc}", None, None)
+                continue
+            received = int(path.name.split("-", 1)[0]) / 1e9 if path.name[:1].isdigit() else \
+                path.stat().st_mtime
+            self._insert(path.name, received, "", info, len(data))
+            log.info("Re-queued %s found in the spool without a queue entry", path.name)
+        # Destinations added since: they get what is still waiting; removed ones are dropped.
+        pending = [row[0] for row in db.execute("SELECT id FROM instances WHERE finished IS NULL")]
+        with self._tx():
+            for dest in self.destinations:
+                db.executemany(
+                    "INSERT OR IGNORE INTO deliveries(instance_id, destination) VALUES (?, ?)",
+                    [(i, dest) for i in pending])
+            if self.destinations:
+                marks = ",".join("?" * len(self.destinations))
+                db.execute(f"UPDATE deliveries SET state='dropped' WHERE state='pending' "
+                           f"AND destination NOT IN ({marks})", self.destinations)
+            else:
+                db.execute("UPDATE deliveries SET state='dropped' WHERE state='pending'")
+        missing = [(i, n) for i, n in db.execute(
+            "SELECT id, name FROM instances WHERE finished IS NULL")
+            if not (self.objects / n).exists()]
+        for instance_id, name in missing:
+            log.error("Spooled file %s is missing: its deliveries are dropped", name)
+            with self._tx():
+                db.execute("UPDATE deliveries SET state='dropped', last_error='file missing' "
+                           "WHERE instance_id=? AND state='pending'", (instance_id,))
+        self._finish_done()
+
+    class _Tx:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def __enter__(self) -> None:
+            self.db.execute("BEGIN IMMEDIATE")
+
+        def __exit__(self, exc_type: object, *rest: object) -> None:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _tx(self) -> Spool._Tx:
+        return Spool._Tx(self.db)
+
+    # --- receiving -------------------------------------------------------------------
+    def put(self, data: bytes, info: InstanceInfo, calling_ae: str = "") -> int:
+        """Spool ``data`` durably and queue it for every destination; returns its id.
+
+        Raises ``OSError`` (``ENOSPC`` on a full disk) if it could not be made
+        durable; then nothing was queued.
+        """
+        received = self.clock()
+        name = f"{time.time_ns():019d}-{os.getpid()}-{next(_counter):06d}.dcm"
+        self.writer(self.incoming, self.objects / name, data)
+        with self._lock:
+            instance_id = self._insert(name, received, calling_ae, info, len(data))
+        if self.on_put is not None:
+            self.on_put()
+        return instance_id
+
+    def _insert(self, name: str, received: float, calling_ae: str, info: InstanceInfo,
+                size: int) -> int:
+        db = self.db
+        with self._tx():
+            cur = db.execute(
+                "INSERT INTO instances(name, received, calling_ae, study_uid, sop_class, "
+                "sop_instance, transfer_syntax, has_pixels, size) VALUES (?,?,?,?,?,?,?,?,?)",
+                (name, received, calling_ae, info.study_uid, info.sop_class, info.sop_instance,
+                 info.transfer_syntax, int(info.has_pixels), size))
+            instance_id = int(cur.lastrowid or 0)
+            db.executemany("INSERT INTO deliveries(instance_id, destination) VALUES (?, ?)",
+                           [(instance_id, d) for d in self.destinations])
+            if not self.destinations:
+                db.execute("UPDATE instances SET finished=? WHERE id=?", (received, instance_id))
+        return instance_id
+
+    def quarantine_received(self, data: bytes, reason: str, status: int, calling_ae: str,
+                            sop_instance: str | None = None) -> Path | None:
+        """Keep a rejected input with its reason (best effort: never raises)."""
+        name = f"{time.time_ns():019d}-{os.getpid()}-{next(_counter):06d}"
+        path = self.quarantine_dir / f"{name}.dcm"
+        try:
+            path.write_bytes(data)
+            self._write_reason(path, {
+                "reason": reason, "status": f"0x{status:04X}", "calling_ae": calling_ae,
+                "sop_instance_uid": sop_instance, "destination": None, "time": self.clock()})
+        except OSError as exc:
+            log.error("Could not quarantine a rejected instance (%s): %s", reason, exc)
+            return None
+        with self._lock:
+            self._error(None, sop_instance, status, f"received and quarantined: {reason}")
+        return path
+
+    # --- forwarding ------------------------------------------------------------------
+    def next_batch(self, destination: str, limit: int, max_bytes: int = 256 << 20
+                   ) -> list[QueueItem]:
+        """The oldest pending instances of one study for ``destination``, in arrival order.
+
+        The study is the one holding the oldest pending instance whose study
+        is not backing off.  Returns ``[]`` when nothing is due.
+        """
+        now = self.clock()
+        with self._lock:
+            row = self.db.execute(
+                "SELECT i.study_uid FROM deliveries d JOIN instances i ON i.id=d.instance_id "
+                "LEFT JOIN study_backoff b ON b.destination=d.destination "
+                "  AND b.study_uid=i.study_uid "
+                "WHERE d.destination=? AND d.state='pending' "
+                "  AND (b.next_attempt IS NULL OR b.next_attempt<=?) "
+                "ORDER BY d.instance_id LIMIT 1", (destination, now)).fetchone()
+            if row is None:
+                return []
+            rows = self.db.execute(
+                "SELECT i.id, i.name, i.received, i.study_uid, i.sop_class, i.sop_instance, "
+                "i.transfer_syntax, i.has_pixels, i.size, d.attempts "
+                "FROM deliveries d JOIN instances i ON i.id=d.instance_id "
+                "WHERE d.destination=? AND d.state='pending' AND i.study_uid=? "
+                "ORDER BY d.instance_id LIMIT ?", (destination, row[0], limit)).fetchall()
+        items: list[QueueItem] = []
+        total = 0
+        for r in rows:
+            if items and total + r[8] > max_bytes:
+                break
+            total += r[8]
+            items.append(QueueItem(r[0], self.objects / r[1], r[2], r[3], r[4], r[5], r[6],
+                                   bool(r[7]), r[8], r[9]))
+        return items
+
+    def next_due(self, destination: str) -> float | None:
+        """When something is next due for ``destination`` (None: queue empty)."""
+        with self._lock:
+            row = self.db.execute(
+                "SELECT MIN(COALESCE(b.next_attempt, 0)) FROM deliveries d "
+                "JOIN instances i ON i.id=d.instance_id "
+                "LEFT JOIN study_backoff b ON b.destination=d.destination "
+                "  AND b.study_uid=i.study_uid "
+                "WHERE d.destination=? AND d.state='pending'", (destination,)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def record(self, destination: str, outcomes: Sequence[Outcome]) -> None:
+        """Store delivery outcomes; delivered/quarantined instances leave the queue."""
+        if not outcomes:
+            return
+        now = self.clock()
+        with self._lock:
+            db = self.db
+            with self._tx():
+                for o in outcomes:
+                    state = {"delivered": "delivered", "quarantined": "quarantined"}.get(
+                        o.outcome, "pending")
+                    db.execute(
+                        "UPDATE deliveries SET state=?, attempts=attempts+1, last_status=?, "
+                        "last_error=?, strategy_used=COALESCE(?, strategy_used), "
+                        "transfer_syntax=COALESCE(?, transfer_syntax), updated=? "
+                        "WHERE instance_id=? AND destination=?",
+                        (state, o.status, o.reason or None, o.strategy_used, o.transfer_syntax,
+                         now, o.instance_id, destination))
+                    if o.outcome != "delivered":
+                        sop = db.execute("SELECT sop_instance FROM instances WHERE id=?",
+                                         (o.instance_id,)).fetchone()
+                        self._error(destination, sop[0] if sop else None, o.status, o.reason)
+            for o in outcomes:
+                if o.outcome == "quarantined":
+                    self._quarantine_delivery(destination, o)
+            self._finish_done([o.instance_id for o in outcomes if o.outcome != "retry"])
+
+    def _quarantine_delivery(self, destination: str, o: Outcome) -> None:
+        row = self.db.execute("SELECT name, sop_instance, calling_ae FROM instances WHERE id=?",
+                              (o.instance_id,)).fetchone()
+        if row is None:
+            return
+        src = self.objects / row[0]
+        dst = self.quarantine_dir / f"{Path(row[0]).stem}.{_safe(destination)}.dcm"
+        try:
+            try:
+                os.link(src, dst)
+            except FileExistsError:
+                pass
+            except OSError:
+                dst.write_bytes(src.read_bytes())
+            self._write_reason(dst, {
+                "reason": o.reason, "status": None if o.status is None else f"0x{o.status:04X}",
+                "destination": destination, "sop_instance_uid": row[1],
+                "calling_ae": row[2], "strategy_used": o.strategy_used,
+                "attempts_made": o.attempts_made, "time": self.clock()})
+        except OSError as exc:
+            log.error("Could not copy %s to quarantine: %s", row[0], exc)
+
+    def _finish_done(self, ids: Sequence[int] | None = None) -> None:
+        """Mark instances with no pending delivery finished; delete their files (or keep them
+        for ``retention`` seconds).  ``ids`` limits the check (None: every instance)."""
+        db = self.db
+        now = self.clock()
+        sql = ("UPDATE instances SET finished=? WHERE finished IS NULL AND NOT EXISTS "
+               "(SELECT 1 FROM deliveries d WHERE d.instance_id=instances.id "
+               " AND d.state='pending')")
+        with self._tx():
+            if ids is None:
+                db.execute(sql, (now,))
+            else:
+                db.executemany(sql + " AND id=?", [(now, i) for i in ids])
+        self.purge(now)
+
+    def purge(self, now: float | None = None) -> int:
+        """Delete finished instances older than the retention; returns how many."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            rows = self.db.execute("SELECT id, name FROM instances WHERE finished IS NOT NULL "
+                                   "AND finished<=?", (now - self.retention,)).fetchall()
+            for _, name in rows:
+                try:
+                    (self.objects / name).unlink()
+                except FileNotFoundError:
+                    pass
+            if rows:
+                with self._tx():
+                    self.db.executemany("DELETE FROM instances WHERE id=?",
+                                        [(r[0],) for r in rows])
+        return len(rows)
+
+    def back_off_study(self, destination: str, study_uid: str, base: float, cap: float,
+                       jitter: Callable[[float], float]) -> float:
+        """Postpone a study for ``destination``; returns the delay chosen."""
+        with self._lock, self._tx():
+            row = self.db.execute("SELECT failures FROM study_backoff WHERE destination=? "
+                                  "AND study_uid=?", (destination, study_uid)).fetchone()
+            failures = (row[0] if row else 0) + 1
+            delay = jitter(min(cap, base * 2 ** (failures - 1)))
+            self.db.execute("INSERT OR REPLACE INTO study_backoff VALUES (?,?,?,?)",
+                            (destination, study_uid, self.clock() + delay, failures))
+        return delay
+
+    def clear_study_backoff(self, destination: str, study_uid: str) -> None:
+        with self._lock, self._tx():
+            self.db.execute("DELETE FROM study_backoff WHERE destination=? AND study_uid=?",
+                            (destination, study_uid))
+
+    def destination_state(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            row = self.db.execute(
+                "SELECT configured_strategy, learned_strategy, learned_syntaxes, next_attempt, "
+                "failures, last_success, last_error, last_error_time FROM destinations "
+                "WHERE name=?", (name,)).fetchone()
+        if row is None:
+            return {"configured_strategy": None, "learned_strategy": None,
+                    "learned_syntaxes": {}, "next_attempt": 0.0, "failures": 0,
+                    "last_success": None, "last_error": None, "last_error_time": None}
+        return {"configured_strategy": row[0], "learned_strategy": row[1],
+                "learned_syntaxes": json.loads(row[2]) if row[2] else {},
+                "next_attempt": row[3], "failures": row[4], "last_success": row[5],
+                "last_error": row[6], "last_error_time": row[7]}
+
+    def update_destination(self, name: str, **values: Any) -> None:
+        """Set columns of the destination's row (created on first use)."""
+        allowed = {"configured_strategy", "learned_strategy", "learned_syntaxes", "next_attempt",
+                   "failures", "last_success", "last_error", "last_error_time"}
+        bad = set(values) - allowed
+        if bad:
+            raise ValueError(f"unknown destination fields {sorted(bad)}")
+        if "learned_syntaxes" in values and not isinstance(values["learned_syntaxes"], str):
+            values["learned_syntaxes"] = json.dumps(values["learned_syntaxes"], sort_keys=True)
+        with self._lock, self._tx():
+            self.db.execute("INSERT OR IGNORE INTO destinations(name) VALUES (?)", (name,))
+            if values:
+                cols = ", ".join(f"{k}=?" for k in values)
+                self.db.execute(f"UPDATE destinations SET {cols} WHERE name=?",
+                                (*values.values(), name))
+            if "last_error" in values and values["last_error"]:
+                self._error(name, None, None, str(values["last_error"]))
+
+    # --- diagnostics -----------------------------------------------------------------
+    def _error(self, destination: str | None, sop_instance: str | None, status: int | None,
+               message: str) -> None:
+        db = self.db
+        db.execute("INSERT INTO errors(time, destination, sop_instance, status, message) "
+                   "VALUES (?,?,?,?,?)", (self.clock(), destination, sop_instance, status,
+                                          message))
+        db.execute("DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - ?",
+                   (_KEEP_ERRORS,))
+
+    def snapshot(self, destinations: Iterable[str] = (), errors: int = 10) -> dict[str, Any]:
+        """Queue state, JSON-able: what ``relay status`` and the status page show."""
+        now = self.clock()
+        names = list(dict.fromkeys([*destinations, *self.destinations]))
+        with self._lock:
+            db = self.db
+            for (n,) in db.execute("SELECT DISTINCT destination FROM deliveries "
+                                   "WHERE state='pending'"):
+                if n not in names:
+                    names.append(n)
+            out_dests: dict[str, Any] = {}
+            for name in names:
+                depth, oldest, nbytes = db.execute(
+                    "SELECT COUNT(*), MIN(i.received), COALESCE(SUM(i.size), 0) "
+                    "FROM deliveries d JOIN instances i ON i.id=d.instance_id "
+                    "WHERE d.destination=? AND d.state='pending'", (name,)).fetchone()
+                quarantined = db.execute(
+                    "SELECT COUNT(*) FROM deliveries WHERE destination=? "
+                    "AND state='quarantined'", (name,)).fetchone()[0]
+                state = self.destination_state(name)
+                recent = [
+                    {"time": t, "sop_instance_uid": s, "status": None if st is None
+                     else f"0x{st:04X}", "message": m}
+                    for t, s, st, m in db.execute(
+                        "SELECT time, sop_instance, status, message FROM errors "
+                        "WHERE destination=? ORDER BY id DESC LIMIT ?", (name, errors))]
+                out_dests[name] = {
+                    "queue_depth": depth,
+                    "queue_bytes": nbytes,
+                    "oldest_received": oldest,
+                    "oldest_age_seconds": None if oldest is None else max(0.0, now - oldest),
+                    "quarantined": quarantined,
+                    "configured_strategy": state["configured_strategy"],
+                    "learned_strategy": state["learned_strategy"],
+                    "learned_syntaxes": state["learned_syntaxes"],
+                    "backing_off_until": state["next_attempt"] if state["next_attempt"] > now
+                    else None,
+                    "consecutive_failures": state["failures"],
+                    "last_success": state["last_success"],
+                    "last_error": state["last_error"],
+                    "last_error_time": state["last_error_time"],
+                    "recent_errors": recent,
+                }
+            spooled, spooled_bytes = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances "
+                "WHERE finished IS NULL").fetchone()
+            received_errors = [
+                {"time": t, "sop_instance_uid": s, "status": None if st is None
+                 else f"0x{st:04X}", "message": m}
+                for t, s, st, m in db.execute(
+                    "SELECT time, sop_instance, status, message FROM errors "
+                    "WHERE destination IS NULL ORDER BY id DESC LIMIT ?", (errors,))]
+        quarantine_files = sum(1 for p in self.quarantine_dir.glob("*.dcm"))
+        return {
+            "spool_directory": str(self.directory),
+            "spooled_instances": spooled,
+            "spooled_bytes": spooled_bytes,
+            "quarantine_files": quarantine_files,
+            "destinations": out_dests,
+            "recent_receive_errors": received_errors,
+            "time": now,
+        }
+
+    # --- helpers ---------------------------------------------------------------------
+    def _move_to_quarantine(self, path: Path, reason: str, status: int | None,
+                            destination: str | None) -> None:
+        dst = self.quarantine_dir / path.name
+        try:
+            os.replace(path, dst)
+            self._write_reason(dst, {"reason": reason, "status": status,
+                                     "destination": destination, "time": self.clock()})
+        except OSError as exc:
+            log.error("Could not quarantine %s: %s", path, exc)
+
+    @staticmethod
+    def _write_reason(path: Path, info: dict[str, Any]) -> None:
+        reason = path.with_name(path.stem + ".reason.json")
+        reason.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)

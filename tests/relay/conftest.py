@@ -1,0 +1,250 @@
+"""Real peers for the relay tests: DCMTK storescu/storescp, Orthanc, the relay itself.
+
+Everything listens on 127.0.0.1 (DCMTK and Orthanc through the bind-to-loopback
+shim of ``loopback_env()``), on free ports, in temp dirs; every process is
+started here and stopped by PID in teardown.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from dicomcache.config import DestinationSettings, RelaySettings
+from dicomcache.metrics import Metrics
+from dicomcache.orthanc import free_port, loopback_env
+from dicomcache.relay import negotiation as neg
+from dicomcache.relay.service import Relay
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a relay test taking more than a few seconds")
+
+
+HAVE_DCMTK = shutil.which("storescp") is not None and shutil.which("storescu") is not None
+needs_dcmtk = pytest.mark.skipif(not HAVE_DCMTK, reason="DCMTK (storescu/storescp) not installed")
+
+#: One pydicom test file per source transfer syntax (name, file).
+SOURCE_FILES: dict[str, str] = {
+    neg.IMPLICIT_LE: "MR_small_implicit.dcm",
+    neg.EXPLICIT_LE: "CT_small.dcm",
+    neg.EXPLICIT_BE: "MR_small_bigendian.dcm",
+    neg.DEFLATED_LE: "image_dfl.dcm",
+    neg.RLE_LOSSLESS: "MR_small_RLE.dcm",
+    neg.JPEG_BASELINE: "SC_rgb_jpeg_dcmtk.dcm",
+    neg.JPEG_EXTENDED: "JPGExtended.dcm",
+    neg.JPEG_LOSSLESS_SV1: "SC_rgb_jpeg_gdcm.dcm",
+    neg.JPEG_LS_LOSSLESS: "MR_small_jpeg_ls_lossless.dcm",
+    neg.JPEG_LS_NEAR_LOSSLESS: "JPEGLSNearLossless_16.dcm",
+    neg.JPEG_2000_LOSSLESS: "MR_small_jp2klossless.dcm",
+    neg.JPEG_2000: "JPEG2000.dcm",
+}
+
+#: storescu option proposing (among others) the file's own syntax.
+STORESCU_PROPOSE: dict[str, str] = {
+    neg.IMPLICIT_LE: "-xi", neg.EXPLICIT_LE: "-xe", neg.EXPLICIT_BE: "-xb",
+    neg.DEFLATED_LE: "-xd", neg.RLE_LOSSLESS: "-xr", neg.JPEG_BASELINE: "-xy",
+    neg.JPEG_EXTENDED: "-xx", neg.JPEG_LOSSLESS_SV1: "-xs", neg.JPEG_LS_LOSSLESS: "-xt",
+    neg.JPEG_LS_NEAR_LOSSLESS: "-xu", neg.JPEG_2000_LOSSLESS: "-xv", neg.JPEG_2000: "-xw",
+}
+
+#: SOP classes the restricted storescp profiles accept.
+PROFILE_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.2",      # CT
+    "1.2.840.10008.5.1.4.1.1.4",      # MR
+    "1.2.840.10008.5.1.4.1.1.7",      # Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.6.1",    # US
+    "1.2.840.10008.5.1.4.1.1.2.1",    # Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.481.2",  # RT Dose
+)
+
+
+def source_path(ts: str) -> Path:
+    return Path(get_testdata_file(SOURCE_FILES[ts]))  # type: ignore[arg-type]
+
+
+def read_quiet(path: Path | bytes) -> pydicom.Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if isinstance(path, bytes):
+            return pydicom.dcmread(io.BytesIO(path))
+        return pydicom.dcmread(path)
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def storescp_config(path: Path, syntaxes: tuple[str, ...]) -> Path:
+    """A DCMTK association profile ``Restricted`` accepting only ``syntaxes``."""
+    lines = ["[[TransferSyntaxes]]", "[Allowed]"]
+    lines += [f"TransferSyntax{i} = {ts}" for i, ts in enumerate(syntaxes, 1)]
+    lines += ["[Echo]", "TransferSyntax1 = 1.2.840.10008.1.2",
+              "[[PresentationContexts]]", "[RestrictedContexts]",
+              "PresentationContext1 = 1.2.840.10008.1.1\\Echo"]
+    lines += [f"PresentationContext{i} = {uid}\\Allowed"
+              for i, uid in enumerate(PROFILE_SOP_CLASSES, 2)]
+    lines += ["[[Profiles]]", "[Restricted]", "PresentationContexts = RestrictedContexts", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+@dataclass
+class StoreSCP:
+    """A running DCMTK storescp: the PACS."""
+
+    port: int
+    aet: str
+    directory: Path
+    args: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+    def start(self) -> StoreSCP:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.log = self.directory.parent / f"storescp-{self.port}.log"
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                ["storescp", "-aet", self.aet, "-od", str(self.directory), *self.args,
+                 str(self.port)], stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=loopback_env(), start_new_session=True)
+        wait_port(self.port, self.proc)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.directory.iterdir() if p.is_file())
+
+    def destination(self, name: str, **kw: Any) -> DestinationSettings:
+        return DestinationSettings(name=name, remote_ae_title=self.aet, remote_host="127.0.0.1",
+                                   remote_port=self.port, **kw)
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
+    """Factory: ``storescp(mode)`` with mode ``implicit``, ``explicit``, ``jpeg-lossless``,
+    ``all`` or a tuple of syntaxes."""
+    started: list[StoreSCP] = []
+
+    def make(mode: str | tuple[str, ...] = "all", aet: str = "PACS", port: int | None = None
+             ) -> StoreSCP:
+        n = len(started)
+        if mode == "implicit":
+            args = ["+xi"]
+        elif mode == "all":
+            args = ["+xa"]
+        else:
+            syntaxes = {"explicit": (neg.EXPLICIT_LE,), "jpeg-lossless": (neg.JPEG_LOSSLESS_SV1,)
+                        }.get(mode, mode) if isinstance(mode, str) else mode
+            cfg = storescp_config(tmp_path / f"storescp{n}.cfg", tuple(syntaxes))
+            args = ["-xf", str(cfg), "Restricted"]
+        scp = StoreSCP(port or free_port(), aet, tmp_path / f"pacs{n}", args)
+        started.append(scp.start())
+        return scp
+
+    yield make
+    for scp in started:
+        scp.stop()
+
+
+def storescu(files: list[Path], port: int, *, called: str = "DICOMCACHE",
+             calling: str = "MODALITY", propose: str = "-xe", timeout: float = 120,
+             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Run storescu (the modality) against 127.0.0.1:port."""
+    return subprocess.run(
+        ["storescu", "-aet", calling, "-aec", called, propose, *extra, "127.0.0.1", str(port),
+         *map(str, files)],
+        capture_output=True, text=True, env=loopback_env(), timeout=timeout, check=False)
+
+
+def relay_settings(spool: Path, destinations: list[DestinationSettings], **kw: Any
+                   ) -> RelaySettings:
+    base = RelaySettings(enabled=True, ae_title="DICOMCACHE", host="127.0.0.1", port=0,
+                         spool_directory=spool, retry_backoff_base=0.2, retry_backoff_max=1.0,
+                         timeout=15.0, destinations=tuple(destinations))
+    return replace(base, **kw)
+
+
+@dataclass
+class RunningRelay:
+    relay: Relay
+    metrics: Metrics
+    settings: RelaySettings
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return self.relay.port
+
+
+@pytest.fixture
+async def relay_factory() -> AsyncIterator[Callable[..., Any]]:
+    """``await relay_factory(settings)`` → a started in-process relay, stopped at teardown."""
+    running: list[Relay] = []
+
+    async def make(settings: RelaySettings) -> RunningRelay:
+        metrics = Metrics()
+        relay = Relay(settings, metrics)
+        await relay.start()
+        running.append(relay)
+        return RunningRelay(relay, metrics, settings)
+
+    yield make
+    for relay in running:
+        await relay.stop(5.0)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 60.0,
+                     what: str = "condition") -> None:
+    """Poll ``predicate`` (bounded) until true."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def queue_depth(relay: Relay, name: str) -> int:
+    return int(relay.spool.snapshot([name])["destinations"][name]["queue_depth"])
+
+
+def env_without_proxy() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}

@@ -1,0 +1,220 @@
+"""End to end with real peers: storescu (modality) → relay → storescp / Orthanc (PACS)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+from dicomcache.orthanc import OrthancProcess, free_port
+from dicomcache.relay import negotiation as neg
+from dicomcache.samples import make_ct_series, write_series
+from tests.relay.conftest import (
+    SOURCE_FILES,
+    STORESCU_PROPOSE,
+    needs_dcmtk,
+    queue_depth,
+    read_quiet,
+    relay_settings,
+    source_path,
+    storescu,
+    wait_until,
+)
+
+pytestmark = needs_dcmtk
+
+
+def _pixels(ds: object) -> np.ndarray:
+    return np.asarray(ds.pixel_array)  # type: ignore[attr-defined]
+
+
+def _spooled_syntaxes(spool: Path) -> dict[str, str]:
+    with sqlite3.connect(spool / "state.sqlite") as db:
+        return dict(db.execute("SELECT sop_instance, transfer_syntax FROM instances"))
+
+
+@pytest.fixture
+def orthanc_ile(tmp_path: Path):
+    """A real Orthanc accepting Implicit VR Little Endian only."""
+    proc = OrthancProcess(tmp_path / "orthanc", dicom=True, aet="ORTHANC",
+                          overrides={"AcceptedTransferSyntaxes": [neg.IMPLICIT_LE],
+                                     "DicomCheckCalledAet": False})
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.slow
+async def test_every_source_syntax_reaches_every_restricted_peer(
+        tmp_path: Path, storescp, relay_factory, orthanc_ile) -> None:
+    implicit = storescp("implicit")
+    explicit = storescp("explicit")
+    jpeg_ll = storescp("jpeg-lossless")
+    from dicomcache.config import DestinationSettings
+    dests = [
+        implicit.destination("IMPLICIT_ONLY"),
+        explicit.destination("EXPLICIT_ONLY"),
+        jpeg_ll.destination("JPEG_LOSSLESS_ONLY", transfer_syntax_strategy="compression"),
+        DestinationSettings(name="ORTHANC_ILE", remote_ae_title="ORTHANC",
+                            remote_host="127.0.0.1", remote_port=orthanc_ile.dicom_port,
+                            transfer_syntax_strategy="standard"),
+    ]
+    spool = tmp_path / "spool"
+    r = await relay_factory(relay_settings(spool, dests, retention=3600.0))
+    originals = {}
+    for ts in SOURCE_FILES:
+        path = source_path(ts)
+        res = await asyncio.to_thread(storescu, [path], r.port, propose=STORESCU_PROPOSE[ts])
+        assert res.returncode == 0, (ts, res.stdout, res.stderr)
+        originals[str(read_quiet(path).SOPInstanceUID)] = (ts, path)
+    # Each arrived in its own syntax: nothing was converted on the way in.
+    spooled = _spooled_syntaxes(spool)
+    assert {uid: ts for uid, (ts, _) in originals.items()} == spooled
+    n = len(originals)
+    await wait_until(lambda: all(len(p.files()) == n for p in (implicit, explicit, jpeg_ll))
+                     and len(orthanc_ile.json("GET", "/instances")) == n, 120,
+                     "every instance on every peer")
+    received: dict[str, list[bytes]] = {
+        "IMPLICIT_ONLY": [f.read_bytes() for f in implicit.files()],
+        "EXPLICIT_ONLY": [f.read_bytes() for f in explicit.files()],
+        "JPEG_LOSSLESS_ONLY": [f.read_bytes() for f in jpeg_ll.files()],
+        "ORTHANC_ILE": [orthanc_ile.request("GET", f"/instances/{i}/file")
+                        for i in orthanc_ile.json("GET", "/instances")],
+    }
+    expected_ts = {"IMPLICIT_ONLY": neg.IMPLICIT_LE, "EXPLICIT_ONLY": neg.EXPLICIT_LE,
+                   "JPEG_LOSSLESS_ONLY": neg.JPEG_LOSSLESS_SV1, "ORTHANC_ILE": neg.IMPLICIT_LE}
+    for dest, blobs in received.items():
+        for blob in blobs:
+            got = read_quiet(blob)
+            src_ts, src_path = originals[str(got.SOPInstanceUID)]
+            assert got.file_meta.TransferSyntaxUID == expected_ts[dest], (dest, src_ts)
+            original = read_quiet(src_path)
+            if src_ts in neg.LOSSY:
+                assert got.LossyImageCompression == "01", (dest, src_ts)
+            else:  # lossless path: the very same pixels
+                assert np.array_equal(_pixels(got), _pixels(original)), (dest, src_ts)
+            assert got.StudyInstanceUID == original.StudyInstanceUID
+    status = r.relay.status()
+    for name in expected_ts:
+        assert status["destinations"][name]["queue_depth"] == 0
+    assert r.metrics.relay_received.labels("0x0000")._value.get() == n
+
+
+async def test_destination_down_spool_grows_then_delivered(tmp_path: Path, storescp,
+                                                           relay_factory) -> None:
+    from dicomcache.config import DestinationSettings
+    port = free_port()
+    dest = DestinationSettings(name="LATER", remote_ae_title="PACS", remote_host="127.0.0.1",
+                               remote_port=port)
+    r = await relay_factory(relay_settings(tmp_path / "spool", [dest]))
+    series = make_ct_series(6, rows=64, columns=64, seed=11)
+    files = write_series(series, tmp_path / "modality")
+    res = await asyncio.to_thread(storescu, files, r.port)
+    assert res.returncode == 0, res.stderr  # acknowledged although the PACS is down
+    await wait_until(lambda: r.relay.spool.destination_state("LATER")["last_error"] is not None,
+                     20, "a recorded connection failure")
+    assert queue_depth(r.relay, "LATER") == 6
+    assert "Cannot associate" in r.relay.spool.destination_state("LATER")["last_error"]
+    pacs = storescp("all", port=port)
+    await wait_until(lambda: len(pacs.files()) == 6, 60, "delivery after the PACS came up")
+    await wait_until(lambda: queue_depth(r.relay, "LATER") == 0, 20, "empty queue")
+    # Delivered instances leave the spool (retention 0).
+    assert not list((tmp_path / "spool" / "objects").iterdir())
+    got = sorted(int(read_quiet(f).InstanceNumber) for f in pacs.files())
+    assert got == sorted(int(ds.InstanceNumber) for ds in series)
+
+
+class _PickyPACS:
+    """A pynetdicom SCP that rejects any association proposing Explicit VR Big Endian,
+    as some legacy PACS do: the seed's case for the fallback sequence."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.associations: list[set[str]] = []
+        ae = AE(ae_title="PICKY")
+        ae.add_supported_context(CTImageStorage, [neg.EXPLICIT_LE, neg.IMPLICIT_LE])
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_REQUESTED, self._requested), (evt.EVT_C_STORE, self._store)])
+
+    def _requested(self, event) -> None:
+        proposed = {str(ts) for cx in event.assoc.requestor.primitive
+                    .presentation_context_definition_list for ts in cx.transfer_syntax}
+        self.associations.append(proposed)
+        if neg.EXPLICIT_BE in proposed:
+            event.assoc.acse.send_reject(0x01, 0x01, 0x01)
+            event.assoc.kill()
+
+    def _store(self, event) -> int:
+        sop = event.request.AffectedSOPInstanceUID
+        (self.directory / f"{sop}.dcm").write_bytes(event.encoded_dataset())
+        return 0
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+async def test_fallback_sequence_and_learned_strategy(tmp_path: Path, relay_factory,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from dicomcache.config import DestinationSettings
+    (tmp_path / "picky").mkdir()
+    picky = _PickyPACS(tmp_path / "picky")
+    try:
+        dest = DestinationSettings(name="LEGACY", remote_ae_title="PICKY",
+                                   remote_host="127.0.0.1", remote_port=picky.port,
+                                   transfer_syntax_strategy="standard")
+        caplog.set_level(logging.INFO, logger="dicomcache.relay")
+        r = await relay_factory(relay_settings(tmp_path / "spool", [dest]))
+        first = write_series(make_ct_series(2, rows=32, columns=32, seed=1), tmp_path / "a")
+        res = await asyncio.to_thread(storescu, first, r.port)
+        assert res.returncode == 0
+        await wait_until(lambda: len(list(picky.directory.iterdir())) == 2, 30)
+        assert "Using conservative fallback" in caplog.text
+        assert "C-STORE successful" in caplog.text
+        assert neg.EXPLICIT_BE in picky.associations[0]
+        state = r.relay.status()["destinations"]["LEGACY"]
+        await wait_until(lambda: r.relay.spool.destination_state("LEGACY")["learned_strategy"]
+                         == "conservative", 10, "learned strategy persisted")
+        assert state["queue_depth"] == 0
+        # Next time it starts with what worked: one association, no Big Endian proposed.
+        before = len(picky.associations)
+        second = write_series(make_ct_series(2, rows=32, columns=32, seed=2), tmp_path / "b")
+        res = await asyncio.to_thread(storescu, second, r.port)
+        assert res.returncode == 0
+        await wait_until(lambda: len(list(picky.directory.iterdir())) == 4, 30)
+        assert len(picky.associations) == before + 1
+        assert neg.EXPLICIT_BE not in picky.associations[-1]
+    finally:
+        picky.stop()
+
+
+async def test_no_compatible_context_is_quarantined_with_the_seed_message(
+        tmp_path: Path, storescp, relay_factory, caplog: pytest.LogCaptureFixture) -> None:
+    # This PACS takes CT only as JPEG Baseline (lossy): a conservative relay has nothing to offer.
+    pacs = storescp((neg.JPEG_BASELINE,))
+    caplog.set_level(logging.INFO, logger="dicomcache.relay")
+    spool = tmp_path / "spool"
+    r = await relay_factory(relay_settings(spool, [pacs.destination("JPEG_PACS")]))
+    files = write_series(make_ct_series(1, rows=32, columns=32, seed=3), tmp_path / "m")
+    res = await asyncio.to_thread(storescu, files, r.port)
+    assert res.returncode == 0
+    await wait_until(lambda: r.relay.spool.snapshot()["destinations"]["JPEG_PACS"]["quarantined"]
+                     == 1, 30, "quarantine")
+    assert "Using universal fallback" in caplog.text
+    assert "All C-STORE strategies failed" in caplog.text
+    assert ("No compatible presentation context for '1.2.840.10008.5.1.4.1.1.2'. "
+            "Peer accepted transfer syntaxes: []") in caplog.text
+    reasons = list((spool / "quarantine").glob("*.reason.json"))
+    assert len(reasons) == 1
+    info = json.loads(reasons[0].read_text())
+    assert info["destination"] == "JPEG_PACS"
+    assert info["reason"].startswith("No compatible presentation context")
+    assert "Recommendation:" in info["reason"]
+    assert pacs.files() == []

@@ -1,0 +1,107 @@
+"""Config loading: defaults, every key checked, every problem named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicomcache.config import Settings, from_dict, load, parse_size
+from dicomcache.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_example_config_is_valid(tmp_path: Path) -> None:
+    (tmp_path / "orthanc-password").write_text("secret\n")
+    text = (ROOT / "config.example.toml").read_text()
+    # The example uses a password_file beside it; make one so it loads.
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(text)
+    settings = load(cfg)
+    assert settings.server.host == "127.0.0.1"
+    assert settings.upstream.url == "http://orthanc.example.org:8042"
+    assert settings.cache.max_size == 50 << 30
+    assert settings.relay.destinations[0].transfer_syntax_strategy == "conservative"
+
+
+def test_defaults() -> None:
+    s = from_dict({})
+    assert s == Settings(cache=s.cache, relay=s.relay)
+    assert s.server.port == 8080 and s.server.host == "127.0.0.1"
+    assert (s.upstream.connect_timeout, s.upstream.read_timeout, s.upstream.retries) == (15, 60, 3)
+    assert s.upstream.url is None
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("50GB", 50 << 30), ("1 MB", 1 << 20), ("512KiB", 512 << 10), ("2TB", 2 << 40),
+    ("1.5GB", int(1.5 * (1 << 30))), ("100", 100), ("100B", 100), (4096, 4096),
+])
+def test_parse_size(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["fifty", "10PB", "-1GB", "", "GB"])
+def test_parse_size_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+def test_every_problem_is_named() -> None:
+    with pytest.raises(ConfigError) as err:
+        from_dict({
+            "server": {"port": 70000, "colour": "blue"},
+            "upstream": {"url": "ftp://x", "retries": "3", "read_timeout": -1,
+                         "username": "u"},
+            "cache": {"max_size": "lots"},
+            "access": {"allow": ["delete everything"]},
+            "relay": {"ae_title": "THIS_AE_TITLE_IS_TOO_LONG",
+                      "destinations": [{"name": "A", "remote_ae_title": "PACS",
+                                        "remote_host": "h", "remote_port": 104,
+                                        "transfer_syntax_strategy": "fastest"}]},
+            "bogus": {},
+        })
+    keys = {key for key, _ in err.value.problems}
+    assert keys >= {"server.port", "server.colour", "upstream.url", "upstream.retries",
+                    "upstream.read_timeout", "upstream.username", "cache.max_size",
+                    "access.allow", "relay.ae_title",
+                    "relay.destinations[0].transfer_syntax_strategy", "bogus"}
+
+
+def test_password_file_and_relative_paths(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("s3cret\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[upstream]\nurl = "http://o:8042/"\nusername = "u"\npassword_file = "pw"\n'
+                   '[cache]\ndirectory = "cache"\n')
+    s = load(cfg)
+    assert s.upstream.password == "s3cret"
+    assert s.upstream.url == "http://o:8042"
+    assert s.cache.directory == tmp_path / "cache"
+    assert "s3cret" not in repr(s)
+
+
+def test_missing_password_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[upstream]\nusername = "u"\npassword_file = "nope"\n')
+    with pytest.raises(ConfigError) as err:
+        load(cfg)
+    assert ("upstream.password_file" in {k for k, _ in err.value.problems})
+
+
+def test_toml_syntax_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[server\nport = 1")
+    with pytest.raises(ConfigError) as err:
+        load(cfg)
+    assert err.value.problems[0][0] == "(syntax)"
+
+
+def test_settings_are_frozen() -> None:
+    s = from_dict({})
+    with pytest.raises(AttributeError):
+        s.server.port = 1  # type: ignore[misc]
+
+
+def test_access_rules_normalised() -> None:
+    s = from_dict({"access": {"allow": ["post /tools/find", "GET /jobs/*"]}})
+    assert s.access.allow == ("POST /tools/find", "GET /jobs/*")
