@@ -16,6 +16,7 @@ from .metrics import Metrics
 from .routes import dicomweb, orthanc, passthrough, wado_uri
 from .routes.common import (CLIENT, FAMILY, FETCHER, METRICS, OUTCOME, SETTINGS, STORE,
                             json_error)
+from .routes.serve import OPEN_FILES, OpenFiles
 from .store import AsyncStore, Store
 from .upstream import OrthancClient
 
@@ -88,6 +89,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     cache = app[SETTINGS].cache
     store = await asyncio.to_thread(Store, cache.directory, cache.max_size)
     app[STORE] = AsyncStore(store)
+    app[OPEN_FILES] = OpenFiles()
     metrics = app[METRICS]
     metrics.cache_max.set(cache.max_size)
     sweep = asyncio.create_task(asyncio.to_thread(store.sweep), name="store sweep")
@@ -96,6 +98,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     gauges.cancel()
     await asyncio.gather(sweep, gauges, return_exceptions=True)
     await app[STORE].flush_touches()
+    app[OPEN_FILES].close()
     await asyncio.to_thread(store.close)
 
 

@@ -114,6 +114,10 @@ class RelaySettings:
     max_inbound_associations: int = 16
     #: Most instances sent in one outbound association (one study at a time).
     batch_size: int = 500
+    #: A destination answering a transient failure status (0xA7xx…) for the same instance
+    #: this many times gets it quarantined (peers such as Orthanc answer 0xA700 for data
+    #: they will never store).  Connection failures never count.
+    max_instance_retries: int = 20
     destinations: tuple[DestinationSettings, ...] = ()
 
 
@@ -346,6 +350,9 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
     batch = sec.get("batch_size", int, 500)
     if not 1 <= batch <= 100000:
         sec.problem("batch_size", f"must be between 1 and 100000, not {batch}")
+    instance_retries = sec.get("max_instance_retries", int, 20)
+    if not 1 <= instance_retries <= 1000:
+        sec.problem("max_instance_retries", f"must be between 1 and 1000, not {instance_retries}")
     return RelaySettings(
         enabled=sec.get("enabled", bool, False),
         ae_title=ae,
@@ -361,6 +368,7 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
         timeout=sec.positive("timeout", 30.0),
         max_inbound_associations=inbound,
         batch_size=batch,
+        max_instance_retries=instance_retries,
         destinations=tuple(dests),
     )
 

@@ -162,6 +162,11 @@ class Forwarder:
                 buffer.clear()
 
         def on_result(res: ItemResult) -> None:
+            if res.outcome == RETRY and res.status is not None \
+                    and by_key[res.key].attempts + 1 >= self.settings.max_instance_retries:
+                res.outcome = QUARANTINED
+                res.reason += (f" (refused {by_key[res.key].attempts + 1} times: given up, "
+                               f"max_instance_retries)")
             buffer.append(Outcome(res.key, res.outcome, res.status, res.reason,
                                   res.strategy_used, res.attempts_made, res.transfer_syntax,
                                   res.seconds))

@@ -120,6 +120,12 @@ def _set_nodelay(assoc: Association) -> None:
         pass
 
 
+def _none_accepted(assoc: Association) -> bool:
+    """The peer answered A-ASSOCIATE-AC but accepted no presentation context."""
+    rsp = assoc.acceptor.primitive
+    return rsp is not None and getattr(rsp, "result", None) == 0 and not assoc.accepted_contexts
+
+
 _REJECT_REASONS = {
     (1, 1): "no reason given", (1, 2): "application context name not supported",
     (1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
@@ -238,6 +244,23 @@ class StoreSCU:
                         log.warning("%s", msg)
                         level += 1
                         continue
+                elif _none_accepted(assoc):
+                    # pynetdicom aborts an association in which the peer accepted no
+                    # context: that is "no usable context", not "peer down".
+                    for cx in assoc.rejected_contexts:
+                        seen_accepted.setdefault(str(cx.abstract_syntax), set())
+                    if level + 1 < len(sequence):
+                        level += 1
+                        continue
+                    for item in pending:
+                        message = neg.no_context_message(item.sop_class,
+                                                         seen_accepted.get(item.sop_class, ()))
+                        log.error("All C-STORE strategies failed for %s to %s (tried %s): %s",
+                                  item.sop_instance, self.peer, ", ".join(sequence), message)
+                        done(ItemResult(item.key, QUARANTINED, None, message, strategy,
+                                        level + 1, None))
+                    pending.clear()
+                    break
                 else:
                     msg = (f"Cannot associate with {self.peer}: connection failed or aborted "
                            f"(peer down or unreachable)")

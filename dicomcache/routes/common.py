@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
 from typing import Any
@@ -10,9 +9,9 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from ..config import Settings
-from ..fetch import Fetched, Fetcher
+from ..fetch import Fetcher
 from ..metrics import Metrics
-from ..store import AsyncStore, Entry
+from ..store import AsyncStore
 from ..upstream import OrthancClient
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -24,8 +23,6 @@ FETCHER = web.AppKey("fetcher", Fetcher)
 FAMILY = web.RequestKey("family", str)
 OUTCOME = web.RequestKey("outcome", str)
 
-#: Instance bodies never change: let browsers keep them.
-IMMUTABLE = "private, max-age=31536000, immutable"
 DICOM = "application/dicom"
 
 _ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(?:-[0-9a-f]{8}){4}$")
@@ -74,88 +71,5 @@ def family_of(request: web.Request, family: str, outcome: str | None = None) -> 
         request[OUTCOME] = outcome
 
 
-def _matches(request: web.Request, etag: str) -> bool:
-    header = request.headers.get(hdrs.IF_NONE_MATCH)
-    if not header:
-        return False
-    tags = {t.strip().removeprefix("W/") for t in header.split(",")}
-    return "*" in tags or etag in tags
-
-
-def _instance_headers(etag: str, filename: str | None) -> dict[str, str]:
-    headers = {hdrs.CACHE_CONTROL: IMMUTABLE, hdrs.ETAG: etag}
-    if filename:
-        headers[hdrs.CONTENT_DISPOSITION] = f'filename="{filename}"'
-    return headers
-
-
-class InstanceFileResponse(web.FileResponse):
-    """aiohttp's FileResponse (sendfile, Range, HEAD), validated by the instance MD5.
-
-    FileResponse derives its ETag from mtime and size; instance bodies are
-    identified by content, so the MD5 tag set by us is kept instead.
-    """
-
-    def __init__(self, entry: Entry, headers: dict[str, str], store: AsyncStore) -> None:
-        super().__init__(entry.path, headers=headers)
-        self._md5_etag = entry.etag
-        self._entry = entry
-        self._store = store
-        self.content_type = DICOM
-
-    def _make_response(self, request: Any, accept_encoding: str) -> Any:
-        # Runs in aiohttp's executor.  A file that vanished (deleted by hand)
-        # is dropped from the store so the next request fetches it again.
-        try:
-            return super()._make_response(request, accept_encoding)
-        except FileNotFoundError:
-            self._store.sync.forget(self._entry.sop_uid)
-            raise
-
-    @property  # type: ignore[override]
-    def etag(self) -> Any:
-        return super().etag
-
-    @etag.setter
-    def etag(self, value: Any) -> None:
-        # Ignore aiohttp's mtime-based validator; the content's MD5 is the identity.
-        self._headers[hdrs.ETAG] = self._md5_etag
-
-
-async def serve_instance(request: web.Request, found: Entry | Fetched, *,
-                         filename: str | None = None) -> web.StreamResponse:
-    """Answer with one instance body: from the store by sendfile, else from memory.
-
-    Conditional requests are judged against the MD5 ETag here; ``Range`` and
-    ``HEAD`` are aiohttp's FileResponse's own.
-    """
-    entry = found if isinstance(found, Entry) else found.entry
-    etag = entry.etag if entry is not None else f'"{found.md5}"'  # type: ignore[union-attr]
-    headers = _instance_headers(etag, filename)
-    if _matches(request, etag):
-        return web.Response(status=304, headers=headers)
-    if_match = request.headers.get(hdrs.IF_MATCH)
-    if if_match is not None:
-        tags = {t.strip() for t in if_match.split(",")}
-        if "*" not in tags and etag not in tags:
-            return web.Response(status=412, headers=headers)
-    size = entry.size if entry is not None else len(found.data or b"")  # type: ignore[union-attr]
-    request.app[METRICS].served_bytes.inc(size)
-    if entry is not None and if_match is None:
-        return InstanceFileResponse(entry, headers, request.app[STORE])
-    # If-Match passed (FileResponse would test it against its own mtime tag),
-    # or the body is only in memory: a plain response.
-    return web.Response(body=await read_instance(found), content_type=DICOM, headers=headers)
-
-
 def boundary() -> str:
     return secrets.token_hex(16)
-
-
-async def read_instance(found: Entry | Fetched) -> bytes:
-    """The instance bytes (for framing in a multipart body)."""
-    entry = found if isinstance(found, Entry) else found.entry
-    if entry is not None:
-        return await asyncio.to_thread(entry.path.read_bytes)
-    assert isinstance(found, Fetched) and found.data is not None
-    return found.data

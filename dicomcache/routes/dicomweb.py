@@ -13,8 +13,8 @@ from aiohttp import hdrs, web
 
 from ..fetch import Fetched
 from ..store import Entry
-from .common import (DICOM, FETCHER, IMMUTABLE, OUTCOME, STORE, boundary, dicom_uid,
-                     family_of, read_instance)
+from .common import DICOM, FETCHER, OUTCOME, STORE, boundary, dicom_uid, family_of
+from .serve import IMMUTABLE, read_instance
 from .passthrough import passthrough
 from .wado_uri import _check_parents
 

@@ -7,20 +7,23 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .common import FETCHER, OUTCOME, STORE, family_of, orthanc_id, serve_instance
+from .common import FETCHER, OUTCOME, STORE, family_of, orthanc_id
+from .serve import serve_instance
 
 
 async def instance_file(request: web.Request) -> web.StreamResponse:
     """The instance's DICOM file, byte-identical to Orthanc's ``/file``."""
     oid = orthanc_id(request.match_info["id"])
     family_of(request, "orthanc")
+    fetcher = request.app[FETCHER]
     entry = await request.app[STORE].get_by_orthanc_id(oid)
     if entry is not None:
         request[OUTCOME] = "hit"
-        return await serve_instance(request, entry, filename=f"{oid}.dcm")
+        return await serve_instance(request, entry, filename=f"{oid}.dcm",
+                                    refetch=lambda: fetcher.by_orthanc_id(oid))
     request[OUTCOME] = "miss"
-    fetched = await request.app[FETCHER].by_orthanc_id(oid)
-    return await serve_instance(request, fetched, filename=f"{oid}.dcm")
+    return await serve_instance(request, await fetcher.by_orthanc_id(oid),
+                                filename=f"{oid}.dcm")
 
 
 def add_routes(app: web.Application) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..errors import NotFoundUpstream
-from .common import FETCHER, OUTCOME, STORE, BadRequest, dicom_uid, family_of, serve_instance
+from ..fetch import Fetched
+from .common import FETCHER, OUTCOME, STORE, BadRequest, dicom_uid, family_of
+from .serve import serve_instance
 from .passthrough import passthrough
 
 #: Parameters that do not change the DICOM bytes Orthanc returns.
@@ -27,15 +29,18 @@ async def wado(request: web.Request) -> web.StreamResponse:
     if q.get("contentType") != "application/dicom" or set(q) - _PLAIN:
         return await passthrough(request)
     family_of(request, "wado_uri")
-    store = request.app[STORE]
-    entry = await store.get(sop)
+    fetcher = request.app[FETCHER]
+
+    async def fetch() -> Fetched:
+        return await fetcher.by_orthanc_id(await fetcher.resolve_sop(sop))
+
+    entry = await request.app[STORE].get(sop)
     if entry is not None:
         request[OUTCOME] = "hit"
         _check_parents(entry.study_uid, entry.series_uid, study, series, sop)
-        return await serve_instance(request, entry)
+        return await serve_instance(request, entry, refetch=fetch)
     request[OUTCOME] = "miss"
-    fetcher = request.app[FETCHER]
-    fetched = await fetcher.by_orthanc_id(await fetcher.resolve_sop(sop))
+    fetched = await fetch()
     _check_parents(fetched.summary.study_instance_uid, fetched.summary.series_instance_uid,
                    study, series, sop)
     return await serve_instance(request, fetched)

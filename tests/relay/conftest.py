@@ -48,7 +48,7 @@ SOURCE_FILES: dict[str, str] = {
     neg.JPEG_EXTENDED: "JPGExtended.dcm",
     neg.JPEG_LOSSLESS_SV1: "SC_rgb_jpeg_gdcm.dcm",
     neg.JPEG_LS_LOSSLESS: "MR_small_jpeg_ls_lossless.dcm",
-    neg.JPEG_LS_NEAR_LOSSLESS: "JPEGLSNearLossless_16.dcm",
+    neg.JPEG_LS_NEAR_LOSSLESS: "(generated: MR_small.dcm, near-lossless)",
     neg.JPEG_2000_LOSSLESS: "MR_small_jp2klossless.dcm",
     neg.JPEG_2000: "JPEG2000.dcm",
 }
@@ -73,7 +73,31 @@ PROFILE_SOP_CLASSES = (
 
 
 def source_path(ts: str) -> Path:
-    return Path(get_testdata_file(SOURCE_FILES[ts]))  # type: ignore[arg-type]
+    """A source file in ``ts``, with a SOP Instance UID of its own.
+
+    pydicom's test files share UIDs (a PACS would overwrite one with the next)
+    and its JPEG-LS near-lossless files have no Study Instance UID (a PACS
+    refuses them): copies are made once, in the syntax they were in.
+    """
+    import tempfile
+
+    out = Path(tempfile.gettempdir()) / "dicomcache-relay-tests" / f"source-{ts}.dcm"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if ts == neg.JPEG_LS_NEAR_LOSSLESS:
+        ds = read_quiet(Path(get_testdata_file("MR_small.dcm")))  # type: ignore[arg-type]
+        ds.compress(neg.JPEG_LS_NEAR_LOSSLESS, jls_error=3, generate_instance_uid=False)
+        ds.LossyImageCompression = "01"
+    else:
+        ds = read_quiet(Path(get_testdata_file(SOURCE_FILES[ts])))  # type: ignore[arg-type]
+    ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.1234.{ts.replace('1.2.840.10008.', '')}"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    assert str(read_quiet(tmp).file_meta.TransferSyntaxUID) == ts
+    os.replace(tmp, out)
+    return out
 
 
 def read_quiet(path: Path | bytes) -> pydicom.Dataset:
