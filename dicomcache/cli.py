@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -87,6 +88,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for key, message in exc.problems:
             print(f"config error: {key}: {message}", file=sys.stderr)
         return 2
+    if args.port is not None or args.host is not None:
+        server = dataclasses.replace(settings.server, port=args.port or settings.server.port,
+                                     host=args.host or settings.server.host)
+        settings = dataclasses.replace(settings, server=server)
     setup_logging(settings.server.log_level, settings.server.log_format)
     demo = None
     if settings.upstream.url is None:
@@ -125,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", "-c", type=Path, help="TOML config (default: embedded demo)")
+        if name == "serve":
+            p.add_argument("--port", type=int, help="override server.port")
+            p.add_argument("--host", help="override server.host")
         p.set_defaults(func=func)
     _optional_commands(sub)
     return parser

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from .errors import IntegrityError, NotFoundUpstream, StoreFull, UpstreamError
 from .metrics import Metrics
@@ -22,17 +24,29 @@ from .upstream import OrthancClient
 from .verify import DicomSummary, md5_hex, verify_bytes
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
-    """A verified instance: stored (``entry``) or, when the disk is full, only in memory."""
+    """A verified instance that could not be stored (disk full): served from memory.
 
-    summary: DicomSummary
+    Same identity fields as :class:`~dicomcache.store.Entry`, so routes treat both alike.
+    """
+
+    sop_uid: str
+    study_uid: str | None
+    series_uid: str | None
+    transfer_syntax: str
     md5: str
     orthanc_id: str
-    entry: Entry | None = None
-    data: bytes | None = None
+    data: bytes
+
+    @classmethod
+    def of(cls, summary: DicomSummary, md5: str, orthanc_id: str, data: bytes) -> Fetched:
+        return cls(summary.sop_instance_uid, summary.study_instance_uid,
+                   summary.series_instance_uid, summary.transfer_syntax_uid, md5, orthanc_id,
+                   data)
 
 
 class Fetcher:
@@ -42,33 +56,58 @@ class Fetcher:
         self.client = client
         self.store = store
         self.metrics = metrics
-        self._inflight: dict[str, asyncio.Task[Fetched]] = {}
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
 
-    async def by_orthanc_id(self, orthanc_id: str) -> Fetched:
-        """The verified instance, downloading it unless a download is already in flight."""
-        task = self._inflight.get(orthanc_id)
-        if task is not None:
-            self.metrics.coalesced.inc()
-        else:
-            # A task of its own: a viewer that hangs up must not cancel the
-            # download the other waiters (and the cache) depend on.
-            task = asyncio.create_task(self._download(orthanc_id), name=f"fetch {orthanc_id}")
-            self._inflight[orthanc_id] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(orthanc_id, None))
-        return await asyncio.shield(task)
+    async def instance(self, orthanc_id: str) -> Entry | Fetched:
+        """The verified instance: from the store, or downloaded (once, however many ask)."""
+        entry = await self.store.get_by_orthanc_id(orthanc_id)
+        if entry is not None:
+            return entry
+        return await self.by_orthanc_id(orthanc_id)
+
+    async def instance_by_sop(self, sop_uid: str) -> Entry | Fetched:
+        """The verified instance with this SOPInstanceUID (resolved through Orthanc if new)."""
+        entry = await self.store.get(sop_uid)
+        if entry is not None:
+            return entry
+        return await self.instance(await self.resolve_sop(sop_uid))
+
+    async def by_orthanc_id(self, orthanc_id: str) -> Entry | Fetched:
+        """Download and verify, unless a download of this instance is already in flight."""
+        return await self._single_flight(orthanc_id, lambda: self._download(orthanc_id))
 
     async def resolve_sop(self, sop_uid: str) -> str:
         """Orthanc instance ID for a SOPInstanceUID: learned before, else ``/tools/lookup``."""
         known = await self.store.orthanc_id_of(sop_uid)
         if known:
             return known
+        return await self._single_flight(f"lookup:{sop_uid}", lambda: self._lookup(sop_uid))
+
+    async def _lookup(self, sop_uid: str) -> str:
         found = await self.client.lookup_instance(sop_uid)
         if found is None:
             raise NotFoundUpstream(404, f"Orthanc has no instance with SOPInstanceUID {sop_uid}")
         await self.store.learn(found, sop_uid)
         return found
 
-    async def _download(self, orthanc_id: str) -> Fetched:
+    async def _single_flight(self, key: str, start: Callable[[], Awaitable[T]]) -> T:
+        task = self._inflight.get(key)
+        if task is not None:
+            self.metrics.coalesced.inc()
+        else:
+            # A task of its own: a viewer that hangs up must not cancel the
+            # download the other waiters (and the cache) depend on.
+            task = asyncio.ensure_future(start())
+            self._inflight[key] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+        result: T = await asyncio.shield(task)
+        return result
+
+    async def _download(self, orthanc_id: str) -> Entry | Fetched:
+        # A download that finished just before this one was asked for: no second trip.
+        entry = await self.store.get_by_orthanc_id(orthanc_id)
+        if entry is not None:
+            return entry
         summary, md5, data = await self.client.retrying(
             lambda attempt: self._attempt(orthanc_id),
             what=f"instance {orthanc_id}")
@@ -78,13 +117,13 @@ class Fetcher:
         except StoreFull as exc:
             # The viewer still gets its verified image; only caching is lost.
             log.error("cannot cache instance %s: %s; serving it uncached", orthanc_id, exc)
-            return Fetched(summary, md5, orthanc_id, data=data)
+            return Fetched.of(summary, md5, orthanc_id, data)
         except OSError as exc:
             log.error("cannot cache instance %s: %s; serving it uncached", orthanc_id, exc)
-            return Fetched(summary, md5, orthanc_id, data=data)
+            return Fetched.of(summary, md5, orthanc_id, data)
         if not entry.path.exists():  # evicted at once: bigger than the whole cache
-            return Fetched(summary, md5, orthanc_id, data=data)
-        return Fetched(summary, md5, orthanc_id, entry=entry)
+            return Fetched.of(summary, md5, orthanc_id, data)
+        return entry
 
     async def _attempt(self, orthanc_id: str) -> tuple[DicomSummary, str, bytes]:
         md5_task = asyncio.create_task(self.client.instance_md5(orthanc_id))

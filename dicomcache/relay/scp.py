@@ -136,6 +136,7 @@ class StoreSCP:
 
     # --- handlers (pynetdicom threads) -------------------------------------------------
     def _on_connect(self, event: Any) -> None:
+        """TCP_NODELAY: pynetdicom never sets it (~40 ms per message on Nagle otherwise)."""
         try:
             event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (AttributeError, OSError):

@@ -274,8 +274,8 @@ class StoreSCU:
                                      str(cx.transfer_syntax[0]))
                         for cx in assoc.accepted_contexts]
             by_class: dict[str, set[str]] = {}
-            for cx in accepted:
-                by_class.setdefault(cx.abstract_syntax, set()).add(cx.transfer_syntax)
+            for acc in accepted:
+                by_class.setdefault(acc.abstract_syntax, set()).add(acc.transfer_syntax)
             for k, v in by_class.items():
                 seen_accepted.setdefault(k, set()).update(v)
             sent_here = 0

@@ -565,9 +565,9 @@ class Spool:
                     "SELECT COUNT(*), MIN(i.received), COALESCE(SUM(i.size), 0) "
                     "FROM deliveries d JOIN instances i ON i.id=d.instance_id "
                     "WHERE d.destination=? AND d.state='pending'", (name,)).fetchone()
-                quarantined = db.execute(
-                    "SELECT COUNT(*) FROM deliveries WHERE destination=? "
-                    "AND state='quarantined'", (name,)).fetchone()[0]
+                # Counted from the quarantine folder: delivery rows go with their instance.
+                quarantined = sum(1 for _ in self.quarantine_dir.glob(
+                    f"*.{_safe(name)}.reason.json"))
                 state = self.destination_state(name)
                 recent = [
                     {"time": t, "sop_instance_uid": s, "status": None if st is None

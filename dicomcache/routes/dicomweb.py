@@ -53,20 +53,11 @@ async def instance(request: web.Request) -> web.StreamResponse:
     if wanted is None:
         return await passthrough(request)
     family_of(request, "dicomweb")
-    store = request.app[STORE]
-    found: Entry | Fetched | None = await store.get(sop)
-    if found is not None:
-        request[OUTCOME] = "hit"
-        syntax, st, se = found.transfer_syntax, found.study_uid, found.series_uid
-    else:
-        request[OUTCOME] = "miss"
-        fetcher = request.app[FETCHER]
-        found = await fetcher.by_orthanc_id(await fetcher.resolve_sop(sop))
-        summary = found.summary
-        syntax, st, se = (summary.transfer_syntax_uid, summary.study_instance_uid,
-                          summary.series_instance_uid)
-    _check_parents(st, se, study, series, sop)
-    if not _serves(syntax, wanted):
+    entry = await request.app[STORE].get(sop)
+    request[OUTCOME] = "miss" if entry is None else "hit"
+    found = entry or await request.app[FETCHER].instance_by_sop(sop)
+    _check_parents(found.study_uid, found.series_uid, study, series, sop)
+    if not _serves(found.transfer_syntax, wanted):
         request[OUTCOME] = "passthrough"
         return await passthrough(request)
     return await _multipart(request, found)

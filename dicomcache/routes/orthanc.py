@@ -17,13 +17,10 @@ async def instance_file(request: web.Request) -> web.StreamResponse:
     family_of(request, "orthanc")
     fetcher = request.app[FETCHER]
     entry = await request.app[STORE].get_by_orthanc_id(oid)
-    if entry is not None:
-        request[OUTCOME] = "hit"
-        return await serve_instance(request, entry, filename=f"{oid}.dcm",
-                                    refetch=lambda: fetcher.by_orthanc_id(oid))
-    request[OUTCOME] = "miss"
-    return await serve_instance(request, await fetcher.by_orthanc_id(oid),
-                                filename=f"{oid}.dcm")
+    request[OUTCOME] = "miss" if entry is None else "hit"
+    found = entry or await fetcher.by_orthanc_id(oid)
+    return await serve_instance(request, found, filename=f"{oid}.dcm",
+                                refetch=lambda: fetcher.by_orthanc_id(oid))
 
 
 def add_routes(app: web.Application) -> None:

@@ -20,7 +20,7 @@ import asyncio
 import io
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,7 @@ class InstanceFileResponse(web.FileResponse):
     the ETag is the content MD5 rather than aiohttp's mtime/size tag.
     """
 
-    def __init__(self, entry: Entry, headers: dict[str, str], fobj: io.BufferedReader,
+    def __init__(self, entry: Entry, headers: Mapping[str, str], fobj: io.BufferedReader,
                  st: os.stat_result) -> None:
         super().__init__(entry.path, headers=headers)
         self._md5_etag = entry.etag
@@ -97,7 +97,7 @@ class InstanceFileResponse(web.FileResponse):
         finally:
             self._fobj.close()
 
-    @property  # type: ignore[override]
+    @property
     def etag(self) -> Any:
         return super().etag
 
@@ -114,7 +114,7 @@ def _matches(header: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
-Refetch = Callable[[], Awaitable[Fetched]]
+Refetch = Callable[[], Awaitable[Entry | Fetched]]
 
 
 async def serve_instance(request: web.Request, found: Entry | Fetched, *,
@@ -126,9 +126,9 @@ async def serve_instance(request: web.Request, found: Entry | Fetched, *,
     vanished (deleted by hand) is dropped from the store and, with
     ``refetch``, fetched again instead of failing the viewer.
     """
-    entry = found if isinstance(found, Entry) else found.entry
+    entry = found if isinstance(found, Entry) else None
     etag = f'"{found.md5}"'
-    headers = {hdrs.CACHE_CONTROL: IMMUTABLE, hdrs.ETAG: etag}
+    headers: dict[str, str] = {hdrs.CACHE_CONTROL: IMMUTABLE, hdrs.ETAG: etag}
     if filename:
         headers[hdrs.CONTENT_DISPOSITION] = f'filename="{filename}"'
     if _matches(request.headers.get(hdrs.IF_NONE_MATCH), etag):
@@ -154,8 +154,6 @@ async def serve_instance(request: web.Request, found: Entry | Fetched, *,
 
 async def read_instance(found: Entry | Fetched) -> bytes:
     """The instance bytes (for a multipart body, or when only in memory)."""
-    entry = found if isinstance(found, Entry) else found.entry
-    if entry is not None:
-        return await asyncio.to_thread(entry.path.read_bytes)
-    assert isinstance(found, Fetched) and found.data is not None
+    if isinstance(found, Entry):
+        return await asyncio.to_thread(found.path.read_bytes)
     return found.data

@@ -10,7 +10,6 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..errors import NotFoundUpstream
-from ..fetch import Fetched
 from .common import FETCHER, OUTCOME, STORE, BadRequest, dicom_uid, family_of
 from .serve import serve_instance
 from .passthrough import passthrough
@@ -30,20 +29,12 @@ async def wado(request: web.Request) -> web.StreamResponse:
         return await passthrough(request)
     family_of(request, "wado_uri")
     fetcher = request.app[FETCHER]
-
-    async def fetch() -> Fetched:
-        return await fetcher.by_orthanc_id(await fetcher.resolve_sop(sop))
-
     entry = await request.app[STORE].get(sop)
-    if entry is not None:
-        request[OUTCOME] = "hit"
-        _check_parents(entry.study_uid, entry.series_uid, study, series, sop)
-        return await serve_instance(request, entry, refetch=fetch)
-    request[OUTCOME] = "miss"
-    fetched = await fetch()
-    _check_parents(fetched.summary.study_instance_uid, fetched.summary.series_instance_uid,
-                   study, series, sop)
-    return await serve_instance(request, fetched)
+    request[OUTCOME] = "miss" if entry is None else "hit"
+    found = entry or await fetcher.instance_by_sop(sop)
+    _check_parents(found.study_uid, found.series_uid, study, series, sop)
+    return await serve_instance(request, found,
+                                refetch=lambda: fetcher.instance_by_sop(sop))
 
 
 def _check_parents(have_study: str | None, have_series: str | None,

@@ -194,8 +194,9 @@ async def test_fallback_sequence_and_learned_strategy(tmp_path: Path, relay_fact
         res = await asyncio.to_thread(storescu, second, r.port)
         assert res.returncode == 0
         await wait_until(lambda: len(list(picky.directory.iterdir())) == 4, 30)
-        assert len(picky.associations) == before + 1
-        assert neg.EXPLICIT_BE not in picky.associations[-1]
+        # (one association per batch; how storescu's two arrive decides the batches)
+        assert len(picky.associations) > before
+        assert all(neg.EXPLICIT_BE not in a for a in picky.associations[before:])
     finally:
         picky.stop()
 

@@ -1,0 +1,176 @@
+"""Relay benchmark: storescu → dicomcache relay → storescp, against storescu → storescp.
+
+    python bench/relay_bench.py [--count 200] [--json]
+
+200 generated CT instances of 512 KiB (512x512x16 bit, Explicit VR LE).  All
+processes on 127.0.0.1, DCMTK with TCP_NODELAY=1 (``loopback_env``), the
+relay as its own process (``python -m dicomcache.relay.service``), spool and
+PACS folders in a temp dir.  Reports:
+
+* direct: storescu → storescp, instances/s and MB/s until the last file is
+  on the peer's disk (storescp writes before it answers);
+* relay: time until the modality has all its acknowledgements (ack rate)
+  and until the last instance is on the peer's disk (end to end);
+* transcoding rates in-process: Explicit → Implicit VR LE, JPEG Lossless →
+  Implicit VR LE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dicomcache.orthanc import free_port, loopback_env  # noqa: E402
+from dicomcache.relay import negotiation as neg  # noqa: E402
+from dicomcache.relay.transcode import shutdown_pool, transcode_bytes  # noqa: E402
+from dicomcache.samples import make_ct_series, write_series  # noqa: E402
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"port {port} not listening")
+
+
+def storescp(directory: Path, port: int) -> subprocess.Popen[bytes]:
+    directory.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(["storescp", "-aet", "PACS", "+xa", "-od", str(directory), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=loopback_env(), start_new_session=True)
+    wait_port(port)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def storescu(files: list[Path], port: int, aec: str) -> float:
+    started = time.perf_counter()
+    res = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", aec, "-xe", "127.0.0.1",
+                          str(port), *map(str, files)], capture_output=True, text=True,
+                         env=loopback_env(), check=False, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"storescu failed: {res.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def wait_files(directory: Path, count: int, started: float, timeout: float = 600) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(1 for _ in directory.iterdir()) >= count:
+            return time.perf_counter() - started
+        time.sleep(0.005)
+    raise TimeoutError(f"only {sum(1 for _ in directory.iterdir())}/{count} files arrived")
+
+
+def transcode_rate(blobs: list[bytes], target: str) -> tuple[float, float]:
+    started = time.perf_counter()
+    for blob in blobs:
+        transcode_bytes(blob, target)
+    secs = time.perf_counter() - started
+    return len(blobs) / secs, sum(map(len, blobs)) / secs / 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    n = args.count
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        root = Path(tmp)
+        series = make_ct_series(n, rows=512, columns=512, seed=42)
+        files = write_series(series, root / "modality")
+        total = sum(f.stat().st_size for f in files)
+        mb = total / 1e6
+
+        # Direct DCMTK.
+        port = free_port()
+        pacs = storescp(root / "direct", port)
+        try:
+            t0 = time.perf_counter()
+            storescu(files, port, "PACS")
+            direct = wait_files(root / "direct", n, t0)
+        finally:
+            stop(pacs)
+
+        # Through the relay (its own process).
+        pacs_port, relay_port = free_port(), free_port()
+        pacs = storescp(root / "via", pacs_port)
+        config = root / "relay.toml"
+        config.write_text(
+            f'[server]\nlog_level = "WARNING"\n[relay]\nenabled = true\nport = {relay_port}\n'
+            f'spool_directory = "{root / "spool"}"\n'
+            f'[[relay.destinations]]\nname = "PACS"\nremote_ae_title = "PACS"\n'
+            f'remote_host = "127.0.0.1"\nremote_port = {pacs_port}\n')
+        relay = subprocess.Popen([sys.executable, "-m", "dicomcache.relay.service", "--config",
+                                  str(config)], cwd=Path(__file__).resolve().parents[1],
+                                 stdout=subprocess.DEVNULL, stderr=(root / "relay.log").open("wb"),
+                                 start_new_session=True)
+        try:
+            wait_port(relay_port)
+            t0 = time.perf_counter()
+            acks = storescu(files, relay_port, "DICOMCACHE")
+            e2e = wait_files(root / "via", n, t0)
+        finally:
+            stop(relay)
+            stop(pacs)
+
+        # Transcoding (in this process).
+        blobs = [f.read_bytes() for f in files[: min(n, 100)]]
+        exp_rate = transcode_rate(blobs, neg.IMPLICIT_LE)
+        jll = [transcode_bytes(b, neg.JPEG_LOSSLESS_SV1) for b in blobs[:50]]
+        jll_rate = transcode_rate(jll, neg.IMPLICIT_LE)
+        shutdown_pool()
+
+    result = {
+        "instances": n, "instance_bytes": total // n, "total_mb": round(mb, 1),
+        "direct": {"seconds": round(direct, 3), "instances_per_s": round(n / direct, 1),
+                   "mb_per_s": round(mb / direct, 1)},
+        "relay_acks": {"seconds": round(acks, 3), "instances_per_s": round(n / acks, 1),
+                       "mb_per_s": round(mb / acks, 1)},
+        "relay_end_to_end": {"seconds": round(e2e, 3), "instances_per_s": round(n / e2e, 1),
+                             "mb_per_s": round(mb / e2e, 1),
+                             "ratio_to_direct": round(direct / e2e, 2)},
+        "transcode_explicit_to_implicit": {"instances_per_s": round(exp_rate[0], 1),
+                                           "mb_per_s": round(exp_rate[1], 1)},
+        "transcode_jpeg_lossless_to_implicit": {"instances_per_s": round(jll_rate[0], 1),
+                                                "mb_per_s_compressed_in": round(jll_rate[1], 1)},
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{n} instances x {total // n // 1024} KiB ({mb:.0f} MB), loopback, TCP_NODELAY=1")
+        print(f"direct storescu→storescp      {n / direct:7.1f} inst/s {mb / direct:7.1f} MB/s")
+        print(f"relay: modality acks          {n / acks:7.1f} inst/s {mb / acks:7.1f} MB/s")
+        print(f"relay: end to end             {n / e2e:7.1f} inst/s {mb / e2e:7.1f} MB/s "
+              f"({direct / e2e:.2f}x direct)")
+        print(f"transcode Explicit→Implicit   {exp_rate[0]:7.1f} inst/s {exp_rate[1]:7.1f} MB/s")
+        print(f"transcode JPEG-LL→Implicit    {jll_rate[0]:7.1f} inst/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
