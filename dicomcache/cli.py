@@ -141,11 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _optional_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Subcommands owned by other modules register themselves."""
     from . import wanem
+    from .relay import cli as relay_cli
+
     wanem.add_cli(sub)
-    try:
-        from .relay import cli as relay_cli
-    except ImportError:  # relay extras not installed
-        return
     relay_cli.add_cli(sub)
 
 
