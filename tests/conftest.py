@@ -87,6 +87,24 @@ SettingsFactory = Callable[..., Settings]
 
 
 @pytest.fixture
+def no_blocking() -> Iterator[None]:
+    """Fail on blocking calls (disk, sqlite, sockets) made on the event loop (blockbuster).
+
+    Used by the component tests of the HTTP side, as aiohttp's own suite does.
+    """
+    from blockbuster import blockbuster_ctx
+
+    with blockbuster_ctx("dicomcache") as bb:
+        # /proc reads for process_* metrics: a virtual file system, never disk I/O.
+        for func in ("io.BufferedReader.read", "io.TextIOWrapper.read", "io.FileIO.read",
+                     "os.stat", "io.open", "os.listdir", "os.scandir"):
+            if func in bb.functions:
+                bb.functions[func].can_block_in("prometheus_client/process_collector.py",
+                                                {"collect", "_boot_time", "__init__"})
+        yield
+
+
+@pytest.fixture
 def make_settings(tmp_path: Path, orthanc: OrthancProcess) -> SettingsFactory:
     """Build Settings pointing at the session Orthanc (or ``url``), cache in tmp_path."""
 

@@ -30,7 +30,8 @@ async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator) -> TestClient:
+async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+                 no_blocking: None) -> TestClient:
     return await aiohttp_client(make_app(make_settings(url=f"http://127.0.0.1:{wan.port}")))
 
 
@@ -154,3 +155,24 @@ async def test_wrong_credentials_are_a_clear_502(aiohttp_client, make_settings: 
     body = await resp.json()
     assert "credentials" in body["reason"] and body["attempts"] == 1
     assert "wrong" not in await resp.text()
+
+
+async def test_full_disk_still_serves_the_verified_instance(
+        client: TestClient, wan: WanEmulator, ct_series: list[Sample], monkeypatch,  # type: ignore[no-untyped-def]
+        caplog: pytest.LogCaptureFixture) -> None:
+    import errno
+
+    from dicomcache.errors import StoreFull
+    from dicomcache.store import Store
+
+    def full(self: Store, data: bytes) -> None:
+        raise StoreFull(errno.ENOSPC, "cache disk full: No space left on device")
+
+    monkeypatch.setattr(Store, "write_temp", full)
+    s = ct_series[7]
+    for _ in range(2):  # not cached: both are misses, both whole
+        resp = await client.get(f"/instances/{s.orthanc_id}/file")
+        assert resp.status == 200 and await resp.read() == s.data
+        assert resp.headers["ETag"] == f'"{hashlib.md5(s.data).hexdigest()}"'
+    assert wan.requests[f"/instances/{s.orthanc_id}/file"] == 2
+    assert "cache disk full" in caplog.text

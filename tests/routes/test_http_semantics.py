@@ -14,7 +14,7 @@ from tests.conftest import Sample, SettingsFactory
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_settings: SettingsFactory) -> TestClient:
+async def client(aiohttp_client, make_settings: SettingsFactory, no_blocking: None) -> TestClient:
     return await aiohttp_client(make_app(make_settings()))
 
 

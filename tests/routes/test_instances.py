@@ -35,7 +35,7 @@ def orthanc_get(orthanc: OrthancProcess, path: str, accept: str | None = None) -
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_settings: SettingsFactory) -> TestClient:
+async def client(aiohttp_client, make_settings: SettingsFactory, no_blocking: None) -> TestClient:
     return await aiohttp_client(make_app(make_settings()))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -14,14 +15,15 @@ from tests.routes.test_instances import orthanc_get
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_settings: SettingsFactory) -> TestClient:
+async def client(aiohttp_client, make_settings: SettingsFactory, no_blocking: None) -> TestClient:
     return await aiohttp_client(make_app(make_settings()))
 
 
 async def test_json_resources_equal_orthanc(client: TestClient, orthanc: OrthancProcess,
                                             samples: dict[str, list[Sample]]) -> None:
     s = samples["explicit"][0]
-    study_id = orthanc.json("GET", f"/instances/{s.orthanc_id}/study")["ID"]
+    study = await asyncio.to_thread(orthanc.json, "GET", f"/instances/{s.orthanc_id}/study")
+    study_id = study["ID"]
     for path in ("/studies", f"/studies/{study_id}", f"/instances/{s.orthanc_id}/tags",
                  f"/instances/{s.orthanc_id}/simplified-tags", "/studies?expand",
                  f"/dicom-web/studies/{s.study}/series"):
