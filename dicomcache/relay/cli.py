@@ -27,12 +27,14 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
     status = sub.add_parser("status", help="queue depth, oldest item, learned strategy, "
                                            "last errors per destination (from the spool)")
+    status.add_argument("--config", "-c", type=Path, help="TOML configuration")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 
     send = sub.add_parser("send", help="C-STORE files to a destination with the relay's "
                                        "negotiation and transcoding")
     send.add_argument("files", nargs="+", type=Path, help="DICOM files or directories")
+    send.add_argument("--config", "-c", type=Path, help="TOML configuration")
     send.add_argument("--destination", help="a [[relay.destinations]] name from the config")
     send.add_argument("--host", help="peer host (instead of --destination)")
     send.add_argument("--port", type=int, help="peer port")
@@ -267,21 +269,3 @@ def cmd_send(args: argparse.Namespace) -> int:
     for msg in dict.fromkeys(failed_assoc):
         print(f"FAILED association: {msg}", file=sys.stderr)
     return 0 if failed == 0 and not bad else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m dicomcache.relay.cli``) until the main CLI wires it."""
-    parser = argparse.ArgumentParser(prog="dicomcache")
-    parser.add_argument("--config", default=None, help="TOML configuration")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_cli(sub)
-    args = parser.parse_args(argv)
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

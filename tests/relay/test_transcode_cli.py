@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicomcache.relay import cli
+from dicomcache import cli
 from dicomcache.relay import negotiation as neg
 from dicomcache.relay.transcode import TranscodeError, transcode, transcode_bytes
 from dicomcache.samples import encode, make_ct_series
@@ -106,17 +106,17 @@ remote_port = {pacs.port}
     files = [source_path(ts) for ts in (neg.EXPLICIT_LE, neg.JPEG_2000_LOSSLESS)]
     bad = tmp_path / "not-dicom.dcm"
     bad.write_bytes(b"hello")
-    rc = cli.main(["--config", str(config), "relay", "send", "--destination", "PACS",
+    rc = cli.main(["relay", "send", "--config", str(config), "--destination", "PACS",
                    "--no-progress", *map(str, files)])
     out = capsys.readouterr()
     assert rc == 0, out
     assert "sent 2/2" in out.out and "strategy_used: conservative" in out.out
     assert len(pacs.files()) == 2
-    rc = cli.main(["--config", str(config), "relay", "send", "--host", "127.0.0.1", "--port",
+    rc = cli.main(["relay", "send", "--config", str(config), "--host", "127.0.0.1", "--port",
                    str(pacs.port), "--aet", "PACS", "--no-progress", str(bad)])
     assert rc == 1 and "skipped" in capsys.readouterr().err
     # status without a spool yet: says so
-    assert cli.main(["--config", str(config), "relay", "status"]) == 1
+    assert cli.main(["relay", "status", "--config", str(config)]) == 1
     from dicomcache.relay.spool import Spool
     spool = Spool(tmp_path / "spool", ["PACS"])
     spool.open()
@@ -124,11 +124,11 @@ remote_port = {pacs.port}
                              learned_strategy="universal", last_error="boom", last_error_time=1.0)
     spool.close()
     capsys.readouterr()
-    rc = cli.main(["--config", str(config), "relay", "status", "--json"])
+    rc = cli.main(["relay", "status", "--config", str(config), "--json"])
     snap = json.loads(capsys.readouterr().out)
     assert rc == 0
     assert snap["destinations"]["PACS"]["learned_strategy"] == "universal"
     assert snap["destinations"]["PACS"]["queue_depth"] == 0
-    rc = cli.main(["--config", str(config), "relay", "status"])
+    rc = cli.main(["relay", "status", "--config", str(config)])
     text = capsys.readouterr().out
     assert "learned universal" in text and "boom" in text
