@@ -9,13 +9,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from . import cors, status
 from .config import Settings
-from .errors import IntegrityError, NotFoundUpstream, UpstreamError
+from .errors import IntegrityError, NotFoundUpstream, UpstreamError, UpstreamUnavailable
 from .fetch import Fetcher
 from .metrics import Metrics
+from .changes import CHANGES, STUDY_CHANGED, ChangeWatcher
+from .prefetch import PREFETCHER, Prefetcher, touch_of
 from .routes import dicomweb, orthanc, passthrough, wado_uri
 from .routes.common import (CLIENT, FAMILY, FETCHER, METRICS, OUTCOME, SETTINGS, STORE,
                             json_error)
+from .relay.service import Relay  # app.py wires both sides; routes never import the relay
 from .routes.serve import OPEN_FILES, OpenFiles
 from .store import AsyncStore, Store
 from .upstream import OrthancClient
@@ -30,6 +34,12 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     started = time.monotonic()
     try:
         response = await handler(request)
+    except UpstreamUnavailable as exc:  # circuit open: fail fast, say when to come back
+        request[OUTCOME] = "unavailable"
+        retry_after = int(getattr(exc, "retry_after", 5))
+        response = json_error(503, "upstream unavailable", exc.reason,
+                              retry_after=retry_after, cached_only=True)
+        response.headers["Retry-After"] = str(retry_after)
     except UpstreamError as exc:
         request[OUTCOME] = "error"
         status = 504 if exc.cause == "timeout" else 502
@@ -64,25 +74,25 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
 
 def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """The HTTP application; long-lived resources start and stop in ``cleanup_ctx``."""
-    app = web.Application(middlewares=[errors_and_metrics], client_max_size=64 << 20)
+    app = web.Application(middlewares=[errors_and_metrics, prefetch_touches],
+                          client_max_size=64 << 20)
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_prefetch_ctx)
+    app[STUDY_CHANGED] = []  # metadata caches subscribe here (see changes.py)
+    if settings.changes.enabled:
+        app.cleanup_ctx.append(_changes_ctx)
     if settings.relay.enabled:
         app.cleanup_ctx.append(_relay_ctx)
-    if settings.server.metrics_port is None:
-        app.router.add_get("/metrics", app[METRICS].handler())
-    app.router.add_get("/healthz", healthz)
+    status.setup(app)  # /, /healthz, /readyz, /metrics (or its own port); after upstream
     orthanc.add_routes(app)
     wado_uri.add_routes(app)
-    dicomweb.add_routes(app)
+    dicomweb.add_routes(app)  # also its cache context (after store and upstream)
+    cors.setup(app, settings.cors)  # preflights answered locally; none allowed by default
     passthrough.add_routes(app)  # last: the catch-all
     return app
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -127,11 +137,44 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await client.close()
 
 
-async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
-    from .relay.service import Relay  # the HTTP side never imports the relay otherwise
+@web.middleware
+async def prefetch_touches(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """After a successful viewer GET naming a study, tell the prefetcher (it decides)."""
+    response = await handler(request)
+    prefetcher = request.app.get(PREFETCHER)
+    if prefetcher is not None and request.method == "GET" and response.status < 400:
+        store = request.app[STORE].sync
+        touched = touch_of(request.path, request.query, store.peek_orthanc_id, store.peek)
+        if touched is not None:
+            prefetcher.touch(*touched)
+    return response
 
+
+async def _prefetch_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    prefetcher = Prefetcher(settings.prefetch, app[FETCHER], app[STORE], app[METRICS],
+                            settings.cache.max_size)
+    app[PREFETCHER] = prefetcher
+    prefetcher.start()
+    yield
+    await prefetcher.stop()
+
+
+async def _changes_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    cursor = settings.changes.cursor_file or settings.cache.directory / "changes-cursor.json"
+    watcher = ChangeWatcher(settings.changes, app[CLIENT], app[PREFETCHER], app[METRICS],
+                            cursor, app[STUDY_CHANGED])
+    app[CHANGES] = watcher
+    await watcher.start()
+    yield
+    await watcher.stop()
+
+
+async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     relay = Relay(settings.relay, app[METRICS])
     await relay.start()
+    app[status.RELAY] = relay
     yield
     await relay.stop(settings.server.shutdown_timeout)

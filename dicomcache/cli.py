@@ -140,11 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optional_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Subcommands owned by other modules register themselves."""
-    from . import wanem
+    from . import admin, prefetch_cli, wanem
     from .relay import cli as relay_cli
 
     wanem.add_cli(sub)
     relay_cli.add_cli(sub)
+    admin.add_cli(sub)
+    prefetch_cli.add_cli(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -66,6 +66,16 @@ class UpstreamSettings:
     backoff_base: float = 0.25
     backoff_max: float = 8.0
     max_connections: int = 32
+    #: Consecutive requests failing on every attempt for a link-level reason (timeout,
+    #: reset, refused, 502/503/504) that open the circuit breaker; 0 disables it.
+    breaker_failures: int = 3
+    #: While the circuit is open, ``GET /system`` is probed this often (seconds).
+    breaker_probe_interval: float = 5.0
+    #: Ask Orthanc for gzip: ``none``; ``json`` (dicomcache's own listings and lookups);
+    #: ``all`` (instances too: ~2x fewer bytes on the link for ~45 ms of Orthanc CPU per
+    #: 512 KiB; pays on links slower than Orthanc compresses).  Always verified after
+    #: decompression; a viewer's ``Accept-Encoding`` never decides.
+    compression: str = "json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +131,78 @@ class RelaySettings:
     destinations: tuple[DestinationSettings, ...] = ()
 
 
+PREFETCH_MODES = ("off", "series", "study")
+COMPRESSION = ("none", "json", "all")
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchSettings:
+    #: What a viewer's first touch of a study fetches ahead: nothing, the rest of the
+    #: series, or the series then the rest of the study.
+    mode: str = "study"
+    #: Upstream downloads prefetch may have in flight (a viewer's own downloads count
+    #: against it too and never wait).
+    parallel: int = 6
+    #: Share of ``cache.max_size`` the studies being viewed (touched within
+    #: ``active_seconds``) may fill before prefetch stops.
+    max_fraction: float = 0.8
+    #: How long a touched study counts as "being viewed".
+    active_seconds: float = 3600.0
+    #: Studies waiting for prefetch at most (older touches are dropped).
+    max_queued: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class PrewarmRule:
+    """A new stable study matching every given field is prefetched whole."""
+
+    modality: str | None = None
+    label: str | None = None
+    tag: str | None = None
+    value: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesSettings:
+    #: Follow Orthanc's ``/changes`` (invalidation hooks and pre-warming).
+    enabled: bool = False
+    poll_interval: float = 5.0
+    #: Changes read per request.
+    batch: int = 100
+    #: Where the last change seen is kept across restarts (default: in ``cache.directory``).
+    cursor_file: Path | None = None
+    prewarm: tuple[PrewarmRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DicomwebSettings:
+    """DICOMweb caching policy (see docs/dicomweb.md)."""
+
+    #: Seconds series/study metadata and instance lists stay fresh before revalidation.
+    metadata_fresh: float = 10.0
+    #: Seconds a QIDO-RS answer stays fresh (then asked again).
+    qido_fresh: float = 5.0
+    #: Seconds series/study rendered and thumbnail answers stay fresh.
+    rendered_fresh: float = 60.0
+    #: Longest a stale copy is served (marked ``Warning: 110``) while Orthanc is unreachable;
+    #: 0 never serves stale copies.
+    stale_if_error: float = 7 * 86400.0
+    #: Memory bound for cached metadata, QIDO, rendered answers and instance lists.
+    memory_size: int = 256 << 20
+    #: Instances fetched ahead while a series/study retrieve streams.
+    retrieve_concurrency: int = 8
+    #: Base URL written into links (``http://viewer-host:8080``); empty: from the request.
+    public_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CorsSettings:
+    #: Origins (``https://ohif.example.org``) allowed to read answers; ``"*"`` any; empty none.
+    allowed_origins: tuple[str, ...] = ()
+    #: Seconds a browser may keep a preflight answer.
+    max_age: int = 600
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = ServerSettings()
@@ -128,6 +210,10 @@ class Settings:
     cache: CacheSettings = CacheSettings()
     access: AccessSettings = AccessSettings()
     relay: RelaySettings = RelaySettings()
+    prefetch: PrefetchSettings = PrefetchSettings()
+    changes: ChangesSettings = ChangesSettings()
+    dicomweb: DicomwebSettings = DicomwebSettings()
+    cors: CorsSettings = CorsSettings()
     #: Where the file came from, for messages; ``None`` for built-in defaults.
     source: Path | None = None
 
@@ -239,6 +325,12 @@ def _upstream(sec: _Section, base: Path) -> UpstreamSettings:
     max_connections = sec.get("max_connections", int, 32)
     if max_connections < 1:
         sec.problem("max_connections", "must be at least 1")
+    compression = sec.get("compression", str, "json")
+    if compression not in COMPRESSION:
+        sec.problem("compression", f"must be one of {', '.join(COMPRESSION)}, not {compression!r}")
+    breaker_failures = sec.get("breaker_failures", int, 3)
+    if not 0 <= breaker_failures <= 1000:
+        sec.problem("breaker_failures", f"must be between 0 (off) and 1000, not {breaker_failures}")
     return UpstreamSettings(
         url=url,
         username=username,
@@ -249,6 +341,9 @@ def _upstream(sec: _Section, base: Path) -> UpstreamSettings:
         backoff_base=sec.positive("backoff_base", 0.25),
         backoff_max=sec.positive("backoff_max", 8.0),
         max_connections=max_connections,
+        breaker_failures=breaker_failures,
+        breaker_probe_interval=sec.positive("breaker_probe_interval", 5.0),
+        compression=compression,
     )
 
 
@@ -373,18 +468,121 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
     )
 
 
+def _prefetch(sec: _Section) -> PrefetchSettings:
+    mode = sec.get("mode", str, "study")
+    if mode not in PREFETCH_MODES:
+        sec.problem("mode", f"must be one of {', '.join(PREFETCH_MODES)}, not {mode!r}")
+    parallel = sec.get("parallel", int, 6)
+    if not 1 <= parallel <= 64:
+        sec.problem("parallel", f"must be between 1 and 64, not {parallel}")
+    max_fraction = sec.get("max_fraction", float, 0.8)
+    if not 0 < max_fraction <= 1:
+        sec.problem("max_fraction", f"must be > 0 and <= 1, not {max_fraction}")
+    max_queued = sec.get("max_queued", int, 32)
+    if max_queued < 1:
+        sec.problem("max_queued", "must be at least 1")
+    return PrefetchSettings(mode=mode, parallel=parallel, max_fraction=max_fraction,
+                            active_seconds=sec.positive("active_seconds", 3600.0),
+                            max_queued=max_queued)
+
+
+_RULE_KEYS = ("modality", "label", "tag", "value")
+
+
+def _changes(sec: _Section, base: Path) -> ChangesSettings:
+    batch = sec.get("batch", int, 100)
+    if not 1 <= batch <= 10000:
+        sec.problem("batch", f"must be between 1 and 10000, not {batch}")
+    cursor = sec.get("cursor_file", str, "")
+    rules: list[PrewarmRule] = []
+    for i, raw in enumerate(sec.get("prewarm", list, [])):
+        rsec = _Section(raw, f"{sec.prefix}.prewarm[{i}]", sec.problems)
+        fields = {k: rsec.get(k, str, "") or None for k in _RULE_KEYS}
+        rsec.finish()
+        if not any(fields.values()):
+            rsec.problems.append((rsec.prefix, "needs at least one of modality, label, tag"))
+        elif (fields["tag"] is None) != (fields["value"] is None):
+            rsec.problem("tag", "tag and value go together (e.g. tag = \"InstitutionName\", "
+                         "value = \"CLINIC A\")")
+        else:
+            rules.append(PrewarmRule(**fields))
+    return ChangesSettings(
+        enabled=sec.get("enabled", bool, False),
+        poll_interval=sec.positive("poll_interval", 5.0),
+        batch=batch,
+        cursor_file=base / cursor if cursor else None,
+        prewarm=tuple(rules))
+
+
+def _dicomweb(sec: _Section) -> DicomwebSettings:
+    stale = sec.get("stale_if_error", float, 7 * 86400.0)
+    if stale < 0:
+        sec.problem("stale_if_error", "must not be negative (0: never serve stale copies)")
+    raw = sec.get("memory_size", (str, int), "256MB")
+    try:
+        memory = parse_size(raw)
+    except ValueError as exc:
+        sec.problem("memory_size", str(exc))
+        memory = 256 << 20
+    else:
+        if memory < 1 << 20:
+            sec.problem("memory_size", f"{raw!r} is too small: at least 1MB")
+    concurrency = sec.get("retrieve_concurrency", int, 8)
+    if not 1 <= concurrency <= 64:
+        sec.problem("retrieve_concurrency", f"must be between 1 and 64, not {concurrency}")
+    public_url = sec.get("public_url", str, "") or None
+    if public_url is not None:
+        parts = urlsplit(public_url)
+        if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+                or parts.fragment or parts.username or not re.fullmatch(r"[\x21-\x7e]+", public_url)
+                or '"' in public_url or "\\" in public_url):
+            sec.problem("public_url", f"{public_url!r} is not an http(s) base URL such as "
+                                      "\"https://dicomcache.clinic.example:8080\"")
+        public_url = public_url.rstrip("/")
+    return DicomwebSettings(
+        metadata_fresh=sec.positive("metadata_fresh", 10.0),
+        qido_fresh=sec.positive("qido_fresh", 5.0),
+        rendered_fresh=sec.positive("rendered_fresh", 60.0),
+        stale_if_error=stale,
+        memory_size=memory,
+        retrieve_concurrency=concurrency,
+        public_url=public_url,
+    )
+
+
+def _cors(sec: _Section) -> CorsSettings:
+    origins = sec.str_list("allowed_origins")
+    for origin in origins:
+        parts = urlsplit(origin)
+        if origin != "*" and (parts.scheme not in ("http", "https") or not parts.hostname
+                              or parts.path or parts.query or parts.fragment
+                              or origin != origin.strip()):
+            sec.problem("allowed_origins", f"{origin!r} is not an origin such as "
+                                           "\"https://ohif.example.org\" (scheme, host, port; "
+                                           "no path) or \"*\"")
+    max_age = sec.get("max_age", int, 600)
+    if not 0 <= max_age <= 86400:
+        sec.problem("max_age", f"must be between 0 and 86400, not {max_age}")
+    return CorsSettings(allowed_origins=tuple(o.rstrip("/") for o in origins), max_age=max_age)
+
+
 def from_dict(data: dict[str, Any], *, base: Path = Path("."), source: Path | None = None) -> Settings:
     """Build :class:`Settings` from parsed TOML; relative paths are taken from ``base``."""
     problems: list[tuple[str, str]] = []
     top = _Section(data, "", problems)
     secs = {name: _Section(top.get(name, dict, {}), name, problems)
-            for name in ("server", "upstream", "cache", "access", "relay")}
+            for name in ("server", "upstream", "cache", "access", "relay", "prefetch",
+                         "changes", "dicomweb", "cors")}
     settings = Settings(
         server=_server(secs["server"]),
         upstream=_upstream(secs["upstream"], base),
         cache=_cache(secs["cache"], base),
         access=_access(secs["access"]),
         relay=_relay(secs["relay"], base),
+        prefetch=_prefetch(secs["prefetch"]),
+        changes=_changes(secs["changes"], base),
+        dicomweb=_dicomweb(secs["dicomweb"]),
+        cors=_cors(secs["cors"]),
         source=source,
     )
     for sec in (*secs.values(), top):

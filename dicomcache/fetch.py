@@ -6,18 +6,25 @@ to first).  Each attempt downloads the body and Orthanc's stored MD5 in
 parallel, verifies length, MD5 and a full DICOM parse in a worker thread, and
 only then commits it to the store.  A body that fails is dropped and retried;
 after the last retry the caller gets an :class:`UpstreamError`.
+
+Downloads go through a :class:`PriorityLimiter`: a viewer's download starts at
+once, a prefetch download only while fewer than ``capacity`` downloads are in
+flight, so prefetch fills the link's idle capacity and never makes a viewer
+wait.  A viewer asking for an instance whose prefetch is still queued lifts it
+to viewer priority.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import IntegrityError, NotFoundUpstream, StoreFull, UpstreamError
+from .errors import IntegrityError, NotFoundUpstream, UpstreamError
 from .metrics import Metrics
 from .store import AsyncStore, Entry
 from .upstream import OrthancClient
@@ -25,6 +32,8 @@ from .verify import DicomSummary, md5_hex, verify_bytes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: Per-request override of the client's ``Accept-Encoding: identity`` (``upstream.compression``).
+GZIP = {"Accept-Encoding": "gzip"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +58,43 @@ class Fetched:
                    data)
 
 
+class PriorityLimiter:
+    """Downloads in flight: urgent (viewer) ones never wait; others wait for a free slot."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.active = 0
+        self.waiting = 0
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, urgent: Callable[[], bool]) -> AsyncIterator[None]:
+        """Hold a slot; ``urgent()`` is re-checked while waiting (priority can be raised)."""
+        if not urgent() and self.active >= self.capacity:
+            self.waiting += 1
+            try:
+                async with self._cond:
+                    await self._cond.wait_for(lambda: urgent() or self.active < self.capacity)
+            finally:
+                self.waiting -= 1
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self.wake()
+
+    def wake(self) -> None:
+        """Re-evaluate waiters (a slot freed, or a waiter became urgent)."""
+        if not self.waiting:
+            return
+
+        async def notify() -> None:
+            async with self._cond:
+                self._cond.notify_all()
+        asyncio.get_running_loop().create_task(notify())
+
+
 class Fetcher:
     """Turns misses into verified, stored instances; see the module docstring."""
 
@@ -57,6 +103,10 @@ class Fetcher:
         self.store = store
         self.metrics = metrics
         self._inflight: dict[str, asyncio.Future[Any]] = {}
+        #: Single-flight keys some viewer is waiting for (downloaded at viewer priority).
+        self._urgent: set[str] = set()
+        #: Shared by viewer and prefetch downloads; the prefetcher sets the capacity.
+        self.limiter = PriorityLimiter(client.settings.max_connections)
 
     async def instance(self, orthanc_id: str) -> Entry | Fetched:
         """The verified instance: from the store, or downloaded (once, however many ask)."""
@@ -72,9 +122,13 @@ class Fetcher:
             return entry
         return await self.instance(await self.resolve_sop(sop_uid))
 
-    async def by_orthanc_id(self, orthanc_id: str) -> Entry | Fetched:
-        """Download and verify, unless a download of this instance is already in flight."""
-        return await self._single_flight(orthanc_id, lambda: self._download(orthanc_id))
+    async def by_orthanc_id(self, orthanc_id: str, *, viewer: bool = True) -> Entry | Fetched:
+        """Download and verify, unless a download of this instance is already in flight.
+
+        ``viewer=False`` (prefetch) waits for a free slot in :attr:`limiter`.
+        """
+        return await self._single_flight(orthanc_id, lambda: self._download(orthanc_id),
+                                         viewer=viewer)
 
     async def resolve_sop(self, sop_uid: str) -> str:
         """Orthanc instance ID for a SOPInstanceUID: learned before, else ``/tools/lookup``."""
@@ -90,8 +144,13 @@ class Fetcher:
         await self.store.learn(found, sop_uid)
         return found
 
-    async def _single_flight(self, key: str, start: Callable[[], Awaitable[T]]) -> T:
+    async def _single_flight(self, key: str, start: Callable[[], Awaitable[T]], *,
+                             viewer: bool = True) -> T:
         task = self._inflight.get(key)
+        if viewer and key not in self._urgent:
+            self._urgent.add(key)
+            if task is not None:  # a queued prefetch of it: now a viewer waits for it
+                self.limiter.wake()
         if task is not None:
             self.metrics.coalesced.inc()
         else:
@@ -99,7 +158,13 @@ class Fetcher:
             # download the other waiters (and the cache) depend on.
             task = asyncio.ensure_future(start())
             self._inflight[key] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+
+            def done(t: asyncio.Future[Any]) -> None:
+                self._inflight.pop(key, None)
+                self._urgent.discard(key)
+                if not t.cancelled():
+                    t.exception()  # retrieved: every waiter may have gone (hung up, cancelled)
+            task.add_done_callback(done)
         result: T = await asyncio.shield(task)
         return result
 
@@ -108,20 +173,21 @@ class Fetcher:
         entry = await self.store.get_by_orthanc_id(orthanc_id)
         if entry is not None:
             return entry
-        summary, md5, data = await self.client.retrying(
-            lambda attempt: self._attempt(orthanc_id),
-            what=f"instance {orthanc_id}")
+        async with self.limiter.slot(lambda: orthanc_id in self._urgent):
+            entry = await self.store.get_by_orthanc_id(orthanc_id)  # waited: maybe there now
+            if entry is not None:
+                return entry
+            summary, md5, data = await self.client.retrying(
+                lambda attempt: self._attempt(orthanc_id),
+                what=f"instance {orthanc_id}")
         self.metrics.fetched_bytes.inc(len(data))
         try:
             entry = await self.store.commit_bytes(data, summary, md5, orthanc_id)
-        except StoreFull as exc:
+        except OSError as exc:  # StoreFull included
             # The viewer still gets its verified image; only caching is lost.
             log.error("cannot cache instance %s: %s; serving it uncached", orthanc_id, exc)
             return Fetched.of(summary, md5, orthanc_id, data)
-        except OSError as exc:
-            log.error("cannot cache instance %s: %s; serving it uncached", orthanc_id, exc)
-            return Fetched.of(summary, md5, orthanc_id, data)
-        if not entry.path.exists():  # evicted at once: bigger than the whole cache
+        if entry is None:  # evicted at once: bigger than the whole cache
             return Fetched.of(summary, md5, orthanc_id, data)
         return entry
 
@@ -129,7 +195,8 @@ class Fetcher:
         md5_task = asyncio.create_task(self.client.instance_md5(orthanc_id))
         try:
             headers, body = await self.client.get(
-                f"/instances/{orthanc_id}/file", kind="instance")
+                f"/instances/{orthanc_id}/file", kind="instance",
+                headers=GZIP if self.client.settings.compression == "all" else None)
             expected_md5 = await md5_task
         finally:
             md5_task.cancel()

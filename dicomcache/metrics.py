@@ -7,10 +7,21 @@ and lets one process hold several apps.  Names follow Prometheus conventions:
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from aiohttp.typedefs import Handler
+
+from . import __version__
+
+# State changes are logged where they are recorded (here), so the upstream
+# client, the readiness probe and the health loop log them the same way, once.
+_upstream_log = logging.getLogger("dicomcache.upstream")
 
 # Hits are sub-millisecond, misses over a WAN take seconds: cover both.
 _LATENCY_BUCKETS = (
@@ -22,6 +33,34 @@ FAILURE_CAUSES = (
     "timeout", "reset", "connect", "short_body", "length_mismatch", "md5_mismatch",
     "parse_failure", "http_5xx", "http_429",
 )
+#: The ``cause`` labels of verification failures (a subset of ``FAILURE_CAUSES``).
+INTEGRITY_CAUSES = ("short_body", "length_mismatch", "md5_mismatch", "parse_failure")
+#: API families whose instance requests are served from the store.
+INSTANCE_FAMILIES = ("orthanc", "wado_uri", "dicomweb")
+#: How many recent integrity failures the status page shows.
+RECENT_FAILURES = 20
+
+
+def link_down(cause: str, status: int | None = None) -> bool:
+    """Whether a failure says Orthanc is unreachable or unusable, not that one resource is bad.
+
+    A 500 for one resource (e.g. a transcoding Orthanc cannot do) or a corrupt
+    body says nothing about the link; timeouts, resets, refused connections,
+    gateway errors and refused credentials do.
+    """
+    return cause in ("timeout", "reset", "connect", "auth") or (
+        cause == "http_5xx" and status in (502, 503, 504))
+
+
+@dataclass(frozen=True, slots=True)
+class IntegrityEvent:
+    """One body rejected by verification, for the status page."""
+
+    time: float
+    cause: str
+    #: What was being fetched, e.g. ``instance 079d74f5-…``.
+    instance: str
+    reason: str
 
 
 class Metrics:
@@ -75,7 +114,9 @@ class Metrics:
             "Downloaded instances rejected by verification (each one a buffer overrun "
             "or wrong image prevented), by cause.", ["cause"], registry=r)
         self.upstream_up = Gauge(
-            "dicomcache_upstream_up", "1 when the last request to Orthanc succeeded.",
+            "dicomcache_upstream_up",
+            "1 when Orthanc is reachable; 0 after a request failed on every attempt for a "
+            "link-level reason (timeout, reset, refused, 502/503/504, credentials).",
             registry=r)
         self.prefetch_queue = Gauge(
             "dicomcache_prefetch_queue_depth", "Instances waiting to be prefetched.", registry=r)
@@ -124,6 +165,57 @@ class Metrics:
         self.relay_spooled = Gauge(
             "dicomcache_relay_spool_instances",
             "Instances in the spool not yet delivered to every destination.", registry=r)
+
+        # --- process --------------------------------------------------------------
+        self.build_info = Gauge(
+            "dicomcache_build_info", "Always 1; the version is a label.", ["version"],
+            registry=r)
+        self.build_info.labels(__version__).set(1)
+        self.start_time = Gauge(
+            "dicomcache_start_time_seconds", "When this process started (Unix time).",
+            registry=r)
+        self.start_time.set(time.time())
+        ProcessCollector(registry=r)  # process_* (memory, CPU, open fds) on Linux
+        # Children for every known label value exist from the start, so rate() and
+        # dashboards see 0 instead of "no data" until the first event.
+        for family in INSTANCE_FAMILIES:
+            self.cache_hits.labels(family)
+            self.cache_misses.labels(family)
+        for cause in FAILURE_CAUSES:
+            self.upstream_failures.labels(cause)
+            self.upstream_retries.labels(cause)
+        for cause in INTEGRITY_CAUSES:
+            self.integrity_failures.labels(cause)
+        # --- state for the status page (not exported) ------------------------------
+        self.recent_integrity: deque[IntegrityEvent] = deque(maxlen=RECENT_FAILURES)
+        #: ``None`` until the first answer (or failure) from Orthanc.
+        self.upstream_state: bool | None = None
+        self.upstream_since: float | None = None
+        self.upstream_checked: float | None = None
+        self.upstream_detail = ""
+
+    def note_integrity_failure(self, cause: str, instance: str, reason: str) -> None:
+        """Count a body rejected by verification and keep it for the status page."""
+        self.integrity_failures.labels(cause).inc()
+        self.recent_integrity.append(IntegrityEvent(time.time(), cause, instance, reason))
+
+    def note_upstream(self, up: bool, where: str, detail: str = "") -> bool:
+        """Record whether Orthanc is reachable; logs (once) and returns True on a change."""
+        now = time.time()
+        self.upstream_up.set(1 if up else 0)
+        self.upstream_checked = now
+        if not up:
+            self.upstream_detail = detail
+        if self.upstream_state is up:
+            return False
+        previous, self.upstream_state, self.upstream_since = self.upstream_state, up, now
+        if not up:
+            _upstream_log.error("upstream %s is DOWN: %s", where, detail)
+        elif previous is None:
+            _upstream_log.info("upstream %s is reachable", where)
+        else:
+            _upstream_log.warning("upstream %s is UP again", where)
+        return True
 
     def handler(self) -> Handler:
         """An aiohttp handler exposing this registry (prometheus-client's own)."""

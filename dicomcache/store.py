@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -50,6 +51,18 @@ log = logging.getLogger(__name__)
 
 #: diskcache's MODE_RAW: the sqlite ``value`` column holds our JSON metadata as text.
 _MODE_RAW = 1
+
+# Studies eviction must skip live in a table of the index's own sqlite file,
+# so a pin made by the CLI is seen at once by a running daemon.
+_CREATE_PINNED = ("CREATE TABLE IF NOT EXISTS Pinned "
+                  "(study_uid TEXT PRIMARY KEY, pinned_at REAL NOT NULL)")
+_STUDY_OF_ROW = ("CASE WHEN Cache.mode = 1 AND json_valid(Cache.value) "
+                 "THEN json_extract(Cache.value, '$.study_uid') END")
+#: The least recently used entry not in a pinned study (diskcache's LRU order).
+_SELECT_EVICTABLE = (
+    "SELECT rowid, filename FROM Cache WHERE NOT EXISTS "
+    f"(SELECT 1 FROM Pinned WHERE Pinned.study_uid = {_STUDY_OF_ROW}) "
+    "ORDER BY access_time LIMIT 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,20 +84,16 @@ class Entry:
         return f'"{self.md5}"'
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Pending:
-    """What :meth:`Store.commit` hands to diskcache: a synced temp file and its metadata.
+    """What :meth:`Store.commit` hands to diskcache: a file already in ``objects/``."""
 
-    ``file`` is filled in by :class:`_AdoptingDisk` with the name it chose.
-    """
-
-    temp: Path
+    file: str
     meta: dict[str, Any]
-    file: str | None = None
 
 
 class _AdoptingDisk(diskcache.Disk):  # type: ignore[misc]
-    """A diskcache ``Disk`` that renames our verified temp file into place.
+    """A diskcache ``Disk`` that adopts our verified file instead of writing one.
 
     diskcache would otherwise copy the value into a file of its own; adopting
     the file keeps the write single and lets diskcache's eviction and deletion
@@ -94,18 +103,10 @@ class _AdoptingDisk(diskcache.Disk):  # type: ignore[misc]
     def store(self, value: Any, read: bool, key: Any = None) -> tuple[int, int, str | None, Any]:
         if not isinstance(value, _Pending):
             return super().store(value, read, key=key)  # type: ignore[no-any-return]
-        # A random suffix: a re-commit of the same key must not reuse the old
-        # name, which diskcache deletes after replacing the row.
-        name = f"{value.meta['sop_uid']}.{secrets.token_hex(4)}.dcm"
-        sub = secrets.token_hex(1)
-        rel = os.path.join("objects", sub, name)
-        full = os.path.join(self._directory, rel)
-        os.makedirs(os.path.dirname(full), exist_ok=True)
-        os.rename(value.temp, full)
-        _fsync_dir(os.path.dirname(full))
-        value.file = rel
-        meta = dict(value.meta, file=rel)
-        return int(meta["size"]), _MODE_RAW, rel, json.dumps(meta, separators=(",", ":"))
+        # The file is already in place (Store.commit renamed and synced it):
+        # the row only records its name, size and metadata.
+        meta = dict(value.meta, file=value.file)
+        return int(meta["size"]), _MODE_RAW, value.file, json.dumps(meta, separators=(",", ":"))
 
     def remove(self, file_path: str) -> None:
         super().remove(file_path)
@@ -156,6 +157,7 @@ class Store:
         self._hot_oid: dict[str, str] = {}
         self._file_to_sop: dict[str, str] = {}
         self._touched: dict[str, None] = {}
+        self._init_pins()
 
     # --- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
@@ -225,30 +227,59 @@ class Store:
             "orthanc_id": orthanc_id,
             "stored_at": time.time(),
         }
+        # A random suffix: a re-commit of the same key must not reuse the old
+        # name, which diskcache deletes after replacing the row.
+        rel = os.path.join("objects", secrets.token_hex(1),
+                           f"{summary.sop_instance_uid}.{secrets.token_hex(4)}.dcm")
+        full = self.directory / rel
+        try:
+            full.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(temp, full)
+            # The rename must be durable before the index row that points at it.
+            _fsync_dir(full.parent)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(exc.errno, f"cache disk full: {exc.strerror}") from exc
+            raise
+        # Only the index update and eviction are serialised; the renames and
+        # fsyncs above run in parallel across worker threads.
         with self._commit_lock:
-            pending = _Pending(temp, meta)
             try:
-                self._index.set(summary.sop_instance_uid, pending, retry=True)
-            except OSError as exc:
-                temp.unlink(missing_ok=True)
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise StoreFull(exc.errno, f"cache disk full: {exc.strerror}") from exc
-                raise
+                self._index.set(summary.sop_instance_uid, _Pending(rel, meta), retry=True)
+            except sqlite3.OperationalError as exc:  # "database or disk is full"
+                full.unlink(missing_ok=True)
+                raise StoreFull(errno.ENOSPC, f"cache index cannot grow: {exc}") from exc
             self.evictions += self._evict_to_bound()
         if orthanc_id:
             self.learn(orthanc_id, summary.sop_instance_uid)
-        entry = self._entry(dict(meta, file=pending.file))
-        self._remember(entry, pending.file)
+        entry = self._entry(dict(meta, file=rel))
+        self._remember(entry, rel)
         return entry
 
     def _evict_to_bound(self) -> int:
-        """Evict least-recently-used entries, one at a time, until under ``max_size``."""
+        """Evict least-recently-used entries, one at a time, until under ``max_size``.
+
+        Entries of pinned studies are skipped; if only they are left, the store
+        stays over the bound (and says so in the log, at most every 5 minutes).
+        """
         index = self._index
         evicted = 0
         while index.volume() > self.max_size and len(index) > 1:
-            # diskcache's own policy query and file cleanup, limited to one row.
+            # diskcache's LRU order (access_time) and its file cleanup, one row at a
+            # time, with pinned studies left out of the choice.
             with index._transact(retry=True) as (sql, cleanup):
-                index._cull(time.time(), sql, cleanup, limit=1)
+                row = sql(_SELECT_EVICTABLE).fetchone()
+                if row is not None:
+                    sql("DELETE FROM Cache WHERE rowid = ?", (row[0],))
+                    cleanup(row[1])
+            if row is None:
+                if time.monotonic() - self._pinned_warned > 300:
+                    self._pinned_warned = time.monotonic()
+                    log.warning("cache is over max_size but every remaining entry belongs "
+                                "to a pinned study; unpin some (dicomcache unpin) or raise "
+                                "cache.max_size")
+                break
             evicted += 1
         return evicted
 
@@ -334,8 +365,12 @@ class Store:
         return value if isinstance(value, str) else None
 
     def learn(self, orthanc_id: str, sop_uid: str) -> None:
-        self._aliases.set(("oid", orthanc_id), sop_uid)
-        self._aliases.set(("sop", sop_uid), orthanc_id)
+        """Record that an Orthanc instance ID and a SOPInstanceUID name one instance."""
+        if self.resolve(orthanc_id) == sop_uid:
+            return  # already known: no write transaction
+        with self._aliases.transact(retry=True):  # one transaction for both directions
+            self._aliases.set(("oid", orthanc_id), sop_uid)
+            self._aliases.set(("sop", sop_uid), orthanc_id)
 
     def orthanc_id_of(self, sop_uid: str) -> str | None:
         value = self._aliases.get(("sop", sop_uid))
@@ -349,6 +384,103 @@ class Store:
     def entries(self) -> Iterator[Entry]:
         for raw in self._raw_values():
             yield self._entry(json.loads(raw))
+
+    # --- administration: pins, purge, quarantine (CLI and status page) ---------------
+    _pinned_warned = -1e9
+
+    def _init_pins(self) -> None:
+        self._index._sql(_CREATE_PINNED)
+
+    def pin(self, study_uid: str) -> bool:
+        """Keep a study's entries (present and future) out of eviction; False if already pinned."""
+        with self._index._transact(retry=True) as (sql, _cleanup):
+            cur = sql("INSERT OR IGNORE INTO Pinned (study_uid, pinned_at) VALUES (?, ?)",
+                      (study_uid, time.time()))
+            return bool(cur.rowcount)
+
+    def unpin(self, study_uid: str) -> bool:
+        """Make a study evictable again; False if it was not pinned."""
+        with self._index._transact(retry=True) as (sql, _cleanup):
+            return bool(sql("DELETE FROM Pinned WHERE study_uid = ?", (study_uid,)).rowcount)
+
+    def pinned(self) -> dict[str, float]:
+        """Pinned StudyInstanceUIDs and when each was pinned."""
+        rows = self._index._sql("SELECT study_uid, pinned_at FROM Pinned ORDER BY pinned_at")
+        return {str(uid): float(at) for uid, at in rows.fetchall()}
+
+    def listing(self) -> Iterator[tuple[Entry, float]]:
+        """Every entry with its last use (Unix time; what LRU eviction orders by)."""
+        rows = self._index._sql(
+            "SELECT value, access_time FROM Cache WHERE mode = ?", (_MODE_RAW,)).fetchall()
+        for value, access_time in rows:
+            if isinstance(value, str):
+                yield self._entry(json.loads(value)), float(access_time)
+
+    def remove_entries(self, entries: list[Entry]) -> tuple[int, int]:
+        """Delete these entries and their files; returns (entries, bytes) removed.
+
+        Only the row still pointing at the same file is deleted, so an entry
+        re-committed meanwhile (by a running daemon) is left alone.
+        """
+        removed = nbytes = 0
+        for start in range(0, len(entries), 256):  # bounded transactions
+            with self._index._transact(retry=True) as (sql, cleanup):
+                for entry in entries[start:start + 256]:
+                    rel = self._rel(entry)
+                    if sql("DELETE FROM Cache WHERE filename = ?", (rel,)).rowcount:
+                        cleanup(rel)
+                        removed += 1
+                        nbytes += entry.size
+                    self._drop_hot(entry, rel)
+        return removed, nbytes
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.directory / "quarantine"
+
+    def quarantine(self, entry: Entry, cause: str, reason: str) -> Path | None:
+        """Move a bad entry's file to ``quarantine/`` with a JSON note, and drop its row.
+
+        Returns the quarantined file, or ``None`` if the file was already gone.
+        """
+        rel = self._rel(entry)
+        self.quarantine_dir.mkdir(exist_ok=True)
+        dest = self.quarantine_dir / entry.path.name
+        try:
+            os.rename(entry.path, dest)  # same file system: atomic, no copy
+        except FileNotFoundError:
+            moved = None
+        else:
+            moved = dest
+            note = dict(entry_as_dict(entry), path=str(dest), cause=cause, reason=reason,
+                        quarantined_at=time.time())
+            dest.with_suffix(".json").write_text(json.dumps(note, indent=1) + "\n")
+        with self._index._transact(retry=True) as (sql, _cleanup):
+            sql("DELETE FROM Cache WHERE filename = ?", (rel,))
+        self._drop_hot(entry, rel)
+        return moved
+
+    def check(self) -> dict[str, int]:
+        """Prove the store usable: the index answers and ``tmp/`` takes a synced write.
+
+        Raises ``OSError`` or ``sqlite3.Error`` when it is not.  Returns the
+        stats plus the free bytes of the cache's file system.
+        """
+        stats = self.stats()
+        probe = self.write_temp(b"ready")
+        probe.unlink()
+        fs = os.statvfs(self.directory)
+        return dict(stats, free_bytes=fs.f_bavail * fs.f_frsize)
+
+    def _rel(self, entry: Entry) -> str:
+        return str(entry.path.relative_to(self.directory))
+
+    def _drop_hot(self, entry: Entry, rel: str) -> None:
+        self._hot.pop(entry.sop_uid, None)
+        self._file_to_sop.pop(rel, None)
+        self._touched.pop(entry.sop_uid, None)
+        if entry.orthanc_id:
+            self._hot_oid.pop(entry.orthanc_id, None)
 
 
 class AsyncStore:
@@ -377,15 +509,26 @@ class AsyncStore:
         await asyncio.to_thread(self.sync.learn, orthanc_id, sop_uid)
 
     async def commit_bytes(self, data: bytes, summary: DicomSummary, md5: str,
-                           orthanc_id: str | None) -> Entry:
-        """Write, fsync, rename and index a verified body (one thread hop)."""
-        def work() -> Entry:
+                           orthanc_id: str | None) -> Entry | None:
+        """Write, fsync, rename and index a verified body (one thread hop).
+
+        ``None`` when the entry was evicted at once (bigger than the whole cache);
+        :class:`StoreFull` (an ``OSError``) when the disk is full.
+        """
+        def work() -> Entry | None:
             temp = self.sync.write_temp(data)
-            return self.sync.commit(temp, summary, md5, orthanc_id)
+            entry = self.sync.commit(temp, summary, md5, orthanc_id)
+            return entry if entry.path.exists() else None
         return await asyncio.to_thread(work)
 
     async def stats(self) -> dict[str, int]:
         return await asyncio.to_thread(self.sync.stats)
+
+    async def check(self) -> dict[str, int]:
+        return await asyncio.to_thread(self.sync.check)
+
+    async def pinned(self) -> dict[str, float]:
+        return await asyncio.to_thread(self.sync.pinned)
 
 
 def entry_as_dict(entry: Entry) -> dict[str, Any]:

@@ -27,9 +27,10 @@ from typing import TypeVar
 import aiohttp
 from multidict import CIMultiDict
 
+from .breaker import CircuitBreaker
 from .config import UpstreamSettings
 from .errors import IntegrityError, NotFoundUpstream, UpstreamError, UpstreamTimeout
-from .metrics import Metrics
+from .metrics import Metrics, link_down
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,9 +72,24 @@ class OrthancClient:
             raise_for_status=False,
         )
         self._rng = random.Random()
+        # Opens after repeated link-level failures; ``retrying`` then fails fast.
+        self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_probe_interval,
+                                      self.probe, metrics, self.base)
 
     async def close(self) -> None:
+        await self.breaker.close()
         await self.session.close()
+
+    async def probe(self) -> bool:
+        """One cheap ``GET /system``: True when Orthanc answers at all."""
+        try:
+            async with asyncio.timeout(min(self.settings.connect_timeout, 10.0) + 5.0):
+                await self.get("/system", kind="probe")
+        except NotFoundUpstream:
+            return True
+        except (UpstreamError, TimeoutError):
+            return False
+        return True
 
     # --- retries -------------------------------------------------------------------------
     def backoff(self, attempt: int, retry_after: float | None = None) -> float:
@@ -95,16 +111,23 @@ class OrthancClient:
         """
         attempts = self.settings.retries + 1
         for attempt in range(1, attempts + 1):
+            self.breaker.check(what)  # open circuit: fail fast, even between retries
             try:
                 result = await op(attempt)
+            except NotFoundUpstream:
+                self.breaker.success()  # Orthanc answered: the link works
+                raise
             except (UpstreamError, IntegrityError) as exc:
                 cause = exc.cause
                 self.metrics.upstream_failures.labels(cause).inc()
                 if isinstance(exc, IntegrityError):
-                    self.metrics.integrity_failures.labels(cause).inc()
-                self.metrics.upstream_up.set(0 if isinstance(exc, UpstreamError) else 1)
+                    self.metrics.note_integrity_failure(cause, what, exc.reason)
                 if attempt == attempts or cause in FINAL_CAUSES:
                     log.warning("%s failed after %d attempt(s): %s", what, attempt, exc)
+                    if link_down(cause, getattr(exc, "status", None)):
+                        self.metrics.note_upstream(False, self.base, str(exc))
+                        if cause != "auth":  # refused credentials are not a dead link
+                            self.breaker.failure(str(exc))
                     kind = UpstreamTimeout if cause == "timeout" else UpstreamError
                     raise kind(cause, exc.reason, attempts=attempt,
                                status=getattr(exc, "status", None)) from exc
@@ -113,7 +136,8 @@ class OrthancClient:
                 self.metrics.upstream_retries.labels(cause).inc()
                 await asyncio.sleep(delay)
             else:
-                self.metrics.upstream_up.set(1)
+                self.metrics.note_upstream(True, self.base)
+                self.breaker.success()
                 return result
         raise AssertionError("unreachable")
 
@@ -162,7 +186,10 @@ class OrthancClient:
             return None
         text = data.decode("ascii", "replace").strip().strip('"').lower()
         if len(text) != 32 or any(c not in "0123456789abcdef" for c in text):
-            return None
+            # A damaged answer is not "no MD5": trusting the parse alone would let
+            # corrupted pixels through.  Retried like any integrity failure.
+            raise IntegrityError("md5_mismatch", f"Orthanc's MD5 answer for {orthanc_id} "
+                                 f"is malformed: {text[:40]!r}")
         return text
 
     async def lookup_instance(self, sop_uid: str) -> str | None:

@@ -115,6 +115,9 @@ def make_settings(tmp_path: Path, orthanc: OrthancProcess) -> SettingsFactory:
                          "read_timeout": 5, "retries": 3, "backoff_base": 0.01,
                          "backoff_max": 0.05},
             "cache": {"directory": str(tmp_path / "cache"), "max_size": "1GB"},
+            # Background prefetch would add upstream requests that tests count;
+            # the prefetch tests turn it on themselves.
+            "prefetch": {"mode": "off"},
         }
         for name, values in sections.items():
             data.setdefault(name, {}).update(values)

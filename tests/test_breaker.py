@@ -25,6 +25,9 @@ from dicomcache.wanem import LinkProfile, WanEmulator
 from tests.conftest import Sample, SettingsFactory
 
 
+pytestmark = pytest.mark.usefixtures("no_blocking")
+
+
 @pytest.fixture
 async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
     async with WanEmulator("127.0.0.1", orthanc.http_port, LinkProfile()) as emulator:
@@ -58,7 +61,7 @@ async def test_open_fail_fast_serve_cached_then_recover(
         resp = await client.get(f"/instances/{s.orthanc_id}/file")
         assert resp.status == 502, await resp.text()
     assert breaker.state == "open"
-    assert client.app[METRICS].circuit_open._value.get() == 1
+    assert client.app[METRICS].upstream_up._value.get() == 0
 
     # Misses now fail fast, without going near the link.
     before = sum(wan.requests.values()), wan.stats.connections
@@ -84,7 +87,8 @@ async def test_open_fail_fast_serve_cached_then_recover(
     assert wan.requests["/system"] >= 1
     resp = await client.get(f"/instances/{others[3].orthanc_id}/file")
     assert resp.status == 200 and await resp.read() == others[3].data
-    assert client.app[METRICS].circuit_opened._value.get() == 1
+    assert breaker.opened_count == 1 and breaker.rejected_count == 2
+    assert client.app[METRICS].upstream_up._value.get() == 1
 
 
 async def test_retries_stop_when_the_circuit_opens(

@@ -176,3 +176,15 @@ async def test_full_disk_still_serves_the_verified_instance(
         assert resp.headers["ETag"] == f'"{hashlib.md5(s.data).hexdigest()}"'
     assert wan.requests[f"/instances/{s.orthanc_id}/file"] == 2
     assert "cache disk full" in caplog.text
+
+
+async def test_corrupted_md5_answer_is_not_taken_for_no_md5(
+        client: TestClient, wan: WanEmulator, ct_series: list[Sample]) -> None:
+    """Corruption of both the body and Orthanc's MD5 answer must not pass as 'no MD5'."""
+    wan.set_profile(LinkProfile(corrupt=1.0, fault_paths=r"/file$|/md5$", seed=5))
+    s = ct_series[8]
+    resp = await client.get(f"/instances/{s.orthanc_id}/file")
+    assert resp.status == 502
+    wan.set_profile(LinkProfile())
+    resp = await client.get(f"/instances/{s.orthanc_id}/file")
+    assert resp.status == 200 and await resp.read() == s.data

@@ -56,7 +56,8 @@ async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator) -> TestClient:
+async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+                 no_blocking: None) -> TestClient:
     return await aiohttp_client(make_app(make_settings(url=f"http://127.0.0.1:{wan.port}")))
 
 
@@ -108,8 +109,9 @@ async def test_counters_move_by_exactly_the_traffic(client: TestClient, wan: Wan
     assert delta(hist, family="orthanc", outcome="miss") == 7
     assert delta(hist, family="orthanc", outcome="error") == 3
     assert delta(hist, family="wado_uri", outcome="hit") == 1
-    assert delta("dicomcache_upstream_fetched_bytes_total") == len(a.data) + len(b.data) + len(c.data)
-    assert delta("dicomcache_served_bytes_total") == 3 * len(a.data) + 5 * len(b.data) + len(c.data)
+    sizes = [len(a.data), len(b.data), len(c.data)]
+    assert delta("dicomcache_upstream_fetched_bytes_total") == sum(sizes)
+    assert delta("dicomcache_served_bytes_total") == 3 * sizes[0] + 5 * sizes[1] + sizes[2]
     # Verification caught both body faults (the MD5 is checked before the parse).
     assert delta("dicomcache_integrity_failures_total", cause="md5_mismatch") == 8
     assert delta("dicomcache_integrity_failures_total") == 8
@@ -130,7 +132,7 @@ async def test_counters_move_by_exactly_the_traffic(client: TestClient, wan: Wan
             break
         await asyncio.sleep(0.1)
     assert after.get("dicomcache_cache_entries") == 3
-    assert after.get("dicomcache_cache_size_bytes") >= len(a.data) + len(b.data) + len(c.data)
+    assert after.get("dicomcache_cache_size_bytes") >= sum(sizes)
     assert after.get("dicomcache_cache_max_bytes") == 1 << 30
 
 

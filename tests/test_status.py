@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import shutil
+import signal
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
 from dicomcache.app import make_app
 from dicomcache.orthanc import OrthancProcess, free_port
+import dicomcache.relay.service  # noqa: F401 - imported here, not lazily on the loop
 from dicomcache import status
 from dicomcache.routes.common import METRICS, STORE
 from dicomcache.status import RELAY, render
@@ -32,7 +37,8 @@ async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator) -> TestClient:
+async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+                 no_blocking: None) -> TestClient:
     return await aiohttp_client(make_app(make_settings(url=f"http://127.0.0.1:{wan.port}")))
 
 
@@ -166,7 +172,8 @@ def test_render_escapes_and_shows_learned_strategies() -> None:
     assert "CT Image Storage" in page and "(sending)" in page
 
 
-async def test_metrics_on_their_own_port(aiohttp_client, make_settings: SettingsFactory) -> None:
+async def test_metrics_on_their_own_port(aiohttp_client, make_settings: SettingsFactory,
+                                        no_blocking: None) -> None:
     port = free_port()
     client = await aiohttp_client(make_app(make_settings(server={"metrics_port": port})))
     resp = await client.get("/metrics")
@@ -207,7 +214,7 @@ async def _chromium(*args: str, timeout: float = 90.0) -> bytes:
                     "(apt-get install chromium); the page is still tested as HTML above")
 async def test_status_page_in_headless_chromium(
         aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
-        ct_series: list[Sample], tmp_path: Path) -> None:
+        ct_series: list[Sample], tmp_path: Path, no_blocking: None) -> None:
     settings = make_settings(
         url=f"http://127.0.0.1:{wan.port}",
         relay={"enabled": True, "port": free_port(), "spool_directory": str(tmp_path / "spool"),
@@ -224,7 +231,8 @@ async def test_status_page_in_headless_chromium(
     wan.set_profile(LinkProfile())
     # What the relay learned about a peer is shown as soon as its state is refreshed.
     relay = client.app[RELAY]
-    relay.spool.update_destination(  # type: ignore[attr-defined]
+    await asyncio.to_thread(
+        relay.spool.update_destination,  # type: ignore[attr-defined]
         "pacs", configured_strategy="standard", learned_strategy="conservative",
         learned_syntaxes={"1.2.840.10008.5.1.4.1.1.2": ["1.2.840.10008.1.2"]})
     for _ in range(100):
@@ -250,3 +258,81 @@ async def test_status_page_in_headless_chromium(
     assert "pacs" in dom and "conservative" in dom and "Implicit VR Little Endian" in dom
     assert shot.stat().st_size > 10_000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_json_log_lines_from_a_running_daemon(
+        tmp_path: Path, orthanc: OrthancProcess, wan: WanEmulator,
+        ct_series: list[Sample]) -> None:
+    """``server.log_format = "json"``: one JSON object per line, one line per event."""
+    port = free_port()
+    cfg = tmp_path / "dicomcache.toml"
+    cfg.write_text(f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+log_format = "json"
+[upstream]
+url = "http://127.0.0.1:{wan.port}"
+username = "{orthanc.username}"
+password = "{orthanc.password}"
+retries = 1
+backoff_base = 0.01
+backoff_max = 0.02
+connect_timeout = 2
+read_timeout = 5
+[cache]
+directory = "{tmp_path / 'cache'}"
+max_size = "1GB"
+[prefetch]
+mode = "off"    # no background traffic racing the faults below
+""")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dicomcache", "serve", "--config", str(cfg),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def get(path: str) -> int:
+                async with http.get(base + path) as resp:
+                    await resp.read()
+                    return resp.status
+
+            for _ in range(200):  # ready when it answers (bounded: 20 s)
+                try:
+                    if await get("/readyz") == 200:
+                        break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            good, bad, later = ct_series[0], ct_series[2], ct_series[4]
+            assert await get(f"/instances/{good.orthanc_id}/file") == 200
+            wan.set_profile(LinkProfile(corrupt=1.0,
+                                        fault_paths=re.escape(bad.orthanc_id) + "/file$"))
+            assert await get(f"/instances/{bad.orthanc_id}/file") == 502
+            wan.set_profile(LinkProfile())
+            wan.set_down(True)
+            assert await get(f"/instances/{later.orthanc_id}/file") in (502, 503)
+            wan.set_down(False)
+            for _ in range(100):  # the circuit breaker may hold misses back for a moment
+                if await get(f"/instances/{later.orthanc_id}/file") == 200:
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    records = [json.loads(line) for line in err.decode().splitlines() if line.strip()]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    messages = [r["message"] for r in records]
+
+    def having(*words: str) -> list[dict[str, str]]:
+        return [r for r in records if all(w in r["message"] for w in words)]
+
+    assert having("listening on", base)  # the start-up summary
+    assert having("is reachable")
+    integrity = having("integrity check failed", bad.orthanc_id, "md5_mismatch")
+    assert len(integrity) == 2 and integrity[0]["level"] == "WARNING"  # 1 + 1 retry
+    down, up = having(" is DOWN"), having(" is UP again")
+    assert len(down) == 1 and down[0]["level"] == "ERROR", messages
+    assert len(up) == 1, messages
+    assert messages[-1] == "dicomcache stopped"

@@ -1,0 +1,184 @@
+"""WADO-RS whole-series retrieve: Orthanc direct vs dicomcache cold vs warm, same run.
+
+Uploads a 200-instance 512 KiB CT series to a real Orthanc (DICOMweb plugin),
+starts ``dicomcache serve`` as users run it, and times
+``GET /dicom-web/studies/{st}/series/{se}`` (``transfer-syntax=*``, the whole
+multipart read and its parts counted):
+
+* ``orthanc``: Orthanc's plugin, direct (median of ``--runs``, after one warm-up);
+* ``cold``: through dicomcache with an empty cache (each run on a fresh cache:
+  dicomcache is restarted on a new directory);
+* ``warm``: through dicomcache again (median of ``--runs``).
+
+Series metadata is timed the same way.  Goals (issue 3): cold <= 1.1 x direct,
+warm >= 2 x faster than direct.  Everything listens on 127.0.0.1.
+
+    ./run bench bench/wado_rs.py [--instances 200] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dicomcache.orthanc import OrthancProcess, free_port  # noqa: E402
+from dicomcache.samples import encode, make_ct_series  # noqa: E402
+
+ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()  # noqa: S310 - loopback
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def timed_get(port: int, path: str, headers: dict[str, str]) -> tuple[float, int, bytes]:
+    """Seconds to the last byte, body size, and the body (whole)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    t = time.perf_counter()
+    conn.request("GET", path, headers=headers)
+    resp = conn.getresponse()
+    body = resp.read()
+    elapsed = time.perf_counter() - t
+    conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"GET {path}: {resp.status} {body[:200]!r}")
+    return elapsed, len(body), body
+
+
+def count_parts(body: bytes) -> int:
+    first = body.split(b"\r\n", 1)[0]
+    return body.count(first + b"\r\n")
+
+
+class Proxy:
+    """``dicomcache serve`` as a child process on a fresh cache directory."""
+
+    def __init__(self, work: Path, orthanc: OrthancProcess, name: str,
+                 concurrency: int) -> None:
+        self.port = free_port()
+        cfg = work / f"{name}.toml"
+        cfg.write_text(textwrap.dedent(f"""
+            [server]
+            port = {self.port}
+            log_level = "WARNING"
+            [upstream]
+            url = "{orthanc.url}"
+            username = "{orthanc.username}"
+            password = "{orthanc.password}"
+            [cache]
+            directory = "{work / name}"
+            max_size = "4GB"
+            [dicomweb]
+            retrieve_concurrency = {concurrency}
+        """))
+        self.proc = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", "--config",
+                                      str(cfg)], cwd=ROOT)
+        wait_http(f"http://127.0.0.1:{self.port}/healthz")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--instances", type=int, default=200)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=8,
+                    help="dicomweb.retrieve_concurrency of the proxy")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="dicomcache-wado-bench-"))
+    orthanc = OrthancProcess(work / "orthanc")
+    proxies: list[Proxy] = []
+    try:
+        orthanc.start()
+        datasets = make_ct_series(args.instances, seed=11)
+        blobs = [encode(ds, ds.file_meta.TransferSyntaxUID) for ds in datasets]
+        t = time.monotonic()
+        orthanc.upload(blobs)
+        total = sum(len(b) for b in blobs)
+        print(f"uploaded {len(blobs)} instances ({total / 1e6:.0f} MB) in "
+              f"{time.monotonic() - t:.1f} s", flush=True)
+        st, se = datasets[0].StudyInstanceUID, datasets[0].SeriesInstanceUID
+        series = f"/dicom-web/studies/{st}/series/{se}"
+        direct_h = {"Accept": ANY, "Authorization": orthanc.auth_header}
+        ours_h = {"Accept": ANY}
+
+        def check(body: bytes, what: str) -> None:
+            if count_parts(body) != len(blobs):
+                raise RuntimeError(f"{what}: {count_parts(body)} parts, not {len(blobs)}")
+
+        timed_get(orthanc.http_port, series, direct_h)  # warm Orthanc's page cache
+        direct, cold, warm = [], [], []
+        meta_direct, meta_cold, meta_warm = [], [], []
+        for run in range(args.runs):
+            s, _, body = timed_get(orthanc.http_port, series, direct_h)
+            check(body, "orthanc")
+            direct.append(s)
+            s, _, _ = timed_get(orthanc.http_port, series + "/metadata",
+                                {"Authorization": orthanc.auth_header})
+            meta_direct.append(s)
+            proxy = Proxy(work, orthanc, f"cache{run}", args.concurrency)
+            proxies.append(proxy)
+            s, _, body = timed_get(proxy.port, series, ours_h)
+            check(body, "cold")
+            cold.append(s)
+            s, _, _ = timed_get(proxy.port, series + "/metadata", {})
+            meta_cold.append(s)
+            for _ in range(args.runs):
+                s, _, body = timed_get(proxy.port, series, ours_h)
+                check(body, "warm")
+                warm.append(s)
+                s, _, _ = timed_get(proxy.port, series + "/metadata", {})
+                meta_warm.append(s)
+            proxy.stop()
+            proxies.remove(proxy)
+            print(f"run {run + 1}: orthanc {direct[-1]:.3f} s  cold {cold[-1]:.3f} s  "
+                  f"warm {min(warm[-args.runs:]):.3f} s", flush=True)
+
+        d, c, w = (statistics.median(x) for x in (direct, cold, warm))
+        print(f"\nseries retrieve, {len(blobs)} instances, {total / 1e6:.0f} MB, "
+              f"median of {args.runs}:")
+        for name, v in (("orthanc direct", d), ("dicomcache cold", c), ("dicomcache warm", w)):
+            print(f"  {name:16s} {v:7.3f} s  {total / v / 1e6:7.0f} MB/s")
+        print(f"  cold / direct = {c / d:.2f}  (goal <= 1.10)")
+        print(f"  direct / warm = {d / w:.2f}  (goal >= 2.00)")
+        md, mc, mw = (statistics.median(x) for x in (meta_direct, meta_cold, meta_warm))
+        print(f"series metadata: orthanc {md * 1000:.0f} ms, dicomcache cold {mc * 1000:.0f} ms, "
+              f"warm {mw * 1000:.1f} ms (direct / warm = {md / mw:.0f})")
+        return 0
+    finally:
+        for p in proxies:
+            p.stop()
+        orthanc.stop()
+        if not os.environ.get("KEEP_BENCH"):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
