@@ -1,6 +1,6 @@
 """Relay benchmark: storescu → dicomcache relay → storescp, against storescu → storescp.
 
-    python bench/relay_bench.py [--count 200] [--json]
+    python bench/relay_bench.py [--count 200] [--json] [--baseline DIR] [--profile FILE]
 
 200 generated CT instances of 512 KiB (512x512x16 bit, Explicit VR LE).  All
 processes on 127.0.0.1, DCMTK with TCP_NODELAY=1 (``loopback_env``), the
@@ -13,12 +13,18 @@ PACS folders in a temp dir.  Reports:
   and until the last instance is on the peer's disk (end to end);
 * transcoding rates in-process: Explicit → Implicit VR LE, JPEG Lossless →
   Implicit VR LE.
+
+``--baseline DIR`` runs the relay a second time from another checkout (e.g.
+``git archive HEAD dicomcache | tar -x -C DIR``) in the same run: before/after
+ratios on a shared machine.  ``--profile FILE`` records the relay with py-spy
+(raw, ``--threads``) into FILE and its forwarder process into FILE.forwarder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -32,6 +38,24 @@ from dicomcache.orthanc import free_port, loopback_env  # noqa: E402
 from dicomcache.relay import negotiation as neg  # noqa: E402
 from dicomcache.relay.transcode import shutdown_pool, transcode_bytes  # noqa: E402
 from dicomcache.samples import make_ct_series, write_series  # noqa: E402
+
+
+def _py_spy() -> str:
+    import shutil
+
+    here = Path(sys.executable).parent / "py-spy"
+    return str(here) if here.exists() else (shutil.which("py-spy") or "py-spy")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
 
 
 def wait_port(port: int, timeout: float = 30.0) -> None:
@@ -93,10 +117,61 @@ def transcode_rate(blobs: list[bytes], target: str) -> tuple[float, float]:
     return len(blobs) / secs, sum(map(len, blobs)) / secs / 1e6
 
 
+def relay_run(root: Path, files: list[Path], n: int, code: Path, *,
+              profile: str | None = None, extra: tuple[str, ...] = ()) -> tuple[float, float]:
+    """storescu → relay (``python -m dicomcache.relay.service`` run from ``code``) →
+    storescp; returns (seconds until every acknowledgement, seconds until the last
+    instance is on the PACS's disk)."""
+    root.mkdir(parents=True)
+    pacs_port, relay_port = free_port(), free_port()
+    pacs = storescp(root / "via", pacs_port)
+    config = root / "relay.toml"
+    config.write_text(
+        f'[server]\nlog_level = "WARNING"\n[relay]\nenabled = true\nport = {relay_port}\n'
+        f'spool_directory = "{root / "spool"}"\n'
+        f'[[relay.destinations]]\nname = "PACS"\nremote_ae_title = "PACS"\n'
+        f'remote_host = "127.0.0.1"\nremote_port = {pacs_port}\n')
+    env = dict(os.environ, PYTHONPATH=str(code))
+    relay = subprocess.Popen([sys.executable, "-m", "dicomcache.relay.service", "--config",
+                              str(config), *extra], cwd=code, env=env,
+                             stdout=subprocess.DEVNULL, stderr=(root / "relay.log").open("wb"),
+                             start_new_session=True)
+    try:
+        wait_port(relay_port)
+        spies = []
+        if profile:
+            # The relay (FILE) and its forwarder process (FILE.forwarder): one py-spy each
+            # (--subprocesses does not pick up a child that already runs).
+            targets = [(relay.pid, profile)] + [(pid, f"{profile}.forwarder")
+                                                for pid in _children(relay.pid)]
+            spies = [subprocess.Popen([_py_spy(), "record", "-f", "raw", "--threads",
+                                       "--nonblocking", "-r", "250", "-o", out,
+                                       "--pid", str(pid)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for pid, out in targets]
+            time.sleep(1.0)
+        t0 = time.perf_counter()
+        acks = storescu(files, relay_port, "DICOMCACHE")
+        e2e = wait_files(root / "via", n, t0)
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
+    finally:
+        stop(relay)
+        stop(pacs)
+    return acks, e2e
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--profile", metavar="FILE", default=None,
+                        help="py-spy (raw, --threads) of the relay during the relayed run, "
+                             "written to FILE (its forwarder process: FILE.forwarder)")
+    parser.add_argument("--baseline", metavar="DIR", default=None,
+                        help="also run the relay from another checkout (e.g. a `git worktree` "
+                             "of the previous commit) in the same run, for before/after ratios")
     args = parser.parse_args()
     n = args.count
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
@@ -117,26 +192,11 @@ def main() -> int:
             stop(pacs)
 
         # Through the relay (its own process).
-        pacs_port, relay_port = free_port(), free_port()
-        pacs = storescp(root / "via", pacs_port)
-        config = root / "relay.toml"
-        config.write_text(
-            f'[server]\nlog_level = "WARNING"\n[relay]\nenabled = true\nport = {relay_port}\n'
-            f'spool_directory = "{root / "spool"}"\n'
-            f'[[relay.destinations]]\nname = "PACS"\nremote_ae_title = "PACS"\n'
-            f'remote_host = "127.0.0.1"\nremote_port = {pacs_port}\n')
-        relay = subprocess.Popen([sys.executable, "-m", "dicomcache.relay.service", "--config",
-                                  str(config)], cwd=Path(__file__).resolve().parents[1],
-                                 stdout=subprocess.DEVNULL, stderr=(root / "relay.log").open("wb"),
-                                 start_new_session=True)
-        try:
-            wait_port(relay_port)
-            t0 = time.perf_counter()
-            acks = storescu(files, relay_port, "DICOMCACHE")
-            e2e = wait_files(root / "via", n, t0)
-        finally:
-            stop(relay)
-            stop(pacs)
+        acks, e2e = relay_run(root / "relay", files, n, Path(__file__).resolve().parents[1],
+                              profile=args.profile)
+        baseline = None
+        if args.baseline:
+            baseline = relay_run(root / "baseline", files, n, Path(args.baseline).resolve())
 
         # Transcoding (in this process).
         blobs = [f.read_bytes() for f in files[: min(n, 100)]]
@@ -154,6 +214,10 @@ def main() -> int:
         "relay_end_to_end": {"seconds": round(e2e, 3), "instances_per_s": round(n / e2e, 1),
                              "mb_per_s": round(mb / e2e, 1),
                              "ratio_to_direct": round(direct / e2e, 2)},
+        "baseline_acks_instances_per_s": None if baseline is None else round(n / baseline[0], 1),
+        "baseline_end_to_end": None if baseline is None else {
+            "instances_per_s": round(n / baseline[1], 1),
+            "ratio_to_direct": round(direct / baseline[1], 2)},
         "transcode_explicit_to_implicit": {"instances_per_s": round(exp_rate[0], 1),
                                            "mb_per_s": round(exp_rate[1], 1)},
         "transcode_jpeg_lossless_to_implicit": {"instances_per_s": round(jll_rate[0], 1),
@@ -167,6 +231,11 @@ def main() -> int:
         print(f"relay: modality acks          {n / acks:7.1f} inst/s {mb / acks:7.1f} MB/s")
         print(f"relay: end to end             {n / e2e:7.1f} inst/s {mb / e2e:7.1f} MB/s "
               f"({direct / e2e:.2f}x direct)")
+        if baseline is not None:
+            b_acks, b_e2e = baseline
+            print(f"baseline: modality acks       {n / b_acks:7.1f} inst/s {mb / b_acks:7.1f} MB/s")
+            print(f"baseline: end to end          {n / b_e2e:7.1f} inst/s {mb / b_e2e:7.1f} MB/s "
+                  f"({direct / b_e2e:.2f}x direct)")
         print(f"transcode Explicit→Implicit   {exp_rate[0]:7.1f} inst/s {exp_rate[1]:7.1f} MB/s")
         print(f"transcode JPEG-LL→Implicit    {jll_rate[0]:7.1f} inst/s")
     return 0

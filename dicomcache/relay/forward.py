@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ..config import DestinationSettings, RelaySettings
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Outcomes are written to the spool in groups this size (one transaction each).
-_FLUSH_EVERY = 32
+_FLUSH_EVERY = 16
 #: Longest idle sleep: new arrivals wake the worker earlier.
 _IDLE = 5.0
 
@@ -70,6 +70,8 @@ class Forwarder:
         self.scu = StoreSCU(settings.ae_title, destination, timeout=settings.timeout,
                             max_pdu=settings.max_pdu, metrics=metrics)
         self._stopping = threading.Event()
+        self._recorder = ThreadPoolExecutor(max_workers=1,
+                                            thread_name_prefix=f"record-{destination.name}")
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.busy = False
@@ -155,10 +157,14 @@ class Forwarder:
         items = [SendItem(q.instance_id, q.path, q.sop_class, q.sop_instance, q.transfer_syntax,
                           q.has_pixels) for q in batch]
         buffer: list[Outcome] = []
+        pending: list[Future[None]] = []
 
         def flush() -> None:
+            # Recorded by another thread, in order, while the next instances are sent:
+            # recording (SQLite, unlinking delivered files) is off the send loop.  Not
+            # yet recorded at a crash = sent again (at-least-once), as before.
             if buffer:
-                self.spool.record(name, list(buffer))
+                pending.append(self._recorder.submit(self.spool.record, name, list(buffer)))
                 buffer.clear()
 
         def on_result(res: ItemResult) -> None:
@@ -174,9 +180,13 @@ class Forwarder:
             if len(buffer) >= _FLUSH_EVERY:
                 flush()
 
-        report = self.scu.send(items, start, should_stop=self._stopping.is_set,
-                               on_result=on_result)
-        flush()
+        try:
+            report = self.scu.send(items, start, should_stop=self._stopping.is_set,
+                                   on_result=on_result)
+        finally:
+            flush()
+            for fut in pending:  # everything recorded before the next batch is chosen
+                fut.result()
         self.metrics.relay_attempts.labels(name).inc(report.associations)
         now = time.time()
         study = batch[0].study_uid

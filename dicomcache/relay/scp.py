@@ -38,10 +38,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 from ..config import RelaySettings
 from ..errors import IntegrityError
 from ..metrics import Metrics
+from . import fastdul
 from . import negotiation as neg
 from .spool import Spool, info_from_bytes, is_disk_full
 
 log = logging.getLogger(__name__)
+
+fastdul.install()  # event-driven waits in pynetdicom (see fastdul)
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700

@@ -36,10 +36,13 @@ from pynetdicom.association import Association
 
 from ..config import DestinationSettings
 from ..metrics import Metrics
+from . import fastdul
 from . import negotiation as neg
 from .transcode import TranscodeError, encodable_syntaxes, transcode
 
 log = logging.getLogger(__name__)
+
+fastdul.install()  # event-driven waits in pynetdicom (see fastdul)
 
 # Send spooled files as they are (no decode/re-encode) when the peer accepted
 # their own syntax.  Process-wide pynetdicom switch; only affects send_c_store

@@ -4,11 +4,18 @@
 (``cleanup_ctx``); ``python -m dicomcache.relay.service --config FILE`` runs
 it alone (what the kill -9 tests and the benchmark use).
 
+The SCP runs in this process; the forwarders run in a child process
+(:mod:`.worker`) sharing the spool, so that pynetdicom's pure-Python sending
+does not take the GIL from the receiving side (``forward_in_process=True``
+keeps them here, for debugging).  Their logs and metrics come back to this
+process.
+
 Shutdown (:meth:`Relay.stop`): stop accepting associations and let the
 in-flight ones finish (an aborted C-STORE was never acknowledged, so the
 modality resends it); ask the forwarders to stop after the instance in
-flight; abort what is still running at the deadline.  Nothing acknowledged
-is lost: it is in the spool and is forwarded after the next start.
+flight; abort what is still running at the deadline (and kill the child
+process if it still runs).  Nothing acknowledged is lost: it is in the spool
+and is forwarded after the next start.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from . import transcode
 from .forward import Forwarder
 from .scp import StoreSCP
 from .spool import Spool
+from .worker import ForwarderProcess
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +46,20 @@ _STATS_EVERY = 2.0
 class Relay:
     """The DIMSE relay (see the module docstring)."""
 
-    def __init__(self, settings: RelaySettings, metrics: Metrics) -> None:
+    def __init__(self, settings: RelaySettings, metrics: Metrics, *,
+                 forward_in_process: bool = False) -> None:
         self.settings = settings
         self.metrics = metrics
         self.spool = Spool(settings.spool_directory, [d.name for d in settings.destinations],
                            retention=settings.retention)
-        self.executor = ThreadPoolExecutor(max_workers=2 * len(settings.destinations) + 4,
-                                           thread_name_prefix="relay")
+        in_process = forward_in_process or not settings.destinations
+        self.executor = ThreadPoolExecutor(
+            max_workers=(2 * len(settings.destinations) if in_process else 0) + 4,
+            thread_name_prefix="relay")
         self.scp = StoreSCP(settings, self.spool, metrics)
         self.forwarders = [Forwarder(settings, d, self.spool, metrics, self.executor)
-                           for d in settings.destinations]
+                           for d in settings.destinations] if in_process else []
+        self.worker = None if in_process else ForwarderProcess(settings, metrics)
         self._tasks: list[asyncio.Task[None]] = []
         self._stats_task: asyncio.Task[None] | None = None
         self._snapshot: dict[str, Any] = {}
@@ -69,7 +81,11 @@ class Relay:
         def on_put() -> None:  # from pynetdicom's threads
             loop.call_soon_threadsafe(wake_all)
 
-        self.spool.on_put = on_put
+        if self.worker is not None:
+            await loop.run_in_executor(self.executor, self.worker.start)
+            self.spool.on_put = self.worker.wake
+        else:
+            self.spool.on_put = on_put
         for fw in self.forwarders:
             self._tasks.append(asyncio.create_task(fw.run(), name=f"relay-{fw.dest.name}"))
         await loop.run_in_executor(self.executor, self.scp.start)
@@ -84,6 +100,8 @@ class Relay:
         # 1. No new associations; in-flight ones may finish (half the time at most).
         await loop.run_in_executor(self.executor, self.scp.stop, timeout / 2)
         # 2. Forwarders finish the instance in flight and release.
+        if self.worker is not None:
+            await self._stop_worker(self.worker, deadline)
         for fw in self.forwarders:
             fw.request_stop()
         if self._tasks:
@@ -108,6 +126,24 @@ class Relay:
         await asyncio.to_thread(transcode.shutdown_pool)
         log.info("Relay stopped")
 
+    async def _stop_worker(self, worker: ForwarderProcess, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        worker.request_stop()
+        if await loop.run_in_executor(self.executor, worker.wait,
+                                      max(deadline - loop.time(), 0.1)):
+            return
+        log.warning("Aborting forward association(s) at the shutdown deadline")
+        worker.abort()
+        if not await loop.run_in_executor(self.executor, worker.wait, 5.0):
+            worker.kill()
+            await loop.run_in_executor(self.executor, worker.wait, 5.0)
+
+    def _forwarder_status(self) -> dict[str, Any]:
+        if self.worker is not None:
+            return {name: dict(st) for name, st in self.worker.status.items()}
+        return {fw.dest.name: {"busy": fw.busy, "last_batch": fw.last_report}
+                for fw in self.forwarders}
+
     def status(self) -> dict[str, Any]:
         """JSON-able state for the status page (queue figures refresh every 2 s)."""
         return {
@@ -115,8 +151,7 @@ class Relay:
             "listening": f"{self.settings.host}:{self.port}",
             "started": self._started,
             "active_inbound_associations": self.scp.active(),
-            "forwarders": {fw.dest.name: {"busy": fw.busy, "last_batch": fw.last_report}
-                           for fw in self.forwarders},
+            "forwarders": self._forwarder_status(),
             **self._snapshot,
         }
 
@@ -140,8 +175,9 @@ class Relay:
                 log.exception("Refreshing relay statistics failed")
 
 
-async def _run_alone(settings: RelaySettings, shutdown_timeout: float) -> None:
-    relay = Relay(settings, Metrics())
+async def _run_alone(settings: RelaySettings, shutdown_timeout: float,
+                     forward_in_process: bool = False) -> None:
+    relay = Relay(settings, Metrics(), forward_in_process=forward_in_process)
     await relay.start()
     print(f"relay listening on {settings.host}:{relay.port}", flush=True)
     stop = asyncio.Event()
@@ -161,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Run the DIMSE relay alone.")
     parser.add_argument("--config", required=True, help="dicomcache TOML configuration")
     parser.add_argument("--log-level", default=None)
+    parser.add_argument("--forward-in-process", action="store_true",
+                        help="run the forwarders in this process (debugging, comparisons)")
     args = parser.parse_args(argv)
     try:
         settings = load(args.config)
@@ -171,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level or settings.server.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    asyncio.run(_run_alone(settings.relay, settings.server.shutdown_timeout))
+    asyncio.run(_run_alone(settings.relay, settings.server.shutdown_timeout,
+                           args.forward_in_process))
     return 0
 
 

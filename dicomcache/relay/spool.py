@@ -22,7 +22,9 @@ Guarantees
 * A delivery is marked delivered only after the peer's success status: a
   crash in between sends it again (at-least-once).
 * Thread-safe: one connection behind a lock; pynetdicom's threads, the
-  forwarders' threads and status readers share it.  Every method blocks:
+  forwarders' threads and status readers share it.  Process-safe through
+  SQLite (WAL, ``BEGIN IMMEDIATE``, busy timeout): the forwarders run in a
+  child process with their own :class:`Spool` on the same directory.  Every method blocks:
   call it from a thread, never from the event loop.
 """
 
@@ -226,12 +228,17 @@ class Spool:
         self.on_put: Callable[[], None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------
-    def open(self) -> None:
-        """Create the layout, open the database, recover from a crash."""
+    def open(self, *, recover: bool = True) -> None:
+        """Create the layout, open the database, recover from a crash.
+
+        ``recover=False`` (the forwarder process, sharing the spool with the
+        receiving one): no clean-up of ``incoming/``, no re-queueing.
+        """
         for d in (self.directory, self.incoming, self.objects, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
-        for leftover in self.incoming.iterdir():  # writes cut short: never acknowledged
-            leftover.unlink(missing_ok=True)
+        if recover:
+            for leftover in self.incoming.iterdir():  # writes cut short: never acknowledged
+                leftover.unlink(missing_ok=True)
         db = sqlite3.connect(self.directory / "state.sqlite", check_same_thread=False,
                              isolation_level=None, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
@@ -239,8 +246,9 @@ class Spool:
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(_SCHEMA)
         self._db = db
-        with self._lock:
-            self._recover()
+        if recover:
+            with self._lock:
+                self._recover()
 
     def open_readonly(self) -> None:
         """Open the state database read-only (``relay status`` while the daemon runs)."""

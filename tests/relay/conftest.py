@@ -241,9 +241,9 @@ async def relay_factory() -> AsyncIterator[Callable[..., Any]]:
     """``await relay_factory(settings)`` → a started in-process relay, stopped at teardown."""
     running: list[Relay] = []
 
-    async def make(settings: RelaySettings) -> RunningRelay:
+    async def make(settings: RelaySettings, **kw: Any) -> RunningRelay:
         metrics = Metrics()
-        relay = Relay(settings, metrics)
+        relay = Relay(settings, metrics, **kw)
         await relay.start()
         running.append(relay)
         return RunningRelay(relay, metrics, settings)

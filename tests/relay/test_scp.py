@@ -200,8 +200,16 @@ remote_port = {pacs_port}
             if objects.exists() and len(list(objects.iterdir())) >= 20:
                 break
             time.sleep(0.01)
+        children = _children(proc.pid)
+        assert len(children) == 1, children  # the forwarder process
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        # The forwarder process dies with it (PR_SET_PDEATHSIG): no stale forwarder
+        # beside the next one.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and Path(f"/proc/{children[0]}").exists():
+            time.sleep(0.02)
+        assert not Path(f"/proc/{children[0]}").exists(), "forwarder outlived kill -9"
         out, _ = scu.communicate(timeout=60)
         acked = _acknowledged(out, files)
         assert 10 <= len(acked) < len(files), out[-2000:]
@@ -225,6 +233,23 @@ remote_port = {pacs_port}
     finally:
         stop_process(proc)
     assert "Traceback" not in log.read_text()
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (from /proc, waiting a little for them to appear)."""
+    deadline = time.monotonic() + 20
+    while True:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def _acknowledged(storescu_output: str, files: list[Path]) -> list[str]:
