@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from pydicom.uid import (
 from dicomcache.config import Settings, from_dict
 from dicomcache.orthanc import OrthancProcess
 from dicomcache.samples import encode, make_ct_series
+from dicomcache.wanem import LinkProfile, WanEmulator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,13 @@ def ct_series(orthanc: OrthancProcess) -> list[Sample]:
 
 
 SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
+    """The WAN emulator (fault injector) in front of the session Orthanc; no faults yet."""
+    async with WanEmulator("127.0.0.1", orthanc.http_port, LinkProfile()) as emulator:
+        yield emulator
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -19,19 +18,12 @@ from dicomcache.app import make_app
 from dicomcache.breaker import CircuitBreaker
 from dicomcache.errors import UpstreamUnavailable
 from dicomcache.metrics import Metrics
-from dicomcache.orthanc import OrthancProcess
 from dicomcache.routes.common import CLIENT, METRICS
-from dicomcache.wanem import LinkProfile, WanEmulator
+from dicomcache.wanem import WanEmulator
 from tests.conftest import Sample, SettingsFactory
 
 
 pytestmark = pytest.mark.usefixtures("no_blocking")
-
-
-@pytest.fixture
-async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
-    async with WanEmulator("127.0.0.1", orthanc.http_port, LinkProfile()) as emulator:
-        yield emulator
 
 
 @pytest.fixture

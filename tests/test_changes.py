@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,17 +18,11 @@ from dicomcache.orthanc import OrthancProcess
 from dicomcache.prefetch import PREFETCHER
 from dicomcache.routes.common import STORE
 from dicomcache.samples import encode, make_ct_series
-from dicomcache.wanem import LinkProfile, WanEmulator
+from dicomcache.wanem import WanEmulator
 from tests.conftest import SettingsFactory
 
 
 pytestmark = pytest.mark.usefixtures("no_blocking")
-
-
-@pytest.fixture
-async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
-    async with WanEmulator("127.0.0.1", orthanc.http_port, LinkProfile()) as emulator:
-        yield emulator
 
 
 async def upload(orthanc: OrthancProcess, n: int = 1, *, study: str | None = None,

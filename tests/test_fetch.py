@@ -9,24 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp.test_utils import TestClient
 
 from dicomcache.app import make_app
-from dicomcache.orthanc import OrthancProcess
 from dicomcache.routes.common import METRICS
 from dicomcache.wanem import LinkProfile, WanEmulator
 from tests.conftest import Sample, SettingsFactory
 
 FAULTS = ["truncate_lying", "truncate", "close_early", "reset", "corrupt", "status_503"]
-
-
-@pytest.fixture
-async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
-    async with WanEmulator("127.0.0.1", orthanc.http_port, LinkProfile()) as emulator:
-        yield emulator
 
 
 @pytest.fixture

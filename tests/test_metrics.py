@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -16,7 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dicomcache.app import make_app
 from dicomcache.metrics import FAILURE_CAUSES, INSTANCE_FAMILIES, INTEGRITY_CAUSES
-from dicomcache.orthanc import OrthancProcess
 from dicomcache.wanem import LinkProfile, WanEmulator
 from tests.conftest import Sample, SettingsFactory
 
@@ -47,12 +45,6 @@ async def scrape(client: TestClient) -> Scrape:
     assert resp.status == 200
     assert resp.content_type.startswith("text/plain")
     return Scrape(await resp.text())
-
-
-@pytest.fixture
-async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
-    async with WanEmulator("127.0.0.1", orthanc.http_port, LinkProfile()) as emulator:
-        yield emulator
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import shutil
 import signal
 import sys
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -28,12 +27,6 @@ from tests.conftest import Sample, SettingsFactory
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture
-async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
-    async with WanEmulator("127.0.0.1", orthanc.http_port, LinkProfile()) as emulator:
-        yield emulator
 
 
 @pytest.fixture

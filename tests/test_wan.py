@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
 from dicomcache.app import make_app
-from dicomcache.orthanc import OrthancProcess
 from dicomcache.prefetch import PREFETCHER
 from dicomcache.routes.common import CLIENT, METRICS, STORE
 from dicomcache.wanem import LinkProfile, WanEmulator
@@ -18,12 +16,6 @@ from tests.conftest import Sample, SettingsFactory
 
 
 pytestmark = pytest.mark.usefixtures("no_blocking")
-
-
-@pytest.fixture
-async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
-    async with WanEmulator("127.0.0.1", orthanc.http_port, LinkProfile()) as emulator:
-        yield emulator
 
 
 def wado(s: Sample) -> str:

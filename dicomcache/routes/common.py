@@ -6,7 +6,7 @@ import re
 import secrets
 from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from ..config import Settings
 from ..fetch import Fetcher

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
 from dicomcache.app import make_app
-from dicomcache.orthanc import OrthancProcess
 from dicomcache.wanem import LinkProfile, WanEmulator
 from tests.conftest import Sample, SettingsFactory
 from tests.routes.dicomweb_support import ANY_SYNTAX, split_multipart, unlink
-
-
-@pytest.fixture
-async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
-    async with WanEmulator("127.0.0.1", orthanc.http_port, LinkProfile()) as emulator:
-        yield emulator
 
 
 @pytest.fixture
