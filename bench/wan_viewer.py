@@ -23,7 +23,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import os
 import signal
 import subprocess
 import sys

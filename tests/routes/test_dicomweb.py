@@ -223,7 +223,7 @@ async def test_change_hook_expires_a_study_at_once(
 async def test_qido_equal_to_orthanc_and_cached(
         client: TestClient, orthanc: OrthancProcess, samples: dict[str, list[Sample]]) -> None:
     s = samples["jpegls"][0]
-    for path in (f"/dicom-web/studies?PatientID=PJPEGLS",
+    for path in ("/dicom-web/studies?PatientID=PJPEGLS",
                  f"/dicom-web/studies/{s.study}/series",
                  f"/dicom-web/studies/{s.study}/series/{s.series}/instances?limit=2",
                  "/dicom-web/series?Modality=CT&PatientID=PJPEG*"):
