@@ -168,6 +168,56 @@ class Fetcher:
         result: T = await asyncio.shield(task)
         return result
 
+    def claim(self, keys: list[str]) -> dict[str, asyncio.Future[Any]]:
+        """Register downloads another source (a series stream) is about to deliver.
+
+        For each key with no download in flight, a future is entered in the
+        single-flight map, so a concurrent :meth:`by_orthanc_id` waits for it
+        instead of starting a download of its own.  Returns the futures claimed
+        (keys already in flight are left out).  The claimer must settle every
+        one: with a verified ``Entry``/``Fetched``, or by :meth:`fall_back`.
+        """
+        loop = asyncio.get_running_loop()
+        claimed: dict[str, asyncio.Future[Any]] = {}
+        for key in keys:
+            if key in self._inflight or key in claimed:
+                continue
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._inflight[key] = fut
+
+            def done(t: asyncio.Future[Any], key: str = key) -> None:
+                if self._inflight.get(key) is t:
+                    self._inflight.pop(key, None)
+                self._urgent.discard(key)
+                if not t.cancelled():
+                    t.exception()  # retrieved: every waiter may have gone
+            fut.add_done_callback(done)
+            claimed[key] = fut
+        return claimed
+
+    def fall_back(self, orthanc_id: str, fut: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        """Settle a claimed future through the ordinary per-instance download (retried).
+
+        Returns the download task (its outcome is also copied into ``fut``).
+        """
+        self._urgent.add(orthanc_id)  # a viewer is waiting for it
+        task = asyncio.ensure_future(self._download(orthanc_id))
+
+        def copy(t: asyncio.Future[Any]) -> None:
+            if t.cancelled():
+                if not fut.done():
+                    fut.cancel()
+                return
+            exc = t.exception()
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(t.result())
+        task.add_done_callback(copy)
+        return task
+
     async def _download(self, orthanc_id: str) -> Entry | Fetched:
         # A download that finished just before this one was asked for: no second trip.
         entry = await self.store.get_by_orthanc_id(orthanc_id)

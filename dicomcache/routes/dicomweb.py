@@ -48,6 +48,7 @@ from ..fetch import Fetched, Fetcher
 from ..frames import NATIVE_LE, OCTET, frame_ranges, parse_frame_list, plan_frames
 from ..metadata import (IMMUTABLE_FRESH, AnswerCache, Cached, DiskCopies, link_path,
                         normalise_json, plain)
+from ..series_stream import SeriesStream
 from ..store import AsyncStore, Entry
 from ..upstream import OrthancClient, check_status
 from ..verify import PixelInfo, parse_dicom
@@ -151,6 +152,16 @@ class DicomWeb:
         self.cache = AnswerCache(settings.memory_size, settings.stale_if_error, disk=self.disk,
                                  persist=lambda key: not key.startswith("raw:"))
         self._pixels: collections.OrderedDict[str, PixelInfo | None] = collections.OrderedDict()
+        #: Upstream series/study streams in progress (cancelled at shutdown).
+        self.streams: set[asyncio.Future[None]] = set()
+
+    def series_stream(self, study: str, series: str | None, oids: list[str]) -> SeriesStream:
+        """One upstream retrieve of the series/study feeding the missing instances ``oids``."""
+        path = f"/dicom-web/studies/{study}" + (f"/series/{series}" if series else "")
+        stream = SeriesStream(self.fetcher, path, oids)
+        self.streams.add(stream.task)
+        stream.task.add_done_callback(self.streams.discard)
+        return stream
 
     # upstream calls: retried when no copy exists; one attempt when a stale copy can stand in
     async def _ask(self, op: Callable[[int], Awaitable[Any]], *, what: str, retry: bool) -> Any:
@@ -518,6 +529,10 @@ async def _write_part(resp: web.StreamResponse, b: str, part: Part) -> None:
         f.close()
 
 
+#: Missing instances from which a cold retrieve asks Orthanc for the whole series at once.
+STREAM_MIN_MISSING = 2
+
+
 async def retrieve(request: web.Request) -> web.StreamResponse:
     """A whole series or study as one multipart, streamed from verified instances.
 
@@ -546,8 +561,9 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     peeked: list[Entry | None] = [store.sync.peek_orthanc_id(oid) for oid in oids]
     if not all(peeked):  # not in the hot map (e.g. after a restart): ask the index
         unknown = [i for i, e in enumerate(peeked) if e is None]
-        for i, e in zip(unknown, await asyncio.gather(
-                *(store.get_by_orthanc_id(oids[i]) for i in unknown)), strict=True):
+        def look_up() -> list[Entry | None]:  # one thread hop, not one per instance
+            return [store.sync.get_by_orthanc_id(oids[i]) for i in unknown]
+        for i, e in zip(unknown, await asyncio.to_thread(look_up), strict=True):
             peeked[i] = e
     length: int | None = None
     if all(e is not None and _serves(e.transfer_syntax, wanted) for e in peeked):
@@ -555,10 +571,24 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         request[OUTCOME] = "hit"
     else:
         request[OUTCOME] = "miss"
+    # Several instances missing and the stored bytes wanted: one upstream retrieve of
+    # the whole series feeds them (verified part by part; single downloads for the rest).
+    missing = [oid for oid, e in zip(oids, peeked, strict=True) if e is None]
+    stream: SeriesStream | None = None
+    if wanted == "*" and len(missing) >= STREAM_MIN_MISSING and 2 * len(missing) >= len(oids):
+        stream = dw.series_stream(study, series, missing)
 
     async def part(i: int) -> Part:
         oid = oids[i]
-        found: Entry | Fetched = peeked[i] or await fetcher.by_orthanc_id(oid)
+        streamed = stream.take(oid) if stream is not None else None
+        found: Entry | Fetched
+        known = peeked[i]
+        if known is not None:
+            found = known
+        elif streamed is not None:
+            found = await asyncio.shield(streamed)
+        else:
+            found = await fetcher.by_orthanc_id(oid)
         _check_parents(found.study_uid, found.series_uid, study, series, found.sop_uid)
         if not _serves(found.transfer_syntax, wanted):
             return await dw.transcoded(found, accept or f'multipart/related; type="{DICOM}"')
@@ -616,6 +646,9 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         # signal left (no closing boundary, no final chunk).
         raise ConnectionResetError(f"retrieve cut after {sent} of {len(oids)} parts: "
                                    f"{exc}") from exc
+    if stream is not None:  # the last parts were sent while being committed: finish that
+        with suppress(Exception):
+            await asyncio.shield(stream.task)
     await resp.write(f"--{b}--\r\n".encode())
     await resp.write_eof()
     return resp
@@ -822,6 +855,9 @@ async def _dicomweb_ctx(app: web.Application) -> AsyncIterator[None]:
     if hooks is not None:
         hooks.append(dw.study_changed)
     yield
+    for task in list(dw.streams):
+        task.cancel()
+    await asyncio.gather(*dw.streams, return_exceptions=True)
     if hooks is not None and dw.study_changed in hooks:
         hooks.remove(dw.study_changed)
 

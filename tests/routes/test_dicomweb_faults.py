@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from dicomcache.app import make_app
+from dicomcache.routes import dicomweb
 from dicomcache.wanem import LinkProfile, WanEmulator
 from tests.conftest import Sample, SettingsFactory
 from tests.routes.dicomweb_support import ANY_SYNTAX, split_multipart, unlink
@@ -24,13 +25,21 @@ async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulato
         upstream={"breaker_failures": 0})))
 
 
+@pytest.fixture
+def single_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No upstream series stream: these tests are about the per-instance path
+    (the stream and its fallback: test_dicomweb_stream.py)."""
+    monkeypatch.setattr(dicomweb, "STREAM_MIN_MISSING", 1 << 30)
+
+
 def series_path(s: Sample) -> str:
     return f"/dicom-web/studies/{s.study}/series/{s.series}"
 
 
 @pytest.mark.parametrize("fault", ["reset", "truncate_lying", "corrupt", "status_503"])
 async def test_unobtainable_instance_breaks_the_stream(
-        client: TestClient, wan: WanEmulator, ct_series: list[Sample], fault: str) -> None:
+        client: TestClient, single_downloads: None,
+        wan: WanEmulator, ct_series: list[Sample], fault: str) -> None:
     """Instance 6 of 12 never arrives intact: the viewer sees a broken body, not a short one."""
     bad = ct_series[5]
     wan.set_profile(LinkProfile(**{fault: 1.0}, fault_paths=f"/instances/{bad.orthanc_id}/file$",
@@ -44,7 +53,8 @@ async def test_unobtainable_instance_breaks_the_stream(
 
 
 async def test_first_instance_unobtainable_is_a_json_error(
-        client: TestClient, wan: WanEmulator, ct_series: list[Sample]) -> None:
+        client: TestClient, single_downloads: None,
+        wan: WanEmulator, ct_series: list[Sample]) -> None:
     bad = ct_series[0]
     wan.set_profile(LinkProfile(reset=1.0, fault_paths=f"/instances/{bad.orthanc_id}/file$"))
     resp = await client.get(series_path(bad), headers={"Accept": ANY_SYNTAX})
@@ -54,7 +64,8 @@ async def test_first_instance_unobtainable_is_a_json_error(
 
 
 async def test_flaky_link_still_gives_whole_verified_series(
-        client: TestClient, wan: WanEmulator, ct_series: list[Sample]) -> None:
+        client: TestClient, single_downloads: None,
+        wan: WanEmulator, ct_series: list[Sample]) -> None:
     wan.set_profile(LinkProfile(truncate_lying=0.1, corrupt=0.05, reset=0.05,
                                 fault_paths=r"/file$", seed=5))
     resp = await client.get(series_path(ct_series[0]), headers={"Accept": ANY_SYNTAX})

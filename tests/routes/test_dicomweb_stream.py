@@ -1,0 +1,132 @@
+"""Cold series retrieves fed by one upstream series stream (dicomcache.series_stream)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from dicomcache.app import make_app
+from dicomcache.orthanc import OrthancProcess
+from dicomcache.routes.common import STORE
+from dicomcache.samples import make_ct_series
+from dicomcache.wanem import LinkProfile, WanEmulator
+from tests.conftest import Sample, SettingsFactory
+from tests.routes.dicomweb_support import ANY_SYNTAX, orthanc_answer, split_multipart
+
+SERIES_STREAM = r"/dicom-web/studies/[^/]*/series/[^/]*$"  # not /series/{id} (the listing)
+
+
+@pytest.fixture
+async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+                 no_blocking: None) -> TestClient:
+    return await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}",
+        dicomweb={"retrieve_concurrency": 2},
+        upstream={"breaker_failures": 0})))
+
+
+def series_path(s: Sample) -> str:
+    return f"/dicom-web/studies/{s.study}/series/{s.series}"
+
+
+def file_requests(wan: WanEmulator) -> int:
+    return sum(n for path, n in wan.requests.items() if path.endswith("/file"))
+
+
+def test_orthanc_instance_id_is_sha1_of_the_uids(ct_series: list[Sample]) -> None:
+    """Orthanc's instance ID: SHA-1 of PatientID|Study|Series|SOP in 5 groups of 8 hex digits."""
+    ds = make_ct_series(12, seed=99, patient_id="PBIG")[0]  # the fixture's first dataset
+    h = hashlib.sha1(f"{ds.PatientID}|{ds.StudyInstanceUID}|{ds.SeriesInstanceUID}|"
+                     f"{ds.SOPInstanceUID}".encode()).hexdigest()
+    assert "-".join(h[i:i + 8] for i in range(0, 40, 8)) == ct_series[0].orthanc_id
+
+
+async def test_cold_series_retrieve_by_stream_identical_to_orthanc(
+        client: TestClient, wan: WanEmulator, orthanc: OrthancProcess,
+        ct_series: list[Sample]) -> None:
+    path = series_path(ct_series[0])
+    status, headers, direct = orthanc_answer(orthanc, path, {"Accept": ANY_SYNTAX})
+    assert status == 200
+    resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
+    assert resp.status == 200
+    ours = split_multipart(await resp.read(), resp.headers["Content-Type"])
+    theirs = split_multipart(direct, headers["Content-Type"])
+    assert [b for _, b in ours] == [b for _, b in theirs] == [s.data for s in ct_series]
+    assert wan.requests[path] == 1  # one series stream…
+    assert file_requests(wan) == 0  # …and no single downloads
+    store = client.app[STORE]
+    for s in ct_series:  # every part stored, verified
+        entry = await store.get(s.sop)
+        assert entry is not None and entry.orthanc_id == s.orthanc_id
+        assert entry.md5 == hashlib.md5(s.data).hexdigest()
+    # Warm: from the store, no upstream request at all.
+    before = sum(wan.requests.values())
+    resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
+    assert [b for _, b in split_multipart(await resp.read(), resp.headers["Content-Type"])] \
+        == [s.data for s in ct_series]
+    assert sum(wan.requests.values()) == before
+
+
+@pytest.mark.parametrize("fault", ["truncate", "reset", "truncate_lying"])
+async def test_cut_series_stream_falls_back_to_single_downloads(
+        client: TestClient, wan: WanEmulator, ct_series: list[Sample], fault: str) -> None:
+    wan.set_profile(LinkProfile(**{fault: 1.0}, fault_paths=SERIES_STREAM, seed=3))
+    path = series_path(ct_series[0])
+    resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
+    assert resp.status == 200
+    parts = split_multipart(await resp.read(), resp.headers["Content-Type"])
+    assert [b for _, b in parts] == [s.data for s in ct_series]
+    assert wan.faults and sum(wan.faults.values()) >= 1
+    assert 0 < file_requests(wan) <= len(ct_series)  # only what the stream did not deliver
+    for s in ct_series:
+        assert wan.requests[f"/instances/{s.orthanc_id}/file"] <= 1
+
+
+async def test_corrupted_stream_part_is_never_sent(
+        client: TestClient, wan: WanEmulator, ct_series: list[Sample]) -> None:
+    wan.set_profile(LinkProfile(corrupt=1.0, fault_paths=SERIES_STREAM, seed=7))
+    path = series_path(ct_series[0])
+    resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
+    assert resp.status == 200
+    parts = split_multipart(await resp.read(), resp.headers["Content-Type"])
+    assert [b for _, b in parts] == [s.data for s in ct_series]  # the good copy, not the bad
+    assert wan.faults.get("corrupt", 0) >= 1
+    assert file_requests(wan) >= 1  # the corrupted one (at least) came again on its own
+    store = client.app[STORE]
+    for s in ct_series:
+        entry = await store.get(s.sop)
+        assert entry is not None
+        assert await asyncio.to_thread(entry.path.read_bytes) == s.data
+
+
+async def test_concurrent_instance_request_waits_for_the_stream(
+        client: TestClient, wan: WanEmulator, ct_series: list[Sample]) -> None:
+    """A viewer asking for one of the series' instances mid-stream: no second download."""
+    wan.set_profile(LinkProfile(latency_ms=20))
+    path = series_path(ct_series[0])
+    late = ct_series[-1]
+
+    async def whole() -> list[bytes]:
+        resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
+        return [b for _, b in split_multipart(await resp.read(), resp.headers["Content-Type"])]
+
+    async def one() -> bytes:
+        for _ in range(500):  # until the series stream has been asked for (bounded)
+            if wan.requests[path]:
+                break
+            await asyncio.sleep(0.01)
+        assert wan.requests[path] == 1
+        resp = await client.get(f"{path}/instances/{late.sop}", headers={"Accept": ANY_SYNTAX})
+        assert resp.status == 200
+        [(_, body)] = split_multipart(await resp.read(), resp.headers["Content-Type"])
+        return body
+
+    series_parts, single = await asyncio.gather(whole(), one())
+    assert series_parts == [s.data for s in ct_series]
+    assert single == late.data
+    assert wan.requests[path] == 1
+    assert file_requests(wan) == 0
+    assert wan.requests.get(f"/instances/{late.orthanc_id}/attachments/dicom/md5", 0) == 1
