@@ -73,9 +73,11 @@ async def test_hooks_and_cursor_survive_restart(
         seen.clear()
         await upload(orthanc, study=study, seed=12)
         await until(lambda: study in seen)
-        saved = watcher.cursor
     finally:
         await client.close()
+    # What was persisted is where the watcher stood when it stopped (it may have
+    # read further changes after the one awaited above).
+    saved = watcher.cursor
     cursor_file = settings.cache.directory / "changes-cursor.json"
     assert await asyncio.to_thread(read_cursor, cursor_file, settings.upstream.url or "") == saved
     assert wan.targets.count("/changes?last") == 1
