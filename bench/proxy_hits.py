@@ -27,21 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dicomcache.orthanc import OrthancProcess, free_port, loopback_env  # noqa: E402
+from dicomcache.orthanc import OrthancProcess, free_port, loopback_env, wait_http  # noqa: E402
 from dicomcache.samples import encode, make_ct_series  # noqa: E402
 
 N = 200
-
-
-def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()  # noqa: S310 - loopback
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer")
 
 
 def wrk(base: str, paths: list[str], seconds: int, connections: int, workdir: Path,

@@ -29,27 +29,15 @@ import sys
 import tempfile
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dicomcache.orthanc import OrthancProcess, free_port  # noqa: E402
+from dicomcache.orthanc import OrthancProcess, free_port, wait_http  # noqa: E402
 from dicomcache.samples import encode, make_ct_series  # noqa: E402
 
 ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-
-
-def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()  # noqa: S310 - loopback
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer")
 
 
 def timed_get(port: int, path: str, headers: dict[str, str]) -> tuple[float, int, bytes]:

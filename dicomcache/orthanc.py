@@ -105,6 +105,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_http(url: str, timeout: float = 30) -> None:
+    """Poll ``url`` until it answers (any status) or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()  # noqa: S310 - loopback URL
+            return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
 class OrthancProcess:
     """A real Orthanc with its own temp storage, on loopback ports.
 
