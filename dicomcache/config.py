@@ -268,6 +268,18 @@ class _Section:
             self.problem(name, f"must be > 0, not {value}")
         return value
 
+    def size(self, name: str, default: str) -> int:
+        """A size such as ``"50GB"`` (see :func:`parse_size`), at least 1 MB."""
+        raw = self.get(name, (str, int), default)
+        try:
+            value = parse_size(raw)
+        except ValueError as exc:
+            self.problem(name, str(exc))
+            return parse_size(default)
+        if value < 1 << 20:
+            self.problem(name, f"{raw!r} is too small: at least 1MB")
+        return value
+
     def str_list(self, name: str) -> tuple[str, ...]:
         value = self.get(name, list, [])
         if not all(isinstance(v, str) for v in value):
@@ -349,16 +361,7 @@ def _upstream(sec: _Section, base: Path) -> UpstreamSettings:
 
 def _cache(sec: _Section, base: Path) -> CacheSettings:
     directory = Path(sec.get("directory", str, "/var/cache/dicomcache"))
-    raw = sec.get("max_size", (str, int), "50GB")
-    try:
-        max_size = parse_size(raw)
-    except ValueError as exc:
-        sec.problem("max_size", str(exc))
-        max_size = 50 << 30
-    else:
-        if max_size < 1 << 20:
-            sec.problem("max_size", f"{raw!r} is too small: at least 1MB")
-    return CacheSettings(directory=base / directory, max_size=max_size)
+    return CacheSettings(directory=base / directory, max_size=sec.size("max_size", "50GB"))
 
 
 def _access(sec: _Section) -> AccessSettings:
@@ -518,15 +521,7 @@ def _dicomweb(sec: _Section) -> DicomwebSettings:
     stale = sec.get("stale_if_error", float, 7 * 86400.0)
     if stale < 0:
         sec.problem("stale_if_error", "must not be negative (0: never serve stale copies)")
-    raw = sec.get("memory_size", (str, int), "256MB")
-    try:
-        memory = parse_size(raw)
-    except ValueError as exc:
-        sec.problem("memory_size", str(exc))
-        memory = 256 << 20
-    else:
-        if memory < 1 << 20:
-            sec.problem("memory_size", f"{raw!r} is too small: at least 1MB")
+    memory = sec.size("memory_size", "256MB")
     concurrency = sec.get("retrieve_concurrency", int, 8)
     if not 1 <= concurrency <= 64:
         sec.problem("retrieve_concurrency", f"must be between 1 and 64, not {concurrency}")
