@@ -26,12 +26,19 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterable
 from typing import Any
 
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    AllStoragePresentationContexts,
+    evt,
+)
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -51,6 +58,32 @@ OUT_OF_RESOURCES = 0xA700
 SOP_CLASS_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 INSTANCE_MISMATCH = 0xC002
+
+
+def _meta_element(group_elem: int, vr: bytes, value: bytes) -> bytes:
+    """One Explicit VR Little Endian group 0002 element (UI padded with NUL, others
+    with a space, as pydicom writes them)."""
+    if len(value) % 2:
+        value += b"\x00" if vr == b"UI" else b" "
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 0x0002, group_elem, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, group_elem, vr, len(value)) + value
+
+
+def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information pynetdicom writes for a
+    received data set (``Event.encoded_dataset``), without pydicom's writer, which
+    cost about a millisecond per C-STORE.  Byte-identical (tested)."""
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", sop_class.encode("ascii")),
+        _meta_element(0x0003, b"UI", sop_instance.encode("ascii")),
+        _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii")),
+        _meta_element(0x0012, b"UI", str(PYNETDICOM_IMPLEMENTATION_UID).encode("ascii")),
+        _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
+    ))
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\x00" * 128 + b"DICM" + group_length + body
 
 
 def _networks(entries: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -196,7 +229,11 @@ class StoreSCP:
         request = event.request
         want_class = str(request.AffectedSOPClassUID)
         want_instance = str(request.AffectedSOPInstanceUID)
-        data = event.encoded_dataset(include_meta=True)
+        try:
+            data = (part10_header(want_class, want_instance, str(event.context.transfer_syntax))
+                    + event.request.DataSet.getvalue())
+        except UnicodeEncodeError:  # not ASCII, so not UIDs: pynetdicom's way; checks follow
+            data = event.encoded_dataset(include_meta=True)
         try:
             info = info_from_bytes(data)
         except IntegrityError as exc:
@@ -217,8 +254,9 @@ class StoreSCP:
             log.error("Cannot spool %s from %s (%s: %s): answering 0xA700", want_instance,
                       calling, what, exc)
             return OUT_OF_RESOURCES
-        log.debug("Spooled %s (%s, %d bytes) from %s", want_instance,
-                  neg.syntax_name(info.transfer_syntax), len(data), calling)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Spooled %s (%s, %d bytes) from %s", want_instance,
+                      neg.syntax_name(info.transfer_syntax), len(data), calling)
         return SUCCESS
 
     def _reject(self, data: bytes, status: int, reason: str, calling: str, sop: str) -> int:
