@@ -509,7 +509,8 @@ def encode_message(msg: Any, context_id: int, max_pdu: int) -> Iterator[bytearra
 
 
 def _dimse_send_msg(self: Any, primitive: Any, context_id: int) -> None:
-    """pynetdicom 3.0.4's ``DIMSEServiceProvider.send_msg``, whole PDUs per block."""
+    """pynetdicom 3.0.4's ``DIMSEServiceProvider.send_msg``, whole PDUs per block, sent
+    from this thread when the association is established and nothing is queued."""
     if primitive.MessageIDBeingRespondedTo is None:
         msg = _dimse._RQ_TO_MESSAGE[primitive.__class__]()
     else:
@@ -517,25 +518,69 @@ def _dimse_send_msg(self: Any, primitive: Any, context_id: int) -> None:
     msg.primitive_to_message(primitive)
     msg.context_id = context_id
     evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": msg})
+    dul = self.dul
     for block in encode_message(msg, context_id, self.maximum_pdu_size):
-        self.dul.send_pdu(RawPData(block))
+        if not _send_now(dul, block):
+            dul.send_pdu(RawPData(block))
+
+
+def _send_lock(dul: Any) -> threading.RLock:
+    """Serialises every write to the association's socket (this thread's and the DUL's)."""
+    lock = dul.__dict__.get("_dc_send_lock")
+    if lock is None:
+        with _install_lock:
+            lock = dul.__dict__.get("_dc_send_lock")
+            if lock is None:
+                lock = dul._dc_send_lock = threading.RLock()
+    return lock  # type: ignore[no-any-return]
+
+
+def _send_now(dul: Any, raw: bytearray) -> bool:
+    """Send P-DATA-TF PDUs from the calling thread (False: queue them for the DUL thread).
+
+    Only in Sta6 (established) with nothing queued ahead: the DUL thread takes a
+    primitive off its queue and sends it under the same lock, so nothing it
+    still has to send can be overtaken.  This spares a hand-off to the DUL
+    thread and back per message (the SCP's acknowledgement, the SCU's request).
+    """
+    with _send_lock(dul):
+        sock = dul.socket
+        if (dul.state_machine.current_state != "Sta6" or dul.to_provider_queue.qsize()
+                or sock is None or getattr(sock, "socket", None) is None):
+            return False
+        try:
+            sock.socket.sendall(raw)
+        except Exception:  # noqa: BLE001 - as AssociationSocket.send: Evt17, connection closed
+            sock.event_queue.put("Evt17")
+            _waker(dul).wake()
+        return True
 
 
 def _send_pdata(dul: Any) -> None:
     """DT-1/AR-7: send the queued P-DATA request (pre-encoded or not)."""
-    primitive = dul.to_provider_queue.get(False)
-    raw = getattr(primitive, "dc_raw", None)
-    if raw is None:
-        dul._send(P_DATA_TF(primitive))
-        return
-    sock = dul.socket
-    if sock is None:
-        _dul.LOGGER.warning("Attempted to send data over closed connection")
-        return
-    try:
-        sock.socket.sendall(raw)
-    except Exception:  # noqa: BLE001 - as AssociationSocket.send: Evt17, connection closed
-        sock.event_queue.put("Evt17")
+    with _send_lock(dul):
+        primitive = dul.to_provider_queue.get(False)
+        raw = getattr(primitive, "dc_raw", None)
+        if raw is None:
+            dul._send(P_DATA_TF(primitive))
+            return
+        sock = dul.socket
+        if sock is None:
+            _dul.LOGGER.warning("Attempted to send data over closed connection")
+            return
+        try:
+            sock.socket.sendall(raw)
+        except Exception:  # noqa: BLE001 - as AssociationSocket.send: Evt17, connection closed
+            sock.event_queue.put("Evt17")
+
+
+_orig_dul_send = _dul.DULServiceProvider._send
+
+
+def _dul_send(self: Any, pdu: Any) -> None:
+    """``DULServiceProvider._send`` under the socket's send lock."""
+    with _send_lock(self):
+        _orig_dul_send(self, pdu)
 
 
 def _dt_1(dul: Any) -> str:
@@ -566,6 +611,7 @@ def install() -> bool:
         Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
         AssociationSocket.recv = _socket_recv  # type: ignore[method-assign]
         _dimse.DIMSEServiceProvider.send_msg = _dimse_send_msg  # type: ignore[method-assign]
+        _dul.DULServiceProvider._send = _dul_send  # type: ignore[method-assign]
         DIMSEMessage._set_command_group_length = (  # type: ignore[method-assign]
             _set_command_group_length)
         for name, action in (("DT-1", _dt_1), ("AR-7", _ar_7)):

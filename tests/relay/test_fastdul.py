@@ -119,3 +119,60 @@ def test_part10_header_is_pynetdicoms_file_meta(syntax: str, sop: str) -> None:
     meta = create_file_meta(sop_class_uid=UID(CT), sop_instance_uid=UID(sop),
                             transfer_syntax=UID(syntax))
     assert part10_header(CT, sop, syntax) == b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+
+
+def test_messages_go_out_from_the_calling_thread_and_arrive_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Established association, nothing queued: C-STORE requests and responses are sent by
+    the thread that makes them (no hand-off to the DUL thread), bytes unchanged."""
+    import threading
+
+    from pynetdicom import AE, evt
+    from pynetdicom import dul as _dul
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from dicomcache.orthanc import free_port
+    from dicomcache.samples import make_ct_series, write_series
+
+    assert fastdul.install()
+    queued: list[int] = []
+    original = _dul.DULServiceProvider.send_pdu
+
+    def counting(self: object, primitive: object) -> None:
+        if isinstance(primitive, fastdul.RawPData):
+            queued.append(len(primitive.dc_raw))
+        original(self, primitive)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_dul.DULServiceProvider, "send_pdu", counting)
+    received: dict[str, bytes] = {}
+    lock = threading.Lock()
+
+    def store(event: evt.Event) -> int:
+        with lock:
+            received[str(event.request.AffectedSOPInstanceUID)] = (
+                event.request.DataSet.getvalue())  # type: ignore[union-attr]
+        return 0
+
+    scp_ae = AE(ae_title="SCP")
+    scp_ae.add_supported_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    port = free_port()
+    server = scp_ae.start_server(("127.0.0.1", port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        series = make_ct_series(5, rows=128, columns=128, seed=9)
+        files = write_series(series, tmp_path / "src")
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="SCP", max_pdu=16384)
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(f).Status) for f in files]
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert statuses == [0] * 5
+    assert queued == []  # every request and response went out directly
+    for f, ds in zip(files, series, strict=True):
+        raw = f.read_bytes()
+        # The data set as in the file after its meta group, byte for byte.
+        assert raw.endswith(received[str(ds.SOPInstanceUID)])
+        assert len(received[str(ds.SOPInstanceUID)]) > 128 * 128 * 2
