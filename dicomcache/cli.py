@@ -51,8 +51,11 @@ def setup_logging(level: str = "INFO", fmt: str = "plain") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # aiohttp's per-request access log is not an event a person needs.
+    # aiohttp's per-request access log is not an event a person needs; nor are
+    # pynetdicom's per-message INFO lines (the relay logs what matters), unless debugging.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if root.getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -176,3 +176,23 @@ def test_messages_go_out_from_the_calling_thread_and_arrive_whole(
         # The data set as in the file after its meta group, byte for byte.
         assert raw.endswith(received[str(ds.SOPInstanceUID)])
         assert len(received[str(ds.SOPInstanceUID)]) > 128 * 128 * 2
+
+
+def test_pynetdicom_logging_handlers_only_when_they_would_print() -> None:
+    import logging
+
+    from pynetdicom import AE, evt
+    from pynetdicom.association import Association
+
+    assert fastdul.install()
+    logger = logging.getLogger("pynetdicom")
+    old = logger.level
+    try:
+        logger.setLevel(logging.WARNING)
+        quiet = Association(AE(), "requestor")
+        logger.setLevel(logging.INFO)
+        verbose = Association(AE(), "requestor")
+    finally:
+        logger.setLevel(old)
+    assert evt.EVT_DIMSE_RECV not in quiet._handlers
+    assert evt.EVT_DIMSE_RECV in verbose._handlers
