@@ -40,7 +40,12 @@ these were written against (otherwise it does nothing):
   (every PDU and DIMSE message formatted for its logger; one copies the whole
   data set to see whether there is one) are bound only when the
   ``pynetdicom`` logger would print INFO: they cost about 0.2 ms per C-STORE
-  for nothing at the WARNING level the relay runs it at.
+  for nothing at the WARNING level the relay runs it at;
+* the ``deepcopy`` of the server's presentation contexts that pynetdicom
+  makes for every inbound association: :func:`copy_contexts` gives the same
+  independent copies (the contexts' only mutable part is their list of
+  transfer syntaxes) in 0.6 ms instead of about 25 ms for the 170 storage
+  contexts times 16 syntaxes the SCP supports, before every A-ASSOCIATE-AC.
 
 State machine, PDU handling and the pause protocol are untouched: the waits
 change, and how many pieces a message is handed to the DUL in.
@@ -48,6 +53,7 @@ change, and how many pieces a message is handed to the DUL in.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import queue
@@ -59,17 +65,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import pynetdicom
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pynetdicom import _config as _pynetdicom_config
 from pynetdicom import dimse as _dimse
 from pynetdicom import dul as _dul
 from pynetdicom import evt, fsm
+from pynetdicom import transport as _transport
 from pynetdicom.association import Association
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
 
 log = logging.getLogger(__name__)
@@ -599,6 +607,22 @@ def _ar_7(dul: Any) -> str:
     return "Sta8"
 
 
+def copy_contexts(obj: Any, memo: dict[int, Any] | None = None) -> Any:
+    """``copy.deepcopy`` for pynetdicom's transport module: a list of presentation
+    contexts is copied context by context (their attributes are immutable but
+    the transfer syntax list); anything else goes to ``copy.deepcopy``."""
+    if not isinstance(obj, list) or not all(type(c) is PresentationContext for c in obj):
+        return copy.deepcopy(obj, memo)
+    out = []
+    for cx in obj:
+        new = copy.copy(cx)
+        for name, value in vars(cx).items():
+            if isinstance(value, list):
+                setattr(new, name, list(value))
+        out.append(new)
+    return out
+
+
 _orig_bind_defaults = Association._bind_defaults
 
 
@@ -629,6 +653,7 @@ def install() -> bool:
         _dimse.DIMSEServiceProvider.send_msg = _dimse_send_msg  # type: ignore[method-assign]
         _dul.DULServiceProvider._send = _dul_send  # type: ignore[method-assign]
         Association._bind_defaults = _bind_defaults  # type: ignore[method-assign]
+        _transport.deepcopy = copy_contexts  # type: ignore[attr-defined,assignment]
         DIMSEMessage._set_command_group_length = (  # type: ignore[method-assign]
             _set_command_group_length)
         for name, action in (("DT-1", _dt_1), ("AR-7", _ar_7)):

@@ -196,3 +196,25 @@ def test_pynetdicom_logging_handlers_only_when_they_would_print() -> None:
         logger.setLevel(old)
     assert evt.EVT_DIMSE_RECV not in quiet._handlers
     assert evt.EVT_DIMSE_RECV in verbose._handlers
+
+
+def test_copied_contexts_are_equal_and_independent() -> None:
+    import copy
+
+    from pynetdicom import AE, AllStoragePresentationContexts
+
+    from dicomcache.relay import negotiation as neg
+
+    ae = AE()
+    for cx in AllStoragePresentationContexts[:20]:
+        ae.add_supported_context(cx.abstract_syntax, list(neg.ACCEPTED_FROM_MODALITIES),
+                                 scu_role=True, scp_role=True)
+    original = ae.supported_contexts
+    ours = fastdul.copy_contexts(original)
+    reference = copy.deepcopy(original)
+    assert [vars(c) for c in ours] == [vars(c) for c in reference]
+    assert all(a is not b for a, b in zip(ours, original, strict=True))
+    ours[0].transfer_syntax.append("1.2.3.4")
+    ours[0].context_id = 99
+    assert "1.2.3.4" not in original[0].transfer_syntax and original[0].context_id is None
+    assert fastdul.copy_contexts({"a": [1]}) == {"a": [1]}  # anything else: deepcopy
