@@ -74,6 +74,7 @@ from pynetdicom import evt, fsm
 from pynetdicom import transport as _transport
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
@@ -496,18 +497,23 @@ def encode_message(msg: Any, context_id: int, max_pdu: int) -> Iterator[bytearra
     then the data set (in memory, or from a file from an offset), each cut at
     ``max_pdu - 6`` bytes (0: not cut).
     """
+    data = msg.data_set.getvalue() if msg.data_set is not None else None
+    path = msg._data_set_path if msg.data_set is None else None
+    return encode_pdus(_command_bytes(msg.command_set), data, path, context_id, max_pdu)
+
+
+def encode_pdus(command: bytes, data: bytes | None, path: tuple[Any, int] | None,
+                context_id: int, max_pdu: int) -> Iterator[bytearray]:
+    """:func:`encode_message` from an encoded command set and the data set (bytes, or a
+    file and the offset where the data set starts in it)."""
     fragment = max_pdu - 6 if max_pdu else 0
     out = bytearray()
-    _append_pdvs(out, context_id, _command_bytes(msg.command_set), fragment,
-                 command=True, last=True)
-    if msg.data_set is not None:
-        data = msg.data_set.getvalue()
-        if data:
-            _append_pdvs(out, context_id, data, fragment, command=False, last=True)
-    elif msg._data_set_path is not None:
-        path, offset = msg._data_set_path
-        with open(path, "rb") as f:
-            left = f.seek(0, os.SEEK_END) - f.seek(offset)
+    _append_pdvs(out, context_id, command, fragment, command=True, last=True)
+    if data:
+        _append_pdvs(out, context_id, data, fragment, command=False, last=True)
+    elif data is None and path is not None:
+        with open(path[0], "rb") as f:
+            left = f.seek(0, os.SEEK_END) - f.seek(path[1])
             step = left if not fragment else max(fragment, RAW_BLOCK // fragment * fragment)
             while True:
                 chunk = f.read(min(step, left))
@@ -522,9 +528,65 @@ def encode_message(msg: Any, context_id: int, max_pdu: int) -> Iterator[bytearra
     yield out
 
 
+# C-STORE command sets, in tag order: (element, VR, primitive attribute or fixed value).
+_STORE_RQ = ((0x0002, "UI", "AffectedSOPClassUID"), (0x0100, "US", 0x0001),
+             (0x0110, "US", "MessageID"), (0x0700, "US", "Priority"),
+             (0x0800, "US", None), (0x1000, "UI", "AffectedSOPInstanceUID"),
+             (0x1030, "AE", "MoveOriginatorApplicationEntityTitle"),
+             (0x1031, "US", "MoveOriginatorMessageID"))
+_STORE_RSP = ((0x0002, "UI", "AffectedSOPClassUID"), (0x0100, "US", 0x8001),
+              (0x0120, "US", "MessageIDBeingRespondedTo"), (0x0800, "US", 0x0101),
+              (0x0900, "US", "Status"), (0x0901, "AT", "OffendingElement"),
+              (0x0902, "LO", "ErrorComment"), (0x1000, "UI", "AffectedSOPInstanceUID"))
+
+
+def store_command(primitive: Any) -> tuple[bytes, bytes | None, tuple[Any, int] | None] | None:
+    """A C-STORE primitive's command set (as pynetdicom's ``primitive_to_message`` and
+    pydicom would encode it) and its data set, without building a DIMSE message:
+    that took most of a C-STORE's CPU on either side.  None: not a C-STORE, or a
+    value only pydicom should encode."""
+    if type(primitive) is not C_STORE:
+        return None
+    request = primitive.MessageIDBeingRespondedTo is None
+    data: bytes | None = None
+    path = None
+    if request:
+        dataset = primitive.DataSet
+        path = getattr(primitive, "_dataset_path", None)
+        data = dataset.getvalue() if dataset is not None else None
+        kind = 0x0001 if dataset is not None or path else 0x0101
+    out = bytearray()
+    for element, vr, source in _STORE_RQ if request else _STORE_RSP:
+        if source is None:
+            value: Any = kind
+        elif isinstance(source, int):
+            value = source
+        else:
+            value = getattr(primitive, source)
+            if value is None:  # not set: no element (pynetdicom deletes it)
+                continue
+        raw = _element_value(vr, value)
+        if raw is None:
+            return None
+        out += _ELEMENT_HEAD.pack(0x0000, element, len(raw))
+        out += raw
+    command = _ELEMENT_HEAD.pack(0x0000, 0x0000, 4) + struct.pack("<I", len(out)) + out
+    return command, data if request else None, path if request else None
+
+
 def _dimse_send_msg(self: Any, primitive: Any, context_id: int) -> None:
     """pynetdicom 3.0.4's ``DIMSEServiceProvider.send_msg``, whole PDUs per block, sent
     from this thread when the association is established and nothing is queued."""
+    dul = self.dul
+    for block in _message_blocks(self, primitive, context_id):
+        if not _send_now(dul, block):
+            dul.send_pdu(RawPData(block))
+
+
+def _message_blocks(self: Any, primitive: Any, context_id: int) -> Iterator[bytearray]:
+    fast = None if self.assoc.get_handlers(evt.EVT_DIMSE_SENT) else store_command(primitive)
+    if fast is not None:  # nobody to show a DIMSE message object to
+        return encode_pdus(*fast, context_id, self.maximum_pdu_size)
     if primitive.MessageIDBeingRespondedTo is None:
         msg = _dimse._RQ_TO_MESSAGE[primitive.__class__]()
     else:
@@ -532,10 +594,7 @@ def _dimse_send_msg(self: Any, primitive: Any, context_id: int) -> None:
     msg.primitive_to_message(primitive)
     msg.context_id = context_id
     evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": msg})
-    dul = self.dul
-    for block in encode_message(msg, context_id, self.maximum_pdu_size):
-        if not _send_now(dul, block):
-            dul.send_pdu(RawPData(block))
+    return encode_message(msg, context_id, self.maximum_pdu_size)
 
 
 def _send_lock(dul: Any) -> threading.RLock:

@@ -218,3 +218,30 @@ def test_copied_contexts_are_equal_and_independent() -> None:
     ours[0].context_id = 99
     assert "1.2.3.4" not in original[0].transfer_syntax and original[0].context_id is None
     assert fastdul.copy_contexts({"a": [1]}) == {"a": [1]}  # anything else: deepcopy
+
+
+@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("payload", ["memory", "file", "none"])
+def test_c_store_command_sets_straight_from_the_primitive(tmp_path: Path, index: int,
+                                                          payload: str) -> None:
+    primitive = _primitives()[index]
+    if index == 0:
+        primitive.DataSet = None  # type: ignore[attr-defined]
+        if payload == "memory":
+            primitive.DataSet = BytesIO(b"\x08\x00\x16\x00" * 5000)  # type: ignore[attr-defined]
+        elif payload == "file":
+            path = tmp_path / "ds.dcm"
+            path.write_bytes(b"P" * 200 + bytes(range(256)) * 300)
+            primitive._dataset_path = (path, 200)  # type: ignore[attr-defined]
+    fast = fastdul.store_command(primitive)
+    assert fast is not None
+    for max_pdu in (0, 16384):
+        ours = b"".join(fastdul.encode_pdus(*fast, 3, max_pdu))
+        assert ours == _pynetdicom_bytes(_message(primitive), max_pdu)
+
+
+def test_only_c_store_primitives_take_the_short_cut() -> None:
+    assert fastdul.store_command(_primitives()[2]) is None  # C-ECHO
+    rsp = _primitives()[1]
+    rsp.ErrorComment = "Ümlaut"  # type: ignore[attr-defined]
+    assert fastdul.store_command(rsp) is None
