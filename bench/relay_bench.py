@@ -1,6 +1,7 @@
 """Relay benchmark: storescu → dicomcache relay → storescp, against storescu → storescp.
 
-    python bench/relay_bench.py [--count 200] [--json] [--baseline DIR] [--profile FILE]
+    python bench/relay_bench.py [--count 200] [--runs N] [--json] [--baseline DIR]
+                                [--profile FILE]
 
 200 generated CT instances of 512 KiB (512x512x16 bit, Explicit VR LE).  All
 processes on 127.0.0.1, DCMTK with TCP_NODELAY=1 (``loopback_env``), the
@@ -14,6 +15,8 @@ PACS folders in a temp dir.  Reports:
 * transcoding rates in-process: Explicit → Implicit VR LE, JPEG Lossless →
   Implicit VR LE.
 
+``--runs N`` repeats direct, relay (and baseline) N times and reports medians,
+each ratio taken within its own run (the machine is shared: single runs vary).
 ``--baseline DIR`` runs the relay a second time from another checkout (e.g.
 ``git archive HEAD dicomcache | tar -x -C DIR``) in the same run: before/after
 ratios on a shared machine.  ``--profile FILE`` records the relay with py-spy
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,9 +166,32 @@ def relay_run(root: Path, files: list[Path], n: int, code: Path, *,
     return acks, e2e
 
 
+def one_run(root: Path, files: list[Path], n: int, baseline: str | None,
+            profile: str | None) -> dict[str, float]:
+    """direct, relay (and baseline) once each, in that order: seconds."""
+    out: dict[str, float] = {}
+    port = free_port()
+    pacs = storescp(root / "direct", port)
+    try:
+        t0 = time.perf_counter()
+        storescu(files, port, "PACS")
+        out["direct"] = wait_files(root / "direct", n, t0)
+    finally:
+        stop(pacs)
+    out["acks"], out["e2e"] = relay_run(root / "relay", files, n,
+                                        Path(__file__).resolve().parents[1], profile=profile)
+    if baseline:
+        out["b_acks"], out["b_e2e"] = relay_run(root / "baseline", files, n,
+                                                Path(baseline).resolve())
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat direct/relay(/baseline) this many times; medians are "
+                             "reported, each ratio taken within its own run")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", metavar="FILE", default=None,
                         help="py-spy (raw, --threads) of the relay during the relayed run, "
@@ -180,23 +207,8 @@ def main() -> int:
         files = write_series(series, root / "modality")
         total = sum(f.stat().st_size for f in files)
         mb = total / 1e6
-
-        # Direct DCMTK.
-        port = free_port()
-        pacs = storescp(root / "direct", port)
-        try:
-            t0 = time.perf_counter()
-            storescu(files, port, "PACS")
-            direct = wait_files(root / "direct", n, t0)
-        finally:
-            stop(pacs)
-
-        # Through the relay (its own process).
-        acks, e2e = relay_run(root / "relay", files, n, Path(__file__).resolve().parents[1],
-                              profile=args.profile)
-        baseline = None
-        if args.baseline:
-            baseline = relay_run(root / "baseline", files, n, Path(args.baseline).resolve())
+        runs = [one_run(root / f"run{i}", files, n, args.baseline,
+                        args.profile if i == 0 else None) for i in range(max(args.runs, 1))]
 
         # Transcoding (in this process).
         blobs = [f.read_bytes() for f in files[: min(n, 100)]]
@@ -205,19 +217,27 @@ def main() -> int:
         jll_rate = transcode_rate(jll, neg.IMPLICIT_LE)
         shutdown_pool()
 
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    def ratio(key: str) -> float:  # direct rate / relay rate, within each run
+        return round(statistics.median(r["direct"] / r[key] for r in runs), 2)
+
+    direct, acks, e2e = med("direct"), med("acks"), med("e2e")
     result = {
         "instances": n, "instance_bytes": total // n, "total_mb": round(mb, 1),
+        "runs": len(runs),
         "direct": {"seconds": round(direct, 3), "instances_per_s": round(n / direct, 1),
                    "mb_per_s": round(mb / direct, 1)},
         "relay_acks": {"seconds": round(acks, 3), "instances_per_s": round(n / acks, 1),
                        "mb_per_s": round(mb / acks, 1)},
         "relay_end_to_end": {"seconds": round(e2e, 3), "instances_per_s": round(n / e2e, 1),
-                             "mb_per_s": round(mb / e2e, 1),
-                             "ratio_to_direct": round(direct / e2e, 2)},
-        "baseline_acks_instances_per_s": None if baseline is None else round(n / baseline[0], 1),
-        "baseline_end_to_end": None if baseline is None else {
-            "instances_per_s": round(n / baseline[1], 1),
-            "ratio_to_direct": round(direct / baseline[1], 2)},
+                             "mb_per_s": round(mb / e2e, 1), "ratio_to_direct": ratio("e2e")},
+        "per_run": [{k: round(n / v, 1) for k, v in r.items()} for r in runs],
+        "baseline_acks_instances_per_s": round(n / med("b_acks"), 1) if args.baseline
+        else None,
+        "baseline_end_to_end": {"instances_per_s": round(n / med("b_e2e"), 1),
+                                "ratio_to_direct": ratio("b_e2e")} if args.baseline else None,
         "transcode_explicit_to_implicit": {"instances_per_s": round(exp_rate[0], 1),
                                            "mb_per_s": round(exp_rate[1], 1)},
         "transcode_jpeg_lossless_to_implicit": {"instances_per_s": round(jll_rate[0], 1),
@@ -225,19 +245,26 @@ def main() -> int:
     }
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(f"{n} instances x {total // n // 1024} KiB ({mb:.0f} MB), loopback, TCP_NODELAY=1")
-        print(f"direct storescu→storescp      {n / direct:7.1f} inst/s {mb / direct:7.1f} MB/s")
-        print(f"relay: modality acks          {n / acks:7.1f} inst/s {mb / acks:7.1f} MB/s")
-        print(f"relay: end to end             {n / e2e:7.1f} inst/s {mb / e2e:7.1f} MB/s "
-              f"({direct / e2e:.2f}x direct)")
-        if baseline is not None:
-            b_acks, b_e2e = baseline
-            print(f"baseline: modality acks       {n / b_acks:7.1f} inst/s {mb / b_acks:7.1f} MB/s")
-            print(f"baseline: end to end          {n / b_e2e:7.1f} inst/s {mb / b_e2e:7.1f} MB/s "
-                  f"({direct / b_e2e:.2f}x direct)")
-        print(f"transcode Explicit→Implicit   {exp_rate[0]:7.1f} inst/s {exp_rate[1]:7.1f} MB/s")
-        print(f"transcode JPEG-LL→Implicit    {jll_rate[0]:7.1f} inst/s")
+        return 0
+    print(f"{n} instances x {total // n // 1024} KiB ({mb:.0f} MB), loopback, TCP_NODELAY=1, "
+          f"{len(runs)} run(s), medians")
+    if len(runs) > 1:
+        for i, r in enumerate(result["per_run"]):
+            extra = (f"  baseline acks {r['b_acks']:6.1f}  e2e {r['b_e2e']:6.1f}"
+                     if args.baseline else "")
+            print(f"  run {i}: direct {r['direct']:6.1f}  acks {r['acks']:6.1f}  "
+                  f"e2e {r['e2e']:6.1f} inst/s{extra}")
+    print(f"direct storescu→storescp      {n / direct:7.1f} inst/s {mb / direct:7.1f} MB/s")
+    print(f"relay: modality acks          {n / acks:7.1f} inst/s {mb / acks:7.1f} MB/s")
+    print(f"relay: end to end             {n / e2e:7.1f} inst/s {mb / e2e:7.1f} MB/s "
+          f"({ratio('e2e'):.2f}x direct)")
+    if args.baseline:
+        b_acks, b_e2e = med("b_acks"), med("b_e2e")
+        print(f"baseline: modality acks       {n / b_acks:7.1f} inst/s {mb / b_acks:7.1f} MB/s")
+        print(f"baseline: end to end          {n / b_e2e:7.1f} inst/s {mb / b_e2e:7.1f} MB/s "
+              f"({ratio('b_e2e'):.2f}x direct)")
+    print(f"transcode Explicit→Implicit   {exp_rate[0]:7.1f} inst/s {exp_rate[1]:7.1f} MB/s")
+    print(f"transcode JPEG-LL→Implicit    {jll_rate[0]:7.1f} inst/s")
     return 0
 
 
