@@ -13,7 +13,12 @@ multipart read and its parts counted):
 Series metadata is timed the same way.  Goals (issue 3): cold <= 1.1 x direct,
 warm >= 2 x faster than direct.  Everything listens on 127.0.0.1.
 
-    ./run bench bench/wado_rs.py [--instances 200] [--runs 3]
+    ./run bench bench/wado_rs.py [--instances 200] [--runs 3] [--profile cold.svg]
+
+``--profile FILE`` records the dicomcache process with ``py-spy`` during the
+first cold retrieve (all threads, idle time included, so waiting shows too;
+that run is slowed by the sampling, so take the figures from a run without it);
+``FILE`` ending in ``.txt`` gets py-spy's collapsed stacks instead of a flame graph.
 """
 
 from __future__ import annotations
@@ -93,12 +98,31 @@ class Proxy:
             self.proc.wait()
 
 
+class Profiler:
+    """``py-spy record`` attached to a process until :meth:`stop` (needs ptrace rights)."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        py_spy = Path(sys.executable).with_name("py-spy")
+        fmt = "raw" if out.suffix == ".txt" else "flamegraph"
+        self.proc = subprocess.Popen(
+            [str(py_spy if py_spy.exists() else "py-spy"), "record", "--pid", str(pid),
+             "--rate", "250", "--threads", "--idle", "--format", fmt, "--output", str(out)],
+            stdout=subprocess.DEVNULL)
+        time.sleep(1.0)  # py-spy attaches before the timed request starts
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        self.proc.wait(timeout=60)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--instances", type=int, default=200)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=8,
                     help="dicomweb.retrieve_concurrency of the proxy")
+    ap.add_argument("--profile", type=Path, metavar="FILE",
+                    help="py-spy profile of dicomcache during the first cold retrieve")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dicomcache-wado-bench-"))
     orthanc = OrthancProcess(work / "orthanc")
@@ -133,7 +157,13 @@ def main() -> int:
             meta_direct.append(s)
             proxy = Proxy(work, orthanc, f"cache{run}", args.concurrency)
             proxies.append(proxy)
-            s, _, body = timed_get(proxy.port, series, ours_h)
+            profiler = Profiler(proxy.proc.pid, args.profile) \
+                if args.profile and run == 0 else None
+            try:
+                s, _, body = timed_get(proxy.port, series, ours_h)
+            finally:
+                if profiler is not None:
+                    profiler.stop()
             check(body, "cold")
             cold.append(s)
             s, _, _ = timed_get(proxy.port, series + "/metadata", {})

@@ -14,16 +14,20 @@ every part:
   (``/instances/{id}/attachments/dicom/md5``, fetched in parallel, bounded):
   the part *is* the instance whose stored MD5 it has; a part that matches
   none is dropped;
-* hands the verified bytes at once to the retrieve waiting for it (sending
-  overlaps the commit), then commits it to the store and settles the
-  single-flight future that :meth:`Fetcher.claim` registered for it, so a
-  concurrent viewer asking for that instance waits for the stream instead of
-  downloading it a second time.
+* hands the verified bytes at once to the retrieve waiting for it, and queues
+  them for the store's next group commit (:meth:`AsyncStore.queue_commit`):
+  the retrieve never waits for durability, and reading goes on while earlier
+  parts are being written (up to :data:`COMMIT_BACKLOG` bytes not yet durable);
+* once the part is durable, settles the single-flight future that
+  :meth:`Fetcher.claim` registered for it, so a concurrent viewer asking for
+  that instance waits for the stream instead of downloading it a second time
+  (and a lookup of it by SOPInstanceUID waits for its commit meanwhile).
 
 Every claimed instance the stream did not deliver verified (cut stream,
 corrupted part, no MD5 at Orthanc, upstream error) falls back to the ordinary
-per-instance download with its retries (:meth:`Fetcher.fall_back`).  Nothing
-unverified is sent or stored.
+per-instance download with its retries (:meth:`Fetcher.fall_back`) as soon as
+the stream ends, without waiting for the commits.  Nothing unverified is sent
+or stored.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import aiohttp
 
 from .errors import IntegrityError, NotFoundUpstream, UpstreamError
 from .fetch import Fetched, Fetcher
-from .store import Entry
+from .store import Entry, StoreClosed, Verified
 from .verify import DicomSummary, md5_hex, verify_bytes
 
 log = logging.getLogger(__name__)
@@ -46,8 +50,11 @@ log = logging.getLogger(__name__)
 ACCEPT_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 #: Largest part accepted from the stream (a bigger one ends it: fetched one by one).
 MAX_PART = 1 << 30
-#: Parts read ahead, being verified or committed at once (bounds the memory held).
+#: Parts read ahead or being verified at once (bounds the memory held).
 PARALLEL = 16
+#: Bytes of verified parts queued or being committed before reading waits (the
+#: memory held when the cache disk is slower than the link).
+COMMIT_BACKLOG = 128 << 20
 #: MD5 requests in flight at once.
 MD5_PARALLEL = 16
 #: Read buffer of the upstream stream.
@@ -129,6 +136,25 @@ def _quiet(fut: asyncio.Future[Any]) -> None:
         fut.exception()  # nobody may ever take it (viewer hung up)
 
 
+class _Budget:
+    """Bytes held: :meth:`take` waits while over ``limit`` (one item is always let in)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._freed = asyncio.Event()
+
+    async def take(self, n: int) -> None:
+        while self.held and self.held + n > self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self.held += n
+
+    def give_back(self, n: int) -> None:
+        self.held -= n
+        self._freed.set()
+
+
 class SeriesStream:
     """One upstream series/study retrieve feeding the instances ``oids`` it delivers.
 
@@ -167,11 +193,17 @@ class SeriesStream:
             self._first.pop(oid, None)
 
     async def _run(self) -> None:
+        if not self.claimed:  # every instance is being downloaded already: nothing to feed
+            return
         client = self.fetcher.client
         by_md5: dict[str, str] = {}
         pending_md5 = len(self.claimed)
         learnt = asyncio.Condition()
         md5_slots = asyncio.Semaphore(MD5_PARALLEL)
+        #: Claimed instances a verified part was found for (their commit may be pending).
+        delivered: set[str] = set()
+        commits: set[asyncio.Task[None]] = set()
+        backlog = _Budget(COMMIT_BACKLOG)
 
         async def md5_of(oid: str) -> None:
             nonlocal pending_md5
@@ -202,7 +234,7 @@ class SeriesStream:
                 await learnt.wait_for(lambda: md5 in by_md5 or pending_md5 == 0)
             oid = by_md5.get(md5)
             fut = self.claimed.get(oid) if oid else None
-            if oid is None or fut is None or fut.done():
+            if oid is None or fut is None or fut.done() or oid in delivered:
                 if md5 not in by_md5 and pending_md5 == 0:
                     log.info("series stream %s: part %s (MD5 %s) is none of the instances "
                              "it was asked for (or its MD5 is not Orthanc's): dropped",
@@ -210,17 +242,17 @@ class SeriesStream:
                 return
             self.fetcher.metrics.fetched_bytes.inc(len(data))
             fetched = Fetched.of(summary, md5, oid, data)
+            delivered.add(oid)
+            # Queued before the retrieve can send it: from now on a lookup of the
+            # instance waits for its commit instead of missing it.
+            durable = self.fetcher.store.queue_commit(Verified(data, summary, md5, oid))
             self._publish(oid, fetched, final=False)  # sent while it is being committed
             self.delivered += 1
-            found: Entry | Fetched = fetched
-            try:
-                entry = await self.fetcher.store.commit_bytes(data, summary, md5, oid)
-                if entry is not None:
-                    found = entry
-            except OSError as exc:
-                log.error("cannot cache instance %s: %s; serving it uncached", oid, exc)
-            _settle(fut, found)
-            self._publish(oid, found, final=True)
+            await backlog.take(len(data))  # reading waits while too much is not durable
+            task = asyncio.ensure_future(self._settle_when_durable(oid, fut, fetched, durable))
+            task.add_done_callback(lambda _t: backlog.give_back(len(data)))
+            commits.add(task)
+            task.add_done_callback(commits.discard)
 
         md5_tasks = [asyncio.ensure_future(md5_of(oid)) for oid in self.claimed]
         handlers: set[asyncio.Task[None]] = set()
@@ -252,8 +284,12 @@ class SeriesStream:
                               "instance", self.path)
             if handlers:
                 await asyncio.gather(*handlers, return_exceptions=True)
+            # What the stream did not deliver is fetched now, not after the commits.
+            self._fall_back([oid for oid in self.claimed if oid not in delivered])
+            if commits:
+                await asyncio.gather(*commits, return_exceptions=True)
         except asyncio.CancelledError:  # shutting down: nobody to serve
-            for task in (*handlers, *md5_tasks):
+            for task in (*handlers, *md5_tasks, *commits):
                 task.cancel()
             for fut in (*self.claimed.values(), *self._ready.values(), *self._first.values()):
                 fut.cancel()
@@ -261,7 +297,31 @@ class SeriesStream:
         finally:
             for task in md5_tasks:
                 task.cancel()
-        missed = [oid for oid, fut in self.claimed.items() if not fut.done()]
+        log.debug("series stream %s: %d of %d instances delivered", self.path,
+                  self.delivered, len(self.claimed))
+
+    async def _settle_when_durable(self, oid: str, fut: asyncio.Future[Any], fetched: Fetched,
+                                   durable: asyncio.Future[Entry | None]) -> None:
+        """Settle the instance's single-flight future once its commit is done.
+
+        Concurrent viewers get the stored entry (or the verified bytes if the
+        disk refused them); the retrieve already has the bytes.
+        """
+        found: Entry | Fetched = fetched
+        try:
+            entry = await asyncio.shield(durable)
+            if entry is not None:
+                found = entry
+        except StoreClosed:
+            log.info("instance %s not cached: shutting down", oid)
+        except OSError as exc:
+            log.error("cannot cache instance %s: %s; serving it uncached", oid, exc)
+        except Exception:  # whatever it was, the waiters must not wait forever
+            log.exception("cannot cache instance %s; serving it uncached", oid)
+        _settle(fut, found)
+        self._publish(oid, found, final=True)
+
+    def _fall_back(self, missed: list[str]) -> None:
         if missed:
             log.info("series stream %s: %d of %d instances fall back to single downloads",
                      self.path, len(missed), len(self.claimed))
@@ -270,5 +330,3 @@ class SeriesStream:
             ready = self._first.pop(oid, None)
             if ready is not None and not ready.done():
                 download.add_done_callback(_copy_into(ready))
-        log.debug("series stream %s: %d of %d instances delivered", self.path,
-                  self.delivered, len(self.claimed))

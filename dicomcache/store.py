@@ -14,6 +14,18 @@ Guarantees:
   ``size_limit = max_size``: diskcache does the accounting and eviction, and a
   small :class:`diskcache.Disk` subclass makes it adopt our already-written
   files instead of copying them (its eviction then unlinks them).
+* **Group commit** for series streams: :meth:`AsyncStore.queue_commit` queues a
+  verified body (its future settles once it is durable); bodies queued while a
+  group is being written go into the next group (:meth:`Store.commit_group`),
+  written in one thread hop:
+  each file is still fsynced and renamed, but each directory touched is
+  fsynced once per group, the index rows are inserted in a row (under one
+  lock, no thread contending for sqlite) and the Orthanc ID aliases in one
+  transaction per group.  While
+  queued or being written, an instance is found by :meth:`AsyncStore.get`
+  (which waits for its commit), so a retrieve answered before its parts were
+  durable is followed by lookups that see them.  A viewer's own download is
+  committed at once by :meth:`AsyncStore.commit_bytes`, never behind a group.
 * **Keyed by immutable identity.** Entries are keyed by SOPInstanceUID; Orthanc
   instance IDs are aliases learned from what is fetched, so the REST, WADO-URI
   and DICOMweb forms of one instance share one file.
@@ -29,6 +41,7 @@ write per hit.  Their recency is written back to the index in batches
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import json
 import logging
@@ -37,7 +50,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +128,49 @@ class _AdoptingDisk(diskcache.Disk):  # type: ignore[misc]
             hook(file_path)
 
 
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A body that passed :mod:`dicomcache.verify`, waiting to be committed."""
+
+    data: bytes
+    summary: DicomSummary
+    md5: str
+    orthanc_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Placed:
+    """A body renamed into ``objects/``, not yet indexed."""
+
+    index: int
+    rel: str
+    meta: dict[str, Any]
+
+
+#: What :meth:`Store.commit_group` gives for each body.
+Committed = Entry | None | OSError
+
+
+class StoreClosed(OSError):
+    """The store was closed (shutting down): the commit was abandoned, nothing written."""
+
+
+def _rename_into(temp: Path, full: Path) -> None:
+    """Rename ``temp`` to ``full``, making its directory if it is missing.
+
+    The directory usually exists (made at start), but diskcache removes object
+    directories left empty by an eviction, possibly between two attempts here.
+    """
+    for attempt in range(3):
+        try:
+            os.rename(temp, full)
+            return
+        except FileNotFoundError:
+            if attempt == 2 or not temp.exists():
+                raise
+            full.parent.mkdir(parents=True, exist_ok=True)
+
+
 def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -150,6 +206,10 @@ class Store:
         )
         self._index.disk.on_remove = self._forget_file
         self._commit_lock = threading.Lock()
+        #: Held while a group is written; close() takes it, so it never cuts a group.
+        self._group_lock = threading.Lock()
+        self._closed = False
+        self._make_object_dirs()
         self.evictions = 0
         # The hot map: plain dicts, read on the event loop, written by worker
         # threads (single dict operations are atomic under the GIL).
@@ -160,9 +220,21 @@ class Store:
         self._init_pins()
 
     # --- lifecycle -------------------------------------------------------------------
+    def _make_object_dirs(self) -> None:
+        """Make the 256 object directories now, not one by one during a cold retrieve."""
+        objects = self.directory / "objects"
+        dirs = [objects / f"{i:02x}" for i in range(256)]
+        if not all(d.is_dir() for d in dirs):
+            for d in dirs:
+                d.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(objects)
+
     def close(self) -> None:
-        self._index.close()
-        self._aliases.close()
+        """Close the index; waits for a group being written, refuses later ones."""
+        with self._group_lock:
+            self._closed = True
+            self._index.close()
+            self._aliases.close()
 
     def sweep(self, min_age: float = 60.0) -> int:
         """Remove leftovers of interrupted writes: temp files and unindexed objects.
@@ -209,14 +281,71 @@ class Store:
                 os.fsync(f.fileno())
         except OSError as exc:
             path.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(exc.errno, f"cache disk full: {exc.strerror}") from exc
+            _raise_if_full(exc)
             raise
         return path
 
     # --- entries -------------------------------------------------------------------------
     def commit(self, temp: Path, summary: DicomSummary, md5: str, orthanc_id: str | None) -> Entry:
         """Adopt a verified, fsynced temp file as the entry for its SOPInstanceUID."""
+        rel, meta = self._place(temp, summary, md5, orthanc_id)
+        full = self.directory / rel
+        try:
+            # The rename must be durable before the index row that points at it.
+            _fsync_dir(full.parent)
+        except OSError as exc:
+            full.unlink(missing_ok=True)
+            _raise_if_full(exc)
+            raise
+        [entry] = self._index_rows([_Placed(0, rel, meta)])
+        if isinstance(entry, StoreFull):
+            raise entry
+        return entry
+
+    def commit_group(self, bodies: Sequence[Verified]) -> list[Committed]:
+        """Write and commit several verified bodies as one group; one result per body.
+
+        The same guarantees as :meth:`write_temp` then :meth:`commit` for each
+        body, with fewer syncs: every file is written and fsynced in ``tmp/``
+        and renamed into ``objects/``; then each directory touched is fsynced
+        once; only then are the index rows inserted (and the aliases learnt).  A
+        crash at any point leaves complete entries or leftovers the sweep
+        removes.  A result is the :class:`Entry`, ``None`` (evicted at once:
+        bigger than the whole cache), or the ``OSError`` (:class:`StoreFull`,
+        :class:`StoreClosed`) that kept that body out.
+        """
+        results: list[Committed] = [None] * len(bodies)
+        with self._group_lock:
+            if self._closed:
+                return [StoreClosed("store closed: commit abandoned")] * len(bodies)
+            placed: list[_Placed] = []
+            for i, body in enumerate(bodies):
+                try:
+                    temp = self.write_temp(body.data)
+                    rel, meta = self._place(temp, body.summary, body.md5, body.orthanc_id)
+                except OSError as exc:
+                    results[i] = exc
+                    continue
+                placed.append(_Placed(i, rel, meta))
+            try:
+                # Renames durable before any index row points at them; one fsync per
+                # directory (a group spreads over a few of the 256 object directories).
+                for parent in sorted({(self.directory / p.rel).parent for p in placed}):
+                    _fsync_dir(parent)
+            except OSError as exc:
+                for p in placed:
+                    (self.directory / p.rel).unlink(missing_ok=True)
+                    results[p.index] = _full_or(exc)
+                return results
+            for p, entry in zip(placed, self._index_rows(placed), strict=True):
+                # An entry evicted at once (bigger than the whole cache) is no entry.
+                results[p.index] = entry if isinstance(entry, StoreFull) or entry.path.exists() \
+                    else None
+        return results
+
+    def _place(self, temp: Path, summary: DicomSummary, md5: str,
+               orthanc_id: str | None) -> tuple[str, dict[str, Any]]:
+        """Rename a fsynced temp file into ``objects/`` (its directory not yet synced)."""
         meta = {
             "sop_uid": summary.sop_instance_uid,
             "size": summary.size,
@@ -233,29 +362,44 @@ class Store:
                            f"{summary.sop_instance_uid}.{secrets.token_hex(4)}.dcm")
         full = self.directory / rel
         try:
-            full.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(temp, full)
-            # The rename must be durable before the index row that points at it.
-            _fsync_dir(full.parent)
+            _rename_into(temp, full)
         except OSError as exc:
             temp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(exc.errno, f"cache disk full: {exc.strerror}") from exc
+            _raise_if_full(exc)
             raise
-        # Only the index update and eviction are serialised; the renames and
-        # fsyncs above run in parallel across worker threads.
+        return rel, meta
+
+    def _index_rows(self, placed: Sequence[_Placed]) -> list[Entry | StoreFull]:
+        """Index durable files in ``objects/``, learn their aliases; a result per file.
+
+        A row the index cannot take (its disk full) is a :class:`StoreFull`,
+        and its file and those after it are removed.
+        """
+        results: list[Entry | StoreFull] = []
+        # Only the index update and eviction are serialised; writes, renames and
+        # fsyncs of other commits run in parallel in other worker threads.
+        # One transaction per row, not per group: diskcache unlinks the file of a
+        # replaced row when the set's own transaction ends, which must be after
+        # its COMMIT (in WAL mode without fsync, a commit is cheap).
         with self._commit_lock:
-            try:
-                self._index.set(summary.sop_instance_uid, _Pending(rel, meta), retry=True)
-            except sqlite3.OperationalError as exc:  # "database or disk is full"
-                full.unlink(missing_ok=True)
-                raise StoreFull(errno.ENOSPC, f"cache index cannot grow: {exc}") from exc
+            for n, p in enumerate(placed):
+                try:
+                    self._index.set(p.meta["sop_uid"], _Pending(p.rel, p.meta), retry=True)
+                except sqlite3.OperationalError as exc:  # "database or disk is full"
+                    full = StoreFull(errno.ENOSPC, f"cache index cannot grow: {exc}")
+                    for left in placed[n:]:
+                        (self.directory / left.rel).unlink(missing_ok=True)
+                        results.append(full)
+                    break
+                results.append(self._entry(dict(p.meta, file=p.rel)))
             self.evictions += self._evict_to_bound()
-        if orthanc_id:
-            self.learn(orthanc_id, summary.sop_instance_uid)
-        entry = self._entry(dict(meta, file=rel))
-        self._remember(entry, rel)
-        return entry
+        self._learn_all([(p.meta["orthanc_id"], p.meta["sop_uid"])
+                         for p, r in zip(placed, results, strict=True)
+                         if isinstance(r, Entry) and p.meta["orthanc_id"]])
+        for p, r in zip(placed, results, strict=True):
+            if isinstance(r, Entry):
+                self._remember(r, p.rel)
+        return results
 
     def _evict_to_bound(self) -> int:
         """Evict least-recently-used entries, one at a time, until under ``max_size``.
@@ -366,11 +510,16 @@ class Store:
 
     def learn(self, orthanc_id: str, sop_uid: str) -> None:
         """Record that an Orthanc instance ID and a SOPInstanceUID name one instance."""
-        if self.resolve(orthanc_id) == sop_uid:
+        self._learn_all([(orthanc_id, sop_uid)])
+
+    def _learn_all(self, pairs: Sequence[tuple[str, str]]) -> None:
+        new = [(oid, sop) for oid, sop in pairs if self.resolve(oid) != sop]
+        if not new:
             return  # already known: no write transaction
-        with self._aliases.transact(retry=True):  # one transaction for both directions
-            self._aliases.set(("oid", orthanc_id), sop_uid)
-            self._aliases.set(("sop", sop_uid), orthanc_id)
+        with self._aliases.transact(retry=True):  # one transaction, both directions
+            for orthanc_id, sop_uid in new:
+                self._aliases.set(("oid", orthanc_id), sop_uid)
+                self._aliases.set(("sop", sop_uid), orthanc_id)
 
     def orthanc_id_of(self, sop_uid: str) -> str | None:
         value = self._aliases.get(("sop", sop_uid))
@@ -483,17 +632,35 @@ class Store:
             self._hot_oid.pop(entry.orthanc_id, None)
 
 
+#: A group of commits closes at this many bytes or bodies (its waiters settle together).
+GROUP_BYTES = 32 << 20
+GROUP_BODIES = 64
+
+
 class AsyncStore:
-    """The event-loop face of :class:`Store`: every call runs in a worker thread."""
+    """The event-loop face of :class:`Store`: every call runs in a worker thread.
+
+    Commits are grouped (see the module docstring): one committer task writes
+    what is queued, a group at a time, in a worker thread.
+    """
 
     def __init__(self, store: Store) -> None:
         self.sync = store
+        self._queue: collections.deque[tuple[Verified, asyncio.Future[Entry | None]]] = \
+            collections.deque()
+        self._committer: asyncio.Task[None] | None = None
+        #: Commits queued or being written, by SOPInstanceUID and by Orthanc ID.
+        self._pending: dict[str, asyncio.Future[Entry | None]] = {}
+        self._pending_oid: dict[str, asyncio.Future[Entry | None]] = {}
 
     async def get(self, sop_uid: str) -> Entry | None:
-        return self.sync.peek(sop_uid) or await asyncio.to_thread(self.sync.get, sop_uid)
+        """The entry, waiting for its commit if it is queued or being written."""
+        return (self.sync.peek(sop_uid) or await _committed(self._pending.get(sop_uid))
+                or await asyncio.to_thread(self.sync.get, sop_uid))
 
     async def get_by_orthanc_id(self, orthanc_id: str) -> Entry | None:
         return (self.sync.peek_orthanc_id(orthanc_id)
+                or await _committed(self._pending_oid.get(orthanc_id))
                 or await asyncio.to_thread(self.sync.get_by_orthanc_id, orthanc_id))
 
     async def flush_touches(self) -> int:
@@ -510,8 +677,10 @@ class AsyncStore:
 
     async def commit_bytes(self, data: bytes, summary: DicomSummary, md5: str,
                            orthanc_id: str | None) -> Entry | None:
-        """Write, fsync, rename and index a verified body (one thread hop).
+        """Write, fsync, rename and index a verified body now, in one thread hop.
 
+        For a viewer's own download: it does not queue behind a series stream's
+        group commits (:meth:`queue_commit`), whose backlog can be many megabytes.
         ``None`` when the entry was evicted at once (bigger than the whole cache);
         :class:`StoreFull` (an ``OSError``) when the disk is full.
         """
@@ -521,6 +690,85 @@ class AsyncStore:
             return entry if entry.path.exists() else None
         return await asyncio.to_thread(work)
 
+    def queue_commit(self, body: Verified) -> asyncio.Future[Entry | None]:
+        """Queue a verified body for the next group; the future settles when it is durable.
+
+        From now until then :meth:`get` and :meth:`get_by_orthanc_id` of the
+        instance wait for it (a lookup never misses an instance being committed).
+        """
+        fut: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+        sop, oid = body.summary.sop_instance_uid, body.orthanc_id
+        self._pending[sop] = fut
+        if oid:
+            self._pending_oid[oid] = fut
+
+        def settled(f: asyncio.Future[Entry | None]) -> None:
+            if self._pending.get(sop) is f:
+                del self._pending[sop]
+            if oid and self._pending_oid.get(oid) is f:
+                del self._pending_oid[oid]
+            if not f.cancelled():
+                f.exception()  # retrieved: the waiter may have gone
+        fut.add_done_callback(settled)
+        self._queue.append((body, fut))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_queued(), name="store commits")
+        return fut
+
+    async def committed(self, orthanc_ids: list[str]) -> None:
+        """Wait for the commits of these instances that are queued or being written."""
+        pending = [self._pending_oid[oid] for oid in orthanc_ids if oid in self._pending_oid]
+        if pending:
+            await asyncio.wait(pending)  # never cancels them
+
+    async def drain(self) -> None:
+        """Wait until every commit queued so far is durable (or failed)."""
+        while self._committer is not None and not self._committer.done():
+            await asyncio.wait([self._committer])
+
+    def _take_group(self) -> list[tuple[Verified, asyncio.Future[Entry | None]]]:
+        group = [self._queue.popleft()]
+        size = len(group[0][0].data)
+        while self._queue and len(group) < GROUP_BODIES \
+                and size + len(self._queue[0][0].data) <= GROUP_BYTES:
+            body = self._queue.popleft()
+            group.append(body)
+            size += len(body[0].data)
+        return group
+
+    async def _commit_queued(self) -> None:
+        """Commit what is queued, one group per thread hop, until nothing is left.
+
+        Bodies queued while a group is written form the next one: the busier
+        the store, the bigger the groups and the fewer syncs per instance.
+        """
+        group: list[tuple[Verified, asyncio.Future[Entry | None]]] = []
+        try:
+            while self._queue:
+                group = self._take_group()
+                try:
+                    results: list[Committed | Exception] = list(await asyncio.to_thread(
+                        self.sync.commit_group, [body for body, _ in group]))
+                except Exception as exc:  # a bug or sqlite trouble: only this group fails
+                    log.exception("store: a group of %d commits failed", len(group))
+                    results = [exc] * len(group)
+                for (_, fut), result in zip(group, results, strict=True):
+                    if fut.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        fut.set_exception(result)
+                    else:
+                        fut.set_result(result)
+                group = []
+        except asyncio.CancelledError:  # shutting down: nothing more is started
+            # The group in its thread still completes (close() waits for it); what is
+            # queued is abandoned, and its waiters serve their verified bytes uncached.
+            for _, fut in (*group, *self._queue):
+                if not fut.done():
+                    fut.set_exception(StoreClosed("shutting down: commit abandoned"))
+            self._queue.clear()
+            raise
+
     async def stats(self) -> dict[str, int]:
         return await asyncio.to_thread(self.sync.stats)
 
@@ -529,6 +777,30 @@ class AsyncStore:
 
     async def pinned(self) -> dict[str, float]:
         return await asyncio.to_thread(self.sync.pinned)
+
+
+async def _committed(fut: asyncio.Future[Entry | None] | None) -> Entry | None:
+    """The entry a pending commit gave, ``None`` if none or it failed (never cancels it)."""
+    if fut is None:
+        return None
+    await asyncio.wait([fut])
+    if fut.cancelled() or fut.exception() is not None:
+        return None
+    return fut.result()
+
+
+def _raise_if_full(exc: OSError) -> None:
+    """Raise a :class:`StoreFull` from ``exc`` when it says the disk (or quota) is full."""
+    full = _full_or(exc)
+    if full is not exc:
+        raise full from exc
+
+
+def _full_or(exc: OSError) -> OSError:
+    """``exc``, or a :class:`StoreFull` when it says the disk (or quota) is full."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(exc, StoreFull):
+        return StoreFull(exc.errno, f"cache disk full: {exc.strerror}")
+    return exc
 
 
 def entry_as_dict(entry: Entry) -> dict[str, Any]:

@@ -1,20 +1,23 @@
-"""The store: commit/lookup, LRU eviction at the bound, restart, crash safety."""
+"""The store: commit/lookup, group commits, LRU eviction at the bound, restart, crash safety."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from dicomcache import store as store_module
 from dicomcache.samples import encode, make_ct_series
-from dicomcache.store import Store
+from dicomcache.store import AsyncStore, Entry, Store, StoreClosed, Verified
 from dicomcache.verify import parse_dicom, verify_file
 
 
@@ -115,24 +118,177 @@ def test_full_disk_is_reported(tmp_path: Path, blobs: list[bytes], monkeypatch) 
     assert list(store.tmp_dir.iterdir()) == []
 
 
+def verified(blob: bytes, oid: str | None = None) -> Verified:
+    return Verified(blob, parse_dicom(blob), hashlib.md5(blob).hexdigest(), oid)
+
+
+def oid_of(n: int) -> str:
+    return "-".join([f"{n:08x}"] * 5)
+
+
+def test_commit_group_syncs_each_directory_once_and_indexes_all(
+        tmp_path: Path, blobs: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path, 1 << 30)
+    synced: list[Path] = []
+    real = store_module._fsync_dir
+    monkeypatch.setattr(store_module, "_fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
+    results = store.commit_group([verified(b, oid_of(i)) for i, b in enumerate(blobs)])
+    assert all(isinstance(r, Entry) for r in results)
+    entries = [r for r in results if isinstance(r, Entry)]
+    assert sorted(synced) == sorted({e.path.parent for e in entries})  # once per directory
+    for i, (entry, blob) in enumerate(zip(entries, blobs, strict=True)):
+        assert store.get(entry.sop_uid) == entry and entry.path.read_bytes() == blob
+        assert store.resolve(oid_of(i)) == entry.sop_uid
+    assert list(store.tmp_dir.iterdir()) == []
+    store.close()
+    again = Store(tmp_path, 1 << 30)  # durable: indexed, found after a restart
+    assert [again.get(e.sop_uid) for e in entries] == entries
+
+
+def test_commit_group_keeps_the_others_when_one_body_fails(
+        tmp_path: Path, blobs: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from dicomcache.errors import StoreFull
+
+    store = Store(tmp_path, 1 << 30)
+    real = Store.write_temp
+
+    def full_for_the_third(self: Store, data: bytes) -> Path:
+        if data == blobs[2]:
+            raise StoreFull(errno.ENOSPC, "cache disk full: No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Store, "write_temp", full_for_the_third)
+    results = store.commit_group([verified(b) for b in blobs[:4]])
+    assert isinstance(results[2], StoreFull)
+    assert [isinstance(r, Entry) for r in results] == [True, True, False, True]
+    assert store.stats()["entries"] == 3
+    assert len(list((tmp_path / "objects").rglob("*.dcm"))) == 3
+
+
+def test_commit_remakes_object_directories_an_eviction_removed(tmp_path: Path,
+                                                                blobs: list[bytes]) -> None:
+    store = Store(tmp_path, 1 << 30)
+    for d in (tmp_path / "objects").iterdir():  # diskcache removes directories left empty
+        d.rmdir()
+    [entry] = store.commit_group([verified(blobs[0])])
+    assert isinstance(entry, Entry) and entry.path.read_bytes() == blobs[0]
+    assert commit(store, blobs[1]).path.read_bytes() == blobs[1]
+
+
+def test_closed_store_abandons_a_group_without_writing(tmp_path: Path,
+                                                       blobs: list[bytes]) -> None:
+    store = Store(tmp_path, 1 << 30)
+    store.close()
+    results = store.commit_group([verified(b) for b in blobs[:3]])
+    assert all(isinstance(r, StoreClosed) for r in results)
+    assert list(store.tmp_dir.iterdir()) == []
+    assert list((tmp_path / "objects").rglob("*.dcm")) == []
+
+
+async def test_queued_commits_are_grouped_and_found_while_pending(
+        tmp_path: Path, blobs: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bodies queued while a group is written form the next group; lookups wait for them."""
+    store = AsyncStore(Store(tmp_path, 1 << 30))
+    groups: list[int] = []
+    release = threading.Event()
+    real = Store.commit_group
+
+    def slow_group(self: Store, bodies: list[Verified]) -> list[object]:
+        groups.append(len(bodies))
+        assert release.wait(30)
+        return real(self, bodies)
+
+    monkeypatch.setattr(Store, "commit_group", slow_group)
+    try:
+        first = store.queue_commit(verified(blobs[0], oid_of(0)))
+        for _ in range(500):  # until the first group is being written (and held)
+            if groups:
+                break
+            await asyncio.sleep(0.01)
+        rest = [store.queue_commit(verified(b, oid_of(i))) for i, b in enumerate(blobs[1:], 1)]
+        sop = parse_dicom(blobs[5]).sop_instance_uid
+        by_sop = asyncio.ensure_future(store.get(sop))
+        by_oid = asyncio.ensure_future(store.get_by_orthanc_id(oid_of(5)))
+        await asyncio.sleep(0.05)
+        assert not by_sop.done() and not by_oid.done()  # waiting for the commit, not a miss
+        # A viewer's own download does not queue behind the held group.
+        [ds] = make_ct_series(1, rows=64, columns=64, seed=99)
+        other = verified(encode(ds, ds.file_meta.TransferSyntaxUID), oid_of(99))
+        mine = await asyncio.wait_for(store.commit_bytes(
+            other.data, other.summary, other.md5, other.orthanc_id), 10)
+        assert mine is not None and mine.path.exists()
+    finally:
+        release.set()
+    entry = await first
+    assert entry is not None
+    assert all(isinstance(r, Entry) for r in await asyncio.gather(*rest))
+    assert groups == [1, len(blobs) - 1]
+    found = await by_sop
+    assert found is not None and found.sop_uid == sop and await by_oid == found
+    await store.drain()
+
+
+async def test_shutdown_abandons_queued_commits_cleanly(tmp_path: Path, blobs: list[bytes],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The committer cancelled (shutdown): the group in its thread completes, the queue is
+    not written, and every waiter is told (StoreClosed), none hangs."""
+    store = AsyncStore(Store(tmp_path, 1 << 30))
+    started = threading.Event()
+    release = threading.Event()
+    real = Store.commit_group
+
+    def held(self: Store, bodies: list[Verified]) -> list[object]:
+        started.set()
+        assert release.wait(30)
+        return real(self, bodies)
+
+    monkeypatch.setattr(Store, "commit_group", held)
+    writing = store.queue_commit(verified(blobs[0]))
+    assert await asyncio.to_thread(started.wait, 10)
+    queued = [store.queue_commit(verified(b)) for b in blobs[1:3]]
+    committer = store._committer
+    assert committer is not None
+    committer.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await committer
+    for fut in (writing, *queued):
+        with pytest.raises(StoreClosed):
+            await fut
+    await asyncio.to_thread(store.sync.close)  # waits for the group still in its thread
+    again = Store(tmp_path, 1 << 30)
+    assert again.get(parse_dicom(blobs[0]).sop_instance_uid) is not None  # complete
+    for b in blobs[1:3]:
+        assert again.get(parse_dicom(b).sop_instance_uid) is None  # never started
+    assert again.stats()["entries"] == 1
+
+
 _WRITER = textwrap.dedent("""
     import hashlib, sys
     from dicomcache.samples import encode, make_ct_series
-    from dicomcache.store import Store
+    from dicomcache.store import Store, Verified
     from dicomcache.verify import parse_dicom
     store = Store(sys.argv[1], 1 << 30)
     blobs = [encode(ds, ds.file_meta.TransferSyntaxUID)
              for ds in make_ct_series(40, rows=128, columns=128, seed=7)]
     print("ready", flush=True)
     while True:
+        if sys.argv[2] == "group":
+            for i in range(0, len(blobs), 8):
+                store.commit_group([Verified(b, parse_dicom(b), hashlib.md5(b).hexdigest(), None)
+                                    for b in blobs[i:i + 8]])
+            continue
         for b in blobs:
             store.commit(store.write_temp(b), parse_dicom(b), hashlib.md5(b).hexdigest(), None)
 """)
 
 
+@pytest.mark.parametrize("mode", ["single", "group"])
 @pytest.mark.parametrize("delay", [0.05, 0.13, 0.31, 0.57])
-def test_kill_9_leaves_a_consistent_store(tmp_path: Path, delay: float) -> None:
-    with subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)],
+def test_kill_9_leaves_a_consistent_store(tmp_path: Path, delay: float, mode: str) -> None:
+    with subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), mode],
                           stdout=subprocess.PIPE) as proc:
         assert proc.stdout is not None and proc.stdout.readline().startswith(b"ready")
         time.sleep(delay)

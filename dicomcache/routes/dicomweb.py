@@ -559,6 +559,9 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
 
     # All in the store and served as stored: the length is known before the first byte.
     peeked: list[Entry | None] = [store.sync.peek_orthanc_id(oid) for oid in oids]
+    if not all(peeked):  # some may be being committed (a retrieve just sent them): wait
+        await store.committed([oid for oid, e in zip(oids, peeked, strict=True) if e is None])
+        peeked = [e or store.sync.peek_orthanc_id(oid) for oid, e in zip(oids, peeked, strict=True)]
     if not all(peeked):  # not in the hot map (e.g. after a restart): ask the index
         unknown = [i for i, e in enumerate(peeked) if e is None]
         def look_up() -> list[Entry | None]:  # one thread hop, not one per instance
@@ -646,9 +649,8 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         # signal left (no closing boundary, no final chunk).
         raise ConnectionResetError(f"retrieve cut after {sent} of {len(oids)} parts: "
                                    f"{exc}") from exc
-    if stream is not None:  # the last parts were sent while being committed: finish that
-        with suppress(Exception):
-            await asyncio.shield(stream.task)
+    # No wait for the stream's last commits: every part sent was verified, and
+    # lookups of an instance whose commit is pending wait for it (AsyncStore.get).
     await resp.write(f"--{b}--\r\n".encode())
     await resp.write_eof()
     return resp
@@ -858,6 +860,9 @@ async def _dicomweb_ctx(app: web.Application) -> AsyncIterator[None]:
     for task in list(dw.streams):
         task.cancel()
     await asyncio.gather(*dw.streams, return_exceptions=True)
+    # Parts already verified and queued are made durable (at most the streams'
+    # commit backlog) before the store closes; close() abandons only later ones.
+    await dw.store.drain()
     if hooks is not None and dw.study_changed in hooks:
         hooks.remove(dw.study_changed)
 

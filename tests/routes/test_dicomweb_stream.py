@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -12,6 +13,7 @@ from dicomcache.app import make_app
 from dicomcache.orthanc import OrthancProcess
 from dicomcache.routes.common import STORE
 from dicomcache.samples import make_ct_series
+from dicomcache.store import Verified
 from dicomcache.wanem import LinkProfile, WanEmulator
 from tests.conftest import Sample, SettingsFactory
 from tests.routes.dicomweb_support import ANY_SYNTAX, orthanc_answer, split_multipart
@@ -130,3 +132,40 @@ async def test_concurrent_instance_request_waits_for_the_stream(
     assert wan.requests[path] == 1
     assert file_requests(wan) == 0
     assert wan.requests.get(f"/instances/{late.orthanc_id}/attachments/dicom/md5", 0) == 1
+
+
+async def test_cold_retrieve_does_not_wait_for_durability(
+        client: TestClient, wan: WanEmulator, ct_series: list[Sample],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every verified part is sent while the disk is still busy; meanwhile a request for
+    one of them waits for its commit (no second download, no miss)."""
+    from dicomcache.store import Store
+
+    release = threading.Event()
+    real = Store.commit_group
+
+    def held(self: Store, bodies: list[Verified]) -> list[object]:
+        assert release.wait(60)
+        return real(self, bodies)
+
+    monkeypatch.setattr(Store, "commit_group", held)
+    path = series_path(ct_series[0])
+    late = ct_series[-1]
+    try:
+        resp = await asyncio.wait_for(client.get(path, headers={"Accept": ANY_SYNTAX}), 30)
+        parts = split_multipart(await asyncio.wait_for(resp.read(), 30),
+                                resp.headers["Content-Type"])
+        assert [b for _, b in parts] == [s.data for s in ct_series]  # all sent, none durable
+        store = client.app[STORE]
+        assert store.sync.peek(late.sop) is None
+        single = asyncio.ensure_future(client.get(f"/instances/{late.orthanc_id}/file"))
+        await asyncio.sleep(0.2)
+        assert not single.done()  # waiting for the commit
+    finally:
+        release.set()
+    resp = await single
+    assert resp.status == 200 and await resp.read() == late.data
+    assert file_requests(wan) == 0 and wan.requests[path] == 1
+    for s in ct_series:  # durable now, and found without a trip upstream
+        entry = await store.get(s.sop)
+        assert entry is not None and await asyncio.to_thread(entry.path.read_bytes) == s.data
