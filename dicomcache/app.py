@@ -107,6 +107,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     gauges.cancel()
     await asyncio.gather(sweep, gauges, return_exceptions=True)
+    # Verified bodies queued by cold streams are made durable before the index closes.
+    await app[STORE].drain()
     await app[STORE].flush_touches()
     app[OPEN_FILES].close()
     await asyncio.to_thread(store.close)

@@ -860,9 +860,8 @@ async def _dicomweb_ctx(app: web.Application) -> AsyncIterator[None]:
     for task in list(dw.streams):
         task.cancel()
     await asyncio.gather(*dw.streams, return_exceptions=True)
-    # Parts already verified and queued are made durable (at most the streams'
-    # commit backlog) before the store closes; close() abandons only later ones.
-    await dw.store.drain()
+    # Parts already verified and queued are made durable by the store's own
+    # clean-up (app._store_ctx drains the queue before closing the index).
     if hooks is not None and dw.study_changed in hooks:
         hooks.remove(dw.study_changed)
 

@@ -169,3 +169,39 @@ async def test_cold_retrieve_does_not_wait_for_durability(
     for s in ct_series:  # durable now, and found without a trip upstream
         entry = await store.get(s.sop)
         assert entry is not None and await asyncio.to_thread(entry.path.read_bytes) == s.data
+
+
+async def test_shutdown_right_after_a_cold_retrieve_keeps_every_part(
+        client: TestClient, ct_series: list[Sample], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts sent before they were durable are committed before the store closes."""
+    from dicomcache.routes.common import SETTINGS
+    from dicomcache.store import Store
+
+    release = threading.Event()
+    real = Store.commit_group
+
+    def held(self: Store, bodies: list[Verified]) -> list[object]:
+        assert release.wait(60)
+        return real(self, bodies)
+
+    monkeypatch.setattr(Store, "commit_group", held)
+    directory = client.app[SETTINGS].cache.directory
+    try:
+        resp = await asyncio.wait_for(client.get(series_path(ct_series[0]),
+                                                 headers={"Accept": ANY_SYNTAX}), 30)
+        assert len(split_multipart(await resp.read(), resp.headers["Content-Type"])) == \
+            len(ct_series)
+        closing = asyncio.ensure_future(client.close())  # shutdown while commits are held
+        await asyncio.sleep(0.2)
+        assert not closing.done()  # the store waits for them
+    finally:
+        release.set()
+    await asyncio.wait_for(closing, 30)
+    monkeypatch.undo()
+    store = await asyncio.to_thread(Store, directory, 1 << 30)
+    try:
+        for s in ct_series:
+            entry = await asyncio.to_thread(store.get, s.sop)
+            assert entry is not None and await asyncio.to_thread(entry.path.read_bytes) == s.data
+    finally:
+        await asyncio.to_thread(store.close)
