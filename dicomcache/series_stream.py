@@ -52,8 +52,9 @@ ACCEPT_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax
 MAX_PART = 1 << 30
 #: Parts read ahead or being verified at once (bounds the memory held).
 PARALLEL = 16
-#: Bytes of verified parts queued or being committed before reading waits (the
-#: memory held when the cache disk is slower than the link).
+#: Bytes of verified parts queued or being committed before reading waits, shared
+#: by every stream of an app (the memory held when the cache disk is slower than
+#: the link, however many cold retrieves run at once).
 COMMIT_BACKLOG = 128 << 20
 #: MD5 requests in flight at once.
 MD5_PARALLEL = 16
@@ -136,7 +137,7 @@ def _quiet(fut: asyncio.Future[Any]) -> None:
         fut.exception()  # nobody may ever take it (viewer hung up)
 
 
-class _Budget:
+class Budget:
     """Bytes held: :meth:`take` waits while over ``limit`` (one item is always let in)."""
 
     def __init__(self, limit: int) -> None:
@@ -162,9 +163,12 @@ class SeriesStream:
     (``None`` for instances not claimed: already being downloaded elsewhere).
     """
 
-    def __init__(self, fetcher: Fetcher, path: str, oids: list[str]) -> None:
+    def __init__(self, fetcher: Fetcher, path: str, oids: list[str],
+                 backlog: Budget | None = None) -> None:
         self.fetcher = fetcher
         self.path = path
+        #: Verified bytes not yet durable (shared with the app's other streams).
+        self.backlog = backlog if backlog is not None else Budget(COMMIT_BACKLOG)
         self.claimed = fetcher.claim(oids)
         loop = asyncio.get_running_loop()
         #: What :meth:`take` gives (popped when taken).
@@ -203,7 +207,7 @@ class SeriesStream:
         #: Claimed instances a verified part was found for (their commit may be pending).
         delivered: set[str] = set()
         commits: set[asyncio.Task[None]] = set()
-        backlog = _Budget(COMMIT_BACKLOG)
+        backlog = self.backlog
 
         async def md5_of(oid: str) -> None:
             nonlocal pending_md5

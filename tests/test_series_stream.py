@@ -8,7 +8,7 @@ from unittest import mock
 import aiohttp
 import pytest
 
-from dicomcache.series_stream import StreamBroken, _Budget, read_parts
+from dicomcache.series_stream import StreamBroken, Budget, read_parts
 
 
 def reader(data: bytes) -> aiohttp.StreamReader:
@@ -46,7 +46,7 @@ async def test_read_parts_never_passes_a_cut_stream_as_complete(cut) -> None:  #
 
 
 async def test_budget_lets_one_in_and_waits_while_over_the_limit() -> None:
-    budget = _Budget(100)
+    budget = Budget(100)
     await budget.take(500)  # bigger than the limit: let in when nothing is held
     second = asyncio.ensure_future(budget.take(10))
     await asyncio.sleep(0)

@@ -48,7 +48,7 @@ from ..fetch import Fetched, Fetcher
 from ..frames import NATIVE_LE, OCTET, frame_ranges, parse_frame_list, plan_frames
 from ..metadata import (IMMUTABLE_FRESH, AnswerCache, Cached, DiskCopies, link_path,
                         normalise_json, plain)
-from ..series_stream import SeriesStream
+from ..series_stream import COMMIT_BACKLOG, Budget, SeriesStream
 from ..store import AsyncStore, Entry
 from ..upstream import OrthancClient, check_status
 from ..verify import PixelInfo, parse_dicom
@@ -154,11 +154,13 @@ class DicomWeb:
         self._pixels: collections.OrderedDict[str, PixelInfo | None] = collections.OrderedDict()
         #: Upstream series/study streams in progress (cancelled at shutdown).
         self.streams: set[asyncio.Future[None]] = set()
+        #: Verified stream parts not yet durable, all streams together.
+        self.commit_backlog = Budget(COMMIT_BACKLOG)
 
     def series_stream(self, study: str, series: str | None, oids: list[str]) -> SeriesStream:
         """One upstream retrieve of the series/study feeding the missing instances ``oids``."""
         path = f"/dicom-web/studies/{study}" + (f"/series/{series}" if series else "")
-        stream = SeriesStream(self.fetcher, path, oids)
+        stream = SeriesStream(self.fetcher, path, oids, self.commit_backlog)
         self.streams.add(stream.task)
         stream.task.add_done_callback(self.streams.discard)
         return stream

@@ -169,6 +169,13 @@ async def test_cold_retrieve_does_not_wait_for_durability(
     for s in ct_series:  # durable now, and found without a trip upstream
         entry = await store.get(s.sop)
         assert entry is not None and await asyncio.to_thread(entry.path.read_bytes) == s.data
+    from dicomcache.routes.dicomweb import DICOMWEB
+
+    for _ in range(100):  # the app-wide commit backlog is given back once all are durable
+        if client.app[DICOMWEB].commit_backlog.held == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert client.app[DICOMWEB].commit_backlog.held == 0
 
 
 async def test_shutdown_right_after_a_cold_retrieve_keeps_every_part(
