@@ -21,7 +21,7 @@ these were written against (otherwise it does nothing):
 * ``AssociationSocket.recv``: ``recv_into`` one buffer of the PDU's size;
 * ``DIMSEServiceProvider.send_msg`` and the state machine's DT-1/AR-7 (send
   P-DATA-TF): a DIMSE message is encoded at once into whole P-DATA-TF PDUs
-  (blocks of at most :data:`RAW_BLOCK` bytes) that go through the DUL queue as
+  (blocks of at most :data:`~.dimse_codec.RAW_BLOCK` bytes) that go through the DUL queue as
   one primitive each and out with one ``sendall``.  pynetdicom queues one
   primitive per PDU: a 512 KiB instance to a peer taking 16 KiB PDUs is 33
   primitives, each a thread hand-off, an event, a PDU object, an ``encode``
@@ -31,7 +31,7 @@ these were written against (otherwise it does nothing):
   ``EVT_PDU_SENT``/``EVT_DATA_SENT`` are not fired for these PDUs (nothing
   here binds them);
 * ``DIMSEMessage._set_command_group_length`` and the command set of every
-  message sent: encoded by :func:`encode_command` (Implicit VR Little Endian,
+  message sent: encoded by :func:`~.dimse_codec.encode_command` (Implicit VR Little Endian,
   the handful of VRs command sets use; anything else goes to pydicom) instead
   of pydicom's writer, which pynetdicom ran twice per message (once for the
   group length) at about half a millisecond each: a third of the relay's CPU
@@ -58,15 +58,12 @@ import logging
 import os
 import queue
 import select
-import struct
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pynetdicom
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pynetdicom import _config as _pynetdicom_config
 from pynetdicom import dimse as _dimse
 from pynetdicom import dul as _dul
@@ -74,12 +71,12 @@ from pynetdicom import evt, fsm
 from pynetdicom import transport as _transport
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import DIMSEMessage
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
+
+from .dimse_codec import command_bytes, encode_message, encode_pdus, store_command
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +86,6 @@ SUPPORTED = ("3.0.4",)
 DUL_IDLE = 0.05
 #: Longest idle wait of the association thread (release/abort/idle-timeout checks).
 REACTOR_IDLE = 0.01
-#: Largest block of encoded PDUs handed to the DUL at once (a big multi-frame file
-#: is read and sent block by block, so memory stays bounded).
-RAW_BLOCK = 4 << 20
 
 _installed = False
 _install_lock = threading.Lock()
@@ -393,73 +387,10 @@ def _socket_recv(self: Any, nr_bytes: int) -> bytearray:
 
 
 # --- DIMSE messages as whole encoded PDUs ----------------------------------------------
-#: P-DATA-TF PDU header with its single PDV item header (PS3.8 9.3.5):
-#: type 0x04, reserved, PDU length; item length, presentation context ID,
-#: message control header (bit 0: command, bit 1: last fragment).
-_PDV_HEAD = struct.Struct(">BBIIBB")
-
-
-_ELEMENT_HEAD = struct.Struct("<HHI")
-_INT_FORMATS = {"UL": "I", "US": "H", "SL": "i", "SS": "h"}
-#: String VRs padded with a space (UI: with NUL), as pydicom writes them.
-_TEXT_VRS = frozenset({"AE", "CS", "LO", "SH", "ST", "LT", "DA", "TM", "DT", "IS", "DS"})
-
-
-def _values(value: Any) -> list[Any]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, (MultiValue, list, tuple)):
-        return list(value)
-    return [value]
-
-
-def _element_value(vr: str, value: Any) -> bytes | None:
-    """The encoded value of one command element; None when only pydicom should do it."""
-    values = _values(value)
-    if vr in _INT_FORMATS:
-        if not all(isinstance(v, int) for v in values):
-            return None
-        return struct.pack(f"<{len(values)}{_INT_FORMATS[vr]}", *values)
-    if vr == "AT":
-        if not all(isinstance(v, int) for v in values):
-            return None
-        return b"".join(struct.pack("<HH", int(v) >> 16, int(v) & 0xFFFF) for v in values)
-    if vr == "UI" or vr in _TEXT_VRS:
-        if not all(isinstance(v, str) for v in values):
-            return None
-        try:
-            raw = "\\".join(values).encode("ascii")
-        except UnicodeEncodeError:  # a character set question: pydicom's
-            return None
-        if len(raw) % 2:
-            raw += b"\x00" if vr == "UI" else b" "
-        return raw
-    return None
-
-
-def encode_command(ds: Dataset) -> bytes | None:
-    """A command set in Implicit VR Little Endian, as pydicom's ``encode`` gives it,
-    or None when it holds something this does not handle (the caller uses pydicom)."""
-    out = bytearray()
-    for elem in ds:
-        raw = _element_value(elem.VR, elem.value)
-        if raw is None:
-            return None
-        tag = int(elem.tag)
-        out += _ELEMENT_HEAD.pack(tag >> 16, tag & 0xFFFF, len(raw))
-        out += raw
-    return bytes(out)
-
-
-def _command_bytes(ds: Dataset) -> bytes:
-    raw = encode_command(ds)
-    return raw if raw is not None else bytes(encode(ds, True, True) or b"")
-
-
 def _set_command_group_length(self: Any) -> None:
-    """pynetdicom's ``_set_command_group_length`` with :func:`encode_command`."""
+    """pynetdicom's ``_set_command_group_length`` with :func:`~.dimse_codec.encode_command`."""
     del self.command_set.CommandGroupLength
-    self.command_set.CommandGroupLength = len(_command_bytes(self.command_set))
+    self.command_set.CommandGroupLength = len(command_bytes(self.command_set))
 
 
 class RawPData(P_DATA):
@@ -468,110 +399,6 @@ class RawPData(P_DATA):
     def __init__(self, raw: bytearray) -> None:
         super().__init__()
         self.dc_raw = raw
-
-
-def _append_pdvs(out: bytearray, context_id: int, data: bytes | memoryview, fragment: int,
-                 *, command: bool, last: bool) -> None:
-    """Append ``data`` as P-DATA-TF PDUs of one PDV each, ``fragment`` bytes at most
-    (0: one PDV); ``last``: its final fragment ends the command set or data set."""
-    view = memoryview(data)
-    size = len(view)
-    step = fragment or size
-    base = 0x01 if command else 0x00
-    pos = 0
-    while True:
-        chunk = view[pos:pos + step]
-        pos += len(chunk)
-        end = pos >= size
-        flags = base | (0x02 if end and last else 0x00)
-        out += _PDV_HEAD.pack(0x04, 0x00, len(chunk) + 6, len(chunk) + 2, context_id, flags)
-        out += chunk
-        if end:
-            return
-
-
-def encode_message(msg: Any, context_id: int, max_pdu: int) -> Iterator[bytearray]:
-    """The P-DATA-TF PDUs of a DIMSE message, in blocks of about :data:`RAW_BLOCK`.
-
-    The same fragments as pynetdicom's ``DIMSEMessage.encode_msg``: command set,
-    then the data set (in memory, or from a file from an offset), each cut at
-    ``max_pdu - 6`` bytes (0: not cut).
-    """
-    data = msg.data_set.getvalue() if msg.data_set is not None else None
-    path = msg._data_set_path if msg.data_set is None else None
-    return encode_pdus(_command_bytes(msg.command_set), data, path, context_id, max_pdu)
-
-
-def encode_pdus(command: bytes, data: bytes | None, path: tuple[Any, int] | None,
-                context_id: int, max_pdu: int) -> Iterator[bytearray]:
-    """:func:`encode_message` from an encoded command set and the data set (bytes, or a
-    file and the offset where the data set starts in it)."""
-    fragment = max_pdu - 6 if max_pdu else 0
-    out = bytearray()
-    _append_pdvs(out, context_id, command, fragment, command=True, last=True)
-    if data:
-        _append_pdvs(out, context_id, data, fragment, command=False, last=True)
-    elif data is None and path is not None:
-        with open(path[0], "rb") as f:
-            left = f.seek(0, os.SEEK_END) - f.seek(path[1])
-            step = left if not fragment else max(fragment, RAW_BLOCK // fragment * fragment)
-            while True:
-                chunk = f.read(min(step, left))
-                left -= len(chunk)
-                last = left <= 0 or not chunk
-                _append_pdvs(out, context_id, chunk, fragment, command=False, last=last)
-                if last:
-                    break
-                if len(out) >= RAW_BLOCK:
-                    yield out
-                    out = bytearray()
-    yield out
-
-
-# C-STORE command sets, in tag order: (element, VR, primitive attribute or fixed value).
-_STORE_RQ = ((0x0002, "UI", "AffectedSOPClassUID"), (0x0100, "US", 0x0001),
-             (0x0110, "US", "MessageID"), (0x0700, "US", "Priority"),
-             (0x0800, "US", None), (0x1000, "UI", "AffectedSOPInstanceUID"),
-             (0x1030, "AE", "MoveOriginatorApplicationEntityTitle"),
-             (0x1031, "US", "MoveOriginatorMessageID"))
-_STORE_RSP = ((0x0002, "UI", "AffectedSOPClassUID"), (0x0100, "US", 0x8001),
-              (0x0120, "US", "MessageIDBeingRespondedTo"), (0x0800, "US", 0x0101),
-              (0x0900, "US", "Status"), (0x0901, "AT", "OffendingElement"),
-              (0x0902, "LO", "ErrorComment"), (0x1000, "UI", "AffectedSOPInstanceUID"))
-
-
-def store_command(primitive: Any) -> tuple[bytes, bytes | None, tuple[Any, int] | None] | None:
-    """A C-STORE primitive's command set (as pynetdicom's ``primitive_to_message`` and
-    pydicom would encode it) and its data set, without building a DIMSE message:
-    that took most of a C-STORE's CPU on either side.  None: not a C-STORE, or a
-    value only pydicom should encode."""
-    if type(primitive) is not C_STORE:
-        return None
-    request = primitive.MessageIDBeingRespondedTo is None
-    data: bytes | None = None
-    path = None
-    if request:
-        dataset = primitive.DataSet
-        path = getattr(primitive, "_dataset_path", None)
-        data = dataset.getvalue() if dataset is not None else None
-        kind = 0x0001 if dataset is not None or path else 0x0101
-    out = bytearray()
-    for element, vr, source in _STORE_RQ if request else _STORE_RSP:
-        if source is None:
-            value: Any = kind
-        elif isinstance(source, int):
-            value = source
-        else:
-            value = getattr(primitive, source)
-            if value is None:  # not set: no element (pynetdicom deletes it)
-                continue
-        raw = _element_value(vr, value)
-        if raw is None:
-            return None
-        out += _ELEMENT_HEAD.pack(0x0000, element, len(raw))
-        out += raw
-    command = _ELEMENT_HEAD.pack(0x0000, 0x0000, 4) + struct.pack("<I", len(out)) + out
-    return command, data if request else None, path if request else None
 
 
 def _dimse_send_msg(self: Any, primitive: Any, context_id: int) -> None:
