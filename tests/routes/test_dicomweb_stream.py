@@ -30,6 +30,22 @@ async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulato
         upstream={"breaker_failures": 0})))
 
 
+@pytest.fixture
+def held_commits(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Group commits wait until the returned event is set (the disk "busy")."""
+    from dicomcache.store import Store
+
+    release = threading.Event()
+    real = Store.commit_group
+
+    def held(self: Store, bodies: list[Verified]) -> list[object]:
+        assert release.wait(60)
+        return real(self, bodies)
+
+    monkeypatch.setattr(Store, "commit_group", held)
+    return release
+
+
 def series_path(s: Sample) -> str:
     return f"/dicom-web/studies/{s.study}/series/{s.series}"
 
@@ -136,19 +152,10 @@ async def test_concurrent_instance_request_waits_for_the_stream(
 
 async def test_cold_retrieve_does_not_wait_for_durability(
         client: TestClient, wan: WanEmulator, ct_series: list[Sample],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        held_commits: threading.Event) -> None:
     """Every verified part is sent while the disk is still busy; meanwhile a request for
     one of them waits for its commit (no second download, no miss)."""
-    from dicomcache.store import Store
-
-    release = threading.Event()
-    real = Store.commit_group
-
-    def held(self: Store, bodies: list[Verified]) -> list[object]:
-        assert release.wait(60)
-        return real(self, bodies)
-
-    monkeypatch.setattr(Store, "commit_group", held)
+    release = held_commits
     path = series_path(ct_series[0])
     late = ct_series[-1]
     try:
@@ -179,19 +186,13 @@ async def test_cold_retrieve_does_not_wait_for_durability(
 
 
 async def test_shutdown_right_after_a_cold_retrieve_keeps_every_part(
-        client: TestClient, ct_series: list[Sample], monkeypatch: pytest.MonkeyPatch) -> None:
+        client: TestClient, ct_series: list[Sample], held_commits: threading.Event,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Parts sent before they were durable are committed before the store closes."""
     from dicomcache.routes.common import SETTINGS
     from dicomcache.store import Store
 
-    release = threading.Event()
-    real = Store.commit_group
-
-    def held(self: Store, bodies: list[Verified]) -> list[object]:
-        assert release.wait(60)
-        return real(self, bodies)
-
-    monkeypatch.setattr(Store, "commit_group", held)
+    release = held_commits
     directory = client.app[SETTINGS].cache.directory
     try:
         resp = await asyncio.wait_for(client.get(series_path(ct_series[0]),
