@@ -406,8 +406,11 @@ def _dimse_send_msg(self: Any, primitive: Any, context_id: int) -> None:
     from this thread when the association is established and nothing is queued."""
     dul = self.dul
     for block in _message_blocks(self, primitive, context_id):
-        if not _send_now(dul, block):
+        sent = _send_now(dul, block)
+        if sent is None:
             dul.send_pdu(RawPData(block))
+        elif not sent:  # the transport is closed: the rest could not go either
+            return
 
 
 def _message_blocks(self: Any, primitive: Any, context_id: int) -> Iterator[bytearray]:
@@ -435,8 +438,10 @@ def _send_lock(dul: Any) -> threading.RLock:
     return lock  # type: ignore[no-any-return]
 
 
-def _send_now(dul: Any, raw: bytearray) -> bool:
-    """Send P-DATA-TF PDUs from the calling thread (False: queue them for the DUL thread).
+def _send_now(dul: Any, raw: bytearray) -> bool | None:
+    """Send P-DATA-TF PDUs from the calling thread: True if sent, False if the transport
+    failed (closed, or the peer took nothing for the timeout), None if they must be
+    queued for the DUL thread instead.
 
     Only in Sta6 (established) with nothing queued ahead: the DUL thread takes a
     primitive off its queue and sends it under the same lock, so nothing it
@@ -447,12 +452,10 @@ def _send_now(dul: Any, raw: bytearray) -> bool:
         sock = dul.socket
         if (dul.state_machine.current_state != "Sta6" or dul.to_provider_queue.qsize()
                 or sock is None or getattr(sock, "socket", None) is None):
+            return None
+        if not _sendall(dul, sock, raw):
+            _waker(dul).wake()  # the DUL thread handles the closed transport now
             return False
-        try:
-            sock.socket.sendall(raw)
-        except Exception:  # noqa: BLE001 - as AssociationSocket.send: Evt17, connection closed
-            sock.event_queue.put("Evt17")
-            _waker(dul).wake()
         return True
 
 
@@ -468,10 +471,27 @@ def _send_pdata(dul: Any) -> None:
         if sock is None:
             _dul.LOGGER.warning("Attempted to send data over closed connection")
             return
-        try:
-            sock.socket.sendall(raw)
-        except Exception:  # noqa: BLE001 - as AssociationSocket.send: Evt17, connection closed
-            sock.event_queue.put("Evt17")
+        _sendall(dul, sock, raw)
+
+
+def _sendall(dul: Any, sock: Any, raw: bytearray) -> bool:
+    """Send it all; a peer that takes nothing for the network timeout closes the transport.
+
+    pynetdicom leaves a requestor's socket without a timeout once connected: a
+    PACS that stops reading would hold the sending thread for ever (and, with it,
+    the DIMSE timeout that would abort the association).
+    """
+    raw_sock = sock.socket
+    try:
+        if raw_sock.gettimeout() is None:
+            timeout = dul.assoc.network_timeout or dul.assoc.dimse_timeout
+            if timeout:
+                raw_sock.settimeout(timeout)
+        raw_sock.sendall(raw)
+    except Exception:  # noqa: BLE001 - as AssociationSocket.send: Evt17, connection closed
+        sock.event_queue.put("Evt17")
+        return False
+    return True
 
 
 _orig_dul_send = _dul.DULServiceProvider._send
