@@ -20,6 +20,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
@@ -219,3 +220,72 @@ def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str) -> by
     ))
     group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
     return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+#: Explicit VR with a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})
+#: The file meta elements pynetdicom's ``send_c_store`` reads from a file it sends.
+_META_KEYWORDS = {0x0002: "MediaStorageSOPClassUID", 0x0003: "MediaStorageSOPInstanceUID",
+                  0x0010: "TransferSyntaxUID"}
+#: How much of a file :func:`read_file_meta` looks at (a meta group is far smaller).
+_META_READ = 8192
+
+
+class FileMetaUIDs:
+    """What pynetdicom's ``send_c_store`` asks of a file's meta group (``kw in meta``,
+    ``meta.kw``) for the UIDs it needs, as pydicom UIDs."""
+
+    __slots__ = ("_uids",)
+
+    def __init__(self, uids: dict[str, UID]) -> None:
+        self._uids = uids
+
+    def __contains__(self, keyword: object) -> bool:
+        return keyword in self._uids
+
+    def __getattr__(self, keyword: str) -> UID:
+        try:
+            return self._uids[keyword]
+        except KeyError:
+            raise AttributeError(keyword) from None
+
+
+def read_file_meta(path: str | os.PathLike[str]) -> tuple[FileMetaUIDs, int] | None:
+    """The SOP class, SOP instance and transfer syntax UIDs of a Part-10 file and the
+    offset of its data set, as pynetdicom's ``split_dataset`` finds them (pydicom
+    reading the whole meta group into a Dataset: a third of the forwarder's CPU per
+    instance).  None when the file is not laid out plainly (no preamble and
+    ``DICM``, a meta group longer than 8 KiB, a UID element that is not UI): the
+    caller then lets pydicom read it."""
+    with open(path, "rb") as f:
+        head = f.read(_META_READ)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return None
+    pos = 132
+    uids: dict[str, UID] = {}
+    while True:
+        if pos + 8 > len(head):
+            # The buffer ran out inside the meta group, unless the file ended with it.
+            return (FileMetaUIDs(uids), pos) if pos == len(head) < _META_READ else None
+        group, element = struct.unpack_from("<HH", head, pos)
+        if group != 0x0002:
+            return FileMetaUIDs(uids), pos
+        vr = head[pos + 4:pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > len(head):
+                return None
+            (length,) = struct.unpack_from("<I", head, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, pos + 6)
+            start = pos + 8
+        end = start + length
+        if end > len(head):
+            return None
+        keyword = _META_KEYWORDS.get(element)
+        if keyword is not None:
+            if vr != b"UI":
+                return None
+            uids[keyword] = UID(head[start:end].decode("ascii", "replace").rstrip("\0 "))
+        pos = end

@@ -65,6 +65,7 @@ from typing import Any
 
 import pynetdicom
 from pynetdicom import _config as _pynetdicom_config
+from pynetdicom import association as _association
 from pynetdicom import dimse as _dimse
 from pynetdicom import dul as _dul
 from pynetdicom import evt, fsm
@@ -76,7 +77,13 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
 
-from .dimse_codec import command_bytes, encode_message, encode_pdus, store_command
+from .dimse_codec import (
+    command_bytes,
+    encode_message,
+    encode_pdus,
+    read_file_meta,
+    store_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -529,6 +536,16 @@ def copy_contexts(obj: Any, memo: dict[int, Any] | None = None) -> Any:
     return out
 
 
+_orig_split_dataset = _association.split_dataset  # type: ignore[attr-defined]
+
+
+def _split_dataset(path: Any) -> tuple[Any, int]:
+    """``split_dataset`` for ``send_c_store``: :func:`~.dimse_codec.read_file_meta`,
+    else pydicom's reading."""
+    found = read_file_meta(path)
+    return found if found is not None else _orig_split_dataset(path)
+
+
 _orig_bind_defaults = Association._bind_defaults
 
 
@@ -560,6 +577,7 @@ def install() -> bool:
         _dul.DULServiceProvider._send = _dul_send  # type: ignore[method-assign]
         Association._bind_defaults = _bind_defaults  # type: ignore[method-assign]
         _transport.deepcopy = copy_contexts  # type: ignore[attr-defined,assignment]
+        _association.split_dataset = _split_dataset  # type: ignore[attr-defined]
         DIMSEMessage._set_command_group_length = (  # type: ignore[method-assign]
             _set_command_group_length)
         for name, action in (("DT-1", _dt_1), ("AR-7", _ar_7)):

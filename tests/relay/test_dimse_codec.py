@@ -145,3 +145,51 @@ def test_only_c_store_primitives_take_the_short_cut() -> None:
     rsp = _primitives()[1]
     rsp.ErrorComment = "Ümlaut"  # type: ignore[attr-defined]
     assert codec.store_command(rsp) is None
+
+
+def _meta_files(tmp_path: Path) -> list[Path]:
+    from pydicom.data import get_testdata_file
+
+    from dicomcache.samples import encode, make_ct_series
+
+    files = [Path(str(get_testdata_file(name))) for name in
+             ("CT_small.dcm", "MR_small_bigendian.dcm", "image_dfl.dcm", "SC_rgb_jpeg_gdcm.dcm",
+              "JPGExtended.dcm", "MR_small_RLE.dcm")]
+    for i, ds in enumerate(make_ct_series(2, rows=16, columns=16, seed=3)):
+        path = tmp_path / f"ct{i}.dcm"
+        path.write_bytes(encode(ds, "1.2.840.10008.1.2.1" if i else "1.2.840.10008.1.2"))
+        files.append(path)
+    spooled = tmp_path / "spooled.dcm"  # the relay's own files: our header + a data set
+    spooled.write_bytes(part10_header(CT, SOP, "1.2.840.10008.1.2.1") + b"\x08\x00\x16\x00UI\x02\x00a\x00")
+    files.append(spooled)
+    return files
+
+
+def test_file_meta_as_pynetdicom_reads_it(tmp_path: Path) -> None:
+    from pynetdicom.dsutils import split_dataset
+
+    for path in _meta_files(tmp_path):
+        found = codec.read_file_meta(path)
+        assert found is not None, path
+        ours, offset = found
+        theirs, their_offset = split_dataset(path)
+        assert offset == their_offset, path
+        for kw in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID"):
+            assert (kw in ours) == (kw in theirs)
+            assert str(getattr(ours, kw)) == str(getattr(theirs, kw)), (path, kw)
+
+
+def test_files_not_laid_out_plainly_are_left_to_pydicom(tmp_path: Path) -> None:
+    no_preamble = tmp_path / "raw.dcm"
+    no_preamble.write_bytes(b"\x08\x00\x16\x00UI\x02\x00a\x00")
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(part10_header(CT, SOP, "1.2.840.10008.1.2.1")[:150])
+    assert codec.read_file_meta(no_preamble) is None
+    assert codec.read_file_meta(cut) is None
+    empty_data_set = tmp_path / "meta-only.dcm"
+    empty_data_set.write_bytes(part10_header(CT, SOP, "1.2.840.10008.1.2.1"))
+    found = codec.read_file_meta(empty_data_set)
+    assert found is not None and found[1] == empty_data_set.stat().st_size
+    assert "SOPClassUID" not in found[0]
+    with pytest.raises(AttributeError):
+        found[0].SOPClassUID  # noqa: B018 - the attribute access is the test
