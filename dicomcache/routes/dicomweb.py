@@ -682,20 +682,30 @@ def _frame_parts(ranges: list[list[tuple[int, int]]], data: bytes) -> Iterator[b
         yield b"".join(data[off:off + length] for off, length in frame)
 
 
-async def frames(request: web.Request) -> web.StreamResponse:
-    """Frames cut from the verified instance, framed as Orthanc frames them."""
-    study, series, sop = _uids(request)
-    assert series is not None and sop is not None
-    family_of(request, "dicomweb")
-    dw = request.app[DICOMWEB]
+async def _stored_or_fetched(request: web.Request, dw: DicomWeb, sop: str
+                             ) -> Entry | Fetched | None:
+    """The verified instance: from the store, else downloaded (None: Orthanc could not
+    give it, and the caller reads the answer through instead)."""
     found: Entry | Fetched | None = await dw.store.get(sop)
     request[OUTCOME] = "hit" if found is not None else "miss"
     if found is None:
         try:
             found = await dw.fetcher.instance_by_sop(sop)
         except (UpstreamError, NotFoundUpstream) as exc:
-            log.info("frames of %s read through: %s", sop, exc)
-            return await frames_through(request)
+            log.info("%s read through: %s", request.path, exc)
+            return None
+    return found
+
+
+async def frames(request: web.Request) -> web.StreamResponse:
+    """Frames cut from the verified instance, framed as Orthanc frames them."""
+    study, series, sop = _uids(request)
+    assert series is not None and sop is not None
+    family_of(request, "dicomweb")
+    dw = request.app[DICOMWEB]
+    found = await _stored_or_fetched(request, dw, sop)
+    if found is None:
+        return await frames_through(request)
     _check_parents(found.study_uid, found.series_uid, study, series, sop)
     plan = plan_frames(request.headers.get(hdrs.ACCEPT), found.transfer_syntax)
     pixel = await dw.pixel_info(found) if plan is not None else None
@@ -742,13 +752,9 @@ async def bulk_pixel_data(request: web.Request) -> web.StreamResponse:
         return await passthrough(request)
     family_of(request, "dicomweb")
     dw = request.app[DICOMWEB]
-    found: Entry | Fetched | None = await dw.store.get(sop)
-    request[OUTCOME] = "hit" if found is not None else "miss"
+    found = await _stored_or_fetched(request, dw, sop)
     if found is None:
-        try:
-            found = await dw.fetcher.instance_by_sop(sop)
-        except (UpstreamError, NotFoundUpstream):
-            return await passthrough(request)
+        return await passthrough(request)
     _check_parents(found.study_uid, found.series_uid, study, series, sop)
     pixel = await dw.pixel_info(found) if found.transfer_syntax in NATIVE_LE else None
     if pixel is None or pixel.encapsulated or pixel.length is None:
