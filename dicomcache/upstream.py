@@ -18,10 +18,15 @@ choices below hold everywhere:
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import random
+import socket
+import ssl
 import time
+from urllib.parse import urlsplit
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import suppress
 from typing import TypeVar
 
 import aiohttp
@@ -58,6 +63,8 @@ class OrthancClient:
         if settings.username:
             headers["Authorization"] = aiohttp.encode_basic_auth(
                 settings.username, settings.password or "")
+        #: What every request carries (those of :class:`BlockingConnection` too).
+        self.headers: Mapping[str, str] = dict(headers)
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=settings.connect_timeout,
@@ -181,16 +188,10 @@ class OrthancClient:
     async def instance_md5(self, orthanc_id: str) -> str | None:
         """The MD5 Orthanc stored for the instance's DICOM attachment (``None``: it has none)."""
         try:
-            _, data = await self.get(f"/instances/{orthanc_id}/attachments/dicom/md5", kind="md5")
+            _, data = await self.get(md5_path(orthanc_id), kind="md5")
         except NotFoundUpstream:
             return None
-        text = data.decode("ascii", "replace").strip().strip('"').lower()
-        if len(text) != 32 or any(c not in "0123456789abcdef" for c in text):
-            # A damaged answer is not "no MD5": trusting the parse alone would let
-            # corrupted pixels through.  Retried like any integrity failure.
-            raise IntegrityError("md5_mismatch", f"Orthanc's MD5 answer for {orthanc_id} "
-                                 f"is malformed: {text[:40]!r}")
-        return text
+        return parse_md5(data, orthanc_id)
 
     async def lookup_instance(self, sop_uid: str) -> str | None:
         """Orthanc instance ID for a SOPInstanceUID (``POST /tools/lookup``), or ``None``."""
@@ -210,6 +211,102 @@ class OrthancClient:
         """A streaming request for pass-through (caller reads and closes the response)."""
         return self.session.request(method, self.base + path, headers=headers, params=params,
                                     data=body)
+
+
+def md5_path(orthanc_id: str) -> str:
+    return f"/instances/{orthanc_id}/attachments/dicom/md5"
+
+
+def parse_md5(data: bytes, orthanc_id: str) -> str:
+    """Orthanc's answer to :func:`md5_path`, checked: 32 lower-case hex digits."""
+    text = data.decode("ascii", "replace").strip().strip('"').lower()
+    if len(text) != 32 or any(c not in "0123456789abcdef" for c in text):
+        # A damaged answer is not "no MD5": trusting the parse alone would let
+        # corrupted pixels through.  Retried like any integrity failure.
+        raise IntegrityError("md5_mismatch", f"Orthanc's MD5 answer for {orthanc_id} "
+                             f"is malformed: {text[:40]!r}")
+    return text
+
+
+class BlockingConnection:
+    """One keep-alive HTTP connection to Orthanc for a thread of its own (``http.client``).
+
+    A whole-series stream and its two hundred MD5 lookups are read outside the
+    event loop: on it, a hundred megabytes cost a copy and a callback per socket
+    read, and the lookups a task each, and the loop is what every viewer waits
+    for.  Same base URL, credentials, headers and timeouts as
+    :class:`OrthancClient`; no retries (the caller falls back to the client's
+    retried requests).  :meth:`abort` may be called from another thread: it
+    wakes a blocked read, which then fails.
+    """
+
+    def __init__(self, client: OrthancClient) -> None:
+        self.settings = client.settings
+        self.headers = client.headers
+        self.url = urlsplit(client.base)
+        self._conn: http.client.HTTPConnection | None = None
+        # Kept apart from the connection: http.client hands the socket over to a
+        # response that ends with the connection ("Connection: close", as a
+        # DICOMweb retrieve does), and then ``conn.sock`` is None.
+        self._sock: socket.socket | None = None
+        self._resp: http.client.HTTPResponse | None = None
+        self._aborted = False
+
+    def _connect(self) -> http.client.HTTPConnection:
+        url, timeout = self.url, self.settings.connect_timeout
+        conn: http.client.HTTPConnection
+        if url.scheme == "https":
+            conn = http.client.HTTPSConnection(url.hostname or "", url.port, timeout=timeout,
+                                               context=ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=timeout)
+        conn.connect()
+        assert conn.sock is not None
+        conn.sock.settimeout(self.settings.read_timeout)
+        self._sock = conn.sock
+        return conn
+
+    def get(self, path: str, headers: Mapping[str, str] | None = None
+            ) -> http.client.HTTPResponse:
+        """``GET path``; the response must be read whole before the next request."""
+        for attempt in (1, 2):
+            if self._aborted:
+                raise ConnectionAbortedError("stopped")
+            reused = self._conn is not None
+            if self._conn is None:
+                self._conn = self._connect()
+            try:
+                self._conn.request("GET", self.url.path.rstrip("/") + path,
+                                   headers={**self.headers, **(headers or {})})
+                self._resp = self._conn.getresponse()
+                if self._resp.will_close:  # the socket now belongs to the response
+                    self._conn = None
+                return self._resp
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.close()
+                if not reused or attempt == 2:  # a kept-alive socket Orthanc had closed: once more
+                    raise
+        raise AssertionError("unreachable")
+
+    def abort(self) -> None:
+        """End the connection from another thread: a blocked read fails at once."""
+        self._aborted = True
+        sock = self._sock
+        if sock is not None:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Close the connection and the last response, read whole or not."""
+        if self._resp is not None:
+            self._resp.close()
+            self._resp = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 def check_status(status: int, headers: Mapping[str, str], what: str, body: bytes = b"") -> None:

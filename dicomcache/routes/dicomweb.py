@@ -165,6 +165,22 @@ class DicomWeb:
         stream.task.add_done_callback(self.streams.discard)
         return stream
 
+    async def file_sizes(self, oid: str, level: str) -> dict[str, int] | None:
+        """Orthanc's size of each stored instance of a series or study (``None``: unknown).
+
+        Lets a cold retrieve of instances as stored announce its Content-Length:
+        a client reads a body of known length faster than a chunked one (the
+        Python ``http.client`` of the benchmark spends half the CPU) and can show
+        progress.  One attempt, no retries: without it the answer is chunked.
+        """
+        path = f"/{'series' if level == 'Series' else 'studies'}/{oid}/instances"
+        try:
+            _, data = await self.client.get(path, kind="listing")
+            return {str(i["ID"]): int(i["FileSize"]) for i in json.loads(data)}
+        except (UpstreamError, NotFoundUpstream, ValueError, KeyError, TypeError) as exc:
+            log.info("no instance sizes for %s (%s): the retrieve is sent chunked", oid, exc)
+            return None
+
     # upstream calls: retried when no copy exists; one attempt when a stale copy can stand in
     async def _ask(self, op: Callable[[int], Awaitable[Any]], *, what: str, retry: bool) -> Any:
         if retry:
@@ -505,6 +521,10 @@ async def _open_part(found: Entry | Fetched) -> Part:
     return await read_instance(found)
 
 
+def _part_size(part: Part) -> int:
+    return len(part) if isinstance(part, bytes) else part[1]
+
+
 def _close_part(part: Part) -> None:
     if not isinstance(part, bytes):
         part[0].close()
@@ -539,7 +559,10 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     """A whole series or study as one multipart, streamed from verified instances.
 
     Parts come in Orthanc's order.  Up to ``dicomweb.retrieve_concurrency``
-    instances are read or fetched ahead of the one being sent.  A failure before
+    instances are read or fetched ahead of the one being sent.  The length is
+    announced when it is known: every instance stored and served as stored, or a
+    cold retrieve as stored (Orthanc's stored sizes); a part whose size differs
+    from the one announced breaks the connection.  A failure before
     the first byte is an ordinary JSON error; after it, the connection is broken.
     """
     study, series, _ = _uids(request)
@@ -580,8 +603,15 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     # the whole series feeds them (verified part by part; single downloads for the rest).
     missing = [oid for oid, e in zip(oids, peeked, strict=True) if e is None]
     stream: SeriesStream | None = None
+    #: The size of each part, when the length is announced.
+    sizes: list[int] | None = [e.size for e in peeked if e] if length is not None else None
     if wanted == "*" and len(missing) >= STREAM_MIN_MISSING and 2 * len(missing) >= len(oids):
         stream = dw.series_stream(study, series, missing)
+        # Orthanc's sizes, asked while the stream starts, announce the length.
+        stored = await dw.file_sizes(listing.value[0], "Series" if series else "Study")
+        if stored is not None and all(oid in stored for oid in missing):
+            sizes = [e.size if e else stored[oid] for oid, e in zip(oids, peeked, strict=True)]
+            length = sum(len(_part_head(b, n)) + n + 2 for n in sizes) + len(b) + 6
 
     async def part(i: int) -> Part:
         oid = oids[i]
@@ -622,6 +652,11 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         while pending:
             data = await pending.popleft()
             launch()
+            if sizes is not None and _part_size(data) != sizes[sent]:
+                _close_part(data)
+                raise IntegrityError("length_mismatch", f"instance {oids[sent]} is "
+                                     f"{_part_size(data)} bytes, Orthanc's listing said "
+                                     f"{sizes[sent]}: the announced length cannot be kept")
             if not resp.prepared:
                 if length is not None:
                     resp.content_length = length

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -70,7 +72,11 @@ async def test_cold_series_retrieve_by_stream_identical_to_orthanc(
     assert status == 200
     resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
     assert resp.status == 200
-    ours = split_multipart(await resp.read(), resp.headers["Content-Type"])
+    body = await resp.read()
+    # Orthanc's stored sizes announce the length of a cold retrieve (no chunks).
+    assert resp.headers["Content-Length"] == str(len(body))
+    assert "Transfer-Encoding" not in resp.headers
+    ours = split_multipart(body, resp.headers["Content-Type"])
     theirs = split_multipart(direct, headers["Content-Type"])
     assert [b for _, b in ours] == [b for _, b in theirs] == [s.data for s in ct_series]
     assert wan.requests[path] == 1  # one series stream…
@@ -101,6 +107,46 @@ async def test_cut_series_stream_falls_back_to_single_downloads(
     assert 0 < file_requests(wan) <= len(ct_series)  # only what the stream did not deliver
     for s in ct_series:
         assert wan.requests[f"/instances/{s.orthanc_id}/file"] <= 1
+
+
+async def test_cold_retrieve_is_chunked_when_orthanc_gives_no_sizes(
+        client: TestClient, wan: WanEmulator, ct_series: list[Sample]) -> None:
+    wan.set_profile(LinkProfile(status_503=1.0, fault_paths=r"^/series/[^/]+/instances$"))
+    resp = await client.get(series_path(ct_series[0]), headers={"Accept": ANY_SYNTAX})
+    assert resp.status == 200
+    assert "Content-Length" not in resp.headers
+    assert resp.headers["Transfer-Encoding"] == "chunked"
+    parts = split_multipart(await resp.read(), resp.headers["Content-Type"])
+    assert [b for _, b in parts] == [s.data for s in ct_series]
+    assert wan.faults["status_503"] == 1
+
+
+@pytest.mark.parametrize("wrong", [0, 5])
+async def test_a_part_of_another_size_than_announced_is_never_sent(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch, ct_series: list[Sample],
+        wrong: int) -> None:
+    """Orthanc's listing lying about one instance's size (stood in for by a mock)."""
+    from dicomcache.routes.dicomweb import DicomWeb
+
+    real = DicomWeb.file_sizes
+
+    async def lying(self: DicomWeb, oid: str, level: str) -> dict[str, int] | None:
+        sizes = await real(self, oid, level)
+        assert sizes is not None
+        sizes[ct_series[wrong].orthanc_id] += 1
+        return sizes
+
+    monkeypatch.setattr(DicomWeb, "file_sizes", lying)
+    resp = await client.get(series_path(ct_series[0]), headers={"Accept": ANY_SYNTAX})
+    if wrong == 0:  # before the first byte: an ordinary error answer
+        assert resp.status == 502
+        assert "announced length" in await resp.text()
+        return
+    assert resp.status == 200
+    expected = int(resp.headers["Content-Length"])
+    with pytest.raises(aiohttp.ClientPayloadError):  # broken off, never passed as complete
+        await resp.read()
+    assert expected > 0
 
 
 async def test_corrupted_stream_part_is_never_sent(
@@ -213,3 +259,33 @@ async def test_shutdown_right_after_a_cold_retrieve_keeps_every_part(
             assert entry is not None and await asyncio.to_thread(entry.path.read_bytes) == s.data
     finally:
         await asyncio.to_thread(store.close)
+
+
+def stream_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("series-stream")]
+
+
+async def test_shutdown_ends_a_stream_stalled_upstream_at_once(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,  # type: ignore[no-untyped-def]
+        ct_series: list[Sample]) -> None:
+    """The reader thread blocked in a read is woken at shutdown, not after read_timeout."""
+    wan.set_profile(LinkProfile(stall=1.0, stall_seconds=60, fault_paths=SERIES_STREAM))
+    client = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}", upstream={"read_timeout": 60})))
+    retrieve = asyncio.ensure_future(client.get(series_path(ct_series[0]),
+                                                headers={"Accept": ANY_SYNTAX}))
+    for _ in range(100):
+        if wan.faults["stall"] and stream_threads():
+            break
+        await asyncio.sleep(0.05)
+    assert wan.faults["stall"] == 1 and stream_threads()
+    await asyncio.sleep(0.3)  # the reader is now blocked in the stalled body
+    started = time.monotonic()
+    retrieve.cancel()
+    await asyncio.wait_for(client.close(), 30)
+    for _ in range(100):
+        if not stream_threads():
+            break
+        await asyncio.sleep(0.05)
+    assert not stream_threads()
+    assert time.monotonic() - started < 10  # not the 60 s stall nor the read timeout
