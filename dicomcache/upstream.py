@@ -18,6 +18,7 @@ choices below hold everywhere:
 from __future__ import annotations
 
 import asyncio
+import collections
 import http.client
 import logging
 import random
@@ -25,9 +26,9 @@ import socket
 import ssl
 import time
 from urllib.parse import urlsplit
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from contextlib import suppress
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict
@@ -48,6 +49,12 @@ FORWARDED_REQUEST_HEADERS = ("Accept", "Accept-Language", "Content-Type",
 
 #: Failures that another attempt cannot fix.
 FINAL_CAUSES = frozenset({"auth"})
+
+#: Requests written at once by :meth:`BlockingConnection.get_all` (small enough
+#: that neither side's socket buffers fill while the other is not reading).
+PIPELINE_WINDOW = 64
+#: Largest answer :meth:`BlockingConnection.get_all` accepts.
+MAX_SMALL = 1 << 20
 
 
 class OrthancClient:
@@ -253,6 +260,8 @@ class BlockingConnection:
         self._aborted = False
 
     def _connect(self) -> http.client.HTTPConnection:
+        if self._aborted:
+            raise ConnectionAbortedError("stopped")
         url, timeout = self.url, self.settings.connect_timeout
         conn: http.client.HTTPConnection
         if url.scheme == "https":
@@ -270,14 +279,14 @@ class BlockingConnection:
             ) -> http.client.HTTPResponse:
         """``GET path``; the response must be read whole before the next request."""
         for attempt in (1, 2):
-            if self._aborted:
-                raise ConnectionAbortedError("stopped")
             reused = self._conn is not None
             if self._conn is None:
                 self._conn = self._connect()
             try:
                 self._conn.request("GET", self.url.path.rstrip("/") + path,
                                    headers={**self.headers, **(headers or {})})
+                if self._aborted:
+                    raise ConnectionAbortedError("stopped")
                 self._resp = self._conn.getresponse()
                 if self._resp.will_close:  # the socket now belongs to the response
                     self._conn = None
@@ -287,6 +296,52 @@ class BlockingConnection:
                 if not reused or attempt == 2:  # a kept-alive socket Orthanc had closed: once more
                     raise
         raise AssertionError("unreachable")
+
+    def get_all(self, paths: Sequence[str], window: int = PIPELINE_WINDOW
+                ) -> Generator[tuple[str, int, bytes], None, None]:
+        """``(path, status, body)`` of a ``GET`` of each path, in order, pipelined.
+
+        For many small answers (Orthanc's MD5s): ``window`` requests are written
+        at once (HTTP/1.1 pipelining), then their answers read, so a lookup costs
+        neither a round trip nor a system call of its own (200 MD5s: 17 ms
+        against 51 ms one by one, on a loaded machine 56 ms against 430).  Every
+        answer must carry a ``Content-Length`` of at most :data:`MAX_SMALL`.  A
+        server that ends the connection before answering all it was sent
+        (keep-alive off, a proxy that does not pipeline) is asked the rest again
+        on a new connection; one that answers nothing at all raises.
+        """
+        todo = collections.deque(paths)
+        while todo:
+            conn = self._connect()
+            fp = self._sock.makefile("rb") if self._sock is not None else None
+            assert fp is not None
+            answered = 0
+            try:
+                while todo:
+                    batch = [todo[i] for i in range(min(window, len(todo)))]
+                    conn.send(b"".join(self._request_head(p) for p in batch))
+                    for path in batch:
+                        status, body, close = _read_small(fp)
+                        todo.popleft()
+                        answered += 1
+                        yield path, status, body
+                        if close:
+                            raise _ConnectionEnded("the server closed the connection")
+            except (_ConnectionEnded, ConnectionError) as exc:
+                if not answered:
+                    raise ConnectionResetError(f"no answer to a pipelined request: {exc}") from exc
+            finally:
+                fp.close()
+                conn.close()
+                self.close()
+
+    def _request_head(self, path: str) -> bytes:
+        host = self.url.hostname or ""
+        if self.url.port is not None:
+            host = f"{host}:{self.url.port}"
+        lines = [f"GET {self.url.path.rstrip('/')}{path} HTTP/1.1", f"Host: {host}",
+                 *(f"{k}: {v}" for k, v in self.headers.items())]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def abort(self) -> None:
         """End the connection from another thread: a blocked read fails at once."""
@@ -307,6 +362,30 @@ class BlockingConnection:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+class _ConnectionEnded(Exception):
+    """The server said ``Connection: close``: the rest goes on a new connection."""
+
+
+def _read_small(fp: BinaryIO) -> tuple[int, bytes, bool]:
+    """One answer from a pipelined connection: status, body, and whether it ends there."""
+    line = fp.readline(8192)
+    if not line:
+        raise ConnectionResetError("connection closed before the answer")
+    words = line.split(None, 2)
+    if len(words) < 2 or not words[0].startswith(b"HTTP/1.") or not words[1].isdigit():
+        raise http.client.BadStatusLine(line.decode("latin-1", "replace"))
+    headers = http.client.parse_headers(fp)
+    declared = headers.get("Content-Length", "")
+    if not declared.isdigit() or int(declared) > MAX_SMALL:
+        raise http.client.HTTPException(f"a pipelined answer without a usable Content-Length "
+                                        f"({declared[:20]!r})")
+    body = fp.read(int(declared))
+    if len(body) != int(declared):
+        raise ConnectionResetError("connection closed inside an answer")
+    close = words[0] == b"HTTP/1.0" or "close" in headers.get("Connection", "").lower()
+    return int(words[1]), body, close
 
 
 def check_status(status: int, headers: Mapping[str, str], what: str, body: bytes = b"") -> None:

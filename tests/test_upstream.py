@@ -108,3 +108,73 @@ def test_parse_md5_rejects_a_damaged_answer() -> None:
         "0123456789abcdef0123456789abcdef"
     with pytest.raises(IntegrityError):
         parse_md5(b"0123456789abcdef0123456789abcde", "x")
+
+
+def one_answer_server(answer: bool) -> tuple[socket.socket, threading.Event]:
+    """A loopback server closing every connection after one request, answered or not."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            with conn, conn.makefile("rb") as f:
+                target = f.readline().split()[1]
+                while f.readline() not in (b"\r\n", b""):
+                    pass
+                if answer:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
+                                 b"Content-Length: %d\r\n\r\n%b" % (len(target), target))
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, stop
+
+
+async def test_get_all_pipelines_in_order_against_orthanc(orthanc: OrthancProcess,
+                                                          ct_series: list[Sample]) -> None:
+    client = OrthancClient(settings(orthanc.url, orthanc), Metrics())
+    try:
+        conn = BlockingConnection(client)
+        paths = [md5_path(s.orthanc_id) for s in ct_series] + [md5_path("nope")] \
+            + [md5_path(s.orthanc_id) for s in ct_series]
+        answers = await asyncio.to_thread(lambda: list(conn.get_all(paths, window=5)))
+        assert [p for p, _, _ in answers] == paths
+        import hashlib
+        expected = [hashlib.md5(s.data).hexdigest().encode() for s in ct_series]
+        assert [b for _, st, b in answers if st == 200] == expected * 2
+        assert [st for _, st, _ in answers].count(404) == 1
+    finally:
+        await client.close()
+
+
+async def test_get_all_asks_again_on_a_new_connection_when_the_server_closes(
+        orthanc: OrthancProcess) -> None:
+    srv, stop = one_answer_server(answer=True)
+    client = OrthancClient(settings(f"http://127.0.0.1:{srv.getsockname()[1]}", orthanc),
+                           Metrics())
+    try:
+        conn = BlockingConnection(client)
+        paths = [f"/p{i}" for i in range(5)]
+        answers = await asyncio.to_thread(lambda: list(conn.get_all(paths)))
+        assert answers == [(p, 200, p.encode()) for p in paths]
+    finally:
+        stop.set()
+        srv.close()
+        await client.close()
+
+
+async def test_get_all_raises_when_a_connection_answers_nothing(orthanc: OrthancProcess) -> None:
+    srv, stop = one_answer_server(answer=False)
+    client = OrthancClient(settings(f"http://127.0.0.1:{srv.getsockname()[1]}", orthanc),
+                           Metrics())
+    try:
+        conn = BlockingConnection(client)
+        with pytest.raises(ConnectionResetError, match="no answer"):
+            await asyncio.to_thread(lambda: list(conn.get_all(["/a", "/b"])))
+    finally:
+        stop.set()
+        srv.close()
+        await client.close()
