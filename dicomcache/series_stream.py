@@ -18,10 +18,12 @@ every part:
   them for the store's next group commit (:meth:`AsyncStore.queue_commit`):
   the retrieve never waits for durability, and reading goes on while earlier
   parts are being written (up to :data:`COMMIT_BACKLOG` bytes not yet durable);
-* once the part is durable, settles the single-flight future that
-  :meth:`Fetcher.claim` registered for it, so a concurrent viewer asking for
-  that instance waits for the stream instead of downloading it a second time
-  (and a lookup of it by SOPInstanceUID waits for its commit meanwhile).
+* settles the single-flight future that :meth:`Fetcher.claim` registered for
+  it with the verified bytes, so a concurrent viewer asking for that instance
+  waits for the stream instead of downloading it a second time (and a later
+  lookup of it waits for its commit).  Commits are deferred while the stream
+  is read (:meth:`AsyncStore.deferring_commits`), unless somebody waits for
+  one or too much is queued.
 
 The stream and the MD5 lookups are read by two threads of their own with
 blocking connections (:class:`~dicomcache.upstream.BlockingConnection`), not
@@ -329,6 +331,9 @@ class SeriesStream:
             # instance waits for its commit instead of missing it.
             durable = self.fetcher.store.queue_commit(Verified(data, summary, md5, oid))
             self._publish(oid, fetched, final=False)  # sent while it is being committed
+            # Concurrent viewers waiting for it get the verified bytes now, not after
+            # the (perhaps deferred) commit; later lookups wait for the commit.
+            _settle(fut, fetched)
             self.delivered += 1
             await backlog.take(len(data))  # reading waits while too much is not durable
             task = asyncio.ensure_future(self._settle_when_durable(oid, fut, fetched, durable))
@@ -348,15 +353,20 @@ class SeriesStream:
 
         md5_task = asyncio.ensure_future(look_up_md5s())
         try:
-            error = await parts.run(lambda post: _read_stream(parts, self.path, slots, post, on_part))
-            if isinstance(error, (StreamBroken, http.client.HTTPException, OSError, ValueError)):
-                log.warning("series stream %s cut (%s): the rest is fetched instance by "
-                            "instance", self.path, error)
-            elif error is not None:  # whatever it was, every claimed instance must still settle
-                log.error("series stream %s failed: the rest is fetched instance by instance",
-                          self.path, exc_info=error)
-            if handlers:
-                await asyncio.gather(*handlers, return_exceptions=True)
+            # The parts are written to disk once they are all read (or when somebody
+            # waits for one): the retrieve needs the CPU more than the cache does.
+            with self.fetcher.store.deferring_commits():
+                error = await parts.run(
+                    lambda post: _read_stream(parts, self.path, slots, post, on_part))
+                if isinstance(error, (StreamBroken, http.client.HTTPException, OSError,
+                                      ValueError)):
+                    log.warning("series stream %s cut (%s): the rest is fetched instance by "
+                                "instance", self.path, error)
+                elif error is not None:  # whatever it was, every claimed instance must settle
+                    log.error("series stream %s failed: the rest is fetched instance by "
+                              "instance", self.path, exc_info=error)
+                if handlers:
+                    await asyncio.gather(*handlers, return_exceptions=True)
             # What the stream did not deliver is fetched now, not after the commits.
             self._fall_back([oid for oid in self.claimed if oid not in delivered])
             if commits:
@@ -376,10 +386,10 @@ class SeriesStream:
 
     async def _settle_when_durable(self, oid: str, fut: asyncio.Future[Any], fetched: Fetched,
                                    durable: asyncio.Future[Entry | None]) -> None:
-        """Settle the instance's single-flight future once its commit is done.
+        """Once the part is durable, hand out the stored entry instead of the bytes.
 
-        Concurrent viewers get the stored entry (or the verified bytes if the
-        disk refused them); the retrieve already has the bytes.
+        ``fut`` (the single-flight future) was settled with the verified bytes
+        already; this only matters if it was not (it never is left unsettled).
         """
         found: Entry | Fetched = fetched
         try:

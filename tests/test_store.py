@@ -230,6 +230,51 @@ async def test_queued_commits_are_grouped_and_found_while_pending(
     await store.drain()
 
 
+async def test_deferred_commits_wait_until_due(tmp_path: Path, blobs: list[bytes],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a transfer defers them, group commits wait: until a lookup waits for one,
+    until too much is queued, or until the last deferral ends."""
+    import dicomcache.store as store_module
+
+    store = AsyncStore(Store(tmp_path, 1 << 30))
+    groups: list[int] = []
+    real = Store.commit_group
+
+    def counted(self: Store, bodies: list[Verified]) -> list[object]:
+        groups.append(len(bodies))
+        return real(self, bodies)
+
+    monkeypatch.setattr(Store, "commit_group", counted)
+
+    async def settled(futs: list[asyncio.Future[Entry | None]]) -> bool:
+        await asyncio.sleep(0.2)
+        return all(f.done() for f in futs)
+
+    # A lookup of a queued instance makes the commits due at once.
+    with store.deferring_commits():
+        futs = [store.queue_commit(verified(b, oid_of(i))) for i, b in enumerate(blobs[:3])]
+        assert not await settled(futs) and groups == []
+        found = await asyncio.wait_for(store.get(parse_dicom(blobs[1]).sop_instance_uid), 10)
+        assert found is not None and await settled(futs)
+        # …and afterwards new ones are deferred again.
+        later = [store.queue_commit(verified(blobs[3], oid_of(3)))]
+        assert not await settled(later)
+    assert await settled(later)  # the deferral ended
+    # Too much queued: due although still deferred.
+    monkeypatch.setattr(store_module, "DEFER_LIMIT", 2 * len(blobs[4]))
+    with store.deferring_commits():
+        futs = [store.queue_commit(verified(blobs[4], oid_of(4)))]
+        assert not await settled(futs)
+        futs.append(store.queue_commit(verified(blobs[5], oid_of(5))))
+        assert await settled(futs)
+    # drain() (shutdown) does not wait for a deferral to end.
+    with store.deferring_commits():
+        fut = store.queue_commit(verified(blobs[6], oid_of(6)))
+        await asyncio.wait_for(store.drain(), 10)
+        assert fut.done() and isinstance(fut.result(), Entry)
+    assert sum(groups) == 7
+
+
 async def test_shutdown_abandons_queued_commits_cleanly(tmp_path: Path, blobs: list[bytes],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The committer cancelled (shutdown): the group in its thread completes, the queue is

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -110,7 +111,8 @@ def test_parse_md5_rejects_a_damaged_answer() -> None:
         parse_md5(b"0123456789abcdef0123456789abcde", "x")
 
 
-def one_answer_server(answer: bool) -> tuple[socket.socket, threading.Event]:
+@contextlib.contextmanager
+def one_answer_server(answer: bool) -> Iterator[int]:
     """A loopback server closing every connection after one request, answered or not."""
     srv = socket.create_server(("127.0.0.1", 0))
     srv.settimeout(0.1)
@@ -129,8 +131,14 @@ def one_answer_server(answer: bool) -> tuple[socket.socket, threading.Event]:
                 if answer:
                     conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
                                  b"Content-Length: %d\r\n\r\n%b" % (len(target), target))
-    threading.Thread(target=serve, daemon=True).start()
-    return srv, stop
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        srv.close()
 
 
 async def test_get_all_pipelines_in_order_against_orthanc(orthanc: OrthancProcess,
@@ -152,29 +160,23 @@ async def test_get_all_pipelines_in_order_against_orthanc(orthanc: OrthancProces
 
 async def test_get_all_asks_again_on_a_new_connection_when_the_server_closes(
         orthanc: OrthancProcess) -> None:
-    srv, stop = one_answer_server(answer=True)
-    client = OrthancClient(settings(f"http://127.0.0.1:{srv.getsockname()[1]}", orthanc),
-                           Metrics())
-    try:
-        conn = BlockingConnection(client)
-        paths = [f"/p{i}" for i in range(5)]
-        answers = await asyncio.to_thread(lambda: list(conn.get_all(paths)))
-        assert answers == [(p, 200, p.encode()) for p in paths]
-    finally:
-        stop.set()
-        srv.close()
-        await client.close()
+    with one_answer_server(answer=True) as port:
+        client = OrthancClient(settings(f"http://127.0.0.1:{port}", orthanc), Metrics())
+        try:
+            conn = BlockingConnection(client)
+            paths = [f"/p{i}" for i in range(5)]
+            answers = await asyncio.to_thread(lambda: list(conn.get_all(paths)))
+            assert answers == [(p, 200, p.encode()) for p in paths]
+        finally:
+            await client.close()
 
 
 async def test_get_all_raises_when_a_connection_answers_nothing(orthanc: OrthancProcess) -> None:
-    srv, stop = one_answer_server(answer=False)
-    client = OrthancClient(settings(f"http://127.0.0.1:{srv.getsockname()[1]}", orthanc),
-                           Metrics())
-    try:
-        conn = BlockingConnection(client)
-        with pytest.raises(ConnectionResetError, match="no answer"):
-            await asyncio.to_thread(lambda: list(conn.get_all(["/a", "/b"])))
-    finally:
-        stop.set()
-        srv.close()
-        await client.close()
+    with one_answer_server(answer=False) as port:
+        client = OrthancClient(settings(f"http://127.0.0.1:{port}", orthanc), Metrics())
+        try:
+            conn = BlockingConnection(client)
+            with pytest.raises(ConnectionResetError, match="no answer"):
+                await asyncio.to_thread(lambda: list(conn.get_all(["/a", "/b"])))
+        finally:
+            await client.close()
