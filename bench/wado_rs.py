@@ -13,6 +13,12 @@ multipart read and its parts counted):
 Series metadata is timed the same way.  Goals (issue 3): cold <= 1.1 x direct,
 warm >= 2 x faster than direct.  Everything listens on 127.0.0.1.
 
+The client above is Python's ``http.client``, which spends about 0.3 CPU-s
+reading Orthanc's length-less answer (dicomcache's answers carry a
+Content-Length), so the same three are also timed with ``curl`` (unless
+``--no-curl``), a client that is not CPU-bound: that shows how far each server
+is from what the link could carry.
+
     ./run bench bench/wado_rs.py [--instances 200] [--runs 3] [--profile cold.svg]
 
 ``--profile FILE`` records the dicomcache process with ``py-spy`` during the
@@ -57,6 +63,18 @@ def timed_get(port: int, path: str, headers: dict[str, str]) -> tuple[float, int
     if resp.status != 200:
         raise RuntimeError(f"GET {path}: {resp.status} {body[:200]!r}")
     return elapsed, len(body), body
+
+
+def curl_get(port: int, path: str, headers: dict[str, str]) -> tuple[float, int]:
+    """Seconds to the last byte and bytes, read by curl (a client that is not CPU-bound)."""
+    cmd = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total} %{size_download}"]
+    for name, value in headers.items():
+        cmd += ["-H", f"{name}: {value}"]
+    out = subprocess.run([*cmd, f"http://127.0.0.1:{port}{path}"], capture_output=True,
+                         text=True, timeout=300, check=True).stdout.split()
+    if out[0] != "200":
+        raise RuntimeError(f"curl GET {path}: {out[0]}")
+    return float(out[1]), int(out[2])
 
 
 def count_parts(body: bytes) -> int:
@@ -123,6 +141,8 @@ def main() -> int:
                     help="dicomweb.retrieve_concurrency of the proxy")
     ap.add_argument("--profile", type=Path, metavar="FILE",
                     help="py-spy profile of dicomcache during the first cold retrieve")
+    ap.add_argument("--no-curl", action="store_true",
+                    help="skip the second set of timings read by curl")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dicomcache-wado-bench-"))
     orthanc = OrthancProcess(work / "orthanc")
@@ -146,6 +166,8 @@ def main() -> int:
                 raise RuntimeError(f"{what}: {count_parts(body)} parts, not {len(blobs)}")
 
         timed_get(orthanc.http_port, series, direct_h)  # warm Orthanc's page cache
+        use_curl = not args.no_curl and shutil.which("curl") is not None
+        curl: dict[str, list[float]] = {"direct": [], "cold": [], "warm": []}
         direct, cold, warm = [], [], []
         meta_direct, meta_cold, meta_warm = [], [], []
         for run in range(args.runs):
@@ -165,6 +187,7 @@ def main() -> int:
                 if profiler is not None:
                     profiler.stop()
             check(body, "cold")
+            ours_size = len(body)
             cold.append(s)
             s, _, _ = timed_get(proxy.port, series + "/metadata", {})
             meta_cold.append(s)
@@ -178,6 +201,17 @@ def main() -> int:
             proxies.remove(proxy)
             print(f"run {run + 1}: orthanc {direct[-1]:.3f} s  cold {cold[-1]:.3f} s  "
                   f"warm {min(warm[-args.runs:]):.3f} s", flush=True)
+            if use_curl:  # the same three with curl, cold on another fresh cache
+                curl["direct"].append(curl_get(orthanc.http_port, series, direct_h)[0])
+                proxy = Proxy(work, orthanc, f"curl{run}", args.concurrency)
+                proxies.append(proxy)
+                for name in ("cold", "warm"):
+                    s, size = curl_get(proxy.port, series, ours_h)
+                    if size != ours_size:  # same parts, same length of boundary
+                        raise RuntimeError(f"curl {name}: {size} bytes, not {ours_size}")
+                    curl[name].append(s)
+                proxy.stop()
+                proxies.remove(proxy)
 
         d, c, w = (statistics.median(x) for x in (direct, cold, warm))
         print(f"\nseries retrieve, {len(blobs)} instances, {total / 1e6:.0f} MB, "
@@ -186,6 +220,12 @@ def main() -> int:
             print(f"  {name:16s} {v:7.3f} s  {total / v / 1e6:7.0f} MB/s")
         print(f"  cold / direct = {c / d:.2f}  (goal <= 1.10)")
         print(f"  direct / warm = {d / w:.2f}  (goal >= 2.00)")
+        if use_curl:
+            cd, cc, cw = (statistics.median(curl[k]) for k in ("direct", "cold", "warm"))
+            print(f"the same read by curl (not CPU-bound; Orthanc's length-less answer costs "
+                  f"Python's http.client ~0.3 CPU-s):\n  orthanc direct {cd:.3f} s, "
+                  f"dicomcache cold {cc:.3f} s ({cc / cd:.1f}x), warm {cw:.3f} s "
+                  f"(direct / warm = {cd / cw:.2f})")
         md, mc, mw = (statistics.median(x) for x in (meta_direct, meta_cold, meta_warm))
         print(f"series metadata: orthanc {md * 1000:.0f} ms, dicomcache cold {mc * 1000:.0f} ms, "
               f"warm {mw * 1000:.1f} ms (direct / warm = {md / mw:.0f})")

@@ -38,7 +38,7 @@ GZIP = {"Accept-Encoding": "gzip"}
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
-    """A verified instance that could not be stored (disk full): served from memory.
+    """A verified instance served from memory: not stored (disk full), or not durable yet.
 
     Same identity fields as :class:`~dicomcache.store.Entry`, so routes treat both alike.
     """
@@ -50,6 +50,10 @@ class Fetched:
     md5: str
     orthanc_id: str
     data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
 
     @classmethod
     def of(cls, summary: DicomSummary, md5: str, orthanc_id: str, data: bytes) -> Fetched:

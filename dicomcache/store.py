@@ -651,8 +651,7 @@ class AsyncStore:
     wait: on a small machine, writing a series to disk while it is being sent
     takes the CPU the transfer needs (a cold 200-instance retrieve: about
     0.1 CPU-second of file writes).  They start anyway as soon as anyone waits
-    for one of them (a lookup of a queued instance, :meth:`committed`,
-    :meth:`drain`), or :data:`DEFER_LIMIT` bytes are queued, or the last
+    for one of them (a lookup of a queued instance, :meth:`drain`), or :data:`DEFER_LIMIT` bytes are queued, or the last
     transfer deferring them ends.  Only the cache's durability waits: a crash
     meanwhile costs downloading those instances again, never a wrong entry.
     """
@@ -666,6 +665,8 @@ class AsyncStore:
         #: Commits queued or being written, by SOPInstanceUID and by Orthanc ID.
         self._pending: dict[str, asyncio.Future[Entry | None]] = {}
         self._pending_oid: dict[str, asyncio.Future[Entry | None]] = {}
+        #: Their verified bodies, by Orthanc ID (still in memory until durable).
+        self._pending_body: dict[str, Verified] = {}
         #: Transfers deferring group commits, and the signal that they are due anyway.
         self._deferrals = 0
         self._due = asyncio.Event()
@@ -734,12 +735,14 @@ class AsyncStore:
         self._pending[sop] = fut
         if oid:
             self._pending_oid[oid] = fut
+            self._pending_body[oid] = body
 
         def settled(f: asyncio.Future[Entry | None]) -> None:
             if self._pending.get(sop) is f:
                 del self._pending[sop]
             if oid and self._pending_oid.get(oid) is f:
                 del self._pending_oid[oid]
+                del self._pending_body[oid]
             if not f.cancelled():
                 f.exception()  # retrieved: the waiter may have gone
         fut.add_done_callback(settled)
@@ -751,12 +754,14 @@ class AsyncStore:
             self._committer = asyncio.create_task(self._commit_queued(), name="store commits")
         return fut
 
-    async def committed(self, orthanc_ids: list[str]) -> None:
-        """Wait for the commits of these instances that are queued or being written."""
-        pending = [self._pending_oid[oid] for oid in orthanc_ids if oid in self._pending_oid]
-        if pending:
-            self._due.set()
-            await asyncio.wait(pending)  # never cancels them
+    def pending_body(self, orthanc_id: str) -> Verified | None:
+        """The verified body of an instance queued or being committed (not durable yet).
+
+        A whole-series retrieve right after a cold one sends these from memory
+        instead of waiting for a backlog of commits (a lookup of one instance
+        waits for its commit instead: :meth:`get_by_orthanc_id`).
+        """
+        return self._pending_body.get(orthanc_id)
 
     async def drain(self) -> None:
         """Wait until every commit queued so far is durable (or failed)."""

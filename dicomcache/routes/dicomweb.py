@@ -583,10 +583,12 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     store, fetcher = dw.store, dw.fetcher
 
     # All in the store and served as stored: the length is known before the first byte.
-    peeked: list[Entry | None] = [store.sync.peek_orthanc_id(oid) for oid in oids]
-    if not all(peeked):  # some may be being committed (a retrieve just sent them): wait
-        await store.committed([oid for oid, e in zip(oids, peeked, strict=True) if e is None])
-        peeked = [e or store.sync.peek_orthanc_id(oid) for oid, e in zip(oids, peeked, strict=True)]
+    peeked: list[Entry | Fetched | None] = [store.sync.peek_orthanc_id(oid) for oid in oids]
+    if not all(peeked):  # some may be being committed (a retrieve just sent them): from memory
+        for i, oid in enumerate(oids):
+            body = store.pending_body(oid) if peeked[i] is None else None
+            if body is not None:
+                peeked[i] = Fetched.of(body.summary, body.md5, oid, body.data)
     if not all(peeked):  # not in the hot map (e.g. after a restart): ask the index
         unknown = [i for i, e in enumerate(peeked) if e is None]
         def look_up() -> list[Entry | None]:  # one thread hop, not one per instance

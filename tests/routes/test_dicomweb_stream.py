@@ -199,8 +199,9 @@ async def test_concurrent_instance_request_waits_for_the_stream(
 async def test_cold_retrieve_does_not_wait_for_durability(
         client: TestClient, wan: WanEmulator, ct_series: list[Sample],
         held_commits: threading.Event) -> None:
-    """Every verified part is sent while the disk is still busy; meanwhile a request for
-    one of them waits for its commit (no second download, no miss)."""
+    """Every verified part is sent while the disk is still busy; meanwhile the series is
+    sent again from memory, and a request for one instance waits for its commit (no
+    second download, no miss)."""
     release = held_commits
     path = series_path(ct_series[0])
     late = ct_series[-1]
@@ -211,6 +212,15 @@ async def test_cold_retrieve_does_not_wait_for_durability(
         assert [b for _, b in parts] == [s.data for s in ct_series]  # all sent, none durable
         store = client.app[STORE]
         assert store.sync.peek(late.sop) is None
+        # The whole series again: its verified bytes are still in memory, sent from
+        # there (with the length) rather than after the commits.
+        before = sum(wan.requests.values())
+        again = await asyncio.wait_for(client.get(path, headers={"Accept": ANY_SYNTAX}), 10)
+        body = await asyncio.wait_for(again.read(), 10)
+        assert again.headers["Content-Length"] == str(len(body))
+        assert [b for _, b in split_multipart(body, again.headers["Content-Type"])] == \
+            [s.data for s in ct_series]
+        assert sum(wan.requests.values()) == before and store.sync.peek(late.sop) is None
         single = asyncio.ensure_future(client.get(f"/instances/{late.orthanc_id}/file"))
         await asyncio.sleep(0.2)
         assert not single.done()  # waiting for the commit
