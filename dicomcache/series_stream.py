@@ -46,7 +46,6 @@ import asyncio
 import http.client
 import logging
 import re
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing, suppress
