@@ -54,7 +54,7 @@ from typing import Any, Protocol
 from .errors import IntegrityError
 from .fetch import Fetched, Fetcher
 from .store import Entry, StoreClosed, Verified
-from .upstream import BlockingConnection, OrthancClient, md5_path, parse_md5
+from .upstream import PIPELINE_WINDOW, BlockingConnection, OrthancClient, md5_path, parse_md5
 from .verify import DicomSummary, md5_hex, verify_bytes
 
 log = logging.getLogger(__name__)
@@ -280,11 +280,12 @@ class SeriesStream:
         md5s = _Thread(client, "series-stream-md5")
         parts = _Thread(client, "series-stream")
 
-        def learn(oid: str, md5: str) -> None:
-            by_md5[md5] = oid
-            fut = waiting.pop(md5, None)
-            if fut is not None and not fut.done():
-                fut.set_result(oid)
+        def learn(learnt: list[tuple[str, str]]) -> None:
+            for oid, md5 in learnt:
+                by_md5[md5] = oid
+                fut = waiting.pop(md5, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(oid)
 
         def lookups_ended(error: BaseException | None) -> None:
             nonlocal lookups_over
@@ -442,7 +443,7 @@ def _read_stream(thread: _Thread, path: str, slots: threading.Semaphore,
 
 
 def _look_up_md5s(thread: _Thread, oids: list[str], post: Callable[..., None],
-                  learn: Callable[[str, str], None]) -> None:
+                  learn: Callable[[list[tuple[str, str]]], None]) -> None:
     """The lookup thread: Orthanc's stored MD5 of each instance, posted to ``learn``.
 
     Pipelined (:meth:`BlockingConnection.get_all`): the lookups must keep ahead
@@ -451,15 +452,25 @@ def _look_up_md5s(thread: _Thread, oids: list[str], post: Callable[..., None],
     part, unmatched, falls back to a single download; any other refusal ends
     the lookups (the single downloads then say why).
     """
-    with closing(thread.conn.get_all([md5_path(oid) for oid in oids])) as answers:
-        for oid, (_, status, data) in zip(oids, answers, strict=True):
-            if thread.stopped.is_set():
-                return
-            if status == 404:  # Orthanc stored none (StoreMD5ForAttachments off)
-                continue
-            if status != 200:  # refused credentials, 5xx...
-                raise StreamBroken(f"Orthanc answered {status} to {md5_path(oid)}")
-            try:
-                post(learn, oid, parse_md5(data, oid))
-            except IntegrityError as exc:
-                log.info("series stream: no MD5 for %s (%s): fetched on its own", oid, exc)
+    learnt: list[tuple[str, str]] = []  # posted a window at a time: one wake-up of the loop
+    try:
+        with closing(thread.conn.get_all([md5_path(oid) for oid in oids])) as answers:
+            for i, (oid, (_, status, data)) in enumerate(zip(oids, answers, strict=True), 1):
+                if thread.stopped.is_set():
+                    return
+                if status == 404:  # Orthanc stored none (StoreMD5ForAttachments off)
+                    pass
+                elif status != 200:  # refused credentials, 5xx...
+                    raise StreamBroken(f"Orthanc answered {status} to {md5_path(oid)}")
+                else:
+                    try:
+                        learnt.append((oid, parse_md5(data, oid)))
+                    except IntegrityError as exc:
+                        log.info("series stream: no MD5 for %s (%s): fetched on its own",
+                                 oid, exc)
+                if learnt and i % PIPELINE_WINDOW == 0:
+                    post(learn, learnt)
+                    learnt = []
+    finally:
+        if learnt:
+            post(learn, learnt)

@@ -81,7 +81,7 @@ async def test_md5_lookups_skip_instances_without_one_and_stop_when_refused(
         learnt: dict[str, str] = {}
         thread = _Thread(client, "test-md5")
         error = await thread.run(
-            lambda post: _look_up_md5s(thread, oids, post, lambda o, m: learnt.update({o: m})))
+            lambda post: _look_up_md5s(thread, oids, post, lambda pairs: learnt.update(pairs)))
         assert error is None
         assert learnt == {s.orthanc_id: hashlib.md5(s.data).hexdigest() for s in ct_series[:2]}
 
@@ -89,7 +89,7 @@ async def test_md5_lookups_skip_instances_without_one_and_stop_when_refused(
         learnt.clear()
         thread = _Thread(client, "test-md5")
         error = await thread.run(
-            lambda post: _look_up_md5s(thread, oids, post, lambda o, m: learnt.update({o: m})))
+            lambda post: _look_up_md5s(thread, oids, post, lambda pairs: learnt.update(pairs)))
         assert isinstance(error, StreamBroken) and "503" in str(error)
         assert learnt == {}
         assert wan.faults["status_503"] >= 1  # the first refusal ended the lookups
