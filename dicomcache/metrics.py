@@ -100,7 +100,8 @@ class Metrics:
             registry=r)
         self.upstream_seconds = Histogram(
             "dicomcache_upstream_request_duration_seconds",
-            "Time of one request to Orthanc, by kind (instance, md5, lookup, passthrough).",
+            "Time of one request to Orthanc, by kind (instance, md5, lookup, passthrough, "
+            "series: a whole series stream, md5_pipelined: all MD5 lookups of one).",
             ["kind"], buckets=_LATENCY_BUCKETS, registry=r)
         self.upstream_retries = Counter(
             "dicomcache_upstream_retries_total", "Requests to Orthanc retried, by cause.",

@@ -47,6 +47,7 @@ import http.client
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, suppress
 from typing import Any, Protocol
@@ -265,7 +266,7 @@ class SeriesStream:
     async def _run(self) -> None:
         if not self.claimed:  # every instance is being downloaded already: nothing to feed
             return
-        client = self.fetcher.client
+        client, metrics = self.fetcher.client, self.fetcher.metrics
         #: Orthanc's stored MD5 -> instance, learnt by the lookup thread.
         by_md5: dict[str, str] = {}
         #: Parts whose MD5 is not learnt yet, waiting for it (``None``: it never will be).
@@ -349,15 +350,20 @@ class SeriesStream:
 
         async def look_up_md5s() -> None:
             oids = list(self.claimed)
-            lookups_ended(await md5s.run(lambda post: _look_up_md5s(md5s, oids, post, learn)))
+            started = time.monotonic()
+            error = await md5s.run(lambda post: _look_up_md5s(md5s, oids, post, learn))
+            metrics.upstream_seconds.labels("md5_pipelined").observe(time.monotonic() - started)
+            lookups_ended(error)
 
         md5_task = asyncio.ensure_future(look_up_md5s())
         try:
             # The parts are written to disk once they are all read (or when somebody
             # waits for one): the retrieve needs the CPU more than the cache does.
             with self.fetcher.store.deferring_commits():
+                started = time.monotonic()
                 error = await parts.run(
                     lambda post: _read_stream(parts, self.path, slots, post, on_part))
+                metrics.upstream_seconds.labels("series").observe(time.monotonic() - started)
                 if isinstance(error, (StreamBroken, http.client.HTTPException, OSError,
                                       ValueError)):
                     log.warning("series stream %s cut (%s): the rest is fetched instance by "

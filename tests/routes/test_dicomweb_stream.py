@@ -81,6 +81,12 @@ async def test_cold_series_retrieve_by_stream_identical_to_orthanc(
     assert [b for _, b in ours] == [b for _, b in theirs] == [s.data for s in ct_series]
     assert wan.requests[path] == 1  # one series stream…
     assert file_requests(wan) == 0  # …and no single downloads
+    from dicomcache.routes.common import METRICS
+
+    registry = client.app[METRICS].registry
+    for kind in ("series", "md5_pipelined"):  # timed although read outside the loop
+        assert registry.get_sample_value(
+            "dicomcache_upstream_request_duration_seconds_count", {"kind": kind}) == 1
     store = client.app[STORE]
     for s in ct_series:  # every part stored, verified
         entry = await store.get(s.sop)
