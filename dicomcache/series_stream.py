@@ -337,7 +337,7 @@ class SeriesStream:
             _settle(fut, fetched)
             self.delivered += 1
             await backlog.take(len(data))  # reading waits while too much is not durable
-            task = asyncio.ensure_future(self._settle_when_durable(oid, fut, fetched, durable))
+            task = asyncio.ensure_future(self._when_durable(oid, fetched, durable))
             task.add_done_callback(lambda _t: backlog.give_back(len(data)))
             commits.add(task)
             task.add_done_callback(commits.discard)
@@ -390,12 +390,11 @@ class SeriesStream:
         log.debug("series stream %s: %d of %d instances delivered", self.path,
                   self.delivered, len(self.claimed))
 
-    async def _settle_when_durable(self, oid: str, fut: asyncio.Future[Any], fetched: Fetched,
-                                   durable: asyncio.Future[Entry | None]) -> None:
+    async def _when_durable(self, oid: str, fetched: Fetched,
+                            durable: asyncio.Future[Entry | None]) -> None:
         """Once the part is durable, hand out the stored entry instead of the bytes.
 
-        ``fut`` (the single-flight future) was settled with the verified bytes
-        already; this only matters if it was not (it never is left unsettled).
+        The single-flight future was settled with the verified bytes already.
         """
         found: Entry | Fetched = fetched
         try:
@@ -408,7 +407,6 @@ class SeriesStream:
             log.error("cannot cache instance %s: %s; serving it uncached", oid, exc)
         except Exception:  # whatever it was, the waiters must not wait forever
             log.exception("cannot cache instance %s; serving it uncached", oid)
-        _settle(fut, found)
         self._publish(oid, found, final=True)
 
     def _fall_back(self, missed: list[str]) -> None:

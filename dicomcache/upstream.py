@@ -308,7 +308,8 @@ class BlockingConnection:
         answer must carry a ``Content-Length`` of at most :data:`MAX_SMALL`.  A
         server that ends the connection before answering all it was sent
         (keep-alive off, a proxy that does not pipeline) is asked the rest again
-        on a new connection; one that answers nothing at all raises.
+        on a new connection; one that answers nothing at all raises.  It uses
+        connections of its own and closes them, and any kept by :meth:`get`.
         """
         todo = collections.deque(paths)
         while todo:
