@@ -282,14 +282,16 @@ async def test_shutdown_abandons_queued_commits_cleanly(tmp_path: Path, blobs: l
     store = AsyncStore(Store(tmp_path, 1 << 30))
     started = threading.Event()
     release = threading.Event()
-    real = Store.commit_group
+    real = Store.write_temp
 
-    def held(self: Store, bodies: list[Verified]) -> list[object]:
+    # Held inside the group (under its lock), so close() must wait for it: holding
+    # before commit_group took the lock let close() win the race in CI.
+    def held(self: Store, data: bytes) -> Path:
         started.set()
         assert release.wait(30)
-        return real(self, bodies)
+        return real(self, data)
 
-    monkeypatch.setattr(Store, "commit_group", held)
+    monkeypatch.setattr(Store, "write_temp", held)
     writing = store.queue_commit(verified(blobs[0]))
     assert await asyncio.to_thread(started.wait, 10)
     queued = [store.queue_commit(verified(b)) for b in blobs[1:3]]
