@@ -542,7 +542,7 @@ async def test_set_profile_reseeds() -> None:
 @pytest.mark.asyncio
 async def test_fault_paths_and_methods() -> None:
     async with rig(LinkProfile(truncate=1.0, fault_paths=r"^/blob")) as r:
-        resp, body = await r.get("/small")
+        _, body = await r.get("/small")
         assert body == SMALL
         async with r.session.head(r.url("/blob")) as resp:  # HEAD: not a fault method
             assert resp.status == 200

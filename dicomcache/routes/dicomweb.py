@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 import mmap
@@ -506,19 +507,56 @@ async def _multipart(request: web.Request, found: Entry | Fetched) -> web.Stream
     return resp
 
 
-#: Parts at least this big are streamed from their file in chunks instead of read
-#: whole (a window of large multi-frame instances must not fill the memory).
-STREAM_PART = 8 << 20
+#: A stored part is sent from its open file: by ``sendfile`` (the kernel copies the
+#: page cache to the socket, no bytes through Python) when the body has a length,
+#: else read in chunks of this size (a window of large multi-frame instances must not
+#: fill the memory).
 CHUNK = 1 << 20
 Part = bytes | tuple[BinaryIO, int]
 
 
 async def _open_part(found: Entry | Fetched) -> Part:
-    """The instance bytes, or for a big stored one its open file and size."""
-    if isinstance(found, Entry) and found.size >= STREAM_PART:
+    """The instance bytes when in memory, or for a stored one its open file and size."""
+    if isinstance(found, Entry):
         f = await asyncio.to_thread(found.path.open, "rb")
         return f, found.size
     return await read_instance(found)
+
+
+#: Stored files opened per thread hop.  Measured on a warm 200-instance retrieve: a
+#: hop per file (its wake-ups on both sides) cost 30 ms of a 90 ms answer.
+OPEN_BATCH = 16
+Opened = tuple[BinaryIO, int] | OSError
+
+
+async def _open_files(entries: list[Entry]) -> list[Opened]:
+    """Stored files opened in one thread hop; an entry whose file fails gets its error."""
+    def work() -> list[Opened]:
+        out: list[Opened] = []
+        for e in entries:
+            try:
+                out.append((e.path.open("rb"), e.size))
+            except OSError as exc:
+                out.append(exc)
+        return out
+    return await asyncio.to_thread(work)
+
+
+async def _claim(batch: asyncio.Future[list[Opened]], k: int) -> Opened:
+    """File ``k`` of a batch (or its error); cancelled while the batch still opens
+    (the retrieve given up), the file is closed once it is open."""
+    try:
+        return (await asyncio.shield(batch))[k]
+    except asyncio.CancelledError:
+        batch.add_done_callback(functools.partial(_close_opened, k))
+        raise
+
+
+def _close_opened(k: int, batch: asyncio.Future[list[Opened]]) -> None:
+    if not batch.cancelled() and batch.exception() is None:
+        got = batch.result()[k]
+        if not isinstance(got, OSError):
+            got[0].close()
 
 
 def _part_size(part: Part) -> int:
@@ -530,7 +568,8 @@ def _close_part(part: Part) -> None:
         part[0].close()
 
 
-async def _write_part(resp: web.StreamResponse, b: str, part: Part) -> None:
+async def _write_part(request: web.Request, resp: web.StreamResponse, b: str,
+                      part: Part) -> None:
     if isinstance(part, bytes):
         await resp.write(_part_head(b, len(part)))
         await resp.write(part)
@@ -539,16 +578,38 @@ async def _write_part(resp: web.StreamResponse, b: str, part: Part) -> None:
     f, size = part
     try:
         await resp.write(_part_head(b, size))
-        left = size
-        while left:
-            chunk = await asyncio.to_thread(f.read, min(CHUNK, left))
-            if not chunk:
-                raise OSError(f"stored file {f.name} is shorter than its index says")
-            left -= len(chunk)
-            await resp.write(chunk)
+        if not await _sendfile(request, resp, f, size):
+            left = size
+            while left:
+                chunk = await asyncio.to_thread(f.read, min(CHUNK, left))
+                if not chunk:
+                    raise OSError(f"stored file {f.name} is shorter than its index says")
+                left -= len(chunk)
+                await resp.write(chunk)
         await resp.write(b"\r\n")
     finally:
         f.close()
+
+
+async def _sendfile(request: web.Request, resp: web.StreamResponse, f: BinaryIO,
+                    size: int) -> bool:
+    """Send ``size`` bytes of ``f`` with the loop's sendfile; False when it cannot be used.
+
+    Only a body with a Content-Length qualifies (chunked framing would have to be
+    written around aiohttp's writer).  As in aiohttp's FileResponse, the bytes go
+    to the transport directly: loop.sendfile first waits for what the writer has
+    queued (this part's head) to be flushed, so the order on the wire is kept.
+    """
+    if resp.chunked or resp.compression or request.transport is None or size == 0:
+        return False
+    try:
+        sent = await asyncio.get_running_loop().sendfile(request.transport, f, 0, size)
+    except NotImplementedError:  # e.g. a TLS transport
+        return False
+    if sent != size:
+        raise OSError(f"stored file {f.name} is shorter than its index says "
+                      f"({sent} of {size} bytes)")
+    return True
 
 
 #: Missing instances from which a cold retrieve asks Orthanc for the whole series at once.
@@ -615,38 +676,64 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
             sizes = [e.size if e else stored[oid] for oid, e in zip(oids, peeked, strict=True)]
             length = sum(len(_part_head(b, n)) + n + 2 for n in sizes) + len(b) + 6
 
-    async def part(i: int) -> Part:
+    async def part(i: int, batch: asyncio.Future[list[Opened]] | None = None, k: int = 0
+                   ) -> Part:
+        """Part ``i``; ``batch`` holds its stored file (index ``k``) when opened in a batch."""
         oid = oids[i]
+        opened = await _claim(batch, k) if batch is not None else None
         streamed = stream.take(oid) if stream is not None else None
         found: Entry | Fetched
         known = peeked[i]
-        if known is not None:
-            found = known
-        elif streamed is not None:
-            found = await asyncio.shield(streamed)
-        else:
-            found = await fetcher.by_orthanc_id(oid)
-        _check_parents(found.study_uid, found.series_uid, study, series, found.sop_uid)
-        if not _serves(found.transfer_syntax, wanted):
-            return await dw.transcoded(found, accept or f'multipart/related; type="{DICOM}"')
         try:
-            return await _open_part(found)
+            if known is not None:
+                found = known
+            elif streamed is not None:
+                found = await asyncio.shield(streamed)
+            else:
+                found = await fetcher.by_orthanc_id(oid)
+            _check_parents(found.study_uid, found.series_uid, study, series, found.sop_uid)
+            if not _serves(found.transfer_syntax, wanted):
+                return await dw.transcoded(found, accept or f'multipart/related; type="{DICOM}"')
+            if isinstance(opened, OSError):
+                raise opened
+            return opened or await _open_part(found)
         except FileNotFoundError:  # evicted or deleted since the lookup
             if isinstance(found, Entry):
                 await asyncio.to_thread(store.sync.forget, found.sop_uid)
             return await _open_part(await fetcher.by_orthanc_id(oid))
+        except BaseException:
+            if opened is not None and not isinstance(opened, OSError):
+                opened[0].close()
+            raise
 
     resp = web.StreamResponse(headers={hdrs.CONTENT_TYPE: ctype})
     window = dw.settings.retrieve_concurrency
     pending: collections.deque[asyncio.Future[Part]] = collections.deque()
-    ahead = iter(range(len(oids)))
+    ahead = 0
+
+    def stored_run(i: int) -> list[int]:
+        """Parts from ``i`` on that are stored files sent as stored (one open batch)."""
+        run: list[int] = []
+        while i < len(oids) and len(run) < OPEN_BATCH:
+            e = peeked[i]
+            if not isinstance(e, Entry) or not _serves(e.transfer_syntax, wanted):
+                break
+            run.append(i)
+            i += 1
+        return run
 
     def launch() -> None:
-        while len(pending) < window:
-            i = next(ahead, None)
-            if i is None:
-                return
-            pending.append(asyncio.ensure_future(part(i)))
+        nonlocal ahead
+        while len(pending) < window and ahead < len(oids):
+            run = stored_run(ahead)
+            if len(run) < 2:
+                pending.append(asyncio.ensure_future(part(ahead)))
+                ahead += 1
+                continue
+            batch = asyncio.ensure_future(_open_files([e for j in run
+                                                       if isinstance(e := peeked[j], Entry)]))
+            pending.extend(asyncio.ensure_future(part(j, batch, k)) for k, j in enumerate(run))
+            ahead += len(run)
 
     launch()
     sent = 0
@@ -669,7 +756,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
                 except BaseException:
                     _close_part(data)
                     raise
-            await _write_part(resp, b, data)  # closes a part's file, whatever happens
+            await _write_part(request, resp, b, data)  # closes a part's file, whatever happens
             sent += 1
     except BaseException as exc:
         for task in pending:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
+import os
+from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 import pytest
@@ -73,24 +77,136 @@ async def test_series_retrieve_identical_to_orthanc(
         assert {body for _, body in got} == {x.data for x in samples[label]}
 
 
-async def test_retrieve_streams_big_parts_from_files_and_after_restart(
+async def test_retrieve_sends_stored_parts_from_files_and_after_restart(
         aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
-        ct_series: list[Sample], monkeypatch: pytest.MonkeyPatch) -> None:
+        ct_series: list[Sample], monkeypatch: pytest.MonkeyPatch, no_blocking: None) -> None:
     from dicomcache.routes import dicomweb as routes
 
-    monkeypatch.setattr(routes, "STREAM_PART", 1)   # every stored part read in chunks
-    monkeypatch.setattr(routes, "CHUNK", 100_000)
+    sendfiles: list[bool] = []
+    real_sendfile = routes._sendfile
+
+    async def spy(*args: object) -> bool:
+        sendfiles.append(await real_sendfile(*args))  # type: ignore[arg-type]
+        return sendfiles[-1]
+
+    monkeypatch.setattr(routes, "_sendfile", spy)
+    monkeypatch.setattr(routes, "CHUNK", 100_000)  # read in several chunks when not sent whole
     settings = make_settings()
     path = series_path(ct_series[0])
     client = await aiohttp_client(make_app(settings))
     _, cold = await get_parts(client, path, ANY_SYNTAX)
     await client.close()
+    assert sendfiles == []  # cold parts are sent from memory
     # A new process on the same cache: entries are found in the index, not the hot map,
-    # and the answer is still assembled locally with an exact length.
+    # the answer is assembled locally with an exact length, every part by sendfile.
     client = await aiohttp_client(make_app(settings))
     resp, warm = await get_parts(client, path, ANY_SYNTAX)
     assert resp.headers["Content-Length"] == str(resp.content_length)
-    assert [b for _, b in cold] == [b for _, b in warm] == [s.data for s in ct_series]
+    assert sendfiles == [True] * len(ct_series)
+    # One instance gone from the store: its length is unknown, the answer is chunked,
+    # and the stored parts are read from their files in chunks.
+    await asyncio.to_thread(client.app[STORE].sync.forget, ct_series[3].sop)
+    sendfiles.clear()
+    resp, mixed = await get_parts(client, path, ANY_SYNTAX)
+    assert "Content-Length" not in resp.headers
+    assert set(sendfiles) == {False} and len(sendfiles) >= len(ct_series) - 1
+    assert [b for _, b in cold] == [b for _, b in warm] == [b for _, b in mixed] \
+        == [s.data for s in ct_series]
+
+
+async def test_retrieve_of_a_stored_file_cut_on_disk_breaks_the_connection(
+        aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
+        ct_series: list[Sample]) -> None:
+    """A stored file shorter than its index says (disk trouble): never a complete multipart."""
+    client = await aiohttp_client(make_app(make_settings()))
+    path = series_path(ct_series[0])
+    await get_parts(client, path, ANY_SYNTAX)
+    store = client.app[STORE]
+    await store.drain()
+    entry = await store.get(ct_series[5].sop)
+    assert entry is not None
+    with entry.path.open("r+b") as f:
+        f.truncate(entry.size // 2)
+    resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
+    assert resp.status == 200 and resp.content_length is not None
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+
+
+def open_files_under(directory: Path) -> list[str]:
+    """This process's open files under ``directory`` (the test server runs in-process)."""
+    out = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith(str(directory)):
+                out.append(target)
+    return out
+
+
+async def test_retrieve_refetches_a_stored_file_deleted_on_disk(
+        aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
+        ct_series: list[Sample]) -> None:
+    settings = make_settings()
+    client = await aiohttp_client(make_app(settings))
+    path = series_path(ct_series[0])
+    await get_parts(client, path, ANY_SYNTAX)
+    store = client.app[STORE]
+    await store.drain()
+    entry = await store.get(ct_series[4].sop)
+    assert entry is not None
+    entry.path.unlink()
+    _, got = await get_parts(client, path, ANY_SYNTAX)  # opened in a batch: that one fails
+    assert [b for _, b in got] == [s.data for s in ct_series]
+    again = await store.get(ct_series[4].sop)
+    assert again is not None and again.path.read_bytes() == ct_series[4].data
+    assert open_files_under(settings.cache.directory / "objects") == []
+
+
+async def test_aborted_warm_retrieve_closes_its_files(
+        aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
+        ct_series: list[Sample]) -> None:
+    """A viewer gone mid-answer: the stored files opened ahead (in batches) are all closed."""
+    settings = make_settings(dicomweb={"retrieve_concurrency": 2})
+    client = await aiohttp_client(make_app(settings))
+    path = series_path(ct_series[0])
+    await get_parts(client, path, ANY_SYNTAX)
+    await client.app[STORE].drain()
+    for _ in range(3):
+        resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
+        assert resp.status == 200 and resp.content_length is not None
+        await resp.content.readexactly(100_000)
+        resp.close()  # the connection dropped, most parts unsent
+    for _ in range(100):
+        if not open_files_under(settings.cache.directory / "objects"):
+            break
+        await asyncio.sleep(0.05)
+    assert open_files_under(settings.cache.directory / "objects") == []
+
+
+async def test_a_part_given_up_while_its_batch_opens_closes_its_file(tmp_path: Path) -> None:
+    from dicomcache.routes import dicomweb as routes
+
+    path = tmp_path / "x.dcm"
+    path.write_bytes(b"x" * 10)
+    gate = asyncio.Event()
+    files: list[BinaryIO] = []
+
+    async def opening() -> list[routes.Opened]:
+        await gate.wait()
+        files.append(path.open("rb"))
+        return [(files[0], 10)]
+
+    batch = asyncio.ensure_future(opening())
+    claim = asyncio.ensure_future(routes._claim(batch, 0))
+    await asyncio.sleep(0)
+    claim.cancel()  # the retrieve gave up (viewer gone, another part failed)
+    with pytest.raises(asyncio.CancelledError):
+        await claim
+    gate.set()
+    await batch
+    await asyncio.sleep(0)  # done-callbacks run
+    assert files[0].closed
 
 
 async def test_study_retrieve_identical_to_orthanc(
