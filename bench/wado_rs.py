@@ -20,6 +20,11 @@ Content-Length), so the same three are also timed with ``curl`` (unless
 is from what the link could carry.
 
     ./run bench bench/wado_rs.py [--instances 200] [--runs 3] [--profile cold.svg]
+                                 [--wan 100 [--rtt-ms 40]]
+
+``--wan MBIT`` adds the setting dicomcache is built for: Orthanc behind an
+emulated WAN link (dicomcache's own emulator, ``dicomcache.wanem``, in this
+process), the viewer on the LAN.  Direct and cold cross the link; warm does not.
 
 ``--profile FILE`` records the dicomcache process with ``py-spy`` during the
 first cold retrieve (all threads, idle time included, so waiting shows too;
@@ -40,6 +45,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from dicomcache.orthanc import OrthancProcess, free_port, wait_http  # noqa: E402
 from dicomcache.samples import encode, make_ct_series  # noqa: E402
+from dicomcache.wanem import LinkProfile, ThreadedWanEmulator  # noqa: E402
 
 ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
@@ -86,7 +93,7 @@ class Proxy:
     """``dicomcache serve`` as a child process on a fresh cache directory."""
 
     def __init__(self, work: Path, orthanc: OrthancProcess, name: str,
-                 concurrency: int) -> None:
+                 concurrency: int, upstream: str | None = None) -> None:
         self.port = free_port()
         cfg = work / f"{name}.toml"
         cfg.write_text(textwrap.dedent(f"""
@@ -94,7 +101,7 @@ class Proxy:
             port = {self.port}
             log_level = "WARNING"
             [upstream]
-            url = "{orthanc.url}"
+            url = "{upstream or orthanc.url}"
             username = "{orthanc.username}"
             password = "{orthanc.password}"
             [cache]
@@ -133,6 +140,40 @@ class Profiler:
         self.proc.wait(timeout=60)
 
 
+def across_wan(args: argparse.Namespace, work: Path, orthanc: OrthancProcess,
+               proxies: list[Proxy], series: str, direct_h: dict[str, str],
+               ours_h: dict[str, str], total: int, check: Callable[[bytes, str], None]) -> None:
+    """Direct and cold across the emulated link, warm from the LAN, same run."""
+    profile = LinkProfile(latency_ms=args.rtt_ms / 2, bandwidth_mbit=args.wan)
+    direct, cold, warm = [], [], []
+    with ThreadedWanEmulator("127.0.0.1", orthanc.http_port, profile) as wan:
+        far = f"http://127.0.0.1:{wan.port}"
+        for run in range(args.runs):
+            s, _, body = timed_get(wan.port, series, direct_h)
+            check(body, "orthanc across the WAN")
+            direct.append(s)
+            proxy = Proxy(work, orthanc, f"wan{run}", args.concurrency, upstream=far)
+            proxies.append(proxy)
+            s, _, body = timed_get(proxy.port, series, ours_h)
+            check(body, "cold across the WAN")
+            cold.append(s)
+            for _ in range(args.runs):
+                s, _, body = timed_get(proxy.port, series, ours_h)
+                check(body, "warm")
+                warm.append(s)
+            proxy.stop()
+            proxies.remove(proxy)
+            print(f"WAN run {run + 1}: orthanc {direct[-1]:.2f} s  cold {cold[-1]:.2f} s  "
+                  f"warm {min(warm[-args.runs:]):.3f} s", flush=True)
+    d, c, w = (statistics.median(x) for x in (direct, cold, warm))
+    limit = total * 8 / (args.wan * 1e6)
+    print(f"across an emulated WAN ({args.wan:g} Mbit/s, {args.rtt_ms:g} ms RTT; the link alone "
+          f"needs {limit:.2f} s), median of {args.runs}:")
+    print(f"  orthanc direct {d:.2f} s, dicomcache cold {c:.2f} s, warm {w:.3f} s")
+    print(f"  cold / direct = {c / d:.2f}  (goal <= 1.10)")
+    print(f"  direct / warm = {d / w:.0f}  (goal >= 2)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--instances", type=int, default=200)
@@ -143,6 +184,10 @@ def main() -> int:
                     help="py-spy profile of dicomcache during the first cold retrieve")
     ap.add_argument("--no-curl", action="store_true",
                     help="skip the second set of timings read by curl")
+    ap.add_argument("--wan", type=float, metavar="MBIT",
+                    help="also time direct and cold across an emulated WAN link of this "
+                         "bandwidth (dicomcache's setting: Orthanc far away, viewers on the LAN)")
+    ap.add_argument("--rtt-ms", type=float, default=40.0, help="round trip of --wan (ms)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dicomcache-wado-bench-"))
     orthanc = OrthancProcess(work / "orthanc")
@@ -231,6 +276,8 @@ def main() -> int:
         md, mc, mw = (statistics.median(x) for x in (meta_direct, meta_cold, meta_warm))
         print(f"series metadata: orthanc {md * 1000:.0f} ms, dicomcache cold {mc * 1000:.0f} ms, "
               f"warm {mw * 1000:.1f} ms (direct / warm = {md / mw:.0f})")
+        if args.wan:
+            across_wan(args, work, orthanc, proxies, series, direct_h, ours_h, total, check)
         return 0
     finally:
         for p in proxies:

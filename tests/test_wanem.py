@@ -609,6 +609,30 @@ async def test_bandwidth_caps_shared_link() -> None:
 
 
 @pytest.mark.asyncio
+async def test_bandwidth_kept_when_pacing_wakes_late() -> None:
+    """A busy event loop wakes the pacing late; that must not leave the link idle."""
+    mbit, blobs = 200.0, 8
+    limit = blobs * len(BLOB) * 8 / (mbit * 1e6)  # 0.34 s
+    busy = True
+
+    async def hog() -> None:  # each loop iteration costs 0.3 ms more: sleeps wake late
+        while busy:
+            time.sleep(0.0003)
+            await asyncio.sleep(0)
+
+    async with rig(LinkProfile(bandwidth_mbit=mbit)) as r:
+        hogging = asyncio.create_task(hog())
+        t0 = time.monotonic()
+        for _ in range(blobs):
+            _, body = await r.get("/blob")
+            assert body == BLOB
+        elapsed = time.monotonic() - t0
+        busy = False
+        await hogging
+    assert 0.9 * limit <= elapsed <= 1.3 * limit + 0.1, elapsed
+
+
+@pytest.mark.asyncio
 async def test_counters_and_reset_stats() -> None:
     async with rig() as r:
         await r.get("/small?a=1")
