@@ -491,19 +491,45 @@ async def instance(request: web.Request) -> web.StreamResponse:
 
 
 async def _multipart(request: web.Request, found: Entry | Fetched) -> web.StreamResponse:
-    """One ``application/dicom`` part, framed exactly as Orthanc frames it."""
+    """One ``application/dicom`` part, framed exactly as Orthanc frames it.
+
+    A stored instance is sent from its file (by sendfile), never read whole: a
+    multi-frame instance can be hundreds of MB.
+    """
     md5 = found.md5
     etag = f'"{md5}-mp"'
     headers = {hdrs.CACHE_CONTROL: IMMUTABLE, hdrs.ETAG: etag}
     if etag in request.headers.get(hdrs.IF_NONE_MATCH, ""):
         return web.Response(status=304, headers=headers)
-    data = await read_instance(found)
     b = boundary()
-    head = _part_head(b, len(data))
-    tail = f"\r\n--{b}--\r\n".encode()
-    resp = web.Response(body=head + data + tail, headers=headers)
-    resp.content_type = "multipart/related"
-    resp.headers[hdrs.CONTENT_TYPE] = f'multipart/related; type="{DICOM}"; boundary={b}'
+    headers[hdrs.CONTENT_TYPE] = f'multipart/related; type="{DICOM}"; boundary={b}'
+    tail = f"--{b}--\r\n".encode()
+    size = found.size
+    headers[hdrs.CONTENT_LENGTH] = str(len(_part_head(b, size)) + size + 2 + len(tail))
+    if request.method == "HEAD":
+        return web.Response(headers=headers)
+    part = await _open_part(found)
+    if _part_size(part) != size:  # bytes in memory are what was verified; guard anyway
+        _close_part(part)
+        raise IntegrityError("length_mismatch", f"instance {found.sop_uid} is "
+                             f"{_part_size(part)} bytes, not {size}")
+    resp = web.StreamResponse(headers=headers)
+    try:
+        await resp.prepare(request)
+    except BaseException:
+        _close_part(part)
+        raise
+    try:
+        await _write_part(request, resp, b, part)  # closes the part's file
+    except OSError as exc:  # the stored file cut on disk, or the viewer gone
+        request[OUTCOME] = "aborted"
+        # A viewer that cancels (OHIF does, scrolling past) is routine; a cut file is not.
+        log.log(logging.INFO if isinstance(exc, ConnectionError) else logging.WARNING,
+                "instance %s: answer cut: %s", found.sop_uid, exc)
+        # The headers are gone: breaking the connection is the only honest signal left.
+        raise ConnectionResetError(f"instance answer cut: {exc}") from exc
+    await resp.write(tail)
+    await resp.write_eof()
     return resp
 
 

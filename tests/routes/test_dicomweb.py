@@ -209,6 +209,50 @@ async def test_a_part_given_up_while_its_batch_opens_closes_its_file(tmp_path: P
     assert files[0].closed
 
 
+async def test_single_instance_sent_from_its_file(
+        aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
+        samples: dict[str, list[Sample]], monkeypatch: pytest.MonkeyPatch,
+        no_blocking: None) -> None:
+    """A stored instance is framed around its file (sendfile), never read whole; HEAD
+    announces the same length; a file cut on disk breaks the connection."""
+    from dicomcache.routes import dicomweb as routes
+
+    sendfiles: list[bool] = []
+    real_sendfile = routes._sendfile
+
+    async def spy(*args: object) -> bool:
+        sendfiles.append(await real_sendfile(*args))  # type: ignore[arg-type]
+        return sendfiles[-1]
+
+    monkeypatch.setattr(routes, "_sendfile", spy)
+    client = await aiohttp_client(make_app(make_settings()))
+    s = samples["multiframe"][0]
+    path = f"{series_path(s)}/instances/{s.sop}"
+    _, direct = (await get_parts(client, path, ANY_SYNTAX))[1][0]
+    assert direct == s.data
+    await client.app[STORE].drain()
+    sendfiles.clear()
+    resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
+    body = await resp.read()
+    assert sendfiles == [True]
+    assert int(resp.headers["Content-Length"]) == len(body)
+    [(headers, data)] = split_multipart(body, resp.headers["Content-Type"])
+    assert data == s.data and headers["content-length"] == str(len(s.data))
+    boundary = resp.headers["Content-Type"].rsplit("boundary=", 1)[1]
+    assert body.endswith(f"\r\n--{boundary}--\r\n".encode())
+    head = await client.head(path, headers={"Accept": ANY_SYNTAX})
+    assert head.status == 200 and await head.read() == b""
+    assert head.headers["Content-Length"] == resp.headers["Content-Length"]
+    entry = await client.app[STORE].get(s.sop)
+    assert entry is not None
+    with entry.path.open("r+b") as f:
+        f.truncate(entry.size // 2)
+    resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+
+
 async def test_study_retrieve_identical_to_orthanc(
         client: TestClient, orthanc: OrthancProcess, samples: dict[str, list[Sample]]) -> None:
     s = samples["rle"][0]
