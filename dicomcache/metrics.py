@@ -80,7 +80,8 @@ class Metrics:
             "dicomcache_cache_misses_total", "Instance requests that needed Orthanc.",
             ["family"], registry=r)
         self.served_bytes = Counter(
-            "dicomcache_served_bytes_total", "Instance bytes sent to viewers from the store.",
+            "dicomcache_served_bytes_total",
+            "Instance bytes sent to viewers (whole files and WADO-RS parts).",
             registry=r)
         self.fetched_bytes = Counter(
             "dicomcache_upstream_fetched_bytes_total",

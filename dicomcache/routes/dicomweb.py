@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import aiohttp
-from aiohttp import hdrs, web
+from aiohttp import hdrs, web, web_fileresponse
 from yarl import URL
 
 from ..changes import STUDY_CHANGED
@@ -53,8 +53,8 @@ from ..series_stream import COMMIT_BACKLOG, Budget, SeriesStream
 from ..store import AsyncStore, Entry
 from ..upstream import OrthancClient, check_status
 from ..verify import PixelInfo, parse_dicom
-from .common import (CLIENT, DICOM, FETCHER, OUTCOME, SETTINGS, STORE, BadRequest, boundary,
-                     dicom_uid, family_of)
+from .common import (CLIENT, DICOM, FETCHER, METRICS, OUTCOME, SETTINGS, STORE, BadRequest,
+                     boundary, dicom_uid, family_of)
 from .passthrough import check_path, passthrough
 from .serve import IMMUTABLE, read_instance
 from .wado_uri import _check_parents
@@ -521,6 +521,7 @@ async def _multipart(request: web.Request, found: Entry | Fetched) -> web.Stream
         raise
     try:
         await _write_part(request, resp, b, part)  # closes the part's file
+        request.app[METRICS].served_bytes.inc(size)
     except OSError as exc:  # the stored file cut on disk, or the viewer gone
         request[OUTCOME] = "aborted"
         # A viewer that cancels (OHIF does, scrolling past) is routine; a cut file is not.
@@ -626,7 +627,8 @@ async def _sendfile(request: web.Request, resp: web.StreamResponse, f: BinaryIO,
     to the transport directly: loop.sendfile first waits for what the writer has
     queued (this part's head) to be flushed, so the order on the wire is kept.
     """
-    if resp.chunked or resp.compression or request.transport is None or size == 0:
+    if resp.chunked or resp.compression or request.transport is None or size == 0 \
+            or web_fileresponse.NOSENDFILE:  # AIOHTTP_NOSENDFILE, as for /file and WADO-URI
         return False
     try:
         sent = await asyncio.get_running_loop().sendfile(request.transport, f, 0, size)
@@ -763,6 +765,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
 
     launch()
     sent = 0
+    served = request.app[METRICS].served_bytes
     try:
         while pending:
             data = await pending.popleft()
@@ -783,6 +786,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
                     _close_part(data)
                     raise
             await _write_part(request, resp, b, data)  # closes a part's file, whatever happens
+            served.inc(_part_size(data))
             sent += 1
     except BaseException as exc:
         for task in pending:

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from dicomcache.app import make_app
 from dicomcache.orthanc import OrthancProcess
-from dicomcache.routes.common import STORE
+from dicomcache.routes.common import METRICS, STORE
 from tests.conftest import Sample, SettingsFactory
 from tests.routes.dicomweb_support import (ANY_SYNTAX, orthanc_answer, split_multipart,
                                            unlink)
@@ -100,9 +100,11 @@ async def test_retrieve_sends_stored_parts_from_files_and_after_restart(
     # A new process on the same cache: entries are found in the index, not the hot map,
     # the answer is assembled locally with an exact length, every part by sendfile.
     client = await aiohttp_client(make_app(settings))
+    served = client.app[METRICS].served_bytes
     resp, warm = await get_parts(client, path, ANY_SYNTAX)
     assert resp.headers["Content-Length"] == str(resp.content_length)
     assert sendfiles == [True] * len(ct_series)
+    assert served._value.get() == sum(len(s.data) for s in ct_series)
     # One instance gone from the store: its length is unknown, the answer is chunked,
     # and the stored parts are read from their files in chunks.
     await asyncio.to_thread(client.app[STORE].sync.forget, ct_series[3].sop)
@@ -232,9 +234,11 @@ async def test_single_instance_sent_from_its_file(
     assert direct == s.data
     await client.app[STORE].drain()
     sendfiles.clear()
+    served = client.app[METRICS].served_bytes._value.get()
     resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
     body = await resp.read()
     assert sendfiles == [True]
+    assert client.app[METRICS].served_bytes._value.get() == served + len(s.data)
     assert int(resp.headers["Content-Length"]) == len(body)
     [(headers, data)] = split_multipart(body, resp.headers["Content-Type"])
     assert data == s.data and headers["content-length"] == str(len(s.data))
