@@ -629,7 +629,7 @@ async def test_bandwidth_kept_when_pacing_wakes_late() -> None:
         elapsed = time.monotonic() - t0
         busy = False
         await hogging
-    assert 0.9 * limit <= elapsed <= 1.3 * limit + 0.1, elapsed
+    assert 0.9 * limit <= elapsed <= 2 * limit, elapsed  # ~1.1x now; 2.7x when it idled
 
 
 @pytest.mark.asyncio
