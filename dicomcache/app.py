@@ -74,8 +74,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
 
 def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """The HTTP application; long-lived resources start and stop in ``cleanup_ctx``."""
-    app = web.Application(middlewares=[errors_and_metrics, prefetch_touches],
-                          client_max_size=64 << 20)
+    app = web.Application(middlewares=[errors_and_metrics], client_max_size=64 << 20)
+    app.on_response_prepare.append(prefetch_touch)
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
     app.cleanup_ctx.append(_store_ctx)
@@ -140,16 +140,19 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 @web.middleware
-async def prefetch_touches(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """After a successful viewer GET naming a study, tell the prefetcher (it decides)."""
-    response = await handler(request)
+async def prefetch_touch(request: web.Request, response: web.StreamResponse) -> None:
+    """A successful viewer GET naming a study tells the prefetcher (it decides).
+
+    An ``on_response_prepare`` hook, not a middleware: a streamed answer (a WADO-RS
+    retrieve) is sent inside its handler, so a middleware told the prefetcher only
+    after the viewer had the whole answer; this runs as its headers go out.
+    """
     prefetcher = request.app.get(PREFETCHER)
     if prefetcher is not None and request.method == "GET" and response.status < 400:
         store = request.app[STORE].sync
         touched = touch_of(request.path, request.query, store.peek_orthanc_id, store.peek)
         if touched is not None:
             prefetcher.touch(*touched)
-    return response
 
 
 async def _prefetch_ctx(app: web.Application) -> AsyncIterator[None]:
