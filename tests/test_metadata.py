@@ -13,7 +13,8 @@ from dicomcache.cors import allowed_origin, preflight_problem
 from dicomcache.errors import ConfigError, NotFoundUpstream, UpstreamError
 from dicomcache.metadata import (PLACEHOLDER, AnswerCache, Cached, link_path, normalise_json,
                                  rewrite_links, with_base)
-from dicomcache.routes.dicomweb import accepts_gzip, accepts_json, relink_parts, single_part
+from dicomcache.dicomweb import single_part
+from dicomcache.routes.dicomweb import accepts_gzip, accepts_json, relink_parts
 
 
 @pytest.mark.parametrize(("url", "path"), [

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import Settings
+from ..dicomweb import DicomWeb
 from ..fetch import Fetcher
 from ..metrics import Metrics
 from ..store import AsyncStore
@@ -19,6 +20,7 @@ METRICS = web.AppKey("metrics", Metrics)
 STORE = web.AppKey("store", AsyncStore)
 CLIENT = web.AppKey("client", OrthancClient)
 FETCHER = web.AppKey("fetcher", Fetcher)
+DICOMWEB = web.AppKey("dicomweb", DicomWeb)
 #: API family (orthanc, wado_uri, dicomweb, passthrough) and outcome (hit, miss, …) of a request.
 FAMILY = web.RequestKey("family", str)
 OUTCOME = web.RequestKey("outcome", str)
@@ -73,3 +75,12 @@ def family_of(request: web.Request, family: str, outcome: str | None = None) -> 
 
 def boundary() -> str:
     return secrets.token_hex(16)
+
+
+def dicomweb_uids(request: web.Request) -> tuple[str, str | None, str | None]:
+    """Study, series and SOP Instance UIDs of a DICOMweb path (the levels it has)."""
+    mi = request.match_info
+    study = dicom_uid(mi["study"], "StudyInstanceUID")
+    series = dicom_uid(mi["series"], "SeriesInstanceUID") if "series" in mi else None
+    sop = dicom_uid(mi["sop"], "SOPInstanceUID") if "sop" in mi else None
+    return study, series, sop

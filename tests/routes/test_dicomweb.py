@@ -80,7 +80,7 @@ async def test_series_retrieve_identical_to_orthanc(
 async def test_retrieve_sends_stored_parts_from_files_and_after_restart(
         aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
         ct_series: list[Sample], monkeypatch: pytest.MonkeyPatch, no_blocking: None) -> None:
-    from dicomcache.routes import dicomweb as routes
+    from dicomcache.routes import wado_rs as routes
 
     sendfiles: list[bool] = []
     real_sendfile = routes._sendfile
@@ -187,7 +187,7 @@ async def test_aborted_warm_retrieve_closes_its_files(
 
 
 async def test_a_part_given_up_while_its_batch_opens_closes_its_file(tmp_path: Path) -> None:
-    from dicomcache.routes import dicomweb as routes
+    from dicomcache.routes import wado_rs as routes
 
     path = tmp_path / "x.dcm"
     path.write_bytes(b"x" * 10)
@@ -217,7 +217,7 @@ async def test_single_instance_sent_from_its_file(
         no_blocking: None) -> None:
     """A stored instance is framed around its file (sendfile), never read whole; HEAD
     announces the same length; a file cut on disk breaks the connection."""
-    from dicomcache.routes import dicomweb as routes
+    from dicomcache.routes import wado_rs as routes
 
     sendfiles: list[bool] = []
     real_sendfile = routes._sendfile

@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from dicomcache.app import make_app
-from dicomcache.routes import dicomweb
+from dicomcache.routes import wado_rs
 from dicomcache.wanem import LinkProfile, WanEmulator
 from tests.conftest import Sample, SettingsFactory
 from tests.routes.dicomweb_support import ANY_SYNTAX, split_multipart, unlink
@@ -29,7 +29,7 @@ async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulato
 def single_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
     """No upstream series stream: these tests are about the per-instance path
     (the stream and its fallback: test_dicomweb_stream.py)."""
-    monkeypatch.setattr(dicomweb, "STREAM_MIN_MISSING", 1 << 30)
+    monkeypatch.setattr(wado_rs, "STREAM_MIN_MISSING", 1 << 30)
 
 
 def series_path(s: Sample) -> str:

@@ -132,7 +132,7 @@ async def test_a_part_of_another_size_than_announced_is_never_sent(
         client: TestClient, monkeypatch: pytest.MonkeyPatch, ct_series: list[Sample],
         wrong: int) -> None:
     """Orthanc's listing lying about one instance's size (stood in for by a mock)."""
-    from dicomcache.routes.dicomweb import DicomWeb
+    from dicomcache.dicomweb import DicomWeb
 
     real = DicomWeb.file_sizes
 
@@ -238,7 +238,7 @@ async def test_cold_retrieve_does_not_wait_for_durability(
     for s in ct_series:  # durable now, and found without a trip upstream
         entry = await store.get(s.sop)
         assert entry is not None and await asyncio.to_thread(entry.path.read_bytes) == s.data
-    from dicomcache.routes.dicomweb import DICOMWEB
+    from dicomcache.routes.common import DICOMWEB
 
     for _ in range(100):  # the app-wide commit backlog is given back once all are durable
         if client.app[DICOMWEB].commit_backlog.held == 0:
