@@ -8,8 +8,12 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import aiohttp
+from aiohttp.test_utils import TestClient
+
 from dicomcache.metadata import link_path
 from dicomcache.orthanc import OrthancProcess
+from tests.conftest import Sample
 
 ANY_SYNTAX = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
@@ -82,3 +86,15 @@ def links_of(body: bytes) -> set[str]:
 
 def json_of(body: bytes) -> Any:
     return json.loads(body)
+
+
+def series_path(s: Sample) -> str:
+    return f"/dicom-web/studies/{s.study}/series/{s.series}"
+
+
+async def get_parts(client: TestClient, path: str, accept: str | None
+                    ) -> tuple[aiohttp.ClientResponse, list[tuple[dict[str, str], bytes]]]:
+    """A 200 multipart answer and its parts (framing and lengths asserted)."""
+    resp = await client.get(path, headers={"Accept": accept} if accept else {})
+    assert resp.status == 200, await resp.text()
+    return resp, split_multipart(await resp.read(), resp.headers["Content-Type"])
