@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import threading
 import time
@@ -98,6 +99,33 @@ async def test_cold_series_retrieve_by_stream_identical_to_orthanc(
     assert [b for _, b in split_multipart(await resp.read(), resp.headers["Content-Type"])] \
         == [s.data for s in ct_series]
     assert sum(wan.requests.values()) == before
+
+
+async def test_cold_retrieve_with_the_cache_disk_full_sends_every_part(
+        client: TestClient, wan: WanEmulator, ct_series: list[Sample],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """ENOSPC on every commit: each verified part is still sent, whole and once; nothing
+    is cached (the next retrieve streams again), and the log says why."""
+    from dicomcache.errors import StoreFull
+    from dicomcache.store import Store
+
+    def full(self: Store, data: bytes) -> None:
+        raise StoreFull(errno.ENOSPC, "cache disk full: No space left on device")
+
+    monkeypatch.setattr(Store, "write_temp", full)
+    path = series_path(ct_series[0])
+    for round_ in (1, 2):
+        resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
+        assert resp.status == 200
+        body = await resp.read()
+        assert resp.headers["Content-Length"] == str(len(body))
+        parts = split_multipart(body, resp.headers["Content-Type"])
+        assert [b for _, b in parts] == [s.data for s in ct_series]
+        await client.app[STORE].drain()
+        assert wan.requests[path] == round_  # a stream each time: nothing was cached
+    assert file_requests(wan) == 0
+    assert await client.app[STORE].get(ct_series[0].sop) is None
+    assert "cache disk full" in caplog.text
 
 
 @pytest.mark.parametrize("fault", ["truncate", "reset", "truncate_lying"])
