@@ -239,7 +239,7 @@ class Fetcher:
             entry = await self.store.commit_bytes(data, summary, md5, orthanc_id)
         except OSError as exc:  # StoreFull included
             # The viewer still gets its verified image; only caching is lost.
-            log.error("cannot cache instance %s: %s; serving it uncached", orthanc_id, exc)
+            self.metrics.note_uncached(orthanc_id, exc)
             return Fetched.of(summary, md5, orthanc_id, data)
         if entry is None:  # evicted at once: bigger than the whole cache
             return Fetched.of(summary, md5, orthanc_id, data)

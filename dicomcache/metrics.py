@@ -18,10 +18,12 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from aiohttp.typedefs import Handler
 
 from . import __version__
+from .errors import StoreFull
 
 # State changes are logged where they are recorded (here), so the upstream
 # client, the readiness probe and the health loop log them the same way, once.
 _upstream_log = logging.getLogger("dicomcache.upstream")
+_store_log = logging.getLogger("dicomcache.store")
 
 # Hits are sub-millisecond, misses over a WAN take seconds: cover both.
 _LATENCY_BUCKETS = (
@@ -39,6 +41,11 @@ INTEGRITY_CAUSES = ("short_body", "length_mismatch", "md5_mismatch", "parse_fail
 INSTANCE_FAMILIES = ("orthanc", "wado_uri", "dicomweb")
 #: How many recent integrity failures the status page shows.
 RECENT_FAILURES = 20
+#: The ``cause`` labels of instances that could not be cached (served uncached).
+UNCACHED_CAUSES = ("disk_full", "io_error")
+#: At most one log line per this many seconds about instances not cached: a full disk
+#: would otherwise log every instance of every series.
+UNCACHED_LOG_EVERY = 60.0
 
 
 def link_down(cause: str, status: int | None = None) -> bool:
@@ -95,6 +102,10 @@ class Metrics:
         self.evictions = Counter(
             "dicomcache_cache_evictions_total", "Instances evicted to stay under max_size.",
             registry=r)
+        self.uncached = Counter(
+            "dicomcache_cache_write_failures_total",
+            "Verified instances that could not be cached (sent to viewers uncached), by cause.",
+            ["cause"], registry=r)
         self.coalesced = Counter(
             "dicomcache_coalesced_requests_total",
             "Misses that waited for a download already in flight instead of starting one.",
@@ -188,6 +199,8 @@ class Metrics:
             self.upstream_retries.labels(cause)
         for cause in INTEGRITY_CAUSES:
             self.integrity_failures.labels(cause)
+        for cause in UNCACHED_CAUSES:
+            self.uncached.labels(cause)
         # --- state for the status page (not exported) ------------------------------
         self.recent_integrity: deque[IntegrityEvent] = deque(maxlen=RECENT_FAILURES)
         #: ``None`` until the first answer (or failure) from Orthanc.
@@ -195,6 +208,25 @@ class Metrics:
         self.upstream_since: float | None = None
         self.upstream_checked: float | None = None
         self.upstream_detail = ""
+        #: The last instance that could not be cached: (time, instance, reason).
+        self.last_uncached: tuple[float, str, str] | None = None
+        self._uncached_logged_at = float("-inf")
+        self._uncached_unlogged = 0
+
+    def note_uncached(self, instance: str, exc: OSError) -> None:
+        """Count an instance the store could not keep; log at most once a minute."""
+        cause = "disk_full" if isinstance(exc, StoreFull) else "io_error"
+        self.uncached.labels(cause).inc()
+        now = time.monotonic()
+        self.last_uncached = (time.time(), instance, str(exc))
+        if now - self._uncached_logged_at < UNCACHED_LOG_EVERY:
+            self._uncached_unlogged += 1
+            return
+        more = (f" ({self._uncached_unlogged} more not cached since the last message)"
+                if self._uncached_unlogged else "")
+        _store_log.error("cannot cache instance %s: %s; serving it uncached%s",
+                         instance, exc, more)
+        self._uncached_logged_at, self._uncached_unlogged = now, 0
 
     def note_integrity_failure(self, cause: str, instance: str, reason: str) -> None:
         """Count a body rejected by verification and keep it for the status page."""

@@ -404,7 +404,7 @@ class SeriesStream:
         except StoreClosed:
             log.info("instance %s not cached: shutting down", oid)
         except OSError as exc:
-            log.error("cannot cache instance %s: %s; serving it uncached", oid, exc)
+            self.fetcher.metrics.note_uncached(oid, exc)
         except Exception:  # whatever it was, the waiters must not wait forever
             log.exception("cannot cache instance %s; serving it uncached", oid)
         self._publish(oid, found, final=True)

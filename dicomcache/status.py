@@ -249,6 +249,10 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
                   "by_family": {f: {"hits": hits[f], "misses": misses[f]}
                                 for f in INSTANCE_FAMILIES},
                   "served_bytes": int(_total(m.served_bytes)),
+                  "write_failures": int(_total(m.uncached)),
+                  "last_write_failure": None if m.last_uncached is None else {
+                      "time": m.last_uncached[0], "instance": m.last_uncached[1],
+                      "reason": m.last_uncached[2]},
                   "coalesced": int(_total(m.coalesced)),
                   "prefetch_queue": int(_total(m.prefetch_queue))},
         "integrity": {
@@ -418,9 +422,20 @@ def _render_cache(c: dict[str, Any]) -> str:
         + f'<dt>hit ratio</dt><dd><span id="hit-ratio">{ratio}</span> '
         f"({c['hits']} hits, {c['misses']} misses{'; ' + fams if fams else ''})</dd>"
         f"<dt>served</dt><dd>{_bytes(c['served_bytes'])}</dd>"
-        f"<dt>coalesced misses</dt><dd>{c['coalesced']}</dd>"
+        + _write_failures(c)
+        + f"<dt>coalesced misses</dt><dd>{c['coalesced']}</dd>"
         f"<dt>prefetch queue</dt><dd>{c['prefetch_queue']}</dd>"
         "</dl></section>")
+
+
+def _write_failures(c: dict[str, Any]) -> str:
+    """Instances the store could not keep (disk full or failing); nothing when none."""
+    last = c.get("last_write_failure")
+    if not c.get("write_failures") or last is None:
+        return ""
+    return (f'<dt>not cached</dt><dd class="bad">{c["write_failures"]} instances since start, '
+            f"served uncached; last {_when(last['time'], time.time())}: "
+            f"{_e(last['reason'])}</dd>")
 
 
 def _render_integrity(i: dict[str, Any], now: float) -> str:

@@ -167,7 +167,11 @@ async def test_full_disk_still_serves_the_verified_instance(
         assert resp.status == 200 and await resp.read() == s.data
         assert resp.headers["ETag"] == f'"{hashlib.md5(s.data).hexdigest()}"'
     assert wan.requests[f"/instances/{s.orthanc_id}/file"] == 2
-    assert "cache disk full" in caplog.text
+    # Counted every time, logged once a minute (a full disk would log every instance).
+    metrics = client.app[METRICS]
+    assert metrics.uncached.labels("disk_full")._value.get() == 2
+    assert caplog.text.count("cache disk full") == 1
+    assert metrics.last_uncached is not None and metrics.last_uncached[1] == s.orthanc_id
 
 
 async def test_corrupted_md5_answer_is_not_taken_for_no_md5(

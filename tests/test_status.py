@@ -147,6 +147,8 @@ def test_render_escapes_and_shows_learned_strategies() -> None:
         "cache": {"entries": 1, "size_bytes": 95, "max_bytes": 100, "evictions": 0,
                   "pinned_studies": 0, "hits": 3, "misses": 1, "hit_ratio": 0.75,
                   "by_family": {"orthanc": {"hits": 3, "misses": 1}}, "served_bytes": 10,
+                  "write_failures": 4, "last_write_failure": {
+                      "time": 998.0, "instance": "x", "reason": "cache disk full: <full>"},
                   "coalesced": 0, "prefetch_queue": 0},
         "integrity": {"total": {}, "recent": []},
         "relay": {"enabled": True, "ae_title": "DICOMCACHE", "listening": "127.0.0.1:11112",
@@ -163,6 +165,8 @@ def test_render_escapes_and_shows_learned_strategies() -> None:
     assert "75.0%" in page and 'class="crit"' in page  # 95 % full
     assert "conservative" in page and "Implicit VR Little Endian" in page
     assert "CT Image Storage" in page and "(sending)" in page
+    assert "4 instances since start, served uncached" in page
+    assert "cache disk full: &lt;full&gt;" in page
 
 
 async def test_metrics_on_their_own_port(aiohttp_client, make_settings: SettingsFactory,

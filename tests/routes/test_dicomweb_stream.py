@@ -125,7 +125,10 @@ async def test_cold_retrieve_with_the_cache_disk_full_sends_every_part(
         assert wan.requests[path] == round_  # a stream each time: nothing was cached
     assert file_requests(wan) == 0
     assert await client.app[STORE].get(ct_series[0].sop) is None
-    assert "cache disk full" in caplog.text
+    from dicomcache.routes.common import METRICS
+
+    assert client.app[METRICS].uncached.labels("disk_full")._value.get() == 2 * len(ct_series)
+    assert caplog.text.count("cache disk full") == 1  # not once per instance
 
 
 @pytest.mark.parametrize("fault", ["truncate", "reset", "truncate_lying"])
