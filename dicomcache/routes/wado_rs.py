@@ -424,8 +424,10 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         if not resp.prepared or isinstance(exc, asyncio.CancelledError):
             raise
         request[OUTCOME] = "aborted"
-        log.warning("retrieve of %s aborted after %d of %d instances: %s",
-                    series or study, sent, len(oids), exc)
+        # A viewer that goes away (a closed tab, a cancelled load) is routine.
+        log.log(logging.INFO if isinstance(exc, ConnectionError) else logging.WARNING,
+                "retrieve of %s aborted after %d of %d instances: %s",
+                series or study, sent, len(oids), exc)
         # Headers and some parts are gone: breaking the connection is the only honest
         # signal left (no closing boundary, no final chunk).
         raise ConnectionResetError(f"retrieve cut after {sent} of {len(oids)} parts: "

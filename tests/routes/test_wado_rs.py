@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -103,7 +104,7 @@ async def test_retrieve_sends_stored_parts_from_files_and_after_restart(
 
 async def test_retrieve_of_a_stored_file_cut_on_disk_breaks_the_connection(
         aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
-        ct_series: list[Sample]) -> None:
+        ct_series: list[Sample], caplog: pytest.LogCaptureFixture) -> None:
     """A stored file shorter than its index says (disk trouble): never a complete multipart."""
     client = await aiohttp_client(make_app(make_settings()))
     path = series_path(ct_series[0])
@@ -118,6 +119,8 @@ async def test_retrieve_of_a_stored_file_cut_on_disk_breaks_the_connection(
     assert resp.status == 200 and resp.content_length is not None
     with pytest.raises(aiohttp.ClientPayloadError):
         await resp.read()
+    assert any(r.levelno == logging.WARNING and "shorter than its index" in r.getMessage()
+               for r in caplog.records)
 
 
 def open_files_under(directory: Path) -> list[str]:
@@ -152,8 +155,10 @@ async def test_retrieve_refetches_a_stored_file_deleted_on_disk(
 
 async def test_aborted_warm_retrieve_closes_its_files(
         aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
-        ct_series: list[Sample]) -> None:
-    """A viewer gone mid-answer: the stored files opened ahead (in batches) are all closed."""
+        ct_series: list[Sample], caplog: pytest.LogCaptureFixture) -> None:
+    """A viewer gone mid-answer: the stored files opened ahead (in batches) are all closed,
+    and the log does not call that a problem."""
+    caplog.set_level(logging.INFO, logger="dicomcache")
     settings = make_settings(dicomweb={"retrieve_concurrency": 2})
     client = await aiohttp_client(make_app(settings))
     path = series_path(ct_series[0])
@@ -169,6 +174,8 @@ async def test_aborted_warm_retrieve_closes_its_files(
             break
         await asyncio.sleep(0.05)
     assert open_files_under(settings.cache.directory / "objects") == []
+    aborted = [r for r in caplog.records if "aborted after" in r.getMessage()]
+    assert aborted and all(r.levelno == logging.INFO for r in aborted)
 
 
 async def test_a_part_given_up_while_its_batch_opens_closes_its_file(tmp_path: Path) -> None:
