@@ -100,35 +100,31 @@ async def _multipart(request: web.Request, found: Entry | Fetched) -> web.Stream
         return web.Response(status=304, headers=headers)
     b = boundary()
     headers[hdrs.CONTENT_TYPE] = f'multipart/related; type="{DICOM}"; boundary={b}'
-    tail = f"--{b}--\r\n".encode()
-    size = found.size
-    headers[hdrs.CONTENT_LENGTH] = str(len(_part_head(b, size)) + size + 2 + len(tail))
+    plan = _Plan([found], sizes=[found.size], length=_length(b, [found.size]))
     if request.method == "HEAD":
-        return web.Response(headers=headers)
-    part = await _open_part(found)
-    if _part_size(part) != size:  # bytes in memory are what was verified; guard anyway
-        _close_part(part)
-        raise IntegrityError("length_mismatch", f"instance {found.sop_uid} is "
-                             f"{_part_size(part)} bytes, not {size}")
+        return web.Response(headers={**headers, hdrs.CONTENT_LENGTH: str(plan.length)})
     resp = web.StreamResponse(headers=headers)
     try:
-        await resp.prepare(request)
-    except BaseException:
-        _close_part(part)
-        raise
-    try:
-        await _write_part(request, resp, b, part)  # closes the part's file
-        request.app[METRICS].served_bytes.inc(size)
+        await _send(request, resp, b, await _open_part(found), plan, 0, found.sop_uid)
     except OSError as exc:  # the stored file cut on disk, or the viewer gone
-        request[OUTCOME] = "aborted"
-        # A viewer that cancels (OHIF does, scrolling past) is routine; a cut file is not.
-        log.log(logging.INFO if isinstance(exc, ConnectionError) else logging.WARNING,
-                "instance %s: answer cut: %s", found.sop_uid, exc)
-        # The headers are gone: breaking the connection is the only honest signal left.
-        raise ConnectionResetError(f"instance answer cut: {exc}") from exc
-    await resp.write(tail)
+        if not resp.prepared:
+            raise
+        raise _cut(request, f"instance {found.sop_uid}", exc) from exc
+    await resp.write(f"--{b}--\r\n".encode())
     await resp.write_eof()
     return resp
+
+
+def _cut(request: web.Request, what: str, exc: BaseException, after: str = ""
+         ) -> ConnectionResetError:
+    """An answer that cannot be finished after its headers: logged, and the error that
+    breaks the connection (no closing boundary, no last chunk): the only honest signal
+    left to the client."""
+    request[OUTCOME] = "aborted"
+    # A viewer that goes away (a closed tab, a cancelled load) is routine; a cut file is not.
+    log.log(logging.INFO if isinstance(exc, ConnectionError) else logging.WARNING,
+            "%s aborted%s: %s", what, after, exc)
+    return ConnectionResetError(f"{what} cut{after}: {exc}")
 
 
 #: A stored part is sent from its open file: by ``sendfile`` (the kernel copies the
@@ -252,6 +248,12 @@ class _Plan:
     length: int | None = None
     #: One upstream retrieve of the series feeding the missing instances.
     stream: SeriesStream | None = None
+
+    @property
+    def hit(self) -> bool:
+        """Every part from the store (or memory), sent as stored: its length is known
+        without asking Orthanc (a stream's sizes come from Orthanc)."""
+        return self.stream is None and self.length is not None
 
 
 def _length(b: str, sizes: list[int]) -> int:
@@ -410,8 +412,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         return web.Response(headers={hdrs.CONTENT_TYPE: ctype})
     plan = await _plan(dw, listing, b, wanted, study, series)
-    request[OUTCOME] = "hit" if all(plan.known) and plan.stream is None \
-        and plan.length is not None else "miss"
+    request[OUTCOME] = "hit" if plan.hit else "miss"
     parts = _Parts(dw, oids, plan, accept, wanted, study, series)
     resp = web.StreamResponse(headers={hdrs.CONTENT_TYPE: ctype})
     sent = 0
@@ -423,15 +424,8 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         await parts.abandon()
         if not resp.prepared or isinstance(exc, asyncio.CancelledError):
             raise
-        request[OUTCOME] = "aborted"
-        # A viewer that goes away (a closed tab, a cancelled load) is routine.
-        log.log(logging.INFO if isinstance(exc, ConnectionError) else logging.WARNING,
-                "retrieve of %s aborted after %d of %d instances: %s",
-                series or study, sent, len(oids), exc)
-        # Headers and some parts are gone: breaking the connection is the only honest
-        # signal left (no closing boundary, no final chunk).
-        raise ConnectionResetError(f"retrieve cut after {sent} of {len(oids)} parts: "
-                                   f"{exc}") from exc
+        raise _cut(request, f"retrieve of {series or study}", exc,
+                   f" after {sent} of {len(oids)} instances") from exc
     # No wait for the stream's last commits: every part sent was verified, and
     # lookups of an instance whose commit is pending wait for it (AsyncStore.get).
     await resp.write(f"--{b}--\r\n".encode())

@@ -18,6 +18,7 @@ from dicomcache.app import make_app
 from dicomcache.orthanc import OrthancProcess
 from dicomcache.routes import wado_rs
 from dicomcache.routes.common import METRICS, STORE
+from dicomcache.store import Entry
 from tests.conftest import Sample, SettingsFactory
 from tests.routes.dicomweb_support import (ANY_SYNTAX, get_parts, orthanc_answer, series_path,
                                            split_multipart)
@@ -102,17 +103,22 @@ async def test_retrieve_sends_stored_parts_from_files_and_after_restart(
         == [s.data for s in ct_series]
 
 
+async def stored(client: TestClient, path: str, sample: Sample) -> Entry:
+    """Retrieve ``path`` through dicomcache, wait for its commits: ``sample``'s entry."""
+    await get_parts(client, path, ANY_SYNTAX)
+    await client.app[STORE].drain()
+    entry = await client.app[STORE].get(sample.sop)
+    assert entry is not None
+    return entry
+
+
 async def test_retrieve_of_a_stored_file_cut_on_disk_breaks_the_connection(
         aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
         ct_series: list[Sample], caplog: pytest.LogCaptureFixture) -> None:
     """A stored file shorter than its index says (disk trouble): never a complete multipart."""
     client = await aiohttp_client(make_app(make_settings()))
     path = series_path(ct_series[0])
-    await get_parts(client, path, ANY_SYNTAX)
-    store = client.app[STORE]
-    await store.drain()
-    entry = await store.get(ct_series[5].sop)
-    assert entry is not None
+    entry = await stored(client, path, ct_series[5])
     with entry.path.open("r+b") as f:
         f.truncate(entry.size // 2)
     resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
@@ -140,15 +146,11 @@ async def test_retrieve_refetches_a_stored_file_deleted_on_disk(
     settings = make_settings()
     client = await aiohttp_client(make_app(settings))
     path = series_path(ct_series[0])
-    await get_parts(client, path, ANY_SYNTAX)
-    store = client.app[STORE]
-    await store.drain()
-    entry = await store.get(ct_series[4].sop)
-    assert entry is not None
+    entry = await stored(client, path, ct_series[4])
     entry.path.unlink()
     _, got = await get_parts(client, path, ANY_SYNTAX)  # opened in a batch: that one fails
     assert [b for _, b in got] == [s.data for s in ct_series]
-    again = await store.get(ct_series[4].sop)
+    again = await client.app[STORE].get(ct_series[4].sop)
     assert again is not None and again.path.read_bytes() == ct_series[4].data
     assert open_files_under(settings.cache.directory / "objects") == []
 
