@@ -167,8 +167,20 @@ class ChangeWatcher:
         return bool(data.get("Done", True))
 
     async def _save(self, last: int) -> None:
+        """Persist the cursor, then move it: what the file says is where the watcher stands.
+
+        A stop during the write waits for it (a short fsync): returning while the
+        thread still wrote left the file behind the cursor, or written after stop.
+        """
+        write = asyncio.ensure_future(
+            asyncio.to_thread(write_cursor, self.cursor_file, self.client.base, last))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            await write
+            self.cursor = last
+            raise
         self.cursor = last
-        await asyncio.to_thread(write_cursor, self.cursor_file, self.client.base, last)
 
     async def _study_id(self, level: str, resource: str) -> str | None:
         """The Orthanc study ID of a changed resource (its UID learned); None if gone."""

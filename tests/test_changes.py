@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -135,3 +136,34 @@ def test_cursor_of_another_orthanc_is_ignored(tmp_path: Path) -> None:
     assert read_cursor(path, "http://b") is None
     path.write_text("{broken")
     assert read_cursor(path, "http://a") is None
+
+
+async def test_stop_during_a_cursor_write_waits_for_it(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped while the cursor is being written: the write completes before the stop
+    does, and the file says where the watcher stands (CI once found them apart)."""
+    import threading
+    from types import SimpleNamespace
+
+    from dicomcache import changes
+    from dicomcache.config import ChangesSettings
+    from dicomcache.metrics import Metrics
+
+    started_, release = threading.Event(), threading.Event()
+
+    def slow_write(path: Path, upstream: str, last: int) -> None:
+        started_.set()
+        assert release.wait(10)
+        write_cursor(path, upstream, last)
+
+    monkeypatch.setattr(changes, "write_cursor", slow_write)
+    path = tmp_path / "cursor.json"
+    client: Any = SimpleNamespace(base="http://o")  # only its base URL is used
+    watcher = changes.ChangeWatcher(ChangesSettings(), client, None, Metrics(), path, [])
+    saving = asyncio.ensure_future(watcher._save(7))
+    assert await asyncio.to_thread(started_.wait, 10)
+    saving.cancel()  # stop() while the thread writes
+    threading.Timer(0.2, release.set).start()
+    with pytest.raises(asyncio.CancelledError):
+        await saving
+    assert await asyncio.to_thread(read_cursor, path, "http://o") == watcher.cursor == 7
