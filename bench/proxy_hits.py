@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dicomcache.orthanc import OrthancProcess, free_port, loopback_env, wait_http  # noqa: E402
-from dicomcache.samples import encode, make_ct_series  # noqa: E402
+from dicomcache.devtools.orthanc import OrthancProcess, free_port, loopback_env, wait_http  # noqa: E402
+from dicomcache.devtools.samples import encode, make_ct_series  # noqa: E402
 
 N = 200
 

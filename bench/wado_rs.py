@@ -23,7 +23,7 @@ is from what the link could carry.
                                  [--wan 100 [--rtt-ms 40]]
 
 ``--wan MBIT`` adds the setting dicomcache is built for: Orthanc behind an
-emulated WAN link (dicomcache's own emulator, ``dicomcache.wanem``, in this
+emulated WAN link (dicomcache's own emulator, ``dicomcache.devtools.wanem``, in this
 process), the viewer on the LAN.  Direct and cold cross the link; warm does not.
 
 ``--profile FILE`` records the dicomcache process with ``py-spy`` during the
@@ -51,9 +51,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dicomcache.orthanc import OrthancProcess, free_port, wait_http  # noqa: E402
-from dicomcache.samples import encode, make_ct_series  # noqa: E402
-from dicomcache.wanem import LinkProfile, ThreadedWanEmulator  # noqa: E402
+from dicomcache.devtools.orthanc import OrthancProcess, free_port, wait_http  # noqa: E402
+from dicomcache.devtools.samples import encode, make_ct_series  # noqa: E402
+from dicomcache.devtools.wanem import LinkProfile, ThreadedWanEmulator  # noqa: E402
 
 ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 

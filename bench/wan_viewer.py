@@ -37,9 +37,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dicomcache.orthanc import OrthancProcess, free_port  # noqa: E402
-from dicomcache.samples import encode, make_ct_series  # noqa: E402
-from dicomcache.wanem import LinkProfile, ThreadedWanEmulator  # noqa: E402
+from dicomcache.devtools.orthanc import OrthancProcess, free_port  # noqa: E402
+from dicomcache.devtools.samples import encode, make_ct_series  # noqa: E402
+from dicomcache.devtools.wanem import LinkProfile, ThreadedWanEmulator  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """``python -m dicomcache`` is the ``dicomcache`` command."""
 
-from .cli import main
+from dicomcache.cli.main import main
 
 raise SystemExit(main())

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from dicomcache.errors import ConfigError
 
 T = TypeVar("T")
 

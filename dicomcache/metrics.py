@@ -17,13 +17,13 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from aiohttp.typedefs import Handler
 
-from . import __version__
-from .errors import StoreFull
+from dicomcache import __version__
+from dicomcache.errors import StoreFull
 
 # State changes are logged where they are recorded (here), so the upstream
 # client, the readiness probe and the health loop log them the same way, once.
-_upstream_log = logging.getLogger("dicomcache.upstream")
-_store_log = logging.getLogger("dicomcache.store")
+_upstream_log = logging.getLogger("dicomcache.upstream.client")
+_store_log = logging.getLogger("dicomcache.cache.store")
 
 # Hits are sub-millisecond, misses over a WAN take seconds: cover both.
 _LATENCY_BUCKETS = (

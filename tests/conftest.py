@@ -19,9 +19,9 @@ from pydicom.uid import (
 )
 
 from dicomcache.config import Settings, from_dict
-from dicomcache.orthanc import OrthancProcess
-from dicomcache.samples import encode, make_ct_series
-from dicomcache.wanem import LinkProfile, WanEmulator
+from dicomcache.devtools.orthanc import OrthancProcess
+from dicomcache.devtools.samples import encode, make_ct_series
+from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 
 
 @dataclasses.dataclass(frozen=True)

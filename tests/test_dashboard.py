@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicomcache.app import make_app
+from dicomcache.http.app import make_app
 from dicomcache.metrics import Metrics
 from tests.conftest import SettingsFactory
 

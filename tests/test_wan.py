@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from dicomcache.app import make_app
-from dicomcache.prefetch import PREFETCHER
-from dicomcache.routes.common import CLIENT, METRICS, STORE
-from dicomcache.wanem import LinkProfile, WanEmulator
+from dicomcache.http.app import make_app
+from dicomcache.prefetch.scheduler import PREFETCHER
+from dicomcache.http.common import CLIENT, METRICS, STORE
+from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from tests.conftest import Sample, SettingsFactory
 
 

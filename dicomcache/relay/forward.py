@@ -26,12 +26,12 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ..config import DestinationSettings, RelaySettings
-from ..metrics import Metrics
-from . import negotiation as neg
-from .scu import DELIVERED, QUARANTINED, RETRY, BatchReport, ItemResult, SendItem, StoreSCU
-from .spool import Outcome, QueueItem, Spool
-from .transcode import encodable_syntaxes
+from dicomcache.config import DestinationSettings, RelaySettings
+from dicomcache.metrics import Metrics
+from dicomcache.relay import negotiation as neg
+from dicomcache.relay.scu import DELIVERED, QUARANTINED, RETRY, BatchReport, ItemResult, SendItem, StoreSCU
+from dicomcache.relay.spool import Outcome, QueueItem, Spool
+from dicomcache.relay.transcode import encodable_syntaxes
 
 log = logging.getLogger(__name__)
 

@@ -35,13 +35,13 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from ..config import RelaySettings
-from ..errors import IntegrityError
-from ..metrics import Metrics
-from . import fastdul
-from . import negotiation as neg
-from .dimse_codec import part10_header
-from .spool import Spool, info_from_bytes, is_disk_full
+from dicomcache.config import RelaySettings
+from dicomcache.errors import IntegrityError
+from dicomcache.metrics import Metrics
+from dicomcache.relay.accel import fastdul
+from dicomcache.relay import negotiation as neg
+from dicomcache.relay.accel.codec import part10_header
+from dicomcache.relay.spool import Spool, info_from_bytes, is_disk_full
 
 log = logging.getLogger(__name__)
 

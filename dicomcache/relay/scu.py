@@ -34,11 +34,11 @@ from pydicom import Dataset
 from pynetdicom import AE, _config, build_context
 from pynetdicom.association import Association
 
-from ..config import DestinationSettings
-from ..metrics import Metrics
-from . import fastdul
-from . import negotiation as neg
-from .transcode import TranscodeError, encodable_syntaxes, transcode
+from dicomcache.config import DestinationSettings
+from dicomcache.metrics import Metrics
+from dicomcache.relay.accel import fastdul
+from dicomcache.relay import negotiation as neg
+from dicomcache.relay.transcode import TranscodeError, encodable_syntaxes, transcode
 
 log = logging.getLogger(__name__)
 

@@ -30,13 +30,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..config import RelaySettings
-from ..metrics import Metrics
-from . import transcode
-from .forward import Forwarder
-from .scp import StoreSCP
-from .spool import Spool
-from .worker import ForwarderProcess
+from dicomcache.config import RelaySettings
+from dicomcache.metrics import Metrics
+from dicomcache.relay import transcode
+from dicomcache.relay.forward import Forwarder
+from dicomcache.relay.scp import StoreSCP
+from dicomcache.relay.spool import Spool
+from dicomcache.relay.worker import ForwarderProcess
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,8 @@ async def _run_alone(settings: RelaySettings, shutdown_timeout: float,
 
 def main(argv: list[str] | None = None) -> int:
     """Run the relay alone from a configuration file (``[relay]`` section)."""
-    from ..config import load
-    from ..errors import ConfigError
+    from dicomcache.config import load
+    from dicomcache.errors import ConfigError
 
     parser = argparse.ArgumentParser(prog="python -m dicomcache.relay.service",
                                      description="Run the DIMSE relay alone.")

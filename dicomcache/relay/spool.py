@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import IntegrityError
-from ..verify import parse_dicom
+from dicomcache.errors import IntegrityError
+from dicomcache.dicom.verify import parse_dicom
 
 log = logging.getLogger(__name__)
 

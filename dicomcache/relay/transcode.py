@@ -21,7 +21,7 @@ What is supported
   appends the method and ratio (pydicom does not).
 
 Whatever is produced is written out and parsed back (strictly, with
-:func:`dicomcache.verify.parse_dicom`) before it is returned: switching VR
+:func:`dicomcache.dicom.verify.parse_dicom`) before it is returned: switching VR
 encoding in memory is where nested sequences get corrupted, reading the
 result back is the cheap proof that they were not.
 """
@@ -43,9 +43,9 @@ from pydicom import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID
 
-from ..errors import DicomcacheError, ForwardError, IntegrityError
-from ..verify import parse_dicom
-from . import negotiation as neg
+from dicomcache.errors import DicomcacheError, ForwardError, IntegrityError
+from dicomcache.dicom.verify import parse_dicom
+from dicomcache.relay import negotiation as neg
 
 log = logging.getLogger(__name__)
 

@@ -50,8 +50,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, cast
 
-from ..config import RelaySettings
-from ..metrics import Metrics
+from dicomcache.config import RelaySettings
+from dicomcache.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -363,9 +363,9 @@ def _die_with_parent(parent: int) -> None:
 
 
 async def _child_main(settings: RelaySettings, outbox: _Outbox, inp: IO[bytes]) -> None:
-    from .forward import Forwarder
-    from .spool import Spool
-    from . import transcode
+    from dicomcache.relay.forward import Forwarder
+    from dicomcache.relay.spool import Spool
+    from dicomcache.relay import transcode
 
     loop = asyncio.get_running_loop()
     spool = Spool(settings.spool_directory, [d.name for d in settings.destinations],

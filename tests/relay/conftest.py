@@ -26,7 +26,7 @@ from pydicom.data import get_testdata_file
 
 from dicomcache.config import DestinationSettings, RelaySettings
 from dicomcache.metrics import Metrics
-from dicomcache.orthanc import free_port, loopback_env
+from dicomcache.devtools.orthanc import free_port, loopback_env
 from dicomcache.relay import negotiation as neg
 from dicomcache.relay.service import Relay
 

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dicomcache.orthanc import OrthancProcess, free_port
-from dicomcache.samples import make_ct_series, write_series
+from dicomcache.devtools.orthanc import OrthancProcess, free_port
+from dicomcache.devtools.samples import make_ct_series, write_series
 from tests.relay.conftest import StoreSCP, storescu, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]

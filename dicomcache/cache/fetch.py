@@ -1,0 +1,283 @@
+"""Miss handling: coalesce, download, verify, commit.
+
+One download per Orthanc instance at a time, whatever API family asked
+(single-flight keyed by the Orthanc instance ID, which every family resolves
+to first).  Each attempt downloads the body and Orthanc's stored MD5 in
+parallel, verifies length, MD5 and a full DICOM parse in a worker thread, and
+only then commits it to the store.  A body that fails is dropped and retried;
+after the last retry the caller gets an :class:`UpstreamError`.
+
+Downloads go through a :class:`PriorityLimiter`: a viewer's download starts at
+once, a prefetch download only while fewer than ``capacity`` downloads are in
+flight, so prefetch fills the link's idle capacity and never makes a viewer
+wait.  A viewer asking for an instance whose prefetch is still queued lifts it
+to viewer priority.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from dicomcache.errors import IntegrityError, NotFoundUpstream, UpstreamError
+from dicomcache.metrics import Metrics
+from dicomcache.cache.store import AsyncStore, Entry
+from dicomcache.upstream.client import OrthancClient
+from dicomcache.dicom.verify import DicomSummary, md5_hex, verify_bytes
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+#: Per-request override of the client's ``Accept-Encoding: identity`` (``upstream.compression``).
+GZIP = {"Accept-Encoding": "gzip"}
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A verified instance served from memory: not stored (disk full), or not durable yet.
+
+    Same identity fields as :class:`~dicomcache.cache.store.Entry`, so routes treat both alike.
+    """
+
+    sop_uid: str
+    study_uid: str | None
+    series_uid: str | None
+    transfer_syntax: str
+    md5: str
+    orthanc_id: str
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @classmethod
+    def of(cls, summary: DicomSummary, md5: str, orthanc_id: str, data: bytes) -> Fetched:
+        return cls(summary.sop_instance_uid, summary.study_instance_uid,
+                   summary.series_instance_uid, summary.transfer_syntax_uid, md5, orthanc_id,
+                   data)
+
+
+class PriorityLimiter:
+    """Downloads in flight: urgent (viewer) ones never wait; others wait for a free slot."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.active = 0
+        self.waiting = 0
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, urgent: Callable[[], bool]) -> AsyncIterator[None]:
+        """Hold a slot; ``urgent()`` is re-checked while waiting (priority can be raised)."""
+        if not urgent() and self.active >= self.capacity:
+            self.waiting += 1
+            try:
+                async with self._cond:
+                    await self._cond.wait_for(lambda: urgent() or self.active < self.capacity)
+            finally:
+                self.waiting -= 1
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self.wake()
+
+    def wake(self) -> None:
+        """Re-evaluate waiters (a slot freed, or a waiter became urgent)."""
+        if not self.waiting:
+            return
+
+        async def notify() -> None:
+            async with self._cond:
+                self._cond.notify_all()
+        asyncio.get_running_loop().create_task(notify())
+
+
+class Fetcher:
+    """Turns misses into verified, stored instances; see the module docstring."""
+
+    def __init__(self, client: OrthancClient, store: AsyncStore, metrics: Metrics) -> None:
+        self.client = client
+        self.store = store
+        self.metrics = metrics
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        #: Single-flight keys some viewer is waiting for (downloaded at viewer priority).
+        self._urgent: set[str] = set()
+        #: Shared by viewer and prefetch downloads; the prefetcher sets the capacity.
+        self.limiter = PriorityLimiter(client.settings.max_connections)
+
+    async def instance(self, orthanc_id: str) -> Entry | Fetched:
+        """The verified instance: from the store, or downloaded (once, however many ask)."""
+        entry = await self.store.get_by_orthanc_id(orthanc_id)
+        if entry is not None:
+            return entry
+        return await self.by_orthanc_id(orthanc_id)
+
+    async def instance_by_sop(self, sop_uid: str) -> Entry | Fetched:
+        """The verified instance with this SOPInstanceUID (resolved through Orthanc if new)."""
+        entry = await self.store.get(sop_uid)
+        if entry is not None:
+            return entry
+        return await self.instance(await self.resolve_sop(sop_uid))
+
+    async def by_orthanc_id(self, orthanc_id: str, *, viewer: bool = True) -> Entry | Fetched:
+        """Download and verify, unless a download of this instance is already in flight.
+
+        ``viewer=False`` (prefetch) waits for a free slot in :attr:`limiter`.
+        """
+        return await self._single_flight(orthanc_id, lambda: self._download(orthanc_id),
+                                         viewer=viewer)
+
+    async def resolve_sop(self, sop_uid: str) -> str:
+        """Orthanc instance ID for a SOPInstanceUID: learned before, else ``/tools/lookup``."""
+        known = await self.store.orthanc_id_of(sop_uid)
+        if known:
+            return known
+        return await self._single_flight(f"lookup:{sop_uid}", lambda: self._lookup(sop_uid))
+
+    async def _lookup(self, sop_uid: str) -> str:
+        found = await self.client.lookup_instance(sop_uid)
+        if found is None:
+            raise NotFoundUpstream(404, f"Orthanc has no instance with SOPInstanceUID {sop_uid}")
+        await self.store.learn(found, sop_uid)
+        return found
+
+    async def _single_flight(self, key: str, start: Callable[[], Awaitable[T]], *,
+                             viewer: bool = True) -> T:
+        task = self._inflight.get(key)
+        if viewer and key not in self._urgent:
+            self._urgent.add(key)
+            if task is not None:  # a queued prefetch of it: now a viewer waits for it
+                self.limiter.wake()
+        if task is not None:
+            self.metrics.coalesced.inc()
+        else:
+            # A task of its own: a viewer that hangs up must not cancel the
+            # download the other waiters (and the cache) depend on.
+            task = asyncio.ensure_future(start())
+            self._inflight[key] = task
+
+            def done(t: asyncio.Future[Any]) -> None:
+                self._inflight.pop(key, None)
+                self._urgent.discard(key)
+                if not t.cancelled():
+                    t.exception()  # retrieved: every waiter may have gone (hung up, cancelled)
+            task.add_done_callback(done)
+        result: T = await asyncio.shield(task)
+        return result
+
+    def claim(self, keys: list[str]) -> dict[str, asyncio.Future[Any]]:
+        """Register downloads another source (a series stream) is about to deliver.
+
+        For each key with no download in flight, a future is entered in the
+        single-flight map, so a concurrent :meth:`by_orthanc_id` waits for it
+        instead of starting a download of its own.  Returns the futures claimed
+        (keys already in flight are left out).  The claimer must settle every
+        one: with a verified ``Entry``/``Fetched``, or by :meth:`fall_back`.
+        """
+        loop = asyncio.get_running_loop()
+        claimed: dict[str, asyncio.Future[Any]] = {}
+        for key in keys:
+            if key in self._inflight or key in claimed:
+                continue
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._inflight[key] = fut
+
+            def done(t: asyncio.Future[Any], key: str = key) -> None:
+                if self._inflight.get(key) is t:
+                    self._inflight.pop(key, None)
+                self._urgent.discard(key)
+                if not t.cancelled():
+                    t.exception()  # retrieved: every waiter may have gone
+            fut.add_done_callback(done)
+            claimed[key] = fut
+        return claimed
+
+    def fall_back(self, orthanc_id: str, fut: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        """Settle a claimed future through the ordinary per-instance download (retried).
+
+        Returns the download task (its outcome is also copied into ``fut``).
+        """
+        self._urgent.add(orthanc_id)  # a viewer is waiting for it
+        task = asyncio.ensure_future(self._download(orthanc_id))
+
+        def copy(t: asyncio.Future[Any]) -> None:
+            if t.cancelled():
+                if not fut.done():
+                    fut.cancel()
+                return
+            exc = t.exception()
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(t.result())
+        task.add_done_callback(copy)
+        return task
+
+    async def _download(self, orthanc_id: str) -> Entry | Fetched:
+        # A download that finished just before this one was asked for: no second trip.
+        entry = await self.store.get_by_orthanc_id(orthanc_id)
+        if entry is not None:
+            return entry
+        async with self.limiter.slot(lambda: orthanc_id in self._urgent):
+            entry = await self.store.get_by_orthanc_id(orthanc_id)  # waited: maybe there now
+            if entry is not None:
+                return entry
+            summary, md5, data = await self.client.retrying(
+                lambda attempt: self._attempt(orthanc_id),
+                what=f"instance {orthanc_id}")
+        self.metrics.fetched_bytes.inc(len(data))
+        try:
+            entry = await self.store.commit_bytes(data, summary, md5, orthanc_id)
+        except OSError as exc:  # StoreFull included
+            # The viewer still gets its verified image; only caching is lost.
+            self.metrics.note_uncached(orthanc_id, exc)
+            return Fetched.of(summary, md5, orthanc_id, data)
+        if entry is None:  # evicted at once: bigger than the whole cache
+            return Fetched.of(summary, md5, orthanc_id, data)
+        return entry
+
+    async def _attempt(self, orthanc_id: str) -> tuple[DicomSummary, str, bytes]:
+        md5_task = asyncio.create_task(self.client.instance_md5(orthanc_id))
+        try:
+            headers, body = await self.client.get(
+                f"/instances/{orthanc_id}/file", kind="instance",
+                headers=GZIP if self.client.settings.compression == "all" else None)
+            expected_md5 = await md5_task
+        finally:
+            md5_task.cancel()
+        declared = headers.get("Content-Length")
+        expected_length = int(declared) if declared and declared.isdigit() else None
+        encoding = headers.get("Content-Encoding", "identity").lower()
+        if expected_md5 is None:
+            log.warning("Orthanc has no MD5 for instance %s (StoreMD5ForAttachments off?): "
+                        "relying on length and a full parse", orthanc_id)
+
+        def check() -> tuple[DicomSummary, str, bytes]:
+            data = body
+            if expected_length is not None and len(body) != expected_length:
+                raise IntegrityError("length_mismatch", f"received {len(body)} bytes, "
+                                     f"Content-Length said {expected_length}")
+            if encoding in ("gzip", "deflate"):
+                try:
+                    data = zlib.decompress(body, 47)  # gzip or zlib, auto-detected
+                except zlib.error as exc:
+                    raise IntegrityError("short_body", f"bad {encoding} stream: {exc}") from exc
+            elif encoding != "identity":
+                raise UpstreamError("encoding", f"unsupported Content-Encoding {encoding!r}")
+            summary = verify_bytes(data, expected_md5=expected_md5)
+            return summary, expected_md5 or md5_hex(data), data
+
+        try:
+            return await asyncio.to_thread(check)
+        except IntegrityError as exc:
+            log.warning("integrity check failed for instance %s: %s", orthanc_id, exc)
+            raise

@@ -1,0 +1,426 @@
+"""Cache administration: ``stats``, ``purge``, ``verify``, ``pin`` and ``unpin``.
+
+These work on the store's directory directly, so they run with or without
+the daemon; while it runs, both see the same sqlite index (a pin made here
+is honoured by its very next eviction; a purged or quarantined file that it
+still had open may be served until it falls out of its open-file cache).
+``stats`` adds the daemon's hit ratio when its ``/metrics`` answers.
+
+Usage::
+
+    dicomcache stats [--config FILE] [--top 10] [--json]
+    dicomcache purge [--config FILE] (--all | --study UID | --older-than 30d)
+                     [--include-pinned] [--dry-run]
+    dicomcache verify [--config FILE]
+    dicomcache pin STUDY_UID [--config FILE]
+    dicomcache unpin STUDY_UID [--config FILE]
+
+Long operations draw a progress bar on stderr when it is a terminal
+(``--progress`` / ``--no-progress`` to choose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from dicomcache.config import Settings
+from dicomcache.errors import ConfigError, IntegrityError
+from dicomcache.cache.store import Entry, Store
+from dicomcache.dicom.verify import verify_file
+
+_UID = re.compile(r"^[0-9]+(?:\.[0-9]+)*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+Command = Callable[[argparse.Namespace], int]
+
+
+# --- argument types ----------------------------------------------------------------------
+def parse_duration(text: str) -> float:
+    """``"30d"`` → seconds (units s, m, h, d, w)."""
+    m = _DURATION.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration such as 30d, 12h, 90m (units s, m, h, d, w)")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def study_uid(text: str) -> str:
+    """A StudyInstanceUID: digits and dots, at most 64 characters."""
+    if len(text) > 64 or not _UID.match(text):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a DICOM UID (digits and dots)")
+    return text
+
+
+def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``stats``, ``purge``, ``verify``, ``pin`` and ``unpin``."""
+    def command(name: str, func: Command, text: str) -> argparse.ArgumentParser:
+        p = subparsers.add_parser(name, help=text, description=text)
+        p.add_argument("--config", "-c", type=Path, help="TOML config (default: embedded demo)")
+        p.set_defaults(func=func)
+        return p
+
+    def progress_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bar on stderr (default: when stderr is a terminal)")
+
+    p = command("stats", cmd_stats, "cache size, entries, hit ratio and top studies")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="studies to list (10)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("purge", cmd_purge, "delete cached instances: all, one study, or older ones")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every entry")
+    which.add_argument("--study", type=study_uid, metavar="UID", help="one study's entries "
+                       "(even if pinned; the pin stays)")
+    which.add_argument("--older-than", type=parse_duration, metavar="AGE",
+                       help="entries stored longer ago than AGE, e.g. 30d, 12h")
+    p.add_argument("--include-pinned", action="store_true",
+                   help="with --all or --older-than, pinned studies too")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    progress_flag(p)
+
+    p = command("verify", cmd_verify, "re-check every stored entry's MD5 and DICOM structure; "
+                "quarantine and report bad ones (exit 1 if any)")
+    progress_flag(p)
+
+    p = command("pin", cmd_pin, "keep a study's instances out of eviction")
+    p.add_argument("study_uid", type=study_uid, metavar="STUDY_UID")
+    p = command("unpin", cmd_unpin, "let a pinned study be evicted again")
+    p.add_argument("study_uid", type=study_uid, metavar="STUDY_UID")
+
+
+# --- shared ------------------------------------------------------------------------------
+def _settings(args: argparse.Namespace) -> Settings | None:
+    from dicomcache.cli.main import settings_from  # not at import time: cli imports this module
+
+    try:
+        return settings_from(args)
+    except ConfigError as exc:
+        for key, message in exc.problems:
+            print(f"config error: {key}: {message}", file=sys.stderr)
+        return None
+
+
+def _open(args: argparse.Namespace, *, create: bool = False) -> tuple[Settings, Store] | int:
+    """The settings and their store, or an exit status after saying what is wrong."""
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    directory = settings.cache.directory
+    if not create and not (directory / "cache.db").exists():  # diskcache's index file
+        print(f"no cache at {directory} (nothing stored yet, or another cache.directory?)",
+              file=sys.stderr)
+        return 1
+    return settings, Store(directory, settings.cache.max_size)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+class Progress:
+    """A one-line progress bar redrawn on ``stream`` (at most 10 times a second)."""
+
+    WIDTH = 30
+
+    def __init__(self, label: str, total: int, total_bytes: int, *, enabled: bool | None,
+                 stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.label = label
+        self.total = total
+        self.total_bytes = total_bytes
+        self.done = 0
+        self.done_bytes = 0
+        self.started = time.monotonic()
+        self._drawn = 0.0
+
+    def update(self, count: int = 1, nbytes: int = 0) -> None:
+        self.done += count
+        self.done_bytes += nbytes
+        now = time.monotonic()
+        if self.enabled and (now - self._drawn >= 0.1 or self.done >= self.total):
+            self._drawn = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        frac = self.done / self.total if self.total else 1.0
+        filled = int(frac * self.WIDTH)
+        elapsed = max(now - self.started, 1e-6)
+        rate = self.done_bytes / elapsed
+        eta = (self.total_bytes - self.done_bytes) / rate if rate > 0 else 0.0
+        self.stream.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {frac:4.0%} "
+            f"{self.done}/{self.total} {human_bytes(self.done_bytes)} "
+            f"{human_bytes(rate)}/s ETA {eta:.0f}s  ")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic())
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# --- stats -------------------------------------------------------------------------------
+@dataclass(slots=True)
+class StudyUse:
+    study_uid: str
+    instances: int = 0
+    size_bytes: int = 0
+    last_used: float = 0.0
+    pinned: bool = False
+
+
+def daemon_figures(settings: Settings, timeout: float = 2.0) -> dict[str, Any] | None:
+    """Hit counters and upstream state from a running daemon's ``/metrics``, if it answers."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server = settings.server
+    host = server.host if server.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    url = f"http://{host}:{server.metrics_port or server.port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - our own daemon
+            text = resp.read().decode("utf-8")
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                values[s.name] = values.get(s.name, 0.0) + s.value
+    except Exception:  # noqa: BLE001 - no daemon (or not ours) there: no live figures
+        return None
+    if "dicomcache_cache_hits_total" not in values:
+        return None
+    return {"url": url, "hits": int(values["dicomcache_cache_hits_total"]),
+            "misses": int(values.get("dicomcache_cache_misses_total", 0)),
+            "upstream_up": values.get("dicomcache_upstream_up")}
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Print size, entries, hit ratio (from the daemon) and the largest studies."""
+    opened = _open(args)
+    if isinstance(opened, int):
+        return opened
+    settings, store = opened
+    try:
+        stats = store.stats()
+        pins = store.pinned()
+        studies: dict[str, StudyUse] = {}
+        for entry, last_used in store.listing():
+            uid = entry.study_uid or "(unknown)"
+            use = studies.setdefault(uid, StudyUse(uid, pinned=uid in pins))
+            use.instances += 1
+            use.size_bytes += entry.size
+            use.last_used = max(use.last_used, last_used)
+        quarantined = len(list(store.quarantine_dir.glob("*.dcm")))
+    finally:
+        store.close()
+    live = daemon_figures(settings)
+    hits, misses = (live["hits"], live["misses"]) if live else (0, 0)
+    ratio = hits / (hits + misses) if hits + misses else None
+    top = sorted(studies.values(), key=lambda s: s.size_bytes, reverse=True)[:max(args.top, 0)]
+    pinned_use = [s for s in studies.values() if s.pinned]
+    if args.json:
+        print(json.dumps({
+            "directory": str(settings.cache.directory), **stats,
+            "studies": len(studies), "pinned_studies": sorted(pins),
+            "quarantined_files": quarantined, "daemon": live and live["url"],
+            "hits": live and hits, "misses": live and misses, "hit_ratio": ratio,
+            "top_studies": [{"study_uid": s.study_uid, "instances": s.instances,
+                             "size_bytes": s.size_bytes, "last_used": s.last_used,
+                             "pinned": s.pinned} for s in top],
+        }, indent=2))
+        return 0
+    used = stats["size_bytes"] / stats["max_bytes"] if stats["max_bytes"] else 0.0
+    print(f"cache       {settings.cache.directory}")
+    print(f"size        {human_bytes(stats['size_bytes'])} of "
+          f"{human_bytes(stats['max_bytes'])} ({used:.1%})")
+    print(f"entries     {stats['entries']} instance(s) in {len(studies)} study(ies)")
+    print(f"pinned      {len(pins)} study(ies)"
+          + (f", {sum(s.instances for s in pinned_use)} instance(s), "
+             f"{human_bytes(sum(s.size_bytes for s in pinned_use))} cached" if pins else ""))
+    if live is None:
+        print("hit ratio   n/a (the daemon's /metrics does not answer)")
+    elif ratio is None:
+        print(f"hit ratio   n/a (no instance requests yet; {live['url']})")
+    else:
+        print(f"hit ratio   {ratio:.1%} ({hits} hits, {misses} misses since the daemon started)")
+    if quarantined:
+        print(f"quarantine  {quarantined} file(s) in {store.quarantine_dir}")
+    if top:
+        print(f"\ntop {len(top)} studies by size:")
+        print(f"  {'StudyInstanceUID':<64} {'inst':>6} {'size':>10}  last used")
+        for s in top:
+            print(f"  {s.study_uid:<64} {s.instances:>6} {human_bytes(s.size_bytes):>10}  "
+                  f"{_when(s.last_used)}{'  pinned' if s.pinned else ''}")
+    return 0
+
+
+# --- purge -------------------------------------------------------------------------------
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Delete the chosen entries (and their files)."""
+    opened = _open(args)
+    if isinstance(opened, int):
+        return opened
+    store = opened[1]
+    try:
+        pins = store.pinned()
+        now = time.time()
+        kept_pinned = 0
+        chosen: list[Entry] = []
+        for entry in store.entries():
+            if args.study is not None:
+                if entry.study_uid == args.study:
+                    chosen.append(entry)
+                continue
+            if args.older_than is not None and entry.stored_at >= now - args.older_than:
+                continue
+            if entry.study_uid in pins and not args.include_pinned:
+                kept_pinned += 1
+                continue
+            chosen.append(entry)
+        nbytes = sum(e.size for e in chosen)
+        kept = f"; {kept_pinned} instance(s) of pinned studies kept" if kept_pinned else ""
+        if args.dry_run:
+            print(f"would purge {len(chosen)} instance(s), {human_bytes(nbytes)}{kept}")
+            return 0
+        progress = Progress("purge", len(chosen), nbytes, enabled=args.progress)
+        removed = removed_bytes = 0
+        for start in range(0, len(chosen), 256):
+            batch = chosen[start:start + 256]
+            n, b = store.remove_entries(batch)
+            removed += n
+            removed_bytes += b
+            progress.update(len(batch), sum(e.size for e in batch))
+        progress.close()
+    finally:
+        store.close()
+    print(f"purged {removed} instance(s), {human_bytes(removed_bytes)}{kept}")
+    return 0
+
+
+# --- verify ------------------------------------------------------------------------------
+def check_entry(entry: Entry) -> IntegrityError | None:
+    """Re-verify one stored file: length, MD5 and a full parse; the error, or None if intact.
+
+    ``FileNotFoundError`` propagates (a vanished file is not a bad one).
+    """
+    try:
+        summary = verify_file(entry.path, expected_length=entry.size, expected_md5=entry.md5)
+    except IntegrityError as exc:
+        return exc
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # EIO and friends: the disk itself is failing
+        return IntegrityError("read_error", f"cannot read the file: {exc}")
+    if summary.sop_instance_uid != entry.sop_uid:
+        return IntegrityError("parse_failure", f"the file holds SOPInstanceUID "
+                              f"{summary.sop_instance_uid}, the index says {entry.sop_uid}")
+    return None
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-check every entry; quarantine bad ones; exit 1 if any was bad or missing."""
+    opened = _open(args)
+    if isinstance(opened, int):
+        return opened
+    store = opened[1]
+    bad: dict[str, int] = {}
+    missing = intact = 0
+    try:
+        entries = list(store.entries())
+        total_bytes = sum(e.size for e in entries)
+        progress = Progress("verify", len(entries), total_bytes, enabled=args.progress)
+        for entry in entries:
+            try:
+                error = check_entry(entry)
+            except FileNotFoundError:
+                # Gone with its row (evicted by a running daemon meanwhile) is fine;
+                # a row left without its file is dropped so the instance is fetched again.
+                if store.remove_entries([entry])[0]:
+                    missing += 1
+                    _report(progress, f"MISSING {entry.sop_uid} (study {entry.study_uid}): "
+                            f"{entry.path} is gone; entry dropped")
+            else:
+                if error is None:
+                    intact += 1
+                else:
+                    bad[error.cause] = bad.get(error.cause, 0) + 1
+                    moved = store.quarantine(entry, error.cause, error.reason)
+                    _report(progress, f"BAD {error.cause} {entry.sop_uid} "
+                            f"(study {entry.study_uid}): {error.reason}; "
+                            f"quarantined to {moved}")
+            progress.update(1, entry.size)
+        progress.close()
+    finally:
+        store.close()
+    causes = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
+    print(f"verified {len(entries)} instance(s), {human_bytes(total_bytes)}: {intact} intact, "
+          f"{sum(bad.values())} quarantined{f' ({causes})' if causes else ''}, "
+          f"{missing} missing")
+    return 1 if bad or missing else 0
+
+
+def _report(progress: Progress, line: str) -> None:
+    """A finding on stdout, without tearing the progress bar on a shared terminal."""
+    if progress.enabled:
+        progress.stream.write("\r\033[K")
+    print(line, flush=True)
+
+
+# --- pin / unpin -------------------------------------------------------------------------
+def _study_summary(store: Store, uid: str) -> tuple[int, int]:
+    entries = [e for e in store.entries() if e.study_uid == uid]
+    return len(entries), sum(e.size for e in entries)
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    """Pin a study (cached or not): its instances are never evicted."""
+    opened = _open(args, create=True)
+    if isinstance(opened, int):
+        return opened
+    store = opened[1]
+    try:
+        new = store.pin(args.study_uid)
+        count, nbytes = _study_summary(store, args.study_uid)
+    finally:
+        store.close()
+    state = "pinned" if new else "already pinned"
+    print(f"{state}: study {args.study_uid} ({count} instance(s), {human_bytes(nbytes)} "
+          "cached now; instances fetched later are kept too)")
+    return 0
+
+
+def cmd_unpin(args: argparse.Namespace) -> int:
+    """Unpin a study: eviction may take its instances again."""
+    opened = _open(args, create=True)
+    if isinstance(opened, int):
+        return opened
+    store = opened[1]
+    try:
+        was = store.unpin(args.study_uid)
+    finally:
+        store.close()
+    print(f"{'unpinned' if was else 'was not pinned'}: study {args.study_uid}")
+    return 0
+

@@ -1,0 +1,271 @@
+"""``dicomcache relay status`` and ``dicomcache relay send``.
+
+``status`` reads the spool's state database directly (the daemon need not
+run).  ``send`` is a C-STORE SCU with the relay's negotiation (strategies,
+fallback, transcoding); it does not touch the spool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+from dicomcache.config import STRATEGIES, DestinationSettings, Settings, load
+from dicomcache.errors import ConfigError, IntegrityError
+
+
+def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``relay status`` and ``relay send``."""
+    relay = subparsers.add_parser("relay", help="the DIMSE relay: queue status, manual sends")
+    sub = relay.add_subparsers(dest="relay_command", required=True)
+
+    status = sub.add_parser("status", help="queue depth, oldest item, learned strategy, "
+                                           "last errors per destination (from the spool)")
+    status.add_argument("--config", "-c", type=Path, help="TOML configuration")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    send = sub.add_parser("send", help="C-STORE files to a destination with the relay's "
+                                       "negotiation and transcoding")
+    send.add_argument("files", nargs="+", type=Path, help="DICOM files or directories")
+    send.add_argument("--config", "-c", type=Path, help="TOML configuration")
+    send.add_argument("--destination", help="a [[relay.destinations]] name from the config")
+    send.add_argument("--host", help="peer host (instead of --destination)")
+    send.add_argument("--port", type=int, help="peer port")
+    send.add_argument("--aet", help="peer AE title (called AE)")
+    send.add_argument("--calling-aet", help="our AE title (default: relay.ae_title)")
+    send.add_argument("--strategy", choices=STRATEGIES,
+                      help="transfer syntax strategy (default: the destination's, or "
+                           "conservative)")
+    send.add_argument("--max-association-retries", type=int, default=None)
+    send.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    send.set_defaults(func=cmd_send)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = getattr(args, "config", None)
+    if path is None:
+        return Settings()
+    return load(path)
+
+
+def _config_problem(exc: ConfigError) -> int:
+    for key, msg in exc.problems:
+        print(f"config: {key}: {msg}", file=sys.stderr)
+    return 2
+
+
+# --- status ------------------------------------------------------------------------------
+def _ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "-"
+    secs = max(0.0, now - ts)
+    if secs < 120:
+        return f"{secs:.0f} s ago"
+    if secs < 7200:
+        return f"{secs / 60:.0f} min ago"
+    return f"{secs / 3600:.1f} h ago"
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the persisted queue state; exit 1 if something waits or is quarantined."""
+    from dicomcache.relay.spool import Spool
+
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        return _config_problem(exc)
+    rs = settings.relay
+    db = rs.spool_directory / "state.sqlite"
+    if not db.exists():
+        print(f"no relay spool at {rs.spool_directory} (the relay has not run yet)",
+              file=sys.stderr)
+        return 1
+    spool = Spool(rs.spool_directory)
+    spool.open_readonly()
+    try:
+        snap = spool.snapshot([d.name for d in rs.destinations])
+    finally:
+        spool.close()
+    if args.json:
+        json.dump(snap, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        _print_status(snap, sys.stdout)
+    waiting = any(d["queue_depth"] for d in snap["destinations"].values())
+    return 1 if waiting or snap["quarantine_files"] else 0
+
+
+def _print_status(snap: dict[str, Any], out: TextIO) -> None:
+    now = float(snap["time"])
+    out.write(f"spool {snap['spool_directory']}: {snap['spooled_instances']} instance(s), "
+              f"{snap['spooled_bytes'] / 1e6:.1f} MB not yet delivered everywhere; "
+              f"{snap['quarantine_files']} file(s) in quarantine\n")
+    for name, d in snap["destinations"].items():
+        out.write(f"\n{name}\n")
+        out.write(f"  queue depth       {d['queue_depth']} ({d['queue_bytes'] / 1e6:.1f} MB)\n")
+        out.write(f"  oldest item       {_when(d['oldest_received'])} "
+                  f"({_ago(d['oldest_received'], now)})\n")
+        learned = d["learned_strategy"] or "(none: starts at the configured strategy)"
+        out.write(f"  strategy          configured {d['configured_strategy'] or '-'}, "
+                  f"learned {learned}\n")
+        if d["learned_syntaxes"]:
+            for sop, syntaxes in sorted(d["learned_syntaxes"].items()):
+                out.write(f"  accepted          {sop}: {', '.join(syntaxes)}\n")
+        out.write(f"  quarantined       {d['quarantined']}\n")
+        out.write(f"  last success      {_when(d['last_success'])}\n")
+        if d["backing_off_until"]:
+            out.write(f"  backing off until {_when(d['backing_off_until'])} "
+                      f"({d['consecutive_failures']} consecutive failures)\n")
+        if d["last_error"]:
+            out.write(f"  last error        {_when(d['last_error_time'])}: {d['last_error']}\n")
+        for e in d["recent_errors"][:5]:
+            msg = str(e["message"]).replace("\n", " | ")
+            out.write(f"    {_when(e['time'])} {e['status'] or ''} {msg}\n")
+    if snap["recent_receive_errors"]:
+        out.write("\nrejected at reception\n")
+        for e in snap["recent_receive_errors"][:5]:
+            out.write(f"    {_when(e['time'])} {e['status'] or ''} {e['message']}\n")
+
+
+# --- send ------------------------------------------------------------------------------------
+def _expand(paths: list[Path]) -> Iterator[Path]:
+    for p in paths:
+        if p.is_dir():
+            yield from sorted(q for q in p.rglob("*") if q.is_file())
+        else:
+            yield p
+
+
+class _Progress:
+    """A one-line progress bar on stderr (only when it is a terminal, unless forced)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = max(total, 1)
+        self.done = 0
+        self.failed = 0
+        self.enabled = enabled
+        self.started = time.monotonic()
+
+    def step(self, ok: bool) -> None:
+        self.done += 1
+        self.failed += 0 if ok else 1
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * self.done / self.total)
+        rate = self.done / max(time.monotonic() - self.started, 1e-6)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                         f"{rate:5.1f}/s failed {self.failed}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """Send files; exit 0 when all were stored, 1 when some failed, 2 on usage errors."""
+    from dicomcache.relay.scu import DELIVERED, SendItem, StoreSCU
+    from dicomcache.relay.spool import info_from_bytes
+
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        return _config_problem(exc)
+    rs = settings.relay
+    dest: DestinationSettings | None = None
+    if args.destination:
+        dest = next((d for d in rs.destinations if d.name == args.destination), None)
+        if dest is None:
+            names = ", ".join(d.name for d in rs.destinations) or "none configured"
+            print(f"unknown destination {args.destination!r} ({names})", file=sys.stderr)
+            return 2
+    elif args.host and args.port and args.aet:
+        dest = DestinationSettings(name=f"{args.aet}@{args.host}:{args.port}",
+                                   remote_ae_title=args.aet, remote_host=args.host,
+                                   remote_port=args.port)
+    else:
+        print("give --destination NAME, or --host, --port and --aet", file=sys.stderr)
+        return 2
+    overrides: dict[str, Any] = {}
+    if args.strategy:
+        overrides["transfer_syntax_strategy"] = args.strategy
+        if args.strategy != "extended":
+            overrides["allow_lossy_recompression"] = False
+    if args.max_association_retries is not None:
+        if not 1 <= args.max_association_retries <= 10:
+            print("--max-association-retries must be between 1 and 10", file=sys.stderr)
+            return 2
+        overrides["max_association_retries"] = args.max_association_retries
+    if overrides:
+        from dataclasses import replace
+
+        dest = replace(dest, **overrides)
+
+    items: list[SendItem] = []
+    study_of: dict[int, str] = {}
+    bad: list[tuple[Path, str]] = []
+    for i, path in enumerate(_expand(args.files)):
+        try:
+            info = info_from_bytes(path.read_bytes())
+        except (OSError, IntegrityError) as exc:
+            bad.append((path, str(exc)))
+            continue
+        items.append(SendItem(i, path, info.sop_class, info.sop_instance, info.transfer_syntax,
+                              info.has_pixels))
+        study_of[i] = info.study_uid
+    for path, why in bad:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    progress = _Progress(len(items), enabled=not args.no_progress)
+    scu = StoreSCU(args.calling_aet or rs.ae_title, dest, timeout=rs.timeout, max_pdu=rs.max_pdu)
+    results = []
+    by_key = {it.key: it for it in items}
+    # One association per study, in order, as the forwarder does.
+    studies: dict[str, list[SendItem]] = {}
+    for it in items:
+        studies.setdefault(study_of[it.key], []).append(it)
+    learned: str | None = None
+    started = time.monotonic()
+    failed_assoc: list[str] = []
+    for batch in studies.values():
+        report = scu.send(batch, learned,
+                          on_result=lambda r: progress.step(r.outcome == DELIVERED))
+        results.extend(report.results)
+        learned = report.learned_strategy or learned
+        for key in report.not_attempted:
+            progress.step(False)
+        if report.destination_error:
+            failed_assoc.append(report.destination_error)
+    progress.close()
+    elapsed = time.monotonic() - started
+    delivered = [r for r in results if r.outcome == DELIVERED]
+    failed = len(items) - len(delivered)
+    total_bytes = sum(by_key[r.key].path.stat().st_size for r in delivered)
+    print(f"sent {len(delivered)}/{len(items)} instance(s) to {scu.peer} in {elapsed:.1f} s "
+          f"({total_bytes / max(elapsed, 1e-6) / 1e6:.1f} MB/s); failed {failed}; "
+          f"skipped {len(bad)}")
+    strategies = sorted({r.strategy_used or "" for r in delivered})
+    syntaxes = sorted({r.transfer_syntax or "" for r in delivered})
+    if delivered:
+        print(f"strategy_used: {', '.join(strategies)}; transfer_syntax: {', '.join(syntaxes)}; "
+              f"attempts_made: {max(r.attempts_made for r in delivered)}; "
+              f"transcoded: {sum(r.transcoded for r in delivered)}")
+    for r in results:
+        if r.outcome != DELIVERED:
+            print(f"FAILED {by_key[r.key].path}: {r.reason}", file=sys.stderr)
+    for msg in dict.fromkeys(failed_assoc):
+        print(f"FAILED association: {msg}", file=sys.stderr)
+    return 0 if failed == 0 and not bad else 1

@@ -1,0 +1,382 @@
+"""A revalidating in-memory cache for DICOMweb answers that can change.
+
+Metadata, QIDO-RS and rendered answers are small next to instance bodies but
+slow for Orthanc to produce (series metadata for 200 slices: ~3 s), and a study
+can grow while it is read.  :class:`AnswerCache` keeps them in memory (LRU,
+bounded in bytes) with a freshness lifetime per answer:
+
+* *fresh*: served without asking Orthanc;
+* *stale*: revalidated on the next request (one flight per key, however many
+  ask); a loader may confirm the old answer cheaply (same validator) instead of
+  downloading it again;
+* *stale and Orthanc unreachable*: served for up to ``stale_if_error`` seconds
+  after it went stale, and the route marks it with ``Warning: 110``.
+
+Links are the other concern.  Orthanc writes absolute ``BulkDataURI`` and
+``RetrieveURL`` (0008,1190) links from its ``DicomWeb.Host`` setting or the
+request's ``Host``/``Forwarded`` header.  :func:`normalise_json` rewrites every
+such link to a placeholder base once, when an answer is stored, and
+:func:`with_base` substitutes the base the viewer used per request: a plain
+byte replacement, cheap even for megabytes of series metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from dicomcache.errors import NotFoundUpstream, UpstreamError
+
+log = logging.getLogger(__name__)
+
+#: Stands for ``{scheme}://{host}/dicom-web`` in stored answers.  Not a valid URL
+#: prefix, so it cannot occur in real metadata by accident.
+PLACEHOLDER = "\u2063dicomcache-base\u2063"
+_PLACEHOLDER_JSON = json.dumps(PLACEHOLDER).strip('"').encode()  # its escaped form in JSON
+#: The attribute holding links in QIDO answers and metadata (Retrieve URL, UR).
+RETRIEVE_URL = "00081190"
+#: Bodies at least this long are gzipped for clients that accept it.
+GZIP_MIN = 1024
+
+
+def link_path(url: str) -> str | None:
+    """The DICOMweb resource path of an Orthanc link (from ``/studies/``), or ``None``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    idx = parts.path.find("/studies/")
+    if idx < 0:
+        return None
+    path = parts.path[idx:]
+    return f"{path}?{parts.query}" if parts.query else path
+
+
+def _rewrite(url: Any) -> Any:
+    if not isinstance(url, str):
+        return url
+    path = link_path(url)
+    return url if path is None else PLACEHOLDER + path
+
+
+def rewrite_links(doc: Any) -> int:
+    """Rewrite, in place, every link of a DICOM JSON document to the placeholder base.
+
+    Walks datasets (dicts of tag → attribute), sequences (``Value`` lists of
+    datasets) and top-level lists; returns how many links were rewritten.
+    """
+    count = 0
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for tag, attr in node.items():
+            if not isinstance(attr, dict):
+                continue
+            if "BulkDataURI" in attr:
+                new = _rewrite(attr["BulkDataURI"])
+                count += new is not attr["BulkDataURI"]
+                attr["BulkDataURI"] = new
+            value = attr.get("Value")
+            if not isinstance(value, list):
+                continue
+            if tag.upper() == RETRIEVE_URL:
+                for i, item in enumerate(value):
+                    new = _rewrite(item)
+                    count += new is not item
+                    value[i] = new
+            elif attr.get("vr") == "SQ":
+                stack.extend(value)
+    return count
+
+
+def normalise_json(body: bytes) -> bytes:
+    """Orthanc's DICOM JSON with links on the placeholder base (compact); ``ValueError`` if not JSON."""
+    doc = json.loads(body)
+    rewrite_links(doc)
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def with_base(body: bytes, base: str) -> bytes:
+    """A stored answer with its links on ``base`` (``http://host:port/dicom-web``)."""
+    if _PLACEHOLDER_JSON not in body and PLACEHOLDER.encode() not in body:
+        return body
+    b = base.encode()
+    return body.replace(PLACEHOLDER.encode(), b).replace(_PLACEHOLDER_JSON, b)
+
+
+@dataclass(slots=True)
+class Cached:
+    """One cached answer (or instance list, in ``value``)."""
+
+    body: bytes
+    content_type: str
+    #: ``time.monotonic()`` when Orthanc last confirmed it.
+    validated_at: float
+    #: Seconds it stays fresh after ``validated_at`` (``math.inf``: immutable).
+    fresh_for: float
+    #: What a loader compares to decide the answer is unchanged (e.g. instance IDs).
+    validator: Any = None
+    #: Loader-specific payload (instance lists).
+    value: Any = None
+    #: The body holds placeholder links and needs :func:`with_base`.
+    has_links: bool = False
+    digest: str = ""
+    _variants: OrderedDict[tuple[str, bool], bytes] = field(default_factory=OrderedDict)
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            self.digest = hashlib.md5(self.body, usedforsecurity=False).hexdigest()[:20]
+
+    @property
+    def size(self) -> int:
+        """Bytes charged to the cache: the body, and as much again for the per-host and
+        gzipped variants :meth:`render` memoises (they are made after it is stored)."""
+        return 2 * len(self.body) + 256
+
+    def fresh(self, now: float) -> bool:
+        return now - self.validated_at < self.fresh_for
+
+    def stale_for(self, now: float) -> float:
+        """Seconds since it went stale (0 while fresh)."""
+        return max(0.0, now - self.validated_at - self.fresh_for)
+
+    def revalidated(self, now: float, validator: Any = None, value: Any = None) -> Cached:
+        """The same answer, confirmed by Orthanc at ``now``."""
+        return replace(self, validated_at=now,
+                       validator=self.validator if validator is None else validator,
+                       value=self.value if value is None else value,
+                       _variants=self._variants)
+
+    def etag(self, base: str, gzipped: bool) -> str:
+        tag = hashlib.md5(f"{self.digest}|{base}".encode(), usedforsecurity=False).hexdigest()[:24]
+        return f'"{tag}{"-gz" if gzipped else ""}"'
+
+    async def render(self, base: str, gzipped: bool) -> bytes:
+        """The body as this viewer gets it (links on ``base``, maybe gzipped), memoised."""
+        key = (base if self.has_links else "", gzipped)
+        out = self._variants.get(key)
+        if out is not None:
+            self._variants.move_to_end(key)
+            return out
+        body = with_base(self.body, base) if self.has_links else self.body
+        if gzipped:
+            if len(body) > 1 << 16:
+                body = await asyncio.to_thread(gzip.compress, body, 5, mtime=0)
+            else:
+                body = gzip.compress(body, 5, mtime=0)
+        if self.has_links or gzipped:
+            self._variants[key] = body
+            while len(self._variants) > 4:  # a few host names / encodings at most
+                self._variants.popitem(last=False)
+        return body
+
+
+Loader = Callable[[Cached | None], Awaitable[Cached]]
+
+
+def plain(value: Any) -> Any:
+    """``value`` as it comes back from JSON (tuples become lists): validators compare
+    equal before and after a restart."""
+    return json.loads(json.dumps(value))
+
+
+class DiskCopies:
+    """Answers also kept on disk, so that after a restart with Orthanc unreachable the
+    viewer still gets (stale, marked) metadata for the studies it has cached.
+
+    One file per key: a JSON header line, then the body.  Written atomically
+    (temp file, rename; no fsync: a lost copy is fetched again).  Bounded to
+    ``max_bytes``, oldest files dropped first by :meth:`prune`.  Every method
+    does disk I/O: call them in a worker thread.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.saves = 0
+
+    def path(self, key: str) -> Path:
+        return self.directory / hashlib.sha256(key.encode()).hexdigest()[:40]
+
+    def save(self, key: str, entry: Cached, wall_now: float, mono_now: float) -> None:
+        header = {"key": key, "content_type": entry.content_type,
+                  "validated": wall_now - (mono_now - entry.validated_at),
+                  "fresh_for": None if entry.fresh_for == math.inf else entry.fresh_for,
+                  "validator": entry.validator, "value": entry.value,
+                  "has_links": entry.has_links}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.path(key)
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(header).encode() + b"\n")
+            f.write(entry.body)
+        os.replace(tmp, target)
+        self.saves += 1
+        if self.saves % 200 == 0:
+            self.prune()
+
+    def load(self, key: str, wall_now: float, mono_now: float) -> Cached | None:
+        try:
+            raw = self.path(key).read_bytes()
+            head, _, body = raw.partition(b"\n")
+            header = json.loads(head)
+            if not isinstance(header, dict) or header.get("key") != key:
+                return None
+            fresh = header["fresh_for"]
+            return Cached(body, str(header["content_type"]),
+                          mono_now - (wall_now - float(header["validated"])),
+                          math.inf if fresh is None else float(fresh),
+                          validator=header.get("validator"), value=header.get("value"),
+                          has_links=bool(header.get("has_links")))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable DICOMweb copy for %s: %s", key, exc)
+            return None
+
+    def prune(self) -> int:
+        """Drop the oldest copies beyond ``max_bytes`` (and temp leftovers); returns how many."""
+        try:
+            files = [(p.stat(), p) for p in self.directory.iterdir() if p.is_file()]
+        except FileNotFoundError:
+            return 0
+        files.sort(key=lambda sp: sp[0].st_mtime, reverse=True)
+        total = 0
+        removed = 0
+        for st, path in files:
+            total += st.st_size
+            if total > self.max_bytes or path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+class AnswerCache:
+    """LRU of :class:`Cached` answers bounded in bytes, with single-flight revalidation."""
+
+    def __init__(self, max_bytes: int, stale_if_error: float,
+                 clock: Callable[[], float] = time.monotonic,
+                 disk: DiskCopies | None = None,
+                 persist: Callable[[str], bool] = lambda key: True) -> None:
+        self.max_bytes = max_bytes
+        self.stale_if_error = stale_if_error
+        self.clock = clock
+        self.disk = disk
+        self.persist = persist
+        self._entries: OrderedDict[str, Cached] = OrderedDict()
+        self._bytes = 0
+        self._inflight: dict[str, asyncio.Future[Cached]] = {}
+        self.stale_served = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def peek(self, key: str) -> Cached | None:
+        return self._entries.get(key)
+
+    def put(self, key: str, entry: Cached) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= old.size
+        if entry.size > self.max_bytes // 4:
+            return  # too big to be worth keeping: served once, not cached
+        self._entries[key] = entry
+        self._bytes += entry.size
+        while self._bytes > self.max_bytes and self._entries:
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= dropped.size
+
+    def expire(self, predicate: Callable[[str], bool]) -> int:
+        """Make every revalidating answer whose key matches stale now (kept for
+        stale-if-error); immutable answers are left alone.  Returns how many."""
+        count = 0
+        for key, entry in self._entries.items():
+            if entry.fresh_for != math.inf and predicate(key):
+                entry.fresh_for = min(entry.fresh_for, 0.0)
+                count += 1
+        return count
+
+    def drop(self, key: str) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= old.size
+
+    async def get(self, key: str, load: Loader) -> tuple[Cached, bool]:
+        """The answer for ``key`` and whether it is a stale copy served because Orthanc failed.
+
+        ``load(old)`` fetches (or confirms) the answer; it raises
+        :class:`UpstreamError` when Orthanc is unreachable and
+        :class:`NotFoundUpstream` when the resource is gone (the copy is dropped).
+        """
+        entry = self._entries.get(key)
+        if entry is None and self.disk is not None and self.persist(key):
+            entry = await asyncio.to_thread(self.disk.load, key, time.time(), self.clock())
+            if entry is not None and key not in self._entries:
+                self.put(key, entry)
+        now = self.clock()
+        if entry is not None and entry.fresh(now):
+            self._entries.move_to_end(key)
+            return entry, False
+        try:
+            new = await self._single_flight(key, lambda: load(entry))
+        except NotFoundUpstream:
+            self.drop(key)
+            raise
+        except UpstreamError:
+            if (entry is not None and self.stale_if_error > 0
+                    and entry.stale_for(self.clock()) <= self.stale_if_error):
+                self.stale_served += 1
+                return entry, True
+            raise
+        return new, False
+
+    async def _single_flight(self, key: str, start: Callable[[], Awaitable[Cached]]) -> Cached:
+        task = self._inflight.get(key)
+        if task is None:
+            async def run() -> Cached:
+                old = self._entries.get(key)
+                new = await start()
+                self.put(key, new)
+                if (self.disk is not None and self.persist(key)
+                        and (old is None or old.digest != new.digest
+                             or old.validator != new.validator)):
+                    try:
+                        await asyncio.to_thread(self.disk.save, key, new, time.time(),
+                                                self.clock())
+                    except OSError as exc:
+                        log.warning("cannot keep a disk copy of %s: %s", key, exc)
+                return new
+            # Its own task: a viewer hanging up must not cancel what others wait for.
+            task = asyncio.ensure_future(run())
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._done(key, t))
+        return await asyncio.shield(task)
+
+    def _done(self, key: str, task: asyncio.Future[Cached]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter may have hung up
+
+
+IMMUTABLE_FRESH = math.inf

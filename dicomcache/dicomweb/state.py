@@ -1,0 +1,268 @@
+"""The DICOMweb side's state: answer caches, instance listings and what else it asks Orthanc.
+
+One :class:`DicomWeb` per app (``routes.common.DICOMWEB``).  It owns the
+:class:`~dicomcache.dicomweb.answers.AnswerCache` (metadata, QIDO, rendered answers and
+instance listings, with revalidation and stale copies), the series/study streams
+in progress (:class:`~dicomcache.dicomweb.series_stream.SeriesStream`) and their shared
+commit backlog, and the upstream calls the routes need besides instance
+downloads (lookups, listings, stored sizes, one instance transcoded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import mmap
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from aiohttp import hdrs
+
+from dicomcache.config import DicomwebSettings
+from dicomcache.errors import IntegrityError, NotFoundUpstream, UpstreamError
+from dicomcache.cache.fetch import Fetched, Fetcher
+from dicomcache.dicomweb.answers import AnswerCache, Cached, DiskCopies, normalise_json, plain
+from dicomcache.dicomweb.series_stream import COMMIT_BACKLOG, Budget, SeriesStream
+from dicomcache.cache.store import AsyncStore, Entry
+from dicomcache.upstream.client import OrthancClient
+from dicomcache.dicom.verify import PixelInfo, parse_dicom
+
+log = logging.getLogger(__name__)
+
+DICOM_JSON = "application/dicom+json"
+
+
+class DicomWeb:
+    """The DICOMweb caches and the upstream calls they need (one per app)."""
+
+    def __init__(self, settings: DicomwebSettings, client: OrthancClient, store: AsyncStore,
+                 fetcher: Fetcher, directory: Path | None = None) -> None:
+        self.settings = settings
+        self.client = client
+        self.store = store
+        self.fetcher = fetcher
+        # Metadata, searches and instance lists also go to disk (not rendered images), so
+        # a restart while Orthanc is unreachable still has them to stand in.
+        self.disk = DiskCopies(directory, settings.memory_size) if directory else None
+        self.cache = AnswerCache(settings.memory_size, settings.stale_if_error, disk=self.disk,
+                                 persist=lambda key: not key.startswith("raw:"))
+        self._pixels: collections.OrderedDict[str, PixelInfo | None] = collections.OrderedDict()
+        #: Upstream series/study streams in progress (cancelled at shutdown).
+        self.streams: set[asyncio.Future[None]] = set()
+        #: Verified stream parts not yet durable, all streams together.
+        self.commit_backlog = Budget(COMMIT_BACKLOG)
+
+    def series_stream(self, study: str, series: str | None, oids: list[str]) -> SeriesStream:
+        """One upstream retrieve of the series/study feeding the missing instances ``oids``."""
+        path = f"/dicom-web/studies/{study}" + (f"/series/{series}" if series else "")
+        stream = SeriesStream(self.fetcher, path, oids, self.commit_backlog)
+        self.streams.add(stream.task)
+        stream.task.add_done_callback(self.streams.discard)
+        return stream
+
+    async def file_sizes(self, oid: str, level: str) -> dict[str, int] | None:
+        """Orthanc's size of each stored instance of a series or study (``None``: unknown).
+
+        Lets a cold retrieve of instances as stored announce its Content-Length:
+        a client reads a body of known length faster than a chunked one (the
+        Python ``http.client`` of the benchmark spends half the CPU) and can show
+        progress.  One attempt, no retries: without it the answer is chunked.
+        """
+        path = f"/{'series' if level == 'Series' else 'studies'}/{oid}/instances"
+        try:
+            _, data = await self.client.get(path, kind="listing")
+            return {str(i["ID"]): int(i["FileSize"]) for i in json.loads(data)}
+        except (UpstreamError, NotFoundUpstream, ValueError, KeyError, TypeError) as exc:
+            log.info("no instance sizes for %s (%s): the retrieve is sent chunked", oid, exc)
+            return None
+
+    # upstream calls: retried when no copy exists; one attempt when a stale copy can stand in
+    async def _ask(self, op: Callable[[int], Awaitable[Any]], *, what: str, retry: bool) -> Any:
+        if retry:
+            return await self.client.retrying(op, what=what)
+        return await op(1)
+
+    async def _lookup(self, uid: str, level: str) -> str:
+        _, data = await self.client.get("/tools/lookup", kind="lookup", method="POST",
+                                        body=uid.encode())
+        for item in json.loads(data):
+            if item.get("Type") == level:
+                return str(item["ID"])
+        raise NotFoundUpstream(404, f"Orthanc has no {level.lower()} with UID {uid}")
+
+    async def listing(self, study: str, series: str | None) -> tuple[Cached, bool]:
+        """Orthanc IDs of the instances of a series or study, in Orthanc's order.
+
+        ``value`` is ``(orthanc id of the series/study, (instance ids…))``; the
+        validator changes whenever an instance is added or the resource updated.
+        """
+        key = f"list:{study}/{series or ''}"
+        return await self.cache.get(key, lambda old: self._load_listing(study, series, old))
+
+    async def _load_listing(self, study: str, series: str | None, old: Cached | None) -> Cached:
+        async def once(_attempt: int) -> Cached:
+            if series is not None:
+                oid = old.value[0] if old is not None else await self._lookup(series, "Series")
+                _, data = await self.client.get(f"/series/{oid}", kind="listing")
+                info = json.loads(data)
+                if old is None and info.get("ParentStudy") != await self._lookup(study, "Study"):
+                    raise NotFoundUpstream(404, f"series {series} is not in study {study}")
+                ids = [str(i) for i in info.get("Instances", ())]
+                validator: Any = [ids, info.get("LastUpdate")]
+            else:
+                oid = old.value[0] if old is not None else await self._lookup(study, "Study")
+                _, data = await self.client.get(f"/studies/{oid}/series", kind="listing")
+                items = json.loads(data)
+                ids = [str(i) for s in items for i in s.get("Instances", ())]
+                validator = plain([(s.get("ID"), s.get("LastUpdate"), len(s.get("Instances", ())))
+                                   for s in items])
+            if old is not None and old.validator == validator:
+                return old.revalidated(time.monotonic())
+            return Cached(b"", "", time.monotonic(), self.settings.metadata_fresh,
+                          validator=validator, value=[oid, ids])
+
+        try:
+            result: Cached = await self._ask(once, what=f"instances of {series or study}",
+                                             retry=old is None)
+        except NotFoundUpstream:
+            if old is None:
+                raise
+            # The cached Orthanc ID is gone (resource deleted, re-created): look up afresh.
+            result = await self._load_listing(study, series, None)
+        return result
+
+    async def json_answer(self, key: str, path: str, fresh_for: float,
+                          listing: tuple[str, str | None] | None = None) -> tuple[Cached, bool]:
+        """A DICOM JSON answer (metadata or QIDO) from the cache, links normalised.
+
+        With ``listing`` (study, series) a stale copy is confirmed against the
+        instance list before it is downloaded again.
+        """
+        async def load(old: Cached | None) -> Cached:
+            validator = None
+            if listing is not None:
+                found, stale = await self.listing(*listing)
+                if stale:
+                    raise UpstreamError("stale", "the instance list could not be revalidated")
+                validator = found.validator
+                if old is not None and old.validator == validator:
+                    return old.revalidated(time.monotonic())
+
+            async def once(_attempt: int) -> Cached:
+                headers, data = await self.client.get(path, kind="metadata",
+                                                      headers={"Accept": DICOM_JSON})
+                try:
+                    body = await asyncio.to_thread(normalise_json, data) if len(data) > 1 << 16 \
+                        else normalise_json(data)
+                except ValueError as exc:
+                    raise UpstreamError("bad_json", f"{path}: Orthanc sent invalid JSON "
+                                        f"({exc})") from exc
+                return Cached(body, headers.get(hdrs.CONTENT_TYPE, DICOM_JSON),
+                              time.monotonic(), fresh_for, validator=validator, has_links=True)
+
+            result: Cached = await self._ask(once, what=f"GET {path}", retry=old is None)
+            return result
+
+        return await self.cache.get(key, load)
+
+    async def raw_answer(self, key: str, path: str, accept: str | None,
+                         fresh_for: float) -> tuple[Cached, bool]:
+        """Any other small answer (rendered, thumbnail), cached as Orthanc sent it."""
+        async def load(old: Cached | None) -> Cached:
+            async def once(_attempt: int) -> Cached:
+                headers, data = await self.client.get(
+                    path, kind="rendered", headers={"Accept": accept} if accept else None)
+                return Cached(data, headers.get(hdrs.CONTENT_TYPE, "application/octet-stream"),
+                              time.monotonic(), fresh_for)
+            result: Cached = await self._ask(once, what=f"GET {path}", retry=old is None)
+            return result
+
+        return await self.cache.get(key, load)
+
+    async def study_changed(self, study_uid: str) -> None:
+        """A change hook: the study's lists, metadata, QIDO and rendered answers go stale now.
+
+        They are revalidated on the next request (and still stand in while Orthanc
+        is unreachable); searches are short-lived anyway and all expire.
+        """
+        marker = f"/studies/{study_uid}/"
+        self.cache.expire(lambda key: key.startswith(f"list:{study_uid}/") or marker in key
+                          or key.startswith("qido:"))
+
+    async def pixel_info(self, found: Entry | Fetched) -> PixelInfo | None:
+        """Where the pixel data of a verified instance lives (parsed once per content)."""
+        if found.md5 in self._pixels:
+            self._pixels.move_to_end(found.md5)
+            return self._pixels[found.md5]
+        if isinstance(found, Entry):
+            pixel = await asyncio.to_thread(_pixel_of_file, str(found.path))
+        else:
+            data = found.data
+            pixel = await asyncio.to_thread(lambda: parse_dicom(data).pixel)
+        self._pixels[found.md5] = pixel
+        while len(self._pixels) > 4096:
+            self._pixels.popitem(last=False)
+        return pixel
+
+    async def transcoded(self, found: Entry | Fetched, accept: str) -> bytes:
+        """One instance as Orthanc transcodes it for ``accept``, bounds-checked before use."""
+        path = (f"/dicom-web/studies/{found.study_uid}/series/{found.series_uid}"
+                f"/instances/{found.sop_uid}")
+
+        async def once(_attempt: int) -> bytes:
+            headers, data = await self.client.get(path, kind="transcode",
+                                                  headers={"Accept": accept})
+            part = single_part(data, headers.get(hdrs.CONTENT_TYPE, ""))
+
+            def check() -> None:
+                summary = parse_dicom(part)
+                if summary.sop_instance_uid != found.sop_uid:
+                    raise IntegrityError("parse_failure", f"{path}: Orthanc sent instance "
+                                         f"{summary.sop_instance_uid}")
+            await asyncio.to_thread(check)
+            return part
+
+        result: bytes = await self.client.retrying(once, what=f"transcode {found.sop_uid}")
+        return result
+
+
+def _pixel_of_file(path: str) -> PixelInfo | None:
+    """Parse a stored file through a memory map (a big multi-frame file is not read whole)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return parse_dicom(b"").pixel
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            return parse_dicom(m).pixel
+        finally:
+            with suppress(BufferError):  # a view still alive: the map goes with it
+                m.close()
+
+
+def single_part(body: bytes, content_type: str) -> bytes:
+    """The body of a one-part multipart answer; :class:`IntegrityError` if it is not whole."""
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not m:
+        raise IntegrityError("parse_failure", f"not a multipart answer: {content_type[:80]!r}")
+    b = m.group(1).encode()
+    if not body.startswith(b"--" + b + b"\r\n"):
+        raise IntegrityError("parse_failure", "multipart answer does not start with its boundary")
+    tail = b"\r\n--" + b + b"--\r\n"
+    if not body.endswith(tail):
+        raise IntegrityError("short_body", "multipart answer has no closing boundary")
+    head, sep, rest = body.partition(b"\r\n\r\n")
+    if not sep:
+        raise IntegrityError("parse_failure", "multipart part has no header end")
+    part = rest[: -len(tail)]
+    declared = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+    if declared and int(declared.group(1)) != len(part):
+        raise IntegrityError("length_mismatch", f"part is {len(part)} bytes, its "
+                             f"Content-Length says {int(declared.group(1))}")
+    return part

@@ -1,0 +1,189 @@
+"""``make_app(settings)``: wires the components and maps errors to HTTP answers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from dicomcache.http import cors
+from dicomcache.http import status
+from dicomcache.config import Settings
+from dicomcache.errors import IntegrityError, NotFoundUpstream, UpstreamError, UpstreamUnavailable
+from dicomcache.cache.fetch import Fetcher
+from dicomcache.metrics import Metrics
+from dicomcache.upstream.changes import CHANGES, STUDY_CHANGED, ChangeWatcher
+from dicomcache.prefetch.scheduler import PREFETCHER, Prefetcher, touch_of
+from dicomcache.http import dicomweb
+from dicomcache.http import orthanc_rest as orthanc
+from dicomcache.http import passthrough
+from dicomcache.http import wado_uri
+from dicomcache.http.common import (CLIENT, FAMILY, FETCHER, METRICS, OUTCOME, SETTINGS, STORE,
+                            json_error)
+from dicomcache.relay.service import Relay  # app.py wires both sides; routes never import the relay
+from dicomcache.http.respond import OPEN_FILES, OpenFiles
+from dicomcache.cache.store import AsyncStore, Store
+from dicomcache.upstream.client import OrthancClient
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One place mapping errors to statuses, and timing every request."""
+    started = time.monotonic()
+    try:
+        response = await handler(request)
+    except UpstreamUnavailable as exc:  # circuit open: fail fast, say when to come back
+        request[OUTCOME] = "unavailable"
+        retry_after = int(getattr(exc, "retry_after", 5))
+        response = json_error(503, "upstream unavailable", exc.reason,
+                              retry_after=retry_after, cached_only=True)
+        response.headers["Retry-After"] = str(retry_after)
+    except UpstreamError as exc:
+        request[OUTCOME] = "error"
+        status = 504 if exc.cause == "timeout" else 502
+        if exc.cause in ("short_body", "length_mismatch", "md5_mismatch", "parse_failure"):
+            error = "upstream sent a corrupt or incomplete instance"
+        else:
+            error = "upstream unavailable"
+        response = json_error(status, error, exc.reason, attempts=exc.attempts)
+    except IntegrityError as exc:  # only reachable outside the retry loop
+        request[OUTCOME] = "error"
+        response = json_error(502, "upstream sent a corrupt or incomplete instance",
+                              exc.reason, attempts=1)
+    except NotFoundUpstream as exc:
+        request[OUTCOME] = "error"
+        response = json_error(exc.status if 400 <= exc.status < 500 else 404,
+                              "not found", exc.reason)
+    except web.HTTPException as exc:
+        request.setdefault(OUTCOME, "error")
+        raise exc
+    finally:
+        metrics = request.app[METRICS]
+        family = request.get(FAMILY)
+        if family is not None:
+            metrics.request_seconds.labels(family, request.get(OUTCOME, "error")).observe(
+                time.monotonic() - started)
+            if request.get(OUTCOME) == "hit":
+                metrics.cache_hits.labels(family).inc()
+            elif request.get(OUTCOME) == "miss":
+                metrics.cache_misses.labels(family).inc()
+    return response
+
+
+def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
+    """The HTTP application; long-lived resources start and stop in ``cleanup_ctx``."""
+    app = web.Application(middlewares=[errors_and_metrics], client_max_size=64 << 20)
+    app.on_response_prepare.append(prefetch_touch)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics or Metrics()
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_prefetch_ctx)
+    app[STUDY_CHANGED] = []  # metadata caches subscribe here (see changes.py)
+    if settings.changes.enabled:
+        app.cleanup_ctx.append(_changes_ctx)
+    if settings.relay.enabled:
+        app.cleanup_ctx.append(_relay_ctx)
+    status.setup(app)  # /, /healthz, /readyz, /metrics (or its own port); after upstream
+    orthanc.add_routes(app)
+    wado_uri.add_routes(app)
+    dicomweb.add_routes(app)  # also its cache context (after store and upstream)
+    cors.setup(app, settings.cors)  # preflights answered locally; none allowed by default
+    passthrough.add_routes(app)  # last: the catch-all
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    cache = app[SETTINGS].cache
+    store = await asyncio.to_thread(Store, cache.directory, cache.max_size)
+    app[STORE] = AsyncStore(store)
+    app[OPEN_FILES] = OpenFiles()
+    metrics = app[METRICS]
+    metrics.cache_max.set(cache.max_size)
+    sweep = asyncio.create_task(asyncio.to_thread(store.sweep), name="store sweep")
+    gauges = asyncio.create_task(_store_gauges(app[STORE], metrics), name="store gauges")
+    yield
+    gauges.cancel()
+    await asyncio.gather(sweep, gauges, return_exceptions=True)
+    # Verified bodies queued by cold streams are made durable before the index closes.
+    await app[STORE].drain()
+    await app[STORE].flush_touches()
+    app[OPEN_FILES].close()
+    await asyncio.to_thread(store.close)
+
+
+async def _store_gauges(store: AsyncStore, metrics: Metrics) -> None:
+    """Every second: write hits' recency to the index; refresh gauges and evictions."""
+    seen = 0
+    while True:
+        await store.flush_touches()
+        stats = await store.stats()
+        metrics.cache_entries.set(stats["entries"])
+        metrics.cache_size.set(stats["size_bytes"])
+        if stats["evictions"] > seen:
+            metrics.evictions.inc(stats["evictions"] - seen)
+            log.info("evicted %d instance(s) to stay under cache.max_size",
+                     stats["evictions"] - seen)
+            seen = stats["evictions"]
+        await asyncio.sleep(1)
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    client = OrthancClient(settings.upstream, app[METRICS])
+    app[CLIENT] = client
+    app[FETCHER] = Fetcher(client, app[STORE], app[METRICS])
+    yield
+    await client.close()
+
+
+@web.middleware
+async def prefetch_touch(request: web.Request, response: web.StreamResponse) -> None:
+    """A successful viewer GET naming a study tells the prefetcher (it decides).
+
+    An ``on_response_prepare`` hook, not a middleware: a streamed answer (a WADO-RS
+    retrieve) is sent inside its handler, so a middleware told the prefetcher only
+    after the viewer had the whole answer; this runs as its headers go out.
+    """
+    prefetcher = request.app.get(PREFETCHER)
+    if prefetcher is not None and request.method == "GET" and response.status < 400:
+        store = request.app[STORE].sync
+        touched = touch_of(request.path, request.query, store.peek_orthanc_id, store.peek)
+        if touched is not None:
+            prefetcher.touch(*touched)
+
+
+async def _prefetch_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    prefetcher = Prefetcher(settings.prefetch, app[FETCHER], app[STORE], app[METRICS],
+                            settings.cache.max_size)
+    app[PREFETCHER] = prefetcher
+    prefetcher.start()
+    yield
+    await prefetcher.stop()
+
+
+async def _changes_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    cursor = settings.changes.cursor_file or settings.cache.directory / "changes-cursor.json"
+    watcher = ChangeWatcher(settings.changes, app[CLIENT], app[PREFETCHER], app[METRICS],
+                            cursor, app[STUDY_CHANGED])
+    app[CHANGES] = watcher
+    await watcher.start()
+    yield
+    await watcher.stop()
+
+
+async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    relay = Relay(settings.relay, app[METRICS])
+    await relay.start()
+    app[status.RELAY] = relay
+    yield
+    await relay.stop(settings.server.shutdown_timeout)

@@ -1,0 +1,495 @@
+"""Health, readiness, the status page and the separate metrics port.
+
+* ``GET /healthz``: the process answers (JSON, always 200).
+* ``GET /readyz``: the store takes a synced write and Orthanc is reachable
+  (JSON; 503 with the reason when not).  Orthanc's state comes from real
+  traffic (:meth:`Metrics.note_upstream`); when that is older than
+  ``PROBE_EVERY`` seconds, or down, a cheap ``GET /system`` decides.
+* ``GET /``: one plain HTML page for people without Grafana (no script, no
+  external assets, refreshes itself); ``GET /status.json`` is the same data.
+* ``/metrics`` on the main port, or, when ``server.metrics_port`` is set, on
+  a site of its own (with ``/healthz`` and ``/readyz``) so viewers never see it.
+
+The relay, when it runs, is seen only through ``RELAY`` (anything with a
+``status() -> dict`` method): the HTTP side never imports the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from aiohttp import web
+from prometheus_client import Counter, Gauge
+
+from dicomcache import __version__
+from dicomcache.errors import NotFoundUpstream, UpstreamError
+from dicomcache.metrics import INSTANCE_FAMILIES, Metrics
+from dicomcache.http.common import CLIENT, METRICS, SETTINGS, STORE, json_error
+from dicomcache.upstream.client import OrthancClient
+
+log = logging.getLogger(__name__)
+
+#: Seconds after which Orthanc's state, if no request confirmed it, is probed again.
+PROBE_EVERY = 15.0
+#: A probe gets this long before Orthanc counts as down.
+PROBE_TIMEOUT = 5.0
+#: While Orthanc is down, probes (from readiness checks) are at least this far apart.
+DOWN_RETRY = 1.0
+#: The status page reloads itself this often (seconds).
+REFRESH = 10
+
+
+class RelayStatusSource(Protocol):
+    """What the status page needs of the relay (``dicomcache.relay.service.Relay``)."""
+
+    def status(self) -> dict[str, Any]: ...
+
+
+RELAY: web.AppKey[RelayStatusSource] = web.AppKey("relay")
+
+
+class UpstreamProbe:
+    """A cheap ``GET /system``: one at a time, its answer reused while fresh."""
+
+    def __init__(self, client: OrthancClient, metrics: Metrics) -> None:
+        self.client = client
+        self.metrics = metrics
+        self._lock = asyncio.Lock()
+
+    def fresh(self, max_age: float) -> bool:
+        """Whether the known state is recent enough to answer without a probe."""
+        m = self.metrics
+        if m.upstream_state is None or m.upstream_checked is None:
+            return False
+        age = time.time() - m.upstream_checked
+        return age < (max_age if m.upstream_state else min(max_age, DOWN_RETRY))
+
+    async def check(self, max_age: float = PROBE_EVERY) -> bool:
+        """Orthanc's state, probing first unless it is fresh; True when up."""
+        breaker = getattr(self.client, "breaker", None)
+        if breaker is not None and breaker.is_open:
+            return False  # the circuit breaker probes by itself and records the outcome
+        if not self.fresh(max_age):
+            async with self._lock:
+                if not self.fresh(max_age):  # another caller may have just probed
+                    await self.probe()
+        return self.metrics.upstream_state is True
+
+    async def probe(self) -> None:
+        where = self.client.base
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                await self.client.get("/system", kind="probe")
+        except NotFoundUpstream:  # it answered: reachable, whatever it thinks of /system
+            self.metrics.note_upstream(True, where)
+        except UpstreamError as exc:
+            self.metrics.note_upstream(False, where, f"probe GET /system: {exc}")
+        except TimeoutError:
+            self.metrics.note_upstream(
+                False, where, f"probe GET /system: no answer in {PROBE_TIMEOUT:g} s")
+        else:
+            self.metrics.note_upstream(True, where)
+
+
+PROBE = web.AppKey("upstream_probe", UpstreamProbe)
+STARTED = web.AppKey("status_started", float)
+
+
+def setup(app: web.Application) -> None:
+    """Register health, readiness, status and metrics; call after the upstream context."""
+    app[STARTED] = time.time()
+    app.cleanup_ctx.append(_health_ctx)
+    settings = app[SETTINGS].server
+    if settings.metrics_port is None:
+        app.router.add_get("/metrics", app[METRICS].handler())
+    else:
+        app.cleanup_ctx.append(_metrics_site_ctx)
+        app.router.add_get("/metrics", _metrics_elsewhere)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", _bound(app, readiness))
+    app.router.add_get("/status.json", status_json)
+    app.router.add_get("/", status_page)
+
+
+def _bound(app: web.Application, handler: Callable[[web.Application], Awaitable[web.Response]]
+           ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A handler reading the main app's state, whichever site received the request."""
+    async def handle(_request: web.Request) -> web.Response:
+        return await handler(app)
+    return handle
+
+
+# --- background: keep Orthanc's state known even without traffic ----------------------
+async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
+    probe = app[PROBE] = UpstreamProbe(app[CLIENT], app[METRICS])
+    task = asyncio.create_task(_health_loop(probe), name="upstream health")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def _health_loop(probe: UpstreamProbe) -> None:
+    """Probe at once (so ``dicomcache_upstream_up`` is right from the start), then when stale."""
+    while True:
+        try:
+            await probe.check(PROBE_EVERY)
+        except Exception:  # noqa: BLE001 - a failing probe must not end the loop
+            log.exception("upstream health probe failed")
+        await asyncio.sleep(PROBE_EVERY / 3)
+
+
+async def _metrics_site_ctx(app: web.Application) -> AsyncIterator[None]:
+    server = app[SETTINGS].server
+    assert server.metrics_port is not None
+    site_app = web.Application()
+    site_app.router.add_get("/metrics", app[METRICS].handler())
+    site_app.router.add_get("/healthz", healthz)
+    site_app.router.add_get("/readyz", _bound(app, readiness))
+    runner = web.AppRunner(site_app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, server.host, server.metrics_port)
+    await site.start()
+    log.info("metrics on http://%s:%d/metrics", server.host, server.metrics_port)
+    yield
+    await runner.cleanup()
+
+
+async def _metrics_elsewhere(request: web.Request) -> web.Response:
+    # Not read through to Orthanc: the catch-all would otherwise forward it.
+    return json_error(404, "not found", "metrics are served on the metrics port only")
+
+
+# --- health and readiness ----------------------------------------------------------------
+async def healthz(request: web.Request) -> web.Response:
+    """200 ``{"status": "ok"}`` while the process can answer at all."""
+    return web.json_response({"status": "ok"})
+
+
+async def readiness(app: web.Application) -> web.Response:
+    """200 when the store is usable and Orthanc reachable, else 503; JSON says which."""
+    store: dict[str, Any]
+    try:
+        info = await asyncio.wait_for(app[STORE].check(), PROBE_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable"; say which
+        store = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    else:
+        store = {"ok": True, **info}
+    upstream_ok = await app[PROBE].check(PROBE_EVERY)
+    upstream = _upstream_view(app[METRICS], app[CLIENT])
+    circuit_open = upstream.get("circuit", {}).get("state") == "open"
+    ready = bool(store["ok"]) and upstream_ok and not circuit_open
+    body = {"ready": ready, "store": store, "upstream": upstream}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+def _upstream_view(m: Metrics, client: OrthancClient) -> dict[str, Any]:
+    state = {None: "unknown", True: "up", False: "down"}[m.upstream_state]
+    view = {"url": client.base, "state": state, "since": m.upstream_since,
+            "checked": m.upstream_checked,
+            "detail": m.upstream_detail if m.upstream_state is False else ""}
+    # The circuit breaker (when the client has one): open means misses fail fast.
+    breaker = getattr(client, "breaker", None)
+    if breaker is not None:
+        view["circuit"] = breaker.status()
+    return view
+
+
+# --- the status data ---------------------------------------------------------------------
+def _total(metric: Counter | Gauge, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include ``labels`` (``_created`` left out)."""
+    total = 0.0
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            if all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def _by_label(metric: Counter | Gauge, label: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for family in metric.collect():
+        for sample in family.samples:
+            if not sample.name.endswith("_created") and label in sample.labels:
+                key = sample.labels[label]
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+async def snapshot(app: web.Application) -> dict[str, Any]:
+    """Everything the status page shows, JSON-able."""
+    m = app[METRICS]
+    try:
+        stats: dict[str, Any] = dict(await app[STORE].stats())
+        stats["pinned_studies"] = len(await app[STORE].pinned())
+    except Exception as exc:  # noqa: BLE001 - the page must render even then
+        stats = {"error": f"{type(exc).__name__}: {exc}"}
+    hits = {f: int(_total(m.cache_hits, family=f)) for f in INSTANCE_FAMILIES}
+    misses = {f: int(_total(m.cache_misses, family=f)) for f in INSTANCE_FAMILIES}
+    nhits, nmisses = sum(hits.values()), sum(misses.values())
+    integrity = {k: int(v) for k, v in _by_label(m.integrity_failures, "cause").items()}
+    failures = {k: int(v) for k, v in _by_label(m.upstream_failures, "cause").items() if v}
+    return {
+        "version": __version__,
+        "time": time.time(),
+        "started": app[STARTED],
+        "upstream": {**_upstream_view(m, app[CLIENT]), "failures": failures,
+                     "retries": int(_total(m.upstream_retries)),
+                     "fetched_bytes": int(_total(m.fetched_bytes))},
+        "cache": {**stats,
+                  "hits": nhits, "misses": nmisses,
+                  "hit_ratio": nhits / (nhits + nmisses) if nhits + nmisses else None,
+                  "by_family": {f: {"hits": hits[f], "misses": misses[f]}
+                                for f in INSTANCE_FAMILIES},
+                  "served_bytes": int(_total(m.served_bytes)),
+                  "write_failures": int(_total(m.uncached)),
+                  "last_write_failure": None if m.last_uncached is None else {
+                      "time": m.last_uncached[0], "instance": m.last_uncached[1],
+                      "reason": m.last_uncached[2]},
+                  "coalesced": int(_total(m.coalesced)),
+                  "prefetch_queue": int(_total(m.prefetch_queue))},
+        "integrity": {
+            "total": integrity,
+            "recent": [{"time": e.time, "cause": e.cause, "instance": e.instance,
+                        "reason": e.reason} for e in reversed(m.recent_integrity)],
+        },
+        "relay": _relay_status(app),
+    }
+
+
+def _relay_status(app: web.Application) -> dict[str, Any]:
+    relay = app.get(RELAY)
+    if relay is None:
+        return {"enabled": False}
+    try:
+        return {"enabled": True, **relay.status()}
+    except Exception as exc:  # noqa: BLE001 - show the problem instead of failing the page
+        return {"enabled": True, "error": f"{type(exc).__name__}: {exc}"}
+
+
+async def status_json(request: web.Request) -> web.Response:
+    """The status page's data as JSON."""
+    return web.json_response(await snapshot(request.app))
+
+
+async def status_page(request: web.Request) -> web.Response:
+    """The status page: plain HTML rendered here, no script, no external assets."""
+    return web.Response(text=render(await snapshot(request.app)), content_type="text/html",
+                        headers={"Cache-Control": "no-store"})
+
+
+# --- rendering ---------------------------------------------------------------------------
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _when(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "-"
+    stamp = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f'<span title="{stamp}">{_e(_ago(ts, now))}</span>'
+
+
+def _ago(ts: float, now: float) -> str:
+    secs = max(0.0, now - ts)
+    if secs < 90:
+        return f"{secs:.0f} s ago"
+    if secs < 5400:
+        return f"{secs / 60:.0f} min ago"
+    if secs < 172800:
+        return f"{secs / 3600:.1f} h ago"
+    return f"{secs / 86400:.1f} days ago"
+
+
+def _syntax_name(uid: str | None) -> str:
+    if not uid:
+        return "-"
+    try:
+        from pydicom.uid import UID
+        name = UID(uid).name
+    except Exception:  # noqa: BLE001 - an odd UID is still shown as itself
+        return uid
+    return name if name and name != uid else uid
+
+
+def _table(head: Iterable[str], rows: Iterable[Iterable[str]], empty: str) -> str:
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    if not body:
+        return f'<p class="muted">{_e(empty)}</p>'
+    cols = "".join(f"<th>{_e(h)}</th>" for h in head)
+    return f"<table><thead><tr>{cols}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = """
+body{font:15px/1.4 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
+header{background:#1d2330;color:#fff;padding:12px 24px;display:flex;gap:24px;align-items:baseline}
+header h1{font-size:20px;margin:0}header span{color:#b8c0cc}
+main{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:16px;padding:16px}
+section{background:#fff;border-radius:8px;padding:12px 18px;box-shadow:0 1px 2px #0002;
+overflow-x:auto}#integrity,#relay{grid-column:1/-1}td code,td:first-child{white-space:nowrap}
+h2{font-size:17px;margin:4px 0 10px}dl{display:grid;grid-template-columns:max-content 1fr;
+gap:4px 16px;margin:0}dt{color:#5b6475}dd{margin:0}
+table{border-collapse:collapse;width:100%;font-size:13px}th,td{text-align:left;padding:3px 6px;
+border-bottom:1px solid #e3e6ea;vertical-align:top}th{color:#5b6475;font-weight:600}
+.badge{display:inline-block;padding:1px 10px;border-radius:10px;font-weight:700;color:#fff}
+.up{background:#1f8a4c}.down{background:#c0392b}.unknown,.disabled{background:#7f8896}
+.bar{background:#e3e6ea;border-radius:4px;height:12px;width:100%;overflow:hidden}
+.bar div{height:100%;background:#2f6fd6}.bar .warn{background:#d68a2f}.bar .crit{background:#c0392b}
+.muted{color:#7f8896}.bad{color:#c0392b;font-weight:600}code{font-size:12px}
+"""
+
+
+def render(s: dict[str, Any]) -> str:
+    """The status page for a :func:`snapshot`."""
+    now = s["time"]
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f'<meta http-equiv="refresh" content="{REFRESH}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>dicomcache status</title><style>{_CSS}</style></head><body>"
+        f"<header><h1>dicomcache</h1><span>version {_e(s['version'])}</span>"
+        f"<span>up since {_when(s['started'], now)}</span>"
+        f"<span>page refreshes every {REFRESH} s</span></header><main>"
+        + _render_upstream(s["upstream"], now)
+        + _render_cache(s["cache"])
+        + _render_integrity(s["integrity"], now)
+        + _render_relay(s["relay"], now)
+        + "</main></body></html>\n")
+
+
+def _render_upstream(u: dict[str, Any], now: float) -> str:
+    state = u.get("state", "unknown")
+    failures = ", ".join(f"{_e(k)} {v}" for k, v in sorted(u["failures"].items())) or "none"
+    detail = (f'<dt>last error</dt><dd class="bad">{_e(u["detail"])}</dd>'
+              if u.get("detail") else "")
+    circuit = u.get("circuit")
+    if circuit is not None:
+        if circuit.get("state") == "open":
+            detail += ('<dt>circuit</dt><dd><span id="circuit-state" class="badge down">OPEN'
+                       "</span> misses fail fast; next probe in "
+                       f"{_e(circuit.get('retry_after'))} s</dd>")
+        else:
+            detail += ('<dt>circuit</dt><dd><span id="circuit-state">closed</span> '
+                       f"({_e(circuit.get('consecutive_failures', 0))} of "
+                       f"{_e(circuit.get('threshold', '-'))} failures to open)</dd>")
+    return (
+        '<section id="upstream"><h2>Upstream Orthanc</h2><dl>'
+        f'<dt>state</dt><dd><span id="upstream-state" class="badge {_e(state)}">'
+        f"{_e(state.upper())}</span> since {_when(u.get('since'), now)}</dd>"
+        f"<dt>address</dt><dd><code>{_e(u.get('url', '-'))}</code></dd>{detail}"
+        f"<dt>last confirmed</dt><dd>{_when(u.get('checked'), now)}</dd>"
+        f"<dt>failed attempts</dt><dd>{failures}</dd>"
+        f"<dt>retries</dt><dd>{u['retries']}</dd>"
+        f"<dt>downloaded</dt><dd>{_bytes(u['fetched_bytes'])} verified</dd>"
+        "</dl></section>")
+
+
+def _render_cache(c: dict[str, Any]) -> str:
+    if "error" in c:
+        use = f'<dt>store</dt><dd class="bad">{_e(c["error"])}</dd>'
+    else:
+        frac = c["size_bytes"] / c["max_bytes"] if c["max_bytes"] else 0.0
+        level = "crit" if frac >= 0.95 else "warn" if frac >= 0.85 else ""
+        use = (f"<dt>use</dt><dd><span id=\"cache-use\">{_bytes(c['size_bytes'])} of "
+               f"{_bytes(c['max_bytes'])} ({frac:.0%})</span>"
+               f'<div class="bar"><div class="{level}" style="width:{min(frac, 1):.1%}">'
+               "</div></div></dd>"
+               f"<dt>instances</dt><dd>{c['entries']}</dd>"
+               f"<dt>pinned studies</dt><dd>{c['pinned_studies']}</dd>"
+               f"<dt>evictions</dt><dd>{c['evictions']} since start</dd>")
+    ratio = "-" if c["hit_ratio"] is None else f"{c['hit_ratio']:.1%}"
+    fams = ", ".join(f"{_e(f)} {v['hits']}/{v['hits'] + v['misses']}"
+                     for f, v in c["by_family"].items() if v["hits"] + v["misses"])
+    return (
+        '<section id="cache"><h2>Cache</h2><dl>' + use
+        + f'<dt>hit ratio</dt><dd><span id="hit-ratio">{ratio}</span> '
+        f"({c['hits']} hits, {c['misses']} misses{'; ' + fams if fams else ''})</dd>"
+        f"<dt>served</dt><dd>{_bytes(c['served_bytes'])}</dd>"
+        + _write_failures(c)
+        + f"<dt>coalesced misses</dt><dd>{c['coalesced']}</dd>"
+        f"<dt>prefetch queue</dt><dd>{c['prefetch_queue']}</dd>"
+        "</dl></section>")
+
+
+def _write_failures(c: dict[str, Any]) -> str:
+    """Instances the store could not keep (disk full or failing); nothing when none."""
+    last = c.get("last_write_failure")
+    if not c.get("write_failures") or last is None:
+        return ""
+    return (f'<dt>not cached</dt><dd class="bad">{c["write_failures"]} instances since start, '
+            f"served uncached; last {_when(last['time'], time.time())}: "
+            f"{_e(last['reason'])}</dd>")
+
+
+def _render_integrity(i: dict[str, Any], now: float) -> str:
+    totals = ", ".join(f"{_e(k)} {v}" for k, v in sorted(i["total"].items()) if v)
+    rows = ([_when(e["time"], now), f'<span class="bad">{_e(e["cause"])}</span>',
+             f"<code>{_e(e['instance'])}</code>", _e(e["reason"])] for e in i["recent"])
+    return (
+        '<section id="integrity"><h2>Integrity failures</h2>'
+        "<p>Bodies from Orthanc rejected by verification: each one a broken image "
+        "or a viewer's &ldquo;buffer overrun&rdquo; prevented.</p>"
+        f"<p>Since start: <b>{totals or 'none'}</b></p>"
+        + _table(("when", "cause", "what", "detail"), rows, "No integrity failures recorded.")
+        + "</section>")
+
+
+def _render_relay(r: dict[str, Any], now: float) -> str:
+    if not r.get("enabled"):
+        return ('<section id="relay"><h2>DIMSE relay</h2>'
+                '<p><span id="relay-state" class="badge disabled">DISABLED</span></p>'
+                "</section>")
+    if "error" in r:
+        return ('<section id="relay"><h2>DIMSE relay</h2>'
+                f'<p class="bad">{_e(r["error"])}</p></section>')
+    busy = {name: f.get("busy") for name, f in r.get("forwarders", {}).items()}
+    rows = []
+    for name, d in r.get("destinations", {}).items():
+        learned = d.get("learned_syntaxes") or {}
+        # learned_syntaxes: SOP class UID -> transfer syntaxes the peer accepted for it
+        syntaxes = "".join(
+            f"<li>{_e(_syntax_name(k))}: "
+            + ", ".join(_e(_syntax_name(str(t))) for t in (v if isinstance(v, list) else [v]))
+            + "</li>" for k, v in sorted(learned.items()))
+        error = (f'<span class="bad">{_e(d["last_error"])}</span> '
+                 f"{_when(d.get('last_error_time'), now)}" if d.get("last_error") else "-")
+        rows.append([
+            f"<b>{_e(name)}</b>{' (sending)' if busy.get(name) else ''}",
+            str(d.get("queue_depth", 0)),
+            "-" if d.get("oldest_age_seconds") is None else f"{d['oldest_age_seconds']:.0f} s",
+            _e(d.get("configured_strategy") or "-"),
+            _e(d.get("learned_strategy") or "-")
+            + (f"<details><summary>accepted by SOP class ({len(learned)})</summary>"
+               f"<ul>{syntaxes}</ul></details>" if learned else ""),
+            str(d.get("quarantined", 0)),
+            _when(d.get("last_success"), now),
+            error,
+        ])
+    return (
+        '<section id="relay"><h2>DIMSE relay</h2><dl>'
+        '<dt>state</dt><dd><span id="relay-state" class="badge up">RUNNING</span> '
+        f"{_e(r.get('ae_title', ''))} on {_e(r.get('listening', ''))}</dd>"
+        f"<dt>inbound associations</dt><dd>{r.get('active_inbound_associations', 0)}</dd>"
+        f"<dt>spooled</dt><dd>{r.get('spooled_instances', 0)} instances "
+        f"({_bytes(r.get('spooled_bytes', 0))})</dd>"
+        f"<dt>quarantined files</dt><dd>{r.get('quarantine_files', 0)}</dd></dl>"
+        + _table(("destination", "queue", "oldest", "strategy", "learned", "quarantined",
+                  "last success", "last error"), rows, "No destinations configured.")
+        + "</section>")

@@ -1,0 +1,50 @@
+"""WADO-URI (``GET /wado?requestType=WADO&…&contentType=application/dicom``).
+
+Requests for the DICOM object itself are served from the verified store (the
+same bytes Orthanc returns); rendered images and any other parameter are read
+through from Orthanc.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from dicomcache.errors import NotFoundUpstream
+from dicomcache.http.common import FETCHER, OUTCOME, STORE, BadRequest, dicom_uid, family_of
+from dicomcache.http.respond import serve_instance
+from dicomcache.http.passthrough import passthrough
+
+#: Parameters that do not change the DICOM bytes Orthanc returns.
+_PLAIN = {"requestType", "studyUID", "seriesUID", "objectUID", "contentType"}
+
+
+async def wado(request: web.Request) -> web.StreamResponse:
+    q = request.query
+    if q.get("requestType") != "WADO":
+        raise BadRequest("requestType must be WADO")
+    study = dicom_uid(q["studyUID"], "studyUID") if "studyUID" in q else None
+    series = dicom_uid(q["seriesUID"], "seriesUID") if "seriesUID" in q else None
+    sop = dicom_uid(q.get("objectUID"), "objectUID")
+    if q.get("contentType") != "application/dicom" or set(q) - _PLAIN:
+        return await passthrough(request)
+    family_of(request, "wado_uri")
+    fetcher = request.app[FETCHER]
+    entry = await request.app[STORE].get(sop)
+    request[OUTCOME] = "miss" if entry is None else "hit"
+    found = entry or await fetcher.instance_by_sop(sop)
+    _check_parents(found.study_uid, found.series_uid, study, series, sop)
+    return await serve_instance(request, found,
+                                refetch=lambda: fetcher.instance_by_sop(sop))
+
+
+def _check_parents(have_study: str | None, have_series: str | None,
+                   study: str | None, series: str | None, sop: str) -> None:
+    """The instance must belong to the study and series the URL names."""
+    if study and have_study and study != have_study:
+        raise NotFoundUpstream(404, f"instance {sop} is not in study {study}")
+    if series and have_series and series != have_series:
+        raise NotFoundUpstream(404, f"instance {sop} is not in series {series}")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/wado", wado)

@@ -1,0 +1,462 @@
+"""Prefetch: when a viewer first touches a study, fetch the rest ahead of it.
+
+A *touch* is any successful viewer request naming a study: an instance (any
+API family), series or study metadata, frames, renderings
+(:func:`touch_of` maps a request to ``(study, series, sop)``).  The first
+touch of a study queues a job (``prefetch.mode``):
+
+* ``series``: the touched series, in slice order, starting just after the
+  touched instance (where a scrolling viewer goes next), then the slices
+  before it;
+* ``study``: the same, then every other series of the study.
+
+Listing a study costs three requests (``/tools/lookup``, then
+``/studies/{id}/series`` and ``/studies/{id}/instances`` in parallel); each
+instance is then fetched through :class:`~dicomcache.cache.fetch.Fetcher` — the same
+single-flight, verified path as a viewer's miss — by ``prefetch.parallel``
+workers.  The fetcher's :class:`~dicomcache.cache.fetch.PriorityLimiter` makes every
+viewer download start at once and lets prefetch use only the slots viewers
+leave free; a viewer asking for an instance still queued for prefetch joins
+(and lifts) that download.  Later touches of the running study move the
+queue to where the viewer is.
+
+**The cache bound.**  Studies touched within ``active_seconds`` are "being
+viewed".  Prefetch stops (outcome ``budget``) before the bytes of the studies
+being viewed would exceed ``max_fraction × cache.max_size``.  Eviction is
+least-recently-used, and everything else in the store is older than what is
+being viewed, so as long as that working set fits, what prefetch brings in can
+only push out entries nobody is looking at.
+
+Jobs run one study at a time, the most recently touched first; at most
+``max_queued`` wait (older touches are dropped).  A circuit breaker that opens
+(link down) ends the running job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from dicomcache.config import PrefetchSettings
+from dicomcache.errors import IntegrityError, NotFoundUpstream, UpstreamError, UpstreamUnavailable
+from dicomcache.cache.fetch import Fetcher
+from dicomcache.metrics import Metrics
+from dicomcache.cache.store import AsyncStore, Entry
+from dicomcache.upstream.client import OrthancClient
+
+log = logging.getLogger(__name__)
+
+#: One touch: (StudyInstanceUID, SeriesInstanceUID or None, SOPInstanceUID or None).
+Touch = tuple[str, str | None, str | None]
+
+
+def touch_of(path: str, query: Mapping[str, str],
+             by_orthanc_id: Callable[[str], Entry | None],
+             by_sop: Callable[[str], Entry | None]) -> Touch | None:
+    """The study a successful viewer GET touched, or ``None`` (pure; lookups are injected).
+
+    ``/instances/{id}/file`` and WADO-URI without ``studyUID`` are resolved
+    through the store (the instance was just served, so it is known).
+    """
+    parts = path.strip("/").split("/")
+    if len(parts) == 3 and parts[0] == "instances" and parts[2] == "file":
+        entry = by_orthanc_id(parts[1])
+        return (entry.study_uid, entry.series_uid, entry.sop_uid) if entry and entry.study_uid \
+            else None
+    if parts == ["wado"]:
+        sop = query.get("objectUID")
+        study = query.get("studyUID")
+        if study:
+            return study, query.get("seriesUID"), sop
+        entry = by_sop(sop) if sop else None
+        return (entry.study_uid, entry.series_uid, entry.sop_uid) if entry and entry.study_uid \
+            else None
+    if len(parts) >= 3 and parts[0] == "dicom-web" and parts[1] == "studies":
+        study = parts[2]
+        series = parts[4] if len(parts) >= 5 and parts[3] == "series" else None
+        sop = parts[6] if series and len(parts) >= 7 and parts[5] == "instances" else None
+        return study, series, sop
+    return None
+
+
+@dataclass(slots=True)
+class Item:
+    """One instance of a listing, in fetch order."""
+
+    orthanc_id: str
+    sop_uid: str
+    series_uid: str
+    size: int
+    order: tuple[int, int]
+
+
+@dataclass(slots=True)
+class Progress:
+    """Counts of one prefetch run (a job, or a whole CLI run)."""
+
+    total: int = 0
+    done: int = 0
+    fetched: int = 0
+    present: int = 0
+    failed: int = 0
+    budget: int = 0
+    #: Bytes downloaded.
+    bytes: int = 0
+    #: Bytes of the listed instances, and of those now local (downloaded or already there).
+    total_bytes: int = 0
+    done_bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    errors: list[str] = field(default_factory=list)
+    #: Stopped by an open circuit (the link is down): worth trying again later.
+    interrupted: bool = False
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.done
+
+
+@dataclass(slots=True)
+class Job:
+    study_uid: str
+    series_uid: str | None
+    sop_uid: str | None
+    mode: str
+    items: collections.deque[Item] = field(default_factory=collections.deque)
+
+    @property
+    def key(self) -> str:
+        """What a job covers: ``study`` or ``study/series``."""
+        if self.mode == "series" and self.series_uid:
+            return f"{self.study_uid}/{self.series_uid}"
+        return self.study_uid
+
+    def focus(self, series_uid: str | None, sop_uid: str | None) -> None:
+        """Move the queue to the viewer: what follows ``sop_uid`` (or that series) first."""
+        if not self.items or (series_uid is None and sop_uid is None):
+            return
+        items = list(self.items)
+        at = next((i for i, it in enumerate(items) if sop_uid and it.sop_uid == sop_uid), None)
+        if at is None:
+            at = next((i for i, it in enumerate(items) if it.series_uid == series_uid), None)
+        if at is None:
+            return
+        series = items[at].series_uid
+        mine = [it for it in items[at:] if it.series_uid == series] + \
+            [it for it in items[:at] if it.series_uid == series]
+        rest = [it for it in items if it.series_uid != series]
+        self.items = collections.deque(mine + rest)
+
+
+def order_items(series_list: list[dict[str, Any]], instances: list[dict[str, Any]],
+                first_series: str | None, after_sop: str | None) -> list[Item]:
+    """Fetch order (pure): the touched series from just after the touched slice, then the rest.
+
+    ``series_list`` and ``instances`` are Orthanc's ``/studies/{id}/series`` and
+    ``/studies/{id}/instances`` answers (or a series' own instances).
+    """
+    uid_of = {s["ID"]: s.get("MainDicomTags", {}).get("SeriesInstanceUID", s["ID"])
+              for s in series_list}
+    items: list[Item] = []
+    for inst in instances:
+        tags = inst.get("MainDicomTags", {})
+        sop = tags.get("SOPInstanceUID")
+        if not sop:
+            continue
+        try:
+            number = int(str(tags.get("InstanceNumber", "")).strip() or 0)
+        except ValueError:
+            number = 0
+        index = inst.get("IndexInSeries")
+        items.append(Item(inst["ID"], sop, uid_of.get(inst.get("ParentSeries"), ""),
+                          int(inst.get("FileSize") or 0),
+                          (int(index) if isinstance(index, int) else number, number)))
+    items.sort(key=lambda it: (it.series_uid != first_series, it.series_uid, it.order))
+    if after_sop:
+        first = [it for it in items if it.series_uid == first_series]
+        rest = [it for it in items if it.series_uid != first_series]
+        at = next((i for i, it in enumerate(first) if it.sop_uid == after_sop), None)
+        if at is not None:  # the viewer has the touched slice: start with the next one
+            first = first[at + 1:] + first[:at + 1]
+        items = first + rest
+    return items
+
+
+async def get_json(client: OrthancClient, path: str, *, method: str = "GET",
+                   body: bytes | None = None) -> Any:
+    """A JSON answer from Orthanc, retried; gzip unless ``upstream.compression = "none"``.
+
+    A body that does not decompress or parse (a WAN that cut it) is an
+    :class:`IntegrityError`, so it is retried like a corrupt instance.
+    """
+    gzip = client.settings.compression != "none"
+
+    async def attempt(_attempt: int) -> Any:
+        headers, data = await client.get(path, kind="listing", method=method, body=body,
+                                         headers={"Accept-Encoding": "gzip"} if gzip else None)
+        try:
+            if headers.get("Content-Encoding", "identity").lower() in ("gzip", "deflate"):
+                data = zlib.decompress(data, 47)
+            return json.loads(data)
+        except (zlib.error, ValueError) as exc:
+            raise IntegrityError("parse_failure", f"{method} {path}: bad JSON body ({exc})") from exc
+
+    return await client.retrying(attempt, what=f"{method} {path}")
+
+
+class Prefetcher:
+    """Background prefetch jobs; see the module docstring.  ``start()``/``stop()`` in a loop."""
+
+    def __init__(self, settings: PrefetchSettings, fetcher: Fetcher, store: AsyncStore,
+                 metrics: Metrics, max_size: int) -> None:
+        self.settings = settings
+        self.fetcher = fetcher
+        self.client = fetcher.client
+        self.store = store
+        self.metrics = metrics
+        self.budget = int(settings.max_fraction * max_size)
+        fetcher.limiter.capacity = settings.parallel
+        #: study → last touch (monotonic): what is "being viewed".
+        self.viewing: dict[str, float] = {}
+        #: job key (``study`` or ``study/series``) → its bytes (from Orthanc's listing).
+        self.study_bytes: dict[str, int] = {}
+        #: job key → when its job finished (not queued again while it is being viewed).
+        self.done: dict[str, float] = {}
+        self.pending: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self.current: Job | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.mode != "off"
+
+    # --- touches -------------------------------------------------------------------
+    def touch(self, study_uid: str, series_uid: str | None = None,
+              sop_uid: str | None = None) -> None:
+        """A viewer used this study: queue it if new, or steer its running job."""
+        now = time.monotonic()
+        self.viewing[study_uid] = now
+        if len(self.viewing) > 4096:  # bound memory: forget studies no longer viewed
+            horizon = now - self.settings.active_seconds
+            for old in [s for s, at in self.viewing.items() if at < horizon]:
+                self.viewing.pop(old, None)
+            for table in (self.study_bytes, self.done):
+                for key in [k for k in table if k.split("/")[0] not in self.viewing]:
+                    table.pop(key, None)
+        if not self.enabled or (self.settings.mode == "series" and series_uid is None):
+            return  # series mode: wait for a touch that names the series
+        job = Job(study_uid, series_uid, sop_uid, self.settings.mode)
+        current = self.current
+        if current is not None and current.key in (job.key, study_uid):
+            current.focus(series_uid, sop_uid)
+            return
+        finished = self.done.get(job.key)
+        if finished is not None and now - finished < self.settings.active_seconds:
+            return
+        queued = self.pending.get(job.key)
+        if queued is not None:  # touched again: first in line, from where the viewer is
+            self.pending.move_to_end(job.key)
+            queued.series_uid = queued.series_uid or series_uid
+            queued.sop_uid = sop_uid or queued.sop_uid
+            return
+        self.pending[job.key] = job
+        while len(self.pending) > self.settings.max_queued:
+            dropped, _ = self.pending.popitem(last=False)
+            log.info("prefetch queue full: dropped study %s", dropped)
+        self._wake.set()
+
+    def warm(self, study_uid: str) -> None:
+        """Queue a whole study nobody is viewing yet (change-feed pre-warming), whatever ``mode``."""
+        if study_uid in self.pending or (self.current and self.current.key == study_uid):
+            return
+        self.pending[study_uid] = Job(study_uid, None, None, "study")
+        self.pending.move_to_end(study_uid, last=False)  # behind everything a viewer touched
+        while len(self.pending) > self.settings.max_queued:
+            self.pending.popitem(last=False)
+        self._wake.set()
+
+    # --- lifecycle -----------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="prefetch")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def idle(self, timeout: float) -> bool:
+        """Wait until no job runs or waits (tests, benchmarks); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.current is not None or self.pending:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            if not self.pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            _, job = self.pending.popitem(last=True)  # the most recently touched first
+            try:
+                progress = await self.run_job(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - one bad study must not end prefetching
+                log.exception("prefetch of study %s failed", job.study_uid)
+                progress = Progress()
+            if not progress.interrupted:  # else the next touch after the link is back retries
+                self.done[job.key] = time.monotonic()
+
+    # --- one study -----------------------------------------------------------------
+    async def run_job(self, job: Job, progress: Progress | None = None) -> Progress:
+        """List the study (or series) in fetch order and fetch what is missing."""
+        progress = progress or Progress()
+        self.current = job
+        try:
+            try:
+                job.items = collections.deque(await self.listing(job))
+            except UpstreamUnavailable:
+                raise
+            except (UpstreamError, NotFoundUpstream) as exc:
+                log.warning("prefetch of study %s: cannot list it: %s", job.study_uid, exc)
+                progress.errors.append(f"study {job.study_uid}: {exc}")
+                progress.failed += 1
+                return progress
+            return await self.fetch_listed(job, progress)
+        except UpstreamUnavailable as exc:
+            log.warning("prefetch of study %s stopped: %s", job.study_uid, exc.reason)
+            progress.errors.append(f"study {job.study_uid}: {exc.reason}")
+            progress.failed += 1
+            progress.interrupted = True
+            return progress
+        finally:
+            self.current = None
+            self.metrics.prefetch_queue.set(0)
+
+    async def fetch_listed(self, job: Job, progress: Progress) -> Progress:
+        """Fetch a listed job's ``items`` (counted into ``progress``)."""
+        self.current = job
+        self.study_bytes[job.key] = sum(it.size for it in job.items)
+        progress.total += len(job.items)
+        progress.total_bytes += self.study_bytes[job.key]
+        try:
+            await self._drain(job, progress)
+            return progress
+        except UpstreamUnavailable as exc:
+            log.warning("prefetch of study %s stopped: %s", job.study_uid, exc.reason)
+            progress.errors.append(f"study {job.study_uid}: {exc.reason}")
+            progress.failed += len(job.items)
+            progress.done += len(job.items)
+            progress.interrupted = True
+            return progress
+        finally:
+            self.current = None
+            self.metrics.prefetch_queue.set(0)
+
+    async def listing(self, job: Job) -> list[Item]:
+        """The instances to fetch, in order (three requests for a study, two for a series)."""
+        if job.mode == "series" and job.series_uid:
+            series_id = await self._lookup(job.series_uid, "Series")
+            series, instances = await asyncio.gather(
+                self._json(f"/series/{series_id}"), self._json(f"/series/{series_id}/instances"))
+            return order_items([series], instances, job.series_uid, job.sop_uid)
+        study_id = await self._lookup(job.study_uid, "Study")
+        series_list, instances = await asyncio.gather(
+            self._json(f"/studies/{study_id}/series"), self._json(f"/studies/{study_id}/instances"))
+        first = job.series_uid
+        if first is None and series_list:
+            first = series_list[0].get("MainDicomTags", {}).get("SeriesInstanceUID")
+        return order_items(series_list, instances, first, job.sop_uid)
+
+    async def _lookup(self, uid: str, level: str) -> str:
+        for item in await get_json(self.client, "/tools/lookup", method="POST",
+                                   body=uid.encode()):
+            if item.get("Type") == level:
+                return str(item["ID"])
+        raise NotFoundUpstream(404, f"Orthanc has no {level.lower()} {uid}")
+
+    async def _json(self, path: str) -> Any:
+        return await get_json(self.client, path)
+
+    def _others_bytes(self, job: Job) -> int:
+        """Bytes of the other jobs' listings whose studies are being viewed."""
+        horizon = time.monotonic() - self.settings.active_seconds
+        return sum(n for key, n in self.study_bytes.items()
+                   if key != job.key and self.viewing.get(key.split("/")[0], -1e18) >= horizon)
+
+    async def _drain(self, job: Job, progress: Progress) -> None:
+        used = [self._others_bytes(job)]
+        stop = asyncio.Event()
+
+        async def worker() -> None:
+            while job.items and not stop.is_set():
+                item = job.items.popleft()
+                self.metrics.prefetch_queue.set(len(job.items))
+                try:
+                    await self._one(item, used, progress, stop)
+                finally:
+                    progress.done += 1
+
+        workers = [asyncio.create_task(worker()) for _ in range(self.settings.parallel)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        if stop.is_set():
+            skipped = len(job.items)
+            job.items.clear()
+            progress.budget += skipped
+            progress.done += skipped
+            self.metrics.prefetched.labels("budget").inc(skipped)
+
+    async def _one(self, item: Item, used: list[int], progress: Progress,
+                   stop: asyncio.Event) -> None:
+        if await self.store.get(item.sop_uid) is not None:
+            used[0] += item.size
+            progress.done_bytes += item.size
+            progress.present += 1
+            self.metrics.prefetched.labels("present").inc()
+            return
+        if used[0] + item.size > self.budget:
+            if not stop.is_set():
+                log.info("prefetch stops: the studies being viewed would fill more than "
+                         "%.0f%% of cache.max_size", 100 * self.settings.max_fraction)
+            stop.set()
+            progress.budget += 1
+            self.metrics.prefetched.labels("budget").inc()
+            return
+        used[0] += item.size  # reserved before the download: parallel workers see it
+        try:
+            found = await self.fetcher.by_orthanc_id(item.orthanc_id, viewer=False)
+        except UpstreamUnavailable:
+            stop.set()
+            raise
+        except (UpstreamError, NotFoundUpstream) as exc:
+            used[0] -= item.size
+            progress.failed += 1
+            progress.errors.append(f"instance {item.orthanc_id} ({item.sop_uid}): {exc}")
+            self.metrics.prefetched.labels("failed").inc()
+            return
+        size = found.size if isinstance(found, Entry) else len(found.data)
+        progress.fetched += 1
+        progress.bytes += size
+        progress.done_bytes += size
+        self.metrics.prefetched.labels("fetched").inc()
+
+
+PREFETCHER = web.AppKey("prefetcher", Prefetcher)

@@ -1,1 +1,0 @@
-"""One module per API family; each maps a request to a cache key and a response."""

@@ -1,0 +1,353 @@
+"""The store: commit/lookup, group commits, LRU eviction at the bound, restart, crash safety."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dicomcache.cache import store as store_module
+from dicomcache.devtools.samples import encode, make_ct_series
+from dicomcache.cache.store import AsyncStore, Entry, Store, StoreClosed, Verified
+from dicomcache.dicom.verify import parse_dicom, verify_file
+
+
+@pytest.fixture(scope="module")
+def blobs() -> list[bytes]:
+    """Ten 256 KiB instances."""
+    return [encode(ds, ds.file_meta.TransferSyntaxUID)
+            for ds in make_ct_series(10, rows=256, columns=512, seed=3)]
+
+
+def commit(store: Store, blob: bytes, oid: str | None = None):  # type: ignore[no-untyped-def]
+    return store.commit(store.write_temp(blob), parse_dicom(blob),
+                        hashlib.md5(blob).hexdigest(), oid)
+
+
+def test_commit_and_get(tmp_path: Path, blobs: list[bytes]) -> None:
+    store = Store(tmp_path, 1 << 30)
+    entry = commit(store, blobs[0], "aaaaaaaa-bbbbbbbb-cccccccc-dddddddd-eeeeeeee")
+    got = store.get(entry.sop_uid)
+    assert got == entry
+    assert got.path.read_bytes() == blobs[0]
+    assert got.size == len(blobs[0]) and got.md5 == hashlib.md5(blobs[0]).hexdigest()
+    assert store.resolve("aaaaaaaa-bbbbbbbb-cccccccc-dddddddd-eeeeeeee") == entry.sop_uid
+    assert store.get_by_orthanc_id("aaaaaaaa-bbbbbbbb-cccccccc-dddddddd-eeeeeeee") == entry
+    assert store.get("1.2.3") is None
+    assert list(store.tmp_dir.iterdir()) == []  # the temp file was renamed, not copied
+
+
+def test_recommit_replaces_without_losing_the_file(tmp_path: Path, blobs: list[bytes]) -> None:
+    store = Store(tmp_path, 1 << 30)
+    first = commit(store, blobs[0])
+    second = commit(store, blobs[0])
+    assert second.path != first.path and not first.path.exists()
+    assert store.get(first.sop_uid).path.read_bytes() == blobs[0]  # type: ignore[union-attr]
+    assert store.stats()["entries"] == 1
+
+
+def test_eviction_keeps_under_bound_least_recently_used_first(tmp_path: Path,
+                                                               blobs: list[bytes]) -> None:
+    size = len(blobs[0])
+    store = Store(tmp_path, 4 * size + (256 << 10))  # room for ~4 plus the sqlite file
+    entries = [commit(store, b) for b in blobs[:4]]
+    time.sleep(0.01)
+    assert store.get(entries[0].sop_uid) is not None  # touch the oldest: now most recent
+    for b in blobs[4:6]:  # two more: two must go, and not the one just used
+        commit(store, b)
+    stats = store.stats()
+    assert stats["size_bytes"] <= store.max_size
+    assert stats["evictions"] == 2
+    assert store.get(entries[0].sop_uid) is not None, "recently used entry was evicted"
+    assert store.get(entries[1].sop_uid) is None
+    on_disk = list((tmp_path / "objects").rglob("*.dcm"))
+    assert len(on_disk) == stats["entries"], "evicted files must be unlinked"
+
+
+def test_survives_restart(tmp_path: Path, blobs: list[bytes]) -> None:
+    store = Store(tmp_path, 1 << 30)
+    entry = commit(store, blobs[1], "11111111-22222222-33333333-44444444-55555555")
+    store.close()
+    again = Store(tmp_path, 1 << 30)
+    assert again.get(entry.sop_uid) == entry
+    assert again.resolve("11111111-22222222-33333333-44444444-55555555") == entry.sop_uid
+
+
+def test_vanished_file_is_a_miss(tmp_path: Path, blobs: list[bytes]) -> None:
+    store = Store(tmp_path, 1 << 30)
+    entry = commit(store, blobs[2])
+    entry.path.unlink()
+    assert store.get(entry.sop_uid) is None
+    assert store.stats()["entries"] == 0
+
+
+def test_sweep_removes_leftovers(tmp_path: Path, blobs: list[bytes]) -> None:
+    store = Store(tmp_path, 1 << 30)
+    kept = commit(store, blobs[3])
+    stale_tmp = store.write_temp(b"partial")
+    orphan = tmp_path / "objects" / "zz" / "1.2.3.dead.dcm"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"renamed but never indexed")
+    assert store.sweep(min_age=0) == 2
+    assert not stale_tmp.exists() and not orphan.exists()
+    assert store.get(kept.sop_uid) is not None
+
+
+def test_full_disk_is_reported(tmp_path: Path, blobs: list[bytes], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import errno
+
+    from dicomcache.errors import StoreFull
+
+    store = Store(tmp_path, 1 << 30)
+
+    def no_space(*_a, **_k):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(StoreFull):
+        store.write_temp(blobs[0])
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def verified(blob: bytes, oid: str | None = None) -> Verified:
+    return Verified(blob, parse_dicom(blob), hashlib.md5(blob).hexdigest(), oid)
+
+
+def oid_of(n: int) -> str:
+    return "-".join([f"{n:08x}"] * 5)
+
+
+def test_commit_group_syncs_each_directory_once_and_indexes_all(
+        tmp_path: Path, blobs: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path, 1 << 30)
+    synced: list[Path] = []
+    real = store_module._fsync_dir
+    monkeypatch.setattr(store_module, "_fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
+    results = store.commit_group([verified(b, oid_of(i)) for i, b in enumerate(blobs)])
+    assert all(isinstance(r, Entry) for r in results)
+    entries = [r for r in results if isinstance(r, Entry)]
+    assert sorted(synced) == sorted({e.path.parent for e in entries})  # once per directory
+    for i, (entry, blob) in enumerate(zip(entries, blobs, strict=True)):
+        assert store.get(entry.sop_uid) == entry and entry.path.read_bytes() == blob
+        assert store.resolve(oid_of(i)) == entry.sop_uid
+    assert list(store.tmp_dir.iterdir()) == []
+    store.close()
+    again = Store(tmp_path, 1 << 30)  # durable: indexed, found after a restart
+    assert [again.get(e.sop_uid) for e in entries] == entries
+
+
+def test_commit_group_keeps_the_others_when_one_body_fails(
+        tmp_path: Path, blobs: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from dicomcache.errors import StoreFull
+
+    store = Store(tmp_path, 1 << 30)
+    real = Store.write_temp
+
+    def full_for_the_third(self: Store, data: bytes) -> Path:
+        if data == blobs[2]:
+            raise StoreFull(errno.ENOSPC, "cache disk full: No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Store, "write_temp", full_for_the_third)
+    results = store.commit_group([verified(b) for b in blobs[:4]])
+    assert isinstance(results[2], StoreFull)
+    assert [isinstance(r, Entry) for r in results] == [True, True, False, True]
+    assert store.stats()["entries"] == 3
+    assert len(list((tmp_path / "objects").rglob("*.dcm"))) == 3
+
+
+def test_commit_remakes_object_directories_an_eviction_removed(tmp_path: Path,
+                                                                blobs: list[bytes]) -> None:
+    store = Store(tmp_path, 1 << 30)
+    for d in (tmp_path / "objects").iterdir():  # diskcache removes directories left empty
+        d.rmdir()
+    [entry] = store.commit_group([verified(blobs[0])])
+    assert isinstance(entry, Entry) and entry.path.read_bytes() == blobs[0]
+    assert commit(store, blobs[1]).path.read_bytes() == blobs[1]
+
+
+def test_closed_store_abandons_a_group_without_writing(tmp_path: Path,
+                                                       blobs: list[bytes]) -> None:
+    store = Store(tmp_path, 1 << 30)
+    store.close()
+    results = store.commit_group([verified(b) for b in blobs[:3]])
+    assert all(isinstance(r, StoreClosed) for r in results)
+    assert list(store.tmp_dir.iterdir()) == []
+    assert list((tmp_path / "objects").rglob("*.dcm")) == []
+
+
+async def test_queued_commits_are_grouped_and_found_while_pending(
+        tmp_path: Path, blobs: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bodies queued while a group is written form the next group; lookups wait for them."""
+    store = AsyncStore(Store(tmp_path, 1 << 30))
+    groups: list[int] = []
+    release = threading.Event()
+    real = Store.commit_group
+
+    def slow_group(self: Store, bodies: list[Verified]) -> list[object]:
+        groups.append(len(bodies))
+        assert release.wait(30)
+        return real(self, bodies)
+
+    monkeypatch.setattr(Store, "commit_group", slow_group)
+    try:
+        first = store.queue_commit(verified(blobs[0], oid_of(0)))
+        for _ in range(500):  # until the first group is being written (and held)
+            if groups:
+                break
+            await asyncio.sleep(0.01)
+        rest = [store.queue_commit(verified(b, oid_of(i))) for i, b in enumerate(blobs[1:], 1)]
+        sop = parse_dicom(blobs[5]).sop_instance_uid
+        by_sop = asyncio.ensure_future(store.get(sop))
+        by_oid = asyncio.ensure_future(store.get_by_orthanc_id(oid_of(5)))
+        await asyncio.sleep(0.05)
+        assert not by_sop.done() and not by_oid.done()  # waiting for the commit, not a miss
+        # A viewer's own download does not queue behind the held group.
+        [ds] = make_ct_series(1, rows=64, columns=64, seed=99)
+        other = verified(encode(ds, ds.file_meta.TransferSyntaxUID), oid_of(99))
+        mine = await asyncio.wait_for(store.commit_bytes(
+            other.data, other.summary, other.md5, other.orthanc_id), 10)
+        assert mine is not None and mine.path.exists()
+    finally:
+        release.set()
+    entry = await first
+    assert entry is not None
+    assert all(isinstance(r, Entry) for r in await asyncio.gather(*rest))
+    assert groups == [1, len(blobs) - 1]
+    found = await by_sop
+    assert found is not None and found.sop_uid == sop and await by_oid == found
+    await store.drain()
+
+
+async def test_deferred_commits_wait_until_due(tmp_path: Path, blobs: list[bytes],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a transfer defers them, group commits wait: until a lookup waits for one,
+    until too much is queued, or until the last deferral ends."""
+    import dicomcache.cache.store as store_module
+
+    store = AsyncStore(Store(tmp_path, 1 << 30))
+    groups: list[int] = []
+    real = Store.commit_group
+
+    def counted(self: Store, bodies: list[Verified]) -> list[object]:
+        groups.append(len(bodies))
+        return real(self, bodies)
+
+    monkeypatch.setattr(Store, "commit_group", counted)
+
+    async def settled(futs: list[asyncio.Future[Entry | None]]) -> bool:
+        await asyncio.sleep(0.2)
+        return all(f.done() for f in futs)
+
+    # A lookup of a queued instance makes the commits due at once.
+    with store.deferring_commits():
+        futs = [store.queue_commit(verified(b, oid_of(i))) for i, b in enumerate(blobs[:3])]
+        assert not await settled(futs) and groups == []
+        found = await asyncio.wait_for(store.get(parse_dicom(blobs[1]).sop_instance_uid), 10)
+        assert found is not None and await settled(futs)
+        # …and afterwards new ones are deferred again.
+        later = [store.queue_commit(verified(blobs[3], oid_of(3)))]
+        assert not await settled(later)
+    assert await settled(later)  # the deferral ended
+    # Too much queued: due although still deferred.
+    monkeypatch.setattr(store_module, "DEFER_LIMIT", 2 * len(blobs[4]))
+    with store.deferring_commits():
+        futs = [store.queue_commit(verified(blobs[4], oid_of(4)))]
+        assert not await settled(futs)
+        futs.append(store.queue_commit(verified(blobs[5], oid_of(5))))
+        assert await settled(futs)
+    # drain() (shutdown) does not wait for a deferral to end.
+    with store.deferring_commits():
+        fut = store.queue_commit(verified(blobs[6], oid_of(6)))
+        await asyncio.wait_for(store.drain(), 10)
+        assert fut.done() and isinstance(fut.result(), Entry)
+    assert sum(groups) == 7
+
+
+async def test_shutdown_abandons_queued_commits_cleanly(tmp_path: Path, blobs: list[bytes],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The committer cancelled (shutdown): the group in its thread completes, the queue is
+    not written, and every waiter is told (StoreClosed), none hangs."""
+    store = AsyncStore(Store(tmp_path, 1 << 30))
+    started = threading.Event()
+    release = threading.Event()
+    real = Store.write_temp
+
+    # Held inside the group (under its lock), so close() must wait for it: holding
+    # before commit_group took the lock let close() win the race in CI.
+    def held(self: Store, data: bytes) -> Path:
+        started.set()
+        assert release.wait(30)
+        return real(self, data)
+
+    monkeypatch.setattr(Store, "write_temp", held)
+    writing = store.queue_commit(verified(blobs[0]))
+    assert await asyncio.to_thread(started.wait, 10)
+    queued = [store.queue_commit(verified(b)) for b in blobs[1:3]]
+    committer = store._committer
+    assert committer is not None
+    committer.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await committer
+    for fut in (writing, *queued):
+        with pytest.raises(StoreClosed):
+            await fut
+    await asyncio.to_thread(store.sync.close)  # waits for the group still in its thread
+    again = Store(tmp_path, 1 << 30)
+    assert again.get(parse_dicom(blobs[0]).sop_instance_uid) is not None  # complete
+    for b in blobs[1:3]:
+        assert again.get(parse_dicom(b).sop_instance_uid) is None  # never started
+    assert again.stats()["entries"] == 1
+
+
+_WRITER = textwrap.dedent("""
+    import hashlib, sys
+    from dicomcache.devtools.samples import encode, make_ct_series
+    from dicomcache.cache.store import Store, Verified
+    from dicomcache.dicom.verify import parse_dicom
+    store = Store(sys.argv[1], 1 << 30)
+    blobs = [encode(ds, ds.file_meta.TransferSyntaxUID)
+             for ds in make_ct_series(40, rows=128, columns=128, seed=7)]
+    print("ready", flush=True)
+    while True:
+        if sys.argv[2] == "group":
+            for i in range(0, len(blobs), 8):
+                store.commit_group([Verified(b, parse_dicom(b), hashlib.md5(b).hexdigest(), None)
+                                    for b in blobs[i:i + 8]])
+            continue
+        for b in blobs:
+            store.commit(store.write_temp(b), parse_dicom(b), hashlib.md5(b).hexdigest(), None)
+""")
+
+
+@pytest.mark.parametrize("mode", ["single", "group"])
+@pytest.mark.parametrize("delay", [0.05, 0.13, 0.31, 0.57])
+def test_kill_9_leaves_a_consistent_store(tmp_path: Path, delay: float, mode: str) -> None:
+    with subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), mode],
+                          stdout=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stdout.readline().startswith(b"ready")
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    store = Store(tmp_path, 1 << 30)
+    entries = list(store.entries())
+    assert entries, "the writer committed nothing before the kill"
+    for entry in entries:
+        summary = verify_file(entry.path, expected_length=entry.size, expected_md5=entry.md5)
+        assert summary.sop_instance_uid == entry.sop_uid
+    store.sweep(min_age=0)
+    indexed = {e.path for e in store.entries()}
+    assert set((tmp_path / "objects").rglob("*.dcm")) == indexed
+    assert list(store.tmp_dir.iterdir()) == []

@@ -1,0 +1,188 @@
+"""The command line: check-config, serve (graceful stop, demo mode), kill -9 safety."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicomcache.cli.main import main
+from dicomcache.devtools.orthanc import OrthancProcess, free_port
+from dicomcache.cache.store import Store
+from dicomcache.dicom.verify import verify_file
+from dicomcache.devtools.wanem import LinkProfile, ThreadedWanEmulator
+from tests.conftest import Sample
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert "dicomcache" in capsys.readouterr().out
+
+
+def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[upstream]\nurl = "http://pacs:8042"\n[cache]\ndirectory = "x"\nmax_size = "2GB"\n')
+    assert main(["check-config", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "http://pacs:8042" in out and "2.00 GiB" in out
+
+
+def test_check_config_lists_every_problem(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[server]\nport = "eighty"\n[upstream]\nurl = "nope"\nretries = -1\n'
+                   '[cache]\nmax_size = "huge"\n')
+    assert main(["check-config", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    for key in ("server.port", "upstream.url", "upstream.retries", "cache.max_size"):
+        assert key in err
+
+
+def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(tmp_path / "none.toml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"dicomcache exited with {proc.returncode}"
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=1).read()  # noqa: S310
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("dicomcache did not start")
+
+
+def get(url: str, timeout: float = 30) -> bytes:
+    return urllib.request.urlopen(url, timeout=timeout).read()  # type: ignore[no-any-return]  # noqa: S310
+
+
+def write_config(path: Path, port: int, upstream: str, orthanc: OrthancProcess,
+                 cache: Path) -> Path:
+    path.write_text(textwrap.dedent(f"""
+        [server]
+        port = {port}
+        shutdown_timeout = 5
+        [upstream]
+        url = "{upstream}"
+        username = "{orthanc.username}"
+        password = "{orthanc.password}"
+        retries = 1
+        backoff_base = 0.05
+        [cache]
+        directory = "{cache}"
+        max_size = "1GB"
+    """))
+    return path
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with open(tmp_path / f"serve{len(procs)}.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", *args],
+                                    cwd=ROOT, stderr=log, env={**os.environ, **(env or {})})
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_and_sigterm(serve, tmp_path: Path, orthanc: OrthancProcess,  # type: ignore[no-untyped-def]
+                           ct_series: list[Sample]) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path / "c.toml", port, orthanc.url, orthanc, tmp_path / "cache")
+    proc = serve("--config", str(cfg))
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(base, proc)
+    assert get(f"{base}/instances/{ct_series[0].orthanc_id}/file") == ct_series[0].data
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    log = (tmp_path / "serve0.log").read_text()
+    assert "listening on" in log and "dicomcache stopped" in log
+    assert orthanc.password not in log
+
+
+def test_kill_9_during_downloads_then_restart(serve, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                              orthanc: OrthancProcess,
+                                              ct_series: list[Sample]) -> None:
+    # A slow link so that downloads are in flight when the process is killed.
+    with ThreadedWanEmulator("127.0.0.1", orthanc.http_port,
+                             LinkProfile(latency_ms=5, bandwidth_mbit=40)) as wan:
+        port = free_port()
+        cfg = write_config(tmp_path / "c.toml", port, f"http://127.0.0.1:{wan.port}", orthanc,
+                           tmp_path / "cache")
+        proc = serve("--config", str(cfg))
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, proc)
+        pool = concurrent.futures.ThreadPoolExecutor(len(ct_series))
+        futures = [pool.submit(get, f"{base}/instances/{s.orthanc_id}/file") for s in ct_series]
+        time.sleep(0.6)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        done = 0
+        for s, fut in zip(ct_series, futures, strict=True):
+            try:
+                body = fut.result(timeout=30)
+            except (OSError, urllib.error.URLError, ConnectionError, Exception):  # noqa: BLE001
+                continue
+            assert body == s.data  # whatever a viewer got before the kill was whole
+            done += 1
+        pool.shutdown()
+        assert done < len(ct_series), "the kill came too late to test anything"
+
+        # The store the killed process left: every entry complete and verified.
+        store = Store(tmp_path / "cache", 1 << 30)
+        for entry in store.entries():
+            verify_file(entry.path, expected_length=entry.size, expected_md5=entry.md5)
+        store.sweep(min_age=0)
+        assert not list((tmp_path / "cache" / "tmp").iterdir())
+        store.close()
+
+        proc = serve("--config", str(cfg))
+        wait_ready(base, proc)
+        for s in ct_series:
+            assert get(f"{base}/instances/{s.orthanc_id}/file") == s.data
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+
+
+def test_demo_mode_without_config(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    proc = serve("--port", str(port), env={"XDG_STATE_HOME": str(tmp_path / "state")})
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(base, proc, timeout=120)
+    import json
+    instances = json.loads(get(f"{base}/instances"))
+    assert len(instances) == 40
+    body = get(f"{base}/instances/{instances[0]}/file")
+    assert body[128:132] == b"DICM"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    log = (tmp_path / "serve0.log").read_text()
+    assert "demo Orthanc" in log
+    # The demo Orthanc we started is gone with us.
+    orthanc_log = tmp_path / "state" / "dicomcache" / "demo-orthanc" / "orthanc.log"
+    assert orthanc_log.exists()

@@ -1,0 +1,223 @@
+"""Link rewriting, the revalidating answer cache, DICOMweb/CORS configuration: no Orthanc."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+
+import pytest
+
+from dicomcache.config import from_dict
+from dicomcache.http.cors import allowed_origin, preflight_problem
+from dicomcache.errors import ConfigError, NotFoundUpstream, UpstreamError
+from dicomcache.dicomweb.answers import (PLACEHOLDER, AnswerCache, Cached, link_path, normalise_json,
+                                 rewrite_links, with_base)
+from dicomcache.dicomweb.state import single_part
+from dicomcache.http.dicomweb import accepts_gzip, accepts_json, relink_parts
+
+
+@pytest.mark.parametrize(("url", "path"), [
+    ("http://orthanc:8042/dicom-web/studies/1.2/series/3.4", "/studies/1.2/series/3.4"),
+    ("https://pacs.example/custom/root/studies/1/series/2/instances/3/bulk/7fe00010",
+     "/studies/1/series/2/instances/3/bulk/7fe00010"),
+    ("http://h/dicom-web/studies/1/rendered?quality=90", "/studies/1/rendered?quality=90"),
+    ("http://h/dicom-web/series/1", None),
+    ("not a url [", None),
+])
+def test_link_path(url: str, path: str | None) -> None:
+    assert link_path(url) == path
+
+
+def test_rewrite_links_everywhere_links_live() -> None:
+    doc = [{
+        "00081190": {"vr": "UR", "Value": ["http://o:1/dicom-web/studies/1"]},
+        "7FE00010": {"vr": "OW", "BulkDataURI": "http://o:1/dicom-web/studies/1/series/2/"
+                                                "instances/3/bulk/7fe00010"},
+        "00081115": {"vr": "SQ", "Value": [{
+            "00081190": {"vr": "UR", "Value": ["http://o:1/dicom-web/studies/1/series/2"]},
+            "00420011": {"vr": "OB", "BulkDataURI": "http://o:1/dicom-web/studies/1/series/2/"
+                                                    "instances/4/bulk/00420011"}}]},
+        "00100010": {"vr": "PN", "Value": [{"Alphabetic": "http://o:1/dicom-web/studies/9"}]},
+        "00080018": {"vr": "UI", "Value": ["1.2.3"]},
+    }]
+    assert rewrite_links(doc) == 4
+    text = json.dumps(doc)
+    assert "http://o:1" in text  # only inside the patient name, which is not a link
+    body = normalise_json(json.dumps([{"00081190": {"vr": "UR", "Value": [
+        "http://o:1/dicom-web/studies/1"]}}]).encode())
+    assert with_base(body, "https://v.example/dicom-web") == \
+        b'[{"00081190":{"vr":"UR","Value":["https://v.example/dicom-web/studies/1"]}}]'
+    # an escaped placeholder (as json.dumps with ensure_ascii writes it) is replaced too
+    escaped = json.dumps({"x": PLACEHOLDER + "/studies/1"}).encode()
+    assert with_base(escaped, "http://b") == b'{"x": "http://b/studies/1"}'
+
+
+def test_normalise_rejects_garbage() -> None:
+    with pytest.raises(ValueError):
+        normalise_json(b"[{")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cached(body: bytes, clock: Clock, fresh: float, validator: object = None) -> Cached:
+    return Cached(body, "application/dicom+json", clock(), fresh, validator=validator)
+
+
+async def test_answer_cache_fresh_stale_and_errors() -> None:
+    clock = Clock()
+    cache = AnswerCache(1 << 20, stale_if_error=60, clock=clock)
+    calls = []
+
+    async def load(old: Cached | None) -> Cached:
+        calls.append(old)
+        await asyncio.sleep(0.01)
+        return cached(b"v%d" % len(calls), clock, 10)
+
+    # concurrent first requests: one load
+    results = await asyncio.gather(*(cache.get("k", load) for _ in range(5)))
+    assert len(calls) == 1 and {r[0].body for r in results} == {b"v1"}
+    clock.now += 5
+    assert (await cache.get("k", load))[0].body == b"v1" and len(calls) == 1  # fresh
+    clock.now += 6
+    entry, stale = await cache.get("k", load)  # stale: revalidated
+    assert (entry.body, stale) == (b"v2", False) and calls[-1] is not None
+
+    async def down(old: Cached | None) -> Cached:
+        raise UpstreamError("connect", "refused")
+
+    clock.now += 30
+    entry, stale = await cache.get("k", down)
+    assert (entry.body, stale) == (b"v2", True)
+    clock.now += 41  # over 60 s past stale: too old to stand in
+    with pytest.raises(UpstreamError):
+        await cache.get("k", down)
+    with pytest.raises(UpstreamError):
+        await cache.get("new", down)
+
+    async def gone(old: Cached | None) -> Cached:
+        raise NotFoundUpstream(404, "deleted")
+
+    with pytest.raises(NotFoundUpstream):
+        await cache.get("k", gone)
+    assert cache.peek("k") is None
+
+
+async def test_answer_cache_bounded_and_revalidated_copies_keep_identity() -> None:
+    clock = Clock()
+    cache = AnswerCache(4000, stale_if_error=0, clock=clock)
+    for i in range(10):
+        cache.put(f"k{i}", cached(b"x" * 300, clock, 10))
+    assert cache.bytes <= 4000 and cache.peek("k9") is not None and cache.peek("k0") is None
+    cache.put("huge", cached(b"x" * 3000, clock, 10))  # over a quarter: not kept
+    assert cache.peek("huge") is None
+    a = cached(b"body", clock, 10, validator=("a",))
+    b = a.revalidated(clock.now + 50)
+    assert b.digest == a.digest and b.validator == ("a",) and b.fresh(clock.now + 55)
+    assert a.etag("http://x", False) != a.etag("http://y", False) != a.etag("http://y", True)
+
+
+async def test_render_relinks_and_gzips() -> None:
+    body = normalise_json(json.dumps([{"00081190": {"vr": "UR", "Value": [
+        "http://o/dicom-web/studies/1"]}}] * 100).encode())
+    entry = Cached(body, "application/dicom+json", 0.0, 10, has_links=True)
+    plain = await entry.render("http://a/dicom-web", False)
+    assert b"http://a/dicom-web/studies/1" in plain and PLACEHOLDER.encode() not in plain
+    assert gzip.decompress(await entry.render("http://a/dicom-web", True)) == plain
+    assert await entry.render("http://a/dicom-web", False) is plain  # memoised
+
+
+@pytest.mark.parametrize(("accept", "ok"), [
+    (None, True), ("application/dicom+json", True), ("application/json, text/plain", True),
+    ("*/*", True), ('multipart/related; type="application/dicom+xml"', False),
+])
+def test_accepts_json(accept: str | None, ok: bool) -> None:
+    assert accepts_json(accept) is ok
+
+
+@pytest.mark.parametrize(("header", "ok"), [
+    ("gzip, deflate, br", True), ("br;q=1, gzip;q=0.5", True), ("gzip;q=0", False),
+    ("identity", False), (None, False), ("*", True),
+])
+def test_accepts_gzip(header: str | None, ok: bool) -> None:
+    assert accepts_gzip(header) is ok
+
+
+def test_multipart_checks() -> None:
+    ct = 'multipart/related; type="application/dicom"; boundary=B'
+    good = b"--B\r\nContent-Type: application/dicom\r\nContent-Length: 3\r\n\r\nabc\r\n--B--\r\n"
+    assert single_part(good, ct) == b"abc"
+    for bad in (good[:-3], good.replace(b"Length: 3", b"Length: 4"), b"", good[2:]):
+        with pytest.raises(ValueError):  # IntegrityError is a ValueError
+            single_part(bad, ct)
+    frames = (b"--B\r\nContent-Location: http://o:1/dicom-web/studies/1/series/2/instances/3/"
+              b"frames/1\r\nContent-Length: 2\r\n\r\nxy\r\n--B--\r\n")
+    assert relink_parts(frames, ct, "https://v/dicom-web") == frames.replace(
+        b"http://o:1/dicom-web", b"https://v/dicom-web")
+    with pytest.raises(ValueError):
+        relink_parts(frames[:30], ct, "https://v/dicom-web")
+
+
+def test_config_sections() -> None:
+    s = from_dict({"dicomweb": {"metadata_fresh": 2, "public_url": "https://c.example/pacs/",
+                                "memory_size": "64MB"},
+                   "cors": {"allowed_origins": ["https://ohif.example", "http://localhost:3000"]}})
+    assert s.dicomweb.metadata_fresh == 2.0 and s.dicomweb.memory_size == 64 << 20
+    assert s.dicomweb.public_url == "https://c.example/pacs"
+    assert s.cors.allowed_origins == ("https://ohif.example", "http://localhost:3000")
+    assert from_dict({}).cors.allowed_origins == ()
+    with pytest.raises(ConfigError) as err:
+        from_dict({"dicomweb": {"metadata_fresh": 0, "stale_if_error": -1, "memory_size": "1KB",
+                                "retrieve_concurrency": 0, "public_url": "ftp://x",
+                                "typo": 1},
+                   "cors": {"allowed_origins": ["https://ohif.example/path", "ohif"],
+                            "max_age": -1}})
+    keys = {k for k, _ in err.value.problems}
+    assert keys == {"dicomweb.metadata_fresh", "dicomweb.stale_if_error", "dicomweb.memory_size",
+                    "dicomweb.retrieve_concurrency", "dicomweb.public_url", "dicomweb.typo",
+                    "cors.allowed_origins", "cors.max_age"}
+
+
+def test_cors_decisions() -> None:
+    s = from_dict({"cors": {"allowed_origins": ["https://ohif.example"]}}).cors
+    assert allowed_origin(s, "https://ohif.example") == "https://ohif.example"
+    assert allowed_origin(s, "https://evil.example") is None
+    assert allowed_origin(from_dict({}).cors, "https://ohif.example") is None
+    star = from_dict({"cors": {"allowed_origins": ["*"]}}).cors
+    assert allowed_origin(star, "https://anything.example") == "*"
+    assert preflight_problem(s, "https://ohif.example", "GET", "Authorization, Range") is None
+    assert preflight_problem(s, "https://ohif.example", "POST", "")
+    assert preflight_problem(s, "https://ohif.example", "GET", "X-Evil")
+    assert preflight_problem(s, None, "GET", "")
+
+
+def test_disk_copies_roundtrip_and_bounds(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import math
+
+    from dicomcache.dicomweb.answers import DiskCopies
+
+    disk = DiskCopies(tmp_path / "dw", max_bytes=3000)
+    entry = Cached(b"[1]", "application/dicom+json", 50.0, 10.0, validator=[["a"], "t"],
+                   value=["oid", ["i1"]], has_links=True)
+    disk.save("json:/x", entry, wall_now=1000.0, mono_now=60.0)  # validated 10 s ago
+    back = disk.load("json:/x", wall_now=1005.0, mono_now=500.0)
+    assert back is not None
+    assert (back.body, back.validator, back.value, back.has_links) == \
+        (b"[1]", [["a"], "t"], ["oid", ["i1"]], True)
+    assert back.validated_at == pytest.approx(485.0)  # 15 s before mono_now
+    forever = Cached(b"{}", "application/dicom+json", 0.0, math.inf)
+    disk.save("json:/i", forever, 1000.0, 0.0)
+    assert disk.load("json:/i", 2000.0, 0.0).fresh_for == math.inf  # type: ignore[union-attr]
+    assert disk.load("json:/missing", 0, 0) is None
+    disk.path("json:/x").write_bytes(b"not json\n")
+    assert disk.load("json:/x", 0, 0) is None
+    for i in range(10):
+        disk.save(f"k{i}", Cached(b"x" * 1000, "t", 0.0, 1.0), 0, 0)
+    disk.prune()
+    assert sum(p.stat().st_size for p in (tmp_path / "dw").iterdir()) <= 3000

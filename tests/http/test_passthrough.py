@@ -1,0 +1,133 @@
+"""Read-through of Orthanc's other resources, closed endpoints, malformed identifiers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from dicomcache.http.app import make_app
+from dicomcache.devtools.orthanc import OrthancProcess
+from tests.conftest import Sample, SettingsFactory
+from tests.http.test_instances import orthanc_get
+
+
+@pytest.fixture
+async def client(aiohttp_client, make_settings: SettingsFactory, no_blocking: None) -> TestClient:
+    return await aiohttp_client(make_app(make_settings()))
+
+
+async def test_json_resources_equal_orthanc(client: TestClient, orthanc: OrthancProcess,
+                                            samples: dict[str, list[Sample]]) -> None:
+    s = samples["explicit"][0]
+    study = await asyncio.to_thread(orthanc.json, "GET", f"/instances/{s.orthanc_id}/study")
+    study_id = study["ID"]
+    for path in ("/studies", f"/studies/{study_id}", f"/instances/{s.orthanc_id}/tags",
+                 f"/instances/{s.orthanc_id}/simplified-tags", "/studies?expand"):
+        # (DICOMweb QIDO is cached with its links rewritten: tests/routes/test_dicomweb.py)
+        headers, direct = orthanc_get(orthanc, path)
+        resp = await client.get(path)
+        assert resp.status == 200, path
+        assert resp.headers["Content-Type"] == headers["Content-Type"], path
+        assert json.loads(await resp.read()) == json.loads(direct), path
+
+
+async def test_upstream_status_kept(client: TestClient) -> None:
+    resp = await client.get("/studies/00000000-00000000-00000000-00000000-00000000")
+    assert resp.status == 404
+
+
+async def test_head_works_although_orthanc_refuses_head(client: TestClient) -> None:
+    resp = await client.head("/studies")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert await resp.read() == b""
+
+
+async def test_viewer_credentials_not_forwarded_and_ours_not_echoed(
+        client: TestClient, orthanc: OrthancProcess) -> None:
+    resp = await client.get("/system", headers={"Authorization": "Basic bm9ib2R5Om5vcGU="})
+    assert resp.status == 200  # our credentials were used, not the viewer's bogus ones
+    body = await resp.text()
+    assert orthanc.password not in body
+    assert "WWW-Authenticate" not in resp.headers
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/instances"),
+    ("DELETE", "/studies/00000000-00000000-00000000-00000000-00000000"),
+    ("PUT", "/tools/log-level"),
+    ("POST", "/tools/execute-script"),
+    ("GET", "/tools/reset"),
+    ("POST", "/tools/shutdown"),
+    ("GET", "/modalities"),
+    ("GET", "/modalities/PACS"),
+    ("GET", "/peers"),
+    ("GET", "/jobs"),
+    ("GET", "/jobs/1234"),
+    ("POST", "/dicom-web/studies"),
+    ("POST", "/instances/6cfb666e-352be4d5-bdc7fd9c-7167db56-1d1e9061/file"),
+])
+async def test_closed_by_default(client: TestClient, method: str, path: str) -> None:
+    resp = await client.request(method, path, data=b"x")
+    assert resp.status == 403
+    body = await resp.json()
+    assert body["error"] == "forbidden" and body["reason"]
+
+
+async def test_allow_list_opens_an_endpoint(aiohttp_client, make_settings: SettingsFactory,
+                                            samples: dict[str, list[Sample]]) -> None:
+    client = await aiohttp_client(make_app(make_settings(access={"allow": ["POST /tools/find",
+                                                                           "GET /jobs"]})))
+    query = {"Level": "Study", "Query": {"PatientID": "PEXPLICIT"}}
+    resp = await client.post("/tools/find", json=query)
+    assert resp.status == 200
+    assert len(await resp.json()) == 1
+    assert (await client.get("/jobs")).status == 200
+    assert (await client.get("/jobs/x")).status == 403
+
+
+@pytest.mark.parametrize("path", [
+    "/instances/not-an-id/file",
+    "/instances/6cfb666e-352be4d5-bdc7fd9c-7167db56-1d1e906X/file",
+    "/instances/6CFB666E-352BE4D5-BDC7FD9C-7167DB56-1D1E9061/file",
+    "/wado?requestType=WADO&objectUID=1.2.abc&contentType=application/dicom",
+    "/wado?requestType=WADO&objectUID=1.2..3&contentType=application/dicom",
+    "/wado?requestType=WADO&objectUID=" + "1." * 40 + "1&contentType=application/dicom",
+    "/wado?requestType=WADO&contentType=application/dicom",
+    "/wado?requestType=NOPE&objectUID=1.2.3",
+    "/dicom-web/studies/1.2.3/series/1.2.x/instances/1.2.3",
+    "/dicom-web/studies/1.2.3/series/1.2.3/instances/" + "9" * 65,
+    "/studies/..%2F..%2Fetc/passwd",
+    "/instances%2f..%2fsystem",
+    "/studies/%2e%2e/system",
+    "/studies/a%5cb",
+    "/studies/a%00b",
+])
+async def test_malformed_identifiers_and_paths_are_400(client: TestClient, path: str) -> None:
+    # Sent exactly as written (no client-side normalisation of dots or escapes).
+    resp = await client.session.get(client.make_url("").with_path(path.split("?")[0], encoded=True)
+                                    .with_query(path.split("?")[1] if "?" in path else ""))
+    assert resp.status == 400, (path, await resp.text())
+    body = await resp.json()
+    assert body["error"] == "bad request" and body["reason"]
+
+
+async def test_streams_large_bodies(client: TestClient, ct_series: list[Sample]) -> None:
+    """A study archive (length-less, streamed by Orthanc) passes through whole."""
+    import io
+    import zipfile
+
+    s = ct_series[0]
+    study_id = (await (await client.get(f"/instances/{s.orthanc_id}/study")).json())["ID"]
+    resp = await client.get(f"/studies/{study_id}/archive")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "application/zip"
+    buf = io.BytesIO()
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        buf.write(chunk)
+    with zipfile.ZipFile(buf) as archive:
+        members = [archive.read(name) for name in archive.namelist()]
+    assert sorted(members) == sorted(x.data for x in ct_series)

@@ -1,0 +1,144 @@
+"""fastdul's patches of pynetdicom: where messages are sent from, logging handlers, contexts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicomcache.relay.accel import fastdul
+from tests.relay.conftest import needs_dcmtk
+
+
+def test_messages_go_out_from_the_calling_thread_and_arrive_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Established association, nothing queued: C-STORE requests and responses are sent by
+    the thread that makes them (no hand-off to the DUL thread), bytes unchanged."""
+    import threading
+
+    from pynetdicom import AE, evt
+    from pynetdicom import dul as _dul
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from dicomcache.devtools.orthanc import free_port
+    from dicomcache.devtools.samples import make_ct_series, write_series
+
+    assert fastdul.install()
+    queued: list[int] = []
+    original = _dul.DULServiceProvider.send_pdu
+
+    def counting(self: object, primitive: object) -> None:
+        if isinstance(primitive, fastdul.RawPData):
+            queued.append(len(primitive.dc_raw))
+        original(self, primitive)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_dul.DULServiceProvider, "send_pdu", counting)
+    received: dict[str, bytes] = {}
+    lock = threading.Lock()
+
+    def store(event: evt.Event) -> int:
+        with lock:
+            received[str(event.request.AffectedSOPInstanceUID)] = (
+                event.request.DataSet.getvalue())  # type: ignore[union-attr]
+        return 0
+
+    scp_ae = AE(ae_title="SCP")
+    scp_ae.add_supported_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    port = free_port()
+    server = scp_ae.start_server(("127.0.0.1", port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        series = make_ct_series(5, rows=128, columns=128, seed=9)
+        files = write_series(series, tmp_path / "src")
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="SCP", max_pdu=16384)
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(f).Status) for f in files]
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert statuses == [0] * 5
+    assert queued == []  # every request and response went out directly
+    for f, ds in zip(files, series, strict=True):
+        raw = f.read_bytes()
+        # The data set as in the file after its meta group, byte for byte.
+        assert raw.endswith(received[str(ds.SOPInstanceUID)])
+        assert len(received[str(ds.SOPInstanceUID)]) > 128 * 128 * 2
+
+
+def test_pynetdicom_logging_handlers_only_when_they_would_print() -> None:
+    import logging
+
+    from pynetdicom import AE, evt
+    from pynetdicom.association import Association
+
+    assert fastdul.install()
+    logger = logging.getLogger("pynetdicom")
+    old = logger.level
+    try:
+        logger.setLevel(logging.WARNING)
+        quiet = Association(AE(), "requestor")
+        logger.setLevel(logging.INFO)
+        verbose = Association(AE(), "requestor")
+    finally:
+        logger.setLevel(old)
+    assert evt.EVT_DIMSE_RECV not in quiet._handlers
+    assert evt.EVT_DIMSE_RECV in verbose._handlers
+
+
+def test_copied_contexts_are_equal_and_independent() -> None:
+    import copy
+
+    from pynetdicom import AE, AllStoragePresentationContexts
+
+    from dicomcache.relay import negotiation as neg
+
+    ae = AE()
+    for cx in AllStoragePresentationContexts[:20]:
+        ae.add_supported_context(cx.abstract_syntax, list(neg.ACCEPTED_FROM_MODALITIES),
+                                 scu_role=True, scp_role=True)
+    original = ae.supported_contexts
+    ours = fastdul.copy_contexts(original)
+    reference = copy.deepcopy(original)
+    assert [vars(c) for c in ours] == [vars(c) for c in reference]
+    assert all(a is not b for a, b in zip(ours, original, strict=True))
+    ours[0].transfer_syntax.append("1.2.3.4")
+    ours[0].context_id = 99
+    assert "1.2.3.4" not in original[0].transfer_syntax and original[0].context_id is None
+    assert fastdul.copy_contexts({"a": [1]}) == {"a": [1]}  # anything else: deepcopy
+
+
+@needs_dcmtk
+def test_a_peer_that_stops_reading_fails_the_send_instead_of_hanging(
+        tmp_path: Path, storescp: Callable[..., Any]) -> None:
+    """pynetdicom leaves a requestor's socket without a timeout: a PACS that stops
+    reading mid-instance must cost the network timeout, not hold the forwarder."""
+    import os
+    import signal
+    import time
+
+    from dicomcache.relay.scu import DELIVERED, SendItem, StoreSCU
+    from dicomcache.devtools.samples import make_ct_series, write_series
+
+    pacs = storescp("all")
+    assert pacs.proc is not None
+    series = make_ct_series(2, rows=4096, columns=4096, seed=7)  # 32 MiB each: more than
+    files = write_series(series, tmp_path / "src")              # loopback's buffers hold
+    items = [SendItem(i, f, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                      str(ds.file_meta.TransferSyntaxUID))
+             for i, (f, ds) in enumerate(zip(files, series, strict=True))]
+
+    def freeze_after_first(result: Any) -> None:
+        os.kill(pacs.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+
+    scu = StoreSCU("RELAY", pacs.destination("P"), timeout=2.0)
+    started = time.monotonic()
+    try:
+        report = scu.send(items, on_result=freeze_after_first)
+    finally:
+        os.kill(pacs.proc.pid, signal.SIGCONT)
+    assert time.monotonic() - started < 30
+    assert [r.outcome for r in report.results] == [DELIVERED, "retry"]

@@ -1,0 +1,169 @@
+"""The /changes watcher against the real Orthanc (through the WAN emulator, to count requests)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicomcache.http.app import make_app
+from dicomcache.upstream.changes import CHANGES, STUDY_CHANGED, read_cursor, rule_matches, write_cursor
+from dicomcache.config import PrewarmRule, Settings
+from dicomcache.devtools.orthanc import OrthancProcess
+from dicomcache.prefetch.scheduler import PREFETCHER
+from dicomcache.http.common import STORE
+from dicomcache.devtools.samples import encode, make_ct_series
+from dicomcache.devtools.wanem import WanEmulator
+from tests.conftest import SettingsFactory
+
+
+pytestmark = pytest.mark.usefixtures("no_blocking")
+
+
+async def upload(orthanc: OrthancProcess, n: int = 1, *, study: str | None = None,
+                 modality: str = "CT", seed: int = 0) -> tuple[str, list[str]]:
+    return await asyncio.to_thread(_upload, orthanc, n, study, modality, seed)
+
+
+def _upload(orthanc: OrthancProcess, n: int, study: str | None, modality: str,
+            seed: int) -> tuple[str, list[str]]:
+    datasets = make_ct_series(n, rows=32, columns=32, study_uid=study or generate_uid(),
+                              seed=seed, patient_id="PCHANGES", modality=modality)
+    ids = orthanc.upload([encode(ds, ExplicitVRLittleEndian) for ds in datasets])
+    return str(datasets[0].StudyInstanceUID), ids
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def started(settings: Settings, seen: list[str]) -> TestClient:
+    app = make_app(settings)
+
+    async def hook(study_uid: str) -> None:
+        seen.append(study_uid)
+
+    app[STUDY_CHANGED].append(hook)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    return client
+
+
+async def test_hooks_and_cursor_survive_restart(
+        make_settings: SettingsFactory, orthanc: OrthancProcess, wan: WanEmulator,
+        tmp_path: Path) -> None:
+    settings = make_settings(url=f"http://127.0.0.1:{wan.port}",
+                             changes={"enabled": True, "poll_interval": 0.1})
+    seen: list[str] = []
+    client = await started(settings, seen)
+    try:
+        watcher = client.app[CHANGES]
+        await until(lambda: watcher.cursor is not None)
+        study, _ = await upload(orthanc, seed=11)
+        await until(lambda: study in seen)
+        # A new instance in a study seen before: its subscribers hear of it again.
+        seen.clear()
+        await upload(orthanc, study=study, seed=12)
+        await until(lambda: study in seen)
+    finally:
+        await client.close()
+    # What was persisted is where the watcher stood when it stopped (it may have
+    # read further changes after the one awaited above).
+    saved = watcher.cursor
+    cursor_file = settings.cache.directory / "changes-cursor.json"
+    assert await asyncio.to_thread(read_cursor, cursor_file, settings.upstream.url or "") == saved
+    assert wan.targets.count("/changes?last") == 1
+
+    # Changes made while dicomcache is stopped are not lost: it resumes at the cursor.
+    missed, _ = await upload(orthanc, seed=13)
+    seen2: list[str] = []
+    client = await started(settings, seen2)
+    try:
+        await until(lambda: missed in seen2, timeout=1.5)  # before StableStudy could tell
+        assert wan.targets.count("/changes?last") == 1
+        assert any(t.startswith(f"/changes?since={saved}&") for t in wan.targets)
+    finally:
+        await client.close()
+
+
+async def test_prewarm_rule_fetches_a_matching_stable_study(
+        make_settings: SettingsFactory, orthanc: OrthancProcess) -> None:
+    settings = make_settings(changes={"enabled": True, "poll_interval": 0.2,
+                                      "prewarm": [{"modality": "MR"}]})
+    client = await started(settings, [])
+    try:
+        watcher = client.app[CHANGES]
+        await until(lambda: watcher.cursor is not None)
+        ct, _ = await upload(orthanc, 2, modality="CT", seed=21)
+        mr, ids = await upload(orthanc, 3, modality="MR", seed=22)
+        await until(lambda: mr in watcher.warmed, timeout=20)  # after Orthanc's StableAge
+        assert await client.app[PREFETCHER].idle(20)
+        store = client.app[STORE]
+        assert all([await store.get_by_orthanc_id(i) for i in ids])
+        assert ct not in watcher.warmed
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(("rule", "ok"), [
+    (PrewarmRule(modality="mr"), True),
+    (PrewarmRule(modality="CT"), False),
+    (PrewarmRule(label="urgent"), True),
+    (PrewarmRule(label="other"), False),
+    (PrewarmRule(tag="InstitutionName", value="CLINIC A"), True),
+    (PrewarmRule(tag="InstitutionName", value="CLINIC B"), False),
+    (PrewarmRule(modality="MR", tag="InstitutionName", value="CLINIC B"), False),
+])
+def test_rule_matches(rule: PrewarmRule, ok: bool) -> None:
+    study = {"Labels": ["urgent"]}
+    assert rule_matches(rule, study, {"MR", "SR"}, {"InstitutionName": "CLINIC A "}) is ok
+
+
+def test_cursor_of_another_orthanc_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    assert read_cursor(path, "http://a") is None
+    write_cursor(path, "http://a", 42)
+    assert read_cursor(path, "http://a") == 42
+    assert read_cursor(path, "http://b") is None
+    path.write_text("{broken")
+    assert read_cursor(path, "http://a") is None
+
+
+async def test_stop_during_a_cursor_write_waits_for_it(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped while the cursor is being written: the write completes before the stop
+    does, and the file says where the watcher stands (CI once found them apart)."""
+    import threading
+    from types import SimpleNamespace
+
+    from dicomcache.upstream import changes
+    from dicomcache.config import ChangesSettings
+    from dicomcache.metrics import Metrics
+
+    started_, release = threading.Event(), threading.Event()
+
+    def slow_write(path: Path, upstream: str, last: int) -> None:
+        started_.set()
+        assert release.wait(10)
+        write_cursor(path, upstream, last)
+
+    monkeypatch.setattr(changes, "write_cursor", slow_write)
+    path = tmp_path / "cursor.json"
+    client: Any = SimpleNamespace(base="http://o")  # only its base URL is used
+    watcher = changes.ChangeWatcher(ChangesSettings(), client, None, Metrics(), path, [])
+    saving = asyncio.ensure_future(watcher._save(7))
+    assert await asyncio.to_thread(started_.wait, 10)
+    saving.cancel()  # stop() while the thread writes
+    threading.Timer(0.2, release.set).start()
+    with pytest.raises(asyncio.CancelledError):
+        await saving
+    assert await asyncio.to_thread(read_cursor, path, "http://o") == watcher.cursor == 7
