@@ -1,10 +1,52 @@
-"""The few exception types dicomcache raises on purpose.
+"""The few exception types dicomcache raises on purpose, and :class:`Cause`.
 
-Each mixes in a built-in so generic handlers still catch it
-(``except TimeoutError`` catches an :class:`UpstreamTimeout`).
+Each exception mixes in a built-in so generic handlers still catch it
+(``except TimeoutError`` catches an :class:`UpstreamTimeout`).  Failure
+reasons are one enum, :class:`Cause`: logs, metric labels, the viewer's 502
+body and the status page all use its values, so they cannot disagree.
 """
 
 from __future__ import annotations
+
+import enum
+
+
+class Cause(enum.StrEnum):
+    """Why getting a usable answer from Orthanc failed (a metric label value)."""
+
+    # The link: another attempt may work, and enough of them open the breaker.
+    TIMEOUT = "timeout"
+    RESET = "reset"
+    CONNECT = "connect"
+    # Orthanc answered, but not with what was asked.
+    HTTP_5XX = "http_5xx"
+    HTTP_429 = "http_429"
+    AUTH = "auth"
+    ENCODING = "encoding"
+    BAD_JSON = "bad_json"
+    # The body failed verification (see dicomcache.dicom.verify).
+    SHORT_BODY = "short_body"
+    LENGTH_MISMATCH = "length_mismatch"
+    MD5_MISMATCH = "md5_mismatch"
+    PARSE_FAILURE = "parse_failure"
+    # dicomcache's own state.
+    STALE = "stale"
+    CIRCUIT_OPEN = "circuit_open"
+    READ_ERROR = "read_error"
+
+    @property
+    def integrity(self) -> bool:
+        """A body that arrived but failed verification (a buffer overrun prevented)."""
+        return self in INTEGRITY_CAUSES
+
+    @property
+    def final(self) -> bool:
+        """Another attempt cannot fix it (refused credentials)."""
+        return self is Cause.AUTH
+
+
+INTEGRITY_CAUSES = frozenset({Cause.SHORT_BODY, Cause.LENGTH_MISMATCH, Cause.MD5_MISMATCH,
+                              Cause.PARSE_FAILURE})
 
 
 class DicomcacheError(Exception):
@@ -22,34 +64,33 @@ class ConfigError(DicomcacheError, ValueError):
 class IntegrityError(DicomcacheError, ValueError):
     """A DICOM body failed verification.
 
-    ``cause`` is a short machine-readable label (``short_body``,
-    ``length_mismatch``, ``md5_mismatch``, ``parse_failure``) used in logs,
-    metrics and the viewer's 502 body; ``reason`` is for people.
+    ``cause`` is one of the integrity causes of :class:`Cause` (or
+    ``READ_ERROR`` for a stored file that cannot be read); ``reason`` is for
+    people.
     """
 
-    def __init__(self, cause: str, reason: str) -> None:
-        self.cause = cause
+    def __init__(self, cause: Cause, reason: str) -> None:
+        self.cause = Cause(cause)
         self.reason = reason
-        super().__init__(f"{cause}: {reason}")
+        super().__init__(f"{self.cause}: {reason}")
 
 
 class UpstreamError(DicomcacheError, ConnectionError):
     """Orthanc could not give a usable answer.
 
-    ``cause`` labels why (``timeout``, ``reset``, ``connect``, ``http_5xx``,
-    ``http_429``, or an :class:`IntegrityError` cause); ``attempts`` counts the
-    requests made before giving up; ``status`` is the upstream HTTP status if
-    one was received.
+    ``attempts`` counts the requests made before giving up; ``status`` is the
+    upstream HTTP status if one was received; ``retry_after`` is how long
+    Orthanc (``Retry-After``) or the breaker asked to wait, in seconds.
     """
 
-    def __init__(
-        self, cause: str, reason: str, *, attempts: int = 1, status: int | None = None
-    ) -> None:
-        self.cause = cause
+    def __init__(self, cause: Cause, reason: str, *, attempts: int = 1,
+                 status: int | None = None, retry_after: float | None = None) -> None:
+        self.cause = Cause(cause)
         self.reason = reason
         self.attempts = attempts
         self.status = status
-        super().__init__(f"{cause}: {reason}")
+        self.retry_after = retry_after
+        super().__init__(f"{self.cause}: {reason}")
 
 
 class UpstreamTimeout(UpstreamError, TimeoutError):
@@ -61,7 +102,7 @@ class UpstreamUnavailable(UpstreamError):
 
 
 class NotFoundUpstream(DicomcacheError, LookupError):
-    """Orthanc answered 404 (or 4xx): the resource does not exist; never retried."""
+    """Orthanc answered 404 (or another 4xx): the resource does not exist; never retried."""
 
     def __init__(self, status: int, reason: str) -> None:
         self.status = status
@@ -71,7 +112,3 @@ class NotFoundUpstream(DicomcacheError, LookupError):
 
 class StoreFull(DicomcacheError, OSError):
     """The cache directory's disk is full; nothing was committed."""
-
-
-class ForwardError(DicomcacheError, RuntimeError):
-    """The relay could not deliver an instance to a destination."""

@@ -48,17 +48,6 @@ UNCACHED_CAUSES = ("disk_full", "io_error")
 UNCACHED_LOG_EVERY = 60.0
 
 
-def link_down(cause: str, status: int | None = None) -> bool:
-    """Whether a failure says Orthanc is unreachable or unusable, not that one resource is bad.
-
-    A 500 for one resource (e.g. a transcoding Orthanc cannot do) or a corrupt
-    body says nothing about the link; timeouts, resets, refused connections,
-    gateway errors and refused credentials do.
-    """
-    return cause in ("timeout", "reset", "connect", "auth") or (
-        cause == "http_5xx" and status in (502, 503, 504))
-
-
 @dataclass(frozen=True, slots=True)
 class IntegrityEvent:
     """One body rejected by verification, for the status page."""
@@ -113,7 +102,7 @@ class Metrics:
         self.upstream_seconds = Histogram(
             "dicomcache_upstream_request_duration_seconds",
             "Time of one request to Orthanc, by kind (instance, md5, lookup, passthrough, "
-            "series: a whole series stream, md5_pipelined: all MD5 lookups of one).",
+            "series: a whole series stream, md5_lookups: all MD5 lookups of one).",
             ["kind"], buckets=_LATENCY_BUCKETS, registry=r)
         self.upstream_retries = Counter(
             "dicomcache_upstream_retries_total", "Requests to Orthanc retried, by cause.",

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from dicomcache.http.app import make_app
-from dicomcache.prefetch.scheduler import PREFETCHER
-from dicomcache.http.common import CLIENT, METRICS, STORE
+from dicomcache.http.keys import PREFETCHER
+from dicomcache.http.keys import CLIENT, METRICS, STORE
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from tests.conftest import Sample, SettingsFactory
 

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from dicomcache.errors import IntegrityError, NotFoundUpstream, UpstreamError
+from dicomcache.errors import Cause, IntegrityError, UpstreamError
 from dicomcache.metrics import Metrics
 from dicomcache.cache.store import AsyncStore, Entry
 from dicomcache.upstream.client import OrthancClient
@@ -142,9 +142,7 @@ class Fetcher:
         return await self._single_flight(f"lookup:{sop_uid}", lambda: self._lookup(sop_uid))
 
     async def _lookup(self, sop_uid: str) -> str:
-        found = await self.client.lookup_instance(sop_uid)
-        if found is None:
-            raise NotFoundUpstream(404, f"Orthanc has no instance with SOPInstanceUID {sop_uid}")
+        found = await self.client.lookup(sop_uid, "Instance")
         await self.store.learn(found, sop_uid)
         return found
 
@@ -264,15 +262,15 @@ class Fetcher:
         def check() -> tuple[DicomSummary, str, bytes]:
             data = body
             if expected_length is not None and len(body) != expected_length:
-                raise IntegrityError("length_mismatch", f"received {len(body)} bytes, "
+                raise IntegrityError(Cause.LENGTH_MISMATCH, f"received {len(body)} bytes, "
                                      f"Content-Length said {expected_length}")
             if encoding in ("gzip", "deflate"):
                 try:
                     data = zlib.decompress(body, 47)  # gzip or zlib, auto-detected
                 except zlib.error as exc:
-                    raise IntegrityError("short_body", f"bad {encoding} stream: {exc}") from exc
+                    raise IntegrityError(Cause.SHORT_BODY, f"bad {encoding} stream: {exc}") from exc
             elif encoding != "identity":
-                raise UpstreamError("encoding", f"unsupported Content-Encoding {encoding!r}")
+                raise UpstreamError(Cause.ENCODING, f"unsupported Content-Encoding {encoding!r}")
             summary = verify_bytes(data, expected_md5=expected_md5)
             return summary, expected_md5 or md5_hex(data), data
 

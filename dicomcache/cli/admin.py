@@ -28,16 +28,16 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
+from dicomcache.cache.admin import check_entry, choose_purge, study_use
+from dicomcache.cache.store import Store
+from dicomcache.cli.common import USAGE, load_settings
+from dicomcache.cli.progress import Progress, human_bytes
 from dicomcache.config import Settings
-from dicomcache.errors import ConfigError, IntegrityError
-from dicomcache.cache.store import Entry, Store
-from dicomcache.dicom.verify import verify_file
+from dicomcache.dicom.uids import is_uid
 
-_UID = re.compile(r"^[0-9]+(?:\.[0-9]+)*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -56,7 +56,7 @@ def parse_duration(text: str) -> float:
 
 def study_uid(text: str) -> str:
     """A StudyInstanceUID: digits and dots, at most 64 characters."""
-    if len(text) > 64 or not _UID.match(text):
+    if not is_uid(text):
         raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a DICOM UID (digits and dots)")
     return text
 
@@ -99,23 +99,12 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("study_uid", type=study_uid, metavar="STUDY_UID")
 
 
-# --- shared ------------------------------------------------------------------------------
-def _settings(args: argparse.Namespace) -> Settings | None:
-    from dicomcache.cli.main import settings_from  # not at import time: cli imports this module
-
-    try:
-        return settings_from(args)
-    except ConfigError as exc:
-        for key, message in exc.problems:
-            print(f"config error: {key}: {message}", file=sys.stderr)
-        return None
-
-
+# --- shared ---------------------------------------------------------------------------------
 def _open(args: argparse.Namespace, *, create: bool = False) -> tuple[Settings, Store] | int:
     """The settings and their store, or an exit status after saying what is wrong."""
-    settings = _settings(args)
+    settings = load_settings(args)
     if settings is None:
-        return 2
+        return USAGE
     directory = settings.cache.directory
     if not create and not (directory / "cache.db").exists():  # diskcache's index file
         print(f"no cache at {directory} (nothing stored yet, or another cache.directory?)",
@@ -124,72 +113,10 @@ def _open(args: argparse.Namespace, *, create: bool = False) -> tuple[Settings, 
     return settings, Store(directory, settings.cache.max_size)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
-
-
-class Progress:
-    """A one-line progress bar redrawn on ``stream`` (at most 10 times a second)."""
-
-    WIDTH = 30
-
-    def __init__(self, label: str, total: int, total_bytes: int, *, enabled: bool | None,
-                 stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.label = label
-        self.total = total
-        self.total_bytes = total_bytes
-        self.done = 0
-        self.done_bytes = 0
-        self.started = time.monotonic()
-        self._drawn = 0.0
-
-    def update(self, count: int = 1, nbytes: int = 0) -> None:
-        self.done += count
-        self.done_bytes += nbytes
-        now = time.monotonic()
-        if self.enabled and (now - self._drawn >= 0.1 or self.done >= self.total):
-            self._drawn = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        frac = self.done / self.total if self.total else 1.0
-        filled = int(frac * self.WIDTH)
-        elapsed = max(now - self.started, 1e-6)
-        rate = self.done_bytes / elapsed
-        eta = (self.total_bytes - self.done_bytes) / rate if rate > 0 else 0.0
-        self.stream.write(
-            f"\r{self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {frac:4.0%} "
-            f"{self.done}/{self.total} {human_bytes(self.done_bytes)} "
-            f"{human_bytes(rate)}/s ETA {eta:.0f}s  ")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-# --- stats -------------------------------------------------------------------------------
-@dataclass(slots=True)
-class StudyUse:
-    study_uid: str
-    instances: int = 0
-    size_bytes: int = 0
-    last_used: float = 0.0
-    pinned: bool = False
 
 
 def daemon_figures(settings: Settings, timeout: float = 2.0) -> dict[str, Any] | None:
@@ -225,13 +152,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     try:
         stats = store.stats()
         pins = store.pinned()
-        studies: dict[str, StudyUse] = {}
-        for entry, last_used in store.listing():
-            uid = entry.study_uid or "(unknown)"
-            use = studies.setdefault(uid, StudyUse(uid, pinned=uid in pins))
-            use.instances += 1
-            use.size_bytes += entry.size
-            use.last_used = max(use.last_used, last_used)
+        studies = study_use(store.listing(), pins)
         quarantined = len(list(store.quarantine_dir.glob("*.dcm")))
     finally:
         store.close()
@@ -284,21 +205,10 @@ def cmd_purge(args: argparse.Namespace) -> int:
         return opened
     store = opened[1]
     try:
-        pins = store.pinned()
-        now = time.time()
-        kept_pinned = 0
-        chosen: list[Entry] = []
-        for entry in store.entries():
-            if args.study is not None:
-                if entry.study_uid == args.study:
-                    chosen.append(entry)
-                continue
-            if args.older_than is not None and entry.stored_at >= now - args.older_than:
-                continue
-            if entry.study_uid in pins and not args.include_pinned:
-                kept_pinned += 1
-                continue
-            chosen.append(entry)
+        choice = choose_purge(store.entries(), store.pinned(), now=time.time(),
+                              study=args.study, older_than=args.older_than,
+                              include_pinned=args.include_pinned)
+        chosen, kept_pinned = choice.entries, choice.kept_pinned
         nbytes = sum(e.size for e in chosen)
         kept = f"; {kept_pinned} instance(s) of pinned studies kept" if kept_pinned else ""
         if args.dry_run:
@@ -320,25 +230,6 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 
 # --- verify ------------------------------------------------------------------------------
-def check_entry(entry: Entry) -> IntegrityError | None:
-    """Re-verify one stored file: length, MD5 and a full parse; the error, or None if intact.
-
-    ``FileNotFoundError`` propagates (a vanished file is not a bad one).
-    """
-    try:
-        summary = verify_file(entry.path, expected_length=entry.size, expected_md5=entry.md5)
-    except IntegrityError as exc:
-        return exc
-    except FileNotFoundError:
-        raise
-    except OSError as exc:  # EIO and friends: the disk itself is failing
-        return IntegrityError("read_error", f"cannot read the file: {exc}")
-    if summary.sop_instance_uid != entry.sop_uid:
-        return IntegrityError("parse_failure", f"the file holds SOPInstanceUID "
-                              f"{summary.sop_instance_uid}, the index says {entry.sop_uid}")
-    return None
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     """Re-check every entry; quarantine bad ones; exit 1 if any was bad or missing."""
     opened = _open(args)

@@ -8,8 +8,8 @@ runs: the store's index is shared through sqlite).  Studies of one run count
 as "being viewed" for the cache bound: the run stops before they would fill
 more than ``prefetch.max_fraction`` of ``cache.max_size``.
 
-Progress (instances, bytes, rate, ETA) goes to stderr — one updating line on a
-terminal, a line every 5 s otherwise — and a summary to stdout.  Exit status:
+Progress (instances, bytes, rate, ETA) goes to stderr as one updating line when
+it is a terminal (nothing otherwise), and a summary to stdout.  Exit status:
 0 when every instance is local, 1 when anything failed, was not found or did
 not fit, 2 for a bad config or command line.
 """
@@ -26,11 +26,13 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from dicomcache.config import Settings
-from dicomcache.errors import ConfigError, NotFoundUpstream, UpstreamError
 from dicomcache.cache.fetch import Fetcher
+from dicomcache.cli.common import USAGE, load_settings
+from dicomcache.cli.progress import Progress
+from dicomcache.config import Settings
+from dicomcache.errors import NotFoundUpstream, UpstreamError
 from dicomcache.metrics import Metrics
-from dicomcache.prefetch.scheduler import Job, Prefetcher, Progress, get_json
+from dicomcache.prefetch.scheduler import Job, Prefetcher, Tally
 from dicomcache.cache.store import AsyncStore, Store
 from dicomcache.upstream.client import OrthancClient
 
@@ -48,38 +50,41 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                    help="studies with this AccessionNumber (repeatable)")
     p.add_argument("--parallel", type=int, metavar="N",
                    help="downloads in flight (default: prefetch.parallel)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from dicomcache.cli.main import settings_from  # cli imports this module's add_cli: import late
-
     if not (args.study or args.patient or args.accession):
         print("dicomcache prefetch: give --study, --patient or --accession", file=sys.stderr)
-        return 2
+        return USAGE
     if args.parallel is not None and not 1 <= args.parallel <= 64:
         print("dicomcache prefetch: --parallel must be between 1 and 64", file=sys.stderr)
-        return 2
-    try:
-        settings = settings_from(args)
-    except ConfigError as exc:
-        for key, message in exc.problems:
-            print(f"config error: {key}: {message}", file=sys.stderr)
-        return 2
+        return USAGE
+    settings = load_settings(args)
+    if settings is None:
+        return USAGE
     if settings.upstream.url is None:
         print("config error: upstream.url: not set (prefetch needs an Orthanc)", file=sys.stderr)
-        return 2
+        return USAGE
     parallel = args.parallel or settings.prefetch.parallel
     return asyncio.run(prefetch(settings, studies=args.study, patients=args.patient,
                                 accessions=args.accession, parallel=parallel,
-                                out=sys.stdout, err=None if args.quiet else sys.stderr))
+                                out=sys.stdout, err=_progress_stream(args)))
+
+
+def _progress_stream(args: argparse.Namespace) -> TextIO | None:
+    """stderr when a progress bar is wanted there: asked for, or a terminal and not quiet."""
+    wanted = args.progress if args.progress is not None else sys.stderr.isatty()
+    return sys.stderr if wanted and not args.quiet else None
 
 
 async def find_studies(client: OrthancClient, key: str, value: str) -> list[str]:
     """StudyInstanceUIDs of the studies whose ``key`` (PatientID, AccessionNumber) is ``value``."""
     query = {"Level": "Study", "Query": {key: value}, "Expand": True}
-    found = await get_json(client, "/tools/find", method="POST", body=json.dumps(query).encode())
+    found = await client.get_json("/tools/find", method="POST", body=json.dumps(query).encode())
     return [s["MainDicomTags"]["StudyInstanceUID"] for s in found
             if s.get("MainDicomTags", {}).get("StudyInstanceUID")]
 
@@ -87,7 +92,8 @@ async def find_studies(client: OrthancClient, key: str, value: str) -> list[str]
 async def prefetch(settings: Settings, *, studies: list[str], patients: list[str],
                    accessions: list[str], parallel: int, out: TextIO,
                    err: TextIO | None) -> int:
-    """Resolve, list and fetch; print progress to ``err`` and a summary to ``out``."""
+    """Resolve, list and fetch; draw a progress bar on ``err`` (if given) and print a
+    summary to ``out``."""
     metrics = Metrics()
     store = AsyncStore(await asyncio.to_thread(Store, settings.cache.directory,
                                                settings.cache.max_size))
@@ -121,16 +127,18 @@ async def prefetch(settings: Settings, *, studies: list[str], patients: list[str
             prefetcher.study_bytes[job.key] = sum(it.size for it in job.items)
         total = sum(len(j.items) for j in jobs)
         total_bytes = sum(prefetcher.study_bytes[j.key] for j in jobs)
-        progress = Progress()
-        bar = asyncio.create_task(_progress(progress, total, total_bytes, err)) if err else None
+        progress = Tally()
+        bar = Progress("prefetch", total, total_bytes, stream=err, enabled=err is not None,
+                       unit="instances")
+        drawing = asyncio.create_task(_follow(progress, bar))
         try:
             for job in jobs:
                 await prefetcher.fetch_listed(job, progress)
         finally:
-            if bar is not None:
-                bar.cancel()
-                await asyncio.gather(bar, return_exceptions=True)
-                _draw(progress, total, total_bytes, err, final=True)  # type: ignore[arg-type]
+            drawing.cancel()
+            await asyncio.gather(drawing, return_exceptions=True)
+            _sync(progress, bar)
+            bar.close()
     finally:
         await client.close()
         await store.flush_touches()
@@ -148,26 +156,13 @@ async def prefetch(settings: Settings, *, studies: list[str], patients: list[str
     return 0 if not problems and not progress.failed and not progress.budget else 1
 
 
-def _draw(p: Progress, total: int, total_bytes: int, err: TextIO, final: bool = False) -> None:
-    elapsed = max(1e-6, time.monotonic() - p.started)
-    rate = p.bytes / elapsed
-    left = max(0, total_bytes - p.done_bytes)
-    eta = f"{left / rate:.0f}s" if rate > 0 and left else ("0s" if not left else "?")
-    frac = p.done / total if total else 1.0
-    width = 24
-    fill = int(frac * width)
-    line = (f"[{'#' * fill}{'.' * (width - fill)}] {p.done}/{total} instances  "
-            f"{p.done_bytes / 1e6:.1f}/{total_bytes / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s  "
-            f"ETA {eta}" + (f"  {p.failed} failed" if p.failed else ""))
-    if err.isatty():
-        err.write("\r" + line + ("\n" if final else ""))
-    else:
-        err.write(line + "\n")
-    err.flush()
+def _sync(tally: Tally, bar: Progress) -> None:
+    bar.update(tally.done - bar.done, tally.done_bytes - bar.done_bytes,
+               failed=tally.failed - bar.failed)
 
 
-async def _progress(p: Progress, total: int, total_bytes: int, err: TextIO) -> None:
-    interval = 0.25 if err.isatty() else 5.0
-    while True:
-        await asyncio.sleep(interval)
-        _draw(p, total, total_bytes, err)
+async def _follow(tally: Tally, bar: Progress) -> None:
+    """Redraw the bar from the run's counts while it runs."""
+    while bar.enabled:
+        _sync(tally, bar)
+        await asyncio.sleep(0.25)

@@ -16,8 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from dicomcache.config import STRATEGIES, DestinationSettings, Settings, load
-from dicomcache.errors import ConfigError, IntegrityError
+from dicomcache.cli.common import USAGE, load_settings
+from dicomcache.cli.progress import Progress
+from dicomcache.config import STRATEGIES, DestinationSettings
+from dicomcache.errors import IntegrityError
 
 
 def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,19 +50,6 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     send.set_defaults(func=cmd_send)
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    path = getattr(args, "config", None)
-    if path is None:
-        return Settings()
-    return load(path)
-
-
-def _config_problem(exc: ConfigError) -> int:
-    for key, msg in exc.problems:
-        print(f"config: {key}: {msg}", file=sys.stderr)
-    return 2
-
-
 # --- status ------------------------------------------------------------------------------
 def _ago(ts: float | None, now: float) -> str:
     if ts is None:
@@ -83,10 +72,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Print the persisted queue state; exit 1 if something waits or is quarantined."""
     from dicomcache.relay.spool import Spool
 
-    try:
-        settings = _settings(args)
-    except ConfigError as exc:
-        return _config_problem(exc)
+    settings = load_settings(args)
+    if settings is None:
+        return USAGE
     rs = settings.relay
     db = rs.spool_directory / "state.sqlite"
     if not db.exists():
@@ -149,42 +137,14 @@ def _expand(paths: list[Path]) -> Iterator[Path]:
             yield p
 
 
-class _Progress:
-    """A one-line progress bar on stderr (only when it is a terminal, unless forced)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total = max(total, 1)
-        self.done = 0
-        self.failed = 0
-        self.enabled = enabled
-        self.started = time.monotonic()
-
-    def step(self, ok: bool) -> None:
-        self.done += 1
-        self.failed += 0 if ok else 1
-        if not self.enabled:
-            return
-        width = 30
-        filled = int(width * self.done / self.total)
-        rate = self.done / max(time.monotonic() - self.started, 1e-6)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                         f"{rate:5.1f}/s failed {self.failed}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 def cmd_send(args: argparse.Namespace) -> int:
     """Send files; exit 0 when all were stored, 1 when some failed, 2 on usage errors."""
     from dicomcache.relay.scu import DELIVERED, SendItem, StoreSCU
     from dicomcache.relay.spool import info_from_bytes
 
-    try:
-        settings = _settings(args)
-    except ConfigError as exc:
-        return _config_problem(exc)
+    settings = load_settings(args)
+    if settings is None:
+        return USAGE
     rs = settings.relay
     dest: DestinationSettings | None = None
     if args.destination:
@@ -229,7 +189,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         study_of[i] = info.study_uid
     for path, why in bad:
         print(f"skipped {path}: {why}", file=sys.stderr)
-    progress = _Progress(len(items), enabled=not args.no_progress)
+    progress = Progress("send", len(items), enabled=False if args.no_progress else None)
     scu = StoreSCU(args.calling_aet or rs.ae_title, dest, timeout=rs.timeout, max_pdu=rs.max_pdu)
     results = []
     by_key = {it.key: it for it in items}
@@ -242,11 +202,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     failed_assoc: list[str] = []
     for batch in studies.values():
         report = scu.send(batch, learned,
-                          on_result=lambda r: progress.step(r.outcome == DELIVERED))
+                          on_result=lambda r: progress.update(failed=int(r.outcome != DELIVERED)))
         results.extend(report.results)
         learned = report.learned_strategy or learned
-        for key in report.not_attempted:
-            progress.step(False)
+        progress.update(len(report.not_attempted), failed=len(report.not_attempted))
         if report.destination_error:
             failed_assoc.append(report.destination_error)
     progress.close()

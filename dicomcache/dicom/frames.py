@@ -23,23 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dicomcache.dicom.syntaxes import EXPLICIT_LE, NATIVE_LE, SYNTAXES
 from dicomcache.dicom.verify import PixelInfo
 
-IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
-NATIVE_LE = (IMPLICIT_VR_LE, EXPLICIT_VR_LE)
 OCTET = "application/octet-stream"
-
-#: Part media types Orthanc uses for stored compressed frames (``transfer-syntax=*``).
-#: Only syntaxes whose answers the tests compare with Orthanc's are listed; the
-#: others are read through.
-ENCAPSULATED_MEDIA = {
-    "1.2.840.10008.1.2.5": "image/dicom-rle",
-    "1.2.840.10008.1.2.4.80": "image/jls",
-    "1.2.840.10008.1.2.4.81": "image/jls",
-    "1.2.840.10008.1.2.4.90": "image/jp2",
-    "1.2.840.10008.1.2.4.91": "image/jp2",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +78,12 @@ def plan_frames(accept: str | None, stored_syntax: str) -> FramePlan | None:
     if media not in ("*/*", OCTET):
         return None  # image/jls etc. asked for by name: Orthanc decides
     if wanted is None:
-        return FramePlan(OCTET, EXPLICIT_VR_LE) if stored_syntax in NATIVE_LE else None
+        return FramePlan(OCTET, EXPLICIT_LE) if stored_syntax in NATIVE_LE else None
     if wanted == "*":
         if stored_syntax in NATIVE_LE:
             return FramePlan(OCTET, stored_syntax)
-        media_type = ENCAPSULATED_MEDIA.get(stored_syntax)
+        known = SYNTAXES.get(stored_syntax)
+        media_type = known.frame_media_type if known is not None and known.encapsulated else None
         return FramePlan(media_type, stored_syntax) if media_type else None
     if wanted == stored_syntax and stored_syntax in NATIVE_LE:
         return FramePlan(OCTET, stored_syntax)

@@ -67,12 +67,12 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Literal, NoReturn, TypeAlias
+from typing import NoReturn, TypeAlias
 
-from dicomcache.errors import IntegrityError
+from dicomcache.dicom import syntaxes
+from dicomcache.errors import Cause, IntegrityError
 
 __all__ = [
-    "Cause",
     "DicomSummary",
     "IntegrityError",
     "KNOWN_SQ_TAGS",
@@ -86,7 +86,6 @@ __all__ = [
     "verify_file",
 ]
 
-Cause = Literal["short_body", "length_mismatch", "md5_mismatch", "parse_failure"]
 
 Buffer: TypeAlias = bytes | bytearray | memoryview | mmap.mmap
 
@@ -137,10 +136,6 @@ MAX_DEPTH = 64
 MAX_INFLATED = 1 << 30
 """Largest inflated data set accepted for Deflated Explicit VR Little Endian."""
 
-IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
-DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
-EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
 
 _PREAMBLE = 128
 _UNDEFINED = 0xFFFFFFFF
@@ -296,7 +291,7 @@ def _read(buf: Buffer, pos: int, size: int) -> bytes:
 
 
 def _fail(reason: str) -> NoReturn:
-    raise IntegrityError("parse_failure", reason)
+    raise IntegrityError(Cause.PARSE_FAILURE, reason)
 
 
 class _Walker:
@@ -707,13 +702,14 @@ def parse_dicom(data: Buffer) -> DicomSummary:
     if not _UID_RE.fullmatch(ts) or len(ts) > 64:
         _fail(f"Transfer Syntax UID (0002,0010) is not a UID: {ts!r}")
 
-    if ts == DEFLATED_EXPLICIT_VR_LE:
+    if ts == syntaxes.DEFLATED_LE:
         inflated = _inflate(buf, pos)
         walker = _Walker(inflated, "inflated data set: ")
         walker.dataset(0, len(inflated), _EXPLICIT_LE, 0, False)
         walker.pixel = None
     else:
-        codec = {IMPLICIT_VR_LE: _IMPLICIT_LE, EXPLICIT_VR_BE: _EXPLICIT_BE}.get(ts, _EXPLICIT_LE)
+        codec = {syntaxes.IMPLICIT_LE: _IMPLICIT_LE,
+                 syntaxes.EXPLICIT_BE: _EXPLICIT_BE}.get(ts, _EXPLICIT_LE)
         walker = _Walker(buf, "")
         walker.dataset(pos, size, codec, 0, False)
 
@@ -772,12 +768,10 @@ def _check_length(size: int, expected_length: int | None) -> None:
     if expected_length is None or size == expected_length:
         return
     if size < expected_length:
-        raise IntegrityError(
-            "short_body",
+        raise IntegrityError(Cause.SHORT_BODY,
             f"body is {size} bytes, {expected_length - size} short of {expected_length}",
         )
-    raise IntegrityError(
-        "length_mismatch",
+    raise IntegrityError(Cause.LENGTH_MISMATCH,
         f"body is {size} bytes, {size - expected_length} more than {expected_length}",
     )
 
@@ -800,7 +794,7 @@ def verify_bytes(
     if md5 is not None:
         actual = md5_hex(buf)
         if actual != md5:
-            raise IntegrityError("md5_mismatch", f"body MD5 is {actual}, expected {md5}")
+            raise IntegrityError(Cause.MD5_MISMATCH, f"body MD5 is {actual}, expected {md5}")
     return parse_dicom(buf)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import mmap
 import os
@@ -26,7 +25,7 @@ from typing import Any
 from aiohttp import hdrs
 
 from dicomcache.config import DicomwebSettings
-from dicomcache.errors import IntegrityError, NotFoundUpstream, UpstreamError
+from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
 from dicomcache.cache.fetch import Fetched, Fetcher
 from dicomcache.dicomweb.answers import AnswerCache, Cached, DiskCopies, normalise_json, plain
 from dicomcache.dicomweb.series_stream import COMMIT_BACKLOG, Budget, SeriesStream
@@ -77,8 +76,8 @@ class DicomWeb:
         """
         path = f"/{'series' if level == 'Series' else 'studies'}/{oid}/instances"
         try:
-            _, data = await self.client.get(path, kind="listing")
-            return {str(i["ID"]): int(i["FileSize"]) for i in json.loads(data)}
+            listed = await self.client.get_json(path, retry=False)
+            return {str(i["ID"]): int(i["FileSize"]) for i in listed}
         except (UpstreamError, NotFoundUpstream, ValueError, KeyError, TypeError) as exc:
             log.info("no instance sizes for %s (%s): the retrieve is sent chunked", oid, exc)
             return None
@@ -88,14 +87,6 @@ class DicomWeb:
         if retry:
             return await self.client.retrying(op, what=what)
         return await op(1)
-
-    async def _lookup(self, uid: str, level: str) -> str:
-        _, data = await self.client.get("/tools/lookup", kind="lookup", method="POST",
-                                        body=uid.encode())
-        for item in json.loads(data):
-            if item.get("Type") == level:
-                return str(item["ID"])
-        raise NotFoundUpstream(404, f"Orthanc has no {level.lower()} with UID {uid}")
 
     async def listing(self, study: str, series: str | None) -> tuple[Cached, bool]:
         """Orthanc IDs of the instances of a series or study, in Orthanc's order.
@@ -109,17 +100,15 @@ class DicomWeb:
     async def _load_listing(self, study: str, series: str | None, old: Cached | None) -> Cached:
         async def once(_attempt: int) -> Cached:
             if series is not None:
-                oid = old.value[0] if old is not None else await self._lookup(series, "Series")
-                _, data = await self.client.get(f"/series/{oid}", kind="listing")
-                info = json.loads(data)
-                if old is None and info.get("ParentStudy") != await self._lookup(study, "Study"):
+                oid = old.value[0] if old is not None else await self.client.lookup(series, "Series", retry=False)
+                info = await self.client.get_json(f"/series/{oid}", retry=False)
+                if old is None and info.get("ParentStudy") != await self.client.lookup(study, "Study", retry=False):
                     raise NotFoundUpstream(404, f"series {series} is not in study {study}")
                 ids = [str(i) for i in info.get("Instances", ())]
                 validator: Any = [ids, info.get("LastUpdate")]
             else:
-                oid = old.value[0] if old is not None else await self._lookup(study, "Study")
-                _, data = await self.client.get(f"/studies/{oid}/series", kind="listing")
-                items = json.loads(data)
+                oid = old.value[0] if old is not None else await self.client.lookup(study, "Study", retry=False)
+                items = await self.client.get_json(f"/studies/{oid}/series", retry=False)
                 ids = [str(i) for s in items for i in s.get("Instances", ())]
                 validator = plain([(s.get("ID"), s.get("LastUpdate"), len(s.get("Instances", ())))
                                    for s in items])
@@ -150,7 +139,7 @@ class DicomWeb:
             if listing is not None:
                 found, stale = await self.listing(*listing)
                 if stale:
-                    raise UpstreamError("stale", "the instance list could not be revalidated")
+                    raise UpstreamError(Cause.STALE, "the instance list could not be revalidated")
                 validator = found.validator
                 if old is not None and old.validator == validator:
                     return old.revalidated(time.monotonic())
@@ -162,7 +151,7 @@ class DicomWeb:
                     body = await asyncio.to_thread(normalise_json, data) if len(data) > 1 << 16 \
                         else normalise_json(data)
                 except ValueError as exc:
-                    raise UpstreamError("bad_json", f"{path}: Orthanc sent invalid JSON "
+                    raise UpstreamError(Cause.BAD_JSON, f"{path}: Orthanc sent invalid JSON "
                                         f"({exc})") from exc
                 return Cached(body, headers.get(hdrs.CONTENT_TYPE, DICOM_JSON),
                               time.monotonic(), fresh_for, validator=validator, has_links=True)
@@ -224,7 +213,7 @@ class DicomWeb:
             def check() -> None:
                 summary = parse_dicom(part)
                 if summary.sop_instance_uid != found.sop_uid:
-                    raise IntegrityError("parse_failure", f"{path}: Orthanc sent instance "
+                    raise IntegrityError(Cause.PARSE_FAILURE, f"{path}: Orthanc sent instance "
                                          f"{summary.sop_instance_uid}")
             await asyncio.to_thread(check)
             return part
@@ -250,19 +239,19 @@ def single_part(body: bytes, content_type: str) -> bytes:
     """The body of a one-part multipart answer; :class:`IntegrityError` if it is not whole."""
     m = re.search(r'boundary="?([^";]+)"?', content_type)
     if not m:
-        raise IntegrityError("parse_failure", f"not a multipart answer: {content_type[:80]!r}")
+        raise IntegrityError(Cause.PARSE_FAILURE, f"not a multipart answer: {content_type[:80]!r}")
     b = m.group(1).encode()
     if not body.startswith(b"--" + b + b"\r\n"):
-        raise IntegrityError("parse_failure", "multipart answer does not start with its boundary")
+        raise IntegrityError(Cause.PARSE_FAILURE, "multipart answer does not start with its boundary")
     tail = b"\r\n--" + b + b"--\r\n"
     if not body.endswith(tail):
-        raise IntegrityError("short_body", "multipart answer has no closing boundary")
+        raise IntegrityError(Cause.SHORT_BODY, "multipart answer has no closing boundary")
     head, sep, rest = body.partition(b"\r\n\r\n")
     if not sep:
-        raise IntegrityError("parse_failure", "multipart part has no header end")
+        raise IntegrityError(Cause.PARSE_FAILURE, "multipart part has no header end")
     part = rest[: -len(tail)]
     declared = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
     if declared and int(declared.group(1)) != len(part):
-        raise IntegrityError("length_mismatch", f"part is {len(part)} bytes, its "
+        raise IntegrityError(Cause.LENGTH_MISMATCH, f"part is {len(part)} bytes, its "
                              f"Content-Length says {int(declared.group(1))}")
     return part

@@ -1,79 +1,32 @@
-"""``make_app(settings)``: wires the components and maps errors to HTTP answers."""
+"""``make_app(settings)``: the HTTP application, its components started and stopped in
+``cleanup_ctx`` in dependency order (store, upstream, prefetch, change feed, DICOMweb).
+
+The relay is not wired here (``dicomcache serve`` does it): the HTTP side never
+imports the relay."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from dicomcache.http import cors
-from dicomcache.http import status
-from dicomcache.config import Settings
-from dicomcache.errors import IntegrityError, NotFoundUpstream, UpstreamError, UpstreamUnavailable
 from dicomcache.cache.fetch import Fetcher
-from dicomcache.metrics import Metrics
-from dicomcache.upstream.changes import CHANGES, STUDY_CHANGED, ChangeWatcher
-from dicomcache.prefetch.scheduler import PREFETCHER, Prefetcher, touch_of
-from dicomcache.http import dicomweb
-from dicomcache.http import orthanc_rest as orthanc
-from dicomcache.http import passthrough
-from dicomcache.http import wado_uri
-from dicomcache.http.common import (CLIENT, FAMILY, FETCHER, METRICS, OUTCOME, SETTINGS, STORE,
-                            json_error)
-from dicomcache.relay.service import Relay  # app.py wires both sides; routes never import the relay
-from dicomcache.http.respond import OPEN_FILES, OpenFiles
 from dicomcache.cache.store import AsyncStore, Store
+from dicomcache.config import Settings
+from dicomcache.http import cors, dicomweb, orthanc_rest, passthrough, status, wado_uri
+from dicomcache.http.keys import (CHANGES, CLIENT, FETCHER, METRICS, PREFETCHER, SETTINGS,
+                                  STORE, STUDY_CHANGED)
+from dicomcache.http.middleware import errors_and_metrics
+from dicomcache.http.respond import OPEN_FILES, OpenFiles
+from dicomcache.metrics import Metrics
+from dicomcache.prefetch.scheduler import Prefetcher, touch_of
+from dicomcache.upstream.changes import ChangeWatcher
 from dicomcache.upstream.client import OrthancClient
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One place mapping errors to statuses, and timing every request."""
-    started = time.monotonic()
-    try:
-        response = await handler(request)
-    except UpstreamUnavailable as exc:  # circuit open: fail fast, say when to come back
-        request[OUTCOME] = "unavailable"
-        retry_after = int(getattr(exc, "retry_after", 5))
-        response = json_error(503, "upstream unavailable", exc.reason,
-                              retry_after=retry_after, cached_only=True)
-        response.headers["Retry-After"] = str(retry_after)
-    except UpstreamError as exc:
-        request[OUTCOME] = "error"
-        status = 504 if exc.cause == "timeout" else 502
-        if exc.cause in ("short_body", "length_mismatch", "md5_mismatch", "parse_failure"):
-            error = "upstream sent a corrupt or incomplete instance"
-        else:
-            error = "upstream unavailable"
-        response = json_error(status, error, exc.reason, attempts=exc.attempts)
-    except IntegrityError as exc:  # only reachable outside the retry loop
-        request[OUTCOME] = "error"
-        response = json_error(502, "upstream sent a corrupt or incomplete instance",
-                              exc.reason, attempts=1)
-    except NotFoundUpstream as exc:
-        request[OUTCOME] = "error"
-        response = json_error(exc.status if 400 <= exc.status < 500 else 404,
-                              "not found", exc.reason)
-    except web.HTTPException as exc:
-        request.setdefault(OUTCOME, "error")
-        raise exc
-    finally:
-        metrics = request.app[METRICS]
-        family = request.get(FAMILY)
-        if family is not None:
-            metrics.request_seconds.labels(family, request.get(OUTCOME, "error")).observe(
-                time.monotonic() - started)
-            if request.get(OUTCOME) == "hit":
-                metrics.cache_hits.labels(family).inc()
-            elif request.get(OUTCOME) == "miss":
-                metrics.cache_misses.labels(family).inc()
-    return response
 
 
 def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
@@ -88,10 +41,8 @@ def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Applicat
     app[STUDY_CHANGED] = []  # metadata caches subscribe here (see changes.py)
     if settings.changes.enabled:
         app.cleanup_ctx.append(_changes_ctx)
-    if settings.relay.enabled:
-        app.cleanup_ctx.append(_relay_ctx)
     status.setup(app)  # /, /healthz, /readyz, /metrics (or its own port); after upstream
-    orthanc.add_routes(app)
+    orthanc_rest.add_routes(app)
     wado_uri.add_routes(app)
     dicomweb.add_routes(app)  # also its cache context (after store and upstream)
     cors.setup(app, settings.cors)  # preflights answered locally; none allowed by default
@@ -143,7 +94,6 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await client.close()
 
 
-@web.middleware
 async def prefetch_touch(request: web.Request, response: web.StreamResponse) -> None:
     """A successful viewer GET naming a study tells the prefetcher (it decides).
 
@@ -172,18 +122,9 @@ async def _prefetch_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _changes_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     cursor = settings.changes.cursor_file or settings.cache.directory / "changes-cursor.json"
-    watcher = ChangeWatcher(settings.changes, app[CLIENT], app[PREFETCHER], app[METRICS],
-                            cursor, app[STUDY_CHANGED])
+    watcher = ChangeWatcher(settings.changes, app[CLIENT], app[METRICS], cursor,
+                            app[STUDY_CHANGED], warm=app[PREFETCHER].warm)
     app[CHANGES] = watcher
     await watcher.start()
     yield
     await watcher.stop()
-
-
-async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    relay = Relay(settings.relay, app[METRICS])
-    await relay.start()
-    app[status.RELAY] = relay
-    yield
-    await relay.stop(settings.server.shutdown_timeout)

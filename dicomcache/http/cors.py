@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import hdrs, web
 
 from dicomcache.config import CorsSettings
+from dicomcache.http.respond import json_error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -71,7 +72,6 @@ async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamRe
                                 request.headers[hdrs.ACCESS_CONTROL_REQUEST_METHOD],
                                 request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, ""))
     if problem is not None:
-        from dicomcache.http.common import json_error
         resp = json_error(403, "forbidden", f"CORS preflight refused: {problem}")
         resp.headers[hdrs.VARY] = "Origin"
         return resp

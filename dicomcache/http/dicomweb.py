@@ -26,16 +26,18 @@ import aiohttp
 from aiohttp import hdrs, web
 from yarl import URL
 
-from dicomcache.upstream.changes import STUDY_CHANGED
+from dicomcache.http.keys import STUDY_CHANGED
 from dicomcache.dicomweb.state import DICOM_JSON, DicomWeb
-from dicomcache.errors import IntegrityError, NotFoundUpstream, UpstreamError
+from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
 from dicomcache.cache.fetch import Fetched
 from dicomcache.dicom.frames import NATIVE_LE, OCTET, frame_ranges, parse_frame_list, plan_frames
 from dicomcache.dicomweb.answers import IMMUTABLE_FRESH, Cached, link_path
 from dicomcache.cache.store import Entry
 from dicomcache.upstream.client import check_status
-from dicomcache.http.common import (CLIENT, DICOMWEB, FETCHER, OUTCOME, SETTINGS, STORE, BadRequest, dicom_uid,
-                     boundary, dicomweb_uids, family_of)
+from dicomcache.http.keys import CLIENT, DICOMWEB, FETCHER, OUTCOME, SETTINGS, STORE
+from dicomcache.http.respond import BadRequest
+from dicomcache.http.params import dicom_uid, dicomweb_uids, family_of
+from dicomcache.dicom.multipart import new_boundary
 from dicomcache.http.passthrough import check_path, passthrough
 from dicomcache.http.wado_rs import instance, retrieve
 from dicomcache.http.wado_uri import _check_parents
@@ -244,7 +246,7 @@ async def frames(request: web.Request) -> web.StreamResponse:
     else:
         bodies = list(_frame_parts(cut, found.data))
     base = public_base(request)
-    b = boundary()
+    b = new_boundary()
     out = []
     for n, body in zip(numbers or (), bodies, strict=True):
         out.append((f"--{b}\r\nContent-Location: {base}/studies/{study}/series/{series}"
@@ -289,7 +291,7 @@ async def bulk_pixel_data(request: web.Request) -> web.StreamResponse:
             return await passthrough(request)
     else:
         (value,) = _frame_parts(span, found.data)
-    b = boundary()
+    b = new_boundary()
     body = (f"--{b}\r\nContent-Type: {OCTET}\r\nContent-Length: {len(value)}\r\n"
             f"MIME-Version: 1.0\r\n\r\n").encode() + value + f"\r\n--{b}--\r\n".encode()
     return web.Response(body=body, headers={
@@ -305,7 +307,7 @@ def relink_parts(body: bytes, content_type: str, base: str) -> bytes:
     """
     m = re.search(r'boundary="?([^";]+)"?', content_type)
     if not m:
-        raise IntegrityError("parse_failure", f"not a multipart answer: {content_type[:80]!r}")
+        raise IntegrityError(Cause.PARSE_FAILURE, f"not a multipart answer: {content_type[:80]!r}")
     b = m.group(1).encode()
     out: list[bytes] = []
     pos = 0
@@ -314,10 +316,10 @@ def relink_parts(body: bytes, content_type: str, base: str) -> bytes:
             out.append(body[pos:])
             return b"".join(out)
         if not body.startswith(b"--" + b + b"\r\n", pos):
-            raise IntegrityError("short_body", f"multipart answer cut at byte {pos}")
+            raise IntegrityError(Cause.SHORT_BODY, f"multipart answer cut at byte {pos}")
         end = body.find(b"\r\n\r\n", pos)
         if end < 0:
-            raise IntegrityError("short_body", "multipart part head cut short")
+            raise IntegrityError(Cause.SHORT_BODY, "multipart part head cut short")
         lines = body[pos:end].split(b"\r\n")
         length = None
         for i, line in enumerate(lines):
@@ -329,10 +331,10 @@ def relink_parts(body: bytes, content_type: str, base: str) -> bytes:
             elif name.strip().lower() == b"content-length" and value.strip().isdigit():
                 length = int(value.strip())
         if length is None:
-            raise IntegrityError("parse_failure", "multipart part without Content-Length")
+            raise IntegrityError(Cause.PARSE_FAILURE, "multipart part without Content-Length")
         stop = end + 4 + length
         if body[stop:stop + 2] != b"\r\n":
-            raise IntegrityError("short_body", "multipart part shorter than its Content-Length")
+            raise IntegrityError(Cause.SHORT_BODY, "multipart part shorter than its Content-Length")
         out.append(b"\r\n".join(lines) + body[end:stop + 2])
         pos = stop + 2
 
@@ -356,9 +358,9 @@ async def frames_through(request: web.Request) -> web.StreamResponse:
                 data = await up.read()
                 status, ctype = up.status, up.headers.get(hdrs.CONTENT_TYPE, "")
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamError("timeout", f"frames {request.path}: no answer in time") from exc
+            raise UpstreamError(Cause.TIMEOUT, f"frames {request.path}: no answer in time") from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamError("reset", f"frames {request.path}: {exc!r}") from exc
+            raise UpstreamError(Cause.RESET, f"frames {request.path}: {exc!r}") from exc
         if status in (401, 403, 429):
             check_status(status, {}, f"frames {request.path}", data)
         if status == 200:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dicomcache.http.common import FETCHER, OUTCOME, STORE, family_of, orthanc_id
+from dicomcache.http.keys import FETCHER, OUTCOME, STORE
+from dicomcache.http.params import family_of, orthanc_id
 from dicomcache.http.respond import serve_instance
 
 

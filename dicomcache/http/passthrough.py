@@ -14,9 +14,11 @@ import aiohttp
 from aiohttp import hdrs, web
 from yarl import URL
 
-from dicomcache.errors import UpstreamError
+from dicomcache.errors import Cause, UpstreamError
 from dicomcache.upstream.client import FORWARDED_REQUEST_HEADERS, check_status
-from dicomcache.http.common import CLIENT, FAMILY, OUTCOME, SETTINGS, BadRequest, family_of, json_error
+from dicomcache.http.keys import CLIENT, FAMILY, OUTCOME, SETTINGS
+from dicomcache.http.respond import BadRequest, json_error
+from dicomcache.http.params import family_of
 
 #: Closed even for GET unless explicitly allowed (they change or reveal the PACS's setup).
 CLOSED_PATHS = ("/tools/execute-script", "/tools/reset", "/tools/shutdown",
@@ -71,11 +73,11 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         try:
             resp = await client.session.request(method, url, headers=headers, data=body)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamError("timeout", f"{what}: no answer in time") from exc
+            raise UpstreamError(Cause.TIMEOUT, f"{what}: no answer in time") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError("connect", f"{what}: cannot connect ({exc.os_error})") from exc
+            raise UpstreamError(Cause.CONNECT, f"{what}: cannot connect ({exc.os_error})") from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamError("reset", f"{what}: connection lost ({exc!r})") from exc
+            raise UpstreamError(Cause.RESET, f"{what}: connection lost ({exc!r})") from exc
         if resp.status >= 500 or resp.status in (401, 403, 429):
             data = await resp.read()
             resp.release()

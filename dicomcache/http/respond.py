@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,7 +29,27 @@ from aiohttp import hdrs, web, web_fileresponse
 
 from dicomcache.cache.fetch import Fetched
 from dicomcache.cache.store import Entry
-from dicomcache.http.common import DICOM, METRICS, STORE
+from dicomcache.http.keys import METRICS, STORE
+
+DICOM = "application/dicom"
+
+
+def json_text(error: str, reason: str, **extra: Any) -> str:
+    return json.dumps({"error": error, "reason": reason, **extra})
+
+
+def json_error(status: int, error: str, reason: str, **extra: Any) -> web.Response:
+    """An error answer: ``{"error": …, "reason": …}`` and any extra fields."""
+    return web.Response(status=status, text=json_text(error, reason, **extra),
+                        content_type="application/json")
+
+
+class BadRequest(web.HTTPBadRequest):
+    """A malformed identifier or path; the JSON body names the problem."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(text=json_text("bad request", reason), content_type="application/json")
+
 
 #: Instance bodies never change: let browsers keep them.
 IMMUTABLE = "private, max-age=31536000, immutable"

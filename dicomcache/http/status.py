@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import Counter, Gauge
@@ -30,7 +30,8 @@ from prometheus_client import Counter, Gauge
 from dicomcache import __version__
 from dicomcache.errors import NotFoundUpstream, UpstreamError
 from dicomcache.metrics import INSTANCE_FAMILIES, Metrics
-from dicomcache.http.common import CLIENT, METRICS, SETTINGS, STORE, json_error
+from dicomcache.http.keys import CLIENT, METRICS, RELAY, SETTINGS, STORE
+from dicomcache.http.respond import json_error
 from dicomcache.upstream.client import OrthancClient
 
 log = logging.getLogger(__name__)
@@ -43,15 +44,6 @@ PROBE_TIMEOUT = 5.0
 DOWN_RETRY = 1.0
 #: The status page reloads itself this often (seconds).
 REFRESH = 10
-
-
-class RelayStatusSource(Protocol):
-    """What the status page needs of the relay (``dicomcache.relay.service.Relay``)."""
-
-    def status(self) -> dict[str, Any]: ...
-
-
-RELAY: web.AppKey[RelayStatusSource] = web.AppKey("relay")
 
 
 class UpstreamProbe:

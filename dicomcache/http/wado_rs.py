@@ -25,13 +25,15 @@ from typing import BinaryIO
 from aiohttp import hdrs, web, web_fileresponse
 
 from dicomcache.dicomweb.state import DicomWeb
-from dicomcache.errors import IntegrityError, NotFoundUpstream
+from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream
 from dicomcache.cache.fetch import Fetched
 from dicomcache.dicomweb.answers import Cached
 from dicomcache.dicomweb.series_stream import SeriesStream
 from dicomcache.cache.store import AsyncStore, Entry
-from dicomcache.http.common import (DICOM, DICOMWEB, FETCHER, METRICS, OUTCOME, STORE, boundary,
-                     dicomweb_uids, family_of)
+from dicomcache.http.respond import DICOM
+from dicomcache.http.keys import DICOMWEB, FETCHER, METRICS, OUTCOME, STORE
+from dicomcache.dicom.multipart import new_boundary
+from dicomcache.http.params import dicomweb_uids, family_of
 from dicomcache.http.passthrough import passthrough
 from dicomcache.http.respond import IMMUTABLE, read_instance
 from dicomcache.http.wado_uri import _check_parents
@@ -98,7 +100,7 @@ async def _multipart(request: web.Request, found: Entry | Fetched) -> web.Stream
     headers = {hdrs.CACHE_CONTROL: IMMUTABLE, hdrs.ETAG: etag}
     if etag in request.headers.get(hdrs.IF_NONE_MATCH, ""):
         return web.Response(status=304, headers=headers)
-    b = boundary()
+    b = new_boundary()
     headers[hdrs.CONTENT_TYPE] = f'multipart/related; type="{DICOM}"; boundary={b}'
     plan = _Plan([found], sizes=[found.size], length=_length(b, [found.size]))
     if request.method == "HEAD":
@@ -407,7 +409,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     oids: list[str] = listing.value[1]
     if not oids:
         raise NotFoundUpstream(404, f"{series or study} has no instances")
-    b = boundary()
+    b = new_boundary()
     ctype = f'multipart/related; type="{DICOM}"; boundary={b}'
     if request.method == "HEAD":
         return web.Response(headers={hdrs.CONTENT_TYPE: ctype})
@@ -438,7 +440,7 @@ async def _send(request: web.Request, resp: web.StreamResponse, b: str, part: Pa
     """Part ``i`` on the wire (the headers first, with the first part); closes its file."""
     if plan.sizes is not None and _part_size(part) != plan.sizes[i]:
         _close_part(part)
-        raise IntegrityError("length_mismatch", f"instance {oid} is {_part_size(part)} "
+        raise IntegrityError(Cause.LENGTH_MISMATCH, f"instance {oid} is {_part_size(part)} "
                              f"bytes, Orthanc's listing said {plan.sizes[i]}: the announced "
                              "length cannot be kept")
     if not resp.prepared:

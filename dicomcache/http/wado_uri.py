@@ -10,7 +10,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from dicomcache.errors import NotFoundUpstream
-from dicomcache.http.common import FETCHER, OUTCOME, STORE, BadRequest, dicom_uid, family_of
+from dicomcache.http.keys import FETCHER, OUTCOME, STORE
+from dicomcache.http.respond import BadRequest
+from dicomcache.http.params import dicom_uid, family_of
 from dicomcache.http.respond import serve_instance
 from dicomcache.http.passthrough import passthrough
 

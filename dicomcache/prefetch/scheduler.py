@@ -36,22 +36,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import time
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
 
 from dicomcache.config import PrefetchSettings
-from dicomcache.errors import IntegrityError, NotFoundUpstream, UpstreamError, UpstreamUnavailable
+from dicomcache.errors import NotFoundUpstream, UpstreamError, UpstreamUnavailable
 from dicomcache.cache.fetch import Fetcher
 from dicomcache.metrics import Metrics
 from dicomcache.cache.store import AsyncStore, Entry
-from dicomcache.upstream.client import OrthancClient
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +96,7 @@ class Item:
 
 
 @dataclass(slots=True)
-class Progress:
+class Tally:
     """Counts of one prefetch run (a job, or a whole CLI run)."""
 
     total: int = 0
@@ -188,28 +184,6 @@ def order_items(series_list: list[dict[str, Any]], instances: list[dict[str, Any
             first = first[at + 1:] + first[:at + 1]
         items = first + rest
     return items
-
-
-async def get_json(client: OrthancClient, path: str, *, method: str = "GET",
-                   body: bytes | None = None) -> Any:
-    """A JSON answer from Orthanc, retried; gzip unless ``upstream.compression = "none"``.
-
-    A body that does not decompress or parse (a WAN that cut it) is an
-    :class:`IntegrityError`, so it is retried like a corrupt instance.
-    """
-    gzip = client.settings.compression != "none"
-
-    async def attempt(_attempt: int) -> Any:
-        headers, data = await client.get(path, kind="listing", method=method, body=body,
-                                         headers={"Accept-Encoding": "gzip"} if gzip else None)
-        try:
-            if headers.get("Content-Encoding", "identity").lower() in ("gzip", "deflate"):
-                data = zlib.decompress(data, 47)
-            return json.loads(data)
-        except (zlib.error, ValueError) as exc:
-            raise IntegrityError("parse_failure", f"{method} {path}: bad JSON body ({exc})") from exc
-
-    return await client.retrying(attempt, what=f"{method} {path}")
 
 
 class Prefetcher:
@@ -316,14 +290,14 @@ class Prefetcher:
                 raise
             except Exception:  # noqa: BLE001 - one bad study must not end prefetching
                 log.exception("prefetch of study %s failed", job.study_uid)
-                progress = Progress()
+                progress = Tally()
             if not progress.interrupted:  # else the next touch after the link is back retries
                 self.done[job.key] = time.monotonic()
 
     # --- one study -----------------------------------------------------------------
-    async def run_job(self, job: Job, progress: Progress | None = None) -> Progress:
+    async def run_job(self, job: Job, progress: Tally | None = None) -> Tally:
         """List the study (or series) in fetch order and fetch what is missing."""
-        progress = progress or Progress()
+        progress = progress or Tally()
         self.current = job
         try:
             try:
@@ -346,7 +320,7 @@ class Prefetcher:
             self.current = None
             self.metrics.prefetch_queue.set(0)
 
-    async def fetch_listed(self, job: Job, progress: Progress) -> Progress:
+    async def fetch_listed(self, job: Job, progress: Tally) -> Tally:
         """Fetch a listed job's ``items`` (counted into ``progress``)."""
         self.current = job
         self.study_bytes[job.key] = sum(it.size for it in job.items)
@@ -369,27 +343,17 @@ class Prefetcher:
     async def listing(self, job: Job) -> list[Item]:
         """The instances to fetch, in order (three requests for a study, two for a series)."""
         if job.mode == "series" and job.series_uid:
-            series_id = await self._lookup(job.series_uid, "Series")
+            series_id = await self.client.lookup(job.series_uid, "Series")
             series, instances = await asyncio.gather(
-                self._json(f"/series/{series_id}"), self._json(f"/series/{series_id}/instances"))
+                self.client.get_json(f"/series/{series_id}"), self.client.get_json(f"/series/{series_id}/instances"))
             return order_items([series], instances, job.series_uid, job.sop_uid)
-        study_id = await self._lookup(job.study_uid, "Study")
+        study_id = await self.client.lookup(job.study_uid, "Study")
         series_list, instances = await asyncio.gather(
-            self._json(f"/studies/{study_id}/series"), self._json(f"/studies/{study_id}/instances"))
+            self.client.get_json(f"/studies/{study_id}/series"), self.client.get_json(f"/studies/{study_id}/instances"))
         first = job.series_uid
         if first is None and series_list:
             first = series_list[0].get("MainDicomTags", {}).get("SeriesInstanceUID")
         return order_items(series_list, instances, first, job.sop_uid)
-
-    async def _lookup(self, uid: str, level: str) -> str:
-        for item in await get_json(self.client, "/tools/lookup", method="POST",
-                                   body=uid.encode()):
-            if item.get("Type") == level:
-                return str(item["ID"])
-        raise NotFoundUpstream(404, f"Orthanc has no {level.lower()} {uid}")
-
-    async def _json(self, path: str) -> Any:
-        return await get_json(self.client, path)
 
     def _others_bytes(self, job: Job) -> int:
         """Bytes of the other jobs' listings whose studies are being viewed."""
@@ -397,7 +361,7 @@ class Prefetcher:
         return sum(n for key, n in self.study_bytes.items()
                    if key != job.key and self.viewing.get(key.split("/")[0], -1e18) >= horizon)
 
-    async def _drain(self, job: Job, progress: Progress) -> None:
+    async def _drain(self, job: Job, progress: Tally) -> None:
         used = [self._others_bytes(job)]
         stop = asyncio.Event()
 
@@ -424,7 +388,7 @@ class Prefetcher:
             progress.done += skipped
             self.metrics.prefetched.labels("budget").inc(skipped)
 
-    async def _one(self, item: Item, used: list[int], progress: Progress,
+    async def _one(self, item: Item, used: list[int], progress: Tally,
                    stop: asyncio.Event) -> None:
         if await self.store.get(item.sop_uid) is not None:
             used[0] += item.size
@@ -458,5 +422,3 @@ class Prefetcher:
         progress.done_bytes += size
         self.metrics.prefetched.labels("fetched").inc()
 
-
-PREFETCHER = web.AppKey("prefetcher", Prefetcher)

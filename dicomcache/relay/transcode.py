@@ -43,7 +43,7 @@ from pydicom import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID
 
-from dicomcache.errors import DicomcacheError, ForwardError, IntegrityError
+from dicomcache.errors import DicomcacheError, IntegrityError
 from dicomcache.dicom.verify import parse_dicom
 from dicomcache.relay import negotiation as neg
 
@@ -55,7 +55,7 @@ _SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 _LOSSY_METHOD = {neg.JPEG_LS_NEAR_LOSSLESS: "ISO_14495_1", neg.JPEG_2000: "ISO_15444_1"}
 
 
-class TranscodeError(ForwardError, ValueError):
+class TranscodeError(DicomcacheError, ValueError):
     """An instance cannot be produced in the requested syntax (a data problem:
     undecodable pixel data, no encoder, an inconsistent image description)."""
 

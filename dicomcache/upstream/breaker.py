@@ -3,7 +3,7 @@
 Closed (normal): every request goes to Orthanc.  After ``failures``
 consecutive requests that failed on *every* attempt for a link-level reason
 (timeout, reset, refused connection, 502/503/504 — see
-:func:`dicomcache.metrics.link_down`; refused credentials are not a dead link)
+:func:`dicomcache.upstream.policy.link_down`; refused credentials are not a dead link)
 the circuit **opens**: requests that need Orthanc fail at once with
 :class:`~dicomcache.errors.UpstreamUnavailable` (a ``503`` with
 ``Retry-After`` and a JSON reason for viewers) instead of each waiting through
@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dicomcache.errors import UpstreamUnavailable
+from dicomcache.errors import Cause, UpstreamUnavailable
 from dicomcache.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,11 @@ class CircuitBreaker:
         if self.opened_at is None:
             return
         self.rejected_count += 1
-        err = UpstreamUnavailable(
-            "circuit_open",
+        raise UpstreamUnavailable(
+            Cause.CIRCUIT_OPEN,
             f"{what}: Orthanc at {self.where} is unreachable ({self.reason}); dicomcache "
-            f"serves what it has cached and retries the link in the background", attempts=0)
-        err.retry_after = self.retry_after()  # type: ignore[attr-defined]
-        raise err
+            f"serves what it has cached and retries the link in the background", attempts=0,
+            retry_after=self.retry_after())
 
     def success(self) -> None:
         self.consecutive = 0

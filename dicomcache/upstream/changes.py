@@ -7,9 +7,9 @@ again while Orthanc says the feed is not ``Done``) the watcher reads
 * resolves each changed resource (new instance, series, study, stable
   series/study, modification) to its StudyInstanceUID and calls every
   **study-changed hook** once per study and batch.  Hooks are async callables
-  ``hook(study_uid)`` kept in the list ``app[STUDY_CHANGED]`` (always present,
-  even when the watcher is off): cached metadata subscribes there to drop what
-  a new instance made stale.  Instances themselves are immutable (keyed by
+  ``hook(study_uid)`` in a list the application owns (always present, even when
+  the watcher is off): cached metadata subscribes there to drop what a new
+  instance made stale.  Instances themselves are immutable (keyed by
   SOPInstanceUID) and need no invalidation.
 * for ``StableStudy``, checks the ``[[changes.prewarm]]`` rules (modality of
   any series, an Orthanc label, a main/shared DICOM tag value; all fields of a
@@ -28,24 +28,19 @@ import asyncio
 import collections
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from dicomcache.config import ChangesSettings, PrewarmRule
+from dicomcache.durable import write_durably
 from dicomcache.errors import NotFoundUpstream, UpstreamError
 from dicomcache.metrics import Metrics
-from dicomcache.prefetch.scheduler import Prefetcher, get_json
 from dicomcache.upstream.client import OrthancClient
 
 log = logging.getLogger(__name__)
 
 StudyHook = Callable[[str], Awaitable[None]]
-#: Async callbacks ``hook(study_uid)`` called when Orthanc reports a change in a study.
-STUDY_CHANGED: web.AppKey[list[StudyHook]] = web.AppKey("study_changed_hooks")
 
 #: Change types that mean "this study's content or metadata changed".
 STUDY_CHANGES = frozenset({
@@ -68,14 +63,9 @@ def read_cursor(path: Path, upstream: str) -> int | None:
 
 
 def write_cursor(path: Path, upstream: str, last: int) -> None:
-    """Atomically replace the cursor file (temp file, fsync, rename)."""
+    """Durably replace the cursor file (:func:`~dicomcache.durable.write_durably`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"upstream": upstream, "last": last}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_durably(path, json.dumps({"upstream": upstream, "last": last}).encode())
 
 
 def rule_matches(rule: PrewarmRule, study: dict[str, Any], modalities: set[str],
@@ -93,12 +83,12 @@ def rule_matches(rule: PrewarmRule, study: dict[str, Any], modalities: set[str],
 class ChangeWatcher:
     """The ``/changes`` loop; see the module docstring."""
 
-    def __init__(self, settings: ChangesSettings, client: OrthancClient,
-                 prefetcher: Prefetcher | None, metrics: Metrics, cursor_file: Path,
-                 hooks: list[StudyHook]) -> None:
+    def __init__(self, settings: ChangesSettings, client: OrthancClient, metrics: Metrics,
+                 cursor_file: Path, hooks: list[StudyHook],
+                 warm: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.client = client
-        self.prefetcher = prefetcher
+        self.warm = warm
         self.metrics = metrics
         self.cursor_file = cursor_file
         self.hooks = hooks
@@ -136,12 +126,11 @@ class ChangeWatcher:
     async def poll_once(self) -> bool:
         """Read and handle one batch; True when Orthanc says the feed is done."""
         if self.cursor is None:
-            data = await get_json(self.client, "/changes?last")
+            data = await self.client.get_json("/changes?last")
             await self._save(int(data.get("Last", 0)))
             log.info("changes: starting after Orthanc's current last change %d", self.cursor)
             return True
-        data = await get_json(self.client,
-                              f"/changes?since={self.cursor}&limit={self.settings.batch}")
+        data = await self.client.get_json(f"/changes?since={self.cursor}&limit={self.settings.batch}")
         changes = data.get("Changes") or []
         studies: dict[str, str] = {}  # Orthanc study ID → why (for stable studies)
         stable: set[str] = set()
@@ -160,7 +149,7 @@ class ChangeWatcher:
             uid = self._uids.get(study_id)
             if uid is not None:
                 await self._notify(uid)
-        if self.prefetcher is not None and self.settings.prewarm:
+        if self.warm is not None and self.settings.prewarm:
             for study_id in stable:
                 await self._maybe_warm(study_id)
         await self._save(int(data.get("Last", self.cursor)))
@@ -190,7 +179,7 @@ class ChangeWatcher:
         if level == "Study" and resource in self._uids:
             return resource
         try:
-            study = await get_json(self.client, path.format(resource))
+            study = await self.client.get_json(path.format(resource))
         except NotFoundUpstream:  # deleted meanwhile
             return None
         study_id = str(study.get("ID", resource))
@@ -209,20 +198,18 @@ class ChangeWatcher:
                 log.error("changes: study-changed hook failed for %s: %r", study_uid, result)
 
     async def _maybe_warm(self, study_id: str) -> None:
-        study = await get_json(self.client, f"/studies/{study_id}")
-        series = await get_json(self.client, f"/studies/{study_id}/series")
+        study = await self.client.get_json(f"/studies/{study_id}")
+        series = await self.client.get_json(f"/studies/{study_id}/series")
         modalities = {str(s.get("MainDicomTags", {}).get("Modality", "")).upper()
                       for s in series}
         tags = {**study.get("PatientMainDicomTags", {}), **study.get("MainDicomTags", {})}
         if any(r.tag and r.tag not in tags for r in self.settings.prewarm):
-            shared = await get_json(self.client, f"/studies/{study_id}/shared-tags?simplify")
+            shared = await self.client.get_json(f"/studies/{study_id}/shared-tags?simplify")
             tags = {**{k: str(v) for k, v in shared.items() if isinstance(v, str)}, **tags}
         uid = tags.get("StudyInstanceUID")
         if uid and any(rule_matches(r, study, modalities, tags) for r in self.settings.prewarm):
             log.info("changes: pre-warming new study %s", uid)
             self.warmed.append(uid)
-            assert self.prefetcher is not None
-            self.prefetcher.warm(uid)
+            assert self.warm is not None
+            self.warm(uid)
 
-
-CHANGES = web.AppKey("change_watcher", ChangeWatcher)

@@ -1,4 +1,4 @@
-"""The Orthanc client: one pooled session, timeouts, retries with backoff and jitter.
+"""The Orthanc client: one pooled session, one request path, retries with backoff.
 
 Everything dicomcache asks Orthanc goes through :class:`OrthancClient`, so the
 choices below hold everywhere:
@@ -6,37 +6,44 @@ choices below hold everywhere:
 * Credentials are dicomcache's own (HTTP basic from the config); a viewer's
   ``Authorization`` is never forwarded and Orthanc's auth challenges are never
   passed back.
-* ``Accept-Encoding: identity`` and no automatic decompression: what Orthanc
-  sends is what we verify and store, whatever the viewer's headers say (Orthanc
-  would otherwise gzip DICOM on the fly, slowly and without ``Vary``).
-* Retries (``retries`` after the first attempt) only for idempotent requests and
-  only on connection errors, timeouts, 5xx, 429 and failed integrity checks;
-  never on other 4xx.  Backoff is exponential with full jitter, and honours a
-  ``Retry-After`` up to ``backoff_max``.
+* ``Accept-Encoding: identity`` and no automatic decompression unless a caller
+  asks (JSON, ``upstream.compression``): what Orthanc sends is what is
+  verified and stored, whatever the viewer's headers say (Orthanc would
+  otherwise gzip DICOM on the fly, slowly and without ``Vary``).
+* One request path, :meth:`OrthancClient.open`: every request, whole or
+  streamed, is timed in the same metric and has its connection trouble turned
+  into :class:`UpstreamError` with a :class:`~dicomcache.errors.Cause`.
+* Retries (:meth:`OrthancClient.retrying`, ``retries`` after the first
+  attempt) only on connection errors, timeouts, 5xx, 429 and failed integrity
+  checks; never on other 4xx.  The delays are
+  :func:`~dicomcache.upstream.policy.backoff_delay` (exponential, equal
+  jitter, ``Retry-After`` honoured up to ``backoff_max``).
+* Every JSON answer is parsed defensively (:meth:`OrthancClient.get_json`): a
+  cut or malformed listing is retried like a corrupt instance.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import http.client
+import json
 import logging
 import random
-import socket
-import ssl
 import time
-from urllib.parse import urlsplit
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
-from contextlib import suppress
-from typing import BinaryIO, TypeVar
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
-from dicomcache.upstream.breaker import CircuitBreaker
 from dicomcache.config import UpstreamSettings
-from dicomcache.errors import IntegrityError, NotFoundUpstream, UpstreamError, UpstreamTimeout
-from dicomcache.metrics import Metrics, link_down
+from dicomcache.errors import (Cause, IntegrityError, NotFoundUpstream, UpstreamError,
+                               UpstreamTimeout)
+from dicomcache.metrics import Metrics
+from dicomcache.upstream import policy
+from dicomcache.upstream.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,16 +52,8 @@ T = TypeVar("T")
 #: notably Authorization, Cookie, Accept-Encoding and hop-by-hop headers).
 FORWARDED_REQUEST_HEADERS = ("Accept", "Accept-Language", "Content-Type",
                              "If-None-Match", "If-Modified-Since")
-
-
-#: Failures that another attempt cannot fix.
-FINAL_CAUSES = frozenset({"auth"})
-
-#: Requests written at once by :meth:`BlockingConnection.get_all` (small enough
-#: that neither side's socket buffers fill while the other is not reading).
-PIPELINE_WINDOW = 64
-#: Largest answer :meth:`BlockingConnection.get_all` accepts.
-MAX_SMALL = 1 << 20
+#: Ask for gzip (JSON answers, and instances with ``upstream.compression = "all"``).
+GZIP = {"Accept-Encoding": "gzip"}
 
 
 class OrthancClient:
@@ -70,8 +69,6 @@ class OrthancClient:
         if settings.username:
             headers["Authorization"] = aiohttp.encode_basic_auth(
                 settings.username, settings.password or "")
-        #: What every request carries (those of :class:`BlockingConnection` too).
-        self.headers: Mapping[str, str] = dict(headers)
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=settings.connect_timeout,
@@ -107,13 +104,10 @@ class OrthancClient:
 
     # --- retries -------------------------------------------------------------------------
     def backoff(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to wait before retry number ``attempt`` (1-based): full jitter."""
+        """Seconds to wait before retry number ``attempt`` (see :func:`policy.backoff_delay`)."""
         s = self.settings
-        cap = min(s.backoff_max, s.backoff_base * (2 ** (attempt - 1)))
-        delay = self._rng.uniform(cap / 2, cap)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, s.backoff_max))
-        return delay
+        return policy.backoff_delay(attempt, s.backoff_base, s.backoff_max, self._rng.random(),
+                                    retry_after)
 
     async def retrying(self, op: Callable[[int], Awaitable[T]], *, what: str) -> T:
         """Run ``op(attempt)`` until it succeeds or the retries are spent.
@@ -133,19 +127,20 @@ class OrthancClient:
                 raise
             except (UpstreamError, IntegrityError) as exc:
                 cause = exc.cause
+                status = exc.status if isinstance(exc, UpstreamError) else None
                 self.metrics.upstream_failures.labels(cause).inc()
                 if isinstance(exc, IntegrityError):
                     self.metrics.note_integrity_failure(cause, what, exc.reason)
-                if attempt == attempts or cause in FINAL_CAUSES:
+                if attempt == attempts or cause.final:
                     log.warning("%s failed after %d attempt(s): %s", what, attempt, exc)
-                    if link_down(cause, getattr(exc, "status", None)):
+                    if policy.link_down(cause, status):
                         self.metrics.note_upstream(False, self.base, str(exc))
-                        if cause != "auth":  # refused credentials are not a dead link
+                        if cause is not Cause.AUTH:  # refused credentials are not a dead link
                             self.breaker.failure(str(exc))
-                    kind = UpstreamTimeout if cause == "timeout" else UpstreamError
-                    raise kind(cause, exc.reason, attempts=attempt,
-                               status=getattr(exc, "status", None)) from exc
-                delay = self.backoff(attempt, getattr(exc, "retry_after", None))
+                    kind = UpstreamTimeout if cause is Cause.TIMEOUT else UpstreamError
+                    raise kind(cause, exc.reason, attempts=attempt, status=status) from exc
+                retry_after = exc.retry_after if isinstance(exc, UpstreamError) else None
+                delay = self.backoff(attempt, retry_after)
                 log.info("%s attempt %d failed (%s); retrying in %.2f s", what, attempt, exc, delay)
                 self.metrics.upstream_retries.labels(cause).inc()
                 await asyncio.sleep(delay)
@@ -155,42 +150,81 @@ class OrthancClient:
                 return result
         raise AssertionError("unreachable")
 
-    # --- single requests -------------------------------------------------------------
-    async def _request(self, method: str, path: str, *, kind: str, body: bytes | None = None,
-                       headers: Mapping[str, str] | None = None,
-                       params: Mapping[str, str] | None = None) -> tuple[int, CIMultiDict[str], bytes]:
-        """One request, whole body read; network trouble becomes :class:`UpstreamError`."""
+    # --- the request path ------------------------------------------------------------------
+    def url(self, path: str, *, encoded: bool = False) -> URL:
+        """Orthanc's URL for ``path`` (``encoded``: a viewer's raw path, passed as it is)."""
+        return URL(self.base + path, encoded=encoded)
+
+    @asynccontextmanager
+    async def open(self, method: str, path: str, *, kind: str,
+                   headers: Mapping[str, str] | None = None,
+                   params: Mapping[str, str] | None = None, body: bytes | None = None,
+                   encoded: bool = False) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One request; the response is read by the caller inside the ``async with``.
+
+        Connection trouble, while connecting or while the caller reads the body,
+        becomes :class:`UpstreamError`; the status is the caller's to judge
+        (:func:`check_status`).  The time until the caller is done is recorded
+        under ``kind``.
+        """
         started = time.monotonic()
+        what = f"{method} {path.split('?', 1)[0]}"
         try:
-            async with self.session.request(method, self.base + path, data=body,
+            async with self.session.request(method, self.url(path, encoded=encoded), data=body,
                                             headers=headers, params=params) as resp:
-                data = await resp.read()
-                return resp.status, CIMultiDict(resp.headers), data
+                yield resp
         except aiohttp.ClientPayloadError as exc:
-            raise UpstreamError("short_body", f"{method} {path}: body cut short ({exc})") from exc
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamError("timeout", f"{method} {path}: no answer in time") from exc
+            raise UpstreamError(Cause.SHORT_BODY, f"{what}: body cut short ({exc})") from exc
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamError(Cause.TIMEOUT, f"{what}: no answer in time") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError("connect", f"{method} {path}: cannot connect ({exc.os_error})") from exc
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamError("reset", f"{method} {path}: connection lost ({exc!r})") from exc
+            raise UpstreamError(Cause.CONNECT, f"{what}: cannot connect ({exc.os_error})") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(Cause.RESET, f"{what}: connection lost ({exc!r})") from exc
         finally:
             self.metrics.upstream_seconds.labels(kind).observe(time.monotonic() - started)
 
     async def get(self, path: str, *, kind: str, headers: Mapping[str, str] | None = None,
-                  params: Mapping[str, str] | None = None,
-                  method: str = "GET", body: bytes | None = None) -> tuple[CIMultiDict[str], bytes]:
-        """One attempt at a request that must answer 2xx; classifies the status."""
-        status, resp_headers, data = await self._request(
-            method, path, kind=kind, headers=headers, params=params, body=body)
-        check_status(status, resp_headers, f"{method} {path}", data)
-        return resp_headers, data
+                  params: Mapping[str, str] | None = None, method: str = "GET",
+                  body: bytes | None = None) -> tuple[CIMultiDict[str], bytes]:
+        """One attempt at a request that must answer 2xx: its headers and whole body."""
+        async with self.open(method, path, kind=kind, headers=headers, params=params,
+                             body=body) as resp:
+            data = await resp.read()
+            check_status(resp.status, resp.headers, f"{method} {path}", data)
+            return CIMultiDict(resp.headers), data
 
-    async def get_retrying(self, path: str, *, kind: str, method: str = "GET",
-                           body: bytes | None = None) -> tuple[CIMultiDict[str], bytes]:
-        return await self.retrying(
-            lambda _attempt: self.get(path, kind=kind, method=method, body=body),
-            what=f"{method} {path}")
+    async def get_json(self, path: str, *, method: str = "GET", body: bytes | None = None,
+                       kind: str = "listing", retry: bool = True) -> Any:
+        """A JSON answer, gzipped on the link unless ``upstream.compression = "none"``.
+
+        A body that does not decompress or parse (a WAN that cut it, an
+        intermediary that mangled it) is a :attr:`Cause.BAD_JSON` failure,
+        retried like any other with ``retry``.
+        """
+        headers = GZIP if self.settings.compression != "none" else None
+
+        async def attempt(_attempt: int) -> Any:
+            got, data = await self.get(path, kind=kind, method=method, body=body,
+                                       headers=headers)
+            return parse_json(data, got.get("Content-Encoding"), f"{method} {path}")
+
+        if not retry:
+            return await attempt(1)
+        return await self.retrying(attempt, what=f"{method} {path}")
+
+    async def lookup(self, uid: str, level: str, *, retry: bool = True) -> str:
+        """The Orthanc ID of the ``level`` (Study, Series, Instance) with this DICOM UID.
+
+        ``POST /tools/lookup``; :class:`NotFoundUpstream` when Orthanc has none.
+        """
+        found = await self.get_json("/tools/lookup", method="POST", body=uid.encode(),
+                                    kind="lookup", retry=retry)
+        for item in found if isinstance(found, list) else ():
+            if isinstance(item, dict) and item.get("Type") == level \
+                    and isinstance(item.get("ID"), str):
+                return str(item["ID"])
+        raise NotFoundUpstream(404, f"Orthanc has no {level.lower()} with UID {uid}")
 
     async def instance_md5(self, orthanc_id: str) -> str | None:
         """The MD5 Orthanc stored for the instance's DICOM attachment (``None``: it has none)."""
@@ -200,24 +234,17 @@ class OrthancClient:
             return None
         return parse_md5(data, orthanc_id)
 
-    async def lookup_instance(self, sop_uid: str) -> str | None:
-        """Orthanc instance ID for a SOPInstanceUID (``POST /tools/lookup``), or ``None``."""
-        import json
-        _, data = await self.retrying(
-            lambda _a: self.get("/tools/lookup", kind="lookup", method="POST",
-                                body=sop_uid.encode()),
-            what=f"lookup {sop_uid}")
-        for item in json.loads(data):
-            if item.get("Type") == "Instance":
-                return str(item["ID"])
-        return None
 
-    def stream(self, method: str, path: str, *, headers: Mapping[str, str],
-               params: Mapping[str, str] | None = None,
-               body: bytes | None = None) -> aiohttp.client._RequestContextManager:
-        """A streaming request for pass-through (caller reads and closes the response)."""
-        return self.session.request(method, self.base + path, headers=headers, params=params,
-                                    data=body)
+def parse_json(data: bytes, encoding: str | None, what: str) -> Any:
+    """A JSON body as Orthanc sent it (gzip or deflate undone); :class:`UpstreamError`
+    with :attr:`Cause.BAD_JSON` when it is cut or malformed."""
+    try:
+        if (encoding or "identity").lower() in ("gzip", "deflate"):
+            data = zlib.decompress(data, 47)  # gzip or zlib, auto-detected
+        return json.loads(data)
+    except (zlib.error, ValueError) as exc:
+        raise UpstreamError(Cause.BAD_JSON, f"{what}: Orthanc's JSON answer is cut or "
+                            f"malformed ({exc})") from exc
 
 
 def md5_path(orthanc_id: str) -> str:
@@ -230,177 +257,9 @@ def parse_md5(data: bytes, orthanc_id: str) -> str:
     if len(text) != 32 or any(c not in "0123456789abcdef" for c in text):
         # A damaged answer is not "no MD5": trusting the parse alone would let
         # corrupted pixels through.  Retried like any integrity failure.
-        raise IntegrityError("md5_mismatch", f"Orthanc's MD5 answer for {orthanc_id} "
+        raise IntegrityError(Cause.MD5_MISMATCH, f"Orthanc's MD5 answer for {orthanc_id} "
                              f"is malformed: {text[:40]!r}")
     return text
-
-
-class BlockingConnection:
-    """One keep-alive HTTP connection to Orthanc for a thread of its own (``http.client``).
-
-    A whole-series stream and its two hundred MD5 lookups are read outside the
-    event loop: on it, a hundred megabytes cost a copy and a callback per socket
-    read, and the lookups a task each, and the loop is what every viewer waits
-    for.  Same base URL, credentials, headers and timeouts as
-    :class:`OrthancClient`; no retries (the caller falls back to the client's
-    retried requests).  :meth:`abort` may be called from another thread: it
-    wakes a blocked read, which then fails.
-    """
-
-    def __init__(self, client: OrthancClient) -> None:
-        self.settings = client.settings
-        self.headers = client.headers
-        self.url = urlsplit(client.base)
-        self._conn: http.client.HTTPConnection | None = None
-        # Kept apart from the connection: http.client hands the socket over to a
-        # response that ends with the connection ("Connection: close", as a
-        # DICOMweb retrieve does), and then ``conn.sock`` is None.
-        self._sock: socket.socket | None = None
-        self._resp: http.client.HTTPResponse | None = None
-        self._aborted = False
-
-    def _connect(self) -> http.client.HTTPConnection:
-        if self._aborted:
-            raise ConnectionAbortedError("stopped")
-        url, timeout = self.url, self.settings.connect_timeout
-        conn: http.client.HTTPConnection
-        if url.scheme == "https":
-            conn = http.client.HTTPSConnection(url.hostname or "", url.port, timeout=timeout,
-                                               context=ssl.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=timeout)
-        conn.connect()
-        assert conn.sock is not None
-        conn.sock.settimeout(self.settings.read_timeout)
-        self._sock = conn.sock
-        return conn
-
-    def get(self, path: str, headers: Mapping[str, str] | None = None
-            ) -> http.client.HTTPResponse:
-        """``GET path``; the response must be read whole before the next request."""
-        for attempt in (1, 2):
-            reused = self._conn is not None
-            if self._conn is None:
-                self._conn = self._connect()
-            try:
-                self._conn.request("GET", self.url.path.rstrip("/") + path,
-                                   headers={**self.headers, **(headers or {})})
-                if self._aborted:
-                    raise ConnectionAbortedError("stopped")
-                self._resp = self._conn.getresponse()
-                if self._resp.will_close:  # the socket now belongs to the response
-                    self._conn = None
-                return self._resp
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                self.close()
-                if not reused or attempt == 2:  # a kept-alive socket Orthanc had closed: once more
-                    raise
-        raise AssertionError("unreachable")
-
-    def get_all(self, paths: Sequence[str], window: int = PIPELINE_WINDOW
-                ) -> Generator[tuple[str, int, bytes], None, None]:
-        """``(path, status, body)`` of a ``GET`` of each path, in order, pipelined.
-
-        For many small answers (Orthanc's MD5s): ``window`` requests are written
-        at once (HTTP/1.1 pipelining), then their answers read, so a lookup costs
-        neither a round trip nor a system call of its own (200 MD5s: 17 ms
-        against 51 ms one by one, on a loaded machine 56 ms against 430).  Every
-        answer must carry a ``Content-Length`` of at most :data:`MAX_SMALL`.  A
-        server that ends the connection before answering all it was sent
-        (keep-alive off, a proxy that does not pipeline) is asked the rest again
-        on a new connection; one that answers nothing at all raises.  It uses
-        connections of its own and closes them, and any kept by :meth:`get`.
-        """
-        todo = collections.deque(paths)
-        while todo:
-            conn = self._connect()
-            fp = self._sock.makefile("rb") if self._sock is not None else None
-            assert fp is not None
-            answered = 0
-            try:
-                while todo:
-                    batch = [todo[i] for i in range(min(window, len(todo)))]
-                    conn.send(b"".join(self._request_head(p) for p in batch))
-                    for path in batch:
-                        status, body, close = _read_small(fp)
-                        todo.popleft()
-                        answered += 1
-                        yield path, status, body
-                        if close:
-                            raise _ConnectionEnded("the server closed the connection")
-            except (_ConnectionEnded, ConnectionError) as exc:
-                if not answered:
-                    raise ConnectionResetError(f"no answer to a pipelined request: {exc}") from exc
-            finally:
-                fp.close()
-                conn.close()
-                self.close()
-
-    def _request_head(self, path: str) -> bytes:
-        host = self.url.hostname or ""
-        if self.url.port is not None:
-            host = f"{host}:{self.url.port}"
-        lines = [f"GET {self.url.path.rstrip('/')}{path} HTTP/1.1", f"Host: {host}",
-                 *(f"{k}: {v}" for k, v in self.headers.items())]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-    def abort(self) -> None:
-        """End the connection from another thread: a blocked read fails at once."""
-        self._aborted = True
-        sock = self._sock
-        if sock is not None:
-            with suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        """Close the connection and the last response, read whole or not."""
-        if self._resp is not None:
-            self._resp.close()
-            self._resp = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-
-class _ConnectionEnded(Exception):
-    """The server said ``Connection: close``: the rest goes on a new connection."""
-
-
-def _read_small(fp: BinaryIO) -> tuple[int, bytes, bool]:
-    """One answer from a pipelined connection: status, body, and whether it ends there."""
-    line = fp.readline(8192)
-    if not line:
-        raise ConnectionResetError("connection closed before the answer")
-    words = line.split(None, 2)
-    if len(words) < 2 or not words[0].startswith(b"HTTP/1.") or not words[1].isdigit():
-        raise http.client.BadStatusLine(line.decode("latin-1", "replace"))
-    # Only two headers matter; http.client.parse_headers (the email parser) would
-    # cost this thread, and the GIL, ten times more per answer.
-    declared, close = b"", words[0] == b"HTTP/1.0"
-    for _ in range(100):
-        header = fp.readline(8192)
-        if header in (b"\r\n", b"\n"):
-            break
-        if not header.endswith(b"\n"):
-            raise ConnectionResetError("connection closed inside an answer's headers")
-        name, _, value = header.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            declared = value.strip()
-        elif name == b"connection":
-            close = close or b"close" in value.lower()
-    else:
-        raise http.client.HTTPException("a pipelined answer with too many headers")
-    if not declared.isdigit() or int(declared) > MAX_SMALL:
-        raise http.client.HTTPException(f"a pipelined answer without a usable Content-Length "
-                                        f"({declared[:20]!r})")
-    body = fp.read(int(declared))
-    if len(body) != int(declared):
-        raise ConnectionResetError("connection closed inside an answer")
-    return int(words[1]), body, close
 
 
 def check_status(status: int, headers: Mapping[str, str], what: str, body: bytes = b"") -> None:
@@ -408,22 +267,13 @@ def check_status(status: int, headers: Mapping[str, str], what: str, body: bytes
     if 200 <= status < 300:
         return
     snippet = body[:200].decode("utf-8", "replace").strip()
-    if status == 429 or status >= 500:
-        err = UpstreamError("http_429" if status == 429 else "http_5xx",
-                            f"{what}: Orthanc answered {status} {snippet}".strip(), status=status)
-        err.retry_after = _retry_after(headers.get("Retry-After"))  # type: ignore[attr-defined]
-        raise err
-    if status in (401, 403):
+    cause = policy.status_error_cause(status)
+    if cause is Cause.AUTH:
         # Our own credentials were refused: the viewer can do nothing about it.
-        raise UpstreamError("auth", f"{what}: Orthanc refused dicomcache's credentials "
+        raise UpstreamError(cause, f"{what}: Orthanc refused dicomcache's credentials "
                             f"({status}); check upstream.username/password", status=status)
+    if cause is not None:
+        raise UpstreamError(cause, f"{what}: Orthanc answered {status} {snippet}".strip(),
+                            status=status,
+                            retry_after=policy.parse_retry_after(headers.get("Retry-After")))
     raise NotFoundUpstream(status, f"{what}: Orthanc answered {status} {snippet}".strip())
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None

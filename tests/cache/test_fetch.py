@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from dicomcache.http.app import make_app
-from dicomcache.http.common import METRICS
+from dicomcache.http.keys import METRICS
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from tests.conftest import Sample, SettingsFactory
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dicomcache.dicom.frames import (EXPLICIT_VR_LE, IMPLICIT_VR_LE, OCTET, FramePlan, frame_ranges,
+from dicomcache.dicom.syntaxes import EXPLICIT_LE as EXPLICIT_VR_LE, IMPLICIT_LE as IMPLICIT_VR_LE
+from dicomcache.dicom.frames import (OCTET, FramePlan, frame_ranges,
                                parse_frame_list, plan_frames)
 from dicomcache.dicom.verify import PixelInfo
 

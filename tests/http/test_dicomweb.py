@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 
 from dicomcache.http.app import make_app
 from dicomcache.devtools.orthanc import OrthancProcess
-from dicomcache.http.common import STORE
+from dicomcache.http.keys import STORE
 from tests.conftest import Sample, SettingsFactory
 from tests.http.dicomweb_support import (ANY_SYNTAX, get_parts, orthanc_answer, series_path,
                                            split_multipart,
@@ -113,7 +113,7 @@ async def test_growing_series_shows_up_after_revalidation(
 async def test_change_hook_expires_a_study_at_once(
         aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess) -> None:
     """With Orthanc's /changes followed, a new instance shows up before metadata_fresh."""
-    from dicomcache.upstream.changes import STUDY_CHANGED
+    from dicomcache.http.keys import STUDY_CHANGED
     from dicomcache.devtools.samples import encode, make_ct_series
     from pydicom.uid import ExplicitVRLittleEndian
 

@@ -10,11 +10,12 @@ import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from dicomcache.http.app import make_app
 from dicomcache.devtools.orthanc import OrthancProcess
-from dicomcache.http.common import STORE
+from dicomcache.http.keys import DICOMWEB, STORE
 from dicomcache.devtools.samples import make_ct_series
 from dicomcache.cache.store import Verified
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
@@ -82,10 +83,10 @@ async def test_cold_series_retrieve_by_stream_identical_to_orthanc(
     assert [b for _, b in ours] == [b for _, b in theirs] == [s.data for s in ct_series]
     assert wan.requests[path] == 1  # one series stream…
     assert file_requests(wan) == 0  # …and no single downloads
-    from dicomcache.http.common import METRICS
+    from dicomcache.http.keys import METRICS
 
     registry = client.app[METRICS].registry
-    for kind in ("series", "md5_pipelined"):  # timed although read outside the loop
+    for kind in ("series", "md5_lookups"):  # timed although read outside the loop
         assert registry.get_sample_value(
             "dicomcache_upstream_request_duration_seconds_count", {"kind": kind}) == 1
     store = client.app[STORE]
@@ -125,7 +126,7 @@ async def test_cold_retrieve_with_the_cache_disk_full_sends_every_part(
         assert wan.requests[path] == round_  # a stream each time: nothing was cached
     assert file_requests(wan) == 0
     assert await client.app[STORE].get(ct_series[0].sop) is None
-    from dicomcache.http.common import METRICS
+    from dicomcache.http.keys import METRICS
 
     assert client.app[METRICS].uncached.labels("disk_full")._value.get() == 2 * len(ct_series)
     assert caplog.text.count("cache disk full") == 1  # not once per instance
@@ -269,7 +270,7 @@ async def test_cold_retrieve_does_not_wait_for_durability(
     for s in ct_series:  # durable now, and found without a trip upstream
         entry = await store.get(s.sop)
         assert entry is not None and await asyncio.to_thread(entry.path.read_bytes) == s.data
-    from dicomcache.http.common import DICOMWEB
+    from dicomcache.http.keys import DICOMWEB
 
     for _ in range(100):  # the app-wide commit backlog is given back once all are durable
         if client.app[DICOMWEB].commit_backlog.held == 0:
@@ -282,7 +283,7 @@ async def test_shutdown_right_after_a_cold_retrieve_keeps_every_part(
         client: TestClient, ct_series: list[Sample], held_commits: threading.Event,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Parts sent before they were durable are committed before the store closes."""
-    from dicomcache.http.common import SETTINGS
+    from dicomcache.http.keys import SETTINGS
     from dicomcache.cache.store import Store
 
     release = held_commits
@@ -308,31 +309,29 @@ async def test_shutdown_right_after_a_cold_retrieve_keeps_every_part(
         await asyncio.to_thread(store.close)
 
 
-def stream_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("series-stream")]
+def streams_of(app: web.Application) -> set[asyncio.Future[None]]:
+    """The upstream series streams in flight."""
+    return {s for s in app[DICOMWEB].streams if not s.done()}
 
 
 async def test_shutdown_ends_a_stream_stalled_upstream_at_once(
         aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,  # type: ignore[no-untyped-def]
         ct_series: list[Sample]) -> None:
-    """The reader thread blocked in a read is woken at shutdown, not after read_timeout."""
+    """A stream blocked in a stalled read is ended at shutdown, not after read_timeout."""
     wan.set_profile(LinkProfile(stall=1.0, stall_seconds=60, fault_paths=SERIES_STREAM))
     client = await aiohttp_client(make_app(make_settings(
         url=f"http://127.0.0.1:{wan.port}", upstream={"read_timeout": 60})))
+    app = client.app
     retrieve = asyncio.ensure_future(client.get(series_path(ct_series[0]),
                                                 headers={"Accept": ANY_SYNTAX}))
     for _ in range(100):
-        if wan.faults["stall"] and stream_threads():
+        if wan.faults["stall"] and streams_of(app):
             break
         await asyncio.sleep(0.05)
-    assert wan.faults["stall"] == 1 and stream_threads()
-    await asyncio.sleep(0.3)  # the reader is now blocked in the stalled body
+    assert wan.faults["stall"] == 1 and streams_of(app)
+    await asyncio.sleep(0.3)  # the stream is now blocked in the stalled body
     started = time.monotonic()
     retrieve.cancel()
     await asyncio.wait_for(client.close(), 30)
-    for _ in range(100):
-        if not stream_threads():
-            break
-        await asyncio.sleep(0.05)
-    assert not stream_threads()
+    assert not streams_of(app)
     assert time.monotonic() - started < 10  # not the 60 s stall nor the read timeout

@@ -97,7 +97,7 @@ async def test_one_entry_shared_by_all_families(client: TestClient,
                             headers={"Accept": 'multipart/related; type="application/dicom"; '
                                                'transfer-syntax=*'})
     assert resp.status == 200
-    from dicomcache.http.common import METRICS
+    from dicomcache.http.keys import METRICS
     metrics = client.app[METRICS]
     misses = metrics.cache_misses.labels("orthanc")._value.get()
     resp = await client.get(f"/instances/{s.orthanc_id}/file")

@@ -16,12 +16,14 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from dicomcache.cli.serve import build_app
 from dicomcache.http.app import make_app
 from dicomcache.devtools.orthanc import OrthancProcess, free_port
 import dicomcache.relay.service  # noqa: F401 - imported here, not lazily on the loop
 from dicomcache.http import status
-from dicomcache.http.common import METRICS, STORE
-from dicomcache.http.status import RELAY, render
+from dicomcache.http.keys import METRICS, STORE
+from dicomcache.http.keys import RELAY
+from dicomcache.http.status import render
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from tests.conftest import Sample, SettingsFactory
 
@@ -218,7 +220,7 @@ async def test_status_page_in_headless_chromium(
                "destinations": [{"name": "pacs", "remote_ae_title": "PACS",
                                  "remote_host": "127.0.0.1", "remote_port": free_port(),
                                  "transfer_syntax_strategy": "standard"}]})
-    client = await aiohttp_client(make_app(settings))
+    client = await aiohttp_client(build_app(settings))  # the daemon's app: relay wired in
     good, bad = ct_series[1], ct_series[3]
     for _ in range(3):  # one miss, two hits
         assert (await client.get(f"/instances/{good.orthanc_id}/file")).status == 200

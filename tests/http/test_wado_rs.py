@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 from dicomcache.http.app import make_app
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.http import wado_rs
-from dicomcache.http.common import METRICS, STORE
+from dicomcache.http.keys import METRICS, STORE
 from dicomcache.cache.store import Entry
 from tests.conftest import Sample, SettingsFactory
 from tests.http.dicomweb_support import (ANY_SYNTAX, get_parts, orthanc_answer, series_path,

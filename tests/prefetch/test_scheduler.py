@@ -17,8 +17,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicomcache.http.app import make_app
 from dicomcache.devtools.orthanc import OrthancProcess
-from dicomcache.prefetch.scheduler import PREFETCHER, order_items, touch_of
-from dicomcache.http.common import METRICS, STORE
+from dicomcache.http.keys import PREFETCHER
+from dicomcache.prefetch.scheduler import order_items, touch_of
+from dicomcache.http.keys import METRICS, STORE
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.cache.store import Entry
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator

@@ -18,7 +18,7 @@ from dicomcache.http.app import make_app
 from dicomcache.upstream.breaker import CircuitBreaker
 from dicomcache.errors import UpstreamUnavailable
 from dicomcache.metrics import Metrics
-from dicomcache.http.common import CLIENT, METRICS
+from dicomcache.http.keys import CLIENT, METRICS
 from dicomcache.devtools.wanem import WanEmulator
 from tests.conftest import Sample, SettingsFactory
 

@@ -13,11 +13,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicomcache.http.app import make_app
-from dicomcache.upstream.changes import CHANGES, STUDY_CHANGED, read_cursor, rule_matches, write_cursor
+from dicomcache.http.keys import CHANGES, STUDY_CHANGED
+from dicomcache.upstream.changes import read_cursor, rule_matches, write_cursor
 from dicomcache.config import PrewarmRule, Settings
 from dicomcache.devtools.orthanc import OrthancProcess
-from dicomcache.prefetch.scheduler import PREFETCHER
-from dicomcache.http.common import STORE
+from dicomcache.http.keys import PREFETCHER
+from dicomcache.http.keys import STORE
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.devtools.wanem import WanEmulator
 from tests.conftest import SettingsFactory
@@ -159,7 +160,7 @@ async def test_stop_during_a_cursor_write_waits_for_it(tmp_path: Path,
     monkeypatch.setattr(changes, "write_cursor", slow_write)
     path = tmp_path / "cursor.json"
     client: Any = SimpleNamespace(base="http://o")  # only its base URL is used
-    watcher = changes.ChangeWatcher(ChangesSettings(), client, None, Metrics(), path, [])
+    watcher = changes.ChangeWatcher(ChangesSettings(), client, Metrics(), path, [])
     saving = asyncio.ensure_future(watcher._save(7))
     assert await asyncio.to_thread(started_.wait, 10)
     saving.cancel()  # stop() while the thread writes

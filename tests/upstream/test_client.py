@@ -1,9 +1,9 @@
-"""dicomcache.upstream.client's blocking connection (the series stream's threads use it)."""
+"""dicomcache.upstream.client: credentials, timeouts, defensive JSON, lookups."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import hashlib
 import socket
 import threading
 import time
@@ -14,8 +14,9 @@ import pytest
 from dicomcache.config import UpstreamSettings
 from dicomcache.metrics import Metrics
 from dicomcache.devtools.orthanc import OrthancProcess
-from dicomcache.upstream.client import BlockingConnection, OrthancClient, md5_path, parse_md5
-from dicomcache.errors import IntegrityError
+from dicomcache.upstream.client import OrthancClient, parse_md5
+from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
+from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from tests.conftest import Sample
 
 
@@ -48,58 +49,46 @@ def silent_server() -> Iterator[int]:
     srv.close()
 
 
-async def test_blocking_get_with_our_credentials_and_kept_alive(
+async def test_requests_carry_our_credentials_and_survive_orthancs_keep_alive_close(
         orthanc: OrthancProcess, ct_series: list[Sample]) -> None:
     client = OrthancClient(settings(orthanc.url + "/", orthanc), Metrics())
     try:
-        conn = BlockingConnection(client)
-
-        def md5s() -> list[str]:
-            out = []
-            for s in ct_series[:3]:
-                resp = conn.get(md5_path(s.orthanc_id))
-                assert resp.status == 200
-                out.append(parse_md5(resp.read(), s.orthanc_id))
-            time.sleep(1.5)  # Orthanc closes a keep-alive connection idle for 1 s…
-            resp = conn.get(md5_path(ct_series[3].orthanc_id))  # …so this one reconnects
-            out.append(parse_md5(resp.read(), ct_series[3].orthanc_id))
-            conn.close()
-            return out
-
-        import hashlib
-        assert await asyncio.to_thread(md5s) == [hashlib.md5(s.data).hexdigest()
-                                                 for s in ct_series[:4]]
+        md5s = [await client.instance_md5(s.orthanc_id) for s in ct_series[:3]]
+        await asyncio.sleep(1.5)  # Orthanc closes a keep-alive connection idle for 1 s…
+        md5s.append(await client.instance_md5(ct_series[3].orthanc_id))  # …and we reconnect
+        assert md5s == [hashlib.md5(s.data).hexdigest() for s in ct_series[:4]]
     finally:
         await client.close()
 
 
-async def test_blocking_get_without_credentials_is_refused(orthanc: OrthancProcess) -> None:
+async def test_requests_without_credentials_are_refused_as_auth(orthanc: OrthancProcess) -> None:
     client = OrthancClient(UpstreamSettings(url=orthanc.url), Metrics())
     try:
-        conn = BlockingConnection(client)
-        resp = await asyncio.to_thread(conn.get, "/system")
-        assert resp.status == 401
-        conn.close()
+        with pytest.raises(UpstreamError) as refused:
+            await client.get("/system", kind="probe")
+        assert refused.value.cause is Cause.AUTH and refused.value.status == 401
     finally:
         await client.close()
 
 
-async def test_abort_wakes_a_blocked_read_at_once(orthanc: OrthancProcess,
-                                                  silent_server: int) -> None:
+async def test_a_silent_server_is_a_timeout_and_a_cancel_ends_the_wait_at_once(
+        orthanc: OrthancProcess, silent_server: int) -> None:
     client = OrthancClient(settings(f"http://127.0.0.1:{silent_server}", orthanc,
-                                    read_timeout=30.0), Metrics())
+                                    read_timeout=0.5), Metrics())
     try:
-        conn = BlockingConnection(client)
+        with pytest.raises(UpstreamError) as late:
+            await client.get("/system", kind="probe")
+        assert late.value.cause is Cause.TIMEOUT
+        client.settings = settings(f"http://127.0.0.1:{silent_server}", orthanc,
+                                   read_timeout=30.0)
         started = time.monotonic()
-        blocked = asyncio.ensure_future(asyncio.to_thread(conn.get, "/system"))
+        blocked = asyncio.ensure_future(client.get("/system", kind="probe"))
         await asyncio.sleep(0.3)
         assert not blocked.done()  # waiting for an answer that never comes
-        conn.abort()
-        with pytest.raises(OSError):  # RemoteDisconnected is a ConnectionResetError
-            await asyncio.wait_for(blocked, 5)
+        blocked.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await blocked
         assert time.monotonic() - started < 5  # not the 30 s read timeout
-        with pytest.raises(ConnectionAbortedError):  # and no new request after an abort
-            conn.get("/system")
     finally:
         await client.close()
 
@@ -111,72 +100,20 @@ def test_parse_md5_rejects_a_damaged_answer() -> None:
         parse_md5(b"0123456789abcdef0123456789abcde", "x")
 
 
-@contextlib.contextmanager
-def one_answer_server(answer: bool) -> Iterator[int]:
-    """A loopback server closing every connection after one request, answered or not."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    srv.settimeout(0.1)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            with conn, conn.makefile("rb") as f:
-                target = f.readline().split()[1]
-                while f.readline() not in (b"\r\n", b""):
-                    pass
-                if answer:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
-                                 b"Content-Length: %d\r\n\r\n%b" % (len(target), target))
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+async def test_a_cut_or_malformed_json_answer_is_bad_json_and_retried(
+        orthanc: OrthancProcess, ct_series: list[Sample], wan: WanEmulator) -> None:
+    client = OrthancClient(settings(f"http://127.0.0.1:{wan.port}", orthanc, retries=2,
+                                    backoff_base=0.01, backoff_max=0.02), Metrics())
     try:
-        yield srv.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join()
-        srv.close()
-
-
-async def test_get_all_pipelines_in_order_against_orthanc(orthanc: OrthancProcess,
-                                                          ct_series: list[Sample]) -> None:
-    client = OrthancClient(settings(orthanc.url, orthanc), Metrics())
-    try:
-        conn = BlockingConnection(client)
-        paths = [md5_path(s.orthanc_id) for s in ct_series] + [md5_path("nope")] \
-            + [md5_path(s.orthanc_id) for s in ct_series]
-        answers = await asyncio.to_thread(lambda: list(conn.get_all(paths, window=5)))
-        assert [p for p, _, _ in answers] == paths
-        import hashlib
-        expected = [hashlib.md5(s.data).hexdigest().encode() for s in ct_series]
-        assert [b for _, st, b in answers if st == 200] == expected * 2
-        assert [st for _, st, _ in answers].count(404) == 1
+        wan.set_profile(LinkProfile(truncate_lying=1.0, fault_paths=r"^/instances/[^/]+$"))
+        with pytest.raises(UpstreamError) as cut:
+            await client.get_json(f"/instances/{ct_series[0].orthanc_id}")
+        assert cut.value.cause is Cause.BAD_JSON and cut.value.attempts == 3
+        wan.set_profile(LinkProfile())
+        info = await client.get_json(f"/instances/{ct_series[0].orthanc_id}")
+        assert info["ID"] == ct_series[0].orthanc_id
+        assert await client.lookup(ct_series[0].sop, "Instance") == ct_series[0].orthanc_id
+        with pytest.raises(NotFoundUpstream):
+            await client.lookup("1.2.3.4.5.6.7.8.9", "Instance")
     finally:
         await client.close()
-
-
-async def test_get_all_asks_again_on_a_new_connection_when_the_server_closes(
-        orthanc: OrthancProcess) -> None:
-    with one_answer_server(answer=True) as port:
-        client = OrthancClient(settings(f"http://127.0.0.1:{port}", orthanc), Metrics())
-        try:
-            conn = BlockingConnection(client)
-            paths = [f"/p{i}" for i in range(5)]
-            answers = await asyncio.to_thread(lambda: list(conn.get_all(paths)))
-            assert answers == [(p, 200, p.encode()) for p in paths]
-        finally:
-            await client.close()
-
-
-async def test_get_all_raises_when_a_connection_answers_nothing(orthanc: OrthancProcess) -> None:
-    with one_answer_server(answer=False) as port:
-        client = OrthancClient(settings(f"http://127.0.0.1:{port}", orthanc), Metrics())
-        try:
-            conn = BlockingConnection(client)
-            with pytest.raises(ConnectionResetError, match="no answer"):
-                await asyncio.to_thread(lambda: list(conn.get_all(["/a", "/b"])))
-        finally:
-            await client.close()

@@ -1,0 +1,36 @@
+"""Identifiers: DICOM UIDs (PS3.5 §9.1) and Orthanc resource IDs, checked before any use.
+
+A UID read from a URL, a query, a config file or a DICOM body goes through
+:func:`is_uid` before it names anything (a request to Orthanc, a log line, a
+cache key); an Orthanc ID through :func:`is_orthanc_id`.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Longest UID (PS3.5 §9.1).
+MAX_UID = 64
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+#: Orthanc's IDs are SHA-1 based: five groups of eight hex digits.
+_ORTHANC_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
+
+
+def is_uid(value: str) -> bool:
+    """Digits and dots, no empty component, at most 64 characters."""
+    return len(value) <= MAX_UID and _UID.fullmatch(value) is not None
+
+
+def uid_problem(value: str | None, what: str) -> str | None:
+    """Why ``value`` is not a UID (a sentence naming ``what``), or ``None``."""
+    if not value:
+        return f"{what} is missing"
+    if len(value) > MAX_UID:
+        return f"{what} is longer than {MAX_UID} characters"
+    if not _UID.fullmatch(value):
+        return f"{what} {value[:80]!r} is not a DICOM UID (digits and dots)"
+    return None
+
+
+def is_orthanc_id(value: str) -> bool:
+    return _ORTHANC_ID.fullmatch(value) is not None

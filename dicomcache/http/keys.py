@@ -1,0 +1,46 @@
+"""The keys of the HTTP application's shared state (``app[KEY]``) and per-request labels.
+
+Each long-lived component is created by one ``cleanup_ctx`` of :mod:`.app` and
+found by the routes here; nothing else is global.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from dicomcache.cache.fetch import Fetcher
+from dicomcache.cache.store import AsyncStore
+from dicomcache.config import Settings
+from dicomcache.dicomweb.state import DicomWeb
+from dicomcache.metrics import Metrics
+from dicomcache.prefetch.scheduler import Prefetcher
+from dicomcache.upstream.changes import ChangeWatcher
+from dicomcache.upstream.client import OrthancClient
+
+
+class RelayStatusSource(Protocol):
+    """What the status page needs of the relay (wired by ``dicomcache serve``)."""
+
+    def status(self) -> dict[str, Any]: ...
+
+
+StudyHook = Callable[[str], Awaitable[None]]
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+STORE = web.AppKey("store", AsyncStore)
+CLIENT = web.AppKey("client", OrthancClient)
+FETCHER = web.AppKey("fetcher", Fetcher)
+DICOMWEB = web.AppKey("dicomweb", DicomWeb)
+PREFETCHER = web.AppKey("prefetcher", Prefetcher)
+CHANGES = web.AppKey("change_watcher", ChangeWatcher)
+#: Async callbacks ``hook(study_uid)`` run when Orthanc reports a change in a study.
+STUDY_CHANGED: web.AppKey[list[StudyHook]] = web.AppKey("study_changed_hooks")
+RELAY: web.AppKey[RelayStatusSource] = web.AppKey("relay")
+
+#: API family (orthanc, wado_uri, dicomweb, passthrough) and outcome (hit, miss, …) of a request.
+FAMILY = web.RequestKey("family", str)
+OUTCOME = web.RequestKey("outcome", str)
