@@ -38,10 +38,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicomcache.devtools.orthanc import free_port, loopback_env  # noqa: E402
-from dicomcache.relay import negotiation as neg  # noqa: E402
-from dicomcache.relay.transcode import shutdown_pool, transcode_bytes  # noqa: E402
-from dicomcache.devtools.samples import make_ct_series, write_series  # noqa: E402
+from dicomcache.devtools.orthanc import free_port, loopback_env
+from dicomcache.devtools.samples import make_ct_series, write_series
+from dicomcache.relay import negotiation as neg
+from dicomcache.relay.transcode import shutdown_pool, transcode_bytes
 
 
 def _py_spy() -> str:

@@ -37,10 +37,11 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
+
 from dicomcache.devtools.orthanc import OrthancProcess, free_port  # noqa: E402
 from dicomcache.devtools.samples import encode, make_ct_series  # noqa: E402
 from dicomcache.devtools.wanem import LinkProfile, ThreadedWanEmulator  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 
 
 async def view(base: str, ids: list[str], md5s: list[str], parallel: int,
@@ -98,7 +99,7 @@ parallel = {parallel}
         deadline = time.monotonic() + 30
         while True:
             try:
-                urllib.request.urlopen(base + "/healthz", timeout=1).read()  # noqa: S310
+                urllib.request.urlopen(base + "/healthz", timeout=1).read()
                 break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:

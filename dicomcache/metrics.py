@@ -12,10 +12,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.aiohttp import make_aiohttp_handler
-
-from aiohttp.typedefs import Handler
 
 from dicomcache import __version__
 from dicomcache.errors import StoreFull

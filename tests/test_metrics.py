@@ -13,9 +13,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.http.app import make_app
 from dicomcache.metrics import FAILURE_CAUSES, INSTANCE_FAMILIES, INTEGRITY_CAUSES
-from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from tests.conftest import Sample, SettingsFactory
 
 Key = tuple[str, frozenset[tuple[str, str]]]

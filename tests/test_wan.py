@@ -8,12 +8,10 @@ import time
 
 import pytest
 
-from dicomcache.http.app import make_app
-from dicomcache.http.keys import PREFETCHER
-from dicomcache.http.keys import CLIENT, METRICS, STORE
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
+from dicomcache.http.app import make_app
+from dicomcache.http.keys import CLIENT, METRICS, PREFETCHER, STORE
 from tests.conftest import Sample, SettingsFactory
-
 
 pytestmark = pytest.mark.usefixtures("no_blocking")
 

@@ -24,11 +24,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from dicomcache.cache.store import AsyncStore, Entry
+from dicomcache.dicom.verify import DicomSummary, md5_hex, verify_bytes
 from dicomcache.errors import Cause, IntegrityError, UpstreamError
 from dicomcache.metrics import Metrics
-from dicomcache.cache.store import AsyncStore, Entry
 from dicomcache.upstream.client import OrthancClient
-from dicomcache.dicom.verify import DicomSummary, md5_hex, verify_bytes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

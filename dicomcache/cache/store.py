@@ -58,8 +58,8 @@ from typing import Any
 
 import diskcache
 
-from dicomcache.errors import StoreFull
 from dicomcache.dicom.verify import DicomSummary
+from dicomcache.errors import StoreFull
 
 log = logging.getLogger(__name__)
 

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import TextIO
 
 from dicomcache.cache.fetch import Fetcher
+from dicomcache.cache.store import AsyncStore, Store
 from dicomcache.cli.common import USAGE, load_settings
 from dicomcache.cli.progress import Progress
 from dicomcache.config import Settings
 from dicomcache.errors import NotFoundUpstream, UpstreamError
 from dicomcache.metrics import Metrics
 from dicomcache.prefetch.scheduler import Job, Prefetcher, Tally
-from dicomcache.cache.store import AsyncStore, Store
 from dicomcache.upstream.client import OrthancClient
 
 

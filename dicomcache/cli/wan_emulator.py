@@ -12,7 +12,6 @@ from typing import Final
 from dicomcache.devtools.wanem import FAULT_KINDS, LinkProfile, WanEmulator
 
 
-
 def _host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")

@@ -23,7 +23,10 @@ DEMO_SLICES = 40
 
 def start_demo_orthanc(settings: Settings, state_dir: Path) -> tuple[OrthancProcess, Settings]:
     """Start the demo Orthanc (loading the sample study once) and aim the settings at it."""
-    from dicomcache.devtools.samples import encode, make_ct_series  # numpy-heavy: only when the demo runs
+    from dicomcache.devtools.samples import (  # numpy-heavy: only when the demo runs
+        encode,
+        make_ct_series,
+    )
 
     workdir = state_dir / "demo-orthanc"
     workdir.mkdir(parents=True, exist_ok=True)

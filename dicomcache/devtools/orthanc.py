@@ -110,7 +110,7 @@ def wait_http(url: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(url, timeout=1).read()  # noqa: S310 - loopback URL
+            urllib.request.urlopen(url, timeout=1).read()
             return
         except urllib.error.HTTPError:
             return  # it answered
@@ -220,7 +220,7 @@ class OrthancProcess:
         req.add_header("Authorization", self.auth_header)
         for k, v in (headers or {}).items():
             req.add_header(k, v)
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback URL
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.read()  # type: ignore[no-any-return]
 
     def json(self, method: str, path: str, body: bytes | None = None) -> Any:

@@ -50,10 +50,10 @@ from pydicom.uid import (
 )
 
 __all__ = [
-    "CodecUnavailableError",
     "COMPRESSED_SYNTAXES",
     "NATIVE_SYNTAXES",
     "SUPPORTED_SYNTAXES",
+    "CodecUnavailableError",
     "encode",
     "make_ct_series",
     "require_encoder",

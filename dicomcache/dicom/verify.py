@@ -73,12 +73,12 @@ from dicomcache.dicom import syntaxes
 from dicomcache.errors import Cause, IntegrityError
 
 __all__ = [
-    "DicomSummary",
-    "IntegrityError",
+    "IMAGE_SOP_CLASSES",
     "KNOWN_SQ_TAGS",
     "MAX_DEPTH",
-    "IMAGE_SOP_CLASSES",
     "MAX_INFLATED",
+    "DicomSummary",
+    "IntegrityError",
     "PixelInfo",
     "md5_hex",
     "parse_dicom",
@@ -297,7 +297,7 @@ def _fail(reason: str) -> NoReturn:
 class _Walker:
     """One walk over a data set buffer; collects what the summary needs."""
 
-    __slots__ = ("buf", "where", "uids", "pixel", "top")
+    __slots__ = ("buf", "pixel", "top", "uids", "where")
 
     def __init__(self, buf: Buffer, where: str) -> None:
         self.buf = buf

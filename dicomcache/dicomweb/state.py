@@ -24,14 +24,14 @@ from typing import Any
 
 from aiohttp import hdrs
 
-from dicomcache.config import DicomwebSettings
-from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
 from dicomcache.cache.fetch import Fetched, Fetcher
+from dicomcache.cache.store import AsyncStore, Entry
+from dicomcache.config import DicomwebSettings
+from dicomcache.dicom.verify import PixelInfo, parse_dicom
 from dicomcache.dicomweb.answers import AnswerCache, Cached, DiskCopies, normalise_json, plain
 from dicomcache.dicomweb.series_stream import COMMIT_BACKLOG, Budget, SeriesStream
-from dicomcache.cache.store import AsyncStore, Entry
+from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
 from dicomcache.upstream.client import OrthancClient
-from dicomcache.dicom.verify import PixelInfo, parse_dicom
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,16 @@ from dicomcache.cache.fetch import Fetcher
 from dicomcache.cache.store import AsyncStore, Store
 from dicomcache.config import Settings
 from dicomcache.http import cors, dicomweb, orthanc_rest, passthrough, status, wado_uri
-from dicomcache.http.keys import (CHANGES, CLIENT, FETCHER, METRICS, PREFETCHER, SETTINGS,
-                                  STORE, STUDY_CHANGED)
+from dicomcache.http.keys import (
+    CHANGES,
+    CLIENT,
+    FETCHER,
+    METRICS,
+    PREFETCHER,
+    SETTINGS,
+    STORE,
+    STUDY_CHANGED,
+)
 from dicomcache.http.middleware import errors_and_metrics
 from dicomcache.http.respond import OPEN_FILES, OpenFiles
 from dicomcache.metrics import Metrics

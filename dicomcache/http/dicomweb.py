@@ -26,21 +26,20 @@ import aiohttp
 from aiohttp import hdrs, web
 from yarl import URL
 
-from dicomcache.http.keys import STUDY_CHANGED
+from dicomcache.cache.fetch import Fetched
+from dicomcache.cache.store import Entry
+from dicomcache.dicom.frames import NATIVE_LE, OCTET, frame_ranges, parse_frame_list, plan_frames
+from dicomcache.dicom.multipart import new_boundary
+from dicomcache.dicomweb.answers import IMMUTABLE_FRESH, Cached, link_path
 from dicomcache.dicomweb.state import DICOM_JSON, DicomWeb
 from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
-from dicomcache.cache.fetch import Fetched
-from dicomcache.dicom.frames import NATIVE_LE, OCTET, frame_ranges, parse_frame_list, plan_frames
-from dicomcache.dicomweb.answers import IMMUTABLE_FRESH, Cached, link_path
-from dicomcache.cache.store import Entry
-from dicomcache.upstream.client import check_status
-from dicomcache.http.keys import CLIENT, DICOMWEB, FETCHER, OUTCOME, SETTINGS, STORE
-from dicomcache.http.respond import BadRequest
+from dicomcache.http.keys import CLIENT, DICOMWEB, FETCHER, OUTCOME, SETTINGS, STORE, STUDY_CHANGED
 from dicomcache.http.params import dicom_uid, dicomweb_uids, family_of
-from dicomcache.dicom.multipart import new_boundary
 from dicomcache.http.passthrough import check_path, passthrough
+from dicomcache.http.respond import BadRequest
 from dicomcache.http.wado_rs import instance, retrieve
 from dicomcache.http.wado_uri import _check_parents
+from dicomcache.upstream.client import check_status
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,13 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from dicomcache.errors import (Cause, IntegrityError, NotFoundUpstream, UpstreamError,
-                               UpstreamUnavailable)
+from dicomcache.errors import (
+    Cause,
+    IntegrityError,
+    NotFoundUpstream,
+    UpstreamError,
+    UpstreamUnavailable,
+)
 from dicomcache.http.keys import FAMILY, METRICS, OUTCOME
 from dicomcache.http.respond import json_error
 

@@ -15,10 +15,10 @@ from aiohttp import hdrs, web
 from yarl import URL
 
 from dicomcache.errors import Cause, UpstreamError
-from dicomcache.upstream.client import FORWARDED_REQUEST_HEADERS, check_status
 from dicomcache.http.keys import CLIENT, FAMILY, OUTCOME, SETTINGS
-from dicomcache.http.respond import BadRequest, json_error
 from dicomcache.http.params import family_of
+from dicomcache.http.respond import BadRequest, json_error
+from dicomcache.upstream.client import FORWARDED_REQUEST_HEADERS, check_status
 
 #: Closed even for GET unless explicitly allowed (they change or reveal the PACS's setup).
 CLOSED_PATHS = ("/tools/execute-script", "/tools/reset", "/tools/shutdown",

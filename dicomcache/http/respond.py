@@ -82,7 +82,7 @@ class OpenFiles:
         self._fds.move_to_end(path)
         # dup: the response owns (and closes) its own descriptor; closing a
         # duplicate never releases the file, so it cannot block.
-        return open(os.dup(cached[0]), "rb", closefd=True), cached[1]  # noqa: SIM115
+        return open(os.dup(cached[0]), "rb", closefd=True), cached[1]
 
     def close(self) -> None:
         while self._fds:

@@ -24,18 +24,17 @@ from typing import BinaryIO
 
 from aiohttp import hdrs, web, web_fileresponse
 
-from dicomcache.dicomweb.state import DicomWeb
-from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream
 from dicomcache.cache.fetch import Fetched
+from dicomcache.cache.store import AsyncStore, Entry
+from dicomcache.dicom.multipart import new_boundary
 from dicomcache.dicomweb.answers import Cached
 from dicomcache.dicomweb.series_stream import SeriesStream
-from dicomcache.cache.store import AsyncStore, Entry
-from dicomcache.http.respond import DICOM
+from dicomcache.dicomweb.state import DicomWeb
+from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream
 from dicomcache.http.keys import DICOMWEB, FETCHER, METRICS, OUTCOME, STORE
-from dicomcache.dicom.multipart import new_boundary
 from dicomcache.http.params import dicomweb_uids, family_of
 from dicomcache.http.passthrough import passthrough
-from dicomcache.http.respond import IMMUTABLE, read_instance
+from dicomcache.http.respond import DICOM, IMMUTABLE, read_instance
 from dicomcache.http.wado_uri import _check_parents
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,9 @@ from aiohttp import web
 
 from dicomcache.errors import NotFoundUpstream
 from dicomcache.http.keys import FETCHER, OUTCOME, STORE
-from dicomcache.http.respond import BadRequest
 from dicomcache.http.params import dicom_uid, family_of
-from dicomcache.http.respond import serve_instance
 from dicomcache.http.passthrough import passthrough
+from dicomcache.http.respond import BadRequest, serve_instance
 
 #: Parameters that do not change the DICOM bytes Orthanc returns.
 _PLAIN = {"requestType", "studyUID", "seriesUID", "objectUID", "contentType"}

@@ -42,12 +42,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-
+from dicomcache.cache.fetch import Fetcher
+from dicomcache.cache.store import AsyncStore, Entry
 from dicomcache.config import PrefetchSettings
 from dicomcache.errors import NotFoundUpstream, UpstreamError, UpstreamUnavailable
-from dicomcache.cache.fetch import Fetcher
 from dicomcache.metrics import Metrics
-from dicomcache.cache.store import AsyncStore, Entry
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +287,7 @@ class Prefetcher:
                 progress = await self.run_job(job)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - one bad study must not end prefetching
+            except Exception:
                 log.exception("prefetch of study %s failed", job.study_uid)
                 progress = Tally()
             if not progress.interrupted:  # else the next touch after the link is back retries

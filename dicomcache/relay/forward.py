@@ -29,7 +29,15 @@ from typing import Any, TypeVar
 from dicomcache.config import DestinationSettings, RelaySettings
 from dicomcache.metrics import Metrics
 from dicomcache.relay import negotiation as neg
-from dicomcache.relay.scu import DELIVERED, QUARANTINED, RETRY, BatchReport, ItemResult, SendItem, StoreSCU
+from dicomcache.relay.scu import (
+    DELIVERED,
+    QUARANTINED,
+    RETRY,
+    BatchReport,
+    ItemResult,
+    SendItem,
+    StoreSCU,
+)
 from dicomcache.relay.spool import Outcome, QueueItem, Spool
 from dicomcache.relay.transcode import encodable_syntaxes
 
@@ -130,7 +138,7 @@ class Forwarder:
                     self.busy = False
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - keep the worker alive; the queue is durable
+            except Exception:
                 log.exception("Forwarder for %s failed; retrying in %.0f s", name,
                               self.settings.retry_backoff_base)
                 await self._sleep(self.settings.retry_backoff_base)

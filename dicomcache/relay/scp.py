@@ -38,8 +38,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicomcache.config import RelaySettings
 from dicomcache.errors import IntegrityError
 from dicomcache.metrics import Metrics
-from dicomcache.relay.accel import fastdul
 from dicomcache.relay import negotiation as neg
+from dicomcache.relay.accel import fastdul
 from dicomcache.relay.accel.codec import part10_header
 from dicomcache.relay.spool import Spool, info_from_bytes, is_disk_full
 
@@ -167,7 +167,7 @@ class StoreSCP:
             assoc.acse.send_reject(*reason)
             evt.trigger(assoc, evt.EVT_REJECTED, {})
             assoc.kill()
-        except Exception:  # noqa: BLE001 - a handler must not raise
+        except Exception:
             log.exception("Association check failed")
 
     def _on_established(self, event: Any) -> None:
@@ -183,7 +183,7 @@ class StoreSCP:
         status = OUT_OF_RESOURCES
         try:
             status = self._store(event)
-        except Exception:  # noqa: BLE001 - never let pynetdicom see an exception
+        except Exception:
             log.exception("Unexpected error while storing a C-STORE: answering 0xA700")
             status = OUT_OF_RESOURCES
         finally:

@@ -36,8 +36,8 @@ from pynetdicom.association import Association
 
 from dicomcache.config import DestinationSettings
 from dicomcache.metrics import Metrics
-from dicomcache.relay.accel import fastdul
 from dicomcache.relay import negotiation as neg
+from dicomcache.relay.accel import fastdul
 from dicomcache.relay.transcode import TranscodeError, encodable_syntaxes, transcode
 
 log = logging.getLogger(__name__)

@@ -171,7 +171,7 @@ class Relay:
             try:
                 await self._refresh()
                 await asyncio.get_running_loop().run_in_executor(self.executor, self.spool.purge)
-            except Exception:  # noqa: BLE001 - statistics must not stop the relay
+            except Exception:
                 log.exception("Refreshing relay statistics failed")
 
 

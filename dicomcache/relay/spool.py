@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicomcache.errors import IntegrityError
 from dicomcache.dicom.verify import parse_dicom
+from dicomcache.errors import IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -544,7 +544,7 @@ class Spool:
                 cols = ", ".join(f"{k}=?" for k in values)
                 self.db.execute(f"UPDATE destinations SET {cols} WHERE name=?",
                                 (*values.values(), name))
-            if "last_error" in values and values["last_error"]:
+            if values.get("last_error"):
                 self._error(name, None, None, str(values["last_error"]))
 
     # --- diagnostics -----------------------------------------------------------------

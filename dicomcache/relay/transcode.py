@@ -43,8 +43,8 @@ from pydicom import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID
 
-from dicomcache.errors import DicomcacheError, IntegrityError
 from dicomcache.dicom.verify import parse_dicom
+from dicomcache.errors import DicomcacheError, IntegrityError
 from dicomcache.relay import negotiation as neg
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def _decoder_for(ts: str) -> str:
     from pydicom.pixels.decoders.base import get_decoder
 
     try:
-        return "pylibjpeg" if "pylibjpeg" in get_decoder(ts)._available else ""  # noqa: SLF001
+        return "pylibjpeg" if "pylibjpeg" in get_decoder(ts)._available else ""
     except NotImplementedError:
         return ""
 
@@ -91,7 +91,7 @@ def _decoder_for(ts: str) -> str:
 def _has_plugin(ts: str, plugin: str) -> bool:
     from pydicom.pixels.encoders.base import get_encoder
 
-    return plugin in get_encoder(ts)._available  # noqa: SLF001 - no public listing
+    return plugin in get_encoder(ts)._available
 
 
 @functools.cache
@@ -121,7 +121,7 @@ def transcode_bytes(data: bytes, target: str, *, allow_lossy: bool = False) -> b
         raise
     except DicomcacheError as exc:  # e.g. IntegrityError on the read-back
         raise TranscodeError(f"cannot produce {neg.syntax_name(target)}: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - codecs raise anything; callers need one type
+    except Exception as exc:
         raise TranscodeError(
             f"cannot produce {neg.syntax_name(target)}: {type(exc).__name__}: {exc}") from exc
 

@@ -85,7 +85,7 @@ def _read_frame(inp: IO[bytes]) -> Any:
     if head is None:
         return None
     blob = _read_exact(inp, _HEADER.unpack(head)[0])
-    return None if blob is None else pickle.loads(blob)  # noqa: S301 - our own child
+    return None if blob is None else pickle.loads(blob)
 
 
 # --- parent side -------------------------------------------------------------------------
@@ -239,7 +239,7 @@ class ForwarderProcess:
                 return
             try:
                 self._dispatch(msg)
-            except Exception:  # noqa: BLE001 - a bad message must not stop the supervisor
+            except Exception:
                 log.exception("Could not handle a message from the forwarder process")
 
     def _dispatch(self, msg: tuple[Any, ...]) -> None:
@@ -345,7 +345,7 @@ class _PipeLogHandler(logging.Handler):
                 "threadName": f"forwarders/{record.threadName}",
                 "process": record.process, "processName": "relay-forwarders",
                 "exc_text": exc_text, "stack_info": record.stack_info}))
-        except Exception:  # noqa: BLE001 - logging must never raise
+        except Exception:
             self.handleError(record)
 
 
@@ -363,9 +363,9 @@ def _die_with_parent(parent: int) -> None:
 
 
 async def _child_main(settings: RelaySettings, outbox: _Outbox, inp: IO[bytes]) -> None:
+    from dicomcache.relay import transcode
     from dicomcache.relay.forward import Forwarder
     from dicomcache.relay.spool import Spool
-    from dicomcache.relay import transcode
 
     loop = asyncio.get_running_loop()
     spool = Spool(settings.spool_directory, [d.name for d in settings.destinations],

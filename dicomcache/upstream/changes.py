@@ -118,7 +118,7 @@ class ChangeWatcher:
                 raise
             except (UpstreamError, NotFoundUpstream) as exc:
                 log.warning("changes: cannot read Orthanc's /changes: %s", exc)
-            except Exception:  # noqa: BLE001 - the watcher must outlive one bad batch
+            except Exception:
                 log.exception("changes: batch failed")
             if done:
                 await asyncio.sleep(self.settings.poll_interval)

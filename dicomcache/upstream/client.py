@@ -39,8 +39,13 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from dicomcache.config import UpstreamSettings
-from dicomcache.errors import (Cause, IntegrityError, NotFoundUpstream, UpstreamError,
-                               UpstreamTimeout)
+from dicomcache.errors import (
+    Cause,
+    IntegrityError,
+    NotFoundUpstream,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from dicomcache.metrics import Metrics
 from dicomcache.upstream import policy
 from dicomcache.upstream.breaker import CircuitBreaker

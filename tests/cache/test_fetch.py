@@ -13,9 +13,9 @@ import hashlib
 import pytest
 from aiohttp.test_utils import TestClient
 
+from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS
-from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from tests.conftest import Sample, SettingsFactory
 
 FAULTS = ["truncate_lying", "truncate", "close_early", "reset", "corrupt", "status_503"]
@@ -154,8 +154,8 @@ async def test_full_disk_still_serves_the_verified_instance(
         caplog: pytest.LogCaptureFixture) -> None:
     import errno
 
-    from dicomcache.errors import StoreFull
     from dicomcache.cache.store import Store
+    from dicomcache.errors import StoreFull
 
     def full(self: Store, data: bytes) -> None:
         raise StoreFull(errno.ENOSPC, "cache disk full: No space left on device")

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from dicomcache.cache import store as store_module
-from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.cache.store import AsyncStore, Entry, Store, StoreClosed, Verified
+from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.dicom.verify import parse_dicom, verify_file
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from dicomcache.cache.store import Entry, Store
 from dicomcache.cli.admin import parse_duration
-from dicomcache.http.app import make_app
 from dicomcache.cli.main import main
 from dicomcache.config import load
 from dicomcache.devtools.orthanc import OrthancProcess, free_port
 from dicomcache.devtools.samples import encode, make_ct_series
-from dicomcache.cache.store import Entry, Store
 from dicomcache.dicom.verify import parse_dicom
+from dicomcache.http.app import make_app
 from tests.conftest import Sample
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from dicomcache.cache.store import Store
 from dicomcache.cli.main import main
 from dicomcache.devtools.orthanc import OrthancProcess, free_port
-from dicomcache.cache.store import Store
-from dicomcache.dicom.verify import verify_file
 from dicomcache.devtools.wanem import LinkProfile, ThreadedWanEmulator
+from dicomcache.dicom.verify import verify_file
 from tests.conftest import Sample
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> 
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"dicomcache exited with {proc.returncode}"
         try:
-            urllib.request.urlopen(url + "/healthz", timeout=1).read()  # noqa: S310
+            urllib.request.urlopen(url + "/healthz", timeout=1).read()
             return
         except OSError:
             time.sleep(0.05)
@@ -70,7 +70,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> 
 
 
 def get(url: str, timeout: float = 30) -> bytes:
-    return urllib.request.urlopen(url, timeout=timeout).read()  # type: ignore[no-any-return]  # noqa: S310
+    return urllib.request.urlopen(url, timeout=timeout).read()  # type: ignore[no-any-return]
 
 
 def write_config(path: Path, port: int, upstream: str, orthanc: OrthancProcess,
@@ -146,7 +146,7 @@ def test_kill_9_during_downloads_then_restart(serve, tmp_path: Path,  # type: ig
         for s, fut in zip(ct_series, futures, strict=True):
             try:
                 body = fut.result(timeout=30)
-            except (OSError, urllib.error.URLError, ConnectionError, Exception):  # noqa: BLE001
+            except (OSError, urllib.error.URLError, ConnectionError, Exception):
                 continue
             assert body == s.data  # whatever a viewer got before the kill was whole
             done += 1

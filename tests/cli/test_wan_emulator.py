@@ -17,7 +17,6 @@ from dicomcache.devtools.wanem import LinkProfile
 from tests.devtools.test_wanem import SMALL, upstream_server
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomcache")
     wan_emulator.add_cli(parser.add_subparsers(dest="command", required=True))

@@ -78,7 +78,7 @@ def test_default_series_is_a_512_kib_per_slice_ct() -> None:
         assert ds.FrameOfReferenceUID == series[0].FrameOfReferenceUID
     assert len({ds.SOPInstanceUID for ds in series}) == 3
     arr = series[0].pixel_array
-    assert arr.dtype == np.uint16 and 0 <= arr.min() and arr.max() <= 4095
+    assert arr.dtype == np.uint16 and arr.min() >= 0 and arr.max() <= 4095
 
 
 def test_arguments_are_honoured() -> None:

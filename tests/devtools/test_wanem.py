@@ -118,10 +118,9 @@ async def upstream_server() -> AsyncIterator[Upstream]:
 
 @contextlib.asynccontextmanager
 async def rig(profile: LinkProfile | None = None) -> AsyncIterator[Rig]:
-    async with upstream_server() as up:
-        async with WanEmulator("127.0.0.1", up.port, profile) as emu:
-            async with aiohttp.ClientSession(auto_decompress=False) as session:
-                yield Rig(up, emu, session)
+    async with upstream_server() as up, WanEmulator("127.0.0.1", up.port, profile) as emu:
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            yield Rig(up, emu, session)
 
 
 async def raw_exchange(port: int, request: bytes) -> bytes:
@@ -702,7 +701,7 @@ async def test_stop_with_open_connections() -> None:
 class _SyncHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 (stdlib naming)
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", str(len(BLOB)))
         self.end_headers()

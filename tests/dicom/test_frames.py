@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dicomcache.dicom.syntaxes import EXPLICIT_LE as EXPLICIT_VR_LE, IMPLICIT_LE as IMPLICIT_VR_LE
-from dicomcache.dicom.frames import (OCTET, FramePlan, frame_ranges,
-                               parse_frame_list, plan_frames)
+from dicomcache.dicom.frames import OCTET, FramePlan, frame_ranges, parse_frame_list, plan_frames
+from dicomcache.dicom.syntaxes import EXPLICIT_LE as EXPLICIT_VR_LE
+from dicomcache.dicom.syntaxes import IMPLICIT_LE as IMPLICIT_VR_LE
 from dicomcache.dicom.verify import PixelInfo
 
 RLE = "1.2.840.10008.1.2.5"

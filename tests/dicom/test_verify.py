@@ -27,7 +27,6 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicomcache.errors import IntegrityError as ErrorsIntegrityError
 from dicomcache.devtools.samples import CodecUnavailableError, encode, make_ct_series
 from dicomcache.dicom.verify import (
     MAX_DEPTH,
@@ -38,6 +37,7 @@ from dicomcache.dicom.verify import (
     verify_bytes,
     verify_file,
 )
+from dicomcache.errors import IntegrityError as ErrorsIntegrityError
 
 SYNTAXES = {
     "implicit": ImplicitVRLittleEndian,

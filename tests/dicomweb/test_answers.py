@@ -9,11 +9,18 @@ import json
 import pytest
 
 from dicomcache.config import from_dict
-from dicomcache.http.cors import allowed_origin, preflight_problem
-from dicomcache.errors import ConfigError, NotFoundUpstream, UpstreamError
-from dicomcache.dicomweb.answers import (PLACEHOLDER, AnswerCache, Cached, link_path, normalise_json,
-                                 rewrite_links, with_base)
+from dicomcache.dicomweb.answers import (
+    PLACEHOLDER,
+    AnswerCache,
+    Cached,
+    link_path,
+    normalise_json,
+    rewrite_links,
+    with_base,
+)
 from dicomcache.dicomweb.state import single_part
+from dicomcache.errors import ConfigError, NotFoundUpstream, UpstreamError
+from dicomcache.http.cors import allowed_origin, preflight_problem
 from dicomcache.http.dicomweb import accepts_gzip, accepts_json, relink_parts
 
 

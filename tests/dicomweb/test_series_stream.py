@@ -8,11 +8,11 @@ import hashlib
 import pytest
 
 from dicomcache.config import UpstreamSettings
-from dicomcache.metrics import Metrics
 from dicomcache.devtools.orthanc import OrthancProcess
-from dicomcache.dicomweb.series_stream import Budget, look_up_md5s
-from dicomcache.upstream.client import OrthancClient
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
+from dicomcache.dicomweb.series_stream import Budget, look_up_md5s
+from dicomcache.metrics import Metrics
+from dicomcache.upstream.client import OrthancClient
 from tests.conftest import Sample
 
 

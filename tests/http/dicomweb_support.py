@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestClient
 
-from dicomcache.dicomweb.answers import link_path
 from dicomcache.devtools.orthanc import OrthancProcess
+from dicomcache.dicomweb.answers import link_path
 from tests.conftest import Sample
 
 ANY_SYNTAX = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -51,7 +51,7 @@ def orthanc_answer(orthanc: OrthancProcess, path: str, headers: dict[str, str] |
     for k, v in (headers or {}).items():
         req.add_header(k, v)
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 - loopback
+        with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers), exc.read()

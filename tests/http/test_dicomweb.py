@@ -9,13 +9,18 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient
 
-from dicomcache.http.app import make_app
 from dicomcache.devtools.orthanc import OrthancProcess
+from dicomcache.http.app import make_app
 from dicomcache.http.keys import STORE
 from tests.conftest import Sample, SettingsFactory
-from tests.http.dicomweb_support import (ANY_SYNTAX, get_parts, orthanc_answer, series_path,
-                                           split_multipart,
-                                           unlink)
+from tests.http.dicomweb_support import (
+    ANY_SYNTAX,
+    get_parts,
+    orthanc_answer,
+    series_path,
+    split_multipart,
+    unlink,
+)
 
 FRAME_ACCEPTS = [
     None,
@@ -86,8 +91,9 @@ async def test_metadata_public_url_bad_host_and_gzip(
 
 async def test_growing_series_shows_up_after_revalidation(
         aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess) -> None:
-    from dicomcache.devtools.samples import encode, make_ct_series
     from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicomcache.devtools.samples import encode, make_ct_series
 
     datasets = make_ct_series(3, rows=32, columns=32, seed=123, patient_id="PGROW")
     blobs = [encode(ds, ExplicitVRLittleEndian) for ds in datasets]
@@ -113,9 +119,10 @@ async def test_growing_series_shows_up_after_revalidation(
 async def test_change_hook_expires_a_study_at_once(
         aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess) -> None:
     """With Orthanc's /changes followed, a new instance shows up before metadata_fresh."""
-    from dicomcache.http.keys import STUDY_CHANGED
-    from dicomcache.devtools.samples import encode, make_ct_series
     from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicomcache.devtools.samples import encode, make_ct_series
+    from dicomcache.http.keys import STUDY_CHANGED
 
     datasets = make_ct_series(2, rows=32, columns=32, seed=124, patient_id="PHOOK")
     blobs = [encode(ds, ExplicitVRLittleEndian) for ds in datasets]

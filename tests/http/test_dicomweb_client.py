@@ -10,8 +10,8 @@ import pydicom
 import pytest
 from aiohttp.test_utils import TestClient
 
-from dicomcache.http.app import make_app
 from dicomcache.devtools.orthanc import free_port
+from dicomcache.http.app import make_app
 from tests.conftest import Sample, SettingsFactory
 
 dicomweb_client = pytest.importorskip("dicomweb_client")

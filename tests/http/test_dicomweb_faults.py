@@ -9,9 +9,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from dicomcache.http.app import make_app
-from dicomcache.http import wado_rs
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
+from dicomcache.http import wado_rs
+from dicomcache.http.app import make_app
 from tests.conftest import Sample, SettingsFactory
 from tests.http.dicomweb_support import ANY_SYNTAX, split_multipart, unlink
 

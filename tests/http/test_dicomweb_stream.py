@@ -13,12 +13,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from dicomcache.http.app import make_app
-from dicomcache.devtools.orthanc import OrthancProcess
-from dicomcache.http.keys import DICOMWEB, STORE
-from dicomcache.devtools.samples import make_ct_series
 from dicomcache.cache.store import Verified
+from dicomcache.devtools.orthanc import OrthancProcess
+from dicomcache.devtools.samples import make_ct_series
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
+from dicomcache.http.app import make_app
+from dicomcache.http.keys import DICOMWEB, STORE
 from tests.conftest import Sample, SettingsFactory
 from tests.http.dicomweb_support import ANY_SYNTAX, orthanc_answer, split_multipart
 
@@ -107,8 +107,8 @@ async def test_cold_retrieve_with_the_cache_disk_full_sends_every_part(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """ENOSPC on every commit: each verified part is still sent, whole and once; nothing
     is cached (the next retrieve streams again), and the log says why."""
-    from dicomcache.errors import StoreFull
     from dicomcache.cache.store import Store
+    from dicomcache.errors import StoreFull
 
     def full(self: Store, data: bytes) -> None:
         raise StoreFull(errno.ENOSPC, "cache disk full: No space left on device")
@@ -283,8 +283,8 @@ async def test_shutdown_right_after_a_cold_retrieve_keeps_every_part(
         client: TestClient, ct_series: list[Sample], held_commits: threading.Event,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Parts sent before they were durable are committed before the store closes."""
-    from dicomcache.http.keys import SETTINGS
     from dicomcache.cache.store import Store
+    from dicomcache.http.keys import SETTINGS
 
     release = held_commits
     directory = client.app[SETTINGS].cache.directory

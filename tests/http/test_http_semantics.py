@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient
 
-from dicomcache.http.app import make_app
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.devtools.samples import encode, make_ct_series
+from dicomcache.http.app import make_app
 from tests.conftest import Sample, SettingsFactory
 
 

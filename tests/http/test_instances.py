@@ -8,8 +8,8 @@ import urllib.request
 import pytest
 from aiohttp.test_utils import TestClient
 
-from dicomcache.http.app import make_app
 from dicomcache.devtools.orthanc import OrthancProcess
+from dicomcache.http.app import make_app
 from tests.conftest import Sample, SettingsFactory
 
 ALL_LABELS = ["explicit", "implicit", "bigendian", "deflated", "rle", "jpegls", "j2k",
@@ -30,7 +30,7 @@ def orthanc_get(orthanc: OrthancProcess, path: str, accept: str | None = None) -
     req.add_header("Authorization", orthanc.auth_header)
     if accept:
         req.add_header("Accept", accept)
-    with urllib.request.urlopen(req) as resp:  # noqa: S310 - loopback
+    with urllib.request.urlopen(req) as resp:
         return dict(resp.headers), resp.read()
 
 

@@ -8,8 +8,8 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient
 
-from dicomcache.http.app import make_app
 from dicomcache.devtools.orthanc import OrthancProcess
+from dicomcache.http.app import make_app
 from tests.conftest import Sample, SettingsFactory
 from tests.http.test_instances import orthanc_get
 

@@ -16,15 +16,14 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from dicomcache.cli.serve import build_app
-from dicomcache.http.app import make_app
-from dicomcache.devtools.orthanc import OrthancProcess, free_port
 import dicomcache.relay.service  # noqa: F401 - imported here, not lazily on the loop
-from dicomcache.http import status
-from dicomcache.http.keys import METRICS, STORE
-from dicomcache.http.keys import RELAY
-from dicomcache.http.status import render
+from dicomcache.cli.serve import build_app
+from dicomcache.devtools.orthanc import OrthancProcess, free_port
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
+from dicomcache.http import status
+from dicomcache.http.app import make_app
+from dicomcache.http.keys import METRICS, RELAY, STORE
+from dicomcache.http.status import render
 from tests.conftest import Sample, SettingsFactory
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
@@ -180,7 +179,7 @@ async def test_metrics_on_their_own_port(aiohttp_client, make_settings: Settings
     assert "metrics port" in (await resp.json())["reason"]
 
     def scrape(path: str) -> tuple[int, str]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
             return r.status, r.read().decode()
 
     status, text = await asyncio.to_thread(scrape, "/metrics")

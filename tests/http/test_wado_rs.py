@@ -14,14 +14,19 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from dicomcache.http.app import make_app
+from dicomcache.cache.store import Entry
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.http import wado_rs
+from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS, STORE
-from dicomcache.cache.store import Entry
 from tests.conftest import Sample, SettingsFactory
-from tests.http.dicomweb_support import (ANY_SYNTAX, get_parts, orthanc_answer, series_path,
-                                           split_multipart)
+from tests.http.dicomweb_support import (
+    ANY_SYNTAX,
+    get_parts,
+    orthanc_answer,
+    series_path,
+    split_multipart,
+)
 
 
 @pytest.fixture

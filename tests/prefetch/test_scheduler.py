@@ -15,16 +15,14 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicomcache.http.app import make_app
-from dicomcache.devtools.orthanc import OrthancProcess
-from dicomcache.http.keys import PREFETCHER
-from dicomcache.prefetch.scheduler import order_items, touch_of
-from dicomcache.http.keys import METRICS, STORE
-from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.cache.store import Entry
+from dicomcache.devtools.orthanc import OrthancProcess
+from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
+from dicomcache.http.app import make_app
+from dicomcache.http.keys import METRICS, PREFETCHER, STORE
+from dicomcache.prefetch.scheduler import order_items, touch_of
 from tests.conftest import Sample, SettingsFactory
-
 
 pytestmark = pytest.mark.usefixtures("no_blocking")
 
@@ -218,8 +216,8 @@ async def test_cli_prefetch_by_patient_then_everything_is_cached(
         make_settings: SettingsFactory, wan: WanEmulator, ct_series: list[Sample]) -> None:
     import io
 
-    from dicomcache.cli.prefetch import prefetch
     from dicomcache.cache.store import Store
+    from dicomcache.cli.prefetch import prefetch
 
     settings = make_settings(url=f"http://127.0.0.1:{wan.port}")
     out, err = io.StringIO(), io.StringIO()

@@ -25,10 +25,11 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from dicomcache.config import DestinationSettings, RelaySettings
-from dicomcache.metrics import Metrics
 from dicomcache.devtools.orthanc import free_port, loopback_env
+from dicomcache.metrics import Metrics
 from dicomcache.relay import negotiation as neg
 from dicomcache.relay.service import Relay
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: a relay test taking more than a few seconds")

@@ -14,8 +14,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicomcache.devtools.orthanc import OrthancProcess, free_port
-from dicomcache.relay import negotiation as neg
 from dicomcache.devtools.samples import make_ct_series, write_series
+from dicomcache.relay import negotiation as neg
 from tests.relay.conftest import (
     SOURCE_FILES,
     STORESCU_PROPOSE,

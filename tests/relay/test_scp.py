@@ -19,9 +19,9 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[
 
 import dicomcache.relay.scu  # noqa: F401 - sets STORE_SEND_CHUNKED_DATASET (raw sends)
 from dicomcache.devtools.orthanc import free_port, loopback_env
+from dicomcache.devtools.samples import make_ct_series, write_series
 from dicomcache.relay import negotiation as neg
 from dicomcache.relay.spool import Spool, durable_write
-from dicomcache.devtools.samples import make_ct_series, write_series
 from tests.relay.conftest import (
     needs_dcmtk,
     relay_settings,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from dicomcache.cli import main as cli
+from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.relay import negotiation as neg
 from dicomcache.relay.transcode import TranscodeError, transcode, transcode_bytes
-from dicomcache.devtools.samples import encode, make_ct_series
 from tests.relay.conftest import needs_dcmtk, read_quiet, source_path
 
 pytestmark = [

@@ -15,10 +15,10 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicomcache.config import DestinationSettings
 from dicomcache.devtools.orthanc import free_port
-from dicomcache.relay.accel import fastdul
-from dicomcache.relay import negotiation as neg
-from dicomcache.relay.scu import DELIVERED, SendItem, StoreSCU
 from dicomcache.devtools.samples import make_ct_series, write_series
+from dicomcache.relay import negotiation as neg
+from dicomcache.relay.accel import fastdul
+from dicomcache.relay.scu import DELIVERED, SendItem, StoreSCU
 from tests.relay.conftest import needs_dcmtk, queue_depth, relay_settings, storescu, wait_until
 
 pytestmark = [

@@ -14,14 +14,13 @@ import time
 import pytest
 from aiohttp.test_utils import TestClient
 
-from dicomcache.http.app import make_app
-from dicomcache.upstream.breaker import CircuitBreaker
-from dicomcache.errors import UpstreamUnavailable
-from dicomcache.metrics import Metrics
-from dicomcache.http.keys import CLIENT, METRICS
 from dicomcache.devtools.wanem import WanEmulator
+from dicomcache.errors import UpstreamUnavailable
+from dicomcache.http.app import make_app
+from dicomcache.http.keys import CLIENT, METRICS
+from dicomcache.metrics import Metrics
+from dicomcache.upstream.breaker import CircuitBreaker
 from tests.conftest import Sample, SettingsFactory
-
 
 pytestmark = pytest.mark.usefixtures("no_blocking")
 

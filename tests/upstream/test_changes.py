@@ -12,17 +12,14 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicomcache.http.app import make_app
-from dicomcache.http.keys import CHANGES, STUDY_CHANGED
-from dicomcache.upstream.changes import read_cursor, rule_matches, write_cursor
 from dicomcache.config import PrewarmRule, Settings
 from dicomcache.devtools.orthanc import OrthancProcess
-from dicomcache.http.keys import PREFETCHER
-from dicomcache.http.keys import STORE
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.devtools.wanem import WanEmulator
+from dicomcache.http.app import make_app
+from dicomcache.http.keys import CHANGES, PREFETCHER, STORE, STUDY_CHANGED
+from dicomcache.upstream.changes import read_cursor, rule_matches, write_cursor
 from tests.conftest import SettingsFactory
-
 
 pytestmark = pytest.mark.usefixtures("no_blocking")
 
@@ -146,9 +143,9 @@ async def test_stop_during_a_cursor_write_waits_for_it(tmp_path: Path,
     import threading
     from types import SimpleNamespace
 
-    from dicomcache.upstream import changes
     from dicomcache.config import ChangesSettings
     from dicomcache.metrics import Metrics
+    from dicomcache.upstream import changes
 
     started_, release = threading.Event(), threading.Event()
 

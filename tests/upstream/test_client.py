@@ -12,11 +12,11 @@ from collections.abc import Iterator
 import pytest
 
 from dicomcache.config import UpstreamSettings
-from dicomcache.metrics import Metrics
 from dicomcache.devtools.orthanc import OrthancProcess
-from dicomcache.upstream.client import OrthancClient, parse_md5
-from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
+from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
+from dicomcache.metrics import Metrics
+from dicomcache.upstream.client import OrthancClient, parse_md5
 from tests.conftest import Sample
 
 

@@ -495,7 +495,7 @@ def _sendall(dul: Any, sock: Any, raw: bytearray) -> bool:
             if timeout:
                 raw_sock.settimeout(timeout)
         raw_sock.sendall(raw)
-    except Exception:  # noqa: BLE001 - as AssociationSocket.send: Evt17, connection closed
+    except Exception:
         sock.event_queue.put("Evt17")
         return False
     return True

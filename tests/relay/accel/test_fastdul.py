@@ -120,8 +120,8 @@ def test_a_peer_that_stops_reading_fails_the_send_instead_of_hanging(
     import signal
     import time
 
-    from dicomcache.relay.scu import DELIVERED, SendItem, StoreSCU
     from dicomcache.devtools.samples import make_ct_series, write_series
+    from dicomcache.relay.scu import DELIVERED, SendItem, StoreSCU
 
     pacs = storescp("all")
     assert pacs.proc is not None
