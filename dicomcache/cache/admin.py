@@ -7,16 +7,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dicomcache.cache.store import Entry
+from dicomcache.cache.instance import Instance
 from dicomcache.dicom.verify import verify_file
 from dicomcache.errors import Cause, IntegrityError
 
 
-def check_entry(entry: Entry) -> IntegrityError | None:
+def check_entry(entry: Instance) -> IntegrityError | None:
     """Re-verify one stored file: length, MD5 and a full parse; the error, or None if intact.
 
     ``FileNotFoundError`` propagates (a vanished file is not a bad one).
     """
+    assert entry.path is not None, "only stored entries are checked"
     try:
         summary = verify_file(entry.path, expected_length=entry.size, expected_md5=entry.md5)
     except IntegrityError as exc:
@@ -35,7 +36,7 @@ def check_entry(entry: Entry) -> IntegrityError | None:
 class PurgeChoice:
     """What a purge takes, and how many instances of pinned studies it leaves."""
 
-    entries: list[Entry]
+    entries: list[Instance]
     kept_pinned: int
 
     @property
@@ -43,13 +44,13 @@ class PurgeChoice:
         return sum(e.size for e in self.entries)
 
 
-def choose_purge(entries: Iterable[Entry], pinned: Iterable[str], *, now: float,
+def choose_purge(entries: Iterable[Instance], pinned: Iterable[str], *, now: float,
                  study: str | None = None, older_than: float | None = None,
                  include_pinned: bool = False) -> PurgeChoice:
     """The entries a purge takes (pure): one study's (pinned or not), else every entry or
     those stored before ``now - older_than``, pinned studies only with ``include_pinned``."""
     pins = set(pinned)
-    chosen: list[Entry] = []
+    chosen: list[Instance] = []
     kept = 0
     for entry in entries:
         if study is not None:
@@ -76,7 +77,7 @@ class StudyUse:
     pinned: bool = False
 
 
-def study_use(listing: Iterable[tuple[Entry, float]], pinned: Iterable[str]
+def study_use(listing: Iterable[tuple[Instance, float]], pinned: Iterable[str]
               ) -> dict[str, StudyUse]:
     """Instances, bytes and last use of every study in ``listing`` (entry, last use)."""
     pins = set(pinned)

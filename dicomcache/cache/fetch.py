@@ -18,48 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from dicomcache.cache.store import AsyncStore, Entry
+from dicomcache.cache.instance import Instance
+from dicomcache.cache.store import AsyncStore
 from dicomcache.dicom.verify import DicomSummary, md5_hex, verify_bytes
 from dicomcache.errors import Cause, IntegrityError, UpstreamError
 from dicomcache.metrics import Metrics
-from dicomcache.upstream.client import OrthancClient
+from dicomcache.singleflight import SingleFlight
+from dicomcache.upstream.client import GZIP, OrthancClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-#: Per-request override of the client's ``Accept-Encoding: identity`` (``upstream.compression``).
-GZIP = {"Accept-Encoding": "gzip"}
-
-
-@dataclass(frozen=True, slots=True)
-class Fetched:
-    """A verified instance served from memory: not stored (disk full), or not durable yet.
-
-    Same identity fields as :class:`~dicomcache.cache.store.Entry`, so routes treat both alike.
-    """
-
-    sop_uid: str
-    study_uid: str | None
-    series_uid: str | None
-    transfer_syntax: str
-    md5: str
-    orthanc_id: str
-    data: bytes
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    @classmethod
-    def of(cls, summary: DicomSummary, md5: str, orthanc_id: str, data: bytes) -> Fetched:
-        return cls(summary.sop_instance_uid, summary.study_instance_uid,
-                   summary.series_instance_uid, summary.transfer_syntax_uid, md5, orthanc_id,
-                   data)
 
 
 class PriorityLimiter:
@@ -106,27 +80,27 @@ class Fetcher:
         self.client = client
         self.store = store
         self.metrics = metrics
-        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._flights: SingleFlight[Any] = SingleFlight()
         #: Single-flight keys some viewer is waiting for (downloaded at viewer priority).
         self._urgent: set[str] = set()
         #: Shared by viewer and prefetch downloads; the prefetcher sets the capacity.
         self.limiter = PriorityLimiter(client.settings.max_connections)
 
-    async def instance(self, orthanc_id: str) -> Entry | Fetched:
+    async def instance(self, orthanc_id: str) -> Instance:
         """The verified instance: from the store, or downloaded (once, however many ask)."""
         entry = await self.store.get_by_orthanc_id(orthanc_id)
         if entry is not None:
             return entry
         return await self.by_orthanc_id(orthanc_id)
 
-    async def instance_by_sop(self, sop_uid: str) -> Entry | Fetched:
+    async def instance_by_sop(self, sop_uid: str) -> Instance:
         """The verified instance with this SOPInstanceUID (resolved through Orthanc if new)."""
         entry = await self.store.get(sop_uid)
         if entry is not None:
             return entry
         return await self.instance(await self.resolve_sop(sop_uid))
 
-    async def by_orthanc_id(self, orthanc_id: str, *, viewer: bool = True) -> Entry | Fetched:
+    async def by_orthanc_id(self, orthanc_id: str, *, viewer: bool = True) -> Instance:
         """Download and verify, unless a download of this instance is already in flight.
 
         ``viewer=False`` (prefetch) waits for a free slot in :attr:`limiter`.
@@ -148,26 +122,17 @@ class Fetcher:
 
     async def _single_flight(self, key: str, start: Callable[[], Awaitable[T]], *,
                              viewer: bool = True) -> T:
-        task = self._inflight.get(key)
+        running = key in self._flights
         if viewer and key not in self._urgent:
             self._urgent.add(key)
-            if task is not None:  # a queued prefetch of it: now a viewer waits for it
+            if running:  # a queued prefetch of it: now a viewer waits for it
                 self.limiter.wake()
-        if task is not None:
+        if running:
             self.metrics.coalesced.inc()
-        else:
-            # A task of its own: a viewer that hangs up must not cancel the
-            # download the other waiters (and the cache) depend on.
-            task = asyncio.ensure_future(start())
-            self._inflight[key] = task
-
-            def done(t: asyncio.Future[Any]) -> None:
-                self._inflight.pop(key, None)
-                self._urgent.discard(key)
-                if not t.cancelled():
-                    t.exception()  # retrieved: every waiter may have gone (hung up, cancelled)
-            task.add_done_callback(done)
-        result: T = await asyncio.shield(task)
+        flight = self._flights.start(key, start)
+        if not running:
+            flight.add_done_callback(functools.partial(self._landed, key))
+        result: T = await asyncio.shield(flight)
         return result
 
     def claim(self, keys: list[str]) -> dict[str, asyncio.Future[Any]]:
@@ -177,25 +142,19 @@ class Fetcher:
         single-flight map, so a concurrent :meth:`by_orthanc_id` waits for it
         instead of starting a download of its own.  Returns the futures claimed
         (keys already in flight are left out).  The claimer must settle every
-        one: with a verified ``Entry``/``Fetched``, or by :meth:`fall_back`.
+        one: with a verified :class:`Instance`, or by :meth:`fall_back`.
         """
-        loop = asyncio.get_running_loop()
         claimed: dict[str, asyncio.Future[Any]] = {}
         for key in keys:
-            if key in self._inflight or key in claimed:
+            fut = self._flights.claim(key)
+            if fut is None:
                 continue
-            fut: asyncio.Future[Any] = loop.create_future()
-            self._inflight[key] = fut
-
-            def done(t: asyncio.Future[Any], key: str = key) -> None:
-                if self._inflight.get(key) is t:
-                    self._inflight.pop(key, None)
-                self._urgent.discard(key)
-                if not t.cancelled():
-                    t.exception()  # retrieved: every waiter may have gone
-            fut.add_done_callback(done)
+            fut.add_done_callback(functools.partial(self._landed, key))
             claimed[key] = fut
         return claimed
+
+    def _landed(self, key: str, _flight: asyncio.Future[Any]) -> None:
+        self._urgent.discard(key)
 
     def fall_back(self, orthanc_id: str, fut: asyncio.Future[Any]) -> asyncio.Future[Any]:
         """Settle a claimed future through the ordinary per-instance download (retried).
@@ -220,7 +179,7 @@ class Fetcher:
         task.add_done_callback(copy)
         return task
 
-    async def _download(self, orthanc_id: str) -> Entry | Fetched:
+    async def _download(self, orthanc_id: str) -> Instance:
         # A download that finished just before this one was asked for: no second trip.
         entry = await self.store.get_by_orthanc_id(orthanc_id)
         if entry is not None:
@@ -233,15 +192,14 @@ class Fetcher:
                 lambda attempt: self._attempt(orthanc_id),
                 what=f"instance {orthanc_id}")
         self.metrics.fetched_bytes.inc(len(data))
+        fetched = Instance.verified(summary, md5, orthanc_id, data)
         try:
-            entry = await self.store.commit_bytes(data, summary, md5, orthanc_id)
+            stored = await self.store.commit_now(fetched)
         except OSError as exc:  # StoreFull included
             # The viewer still gets its verified image; only caching is lost.
             self.metrics.note_uncached(orthanc_id, exc)
-            return Fetched.of(summary, md5, orthanc_id, data)
-        if entry is None:  # evicted at once: bigger than the whole cache
-            return Fetched.of(summary, md5, orthanc_id, data)
-        return entry
+            return fetched
+        return stored or fetched  # None: evicted at once, bigger than the whole cache
 
     async def _attempt(self, orthanc_id: str) -> tuple[DicomSummary, str, bytes]:
         md5_task = asyncio.create_task(self.client.instance_md5(orthanc_id))

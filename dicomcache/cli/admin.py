@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomcache.cache.admin import check_entry, choose_purge, study_use
+from dicomcache.cache.index import INDEX_FILE
 from dicomcache.cache.store import Store
 from dicomcache.cli.common import USAGE, load_settings
 from dicomcache.cli.progress import Progress, human_bytes
@@ -106,7 +107,7 @@ def _open(args: argparse.Namespace, *, create: bool = False) -> tuple[Settings, 
     if settings is None:
         return USAGE
     directory = settings.cache.directory
-    if not create and not (directory / "cache.db").exists():  # diskcache's index file
+    if not create and not (directory / INDEX_FILE).exists():
         print(f"no cache at {directory} (nothing stored yet, or another cache.directory?)",
               file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -34,7 +34,7 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.set_defaults(func=run)
 
 
-def relay_context(settings: Settings) -> "web.CleanupContext":  # noqa: UP037
+def relay_context(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
     """The relay as one of the application's long-lived resources."""
     async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
         from dicomcache.relay.service import Relay  # the relay's imports only when it runs

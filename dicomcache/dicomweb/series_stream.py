@@ -43,8 +43,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dicomcache.cache.fetch import Fetched, Fetcher
-from dicomcache.cache.store import Entry, StoreClosed, Verified
+from dicomcache.cache.fetch import Fetcher
+from dicomcache.cache.instance import Instance
+from dicomcache.cache.store import StoreClosed
 from dicomcache.dicom import multipart
 from dicomcache.dicom.verify import DicomSummary, md5_hex, verify_bytes
 from dicomcache.errors import IntegrityError, NotFoundUpstream, UpstreamError
@@ -115,7 +116,7 @@ class Budget:
 class SeriesStream:
     """One upstream series/study retrieve feeding the instances ``oids`` it delivers.
 
-    :meth:`take` gives the future of an instance's verified ``Entry``/``Fetched``
+    :meth:`take` gives the future of an instance's verified :class:`Instance`
     (``None`` for instances not claimed: already being downloaded elsewhere).
     """
 
@@ -128,25 +129,25 @@ class SeriesStream:
         self.claimed = fetcher.claim(oids)
         loop = asyncio.get_running_loop()
         #: What :meth:`take` gives (popped when taken).
-        self._ready: dict[str, asyncio.Future[Entry | Fetched]] = {}
+        self._ready: dict[str, asyncio.Future[Instance]] = {}
         #: The first future of each instance, settled with its first verified copy.
-        self._first: dict[str, asyncio.Future[Entry | Fetched]] = {}
+        self._first: dict[str, asyncio.Future[Instance]] = {}
         for oid in self.claimed:
-            fut: asyncio.Future[Entry | Fetched] = loop.create_future()
+            fut: asyncio.Future[Instance] = loop.create_future()
             fut.add_done_callback(_quiet)
             self._ready[oid] = self._first[oid] = fut
         self.delivered = 0
         self.task = asyncio.ensure_future(self._run())
 
-    def take(self, oid: str) -> asyncio.Future[Entry | Fetched] | None:
+    def take(self, oid: str) -> asyncio.Future[Instance] | None:
         return self._ready.pop(oid, None)
 
-    def _publish(self, oid: str, found: Entry | Fetched, *, final: bool) -> None:
+    def _publish(self, oid: str, found: Instance, *, final: bool) -> None:
         first = self._first.get(oid)
         if first is not None and not first.done():
             first.set_result(found)
         elif oid in self._ready:  # verified bytes not taken yet: replace by the stored entry
-            done: asyncio.Future[Entry | Fetched] = asyncio.get_running_loop().create_future()
+            done: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()
             done.set_result(found)
             self._ready[oid] = done
         if final:  # the bytes in memory are no longer held here
@@ -212,11 +213,11 @@ class SeriesStream:
                              self.path, summary.sop_instance_uid, md5)
                 return
             metrics.fetched_bytes.inc(len(data))
-            fetched = Fetched.of(summary, md5, oid, data)
+            fetched = Instance.verified(summary, md5, oid, data)
             delivered.add(oid)
             # Queued before the retrieve can send it: from now on a lookup of the
             # instance waits for its commit instead of missing it.
-            durable = self.fetcher.store.queue_commit(Verified(data, summary, md5, oid))
+            durable = self.fetcher.store.queue_commit(fetched)
             self._publish(oid, fetched, final=False)  # sent while it is being committed
             # Concurrent viewers waiting for it get the verified bytes now, not after
             # the commit; later lookups wait for the commit.
@@ -286,13 +287,13 @@ class SeriesStream:
                     await on_part(part)
             splitter.end()
 
-    async def _when_durable(self, oid: str, fetched: Fetched,
-                            durable: asyncio.Future[Entry | None]) -> None:
+    async def _when_durable(self, oid: str, fetched: Instance,
+                            durable: asyncio.Future[Instance | None]) -> None:
         """Once the part is durable, hand out the stored entry instead of the bytes.
 
         The single-flight future was settled with the verified bytes already.
         """
-        found: Entry | Fetched = fetched
+        found: Instance = fetched
         try:
             entry = await asyncio.shield(durable)
             if entry is not None:

@@ -24,8 +24,9 @@ from typing import Any
 
 from aiohttp import hdrs
 
-from dicomcache.cache.fetch import Fetched, Fetcher
-from dicomcache.cache.store import AsyncStore, Entry
+from dicomcache.cache.fetch import Fetcher
+from dicomcache.cache.instance import Instance
+from dicomcache.cache.store import AsyncStore
 from dicomcache.config import DicomwebSettings
 from dicomcache.dicom.verify import PixelInfo, parse_dicom
 from dicomcache.dicomweb.answers import AnswerCache, Cached, DiskCopies, normalise_json, plain
@@ -185,22 +186,22 @@ class DicomWeb:
         self.cache.expire(lambda key: key.startswith(f"list:{study_uid}/") or marker in key
                           or key.startswith("qido:"))
 
-    async def pixel_info(self, found: Entry | Fetched) -> PixelInfo | None:
+    async def pixel_info(self, found: Instance) -> PixelInfo | None:
         """Where the pixel data of a verified instance lives (parsed once per content)."""
         if found.md5 in self._pixels:
             self._pixels.move_to_end(found.md5)
             return self._pixels[found.md5]
-        if isinstance(found, Entry):
+        if found.stored:
             pixel = await asyncio.to_thread(_pixel_of_file, str(found.path))
         else:
-            data = found.data
+            data = found.content()
             pixel = await asyncio.to_thread(lambda: parse_dicom(data).pixel)
         self._pixels[found.md5] = pixel
         while len(self._pixels) > 4096:
             self._pixels.popitem(last=False)
         return pixel
 
-    async def transcoded(self, found: Entry | Fetched, accept: str) -> bytes:
+    async def transcoded(self, found: Instance, accept: str) -> bytes:
         """One instance as Orthanc transcodes it for ``accept``, bounds-checked before use."""
         path = (f"/dicom-web/studies/{found.study_uid}/series/{found.series_uid}"
                 f"/instances/{found.sop_uid}")

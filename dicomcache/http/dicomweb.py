@@ -26,9 +26,9 @@ import aiohttp
 from aiohttp import hdrs, web
 from yarl import URL
 
-from dicomcache.cache.fetch import Fetched
-from dicomcache.cache.store import Entry
-from dicomcache.dicom.frames import NATIVE_LE, OCTET, frame_ranges, parse_frame_list, plan_frames
+from dicomcache.cache.instance import Instance
+from dicomcache.dicom.syntaxes import NATIVE_LE
+from dicomcache.dicom.frames import OCTET, frame_ranges, parse_frame_list, plan_frames
 from dicomcache.dicom.multipart import new_boundary
 from dicomcache.dicomweb.answers import IMMUTABLE_FRESH, Cached, link_path
 from dicomcache.dicomweb.state import DICOM_JSON, DicomWeb
@@ -205,10 +205,10 @@ def _frame_parts(ranges: list[list[tuple[int, int]]], data: bytes) -> Iterator[b
 
 
 async def _stored_or_fetched(request: web.Request, dw: DicomWeb, sop: str
-                             ) -> Entry | Fetched | None:
+                             ) -> Instance | None:
     """The verified instance: from the store, else downloaded (None: Orthanc could not
     give it, and the caller reads the answer through instead)."""
-    found: Entry | Fetched | None = await dw.store.get(sop)
+    found: Instance | None = await dw.store.get(sop)
     request[OUTCOME] = "hit" if found is not None else "miss"
     if found is None:
         try:
@@ -237,13 +237,13 @@ async def frames(request: web.Request) -> web.StreamResponse:
     if plan is None or not ranges or any(r is None for r in ranges):
         return await frames_through(request)
     cut = [r for r in ranges if r is not None]
-    if isinstance(found, Entry):
+    if found.stored:
         try:
             bodies = await asyncio.to_thread(_read_ranges, str(found.path), cut)
         except FileNotFoundError:
             return await frames_through(request)
     else:
-        bodies = list(_frame_parts(cut, found.data))
+        bodies = list(_frame_parts(cut, found.content()))
     base = public_base(request)
     b = new_boundary()
     out = []
@@ -283,13 +283,13 @@ async def bulk_pixel_data(request: web.Request) -> web.StreamResponse:
         request[OUTCOME] = "passthrough"
         return await passthrough(request)
     span = [[(pixel.offset, pixel.length)]]
-    if isinstance(found, Entry):
+    if found.stored:
         try:
             (value,) = await asyncio.to_thread(_read_ranges, str(found.path), span)
         except FileNotFoundError:
             return await passthrough(request)
     else:
-        (value,) = _frame_parts(span, found.data)
+        (value,) = _frame_parts(span, found.content())
     b = new_boundary()
     body = (f"--{b}\r\nContent-Type: {OCTET}\r\nContent-Length: {len(value)}\r\n"
             f"MIME-Version: 1.0\r\n\r\n").encode() + value + f"\r\n--{b}--\r\n".encode()

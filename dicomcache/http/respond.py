@@ -1,12 +1,12 @@
-"""Serving instance bodies from the store: the hit path, kept short.
+"""Answers: JSON errors, and instance bodies (the hit path, kept short).
 
-aiohttp's :class:`~aiohttp.web.FileResponse` does Range, HEAD and sendfile, but
-stats, opens and closes the file in the default executor on every request: two
-thread hops that cost more than the sendfile of a 512 KiB slice (measured:
-~1,700 vs ~4,500 requests/s on this kind of machine).  Like nginx's
-``open_file_cache``, :class:`OpenFiles` keeps descriptors of recently served
-entries open; each response gets its own ``dup`` of one (no disk I/O on the
-loop) and FileResponse's own Range/HEAD/sendfile code serves it.
+An instance from the store is sent with ``sendfile`` from an open descriptor:
+like nginx's ``open_file_cache``, :class:`OpenFiles` keeps descriptors of
+recently served entries open, and each response gets its own ``dup`` of one
+(no disk I/O on the event loop).  ``HEAD``, ``Range`` (single ranges, see
+:mod:`.ranges`), ``If-None-Match``/``If-Match`` against the MD5 ETag,
+``If-Range`` and ``If-Modified-Since`` are answered here, on aiohttp's public
+API (``StreamResponse``, ``request.transport``, ``loop.sendfile``).
 
 Stored files are immutable (a re-commit gets a new name), so a cached
 descriptor can never show different bytes; an evicted file's descriptor may
@@ -21,14 +21,15 @@ import io
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from aiohttp import hdrs, web, web_fileresponse
+from aiohttp.abc import AbstractStreamWriter
 
-from dicomcache.cache.fetch import Fetched
-from dicomcache.cache.store import Entry
+from dicomcache.cache.instance import Instance
+from dicomcache.http import ranges
 from dicomcache.http.keys import METRICS, STORE
 
 DICOM = "application/dicom"
@@ -93,41 +94,6 @@ class OpenFiles:
 OPEN_FILES = web.AppKey("open_files", OpenFiles)
 
 
-class InstanceFileResponse(web.FileResponse):
-    """FileResponse over an already open file, validated by the instance MD5.
-
-    aiohttp's own ``_prepare_open_file`` does Range, 416, HEAD and sendfile;
-    the ETag is the content MD5 rather than aiohttp's mtime/size tag.
-    """
-
-    def __init__(self, entry: Entry, headers: Mapping[str, str], fobj: io.BufferedReader,
-                 st: os.stat_result) -> None:
-        super().__init__(entry.path, headers=headers)
-        self._md5_etag = entry.etag
-        self._fobj = fobj
-        self._st = st
-        self.content_type = DICOM
-
-    async def prepare(self, request: Any) -> Any:
-        try:
-            ims = request.if_modified_since
-            if (ims is not None and request.if_none_match is None
-                    and self._st.st_mtime <= ims.timestamp()):
-                return await self._not_modified(request, self._md5_etag, self._st.st_mtime)
-            return await self._prepare_open_file(request, self._fobj, self._st, None)
-        finally:
-            self._fobj.close()
-
-    @property
-    def etag(self) -> Any:
-        return super().etag
-
-    @etag.setter
-    def etag(self, value: Any) -> None:
-        # Ignore aiohttp's mtime-based validator; the content's MD5 is the identity.
-        self._headers[hdrs.ETAG] = self._md5_etag
-
-
 def _matches(header: str | None, etag: str) -> bool:
     if not header:
         return False
@@ -135,10 +101,10 @@ def _matches(header: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
-Refetch = Callable[[], Awaitable[Entry | Fetched]]
+Refetch = Callable[[], Awaitable[Instance]]
 
 
-async def serve_instance(request: web.Request, found: Entry | Fetched, *,
+async def serve_instance(request: web.Request, found: Instance, *,
                          filename: str | None = None,
                          refetch: Refetch | None = None) -> web.StreamResponse:
     """Answer with one instance body: from the store by sendfile, else from memory.
@@ -147,8 +113,7 @@ async def serve_instance(request: web.Request, found: Entry | Fetched, *,
     vanished (deleted by hand) is dropped from the store and, with
     ``refetch``, fetched again instead of failing the viewer.
     """
-    entry = found if isinstance(found, Entry) else None
-    etag = f'"{found.md5}"'
+    etag = found.etag
     headers: dict[str, str] = {hdrs.CACHE_CONTROL: IMMUTABLE, hdrs.ETAG: etag}
     if filename:
         headers[hdrs.CONTENT_DISPOSITION] = f'filename="{filename}"'
@@ -158,23 +123,131 @@ async def serve_instance(request: web.Request, found: Entry | Fetched, *,
     if if_match is not None and not _matches(if_match, etag):
         return web.Response(status=412, headers=headers)
     metrics = request.app[METRICS]
-    if entry is not None and not web_fileresponse.NOSENDFILE:
+    if found.path is not None:
         try:
-            fobj, st = await request.app[OPEN_FILES].open(entry.path)
+            fobj, st = await request.app[OPEN_FILES].open(found.path)
         except FileNotFoundError:
-            await asyncio.to_thread(request.app[STORE].sync.forget, entry.sop_uid)
+            await asyncio.to_thread(request.app[STORE].sync.forget, found.sop_uid)
             if refetch is None:
                 raise
             return await serve_instance(request, await refetch(), filename=filename)
-        metrics.served_bytes.inc(entry.size)
-        return InstanceFileResponse(entry, headers, fobj, st)
-    data = await read_instance(found)
+        if _not_modified_since(request, st.st_mtime):
+            fobj.close()
+            return web.Response(status=304, headers=headers)
+        metrics.served_bytes.inc(found.size)
+        return await _send_file(request, headers, etag, fobj, st)
+    data = await found.read()
     metrics.served_bytes.inc(len(data))
-    return web.Response(body=data, content_type=DICOM, headers=headers)
+    span = _span(request, len(data), etag, None)
+    if span is None:
+        return _unsatisfiable(headers, len(data))
+    if span.partial:
+        headers[hdrs.CONTENT_RANGE] = span.content_range(len(data))
+    return web.Response(status=206 if span.partial else 200, content_type=DICOM,
+                        headers={**headers, hdrs.ACCEPT_RANGES: "bytes"},
+                        body=data[span.start:span.start + span.count])
 
 
-async def read_instance(found: Entry | Fetched) -> bytes:
-    """The instance bytes (for a multipart body, or when only in memory)."""
-    if isinstance(found, Entry):
-        return await asyncio.to_thread(found.path.read_bytes)
-    return found.data
+def _span(request: web.Request, size: int, etag: str, mtime: float | None
+          ) -> ranges.Span | None:
+    """The bytes to send (see :func:`ranges.plan`); an ``If-Range`` (an ETag or a date)
+    that does not match the body means the whole body."""
+    header = request.headers.get(hdrs.RANGE)
+    if_range = request.headers.get(hdrs.IF_RANGE, "").strip()
+    if header is not None and if_range:
+        if if_range.startswith(('"', "W/")):
+            matches = if_range == etag
+        else:
+            date = request.if_range
+            matches = date is not None and mtime is not None and mtime <= date.timestamp()
+        header = header if matches else None
+    return ranges.plan(header, size)
+
+
+def _not_modified_since(request: web.Request, mtime: float) -> bool:
+    ims = request.if_modified_since
+    return ims is not None and request.headers.get(hdrs.IF_NONE_MATCH) is None \
+        and mtime <= ims.timestamp()
+
+
+def _unsatisfiable(headers: dict[str, str], size: int) -> web.Response:
+    return web.Response(status=416, headers={**headers, hdrs.CONTENT_RANGE: f"bytes */{size}"})
+
+
+async def _send_file(request: web.Request, headers: dict[str, str], etag: str,
+                     fobj: io.BufferedReader, st: os.stat_result) -> web.StreamResponse:
+    """The stored body (or its range), sent once aiohttp prepares the answer."""
+    span = _span(request, st.st_size, etag, st.st_mtime)
+    if span is None:
+        fobj.close()
+        return _unsatisfiable(headers, st.st_size)
+    resp = StoredBody(fobj, span, status=206 if span.partial else 200, headers=headers)
+    resp.content_type = DICOM
+    resp.content_length = span.count
+    resp.last_modified = st.st_mtime
+    resp.headers[hdrs.ACCEPT_RANGES] = "bytes"
+    if span.partial:
+        resp.headers[hdrs.CONTENT_RANGE] = span.content_range(st.st_size)
+    return resp
+
+
+class StoredBody(web.StreamResponse):
+    """An answer whose body is a range of an open stored file, sent when it is prepared.
+
+    Returned unprepared by the handler (as aiohttp's own FileResponse is), so the
+    middleware has labelled and timed the request before the body goes out.  It
+    owns ``fobj`` and closes it.
+    """
+
+    def __init__(self, fobj: io.BufferedReader, span: ranges.Span, *, status: int,
+                 headers: dict[str, str]) -> None:
+        super().__init__(status=status, headers=headers)
+        self._fobj = fobj
+        self._span = span
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            writer = await super().prepare(request)
+            if request.method != "HEAD" and self._span.count:
+                assert isinstance(request, web.Request)
+                await send_file_range(request, self, self._fobj, self._span.start,
+                                      self._span.count)
+            await self.write_eof()
+            return writer
+        finally:
+            self._fobj.close()
+
+
+async def send_file_range(request: web.Request, resp: web.StreamResponse, f: BinaryIO,
+                          offset: int, count: int) -> None:
+    """Send ``count`` bytes of ``f`` from ``offset`` after ``resp``'s headers.
+
+    By the loop's ``sendfile`` when the answer has a length and is not compressed
+    (the kernel copies the page cache to the socket), else read in
+    :data:`CHUNK` pieces in a worker thread.  ``OSError`` when the file is
+    shorter than it should be: the connection must then be broken.
+    """
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("the viewer went away")
+    if not (resp.chunked or resp.compression or web_fileresponse.NOSENDFILE):
+        try:
+            sent = await asyncio.get_running_loop().sendfile(transport, f, offset, count)
+        except NotImplementedError:  # a TLS transport: read and write instead
+            pass
+        else:
+            if sent != count:
+                raise OSError(f"stored file {f.name} is shorter than its index says")
+            return
+    f.seek(offset)
+    left = count
+    while left:
+        chunk = await asyncio.to_thread(f.read, min(CHUNK, left))
+        if not chunk:
+            raise OSError(f"stored file {f.name} is shorter than its index says")
+        left -= len(chunk)
+        await resp.write(chunk)
+
+
+#: Read size where ``sendfile`` cannot be used (bounded memory for big multi-frame files).
+CHUNK = 1 << 20

@@ -24,8 +24,8 @@ from typing import BinaryIO
 
 from aiohttp import hdrs, web, web_fileresponse
 
-from dicomcache.cache.fetch import Fetched
-from dicomcache.cache.store import AsyncStore, Entry
+from dicomcache.cache.instance import Instance
+from dicomcache.cache.store import AsyncStore
 from dicomcache.dicom.multipart import new_boundary
 from dicomcache.dicomweb.answers import Cached
 from dicomcache.dicomweb.series_stream import SeriesStream
@@ -34,7 +34,7 @@ from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream
 from dicomcache.http.keys import DICOMWEB, FETCHER, METRICS, OUTCOME, STORE
 from dicomcache.http.params import dicomweb_uids, family_of
 from dicomcache.http.passthrough import passthrough
-from dicomcache.http.respond import DICOM, IMMUTABLE, read_instance
+from dicomcache.http.respond import DICOM, IMMUTABLE
 from dicomcache.http.wado_uri import _check_parents
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ async def instance(request: web.Request) -> web.StreamResponse:
     return await _multipart(request, found)
 
 
-async def _multipart(request: web.Request, found: Entry | Fetched) -> web.StreamResponse:
+async def _multipart(request: web.Request, found: Instance) -> web.StreamResponse:
     """One ``application/dicom`` part, framed exactly as Orthanc frames it.
 
     A stored instance is sent from its file (by sendfile), never read whole: a
@@ -136,12 +136,12 @@ CHUNK = 1 << 20
 Part = bytes | tuple[BinaryIO, int]
 
 
-async def _open_part(found: Entry | Fetched) -> Part:
+async def _open_part(found: Instance) -> Part:
     """The instance bytes when in memory, or for a stored one its open file and size."""
-    if isinstance(found, Entry):
+    if found.path is not None:
         f = await asyncio.to_thread(found.path.open, "rb")
         return f, found.size
-    return await read_instance(found)
+    return await found.read()
 
 
 #: Stored files opened per thread hop.  Measured on a warm 200-instance retrieve: a
@@ -150,12 +150,13 @@ OPEN_BATCH = 16
 Opened = tuple[BinaryIO, int] | OSError
 
 
-async def _open_files(entries: list[Entry]) -> list[Opened]:
+async def _open_files(entries: list[Instance]) -> list[Opened]:
     """Stored files opened in one thread hop; an entry whose file fails gets its error."""
     def work() -> list[Opened]:
         out: list[Opened] = []
         for e in entries:
             try:
+                assert e.path is not None
                 out.append((e.path.open("rb"), e.size))
             except OSError as exc:
                 out.append(exc)
@@ -243,7 +244,7 @@ class _Plan:
     """What a series/study retrieve sends: where each part comes from, and its length."""
 
     #: Each instance as known before the first byte: stored, in memory, or None (missing).
-    known: list[Entry | Fetched | None]
+    known: list[Instance | None]
     #: Each part's size and the whole body's length, when they can be announced.
     sizes: list[int] | None = None
     length: int | None = None
@@ -261,16 +262,16 @@ def _length(b: str, sizes: list[int]) -> int:
     return sum(len(_part_head(b, n)) + n + 2 for n in sizes) + len(b) + 6
 
 
-async def _known(store: AsyncStore, oids: list[str]) -> list[Entry | Fetched | None]:
+async def _known(store: AsyncStore, oids: list[str]) -> list[Instance | None]:
     """Each instance from the hot map, from memory (being committed), else the index."""
-    known: list[Entry | Fetched | None] = [store.sync.peek_orthanc_id(oid) for oid in oids]
+    known: list[Instance | None] = [store.sync.peek_orthanc_id(oid) for oid in oids]
     for i, oid in enumerate(oids):  # a retrieve just sent them: still in memory
         body = store.pending_body(oid) if known[i] is None else None
         if body is not None:
-            known[i] = Fetched.of(body.summary, body.md5, oid, body.data)
+            known[i] = body
     unknown = [i for i, e in enumerate(known) if e is None]
     if unknown:  # not in the hot map (e.g. after a restart): one thread hop, not one each
-        def look_up() -> list[Entry | None]:
+        def look_up() -> list[Instance | None]:
             return [store.sync.get_by_orthanc_id(oids[i]) for i in unknown]
         for i, e in zip(unknown, await asyncio.to_thread(look_up), strict=True):
             known[i] = e
@@ -331,12 +332,12 @@ class _Parts:
             if task.done() and not task.cancelled() and task.exception() is None:
                 _close_part(task.result())
 
-    def _stored_run(self, i: int) -> list[Entry]:
+    def _stored_run(self, i: int) -> list[Instance]:
         """Stored instances sent as stored, from part ``i`` on (one open batch)."""
-        run: list[Entry] = []
+        run: list[Instance] = []
         while i < len(self.oids) and len(run) < OPEN_BATCH:
             e = self.plan.known[i]
-            if not isinstance(e, Entry) or not _serves(e.transfer_syntax, self.wanted):
+            if e is None or not e.stored or not _serves(e.transfer_syntax, self.wanted):
                 break
             run.append(e)
             i += 1
@@ -361,7 +362,7 @@ class _Parts:
         opened = await _claim(batch, k) if batch is not None else None
         streamed = stream.take(oid) if stream is not None else None
         fetcher = self.dw.fetcher
-        found: Entry | Fetched
+        found: Instance
         try:
             if known is not None:
                 found = known
@@ -378,7 +379,7 @@ class _Parts:
                 raise opened
             return opened or await _open_part(found)
         except FileNotFoundError:  # evicted or deleted since the lookup
-            if isinstance(found, Entry):
+            if found.stored:
                 await asyncio.to_thread(self.dw.store.sync.forget, found.sop_uid)
             return await _open_part(await fetcher.by_orthanc_id(oid))
         except BaseException:

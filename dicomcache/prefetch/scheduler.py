@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dicomcache.cache.fetch import Fetcher
-from dicomcache.cache.store import AsyncStore, Entry
+from dicomcache.cache.instance import Instance
+from dicomcache.cache.store import AsyncStore
 from dicomcache.config import PrefetchSettings
 from dicomcache.errors import NotFoundUpstream, UpstreamError, UpstreamUnavailable
 from dicomcache.metrics import Metrics
@@ -55,8 +56,8 @@ Touch = tuple[str, str | None, str | None]
 
 
 def touch_of(path: str, query: Mapping[str, str],
-             by_orthanc_id: Callable[[str], Entry | None],
-             by_sop: Callable[[str], Entry | None]) -> Touch | None:
+             by_orthanc_id: Callable[[str], Instance | None],
+             by_sop: Callable[[str], Instance | None]) -> Touch | None:
     """The study a successful viewer GET touched, or ``None`` (pure; lookups are injected).
 
     ``/instances/{id}/file`` and WADO-URI without ``studyUID`` are resolved
@@ -415,7 +416,7 @@ class Prefetcher:
             progress.errors.append(f"instance {item.orthanc_id} ({item.sop_uid}): {exc}")
             self.metrics.prefetched.labels("failed").inc()
             return
-        size = found.size if isinstance(found, Entry) else len(found.data)
+        size = found.size
         progress.fetched += 1
         progress.bytes += size
         progress.done_bytes += size

@@ -18,7 +18,7 @@ def backoff_delay(attempt: int, base: float, cap: float, u: float,
     of many clinics spread out yet never come back at once.  A ``Retry-After``
     from Orthanc raises the delay to it, up to ``cap``.
     """
-    step = min(cap, base * 2 ** (attempt - 1))
+    step = min(cap, base * 2.0 ** (attempt - 1))
     delay = step / 2 + u * step / 2
     if retry_after is not None:
         delay = max(delay, min(retry_after, cap))

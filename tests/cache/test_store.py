@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from dicomcache.cache import store as store_module
-from dicomcache.cache.store import AsyncStore, Entry, Store, StoreClosed, Verified
+from dicomcache import durable
+from dicomcache.cache.instance import Instance
+from dicomcache.cache.store import AsyncStore, Store, StoreClosed
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.dicom.verify import parse_dicom, verify_file
 
@@ -28,9 +29,10 @@ def blobs() -> list[bytes]:
             for ds in make_ct_series(10, rows=256, columns=512, seed=3)]
 
 
-def commit(store: Store, blob: bytes, oid: str | None = None):  # type: ignore[no-untyped-def]
-    return store.commit(store.write_temp(blob), parse_dicom(blob),
-                        hashlib.md5(blob).hexdigest(), oid)
+def commit(store: Store, blob: bytes, oid: str | None = None) -> Instance:
+    stored = store.commit(store.write_temp(blob), verified(blob, oid))
+    assert stored is not None
+    return stored
 
 
 def test_commit_and_get(tmp_path: Path, blobs: list[bytes]) -> None:
@@ -118,8 +120,8 @@ def test_full_disk_is_reported(tmp_path: Path, blobs: list[bytes], monkeypatch) 
     assert list(store.tmp_dir.iterdir()) == []
 
 
-def verified(blob: bytes, oid: str | None = None) -> Verified:
-    return Verified(blob, parse_dicom(blob), hashlib.md5(blob).hexdigest(), oid)
+def verified(blob: bytes, oid: str | None = None) -> Instance:
+    return Instance.verified(parse_dicom(blob), hashlib.md5(blob).hexdigest(), oid, blob)
 
 
 def oid_of(n: int) -> str:
@@ -130,11 +132,11 @@ def test_commit_group_syncs_each_directory_once_and_indexes_all(
         tmp_path: Path, blobs: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store(tmp_path, 1 << 30)
     synced: list[Path] = []
-    real = store_module._fsync_dir
-    monkeypatch.setattr(store_module, "_fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
+    real = durable.fsync_dir
+    monkeypatch.setattr(durable, "fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
     results = store.commit_group([verified(b, oid_of(i)) for i, b in enumerate(blobs)])
-    assert all(isinstance(r, Entry) for r in results)
-    entries = [r for r in results if isinstance(r, Entry)]
+    assert all(isinstance(r, Instance) for r in results)
+    entries = [r for r in results if isinstance(r, Instance)]
     assert sorted(synced) == sorted({e.path.parent for e in entries})  # once per directory
     for i, (entry, blob) in enumerate(zip(entries, blobs, strict=True)):
         assert store.get(entry.sop_uid) == entry and entry.path.read_bytes() == blob
@@ -162,7 +164,7 @@ def test_commit_group_keeps_the_others_when_one_body_fails(
     monkeypatch.setattr(Store, "write_temp", full_for_the_third)
     results = store.commit_group([verified(b) for b in blobs[:4]])
     assert isinstance(results[2], StoreFull)
-    assert [isinstance(r, Entry) for r in results] == [True, True, False, True]
+    assert [isinstance(r, Instance) for r in results] == [True, True, False, True]
     assert store.stats()["entries"] == 3
     assert len(list((tmp_path / "objects").rglob("*.dcm"))) == 3
 
@@ -170,10 +172,10 @@ def test_commit_group_keeps_the_others_when_one_body_fails(
 def test_commit_remakes_object_directories_an_eviction_removed(tmp_path: Path,
                                                                 blobs: list[bytes]) -> None:
     store = Store(tmp_path, 1 << 30)
-    for d in (tmp_path / "objects").iterdir():  # diskcache removes directories left empty
+    for d in (tmp_path / "objects").iterdir():  # an operator may remove empty directories
         d.rmdir()
     [entry] = store.commit_group([verified(blobs[0])])
-    assert isinstance(entry, Entry) and entry.path.read_bytes() == blobs[0]
+    assert isinstance(entry, Instance) and entry.path.read_bytes() == blobs[0]
     assert commit(store, blobs[1]).path.read_bytes() == blobs[1]
 
 
@@ -195,7 +197,7 @@ async def test_queued_commits_are_grouped_and_found_while_pending(
     release = threading.Event()
     real = Store.commit_group
 
-    def slow_group(self: Store, bodies: list[Verified]) -> list[object]:
+    def slow_group(self: Store, bodies: list[Instance]) -> list[object]:
         groups.append(len(bodies))
         assert release.wait(30)
         return real(self, bodies)
@@ -216,63 +218,17 @@ async def test_queued_commits_are_grouped_and_found_while_pending(
         # A viewer's own download does not queue behind the held group.
         [ds] = make_ct_series(1, rows=64, columns=64, seed=99)
         other = verified(encode(ds, ds.file_meta.TransferSyntaxUID), oid_of(99))
-        mine = await asyncio.wait_for(store.commit_bytes(
-            other.data, other.summary, other.md5, other.orthanc_id), 10)
+        mine = await asyncio.wait_for(store.commit_now(other), 10)
         assert mine is not None and mine.path.exists()
     finally:
         release.set()
     entry = await first
     assert entry is not None
-    assert all(isinstance(r, Entry) for r in await asyncio.gather(*rest))
+    assert all(isinstance(r, Instance) for r in await asyncio.gather(*rest))
     assert groups == [1, len(blobs) - 1]
     found = await by_sop
     assert found is not None and found.sop_uid == sop and await by_oid == found
     await store.drain()
-
-
-async def test_deferred_commits_wait_until_due(tmp_path: Path, blobs: list[bytes],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """While a transfer defers them, group commits wait: until a lookup waits for one,
-    until too much is queued, or until the last deferral ends."""
-    import dicomcache.cache.store as store_module
-
-    store = AsyncStore(Store(tmp_path, 1 << 30))
-    groups: list[int] = []
-    real = Store.commit_group
-
-    def counted(self: Store, bodies: list[Verified]) -> list[object]:
-        groups.append(len(bodies))
-        return real(self, bodies)
-
-    monkeypatch.setattr(Store, "commit_group", counted)
-
-    async def settled(futs: list[asyncio.Future[Entry | None]]) -> bool:
-        await asyncio.sleep(0.2)
-        return all(f.done() for f in futs)
-
-    # A lookup of a queued instance makes the commits due at once.
-    with store.deferring_commits():
-        futs = [store.queue_commit(verified(b, oid_of(i))) for i, b in enumerate(blobs[:3])]
-        assert not await settled(futs) and groups == []
-        found = await asyncio.wait_for(store.get(parse_dicom(blobs[1]).sop_instance_uid), 10)
-        assert found is not None and await settled(futs)
-        # …and afterwards new ones are deferred again.
-        later = [store.queue_commit(verified(blobs[3], oid_of(3)))]
-        assert not await settled(later)
-    assert await settled(later)  # the deferral ended
-    # Too much queued: due although still deferred.
-    monkeypatch.setattr(store_module, "DEFER_LIMIT", 2 * len(blobs[4]))
-    with store.deferring_commits():
-        futs = [store.queue_commit(verified(blobs[4], oid_of(4)))]
-        assert not await settled(futs)
-        futs.append(store.queue_commit(verified(blobs[5], oid_of(5))))
-        assert await settled(futs)
-    # drain() (shutdown) does not wait for a deferral to end.
-    with store.deferring_commits():
-        fut = store.queue_commit(verified(blobs[6], oid_of(6)))
-        await asyncio.wait_for(store.drain(), 10)
-        assert fut.done() and isinstance(fut.result(), Entry)
-    assert sum(groups) == 7
 
 
 async def test_shutdown_abandons_queued_commits_cleanly(tmp_path: Path, blobs: list[bytes],
@@ -295,7 +251,7 @@ async def test_shutdown_abandons_queued_commits_cleanly(tmp_path: Path, blobs: l
     writing = store.queue_commit(verified(blobs[0]))
     assert await asyncio.to_thread(started.wait, 10)
     queued = [store.queue_commit(verified(b)) for b in blobs[1:3]]
-    committer = store._committer
+    committer = store.committer
     assert committer is not None
     committer.cancel()
     release.set()
@@ -315,7 +271,8 @@ async def test_shutdown_abandons_queued_commits_cleanly(tmp_path: Path, blobs: l
 _WRITER = textwrap.dedent("""
     import hashlib, sys
     from dicomcache.devtools.samples import encode, make_ct_series
-    from dicomcache.cache.store import Store, Verified
+    from dicomcache.cache.instance import Instance
+    from dicomcache.cache.store import Store
     from dicomcache.dicom.verify import parse_dicom
     store = Store(sys.argv[1], 1 << 30)
     blobs = [encode(ds, ds.file_meta.TransferSyntaxUID)
@@ -324,11 +281,12 @@ _WRITER = textwrap.dedent("""
     while True:
         if sys.argv[2] == "group":
             for i in range(0, len(blobs), 8):
-                store.commit_group([Verified(b, parse_dicom(b), hashlib.md5(b).hexdigest(), None)
-                                    for b in blobs[i:i + 8]])
+                store.commit_group([Instance.verified(parse_dicom(b), hashlib.md5(b).hexdigest(),
+                                                      None, b) for b in blobs[i:i + 8]])
             continue
         for b in blobs:
-            store.commit(store.write_temp(b), parse_dicom(b), hashlib.md5(b).hexdigest(), None)
+            store.commit(store.write_temp(b), Instance.verified(
+                parse_dicom(b), hashlib.md5(b).hexdigest(), None, b))
 """)
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from dicomcache.cache.store import Entry, Store
+from dicomcache.cache.instance import Instance
+from dicomcache.cache.store import Store
 from dicomcache.cli.admin import parse_duration
 from dicomcache.cli.main import main
 from dicomcache.config import load
@@ -23,9 +24,10 @@ from dicomcache.http.app import make_app
 from tests.conftest import Sample
 
 
-def commit(store: Store, blob: bytes) -> Entry:
-    return store.commit(store.write_temp(blob), parse_dicom(blob),
-                        hashlib.md5(blob).hexdigest(), None)
+def commit(store: Store, blob: bytes) -> Instance:
+    """Commit ``blob``: its entry (what it would be, if evicted at once)."""
+    body = Instance.verified(parse_dicom(blob), hashlib.md5(blob).hexdigest(), None, blob)
+    return store.commit(store.write_temp(blob), body) or body
 
 
 def study(n: int, seed: int, rows: int = 128) -> list[bytes]:
@@ -58,7 +60,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def populated(tmp_path: Path) -> tuple[Path, list[Entry], list[Entry]]:
+def populated(tmp_path: Path) -> tuple[Path, list[Instance], list[Instance]]:
     """A config and its store holding two studies (4 and 3 instances)."""
     cfg = write_config(tmp_path)
     store = Store(load(cfg).cache.directory, 1 << 30)
@@ -78,7 +80,7 @@ def test_parse_duration() -> None:
             parse_duration(bad)
 
 
-def test_stats(populated: tuple[Path, list[Entry], list[Entry]],
+def test_stats(populated: tuple[Path, list[Instance], list[Instance]],
                capsys: pytest.CaptureFixture[str]) -> None:
     cfg, a, b = populated
     code, out, _ = run(capsys, "stats", "--config", str(cfg), "--json")
@@ -95,7 +97,7 @@ def test_stats(populated: tuple[Path, list[Entry], list[Entry]],
     assert "hit ratio   n/a" in out and a[0].study_uid in out
 
 
-def test_pin_unpin_and_purge(populated: tuple[Path, list[Entry], list[Entry]],
+def test_pin_unpin_and_purge(populated: tuple[Path, list[Instance], list[Instance]],
                              capsys: pytest.CaptureFixture[str]) -> None:
     cfg, a, b = populated
     uid = a[0].study_uid
@@ -137,7 +139,7 @@ def run_exit(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, 
 
 
 def test_verify_quarantines_a_bit_flipped_entry(
-        populated: tuple[Path, list[Entry], list[Entry]],
+        populated: tuple[Path, list[Instance], list[Instance]],
         capsys: pytest.CaptureFixture[str]) -> None:
     cfg, a, b = populated
     code, out, err = run(capsys, "verify", "--config", str(cfg), "--progress")

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from dicomcache.cache.store import Verified
+from dicomcache.cache.instance import Instance
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.devtools.samples import make_ct_series
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
@@ -42,7 +42,7 @@ def held_commits(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     release = threading.Event()
     real = Store.commit_group
 
-    def held(self: Store, bodies: list[Verified]) -> list[object]:
+    def held(self: Store, bodies: list[Instance]) -> list[object]:
         assert release.wait(60)
         return real(self, bodies)
 

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from dicomcache.cache.store import Entry
+from dicomcache.cache.instance import Instance
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.http import wado_rs
 from dicomcache.http.app import make_app
@@ -108,7 +108,7 @@ async def test_retrieve_sends_stored_parts_from_files_and_after_restart(
         == [s.data for s in ct_series]
 
 
-async def stored(client: TestClient, path: str, sample: Sample) -> Entry:
+async def stored(client: TestClient, path: str, sample: Sample) -> Instance:
     """Retrieve ``path`` through dicomcache, wait for its commits: ``sample``'s entry."""
     await get_parts(client, path, ANY_SYNTAX)
     await client.app[STORE].drain()

@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicomcache.cache.store import Entry
+from dicomcache.cache.instance import Instance
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
@@ -171,10 +171,10 @@ async def test_prefetch_off_fetches_nothing_ahead(
 
 
 # --- pure parts ------------------------------------------------------------------------
-def _entry(sop: str) -> Entry:
+def _entry(sop: str) -> Instance:
     from pathlib import Path
-    return Entry(sop_uid=sop, path=Path("/x"), size=1, md5="0" * 32, transfer_syntax="1.2",
-                 study_uid="1.1", series_uid="1.1.1", orthanc_id="oid", stored_at=0.0)
+    return Instance(sop_uid=sop, path=Path("/x"), size=1, md5="0" * 32, transfer_syntax="1.2",
+                    study_uid="1.1", series_uid="1.1.1", orthanc_id="oid", stored_at=0.0)
 
 
 @pytest.mark.parametrize(("path", "query", "expected"), [

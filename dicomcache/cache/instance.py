@@ -1,0 +1,67 @@
+"""``Instance``: one verified DICOM instance, stored on disk or held in memory.
+
+Every route serves this one type.  An instance is *verified* (it passed
+:mod:`dicomcache.dicom.verify`: length, Orthanc's MD5 when it has one, a full
+bounds-checked parse) before an :class:`Instance` exists for it; its bytes are
+either a durable file of the store (``path``) or, while it is being committed
+or when the disk could not take it, in memory (``data``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicomcache.dicom.verify import DicomSummary
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """A verified instance: what it is, its content's MD5, and where its bytes are."""
+
+    sop_uid: str
+    study_uid: str | None
+    series_uid: str | None
+    transfer_syntax: str
+    #: MD5 of the Part-10 bytes (Orthanc's stored MD5 when it has one).
+    md5: str
+    size: int
+    orthanc_id: str | None
+    #: The store's durable file (``None`` while only in memory).
+    path: Path | None = None
+    #: The bytes, when not (yet) stored.
+    data: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
+    #: When it was stored (Unix time; 0 while only in memory).
+    stored_at: float = 0.0
+
+    @classmethod
+    def verified(cls, summary: DicomSummary, md5: str, orthanc_id: str | None,
+                 data: bytes) -> Instance:
+        """A body that just passed verification, held in memory."""
+        return cls(summary.sop_instance_uid, summary.study_instance_uid,
+                   summary.series_instance_uid, summary.transfer_syntax_uid, md5, len(data),
+                   orthanc_id, data=data)
+
+    @property
+    def stored(self) -> bool:
+        return self.path is not None
+
+    @property
+    def etag(self) -> str:
+        """The strong validator of its bytes: their MD5."""
+        return f'"{self.md5}"'
+
+    def content(self) -> bytes:
+        """The instance bytes (blocking for a stored one: call from a worker thread)."""
+        if self.data is not None:
+            return self.data
+        assert self.path is not None
+        return self.path.read_bytes()
+
+    async def read(self) -> bytes:
+        """The instance bytes, read in a worker thread when stored."""
+        if self.data is not None:
+            return self.data
+        return await asyncio.to_thread(self.content)
