@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomcache.dicom.verify import DicomSummary
+from dicomcache.errors import NotFoundUpstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,13 @@ class Instance:
     def etag(self) -> str:
         """The strong validator of its bytes: their MD5."""
         return f'"{self.md5}"'
+
+    def check_in(self, study: str | None, series: str | None) -> None:
+        """:class:`NotFoundUpstream` unless it belongs to the study and series a URL names."""
+        if study and self.study_uid and study != self.study_uid:
+            raise NotFoundUpstream(404, f"instance {self.sop_uid} is not in study {study}")
+        if series and self.series_uid and series != self.series_uid:
+            raise NotFoundUpstream(404, f"instance {self.sop_uid} is not in series {series}")
 
     def content(self) -> bytes:
         """The instance bytes (blocking for a stored one: call from a worker thread)."""

@@ -38,7 +38,6 @@ from dicomcache.http.params import dicom_uid, dicomweb_uids, family_of
 from dicomcache.http.passthrough import check_path, passthrough
 from dicomcache.http.respond import BadRequest
 from dicomcache.http.wado_rs import instance, retrieve
-from dicomcache.http.wado_uri import _check_parents
 from dicomcache.upstream.client import check_status
 
 log = logging.getLogger(__name__)
@@ -228,7 +227,7 @@ async def frames(request: web.Request) -> web.StreamResponse:
     found = await _stored_or_fetched(request, dw, sop)
     if found is None:
         return await frames_through(request)
-    _check_parents(found.study_uid, found.series_uid, study, series, sop)
+    found.check_in(study, series)
     plan = plan_frames(request.headers.get(hdrs.ACCEPT), found.transfer_syntax)
     pixel = await dw.pixel_info(found) if plan is not None else None
     numbers = parse_frame_list(request.match_info["frames"], max(1, pixel.number_of_frames)) \
@@ -277,7 +276,7 @@ async def bulk_pixel_data(request: web.Request) -> web.StreamResponse:
     found = await _stored_or_fetched(request, dw, sop)
     if found is None:
         return await passthrough(request)
-    _check_parents(found.study_uid, found.series_uid, study, series, sop)
+    found.check_in(study, series)
     pixel = await dw.pixel_info(found) if found.transfer_syntax in NATIVE_LE else None
     if pixel is None or pixel.encapsulated or pixel.length is None:
         request[OUTCOME] = "passthrough"

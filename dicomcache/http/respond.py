@@ -219,8 +219,9 @@ class StoredBody(web.StreamResponse):
 
 
 async def send_file_range(request: web.Request, resp: web.StreamResponse, f: BinaryIO,
-                          offset: int, count: int) -> None:
-    """Send ``count`` bytes of ``f`` from ``offset`` after ``resp``'s headers.
+                          offset: int, count: int) -> bool:
+    """Send ``count`` bytes of ``f`` from ``offset`` after ``resp``'s headers; True when
+    it went by ``sendfile``.
 
     By the loop's ``sendfile`` when the answer has a length and is not compressed
     (the kernel copies the page cache to the socket), else read in
@@ -237,8 +238,10 @@ async def send_file_range(request: web.Request, resp: web.StreamResponse, f: Bin
             pass
         else:
             if sent != count:
+                if transport.is_closing():
+                    raise ConnectionResetError("the viewer went away")
                 raise OSError(f"stored file {f.name} is shorter than its index says")
-            return
+            return True
     f.seek(offset)
     left = count
     while left:
@@ -247,6 +250,7 @@ async def send_file_range(request: web.Request, resp: web.StreamResponse, f: Bin
             raise OSError(f"stored file {f.name} is shorter than its index says")
         left -= len(chunk)
         await resp.write(chunk)
+    return False
 
 
 #: Read size where ``sendfile`` cannot be used (bounded memory for big multi-frame files).

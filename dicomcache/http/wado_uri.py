@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dicomcache.errors import NotFoundUpstream
 from dicomcache.http.keys import FETCHER, OUTCOME, STORE
 from dicomcache.http.params import dicom_uid, family_of
 from dicomcache.http.passthrough import passthrough
@@ -33,18 +32,9 @@ async def wado(request: web.Request) -> web.StreamResponse:
     entry = await request.app[STORE].get(sop)
     request[OUTCOME] = "miss" if entry is None else "hit"
     found = entry or await fetcher.instance_by_sop(sop)
-    _check_parents(found.study_uid, found.series_uid, study, series, sop)
+    found.check_in(study, series)
     return await serve_instance(request, found,
                                 refetch=lambda: fetcher.instance_by_sop(sop))
-
-
-def _check_parents(have_study: str | None, have_series: str | None,
-                   study: str | None, series: str | None, sop: str) -> None:
-    """The instance must belong to the study and series the URL names."""
-    if study and have_study and study != have_study:
-        raise NotFoundUpstream(404, f"instance {sop} is not in study {study}")
-    if series and have_series and series != have_series:
-        raise NotFoundUpstream(404, f"instance {sop} is not in series {series}")
 
 
 def add_routes(app: web.Application) -> None:

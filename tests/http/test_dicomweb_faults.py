@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
-from dicomcache.http import wado_rs
+from dicomcache.dicomweb import retrieve
 from dicomcache.http.app import make_app
 from tests.conftest import Sample, SettingsFactory
 from tests.http.dicomweb_support import ANY_SYNTAX, split_multipart, unlink
@@ -29,7 +29,7 @@ async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulato
 def single_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
     """No upstream series stream: these tests are about the per-instance path
     (the stream and its fallback: test_dicomweb_stream.py)."""
-    monkeypatch.setattr(wado_rs, "STREAM_MIN_MISSING", 1 << 30)
+    monkeypatch.setattr(retrieve, "STREAM_MIN_MISSING", 1 << 30)
 
 
 def series_path(s: Sample) -> str:

@@ -1,4 +1,4 @@
-"""WADO-RS retrieves (routes/wado_rs.py): instances, series and studies compared with
+"""WADO-RS retrieves (http/wado_rs.py, dicomweb/retrieve.py): instances, series and studies compared with
 Orthanc's own answers; stored parts sent from their files; files cut, deleted, abandoned."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from aiohttp.test_utils import TestClient
 
 from dicomcache.cache.instance import Instance
 from dicomcache.devtools.orthanc import OrthancProcess
-from dicomcache.http import wado_rs
+from dicomcache.dicomweb import retrieve
+from dicomcache.http import respond, wado_rs
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS, STORE
 from tests.conftest import Sample, SettingsFactory
@@ -33,13 +34,13 @@ from tests.http.dicomweb_support import (
 def sendfiles(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Whether each stored part went out by sendfile (True) or was read (False)."""
     used: list[bool] = []
-    real = wado_rs._sendfile
+    real = wado_rs.send_file_range
 
     async def spy(*args: Any) -> bool:
         used.append(await real(*args))
         return used[-1]
 
-    monkeypatch.setattr(wado_rs, "_sendfile", spy)
+    monkeypatch.setattr(wado_rs, "send_file_range", spy)
     return used
 
 
@@ -82,7 +83,7 @@ async def test_retrieve_sends_stored_parts_from_files_and_after_restart(
         aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
         ct_series: list[Sample], monkeypatch: pytest.MonkeyPatch, no_blocking: None,
         sendfiles: list[bool]) -> None:
-    monkeypatch.setattr(wado_rs, "CHUNK", 100_000)  # read in several chunks when not sent whole
+    monkeypatch.setattr(respond, "CHUNK", 100_000)  # read in several chunks when not sent whole
     settings = make_settings()
     path = series_path(ct_series[0])
     client = await aiohttp_client(make_app(settings))
@@ -191,13 +192,13 @@ async def test_a_part_given_up_while_its_batch_opens_closes_its_file(tmp_path: P
     gate = asyncio.Event()
     files: list[BinaryIO] = []
 
-    async def opening() -> list[wado_rs.Opened]:
+    async def opening() -> list[retrieve.Opened]:
         await gate.wait()
         files.append(path.open("rb"))
-        return [(files[0], 10)]
+        return [retrieve.Part(10, file=files[0])]
 
     batch = asyncio.ensure_future(opening())
-    claim = asyncio.ensure_future(wado_rs._claim(batch, 0))
+    claim = asyncio.ensure_future(retrieve.claim(batch, 0))
     await asyncio.sleep(0)
     claim.cancel()  # the retrieve gave up (viewer gone, another part failed)
     with pytest.raises(asyncio.CancelledError):
