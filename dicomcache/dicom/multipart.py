@@ -35,10 +35,15 @@ class MultipartError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """One part: its headers (names lower-cased) and its body."""
+    """One part: its header lines as they came (name, value) and its body."""
 
-    headers: Mapping[str, str]
+    fields: tuple[tuple[str, str], ...]
     body: bytes
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The headers by lower-cased name."""
+        return {name.lower(): value for name, value in self.fields}
 
 
 def boundary_of(content_type: str) -> str | None:
@@ -57,7 +62,7 @@ class Splitter:
         self._max_part = max_part
         self._buf = bytearray()
         self._state = "preamble"
-        self._headers: dict[str, str] = {}
+        self._fields: list[tuple[str, str]] = []
         self._length: int | None = None
         self._preamble_lines = 0
 
@@ -106,7 +111,7 @@ class Splitter:
             self._buf.clear()  # an epilogue is ignored (RFC 2046)
         elif line.rstrip(b" \t") == self._delim:
             self._state = "headers"
-            self._headers = {}
+            self._fields = []
         else:
             raise MultipartError(f"expected a multipart delimiter, found {line[:80]!r}")
 
@@ -135,14 +140,14 @@ class Splitter:
 
     def _header(self, line: bytes) -> None:
         if line:
-            if len(self._headers) >= MAX_HEADERS:
+            if len(self._fields) >= MAX_HEADERS:
                 raise MultipartError("too many part headers")
             name, sep, value = line.decode("latin-1").partition(":")
             if not sep:
                 raise MultipartError(f"malformed part header {line[:80]!r}")
-            self._headers[name.strip().lower()] = value.strip()
+            self._fields.append((name.strip(), value.strip()))
             return
-        declared = self._headers.get("content-length")
+        declared = next((v for k, v in self._fields if k.lower() == "content-length"), None)
         self._length = None
         if declared is not None:
             if not declared.isdigit() or int(declared) > self._max_part:
@@ -169,7 +174,7 @@ class Splitter:
         body = bytes(self._buf[:end])
         del self._buf[:end + 2]
         self._state = "delimiter"
-        return Part(self._headers, body)
+        return Part(tuple(self._fields), body)
 
 
 def split(body: bytes, content_type: str, *, max_part: int = 1 << 31) -> list[Part]:
@@ -215,6 +220,16 @@ def body_length(boundary: str, part_type: str, sizes: Iterable[int]) -> int:
     """The exact length of a body of parts of ``sizes`` bytes (no extra headers)."""
     return sum(len(part_head(boundary, part_type, n)) + n + 2 for n in sizes) \
         + len(closing(boundary))
+
+
+def rewrite(boundary: str, parts: Iterable[Part]) -> bytes:
+    """A whole body of ``parts`` with their header lines as they are (names, order)."""
+    out: list[bytes] = []
+    for part in parts:
+        head = "".join(f"{name}: {value}\r\n" for name, value in part.fields)
+        out += [f"--{boundary}\r\n{head}\r\n".encode("latin-1"), part.body, PART_END]
+    out.append(closing(boundary))
+    return b"".join(out)
 
 
 def write(boundary: str, part_type: str, bodies: Iterable[bytes],

@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from dicomcache.errors import NotFoundUpstream, UpstreamError
+from dicomcache.dicom import multipart
+from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
+from dicomcache.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,28 @@ def normalise_json(body: bytes) -> bytes:
     doc = json.loads(body)
     rewrite_links(doc)
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def relink_parts(body: bytes, content_type: str, base: str) -> bytes:
+    """A complete multipart answer with each part's ``Content-Location`` on ``base``.
+
+    Everything else is kept byte for byte.  :class:`IntegrityError` when the body
+    is not a complete multipart (a cut answer is never passed on).
+    """
+    try:
+        parts = multipart.split(body, content_type)
+    except multipart.MultipartError as exc:
+        raise IntegrityError(Cause.SHORT_BODY, f"multipart answer: {exc}") from exc
+    boundary = multipart.boundary_of(content_type)
+    assert boundary is not None
+    relinked = []
+    for part in parts:
+        fields = []
+        for name, value in part.fields:
+            path = link_path(value) if name.lower() == "content-location" else None
+            fields.append((name, f"{base}{path}" if path is not None else value))
+        relinked.append(multipart.Part(tuple(fields), part.body))
+    return multipart.rewrite(boundary, relinked)
 
 
 def with_base(body: bytes, base: str) -> bytes:
@@ -282,8 +306,7 @@ class AnswerCache:
         self.persist = persist
         self._entries: OrderedDict[str, Cached] = OrderedDict()
         self._bytes = 0
-        self._inflight: dict[str, asyncio.Future[Cached]] = {}
-        self.stale_served = 0
+        self._flights: SingleFlight[Cached] = SingleFlight()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -346,37 +369,25 @@ class AnswerCache:
         except UpstreamError:
             if (entry is not None and self.stale_if_error > 0
                     and entry.stale_for(self.clock()) <= self.stale_if_error):
-                self.stale_served += 1
                 return entry, True
             raise
         return new, False
 
     async def _single_flight(self, key: str, start: Callable[[], Awaitable[Cached]]) -> Cached:
-        task = self._inflight.get(key)
-        if task is None:
-            async def run() -> Cached:
-                old = self._entries.get(key)
-                new = await start()
-                self.put(key, new)
-                if (self.disk is not None and self.persist(key)
-                        and (old is None or old.digest != new.digest
-                             or old.validator != new.validator)):
-                    try:
-                        await asyncio.to_thread(self.disk.save, key, new, time.time(),
-                                                self.clock())
-                    except OSError as exc:
-                        log.warning("cannot keep a disk copy of %s: %s", key, exc)
-                return new
-            # Its own task: a viewer hanging up must not cancel what others wait for.
-            task = asyncio.ensure_future(run())
-            self._inflight[key] = task
-            task.add_done_callback(lambda t: self._done(key, t))
-        return await asyncio.shield(task)
-
-    def _done(self, key: str, task: asyncio.Future[Cached]) -> None:
-        self._inflight.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # retrieved: every waiter may have hung up
+        async def run() -> Cached:
+            old = self._entries.get(key)
+            new = await start()
+            self.put(key, new)
+            if (self.disk is not None and self.persist(key)
+                    and (old is None or old.digest != new.digest
+                         or old.validator != new.validator)):
+                try:
+                    await asyncio.to_thread(self.disk.save, key, new, time.time(),
+                                            self.clock())
+                except OSError as exc:
+                    log.warning("cannot keep a disk copy of %s: %s", key, exc)
+            return new
+        return await self._flights.run(key, run)
 
 
 IMMUTABLE_FRESH = math.inf

@@ -15,7 +15,6 @@ import collections
 import logging
 import mmap
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -28,6 +27,7 @@ from dicomcache.cache.fetch import Fetcher
 from dicomcache.cache.instance import Instance
 from dicomcache.cache.store import AsyncStore
 from dicomcache.config import DicomwebSettings
+from dicomcache.dicom import multipart
 from dicomcache.dicom.verify import PixelInfo, parse_dicom
 from dicomcache.dicomweb.answers import AnswerCache, Cached, DiskCopies, normalise_json, plain
 from dicomcache.dicomweb.series_stream import COMMIT_BACKLOG, Budget, SeriesStream
@@ -238,21 +238,10 @@ def _pixel_of_file(path: str) -> PixelInfo | None:
 
 def single_part(body: bytes, content_type: str) -> bytes:
     """The body of a one-part multipart answer; :class:`IntegrityError` if it is not whole."""
-    m = re.search(r'boundary="?([^";]+)"?', content_type)
-    if not m:
-        raise IntegrityError(Cause.PARSE_FAILURE, f"not a multipart answer: {content_type[:80]!r}")
-    b = m.group(1).encode()
-    if not body.startswith(b"--" + b + b"\r\n"):
-        raise IntegrityError(Cause.PARSE_FAILURE, "multipart answer does not start with its boundary")
-    tail = b"\r\n--" + b + b"--\r\n"
-    if not body.endswith(tail):
-        raise IntegrityError(Cause.SHORT_BODY, "multipart answer has no closing boundary")
-    head, sep, rest = body.partition(b"\r\n\r\n")
-    if not sep:
-        raise IntegrityError(Cause.PARSE_FAILURE, "multipart part has no header end")
-    part = rest[: -len(tail)]
-    declared = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
-    if declared and int(declared.group(1)) != len(part):
-        raise IntegrityError(Cause.LENGTH_MISMATCH, f"part is {len(part)} bytes, its "
-                             f"Content-Length says {int(declared.group(1))}")
-    return part
+    try:
+        parts = multipart.split(body, content_type)
+    except multipart.MultipartError as exc:
+        raise IntegrityError(Cause.SHORT_BODY, f"multipart answer: {exc}") from exc
+    if len(parts) != 1:
+        raise IntegrityError(Cause.PARSE_FAILURE, f"{len(parts)} parts where one was asked")
+    return parts[0].body

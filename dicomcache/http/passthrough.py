@@ -12,9 +12,7 @@ import re
 
 import aiohttp
 from aiohttp import hdrs, web
-from yarl import URL
 
-from dicomcache.errors import Cause, UpstreamError
 from dicomcache.http.keys import CLIENT, FAMILY, OUTCOME, SETTINGS
 from dicomcache.http.params import family_of
 from dicomcache.http.respond import BadRequest, json_error
@@ -66,32 +64,18 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     # Orthanc answers 404 to every HEAD: ask with GET and drop the body.
     method = "GET" if request.method == "HEAD" else request.method
     body = await request.read() if method not in SAFE_METHODS else None
-    url = URL(client.base + request.raw_path, encoded=True)
     what = f"{request.method} {request.path}"
 
-    async def open_upstream(_attempt: int) -> aiohttp.ClientResponse:
-        try:
-            resp = await client.session.request(method, url, headers=headers, data=body)
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamError(Cause.TIMEOUT, f"{what}: no answer in time") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError(Cause.CONNECT, f"{what}: cannot connect ({exc.os_error})") from exc
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamError(Cause.RESET, f"{what}: connection lost ({exc!r})") from exc
-        if resp.status >= 500 or resp.status in (401, 403, 429):
-            data = await resp.read()
-            resp.release()
-            check_status(resp.status, resp.headers, what, data)
-        return resp
+    async def once(_attempt: int) -> web.StreamResponse:
+        async with client.open(method, request.raw_path, kind="passthrough", headers=headers,
+                               body=body, encoded=True) as upstream:
+            if upstream.status >= 500 or upstream.status in (401, 403, 429):
+                check_status(upstream.status, upstream.headers, what, await upstream.read())
+            return await _relay_response(request, upstream)
 
     if method in SAFE_METHODS:
-        upstream = await client.retrying(open_upstream, what=what)
-    else:  # writes are not idempotent: one attempt
-        upstream = await open_upstream(1)
-    try:
-        return await _relay_response(request, upstream)
-    finally:
-        upstream.release()
+        return await client.retrying(once, what=what)
+    return await once(1)  # writes are not idempotent: one attempt
 
 
 async def _relay_response(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -109,6 +93,7 @@ async def _relay_response(request: web.Request, upstream: aiohttp.ClientResponse
     except (aiohttp.ClientError, TimeoutError) as exc:
         # Headers are gone already: the only honest signal left is to break the
         # connection, so the viewer sees an incomplete body, not a complete short one.
+        # (Raised as a ConnectionResetError, not an upstream error, so nothing retries.)
         raise ConnectionResetError(f"upstream body cut short: {exc!r}") from exc
     await out.write_eof()
     return out

@@ -277,16 +277,22 @@ _WRITER = textwrap.dedent("""
     store = Store(sys.argv[1], 1 << 30)
     blobs = [encode(ds, ds.file_meta.TransferSyntaxUID)
              for ds in make_ct_series(40, rows=128, columns=128, seed=7)]
-    print("ready", flush=True)
+    first = True
     while True:
         if sys.argv[2] == "group":
             for i in range(0, len(blobs), 8):
                 store.commit_group([Instance.verified(parse_dicom(b), hashlib.md5(b).hexdigest(),
                                                       None, b) for b in blobs[i:i + 8]])
+                if first:  # the kill comes after this, at a chosen delay
+                    print("ready", flush=True)
+                    first = False
             continue
         for b in blobs:
             store.commit(store.write_temp(b), Instance.verified(
                 parse_dicom(b), hashlib.md5(b).hexdigest(), None, b))
+            if first:
+                print("ready", flush=True)
+                first = False
 """)
 
 

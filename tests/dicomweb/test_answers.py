@@ -21,7 +21,8 @@ from dicomcache.dicomweb.answers import (
 from dicomcache.dicomweb.state import single_part
 from dicomcache.errors import ConfigError, NotFoundUpstream, UpstreamError
 from dicomcache.http.cors import allowed_origin, preflight_problem
-from dicomcache.http.dicomweb import accepts_gzip, accepts_json, relink_parts
+from dicomcache.dicom.accept import accepts_gzip, accepts_json
+from dicomcache.dicomweb.answers import relink_parts
 
 
 @pytest.mark.parametrize(("url", "path"), [

@@ -1,0 +1,143 @@
+"""DICOMweb frames and bulk pixel data, cut from the verified instance.
+
+``…/frames/{list}`` is answered locally when the stored bytes are what Orthanc
+would send (see :func:`dicomcache.dicom.frames.plan_frames`); anything Orthanc
+must decode or transcode is read through whole and passed on only once it is a
+complete multipart, its links on dicomcache.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import hdrs, web
+
+from dicomcache.cache.instance import Instance
+from dicomcache.dicom import accept, multipart
+from dicomcache.dicom.accept import OCTET
+from dicomcache.dicom.frames import frame_ranges, parse_frame_list, plan_frames
+from dicomcache.dicom.syntaxes import NATIVE_LE
+from dicomcache.dicomweb.answers import relink_parts
+from dicomcache.dicomweb.frames import read_frames
+from dicomcache.dicomweb.state import DicomWeb
+from dicomcache.errors import NotFoundUpstream, UpstreamError
+from dicomcache.http.keys import DICOMWEB, OUTCOME
+from dicomcache.http.metadata import public_base
+from dicomcache.http.params import dicomweb_uids, family_of
+from dicomcache.http.passthrough import passthrough
+from dicomcache.upstream.client import check_status
+
+log = logging.getLogger(__name__)
+
+#: Frames and pixel data of an instance do not change while it exists.
+FRAMES_CACHE_CONTROL = "private, max-age=86400"
+
+
+async def _stored_or_fetched(request: web.Request, dw: DicomWeb, sop: str) -> Instance | None:
+    """The verified instance: from the store, else downloaded (None: Orthanc could not
+    give it, and the caller reads the answer through instead)."""
+    found = await dw.store.get(sop)
+    request[OUTCOME] = "hit" if found is not None else "miss"
+    if found is None:
+        try:
+            found = await dw.fetcher.instance_by_sop(sop)
+        except (UpstreamError, NotFoundUpstream) as exc:
+            log.info("%s read through: %s", request.path, exc)
+            return None
+    return found
+
+
+async def frames(request: web.Request) -> web.StreamResponse:
+    """Frames cut from the verified instance, framed as Orthanc frames them."""
+    study, series, sop = dicomweb_uids(request)
+    assert series is not None and sop is not None
+    family_of(request, "dicomweb")
+    dw = request.app[DICOMWEB]
+    found = await _stored_or_fetched(request, dw, sop)
+    if found is None:
+        return await frames_through(request)
+    found.check_in(study, series)
+    plan = plan_frames(request.headers.get(hdrs.ACCEPT), found.transfer_syntax)
+    pixel = await dw.pixel_info(found) if plan is not None else None
+    numbers = parse_frame_list(request.match_info["frames"], max(1, pixel.number_of_frames)) \
+        if pixel is not None else None
+    ranges = [frame_ranges(pixel, n) for n in numbers] if pixel and numbers else None
+    if plan is None or not numbers or not ranges or any(r is None for r in ranges):
+        return await frames_through(request)
+    try:
+        bodies = await read_frames(found, [r for r in ranges if r is not None])
+    except FileNotFoundError:
+        return await frames_through(request)
+    base = public_base(request)
+    where = f"{base}/studies/{study}/series/{series}/instances/{sop}/frames"
+    b = multipart.new_boundary()
+    body = multipart.write(b, plan.part_type, bodies,
+                           [[("Content-Location", f"{where}/{n}")] for n in numbers])
+    return web.Response(body=body, headers={
+        hdrs.CONTENT_TYPE: multipart.content_type(plan.part_type, b),
+        hdrs.CACHE_CONTROL: FRAMES_CACHE_CONTROL})
+
+
+def _asks_native_pixels(header: str | None) -> bool:
+    """A bulk-data ``Accept`` that the stored native Pixel Data satisfies as it is."""
+    first = accept.parse(header)[0]
+    return first.media in ("*/*", OCTET) or (
+        first.media == accept.MULTIPART and first.part_type == OCTET)
+
+
+async def bulk_pixel_data(request: web.Request) -> web.StreamResponse:
+    """``…/bulk/7fe00010`` (a ``BulkDataURI`` viewers follow): the native Pixel Data value
+    from the verified instance, framed as Orthanc frames it; anything else read through."""
+    study, series, sop = dicomweb_uids(request)
+    assert series is not None and sop is not None
+    if request.match_info["tag"].lower() != "7fe00010" \
+            or not _asks_native_pixels(request.headers.get(hdrs.ACCEPT)):
+        return await passthrough(request)
+    family_of(request, "dicomweb")
+    dw = request.app[DICOMWEB]
+    found = await _stored_or_fetched(request, dw, sop)
+    if found is None:
+        return await passthrough(request)
+    found.check_in(study, series)
+    pixel = await dw.pixel_info(found) if found.transfer_syntax in NATIVE_LE else None
+    if pixel is None or pixel.encapsulated or pixel.length is None:
+        request[OUTCOME] = "passthrough"
+        return await passthrough(request)
+    try:
+        (value,) = await read_frames(found, [[(pixel.offset, pixel.length)]])
+    except FileNotFoundError:
+        return await passthrough(request)
+    b = multipart.new_boundary()
+    return web.Response(body=multipart.write(b, OCTET, [value]), headers={
+        hdrs.CONTENT_TYPE: multipart.content_type(OCTET, b),
+        hdrs.CACHE_CONTROL: FRAMES_CACHE_CONTROL})
+
+
+async def frames_through(request: web.Request) -> web.StreamResponse:
+    """Frames Orthanc must decode or transcode: read through whole, links on dicomcache.
+
+    Orthanc's own status and error body are kept; a 200 is only passed on once it
+    is a complete multipart.
+    """
+    request[OUTCOME] = "passthrough"
+    client = request.app[DICOMWEB].client
+    base = public_base(request)
+    headers = {"Accept": request.headers[hdrs.ACCEPT]} if hdrs.ACCEPT in request.headers else {}
+    what = f"frames {request.path}"
+
+    async def once(_attempt: int) -> tuple[int, str, bytes]:
+        async with client.open("GET", request.raw_path, kind="frames", headers=headers,
+                               encoded=True) as up:
+            data = await up.read()
+            status, ctype = up.status, up.headers.get(hdrs.CONTENT_TYPE, "")
+        if status in (401, 403, 429):
+            check_status(status, {}, what, data)
+        if status == 200:
+            data = relink_parts(data, ctype, base)
+        return status, ctype, data
+
+    status, ctype, data = await client.retrying(once, what=what)
+    out = web.Response(status=status, body=data)
+    if ctype:
+        out.headers[hdrs.CONTENT_TYPE] = ctype
+    return out
