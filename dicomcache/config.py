@@ -1,9 +1,10 @@
 """Configuration: one frozen :class:`Settings` built once from TOML.
 
-Every component receives only its own section.  :func:`load` collects *every*
-problem in a file (wrong type, bad value, unknown key — usually a typo) and
-raises one :class:`ConfigError` that names each key, so ``check-config`` can
-show them all at once.
+Every component receives only its own section.  Each default is written once,
+in its dataclass; the readers below take it from there (``d = XSettings()``).
+:func:`load` collects *every* problem in a file (wrong type, bad value, unknown
+key — usually a typo) and raises one :class:`ConfigError` that names each key,
+so ``check-config`` can show them all at once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 <
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars, no backslash
 
 STRATEGIES = ("universal", "conservative", "standard", "compression", "extended")
+#: The registered DICOM port (PS3.8 §C.1), for a destination without ``remote_port``.
+DEFAULT_DICOM_PORT = 104
 
 
 def parse_size(text: str | int) -> int:
@@ -268,14 +271,14 @@ class _Section:
             self.problem(name, f"must be > 0, not {value}")
         return value
 
-    def size(self, name: str, default: str) -> int:
+    def size(self, name: str, default: int) -> int:
         """A size such as ``"50GB"`` (see :func:`parse_size`), at least 1 MB."""
         raw = self.get(name, (str, int), default)
         try:
             value = parse_size(raw)
         except ValueError as exc:
             self.problem(name, str(exc))
-            return parse_size(default)
+            return default
         if value < 1 << 20:
             self.problem(name, f"{raw!r} is too small: at least 1MB")
         return value
@@ -293,25 +296,27 @@ class _Section:
 
 
 def _server(sec: _Section) -> ServerSettings:
-    metrics_port = sec.get("metrics_port", int, 0)
-    log_format = sec.get("log_format", str, "plain")
+    d = ServerSettings()
+    metrics_port = sec.get("metrics_port", int, 0)  # 0: no port of its own
+    log_format = sec.get("log_format", str, d.log_format)
     if log_format not in ("plain", "json"):
         sec.problem("log_format", f"must be \"plain\" or \"json\", not {log_format!r}")
-    log_level = sec.get("log_level", str, "INFO").upper()
+    log_level = sec.get("log_level", str, d.log_level).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         sec.problem("log_level", f"must be DEBUG, INFO, WARNING or ERROR, not {log_level!r}")
     return ServerSettings(
-        host=sec.get("host", str, "127.0.0.1"),
-        port=sec.port("port", 8080),
+        host=sec.get("host", str, d.host),
+        port=sec.port("port", d.port),
         metrics_port=sec.port("metrics_port", 0) if metrics_port else None,
-        shutdown_timeout=sec.positive("shutdown_timeout", 10.0),
+        shutdown_timeout=sec.positive("shutdown_timeout", d.shutdown_timeout),
         log_format=log_format,
         log_level=log_level,
     )
 
 
 def _upstream(sec: _Section, base: Path) -> UpstreamSettings:
-    url = sec.get("url", str, "") or None
+    d = UpstreamSettings()
+    url = sec.get("url", str, d.url) or None
     if url is not None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -319,7 +324,7 @@ def _upstream(sec: _Section, base: Path) -> UpstreamSettings:
         elif parts.username or parts.password:
             sec.problem("url", "put credentials in username/password, not in the URL")
         url = url.rstrip("/")
-    password = sec.get("password", str, "") or None
+    password = sec.get("password", str, d.password) or None
     password_file = sec.get("password_file", str, "")
     if password_file:
         if password is not None:
@@ -328,40 +333,41 @@ def _upstream(sec: _Section, base: Path) -> UpstreamSettings:
             password = (base / password_file).read_text().strip()
         except OSError as exc:
             sec.problem("password_file", f"cannot read {password_file!r}: {exc.strerror}")
-    username = sec.get("username", str, "") or None
+    username = sec.get("username", str, d.username) or None
     if (username is None) != (password is None):
         sec.problem("username", "username and password (or password_file) go together")
-    retries = sec.get("retries", int, 3)
+    retries = sec.get("retries", int, d.retries)
     if not 0 <= retries <= 20:
         sec.problem("retries", f"must be between 0 and 20, not {retries}")
-    max_connections = sec.get("max_connections", int, 32)
+    max_connections = sec.get("max_connections", int, d.max_connections)
     if max_connections < 1:
         sec.problem("max_connections", "must be at least 1")
-    compression = sec.get("compression", str, "json")
+    compression = sec.get("compression", str, d.compression)
     if compression not in COMPRESSION:
         sec.problem("compression", f"must be one of {', '.join(COMPRESSION)}, not {compression!r}")
-    breaker_failures = sec.get("breaker_failures", int, 3)
+    breaker_failures = sec.get("breaker_failures", int, d.breaker_failures)
     if not 0 <= breaker_failures <= 1000:
         sec.problem("breaker_failures", f"must be between 0 (off) and 1000, not {breaker_failures}")
     return UpstreamSettings(
         url=url,
         username=username,
         password=password,
-        connect_timeout=sec.positive("connect_timeout", 15.0),
-        read_timeout=sec.positive("read_timeout", 60.0),
+        connect_timeout=sec.positive("connect_timeout", d.connect_timeout),
+        read_timeout=sec.positive("read_timeout", d.read_timeout),
         retries=retries,
-        backoff_base=sec.positive("backoff_base", 0.25),
-        backoff_max=sec.positive("backoff_max", 8.0),
+        backoff_base=sec.positive("backoff_base", d.backoff_base),
+        backoff_max=sec.positive("backoff_max", d.backoff_max),
         max_connections=max_connections,
         breaker_failures=breaker_failures,
-        breaker_probe_interval=sec.positive("breaker_probe_interval", 5.0),
+        breaker_probe_interval=sec.positive("breaker_probe_interval", d.breaker_probe_interval),
         compression=compression,
     )
 
 
 def _cache(sec: _Section, base: Path) -> CacheSettings:
-    directory = Path(sec.get("directory", str, "/var/cache/dicomcache"))
-    return CacheSettings(directory=base / directory, max_size=sec.size("max_size", "50GB"))
+    d = CacheSettings()
+    directory = Path(sec.get("directory", str, str(d.directory)))
+    return CacheSettings(directory=base / directory, max_size=sec.size("max_size", d.max_size))
 
 
 def _access(sec: _Section) -> AccessSettings:
@@ -376,13 +382,16 @@ def _access(sec: _Section) -> AccessSettings:
 
 
 def _destination(sec: _Section) -> DestinationSettings | None:
+    d = DestinationSettings("", "", "", DEFAULT_DICOM_PORT)  # the defaults of the optional keys
     name = sec.get("name", str, "")
     ae = sec.get("remote_ae_title", str, "")
     host = sec.get("remote_host", str, "")
-    port = sec.port("remote_port", 104)
-    strategy = sec.get("transfer_syntax_strategy", str, "conservative")
-    retries = sec.get("max_association_retries", int, 3)
-    lossy = sec.get("allow_lossy_recompression", bool, False)
+    port = sec.port("remote_port", d.remote_port)
+    strategy = sec.get("transfer_syntax_strategy", str, d.transfer_syntax_strategy)
+    retries = sec.get("max_association_retries", int,
+                      d.max_association_retries)
+    lossy = sec.get("allow_lossy_recompression", bool,
+                    d.allow_lossy_recompression)
     for key, value in (("name", name), ("remote_ae_title", ae), ("remote_host", host)):
         if not value:
             sec.problem(key, "is required")
@@ -408,7 +417,8 @@ def _destination(sec: _Section) -> DestinationSettings | None:
 
 
 def _relay(sec: _Section, base: Path) -> RelaySettings:
-    ae = sec.get("ae_title", str, "DICOMCACHE")
+    d = RelaySettings()
+    ae = sec.get("ae_title", str, d.ae_title)
     if not _AE_RE.match(ae):
         sec.problem("ae_title", f"{ae!r} is not an AE title (1-16 characters, no \\)")
     callers = sec.str_list("allowed_calling_ae_titles")
@@ -422,10 +432,10 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
         except ValueError:
             sec.problem("allowed_hosts", f"{entry!r} is not an IP address or network "
                                          "(e.g. \"10.1.2.3\" or \"10.1.0.0/16\")")
-    max_pdu = sec.get("max_pdu", int, 131072)
+    max_pdu = sec.get("max_pdu", int, d.max_pdu)
     if max_pdu != 0 and not 4096 <= max_pdu <= 1 << 24:
         sec.problem("max_pdu", "must be 0 (unlimited) or between 4096 and 16777216")
-    raw_dests = sec.get("destinations", list, [])
+    raw_dests = sec.get("destinations", list, d.destinations)
     dests: list[DestinationSettings] = []
     for i, raw in enumerate(raw_dests):
         dsec = _Section(raw, f"{sec.prefix}.destinations[{i}]", sec.problems)
@@ -435,35 +445,35 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
     names = [d.name for d in dests]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         sec.problem("destinations", f"destination name {dup!r} is used twice")
-    retention = sec.get("retention", float, 0.0)
+    retention = sec.get("retention", float, d.retention)
     if retention < 0:
         sec.problem("retention", "must not be negative")
-    backoff_base = sec.positive("retry_backoff_base", 2.0)
-    backoff_max = sec.positive("retry_backoff_max", 300.0)
+    backoff_base = sec.positive("retry_backoff_base", d.retry_backoff_base)
+    backoff_max = sec.positive("retry_backoff_max", d.retry_backoff_max)
     if backoff_max < backoff_base:
         sec.problem("retry_backoff_max", f"must be at least retry_backoff_base ({backoff_base})")
-    inbound = sec.get("max_inbound_associations", int, 16)
+    inbound = sec.get("max_inbound_associations", int, d.max_inbound_associations)
     if not 1 <= inbound <= 1000:
         sec.problem("max_inbound_associations", f"must be between 1 and 1000, not {inbound}")
-    batch = sec.get("batch_size", int, 500)
+    batch = sec.get("batch_size", int, d.batch_size)
     if not 1 <= batch <= 100000:
         sec.problem("batch_size", f"must be between 1 and 100000, not {batch}")
-    instance_retries = sec.get("max_instance_retries", int, 20)
+    instance_retries = sec.get("max_instance_retries", int, d.max_instance_retries)
     if not 1 <= instance_retries <= 1000:
         sec.problem("max_instance_retries", f"must be between 1 and 1000, not {instance_retries}")
     return RelaySettings(
-        enabled=sec.get("enabled", bool, False),
+        enabled=sec.get("enabled", bool, d.enabled),
         ae_title=ae,
-        host=sec.get("host", str, "127.0.0.1"),
-        port=sec.port("port", 11112),
-        spool_directory=base / sec.get("spool_directory", str, "/var/lib/dicomcache/spool"),
+        host=sec.get("host", str, d.host),
+        port=sec.port("port", d.port),
+        spool_directory=base / sec.get("spool_directory", str, str(d.spool_directory)),
         allowed_calling_ae_titles=callers,
         allowed_hosts=hosts,
         retention=retention,
         retry_backoff_base=backoff_base,
         retry_backoff_max=backoff_max,
         max_pdu=max_pdu,
-        timeout=sec.positive("timeout", 30.0),
+        timeout=sec.positive("timeout", d.timeout),
         max_inbound_associations=inbound,
         batch_size=batch,
         max_instance_retries=instance_retries,
@@ -472,20 +482,21 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
 
 
 def _prefetch(sec: _Section) -> PrefetchSettings:
-    mode = sec.get("mode", str, "study")
+    d = PrefetchSettings()
+    mode = sec.get("mode", str, d.mode)
     if mode not in PREFETCH_MODES:
         sec.problem("mode", f"must be one of {', '.join(PREFETCH_MODES)}, not {mode!r}")
-    parallel = sec.get("parallel", int, 6)
+    parallel = sec.get("parallel", int, d.parallel)
     if not 1 <= parallel <= 64:
         sec.problem("parallel", f"must be between 1 and 64, not {parallel}")
-    max_fraction = sec.get("max_fraction", float, 0.8)
+    max_fraction = sec.get("max_fraction", float, d.max_fraction)
     if not 0 < max_fraction <= 1:
         sec.problem("max_fraction", f"must be > 0 and <= 1, not {max_fraction}")
-    max_queued = sec.get("max_queued", int, 32)
+    max_queued = sec.get("max_queued", int, d.max_queued)
     if max_queued < 1:
         sec.problem("max_queued", "must be at least 1")
     return PrefetchSettings(mode=mode, parallel=parallel, max_fraction=max_fraction,
-                            active_seconds=sec.positive("active_seconds", 3600.0),
+                            active_seconds=sec.positive("active_seconds", d.active_seconds),
                             max_queued=max_queued)
 
 
@@ -493,12 +504,13 @@ _RULE_KEYS = ("modality", "label", "tag", "value")
 
 
 def _changes(sec: _Section, base: Path) -> ChangesSettings:
-    batch = sec.get("batch", int, 100)
+    d = ChangesSettings()
+    batch = sec.get("batch", int, d.batch)
     if not 1 <= batch <= 10000:
         sec.problem("batch", f"must be between 1 and 10000, not {batch}")
-    cursor = sec.get("cursor_file", str, "")
+    cursor = sec.get("cursor_file", str, d.cursor_file)
     rules: list[PrewarmRule] = []
-    for i, raw in enumerate(sec.get("prewarm", list, [])):
+    for i, raw in enumerate(sec.get("prewarm", list, d.prewarm)):
         rsec = _Section(raw, f"{sec.prefix}.prewarm[{i}]", sec.problems)
         fields = {k: rsec.get(k, str, "") or None for k in _RULE_KEYS}
         rsec.finish()
@@ -510,22 +522,23 @@ def _changes(sec: _Section, base: Path) -> ChangesSettings:
         else:
             rules.append(PrewarmRule(**fields))
     return ChangesSettings(
-        enabled=sec.get("enabled", bool, False),
-        poll_interval=sec.positive("poll_interval", 5.0),
+        enabled=sec.get("enabled", bool, d.enabled),
+        poll_interval=sec.positive("poll_interval", d.poll_interval),
         batch=batch,
         cursor_file=base / cursor if cursor else None,
         prewarm=tuple(rules))
 
 
 def _dicomweb(sec: _Section) -> DicomwebSettings:
-    stale = sec.get("stale_if_error", float, 7 * 86400.0)
+    d = DicomwebSettings()
+    stale = sec.get("stale_if_error", float, d.stale_if_error)
     if stale < 0:
         sec.problem("stale_if_error", "must not be negative (0: never serve stale copies)")
-    memory = sec.size("memory_size", "256MB")
-    concurrency = sec.get("retrieve_concurrency", int, 8)
+    memory = sec.size("memory_size", d.memory_size)
+    concurrency = sec.get("retrieve_concurrency", int, d.retrieve_concurrency)
     if not 1 <= concurrency <= 64:
         sec.problem("retrieve_concurrency", f"must be between 1 and 64, not {concurrency}")
-    public_url = sec.get("public_url", str, "") or None
+    public_url = sec.get("public_url", str, d.public_url) or None
     if public_url is not None:
         parts = urlsplit(public_url)
         if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query
@@ -535,9 +548,9 @@ def _dicomweb(sec: _Section) -> DicomwebSettings:
                                       "\"https://dicomcache.clinic.example:8080\"")
         public_url = public_url.rstrip("/")
     return DicomwebSettings(
-        metadata_fresh=sec.positive("metadata_fresh", 10.0),
-        qido_fresh=sec.positive("qido_fresh", 5.0),
-        rendered_fresh=sec.positive("rendered_fresh", 60.0),
+        metadata_fresh=sec.positive("metadata_fresh", d.metadata_fresh),
+        qido_fresh=sec.positive("qido_fresh", d.qido_fresh),
+        rendered_fresh=sec.positive("rendered_fresh", d.rendered_fresh),
         stale_if_error=stale,
         memory_size=memory,
         retrieve_concurrency=concurrency,
@@ -546,6 +559,7 @@ def _dicomweb(sec: _Section) -> DicomwebSettings:
 
 
 def _cors(sec: _Section) -> CorsSettings:
+    d = CorsSettings()
     origins = sec.str_list("allowed_origins")
     for origin in origins:
         parts = urlsplit(origin)
@@ -555,7 +569,7 @@ def _cors(sec: _Section) -> CorsSettings:
             sec.problem("allowed_origins", f"{origin!r} is not an origin such as "
                                            "\"https://ohif.example.org\" (scheme, host, port; "
                                            "no path) or \"*\"")
-    max_age = sec.get("max_age", int, 600)
+    max_age = sec.get("max_age", int, d.max_age)
     if not 0 <= max_age <= 86400:
         sec.problem("max_age", f"must be between 0 and 86400, not {max_age}")
     return CorsSettings(allowed_origins=tuple(o.rstrip("/") for o in origins), max_age=max_age)

@@ -33,7 +33,8 @@ from dicomcache.cli.progress import Progress
 from dicomcache.config import Settings
 from dicomcache.errors import NotFoundUpstream, UpstreamError
 from dicomcache.metrics import Metrics
-from dicomcache.prefetch.scheduler import Job, Prefetcher, Tally
+from dicomcache.prefetch.plan import Job
+from dicomcache.prefetch.scheduler import Prefetcher, Tally
 from dicomcache.upstream.client import OrthancClient
 
 

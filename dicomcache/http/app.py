@@ -29,7 +29,8 @@ from dicomcache.http.keys import (
 from dicomcache.http.middleware import errors_and_metrics
 from dicomcache.http.respond import OPEN_FILES, OpenFiles
 from dicomcache.metrics import Metrics
-from dicomcache.prefetch.scheduler import Prefetcher, touch_of
+from dicomcache.prefetch.plan import touch_of
+from dicomcache.prefetch.scheduler import Prefetcher
 from dicomcache.upstream.changes import ChangeWatcher
 from dicomcache.upstream.client import OrthancClient
 
