@@ -151,8 +151,9 @@ def main() -> int:
                                    ("orthanc", orthanc.url,
                                     {"Authorization": orthanc.auth_header})):
             if args.profile and name == "dicomcache":
-                spy = subprocess.Popen(["py-spy", "record", "-d", str(args.seconds), "-f", "raw", "--threads", "-o",
-                                        str(work / "profile.txt"), "-p", str(proxy.pid)])
+                spy = subprocess.Popen(["py-spy", "record", "-d", str(args.seconds), "-f", "raw",
+                                        "--threads", "-o", str(work / "profile.txt"),
+                                        "-p", str(proxy.pid)])
             results[name] = wrk(url, paths, args.seconds, args.connections, work, headers)
             r = results[name]
             print(f"{name:11s} {r['MB/s']:8.0f} MB/s {r['req/s']:7.0f} req/s "

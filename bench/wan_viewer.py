@@ -196,7 +196,8 @@ def main() -> int:
           f"with compression {cold6_gz:.2f} s")
     print(f"  cold / limit = {cold6 / limit:.2f}   (goal ≤ 1.2)")
     print(f"  cold with compression / limit = {cold6_gz / limit:.2f}   (goal < 1)")
-    print(f"  direct / limit = {direct6 / limit:.2f}; direct gzip / limit = {direct6_gz / limit:.2f}")
+    print(f"  direct / limit = {direct6 / limit:.2f}; "
+          f"direct gzip / limit = {direct6_gz / limit:.2f}")
     slow_limit = sum(len(b) for b in blobs[:n_slow]) * 8 / 20e6
     print(f"slow link (40 ms RTT, 20 Mbit/s, 6 parallel, {n_slow} slices): limit "
           f"{slow_limit:.2f} s")

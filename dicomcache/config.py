@@ -249,10 +249,8 @@ class _Section:
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if isinstance(value, bool) and bool not in kinds:
-            ok = False
-        else:
-            ok = isinstance(value, kinds)
+        # bool is an int in Python, but `port = true` is a typo, not port 1
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
         if not ok:
             names = " or ".join(k.__name__ for k in kinds)
             self.problem(name, f"must be {names}, not {type(value).__name__} {value!r}")
@@ -402,11 +400,13 @@ def _destination(sec: _Section) -> DestinationSettings | None:
     if port == 0:
         sec.problem("remote_port", "must be a port between 1 and 65535")
     if strategy not in STRATEGIES:
-        sec.problem("transfer_syntax_strategy", f"{strategy!r} is not one of {', '.join(STRATEGIES)}")
+        sec.problem("transfer_syntax_strategy",
+                    f"{strategy!r} is not one of {', '.join(STRATEGIES)}")
     if not 1 <= retries <= 10:
         sec.problem("max_association_retries", f"must be between 1 and 10, not {retries}")
     if lossy and strategy != "extended":
-        sec.problem("allow_lossy_recompression", "only allowed with transfer_syntax_strategy = \"extended\"")
+        sec.problem("allow_lossy_recompression",
+                    "only allowed with transfer_syntax_strategy = \"extended\"")
     sec.finish()
     if not (name and ae and host):
         return None
@@ -575,7 +575,8 @@ def _cors(sec: _Section) -> CorsSettings:
     return CorsSettings(allowed_origins=tuple(o.rstrip("/") for o in origins), max_age=max_age)
 
 
-def from_dict(data: dict[str, Any], *, base: Path = Path("."), source: Path | None = None) -> Settings:
+def from_dict(data: dict[str, Any], *, base: Path = Path("."),
+              source: Path | None = None) -> Settings:
     """Build :class:`Settings` from parsed TOML; relative paths are taken from ``base``."""
     problems: list[tuple[str, str]] = []
     top = _Section(data, "", problems)

@@ -40,7 +40,8 @@ from dicomcache.upstream.client import OrthancClient
 
 def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
-        "prefetch", help="fetch studies into the cache ahead of time (by study, patient, accession)",
+        "prefetch",
+        help="fetch studies into the cache ahead of time (by study, patient, accession)",
         description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("--config", "-c", type=Path, help="TOML config (default: embedded demo)")
     p.add_argument("--study", action="append", default=[], metavar="UID",

@@ -1,4 +1,4 @@
-"""``dicomcache wan-emulator``: the WAN emulator and fault injector of :mod:`dicomcache.devtools.wanem`."""
+"""``dicomcache wan-emulator``: the WAN emulator and fault injector (:mod:`.devtools.wanem`)."""
 
 from __future__ import annotations
 

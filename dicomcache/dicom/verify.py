@@ -61,6 +61,7 @@ CRC-32 and size match the inflated data (seen in the wild), may follow.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import mmap
 import os
 import re
@@ -580,7 +581,7 @@ class _Walker:
         if not fragments:
             self.fail(f"encapsulated Pixel Data at offset {vpos} has no fragments")
         if bot:
-            if bot[0] != 0 or any(a >= b for a, b in zip(bot, bot[1:])):
+            if bot[0] != 0 or any(a >= b for a, b in itertools.pairwise(bot)):
                 self.fail(
                     f"Basic Offset Table at offset {vpos} is not increasing from 0: {bot[:8]!r}"
                 )

@@ -109,7 +109,9 @@ def rewrite_links(doc: Any) -> int:
 
 
 def normalise_json(body: bytes) -> bytes:
-    """Orthanc's DICOM JSON with links on the placeholder base (compact); ``ValueError`` if not JSON."""
+    """Orthanc's DICOM JSON with links on the placeholder base, compact.
+
+    ``ValueError`` when it is not JSON."""
     doc = json.loads(body)
     rewrite_links(doc)
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()

@@ -101,14 +101,17 @@ class DicomWeb:
     async def _load_listing(self, study: str, series: str | None, old: Cached | None) -> Cached:
         async def once(_attempt: int) -> Cached:
             if series is not None:
-                oid = old.value[0] if old is not None else await self.client.lookup(series, "Series", retry=False)
+                oid = old.value[0] if old is not None else \
+                    await self.client.lookup(series, "Series", retry=False)
                 info = await self.client.get_json(f"/series/{oid}", retry=False)
-                if old is None and info.get("ParentStudy") != await self.client.lookup(study, "Study", retry=False):
+                if old is None and info.get("ParentStudy") != \
+                        await self.client.lookup(study, "Study", retry=False):
                     raise NotFoundUpstream(404, f"series {series} is not in study {study}")
                 ids = [str(i) for i in info.get("Instances", ())]
                 validator: Any = [ids, info.get("LastUpdate")]
             else:
-                oid = old.value[0] if old is not None else await self.client.lookup(study, "Study", retry=False)
+                oid = old.value[0] if old is not None else \
+                    await self.client.lookup(study, "Study", retry=False)
                 items = await self.client.get_json(f"/studies/{oid}/series", retry=False)
                 ids = [str(i) for s in items for i in s.get("Instances", ())]
                 validator = plain([(s.get("ID"), s.get("LastUpdate"), len(s.get("Instances", ())))
@@ -183,8 +186,8 @@ class DicomWeb:
         is unreachable); searches are short-lived anyway and all expire.
         """
         marker = f"/studies/{study_uid}/"
-        self.cache.expire(lambda key: key.startswith(f"list:{study_uid}/") or marker in key
-                          or key.startswith("qido:"))
+        self.cache.expire(lambda key: key.startswith((f"list:{study_uid}/", "qido:"))
+                          or marker in key)
 
     async def pixel_info(self, found: Instance) -> PixelInfo | None:
         """Where the pixel data of a verified instance lives (parsed once per content)."""

@@ -78,7 +78,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     return await once(1)  # writes are not idempotent: one attempt
 
 
-async def _relay_response(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _relay_response(request: web.Request,
+                          upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     out = web.StreamResponse(status=upstream.status)
     for name in _PASSED_RESPONSE_HEADERS:
         if name in upstream.headers:

@@ -83,7 +83,7 @@ class OpenFiles:
         self._fds.move_to_end(path)
         # dup: the response owns (and closes) its own descriptor; closing a
         # duplicate never releases the file, so it cannot block.
-        return open(os.dup(cached[0]), "rb", closefd=True), cached[1]
+        return os.fdopen(os.dup(cached[0]), "rb"), cached[1]
 
     def close(self) -> None:
         while self._fds:

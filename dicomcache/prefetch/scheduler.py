@@ -41,11 +41,11 @@ import time
 from dataclasses import dataclass, field
 
 from dicomcache.cache.fetch import Fetcher
-from dicomcache.prefetch.plan import Item, Job, order_items
 from dicomcache.cache.store import AsyncStore
 from dicomcache.config import PrefetchSettings
 from dicomcache.errors import NotFoundUpstream, UpstreamError, UpstreamUnavailable
 from dicomcache.metrics import Metrics
+from dicomcache.prefetch.plan import Item, Job, order_items
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Prefetcher:
         self._wake.set()
 
     def warm(self, study_uid: str) -> None:
-        """Queue a whole study nobody is viewing yet (change-feed pre-warming), whatever ``mode``."""
+        """Queue a whole study nobody is viewing yet (change-feed pre-warming), any ``mode``."""
         if study_uid in self.pending or (self.current and self.current.key == study_uid):
             return
         self.pending[study_uid] = Job(study_uid, None, None, "study")
@@ -233,11 +233,13 @@ class Prefetcher:
         if job.mode == "series" and job.series_uid:
             series_id = await self.client.lookup(job.series_uid, "Series")
             series, instances = await asyncio.gather(
-                self.client.get_json(f"/series/{series_id}"), self.client.get_json(f"/series/{series_id}/instances"))
+                self.client.get_json(f"/series/{series_id}"),
+                self.client.get_json(f"/series/{series_id}/instances"))
             return order_items([series], instances, job.series_uid, job.sop_uid)
         study_id = await self.client.lookup(job.study_uid, "Study")
         series_list, instances = await asyncio.gather(
-            self.client.get_json(f"/studies/{study_id}/series"), self.client.get_json(f"/studies/{study_id}/instances"))
+            self.client.get_json(f"/studies/{study_id}/series"),
+            self.client.get_json(f"/studies/{study_id}/instances"))
         first = job.series_uid
         if first is None and series_list:
             first = series_list[0].get("MainDicomTags", {}).get("SeriesInstanceUID")

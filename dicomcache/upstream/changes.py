@@ -130,7 +130,8 @@ class ChangeWatcher:
             await self._save(int(data.get("Last", 0)))
             log.info("changes: starting after Orthanc's current last change %d", self.cursor)
             return True
-        data = await self.client.get_json(f"/changes?since={self.cursor}&limit={self.settings.batch}")
+        data = await self.client.get_json(
+            f"/changes?since={self.cursor}&limit={self.settings.batch}")
         changes = data.get("Changes") or []
         studies: dict[str, str] = {}  # Orthanc study ID → why (for stable studies)
         stable: set[str] = set()

@@ -135,7 +135,8 @@ async def test_upstream_404_is_404_not_retried(client: TestClient, wan: WanEmula
     assert resp.status == 404
     assert (await resp.json())["error"] == "not found"
     assert wan.requests[f"/instances/{oid}/file"] == 1
-    resp = await client.get("/wado?requestType=WADO&objectUID=1.2.3.4.5&contentType=application/dicom")
+    resp = await client.get(
+        "/wado?requestType=WADO&objectUID=1.2.3.4.5&contentType=application/dicom")
     assert resp.status == 404
 
 

@@ -16,6 +16,8 @@ from dicomcache.cli import wan_emulator
 from dicomcache.devtools.wanem import LinkProfile
 from tests.devtools.test_wanem import SMALL, upstream_server
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomcache")
@@ -67,7 +69,7 @@ async def test_cli_runs_until_signal() -> None:
             sys.executable, "-m", "dicomcache", "wan-emulator",
             "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{up.port}",
             "--latency-ms", "1",
-            cwd=Path(__file__).resolve().parents[2],
+            cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
@@ -76,9 +78,9 @@ async def test_cli_runs_until_signal() -> None:
             line = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
             assert "listening on 127.0.0.1:" in line, line
             port = int(line.split("listening on 127.0.0.1:")[1].split()[0])
-            async with aiohttp.ClientSession() as session:
-                async with session.get(f"http://127.0.0.1:{port}/small") as resp:
-                    assert await resp.read() == SMALL
+            async with aiohttp.ClientSession() as session, \
+                    session.get(f"http://127.0.0.1:{port}/small") as resp:
+                assert await resp.read() == SMALL
             proc.send_signal(signal.SIGINT)
             out, err = await asyncio.wait_for(proc.communicate(), 10)
             assert proc.returncode == 0, err

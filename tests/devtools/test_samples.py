@@ -1,4 +1,5 @@
-"""dicomcache.devtools.samples: deterministic, valid synthetic CT instances in every syntax we serve."""
+"""dicomcache.devtools.samples: deterministic, valid synthetic CT instances in every syntax
+we serve."""
 
 from __future__ import annotations
 

@@ -9,20 +9,20 @@ import json
 import pytest
 
 from dicomcache.config import from_dict
+from dicomcache.dicom.accept import accepts_gzip, accepts_json
 from dicomcache.dicomweb.answers import (
     PLACEHOLDER,
     AnswerCache,
     Cached,
     link_path,
     normalise_json,
+    relink_parts,
     rewrite_links,
     with_base,
 )
 from dicomcache.dicomweb.state import single_part
 from dicomcache.errors import ConfigError, NotFoundUpstream, UpstreamError
 from dicomcache.http.cors import allowed_origin, preflight_problem
-from dicomcache.dicom.accept import accepts_gzip, accepts_json
-from dicomcache.dicomweb.answers import relink_parts
 
 
 @pytest.mark.parametrize(("url", "path"), [

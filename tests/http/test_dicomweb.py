@@ -57,7 +57,8 @@ async def test_metadata_equal_to_orthanc_with_links_on_dicomcache(
         body = await resp.read()
         assert orthanc.url.encode() not in body
         assert unlink(json.loads(body), f"http://{host}/dicom-web") == want
-    resp = await client.get(path, headers={"Forwarded": 'for=1.2.3.4;host="pacs.example";proto=https'})
+    resp = await client.get(
+        path, headers={"Forwarded": 'for=1.2.3.4;host="pacs.example";proto=https'})
     assert unlink(await resp.json(content_type=None), "https://pacs.example/dicom-web") == want
 
 
@@ -207,15 +208,17 @@ async def test_bulk_pixel_data_identical_to_orthanc(
     path = f"{series_path(s)}/instances/{s.sop}/bulk/7fe00010"
     for accept in (None, 'multipart/related; type="application/octet-stream"',
                    'multipart/related; type="*/*"', "application/json"):
-        status, headers, direct = orthanc_answer(orthanc, path, {"Accept": accept} if accept else {})
+        status, headers, direct = orthanc_answer(orthanc, path,
+                                                 {"Accept": accept} if accept else {})
         for _ in range(2):
             resp = await client.get(path, headers={"Accept": accept} if accept else {})
             body = await resp.read()
             assert resp.status == status, (accept, body[:200])
             if status == 200:
                 ctype = resp.headers["Content-Type"]
-                assert ctype.split("; boundary=")[0] == headers["Content-Type"].split("; boundary=")[0]
-                assert split_multipart(body, ctype) == split_multipart(direct, headers["Content-Type"])
+                theirs = headers["Content-Type"]
+                assert ctype.split("; boundary=")[0] == theirs.split("; boundary=")[0]
+                assert split_multipart(body, ctype) == split_multipart(direct, theirs)
 
 
 async def test_frames_served_from_cache_without_orthanc(
@@ -288,9 +291,9 @@ async def test_head_and_odd_inputs(client: TestClient, samples: dict[str, list[S
                             headers={"Accept": 'multipart/related; type="application/dicom+xml"'})
     assert resp.status != 500
     base = f"{series_path(s)}/instances/{s.sop}/frames"
-    for frames, status in (("0", 400), ("99", 400), ("1,a", 400), ("", 404)):
+    for frames, status in (("0", 400), ("99", 400), ("1,a", 400), ("", 400)):
         resp = await client.get(f"{base}/{frames}")
-        assert 400 <= resp.status < 500, (frames, resp.status)
+        assert resp.status == status, (frames, resp.status)
     # an instance under the wrong series
     other = samples["rle"][0]
     resp = await client.get(f"{series_path(other)}/instances/{s.sop}/frames/1")

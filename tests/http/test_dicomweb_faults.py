@@ -1,4 +1,5 @@
-"""DICOMweb through the fault injector: never a short multipart, stale copies when Orthanc is away."""
+"""DICOMweb through the fault injector: never a short multipart; stale copies while Orthanc
+is away."""
 
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ def parse_single_part(body: bytes, content_type: str) -> bytes:
     return rest[: -len(tail)]
 
 
-def orthanc_get(orthanc: OrthancProcess, path: str, accept: str | None = None) -> tuple[dict[str, str], bytes]:
+def orthanc_get(orthanc: OrthancProcess, path: str,
+                accept: str | None = None) -> tuple[dict[str, str], bytes]:
     req = urllib.request.Request(orthanc.url + path)
     req.add_header("Authorization", orthanc.auth_header)
     if accept:
@@ -102,7 +103,8 @@ async def test_one_entry_shared_by_all_families(client: TestClient,
     misses = metrics.cache_misses.labels("orthanc")._value.get()
     resp = await client.get(f"/instances/{s.orthanc_id}/file")
     assert resp.status == 200
-    resp = await client.get(f"/wado?requestType=WADO&objectUID={s.sop}&contentType=application/dicom")
+    resp = await client.get(
+        f"/wado?requestType=WADO&objectUID={s.sop}&contentType=application/dicom")
     assert resp.status == 200
     assert metrics.cache_misses.labels("orthanc")._value.get() == misses
     assert metrics.cache_hits.labels("orthanc")._value.get() >= 1

@@ -1,4 +1,5 @@
-"""WADO-RS retrieves (http/wado_rs.py, dicomweb/retrieve.py): instances, series and studies compared with
+"""WADO-RS retrieves (http/wado_rs.py, dicomweb/retrieve.py): instances, series and studies
+compared with
 Orthanc's own answers; stored parts sent from their files; files cut, deleted, abandoned."""
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ async def test_series_retrieve_identical_to_orthanc(
     assert len(want) == len(samples[label])
     for round_ in ("cold", "warm"):
         resp, got = await get_parts(client, path, accept)
-        assert resp.headers["Content-Type"].startswith('multipart/related; type="application/dicom"')
+        assert resp.headers["Content-Type"].startswith(
+            'multipart/related; type="application/dicom"')
         assert [body for _, body in got] == [body for _, body in want], round_
         assert all(h["content-type"] == "application/dicom" for h, _ in got)
         if accept == ANY_SYNTAX and round_ == "warm":
@@ -267,5 +269,6 @@ async def test_retrieve_errors(client: TestClient, samples: dict[str, list[Sampl
     for bad in ("1..2", "1.2.a", "9" * 65):
         resp = await client.get(f"/dicom-web/studies/{bad}/series/{s.series}")
         assert resp.status == 400, bad
-    resp = await client.get(f"/dicom-web/studies/{s.study}/series/{s.series}/instances/1.2..3/frames/1")
+    resp = await client.get(
+        f"/dicom-web/studies/{s.study}/series/{s.series}/instances/1.2..3/frames/1")
     assert resp.status == 400
