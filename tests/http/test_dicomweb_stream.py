@@ -26,8 +26,7 @@ SERIES_STREAM = r"/dicom-web/studies/[^/]*/series/[^/]*$"  # not /series/{id} (t
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
-                 no_blocking: None) -> TestClient:
+async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator) -> TestClient:
     return await aiohttp_client(make_app(make_settings(
         url=f"http://127.0.0.1:{wan.port}",
         dicomweb={"retrieve_concurrency": 2},

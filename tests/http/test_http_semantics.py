@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from tests.conftest import Sample, SettingsFactory
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_settings: SettingsFactory, no_blocking: None) -> TestClient:
+async def client(aiohttp_client, make_settings: SettingsFactory) -> TestClient:
     return await aiohttp_client(make_app(make_settings()))
 
 
@@ -55,11 +56,11 @@ async def test_head_range_and_conditionals(client: TestClient, ct_series: list[S
 async def test_served_with_orthanc_stopped(aiohttp_client, make_settings: SettingsFactory,
                                            tmp_path: Path) -> None:
     own = OrthancProcess(tmp_path / "orthanc")
-    own.start()
+    await asyncio.to_thread(own.start)
     try:
         ds = make_ct_series(2, rows=64, columns=64, seed=11)
         blobs = [encode(d, d.file_meta.TransferSyntaxUID) for d in ds]
-        ids = own.upload(blobs)
+        ids = await asyncio.to_thread(own.upload, blobs)
         settings = make_settings(url=own.url, upstream={"username": own.username,
                                                         "password": own.password,
                                                         "retries": 1})
@@ -69,7 +70,7 @@ async def test_served_with_orthanc_stopped(aiohttp_client, make_settings: Settin
                 "&contentType=application/dicom")
         assert await (await client.get(f"/instances/{ids[0]}/file")).read() == blobs[0]
     finally:
-        own.stop()
+        await asyncio.to_thread(own.stop)
     # Orthanc is gone: what was fetched is still served, by every family.
     resp = await client.get(f"/instances/{ids[0]}/file")
     assert resp.status == 200 and await resp.read() == blobs[0]

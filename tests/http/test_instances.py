@@ -36,7 +36,7 @@ def orthanc_get(orthanc: OrthancProcess, path: str,
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_settings: SettingsFactory, no_blocking: None) -> TestClient:
+async def client(aiohttp_client, make_settings: SettingsFactory) -> TestClient:
     return await aiohttp_client(make_app(make_settings()))
 
 

@@ -15,7 +15,7 @@ from tests.http.test_instances import orthanc_get
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_settings: SettingsFactory, no_blocking: None) -> TestClient:
+async def client(aiohttp_client, make_settings: SettingsFactory) -> TestClient:
     return await aiohttp_client(make_app(make_settings()))
 
 

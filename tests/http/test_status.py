@@ -31,8 +31,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
-                 no_blocking: None) -> TestClient:
+async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator) -> TestClient:
     return await aiohttp_client(make_app(make_settings(url=f"http://127.0.0.1:{wan.port}")))
 
 
@@ -170,8 +169,7 @@ def test_render_escapes_and_shows_learned_strategies() -> None:
     assert "cache disk full: &lt;full&gt;" in page
 
 
-async def test_metrics_on_their_own_port(aiohttp_client, make_settings: SettingsFactory,
-                                        no_blocking: None) -> None:
+async def test_metrics_on_their_own_port(aiohttp_client, make_settings: SettingsFactory) -> None:
     port = free_port()
     client = await aiohttp_client(make_app(make_settings(server={"metrics_port": port})))
     resp = await client.get("/metrics")
@@ -212,7 +210,7 @@ async def _chromium(*args: str, timeout: float = 90.0) -> bytes:
                     "(apt-get install chromium); the page is still tested as HTML above")
 async def test_status_page_in_headless_chromium(
         aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
-        ct_series: list[Sample], tmp_path: Path, no_blocking: None) -> None:
+        ct_series: list[Sample], tmp_path: Path) -> None:
     settings = make_settings(
         url=f"http://127.0.0.1:{wan.port}",
         relay={"enabled": True, "port": free_port(), "spool_directory": str(tmp_path / "spool"),

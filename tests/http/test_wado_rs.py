@@ -46,7 +46,7 @@ def sendfiles(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_settings: SettingsFactory, no_blocking: None) -> TestClient:
+async def client(aiohttp_client, make_settings: SettingsFactory) -> TestClient:
     """The app with blockbuster watching: nothing may block the event loop."""
     return await aiohttp_client(make_app(make_settings()))
 
@@ -83,8 +83,7 @@ async def test_series_retrieve_identical_to_orthanc(
 
 async def test_retrieve_sends_stored_parts_from_files_and_after_restart(
         aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
-        ct_series: list[Sample], monkeypatch: pytest.MonkeyPatch, no_blocking: None,
-        sendfiles: list[bool]) -> None:
+        ct_series: list[Sample], monkeypatch: pytest.MonkeyPatch, sendfiles: list[bool]) -> None:
     monkeypatch.setattr(respond, "CHUNK", 100_000)  # read in several chunks when not sent whole
     settings = make_settings()
     path = series_path(ct_series[0])
@@ -213,7 +212,7 @@ async def test_a_part_given_up_while_its_batch_opens_closes_its_file(tmp_path: P
 
 async def test_single_instance_sent_from_its_file(
         aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
-        samples: dict[str, list[Sample]], no_blocking: None, sendfiles: list[bool]) -> None:
+        samples: dict[str, list[Sample]], sendfiles: list[bool]) -> None:
     """A stored instance is framed around its file (sendfile), never read whole; HEAD
     announces the same length; a file cut on disk breaks the connection."""
     client = await aiohttp_client(make_app(make_settings()))

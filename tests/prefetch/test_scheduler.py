@@ -21,7 +21,6 @@ from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS, PREFETCHER, STORE
 from tests.conftest import Sample, SettingsFactory
 
-pytestmark = pytest.mark.usefixtures("no_blocking")
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ from dicomcache.metrics import Metrics
 from dicomcache.upstream.breaker import CircuitBreaker
 from tests.conftest import Sample, SettingsFactory
 
-pytestmark = pytest.mark.usefixtures("no_blocking")
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from dicomcache.http.keys import CHANGES, PREFETCHER, STORE, STUDY_CHANGED
 from dicomcache.upstream.changes import read_cursor, rule_matches, write_cursor
 from tests.conftest import SettingsFactory
 
-pytestmark = pytest.mark.usefixtures("no_blocking")
 
 
 async def upload(orthanc: OrthancProcess, n: int = 1, *, study: str | None = None,
