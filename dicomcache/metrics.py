@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from dicomcache import __version__
-from dicomcache.errors import StoreFull
+from dicomcache.errors import Cause, StoreFull
 
 # State changes are logged where they are recorded (here), so the upstream
 # client, the readiness probe and the health loop log them the same way, once.
@@ -30,13 +30,12 @@ _LATENCY_BUCKETS = (
     30.0, 60.0,
 )
 
-#: Label values used for ``cause`` (kept in one place so dashboards and code agree).
-FAILURE_CAUSES = (
-    "timeout", "reset", "connect", "short_body", "length_mismatch", "md5_mismatch",
-    "parse_failure", "http_5xx", "http_429",
-)
+#: The ``cause`` label values of failed requests to Orthanc: :class:`Cause`, the one list
+#: (dashboards and alerts use these values), less dicomcache's own states.
+FAILURE_CAUSES = tuple(c.value for c in Cause
+                       if c not in (Cause.STALE, Cause.CIRCUIT_OPEN, Cause.READ_ERROR))
 #: The ``cause`` labels of verification failures (a subset of ``FAILURE_CAUSES``).
-INTEGRITY_CAUSES = ("short_body", "length_mismatch", "md5_mismatch", "parse_failure")
+INTEGRITY_CAUSES = tuple(c.value for c in Cause if c.integrity)
 #: API families whose instance requests are served from the store.
 INSTANCE_FAMILIES = ("orthanc", "wado_uri", "dicomweb")
 #: How many recent integrity failures the status page shows.

@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 
 #: Object files are spread over this many directories (two hex digits).
 FAN_OUT = 256
+#: The index file of dicomcache 0.1 (diskcache), adopted once (:meth:`Store._migrate_legacy`).
+LEGACY_INDEX = "cache.db"
 
 #: What :meth:`Store.commit_group` gives for each body: the stored instance, ``None``
 #: (evicted at once: bigger than the whole cache), or the error that kept it out.
@@ -108,6 +111,8 @@ class Store:
         self._group_lock = threading.Lock()
         self._closed = False
         self._make_object_dirs()
+        if (self.directory / LEGACY_INDEX).exists():
+            self._migrate_legacy()
         self.evictions = 0
         self._pinned_warned = -1e9
         # The hot map: plain dicts, read on the event loop, written by worker
@@ -125,6 +130,50 @@ class Store:
             for d in dirs:
                 d.mkdir(parents=True, exist_ok=True)
             durable.fsync_dir(objects)
+
+    def _migrate_legacy(self) -> None:
+        """Adopt the entries of a store written by dicomcache 0.1 (a diskcache index).
+
+        Each entry whose file is a regular file inside ``objects/`` is renamed to a
+        name of this version (never one taken from data) and indexed, with its last
+        use; its pins are kept.  Anything else is left to the sweep.  The old index
+        is removed last, so a crash midway repeats the migration for what is left.
+        """
+        legacy = self.directory / LEGACY_INDEX
+        objects = (self.directory / "objects").resolve()
+        db = sqlite3.connect(legacy)
+        try:
+            rows = db.execute("SELECT value, access_time FROM Cache WHERE mode = 1").fetchall()
+            try:
+                pins = db.execute("SELECT study_uid, pinned_at FROM Pinned").fetchall()
+            except sqlite3.OperationalError:  # no pins were ever made
+                pins = []
+        finally:
+            db.close()
+        adopted = 0
+        for value, used in rows:
+            try:
+                meta = json.loads(value)
+                old = (self.directory / str(meta["file"])).resolve()
+                if old.parent.parent != objects or old.is_symlink() or not old.is_file():
+                    continue
+                instance = Instance(str(meta["sop_uid"]), meta.get("study_uid"),
+                                    meta.get("series_uid"), str(meta["transfer_syntax"]),
+                                    str(meta["md5"]), int(meta["size"]), meta.get("orthanc_id"))
+                row = self._place(old, instance)
+                self.index.put([replace(row, stored_at=float(meta.get("stored_at", 0)))],
+                               float(used or 0))
+                adopted += 1
+            except (ValueError, KeyError, TypeError, OSError) as exc:
+                log.warning("store: cannot adopt a cache entry of the previous version: %s", exc)
+        for study_uid, pinned_at in pins:
+            self.index.pin(str(study_uid), float(pinned_at))
+        durable.fsync_dir(self.directory / "objects")
+        for name in (LEGACY_INDEX, f"{LEGACY_INDEX}-wal", f"{LEGACY_INDEX}-shm"):
+            (self.directory / name).unlink(missing_ok=True)
+        shutil.rmtree(self.directory / "aliases", ignore_errors=True)
+        log.warning("store: adopted %d of %d entries of the previous version's index "
+                    "(Orthanc ID aliases are learnt again as they are used)", adopted, len(rows))
 
     def close(self) -> None:
         """Close the index; waits for a group being written, refuses later ones."""

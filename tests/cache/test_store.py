@@ -318,3 +318,53 @@ def test_kill_9_leaves_a_consistent_store(tmp_path: Path, delay: float, mode: st
     indexed = {e.path for e in store.entries()}
     assert set((tmp_path / "objects").rglob("*.dcm")) == indexed
     assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_a_store_of_the_previous_version_is_adopted(tmp_path: Path, blobs: list[bytes]) -> None:
+    """dicomcache 0.1 kept a diskcache index (cache.db, JSON values) and named files after
+    their SOP Instance UID: entries are adopted under new names, pins kept, and a file
+    outside objects/ is never adopted."""
+    import json
+    import sqlite3
+
+    legacy = sqlite3.connect(tmp_path / "cache.db")
+    legacy.execute("CREATE TABLE Cache (rowid INTEGER PRIMARY KEY, key BLOB, raw INTEGER, "
+                   "store_time REAL, expire_time REAL, access_time REAL, access_count INTEGER, "
+                   "tag BLOB, size INTEGER, mode INTEGER, filename TEXT, value BLOB)")
+    legacy.execute("CREATE TABLE Pinned (study_uid TEXT PRIMARY KEY, pinned_at REAL NOT NULL)")
+    (tmp_path / "objects" / "ab").mkdir(parents=True)
+    outside = tmp_path / "elsewhere.dcm"
+    outside.write_bytes(blobs[2])
+    kept = []
+    for i, (blob, rel) in enumerate([(blobs[0], None), (blobs[1], None),
+                                     (blobs[2], "objects/ab/../../elsewhere.dcm")]):
+        summary = parse_dicom(blob)
+        if rel is None:
+            rel = f"objects/ab/{summary.sop_instance_uid}.0000000{i}.dcm"
+            (tmp_path / rel).write_bytes(blob)
+            kept.append(summary)
+        meta = {"sop_uid": summary.sop_instance_uid, "size": len(blob),
+                "md5": hashlib.md5(blob).hexdigest(),
+                "transfer_syntax": summary.transfer_syntax_uid,
+                "study_uid": summary.study_instance_uid,
+                "series_uid": summary.series_instance_uid,
+                "orthanc_id": oid_of(i), "stored_at": 1000.0 + i, "file": rel}
+        legacy.execute("INSERT INTO Cache (key, raw, access_time, mode, filename, value) "
+                       "VALUES (?, 1, ?, 1, ?, ?)", (summary.sop_instance_uid, 2000.0 + i, rel,
+                                                     json.dumps(meta)))
+    legacy.execute("INSERT INTO Pinned VALUES (?, 5.0)", (kept[0].study_instance_uid,))
+    legacy.commit()
+    legacy.close()
+
+    store = Store(tmp_path, 1 << 30)
+    assert not (tmp_path / "cache.db").exists()
+    assert store.stats()["entries"] == 2
+    for summary, blob in zip(kept, blobs[:2], strict=True):
+        entry = store.get(summary.sop_instance_uid)
+        assert entry is not None and entry.path is not None
+        assert entry.path.read_bytes() == blob
+        assert summary.sop_instance_uid not in entry.path.name  # named by us, not by data
+    assert store.pinned() == {kept[0].study_instance_uid: 5.0}
+    assert outside.read_bytes() == blobs[2]  # never adopted, never moved
+    store.sweep(min_age=0)
+    assert {e.path for e in store.entries()} == set((tmp_path / "objects").rglob("*.dcm"))
