@@ -23,10 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dicomcache.dicom.accept import OCTET, frame_request
 from dicomcache.dicom.syntaxes import EXPLICIT_LE, NATIVE_LE, SYNTAXES
 from dicomcache.dicom.verify import PixelInfo
-
-OCTET = "application/octet-stream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,41 +40,17 @@ class FramePlan:
         return f"{self.media_type}; transfer-syntax={self.transfer_syntax}"
 
 
-def _accepted(accept: str | None) -> list[tuple[str, dict[str, str]]]:
-    """``Accept`` as (media range, parameters) pairs; ``type`` of multipart unwrapped."""
-    out: list[tuple[str, dict[str, str]]] = []
-    if not accept:
-        return [("*/*", {})]
-    for item in accept.split(","):
-        params = [p.strip() for p in item.split(";")]
-        media = params[0].lower()
-        values = {k.strip().lower(): v.strip().strip('"')
-                  for k, _, v in (p.partition("=") for p in params[1:]) if k.strip()}
-        if media == "multipart/related":
-            inner = values.pop("type", OCTET).lower()
-            # type="application/octet-stream; transfer-syntax=…" (quoted, nested)
-            inner_media, _, rest = inner.partition(";")
-            for p in rest.split(";"):
-                k, _, v = p.partition("=")
-                if k.strip():
-                    values.setdefault(k.strip().lower(), v.strip())
-            media = inner_media.strip()
-        out.append((media, values))
-    return out
-
-
 def plan_frames(accept: str | None, stored_syntax: str) -> FramePlan | None:
     """The local answer for a frames request, or ``None`` to read it through.
 
     Only the first media range of ``Accept`` is considered (Orthanc does the same
     for the frame type); see the module docstring for the table.
     """
-    items = _accepted(accept)
-    if len(items) != 1:
+    asked = frame_request(accept)
+    if asked is None:
         return None
-    media, params = items[0]
-    wanted = params.get("transfer-syntax")
-    if media not in ("*/*", OCTET):
+    wanted = asked.transfer_syntax
+    if asked.media not in ("*/*", OCTET):
         return None  # image/jls etc. asked for by name: Orthanc decides
     if wanted is None:
         return FramePlan(OCTET, EXPLICIT_LE) if stored_syntax in NATIVE_LE else None
