@@ -113,12 +113,19 @@ class BatchReport:
     not_attempted: list[int] = field(default_factory=list)
 
 
-def _set_nodelay(assoc: Association) -> None:
-    """pynetdicom never sets TCP_NODELAY: without it each message waits ~40 ms (Nagle)."""
+def _tune_socket(assoc: Association, timeout: float) -> None:
+    """TCP_NODELAY and a send timeout on an established association's socket.
+
+    pynetdicom sets neither on a requestor's socket: without TCP_NODELAY each
+    message waits for Nagle's algorithm (~40 ms); without a timeout a PACS that
+    stops reading holds the sending thread for ever.
+    """
     try:
         sock = assoc.dul.socket.socket if assoc.dul.socket else None
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if sock.gettimeout() is None:
+                sock.settimeout(timeout)
     except OSError:  # the connection may already be gone; sending will say so
         pass
 
@@ -272,7 +279,7 @@ class StoreSCU:
                 report.not_attempted.extend(i.key for i in pending)
                 break
             self._count("established")
-            _set_nodelay(assoc)
+            _tune_socket(assoc, self.timeout)
             accepted = [neg.Accepted(int(cx.context_id or 0), str(cx.abstract_syntax),
                                      str(cx.transfer_syntax[0]))
                         for cx in assoc.accepted_contexts]
