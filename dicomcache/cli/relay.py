@@ -139,6 +139,7 @@ def _expand(paths: list[Path]) -> Iterator[Path]:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """Send files; exit 0 when all were stored, 1 when some failed, 2 on usage errors."""
+    from dicomcache.relay import accel
     from dicomcache.relay.scu import DELIVERED, SendItem, StoreSCU
     from dicomcache.relay.spool import info_from_bytes
 
@@ -189,6 +190,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         study_of[i] = info.study_uid
     for path, why in bad:
         print(f"skipped {path}: {why}", file=sys.stderr)
+    if rs.accelerate:
+        accel.install()
     progress = Progress("send", len(items), enabled=False if args.no_progress else None)
     scu = StoreSCU(args.calling_aet or rs.ae_title, dest, timeout=rs.timeout, max_pdu=rs.max_pdu)
     results = []

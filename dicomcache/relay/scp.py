@@ -39,13 +39,10 @@ from dicomcache.config import RelaySettings
 from dicomcache.errors import IntegrityError
 from dicomcache.metrics import Metrics
 from dicomcache.relay import negotiation as neg
-from dicomcache.relay.accel import fastdul
 from dicomcache.relay.accel.codec import part10_header
 from dicomcache.relay.spool import Spool, info_from_bytes, is_disk_full
 
 log = logging.getLogger(__name__)
-
-fastdul.install()  # event-driven waits in pynetdicom (see fastdul)
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700

@@ -37,17 +37,9 @@ from pynetdicom.association import Association
 from dicomcache.config import DestinationSettings
 from dicomcache.metrics import Metrics
 from dicomcache.relay import negotiation as neg
-from dicomcache.relay.accel import fastdul
 from dicomcache.relay.transcode import TranscodeError, encodable_syntaxes, transcode
 
 log = logging.getLogger(__name__)
-
-fastdul.install()  # event-driven waits in pynetdicom (see fastdul)
-
-# Send spooled files as they are (no decode/re-encode) when the peer accepted
-# their own syntax.  Process-wide pynetdicom switch; only affects send_c_store
-# called with a *path*, which nothing else in dicomcache does.
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 DELIVERED, RETRY, QUARANTINED = "delivered", "retry", "quarantined"
 
@@ -211,6 +203,10 @@ class StoreSCU:
         on_result: Callable[[ItemResult], None] | None = None,
     ) -> BatchReport:
         """Send ``items`` in order; never raises for network or data problems."""
+        # Spooled files go out as they are (no decode/re-encode) when the peer accepted
+        # their own syntax.  A process-wide pynetdicom switch; it only affects
+        # send_c_store called with a *path*, which only this class does.
+        _config.STORE_SEND_CHUNKED_DATASET = True
         report = BatchReport()
         strategy0 = neg.start_strategy(self.dest.transfer_syntax_strategy, start_strategy)
         sequence = neg.fallback_sequence(strategy0, self.dest.max_association_retries)

@@ -32,7 +32,7 @@ from typing import Any
 
 from dicomcache.config import RelaySettings
 from dicomcache.metrics import Metrics
-from dicomcache.relay import transcode
+from dicomcache.relay import accel, transcode
 from dicomcache.relay.forward import Forwarder
 from dicomcache.relay.scp import StoreSCP
 from dicomcache.relay.spool import Spool
@@ -70,8 +70,11 @@ class Relay:
         return self.scp.port
 
     async def start(self) -> None:
-        """Open the spool (recovering from a crash), start the forwarders and the SCP."""
+        """Install the speed-ups (``accelerate``), open the spool (recovering from a
+        crash), start the forwarders and the SCP."""
         loop = asyncio.get_running_loop()
+        if self.settings.accelerate:
+            accel.install()
         await loop.run_in_executor(self.executor, self.spool.open)
 
         def wake_all() -> None:

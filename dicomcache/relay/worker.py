@@ -458,6 +458,10 @@ def child(argv: list[str] | None = None) -> int:
     for name, level in init["levels"].items():
         logging.getLogger(name).setLevel(level)
     settings: RelaySettings = init["settings"]
+    if settings.accelerate:
+        from dicomcache.relay import accel
+
+        accel.install()
     asyncio.run(_child_main(settings, outbox, inp))
     return 0
 

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,10 +24,13 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicomcache.config import DestinationSettings, RelaySettings
 from dicomcache.devtools.orthanc import free_port, loopback_env
 from dicomcache.metrics import Metrics
+from dicomcache.relay import accel
 from dicomcache.relay import negotiation as neg
 from dicomcache.relay.service import Relay
 
@@ -217,12 +221,50 @@ def storescu(files: list[Path], port: int, *, called: str = "DICOMCACHE",
         capture_output=True, text=True, env=loopback_env(), timeout=timeout, check=False)
 
 
+class CountingSCP:
+    """A pynetdicom C-STORE SCP (this process) that counts what it stored."""
+
+    def __init__(self) -> None:
+        self.stored: list[str] = []
+        self.lock = threading.Lock()
+        ae = AE(ae_title="COUNT")
+        ae.add_supported_context(CTImageStorage, [neg.EXPLICIT_LE, neg.IMPLICIT_LE])
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event: evt.Event) -> int:
+        with self.lock:
+            self.stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0
+
+    def destination(self) -> DestinationSettings:
+        return DestinationSettings(name="COUNT", remote_ae_title="COUNT",
+                                   remote_host="127.0.0.1", remote_port=self.port)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
 def relay_settings(spool: Path, destinations: list[DestinationSettings], **kw: Any
                    ) -> RelaySettings:
     base = RelaySettings(enabled=True, ae_title="DICOMCACHE", host="127.0.0.1", port=0,
                          spool_directory=spool, retry_backoff_base=0.2, retry_backoff_max=1.0,
                          timeout=15.0, destinations=tuple(destinations))
     return replace(base, **kw)
+
+
+@pytest.fixture(params=[True, False], ids=["accel", "plain"])
+def accelerate(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """The DIMSE path both ways: with ``relay/accel/`` installed, and pynetdicom as
+    published (``[relay] accelerate``).  :func:`relay_factory` gives its relays the
+    same setting (their forwarder process installs it from there)."""
+    if request.param:
+        accel.install()
+    else:
+        accel.uninstall()
+    yield bool(request.param)
+    accel.uninstall()
 
 
 @dataclass
@@ -238,11 +280,13 @@ class RunningRelay:
 
 
 @pytest.fixture
-async def relay_factory() -> AsyncIterator[Callable[..., Any]]:
-    """``await relay_factory(settings)`` → a started in-process relay, stopped at teardown."""
+async def relay_factory(accelerate: bool) -> AsyncIterator[Callable[..., Any]]:
+    """``await relay_factory(settings)`` → a started in-process relay, stopped at teardown;
+    its settings get the test's ``accelerate``."""
     running: list[Relay] = []
 
     async def make(settings: RelaySettings, **kw: Any) -> RunningRelay:
+        settings = replace(settings, accelerate=accelerate)
         metrics = Metrics()
         relay = Relay(settings, metrics, **kw)
         await relay.start()

@@ -15,9 +15,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 
-import dicomcache.relay.scu  # noqa: F401 - sets STORE_SEND_CHUNKED_DATASET (raw sends)
 from dicomcache.devtools.orthanc import free_port, loopback_env
 from dicomcache.devtools.samples import make_ct_series, write_series
 from dicomcache.relay import negotiation as neg
@@ -34,6 +34,12 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def raw_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom sends a file's data set as it is, unparsed (see :func:`send_raw`)."""
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
 
 
 def send_raw(port: int, path: Path, sop_class: str = MRImageStorage,

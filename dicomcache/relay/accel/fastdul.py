@@ -9,7 +9,8 @@ that a modality waiting for each acknowledgement feels directly, and more on
 a loaded machine where a sleeping thread is not rescheduled at once.
 
 :func:`install` replaces, process-wide and only for the pynetdicom version
-these were written against (otherwise it does nothing):
+these were written against (otherwise it does nothing), and :func:`uninstall`
+puts back:
 
 * ``DULServiceProvider.run_reactor``: the same loop, but its idle wait is a
   ``select`` on the socket and on an ``eventfd`` that :meth:`send_pdu` and
@@ -94,7 +95,6 @@ DUL_IDLE = 0.05
 #: Longest idle wait of the association thread (release/abort/idle-timeout checks).
 REACTOR_IDLE = 0.01
 
-_installed = False
 _install_lock = threading.Lock()
 
 
@@ -556,32 +556,78 @@ def _bind_defaults(self: Any) -> None:
     _orig_bind_defaults(self)
 
 
+#: Stands for "no attribute of that name" among the saved originals.
+_ABSENT = object()
+#: What :func:`install` replaced, to put back: (owner, name, original), the DT-1/AR-7
+#: actions, pynetdicom's LOG_HANDLER_LEVEL.  None while not installed.
+_saved: tuple[list[tuple[Any, str, Any]], dict[str, Any], str] | None = None
+
+
+def _patches() -> list[tuple[Any, str, Any]]:
+    """Every (owner, attribute, replacement) :func:`install` sets."""
+    return [
+        (_dul.DULServiceProvider, "run_reactor", _dul_run_reactor),
+        (_dul.DULServiceProvider, "send_pdu", _dul_send_pdu),
+        (_dul.DULServiceProvider, "kill_dul", _dul_kill_dul),
+        (_dul.DULServiceProvider, "stop_dul", _dul_stop_dul),
+        (_dul.DULServiceProvider, "_send", _dul_send),
+        (Association, "__init__", _assoc_init),
+        (Association, "_run_reactor", _assoc_run_reactor),
+        (Association, "_bind_defaults", _bind_defaults),
+        (AssociationSocket, "recv", _socket_recv),
+        (_dimse.DIMSEServiceProvider, "send_msg", _dimse_send_msg),
+        (DIMSEMessage, "_set_command_group_length", _set_command_group_length),
+        (_transport, "deepcopy", copy_contexts),
+        (_association, "split_dataset", _split_dataset),
+    ]
+
+
 def install() -> bool:
-    """Patch pynetdicom (idempotent); False when its version is not one we know."""
-    global _installed
+    """Patch pynetdicom, process-wide (idempotent); False when its version is not one
+    these replacements were written for (then nothing is changed)."""
+    global _saved
     with _install_lock:
-        if _installed:
+        if _saved is not None:
             return True
         if pynetdicom.__version__ not in SUPPORTED:
             log.warning("pynetdicom %s: keeping its polling reactors (event-driven waits "
                         "are written for %s)", pynetdicom.__version__, ", ".join(SUPPORTED))
             return False
-        _dul.DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]
-        _dul.DULServiceProvider.send_pdu = _dul_send_pdu  # type: ignore[method-assign]
-        _dul.DULServiceProvider.kill_dul = _dul_kill_dul  # type: ignore[method-assign]
-        _dul.DULServiceProvider.stop_dul = _dul_stop_dul  # type: ignore[method-assign]
-        Association.__init__ = _assoc_init  # type: ignore[method-assign]
-        Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
-        AssociationSocket.recv = _socket_recv  # type: ignore[method-assign]
-        _dimse.DIMSEServiceProvider.send_msg = _dimse_send_msg  # type: ignore[method-assign]
-        _dul.DULServiceProvider._send = _dul_send  # type: ignore[method-assign]
-        Association._bind_defaults = _bind_defaults  # type: ignore[method-assign]
-        _transport.deepcopy = copy_contexts  # type: ignore[attr-defined,assignment]
-        _association.split_dataset = _split_dataset  # type: ignore[attr-defined]
-        DIMSEMessage._set_command_group_length = (  # type: ignore[method-assign]
-            _set_command_group_length)
+        patches = _patches()
+        originals = [(owner, name, vars(owner).get(name, _ABSENT))
+                     for owner, name, _ in patches]
+        actions = {name: fsm.ACTIONS[name] for name in ("DT-1", "AR-7")}
+        _saved = (originals, actions, _pynetdicom_config.LOG_HANDLER_LEVEL)
+        for owner, name, replacement in patches:
+            setattr(owner, name, replacement)
         for name, action in (("DT-1", _dt_1), ("AR-7", _ar_7)):
-            description, _, state = fsm.ACTIONS[name]
+            description, _, state = actions[name]
             fsm.ACTIONS[name] = (description, action, state)
-        _installed = True
         return True
+
+
+def uninstall() -> None:
+    """Put pynetdicom's own functions back (idempotent).
+
+    Only while no association runs (tests switch between both ways with it):
+    an association started with the replacements may have queued pre-encoded
+    PDUs that pynetdicom's own DT-1 cannot send.
+    """
+    global _saved
+    with _install_lock:
+        if _saved is None:
+            return
+        originals, actions, log_level = _saved
+        for owner, name, original in reversed(originals):
+            if original is _ABSENT:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+        fsm.ACTIONS.update(actions)
+        _pynetdicom_config.LOG_HANDLER_LEVEL = log_level
+        _saved = None
+
+
+def installed() -> bool:
+    """Whether :func:`install` has patched pynetdicom (and :func:`uninstall` has not undone it)."""
+    return _saved is not None
