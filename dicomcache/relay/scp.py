@@ -39,7 +39,7 @@ from dicomcache.config import RelaySettings
 from dicomcache.errors import IntegrityError
 from dicomcache.metrics import Metrics
 from dicomcache.relay import negotiation as neg
-from dicomcache.relay.accel.codec import part10_header
+from dicomcache.relay.part10 import part10_header
 from dicomcache.relay.spool import Spool, info_from_bytes, is_disk_full
 
 log = logging.getLogger(__name__)

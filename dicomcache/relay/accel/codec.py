@@ -1,4 +1,4 @@
-"""DIMSE messages as bytes, without pydicom's writer: C-STORE command sets, PDUs, file meta.
+"""DIMSE messages as bytes, without pydicom: C-STORE command sets, PDUs; a file's meta UIDs.
 
 pynetdicom builds every DIMSE message as a pydicom Dataset from its primitive,
 validating each UID again, and encodes the command set twice (once for its
@@ -21,7 +21,6 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
@@ -194,32 +193,6 @@ def store_command(primitive: Any) -> tuple[bytes, bytes | None, tuple[Any, int] 
         out += raw
     command = _ELEMENT_HEAD.pack(0x0000, 0x0000, 4) + struct.pack("<I", len(out)) + out
     return command, data if request else None, path if request else None
-
-
-def _meta_element(group_elem: int, vr: bytes, value: bytes) -> bytes:
-    """One Explicit VR Little Endian group 0002 element (UI padded with NUL, others
-    with a space, as pydicom writes them)."""
-    if len(value) % 2:
-        value += b"\x00" if vr == b"UI" else b" "
-    if vr == b"OB":
-        return struct.pack("<HH2s2xI", 0x0002, group_elem, vr, len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, group_elem, vr, len(value)) + value
-
-
-def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
-    """Preamble, ``DICM`` and the File Meta Information pynetdicom writes for a
-    received data set (``Event.encoded_dataset``), without pydicom's writer, which
-    cost about a millisecond per C-STORE.  Byte-identical (tested)."""
-    body = b"".join((
-        _meta_element(0x0001, b"OB", b"\x00\x01"),
-        _meta_element(0x0002, b"UI", sop_class.encode("ascii")),
-        _meta_element(0x0003, b"UI", sop_instance.encode("ascii")),
-        _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii")),
-        _meta_element(0x0012, b"UI", str(PYNETDICOM_IMPLEMENTATION_UID).encode("ascii")),
-        _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
-    ))
-    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
-    return b"\x00" * 128 + b"DICM" + group_length + body
 
 
 #: Explicit VR with a 4-byte length (PS3.5 7.1.2).

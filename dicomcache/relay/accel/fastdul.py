@@ -22,7 +22,7 @@ puts back:
 * ``AssociationSocket.recv``: ``recv_into`` one buffer of the PDU's size;
 * ``DIMSEServiceProvider.send_msg`` and the state machine's DT-1/AR-7 (send
   P-DATA-TF): a DIMSE message is encoded at once into whole P-DATA-TF PDUs
-  (blocks of at most :data:`~.dimse_codec.RAW_BLOCK` bytes) that go through the DUL queue as
+  (blocks of at most :data:`~.codec.RAW_BLOCK` bytes) that go through the DUL queue as
   one primitive each and out with one ``sendall``.  pynetdicom queues one
   primitive per PDU: a 512 KiB instance to a peer taking 16 KiB PDUs is 33
   primitives, each a thread hand-off, an event, a PDU object, an ``encode``
@@ -32,7 +32,7 @@ puts back:
   ``EVT_PDU_SENT``/``EVT_DATA_SENT`` are not fired for these PDUs (nothing
   here binds them);
 * ``DIMSEMessage._set_command_group_length`` and the command set of every
-  message sent: encoded by :func:`~.dimse_codec.encode_command` (Implicit VR Little Endian,
+  message sent: encoded by :func:`~.codec.encode_command` (Implicit VR Little Endian,
   the handful of VRs command sets use; anything else goes to pydicom) instead
   of pydicom's writer, which pynetdicom ran twice per message (once for the
   group length) at about half a millisecond each: a third of the relay's CPU
@@ -395,7 +395,7 @@ def _socket_recv(self: Any, nr_bytes: int) -> bytearray:
 
 # --- DIMSE messages as whole encoded PDUs ----------------------------------------------
 def _set_command_group_length(self: Any) -> None:
-    """pynetdicom's ``_set_command_group_length`` with :func:`~.dimse_codec.encode_command`."""
+    """pynetdicom's ``_set_command_group_length`` with :func:`~.codec.encode_command`."""
     del self.command_set.CommandGroupLength
     self.command_set.CommandGroupLength = len(command_bytes(self.command_set))
 
@@ -540,7 +540,7 @@ _orig_split_dataset = _association.split_dataset  # type: ignore[attr-defined]
 
 
 def _split_dataset(path: Any) -> tuple[Any, int]:
-    """``split_dataset`` for ``send_c_store``: :func:`~.dimse_codec.read_file_meta`,
+    """``split_dataset`` for ``send_c_store``: :func:`~.codec.read_file_meta`,
     else pydicom's reading."""
     found = read_file_meta(path)
     return found if found is not None else _orig_split_dataset(path)
