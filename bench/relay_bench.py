@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dicomcache.devtools.orthanc import free_port, loopback_env
 from dicomcache.devtools.samples import make_ct_series, write_series
-from dicomcache.relay import negotiation as neg
+from dicomcache.dicom import syntaxes
 from dicomcache.relay.transcode import shutdown_pool, transcode_bytes
 
 
@@ -212,9 +212,9 @@ def main() -> int:
 
         # Transcoding (in this process).
         blobs = [f.read_bytes() for f in files[: min(n, 100)]]
-        exp_rate = transcode_rate(blobs, neg.IMPLICIT_LE)
-        jll = [transcode_bytes(b, neg.JPEG_LOSSLESS_SV1) for b in blobs[:50]]
-        jll_rate = transcode_rate(jll, neg.IMPLICIT_LE)
+        exp_rate = transcode_rate(blobs, syntaxes.IMPLICIT_LE)
+        jll = [transcode_bytes(b, syntaxes.JPEG_LOSSLESS_SV1) for b in blobs[:50]]
+        jll_rate = transcode_rate(jll, syntaxes.IMPLICIT_LE)
         shutdown_pool()
 
     def med(key: str) -> float:

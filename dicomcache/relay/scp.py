@@ -36,6 +36,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomcache.config import RelaySettings
+from dicomcache.dicom import syntaxes
 from dicomcache.errors import IntegrityError
 from dicomcache.metrics import Metrics
 from dicomcache.relay import negotiation as neg
@@ -90,8 +91,7 @@ class StoreSCP:
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:
                 ae.add_supported_context(cx.abstract_syntax, list(neg.ACCEPTED_FROM_MODALITIES))
-        ae.add_supported_context(Verification, [neg.EXPLICIT_LE, neg.IMPLICIT_LE,
-                                                neg.EXPLICIT_BE])
+        ae.add_supported_context(Verification, list(syntaxes.UNCOMPRESSED))
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connect),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -221,7 +221,7 @@ class StoreSCP:
             return OUT_OF_RESOURCES
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Spooled %s (%s, %d bytes) from %s", want_instance,
-                      neg.syntax_name(info.transfer_syntax), len(data), calling)
+                      syntaxes.name(info.transfer_syntax), len(data), calling)
         return SUCCESS
 
     def _reject(self, data: bytes, status: int, reason: str, calling: str, sop: str) -> int:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicomcache.dicom.syntaxes import DEFLATED_LE
 from dicomcache.dicom.verify import parse_dicom
 from dicomcache.errors import IntegrityError
 
@@ -108,7 +109,6 @@ CREATE TABLE IF NOT EXISTS errors (
 """
 
 _KEEP_ERRORS = 200
-DEFLATED = "1.2.840.10008.1.2.1.99"
 _counter = itertools.count()
 
 
@@ -195,7 +195,7 @@ def info_from_bytes(data: bytes) -> InstanceInfo:
     summary = parse_dicom(data)
     # The strict parse does not summarise deflated data sets: assume pixels (the
     # conservative answer: only relabelling of pixel-less data depends on it).
-    has_pixels = summary.pixel is not None or summary.transfer_syntax_uid == DEFLATED
+    has_pixels = summary.pixel is not None or summary.transfer_syntax_uid == DEFLATED_LE
     # No Study Instance UID (invalid, but it happens): queued in arrival order with the
     # others that lack one; the PACS decides whether to take it.
     return InstanceInfo(summary.study_instance_uid or "", summary.sop_class_uid,

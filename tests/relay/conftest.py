@@ -29,9 +29,9 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicomcache.config import DestinationSettings, RelaySettings
 from dicomcache.devtools.orthanc import free_port, loopback_env
+from dicomcache.dicom import syntaxes
 from dicomcache.metrics import Metrics
 from dicomcache.relay import accel
-from dicomcache.relay import negotiation as neg
 from dicomcache.relay.service import Relay
 
 
@@ -44,26 +44,27 @@ needs_dcmtk = pytest.mark.skipif(not HAVE_DCMTK, reason="DCMTK (storescu/storesc
 
 #: One pydicom test file per source transfer syntax (name, file).
 SOURCE_FILES: dict[str, str] = {
-    neg.IMPLICIT_LE: "MR_small_implicit.dcm",
-    neg.EXPLICIT_LE: "CT_small.dcm",
-    neg.EXPLICIT_BE: "MR_small_bigendian.dcm",
-    neg.DEFLATED_LE: "image_dfl.dcm",
-    neg.RLE_LOSSLESS: "MR_small_RLE.dcm",
-    neg.JPEG_BASELINE: "SC_rgb_jpeg_dcmtk.dcm",
-    neg.JPEG_EXTENDED: "JPGExtended.dcm",
-    neg.JPEG_LOSSLESS_SV1: "SC_rgb_jpeg_gdcm.dcm",
-    neg.JPEG_LS_LOSSLESS: "MR_small_jpeg_ls_lossless.dcm",
-    neg.JPEG_LS_NEAR_LOSSLESS: "(generated: MR_small.dcm, near-lossless)",
-    neg.JPEG_2000_LOSSLESS: "MR_small_jp2klossless.dcm",
-    neg.JPEG_2000: "JPEG2000.dcm",
+    syntaxes.IMPLICIT_LE: "MR_small_implicit.dcm",
+    syntaxes.EXPLICIT_LE: "CT_small.dcm",
+    syntaxes.EXPLICIT_BE: "MR_small_bigendian.dcm",
+    syntaxes.DEFLATED_LE: "image_dfl.dcm",
+    syntaxes.RLE_LOSSLESS: "MR_small_RLE.dcm",
+    syntaxes.JPEG_BASELINE: "SC_rgb_jpeg_dcmtk.dcm",
+    syntaxes.JPEG_EXTENDED: "JPGExtended.dcm",
+    syntaxes.JPEG_LOSSLESS_SV1: "SC_rgb_jpeg_gdcm.dcm",
+    syntaxes.JPEG_LS_LOSSLESS: "MR_small_jpeg_ls_lossless.dcm",
+    syntaxes.JPEG_LS_NEAR_LOSSLESS: "(generated: MR_small.dcm, near-lossless)",
+    syntaxes.JPEG_2000_LOSSLESS: "MR_small_jp2klossless.dcm",
+    syntaxes.JPEG_2000: "JPEG2000.dcm",
 }
 
 #: storescu option proposing (among others) the file's own syntax.
 STORESCU_PROPOSE: dict[str, str] = {
-    neg.IMPLICIT_LE: "-xi", neg.EXPLICIT_LE: "-xe", neg.EXPLICIT_BE: "-xb",
-    neg.DEFLATED_LE: "-xd", neg.RLE_LOSSLESS: "-xr", neg.JPEG_BASELINE: "-xy",
-    neg.JPEG_EXTENDED: "-xx", neg.JPEG_LOSSLESS_SV1: "-xs", neg.JPEG_LS_LOSSLESS: "-xt",
-    neg.JPEG_LS_NEAR_LOSSLESS: "-xu", neg.JPEG_2000_LOSSLESS: "-xv", neg.JPEG_2000: "-xw",
+    syntaxes.IMPLICIT_LE: "-xi", syntaxes.EXPLICIT_LE: "-xe", syntaxes.EXPLICIT_BE: "-xb",
+    syntaxes.DEFLATED_LE: "-xd", syntaxes.RLE_LOSSLESS: "-xr", syntaxes.JPEG_BASELINE: "-xy",
+    syntaxes.JPEG_EXTENDED: "-xx", syntaxes.JPEG_LOSSLESS_SV1: "-xs",
+    syntaxes.JPEG_LS_LOSSLESS: "-xt", syntaxes.JPEG_LS_NEAR_LOSSLESS: "-xu",
+    syntaxes.JPEG_2000_LOSSLESS: "-xv", syntaxes.JPEG_2000: "-xw",
 }
 
 #: SOP classes the restricted storescp profiles accept.
@@ -90,9 +91,9 @@ def source_path(ts: str) -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    if ts == neg.JPEG_LS_NEAR_LOSSLESS:
+    if ts == syntaxes.JPEG_LS_NEAR_LOSSLESS:
         ds = read_quiet(Path(get_testdata_file("MR_small.dcm")))  # type: ignore[arg-type]
-        ds.compress(neg.JPEG_LS_NEAR_LOSSLESS, jls_error=3, generate_instance_uid=False)
+        ds.compress(syntaxes.JPEG_LS_NEAR_LOSSLESS, jls_error=3, generate_instance_uid=False)
         ds.LossyImageCompression = "01"
     else:
         ds = read_quiet(Path(get_testdata_file(SOURCE_FILES[ts])))  # type: ignore[arg-type]
@@ -198,9 +199,10 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
         elif mode == "all":
             args = ["+xa"]
         else:
-            syntaxes = {"explicit": (neg.EXPLICIT_LE,), "jpeg-lossless": (neg.JPEG_LOSSLESS_SV1,)
-                        }.get(mode, mode) if isinstance(mode, str) else mode
-            cfg = storescp_config(tmp_path / f"storescp{n}.cfg", tuple(syntaxes))
+            named = {"explicit": (syntaxes.EXPLICIT_LE,),
+                     "jpeg-lossless": (syntaxes.JPEG_LOSSLESS_SV1,)}
+            chosen = named.get(mode, mode) if isinstance(mode, str) else mode
+            cfg = storescp_config(tmp_path / f"storescp{n}.cfg", tuple(chosen))
             args = ["-xf", str(cfg), "Restricted"]
         scp = StoreSCP(port or free_port(), aet, tmp_path / f"pacs{n}", args)
         started.append(scp.start())
@@ -228,7 +230,7 @@ class CountingSCP:
         self.stored: list[str] = []
         self.lock = threading.Lock()
         ae = AE(ae_title="COUNT")
-        ae.add_supported_context(CTImageStorage, [neg.EXPLICIT_LE, neg.IMPLICIT_LE])
+        ae.add_supported_context(CTImageStorage, [syntaxes.EXPLICIT_LE, syntaxes.IMPLICIT_LE])
         self.port = free_port()
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, self._store)])

@@ -1,9 +1,11 @@
-"""Table tests for the pure negotiation functions (no sockets), as pynetdicom's test_presentation."""
+"""Table tests for the pure negotiation functions (no sockets), as pynetdicom's
+test_presentation."""
 
 from __future__ import annotations
 
 import pytest
 
+from dicomcache.dicom import syntaxes as ts
 from dicomcache.relay import negotiation as neg
 from dicomcache.relay.negotiation import Accepted, Choice, Source
 from dicomcache.relay.scu import DELIVERED, QUARANTINED, RETRY, classify
@@ -11,11 +13,11 @@ from dicomcache.relay.scu import DELIVERED, QUARANTINED, RETRY, classify
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 SR = "1.2.840.10008.5.1.4.1.1.88.11"
-ILE, ELE, EBE, DFL = neg.IMPLICIT_LE, neg.EXPLICIT_LE, neg.EXPLICIT_BE, neg.DEFLATED_LE
-RLE, JLL, JLS, J2KLL, J2K = (neg.RLE_LOSSLESS, neg.JPEG_LOSSLESS_SV1, neg.JPEG_LS_LOSSLESS,
-                             neg.JPEG_2000_LOSSLESS, neg.JPEG_2000)
-JPEG = neg.JPEG_BASELINE
-ALL_ENCODERS = frozenset({RLE, JLL, JLS, J2KLL, J2K, neg.JPEG_LS_NEAR_LOSSLESS})
+ILE, ELE, EBE, DFL = ts.IMPLICIT_LE, ts.EXPLICIT_LE, ts.EXPLICIT_BE, ts.DEFLATED_LE
+RLE, JLL, JLS, J2KLL, J2K = (ts.RLE_LOSSLESS, ts.JPEG_LOSSLESS_SV1, ts.JPEG_LS_LOSSLESS,
+                             ts.JPEG_2000_LOSSLESS, ts.JPEG_2000)
+JPEG = ts.JPEG_BASELINE
+ALL_ENCODERS = frozenset({RLE, JLL, JLS, J2KLL, J2K, ts.JPEG_LS_NEAR_LOSSLESS})
 
 
 @pytest.mark.parametrize("strategy, retries, expected", [
@@ -56,11 +58,18 @@ def test_strategy_syntaxes_from_the_seed(strategy: str, syntaxes: set[str]) -> N
     assert set(neg.STRATEGY_SYNTAXES[strategy]) == syntaxes
 
 
+def test_every_syntax_comes_from_the_table() -> None:
+    # The SCP accepts every transfer syntax dicomcache knows; strategies use only those.
+    assert set(neg.ACCEPTED_FROM_MODALITIES) == set(ts.SYNTAXES)
+    assert set(neg.STRATEGY_SYNTAXES["extended"]) == set(ts.SYNTAXES)
+    assert set(neg.STRATEGIES) == set(neg.STRATEGY_SYNTAXES)
+
+
 def test_compression_and_extended_contents() -> None:
     comp = set(neg.STRATEGY_SYNTAXES["compression"])
     assert {ILE, ELE, EBE, RLE, J2KLL, JLL, JLS} <= comp
-    assert not comp & set(neg.LOSSY)
-    assert set(neg.LOSSY) <= set(neg.STRATEGY_SYNTAXES["extended"])
+    assert not comp & set(ts.LOSSY)
+    assert set(ts.LOSSY) <= set(neg.STRATEGY_SYNTAXES["extended"])
 
 
 @pytest.mark.parametrize("strategy, sources, encodable, lossy, expected", [

@@ -20,7 +20,7 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[
 
 from dicomcache.devtools.orthanc import free_port, loopback_env
 from dicomcache.devtools.samples import make_ct_series, write_series
-from dicomcache.relay import negotiation as neg
+from dicomcache.dicom import syntaxes
 from dicomcache.relay.spool import Spool, durable_write
 from tests.relay.conftest import (
     needs_dcmtk,
@@ -43,7 +43,7 @@ def raw_sends(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def send_raw(port: int, path: Path, sop_class: str = MRImageStorage,
-             ts: str = neg.EXPLICIT_LE) -> int | None:
+             ts: str = syntaxes.EXPLICIT_LE) -> int | None:
     """C-STORE the file's bytes as they are (no parsing): what a buggy modality does."""
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(sop_class, ts)
