@@ -140,7 +140,8 @@ def _expand(paths: list[Path]) -> Iterator[Path]:
 def cmd_send(args: argparse.Namespace) -> int:
     """Send files; exit 0 when all were stored, 1 when some failed, 2 on usage errors."""
     from dicomcache.relay import accel
-    from dicomcache.relay.scu import DELIVERED, SendItem, StoreSCU
+    from dicomcache.relay.outcome import DELIVERED
+    from dicomcache.relay.scu import SendItem, StoreSCU
     from dicomcache.relay.spool import info_from_bytes
 
     settings = load_settings(args)

@@ -29,16 +29,9 @@ from typing import Any, TypeVar
 from dicomcache.config import DestinationSettings, RelaySettings
 from dicomcache.metrics import Metrics
 from dicomcache.relay import negotiation as neg
-from dicomcache.relay.scu import (
-    DELIVERED,
-    QUARANTINED,
-    RETRY,
-    BatchReport,
-    ItemResult,
-    SendItem,
-    StoreSCU,
-)
-from dicomcache.relay.spool import Outcome, QueueItem, Spool
+from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, Outcome
+from dicomcache.relay.scu import BatchReport, SendItem, StoreSCU
+from dicomcache.relay.spool import QueueItem, Spool
 from dicomcache.relay.transcode import encodable_syntaxes
 
 log = logging.getLogger(__name__)
@@ -175,15 +168,13 @@ class Forwarder:
                 pending.append(self._recorder.submit(self.spool.record, name, list(buffer)))
                 buffer.clear()
 
-        def on_result(res: ItemResult) -> None:
+        def on_result(res: Outcome) -> None:
             if res.outcome == RETRY and res.status is not None \
                     and by_key[res.key].attempts + 1 >= self.settings.max_instance_retries:
                 res.outcome = QUARANTINED
                 res.reason += (f" (refused {by_key[res.key].attempts + 1} times: given up, "
                                f"max_instance_retries)")
-            buffer.append(Outcome(res.key, res.outcome, res.status, res.reason,
-                                  res.strategy_used, res.attempts_made, res.transfer_syntax,
-                                  res.seconds))
+            buffer.append(res)
             self._observe(res, by_key[res.key])
             if len(buffer) >= _FLUSH_EVERY:
                 flush()
@@ -235,7 +226,7 @@ class Forwarder:
         }
         return report
 
-    def _observe(self, res: ItemResult, item: QueueItem) -> None:
+    def _observe(self, res: Outcome, item: QueueItem) -> None:
         name = self.dest.name
         m = self.metrics
         m.relay_forwarded.labels(name, res.outcome).inc()

@@ -7,17 +7,9 @@ context for the next instance.  Nothing here touches the spool: the result
 (:class:`BatchReport`) says what happened to each instance, and the caller
 records it.  ``dicomcache relay send`` uses the same class.
 
-Status classification (:func:`classify`) follows PS3.4 B.2.3 / PS3.7 C:
-
-* success ``0x0000`` and warnings (``0xB000`` coercion, ``0xB006`` elements
-  discarded, ``0xB007`` data set does not match SOP class): stored, so
-  delivered (a warning is logged and counted; resending would store it again);
-* ``0xA7xx`` out of resources, ``0x0210`` duplicate invocation, ``0x0213``
-  resource limitation, ``0xFE00`` cancel, a missing status (abort, timeout):
-  transient, resend later;
-* everything else (``0xA9xx`` data set does not match SOP class, ``0xCxxx``
-  cannot understand, ``0x0122`` SOP class not supported, ``0x0117`` invalid
-  instance …): permanent, quarantined with the reason.
+Each instance's :class:`~.outcome.Outcome` follows the peer's status
+(:func:`~.outcome.classify`, PS3.4 B.2.3): a warning is stored, so delivered
+(logged; resending would store it again).
 """
 
 from __future__ import annotations
@@ -37,24 +29,10 @@ from pynetdicom.association import Association
 from dicomcache.config import DestinationSettings
 from dicomcache.metrics import Metrics
 from dicomcache.relay import negotiation as neg
+from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, Outcome, classify
 from dicomcache.relay.transcode import TranscodeError, encodable_syntaxes, transcode
 
 log = logging.getLogger(__name__)
-
-DELIVERED, RETRY, QUARANTINED = "delivered", "retry", "quarantined"
-
-_TRANSIENT = {0x0210, 0x0213, 0xFE00}
-
-
-def classify(status: int | None) -> str:
-    """``delivered``, ``retry`` or ``quarantined`` for a C-STORE response status."""
-    if status is None:
-        return RETRY
-    if status == 0x0000 or status in (0xB000, 0xB006, 0xB007) or 0xB000 <= status <= 0xBFFF:
-        return DELIVERED
-    if 0xA700 <= status <= 0xA7FF or status in _TRANSIENT:
-        return RETRY
-    return QUARANTINED
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,26 +52,10 @@ class SendItem:
 
 
 @dataclass(slots=True)
-class ItemResult:
-    """What happened to one instance (``strategy_used``/``attempts_made``/``transfer_syntax``
-    are the seed's result fields)."""
-
-    key: int
-    outcome: str
-    status: int | None = None
-    reason: str = ""
-    strategy_used: str | None = None
-    attempts_made: int = 0
-    transfer_syntax: str | None = None
-    seconds: float = 0.0
-    transcoded: bool = False
-
-
-@dataclass(slots=True)
 class BatchReport:
     """The outcome of one :meth:`StoreSCU.send` call."""
 
-    results: list[ItemResult] = field(default_factory=list)
+    results: list[Outcome] = field(default_factory=list)
     #: Association-level failure (peer down, rejected, aborted): back off the destination.
     destination_error: str | None = None
     #: Set when a fallback strategy was needed and worked: start there next time.
@@ -200,7 +162,7 @@ class StoreSCU:
         start_strategy: str | None = None,
         *,
         should_stop: Callable[[], bool] = lambda: False,
-        on_result: Callable[[ItemResult], None] | None = None,
+        on_result: Callable[[Outcome], None] | None = None,
     ) -> BatchReport:
         """Send ``items`` in order; never raises for network or data problems."""
         # Spooled files go out as they are (no decode/re-encode) when the peer accepted
@@ -215,7 +177,7 @@ class StoreSCU:
         level = 0
         seen_accepted: dict[str, set[str]] = {}
 
-        def done(res: ItemResult) -> None:
+        def done(res: Outcome) -> None:
             report.results.append(res)
             if on_result is not None:
                 on_result(res)
@@ -263,7 +225,7 @@ class StoreSCU:
                                                          seen_accepted.get(item.sop_class, ()))
                         log.error("All C-STORE strategies failed for %s to %s (tried %s): %s",
                                   item.sop_instance, self.peer, ", ".join(sequence), message)
-                        done(ItemResult(item.key, QUARANTINED, None, message, strategy,
+                        done(Outcome(item.key, QUARANTINED, None, message, strategy,
                                         level + 1, None))
                     pending.clear()
                     break
@@ -303,7 +265,7 @@ class StoreSCU:
                     log.error("All C-STORE strategies failed for %s to %s (tried %s): %s",
                               item.sop_instance, self.peer, ", ".join(sequence[: level + 1]),
                               message)
-                    done(ItemResult(item.key, QUARANTINED, None, message, strategy,
+                    done(Outcome(item.key, QUARANTINED, None, message, strategy,
                                     level + 1, None))
                     pending.pop(0)
                     continue
@@ -348,9 +310,9 @@ class StoreSCU:
         return report
 
     def _send_one(self, assoc: Association, item: SendItem, choice: neg.Choice, strategy: str,
-                  attempts: int) -> ItemResult:
+                  attempts: int) -> Outcome:
         started = time.perf_counter()
-        base = ItemResult(item.key, RETRY, None, "", strategy, attempts, choice.transfer_syntax,
+        base = Outcome(item.key, RETRY, None, "", strategy, attempts, choice.transfer_syntax,
                           transcoded=choice.transcode)
         payload: Path | Dataset
         try:

@@ -39,13 +39,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dicomcache.dicom.syntaxes import DEFLATED_LE
 from dicomcache.dicom.verify import parse_dicom
 from dicomcache.errors import IntegrityError
+from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -169,25 +170,6 @@ class QueueItem:
     has_pixels: bool
     size: int
     attempts: int
-
-
-@dataclass(slots=True)
-class Outcome:
-    """The result of trying to deliver one instance (recorded by :meth:`Spool.record`).
-
-    ``outcome`` is ``delivered``, ``retry`` (transient: back off and resend)
-    or ``quarantined`` (permanent: the destination will never take it as is).
-    """
-
-    instance_id: int
-    outcome: str
-    status: int | None = None
-    reason: str = ""
-    strategy_used: str | None = None
-    attempts_made: int = 0
-    transfer_syntax: str | None = None
-    seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def info_from_bytes(data: bytes) -> InstanceInfo:
@@ -417,7 +399,8 @@ class Spool:
         return None if row is None or row[0] is None else float(row[0])
 
     def record(self, destination: str, outcomes: Sequence[Outcome]) -> None:
-        """Store delivery outcomes; delivered/quarantined instances leave the queue."""
+        """Store delivery outcomes (``key``: the instance id); delivered and quarantined
+        instances leave the queue."""
         if not outcomes:
             return
         now = self.clock()
@@ -425,7 +408,7 @@ class Spool:
             db = self.db
             with self._tx():
                 for o in outcomes:
-                    state = {"delivered": "delivered", "quarantined": "quarantined"}.get(
+                    state = {DELIVERED: "delivered", QUARANTINED: "quarantined"}.get(
                         o.outcome, "pending")
                     db.execute(
                         "UPDATE deliveries SET state=?, attempts=attempts+1, last_status=?, "
@@ -433,19 +416,19 @@ class Spool:
                         "transfer_syntax=COALESCE(?, transfer_syntax), updated=? "
                         "WHERE instance_id=? AND destination=?",
                         (state, o.status, o.reason or None, o.strategy_used, o.transfer_syntax,
-                         now, o.instance_id, destination))
-                    if o.outcome != "delivered":
+                         now, o.key, destination))
+                    if o.outcome != DELIVERED:
                         sop = db.execute("SELECT sop_instance FROM instances WHERE id=?",
-                                         (o.instance_id,)).fetchone()
+                                         (o.key,)).fetchone()
                         self._error(destination, sop[0] if sop else None, o.status, o.reason)
             for o in outcomes:
-                if o.outcome == "quarantined":
+                if o.outcome == QUARANTINED:
                     self._quarantine_delivery(destination, o)
-            self._finish_done([o.instance_id for o in outcomes if o.outcome != "retry"])
+            self._finish_done([o.key for o in outcomes if o.outcome != RETRY])
 
     def _quarantine_delivery(self, destination: str, o: Outcome) -> None:
         row = self.db.execute("SELECT name, sop_instance, calling_ae FROM instances WHERE id=?",
-                              (o.instance_id,)).fetchone()
+                              (o.key,)).fetchone()
         if row is None:
             return
         src = self.objects / row[0]

@@ -8,7 +8,7 @@ import pytest
 from dicomcache.dicom import syntaxes as ts
 from dicomcache.relay import negotiation as neg
 from dicomcache.relay.negotiation import Accepted, Choice, Source
-from dicomcache.relay.scu import DELIVERED, QUARANTINED, RETRY, classify
+from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, classify
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from dicomcache.devtools.samples import make_ct_series, write_series
-from dicomcache.relay.scu import DELIVERED, SendItem, StoreSCU
+from dicomcache.relay.outcome import DELIVERED
+from dicomcache.relay.scu import SendItem, StoreSCU
 from tests.relay.conftest import needs_dcmtk
 
 pytestmark = [

@@ -10,7 +10,8 @@ import pytest
 
 from dicomcache.devtools.samples import make_ct_series, write_series
 from dicomcache.relay.accel import fastdul
-from dicomcache.relay.scu import DELIVERED, SendItem, StoreSCU
+from dicomcache.relay.outcome import DELIVERED
+from dicomcache.relay.scu import SendItem, StoreSCU
 from tests.relay.conftest import CountingSCP
 
 pytestmark = [
