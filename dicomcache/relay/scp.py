@@ -37,11 +37,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomcache.config import RelaySettings
 from dicomcache.dicom import syntaxes
+from dicomcache.durable import is_disk_full
 from dicomcache.errors import IntegrityError
 from dicomcache.metrics import Metrics
 from dicomcache.relay import negotiation as neg
 from dicomcache.relay.part10 import part10_header
-from dicomcache.relay.spool import Spool, info_from_bytes, is_disk_full
+from dicomcache.relay.spool import Spool, info_from_bytes
 
 log = logging.getLogger(__name__)
 

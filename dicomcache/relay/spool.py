@@ -30,7 +30,6 @@ Guarantees
 
 from __future__ import annotations
 
-import errno
 import itertools
 import json
 import logging
@@ -45,14 +44,15 @@ from typing import Any
 
 from dicomcache.dicom.syntaxes import DEFLATED_LE
 from dicomcache.dicom.verify import parse_dicom
+from dicomcache.durable import write_durably, write_new
 from dicomcache.errors import IntegrityError
 from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, Outcome
 
 log = logging.getLogger(__name__)
 
-#: Writes ``data`` durably at ``path`` (temp file in ``incoming``, fsync, rename,
-#: directory fsync).  Injectable so tests can make the disk "full".
-Writer = Callable[[Path, Path, bytes], None]
+#: Writes an object file durably (:meth:`Spool.write_object` unless injected: tests
+#: make the disk "full" with one).
+Writer = Callable[[Path, bytes], None]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -113,38 +113,6 @@ _KEEP_ERRORS = 200
 _counter = itertools.count()
 
 
-def durable_write(incoming: Path, final: Path, data: bytes) -> None:
-    """Write ``data`` to ``final`` so that it survives a crash or a power cut.
-
-    Temp file in ``incoming`` (same file system), write, fsync, rename, fsync
-    the directory.  On any error the temp file is removed and the error
-    (``OSError``; ``ENOSPC`` when the disk is full) propagates.
-    """
-    tmp = incoming / (final.name + ".part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 @dataclass(frozen=True, slots=True)
 class InstanceInfo:
     """What the queue needs to know about a received instance."""
@@ -193,7 +161,7 @@ class Spool:
         destinations: Iterable[str] = (),
         *,
         retention: float = 0.0,
-        writer: Writer = durable_write,
+        writer: Writer | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.directory = Path(directory)
@@ -202,7 +170,7 @@ class Spool:
         self.quarantine_dir = self.directory / "quarantine"
         self.destinations = tuple(destinations)
         self.retention = retention
-        self.writer = writer
+        self.writer: Writer = writer or self.write_object
         self.clock = clock
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
@@ -304,6 +272,11 @@ class Spool:
         return Spool._Tx(self.db)
 
     # --- receiving -------------------------------------------------------------------
+    def write_object(self, final: Path, data: bytes) -> None:
+        """Write an object file so that it survives a crash or a power cut (temp file in
+        ``incoming/``, fsync, rename, directory fsync; mode ``FILE_MODE``)."""
+        write_durably(final, data, temp_dir=self.incoming)
+
     def put(self, data: bytes, info: InstanceInfo, calling_ae: str = "") -> int:
         """Spool ``data`` durably and queue it for every destination; returns its id.
 
@@ -312,7 +285,7 @@ class Spool:
         """
         received = self.clock()
         name = f"{time.time_ns():019d}-{os.getpid()}-{next(_counter):06d}.dcm"
-        self.writer(self.incoming, self.objects / name, data)
+        self.writer(self.objects / name, data)
         with self._lock:
             instance_id = self._insert(name, received, calling_ae, info, len(data))
         if self.on_put is not None:
@@ -341,7 +314,7 @@ class Spool:
         name = f"{time.time_ns():019d}-{os.getpid()}-{next(_counter):06d}"
         path = self.quarantine_dir / f"{name}.dcm"
         try:
-            path.write_bytes(data)
+            write_new(path, data, sync=False)
             self._write_reason(path, {
                 "reason": reason, "status": f"0x{status:04X}", "calling_ae": calling_ae,
                 "sop_instance_uid": sop_instance, "destination": None, "time": self.clock()})
@@ -439,7 +412,7 @@ class Spool:
             except FileExistsError:
                 pass
             except OSError:
-                dst.write_bytes(src.read_bytes())
+                write_durably(dst, src.read_bytes(), sync=False)
             self._write_reason(dst, {
                 "reason": o.reason, "status": None if o.status is None else f"0x{o.status:04X}",
                 "destination": destination, "sop_instance_uid": row[1],
@@ -617,12 +590,10 @@ class Spool:
     @staticmethod
     def _write_reason(path: Path, info: dict[str, Any]) -> None:
         reason = path.with_name(path.stem + ".reason.json")
-        reason.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(info, indent=2, sort_keys=True) + "\n"
+        write_durably(reason, text.encode(), sync=False)
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
-
-def is_disk_full(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)

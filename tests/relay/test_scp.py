@@ -21,7 +21,8 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[
 from dicomcache.devtools.orthanc import free_port, loopback_env
 from dicomcache.devtools.samples import make_ct_series, write_series
 from dicomcache.dicom import syntaxes
-from dicomcache.relay.spool import Spool, durable_write
+from dicomcache.durable import write_durably
+from dicomcache.relay.spool import Spool
 from tests.relay.conftest import (
     needs_dcmtk,
     relay_settings,
@@ -94,13 +95,14 @@ async def test_disk_full_answers_0xA700_and_keeps_nothing(tmp_path: Path, relay_
     """ENOSPC from the spool's write path (injected: the writer is a parameter)."""
     r = await relay_factory(_relay_settings(tmp_path))
 
-    def full(incoming: Path, final: Path, data: bytes) -> None:
+    def full(final: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    spooled = r.relay.spool.writer
     r.relay.spool.writer = full
     good = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
     assert await asyncio.to_thread(send_raw, r.port, good) == 0xA700
-    r.relay.spool.writer = durable_write
+    r.relay.spool.writer = spooled
     assert await asyncio.to_thread(send_raw, r.port, good) == 0x0000
 
 
@@ -278,7 +280,7 @@ async def test_restart_requeues_files_without_a_queue_entry(tmp_path: Path) -> N
     ds = make_ct_series(1, rows=16, columns=16)[0]
     [path] = write_series([ds], tmp_path / "src")
     name = f"{time.time_ns():019d}-1-000001.dcm"
-    durable_write(spool.incoming, spool.objects / name, path.read_bytes())
+    write_durably(spool.objects / name, path.read_bytes(), temp_dir=spool.incoming)
     (spool.incoming / "half-written.part").write_bytes(b"junk")  # never acknowledged
     spool.close()
     spool = Spool(tmp_path / "spool", ["PACS"])
