@@ -453,14 +453,15 @@ class Spool:
                                         [(r[0],) for r in rows])
         return len(rows)
 
-    def back_off_study(self, destination: str, study_uid: str, base: float, cap: float,
-                       jitter: Callable[[float], float]) -> float:
-        """Postpone a study for ``destination``; returns the delay chosen."""
+    def back_off_study(self, destination: str, study_uid: str,
+                       delay_for: Callable[[int], float]) -> float:
+        """Postpone a study for ``destination`` by ``delay_for(failures)`` (its consecutive
+        failures, this one included); returns that delay."""
         with self._lock, self._tx():
             row = self.db.execute("SELECT failures FROM study_backoff WHERE destination=? "
                                   "AND study_uid=?", (destination, study_uid)).fetchone()
             failures = (row[0] if row else 0) + 1
-            delay = jitter(min(cap, base * 2 ** (failures - 1)))
+            delay = delay_for(failures)
             self.db.execute("INSERT OR REPLACE INTO study_backoff VALUES (?,?,?,?)",
                             (destination, study_uid, self.clock() + delay, failures))
         return delay
