@@ -8,7 +8,6 @@ import pytest
 from dicomcache.dicom import syntaxes as ts
 from dicomcache.relay import negotiation as neg
 from dicomcache.relay.negotiation import Accepted, Choice, Source
-from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, classify
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -174,14 +173,3 @@ def test_no_context_message_has_the_seed_shape() -> None:
     none = neg.no_context_message(CT, [])
     assert "Peer accepted transfer syntaxes: []" in none
     assert "Recommendation: check that the peer supports SOP class" in none
-
-
-@pytest.mark.parametrize("status, expected", [
-    (0x0000, DELIVERED), (0xB000, DELIVERED), (0xB006, DELIVERED), (0xB007, DELIVERED),
-    (None, RETRY), (0xA700, RETRY), (0xA7FF, RETRY), (0x0210, RETRY), (0x0213, RETRY),
-    (0xFE00, RETRY),
-    (0xA900, QUARANTINED), (0xA9FF, QUARANTINED), (0xC000, QUARANTINED), (0xCFFF, QUARANTINED),
-    (0x0122, QUARANTINED), (0x0117, QUARANTINED), (0x0124, QUARANTINED), (0xC211, QUARANTINED),
-])
-def test_classify(status: int | None, expected: str) -> None:
-    assert classify(status) == expected
