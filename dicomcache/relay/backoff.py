@@ -15,7 +15,8 @@ from __future__ import annotations
 def exponential(failures: int, base: float, cap: float) -> float:
     """The delay after the ``failures``-th consecutive failure (1, 2, …), before jitter:
     ``base``, ``2 * base``, ``4 * base`` … and never more than ``cap``."""
-    return min(cap, base * 2.0 ** (failures - 1))
+    # 2.0 ** 1024 overflows a float (OverflowError): far past the cap anyway.
+    return min(cap, base * 2.0 ** min(failures - 1, 1000))
 
 
 def jittered(delay: float, draw: float) -> float:

@@ -19,6 +19,8 @@ from dicomcache.relay import backoff
     (1, 2.0), (2, 4.0), (3, 8.0), (8, 256.0),
     (9, 300.0),     # 512 > retry_backoff_max
     (50, 300.0),
+    (1025, 300.0),  # a PACS down for days: 2.0 ** 1024 would overflow
+    (10**9, 300.0),
 ])
 def test_exponential(failures: int, expected: float) -> None:
     assert backoff.exponential(failures, 2.0, 300.0) == expected
