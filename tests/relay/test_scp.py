@@ -165,15 +165,15 @@ async def test_c_echo(tmp_path: Path, relay_factory) -> None:
 def _start_relay_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as logf:
         return subprocess.Popen(
-            [sys.executable, "-m", "dicomcache.relay.service", "--config", str(config)],
+            [sys.executable, "-m", "dicomcache", "relay", "run", "--config", str(config)],
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=Path(__file__).resolve().parents[2], start_new_session=True)
 
 
 @needs_dcmtk
 @pytest.mark.slow
-def test_kill_9_mid_burst_then_restart_delivers_every_acknowledged(tmp_path: Path, storescp
-                                                                   ) -> None:
+def test_kill_9_mid_burst_then_restart_delivers_every_acknowledged(tmp_path: Path, storescp,
+                                                                   accelerate: bool) -> None:
     pacs_port = free_port()
     relay_port = free_port()
     config = tmp_path / "relay.toml"
@@ -184,6 +184,7 @@ port = {relay_port}
 spool_directory = "{tmp_path / 'spool'}"
 retry_backoff_base = 0.2
 retry_backoff_max = 1.0
+accelerate = {str(accelerate).lower()}
 [[relay.destinations]]
 name = "PACS"
 remote_ae_title = "PACS"
