@@ -7,6 +7,7 @@ started here and stopped by PID in teardown.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
@@ -17,7 +18,7 @@ import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,17 +115,24 @@ def read_quiet(path: Path | bytes) -> pydicom.Dataset:
         return pydicom.dcmread(path)
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None,
+              timeout: float = 20.0) -> None:
+    """Wait until something listens on 127.0.0.1:``port`` (``proc``: fail if it exits)."""
+
+    def ready() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+        return _listening(port)
+
+    wait_until_sync(ready, timeout, f"a listener on port {port}")
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
@@ -274,7 +282,6 @@ class RunningRelay:
     relay: Relay
     metrics: Metrics
     settings: RelaySettings
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def port(self) -> int:
@@ -293,6 +300,7 @@ async def relay_factory(accelerate: bool) -> AsyncIterator[Callable[..., Any]]:
         relay = Relay(settings, metrics, **kw)
         await relay.start()
         running.append(relay)
+        assert accel.installed() is accelerate
         return RunningRelay(relay, metrics, settings)
 
     yield make
@@ -300,22 +308,34 @@ async def relay_factory(accelerate: bool) -> AsyncIterator[Callable[..., Any]]:
         await relay.stop(5.0)
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 60.0,
-                     what: str = "condition") -> None:
-    """Poll ``predicate`` (bounded) until true."""
-    import asyncio
+#: How often :func:`wait_until` looks at its condition.
+POLL = 0.05
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+async def wait_until(predicate: Callable[[], bool], seconds: float = 60.0,
+                     what: str = "condition") -> None:
+    """Poll ``predicate`` (bounded: at most ``seconds``) until true; fail the test if not."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        await asyncio.sleep(POLL)
+
+
+def wait_until_sync(predicate: Callable[[], bool], seconds: float = 60.0,
+                    what: str = "condition", *, poll: float = POLL) -> None:
+    """:func:`wait_until` for tests that are not coroutines (blocks the thread)."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        time.sleep(poll)
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """A metric's current value from its registry (0 when never set)."""
+    return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def queue_depth(relay: Relay, name: str) -> int:
     return int(relay.spool.snapshot([name])["destinations"][name]["queue_depth"])
-
-
-def env_without_proxy() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}

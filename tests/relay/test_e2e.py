@@ -23,6 +23,7 @@ from tests.relay.conftest import (
     queue_depth,
     read_quiet,
     relay_settings,
+    sample,
     source_path,
     storescu,
     wait_until,
@@ -108,9 +109,10 @@ async def test_every_source_syntax_reaches_every_restricted_peer(
                 assert np.array_equal(_pixels(got), _pixels(original)), (dest, src_ts)
             assert got.StudyInstanceUID == original.StudyInstanceUID
     for name in expected_ts:
-        await wait_until(lambda: queue_depth(r.relay, name) == 0, 20, f"{name} queue empty")
+        await wait_until(lambda name=name: queue_depth(r.relay, name) == 0, 20,
+                         f"{name} queue empty")
     assert n == len(SOURCE_FILES)
-    assert r.metrics.relay_received.labels("0x0000")._value.get() == n
+    assert sample(r.metrics, "dicomcache_relay_received_total", status="0x0000") == n
 
 
 @pytest.mark.parametrize("forward_in_process", [False, True],
@@ -143,8 +145,9 @@ async def test_destination_down_spool_grows_then_delivered(tmp_path: Path, store
     got = sorted(int(read_quiet(f).InstanceNumber) for f in pacs.files())
     assert got == sorted(int(ds.InstanceNumber) for ds in series)
     # The forwarders' metrics reach this process's registry (batched by the child).
-    delivered = r.metrics.relay_forwarded.labels("LATER", "delivered")
-    await wait_until(lambda: delivered._value.get() == 6, 10, "forwarded metric")
+    await wait_until(lambda: sample(r.metrics, "dicomcache_relay_forwarded_total",
+                                    destination="LATER", outcome="delivered") == 6,
+                     10, "forwarded metric")
 
     def idle_after_a_batch() -> bool:
         st = r.relay.status()["forwarders"]["LATER"]

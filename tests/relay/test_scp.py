@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import signal
@@ -26,9 +27,11 @@ from dicomcache.relay.spool import Spool
 from tests.relay.conftest import (
     needs_dcmtk,
     relay_settings,
+    sample,
     stop_process,
     storescu,
     wait_port,
+    wait_until_sync,
 )
 
 pytestmark = [
@@ -75,7 +78,7 @@ async def test_truncated_dataset_is_quarantined_with_0xC000(tmp_path: Path, rela
     kept = reasons[0].with_name(reasons[0].name.replace(".reason.json", ".dcm"))
     assert kept.read_bytes()[132:] and kept.stat().st_size > 8000  # the bytes as received
     assert not list((spool / "objects").iterdir())
-    assert r.metrics.relay_received.labels("0xC000")._value.get() == 1
+    assert sample(r.metrics, "dicomcache_relay_received_total", status="0xC000") == 1
 
 
 async def test_sop_class_mismatch_gets_0xA900(tmp_path: Path, relay_factory) -> None:
@@ -141,7 +144,8 @@ async def test_unknown_calling_ae_is_rejected(tmp_path: Path, relay_factory) -> 
     assert "Calling AE Title Not Recognized" in (res.stdout + res.stderr)
     ok = await asyncio.to_thread(storescu, [mr], r.port, calling="CT_SCANNER")
     assert ok.returncode == 0, ok.stderr
-    assert r.metrics.relay_associations.labels("inbound", "rejected")._value.get() == 1
+    assert sample(r.metrics, "dicomcache_relay_associations_total", direction="inbound",
+                  outcome="rejected") == 1
 
 
 @needs_dcmtk
@@ -203,22 +207,18 @@ remote_port = {pacs_port}
             ["storescu", "-v", "-aet", "MODALITY", "-aec", "DICOMCACHE", "-xe", "127.0.0.1",
              str(relay_port), *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, env=loopback_env())
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            objects = tmp_path / "spool" / "objects"
-            if objects.exists() and len(list(objects.iterdir())) >= 20:
-                break
-            time.sleep(0.01)
+        objects = tmp_path / "spool" / "objects"
+        with contextlib.suppress(AssertionError):  # (then storescu has finished: see below)
+            wait_until_sync(lambda: objects.exists() and len(list(objects.iterdir())) >= 20,
+                            30, "20 spooled instances", poll=0.01)
         children = _children(proc.pid)
         assert len(children) == 1, children  # the forwarder process
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         # The forwarder process dies with it (PR_SET_PDEATHSIG): no stale forwarder
         # beside the next one.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and Path(f"/proc/{children[0]}").exists():
-            time.sleep(0.02)
-        assert not Path(f"/proc/{children[0]}").exists(), "forwarder outlived kill -9"
+        wait_until_sync(lambda: not Path(f"/proc/{children[0]}").exists(), 10,
+                        "the forwarder to die with the relay (it outlived kill -9)")
         out, _ = scu.communicate(timeout=60)
         acked = _acknowledged(out, files)
         assert 10 <= len(acked) < len(files), out[-2000:]
@@ -226,9 +226,8 @@ remote_port = {pacs_port}
         pacs = storescp("all", port=pacs_port)
         proc = _start_relay_process(config, log)
         wait_port(relay_port, proc)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(pacs.files()) < len(acked):
-            time.sleep(0.05)
+        with contextlib.suppress(AssertionError):  # (what is missing is named below)
+            wait_until_sync(lambda: len(pacs.files()) >= len(acked), 60, "every delivery")
         received = {}
         for f in pacs.files():
             ds = dcmread(f)
@@ -244,21 +243,24 @@ remote_port = {pacs_port}
     assert "Traceback" not in log.read_text()
 
 
+def _children_now(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def _children(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid`` (from /proc, waiting a little for them to appear)."""
-    deadline = time.monotonic() + 20
-    while True:
-        found = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(stat.parent.name))
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+    """:func:`_children_now`, waiting up to 20 s for one to appear."""
+    with contextlib.suppress(AssertionError):
+        wait_until_sync(lambda: bool(_children_now(pid)), 20, "a child process")
+    return _children_now(pid)
 
 
 def _acknowledged(storescu_output: str, files: list[Path]) -> list[str]:

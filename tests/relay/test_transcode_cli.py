@@ -89,13 +89,14 @@ def test_garbage_pixels_raise_transcode_error_not_a_codec_error() -> None:
 
 
 @needs_dcmtk
-def test_relay_send_and_status(tmp_path: Path, storescp, capsys: pytest.CaptureFixture[str]
-                               ) -> None:
+def test_relay_send_and_status(tmp_path: Path, storescp, capsys: pytest.CaptureFixture[str],
+                               accelerate: bool) -> None:
     pacs = storescp("implicit")
     config = tmp_path / "c.toml"
     config.write_text(f"""
 [relay]
 spool_directory = "{tmp_path / 'spool'}"
+accelerate = {str(accelerate).lower()}
 [[relay.destinations]]
 name = "PACS"
 remote_ae_title = "PACS"

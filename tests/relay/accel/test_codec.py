@@ -150,7 +150,8 @@ def _meta_files(tmp_path: Path) -> list[Path]:
         path.write_bytes(encode(ds, "1.2.840.10008.1.2.1" if i else "1.2.840.10008.1.2"))
         files.append(path)
     spooled = tmp_path / "spooled.dcm"  # the relay's own files: our header + a data set
-    spooled.write_bytes(part10_header(CT, SOP, "1.2.840.10008.1.2.1") + b"\x08\x00\x16\x00UI\x02\x00a\x00")
+    spooled.write_bytes(part10_header(CT, SOP, "1.2.840.10008.1.2.1")
+                        + b"\x08\x00\x16\x00UI\x02\x00a\x00")
     files.append(spooled)
     return files
 
