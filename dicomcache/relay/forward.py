@@ -72,7 +72,6 @@ class Forwarder:
         self._recorder = ThreadPoolExecutor(max_workers=1,
                                             thread_name_prefix=f"record-{destination.name}")
         self._wakeup: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.busy = False
         self.last_report: dict[str, Any] | None = None
 
@@ -105,7 +104,6 @@ class Forwarder:
 
     async def run(self) -> None:
         """The worker loop; returns after :meth:`request_stop`."""
-        self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         name = self.dest.name
         log.info("Forwarder for %s started", self.scu.peer)

@@ -6,7 +6,8 @@ The clinic's staff know the behaviour by its names (see docs/relay.md):
   send in, from ``universal`` (Implicit VR Little Endian only) to ``extended``
   (everything, lossy syntaxes included);
 * an automatic fallback sequence towards ``universal`` when an association
-  yields no usable presentation context, bounded by ``max_association_retries``;
+  yields no usable presentation context, bounded by ``max_association_retries``
+  (:func:`fallback_sequence`; the walk along it is :mod:`.fallback`'s);
 * the dataset's own syntax proposed first, so nothing is transcoded needlessly.
 
 How proposals are laid out
@@ -16,7 +17,7 @@ single transfer syntax.  An acceptor picks one syntax per context, so a
 context listing several would let the peer, not us, decide whether we
 transcode; one syntax per context tells us exactly what the peer accepts
 (which the error messages and the learned state report).  A study holds few
-SOP classes, so even ``extended`` (about 16 syntaxes) fits several classes in
+SOP classes, so even ``extended`` (16 syntaxes) fits several classes in
 the 128-context limit; :func:`fit_batch` cuts a batch where it would not.
 
 Choosing what to send

@@ -3,9 +3,10 @@
 One call of :meth:`StoreSCU.send` is one batch (normally: the pending
 instances of one study): one association per strategy tried, instances sent
 in order, the fallback sequence walked when an association yields no usable
-context for the next instance.  Nothing here touches the spool: the result
-(:class:`BatchReport`) says what happened to each instance, and the caller
-records it.  ``dicomcache relay send`` uses the same class.
+context for the next instance (the decisions are :mod:`.fallback`'s).  Nothing
+here touches the spool: the result (:class:`BatchReport`) says what happened
+to each instance, and the caller records it.  ``dicomcache relay send`` uses
+the same class.
 
 Each instance's :class:`~.outcome.Outcome` follows the peer's status
 (:func:`~.outcome.classify`, PS3.4 B.2.3): a warning is stored, so delivered

@@ -94,12 +94,12 @@ class Relay:
         await self._refresh()
         self._stats_task = asyncio.create_task(self._stats_loop(), name="relay-stats")
 
-    async def stop(self, timeout: float) -> None:
-        """Graceful stop within ``timeout`` seconds (see the module docstring)."""
+    async def stop(self, grace: float) -> None:
+        """Graceful stop within ``grace`` seconds (see the module docstring)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(timeout, 0.0)
+        deadline = loop.time() + max(grace, 0.0)
         # 1. No new associations; in-flight ones may finish (half the time at most).
-        await loop.run_in_executor(self.executor, self.scp.stop, timeout / 2)
+        await loop.run_in_executor(self.executor, self.scp.stop, grace / 2)
         # 2. Forwarders finish the instance in flight and release.
         if self.worker is not None:
             await self._stop_worker(self.worker, deadline)

@@ -3,8 +3,8 @@
 pynetdicom builds every DIMSE message as a pydicom Dataset from its primitive,
 validating each UID again, and encodes the command set twice (once for its
 group length); it turns each PDU into a primitive, an object and an
-``encode``.  Profiled (py-spy ``--gil``), that was most of the relay's CPU per
-C-STORE on both sides.  These functions give the same bytes directly (each is
+``encode``; it reads a file's meta group into a Dataset to send the file.
+These functions give the same bytes directly (each is
 tested for byte equality with pynetdicom and pydicom); :mod:`.fastdul` uses
 them when it is installed, and anything they do not handle (a message type
 other than C-STORE, a value only pydicom should encode) returns ``None`` so
@@ -226,9 +226,9 @@ class FileMetaUIDs:
 
 def read_file_meta(path: str | os.PathLike[str]) -> tuple[FileMetaUIDs, int] | None:
     """The SOP class, SOP instance and transfer syntax UIDs of a Part-10 file and the
-    offset of its data set, as pynetdicom's ``split_dataset`` finds them (pydicom
-    reading the whole meta group into a Dataset: a third of the forwarder's CPU per
-    instance).  None when the file is not laid out plainly (no preamble and
+    offset of its data set, as pynetdicom's ``split_dataset`` finds them (without
+    reading the whole meta group into a pydicom Dataset).  None when the file is not
+    laid out plainly (no preamble and
     ``DICM``, a meta group longer than 8 KiB, a UID element that is not UI): the
     caller then lets pydicom read it."""
     with open(path, "rb") as f:

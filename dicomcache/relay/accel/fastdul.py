@@ -1,52 +1,58 @@
-"""Event-driven waits for pynetdicom's reactors (instead of 1 ms polling), whole-PDU reads.
+"""Faster pynetdicom: event-driven waits, whole-PDU reads and sends, fewer pydicom calls.
 
 pynetdicom 3.0.4 polls: its DUL thread sleeps 1 ms whenever it finds nothing
 to do, its association thread sleeps 1 ms per loop, and a PDU is read 4 KiB
 per ``recv`` call.  Per C-STORE that costs several sleeps on both sides (the
 SCP: PDUs arrive → message complete → handler → response queued → sent; the
-SCU: pause the reactor → send → response), a few milliseconds per instance
-that a modality waiting for each acknowledgement feels directly, and more on
-a loaded machine where a sleeping thread is not rescheduled at once.
+SCU: pause the reactor → send → response), which a modality waiting for each
+acknowledgement feels directly, and more on a loaded machine where a sleeping
+thread is not rescheduled at once.  docs/relay.md ("Performance") has the
+measurements behind each replacement.
 
 :func:`install` replaces, process-wide and only for the pynetdicom version
-these were written against (otherwise it does nothing), and :func:`uninstall`
-puts back:
+these were written against (:data:`SUPPORTED`; otherwise it changes nothing),
+and :func:`uninstall` puts back:
 
 * ``DULServiceProvider.run_reactor``: the same loop, but its idle wait is a
-  ``select`` on the socket and on an ``eventfd`` that :meth:`send_pdu` and
-  :meth:`kill_dul` signal (at most 50 ms, for the ARTIM timer);
-* ``Association._run_reactor``: the same loop, but its 1 ms sleep is a wait
-  on the DIMSE message queue (a complete message wakes it; so does a
-  ``send_*`` pausing the reactor, through the checkpoint event; at most
-  10 ms, for release/abort/idle checks);
+  ``select`` on the socket and on an ``eventfd`` that ``send_pdu``,
+  ``kill_dul`` and ``stop_dul`` (replaced too) signal (at most
+  :data:`DUL_IDLE`, for the ARTIM timer);
+* ``Association._run_reactor`` (and ``__init__``, for its checkpoint event):
+  the same loop, but its 1 ms sleep is a wait on the DIMSE message queue (a
+  complete message wakes it; so does a ``send_*`` pausing the reactor; at
+  most :data:`REACTOR_IDLE`, for release/abort/idle checks), without
+  pynetdicom's pause race ("Received unexpected C-STORE service message");
 * ``AssociationSocket.recv``: ``recv_into`` one buffer of the PDU's size;
 * ``DIMSEServiceProvider.send_msg`` and the state machine's DT-1/AR-7 (send
   P-DATA-TF): a DIMSE message is encoded at once into whole P-DATA-TF PDUs
-  (blocks of at most :data:`~.codec.RAW_BLOCK` bytes) that go through the DUL queue as
-  one primitive each and out with one ``sendall``.  pynetdicom queues one
-  primitive per PDU: a 512 KiB instance to a peer taking 16 KiB PDUs is 33
-  primitives, each a thread hand-off, an event, a PDU object, an ``encode``
-  and a ``send`` (with a copy per partial send); that was most of the
-  forwarder's CPU.  The bytes on the wire are the same (same fragments,
-  same message control headers, same maximum PDU length); only
-  ``EVT_PDU_SENT``/``EVT_DATA_SENT`` are not fired for these PDUs (nothing
-  here binds them);
+  (blocks of at most :data:`~.codec.RAW_BLOCK` bytes) that go out with one
+  ``sendall``, from the calling thread when nothing is queued ahead (a lock
+  per association, taken by ``DULServiceProvider._send`` too, orders it with
+  the DUL thread), else through the DUL queue as one primitive per block.
+  pynetdicom queues one primitive per PDU, each a thread hand-off, an event,
+  a PDU object, an ``encode`` and a ``send``.  The bytes on the wire are the
+  same (same fragments, same message control headers, same maximum PDU
+  length); only ``EVT_PDU_SENT``/``EVT_DATA_SENT`` are not fired for these
+  PDUs (nothing here binds them).  A peer that takes nothing for the network
+  timeout closes the transport;
 * ``DIMSEMessage._set_command_group_length`` and the command set of every
-  message sent: encoded by :func:`~.codec.encode_command` (Implicit VR Little Endian,
-  the handful of VRs command sets use; anything else goes to pydicom) instead
-  of pydicom's writer, which pynetdicom ran twice per message (once for the
-  group length) at about half a millisecond each: a third of the relay's CPU
-  per acknowledged C-STORE;
+  message sent: encoded by :func:`~.codec.encode_command` (Implicit VR Little
+  Endian, the handful of VRs command sets use; anything else goes to pydicom)
+  instead of pydicom's writer, which pynetdicom runs twice per message (once
+  for the group length); a C-STORE's command set straight from its primitive
+  (:func:`~.codec.store_command`);
+* ``association.split_dataset`` (what ``send_c_store`` reads from a file):
+  :func:`~.codec.read_file_meta` reads the three UIDs it needs directly;
 * ``Association._bind_defaults``: pynetdicom's "standard" logging handlers
   (every PDU and DIMSE message formatted for its logger; one copies the whole
   data set to see whether there is one) are bound only when the
-  ``pynetdicom`` logger would print INFO: they cost about 0.2 ms per C-STORE
-  for nothing at the WARNING level the relay runs it at;
+  ``pynetdicom`` logger would print INFO, not at the WARNING level the relay
+  runs it at;
 * the ``deepcopy`` of the server's presentation contexts that pynetdicom
   makes for every inbound association: :func:`copy_contexts` gives the same
   independent copies (the contexts' only mutable part is their list of
-  transfer syntaxes) in 0.6 ms instead of about 25 ms for the 170 storage
-  contexts times 16 syntaxes the SCP supports, before every A-ASSOCIATE-AC.
+  transfer syntaxes) without deepcopy's walk of every object, before every
+  A-ASSOCIATE-AC.
 
 State machine, PDU handling and the pause protocol are untouched: the waits
 change, and how many pieces a message is handed to the DUL in.
