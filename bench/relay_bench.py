@@ -145,8 +145,10 @@ def relay_run(root: Path, files: list[Path], n: int, code: Path, *,
     config = root / "relay.toml"
     config.write_text(
         f'[server]\nlog_level = "WARNING"\n[relay]\nenabled = true\nport = {relay_port}\n'
-        f'spool_directory = "{root / "spool"}"\naccelerate = {str(accelerate).lower()}\n'
-        f'[[relay.destinations]]\nname = "PACS"\nremote_ae_title = "PACS"\n'
+        f'spool_directory = "{root / "spool"}"\n'
+        # (the key only when off: a --baseline checkout may predate it)
+        + ("" if accelerate else "accelerate = false\n")
+        + f'[[relay.destinations]]\nname = "PACS"\nremote_ae_title = "PACS"\n'
         f'remote_host = "127.0.0.1"\nremote_port = {pacs_port}\n')
     env = dict(os.environ, PYTHONPATH=str(code))
     relay = subprocess.Popen([*relay_command(code), "--config", str(config), *extra],
