@@ -23,8 +23,9 @@ reports the plain relay as ``plain``.
 ``--baseline DIR`` runs the relay a second time from another checkout (e.g.
 ``git archive HEAD dicomcache | tar -x -C DIR``) in the same run: before/after
 ratios on a shared machine (a checkout older than ``relay run`` is started
-with its ``python -m dicomcache.relay.service``).  ``--profile FILE`` records the relay with py-spy
-(raw, ``--threads``) into FILE and its forwarder process into FILE.forwarder.
+with its ``python -m dicomcache.relay.service``).  ``--profile FILE`` records
+the relay with py-spy (raw, ``--threads``) into FILE and its forwarder process
+into FILE.forwarder.
 """
 
 from __future__ import annotations
