@@ -1,5 +1,15 @@
 """Table tests for the pure negotiation functions (no sockets), as pynetdicom's
-test_presentation."""
+test_presentation.
+
+Where the expectations come from: the relay's design seed
+(``/work/shared/seeds/003_*.txt``: the strategy lists, "Automatic Fallback
+Sequence", "Error Resolution"), docs/relay.md ("Strategies": the instance's own
+syntax first, then what we can produce; lossy only for ``extended`` with
+``allow_lossy_recompression``), PS3.8 §9.3.2.2 (one transfer syntax per
+proposed context lets the acceptor's answer say exactly what it takes; at most
+128 contexts) and PS3.5 §8.2 (which syntaxes are lossy, from
+dicomcache.dicom.syntaxes).  The walk along the sequence: test_fallback.py.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +58,7 @@ def test_start_strategy(configured: str, learned: str | None, expected: str) -> 
     assert neg.start_strategy(configured, learned) == expected
 
 
-@pytest.mark.parametrize("strategy, syntaxes", [
+@pytest.mark.parametrize("strategy, syntaxes", [  # the seed's three strategy lists
     ("universal", {ILE}),
     ("conservative", {ILE, ELE}),
     ("standard", {ILE, ELE, EBE}),
