@@ -1,11 +1,11 @@
 """Relay benchmark: storescu → dicomcache relay → storescp, against storescu → storescp.
 
     python bench/relay_bench.py [--count 200] [--runs N] [--json] [--baseline DIR]
-                                [--profile FILE]
+                                [--profile FILE] [--accelerate on|off|both]
 
 200 generated CT instances of 512 KiB (512x512x16 bit, Explicit VR LE).  All
 processes on 127.0.0.1, DCMTK with TCP_NODELAY=1 (``loopback_env``), the
-relay as its own process (``python -m dicomcache.relay.service``), spool and
+relay as its own process (``python -m dicomcache relay run``), spool and
 PACS folders in a temp dir.  Reports:
 
 * direct: storescu → storescp, instances/s and MB/s until the last file is
@@ -17,10 +17,15 @@ PACS folders in a temp dir.  Reports:
 
 ``--runs N`` repeats direct, relay (and baseline) N times and reports medians,
 each ratio taken within its own run (the machine is shared: single runs vary).
+``--accelerate`` sets the relay's ``[relay] accelerate`` (relay/accel/ on, the
+default, or off); ``both`` runs the relay twice per run, with and without, and
+reports the plain relay as ``plain``.
 ``--baseline DIR`` runs the relay a second time from another checkout (e.g.
 ``git archive HEAD dicomcache | tar -x -C DIR``) in the same run: before/after
-ratios on a shared machine.  ``--profile FILE`` records the relay with py-spy
-(raw, ``--threads``) into FILE and its forwarder process into FILE.forwarder.
+ratios on a shared machine (a checkout older than ``relay run`` is started
+with its ``python -m dicomcache.relay.service``).  ``--profile FILE`` records
+the relay with py-spy (raw, ``--threads``) into FILE and its forwarder process
+into FILE.forwarder.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dicomcache.devtools.orthanc import free_port, loopback_env
 from dicomcache.devtools.samples import make_ct_series, write_series
-from dicomcache.relay import negotiation as neg
+from dicomcache.dicom import syntaxes
 from dicomcache.relay.transcode import shutdown_pool, transcode_bytes
 
 
@@ -121,11 +126,20 @@ def transcode_rate(blobs: list[bytes], target: str) -> tuple[float, float]:
     return len(blobs) / secs, sum(map(len, blobs)) / secs / 1e6
 
 
+def relay_command(code: Path) -> list[str]:
+    """How the checkout at ``code`` runs the relay alone."""
+    cli = code / "dicomcache" / "cli" / "relay.py"
+    if cli.exists() and '"run"' in cli.read_text():
+        return [sys.executable, "-m", "dicomcache", "relay", "run"]
+    return [sys.executable, "-m", "dicomcache.relay.service"]  # before `relay run`
+
+
 def relay_run(root: Path, files: list[Path], n: int, code: Path, *,
-              profile: str | None = None, extra: tuple[str, ...] = ()) -> tuple[float, float]:
-    """storescu → relay (``python -m dicomcache.relay.service`` run from ``code``) →
-    storescp; returns (seconds until every acknowledgement, seconds until the last
-    instance is on the PACS's disk)."""
+              profile: str | None = None, extra: tuple[str, ...] = (),
+              accelerate: bool = True) -> tuple[float, float]:
+    """storescu → relay (``dicomcache relay run`` from ``code``) → storescp; returns
+    (seconds until every acknowledgement, seconds until the last instance is on the
+    PACS's disk)."""
     root.mkdir(parents=True)
     pacs_port, relay_port = free_port(), free_port()
     pacs = storescp(root / "via", pacs_port)
@@ -133,11 +147,13 @@ def relay_run(root: Path, files: list[Path], n: int, code: Path, *,
     config.write_text(
         f'[server]\nlog_level = "WARNING"\n[relay]\nenabled = true\nport = {relay_port}\n'
         f'spool_directory = "{root / "spool"}"\n'
-        f'[[relay.destinations]]\nname = "PACS"\nremote_ae_title = "PACS"\n'
+        # (the key only when off: a --baseline checkout may predate it)
+        + ("" if accelerate else "accelerate = false\n")
+        + f'[[relay.destinations]]\nname = "PACS"\nremote_ae_title = "PACS"\n'
         f'remote_host = "127.0.0.1"\nremote_port = {pacs_port}\n')
     env = dict(os.environ, PYTHONPATH=str(code))
-    relay = subprocess.Popen([sys.executable, "-m", "dicomcache.relay.service", "--config",
-                              str(config), *extra], cwd=code, env=env,
+    relay = subprocess.Popen([*relay_command(code), "--config", str(config), *extra],
+                             cwd=code, env=env,
                              stdout=subprocess.DEVNULL, stderr=(root / "relay.log").open("wb"),
                              start_new_session=True)
     try:
@@ -167,8 +183,8 @@ def relay_run(root: Path, files: list[Path], n: int, code: Path, *,
 
 
 def one_run(root: Path, files: list[Path], n: int, baseline: str | None,
-            profile: str | None) -> dict[str, float]:
-    """direct, relay (and baseline) once each, in that order: seconds."""
+            profile: str | None, accelerate: str = "on") -> dict[str, float]:
+    """direct, relay (plain, baseline) once each, in that order: seconds."""
     out: dict[str, float] = {}
     port = free_port()
     pacs = storescp(root / "direct", port)
@@ -178,8 +194,12 @@ def one_run(root: Path, files: list[Path], n: int, baseline: str | None,
         out["direct"] = wait_files(root / "direct", n, t0)
     finally:
         stop(pacs)
-    out["acks"], out["e2e"] = relay_run(root / "relay", files, n,
-                                        Path(__file__).resolve().parents[1], profile=profile)
+    here = Path(__file__).resolve().parents[1]
+    out["acks"], out["e2e"] = relay_run(root / "relay", files, n, here, profile=profile,
+                                        accelerate=accelerate != "off")
+    if accelerate == "both":
+        out["p_acks"], out["p_e2e"] = relay_run(root / "plain", files, n, here,
+                                                accelerate=False)
     if baseline:
         out["b_acks"], out["b_e2e"] = relay_run(root / "baseline", files, n,
                                                 Path(baseline).resolve())
@@ -199,6 +219,9 @@ def main() -> int:
     parser.add_argument("--baseline", metavar="DIR", default=None,
                         help="also run the relay from another checkout (e.g. a `git worktree` "
                              "of the previous commit) in the same run, for before/after ratios")
+    parser.add_argument("--accelerate", choices=("on", "off", "both"), default="on",
+                        help="[relay] accelerate of the relay under test; both: run it with "
+                             "and without in each run (the plain one reported as 'plain')")
     args = parser.parse_args()
     n = args.count
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
@@ -208,13 +231,14 @@ def main() -> int:
         total = sum(f.stat().st_size for f in files)
         mb = total / 1e6
         runs = [one_run(root / f"run{i}", files, n, args.baseline,
-                        args.profile if i == 0 else None) for i in range(max(args.runs, 1))]
+                        args.profile if i == 0 else None, args.accelerate)
+                for i in range(max(args.runs, 1))]
 
         # Transcoding (in this process).
         blobs = [f.read_bytes() for f in files[: min(n, 100)]]
-        exp_rate = transcode_rate(blobs, neg.IMPLICIT_LE)
-        jll = [transcode_bytes(b, neg.JPEG_LOSSLESS_SV1) for b in blobs[:50]]
-        jll_rate = transcode_rate(jll, neg.IMPLICIT_LE)
+        exp_rate = transcode_rate(blobs, syntaxes.IMPLICIT_LE)
+        jll = [transcode_bytes(b, syntaxes.JPEG_LOSSLESS_SV1) for b in blobs[:50]]
+        jll_rate = transcode_rate(jll, syntaxes.IMPLICIT_LE)
         shutdown_pool()
 
     def med(key: str) -> float:
@@ -224,6 +248,7 @@ def main() -> int:
         return round(statistics.median(r["direct"] / r[key] for r in runs), 2)
 
     direct, acks, e2e = med("direct"), med("acks"), med("e2e")
+    both = args.accelerate == "both"
     result = {
         "instances": n, "instance_bytes": total // n, "total_mb": round(mb, 1),
         "runs": len(runs),
@@ -234,6 +259,10 @@ def main() -> int:
         "relay_end_to_end": {"seconds": round(e2e, 3), "instances_per_s": round(n / e2e, 1),
                              "mb_per_s": round(mb / e2e, 1), "ratio_to_direct": ratio("e2e")},
         "per_run": [{k: round(n / v, 1) for k, v in r.items()} for r in runs],
+        "accelerate": args.accelerate,
+        "plain_acks_instances_per_s": round(n / med("p_acks"), 1) if both else None,
+        "plain_end_to_end": {"instances_per_s": round(n / med("p_e2e"), 1),
+                             "ratio_to_direct": ratio("p_e2e")} if both else None,
         "baseline_acks_instances_per_s": round(n / med("b_acks"), 1) if args.baseline
         else None,
         "baseline_end_to_end": {"instances_per_s": round(n / med("b_e2e"), 1),
@@ -250,14 +279,22 @@ def main() -> int:
           f"{len(runs)} run(s), medians")
     if len(runs) > 1:
         for i, r in enumerate(result["per_run"]):
-            extra = (f"  baseline acks {r['b_acks']:6.1f}  e2e {r['b_e2e']:6.1f}"
-                     if args.baseline else "")
+            extra = (f"  plain acks {r['p_acks']:6.1f}  e2e {r['p_e2e']:6.1f}"
+                     if both else "")
+            extra += (f"  baseline acks {r['b_acks']:6.1f}  e2e {r['b_e2e']:6.1f}"
+                      if args.baseline else "")
             print(f"  run {i}: direct {r['direct']:6.1f}  acks {r['acks']:6.1f}  "
                   f"e2e {r['e2e']:6.1f} inst/s{extra}")
     print(f"direct storescu→storescp      {n / direct:7.1f} inst/s {mb / direct:7.1f} MB/s")
-    print(f"relay: modality acks          {n / acks:7.1f} inst/s {mb / acks:7.1f} MB/s")
-    print(f"relay: end to end             {n / e2e:7.1f} inst/s {mb / e2e:7.1f} MB/s "
+    label = "relay" if args.accelerate != "off" else "plain relay"
+    print(f"{label + ': modality acks':30}{n / acks:7.1f} inst/s {mb / acks:7.1f} MB/s")
+    print(f"{label + ': end to end':30}{n / e2e:7.1f} inst/s {mb / e2e:7.1f} MB/s "
           f"({ratio('e2e'):.2f}x direct)")
+    if both:
+        p_acks, p_e2e = med("p_acks"), med("p_e2e")
+        print(f"plain relay: modality acks    {n / p_acks:7.1f} inst/s {mb / p_acks:7.1f} MB/s")
+        print(f"plain relay: end to end       {n / p_e2e:7.1f} inst/s {mb / p_e2e:7.1f} MB/s "
+              f"({ratio('p_e2e'):.2f}x direct)")
     if args.baseline:
         b_acks, b_e2e = med("b_acks"), med("b_e2e")
         print(f"baseline: modality acks       {n / b_acks:7.1f} inst/s {mb / b_acks:7.1f} MB/s")

@@ -131,6 +131,9 @@ class RelaySettings:
     #: this many times gets it quarantined (peers such as Orthanc answer 0xA700 for data
     #: they will never store).  Connection failures never count.
     max_instance_retries: int = 20
+    #: Install the relay's speed-ups for pynetdicom (``dicomcache.relay.accel``) when the
+    #: relay starts; off: pynetdicom as published (same behaviour, slower).
+    accelerate: bool = True
     destinations: tuple[DestinationSettings, ...] = ()
 
 
@@ -477,6 +480,7 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
         max_inbound_associations=inbound,
         batch_size=batch,
         max_instance_retries=instance_retries,
+        accelerate=sec.get("accelerate", bool, True),
         destinations=tuple(dests),
     )
 

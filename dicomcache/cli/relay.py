@@ -1,5 +1,6 @@
-"""``dicomcache relay status`` and ``dicomcache relay send``.
+"""``dicomcache relay run``, ``relay status`` and ``relay send``.
 
+``run`` runs the relay alone (no HTTP side) until SIGTERM/SIGINT.
 ``status`` reads the spool's state database directly (the daemon need not
 run).  ``send`` is a C-STORE SCU with the relay's negotiation (strategies,
 fallback, transcoding); it does not touch the spool.
@@ -8,7 +9,9 @@ fallback, transcoding); it does not touch the spool.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -16,16 +19,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from dicomcache.cli.common import USAGE, load_settings
+from dicomcache.cli.common import USAGE, load_settings, setup_logging
 from dicomcache.cli.progress import Progress
-from dicomcache.config import STRATEGIES, DestinationSettings
+from dicomcache.config import STRATEGIES, DestinationSettings, Settings
 from dicomcache.errors import IntegrityError
 
 
 def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``relay status`` and ``relay send``."""
-    relay = subparsers.add_parser("relay", help="the DIMSE relay: queue status, manual sends")
+    """Register ``relay run``, ``relay status`` and ``relay send``."""
+    relay = subparsers.add_parser("relay", help="the DIMSE relay: run it alone, queue status, "
+                                                "manual sends")
     sub = relay.add_subparsers(dest="relay_command", required=True)
+
+    run = sub.add_parser("run", help="run the relay alone (no HTTP cache) until SIGTERM/SIGINT",
+                         description="Run the DIMSE relay of the [relay] section alone: its "
+                                     "SCP, spool and forwarders.  Prints 'relay listening on "
+                                     "HOST:PORT' once it accepts associations.")
+    run.add_argument("--config", "-c", type=Path, required=True, help="TOML configuration")
+    run.add_argument("--log-level", help="override server.log_level")
+    run.add_argument("--forward-in-process", action="store_true",
+                     help="run the forwarders in this process, not in a child process "
+                          "(debugging, comparisons)")
+    run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", help="queue depth, oldest item, learned strategy, "
                                            "last errors per destination (from the spool)")
@@ -48,6 +63,32 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     send.add_argument("--max-association-retries", type=int, default=None)
     send.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     send.set_defaults(func=cmd_send)
+
+
+# --- run ---------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the relay alone; exit 0 after a stop by signal, 2 on a bad configuration."""
+    settings = load_settings(args)
+    if settings is None:
+        return USAGE
+    setup_logging(args.log_level or settings.server.log_level, settings.server.log_format)
+    asyncio.run(_run_relay(settings, args.forward_in_process))
+    return 0
+
+
+async def _run_relay(settings: Settings, forward_in_process: bool) -> None:
+    from dicomcache.metrics import Metrics
+    from dicomcache.relay.service import Relay
+
+    relay = Relay(settings.relay, Metrics(), forward_in_process=forward_in_process)
+    await relay.start()
+    print(f"relay listening on {settings.relay.host}:{relay.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await relay.stop(settings.server.shutdown_timeout)
 
 
 # --- status ------------------------------------------------------------------------------
@@ -139,7 +180,9 @@ def _expand(paths: list[Path]) -> Iterator[Path]:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """Send files; exit 0 when all were stored, 1 when some failed, 2 on usage errors."""
-    from dicomcache.relay.scu import DELIVERED, SendItem, StoreSCU
+    from dicomcache.relay import accel
+    from dicomcache.relay.outcome import DELIVERED
+    from dicomcache.relay.scu import SendItem, StoreSCU
     from dicomcache.relay.spool import info_from_bytes
 
     settings = load_settings(args)
@@ -189,6 +232,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         study_of[i] = info.study_uid
     for path, why in bad:
         print(f"skipped {path}: {why}", file=sys.stderr)
+    if rs.accelerate:
+        accel.install()
     progress = Progress("send", len(items), enabled=False if args.no_progress else None)
     scu = StoreSCU(args.calling_aet or rs.ae_title, dest, timeout=rs.timeout, max_pdu=rs.max_pdu)
     results = []

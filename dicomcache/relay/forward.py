@@ -7,10 +7,12 @@ record every outcome in the spool as it comes (so a crash resends little),
 then back off:
 
 * the **destination** (exponential, ``retry_backoff_base`` doubling up to
-  ``retry_backoff_max``, with jitter) when it is down, rejects the
-  association or aborts;
-* the **study** when the peer answered a transient failure status for one
-  of its instances: later instances of that study wait, other studies go on.
+  ``retry_backoff_max``, with jitter: :mod:`.backoff`) when it is down,
+  rejects the association or aborts;
+* the **study**, the same way, when the peer answered a transient failure
+  status for one of its instances: later instances of that study wait, other
+  studies go on; an instance refused ``max_instance_retries`` times is
+  quarantined.
 
 Permanent failures are quarantined and do not hold the study back.
 """
@@ -29,16 +31,10 @@ from typing import Any, TypeVar
 from dicomcache.config import DestinationSettings, RelaySettings
 from dicomcache.metrics import Metrics
 from dicomcache.relay import negotiation as neg
-from dicomcache.relay.scu import (
-    DELIVERED,
-    QUARANTINED,
-    RETRY,
-    BatchReport,
-    ItemResult,
-    SendItem,
-    StoreSCU,
-)
-from dicomcache.relay.spool import Outcome, QueueItem, Spool
+from dicomcache.relay.backoff import refused_too_often, retry_delay
+from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, Outcome
+from dicomcache.relay.scu import BatchReport, SendItem, StoreSCU
+from dicomcache.relay.spool import QueueItem, Spool
 from dicomcache.relay.transcode import encodable_syntaxes
 
 log = logging.getLogger(__name__)
@@ -49,11 +45,6 @@ T = TypeVar("T")
 _FLUSH_EVERY = 16
 #: Longest idle sleep: new arrivals wake the worker earlier.
 _IDLE = 5.0
-
-
-def jittered(delay: float, rng: random.Random) -> float:
-    """Equal jitter: between half and all of ``delay`` (retries of many relays spread out)."""
-    return delay * (0.5 + 0.5 * rng.random())
 
 
 class Forwarder:
@@ -81,7 +72,6 @@ class Forwarder:
         self._recorder = ThreadPoolExecutor(max_workers=1,
                                             thread_name_prefix=f"record-{destination.name}")
         self._wakeup: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.busy = False
         self.last_report: dict[str, Any] | None = None
 
@@ -114,7 +104,6 @@ class Forwarder:
 
     async def run(self) -> None:
         """The worker loop; returns after :meth:`request_stop`."""
-        self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         name = self.dest.name
         log.info("Forwarder for %s started", self.scu.peer)
@@ -175,15 +164,13 @@ class Forwarder:
                 pending.append(self._recorder.submit(self.spool.record, name, list(buffer)))
                 buffer.clear()
 
-        def on_result(res: ItemResult) -> None:
-            if res.outcome == RETRY and res.status is not None \
-                    and by_key[res.key].attempts + 1 >= self.settings.max_instance_retries:
+        def on_result(res: Outcome) -> None:
+            attempts = by_key[res.key].attempts
+            if res.outcome == RETRY and refused_too_often(
+                    res.status, attempts, self.settings.max_instance_retries):
                 res.outcome = QUARANTINED
-                res.reason += (f" (refused {by_key[res.key].attempts + 1} times: given up, "
-                               f"max_instance_retries)")
-            buffer.append(Outcome(res.key, res.outcome, res.status, res.reason,
-                                  res.strategy_used, res.attempts_made, res.transfer_syntax,
-                                  res.seconds))
+                res.reason += f" (refused {attempts + 1} times: given up, max_instance_retries)"
+            buffer.append(res)
             self._observe(res, by_key[res.key])
             if len(buffer) >= _FLUSH_EVERY:
                 flush()
@@ -202,17 +189,17 @@ class Forwarder:
         delivered = [r for r in report.results if r.outcome == DELIVERED]
         if report.destination_error:
             failures = int(state["failures"]) + 1
-            delay = jittered(min(self.settings.retry_backoff_max,
-                                 self.settings.retry_backoff_base * 2 ** (failures - 1)), self.rng)
+            delay = retry_delay(failures, self.settings.retry_backoff_base,
+                                self.settings.retry_backoff_max, self.rng.random())
             self.spool.update_destination(name, failures=failures, next_attempt=now + delay,
                                           last_error=report.destination_error,
                                           last_error_time=now)
             log.warning("%s: %d instance(s) wait in the spool; next attempt in %.1f s",
                         report.destination_error, len(batch) - len(delivered), delay)
         elif retried:
-            delay = self.spool.back_off_study(
-                name, study, self.settings.retry_backoff_base, self.settings.retry_backoff_max,
-                lambda d: jittered(d, self.rng))
+            delay = self.spool.back_off_study(name, study, lambda failures: retry_delay(
+                failures, self.settings.retry_backoff_base, self.settings.retry_backoff_max,
+                self.rng.random()))
             log.warning("Study %s to %s postponed %.1f s: %s", study, self.scu.peer, delay,
                         retried[0].reason)
         elif delivered:
@@ -235,7 +222,7 @@ class Forwarder:
         }
         return report
 
-    def _observe(self, res: ItemResult, item: QueueItem) -> None:
+    def _observe(self, res: Outcome, item: QueueItem) -> None:
         name = self.dest.name
         m = self.metrics
         m.relay_forwarded.labels(name, res.outcome).inc()

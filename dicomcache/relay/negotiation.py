@@ -6,7 +6,8 @@ The clinic's staff know the behaviour by its names (see docs/relay.md):
   send in, from ``universal`` (Implicit VR Little Endian only) to ``extended``
   (everything, lossy syntaxes included);
 * an automatic fallback sequence towards ``universal`` when an association
-  yields no usable presentation context, bounded by ``max_association_retries``;
+  yields no usable presentation context, bounded by ``max_association_retries``
+  (:func:`fallback_sequence`; the walk along it is :mod:`.fallback`'s);
 * the dataset's own syntax proposed first, so nothing is transcoded needlessly.
 
 How proposals are laid out
@@ -16,7 +17,7 @@ single transfer syntax.  An acceptor picks one syntax per context, so a
 context listing several would let the peer, not us, decide whether we
 transcode; one syntax per context tells us exactly what the peer accepts
 (which the error messages and the learned state report).  A study holds few
-SOP classes, so even ``extended`` (about 16 syntaxes) fits several classes in
+SOP classes, so even ``extended`` (16 syntaxes) fits several classes in
 the 128-context limit; :func:`fit_batch` cuts a batch where it would not.
 
 Choosing what to send
@@ -32,43 +33,36 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from dicomcache.config import STRATEGIES
+from dicomcache.dicom.syntaxes import (
+    DEFLATED_LE,
+    EXPLICIT_BE,
+    EXPLICIT_LE,
+    HTJ2K,
+    HTJ2K_LOSSLESS,
+    HTJ2K_LOSSLESS_RPCL,
+    IMPLICIT_LE,
+    JPEG_2000,
+    JPEG_2000_LOSSLESS,
+    JPEG_BASELINE,
+    JPEG_EXTENDED,
+    JPEG_LOSSLESS,
+    JPEG_LOSSLESS_SV1,
+    JPEG_LS_LOSSLESS,
+    JPEG_LS_NEAR_LOSSLESS,
+    LOSSLESS,
+    LOSSY,
+    RLE_LOSSLESS,
+    UNCOMPRESSED,
+)
+
 #: Presentation contexts an association may request (PS3.8: odd IDs 1-255).
 MAX_CONTEXTS = 128
 
-# --- transfer syntaxes ------------------------------------------------------------
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-DEFLATED_LE = "1.2.840.10008.1.2.1.99"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
-JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
-JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
-JPEG_LOSSLESS = "1.2.840.10008.1.2.4.57"
-JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
-JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
-JPEG_LS_NEAR_LOSSLESS = "1.2.840.10008.1.2.4.81"
-JPEG_2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
-JPEG_2000 = "1.2.840.10008.1.2.4.91"
-HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
-HTJ2K_LOSSLESS_RPCL = "1.2.840.10008.1.2.4.202"
-HTJ2K = "1.2.840.10008.1.2.4.203"
-RLE_LOSSLESS = "1.2.840.10008.1.2.5"
-
-#: Native (uncompressed) encodings, in the order we prefer to send them.
-UNCOMPRESSED: tuple[str, ...] = (EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE)
-#: Lossless compressions, cheapest to encode first.
-LOSSLESS: tuple[str, ...] = (
-    RLE_LOSSLESS, JPEG_LS_LOSSLESS, JPEG_LOSSLESS_SV1, JPEG_LOSSLESS, JPEG_2000_LOSSLESS,
-    HTJ2K_LOSSLESS, HTJ2K_LOSSLESS_RPCL,
-)
-#: Syntaxes whose pixel data may have lost information (PS3.5 8.2).
-LOSSY: tuple[str, ...] = (JPEG_BASELINE, JPEG_EXTENDED, JPEG_LS_NEAR_LOSSLESS, JPEG_2000, HTJ2K)
 #: Every syntax the SCP accepts from modalities (all of them pydicom can read).
 ACCEPTED_FROM_MODALITIES: tuple[str, ...] = (
     EXPLICIT_LE, IMPLICIT_LE, DEFLATED_LE, EXPLICIT_BE, *LOSSLESS, *LOSSY,
 )
-
-STRATEGIES: tuple[str, ...] = ("universal", "conservative", "standard", "compression", "extended")
-DEFAULT_STRATEGY = "conservative"
 
 _UNIVERSAL = (IMPLICIT_LE,)
 _CONSERVATIVE = (*_UNIVERSAL, EXPLICIT_LE)
@@ -86,22 +80,6 @@ STRATEGY_SYNTAXES: Mapping[str, tuple[str, ...]] = {
     "compression": _COMPRESSION,
     "extended": _EXTENDED,
 }
-
-
-def is_uncompressed(ts: str) -> bool:
-    return ts in UNCOMPRESSED or ts == DEFLATED_LE
-
-
-def is_lossy(ts: str) -> bool:
-    return ts in LOSSY
-
-
-def syntax_name(ts: str) -> str:
-    """A short human name for logs ("Explicit VR Little Endian")."""
-    from pydicom.uid import UID  # local: keep this module import-light
-
-    name = UID(ts).name
-    return name if name and name != ts else ts
 
 
 def fallback_sequence(strategy: str, max_association_retries: int) -> tuple[str, ...]:
@@ -328,15 +306,18 @@ def no_context_message(sop_class: str, accepted_syntaxes: Iterable[str]) -> str:
     strategy = recommend(syntaxes)
     if strategy is None:
         advice = (f"Recommendation: check that the peer supports SOP class '{sop_class}' "
-                  f"({syntax_class_name(sop_class)}); it accepted none of the proposed contexts")
+                  f"({sop_class_name(sop_class)}); it accepted none of the proposed contexts")
     else:
         advice = f"Recommendation: Use '{strategy}' strategy for this peer"
     return f"{head}\n{advice}"
 
 
-def syntax_class_name(uid: str) -> str:
-    """Human name of a SOP class UID (the UID itself when unknown)."""
-    return syntax_name(uid)
+def sop_class_name(uid: str) -> str:
+    """Human name of a SOP class UID ("CT Image Storage"; the UID itself when unknown)."""
+    from pydicom.uid import UID  # local: keep this module import-light
+
+    name = UID(uid).name
+    return name if name and name != uid else uid
 
 
 def _syntax_order(ts: str) -> tuple[int, str]:

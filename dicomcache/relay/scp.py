@@ -36,16 +36,15 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomcache.config import RelaySettings
+from dicomcache.dicom import syntaxes
+from dicomcache.durable import is_disk_full
 from dicomcache.errors import IntegrityError
 from dicomcache.metrics import Metrics
 from dicomcache.relay import negotiation as neg
-from dicomcache.relay.accel import fastdul
-from dicomcache.relay.accel.codec import part10_header
-from dicomcache.relay.spool import Spool, info_from_bytes, is_disk_full
+from dicomcache.relay.part10 import part10_header
+from dicomcache.relay.spool import Spool, info_from_bytes
 
 log = logging.getLogger(__name__)
-
-fastdul.install()  # event-driven waits in pynetdicom (see fastdul)
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -93,8 +92,7 @@ class StoreSCP:
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:
                 ae.add_supported_context(cx.abstract_syntax, list(neg.ACCEPTED_FROM_MODALITIES))
-        ae.add_supported_context(Verification, [neg.EXPLICIT_LE, neg.IMPLICIT_LE,
-                                                neg.EXPLICIT_BE])
+        ae.add_supported_context(Verification, list(syntaxes.UNCOMPRESSED))
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connect),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -224,7 +222,7 @@ class StoreSCP:
             return OUT_OF_RESOURCES
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Spooled %s (%s, %d bytes) from %s", want_instance,
-                      neg.syntax_name(info.transfer_syntax), len(data), calling)
+                      syntaxes.name(info.transfer_syntax), len(data), calling)
         return SUCCESS
 
     def _reject(self, data: bytes, status: int, reason: str, calling: str, sop: str) -> int:

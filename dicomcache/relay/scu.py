@@ -3,21 +3,14 @@
 One call of :meth:`StoreSCU.send` is one batch (normally: the pending
 instances of one study): one association per strategy tried, instances sent
 in order, the fallback sequence walked when an association yields no usable
-context for the next instance.  Nothing here touches the spool: the result
-(:class:`BatchReport`) says what happened to each instance, and the caller
-records it.  ``dicomcache relay send`` uses the same class.
+context for the next instance (the decisions are :mod:`.fallback`'s).  Nothing
+here touches the spool: the result (:class:`BatchReport`) says what happened
+to each instance, and the caller records it.  ``dicomcache relay send`` uses
+the same class.
 
-Status classification (:func:`classify`) follows PS3.4 B.2.3 / PS3.7 C:
-
-* success ``0x0000`` and warnings (``0xB000`` coercion, ``0xB006`` elements
-  discarded, ``0xB007`` data set does not match SOP class): stored, so
-  delivered (a warning is logged and counted; resending would store it again);
-* ``0xA7xx`` out of resources, ``0x0210`` duplicate invocation, ``0x0213``
-  resource limitation, ``0xFE00`` cancel, a missing status (abort, timeout):
-  transient, resend later;
-* everything else (``0xA9xx`` data set does not match SOP class, ``0xCxxx``
-  cannot understand, ``0x0122`` SOP class not supported, ``0x0117`` invalid
-  instance …): permanent, quarantined with the reason.
+Each instance's :class:`~.outcome.Outcome` follows the peer's status
+(:func:`~.outcome.classify`, PS3.4 B.2.3): a warning is stored, so delivered
+(logged; resending would store it again).
 """
 
 from __future__ import annotations
@@ -26,6 +19,7 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,33 +30,12 @@ from pynetdicom.association import Association
 
 from dicomcache.config import DestinationSettings
 from dicomcache.metrics import Metrics
+from dicomcache.relay import fallback as fb
 from dicomcache.relay import negotiation as neg
-from dicomcache.relay.accel import fastdul
+from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, Outcome, classify
 from dicomcache.relay.transcode import TranscodeError, encodable_syntaxes, transcode
 
 log = logging.getLogger(__name__)
-
-fastdul.install()  # event-driven waits in pynetdicom (see fastdul)
-
-# Send spooled files as they are (no decode/re-encode) when the peer accepted
-# their own syntax.  Process-wide pynetdicom switch; only affects send_c_store
-# called with a *path*, which nothing else in dicomcache does.
-_config.STORE_SEND_CHUNKED_DATASET = True
-
-DELIVERED, RETRY, QUARANTINED = "delivered", "retry", "quarantined"
-
-_TRANSIENT = {0x0210, 0x0213, 0xFE00}
-
-
-def classify(status: int | None) -> str:
-    """``delivered``, ``retry`` or ``quarantined`` for a C-STORE response status."""
-    if status is None:
-        return RETRY
-    if status == 0x0000 or status in (0xB000, 0xB006, 0xB007) or 0xB000 <= status <= 0xBFFF:
-        return DELIVERED
-    if 0xA700 <= status <= 0xA7FF or status in _TRANSIENT:
-        return RETRY
-    return QUARANTINED
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,26 +55,10 @@ class SendItem:
 
 
 @dataclass(slots=True)
-class ItemResult:
-    """What happened to one instance (``strategy_used``/``attempts_made``/``transfer_syntax``
-    are the seed's result fields)."""
-
-    key: int
-    outcome: str
-    status: int | None = None
-    reason: str = ""
-    strategy_used: str | None = None
-    attempts_made: int = 0
-    transfer_syntax: str | None = None
-    seconds: float = 0.0
-    transcoded: bool = False
-
-
-@dataclass(slots=True)
 class BatchReport:
     """The outcome of one :meth:`StoreSCU.send` call."""
 
-    results: list[ItemResult] = field(default_factory=list)
+    results: list[Outcome] = field(default_factory=list)
     #: Association-level failure (peer down, rejected, aborted): back off the destination.
     destination_error: str | None = None
     #: Set when a fallback strategy was needed and worked: start there next time.
@@ -113,28 +70,36 @@ class BatchReport:
     not_attempted: list[int] = field(default_factory=list)
 
 
-def _set_nodelay(assoc: Association) -> None:
-    """pynetdicom never sets TCP_NODELAY: without it each message waits ~40 ms (Nagle)."""
+def _tune_socket(assoc: Association, timeout: float) -> None:
+    """TCP_NODELAY and a send timeout on an established association's socket.
+
+    pynetdicom sets neither on a requestor's socket: without TCP_NODELAY each
+    message waits for Nagle's algorithm (~40 ms); without a timeout a PACS that
+    stops reading holds the sending thread for ever.
+    """
     try:
         sock = assoc.dul.socket.socket if assoc.dul.socket else None
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if sock.gettimeout() is None:
+                sock.settimeout(timeout)
     except OSError:  # the connection may already be gone; sending will say so
         pass
 
 
-def _none_accepted(assoc: Association) -> bool:
-    """The peer answered A-ASSOCIATE-AC but accepted no presentation context."""
+def _association_outcome(assoc: Association) -> fb.AssociationOutcome:
+    """How pynetdicom's association attempt ended, as :mod:`.fallback` knows it."""
+    if assoc.is_established:
+        return fb.Established()
     rsp = assoc.acceptor.primitive
-    return rsp is not None and getattr(rsp, "result", None) == 0 and not assoc.accepted_contexts
-
-
-_REJECT_REASONS = {
-    (1, 1): "no reason given", (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
-    (2, 1): "no reason given (ACSE)", (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
-}
+    if assoc.is_rejected:
+        return fb.Rejected(getattr(rsp, "result", None), getattr(rsp, "result_source", None),
+                           getattr(rsp, "diagnostic", None))
+    if rsp is not None and getattr(rsp, "result", None) == 0 and not assoc.accepted_contexts:
+        # The peer answered A-ASSOCIATE-AC but accepted no context (pynetdicom then
+        # aborts): that is "no usable context", not "peer down".
+        return fb.NoContextAccepted()
+    return fb.Failed()
 
 
 class StoreSCU:
@@ -201,18 +166,28 @@ class StoreSCU:
         start_strategy: str | None = None,
         *,
         should_stop: Callable[[], bool] = lambda: False,
-        on_result: Callable[[ItemResult], None] | None = None,
+        on_result: Callable[[Outcome], None] | None = None,
     ) -> BatchReport:
-        """Send ``items`` in order; never raises for network or data problems."""
-        report = BatchReport()
-        strategy0 = neg.start_strategy(self.dest.transfer_syntax_strategy, start_strategy)
-        sequence = neg.fallback_sequence(strategy0, self.dest.max_association_retries)
-        allow_lossy = self.dest.allow_lossy_recompression
-        pending = list(items)
-        level = 0
-        seen_accepted: dict[str, set[str]] = {}
+        """Send ``items`` in order; never raises for network or data problems.
 
-        def done(res: ItemResult) -> None:
+        ``start_strategy``: the strategy learned to work (ignored when above the
+        configured one).  ``on_result`` sees each outcome as it comes and may turn
+        a ``retry`` into ``quarantined`` (the forwarder's retry limit): the batch
+        then goes on.  What to do next is :mod:`.fallback`'s decision; this
+        method only performs it.
+        """
+        # Spooled files go out as they are (no decode/re-encode) when the peer accepted
+        # their own syntax.  A process-wide pynetdicom switch; it only affects
+        # send_c_store called with a *path*, which only this class does.
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        report = BatchReport()
+        walk = fb.Walk.start(self.dest.transfer_syntax_strategy, start_strategy,
+                             self.dest.max_association_retries)
+        pending = deque(items)
+        #: SOP class → syntaxes the peer accepted in any association of this batch.
+        seen: dict[str, set[str]] = {}
+
+        def done(res: Outcome) -> None:
             report.results.append(res)
             if on_result is not None:
                 on_result(res)
@@ -221,118 +196,33 @@ class StoreSCU:
             if should_stop():
                 report.not_attempted.extend(i.key for i in pending)
                 break
-            strategy = sequence[level]
-            if level > 0:
-                log.warning("Using %s fallback for %s: %d instance(s) of study left to send "
-                            "(previous strategy '%s' gave no usable presentation context for "
-                            "'%s')", strategy, self.peer, len(pending), sequence[level - 1],
-                            pending[0].sop_class)
+            if walk.level > 0:
+                log.warning("%s", fb.fallback_message(walk, self.peer, len(pending),
+                                                      pending[0].sop_class))
             report.associations += 1
-            assoc, n_contexts = self._associate(strategy, pending)
-            if not assoc.is_established:
-                self._count("rejected" if assoc.is_rejected else "failed")
+            assoc, n_contexts = self._associate(walk.strategy, pending)
+            outcome = _association_outcome(assoc)
+            step = fb.after_association(walk, outcome, peer=self.peer, n_contexts=n_contexts)
+            if not isinstance(step, fb.UseAssociation):
+                self._count("rejected" if isinstance(outcome, fb.Rejected) else "failed")
                 with self._lock:
                     self._assoc = None
-                if assoc.is_rejected:
-                    rsp = assoc.acceptor.primitive
-                    result = getattr(rsp, "result", None)
-                    source = getattr(rsp, "result_source", None)
-                    diag = getattr(rsp, "diagnostic", None)
-                    why = _REJECT_REASONS.get((source or 0, diag or 0), f"diagnostic {diag}")
-                    kind = "permanent" if result == 1 else "transient"
-                    msg = (f"Association rejected by {self.peer} ({kind}: {why}) for "
-                           f"'{strategy}' strategy with {n_contexts} presentation contexts")
-                    ae_problem = (source, diag) in ((1, 3), (1, 7))
-                    if result == 1 and not ae_problem and level + 1 < len(sequence):
-                        log.warning("%s", msg)
-                        level += 1
-                        continue
-                elif _none_accepted(assoc):
-                    # pynetdicom aborts an association in which the peer accepted no
-                    # context: that is "no usable context", not "peer down".
-                    for cx in assoc.rejected_contexts:
-                        seen_accepted.setdefault(str(cx.abstract_syntax), set())
-                    if level + 1 < len(sequence):
-                        level += 1
-                        continue
-                    for item in pending:
-                        message = neg.no_context_message(item.sop_class,
-                                                         seen_accepted.get(item.sop_class, ()))
-                        log.error("All C-STORE strategies failed for %s to %s (tried %s): %s",
-                                  item.sop_instance, self.peer, ", ".join(sequence), message)
-                        done(ItemResult(item.key, QUARANTINED, None, message, strategy,
-                                        level + 1, None))
-                    pending.clear()
-                    break
-                else:
-                    msg = (f"Cannot associate with {self.peer}: connection failed or aborted "
-                           f"(peer down or unreachable)")
-                log.warning("%s", msg)
-                report.destination_error = msg
-                report.not_attempted.extend(i.key for i in pending)
+            if isinstance(step, fb.FallBack):
+                if step.warning:
+                    log.warning("%s", step.warning)
+                walk = step.walk
+            elif isinstance(step, fb.QuarantineRest):
+                while pending:
+                    item = pending.popleft()
+                    self._quarantine(item, walk, fb.no_context(item.sop_class, seen), done)
                 break
-            self._count("established")
-            _set_nodelay(assoc)
-            accepted = [neg.Accepted(int(cx.context_id or 0), str(cx.abstract_syntax),
-                                     str(cx.transfer_syntax[0]))
-                        for cx in assoc.accepted_contexts]
-            by_class: dict[str, set[str]] = {}
-            for acc in accepted:
-                by_class.setdefault(acc.abstract_syntax, set()).add(acc.transfer_syntax)
-            for k, v in by_class.items():
-                seen_accepted.setdefault(k, set()).update(v)
-            sent_here = 0
-            fallback_needed = False
-            broken = False
-            while pending:
-                if should_stop():
-                    break
-                item = pending[0]
-                choice = neg.choose(item.source, accepted, encodable=self.encodable,
-                                    allow_lossy=allow_lossy)
-                if choice is None:
-                    if level + 1 < len(sequence):
-                        fallback_needed = True
-                        break
-                    # Every strategy tried: this instance cannot go to this peer.
-                    message = neg.no_context_message(item.sop_class,
-                                                     seen_accepted.get(item.sop_class, ()))
-                    log.error("All C-STORE strategies failed for %s to %s (tried %s): %s",
-                              item.sop_instance, self.peer, ", ".join(sequence[: level + 1]),
-                              message)
-                    done(ItemResult(item.key, QUARANTINED, None, message, strategy,
-                                    level + 1, None))
-                    pending.pop(0)
-                    continue
-                res = self._send_one(assoc, item, choice, strategy, level + 1)
-                if res.outcome == RETRY and not assoc.is_established:
-                    broken = True
-                done(res)
-                pending.pop(0)
-                if res.outcome == DELIVERED:
-                    sent_here += 1
-                elif res.outcome == RETRY:
-                    # Keep per-study order: nothing after it goes before it is delivered.
-                    report.not_attempted.extend(i.key for i in pending)
-                    pending.clear()
-                    if broken:
-                        report.destination_error = (f"Association with {self.peer} aborted "
-                                                    f"during C-STORE: {res.reason}")
-                    break
-            self._release(assoc)
-            if sent_here:
-                report.accepted_syntaxes = {k: sorted(v) for k, v in by_class.items()}
-                if level > 0:
-                    report.learned_strategy = strategy
-            if fallback_needed:
-                level += 1
-            elif pending and should_stop():
+            elif isinstance(step, fb.DestinationError):
+                log.warning("%s", step.message)
+                report.destination_error = step.message
                 report.not_attempted.extend(i.key for i in pending)
                 break
             else:
-                # The head was quarantined for lack of contexts, or all went: restart the
-                # sequence for what is left (a new SOP class may work at the top strategy).
-                level = 0 if pending else level
+                walk = self._send_on(assoc, walk, pending, seen, report, done, should_stop)
         delivered = [r for r in report.results if r.outcome == DELIVERED]
         if delivered:
             strategies = sorted({r.strategy_used or "" for r in delivered})
@@ -344,10 +234,72 @@ class StoreSCU:
                      sum(r.transcoded for r in delivered))
         return report
 
+    def _send_on(
+        self,
+        assoc: Association,
+        walk: fb.Walk,
+        pending: deque[SendItem],
+        seen: dict[str, set[str]],
+        report: BatchReport,
+        done: Callable[[Outcome], None],
+        should_stop: Callable[[], bool],
+    ) -> fb.Walk:
+        """Send ``pending`` in order on an established association, until none is left,
+        a stop is asked for, the batch ends, or the next instance needs a fallback;
+        release.  Returns the walk to go on with."""
+        self._count("established")
+        _tune_socket(assoc, self.timeout)
+        accepted = [neg.Accepted(int(cx.context_id or 0), str(cx.abstract_syntax),
+                                 str(cx.transfer_syntax[0]))
+                    for cx in assoc.accepted_contexts]
+        by_class: dict[str, set[str]] = {}
+        for acc in accepted:
+            by_class.setdefault(acc.abstract_syntax, set()).add(acc.transfer_syntax)
+        for sop_class, syntaxes in by_class.items():
+            seen.setdefault(sop_class, set()).update(syntaxes)
+        sent = 0
+        after = walk
+        while pending and not should_stop():
+            item = pending[0]
+            step = fb.for_instance(walk, item.source, accepted, seen, encodable=self.encodable,
+                                   allow_lossy=self.dest.allow_lossy_recompression)
+            if isinstance(step, fb.FallBack):
+                after = step.walk
+                break
+            pending.popleft()
+            if isinstance(step, fb.Quarantine):
+                self._quarantine(item, walk, step.message, done)
+                continue
+            res = self._send_one(assoc, item, step.choice, walk.strategy, walk.attempts)
+            alive = assoc.is_established
+            done(res)  # (may turn a retry into quarantined)
+            if res.outcome == DELIVERED:
+                sent += 1
+            end = fb.after_result(res.outcome, alive, res.reason, peer=self.peer)
+            if isinstance(end, fb.EndBatch):
+                report.not_attempted.extend(i.key for i in pending)
+                pending.clear()
+                if end.destination_error:
+                    report.destination_error = end.destination_error
+        self._release(assoc)
+        if sent:
+            report.accepted_syntaxes = {k: sorted(v) for k, v in by_class.items()}
+            learned = walk.learned()
+            if learned is not None:
+                report.learned_strategy = learned
+        return after
+
+    def _quarantine(self, item: SendItem, walk: fb.Walk, message: str,
+                    done: Callable[[Outcome], None]) -> None:
+        """No compatible context after every strategy: this instance cannot go to this peer."""
+        log.error("All C-STORE strategies failed for %s to %s (tried %s): %s",
+                  item.sop_instance, self.peer, ", ".join(walk.tried), message)
+        done(Outcome(item.key, QUARANTINED, None, message, walk.strategy, walk.attempts, None))
+
     def _send_one(self, assoc: Association, item: SendItem, choice: neg.Choice, strategy: str,
-                  attempts: int) -> ItemResult:
+                  attempts: int) -> Outcome:
         started = time.perf_counter()
-        base = ItemResult(item.key, RETRY, None, "", strategy, attempts, choice.transfer_syntax,
+        base = Outcome(item.key, RETRY, None, "", strategy, attempts, choice.transfer_syntax,
                           transcoded=choice.transcode)
         payload: Path | Dataset
         try:

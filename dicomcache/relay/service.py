@@ -1,8 +1,9 @@
 """The relay as one component: SCP + spool + one forwarder per destination.
 
 ``Relay(settings.relay, metrics)`` is started and stopped by the application
-(``cleanup_ctx``); ``python -m dicomcache.relay.service --config FILE`` runs
-it alone (what the kill -9 tests and the benchmark use).
+(``cleanup_ctx``), or alone by ``dicomcache relay run`` (what the kill -9
+tests and the benchmark use).  :meth:`Relay.start` installs the speed-ups of
+:mod:`.accel` when ``accelerate`` is on.
 
 The SCP runs in this process; the forwarders run in a child process
 (:mod:`.worker`) sharing the spool, so that pynetdicom's pure-Python sending
@@ -20,19 +21,16 @@ and is forwarded after the next start.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dicomcache.config import RelaySettings
 from dicomcache.metrics import Metrics
-from dicomcache.relay import transcode
+from dicomcache.relay import accel, transcode
 from dicomcache.relay.forward import Forwarder
 from dicomcache.relay.scp import StoreSCP
 from dicomcache.relay.spool import Spool
@@ -70,8 +68,11 @@ class Relay:
         return self.scp.port
 
     async def start(self) -> None:
-        """Open the spool (recovering from a crash), start the forwarders and the SCP."""
+        """Install the speed-ups (``accelerate``), open the spool (recovering from a
+        crash), start the forwarders and the SCP."""
         loop = asyncio.get_running_loop()
+        if self.settings.accelerate:
+            accel.install()
         await loop.run_in_executor(self.executor, self.spool.open)
 
         def wake_all() -> None:
@@ -93,12 +94,12 @@ class Relay:
         await self._refresh()
         self._stats_task = asyncio.create_task(self._stats_loop(), name="relay-stats")
 
-    async def stop(self, timeout: float) -> None:
-        """Graceful stop within ``timeout`` seconds (see the module docstring)."""
+    async def stop(self, grace: float) -> None:
+        """Graceful stop within ``grace`` seconds (see the module docstring)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(timeout, 0.0)
+        deadline = loop.time() + max(grace, 0.0)
         # 1. No new associations; in-flight ones may finish (half the time at most).
-        await loop.run_in_executor(self.executor, self.scp.stop, timeout / 2)
+        await loop.run_in_executor(self.executor, self.scp.stop, grace / 2)
         # 2. Forwarders finish the instance in flight and release.
         if self.worker is not None:
             await self._stop_worker(self.worker, deadline)
@@ -173,46 +174,3 @@ class Relay:
                 await asyncio.get_running_loop().run_in_executor(self.executor, self.spool.purge)
             except Exception:
                 log.exception("Refreshing relay statistics failed")
-
-
-async def _run_alone(settings: RelaySettings, shutdown_timeout: float,
-                     forward_in_process: bool = False) -> None:
-    relay = Relay(settings, Metrics(), forward_in_process=forward_in_process)
-    await relay.start()
-    print(f"relay listening on {settings.host}:{relay.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await relay.stop(shutdown_timeout)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the relay alone from a configuration file (``[relay]`` section)."""
-    from dicomcache.config import load
-    from dicomcache.errors import ConfigError
-
-    parser = argparse.ArgumentParser(prog="python -m dicomcache.relay.service",
-                                     description="Run the DIMSE relay alone.")
-    parser.add_argument("--config", required=True, help="dicomcache TOML configuration")
-    parser.add_argument("--log-level", default=None)
-    parser.add_argument("--forward-in-process", action="store_true",
-                        help="run the forwarders in this process (debugging, comparisons)")
-    args = parser.parse_args(argv)
-    try:
-        settings = load(args.config)
-    except ConfigError as exc:
-        for key, msg in exc.problems:
-            print(f"{key}: {msg}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=args.log_level or settings.server.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    asyncio.run(_run_alone(settings.relay, settings.server.shutdown_timeout,
-                           args.forward_in_process))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,7 +30,6 @@ Guarantees
 
 from __future__ import annotations
 
-import errno
 import itertools
 import json
 import logging
@@ -39,18 +38,21 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicomcache.dicom.syntaxes import DEFLATED_LE
 from dicomcache.dicom.verify import parse_dicom
+from dicomcache.durable import write_durably, write_new
 from dicomcache.errors import IntegrityError
+from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, Outcome
 
 log = logging.getLogger(__name__)
 
-#: Writes ``data`` durably at ``path`` (temp file in ``incoming``, fsync, rename,
-#: directory fsync).  Injectable so tests can make the disk "full".
-Writer = Callable[[Path, Path, bytes], None]
+#: Writes an object file durably (:meth:`Spool.write_object` unless injected: tests
+#: make the disk "full" with one).
+Writer = Callable[[Path, bytes], None]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -108,40 +110,7 @@ CREATE TABLE IF NOT EXISTS errors (
 """
 
 _KEEP_ERRORS = 200
-DEFLATED = "1.2.840.10008.1.2.1.99"
 _counter = itertools.count()
-
-
-def durable_write(incoming: Path, final: Path, data: bytes) -> None:
-    """Write ``data`` to ``final`` so that it survives a crash or a power cut.
-
-    Temp file in ``incoming`` (same file system), write, fsync, rename, fsync
-    the directory.  On any error the temp file is removed and the error
-    (``OSError``; ``ENOSPC`` when the disk is full) propagates.
-    """
-    tmp = incoming / (final.name + ".part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,31 +140,12 @@ class QueueItem:
     attempts: int
 
 
-@dataclass(slots=True)
-class Outcome:
-    """The result of trying to deliver one instance (recorded by :meth:`Spool.record`).
-
-    ``outcome`` is ``delivered``, ``retry`` (transient: back off and resend)
-    or ``quarantined`` (permanent: the destination will never take it as is).
-    """
-
-    instance_id: int
-    outcome: str
-    status: int | None = None
-    reason: str = ""
-    strategy_used: str | None = None
-    attempts_made: int = 0
-    transfer_syntax: str | None = None
-    seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def info_from_bytes(data: bytes) -> InstanceInfo:
     """Parse (strictly) a Part-10 file and return its queue info; raises IntegrityError."""
     summary = parse_dicom(data)
     # The strict parse does not summarise deflated data sets: assume pixels (the
     # conservative answer: only relabelling of pixel-less data depends on it).
-    has_pixels = summary.pixel is not None or summary.transfer_syntax_uid == DEFLATED
+    has_pixels = summary.pixel is not None or summary.transfer_syntax_uid == DEFLATED_LE
     # No Study Instance UID (invalid, but it happens): queued in arrival order with the
     # others that lack one; the PACS decides whether to take it.
     return InstanceInfo(summary.study_instance_uid or "", summary.sop_class_uid,
@@ -211,7 +161,7 @@ class Spool:
         destinations: Iterable[str] = (),
         *,
         retention: float = 0.0,
-        writer: Writer = durable_write,
+        writer: Writer | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.directory = Path(directory)
@@ -220,7 +170,7 @@ class Spool:
         self.quarantine_dir = self.directory / "quarantine"
         self.destinations = tuple(destinations)
         self.retention = retention
-        self.writer = writer
+        self.writer: Writer = writer or self.write_object
         self.clock = clock
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
@@ -322,6 +272,11 @@ class Spool:
         return Spool._Tx(self.db)
 
     # --- receiving -------------------------------------------------------------------
+    def write_object(self, final: Path, data: bytes) -> None:
+        """Write an object file so that it survives a crash or a power cut (temp file in
+        ``incoming/``, fsync, rename, directory fsync; mode ``FILE_MODE``)."""
+        write_durably(final, data, temp_dir=self.incoming)
+
     def put(self, data: bytes, info: InstanceInfo, calling_ae: str = "") -> int:
         """Spool ``data`` durably and queue it for every destination; returns its id.
 
@@ -330,7 +285,7 @@ class Spool:
         """
         received = self.clock()
         name = f"{time.time_ns():019d}-{os.getpid()}-{next(_counter):06d}.dcm"
-        self.writer(self.incoming, self.objects / name, data)
+        self.writer(self.objects / name, data)
         with self._lock:
             instance_id = self._insert(name, received, calling_ae, info, len(data))
         if self.on_put is not None:
@@ -359,7 +314,7 @@ class Spool:
         name = f"{time.time_ns():019d}-{os.getpid()}-{next(_counter):06d}"
         path = self.quarantine_dir / f"{name}.dcm"
         try:
-            path.write_bytes(data)
+            write_new(path, data, sync=False)
             self._write_reason(path, {
                 "reason": reason, "status": f"0x{status:04X}", "calling_ae": calling_ae,
                 "sop_instance_uid": sop_instance, "destination": None, "time": self.clock()})
@@ -417,7 +372,8 @@ class Spool:
         return None if row is None or row[0] is None else float(row[0])
 
     def record(self, destination: str, outcomes: Sequence[Outcome]) -> None:
-        """Store delivery outcomes; delivered/quarantined instances leave the queue."""
+        """Store delivery outcomes (``key``: the instance id); delivered and quarantined
+        instances leave the queue."""
         if not outcomes:
             return
         now = self.clock()
@@ -425,7 +381,7 @@ class Spool:
             db = self.db
             with self._tx():
                 for o in outcomes:
-                    state = {"delivered": "delivered", "quarantined": "quarantined"}.get(
+                    state = {DELIVERED: "delivered", QUARANTINED: "quarantined"}.get(
                         o.outcome, "pending")
                     db.execute(
                         "UPDATE deliveries SET state=?, attempts=attempts+1, last_status=?, "
@@ -433,19 +389,19 @@ class Spool:
                         "transfer_syntax=COALESCE(?, transfer_syntax), updated=? "
                         "WHERE instance_id=? AND destination=?",
                         (state, o.status, o.reason or None, o.strategy_used, o.transfer_syntax,
-                         now, o.instance_id, destination))
-                    if o.outcome != "delivered":
+                         now, o.key, destination))
+                    if o.outcome != DELIVERED:
                         sop = db.execute("SELECT sop_instance FROM instances WHERE id=?",
-                                         (o.instance_id,)).fetchone()
+                                         (o.key,)).fetchone()
                         self._error(destination, sop[0] if sop else None, o.status, o.reason)
             for o in outcomes:
-                if o.outcome == "quarantined":
+                if o.outcome == QUARANTINED:
                     self._quarantine_delivery(destination, o)
-            self._finish_done([o.instance_id for o in outcomes if o.outcome != "retry"])
+            self._finish_done([o.key for o in outcomes if o.outcome != RETRY])
 
     def _quarantine_delivery(self, destination: str, o: Outcome) -> None:
         row = self.db.execute("SELECT name, sop_instance, calling_ae FROM instances WHERE id=?",
-                              (o.instance_id,)).fetchone()
+                              (o.key,)).fetchone()
         if row is None:
             return
         src = self.objects / row[0]
@@ -456,7 +412,7 @@ class Spool:
             except FileExistsError:
                 pass
             except OSError:
-                dst.write_bytes(src.read_bytes())
+                write_durably(dst, src.read_bytes(), sync=False)
             self._write_reason(dst, {
                 "reason": o.reason, "status": None if o.status is None else f"0x{o.status:04X}",
                 "destination": destination, "sop_instance_uid": row[1],
@@ -497,14 +453,15 @@ class Spool:
                                         [(r[0],) for r in rows])
         return len(rows)
 
-    def back_off_study(self, destination: str, study_uid: str, base: float, cap: float,
-                       jitter: Callable[[float], float]) -> float:
-        """Postpone a study for ``destination``; returns the delay chosen."""
+    def back_off_study(self, destination: str, study_uid: str,
+                       delay_for: Callable[[int], float]) -> float:
+        """Postpone a study for ``destination`` by ``delay_for(failures)`` (its consecutive
+        failures, this one included); returns that delay."""
         with self._lock, self._tx():
             row = self.db.execute("SELECT failures FROM study_backoff WHERE destination=? "
                                   "AND study_uid=?", (destination, study_uid)).fetchone()
             failures = (row[0] if row else 0) + 1
-            delay = jitter(min(cap, base * 2 ** (failures - 1)))
+            delay = delay_for(failures)
             self.db.execute("INSERT OR REPLACE INTO study_backoff VALUES (?,?,?,?)",
                             (destination, study_uid, self.clock() + delay, failures))
         return delay
@@ -634,12 +591,10 @@ class Spool:
     @staticmethod
     def _write_reason(path: Path, info: dict[str, Any]) -> None:
         reason = path.with_name(path.stem + ".reason.json")
-        reason.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(info, indent=2, sort_keys=True) + "\n"
+        write_durably(reason, text.encode(), sync=False)
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
-
-def is_disk_full(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -43,16 +43,17 @@ from pydicom import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID
 
+from dicomcache.dicom import syntaxes
 from dicomcache.dicom.verify import parse_dicom
 from dicomcache.errors import DicomcacheError, IntegrityError
-from dicomcache.relay import negotiation as neg
 
 log = logging.getLogger(__name__)
 
 # VRs holding binary words whose byte order follows the transfer syntax.
 _SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 
-_LOSSY_METHOD = {neg.JPEG_LS_NEAR_LOSSLESS: "ISO_14495_1", neg.JPEG_2000: "ISO_15444_1"}
+_LOSSY_METHOD = {syntaxes.JPEG_LS_NEAR_LOSSLESS: "ISO_14495_1",
+                 syntaxes.JPEG_2000: "ISO_15444_1"}
 
 
 class TranscodeError(DicomcacheError, ValueError):
@@ -66,14 +67,14 @@ def encodable_syntaxes() -> frozenset[str]:
     from pydicom.pixels.encoders.base import get_encoder
 
     out: set[str] = set()
-    for ts in (*neg.LOSSLESS, *neg.LOSSY):
+    for ts in (*syntaxes.LOSSLESS, *syntaxes.LOSSY):
         try:
             if get_encoder(ts).is_available:
                 out.add(ts)
         except NotImplementedError:
             pass
     if _gdcm() is not None:
-        out.add(neg.JPEG_LOSSLESS_SV1)
+        out.add(syntaxes.JPEG_LOSSLESS_SV1)
     return frozenset(out)
 
 
@@ -120,10 +121,10 @@ def transcode_bytes(data: bytes, target: str, *, allow_lossy: bool = False) -> b
     except TranscodeError:
         raise
     except DicomcacheError as exc:  # e.g. IntegrityError on the read-back
-        raise TranscodeError(f"cannot produce {neg.syntax_name(target)}: {exc}") from exc
+        raise TranscodeError(f"cannot produce {syntaxes.name(target)}: {exc}") from exc
     except Exception as exc:
         raise TranscodeError(
-            f"cannot produce {neg.syntax_name(target)}: {type(exc).__name__}: {exc}") from exc
+            f"cannot produce {syntaxes.name(target)}: {type(exc).__name__}: {exc}") from exc
 
 
 def _read(data: bytes) -> Dataset:
@@ -135,20 +136,20 @@ def _transcode(data: bytes, target: str, allow_lossy: bool) -> bytes:
     source = str(ds.file_meta.TransferSyntaxUID)
     if source == target:
         return data
-    if target in neg.LOSSY and not allow_lossy:
-        raise TranscodeError(f"lossy re-compression to {neg.syntax_name(target)} is not allowed")
+    if target in syntaxes.LOSSY and not allow_lossy:
+        raise TranscodeError(f"lossy re-compression to {syntaxes.name(target)} is not allowed")
     has_pixels = "PixelData" in ds
     current = source
     if UID(source).is_compressed:
         if has_pixels:
             ds.decompress(generate_instance_uid=False, decoding_plugin=_decoder_for(source))
-            if source in neg.LOSSY:
+            if source in syntaxes.LOSSY:
                 ds.LossyImageCompression = "01"  # PS3.3 C.7.6.1.1.5: once lossy, always lossy
         # Encapsulated syntaxes encode everything but pixel data as Explicit VR LE.
-        current = neg.EXPLICIT_LE
-        ds.file_meta.TransferSyntaxUID = UID(neg.EXPLICIT_LE)
-    elif source == neg.DEFLATED_LE:
-        current = neg.EXPLICIT_LE  # pydicom inflated it on read
+        current = syntaxes.EXPLICIT_LE
+        ds.file_meta.TransferSyntaxUID = UID(syntaxes.EXPLICIT_LE)
+    elif source == syntaxes.DEFLATED_LE:
+        current = syntaxes.EXPLICIT_LE  # pydicom inflated it on read
 
     target_uid = UID(target)
     little = target_uid.is_little_endian if not target_uid.is_compressed else True
@@ -166,8 +167,8 @@ def _transcode(data: bytes, target: str, allow_lossy: bool) -> bytes:
     try:
         parse_dicom(encoded)
     except IntegrityError as exc:
-        raise TranscodeError(f"the {neg.syntax_name(target)} result does not parse: {exc.reason}") \
-            from exc
+        raise TranscodeError(
+            f"the {syntaxes.name(target)} result does not parse: {exc.reason}") from exc
     return encoded
 
 
@@ -220,21 +221,22 @@ def _compress(ds: Dataset, target: str) -> None:
     """Encode native little-endian pixel data of ``ds`` as ``target``."""
     before = len(ds.PixelData)
     if target not in encodable_syntaxes():
-        raise TranscodeError(f"no encoder installed for {neg.syntax_name(target)}")
-    if target == neg.JPEG_LOSSLESS_SV1:
+        raise TranscodeError(f"no encoder installed for {syntaxes.name(target)}")
+    if target == syntaxes.JPEG_LOSSLESS_SV1:
         ds.PixelData = encapsulate(_gdcm_jpeg_lossless_frames(ds))
         ds["PixelData"].VR = "OB"
     else:
         kwargs: dict[str, object] = {}
-        if target == neg.JPEG_LS_NEAR_LOSSLESS:
+        if target == syntaxes.JPEG_LS_NEAR_LOSSLESS:
             kwargs["jls_error"] = 2
-        elif target == neg.JPEG_2000:
+        elif target == syntaxes.JPEG_2000:
             kwargs["j2k_cr"] = [10]
-        if target == neg.RLE_LOSSLESS:
+        if target == syntaxes.RLE_LOSSLESS:
             # Not gdcm (pydicom's first choice): its RLE codec aborts the process on odd sizes.
-            kwargs["encoding_plugin"] = "pylibjpeg" if _has_plugin(target, "pylibjpeg") else "pydicom"
+            kwargs["encoding_plugin"] = ("pylibjpeg" if _has_plugin(target, "pylibjpeg")
+                                         else "pydicom")
         ds.compress(target, generate_instance_uid=False, **kwargs)  # type: ignore[arg-type]
-    if target in neg.LOSSY:
+    if target in syntaxes.LOSSY:
         after = max(len(ds.PixelData), 1)
         ds.LossyImageCompression = "01"
         methods = list(ds.get("LossyImageCompressionMethod", []) or [])
@@ -313,7 +315,8 @@ def _gdcm_jpeg_lossless_frames(ds: Dataset) -> list[bytes]:
         raise TranscodeError("the gdcm JPEG Lossless encoder crashed on this image") from exc
 
 
-def _gdcm_encode(params: tuple[int, int, int, int, int, int, str], chunks: list[bytes]) -> list[bytes]:
+def _gdcm_encode(params: tuple[int, int, int, int, int, int, str], chunks: list[bytes]
+                 ) -> list[bytes]:
     """Runs in the gdcm worker process: encode each frame as JPEG Lossless SV1."""
     import gdcm
 

@@ -3,7 +3,7 @@
 Why a process: pynetdicom's transport is pure Python.  With the forwarders in
 the receiving process, every PDU they encode and every 1 ms poll of their DUL
 threads takes the GIL from the SCP's threads, and the modality's
-acknowledgements slowed to less than half (see ``docs/relay.md``).  The spool
+acknowledgements slow down (measured in ``docs/relay.md``).  The spool
 (files + the SQLite WAL database) already is the interface between receiving
 and forwarding, so the child opens the same spool (without crash recovery,
 which the parent did) and runs one :class:`~.forward.Forwarder` per
@@ -439,7 +439,7 @@ async def _child_main(settings: RelaySettings, outbox: _Outbox, inp: IO[bytes]) 
         await asyncio.to_thread(transcode.shutdown_pool)
 
 
-def child(argv: list[str] | None = None) -> int:
+def child() -> int:
     """Entry point of the child (``python -m dicomcache.relay.worker``, started by the parent)."""
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints go to stderr, not into the frames
@@ -458,6 +458,10 @@ def child(argv: list[str] | None = None) -> int:
     for name, level in init["levels"].items():
         logging.getLogger(name).setLevel(level)
     settings: RelaySettings = init["settings"]
+    if settings.accelerate:
+        from dicomcache.relay import accel
+
+        accel.install()
     asyncio.run(_child_main(settings, outbox, inp))
     return 0
 

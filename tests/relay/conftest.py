@@ -7,27 +7,32 @@ started here and stopped by PID in teardown.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicomcache.config import DestinationSettings, RelaySettings
 from dicomcache.devtools.orthanc import free_port, loopback_env
+from dicomcache.dicom import syntaxes
 from dicomcache.metrics import Metrics
-from dicomcache.relay import negotiation as neg
+from dicomcache.relay import accel
 from dicomcache.relay.service import Relay
 
 
@@ -40,26 +45,27 @@ needs_dcmtk = pytest.mark.skipif(not HAVE_DCMTK, reason="DCMTK (storescu/storesc
 
 #: One pydicom test file per source transfer syntax (name, file).
 SOURCE_FILES: dict[str, str] = {
-    neg.IMPLICIT_LE: "MR_small_implicit.dcm",
-    neg.EXPLICIT_LE: "CT_small.dcm",
-    neg.EXPLICIT_BE: "MR_small_bigendian.dcm",
-    neg.DEFLATED_LE: "image_dfl.dcm",
-    neg.RLE_LOSSLESS: "MR_small_RLE.dcm",
-    neg.JPEG_BASELINE: "SC_rgb_jpeg_dcmtk.dcm",
-    neg.JPEG_EXTENDED: "JPGExtended.dcm",
-    neg.JPEG_LOSSLESS_SV1: "SC_rgb_jpeg_gdcm.dcm",
-    neg.JPEG_LS_LOSSLESS: "MR_small_jpeg_ls_lossless.dcm",
-    neg.JPEG_LS_NEAR_LOSSLESS: "(generated: MR_small.dcm, near-lossless)",
-    neg.JPEG_2000_LOSSLESS: "MR_small_jp2klossless.dcm",
-    neg.JPEG_2000: "JPEG2000.dcm",
+    syntaxes.IMPLICIT_LE: "MR_small_implicit.dcm",
+    syntaxes.EXPLICIT_LE: "CT_small.dcm",
+    syntaxes.EXPLICIT_BE: "MR_small_bigendian.dcm",
+    syntaxes.DEFLATED_LE: "image_dfl.dcm",
+    syntaxes.RLE_LOSSLESS: "MR_small_RLE.dcm",
+    syntaxes.JPEG_BASELINE: "SC_rgb_jpeg_dcmtk.dcm",
+    syntaxes.JPEG_EXTENDED: "JPGExtended.dcm",
+    syntaxes.JPEG_LOSSLESS_SV1: "SC_rgb_jpeg_gdcm.dcm",
+    syntaxes.JPEG_LS_LOSSLESS: "MR_small_jpeg_ls_lossless.dcm",
+    syntaxes.JPEG_LS_NEAR_LOSSLESS: "(generated: MR_small.dcm, near-lossless)",
+    syntaxes.JPEG_2000_LOSSLESS: "MR_small_jp2klossless.dcm",
+    syntaxes.JPEG_2000: "JPEG2000.dcm",
 }
 
 #: storescu option proposing (among others) the file's own syntax.
 STORESCU_PROPOSE: dict[str, str] = {
-    neg.IMPLICIT_LE: "-xi", neg.EXPLICIT_LE: "-xe", neg.EXPLICIT_BE: "-xb",
-    neg.DEFLATED_LE: "-xd", neg.RLE_LOSSLESS: "-xr", neg.JPEG_BASELINE: "-xy",
-    neg.JPEG_EXTENDED: "-xx", neg.JPEG_LOSSLESS_SV1: "-xs", neg.JPEG_LS_LOSSLESS: "-xt",
-    neg.JPEG_LS_NEAR_LOSSLESS: "-xu", neg.JPEG_2000_LOSSLESS: "-xv", neg.JPEG_2000: "-xw",
+    syntaxes.IMPLICIT_LE: "-xi", syntaxes.EXPLICIT_LE: "-xe", syntaxes.EXPLICIT_BE: "-xb",
+    syntaxes.DEFLATED_LE: "-xd", syntaxes.RLE_LOSSLESS: "-xr", syntaxes.JPEG_BASELINE: "-xy",
+    syntaxes.JPEG_EXTENDED: "-xx", syntaxes.JPEG_LOSSLESS_SV1: "-xs",
+    syntaxes.JPEG_LS_LOSSLESS: "-xt", syntaxes.JPEG_LS_NEAR_LOSSLESS: "-xu",
+    syntaxes.JPEG_2000_LOSSLESS: "-xv", syntaxes.JPEG_2000: "-xw",
 }
 
 #: SOP classes the restricted storescp profiles accept.
@@ -86,9 +92,9 @@ def source_path(ts: str) -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    if ts == neg.JPEG_LS_NEAR_LOSSLESS:
+    if ts == syntaxes.JPEG_LS_NEAR_LOSSLESS:
         ds = read_quiet(Path(get_testdata_file("MR_small.dcm")))  # type: ignore[arg-type]
-        ds.compress(neg.JPEG_LS_NEAR_LOSSLESS, jls_error=3, generate_instance_uid=False)
+        ds.compress(syntaxes.JPEG_LS_NEAR_LOSSLESS, jls_error=3, generate_instance_uid=False)
         ds.LossyImageCompression = "01"
     else:
         ds = read_quiet(Path(get_testdata_file(SOURCE_FILES[ts])))  # type: ignore[arg-type]
@@ -109,17 +115,24 @@ def read_quiet(path: Path | bytes) -> pydicom.Dataset:
         return pydicom.dcmread(path)
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None,
+              timeout: float = 20.0) -> None:
+    """Wait until something listens on 127.0.0.1:``port`` (``proc``: fail if it exits)."""
+
+    def ready() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+        return _listening(port)
+
+    wait_until_sync(ready, timeout, f"a listener on port {port}")
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
@@ -194,9 +207,10 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
         elif mode == "all":
             args = ["+xa"]
         else:
-            syntaxes = {"explicit": (neg.EXPLICIT_LE,), "jpeg-lossless": (neg.JPEG_LOSSLESS_SV1,)
-                        }.get(mode, mode) if isinstance(mode, str) else mode
-            cfg = storescp_config(tmp_path / f"storescp{n}.cfg", tuple(syntaxes))
+            named = {"explicit": (syntaxes.EXPLICIT_LE,),
+                     "jpeg-lossless": (syntaxes.JPEG_LOSSLESS_SV1,)}
+            chosen = named.get(mode, mode) if isinstance(mode, str) else mode
+            cfg = storescp_config(tmp_path / f"storescp{n}.cfg", tuple(chosen))
             args = ["-xf", str(cfg), "Restricted"]
         scp = StoreSCP(port or free_port(), aet, tmp_path / f"pacs{n}", args)
         started.append(scp.start())
@@ -217,6 +231,31 @@ def storescu(files: list[Path], port: int, *, called: str = "DICOMCACHE",
         capture_output=True, text=True, env=loopback_env(), timeout=timeout, check=False)
 
 
+class CountingSCP:
+    """A pynetdicom C-STORE SCP (this process) that counts what it stored."""
+
+    def __init__(self) -> None:
+        self.stored: list[str] = []
+        self.lock = threading.Lock()
+        ae = AE(ae_title="COUNT")
+        ae.add_supported_context(CTImageStorage, [syntaxes.EXPLICIT_LE, syntaxes.IMPLICIT_LE])
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event: evt.Event) -> int:
+        with self.lock:
+            self.stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0
+
+    def destination(self) -> DestinationSettings:
+        return DestinationSettings(name="COUNT", remote_ae_title="COUNT",
+                                   remote_host="127.0.0.1", remote_port=self.port)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
 def relay_settings(spool: Path, destinations: list[DestinationSettings], **kw: Any
                    ) -> RelaySettings:
     base = RelaySettings(enabled=True, ae_title="DICOMCACHE", host="127.0.0.1", port=0,
@@ -225,12 +264,24 @@ def relay_settings(spool: Path, destinations: list[DestinationSettings], **kw: A
     return replace(base, **kw)
 
 
+@pytest.fixture(params=[True, False], ids=["accel", "plain"])
+def accelerate(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """The DIMSE path both ways: with ``relay/accel/`` installed, and pynetdicom as
+    published (``[relay] accelerate``).  :func:`relay_factory` gives its relays the
+    same setting (their forwarder process installs it from there)."""
+    if request.param:
+        accel.install()
+    else:
+        accel.uninstall()
+    yield bool(request.param)
+    accel.uninstall()
+
+
 @dataclass
 class RunningRelay:
     relay: Relay
     metrics: Metrics
     settings: RelaySettings
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def port(self) -> int:
@@ -238,15 +289,18 @@ class RunningRelay:
 
 
 @pytest.fixture
-async def relay_factory() -> AsyncIterator[Callable[..., Any]]:
-    """``await relay_factory(settings)`` → a started in-process relay, stopped at teardown."""
+async def relay_factory(accelerate: bool) -> AsyncIterator[Callable[..., Any]]:
+    """``await relay_factory(settings)`` → a started in-process relay, stopped at teardown;
+    its settings get the test's ``accelerate``."""
     running: list[Relay] = []
 
     async def make(settings: RelaySettings, **kw: Any) -> RunningRelay:
+        settings = replace(settings, accelerate=accelerate)
         metrics = Metrics()
         relay = Relay(settings, metrics, **kw)
         await relay.start()
         running.append(relay)
+        assert accel.installed() is accelerate
         return RunningRelay(relay, metrics, settings)
 
     yield make
@@ -254,22 +308,34 @@ async def relay_factory() -> AsyncIterator[Callable[..., Any]]:
         await relay.stop(5.0)
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 60.0,
-                     what: str = "condition") -> None:
-    """Poll ``predicate`` (bounded) until true."""
-    import asyncio
+#: How often :func:`wait_until` looks at its condition.
+POLL = 0.05
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+async def wait_until(predicate: Callable[[], bool], seconds: float = 60.0,
+                     what: str = "condition") -> None:
+    """Poll ``predicate`` (bounded: at most ``seconds``) until true; fail the test if not."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        await asyncio.sleep(POLL)
+
+
+def wait_until_sync(predicate: Callable[[], bool], seconds: float = 60.0,
+                    what: str = "condition", *, poll: float = POLL) -> None:
+    """:func:`wait_until` for tests that are not coroutines (blocks the thread)."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        time.sleep(poll)
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """A metric's current value from its registry (0 when never set)."""
+    return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def queue_depth(relay: Relay, name: str) -> int:
     return int(relay.spool.snapshot([name])["destinations"][name]["queue_depth"])
-
-
-def env_without_proxy() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}

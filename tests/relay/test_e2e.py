@@ -15,7 +15,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicomcache.devtools.orthanc import OrthancProcess, free_port
 from dicomcache.devtools.samples import make_ct_series, write_series
-from dicomcache.relay import negotiation as neg
+from dicomcache.dicom import syntaxes
 from tests.relay.conftest import (
     SOURCE_FILES,
     STORESCU_PROPOSE,
@@ -23,6 +23,7 @@ from tests.relay.conftest import (
     queue_depth,
     read_quiet,
     relay_settings,
+    sample,
     source_path,
     storescu,
     wait_until,
@@ -49,7 +50,7 @@ def _spooled_syntaxes(spool: Path) -> dict[str, str]:
 def orthanc_ile(tmp_path: Path):
     """A real Orthanc accepting Implicit VR Little Endian only."""
     proc = OrthancProcess(tmp_path / "orthanc", dicom=True, aet="ORTHANC",
-                          overrides={"AcceptedTransferSyntaxes": [neg.IMPLICIT_LE],
+                          overrides={"AcceptedTransferSyntaxes": [syntaxes.IMPLICIT_LE],
                                      "DicomCheckCalledAet": False})
     proc.start()
     yield proc
@@ -93,23 +94,25 @@ async def test_every_source_syntax_reaches_every_restricted_peer(
         "ORTHANC_ILE": [orthanc_ile.request("GET", f"/instances/{i}/file")
                         for i in orthanc_ile.json("GET", "/instances")],
     }
-    expected_ts = {"IMPLICIT_ONLY": neg.IMPLICIT_LE, "EXPLICIT_ONLY": neg.EXPLICIT_LE,
-                   "JPEG_LOSSLESS_ONLY": neg.JPEG_LOSSLESS_SV1, "ORTHANC_ILE": neg.IMPLICIT_LE}
+    expected_ts = {"IMPLICIT_ONLY": syntaxes.IMPLICIT_LE, "EXPLICIT_ONLY": syntaxes.EXPLICIT_LE,
+                   "JPEG_LOSSLESS_ONLY": syntaxes.JPEG_LOSSLESS_SV1,
+                   "ORTHANC_ILE": syntaxes.IMPLICIT_LE}
     for dest, blobs in received.items():
         for blob in blobs:
             got = read_quiet(blob)
             src_ts, src_path = originals[str(got.SOPInstanceUID)]
             assert got.file_meta.TransferSyntaxUID == expected_ts[dest], (dest, src_ts)
             original = read_quiet(src_path)
-            if src_ts in neg.LOSSY:
+            if src_ts in syntaxes.LOSSY:
                 assert got.LossyImageCompression == "01", (dest, src_ts)
             else:  # lossless path: the very same pixels
                 assert np.array_equal(_pixels(got), _pixels(original)), (dest, src_ts)
             assert got.StudyInstanceUID == original.StudyInstanceUID
     for name in expected_ts:
-        await wait_until(lambda: queue_depth(r.relay, name) == 0, 20, f"{name} queue empty")
+        await wait_until(lambda name=name: queue_depth(r.relay, name) == 0, 20,
+                         f"{name} queue empty")
     assert n == len(SOURCE_FILES)
-    assert r.metrics.relay_received.labels("0x0000")._value.get() == n
+    assert sample(r.metrics, "dicomcache_relay_received_total", status="0x0000") == n
 
 
 @pytest.mark.parametrize("forward_in_process", [False, True],
@@ -142,8 +145,9 @@ async def test_destination_down_spool_grows_then_delivered(tmp_path: Path, store
     got = sorted(int(read_quiet(f).InstanceNumber) for f in pacs.files())
     assert got == sorted(int(ds.InstanceNumber) for ds in series)
     # The forwarders' metrics reach this process's registry (batched by the child).
-    delivered = r.metrics.relay_forwarded.labels("LATER", "delivered")
-    await wait_until(lambda: delivered._value.get() == 6, 10, "forwarded metric")
+    await wait_until(lambda: sample(r.metrics, "dicomcache_relay_forwarded_total",
+                                    destination="LATER", outcome="delivered") == 6,
+                     10, "forwarded metric")
 
     def idle_after_a_batch() -> bool:
         st = r.relay.status()["forwarders"]["LATER"]
@@ -160,7 +164,7 @@ class _PickyPACS:
         self.directory = directory
         self.associations: list[set[str]] = []
         ae = AE(ae_title="PICKY")
-        ae.add_supported_context(CTImageStorage, [neg.EXPLICIT_LE, neg.IMPLICIT_LE])
+        ae.add_supported_context(CTImageStorage, [syntaxes.EXPLICIT_LE, syntaxes.IMPLICIT_LE])
         self.port = free_port()
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
             (evt.EVT_REQUESTED, self._requested), (evt.EVT_C_STORE, self._store)])
@@ -169,7 +173,7 @@ class _PickyPACS:
         proposed = {str(ts) for cx in event.assoc.requestor.primitive
                     .presentation_context_definition_list for ts in cx.transfer_syntax}
         self.associations.append(proposed)
-        if neg.EXPLICIT_BE in proposed:
+        if syntaxes.EXPLICIT_BE in proposed:
             event.assoc.acse.send_reject(0x01, 0x01, 0x01)
             event.assoc.kill()
 
@@ -200,7 +204,7 @@ async def test_fallback_sequence_and_learned_strategy(tmp_path: Path, relay_fact
         # (logged by the forwarder process, re-emitted here: may trail the files a little)
         await wait_until(lambda: "C-STORE successful" in caplog.text, 10, "success logged")
         assert "Using conservative fallback" in caplog.text
-        assert neg.EXPLICIT_BE in picky.associations[0]
+        assert syntaxes.EXPLICIT_BE in picky.associations[0]
         await wait_until(lambda: r.relay.spool.destination_state("LEGACY")["learned_strategy"]
                          == "conservative", 10, "learned strategy persisted")
         # (status() figures refresh every 2 s)
@@ -214,7 +218,7 @@ async def test_fallback_sequence_and_learned_strategy(tmp_path: Path, relay_fact
         await wait_until(lambda: len(list(picky.directory.iterdir())) == 4, 30)
         # (one association per batch; how storescu's two arrive decides the batches)
         assert len(picky.associations) > before
-        assert all(neg.EXPLICIT_BE not in a for a in picky.associations[before:])
+        assert all(syntaxes.EXPLICIT_BE not in a for a in picky.associations[before:])
     finally:
         picky.stop()
 
@@ -222,7 +226,7 @@ async def test_fallback_sequence_and_learned_strategy(tmp_path: Path, relay_fact
 async def test_no_compatible_context_is_quarantined_with_the_seed_message(
         tmp_path: Path, storescp, relay_factory, caplog: pytest.LogCaptureFixture) -> None:
     # This PACS takes CT only as JPEG Baseline (lossy): a conservative relay has nothing to offer.
-    pacs = storescp((neg.JPEG_BASELINE,))
+    pacs = storescp((syntaxes.JPEG_BASELINE,))
     caplog.set_level(logging.INFO, logger="dicomcache.relay")
     spool = tmp_path / "spool"
     r = await relay_factory(relay_settings(spool, [pacs.destination("JPEG_PACS")]))

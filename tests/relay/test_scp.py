@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import signal
@@ -15,19 +16,22 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 
-import dicomcache.relay.scu  # noqa: F401 - sets STORE_SEND_CHUNKED_DATASET (raw sends)
 from dicomcache.devtools.orthanc import free_port, loopback_env
 from dicomcache.devtools.samples import make_ct_series, write_series
-from dicomcache.relay import negotiation as neg
-from dicomcache.relay.spool import Spool, durable_write
+from dicomcache.dicom import syntaxes
+from dicomcache.durable import write_durably
+from dicomcache.relay.spool import Spool
 from tests.relay.conftest import (
     needs_dcmtk,
     relay_settings,
+    sample,
     stop_process,
     storescu,
     wait_port,
+    wait_until_sync,
 )
 
 pytestmark = [
@@ -36,8 +40,14 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def raw_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom sends a file's data set as it is, unparsed (see :func:`send_raw`)."""
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
 def send_raw(port: int, path: Path, sop_class: str = MRImageStorage,
-             ts: str = neg.EXPLICIT_LE) -> int | None:
+             ts: str = syntaxes.EXPLICIT_LE) -> int | None:
     """C-STORE the file's bytes as they are (no parsing): what a buggy modality does."""
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(sop_class, ts)
@@ -68,7 +78,7 @@ async def test_truncated_dataset_is_quarantined_with_0xC000(tmp_path: Path, rela
     kept = reasons[0].with_name(reasons[0].name.replace(".reason.json", ".dcm"))
     assert kept.read_bytes()[132:] and kept.stat().st_size > 8000  # the bytes as received
     assert not list((spool / "objects").iterdir())
-    assert r.metrics.relay_received.labels("0xC000")._value.get() == 1
+    assert sample(r.metrics, "dicomcache_relay_received_total", status="0xC000") == 1
 
 
 async def test_sop_class_mismatch_gets_0xA900(tmp_path: Path, relay_factory) -> None:
@@ -88,13 +98,14 @@ async def test_disk_full_answers_0xA700_and_keeps_nothing(tmp_path: Path, relay_
     """ENOSPC from the spool's write path (injected: the writer is a parameter)."""
     r = await relay_factory(_relay_settings(tmp_path))
 
-    def full(incoming: Path, final: Path, data: bytes) -> None:
+    def full(final: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    spooled = r.relay.spool.writer
     r.relay.spool.writer = full
     good = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
     assert await asyncio.to_thread(send_raw, r.port, good) == 0xA700
-    r.relay.spool.writer = durable_write
+    r.relay.spool.writer = spooled
     assert await asyncio.to_thread(send_raw, r.port, good) == 0x0000
 
 
@@ -133,7 +144,8 @@ async def test_unknown_calling_ae_is_rejected(tmp_path: Path, relay_factory) -> 
     assert "Calling AE Title Not Recognized" in (res.stdout + res.stderr)
     ok = await asyncio.to_thread(storescu, [mr], r.port, calling="CT_SCANNER")
     assert ok.returncode == 0, ok.stderr
-    assert r.metrics.relay_associations.labels("inbound", "rejected")._value.get() == 1
+    assert sample(r.metrics, "dicomcache_relay_associations_total", direction="inbound",
+                  outcome="rejected") == 1
 
 
 @needs_dcmtk
@@ -157,15 +169,15 @@ async def test_c_echo(tmp_path: Path, relay_factory) -> None:
 def _start_relay_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as logf:
         return subprocess.Popen(
-            [sys.executable, "-m", "dicomcache.relay.service", "--config", str(config)],
+            [sys.executable, "-m", "dicomcache", "relay", "run", "--config", str(config)],
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=Path(__file__).resolve().parents[2], start_new_session=True)
 
 
 @needs_dcmtk
 @pytest.mark.slow
-def test_kill_9_mid_burst_then_restart_delivers_every_acknowledged(tmp_path: Path, storescp
-                                                                   ) -> None:
+def test_kill_9_mid_burst_then_restart_delivers_every_acknowledged(tmp_path: Path, storescp,
+                                                                   accelerate: bool) -> None:
     pacs_port = free_port()
     relay_port = free_port()
     config = tmp_path / "relay.toml"
@@ -176,6 +188,7 @@ port = {relay_port}
 spool_directory = "{tmp_path / 'spool'}"
 retry_backoff_base = 0.2
 retry_backoff_max = 1.0
+accelerate = {str(accelerate).lower()}
 [[relay.destinations]]
 name = "PACS"
 remote_ae_title = "PACS"
@@ -194,22 +207,18 @@ remote_port = {pacs_port}
             ["storescu", "-v", "-aet", "MODALITY", "-aec", "DICOMCACHE", "-xe", "127.0.0.1",
              str(relay_port), *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, env=loopback_env())
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            objects = tmp_path / "spool" / "objects"
-            if objects.exists() and len(list(objects.iterdir())) >= 20:
-                break
-            time.sleep(0.01)
+        objects = tmp_path / "spool" / "objects"
+        with contextlib.suppress(AssertionError):  # (then storescu has finished: see below)
+            wait_until_sync(lambda: objects.exists() and len(list(objects.iterdir())) >= 20,
+                            30, "20 spooled instances", poll=0.01)
         children = _children(proc.pid)
         assert len(children) == 1, children  # the forwarder process
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         # The forwarder process dies with it (PR_SET_PDEATHSIG): no stale forwarder
         # beside the next one.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and Path(f"/proc/{children[0]}").exists():
-            time.sleep(0.02)
-        assert not Path(f"/proc/{children[0]}").exists(), "forwarder outlived kill -9"
+        wait_until_sync(lambda: not Path(f"/proc/{children[0]}").exists(), 10,
+                        "the forwarder to die with the relay (it outlived kill -9)")
         out, _ = scu.communicate(timeout=60)
         acked = _acknowledged(out, files)
         assert 10 <= len(acked) < len(files), out[-2000:]
@@ -217,9 +226,8 @@ remote_port = {pacs_port}
         pacs = storescp("all", port=pacs_port)
         proc = _start_relay_process(config, log)
         wait_port(relay_port, proc)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(pacs.files()) < len(acked):
-            time.sleep(0.05)
+        with contextlib.suppress(AssertionError):  # (what is missing is named below)
+            wait_until_sync(lambda: len(pacs.files()) >= len(acked), 60, "every delivery")
         received = {}
         for f in pacs.files():
             ds = dcmread(f)
@@ -235,21 +243,24 @@ remote_port = {pacs_port}
     assert "Traceback" not in log.read_text()
 
 
+def _children_now(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def _children(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid`` (from /proc, waiting a little for them to appear)."""
-    deadline = time.monotonic() + 20
-    while True:
-        found = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(stat.parent.name))
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+    """:func:`_children_now`, waiting up to 20 s for one to appear."""
+    with contextlib.suppress(AssertionError):
+        wait_until_sync(lambda: bool(_children_now(pid)), 20, "a child process")
+    return _children_now(pid)
 
 
 def _acknowledged(storescu_output: str, files: list[Path]) -> list[str]:
@@ -272,7 +283,7 @@ async def test_restart_requeues_files_without_a_queue_entry(tmp_path: Path) -> N
     ds = make_ct_series(1, rows=16, columns=16)[0]
     [path] = write_series([ds], tmp_path / "src")
     name = f"{time.time_ns():019d}-1-000001.dcm"
-    durable_write(spool.incoming, spool.objects / name, path.read_bytes())
+    write_durably(spool.objects / name, path.read_bytes(), temp_dir=spool.incoming)
     (spool.incoming / "half-written.part").write_bytes(b"junk")  # never acknowledged
     spool.close()
     spool = Spool(tmp_path / "spool", ["PACS"])

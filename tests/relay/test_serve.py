@@ -7,19 +7,18 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from dicomcache.devtools.orthanc import OrthancProcess, free_port
 from dicomcache.devtools.samples import make_ct_series, write_series
-from tests.relay.conftest import StoreSCP, storescu, wait_port
+from tests.relay.conftest import StoreSCP, storescu, wait_port, wait_until_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_serve_runs_cache_and_relay(tmp_path: Path, orthanc: OrthancProcess,
-                                    storescp: Callable[..., StoreSCP]) -> None:
+                                    storescp: Callable[..., StoreSCP], accelerate: bool) -> None:
     pacs = storescp("implicit")
     http_port, dicom_port = free_port(), free_port()
     cfg = tmp_path / "c.toml"
@@ -37,6 +36,7 @@ def test_serve_runs_cache_and_relay(tmp_path: Path, orthanc: OrthancProcess,
         port = {dicom_port}
         spool_directory = "{tmp_path / 'spool'}"
         retry_backoff_base = 0.2
+        accelerate = {str(accelerate).lower()}
         [[relay.destinations]]
         name = "PACS"
         remote_ae_title = "{pacs.aet}"
@@ -52,9 +52,7 @@ def test_serve_runs_cache_and_relay(tmp_path: Path, orthanc: OrthancProcess,
         wait_port(http_port, proc, timeout=60)
         sent = storescu(files, dicom_port)
         assert sent.returncode == 0, sent.stderr
-        deadline = time.monotonic() + 60
-        while len(pacs.files()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until_sync(lambda: len(pacs.files()) >= 3, 60, "three files on the PACS")
         assert len(pacs.files()) == 3
         status = subprocess.run([sys.executable, "-m", "dicomcache", "relay", "status",
                                  "--config", str(cfg), "--json"], cwd=ROOT,

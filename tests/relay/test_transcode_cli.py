@@ -10,7 +10,7 @@ import pytest
 
 from dicomcache.cli import main as cli
 from dicomcache.devtools.samples import encode, make_ct_series
-from dicomcache.relay import negotiation as neg
+from dicomcache.dicom import syntaxes
 from dicomcache.relay.transcode import TranscodeError, transcode, transcode_bytes
 from tests.relay.conftest import needs_dcmtk, read_quiet, source_path
 
@@ -18,8 +18,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
-
-UNCOMPRESSED = (neg.IMPLICIT_LE, neg.EXPLICIT_LE, neg.EXPLICIT_BE)
 
 
 def _values(ds: object) -> list[tuple[str, object]]:
@@ -30,8 +28,8 @@ def _values(ds: object) -> list[tuple[str, object]]:
     return out
 
 
-@pytest.mark.parametrize("src", UNCOMPRESSED)
-@pytest.mark.parametrize("dst", UNCOMPRESSED)
+@pytest.mark.parametrize("src", syntaxes.UNCOMPRESSED)
+@pytest.mark.parametrize("dst", syntaxes.UNCOMPRESSED)
 def test_uncompressed_round_trips_keep_nested_sequences_and_pixels(src: str, dst: str) -> None:
     ds = make_ct_series(1, rows=32, columns=32, seed=7)[0]
     data = encode(ds, src)
@@ -43,67 +41,69 @@ def test_uncompressed_round_trips_keep_nested_sequences_and_pixels(src: str, dst
     assert out.SOPInstanceUID == original.SOPInstanceUID
 
 
-@pytest.mark.parametrize("src", [ts for ts in (neg.DEFLATED_LE, neg.RLE_LOSSLESS,
-                                               neg.JPEG_LOSSLESS_SV1, neg.JPEG_LS_LOSSLESS,
-                                               neg.JPEG_2000_LOSSLESS)])
+@pytest.mark.parametrize("src", [syntaxes.DEFLATED_LE, syntaxes.RLE_LOSSLESS,
+                                 syntaxes.JPEG_LOSSLESS_SV1, syntaxes.JPEG_LS_LOSSLESS,
+                                 syntaxes.JPEG_2000_LOSSLESS])
 def test_lossless_sources_decompress_to_identical_pixels(src: str) -> None:
     data = source_path(src).read_bytes()
     original = read_quiet(data)
-    out = transcode(data, neg.IMPLICIT_LE)
+    out = transcode(data, syntaxes.IMPLICIT_LE)
     assert np.array_equal(out.pixel_array, original.pixel_array)
     assert out.SOPInstanceUID == original.SOPInstanceUID  # generate_instance_uid=False
     assert out.get("LossyImageCompression") in (None, "00")
 
 
-@pytest.mark.parametrize("src", [neg.JPEG_BASELINE, neg.JPEG_2000, neg.JPEG_LS_NEAR_LOSSLESS])
+@pytest.mark.parametrize("src", [syntaxes.JPEG_BASELINE, syntaxes.JPEG_2000,
+                                 syntaxes.JPEG_LS_NEAR_LOSSLESS])
 def test_lossy_sources_keep_lossy_image_compression(src: str) -> None:
     data = source_path(src).read_bytes()
-    out = transcode(data, neg.EXPLICIT_LE)
+    out = transcode(data, syntaxes.EXPLICIT_LE)
     assert out.LossyImageCompression == "01"
     assert out.SOPInstanceUID == read_quiet(data).SOPInstanceUID
 
 
 def test_lossy_recompression_only_when_allowed() -> None:
-    data = encode(make_ct_series(1, rows=32, columns=32)[0], neg.EXPLICIT_LE)
+    data = encode(make_ct_series(1, rows=32, columns=32)[0], syntaxes.EXPLICIT_LE)
     with pytest.raises(TranscodeError):
-        transcode_bytes(data, neg.JPEG_2000)
-    out = transcode(data, neg.JPEG_2000, allow_lossy=True)
+        transcode_bytes(data, syntaxes.JPEG_2000)
+    out = transcode(data, syntaxes.JPEG_2000, allow_lossy=True)
     assert out.LossyImageCompression == "01"
     assert "ISO_15444_1" in out.LossyImageCompressionMethod
 
 
 def test_jpeg_lossless_encoding_is_lossless() -> None:
-    data = encode(make_ct_series(1, rows=64, columns=64)[0], neg.EXPLICIT_BE)
-    out = transcode(data, neg.JPEG_LOSSLESS_SV1)
+    data = encode(make_ct_series(1, rows=64, columns=64)[0], syntaxes.EXPLICIT_BE)
+    out = transcode(data, syntaxes.JPEG_LOSSLESS_SV1)
     assert np.array_equal(out.pixel_array, read_quiet(data).pixel_array)
 
 
 def test_garbage_pixels_raise_transcode_error_not_a_codec_error() -> None:
-    ds = read_quiet(source_path(neg.JPEG_BASELINE))
+    ds = read_quiet(source_path(syntaxes.JPEG_BASELINE))
     from pydicom.encaps import encapsulate
     ds.PixelData = encapsulate([b"\xff\xd8 not a jpeg \xff\xd9"])
     import io
     buf = io.BytesIO()
     ds.save_as(buf)
     with pytest.raises(TranscodeError):
-        transcode_bytes(buf.getvalue(), neg.IMPLICIT_LE)
+        transcode_bytes(buf.getvalue(), syntaxes.IMPLICIT_LE)
 
 
 @needs_dcmtk
-def test_relay_send_and_status(tmp_path: Path, storescp, capsys: pytest.CaptureFixture[str]
-                               ) -> None:
+def test_relay_send_and_status(tmp_path: Path, storescp, capsys: pytest.CaptureFixture[str],
+                               accelerate: bool) -> None:
     pacs = storescp("implicit")
     config = tmp_path / "c.toml"
     config.write_text(f"""
 [relay]
 spool_directory = "{tmp_path / 'spool'}"
+accelerate = {str(accelerate).lower()}
 [[relay.destinations]]
 name = "PACS"
 remote_ae_title = "PACS"
 remote_host = "127.0.0.1"
 remote_port = {pacs.port}
 """)
-    files = [source_path(ts) for ts in (neg.EXPLICIT_LE, neg.JPEG_2000_LOSSLESS)]
+    files = [source_path(ts) for ts in (syntaxes.EXPLICIT_LE, syntaxes.JPEG_2000_LOSSLESS)]
     bad = tmp_path / "not-dicom.dcm"
     bad.write_bytes(b"hello")
     rc = cli.main(["relay", "send", "--config", str(config), "--destination", "PACS",

@@ -1,10 +1,10 @@
-"""DIMSE messages as bytes, without pydicom's writer: C-STORE command sets, PDUs, file meta.
+"""DIMSE messages as bytes, without pydicom: C-STORE command sets, PDUs; a file's meta UIDs.
 
 pynetdicom builds every DIMSE message as a pydicom Dataset from its primitive,
 validating each UID again, and encodes the command set twice (once for its
 group length); it turns each PDU into a primitive, an object and an
-``encode``.  Profiled (py-spy ``--gil``), that was most of the relay's CPU per
-C-STORE on both sides.  These functions give the same bytes directly (each is
+``encode``; it reads a file's meta group into a Dataset to send the file.
+These functions give the same bytes directly (each is
 tested for byte equality with pynetdicom and pydicom); :mod:`.fastdul` uses
 them when it is installed, and anything they do not handle (a message type
 other than C-STORE, a value only pydicom should encode) returns ``None`` so
@@ -21,7 +21,6 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
@@ -196,32 +195,6 @@ def store_command(primitive: Any) -> tuple[bytes, bytes | None, tuple[Any, int] 
     return command, data if request else None, path if request else None
 
 
-def _meta_element(group_elem: int, vr: bytes, value: bytes) -> bytes:
-    """One Explicit VR Little Endian group 0002 element (UI padded with NUL, others
-    with a space, as pydicom writes them)."""
-    if len(value) % 2:
-        value += b"\x00" if vr == b"UI" else b" "
-    if vr == b"OB":
-        return struct.pack("<HH2s2xI", 0x0002, group_elem, vr, len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, group_elem, vr, len(value)) + value
-
-
-def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
-    """Preamble, ``DICM`` and the File Meta Information pynetdicom writes for a
-    received data set (``Event.encoded_dataset``), without pydicom's writer, which
-    cost about a millisecond per C-STORE.  Byte-identical (tested)."""
-    body = b"".join((
-        _meta_element(0x0001, b"OB", b"\x00\x01"),
-        _meta_element(0x0002, b"UI", sop_class.encode("ascii")),
-        _meta_element(0x0003, b"UI", sop_instance.encode("ascii")),
-        _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii")),
-        _meta_element(0x0012, b"UI", str(PYNETDICOM_IMPLEMENTATION_UID).encode("ascii")),
-        _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
-    ))
-    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
-    return b"\x00" * 128 + b"DICM" + group_length + body
-
-
 #: Explicit VR with a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
                        b"UR", b"UT", b"UV"})
@@ -253,9 +226,9 @@ class FileMetaUIDs:
 
 def read_file_meta(path: str | os.PathLike[str]) -> tuple[FileMetaUIDs, int] | None:
     """The SOP class, SOP instance and transfer syntax UIDs of a Part-10 file and the
-    offset of its data set, as pynetdicom's ``split_dataset`` finds them (pydicom
-    reading the whole meta group into a Dataset: a third of the forwarder's CPU per
-    instance).  None when the file is not laid out plainly (no preamble and
+    offset of its data set, as pynetdicom's ``split_dataset`` finds them (without
+    reading the whole meta group into a pydicom Dataset).  None when the file is not
+    laid out plainly (no preamble and
     ``DICM``, a meta group longer than 8 KiB, a UID element that is not UI): the
     caller then lets pydicom read it."""
     with open(path, "rb") as f:

@@ -1,51 +1,58 @@
-"""Event-driven waits for pynetdicom's reactors (instead of 1 ms polling), whole-PDU reads.
+"""Faster pynetdicom: event-driven waits, whole-PDU reads and sends, fewer pydicom calls.
 
 pynetdicom 3.0.4 polls: its DUL thread sleeps 1 ms whenever it finds nothing
 to do, its association thread sleeps 1 ms per loop, and a PDU is read 4 KiB
 per ``recv`` call.  Per C-STORE that costs several sleeps on both sides (the
 SCP: PDUs arrive → message complete → handler → response queued → sent; the
-SCU: pause the reactor → send → response), a few milliseconds per instance
-that a modality waiting for each acknowledgement feels directly, and more on
-a loaded machine where a sleeping thread is not rescheduled at once.
+SCU: pause the reactor → send → response), which a modality waiting for each
+acknowledgement feels directly, and more on a loaded machine where a sleeping
+thread is not rescheduled at once.  docs/relay.md ("Performance") has the
+measurements behind each replacement.
 
 :func:`install` replaces, process-wide and only for the pynetdicom version
-these were written against (otherwise it does nothing):
+these were written against (:data:`SUPPORTED`; otherwise it changes nothing),
+and :func:`uninstall` puts back:
 
 * ``DULServiceProvider.run_reactor``: the same loop, but its idle wait is a
-  ``select`` on the socket and on an ``eventfd`` that :meth:`send_pdu` and
-  :meth:`kill_dul` signal (at most 50 ms, for the ARTIM timer);
-* ``Association._run_reactor``: the same loop, but its 1 ms sleep is a wait
-  on the DIMSE message queue (a complete message wakes it; so does a
-  ``send_*`` pausing the reactor, through the checkpoint event; at most
-  10 ms, for release/abort/idle checks);
+  ``select`` on the socket and on an ``eventfd`` that ``send_pdu``,
+  ``kill_dul`` and ``stop_dul`` (replaced too) signal (at most
+  :data:`DUL_IDLE`, for the ARTIM timer);
+* ``Association._run_reactor`` (and ``__init__``, for its checkpoint event):
+  the same loop, but its 1 ms sleep is a wait on the DIMSE message queue (a
+  complete message wakes it; so does a ``send_*`` pausing the reactor; at
+  most :data:`REACTOR_IDLE`, for release/abort/idle checks), without
+  pynetdicom's pause race ("Received unexpected C-STORE service message");
 * ``AssociationSocket.recv``: ``recv_into`` one buffer of the PDU's size;
 * ``DIMSEServiceProvider.send_msg`` and the state machine's DT-1/AR-7 (send
   P-DATA-TF): a DIMSE message is encoded at once into whole P-DATA-TF PDUs
-  (blocks of at most :data:`~.dimse_codec.RAW_BLOCK` bytes) that go through the DUL queue as
-  one primitive each and out with one ``sendall``.  pynetdicom queues one
-  primitive per PDU: a 512 KiB instance to a peer taking 16 KiB PDUs is 33
-  primitives, each a thread hand-off, an event, a PDU object, an ``encode``
-  and a ``send`` (with a copy per partial send); that was most of the
-  forwarder's CPU.  The bytes on the wire are the same (same fragments,
-  same message control headers, same maximum PDU length); only
-  ``EVT_PDU_SENT``/``EVT_DATA_SENT`` are not fired for these PDUs (nothing
-  here binds them);
+  (blocks of at most :data:`~.codec.RAW_BLOCK` bytes) that go out with one
+  ``sendall``, from the calling thread when nothing is queued ahead (a lock
+  per association, taken by ``DULServiceProvider._send`` too, orders it with
+  the DUL thread), else through the DUL queue as one primitive per block.
+  pynetdicom queues one primitive per PDU, each a thread hand-off, an event,
+  a PDU object, an ``encode`` and a ``send``.  The bytes on the wire are the
+  same (same fragments, same message control headers, same maximum PDU
+  length); only ``EVT_PDU_SENT``/``EVT_DATA_SENT`` are not fired for these
+  PDUs (nothing here binds them).  A peer that takes nothing for the network
+  timeout closes the transport;
 * ``DIMSEMessage._set_command_group_length`` and the command set of every
-  message sent: encoded by :func:`~.dimse_codec.encode_command` (Implicit VR Little Endian,
-  the handful of VRs command sets use; anything else goes to pydicom) instead
-  of pydicom's writer, which pynetdicom ran twice per message (once for the
-  group length) at about half a millisecond each: a third of the relay's CPU
-  per acknowledged C-STORE;
+  message sent: encoded by :func:`~.codec.encode_command` (Implicit VR Little
+  Endian, the handful of VRs command sets use; anything else goes to pydicom)
+  instead of pydicom's writer, which pynetdicom runs twice per message (once
+  for the group length); a C-STORE's command set straight from its primitive
+  (:func:`~.codec.store_command`);
+* ``association.split_dataset`` (what ``send_c_store`` reads from a file):
+  :func:`~.codec.read_file_meta` reads the three UIDs it needs directly;
 * ``Association._bind_defaults``: pynetdicom's "standard" logging handlers
   (every PDU and DIMSE message formatted for its logger; one copies the whole
   data set to see whether there is one) are bound only when the
-  ``pynetdicom`` logger would print INFO: they cost about 0.2 ms per C-STORE
-  for nothing at the WARNING level the relay runs it at;
+  ``pynetdicom`` logger would print INFO, not at the WARNING level the relay
+  runs it at;
 * the ``deepcopy`` of the server's presentation contexts that pynetdicom
   makes for every inbound association: :func:`copy_contexts` gives the same
   independent copies (the contexts' only mutable part is their list of
-  transfer syntaxes) in 0.6 ms instead of about 25 ms for the 170 storage
-  contexts times 16 syntaxes the SCP supports, before every A-ASSOCIATE-AC.
+  transfer syntaxes) without deepcopy's walk of every object, before every
+  A-ASSOCIATE-AC.
 
 State machine, PDU handling and the pause protocol are untouched: the waits
 change, and how many pieces a message is handed to the DUL in.
@@ -94,7 +101,6 @@ DUL_IDLE = 0.05
 #: Longest idle wait of the association thread (release/abort/idle-timeout checks).
 REACTOR_IDLE = 0.01
 
-_installed = False
 _install_lock = threading.Lock()
 
 
@@ -395,7 +401,7 @@ def _socket_recv(self: Any, nr_bytes: int) -> bytearray:
 
 # --- DIMSE messages as whole encoded PDUs ----------------------------------------------
 def _set_command_group_length(self: Any) -> None:
-    """pynetdicom's ``_set_command_group_length`` with :func:`~.dimse_codec.encode_command`."""
+    """pynetdicom's ``_set_command_group_length`` with :func:`~.codec.encode_command`."""
     del self.command_set.CommandGroupLength
     self.command_set.CommandGroupLength = len(command_bytes(self.command_set))
 
@@ -540,7 +546,7 @@ _orig_split_dataset = _association.split_dataset  # type: ignore[attr-defined]
 
 
 def _split_dataset(path: Any) -> tuple[Any, int]:
-    """``split_dataset`` for ``send_c_store``: :func:`~.dimse_codec.read_file_meta`,
+    """``split_dataset`` for ``send_c_store``: :func:`~.codec.read_file_meta`,
     else pydicom's reading."""
     found = read_file_meta(path)
     return found if found is not None else _orig_split_dataset(path)
@@ -556,32 +562,78 @@ def _bind_defaults(self: Any) -> None:
     _orig_bind_defaults(self)
 
 
+#: Stands for "no attribute of that name" among the saved originals.
+_ABSENT = object()
+#: What :func:`install` replaced, to put back: (owner, name, original), the DT-1/AR-7
+#: actions, pynetdicom's LOG_HANDLER_LEVEL.  None while not installed.
+_saved: tuple[list[tuple[Any, str, Any]], dict[str, Any], str] | None = None
+
+
+def _patches() -> list[tuple[Any, str, Any]]:
+    """Every (owner, attribute, replacement) :func:`install` sets."""
+    return [
+        (_dul.DULServiceProvider, "run_reactor", _dul_run_reactor),
+        (_dul.DULServiceProvider, "send_pdu", _dul_send_pdu),
+        (_dul.DULServiceProvider, "kill_dul", _dul_kill_dul),
+        (_dul.DULServiceProvider, "stop_dul", _dul_stop_dul),
+        (_dul.DULServiceProvider, "_send", _dul_send),
+        (Association, "__init__", _assoc_init),
+        (Association, "_run_reactor", _assoc_run_reactor),
+        (Association, "_bind_defaults", _bind_defaults),
+        (AssociationSocket, "recv", _socket_recv),
+        (_dimse.DIMSEServiceProvider, "send_msg", _dimse_send_msg),
+        (DIMSEMessage, "_set_command_group_length", _set_command_group_length),
+        (_transport, "deepcopy", copy_contexts),
+        (_association, "split_dataset", _split_dataset),
+    ]
+
+
 def install() -> bool:
-    """Patch pynetdicom (idempotent); False when its version is not one we know."""
-    global _installed
+    """Patch pynetdicom, process-wide (idempotent); False when its version is not one
+    these replacements were written for (then nothing is changed)."""
+    global _saved
     with _install_lock:
-        if _installed:
+        if _saved is not None:
             return True
         if pynetdicom.__version__ not in SUPPORTED:
             log.warning("pynetdicom %s: keeping its polling reactors (event-driven waits "
                         "are written for %s)", pynetdicom.__version__, ", ".join(SUPPORTED))
             return False
-        _dul.DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]
-        _dul.DULServiceProvider.send_pdu = _dul_send_pdu  # type: ignore[method-assign]
-        _dul.DULServiceProvider.kill_dul = _dul_kill_dul  # type: ignore[method-assign]
-        _dul.DULServiceProvider.stop_dul = _dul_stop_dul  # type: ignore[method-assign]
-        Association.__init__ = _assoc_init  # type: ignore[method-assign]
-        Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
-        AssociationSocket.recv = _socket_recv  # type: ignore[method-assign]
-        _dimse.DIMSEServiceProvider.send_msg = _dimse_send_msg  # type: ignore[method-assign]
-        _dul.DULServiceProvider._send = _dul_send  # type: ignore[method-assign]
-        Association._bind_defaults = _bind_defaults  # type: ignore[method-assign]
-        _transport.deepcopy = copy_contexts  # type: ignore[attr-defined,assignment]
-        _association.split_dataset = _split_dataset  # type: ignore[attr-defined]
-        DIMSEMessage._set_command_group_length = (  # type: ignore[method-assign]
-            _set_command_group_length)
+        patches = _patches()
+        originals = [(owner, name, vars(owner).get(name, _ABSENT))
+                     for owner, name, _ in patches]
+        actions = {name: fsm.ACTIONS[name] for name in ("DT-1", "AR-7")}
+        _saved = (originals, actions, _pynetdicom_config.LOG_HANDLER_LEVEL)
+        for owner, name, replacement in patches:
+            setattr(owner, name, replacement)
         for name, action in (("DT-1", _dt_1), ("AR-7", _ar_7)):
-            description, _, state = fsm.ACTIONS[name]
+            description, _, state = actions[name]
             fsm.ACTIONS[name] = (description, action, state)
-        _installed = True
         return True
+
+
+def uninstall() -> None:
+    """Put pynetdicom's own functions back (idempotent).
+
+    Only while no association runs (tests switch between both ways with it):
+    an association started with the replacements may have queued pre-encoded
+    PDUs that pynetdicom's own DT-1 cannot send.
+    """
+    global _saved
+    with _install_lock:
+        if _saved is None:
+            return
+        originals, actions, log_level = _saved
+        for owner, name, original in reversed(originals):
+            if original is _ABSENT:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+        fsm.ACTIONS.update(actions)
+        _pynetdicom_config.LOG_HANDLER_LEVEL = log_level
+        _saved = None
+
+
+def installed() -> bool:
+    """Whether :func:`install` has patched pynetdicom (and :func:`uninstall` has not undone it)."""
+    return _saved is not None

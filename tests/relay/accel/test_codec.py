@@ -1,4 +1,4 @@
-"""dimse_codec gives pynetdicom's and pydicom's bytes: command sets, PDUs, file meta."""
+"""codec gives pynetdicom's and pydicom's bytes: command sets, PDUs; reads file meta as they do."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from pydicom.uid import UID
 from pynetdicom import dimse_primitives as prim
 from pynetdicom.dimse_messages import DIMSEMessage
-from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
+from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 
 from dicomcache.relay.accel import codec
-from dicomcache.relay.accel.codec import part10_header
+from dicomcache.relay.part10 import part10_header
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SOP = "1.2.826.0.1.3680043.8.498.1234567890123456789"  # odd length: padded
@@ -111,15 +110,6 @@ def test_a_big_file_goes_in_bounded_blocks(tmp_path: Path, monkeypatch: pytest.M
     assert b"".join(blocks) == _pynetdicom_bytes(msg, 16384)
 
 
-@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
-                                    "1.2.840.10008.1.2.4.70"])
-@pytest.mark.parametrize("sop", [SOP, SOP + "1"])
-def test_part10_header_is_pynetdicoms_file_meta(syntax: str, sop: str) -> None:
-    meta = create_file_meta(sop_class_uid=UID(CT), sop_instance_uid=UID(sop),
-                            transfer_syntax=UID(syntax))
-    assert part10_header(CT, sop, syntax) == b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
-
-
 @pytest.mark.parametrize("index", [0, 1])
 @pytest.mark.parametrize("payload", ["memory", "file", "none"])
 def test_c_store_command_sets_straight_from_the_primitive(tmp_path: Path, index: int,
@@ -160,7 +150,8 @@ def _meta_files(tmp_path: Path) -> list[Path]:
         path.write_bytes(encode(ds, "1.2.840.10008.1.2.1" if i else "1.2.840.10008.1.2"))
         files.append(path)
     spooled = tmp_path / "spooled.dcm"  # the relay's own files: our header + a data set
-    spooled.write_bytes(part10_header(CT, SOP, "1.2.840.10008.1.2.1") + b"\x08\x00\x16\x00UI\x02\x00a\x00")
+    spooled.write_bytes(part10_header(CT, SOP, "1.2.840.10008.1.2.1")
+                        + b"\x08\x00\x16\x00UI\x02\x00a\x00")
     files.append(spooled)
     return files
 

@@ -1,0 +1,251 @@
+"""The fallback walk of one batch, as pure decisions (no sockets).
+
+:meth:`~.scu.StoreSCU.send` does the I/O; what it does next is decided here,
+so that every case can be table-tested (``tests/relay/test_fallback.py``):
+
+* after each association attempt, :func:`after_association`: send on it,
+  fall back to the next strategy, quarantine what is left, or leave the
+  destination for now (it backs off);
+* for the next instance on an established association, :func:`for_instance`:
+  send it in the best accepted syntax, fall back, or quarantine it;
+* after each instance's outcome, :func:`after_result`: go on, or end the batch.
+
+The walk follows the seed's fallback sequence (``docs/relay.md``): from the
+configured strategy, or the one learned to work, towards ``universal``
+(``extended → compression → standard → conservative → universal``), one
+association per strategy, at most ``max_association_retries`` of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from dicomcache.relay import negotiation as neg
+from dicomcache.relay.outcome import RETRY
+
+
+@dataclass(frozen=True, slots=True)
+class Walk:
+    """Where a batch is on its fallback sequence."""
+
+    sequence: tuple[str, ...]
+    level: int = 0
+
+    @classmethod
+    def start(cls, configured: str, learned: str | None, max_association_retries: int
+              ) -> Walk:
+        """The walk from the configured strategy, or from the learned one below it."""
+        strategy = neg.start_strategy(configured, learned)
+        return cls(neg.fallback_sequence(strategy, max_association_retries))
+
+    @property
+    def strategy(self) -> str:
+        """The strategy of the association made at this level."""
+        return self.sequence[self.level]
+
+    @property
+    def attempts(self) -> int:
+        """Associations made so far, this one included (an instance's ``attempts_made``)."""
+        return self.level + 1
+
+    @property
+    def tried(self) -> tuple[str, ...]:
+        """The strategies tried so far, this one included."""
+        return self.sequence[: self.level + 1]
+
+    @property
+    def last(self) -> bool:
+        """No strategy is left to fall back to."""
+        return self.level + 1 >= len(self.sequence)
+
+    def next(self) -> Walk:
+        """The next, more compatible, strategy (only when not :attr:`last`)."""
+        if self.last:
+            raise ValueError(f"no strategy after {self.strategy!r} in {self.sequence}")
+        return Walk(self.sequence, self.level + 1)
+
+    def learned(self) -> str | None:
+        """What an association that delivered something teaches: its strategy, when it was
+        a fallback (the destination's next batches start there)."""
+        return self.strategy if self.level > 0 else None
+
+
+# --- how an association attempt ended ----------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Established:
+    """A-ASSOCIATE-AC with at least one accepted presentation context."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A-ASSOCIATE-RJ (PS3.8 §7.1.1.9-10): result 1 permanent, 2 transient; source 1
+    service user, 2 service provider (ACSE), 3 service provider (presentation)."""
+
+    result: int | None
+    source: int | None
+    diagnostic: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class NoContextAccepted:
+    """A-ASSOCIATE-AC in which every presentation context was rejected (PS3.8 §9.3.3.2:
+    results 1-4); pynetdicom then aborts the association."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """No association: connection refused, timed out or aborted (peer down)."""
+
+
+AssociationOutcome = Established | Rejected | NoContextAccepted | Failed
+
+
+# --- what to do next ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class UseAssociation:
+    """Send the pending instances on the association just established."""
+
+
+@dataclass(frozen=True, slots=True)
+class FallBack:
+    """Release (if established) and associate again at ``walk``'s strategy."""
+
+    walk: Walk
+    #: Logged first (a rejection the next strategy may cure).
+    warning: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineRest:
+    """Every strategy tried and no context accepted: every pending instance is
+    quarantined for this destination, each with :func:`no_context`'s message."""
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationError:
+    """The destination is unusable for now: it backs off, the pending instances wait."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send the instance on the accepted context of ``choice`` (transcoding if it says so)."""
+
+    choice: neg.Choice
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    """The instance cannot go to this destination: quarantine it with ``message``."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Next:
+    """Go on with the next instance."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndBatch:
+    """Stop here: later instances of the study wait (per-study order) and are resent."""
+
+    #: Set when the association broke: the destination backs off too.
+    destination_error: str | None = None
+
+
+#: A-ASSOCIATE-RJ (source, diagnostic) → reason (PS3.8 §7.1.1.10, Table 9-21).
+REJECT_REASONS: Mapping[tuple[int, int], str] = {
+    (1, 1): "no reason given", (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
+    (2, 1): "no reason given (ACSE)", (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
+}
+#: Rejections about AE titles: a configuration problem no other strategy cures.
+_AE_TITLE_PROBLEMS = frozenset({(1, 3), (1, 7)})
+
+
+def rejection_message(peer: str, strategy: str, n_contexts: int, rejected: Rejected) -> str:
+    """``Association rejected by PEER (permanent: REASON) for 'S' strategy with N
+    presentation contexts``."""
+    reason = REJECT_REASONS.get((rejected.source or 0, rejected.diagnostic or 0),
+                                f"diagnostic {rejected.diagnostic}")
+    kind = "permanent" if rejected.result == 1 else "transient"
+    return (f"Association rejected by {peer} ({kind}: {reason}) for '{strategy}' strategy "
+            f"with {n_contexts} presentation contexts")
+
+
+def after_association(walk: Walk, outcome: AssociationOutcome, *, peer: str, n_contexts: int
+                      ) -> UseAssociation | FallBack | QuarantineRest | DestinationError:
+    """What follows an association attempt at ``walk``'s strategy.
+
+    * established: use it;
+    * rejected permanently for a reason other than an AE title, with a strategy
+      left: fall back (fewer syntaxes may be what the peer wants), logging the
+      rejection; any other rejection: a destination error;
+    * nothing accepted: fall back, or after the last strategy quarantine what is left;
+    * no association at all: a destination error (peer down or unreachable).
+    """
+    if isinstance(outcome, Established):
+        return UseAssociation()
+    if isinstance(outcome, Rejected):
+        message = rejection_message(peer, walk.strategy, n_contexts, outcome)
+        ae_title = (outcome.source, outcome.diagnostic) in _AE_TITLE_PROBLEMS
+        if outcome.result == 1 and not ae_title and not walk.last:
+            return FallBack(walk.next(), warning=message)
+        return DestinationError(message)
+    if isinstance(outcome, NoContextAccepted):
+        return QuarantineRest() if walk.last else FallBack(walk.next())
+    return DestinationError(f"Cannot associate with {peer}: connection failed or aborted "
+                            f"(peer down or unreachable)")
+
+
+def no_context(sop_class: str, seen: Mapping[str, Iterable[str]]) -> str:
+    """Why an instance of ``sop_class`` cannot go: the seed's two-line message, naming what
+    the peer accepted for that SOP class in any association of the batch (``seen``)."""
+    return neg.no_context_message(sop_class, seen.get(sop_class, ()))
+
+
+def for_instance(
+    walk: Walk,
+    source: neg.Source,
+    accepted: Iterable[neg.Accepted],
+    seen: Mapping[str, Iterable[str]],
+    *,
+    encodable: Iterable[str] = (),
+    allow_lossy: bool = False,
+) -> Send | FallBack | Quarantine:
+    """What to do with the next instance on an association that accepted ``accepted``.
+
+    Send it when a context is usable (:func:`~.negotiation.choose`); otherwise fall
+    back to the next strategy, or after the last one quarantine it (the batch
+    goes on with the next instance on the same association).
+    """
+    choice = neg.choose(source, accepted, encodable=encodable, allow_lossy=allow_lossy)
+    if choice is not None:
+        return Send(choice)
+    if not walk.last:
+        return FallBack(walk.next())
+    return Quarantine(no_context(source.sop_class, seen))
+
+
+def after_result(outcome: str, association_alive: bool, reason: str, *, peer: str
+                 ) -> Next | EndBatch:
+    """After an instance's outcome: a transient failure ends the batch (nothing of the
+    study goes before it is delivered), and a broken association makes it a
+    destination error; anything else goes on."""
+    if outcome != RETRY:
+        return Next()
+    if association_alive:
+        return EndBatch()
+    return EndBatch(f"Association with {peer} aborted during C-STORE: {reason}")
+
+
+def fallback_message(walk: Walk, peer: str, left: int, sop_class: str) -> str:
+    """The seed's log line when a fallback association is made (``walk.level > 0``)."""
+    previous = walk.sequence[walk.level - 1]
+    return (f"Using {walk.strategy} fallback for {peer}: {left} instance(s) of study left to "
+            f"send (previous strategy '{previous}' gave no usable presentation context for "
+            f"'{sop_class}')")

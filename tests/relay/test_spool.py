@@ -1,0 +1,63 @@
+"""The spool on tmp_path: durable writes, file modes, recorded outcomes."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from dicomcache.devtools.samples import encode, make_ct_series
+from dicomcache.dicom import syntaxes
+from dicomcache.durable import FILE_MODE
+from dicomcache.relay.outcome import QUARANTINED, Outcome
+from dicomcache.relay.spool import Spool, info_from_bytes
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_spooled_and_quarantined_files_hold_patient_data_with_file_mode(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", ["PACS"])
+    spool.open()
+    try:
+        data = encode(make_ct_series(1, rows=16, columns=16)[0], syntaxes.EXPLICIT_LE)
+        key = spool.put(data, info_from_bytes(data), "MODALITY")
+        [item] = spool.next_batch("PACS", 10)
+        assert item.path.read_bytes() == data
+        assert _mode(item.path) == FILE_MODE
+        assert not list(spool.incoming.iterdir())  # the temp file was renamed
+        rejected = spool.quarantine_received(b"junk", "unparseable", 0xC000, "MODALITY")
+        assert rejected is not None and _mode(rejected) == FILE_MODE
+        spool.record("PACS", [Outcome(key, QUARANTINED, 0xA900, "refused")])
+        kept = sorted(spool.quarantine_dir.iterdir())
+        assert len(kept) == 4  # two data sets, two reasons
+        assert all(_mode(p) == FILE_MODE for p in kept)
+    finally:
+        spool.close()
+
+
+def test_a_study_backs_off_by_its_consecutive_failures(tmp_path: Path) -> None:
+    now = [1000.0]
+    spool = Spool(tmp_path / "spool", ["PACS"], clock=lambda: now[0])
+    spool.open()
+    try:
+        data = encode(make_ct_series(1, rows=16, columns=16)[0], syntaxes.EXPLICIT_LE)
+        info = info_from_bytes(data)
+        spool.put(data, info)
+        asked: list[int] = []
+
+        def delay_for(failures: int) -> float:
+            asked.append(failures)
+            return 10.0 * failures
+
+        assert spool.back_off_study("PACS", info.study_uid, delay_for) == 10.0
+        assert spool.next_batch("PACS", 10) == []  # backing off
+        assert spool.next_due("PACS") == 1010.0
+        assert spool.back_off_study("PACS", info.study_uid, delay_for) == 20.0
+        assert asked == [1, 2]
+        spool.clear_study_backoff("PACS", info.study_uid)
+        assert len(spool.next_batch("PACS", 10)) == 1
+        spool.back_off_study("PACS", info.study_uid, delay_for)
+        assert asked == [1, 2, 1]  # cleared: counting starts again
+    finally:
+        spool.close()
