@@ -6,13 +6,10 @@ import asyncio
 import hashlib
 import time
 
-import pytest
-
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import CLIENT, METRICS, PREFETCHER, STORE
 from tests.conftest import Sample, SettingsFactory
-
 
 
 def wado(s: Sample) -> str:

@@ -22,7 +22,6 @@ from dicomcache.http.keys import METRICS, PREFETCHER, STORE
 from tests.conftest import Sample, SettingsFactory
 
 
-
 @pytest.fixture
 async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
     async with WanEmulator("127.0.0.1", orthanc.http_port, LinkProfile(latency_ms=2)) as emulator:

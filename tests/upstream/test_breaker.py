@@ -23,7 +23,6 @@ from dicomcache.upstream.breaker import CircuitBreaker
 from tests.conftest import Sample, SettingsFactory
 
 
-
 @pytest.fixture
 async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator) -> TestClient:
     settings = make_settings(url=f"http://127.0.0.1:{wan.port}",

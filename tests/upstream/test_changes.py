@@ -22,7 +22,6 @@ from dicomcache.upstream.changes import read_cursor, rule_matches, write_cursor
 from tests.conftest import SettingsFactory
 
 
-
 async def upload(orthanc: OrthancProcess, n: int = 1, *, study: str | None = None,
                  modality: str = "CT", seed: int = 0) -> tuple[str, list[str]]:
     return await asyncio.to_thread(_upload, orthanc, n, study, modality, seed)
