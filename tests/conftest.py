@@ -109,7 +109,7 @@ async def eventually(predicate: Callable[[], object | Awaitable[object]], *,
         if result:
             return result
         if time.monotonic() >= deadline:
-            pytest.fail(f"{what}: not true within {timeout} s")
+            pytest.fail(f"waited {timeout} s for: {what}")
         await asyncio.sleep(interval)
 
 
@@ -122,7 +122,7 @@ def eventually_sync(predicate: Callable[[], object], *, timeout: float = 10.0,
         if result:
             return result
         if time.monotonic() >= deadline:
-            pytest.fail(f"{what}: not true within {timeout} s")
+            pytest.fail(f"waited {timeout} s for: {what}")
         time.sleep(interval)
 
 
