@@ -1,10 +1,14 @@
 """Shared fixtures: a real Orthanc with generated instances, settings factories, and
-blockbuster watching the event loop in every test."""
+blockbuster watching the event loop in every test; the one bounded-polling helper
+(:func:`eventually`, :func:`eventually_sync`) and :func:`metric_value`."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ from dicomcache.config import Settings, from_dict
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
+from dicomcache.metrics import Metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +91,50 @@ def ct_series(orthanc: OrthancProcess) -> list[Sample]:
 
 
 SettingsFactory = Callable[..., Settings]
+
+
+async def eventually(predicate: Callable[[], object | Awaitable[object]], *,
+                     timeout: float = 10.0, interval: float = 0.02,
+                     what: str = "condition") -> Any:
+    """Poll ``predicate()`` until its result (awaited if awaitable) is truthy; return it.
+
+    For state nothing announces (a counter at the emulator, a breaker's state, an
+    HTTP answer).  Fails the test, naming ``what``, once ``timeout`` seconds pass.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            pytest.fail(f"waited {timeout} s for: {what}")
+        await asyncio.sleep(interval)
+
+
+def eventually_sync(predicate: Callable[[], object], *, timeout: float = 10.0,
+                    interval: float = 0.05, what: str = "condition") -> Any:
+    """:func:`eventually` for synchronous tests (never on the event loop)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            pytest.fail(f"waited {timeout} s for: {what}")
+        time.sleep(interval)
+
+
+def metric_value(metrics: Metrics, name: str, **labels: str) -> float:
+    """The value of one exported sample (``dicomcache_…`` name, every label given).
+
+    Read through the registry's public ``get_sample_value``; a sample that does not
+    exist fails the test rather than comparing as ``None``.
+    """
+    value = metrics.registry.get_sample_value(name, labels)
+    assert value is not None, f"no sample {name}{labels}"
+    return value
 
 
 @pytest.fixture

@@ -82,16 +82,25 @@ async def scrape_names(client: TestClient) -> tuple[set[str], dict[str, str]]:
 
 
 def label_names() -> dict[str, set[str]]:
-    """Sample name → its label names (plus ``le`` for buckets), from ``Metrics``."""
+    """Sample name → its label names (``le`` on buckets), from ``Metrics``' registry.
+
+    Read through the public ``registry.collect()``.  A labelled metric has no
+    samples until it has a child, so each gets one first: ``labels()`` accepts
+    exactly as many values as the metric has label names.
+    """
+    metrics = Metrics()
+    for metric in vars(metrics).values():
+        if isinstance(metric, MetricWrapperBase):
+            for count in range(1, 10):
+                try:
+                    metric.labels(*["x"] * count)
+                except ValueError:  # not that many label names (or none at all)
+                    continue
+                break
     out: dict[str, set[str]] = {}
-    for metric in vars(Metrics()).values():
-        if not isinstance(metric, MetricWrapperBase):
-            continue
-        labels = set(metric._labelnames)
-        base = metric._name
-        kind = metric._type
-        for suffix in SUFFIXES.get(kind, ("",)):
-            out[base + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            out.setdefault(sample.name, set()).update(sample.labels)
     return out
 
 

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.http.app import make_app
 from dicomcache.metrics import FAILURE_CAUSES, INSTANCE_FAMILIES, INTEGRITY_CAUSES
-from tests.conftest import Sample, SettingsFactory
+from tests.conftest import Sample, SettingsFactory, eventually
 
 Key = tuple[str, frozenset[tuple[str, str]]]
 
@@ -117,11 +117,12 @@ async def test_counters_move_by_exactly_the_traffic(client: TestClient, wan: Wan
     assert delta("dicomcache_upstream_request_duration_seconds_count", kind="instance") == 15
     assert after.get("dicomcache_upstream_up") == 1
     # The store's gauges follow within a second or two (they are refreshed in the background).
-    for _ in range(50):
-        after = await scrape(client)
-        if after.get("dicomcache_cache_entries") == 3:
-            break
-        await asyncio.sleep(0.1)
+    async def gauges_refreshed() -> Scrape | None:
+        now = await scrape(client)
+        return now if now.get("dicomcache_cache_entries") == 3 else None
+
+    after = await eventually(gauges_refreshed, timeout=5, interval=0.1,
+                             what="the store's gauges refreshed")
     assert after.get("dicomcache_cache_entries") == 3
     assert after.get("dicomcache_cache_size_bytes") >= sum(sizes)
     assert after.get("dicomcache_cache_max_bytes") == 1 << 30

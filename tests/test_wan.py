@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import time
 
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import CLIENT, METRICS, PREFETCHER, STORE
-from tests.conftest import Sample, SettingsFactory
+from tests.conftest import Sample, SettingsFactory, eventually
 
 
 def wado(s: Sample) -> str:
@@ -57,10 +55,8 @@ async def test_link_dies_during_prefetch_then_comes_back(
     first = ct_series[0]
     assert (await client.get(wado(first))).status == 200
     prefetcher = client.app[PREFETCHER]
-    deadline = time.monotonic() + 10
-    while not wan.requests[f"/instances/{ct_series[2].orthanc_id}/file"]:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+    await eventually(lambda: wan.requests[f"/instances/{ct_series[2].orthanc_id}/file"],
+                     what="prefetch under way")
 
     wan.set_down(True)
     assert await prefetcher.idle(10), "prefetch kept waiting on a dead link"
@@ -74,10 +70,7 @@ async def test_link_dies_during_prefetch_then_comes_back(
     assert resp.status == 200 and await resp.read() == first.data
 
     wan.set_down(False)
-    deadline = time.monotonic() + 10
-    while breaker.state != "closed":
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await eventually(lambda: breaker.state == "closed", what="the circuit closed")
     resp = await client.get(wado(missing[-1]))
     assert resp.status == 200 and await resp.read() == missing[-1].data
     # That touch restarted the interrupted prefetch: the series completes.

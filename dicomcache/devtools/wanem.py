@@ -59,11 +59,18 @@ from typing import Final, Literal, TypeVar
 
 __all__ = [
     "FAULT_KINDS",
+    "Framing",
+    "Head",
     "HttpProtocolError",
     "LinkProfile",
     "ThreadedWanEmulator",
     "WanEmulator",
     "WanStats",
+    "keep_alive",
+    "parse_head",
+    "request_framing",
+    "response_framing",
+    "with_content_length",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,7 +98,8 @@ _MAX_IN_FLIGHT: Final = 4 * 1024 * 1024
 _THREAD_TIMEOUT: Final = 30.0
 
 _T = TypeVar("_T")
-_Framing = Literal["none", "length", "chunked", "close"]
+#: How a message body is delimited (see :func:`request_framing`, :func:`response_framing`).
+Framing = Literal["none", "length", "chunked", "close"]
 _Shutdown = Literal["close", "reset"]
 
 
@@ -237,7 +245,7 @@ class WanStats:
 
 
 @dataclass(frozen=True, slots=True)
-class _Head:
+class Head:
     """A parsed request or response head; ``raw`` is forwarded unchanged."""
 
     raw: bytes
@@ -256,7 +264,7 @@ class _Head:
         ]
 
 
-def _parse_head(raw: bytes, *, response: bool) -> _Head:
+def parse_head(raw: bytes, *, response: bool) -> Head:
     """Parse a head ending in CRLF CRLF; raise HttpProtocolError if malformed."""
     lines = raw.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
@@ -277,10 +285,10 @@ def _parse_head(raw: bytes, *, response: bool) -> _Head:
         if not sep or not name or name != name.strip():
             raise HttpProtocolError(f"bad header line {line!r}")
         headers.append((name, value.strip()))
-    return _Head(raw, (parts[0], parts[1], parts[2]), tuple(headers))
+    return Head(raw, (parts[0], parts[1], parts[2]), tuple(headers))
 
 
-def _content_length(head: _Head) -> int | None:
+def _content_length(head: Head) -> int | None:
     values = set(head.tokens("content-length"))
     if not values:
         return None
@@ -289,7 +297,7 @@ def _content_length(head: _Head) -> int | None:
     return int(v)
 
 
-def _request_framing(head: _Head) -> tuple[_Framing, int]:
+def request_framing(head: Head) -> tuple[Framing, int]:
     """How the request body is delimited, and its length if known."""
     te = head.tokens("transfer-encoding")
     if te:
@@ -300,7 +308,7 @@ def _request_framing(head: _Head) -> tuple[_Framing, int]:
     return ("length", length) if length else ("none", 0)
 
 
-def _response_framing(method: str, head: _Head) -> tuple[_Framing, int]:
+def response_framing(method: str, head: Head) -> tuple[Framing, int]:
     """How a response body is delimited (RFC 9112 section 6.3)."""
     status = int(head.first[1])
     if method == "HEAD" or status < 200 or status in (204, 304):
@@ -312,14 +320,15 @@ def _response_framing(method: str, head: _Head) -> tuple[_Framing, int]:
     return ("close", 0) if length is None else ("length", length)
 
 
-def _keep_alive(version: str, head: _Head) -> bool:
+def keep_alive(version: str, head: Head) -> bool:
+    """Whether the connection stays open after a message of HTTP ``version`` with this head."""
     connection = head.tokens("connection")
     if version == "HTTP/1.0":
         return "keep-alive" in connection
     return "close" not in connection
 
 
-def _with_content_length(raw: bytes, length: int) -> bytes:
+def with_content_length(raw: bytes, length: int) -> bytes:
     """``raw`` head with its Content-Length header(s) replaced by ``length``."""
     lines = raw[:-4].split(b"\r\n")
     out = [lines[0]]
@@ -424,7 +433,7 @@ class _Piece:
 
 
 async def _iter_body(
-    reader: asyncio.StreamReader, framing: _Framing, length: int
+    reader: asyncio.StreamReader, framing: Framing, length: int
 ) -> AsyncGenerator[_Piece, None]:
     """Read one body with the given framing, in bounded pieces."""
     if framing == "length":
@@ -719,10 +728,10 @@ class _Connection:
             raw = raw.lstrip(b"\r\n")  # empty lines before a request are allowed
             if not raw:
                 continue
-            head = _parse_head(raw, response=False)
+            head = parse_head(raw, response=False)
             method, target, version = head.first
-            framing, length = _request_framing(head)
-            close = not _keep_alive(version, head)
+            framing, length = request_framing(head)
+            close = not keep_alive(version, head)
             emu._count_request(method, target)
             plan = _plan_fault(emu.profile, emu._rng, method, target)
             body = _iter_body(self._client_r, framing, length)
@@ -816,7 +825,7 @@ class _Connection:
         while True:
             if raw is None:
                 return "close"  # upstream closed instead of answering
-            head = _parse_head(raw, response=True)
+            head = parse_head(raw, response=True)
             status = int(head.first[1])
             if status >= 200:
                 break
@@ -824,8 +833,8 @@ class _Connection:
                 raise HttpProtocolError("protocol upgrades are not supported")
             await self._down.send(raw)  # interim 1xx: relay, keep reading
             raw = await _read_head(self._up_r)
-        framing, length = _response_framing(rec.method, head)
-        keep = framing != "close" and not rec.close and _keep_alive(head.first[0], head)
+        framing, length = response_framing(rec.method, head)
+        keep = framing != "close" and not rec.close and keep_alive(head.first[0], head)
         body = _iter_body(self._up_r, framing, length)
         async with contextlib.aclosing(body):
             if rec.plan is None:
@@ -840,7 +849,7 @@ class _Connection:
         rec: _Record,
         plan: _FaultPlan,
         raw: bytes,
-        framing: _Framing,
+        framing: Framing,
         length: int,
         body: AsyncGenerator[_Piece, None],
         keep: bool,
@@ -871,7 +880,7 @@ class _Connection:
             cut = min(int(plan.cut * size), size - 1)
             out_head = raw
             if kind == "truncate_lying" and framing == "length":
-                out_head = _with_content_length(raw, cut)
+                out_head = with_content_length(raw, cut)
             await down.send(out_head)
             if kind == "close_early":
                 await down.finish("close")

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS
-from tests.conftest import Sample, SettingsFactory
+from tests.conftest import Sample, SettingsFactory, metric_value
 
 FAULTS = ["truncate_lying", "truncate", "close_early", "reset", "corrupt", "status_503"]
 
@@ -24,11 +24,6 @@ FAULTS = ["truncate_lying", "truncate", "close_early", "reset", "corrupt", "stat
 @pytest.fixture
 async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator) -> TestClient:
     return await aiohttp_client(make_app(make_settings(url=f"http://127.0.0.1:{wan.port}")))
-
-
-def counter(client: TestClient, name: str, *labels: str) -> float:
-    metric = getattr(client.app[METRICS], name)
-    return float((metric.labels(*labels) if labels else metric)._value.get())
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -45,7 +40,8 @@ async def test_always_failing_link_gives_502_never_a_bad_body(
     if fault in ("truncate_lying", "corrupt"):
         # Caught by verification, not by HTTP: the "buffer overruns prevented".
         # (The MD5 is checked before the parse, so it names both.)
-        assert counter(client, "integrity_failures", "md5_mismatch") == 4
+        assert metric_value(client.app[METRICS], "dicomcache_integrity_failures_total",
+                            cause="md5_mismatch") == 4
     # Nothing unverified was stored: with the link healed, the next request is a clean miss.
     wan.set_profile(LinkProfile())
     resp = await client.get(f"/instances/{s.orthanc_id}/file")
@@ -108,7 +104,7 @@ async def test_concurrent_misses_one_download(client: TestClient, wan: WanEmulat
         assert s.data in body
     assert wan.requests[f"/instances/{s.orthanc_id}/file"] == 1
     assert wan.requests["/tools/lookup"] <= 1
-    assert counter(client, "coalesced") >= 5
+    assert metric_value(client.app[METRICS], "dicomcache_coalesced_requests_total") >= 5
     # And later requests are hits: no more upstream traffic at all.
     before = sum(wan.requests.values())
     for u in urls[::6]:
@@ -169,7 +165,7 @@ async def test_full_disk_still_serves_the_verified_instance(
     assert wan.requests[f"/instances/{s.orthanc_id}/file"] == 2
     # Counted every time, logged once a minute (a full disk would log every instance).
     metrics = client.app[METRICS]
-    assert metrics.uncached.labels("disk_full")._value.get() == 2
+    assert metric_value(metrics, "dicomcache_cache_write_failures_total", cause="disk_full") == 2
     assert caplog.text.count("cache disk full") == 1
     assert metrics.last_uncached is not None and metrics.last_uncached[1] == s.orthanc_id
 

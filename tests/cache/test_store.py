@@ -20,6 +20,7 @@ from dicomcache.cache.instance import Instance
 from dicomcache.cache.store import AsyncStore, Store, StoreClosed
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.dicom.verify import parse_dicom, verify_file
+from tests.conftest import eventually
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_eviction_keeps_under_bound_least_recently_used_first(tmp_path: Path,
     size = len(blobs[0])
     store = Store(tmp_path, 4 * size + (256 << 10))  # room for ~4 plus the sqlite file
     entries = [commit(store, b) for b in blobs[:4]]
-    time.sleep(0.01)
+    time.sleep(0.01)  # time passing: the touch below gets a later access time
     assert store.get(entries[0].sop_uid) is not None  # touch the oldest: now most recent
     for b in blobs[4:6]:  # two more: two must go, and not the one just used
         commit(store, b)
@@ -205,14 +206,12 @@ async def test_queued_commits_are_grouped_and_found_while_pending(
     monkeypatch.setattr(Store, "commit_group", slow_group)
     try:
         first = store.queue_commit(verified(blobs[0], oid_of(0)))
-        for _ in range(500):  # until the first group is being written (and held)
-            if groups:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: groups, what="the first group being written (and held)")
         rest = [store.queue_commit(verified(b, oid_of(i))) for i, b in enumerate(blobs[1:], 1)]
         sop = parse_dicom(blobs[5]).sop_instance_uid
         by_sop = asyncio.ensure_future(store.get(sop))
         by_oid = asyncio.ensure_future(store.get_by_orthanc_id(oid_of(5)))
+        # Time passing: long enough for a miss to come back from the index; none may.
         await asyncio.sleep(0.05)
         assert not by_sop.done() and not by_oid.done()  # waiting for the commit, not a miss
         # A viewer's own download does not queue behind the held group.
@@ -305,7 +304,7 @@ def test_kill_9_leaves_a_consistent_store(tmp_path: Path, delay: float, mode: st
     with subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), mode],
                           stdout=subprocess.PIPE) as proc:
         assert proc.stdout is not None and proc.stdout.readline().startswith(b"ready")
-        time.sleep(delay)
+        time.sleep(delay)  # the chosen kill delay (time passing, the test's parameter)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     store = Store(tmp_path, 1 << 30)

@@ -200,11 +200,11 @@ def test_pinned_studies_are_skipped_by_eviction(tmp_path: Path,
     assert other.pin(pinned[0].study_uid or "")
     other.close()
     assert store.pinned().keys() == {pinned[0].study_uid}
-    time.sleep(0.01)
+    time.sleep(0.01)  # time passing: what is committed next is used later than the pinned
     others = []
     for blob in blobs_b:
         others.append(commit(store, blob))
-        time.sleep(0.01)  # distinct access times: LRU order is the commit order
+        time.sleep(0.01)  # time passing, distinct access times: LRU order is the commit order
     # The pinned study (the least recently used) stays; the oldest unpinned went, one by one.
     assert all(store.get(e.sop_uid) is not None for e in pinned)
     present = [store.get(e.sop_uid) is not None for e in others]

@@ -21,7 +21,7 @@ from dicomcache.cli.main import main
 from dicomcache.devtools.orthanc import OrthancProcess, free_port
 from dicomcache.devtools.wanem import LinkProfile, ThreadedWanEmulator
 from dicomcache.dicom.verify import verify_file
-from tests.conftest import Sample
+from tests.conftest import Sample, eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,15 +59,15 @@ def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         assert proc.poll() is None, f"dicomcache exited with {proc.returncode}"
         try:
             urllib.request.urlopen(url + "/healthz", timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("dicomcache did not start")
+        except OSError:  # not listening yet
+            return False
+        return True
+
+    eventually_sync(answers, timeout=timeout, what="dicomcache answering /healthz")
 
 
 def get(url: str, timeout: float = 30) -> bytes:
@@ -140,7 +140,7 @@ def test_kill_9_during_downloads_then_restart(serve, tmp_path: Path,  # type: ig
         wait_ready(base, proc)
         pool = concurrent.futures.ThreadPoolExecutor(len(ct_series))
         futures = [pool.submit(get, f"{base}/instances/{s.orthanc_id}/file") for s in ct_series]
-        time.sleep(0.6)
+        time.sleep(0.6)  # the deliberate kill delay: some downloads done, others in flight
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         done = 0

@@ -7,11 +7,13 @@ import io
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pydicom
 import pydicom.config
 import pytest
+from pydicom.pixels.encoders import base as pydicom_encoders
 from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -24,7 +26,6 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicomcache.devtools import samples
 from dicomcache.devtools.samples import (
     COMPRESSED_SYNTAXES,
     SUPPORTED_SYNTAXES,
@@ -231,7 +232,9 @@ def test_bad_arguments() -> None:
 def test_require_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
     assert require_encoder(ExplicitVRBigEndian) == ""
     assert require_encoder(RLELossless) in ("pylibjpeg", "pydicom")  # RLE always has numpy's
-    monkeypatch.setitem(samples._PLUGINS, RLELossless, ("no-such-plugin",))
+    # No encoding plugin installed, as pydicom would report it.
+    monkeypatch.setattr(pydicom_encoders, "get_encoder",
+                        lambda uid: SimpleNamespace(available_plugins=()))
     with pytest.raises(CodecUnavailableError, match="install") as info:
         make_ct_series(1, rows=8, columns=8, transfer_syntax=RLELossless)
     assert isinstance(info.value, RuntimeError)

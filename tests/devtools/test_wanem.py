@@ -144,8 +144,8 @@ def split_response(data: bytes) -> tuple[bytes, bytes]:
 # Pure parts.
 
 
-def head(raw: bytes, response: bool = True) -> wanem._Head:
-    return wanem._parse_head(raw, response=response)
+def head(raw: bytes, response: bool = True) -> wanem.Head:
+    return wanem.parse_head(raw, response=response)
 
 
 @pytest.mark.parametrize(
@@ -164,7 +164,7 @@ def head(raw: bytes, response: bool = True) -> wanem._Head:
     ],
 )
 def test_response_framing(method: str, raw: bytes, expected: tuple[str, int]) -> None:
-    assert wanem._response_framing(method, head(raw)) == expected
+    assert wanem.response_framing(method, head(raw)) == expected
 
 
 @pytest.mark.parametrize(
@@ -180,24 +180,24 @@ def test_response_framing(method: str, raw: bytes, expected: tuple[str, int]) ->
 )
 def test_bad_response_heads(raw: bytes) -> None:
     with pytest.raises(wanem.HttpProtocolError):
-        wanem._response_framing("GET", head(raw))
+        wanem.response_framing("GET", head(raw))
 
 
 def test_request_framing_and_keep_alive() -> None:
     get = head(b"GET /x?y=1 HTTP/1.1\r\nHost: a\r\n\r\n", response=False)
     assert get.first == ("GET", "/x?y=1", "HTTP/1.1")
-    assert wanem._request_framing(get) == ("none", 0)
-    assert wanem._keep_alive("HTTP/1.1", get)
+    assert wanem.request_framing(get) == ("none", 0)
+    assert wanem.keep_alive("HTTP/1.1", get)
     post = head(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", response=False)
-    assert wanem._request_framing(post) == ("chunked", 0)
-    assert not wanem._keep_alive("HTTP/1.0", post)
+    assert wanem.request_framing(post) == ("chunked", 0)
+    assert not wanem.keep_alive("HTTP/1.0", post)
     close = head(b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n", response=False)
-    assert not wanem._keep_alive("HTTP/1.1", close)
+    assert not wanem.keep_alive("HTTP/1.1", close)
 
 
 def test_content_length_rewrite() -> None:
     raw = b"HTTP/1.1 200 OK\r\nA: b\r\ncontent-length: 100\r\nContent-Length: 100\r\n\r\n"
-    assert wanem._with_content_length(raw, 7) == (
+    assert wanem.with_content_length(raw, 7) == (
         b"HTTP/1.1 200 OK\r\nA: b\r\nContent-Length: 7\r\n\r\n"
     )
 
@@ -316,7 +316,7 @@ async def test_upstream_idle_close_reaches_client() -> None:
     ) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(SMALL), SMALL))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # time passing: the connection idles, then is closed
         writer.close()
 
     server = await asyncio.start_server(answer_then_idle_close, "127.0.0.1", 0)
@@ -614,7 +614,7 @@ async def test_bandwidth_kept_when_pacing_wakes_late() -> None:
             spin_until = time.perf_counter() + 0.0003
             while time.perf_counter() < spin_until:
                 pass
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one loop pass for the emulator between spins
 
     async with rig(LinkProfile(bandwidth_mbit=mbit)) as r:
         hogging = asyncio.create_task(hog())

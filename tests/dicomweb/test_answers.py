@@ -85,6 +85,8 @@ async def test_answer_cache_fresh_stale_and_errors() -> None:
 
     async def load(old: Cached | None) -> Cached:
         calls.append(old)
+        # Time passing: a load takes a while, as a request to Orthanc does, so the
+        # other callers find it in flight.
         await asyncio.sleep(0.01)
         return cached(b"v%d" % len(calls), clock, 10)
 

@@ -20,13 +20,13 @@ async def test_budget_lets_one_in_and_waits_while_over_the_limit() -> None:
     budget = Budget(100)
     await budget.take(500)  # bigger than the limit: let in when nothing is held
     second = asyncio.ensure_future(budget.take(10))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop pass: the take runs up to its wait
     assert not second.done()  # over the limit: waits for room
     budget.give_back(500)
     await asyncio.wait_for(second, 1)
     await budget.take(90)  # 10 + 90 fits exactly
     third = asyncio.ensure_future(budget.take(1))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop pass: the take runs up to its wait
     assert not third.done() and budget.held == 100
     budget.give_back(90)
     await asyncio.wait_for(third, 1)

@@ -113,7 +113,7 @@ async def test_growing_series_shows_up_after_revalidation(
     assert await counts() == (2, 2, 2)
     await asyncio.to_thread(orthanc.upload, blobs[2:])
     assert await counts() == (2, 2, 2)  # still fresh: not asked again
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(0.35)  # time passing: past metadata_fresh (0.3 s)
     assert await counts() == (3, 3, 3)
 
 

@@ -92,7 +92,7 @@ async def test_stale_metadata_and_qido_served_when_orthanc_is_down(
     whole = split_multipart(await retrieve.read(), retrieve.headers["Content-Type"])
 
     wan.set_down(True)
-    await asyncio.sleep(0.25)  # past metadata_fresh and qido_fresh
+    await asyncio.sleep(0.25)  # time passing: past metadata_fresh and qido_fresh
     for name, path in paths.items():
         resp = await client.get(path)
         assert resp.status == 200, name
@@ -127,7 +127,7 @@ async def test_stale_copies_have_a_limit(aiohttp_client, make_settings: Settings
     path = series_path(s) + "/metadata"
     assert (await client.get(path)).status == 200
     wan.set_down(True)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # time passing: past metadata_fresh + stale_if_error
     assert (await client.get(path)).status in (502, 503, 504)
 
 
@@ -149,7 +149,7 @@ async def test_restart_while_orthanc_is_down_keeps_metadata(
     await first.close()
 
     wan.set_down(True)
-    await asyncio.sleep(0.25)  # past fresh
+    await asyncio.sleep(0.25)  # time passing: past metadata_fresh and qido_fresh
     second = await aiohttp_client(make_app(settings))
     for path, body in zip(paths, before, strict=True):
         resp = await second.get(path)

@@ -19,7 +19,7 @@ from dicomcache.devtools.samples import make_ct_series
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import DICOMWEB, STORE
-from tests.conftest import Sample, SettingsFactory
+from tests.conftest import Sample, SettingsFactory, eventually, metric_value
 from tests.http.dicomweb_support import ANY_SYNTAX, orthanc_answer, split_multipart
 
 SERIES_STREAM = r"/dicom-web/studies/[^/]*/series/[^/]*$"  # not /series/{id} (the listing)
@@ -127,7 +127,8 @@ async def test_cold_retrieve_with_the_cache_disk_full_sends_every_part(
     assert await client.app[STORE].get(ct_series[0].sop) is None
     from dicomcache.http.keys import METRICS
 
-    assert client.app[METRICS].uncached.labels("disk_full")._value.get() == 2 * len(ct_series)
+    assert metric_value(client.app[METRICS], "dicomcache_cache_write_failures_total",
+                        cause="disk_full") == 2 * len(ct_series)
     assert caplog.text.count("cache disk full") == 1  # not once per instance
 
 
@@ -215,10 +216,8 @@ async def test_concurrent_instance_request_waits_for_the_stream(
         return [b for _, b in split_multipart(await resp.read(), resp.headers["Content-Type"])]
 
     async def one() -> bytes:
-        for _ in range(500):  # until the series stream has been asked for (bounded)
-            if wan.requests[path]:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: wan.requests[path], interval=0.01,
+                         what="the series stream asked for")
         assert wan.requests[path] == 1
         resp = await client.get(f"{path}/instances/{late.sop}", headers={"Accept": ANY_SYNTAX})
         assert resp.status == 200
@@ -259,6 +258,8 @@ async def test_cold_retrieve_does_not_wait_for_durability(
             [s.data for s in ct_series]
         assert sum(wan.requests.values()) == before and store.sync.peek(late.sop) is None
         single = asyncio.ensure_future(client.get(f"/instances/{late.orthanc_id}/file"))
+        # Time passing: long enough for a miss or a second download to answer; it must
+        # still be waiting for the commit.
         await asyncio.sleep(0.2)
         assert not single.done()  # waiting for the commit
     finally:
@@ -271,10 +272,9 @@ async def test_cold_retrieve_does_not_wait_for_durability(
         assert entry is not None and await asyncio.to_thread(entry.path.read_bytes) == s.data
     from dicomcache.http.keys import DICOMWEB
 
-    for _ in range(100):  # the app-wide commit backlog is given back once all are durable
-        if client.app[DICOMWEB].commit_backlog.held == 0:
-            break
-        await asyncio.sleep(0.05)
+    # the app-wide commit backlog is given back once all are durable
+    await eventually(lambda: client.app[DICOMWEB].commit_backlog.held == 0, timeout=5,
+                     interval=0.05, what="the commit backlog given back")
     assert client.app[DICOMWEB].commit_backlog.held == 0
 
 
@@ -293,6 +293,7 @@ async def test_shutdown_right_after_a_cold_retrieve_keeps_every_part(
         assert len(split_multipart(await resp.read(), resp.headers["Content-Type"])) == \
             len(ct_series)
         closing = asyncio.ensure_future(client.close())  # shutdown while commits are held
+        # Time passing: long enough for a shutdown that did not wait to finish.
         await asyncio.sleep(0.2)
         assert not closing.done()  # the store waits for them
     finally:
@@ -323,12 +324,11 @@ async def test_shutdown_ends_a_stream_stalled_upstream_at_once(
     app = client.app
     retrieve = asyncio.ensure_future(client.get(series_path(ct_series[0]),
                                                 headers={"Accept": ANY_SYNTAX}))
-    for _ in range(100):
-        if wan.faults["stall"] and streams_of(app):
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: wan.faults["stall"] and streams_of(app), timeout=5, interval=0.05,
+                     what="a series stream stalled upstream")
     assert wan.faults["stall"] == 1 and streams_of(app)
-    await asyncio.sleep(0.3)  # the stream is now blocked in the stalled body
+    # Time passing: the stall goes on, and the stream now sits in its read of the body.
+    await asyncio.sleep(0.3)
     started = time.monotonic()
     retrieve.cancel()
     await asyncio.wait_for(client.close(), 30)

@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.http.app import make_app
-from tests.conftest import Sample, SettingsFactory
+from tests.conftest import Sample, SettingsFactory, metric_value
 
 ALL_LABELS = ["explicit", "implicit", "bigendian", "deflated", "rle", "jpegls", "j2k",
               "multiframe"]
@@ -100,12 +100,12 @@ async def test_one_entry_shared_by_all_families(client: TestClient,
     assert resp.status == 200
     from dicomcache.http.keys import METRICS
     metrics = client.app[METRICS]
-    misses = metrics.cache_misses.labels("orthanc")._value.get()
+    misses = metric_value(metrics, "dicomcache_cache_misses_total", family="orthanc")
     resp = await client.get(f"/instances/{s.orthanc_id}/file")
     assert resp.status == 200
     resp = await client.get(
         f"/wado?requestType=WADO&objectUID={s.sop}&contentType=application/dicom")
     assert resp.status == 200
-    assert metrics.cache_misses.labels("orthanc")._value.get() == misses
-    assert metrics.cache_hits.labels("orthanc")._value.get() >= 1
-    assert metrics.cache_hits.labels("wado_uri")._value.get() >= 1
+    assert metric_value(metrics, "dicomcache_cache_misses_total", family="orthanc") == misses
+    assert metric_value(metrics, "dicomcache_cache_hits_total", family="orthanc") >= 1
+    assert metric_value(metrics, "dicomcache_cache_hits_total", family="wado_uri") >= 1

@@ -11,6 +11,7 @@ import signal
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -24,7 +25,7 @@ from dicomcache.http import status
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS, RELAY, STORE
 from dicomcache.http.status import render
-from tests.conftest import Sample, SettingsFactory
+from tests.conftest import Sample, SettingsFactory, eventually, metric_value
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -51,29 +52,33 @@ async def test_readyz_follows_the_upstream(client: TestClient, wan: WanEmulator,
     assert body["ready"] is True
     assert body["store"]["ok"] is True and body["store"]["free_bytes"] > 0
     assert body["upstream"]["state"] == "up"
-    assert client.app[METRICS].upstream_up._value.get() == 1
+    assert metric_value(client.app[METRICS], "dicomcache_upstream_up") == 1
 
     # Without traffic the state is re-probed once it is PROBE_EVERY old: make that short.
     monkeypatch.setattr(status, "PROBE_EVERY", 0.3)
     wan.set_down(True)
-    answers = []
-    for _ in range(40):
+    answers: list[int] = []
+    bodies: list[dict[str, Any]] = []
+
+    async def down_three_times() -> bool:
         resp = await client.get("/readyz")
         answers.append(resp.status)
-        if len(answers) > 3 and answers[-3:] == [503] * 3:
-            break
-        await asyncio.sleep(0.25)
-    body = await resp.json()
+        bodies.append(await resp.json())
+        return len(answers) > 3 and answers[-3:] == [503] * 3
+
+    await eventually(down_three_times, timeout=10, interval=0.25, what="/readyz 503 three times")
+    body = bodies[-1]
     assert answers[-3:] == [503] * 3, answers
     assert body["ready"] is False and body["upstream"]["state"] == "down"
     assert "GET /system" in body["upstream"]["detail"]
-    assert client.app[METRICS].upstream_up._value.get() == 0
+    assert metric_value(client.app[METRICS], "dicomcache_upstream_up") == 0
 
     wan.set_down(False)
-    for _ in range(40):
-        if (await client.get("/readyz")).status == 200:
-            break
-        await asyncio.sleep(0.25)
+
+    async def ready() -> bool:
+        return (await client.get("/readyz")).status == 200
+
+    await eventually(ready, timeout=10, interval=0.25, what="/readyz 200 again")
     assert (await client.get("/readyz")).status == 200
     changes = [r.getMessage() for r in caplog.records if r.name == "dicomcache.upstream.client"]
     # One line per change, however many probes and readiness checks saw it.
@@ -231,11 +236,12 @@ async def test_status_page_in_headless_chromium(
         relay.spool.update_destination,  # type: ignore[attr-defined]
         "pacs", configured_strategy="standard", learned_strategy="conservative",
         learned_syntaxes={"1.2.840.10008.5.1.4.1.1.2": ["1.2.840.10008.1.2"]})
-    for _ in range(100):
+
+    async def learned_shown() -> bool:
         data = await (await client.get("/status.json")).json()
-        if data["relay"]["destinations"]["pacs"]["learned_strategy"]:
-            break
-        await asyncio.sleep(0.1)
+        return bool(data["relay"]["destinations"]["pacs"]["learned_strategy"])
+
+    await eventually(learned_shown, interval=0.1, what="the learned strategy in /status.json")
 
     url = f"http://127.0.0.1:{client.port}/"
     dom = (await _chromium(f"--user-data-dir={tmp_path / 'profile-dom'}", "--dump-dom", url)
@@ -293,13 +299,13 @@ mode = "off"    # no background traffic racing the faults below
                     await resp.read()
                     return resp.status
 
-            for _ in range(200):  # ready when it answers (bounded: 20 s)
+            async def ready() -> bool:
                 try:
-                    if await get("/readyz") == 200:
-                        break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+                    return await get("/readyz") == 200
+                except aiohttp.ClientError:  # not listening yet
+                    return False
+
+            await eventually(ready, timeout=20, interval=0.1, what="the daemon ready")
             good, bad, later = ct_series[0], ct_series[2], ct_series[4]
             assert await get(f"/instances/{good.orthanc_id}/file") == 200
             wan.set_profile(LinkProfile(corrupt=1.0,
@@ -309,10 +315,12 @@ mode = "off"    # no background traffic racing the faults below
             wan.set_down(True)
             assert await get(f"/instances/{later.orthanc_id}/file") in (502, 503)
             wan.set_down(False)
-            for _ in range(100):  # the circuit breaker may hold misses back for a moment
-                if await get(f"/instances/{later.orthanc_id}/file") == 200:
-                    break
-                await asyncio.sleep(0.2)
+
+            async def served() -> bool:
+                return await get(f"/instances/{later.orthanc_id}/file") == 200
+
+            # the circuit breaker may hold misses back for a moment
+            await eventually(served, timeout=20, interval=0.2, what="the miss served again")
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 60)

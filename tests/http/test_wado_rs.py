@@ -21,7 +21,7 @@ from dicomcache.dicomweb import retrieve
 from dicomcache.http import respond, wado_rs
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS, STORE
-from tests.conftest import Sample, SettingsFactory
+from tests.conftest import Sample, SettingsFactory, eventually, metric_value
 from tests.http.dicomweb_support import (
     ANY_SYNTAX,
     get_parts,
@@ -94,11 +94,11 @@ async def test_retrieve_sends_stored_parts_from_files_and_after_restart(
     # A new process on the same cache: entries are found in the index, not the hot map,
     # the answer is assembled locally with an exact length, every part by sendfile.
     client = await aiohttp_client(make_app(settings))
-    served = client.app[METRICS].served_bytes
     resp, warm = await get_parts(client, path, ANY_SYNTAX)
     assert resp.headers["Content-Length"] == str(resp.content_length)
     assert sendfiles == [True] * len(ct_series)
-    assert served._value.get() == sum(len(s.data) for s in ct_series)
+    served = metric_value(client.app[METRICS], "dicomcache_served_bytes_total")
+    assert served == sum(len(s.data) for s in ct_series)
     # One instance gone from the store: its length is unknown, the answer is chunked,
     # and the stored parts are read from their files in chunks.
     await asyncio.to_thread(client.app[STORE].sync.forget, ct_series[3].sop)
@@ -178,10 +178,8 @@ async def test_aborted_warm_retrieve_closes_its_files(
         assert resp.status == 200 and resp.content_length is not None
         await resp.content.readexactly(100_000)
         resp.close()  # the connection dropped, most parts unsent
-    for _ in range(100):
-        if not open_files_under(settings.cache.directory / "objects"):
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: not open_files_under(settings.cache.directory / "objects"),
+                     timeout=5, interval=0.05, what="the stored files closed")
     assert open_files_under(settings.cache.directory / "objects") == []
     aborted = [r for r in caplog.records if "aborted after" in r.getMessage()]
     assert aborted and all(r.levelno == logging.INFO for r in aborted)
@@ -200,13 +198,13 @@ async def test_a_part_given_up_while_its_batch_opens_closes_its_file(tmp_path: P
 
     batch = asyncio.ensure_future(opening())
     claim = asyncio.ensure_future(retrieve.claim(batch, 0))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop pass: the claim starts waiting for its batch
     claim.cancel()  # the retrieve gave up (viewer gone, another part failed)
     with pytest.raises(asyncio.CancelledError):
         await claim
     gate.set()
     await batch
-    await asyncio.sleep(0)  # done-callbacks run
+    await asyncio.sleep(0)  # one loop pass: the batch's done-callbacks run
     assert files[0].closed
 
 
@@ -222,11 +220,12 @@ async def test_single_instance_sent_from_its_file(
     assert direct == s.data
     await client.app[STORE].drain()
     sendfiles.clear()
-    served = client.app[METRICS].served_bytes._value.get()
+    served = metric_value(client.app[METRICS], "dicomcache_served_bytes_total")
     resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
     body = await resp.read()
     assert sendfiles == [True]
-    assert client.app[METRICS].served_bytes._value.get() == served + len(s.data)
+    assert metric_value(client.app[METRICS],
+                        "dicomcache_served_bytes_total") == served + len(s.data)
     assert int(resp.headers["Content-Length"]) == len(body)
     [(headers, data)] = split_multipart(body, resp.headers["Content-Type"])
     assert data == s.data and headers["content-length"] == str(len(s.data))

@@ -19,8 +19,7 @@ from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS, PREFETCHER, STORE
-from tests.conftest import Sample, SettingsFactory
-
+from tests.conftest import Sample, SettingsFactory, eventually, metric_value
 
 @pytest.fixture
 async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
@@ -71,7 +70,8 @@ async def test_first_touch_prefetches_the_series_later_requests_are_hits(
         assert resp.status == 200 and await resp.read() == s.data
     assert sum(wan.requests.values()) == before
     metrics = client.app[METRICS]
-    assert metrics.prefetched.labels("fetched")._value.get() == len(ct_series) - 1
+    fetched = metric_value(metrics, "dicomcache_prefetch_instances_total", outcome="fetched")
+    assert fetched == len(ct_series) - 1
     # A second touch of the same study does not list it again.
     assert wan.requests["/tools/lookup"] == 1
 
@@ -125,10 +125,8 @@ async def test_viewer_request_overtakes_prefetch(
     prefetcher = client.app[PREFETCHER]
     # Wait until prefetch is under way, then ask for the slice it would fetch last.
     last = ct_series[-1]
-    for _ in range(200):
-        if wan.requests[f"/instances/{ct_series[2].orthanc_id}/file"]:
-            break
-        await _sleep(0.02)
+    await eventually(lambda: wan.requests[f"/instances/{ct_series[2].orthanc_id}/file"],
+                     what="prefetch under way")
     resp = await client.get(f"/instances/{last.orthanc_id}/file")
     assert resp.status == 200 and await resp.read() == last.data
     fetched_when_viewer_done = sum(file_requests(wan, ct_series[1:-1]))
@@ -149,7 +147,8 @@ async def test_prefetch_stops_near_the_cache_bound_and_evicts_nothing(
     stats = await client.app[STORE].stats()
     assert stats["evictions"] == 0
     assert 1 < stats["entries"] <= 4  # 2 MB of 512 KiB slices: the touched one and ≤ 3 more
-    assert client.app[METRICS].prefetched.labels("budget")._value.get() > 0
+    assert metric_value(client.app[METRICS], "dicomcache_prefetch_instances_total",
+                        outcome="budget") > 0
     # The slice being viewed is still there.
     before = sum(wan.requests.values())
     assert (await client.get(f"/instances/{ct_series[0].orthanc_id}/file")).status == 200
@@ -163,11 +162,6 @@ async def test_prefetch_off_fetches_nothing_ahead(
     assert (await client.get(f"/instances/{ct_series[3].orthanc_id}/file")).status == 200
     assert await client.app[PREFETCHER].idle(5)
     assert sum(file_requests(wan, ct_series)) == 1
-
-
-async def _sleep(seconds: float) -> None:
-    import asyncio
-    await asyncio.sleep(seconds)
 
 
 # --- the CLI ---------------------------------------------------------------------------

@@ -8,7 +8,6 @@ the link comes back, the background probe closes the circuit.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
@@ -20,8 +19,7 @@ from dicomcache.http.app import make_app
 from dicomcache.http.keys import CLIENT, METRICS
 from dicomcache.metrics import Metrics
 from dicomcache.upstream.breaker import CircuitBreaker
-from tests.conftest import Sample, SettingsFactory
-
+from tests.conftest import Sample, SettingsFactory, eventually, metric_value
 
 @pytest.fixture
 async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator) -> TestClient:
@@ -29,13 +27,6 @@ async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulato
                              upstream={"retries": 1, "breaker_failures": 2,
                                        "breaker_probe_interval": 0.2})
     return await aiohttp_client(make_app(settings))
-
-
-async def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_open_fail_fast_serve_cached_then_recover(
@@ -50,7 +41,7 @@ async def test_open_fail_fast_serve_cached_then_recover(
         resp = await client.get(f"/instances/{s.orthanc_id}/file")
         assert resp.status == 502, await resp.text()
     assert breaker.state == "open"
-    assert client.app[METRICS].upstream_up._value.get() == 0
+    assert metric_value(client.app[METRICS], "dicomcache_upstream_up") == 0
 
     # Misses now fail fast, without going near the link.
     before = sum(wan.requests.values()), wan.stats.connections
@@ -72,12 +63,12 @@ async def test_open_fail_fast_serve_cached_then_recover(
 
     # The link comes back: the background probe closes the circuit.
     wan.set_down(False)
-    await wait_for(lambda: breaker.state == "closed")
+    await eventually(lambda: breaker.state == "closed", what="the circuit closed")
     assert wan.requests["/system"] >= 1
     resp = await client.get(f"/instances/{others[3].orthanc_id}/file")
     assert resp.status == 200 and await resp.read() == others[3].data
     assert breaker.opened_count == 1 and breaker.rejected_count == 2
-    assert client.app[METRICS].upstream_up._value.get() == 1
+    assert metric_value(client.app[METRICS], "dicomcache_upstream_up") == 1
 
 
 async def test_retries_stop_when_the_circuit_opens(
@@ -91,7 +82,7 @@ async def test_retries_stop_when_the_circuit_opens(
     resp = await client.get(f"/instances/{ct_series[7].orthanc_id}/file")
     assert resp.status == 503
     wan.set_down(False)
-    await wait_for(lambda: breaker.state == "closed")
+    await eventually(lambda: breaker.state == "closed", what="the circuit closed")
 
 
 async def test_breaker_unit_counts_consecutive_failures_only() -> None:
@@ -113,7 +104,7 @@ async def test_breaker_unit_counts_consecutive_failures_only() -> None:
     with pytest.raises(UpstreamUnavailable) as info:
         b.check("GET /x")
     assert info.value.cause == "circuit_open"
-    await wait_for(lambda: b.state == "closed", 5)
+    await eventually(lambda: b.state == "closed", timeout=5, what="the circuit closed")
     assert len(probes) == 2
     b.check("GET /x")
     await b.close()

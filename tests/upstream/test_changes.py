@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +17,7 @@ from dicomcache.devtools.wanem import WanEmulator
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import CHANGES, PREFETCHER, STORE, STUDY_CHANGED
 from dicomcache.upstream.changes import read_cursor, rule_matches, write_cursor
-from tests.conftest import SettingsFactory
-
+from tests.conftest import SettingsFactory, eventually
 
 async def upload(orthanc: OrthancProcess, n: int = 1, *, study: str | None = None,
                  modality: str = "CT", seed: int = 0) -> tuple[str, list[str]]:
@@ -33,13 +30,6 @@ def _upload(orthanc: OrthancProcess, n: int, study: str | None, modality: str,
                               seed=seed, patient_id="PCHANGES", modality=modality)
     ids = orthanc.upload([encode(ds, ExplicitVRLittleEndian) for ds in datasets])
     return str(datasets[0].StudyInstanceUID), ids
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def started(settings: Settings, seen: list[str]) -> TestClient:
@@ -63,13 +53,13 @@ async def test_hooks_and_cursor_survive_restart(
     client = await started(settings, seen)
     try:
         watcher = client.app[CHANGES]
-        await until(lambda: watcher.cursor is not None)
+        await eventually(lambda: watcher.cursor is not None, timeout=15, what="a first cursor")
         study, _ = await upload(orthanc, seed=11)
-        await until(lambda: study in seen)
+        await eventually(lambda: study in seen, timeout=15, what="the hook for a new study")
         # A new instance in a study seen before: its subscribers hear of it again.
         seen.clear()
         await upload(orthanc, study=study, seed=12)
-        await until(lambda: study in seen)
+        await eventually(lambda: study in seen, timeout=15, what="the hook for a known study")
     finally:
         await client.close()
     # What was persisted is where the watcher stood when it stopped (it may have
@@ -84,7 +74,8 @@ async def test_hooks_and_cursor_survive_restart(
     seen2: list[str] = []
     client = await started(settings, seen2)
     try:
-        await until(lambda: missed in seen2, timeout=1.5)  # before StableStudy could tell
+        # before StableStudy could tell
+        await eventually(lambda: missed in seen2, timeout=1.5, what="the change made while stopped")
         assert wan.targets.count("/changes?last") == 1
         assert any(t.startswith(f"/changes?since={saved}&") for t in wan.targets)
     finally:
@@ -98,10 +89,11 @@ async def test_prewarm_rule_fetches_a_matching_stable_study(
     client = await started(settings, [])
     try:
         watcher = client.app[CHANGES]
-        await until(lambda: watcher.cursor is not None)
+        await eventually(lambda: watcher.cursor is not None, timeout=15, what="a first cursor")
         ct, _ = await upload(orthanc, 2, modality="CT", seed=21)
         mr, ids = await upload(orthanc, 3, modality="MR", seed=22)
-        await until(lambda: mr in watcher.warmed, timeout=20)  # after Orthanc's StableAge
+        # after Orthanc's StableAge
+        await eventually(lambda: mr in watcher.warmed, timeout=20, what="the MR study pre-warmed")
         assert await client.app[PREFETCHER].idle(20)
         store = client.app[STORE]
         assert all([await store.get_by_orthanc_id(i) for i in ids])
@@ -152,13 +144,20 @@ async def test_stop_during_a_cursor_write_waits_for_it(tmp_path: Path,
         assert release.wait(10)
         write_cursor(path, upstream, last)
 
+    async def get_json(path: str) -> dict[str, int]:
+        assert path == "/changes?last"  # no cursor yet: start at Orthanc's last change
+        return {"Last": 7}
+
     monkeypatch.setattr(changes, "write_cursor", slow_write)
     path = tmp_path / "cursor.json"
-    client: Any = SimpleNamespace(base="http://o")  # only its base URL is used
+    # A stand-in for the Orthanc client: its base URL and the answer to /changes?last.
+    client: Any = SimpleNamespace(base="http://o", get_json=get_json)
     watcher = changes.ChangeWatcher(ChangesSettings(), client, Metrics(), path, [])
-    saving = asyncio.ensure_future(watcher._save(7))
+    saving = asyncio.ensure_future(watcher.poll_once())  # reads Last, then writes the cursor
     assert await asyncio.to_thread(started_.wait, 10)
     saving.cancel()  # stop() while the thread writes
+    # Time passing, not synchronisation: the write goes on for a while after the stop,
+    # so a stop that did not wait for it would come back first.
     threading.Timer(0.2, release.set).start()
     with pytest.raises(asyncio.CancelledError):
         await saving

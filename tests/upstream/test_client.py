@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import socket
 import threading
@@ -17,7 +18,7 @@ from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
 from dicomcache.metrics import Metrics
 from dicomcache.upstream.client import OrthancClient, parse_md5
-from tests.conftest import Sample
+from tests.conftest import Sample, eventually
 
 
 def settings(url: str, orthanc: OrthancProcess, **kw: float) -> UpstreamSettings:
@@ -25,8 +26,15 @@ def settings(url: str, orthanc: OrthancProcess, **kw: float) -> UpstreamSettings
                             **kw)  # type: ignore[arg-type]
 
 
+@dataclasses.dataclass
+class SilentServer:
+    port: int
+    #: Connections accepted so far (appended by the accepting thread).
+    accepted: list[socket.socket]
+
+
 @pytest.fixture
-def silent_server() -> Iterator[int]:
+def silent_server() -> Iterator[SilentServer]:
     """A loopback port that accepts connections and never answers."""
     srv = socket.create_server(("127.0.0.1", 0))
     accepted: list[socket.socket] = []
@@ -41,7 +49,7 @@ def silent_server() -> Iterator[int]:
                 continue
     t = threading.Thread(target=accept, daemon=True)
     t.start()
-    yield srv.getsockname()[1]
+    yield SilentServer(srv.getsockname()[1], accepted)
     stop.set()
     t.join()
     for s in accepted:
@@ -54,7 +62,8 @@ async def test_requests_carry_our_credentials_and_survive_orthancs_keep_alive_cl
     client = OrthancClient(settings(orthanc.url + "/", orthanc), Metrics())
     try:
         md5s = [await client.instance_md5(s.orthanc_id) for s in ct_series[:3]]
-        await asyncio.sleep(1.5)  # Orthanc closes a keep-alive connection idle for 1 s…
+        # Time passing: Orthanc closes a keep-alive connection idle for 1 s…
+        await asyncio.sleep(1.5)
         md5s.append(await client.instance_md5(ct_series[3].orthanc_id))  # …and we reconnect
         assert md5s == [hashlib.md5(s.data).hexdigest() for s in ct_series[:4]]
     finally:
@@ -72,18 +81,20 @@ async def test_requests_without_credentials_are_refused_as_auth(orthanc: Orthanc
 
 
 async def test_a_silent_server_is_a_timeout_and_a_cancel_ends_the_wait_at_once(
-        orthanc: OrthancProcess, silent_server: int) -> None:
-    client = OrthancClient(settings(f"http://127.0.0.1:{silent_server}", orthanc,
+        orthanc: OrthancProcess, silent_server: SilentServer) -> None:
+    client = OrthancClient(settings(f"http://127.0.0.1:{silent_server.port}", orthanc,
                                     read_timeout=0.5), Metrics())
     try:
         with pytest.raises(UpstreamError) as late:
             await client.get("/system", kind="probe")
         assert late.value.cause is Cause.TIMEOUT
-        client.settings = settings(f"http://127.0.0.1:{silent_server}", orthanc,
+        client.settings = settings(f"http://127.0.0.1:{silent_server.port}", orthanc,
                                    read_timeout=30.0)
+        connections = len(silent_server.accepted)
         started = time.monotonic()
         blocked = asyncio.ensure_future(client.get("/system", kind="probe"))
-        await asyncio.sleep(0.3)
+        await eventually(lambda: len(silent_server.accepted) > connections,
+                         what="the request's connection accepted")
         assert not blocked.done()  # waiting for an answer that never comes
         blocked.cancel()
         with pytest.raises(asyncio.CancelledError):
