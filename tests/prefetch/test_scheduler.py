@@ -21,6 +21,7 @@ from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS, PREFETCHER, STORE
 from tests.conftest import Sample, SettingsFactory, eventually, metric_value
 
+
 @pytest.fixture
 async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
     async with WanEmulator("127.0.0.1", orthanc.http_port, LinkProfile(latency_ms=2)) as emulator:

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
@@ -34,6 +33,7 @@ from dicomcache.dicom import syntaxes
 from dicomcache.metrics import Metrics
 from dicomcache.relay import accel
 from dicomcache.relay.service import Relay
+from tests.conftest import eventually, eventually_sync
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -308,28 +308,21 @@ async def relay_factory(accelerate: bool) -> AsyncIterator[Callable[..., Any]]:
         await relay.stop(5.0)
 
 
-#: How often :func:`wait_until` looks at its condition.
-POLL = 0.05
-
-
 async def wait_until(predicate: Callable[[], bool], seconds: float = 60.0,
                      what: str = "condition") -> None:
-    """Poll ``predicate`` (bounded: at most ``seconds``) until true; fail the test if not."""
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        await asyncio.sleep(POLL)
+    """:func:`tests.conftest.eventually` for the relay's state, read in a thread (the spool
+    is a database, never read on the event loop)."""
+    await eventually(lambda: asyncio.to_thread(predicate), timeout=seconds, what=what)
 
 
 def wait_until_sync(predicate: Callable[[], bool], seconds: float = 60.0,
-                    what: str = "condition", *, poll: float = POLL) -> None:
-    """:func:`wait_until` for tests that are not coroutines (blocks the thread)."""
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        time.sleep(poll)
+                    what: str = "condition", *, poll: float = 0.05) -> None:
+    """:func:`tests.conftest.eventually_sync` with the relay's longer default; an
+    ``AssertionError`` when it times out (a test may expect the wait to fail)."""
+    try:
+        eventually_sync(predicate, timeout=seconds, interval=poll, what=what)
+    except pytest.fail.Exception as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:

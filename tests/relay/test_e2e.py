@@ -133,8 +133,9 @@ async def test_destination_down_spool_grows_then_delivered(tmp_path: Path, store
     assert res.returncode == 0, res.stderr  # acknowledged although the PACS is down
     await wait_until(lambda: r.relay.spool.destination_state("LATER")["last_error"] is not None,
                      20, "a recorded connection failure")
-    assert queue_depth(r.relay, "LATER") == 6
-    assert "Cannot associate" in r.relay.spool.destination_state("LATER")["last_error"]
+    assert await asyncio.to_thread(queue_depth, r.relay, "LATER") == 6
+    state = await asyncio.to_thread(r.relay.spool.destination_state, "LATER")
+    assert "Cannot associate" in state["last_error"]
     pacs = storescp("all", port=port)
     await wait_until(lambda: len(pacs.files()) == 6, 60, "delivery after the PACS came up")
     await wait_until(lambda: queue_depth(r.relay, "LATER") == 0, 20, "empty queue")

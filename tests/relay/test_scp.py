@@ -276,7 +276,7 @@ def _acknowledged(storescu_output: str, files: list[Path]) -> list[str]:
     return acked
 
 
-async def test_restart_requeues_files_without_a_queue_entry(tmp_path: Path) -> None:
+def test_restart_requeues_files_without_a_queue_entry(tmp_path: Path) -> None:
     """A crash between the fsync (acknowledged) and the database row loses nothing."""
     spool = Spool(tmp_path / "spool", ["PACS"])
     spool.open()

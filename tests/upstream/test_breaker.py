@@ -21,6 +21,7 @@ from dicomcache.metrics import Metrics
 from dicomcache.upstream.breaker import CircuitBreaker
 from tests.conftest import Sample, SettingsFactory, eventually, metric_value
 
+
 @pytest.fixture
 async def client(aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator) -> TestClient:
     settings = make_settings(url=f"http://127.0.0.1:{wan.port}",

@@ -19,6 +19,7 @@ from dicomcache.http.keys import CHANGES, PREFETCHER, STORE, STUDY_CHANGED
 from dicomcache.upstream.changes import read_cursor, rule_matches, write_cursor
 from tests.conftest import SettingsFactory, eventually
 
+
 async def upload(orthanc: OrthancProcess, n: int = 1, *, study: str | None = None,
                  modality: str = "CT", seed: int = 0) -> tuple[str, list[str]]:
     return await asyncio.to_thread(_upload, orthanc, n, study, modality, seed)
