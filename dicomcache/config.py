@@ -85,6 +85,8 @@ class UpstreamSettings:
 class CacheSettings:
     directory: Path = Path("/var/cache/dicomcache")
     max_size: int = 50 << 30
+    #: Seconds a full background re-verification of the store takes (0: none).
+    scrub_period: float = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,7 +370,11 @@ def _upstream(sec: _Section, base: Path) -> UpstreamSettings:
 def _cache(sec: _Section, base: Path) -> CacheSettings:
     d = CacheSettings()
     directory = Path(sec.get("directory", str, str(d.directory)))
-    return CacheSettings(directory=base / directory, max_size=sec.size("max_size", d.max_size))
+    scrub = sec.get("scrub_period", float, d.scrub_period)
+    if scrub < 0 or 0 < scrub < 60:
+        sec.problem("scrub_period", f"must be 0 (off) or at least 60 seconds, not {scrub}")
+    return CacheSettings(directory=base / directory, max_size=sec.size("max_size", d.max_size),
+                         scrub_period=scrub)
 
 
 def _access(sec: _Section) -> AccessSettings:

@@ -29,6 +29,8 @@ class Cause(enum.StrEnum):
     LENGTH_MISMATCH = "length_mismatch"
     MD5_MISMATCH = "md5_mismatch"
     PARSE_FAILURE = "parse_failure"
+    #: A sound body, but of another instance than the one asked for.
+    IDENTITY_MISMATCH = "identity_mismatch"
     # dicomcache's own state.
     STALE = "stale"
     CIRCUIT_OPEN = "circuit_open"
@@ -46,7 +48,7 @@ class Cause(enum.StrEnum):
 
 
 INTEGRITY_CAUSES = frozenset({Cause.SHORT_BODY, Cause.LENGTH_MISMATCH, Cause.MD5_MISMATCH,
-                              Cause.PARSE_FAILURE})
+                              Cause.PARSE_FAILURE, Cause.IDENTITY_MISMATCH})
 
 
 class DicomcacheError(Exception):
@@ -108,6 +110,11 @@ class NotFoundUpstream(DicomcacheError, LookupError):
         self.status = status
         self.reason = reason
         super().__init__(f"{status}: {reason}")
+
+
+class BadStoredFile(DicomcacheError, FileNotFoundError):
+    """A stored file is not the bytes its entry recorded (bit rot, a hand edit): it was
+    quarantined, and the instance must be fetched again, as if it had vanished."""
 
 
 class StoreFull(DicomcacheError, OSError):

@@ -94,6 +94,14 @@ class Metrics:
             "dicomcache_cache_write_failures_total",
             "Verified instances that could not be cached (sent to viewers uncached), by cause.",
             ["cause"], registry=r)
+        self.bad_files = Counter(
+            "dicomcache_cache_bad_files_total",
+            "Stored files found not to be the bytes recorded (bit rot, a hand edit), by who "
+            "found them (open: before serving; scrub: the background pass); each quarantined "
+            "and fetched again.", ["found_by"], registry=r)
+        self.scrubbed_bytes = Counter(
+            "dicomcache_cache_scrubbed_bytes_total",
+            "Stored bytes re-verified by the background scrubber.", registry=r)
         self.coalesced = Counter(
             "dicomcache_coalesced_requests_total",
             "Misses that waited for a download already in flight instead of starting one.",
@@ -189,6 +197,8 @@ class Metrics:
             self.integrity_failures.labels(cause)
         for cause in UNCACHED_CAUSES:
             self.uncached.labels(cause)
+        for found_by in ("open", "scrub"):
+            self.bad_files.labels(found_by)
         # --- state for the status page (not exported) ------------------------------
         self.recent_integrity: deque[IntegrityEvent] = deque(maxlen=RECENT_FAILURES)
         #: ``None`` until the first answer (or failure) from Orthanc.

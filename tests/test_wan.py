@@ -38,7 +38,7 @@ async def test_mixed_faults_with_prefetch_every_body_intact(
     # Everything stored is intact too.
     store = client.app[STORE]
     for s in ct_series:
-        entry = await store.get(s.sop)
+        entry = await store.get(s.orthanc_id)
         if entry is not None:
             assert entry.path.read_bytes() == s.data
 
@@ -62,7 +62,7 @@ async def test_link_dies_during_prefetch_then_comes_back(
     assert await prefetcher.idle(10), "prefetch kept waiting on a dead link"
     breaker = client.app[CLIENT].breaker
     assert breaker.state == "open"
-    missing = [s for s in ct_series if await client.app[STORE].get(s.sop) is None]
+    missing = [s for s in ct_series if await client.app[STORE].get(s.orthanc_id) is None]
     assert missing, "prefetch finished before the link went down"
     resp = await client.get(wado(missing[-1]))
     assert resp.status == 503 and "Retry-After" in resp.headers
@@ -76,6 +76,6 @@ async def test_link_dies_during_prefetch_then_comes_back(
     # That touch restarted the interrupted prefetch: the series completes.
     assert await prefetcher.idle(30)
     for s in ct_series:
-        assert await client.app[STORE].get(s.sop) is not None
+        assert await client.app[STORE].get(s.orthanc_id) is not None
     assert breaker.opened_count >= 1
     assert client.app[METRICS].upstream_state is True

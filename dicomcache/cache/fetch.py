@@ -26,13 +26,29 @@ from typing import Any, TypeVar
 
 from dicomcache.cache.instance import Instance
 from dicomcache.cache.store import AsyncStore
-from dicomcache.dicom.verify import DicomSummary, md5_hex, verify_bytes
-from dicomcache.errors import Cause, IntegrityError, UpstreamError
+from dicomcache.dicom.verify import DicomSummary, identity_problem, md5_hex, verify_bytes
+from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
 from dicomcache.metrics import Metrics
 from dicomcache.singleflight import SingleFlight
 from dicomcache.upstream.client import GZIP, OrthancClient
 
 log = logging.getLogger(__name__)
+
+
+def only_one(found: list[str], sop_uid: str, study_uid: str | None,
+             series_uid: str | None) -> str:
+    """The one Orthanc instance of ``found``; :class:`NotFoundUpstream` for none or several
+    (Orthanc's WADO-URI and DICOMweb answer 404 to UIDs that name several instances)."""
+    if len(found) == 1:
+        return found[0]
+    what = f"SOP Instance UID {sop_uid}" + (f" in study {study_uid}" if study_uid else "") \
+        + (f" and series {series_uid}" if series_uid else "")
+    if not found:
+        raise NotFoundUpstream(404, f"Orthanc has no instance with {what}")
+    raise NotFoundUpstream(404, f"{what} names {len(found)} instances in Orthanc (the same "
+                           f"UIDs under several patients); Orthanc answers 404 too")
+
+
 T = TypeVar("T")
 
 
@@ -88,17 +104,10 @@ class Fetcher:
 
     async def instance(self, orthanc_id: str) -> Instance:
         """The verified instance: from the store, or downloaded (once, however many ask)."""
-        entry = await self.store.get_by_orthanc_id(orthanc_id)
+        entry = await self.store.get(orthanc_id)
         if entry is not None:
             return entry
         return await self.by_orthanc_id(orthanc_id)
-
-    async def instance_by_sop(self, sop_uid: str) -> Instance:
-        """The verified instance with this SOPInstanceUID (resolved through Orthanc if new)."""
-        entry = await self.store.get(sop_uid)
-        if entry is not None:
-            return entry
-        return await self.instance(await self.resolve_sop(sop_uid))
 
     async def by_orthanc_id(self, orthanc_id: str, *, viewer: bool = True) -> Instance:
         """Download and verify, unless a download of this instance is already in flight.
@@ -108,16 +117,47 @@ class Fetcher:
         return await self._single_flight(orthanc_id, lambda: self._download(orthanc_id),
                                          viewer=viewer)
 
-    async def resolve_sop(self, sop_uid: str) -> str:
-        """Orthanc instance ID for a SOPInstanceUID: learned before, else ``/tools/lookup``."""
-        known = await self.store.orthanc_id_of(sop_uid)
-        if known:
-            return known
-        return await self._single_flight(f"lookup:{sop_uid}", lambda: self._lookup(sop_uid))
+    async def locate(self, sop_uid: str, study_uid: str | None = None,
+                     series_uid: str | None = None) -> tuple[Instance | None, str]:
+        """The one Orthanc instance these UIDs name (see :meth:`find`) and its stored
+        copy, if any: a route serves the copy (a hit) or downloads the instance."""
+        oid = await self.resolve(sop_uid, study_uid, series_uid)
+        return await self.store.get(oid), oid
 
-    async def _lookup(self, sop_uid: str) -> str:
-        found = await self.client.lookup(sop_uid, "Instance")
-        await self.store.learn(found, sop_uid)
+    async def find(self, sop_uid: str, study_uid: str | None = None,
+                   series_uid: str | None = None) -> Instance:
+        """The one instance these UIDs name, as Orthanc would answer a request naming them.
+
+        :class:`NotFoundUpstream` (a 404, as from Orthanc) when they name none, or
+        several: the same UIDs under two patients are never answered with either.
+        """
+        return await self.instance(await self.resolve(sop_uid, study_uid, series_uid))
+
+    async def resolve(self, sop_uid: str, study_uid: str | None = None,
+                      series_uid: str | None = None) -> str:
+        """The Orthanc instance these UIDs name (see :meth:`find`).
+
+        Orthanc's answer is kept (:meth:`Store.resolution`), so a hit costs no request.
+        While Orthanc cannot be asked, the entries stored with these UIDs stand in:
+        exactly one is served, several are ambiguous.
+        """
+        known = await self.store.resolution(sop_uid, study_uid, series_uid)
+        if known is None:
+            key = f"find:{self.store.sync.uids_key(sop_uid, study_uid, series_uid)}"
+            try:
+                known = await self._single_flight(
+                    key, lambda: self._find(sop_uid, study_uid, series_uid))
+            except UpstreamError:
+                stored = await self.store.by_uids(sop_uid, study_uid, series_uid)
+                if not stored:
+                    raise
+                known = [i.orthanc_id for i in stored]
+        return only_one(known, sop_uid, study_uid, series_uid)
+
+    async def _find(self, sop_uid: str, study_uid: str | None,
+                    series_uid: str | None) -> list[str]:
+        found = await self.client.find_instances(sop_uid, study_uid, series_uid)
+        await self.store.resolve_as(sop_uid, study_uid, series_uid, found)
         return found
 
     async def _single_flight(self, key: str, start: Callable[[], Awaitable[T]], *,
@@ -181,18 +221,18 @@ class Fetcher:
 
     async def _download(self, orthanc_id: str) -> Instance:
         # A download that finished just before this one was asked for: no second trip.
-        entry = await self.store.get_by_orthanc_id(orthanc_id)
+        entry = await self.store.get(orthanc_id)
         if entry is not None:
             return entry
         async with self.limiter.slot(lambda: orthanc_id in self._urgent):
-            entry = await self.store.get_by_orthanc_id(orthanc_id)  # waited: maybe there now
+            entry = await self.store.get(orthanc_id)  # waited: maybe there now
             if entry is not None:
                 return entry
             summary, md5, data = await self.client.retrying(
                 lambda attempt: self._attempt(orthanc_id),
                 what=f"instance {orthanc_id}")
         self.metrics.fetched_bytes.inc(len(data))
-        fetched = Instance.verified(summary, md5, orthanc_id, data)
+        fetched = Instance.verified(summary, md5, data, orthanc_id)
         try:
             stored = await self.store.commit_now(fetched)
         except OSError as exc:  # StoreFull included
@@ -233,7 +273,20 @@ class Fetcher:
             return summary, expected_md5 or md5_hex(data), data
 
         try:
-            return await asyncio.to_thread(check)
+            summary, md5, data = await asyncio.to_thread(check)
+            await self._check_identity(orthanc_id, summary)
         except IntegrityError as exc:
             log.warning("integrity check failed for instance %s: %s", orthanc_id, exc)
             raise
+        return summary, md5, data
+
+    async def _check_identity(self, orthanc_id: str, summary: DicomSummary) -> None:
+        """:func:`~dicomcache.dicom.verify.identity_problem`, asking Orthanc for the
+        instance's tags when the body's identifiers alone do not settle it."""
+        if identity_problem(summary, orthanc_id) is None:
+            return
+        tags = await self.client.get_json(f"/instances/{orthanc_id}/tags?short",
+                                          kind="identity", retry=False)
+        problem = identity_problem(summary, orthanc_id, tags if isinstance(tags, dict) else {})
+        if problem is not None:
+            raise IntegrityError(Cause.IDENTITY_MISMATCH, problem)

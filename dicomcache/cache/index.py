@@ -28,17 +28,20 @@ from pathlib import Path
 
 #: The schema this code reads and writes.  An index of another version is refused
 #: (see :class:`SchemaMismatch`), never silently read.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 INDEX_FILE = "index.sqlite"
+#: Version 1 keyed entries by SOP Instance UID alone; the store adopts such an index
+#: (:meth:`~dicomcache.cache.store.Store`), re-reading each file's full identity.
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS instances (
     id INTEGER PRIMARY KEY,
-    sop_uid TEXT NOT NULL UNIQUE,
-    orthanc_id TEXT,
+    orthanc_id TEXT NOT NULL UNIQUE,
+    patient_id TEXT NOT NULL,
     study_uid TEXT,
     series_uid TEXT,
+    sop_uid TEXT NOT NULL,
     transfer_syntax TEXT NOT NULL,
     md5 TEXT NOT NULL,
     size INTEGER NOT NULL,
@@ -47,7 +50,7 @@ CREATE TABLE IF NOT EXISTS instances (
     used_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_used ON instances(used_at);
-CREATE INDEX IF NOT EXISTS instances_orthanc_id ON instances(orthanc_id);
+CREATE INDEX IF NOT EXISTS instances_sop ON instances(sop_uid);
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
 CREATE TABLE IF NOT EXISTS usage (
     one INTEGER PRIMARY KEY CHECK (one = 1),
@@ -64,35 +67,52 @@ END;
 CREATE TRIGGER IF NOT EXISTS usage_update AFTER UPDATE OF size ON instances BEGIN
     UPDATE usage SET bytes = bytes - OLD.size + NEW.size;
 END;
-CREATE TABLE IF NOT EXISTS aliases (
-    orthanc_id TEXT PRIMARY KEY,
-    sop_uid TEXT NOT NULL,
-    learned_at REAL NOT NULL
+CREATE TABLE IF NOT EXISTS resolved (
+    uids TEXT PRIMARY KEY,
+    orthanc_ids TEXT NOT NULL,
+    resolved_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS aliases_sop ON aliases(sop_uid);
-CREATE INDEX IF NOT EXISTS aliases_learned ON aliases(learned_at);
+CREATE INDEX IF NOT EXISTS resolved_at ON resolved(resolved_at);
 CREATE TABLE IF NOT EXISTS pinned (study_uid TEXT PRIMARY KEY, pinned_at REAL NOT NULL);
 """
 
-_COLUMNS = ("sop_uid, orthanc_id, study_uid, series_uid, transfer_syntax, md5, size, file, "
-            "stored_at")
-#: Aliases kept at most (Orthanc ID ↔ SOP Instance UID learned from lookups); the
-#: oldest learnt go first.  A row is ~150 bytes.
-MAX_ALIASES = 1_000_000
+_COLUMNS = ("orthanc_id, patient_id, study_uid, series_uid, sop_uid, transfer_syntax, md5, "
+            "size, file, stored_at")
+#: Resolutions kept at most (which Orthanc instances a set of UIDs names); the oldest
+#: go first.  A row is ~200 bytes.
+MAX_RESOLVED = 1_000_000
 
 
 class SchemaMismatch(RuntimeError):
     """The index was written by another version of dicomcache."""
 
 
+def schema_of(path: Path) -> str | None:
+    """The schema version an index file records (``None``: no file, or none recorded)."""
+    if not path.exists():
+        return None
+    db = sqlite3.connect(path)
+    try:
+        found = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    except sqlite3.OperationalError:  # no meta table
+        return None
+    finally:
+        db.close()
+    return str(found[0]) if found is not None else None
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One indexed instance (``file`` is relative to the store's directory)."""
+    """One indexed instance (``file`` is relative to the store's directory).
 
-    sop_uid: str
-    orthanc_id: str | None
+    Keyed by ``orthanc_id``, the hash of the four identifiers that follow: one SOP
+    Instance UID under two patients is two rows, never one."""
+
+    orthanc_id: str
+    patient_id: str
     study_uid: str | None
     series_uid: str | None
+    sop_uid: str
     transfer_syntax: str
     md5: str
     size: int
@@ -111,10 +131,12 @@ class Index:
         with self._lock:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
+            self._check_version()  # before the schema: never alter another version's tables
             self._db.executescript(_SCHEMA)
-            self._check_version()
 
     def _check_version(self) -> None:
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -128,12 +150,24 @@ class Index:
         with self._lock:
             self._db.close()
 
+    def generation(self) -> int:
+        """Bumped by every removal of entries (purge, quarantine) in any process: a
+        running daemon polls it and forgets what it holds in memory when it moves."""
+        with self._lock:
+            found = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(found[0]) if found is not None else 0
+
+    def bump(self) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO meta VALUES ('generation', '1') ON CONFLICT(key) "
+                       "DO UPDATE SET value = CAST(value AS INTEGER) + 1")
+
     def _tx(self) -> _Transaction:
         return _Transaction(self._db, self._lock)
 
     # --- instances ---------------------------------------------------------------------
     def put(self, rows: Sequence[Row], now: float) -> list[str | None]:
-        """Index each row (replacing the entry of the same SOP Instance UID), one
+        """Index each row (replacing the entry of the same Orthanc instance), one
         transaction each; returns the file each replaced (to unlink), or ``None``.
 
         ``sqlite3.OperationalError`` (a full disk) propagates after the rows before it.
@@ -141,38 +175,48 @@ class Index:
         replaced: list[str | None] = []
         for row in rows:
             with self._tx() as db:
-                old = db.execute("SELECT file FROM instances WHERE sop_uid = ?",
-                                 (row.sop_uid,)).fetchone()
+                old = db.execute("SELECT file FROM instances WHERE orthanc_id = ?",
+                                 (row.orthanc_id,)).fetchone()
                 if old is not None:
-                    db.execute("DELETE FROM instances WHERE sop_uid = ?", (row.sop_uid,))
+                    db.execute("DELETE FROM instances WHERE orthanc_id = ?", (row.orthanc_id,))
                 db.execute(f"INSERT INTO instances ({_COLUMNS}, used_at) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           (row.sop_uid, row.orthanc_id, row.study_uid, row.series_uid,
-                            row.transfer_syntax, row.md5, row.size, row.file, row.stored_at,
-                            now))
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (row.orthanc_id, row.patient_id, row.study_uid, row.series_uid,
+                            row.sop_uid, row.transfer_syntax, row.md5, row.size, row.file,
+                            row.stored_at, now))
             replaced.append(old[0] if old is not None else None)
         return replaced
 
-    def get(self, sop_uid: str) -> Row | None:
+    def get(self, orthanc_id: str) -> Row | None:
         with self._lock:
-            found = self._db.execute(f"SELECT {_COLUMNS} FROM instances WHERE sop_uid = ?",
-                                     (sop_uid,)).fetchone()
+            found = self._db.execute(f"SELECT {_COLUMNS} FROM instances WHERE orthanc_id = ?",
+                                     (orthanc_id,)).fetchone()
         return Row(*found) if found is not None else None
 
-    def touch(self, sop_uids: Iterable[str], now: float) -> None:
+    def by_uids(self, sop_uid: str, study_uid: str | None = None,
+                series_uid: str | None = None) -> list[Row]:
+        """Every entry with this SOP Instance UID (and study/series, when given)."""
+        with self._lock:
+            found = self._db.execute(
+                f"SELECT {_COLUMNS} FROM instances WHERE sop_uid = ? "
+                "AND (? IS NULL OR study_uid = ?) AND (? IS NULL OR series_uid = ?)",
+                (sop_uid, study_uid, study_uid, series_uid, series_uid)).fetchall()
+        return [Row(*values) for values in found]
+
+    def touch(self, orthanc_ids: Iterable[str], now: float) -> None:
         """Mark entries used now (what least-recently-used eviction orders by)."""
         with self._tx() as db:
-            db.executemany("UPDATE instances SET used_at = ? WHERE sop_uid = ?",
-                           ((now, s) for s in sop_uids))
+            db.executemany("UPDATE instances SET used_at = ? WHERE orthanc_id = ?",
+                           ((now, oid) for oid in orthanc_ids))
 
-    def delete(self, sop_uid: str, file: str | None = None) -> bool:
+    def delete(self, orthanc_id: str, file: str | None = None) -> bool:
         """Drop an entry; with ``file``, only while it still points at that file."""
         with self._tx() as db:
             if file is None:
-                cur = db.execute("DELETE FROM instances WHERE sop_uid = ?", (sop_uid,))
+                cur = db.execute("DELETE FROM instances WHERE orthanc_id = ?", (orthanc_id,))
             else:
-                cur = db.execute("DELETE FROM instances WHERE sop_uid = ? AND file = ?",
-                                 (sop_uid, file))
+                cur = db.execute("DELETE FROM instances WHERE orthanc_id = ? AND file = ?",
+                                 (orthanc_id, file))
             return bool(cur.rowcount)
 
     def delete_files(self, files: Sequence[str]) -> list[str]:
@@ -217,29 +261,29 @@ class Index:
             (size,) = self._db.execute("PRAGMA page_size").fetchone()
         return int(pages) * int(size)
 
-    # --- aliases -----------------------------------------------------------------------
-    def learn(self, pairs: Sequence[tuple[str, str]], now: float) -> None:
-        """Record Orthanc instance ID ↔ SOP Instance UID pairs (one transaction)."""
+    # --- resolutions: which Orthanc instances a set of UIDs names ---------------------
+    def resolve_as(self, resolutions: Sequence[tuple[str, Sequence[str]]], now: float) -> None:
+        """Record that the UIDs of each ``key`` name exactly these Orthanc instances."""
         with self._tx() as db:
-            db.executemany("INSERT OR REPLACE INTO aliases VALUES (?, ?, ?)",
-                           ((oid, sop, now) for oid, sop in pairs))
-            (count,) = db.execute("SELECT count(*) FROM aliases").fetchone()
-            if count > MAX_ALIASES:
-                db.execute("DELETE FROM aliases WHERE orthanc_id IN (SELECT orthanc_id FROM "
-                           "aliases ORDER BY learned_at LIMIT ?)", (count - MAX_ALIASES,))
+            db.executemany("INSERT OR REPLACE INTO resolved VALUES (?, ?, ?)",
+                           ((key, " ".join(oids), now) for key, oids in resolutions))
+            (count,) = db.execute("SELECT count(*) FROM resolved").fetchone()
+            if count > MAX_RESOLVED:
+                db.execute("DELETE FROM resolved WHERE uids IN (SELECT uids FROM resolved "
+                           "ORDER BY resolved_at LIMIT ?)", (count - MAX_RESOLVED,))
 
-    def sop_of(self, orthanc_id: str) -> str | None:
+    def resolution(self, key: str) -> list[str] | None:
+        """The Orthanc instances the UIDs ``key`` were last found to name, if known."""
         with self._lock:
-            found = self._db.execute("SELECT sop_uid FROM aliases WHERE orthanc_id = ?",
-                                     (orthanc_id,)).fetchone()
-        return str(found[0]) if found is not None else None
+            found = self._db.execute("SELECT orthanc_ids FROM resolved WHERE uids = ?",
+                                     (key,)).fetchone()
+        return found[0].split() if found is not None else None
 
-    def orthanc_id_of(self, sop_uid: str) -> str | None:
-        with self._lock:
-            found = self._db.execute(
-                "SELECT orthanc_id FROM aliases WHERE sop_uid = ? ORDER BY learned_at DESC",
-                (sop_uid,)).fetchone()
-        return str(found[0]) if found is not None else None
+    def forget_resolutions(self, sop_uid: str) -> int:
+        """Drop every resolution of a SOP Instance UID (Orthanc changed what it names)."""
+        with self._tx() as db:
+            return int(db.execute("DELETE FROM resolved WHERE uids = ? OR uids LIKE ?",
+                                  (sop_uid, f"{sop_uid}|%")).rowcount)
 
     # --- pins --------------------------------------------------------------------------
     def pin(self, study_uid: str, now: float) -> bool:

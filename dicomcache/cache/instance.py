@@ -20,16 +20,22 @@ from dicomcache.errors import NotFoundUpstream
 
 @dataclass(frozen=True, slots=True)
 class Instance:
-    """A verified instance: what it is, its content's MD5, and where its bytes are."""
+    """A verified instance: who and what it is, its content's MD5, and where its bytes are.
 
-    sop_uid: str
+    Its identity is Orthanc's: ``orthanc_id`` names one instance of one patient
+    (the hash of the Patient ID and the three UIDs); the same SOP Instance UID
+    under another patient is another :class:`Instance`.
+    """
+
+    orthanc_id: str
+    patient_id: str
     study_uid: str | None
     series_uid: str | None
+    sop_uid: str
     transfer_syntax: str
     #: MD5 of the Part-10 bytes (Orthanc's stored MD5 when it has one).
     md5: str
     size: int
-    orthanc_id: str | None
     #: The store's durable file (``None`` while only in memory).
     path: Path | None = None
     #: The bytes, when not (yet) stored.
@@ -38,12 +44,18 @@ class Instance:
     stored_at: float = 0.0
 
     @classmethod
-    def verified(cls, summary: DicomSummary, md5: str, orthanc_id: str | None,
-                 data: bytes) -> Instance:
-        """A body that just passed verification, held in memory."""
-        return cls(summary.sop_instance_uid, summary.study_instance_uid,
-                   summary.series_instance_uid, summary.transfer_syntax_uid, md5, len(data),
-                   orthanc_id, data=data)
+    def verified(cls, summary: DicomSummary, md5: str, data: bytes,
+                 orthanc_id: str | None = None) -> Instance:
+        """A body that just passed verification, held in memory.
+
+        ``orthanc_id`` is the instance it was fetched as, when Orthanc confirmed it
+        (a Patient ID in another character set hashes differently here); by
+        default the one its identifiers give.
+        """
+        return cls(orthanc_id or summary.orthanc_id, summary.patient_id,
+                   summary.study_instance_uid, summary.series_instance_uid,
+                   summary.sop_instance_uid, summary.transfer_syntax_uid, md5, len(data),
+                   data=data)
 
     @property
     def stored(self) -> bool:

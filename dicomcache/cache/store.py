@@ -26,9 +26,13 @@ Guarantees:
   commit), so a retrieve answered before its parts were durable is followed by
   lookups that see them.  A viewer's own download is committed at once by
   :meth:`AsyncStore.commit_now`, never behind a group.
-* **Keyed by SOP Instance UID.** Orthanc instance IDs are aliases learned from
-  what is fetched, so the REST, WADO-URI and DICOMweb forms of one instance
-  share one file.
+* **Keyed by the full identity.** An entry is one Orthanc instance: its
+  ``orthanc_id`` is the hash of Patient ID, Study, Series and SOP Instance UIDs,
+  so the same SOP Instance UID re-imported under another patient is another
+  entry, never the same one.  Requests by UIDs (WADO-URI, DICOMweb) are
+  *resolved* to Orthanc instances the way Orthanc resolves them
+  (:meth:`Store.resolution`: exactly one, else Orthanc's 404), and the three API
+  families of one instance share one file.
 
 All methods touching the index or the disk are synchronous and meant to run in
 a worker thread; :class:`AsyncStore` wraps them with :func:`asyncio.to_thread`
@@ -43,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -57,9 +62,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from dicomcache import durable
-from dicomcache.cache.index import Index, Row
+from dicomcache.cache.index import INDEX_FILE, Index, Row, schema_of
 from dicomcache.cache.instance import Instance
-from dicomcache.errors import StoreFull
+from dicomcache.dicom.verify import verify_file
+from dicomcache.errors import BadStoredFile, Cause, StoreFull
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,8 @@ log = logging.getLogger(__name__)
 FAN_OUT = 256
 #: The index file of dicomcache 0.1 (diskcache), adopted once (:meth:`Store._migrate_legacy`).
 LEGACY_INDEX = "cache.db"
+#: An index of schema version 1, moved aside to be adopted (:meth:`Store._migrate_v1`).
+V1_INDEX = "index-v1.sqlite"
 
 #: What :meth:`Store.commit_group` gives for each body: the stored instance, ``None``
 #: (evicted at once: bigger than the whole cache), or the error that kept it out.
@@ -105,6 +113,8 @@ class Store:
         self.max_size = max_size
         self.tmp_dir = self.directory / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        if schema_of(self.directory / INDEX_FILE) == "1":
+            self._move_v1_aside()
         self.index = Index(self.directory)
         self._commit_lock = threading.Lock()
         #: Held while a group is written; close() takes it, so it never cuts a group.
@@ -113,13 +123,22 @@ class Store:
         self._make_object_dirs()
         if (self.directory / LEGACY_INDEX).exists():
             self._migrate_legacy()
+        if (self.directory / V1_INDEX).exists():
+            self._migrate_v1()
         self.evictions = 0
         self._pinned_warned = -1e9
         # The hot map: plain dicts, read on the event loop, written by worker
         # threads (single dict operations are atomic under the GIL).
         self._hot: dict[str, Instance] = {}
-        self._hot_oid: dict[str, str] = {}
+        self._hot_sop: dict[str, set[str]] = {}
+        self._resolved: dict[str, list[str]] = {}
         self._touched: dict[str, None] = {}
+        #: Stored files this process checked against their MD5, with their signature then
+        #: (see open_checked): a file written to since is checked again.
+        self._confirmed: dict[Path, FileSignature] = {}
+        #: Stored files found bad when first opened (a metric follows it).
+        self.bad_found = 0
+        self.generation = self.index.generation()
 
     # --- lifecycle -------------------------------------------------------------------
     def _make_object_dirs(self) -> None:
@@ -131,49 +150,91 @@ class Store:
                 d.mkdir(parents=True, exist_ok=True)
             durable.fsync_dir(objects)
 
+    def _move_v1_aside(self) -> None:
+        """Rename a version-1 index (with its WAL) to :data:`V1_INDEX`, adopted below."""
+        for suffix in ("-wal", "-shm", ""):  # the main file last: it marks the move done
+            source = self.directory / f"{INDEX_FILE}{suffix}"
+            if source.exists():
+                os.rename(source, self.directory / f"{V1_INDEX}{suffix}")
+        durable.fsync_dir(self.directory)
+
     def _migrate_legacy(self) -> None:
         """Adopt the entries of a store written by dicomcache 0.1 (a diskcache index).
 
-        Each entry whose file is a regular file inside ``objects/`` is renamed to a
-        name of this version (never one taken from data) and indexed, with its last
-        use; its pins are kept.  Anything else is left to the sweep.  The old index
-        is removed last, so a crash midway repeats the migration for what is left.
+        That version keyed entries by SOP Instance UID alone (see :meth:`_adopt`).
         """
-        legacy = self.directory / LEGACY_INDEX
-        objects = (self.directory / "objects").resolve()
-        db = sqlite3.connect(legacy)
+        db = sqlite3.connect(self.directory / LEGACY_INDEX)
         try:
-            rows = db.execute("SELECT value, access_time FROM Cache WHERE mode = 1").fetchall()
+            rows = [dict(json.loads(value), used_at=used) for value, used in
+                    db.execute("SELECT value, access_time FROM Cache WHERE mode = 1")]
             try:
                 pins = db.execute("SELECT study_uid, pinned_at FROM Pinned").fetchall()
             except sqlite3.OperationalError:  # no pins were ever made
                 pins = []
         finally:
             db.close()
+        self._adopt(rows, pins, LEGACY_INDEX)
+
+    def _migrate_v1(self) -> None:
+        """Adopt the entries of an index of schema version 1 (moved aside first).
+
+        That version keyed entries by SOP Instance UID alone (see :meth:`_adopt`).
+        """
+        db = sqlite3.connect(self.directory / V1_INDEX)
+        try:
+            rows = [dict(zip(("file", "md5", "size", "orthanc_id", "stored_at", "used_at"), r,
+                             strict=True))
+                    for r in db.execute("SELECT file, md5, size, orthanc_id, stored_at, used_at "
+                                        "FROM instances")]
+            pins = db.execute("SELECT study_uid, pinned_at FROM pinned").fetchall()
+        finally:
+            db.close()
+        self._adopt(rows, pins, V1_INDEX)
+
+    def _adopt(self, rows: list[dict[str, Any]], pins: list[tuple[Any, Any]],
+               old_index: str) -> None:
+        """Index the files of a previous version's entries, then remove its index.
+
+        Those versions keyed entries by SOP Instance UID alone (one UID under two
+        patients was one entry).  Each entry whose file is a regular file inside
+        ``objects/`` and still matches its size and MD5 is parsed again for its
+        full identity (Patient ID and the three UIDs), renamed to a name of this
+        version (never one taken from data) and indexed with its last use.  An
+        entry whose identity is not the Orthanc instance it was fetched as, or
+        whose file is bad, is dropped (the file is swept as a leftover).  Pins
+        are kept.  The old index is removed last, so a crash midway repeats the
+        migration for what is left.
+        """
+        objects = (self.directory / "objects").resolve()
         adopted = 0
-        for value, used in rows:
+        for meta in rows:
             try:
-                meta = json.loads(value)
                 old = (self.directory / str(meta["file"])).resolve()
                 if old.parent.parent != objects or old.is_symlink() or not old.is_file():
                     continue
-                instance = Instance(str(meta["sop_uid"]), meta.get("study_uid"),
-                                    meta.get("series_uid"), str(meta["transfer_syntax"]),
-                                    str(meta["md5"]), int(meta["size"]), meta.get("orthanc_id"))
+                summary = verify_file(old, expected_length=int(meta["size"]),
+                                      expected_md5=str(meta["md5"]))
+                if meta.get("orthanc_id") not in (None, summary.orthanc_id):
+                    log.warning("store: dropping a cache entry of the previous version whose "
+                                "identity is not the instance it was fetched as (%s)",
+                                meta.get("orthanc_id"))
+                    continue
+                instance = replace(Instance.verified(summary, str(meta["md5"]), b""),
+                                   size=summary.size, data=None)
                 row = self._place(old, instance)
-                self.index.put([replace(row, stored_at=float(meta.get("stored_at", 0)))],
-                               float(used or 0))
+                self.index.put([replace(row, stored_at=float(meta.get("stored_at") or 0))],
+                               float(meta.get("used_at") or 0))
                 adopted += 1
             except (ValueError, KeyError, TypeError, OSError) as exc:
                 log.warning("store: cannot adopt a cache entry of the previous version: %s", exc)
         for study_uid, pinned_at in pins:
             self.index.pin(str(study_uid), float(pinned_at))
         durable.fsync_dir(self.directory / "objects")
-        for name in (LEGACY_INDEX, f"{LEGACY_INDEX}-wal", f"{LEGACY_INDEX}-shm"):
+        for name in (old_index, f"{old_index}-wal", f"{old_index}-shm"):
             (self.directory / name).unlink(missing_ok=True)
         shutil.rmtree(self.directory / "aliases", ignore_errors=True)
-        log.warning("store: adopted %d of %d entries of the previous version's index "
-                    "(Orthanc ID aliases are learnt again as they are used)", adopted, len(rows))
+        log.warning("store: adopted %d of %d entries of the previous version's index",
+                    adopted, len(rows))
 
     def close(self) -> None:
         """Close the index; waits for a group being written, refuses later ones."""
@@ -278,12 +339,12 @@ class Store:
         except OSError as exc:
             temp.unlink(missing_ok=True)
             _reraise(exc)
-        return Row(instance.sop_uid, instance.orthanc_id, instance.study_uid,
-                   instance.series_uid, instance.transfer_syntax, instance.md5, instance.size,
-                   rel, time.time())
+        return Row(instance.orthanc_id, instance.patient_id, instance.study_uid,
+                   instance.series_uid, instance.sop_uid, instance.transfer_syntax,
+                   instance.md5, instance.size, rel, time.time())
 
     def _index_rows(self, placed: Sequence[_Placed]) -> list[Instance | StoreFull | None]:
-        """Index durable files in ``objects/``, learn their aliases; a result per file.
+        """Index durable files in ``objects/``; a result per file.
 
         A row the index cannot take (its disk full) is a :class:`StoreFull`, and
         its file and those after it are removed; an entry evicted at once (bigger
@@ -305,9 +366,6 @@ class Store:
                 if old is not None:
                     (self.directory / old).unlink(missing_ok=True)
             self.evictions += self._evict_to_bound()
-        aliases = [(r.orthanc_id, r.sop_uid) for r in rows if r.orthanc_id]
-        if aliases:
-            self.index.learn(aliases, time.time())
         for row in rows:
             instance = self._instance(row)
             if (self.directory / row.file).exists():
@@ -333,33 +391,132 @@ class Store:
                                 "to a pinned study; unpin some (dicomcache unpin) or raise "
                                 "cache.max_size")
                 break
-            if self.index.delete(row.sop_uid, row.file):
+            if self.index.delete(row.orthanc_id, row.file):
                 (self.directory / row.file).unlink(missing_ok=True)
-                self._drop_hot(row.sop_uid, row.orthanc_id)
+                self._drop_hot(row.orthanc_id)
                 evicted += 1
         return evicted
+
+    # --- reading stored files ----------------------------------------------------------
+    def open_checked(self, instance: Instance) -> tuple[int, os.stat_result]:
+        """An open descriptor of a stored file and its stat.
+
+        The first time this process opens a file, and whenever the file was written
+        to since (its :func:`signature` changed: a hand edit, a restore), its size
+        and MD5 are checked against the index, so a changed file is never served: a
+        file that fails is quarantined and :class:`BadStoredFile` raised (the caller
+        fetches the instance again, as for a file that vanished).  Bit rot that
+        changes no metadata is caught by the background scrubber
+        (:mod:`dicomcache.cache.scrubber`) and by ``dicomcache verify``.
+        """
+        assert instance.path is not None
+        fd = os.open(instance.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if self._confirmed.get(instance.path) != signature(st):
+                problem = _file_problem(fd, st.st_size, instance)
+                if problem is not None:
+                    self.bad_found += 1
+                    self.quarantine(instance, Cause.MD5_MISMATCH, problem)
+                    log.warning("store: stored file of instance %s: %s; quarantined, "
+                                "it is fetched again", instance.orthanc_id, problem)
+                    raise BadStoredFile(f"stored file of instance {instance.orthanc_id}: "
+                                        f"{problem}; quarantined")
+                if len(self._confirmed) >= self._HOT_LIMIT:
+                    self._confirmed.clear()
+                self._confirmed[instance.path] = signature(st)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
+
+    def refresh(self) -> bool:
+        """Forget what is held in memory when another process (``dicomcache purge``,
+        ``verify``) removed entries since the last call; True when it did."""
+        generation = self.index.generation()
+        if generation == self.generation:
+            return False
+        self.generation = generation
+        self._hot.clear()
+        self._hot_sop.clear()
+        self._resolved.clear()
+        return True
 
     def volume(self) -> int:
         """Bytes the store takes: its files and its index."""
         return self.index.usage()[1] + self.index.file_bytes()
 
-    def get(self, sop_uid: str) -> Instance | None:
-        """The entry for ``sop_uid`` (marking it recently used), or ``None``.
+    def get(self, orthanc_id: str) -> Instance | None:
+        """The entry of an Orthanc instance (marking it recently used), or ``None``.
 
         An index row whose file has vanished (deleted by hand, disk trouble) is
         dropped and reported as a miss, so it is fetched again.
         """
-        row = self.index.get(sop_uid)
-        if row is None:
-            return None
+        row = self.index.get(orthanc_id)
+        return self._found(row) if row is not None else None
+
+    def by_uids(self, sop_uid: str, study_uid: str | None = None,
+                series_uid: str | None = None) -> list[Instance]:
+        """Every stored entry with these UIDs (several: the same UIDs under several
+        patients; see :meth:`resolution` for which one a request may be given)."""
+        found = [self._found(row) for row in self.index.by_uids(sop_uid, study_uid, series_uid)]
+        return [i for i in found if i is not None]
+
+    def _found(self, row: Row) -> Instance | None:
         instance = self._instance(row)
         assert instance.path is not None
         if not instance.path.exists():
-            self.forget(sop_uid)
+            self.forget(instance.orthanc_id)
             return None
         self._remember(instance)
-        self.index.touch([sop_uid], time.time())
+        self.index.touch([instance.orthanc_id], time.time())
         return instance
+
+    # --- resolutions: which Orthanc instances a set of UIDs names --------------------
+    @staticmethod
+    def uids_key(sop_uid: str, study_uid: str | None, series_uid: str | None) -> str:
+        return f"{sop_uid}|{study_uid or ''}|{series_uid or ''}"
+
+    def resolution(self, sop_uid: str, study_uid: str | None = None,
+                   series_uid: str | None = None) -> list[str] | None:
+        """The Orthanc instances these UIDs named when last asked (``None``: never asked).
+
+        More than one is an ambiguity a request is never answered through (Orthanc
+        answers 404, and so does dicomcache).
+        """
+        key = self.uids_key(sop_uid, study_uid, series_uid)
+        known = self._resolved.get(key)
+        if known is None:
+            known = self.index.resolution(key)
+            if known is not None:
+                self._resolved[key] = known
+        return known
+
+    def peek_resolution(self, sop_uid: str, study_uid: str | None = None,
+                        series_uid: str | None = None) -> list[str] | None:
+        """:meth:`resolution` from memory only (safe on the event loop)."""
+        return self._resolved.get(self.uids_key(sop_uid, study_uid, series_uid))
+
+    def resolve_as(self, sop_uid: str, study_uid: str | None, series_uid: str | None,
+                   orthanc_ids: Sequence[str]) -> None:
+        """Record which Orthanc instances these UIDs name (Orthanc's own answer)."""
+        self.resolve_many([(sop_uid, study_uid, series_uid, orthanc_ids)])
+
+    def resolve_many(self, found: Sequence[tuple[str, str | None, str | None, Sequence[str]]]
+                     ) -> None:
+        """:meth:`resolve_as` for many UIDs at once (one transaction): what a listing of
+        a study or series that Orthanc resolved uniquely says of each of its instances."""
+        if len(self._resolved) + len(found) >= self._HOT_LIMIT:
+            self._resolved.clear()
+        keyed = [(self.uids_key(sop, st, se), list(oids)) for sop, st, se, oids in found]
+        self._resolved.update(keyed)
+        self.index.resolve_as(keyed, time.time())
+
+    def forget_resolutions(self, sop_uid: str) -> None:
+        """Orthanc changed what this SOP Instance UID names: ask it again next time."""
+        for key in [k for k in self._resolved if k.startswith(f"{sop_uid}|")]:
+            self._resolved.pop(key, None)
+        self.index.forget_resolutions(sop_uid)
 
     # --- the hot map -----------------------------------------------------------------
     _HOT_LIMIT = 200_000
@@ -367,21 +524,24 @@ class Store:
     def _remember(self, instance: Instance) -> None:
         if len(self._hot) >= self._HOT_LIMIT:  # bound memory; misses refill it
             self._hot.clear()
-            self._hot_oid.clear()
-        self._hot[instance.sop_uid] = instance
-        if instance.orthanc_id:
-            self._hot_oid[instance.orthanc_id] = instance.sop_uid
+            self._hot_sop.clear()
+        self._hot[instance.orthanc_id] = instance
+        self._hot_sop.setdefault(instance.sop_uid, set()).add(instance.orthanc_id)
 
-    def peek(self, sop_uid: str) -> Instance | None:
+    def peek(self, orthanc_id: str) -> Instance | None:
         """A known entry without I/O (safe on the event loop), marking it used."""
-        instance = self._hot.get(sop_uid)
+        instance = self._hot.get(orthanc_id)
         if instance is not None:
-            self._touched[sop_uid] = None
+            self._touched[orthanc_id] = None
         return instance
 
-    def peek_orthanc_id(self, orthanc_id: str) -> Instance | None:
-        sop_uid = self._hot_oid.get(orthanc_id)
-        return self.peek(sop_uid) if sop_uid else None
+    def peek_uids(self, sop_uid: str, study_uid: str | None = None,
+                  series_uid: str | None = None) -> list[Instance]:
+        """Known entries with these UIDs, without I/O."""
+        found = (self._hot.get(oid) for oid in self._hot_sop.get(sop_uid, ()))
+        return [i for i in found if i is not None
+                and (study_uid is None or i.study_uid == study_uid)
+                and (series_uid is None or i.series_uid == series_uid)]
 
     def flush_touches(self) -> int:
         """Write the recency of entries served from memory back to the index."""
@@ -392,39 +552,26 @@ class Store:
             self.index.touch(touched, time.time())
         return len(touched)
 
-    def _drop_hot(self, sop_uid: str, orthanc_id: str | None) -> None:
-        self._hot.pop(sop_uid, None)
-        self._touched.pop(sop_uid, None)
-        if orthanc_id:
-            self._hot_oid.pop(orthanc_id, None)
+    def _drop_hot(self, orthanc_id: str) -> None:
+        dropped = self._hot.pop(orthanc_id, None)
+        self._touched.pop(orthanc_id, None)
+        if dropped is not None:
+            others = self._hot_sop.get(dropped.sop_uid)
+            if others is not None:
+                others.discard(orthanc_id)
+                if not others:
+                    del self._hot_sop[dropped.sop_uid]
 
-    def forget(self, sop_uid: str) -> None:
+    def forget(self, orthanc_id: str) -> None:
         """Drop an entry whose file vanished (deleted by hand, disk trouble)."""
-        log.warning("store: file of %s vanished; dropping its entry", sop_uid)
-        self._drop_hot(sop_uid, None)
-        self.index.delete(sop_uid)
+        log.warning("store: file of instance %s vanished; dropping its entry", orthanc_id)
+        self._drop_hot(orthanc_id)
+        self.index.delete(orthanc_id)
 
     def _instance(self, row: Row) -> Instance:
-        return Instance(row.sop_uid, row.study_uid, row.series_uid, row.transfer_syntax,
-                        row.md5, row.size, row.orthanc_id, path=self.directory / row.file,
-                        stored_at=row.stored_at)
-
-    def get_by_orthanc_id(self, orthanc_id: str) -> Instance | None:
-        """The entry of an Orthanc instance ID, if its SOPInstanceUID is known and stored."""
-        sop_uid = self.resolve(orthanc_id)
-        return self.get(sop_uid) if sop_uid else None
-
-    def resolve(self, orthanc_id: str) -> str | None:
-        """SOPInstanceUID of an Orthanc instance ID, if learned."""
-        return self.index.sop_of(orthanc_id)
-
-    def learn(self, orthanc_id: str, sop_uid: str) -> None:
-        """Record that an Orthanc instance ID and a SOPInstanceUID name one instance."""
-        if self.index.sop_of(orthanc_id) != sop_uid:
-            self.index.learn([(orthanc_id, sop_uid)], time.time())
-
-    def orthanc_id_of(self, sop_uid: str) -> str | None:
-        return self.index.orthanc_id_of(sop_uid)
+        return Instance(row.orthanc_id, row.patient_id, row.study_uid, row.series_uid,
+                        row.sop_uid, row.transfer_syntax, row.md5, row.size,
+                        path=self.directory / row.file, stored_at=row.stored_at)
 
     def stats(self) -> dict[str, int]:
         """Entries, bytes used (index included), bound, evictions since start."""
@@ -469,7 +616,9 @@ class Store:
                 removed += 1
                 nbytes += by_file[rel].size
             for e in batch:
-                self._drop_hot(e.sop_uid, e.orthanc_id)
+                self._drop_hot(e.orthanc_id)
+        if removed:
+            self.index.bump()
         return removed, nbytes
 
     @property
@@ -494,8 +643,9 @@ class Store:
             note = dict(entry_as_dict(entry), path=str(dest), cause=cause, reason=reason,
                         quarantined_at=time.time())
             dest.with_suffix(".json").write_text(json.dumps(note, indent=1) + "\n")
-        self.index.delete(entry.sop_uid, rel)
-        self._drop_hot(entry.sop_uid, entry.orthanc_id)
+        self.index.delete(entry.orthanc_id, rel)
+        self._drop_hot(entry.orthanc_id)
+        self.index.bump()
         return moved
 
     def check(self) -> dict[str, int]:
@@ -532,10 +682,9 @@ class AsyncStore:
         self._queue: collections.deque[tuple[Instance, asyncio.Future[Instance | None]]] = \
             collections.deque()
         self._committer: asyncio.Task[None] | None = None
-        #: Commits queued or being written, by SOPInstanceUID and by Orthanc ID.
+        #: Commits queued or being written, by Orthanc ID, and their verified bodies
+        #: (in memory until durable).
         self._pending: dict[str, asyncio.Future[Instance | None]] = {}
-        self._pending_oid: dict[str, asyncio.Future[Instance | None]] = {}
-        #: Their verified bodies, by Orthanc ID (still in memory until durable).
         self._pending_body: dict[str, Instance] = {}
 
     @property
@@ -543,27 +692,39 @@ class AsyncStore:
         """The task writing queued commits, while there are any."""
         return self._committer
 
-    async def get(self, sop_uid: str) -> Instance | None:
+    async def get(self, orthanc_id: str) -> Instance | None:
         """The entry, waiting for its commit if it is queued or being written."""
-        return (self.sync.peek(sop_uid) or await _committed(self._pending.get(sop_uid))
-                or await asyncio.to_thread(self.sync.get, sop_uid))
+        return (self.sync.peek(orthanc_id) or await _committed(self._pending.get(orthanc_id))
+                or await asyncio.to_thread(self.sync.get, orthanc_id))
 
-    async def get_by_orthanc_id(self, orthanc_id: str) -> Instance | None:
-        return (self.sync.peek_orthanc_id(orthanc_id)
-                or await _committed(self._pending_oid.get(orthanc_id))
-                or await asyncio.to_thread(self.sync.get_by_orthanc_id, orthanc_id))
+    async def by_uids(self, sop_uid: str, study_uid: str | None = None,
+                      series_uid: str | None = None) -> list[Instance]:
+        """Every stored entry with these UIDs (see :meth:`Store.by_uids`)."""
+        pending = [b for b in self._pending_body.values() if b.sop_uid == sop_uid
+                   and study_uid in (None, b.study_uid) and series_uid in (None, b.series_uid)]
+        for body in pending:  # being committed: wait, then it is found below
+            await _committed(self._pending.get(body.orthanc_id))
+        return await asyncio.to_thread(self.sync.by_uids, sop_uid, study_uid, series_uid)
+
+    async def resolution(self, sop_uid: str, study_uid: str | None = None,
+                         series_uid: str | None = None) -> list[str] | None:
+        known = self.sync.peek_resolution(sop_uid, study_uid, series_uid)
+        if known is not None:
+            return known
+        return await asyncio.to_thread(self.sync.resolution, sop_uid, study_uid, series_uid)
+
+    async def resolve_as(self, sop_uid: str, study_uid: str | None, series_uid: str | None,
+                         orthanc_ids: list[str]) -> None:
+        await asyncio.to_thread(self.sync.resolve_as, sop_uid, study_uid, series_uid,
+                                orthanc_ids)
+
+    async def resolve_many(self, found: Sequence[tuple[str, str | None, str | None,
+                                                       Sequence[str]]]) -> None:
+        if found:
+            await asyncio.to_thread(self.sync.resolve_many, found)
 
     async def flush_touches(self) -> int:
         return await asyncio.to_thread(self.sync.flush_touches)
-
-    async def resolve(self, orthanc_id: str) -> str | None:
-        return await asyncio.to_thread(self.sync.resolve, orthanc_id)
-
-    async def orthanc_id_of(self, sop_uid: str) -> str | None:
-        return await asyncio.to_thread(self.sync.orthanc_id_of, sop_uid)
-
-    async def learn(self, orthanc_id: str, sop_uid: str) -> None:
-        await asyncio.to_thread(self.sync.learn, orthanc_id, sop_uid)
 
     async def commit_now(self, body: Instance) -> Instance | None:
         """Write, fsync, rename and index a verified body now, in one thread hop.
@@ -583,21 +744,17 @@ class AsyncStore:
     def queue_commit(self, body: Instance) -> asyncio.Future[Instance | None]:
         """Queue a verified body for the next group; the future settles when it is durable.
 
-        From now until then :meth:`get` and :meth:`get_by_orthanc_id` of the
-        instance wait for it (a lookup never misses an instance being committed).
+        From now until then :meth:`get` of the instance waits for it (a lookup never
+        misses an instance being committed).
         """
         fut: asyncio.Future[Instance | None] = asyncio.get_running_loop().create_future()
-        sop, oid = body.sop_uid, body.orthanc_id
-        self._pending[sop] = fut
-        if oid:
-            self._pending_oid[oid] = fut
-            self._pending_body[oid] = body
+        oid = body.orthanc_id
+        self._pending[oid] = fut
+        self._pending_body[oid] = body
 
         def settled(f: asyncio.Future[Instance | None]) -> None:
-            if self._pending.get(sop) is f:
-                del self._pending[sop]
-            if oid and self._pending_oid.get(oid) is f:
-                del self._pending_oid[oid]
+            if self._pending.get(oid) is f:
+                del self._pending[oid]
                 del self._pending_body[oid]
             if not f.cancelled():
                 f.exception()  # retrieved: the waiter may have gone
@@ -682,6 +839,30 @@ async def _committed(fut: asyncio.Future[Instance | None] | None) -> Instance | 
     if fut.cancelled() or fut.exception() is not None:
         return None
     return fut.result()
+
+
+#: What changes when a file is written to: inode, size, modification and change times.
+FileSignature = tuple[int, int, int, int]
+
+
+def signature(st: os.stat_result) -> FileSignature:
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _file_problem(fd: int, size: int, instance: Instance) -> str | None:
+    """Why the open file is not the instance's recorded bytes, or ``None``."""
+    if size != instance.size:
+        return f"{size} bytes where {instance.size} were stored"
+    digest = hashlib.md5(usedforsecurity=False)
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(1 << 20, size - offset), offset)
+        if not chunk:
+            return f"cut at {offset} of {size} bytes"
+        digest.update(chunk)
+        offset += len(chunk)
+    actual = digest.hexdigest()
+    return None if actual == instance.md5 else f"MD5 {actual}, stored as {instance.md5}"
 
 
 def _reraise(exc: OSError) -> NoReturn:

@@ -7,11 +7,13 @@ cache key); an Orthanc ID through :func:`is_orthanc_id`.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 #: Longest UID (PS3.5 §9.1).
 MAX_UID = 64
-_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+#: PS3.5 §9.1: components of digits, none empty, none with a leading zero ("0" itself is one).
+_UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
 #: Orthanc's IDs are SHA-1 based: five groups of eight hex digits.
 _ORTHANC_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
 
@@ -28,9 +30,18 @@ def uid_problem(value: str | None, what: str) -> str | None:
     if len(value) > MAX_UID:
         return f"{what} is longer than {MAX_UID} characters"
     if not _UID.fullmatch(value):
-        return f"{what} {value[:80]!r} is not a DICOM UID (digits and dots)"
+        return (f"{what} {value[:80]!r} is not a DICOM UID (digits and dots, no empty "
+                "component, no leading zero: PS3.5 §9.1)")
     return None
 
 
 def is_orthanc_id(value: str) -> bool:
     return _ORTHANC_ID.fullmatch(value) is not None
+
+
+def orthanc_instance_id(patient_id: str, study: str, series: str, sop: str) -> str:
+    """Orthanc's ID of an instance: the SHA-1 of ``PatientID|Study|Series|SOP`` in five
+    groups of eight hex digits (one SOP Instance UID under two patients is two instances)."""
+    digest = hashlib.sha1(f"{patient_id}|{study}|{series}|{sop}".encode(),
+                          usedforsecurity=False).hexdigest()
+    return "-".join(digest[i:i + 8] for i in range(0, 40, 8))

@@ -66,14 +66,20 @@ import mmap
 import os
 import re
 import struct
+import warnings
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NoReturn, TypeAlias
 
+from pydicom.charset import convert_encodings, decode_bytes
+
 from dicomcache.dicom import syntaxes
+from dicomcache.dicom.uids import is_uid, orthanc_instance_id
 from dicomcache.errors import Cause, IntegrityError
 
 __all__ = [
+    "IDENTITY_TAGS",
     "IMAGE_SOP_CLASSES",
     "KNOWN_SQ_TAGS",
     "MAX_DEPTH",
@@ -81,6 +87,7 @@ __all__ = [
     "DicomSummary",
     "IntegrityError",
     "PixelInfo",
+    "identity_problem",
     "md5_hex",
     "parse_dicom",
     "verify_bytes",
@@ -129,6 +136,30 @@ class DicomSummary:
     series_instance_uid: str | None
     size: int
     pixel: PixelInfo | None
+    #: Patient ID (0010,0020) as Orthanc keys it: decoded by the data set's Specific
+    #: Character Set, surrounding spaces and NULs removed.
+    patient_id: str = ""
+    #: Its bytes as stored (padding removed): other readings of a non-ASCII Patient ID.
+    patient_id_bytes: bytes = b""
+
+    def patient_id_readings(self) -> set[str]:
+        """The texts the stored Patient ID can be read as: its Specific Character Set,
+        Latin-1 (Orthanc's default when none is named) and UTF-8."""
+        raw = self.patient_id_bytes
+        return {self.patient_id, raw.decode("latin-1"), raw.decode("utf-8", "replace")}
+
+    @property
+    def orthanc_id(self) -> str:
+        """The Orthanc instance ID these four identifiers give (what Orthanc keys it by)."""
+        return orthanc_instance_id(self.patient_id, self.study_instance_uid or "",
+                                   self.series_instance_uid or "", self.sop_instance_uid)
+
+    @property
+    def uids_conformant(self) -> bool:
+        """Whether its identifying UIDs follow the UI grammar (PS3.5 §9.1).  A body whose
+        UIDs do not is still served (it is what Orthanc holds) but never used as a name."""
+        return all(is_uid(u or "") for u in (self.sop_instance_uid, self.study_instance_uid,
+                                              self.series_instance_uid, self.sop_class_uid))
 
 
 MAX_DEPTH = 64
@@ -150,6 +181,8 @@ _MEDIA_SOP_CLASS = 0x00020002
 _MEDIA_SOP_INSTANCE = 0x00020003
 _TRANSFER_SYNTAX = 0x00020010
 
+_PATIENT_ID = 0x00100020
+_CHARSET = 0x00080005
 _SOP_CLASS = 0x00080016
 _SOP_INSTANCE = 0x00080018
 _STUDY_UID = 0x0020000D
@@ -168,7 +201,8 @@ _UID_TAGS = frozenset({_SOP_CLASS, _SOP_INSTANCE, _STUDY_UID, _SERIES_UID})
 _US_TAGS = frozenset({_SAMPLES_PER_PIXEL, _ROWS, _COLUMNS, _BITS_ALLOCATED})
 _PIXEL_TAGS = frozenset({_FLOAT_PIXEL_DATA, _DOUBLE_PIXEL_DATA, _PIXEL_DATA})
 _IMAGE_PIXEL_TAGS = frozenset({_SAMPLES_PER_PIXEL, _PHOTOMETRIC, _BITS_ALLOCATED})
-_INTERESTING = _UID_TAGS | _US_TAGS | _PIXEL_TAGS | {_PHOTOMETRIC, _NUMBER_OF_FRAMES}
+_INTERESTING = _UID_TAGS | _US_TAGS | _PIXEL_TAGS | {_PHOTOMETRIC, _NUMBER_OF_FRAMES,
+                                                     _PATIENT_ID, _CHARSET}
 _NOT_AN_INTEGER = -1  # recorded for an unreadable Number of Frames; only fatal with Pixel Data
 
 # VRs whose explicit-VR header has 2 reserved bytes and a 4-byte length.
@@ -181,6 +215,14 @@ _SHORT_VRS = frozenset(
         b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
     }
 )
+#: Binary VRs whose value is a whole number of fixed-size numbers (PS3.5 6.2): a
+#: length that is not a multiple is a damaged header (a flipped VR, a cut value),
+#: which a viewer's parser would read past.
+_VALUE_MULTIPLE = {
+    b"FD": 8, b"SV": 8, b"UV": 8, b"OD": 8, b"OV": 8,
+    b"FL": 4, b"SL": 4, b"UL": 4, b"AT": 4, b"OF": 4, b"OL": 4,
+    b"SS": 2, b"US": 2, b"OW": 2,
+}
 
 KNOWN_SQ_TAGS = frozenset(
     {
@@ -251,7 +293,6 @@ Together with "Image Pixel attributes imply Pixel Data", this catches a body
 cut exactly at an element boundary before (7FE0,0010), which no length check
 inside the file can see."""
 
-_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 _LE_TAG = struct.Struct("<HH")
 _LE_TAG_LEN = struct.Struct("<HHI")
@@ -298,11 +339,13 @@ def _fail(reason: str) -> NoReturn:
 class _Walker:
     """One walk over a data set buffer; collects what the summary needs."""
 
-    __slots__ = ("buf", "pixel", "top", "uids", "where")
+    __slots__ = ("buf", "native", "pixel", "top", "uids", "where")
 
-    def __init__(self, buf: Buffer, where: str) -> None:
+    def __init__(self, buf: Buffer, where: str, native: bool) -> None:
         self.buf = buf
         self.where = where  # prefix for reasons ("" or "inflated data set: ")
+        #: The transfer syntax is a native one: Pixel Data must not be encapsulated.
+        self.native = native
         self.uids: dict[int, bytes] = {}
         self.pixel: PixelInfo | None = None
         self.top: dict[int, int] = {}  # image attributes of the top-level data set
@@ -372,6 +415,9 @@ class _Walker:
 
             if length == _UNDEFINED:
                 if tag == _PIXEL_DATA and vr in (b"OB", b"OW", b""):
+                    if self.native:
+                        self.fail(f"encapsulated Pixel Data at offset {pos} under a native "
+                                  "(uncompressed) transfer syntax")
                     pos = self.encapsulated(vpos, end, c, image, depth)
                 elif is_sq:
                     pos = self.sequence(vpos, end, c, depth, True, tag, pos)
@@ -389,6 +435,11 @@ class _Walker:
                 self.fail(
                     f"element {_tag(tag)} at offset {pos} declares {length} bytes "
                     f"but only {end - vpos} remain"
+                )
+            if explicit and length % _VALUE_MULTIPLE.get(vr, 1):
+                self.fail(
+                    f"element {_tag(tag)} at offset {pos} has VR {vr.decode()} and "
+                    f"{length} bytes, not a multiple of {_VALUE_MULTIPLE[vr]}"
                 )
             if is_sq:
                 self.sequence(vpos, vpos + length, c, depth, False, tag, pos)
@@ -609,6 +660,25 @@ def _uid(raw: bytes | None, what: str) -> str | None:
         _fail(f"{what} is not ASCII: {raw!r}")
 
 
+def _patient_id(raw: bytes, charset: bytes | None) -> str:
+    """A Patient ID as Orthanc keys it: surrounding spaces and NULs removed, decoded by
+    the Specific Character Set (0008,0005) as Orthanc does before it hashes the UTF-8
+    text; Latin-1 (Orthanc's default encoding) when no set is named or it fails.  A
+    reading that still differs from Orthanc's is settled against Orthanc's own tags
+    (:mod:`dicomcache.cache.fetch`)."""
+    if raw.isascii() and b"\x1b" not in raw:  # no ISO 2022 escape sequence either
+        return raw.decode("ascii")
+    terms = [t.strip(b" \x00").decode("ascii", "replace") for t in (charset or b"").split(b"\\")]
+    if not any(terms):
+        return raw.decode("latin-1")
+    try:
+        with warnings.catch_warnings():  # an unknown term: pydicom warns, then falls back
+            warnings.simplefilter("ignore")
+            return str(decode_bytes(raw, convert_encodings(terms), set()))
+    except (LookupError, ValueError, UnicodeError):
+        return raw.decode("latin-1")
+
+
 def _inflate(data: Buffer, start: int) -> bytes:
     """Inflate the raw-deflate data set that starts at ``start``."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -700,18 +770,18 @@ def parse_dicom(data: Buffer) -> DicomSummary:
     if _TRANSFER_SYNTAX not in values:
         _fail("File Meta Information has no Transfer Syntax UID (0002,0010)")
     ts = _uid(values[_TRANSFER_SYNTAX], "Transfer Syntax UID") or ""
-    if not _UID_RE.fullmatch(ts) or len(ts) > 64:
+    if not is_uid(ts):
         _fail(f"Transfer Syntax UID (0002,0010) is not a UID: {ts!r}")
 
     if ts == syntaxes.DEFLATED_LE:
         inflated = _inflate(buf, pos)
-        walker = _Walker(inflated, "inflated data set: ")
+        walker = _Walker(inflated, "inflated data set: ", True)
         walker.dataset(0, len(inflated), _EXPLICIT_LE, 0, False)
         walker.pixel = None
     else:
         codec = {syntaxes.IMPLICIT_LE: _IMPLICIT_LE,
                  syntaxes.EXPLICIT_BE: _EXPLICIT_BE}.get(ts, _EXPLICIT_LE)
-        walker = _Walker(buf, "")
+        walker = _Walker(buf, "", not syntaxes.is_encapsulated(ts))
         walker.dataset(pos, size, codec, 0, False)
 
     uids = walker.uids
@@ -735,15 +805,50 @@ def parse_dicom(data: Buffer) -> DicomSummary:
                 f"SOP Class {sop_class} is an image but the data set has no Pixel Data "
                 "(7FE0,0010): truncated at an element boundary?"
             )
+    patient = (uids.get(_PATIENT_ID) or b"").strip(b" \x00")
     return DicomSummary(
         transfer_syntax_uid=ts,
         sop_class_uid=sop_class,
         sop_instance_uid=instance,
+        patient_id=_patient_id(patient, uids.get(_CHARSET)),
+        patient_id_bytes=patient,
         study_instance_uid=_uid(uids.get(_STUDY_UID), "Study Instance UID"),
         series_instance_uid=_uid(uids.get(_SERIES_UID), "Series Instance UID"),
         size=size,
         pixel=walker.pixel,
     )
+
+
+#: Orthanc's short names of the tags that identify an instance (``/instances/{id}/tags?short``).
+IDENTITY_TAGS = {"patient": "0010,0020", "study": "0020,000d", "series": "0020,000e",
+                 "sop": "0008,0018", "sop_class": "0008,0016"}
+
+
+def identity_problem(summary: DicomSummary, orthanc_id: str,
+                     tags: Mapping[str, object] | None = None) -> str | None:
+    """Why a verified body is not Orthanc instance ``orthanc_id`` (``None``: it is).
+
+    Orthanc names an instance by the hash of its Patient ID and three UIDs, so the
+    body's must hash to ``orthanc_id``.  When they do not, either Orthanc read the
+    Patient ID differently (a character set) or this is another instance's body —
+    possibly the same image under another patient.  ``tags``, Orthanc's own tags of
+    the instance, settle it when given: its UIDs and SOP Class must be the body's,
+    its Patient ID one reading of the body's, and they must hash to ``orthanc_id``.
+    """
+    if summary.orthanc_id == orthanc_id:
+        return None
+    wrong = (f"asked for instance {orthanc_id}, received the body of {summary.orthanc_id} "
+             f"(SOP {summary.sop_instance_uid}, patient {summary.patient_id!r})")
+    if tags is None:
+        return wrong
+    theirs = {k: str(tags.get(tag, "")).strip() for k, tag in IDENTITY_TAGS.items()}
+    ours = {"sop": summary.sop_instance_uid, "study": summary.study_instance_uid or "",
+            "series": summary.series_instance_uid or "", "sop_class": summary.sop_class_uid}
+    same = all(theirs[k] == v for k, v in ours.items()) \
+        and theirs["patient"] in summary.patient_id_readings()
+    named = orthanc_instance_id(theirs["patient"], theirs["study"], theirs["series"],
+                                theirs["sop"])
+    return None if same and named == orthanc_id else wrong
 
 
 def md5_hex(data: Buffer) -> str:

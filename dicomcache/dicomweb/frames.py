@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 
 from dicomcache.cache.instance import Instance
+from dicomcache.cache.store import Store
 
 #: Byte ranges of each frame: ``[(offset, length), …]`` per frame (fragments of one frame).
 Ranges = list[list[tuple[int, int]]]
 
 
-def _pread_all(path: Path, ranges: Ranges) -> list[bytes]:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _pread_all(store: Store, found: Instance, ranges: Ranges) -> list[bytes]:
+    fd, _st = store.open_checked(found)
+    path = found.path
     try:
         out = []
         for frame in ranges:
@@ -31,9 +32,10 @@ def _pread_all(path: Path, ranges: Ranges) -> list[bytes]:
         os.close(fd)
 
 
-async def read_frames(found: Instance, ranges: Ranges) -> list[bytes]:
-    """The bytes of each frame; ``FileNotFoundError`` when a stored file is gone or cut."""
+async def read_frames(store: Store, found: Instance, ranges: Ranges) -> list[bytes]:
+    """The bytes of each frame; ``FileNotFoundError`` when a stored file is gone, cut or
+    bad (checked the first time this process reads it: :meth:`Store.open_checked`)."""
     if found.path is not None:
-        return await asyncio.to_thread(_pread_all, found.path, ranges)
+        return await asyncio.to_thread(_pread_all, store, found, ranges)
     data = found.content()
     return [b"".join(data[off:off + length] for off, length in frame) for frame in ranges]

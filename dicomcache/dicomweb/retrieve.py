@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import os
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from dicomcache.cache.instance import Instance
-from dicomcache.cache.store import AsyncStore
+from dicomcache.cache.store import AsyncStore, Store
 from dicomcache.dicom import multipart
 from dicomcache.dicom.accept import DICOM
 from dicomcache.dicomweb.answers import Cached
@@ -49,24 +50,34 @@ def serves(stored: str, wanted: str | None) -> bool:
     return wanted in ("*", stored)
 
 
-async def open_part(found: Instance) -> Part:
-    """The instance bytes when in memory, or for a stored one its open file."""
+async def open_part(store: Store, found: Instance) -> Part:
+    """The instance bytes when in memory, or for a stored one its open (checked) file."""
     if found.path is not None:
-        return Part(found.size, file=await asyncio.to_thread(found.path.open, "rb"))
+        fd, _st = await asyncio.to_thread(store.open_checked, found)
+        return Part(found.size, file=os.fdopen(fd, "rb"))
     return Part(found.size, data=await found.read())
+
+
+async def refetched_part(dw: DicomWeb, found: Instance) -> Part:
+    """The part of an instance whose stored file vanished, or was found bad and
+    quarantined, since it was looked up: its entry dropped, the instance fetched again."""
+    if found.stored:
+        await asyncio.to_thread(dw.store.sync.forget, found.orthanc_id)
+    return await open_part(dw.store.sync, await dw.fetcher.by_orthanc_id(found.orthanc_id))
 
 
 Opened = Part | OSError
 
 
-async def _open_files(entries: list[Instance]) -> list[Opened]:
-    """Stored files opened in one thread hop; an entry whose file fails gets its error."""
+async def _open_files(store: Store, entries: list[Instance]) -> list[Opened]:
+    """Stored files opened (and checked) in one thread hop; an entry whose file fails gets
+    its error."""
     def work() -> list[Opened]:
         out: list[Opened] = []
         for e in entries:
-            assert e.path is not None
             try:
-                out.append(Part(e.size, file=e.path.open("rb")))
+                fd, _st = store.open_checked(e)
+                out.append(Part(e.size, file=os.fdopen(fd, "rb")))
             except OSError as exc:
                 out.append(exc)
         return out
@@ -111,14 +122,14 @@ class Plan:
 
 async def known_instances(store: AsyncStore, oids: list[str]) -> list[Instance | None]:
     """Each instance from the hot map, from memory (being committed), else the index."""
-    known: list[Instance | None] = [store.sync.peek_orthanc_id(oid) for oid in oids]
+    known: list[Instance | None] = [store.sync.peek(oid) for oid in oids]
     for i, oid in enumerate(oids):  # a retrieve just sent them: still in memory
         if known[i] is None:
             known[i] = store.pending_body(oid)
     unknown = [i for i, e in enumerate(known) if e is None]
     if unknown:  # not in the hot map (e.g. after a restart): one thread hop, not one each
         def look_up() -> list[Instance | None]:
-            return [store.sync.get_by_orthanc_id(oids[i]) for i in unknown]
+            return [store.sync.get(oids[i]) for i in unknown]
         for i, e in zip(unknown, await asyncio.to_thread(look_up), strict=True):
             known[i] = e
     return known
@@ -159,6 +170,8 @@ class Parts:
         self.window = dw.settings.retrieve_concurrency
         self.pending: collections.deque[asyncio.Future[Part]] = collections.deque()
         self.ahead = 0
+        #: What the listing taught of UIDs never resolved before (:meth:`remember`).
+        self.learned: list[tuple[str, str | None, str | None, list[str]]] = []
         self._launch()
 
     async def next(self) -> Part | None:
@@ -179,6 +192,19 @@ class Parts:
             if task.done() and not task.cancelled() and task.exception() is None:
                 task.result().close()
 
+    def _learn(self, found: Instance) -> None:
+        """Note which instance this part's UIDs name: the listing came from a study or
+        series Orthanc resolved uniquely, so within it the UIDs name only this one."""
+        sop, series = found.sop_uid, found.series_uid
+        if self.dw.store.sync.peek_resolution(sop, self.study, series) is None:
+            self.learned.append((sop, self.study, series, [found.orthanc_id]))
+
+    async def remember(self) -> None:
+        """Keep what :meth:`_learn` noted, so that frames and single instances of this
+        series are found without asking Orthanc again (one transaction)."""
+        learned, self.learned = self.learned, []
+        await self.dw.store.resolve_many(learned)
+
     def _stored_run(self, i: int) -> list[Instance]:
         """Stored instances sent as stored, from part ``i`` on (one open batch)."""
         run: list[Instance] = []
@@ -197,7 +223,7 @@ class Parts:
                 self.pending.append(asyncio.ensure_future(self._part(self.ahead)))
                 self.ahead += 1
                 continue
-            batch = asyncio.ensure_future(_open_files(run))
+            batch = asyncio.ensure_future(_open_files(self.dw.store.sync, run))
             self.pending.extend(asyncio.ensure_future(self._part(self.ahead + k, batch, k))
                                 for k in range(len(run)))
             self.ahead += len(run)
@@ -218,17 +244,18 @@ class Parts:
             else:
                 found = await fetcher.by_orthanc_id(oid)
             found.check_in(self.study, self.series)
+            self._learn(found)
             if not serves(found.transfer_syntax, self.wanted):
                 data = await self.dw.transcoded(
                     found, self.accept or f'multipart/related; type="{DICOM}"')
                 return Part(len(data), data=data)
             if isinstance(opened, OSError):
                 raise opened
-            return opened or await open_part(found)
-        except FileNotFoundError:  # evicted or deleted since the lookup
-            if found is not None and found.stored:
-                await asyncio.to_thread(self.dw.store.sync.forget, found.sop_uid)
-            return await open_part(await fetcher.by_orthanc_id(oid))
+            return opened or await open_part(self.dw.store.sync, found)
+        except FileNotFoundError:  # evicted, deleted or quarantined since the lookup
+            if found is None:
+                raise
+            return await refetched_part(self.dw, found)
         except BaseException:
             if isinstance(opened, Part):
                 opened.close()

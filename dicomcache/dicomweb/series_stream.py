@@ -11,10 +11,12 @@ the stream), and for every part:
 * checks its length against its ``Content-Length``, computes its MD5 and
   parses it fully (:func:`~dicomcache.dicom.verify.verify_bytes`, in a worker
   thread);
-* matches the MD5 against Orthanc's stored MD5s of the instances asked for
-  (``/instances/{id}/attachments/dicom/md5``, looked up :data:`LOOKUPS` at a
-  time while the stream is read): the part *is* the instance whose stored MD5
-  it has; a part that matches none is dropped;
+* knows which instance it is from its Patient ID and UIDs (their hash is
+  Orthanc's instance ID), and compares its MD5 with Orthanc's stored MD5 of
+  that instance (``/instances/{id}/attachments/dicom/md5``, looked up
+  :data:`LOOKUPS` at a time while the stream is read); a part of none of the
+  instances asked for, or whose MD5 differs, is dropped (and its instance
+  fetched on its own);
 * hands the verified bytes at once to the retrieve waiting for it, and queues
   them for the store's next group commit (:meth:`AsyncStore.queue_commit`):
   the retrieve never waits for durability, and reading goes on while earlier
@@ -48,7 +50,7 @@ from dicomcache.cache.instance import Instance
 from dicomcache.cache.store import StoreClosed
 from dicomcache.dicom import multipart
 from dicomcache.dicom.verify import DicomSummary, md5_hex, verify_bytes
-from dicomcache.errors import IntegrityError, NotFoundUpstream, UpstreamError
+from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
 from dicomcache.metrics import Metrics
 from dicomcache.upstream.client import OrthancClient, check_status
 
@@ -157,11 +159,13 @@ class SeriesStream:
         if not self.claimed:  # every instance is being downloaded already: nothing to feed
             return
         metrics = self.fetcher.metrics
-        #: Orthanc's stored MD5 -> instance, learnt by the lookups.
-        by_md5: dict[str, str] = {}
-        #: Parts whose MD5 is not learnt yet, waiting for it (``None``: it never will be).
+        #: Instance -> Orthanc's stored MD5 of it, learnt by the lookups.
+        md5_of: dict[str, str] = {}
+        #: Parts whose instance's MD5 is not learnt yet, waiting for it.
         waiting: dict[str, asyncio.Future[str | None]] = {}
         lookups_over = False
+        #: The lookups ended on a refusal: parts without a learnt MD5 are not trusted.
+        lookups_failed = False
         #: Claimed instances a verified part was found for (their commit may be pending).
         delivered: set[str] = set()
         commits: set[asyncio.Future[None]] = set()
@@ -170,14 +174,15 @@ class SeriesStream:
         backlog = self.backlog
 
         def learn(oid: str, md5: str) -> None:
-            by_md5[md5] = oid
-            fut = waiting.pop(md5, None)
+            md5_of[oid] = md5
+            fut = waiting.pop(oid, None)
             if fut is not None and not fut.done():
-                fut.set_result(oid)
+                fut.set_result(md5)
 
         def lookups_ended(error: BaseException | None) -> None:
-            nonlocal lookups_over
+            nonlocal lookups_over, lookups_failed
             lookups_over = True
+            lookups_failed = error is not None
             if error is not None:
                 log.warning("series stream %s: MD5 lookups cut (%s): parts not matched "
                             "yet are fetched one by one", self.path, error)
@@ -185,12 +190,14 @@ class SeriesStream:
                 _settle(fut, None)
             waiting.clear()
 
-        async def owner(md5: str) -> str | None:
-            if md5 in by_md5 or lookups_over:
-                return by_md5.get(md5)
-            fut = waiting.get(md5)
+        async def stored_md5(oid: str) -> str | None:
+            """Orthanc's MD5 of ``oid`` once learnt (``None``: it has none, or the
+            lookups ended first)."""
+            if oid in md5_of or lookups_over:
+                return md5_of.get(oid)
+            fut = waiting.get(oid)
             if fut is None:
-                fut = waiting[md5] = asyncio.get_running_loop().create_future()
+                fut = waiting[oid] = asyncio.get_running_loop().create_future()
             return await asyncio.shield(fut)
 
         async def handle(length: int, data: bytes) -> None:
@@ -204,16 +211,25 @@ class SeriesStream:
                 metrics.note_integrity_failure(exc.cause, self.path, exc.reason)
                 log.warning("series stream %s: a part failed verification: %s", self.path, exc)
                 return
-            oid = await owner(md5)
-            fut = self.claimed.get(oid) if oid else None
-            if oid is None or fut is None or fut.done() or oid in delivered:
-                if oid is None:
-                    log.info("series stream %s: part %s (MD5 %s) is none of the instances "
-                             "it was asked for (or its MD5 is not Orthanc's): dropped",
-                             self.path, summary.sop_instance_uid, md5)
+            # The part *is* the instance its Patient ID and UIDs hash to (Orthanc's own
+            # key), confirmed by Orthanc's stored MD5 of that instance when it has one.
+            oid = summary.orthanc_id
+            fut = self.claimed.get(oid)
+            if fut is None or fut.done() or oid in delivered:
+                if fut is None:
+                    log.info("series stream %s: part %s (instance %s) is none of the "
+                             "instances it was asked for: dropped", self.path,
+                             summary.sop_instance_uid, oid)
+                return
+            expected = await stored_md5(oid)
+            if expected != md5 and (expected is not None or lookups_failed):
+                reason = (f"part of instance {oid} has MD5 {md5}, Orthanc stored {expected}"
+                          if expected else f"no MD5 could be looked up for instance {oid}")
+                metrics.note_integrity_failure(Cause.MD5_MISMATCH, self.path, reason)
+                log.warning("series stream %s: %s: fetched on its own", self.path, reason)
                 return
             metrics.fetched_bytes.inc(len(data))
-            fetched = Instance.verified(summary, md5, oid, data)
+            fetched = Instance.verified(summary, md5, data)
             delivered.add(oid)
             # Queued before the retrieve can send it: from now on a lookup of the
             # instance waits for its commit instead of missing it.

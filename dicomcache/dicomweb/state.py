@@ -25,9 +25,10 @@ from aiohttp import hdrs
 
 from dicomcache.cache.fetch import Fetcher
 from dicomcache.cache.instance import Instance
-from dicomcache.cache.store import AsyncStore
+from dicomcache.cache.store import AsyncStore, Store
 from dicomcache.config import DicomwebSettings
 from dicomcache.dicom import multipart
+from dicomcache.dicom.uids import is_uid
 from dicomcache.dicom.verify import PixelInfo, parse_dicom
 from dicomcache.dicomweb.answers import AnswerCache, Cached, DiskCopies, normalise_json, plain
 from dicomcache.dicomweb.series_stream import COMMIT_BACKLOG, Budget, SeriesStream
@@ -195,7 +196,7 @@ class DicomWeb:
             self._pixels.move_to_end(found.md5)
             return self._pixels[found.md5]
         if found.stored:
-            pixel = await asyncio.to_thread(_pixel_of_file, str(found.path))
+            pixel = await asyncio.to_thread(_pixel_of_file, self.store.sync, found)
         else:
             data = found.content()
             pixel = await asyncio.to_thread(lambda: parse_dicom(data).pixel)
@@ -205,7 +206,14 @@ class DicomWeb:
         return pixel
 
     async def transcoded(self, found: Instance, accept: str) -> bytes:
-        """One instance as Orthanc transcodes it for ``accept``, bounds-checked before use."""
+        """One instance as Orthanc transcodes it for ``accept``, bounds-checked before use.
+
+        Its UIDs name it in the URL, so they must follow the UI grammar (they come
+        from the instance's data: never used as a path otherwise).
+        """
+        if not all(is_uid(u or "") for u in (found.study_uid, found.series_uid, found.sop_uid)):
+            raise IntegrityError(Cause.PARSE_FAILURE, f"instance {found.orthanc_id} has UIDs "
+                                 "that are not DICOM UIDs: it cannot be named in a URL")
         path = (f"/dicom-web/studies/{found.study_uid}/series/{found.series_uid}"
                 f"/instances/{found.sop_uid}")
 
@@ -216,9 +224,12 @@ class DicomWeb:
 
             def check() -> None:
                 summary = parse_dicom(part)
-                if summary.sop_instance_uid != found.sop_uid:
-                    raise IntegrityError(Cause.PARSE_FAILURE, f"{path}: Orthanc sent instance "
-                                         f"{summary.sop_instance_uid}")
+                ours = (found.patient_id, found.study_uid, found.series_uid, found.sop_uid)
+                theirs = (summary.patient_id, summary.study_instance_uid,
+                          summary.series_instance_uid, summary.sop_instance_uid)
+                if theirs != ours:  # both read by verify: the same reading of one identity
+                    raise IntegrityError(Cause.IDENTITY_MISMATCH, f"{path}: Orthanc sent "
+                                         f"instance {summary.orthanc_id}, not {found.orthanc_id}")
             await asyncio.to_thread(check)
             return part
 
@@ -226,10 +237,12 @@ class DicomWeb:
         return result
 
 
-def _pixel_of_file(path: str) -> PixelInfo | None:
-    """Parse a stored file through a memory map (a big multi-frame file is not read whole)."""
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
+def _pixel_of_file(store: Store, found: Instance) -> PixelInfo | None:
+    """Parse a stored file through a memory map (a big multi-frame file is not read whole);
+    checked first (:meth:`Store.open_checked`): ``FileNotFoundError`` when gone or bad."""
+    fd, st = store.open_checked(found)
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size == 0:
             return parse_dicom(b"").pixel
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from dicomcache.cache.fetch import Fetcher
+from dicomcache.cache.instance import Instance
+from dicomcache.cache.scrubber import Scrubber
 from dicomcache.cache.store import AsyncStore, Store
 from dicomcache.config import Settings
 from dicomcache.http import cors, dicomweb, orthanc_rest, passthrough, status, wado_uri
@@ -22,11 +24,12 @@ from dicomcache.http.keys import (
     FETCHER,
     METRICS,
     PREFETCHER,
+    SCRUBBER,
     SETTINGS,
     STORE,
     STUDY_CHANGED,
 )
-from dicomcache.http.middleware import errors_and_metrics
+from dicomcache.http.middleware import canonical_path, errors_and_metrics
 from dicomcache.http.respond import OPEN_FILES, OpenFiles
 from dicomcache.metrics import Metrics
 from dicomcache.prefetch.plan import touch_of
@@ -40,13 +43,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """The HTTP application; long-lived resources start and stop in ``cleanup_ctx``."""
-    app = web.Application(middlewares=[errors_and_metrics], client_max_size=64 << 20)
+    app = web.Application(middlewares=[canonical_path, errors_and_metrics],
+                          client_max_size=64 << 20)
     app.on_response_prepare.append(prefetch_touch)
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_prefetch_ctx)
+    if settings.cache.scrub_period:
+        app.cleanup_ctx.append(_scrub_ctx)
     app[STUDY_CHANGED] = []  # metadata caches subscribe here (see changes.py)
     if settings.changes.enabled:
         app.cleanup_ctx.append(_changes_ctx)
@@ -63,11 +69,12 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     cache = app[SETTINGS].cache
     store = await asyncio.to_thread(Store, cache.directory, cache.max_size)
     app[STORE] = AsyncStore(store)
-    app[OPEN_FILES] = OpenFiles()
+    app[OPEN_FILES] = OpenFiles(store)
     metrics = app[METRICS]
     metrics.cache_max.set(cache.max_size)
     sweep = asyncio.create_task(asyncio.to_thread(store.sweep), name="store sweep")
-    gauges = asyncio.create_task(_store_gauges(app[STORE], metrics), name="store gauges")
+    gauges = asyncio.create_task(_store_gauges(app[STORE], app[OPEN_FILES], metrics),
+                                 name="store gauges")
     yield
     gauges.cancel()
     await asyncio.gather(sweep, gauges, return_exceptions=True)
@@ -78,10 +85,18 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(store.close)
 
 
-async def _store_gauges(store: AsyncStore, metrics: Metrics) -> None:
-    """Every second: write hits' recency to the index; refresh gauges and evictions."""
-    seen = 0
+async def _store_gauges(store: AsyncStore, open_files: OpenFiles, metrics: Metrics) -> None:
+    """Every second: write hits' recency to the index; refresh gauges and evictions; forget
+    what is held in memory when another process purged or quarantined entries."""
+    seen = bad_seen = 0
     while True:
+        if await asyncio.to_thread(store.sync.refresh):
+            open_files.close()  # descriptors of files purged elsewhere are served no more
+            log.info("entries were removed by another process (dicomcache purge/verify): "
+                     "cached lookups and open files dropped")
+        if store.sync.bad_found > bad_seen:
+            metrics.bad_files.labels("open").inc(store.sync.bad_found - bad_seen)
+            bad_seen = store.sync.bad_found
         await store.flush_touches()
         stats = await store.stats()
         metrics.cache_entries.set(stats["entries"])
@@ -92,6 +107,18 @@ async def _store_gauges(store: AsyncStore, metrics: Metrics) -> None:
                      stats["evictions"] - seen)
             seen = stats["evictions"]
         await asyncio.sleep(1)
+
+
+async def _scrub_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The background re-verification of the store (``cache.scrub_period``)."""
+    fetcher = app[FETCHER]
+    scrubber = Scrubber(app[STORE], app[METRICS], app[SETTINGS].cache.scrub_period,
+                        lambda oid: fetcher.by_orthanc_id(oid, viewer=False))
+    app[SCRUBBER] = scrubber
+    task = asyncio.create_task(scrubber.run(), name="store scrub")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -113,7 +140,11 @@ async def prefetch_touch(request: web.Request, response: web.StreamResponse) -> 
     prefetcher = request.app.get(PREFETCHER)
     if prefetcher is not None and request.method == "GET" and response.status < 400:
         store = request.app[STORE].sync
-        touched = touch_of(request.path, request.query, store.peek_orthanc_id, store.peek)
+
+        def by_sop(sop: str) -> Instance | None:
+            found = store.peek_uids(sop)
+            return found[0] if len(found) == 1 else None
+        touched = touch_of(request.path, request.query, store.peek, by_sop)
         if touched is not None:
             prefetcher.touch(*touched)
 

@@ -33,18 +33,17 @@ log = logging.getLogger(__name__)
 FRAMES_CACHE_CONTROL = "private, max-age=86400"
 
 
-async def _stored_or_fetched(request: web.Request, dw: DicomWeb, sop: str) -> Instance | None:
+async def _stored_or_fetched(request: web.Request, dw: DicomWeb, study: str, series: str,
+                             sop: str) -> Instance | None:
     """The verified instance: from the store, else downloaded (None: Orthanc could not
     give it, and the caller reads the answer through instead)."""
-    found = await dw.store.get(sop)
-    request[OUTCOME] = "hit" if found is not None else "miss"
-    if found is None:
-        try:
-            found = await dw.fetcher.instance_by_sop(sop)
-        except (UpstreamError, NotFoundUpstream) as exc:
-            log.info("%s read through: %s", request.path, exc)
-            return None
-    return found
+    try:
+        found, oid = await dw.fetcher.locate(sop, study, series)
+        request[OUTCOME] = "hit" if found is not None else "miss"
+        return found or await dw.fetcher.by_orthanc_id(oid)
+    except (UpstreamError, NotFoundUpstream) as exc:
+        log.info("%s read through: %s", request.path, exc)
+        return None
 
 
 async def frames(request: web.Request) -> web.StreamResponse:
@@ -53,19 +52,22 @@ async def frames(request: web.Request) -> web.StreamResponse:
     assert series is not None and sop is not None
     family_of(request, "dicomweb")
     dw = request.app[DICOMWEB]
-    found = await _stored_or_fetched(request, dw, sop)
+    found = await _stored_or_fetched(request, dw, study, series, sop)
     if found is None:
         return await frames_through(request)
     found.check_in(study, series)
     plan = plan_frames(request.headers.get(hdrs.ACCEPT), found.transfer_syntax)
-    pixel = await dw.pixel_info(found) if plan is not None else None
+    try:
+        pixel = await dw.pixel_info(found) if plan is not None else None
+    except FileNotFoundError:  # gone or bad since the lookup: Orthanc answers
+        return await frames_through(request)
     numbers = parse_frame_list(request.match_info["frames"], max(1, pixel.number_of_frames)) \
         if pixel is not None else None
     ranges = [frame_ranges(pixel, n) for n in numbers] if pixel and numbers else None
     if plan is None or not numbers or not ranges or any(r is None for r in ranges):
         return await frames_through(request)
     try:
-        bodies = await read_frames(found, [r for r in ranges if r is not None])
+        bodies = await read_frames(dw.store.sync, found, [r for r in ranges if r is not None])
     except FileNotFoundError:
         return await frames_through(request)
     base = public_base(request)
@@ -95,16 +97,19 @@ async def bulk_pixel_data(request: web.Request) -> web.StreamResponse:
         return await passthrough(request)
     family_of(request, "dicomweb")
     dw = request.app[DICOMWEB]
-    found = await _stored_or_fetched(request, dw, sop)
+    found = await _stored_or_fetched(request, dw, study, series, sop)
     if found is None:
         return await passthrough(request)
     found.check_in(study, series)
-    pixel = await dw.pixel_info(found) if found.transfer_syntax in NATIVE_LE else None
+    try:
+        pixel = await dw.pixel_info(found) if found.transfer_syntax in NATIVE_LE else None
+    except FileNotFoundError:
+        return await passthrough(request)
     if pixel is None or pixel.encapsulated or pixel.length is None:
         request[OUTCOME] = "passthrough"
         return await passthrough(request)
     try:
-        (value,) = await read_frames(found, [[(pixel.offset, pixel.length)]])
+        (value,) = await read_frames(dw.store.sync, found, [[(pixel.offset, pixel.length)]])
     except FileNotFoundError:
         return await passthrough(request)
     b = multipart.new_boundary()

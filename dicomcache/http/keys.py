@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from dicomcache.cache.fetch import Fetcher
+from dicomcache.cache.scrubber import Scrubber
 from dicomcache.cache.store import AsyncStore
 from dicomcache.config import Settings
 from dicomcache.dicomweb.state import DicomWeb
@@ -36,6 +37,7 @@ CLIENT = web.AppKey("client", OrthancClient)
 FETCHER = web.AppKey("fetcher", Fetcher)
 DICOMWEB = web.AppKey("dicomweb", DicomWeb)
 PREFETCHER = web.AppKey("prefetcher", Prefetcher)
+SCRUBBER = web.AppKey("scrubber", Scrubber)
 CHANGES = web.AppKey("change_watcher", ChangeWatcher)
 #: Async callbacks ``hook(study_uid)`` run when Orthanc reports a change in a study.
 STUDY_CHANGED: web.AppKey[list[StudyHook]] = web.AppKey("study_changed_hooks")

@@ -44,6 +44,29 @@ def error_answer(exc: UpstreamError | IntegrityError | NotFoundUpstream) -> web.
     return json_error(exc.status if 400 <= exc.status < 500 else 404, "not found", exc.reason)
 
 
+def canonical(path: str) -> str:
+    """A path as Orthanc reads it: empty segments (``//``, a trailing ``/``) removed."""
+    return "/" + "/".join(segment for segment in path.split("/") if segment)
+
+
+@web.middleware
+async def canonical_path(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One spelling per resource, before anything else sees the path.
+
+    Orthanc collapses repeated slashes and ignores a trailing one, so
+    ``//instances/X/file`` *is* ``/instances/X/file`` to it; the router here
+    would send it to the read-through instead, past the verified store and the
+    closed list.  Such a request is redirected (308: method and body kept) to
+    its canonical path, which a viewer with a trailing slash in its base URL
+    follows at LAN cost; nothing is ever answered for a non-canonical path.
+    """
+    raw, sep, query = request.raw_path.partition("?")
+    good = canonical(raw)
+    if good != raw:
+        raise web.HTTPPermanentRedirect(good + sep + query)
+    return await handler(request)
+
+
 @web.middleware
 async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Map dicomcache's errors to answers, and observe every labelled request."""

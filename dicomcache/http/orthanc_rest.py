@@ -17,7 +17,7 @@ async def instance_file(request: web.Request) -> web.StreamResponse:
     oid = orthanc_id(request.match_info["id"])
     family_of(request, "orthanc")
     fetcher = request.app[FETCHER]
-    entry = await request.app[STORE].get_by_orthanc_id(oid)
+    entry = await request.app[STORE].get(oid)
     request[OUTCOME] = "miss" if entry is None else "hit"
     found = entry or await fetcher.by_orthanc_id(oid)
     return await serve_instance(request, found, filename=f"{oid}.dcm",

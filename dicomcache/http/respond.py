@@ -29,6 +29,7 @@ from aiohttp import hdrs, web, web_fileresponse
 from aiohttp.abc import AbstractStreamWriter
 
 from dicomcache.cache.instance import Instance
+from dicomcache.cache.store import Store, signature
 from dicomcache.http import ranges
 from dicomcache.http.keys import METRICS, STORE
 
@@ -55,23 +56,29 @@ class BadRequest(web.HTTPBadRequest):
 #: Instance bodies never change: let browsers keep them.
 IMMUTABLE = "private, max-age=31536000, immutable"
 
-def _open_stat(path: Path) -> tuple[int, os.stat_result]:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    return fd, os.fstat(fd)
-
-
 class OpenFiles:
     """A bounded LRU of open descriptors of stored files (used on the event loop only)."""
 
-    def __init__(self, capacity: int = 512) -> None:
+    def __init__(self, store: Store, capacity: int = 512) -> None:
+        self.store = store
         self.capacity = capacity
         self._fds: OrderedDict[Path, tuple[int, os.stat_result]] = OrderedDict()
 
-    async def open(self, path: Path) -> tuple[io.BufferedReader, os.stat_result]:
-        """A private file object for ``path`` and its stat; raises ``FileNotFoundError``."""
+    async def open(self, instance: Instance) -> tuple[io.BufferedReader, os.stat_result]:
+        """A private file object for a stored instance and its stat (checked the first time
+        this process opens it: :meth:`Store.open_checked`); ``FileNotFoundError`` when it
+        is gone or bad."""
+        path = instance.path
+        assert path is not None
         cached = self._fds.get(path)
+        if cached is not None and signature(os.fstat(cached[0])) != signature(cached[1]):
+            # Written to since it was checked (fstat of an open file: no disk I/O):
+            # opened and checked again below.
+            self._fds.pop(path)
+            os.close(cached[0])
+            cached = None
         if cached is None:
-            cached = await asyncio.to_thread(_open_stat, path)
+            cached = await asyncio.to_thread(self.store.open_checked, instance)
             if path in self._fds:  # another request opened it meanwhile
                 os.close(cached[0])
                 cached = self._fds[path]
@@ -125,9 +132,9 @@ async def serve_instance(request: web.Request, found: Instance, *,
     metrics = request.app[METRICS]
     if found.path is not None:
         try:
-            fobj, st = await request.app[OPEN_FILES].open(found.path)
-        except FileNotFoundError:
-            await asyncio.to_thread(request.app[STORE].sync.forget, found.sop_uid)
+            fobj, st = await request.app[OPEN_FILES].open(found)
+        except FileNotFoundError:  # vanished, or quarantined as bad (BadStoredFile)
+            await asyncio.to_thread(request.app[STORE].sync.forget, found.orthanc_id)
             if refetch is None:
                 raise
             return await serve_instance(request, await refetch(), filename=filename)

@@ -39,10 +39,10 @@ async def instance(request: web.Request) -> web.StreamResponse:
     if wanted is None:
         return await passthrough(request)
     family_of(request, "dicomweb")
-    entry = await request.app[STORE].get(sop)
+    fetcher = request.app[FETCHER]
+    entry, oid = await fetcher.locate(sop, study, series)
     request[OUTCOME] = "miss" if entry is None else "hit"
-    found = entry or await request.app[FETCHER].instance_by_sop(sop)
-    found.check_in(study, series)
+    found = entry or await fetcher.by_orthanc_id(oid)
     if not engine.serves(found.transfer_syntax, wanted):
         request[OUTCOME] = "passthrough"
         return await passthrough(request)
@@ -63,7 +63,11 @@ async def _one_part(request: web.Request, found: Instance) -> web.StreamResponse
         return web.Response(headers={**headers, hdrs.CONTENT_LENGTH: str(plan.length)})
     resp = web.StreamResponse(headers=headers)
     try:
-        await _send(request, resp, b, await engine.open_part(found), plan, 0, found.sop_uid)
+        part = await engine.open_part(request.app[STORE].sync, found)
+    except FileNotFoundError:  # vanished, or found bad, since the lookup
+        part = await engine.refetched_part(request.app[DICOMWEB], found)
+    try:
+        await _send(request, resp, b, part, plan, 0, found.sop_uid)
     except OSError as exc:  # the stored file cut on disk, or the viewer gone
         if not resp.prepared:
             raise
@@ -116,6 +120,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     # lookups of an instance whose commit is pending wait for it (AsyncStore.get).
     await resp.write(multipart.closing(b))
     await resp.write_eof()
+    await parts.remember()
     return resp
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dicomcache.http.keys import FETCHER, OUTCOME, STORE
+from dicomcache.http.keys import FETCHER, OUTCOME
 from dicomcache.http.params import dicom_uid, family_of
 from dicomcache.http.passthrough import passthrough
 from dicomcache.http.respond import BadRequest, serve_instance
@@ -29,12 +29,11 @@ async def wado(request: web.Request) -> web.StreamResponse:
         return await passthrough(request)
     family_of(request, "wado_uri")
     fetcher = request.app[FETCHER]
-    entry = await request.app[STORE].get(sop)
+    entry, oid = await fetcher.locate(sop, study, series)
     request[OUTCOME] = "miss" if entry is None else "hit"
-    found = entry or await fetcher.instance_by_sop(sop)
-    found.check_in(study, series)
+    found = entry or await fetcher.by_orthanc_id(oid)
     return await serve_instance(request, found,
-                                refetch=lambda: fetcher.instance_by_sop(sop))
+                                refetch=lambda: fetcher.by_orthanc_id(oid))
 
 
 def add_routes(app: web.Application) -> None:

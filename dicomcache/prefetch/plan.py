@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dicomcache.cache.instance import Instance
+from dicomcache.dicom.uids import is_uid
 
 #: One touch: (StudyInstanceUID, SeriesInstanceUID or None, SOPInstanceUID or None).
 Touch = tuple[str, str | None, str | None]
@@ -23,8 +24,18 @@ def touch_of(path: str, query: Mapping[str, str],
     """The study a successful viewer GET touched, or ``None`` (pure; lookups are injected).
 
     ``/instances/{id}/file`` and WADO-URI without ``studyUID`` are resolved
-    through the store (the instance was just served, so it is known).
+    through the store (the instance was just served, so it is known).  UIDs that
+    do not follow the UI grammar (from data, or a path) are never a touch.
     """
+    touched = _touch_of(path, query, by_orthanc_id, by_sop)
+    if touched is None or not all(u is None or is_uid(u) for u in touched):
+        return None
+    return touched
+
+
+def _touch_of(path: str, query: Mapping[str, str],
+              by_orthanc_id: Callable[[str], Instance | None],
+              by_sop: Callable[[str], Instance | None]) -> Touch | None:
     parts = path.strip("/").split("/")
     if len(parts) == 3 and parts[0] == "instances" and parts[2] == "file":
         entry = by_orthanc_id(parts[1])

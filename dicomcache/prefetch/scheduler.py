@@ -229,13 +229,18 @@ class Prefetcher:
             self.metrics.prefetch_queue.set(0)
 
     async def listing(self, job: Job) -> list[Item]:
-        """The instances to fetch, in order (three requests for a study, two for a series)."""
+        """The instances to fetch, in order (three requests for a study or a series, the
+        requests of each made together)."""
         if job.mode == "series" and job.series_uid:
             series_id = await self.client.lookup(job.series_uid, "Series")
-            series, instances = await asyncio.gather(
+            series, instances, study = await asyncio.gather(
                 self.client.get_json(f"/series/{series_id}"),
-                self.client.get_json(f"/series/{series_id}/instances"))
-            return order_items([series], instances, job.series_uid, job.sop_uid)
+                self.client.get_json(f"/series/{series_id}/instances"),
+                self.client.get_json(f"/series/{series_id}/study"))
+            items = order_items([series], instances, job.series_uid, job.sop_uid)
+            if study.get("MainDicomTags", {}).get("StudyInstanceUID") == job.study_uid:
+                await self._remember(job.study_uid, items, whole_study=False)
+            return items
         study_id = await self.client.lookup(job.study_uid, "Study")
         series_list, instances = await asyncio.gather(
             self.client.get_json(f"/studies/{study_id}/series"),
@@ -243,7 +248,26 @@ class Prefetcher:
         first = job.series_uid
         if first is None and series_list:
             first = series_list[0].get("MainDicomTags", {}).get("SeriesInstanceUID")
-        return order_items(series_list, instances, first, job.sop_uid)
+        items = order_items(series_list, instances, first, job.sop_uid)
+        await self._remember(job.study_uid, items, whole_study=True)
+        return items
+
+    async def _remember(self, study_uid: str, items: list[Item], *, whole_study: bool) -> None:
+        """Keep which instance each listed instance's UIDs name, for the viewer's WADO-URI
+        and DICOMweb requests to come (no ``/tools/find`` each).
+
+        The study (or series) UID named one resource in Orthanc (else the lookup was a
+        404), so within it the study, series and SOP Instance UIDs name that instance.
+        Without the series, a SOP Instance UID found in two series of the study names
+        both: that is recorded only from a whole study's listing.
+        """
+        named: dict[tuple[str, str | None], list[str]] = {}
+        for it in items:
+            named.setdefault((it.sop_uid, it.series_uid), []).append(it.orthanc_id)
+            if whole_study:
+                named.setdefault((it.sop_uid, None), []).append(it.orthanc_id)
+        await self.store.resolve_many([(sop, study_uid, series, oids)
+                                       for (sop, series), oids in named.items()])
 
     def _others_bytes(self, job: Job) -> int:
         """Bytes of the other jobs' listings whose studies are being viewed."""
@@ -280,7 +304,7 @@ class Prefetcher:
 
     async def _one(self, item: Item, used: list[int], progress: Tally,
                    stop: asyncio.Event) -> None:
-        if await self.store.get(item.sop_uid) is not None:
+        if await self.store.get(item.orthanc_id) is not None:
             used[0] += item.size
             progress.done_bytes += item.size
             progress.present += 1

@@ -34,6 +34,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -111,6 +112,8 @@ CREATE TABLE IF NOT EXISTS errors (
 
 _KEEP_ERRORS = 200
 _counter = itertools.count()
+#: The names :meth:`Spool.put` gives files (receive time in ns, pid, a counter).
+SPOOL_NAME = re.compile(r"[0-9]{19}-[0-9]+-[0-9]{6}\.dcm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,9 +224,15 @@ class Spool:
     def _recover(self) -> None:
         db = self.db
         known = {row[0] for row in db.execute("SELECT name FROM instances")}
-        orphans = sorted(p for p in self.objects.iterdir()
-                         if p.suffix == ".dcm" and p.name not in known)
+        orphans = sorted(p for p in self.objects.iterdir() if p.name not in known)
         for path in orphans:  # spooled and fsynced, but the row was lost in a crash
+            if not SPOOL_NAME.fullmatch(path.name) or not path.is_file() or path.is_symlink():
+                # Never a file of ours: something else wrote it (or a crafted name).  It
+                # is never forwarded to a PACS; an operator decides (quarantine/).
+                log.error("Spool: %s is not a file the relay wrote: quarantined, not forwarded",
+                          path.name)
+                self._move_to_quarantine(path, "not written by the relay", None, None)
+                continue
             try:
                 data = path.read_bytes()
                 info = info_from_bytes(data)
@@ -231,8 +240,7 @@ class Spool:
                 log.error("Spooled file %s is unreadable (%s): quarantined", path.name, exc)
                 self._move_to_quarantine(path, f"unreadable after restart: {exc}", None, None)
                 continue
-            received = int(path.name.split("-", 1)[0]) / 1e9 if path.name[:1].isdigit() else \
-                path.stat().st_mtime
+            received = int(path.name.split("-", 1)[0]) / 1e9
             self._insert(path.name, received, "", info, len(data))
             log.info("Re-queued %s found in the spool without a queue entry", path.name)
         # Destinations added since: they get what is still waiting; removed ones are dropped.

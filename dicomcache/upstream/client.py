@@ -221,15 +221,36 @@ class OrthancClient:
     async def lookup(self, uid: str, level: str, *, retry: bool = True) -> str:
         """The Orthanc ID of the ``level`` (Study, Series, Instance) with this DICOM UID.
 
-        ``POST /tools/lookup``; :class:`NotFoundUpstream` when Orthanc has none.
+        ``POST /tools/lookup``.  :class:`NotFoundUpstream` when Orthanc has none, or
+        several (the same UID under several patients: Orthanc's DICOMweb answers 404
+        then, and a cache must never pick one of them).
         """
         found = await self.get_json("/tools/lookup", method="POST", body=uid.encode(),
                                     kind="lookup", retry=retry)
-        for item in found if isinstance(found, list) else ():
-            if isinstance(item, dict) and item.get("Type") == level \
-                    and isinstance(item.get("ID"), str):
-                return str(item["ID"])
-        raise NotFoundUpstream(404, f"Orthanc has no {level.lower()} with UID {uid}")
+        ids = [str(item["ID"]) for item in (found if isinstance(found, list) else ())
+               if isinstance(item, dict) and item.get("Type") == level
+               and isinstance(item.get("ID"), str)]
+        if len(ids) == 1:
+            return ids[0]
+        if not ids:
+            raise NotFoundUpstream(404, f"Orthanc has no {level.lower()} with UID {uid}")
+        raise NotFoundUpstream(404, f"UID {uid} names {len(ids)} {level.lower()} resources "
+                               "in Orthanc (the same UID under several patients)")
+
+    async def find_instances(self, sop_uid: str, study_uid: str | None = None,
+                             series_uid: str | None = None) -> list[str]:
+        """Every Orthanc instance with these UIDs (``POST /tools/find``), as Orthanc's own
+        WADO-URI and DICOMweb resolve a request naming them."""
+        query = {"SOPInstanceUID": sop_uid}
+        if study_uid:
+            query["StudyInstanceUID"] = study_uid
+        if series_uid:
+            query["SeriesInstanceUID"] = series_uid
+        found = await self.get_json("/tools/find", method="POST", kind="lookup", body=json.dumps(
+            {"Level": "Instance", "Query": query}).encode())
+        if not isinstance(found, list) or not all(isinstance(i, str) for i in found):
+            raise UpstreamError(Cause.BAD_JSON, f"/tools/find answered {str(found)[:80]!r}")
+        return [str(i) for i in found]
 
     async def instance_md5(self, orthanc_id: str) -> str | None:
         """The MD5 Orthanc stored for the instance's DICOM attachment (``None``: it has none)."""

@@ -39,13 +39,13 @@ def commit(store: Store, blob: bytes, oid: str | None = None) -> Instance:
 def test_commit_and_get(tmp_path: Path, blobs: list[bytes]) -> None:
     store = Store(tmp_path, 1 << 30)
     entry = commit(store, blobs[0], "aaaaaaaa-bbbbbbbb-cccccccc-dddddddd-eeeeeeee")
-    got = store.get(entry.sop_uid)
+    got = store.get(entry.orthanc_id)
     assert got == entry
     assert got.path.read_bytes() == blobs[0]
     assert got.size == len(blobs[0]) and got.md5 == hashlib.md5(blobs[0]).hexdigest()
-    assert store.resolve("aaaaaaaa-bbbbbbbb-cccccccc-dddddddd-eeeeeeee") == entry.sop_uid
-    assert store.get_by_orthanc_id("aaaaaaaa-bbbbbbbb-cccccccc-dddddddd-eeeeeeee") == entry
-    assert store.get("1.2.3") is None
+    assert store.get("aaaaaaaa-bbbbbbbb-cccccccc-dddddddd-eeeeeeee") == entry
+    assert store.by_uids(entry.sop_uid) == [entry]
+    assert store.get("00000000-00000000-00000000-00000000-00000000") is None
     assert list(store.tmp_dir.iterdir()) == []  # the temp file was renamed, not copied
 
 
@@ -54,7 +54,7 @@ def test_recommit_replaces_without_losing_the_file(tmp_path: Path, blobs: list[b
     first = commit(store, blobs[0])
     second = commit(store, blobs[0])
     assert second.path != first.path and not first.path.exists()
-    assert store.get(first.sop_uid).path.read_bytes() == blobs[0]  # type: ignore[union-attr]
+    assert store.get(first.orthanc_id).path.read_bytes() == blobs[0]  # type: ignore[union-attr]
     assert store.stats()["entries"] == 1
 
 
@@ -64,14 +64,14 @@ def test_eviction_keeps_under_bound_least_recently_used_first(tmp_path: Path,
     store = Store(tmp_path, 4 * size + (256 << 10))  # room for ~4 plus the sqlite file
     entries = [commit(store, b) for b in blobs[:4]]
     time.sleep(0.01)  # time passing: the touch below gets a later access time
-    assert store.get(entries[0].sop_uid) is not None  # touch the oldest: now most recent
+    assert store.get(entries[0].orthanc_id) is not None  # touch the oldest: now most recent
     for b in blobs[4:6]:  # two more: two must go, and not the one just used
         commit(store, b)
     stats = store.stats()
     assert stats["size_bytes"] <= store.max_size
     assert stats["evictions"] == 2
-    assert store.get(entries[0].sop_uid) is not None, "recently used entry was evicted"
-    assert store.get(entries[1].sop_uid) is None
+    assert store.get(entries[0].orthanc_id) is not None, "recently used entry was evicted"
+    assert store.get(entries[1].orthanc_id) is None
     on_disk = list((tmp_path / "objects").rglob("*.dcm"))
     assert len(on_disk) == stats["entries"], "evicted files must be unlinked"
 
@@ -81,15 +81,15 @@ def test_survives_restart(tmp_path: Path, blobs: list[bytes]) -> None:
     entry = commit(store, blobs[1], "11111111-22222222-33333333-44444444-55555555")
     store.close()
     again = Store(tmp_path, 1 << 30)
-    assert again.get(entry.sop_uid) == entry
-    assert again.resolve("11111111-22222222-33333333-44444444-55555555") == entry.sop_uid
+    assert again.get(entry.orthanc_id) == entry
+    assert again.get("11111111-22222222-33333333-44444444-55555555") == entry
 
 
 def test_vanished_file_is_a_miss(tmp_path: Path, blobs: list[bytes]) -> None:
     store = Store(tmp_path, 1 << 30)
     entry = commit(store, blobs[2])
     entry.path.unlink()
-    assert store.get(entry.sop_uid) is None
+    assert store.get(entry.orthanc_id) is None
     assert store.stats()["entries"] == 0
 
 
@@ -102,7 +102,7 @@ def test_sweep_removes_leftovers(tmp_path: Path, blobs: list[bytes]) -> None:
     orphan.write_bytes(b"renamed but never indexed")
     assert store.sweep(min_age=0) == 2
     assert not stale_tmp.exists() and not orphan.exists()
-    assert store.get(kept.sop_uid) is not None
+    assert store.get(kept.orthanc_id) is not None
 
 
 def test_full_disk_is_reported(tmp_path: Path, blobs: list[bytes], monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -122,7 +122,7 @@ def test_full_disk_is_reported(tmp_path: Path, blobs: list[bytes], monkeypatch) 
 
 
 def verified(blob: bytes, oid: str | None = None) -> Instance:
-    return Instance.verified(parse_dicom(blob), hashlib.md5(blob).hexdigest(), oid, blob)
+    return Instance.verified(parse_dicom(blob), hashlib.md5(blob).hexdigest(), blob, oid)
 
 
 def oid_of(n: int) -> str:
@@ -140,12 +140,12 @@ def test_commit_group_syncs_each_directory_once_and_indexes_all(
     entries = [r for r in results if isinstance(r, Instance)]
     assert sorted(synced) == sorted({e.path.parent for e in entries})  # once per directory
     for i, (entry, blob) in enumerate(zip(entries, blobs, strict=True)):
-        assert store.get(entry.sop_uid) == entry and entry.path.read_bytes() == blob
-        assert store.resolve(oid_of(i)) == entry.sop_uid
+        assert store.get(entry.orthanc_id) == entry and entry.path.read_bytes() == blob
+        assert entry.orthanc_id == oid_of(i)
     assert list(store.tmp_dir.iterdir()) == []
     store.close()
     again = Store(tmp_path, 1 << 30)  # durable: indexed, found after a restart
-    assert [again.get(e.sop_uid) for e in entries] == entries
+    assert [again.get(e.orthanc_id) for e in entries] == entries
 
 
 def test_commit_group_keeps_the_others_when_one_body_fails(
@@ -209,8 +209,8 @@ async def test_queued_commits_are_grouped_and_found_while_pending(
         await eventually(lambda: groups, what="the first group being written (and held)")
         rest = [store.queue_commit(verified(b, oid_of(i))) for i, b in enumerate(blobs[1:], 1)]
         sop = parse_dicom(blobs[5]).sop_instance_uid
-        by_sop = asyncio.ensure_future(store.get(sop))
-        by_oid = asyncio.ensure_future(store.get_by_orthanc_id(oid_of(5)))
+        by_sop = asyncio.ensure_future(store.by_uids(sop))
+        by_oid = asyncio.ensure_future(store.get(oid_of(5)))
         # Time passing: long enough for a miss to come back from the index; none may.
         await asyncio.sleep(0.05)
         assert not by_sop.done() and not by_oid.done()  # waiting for the commit, not a miss
@@ -225,7 +225,7 @@ async def test_queued_commits_are_grouped_and_found_while_pending(
     assert entry is not None
     assert all(isinstance(r, Instance) for r in await asyncio.gather(*rest))
     assert groups == [1, len(blobs) - 1]
-    found = await by_sop
+    [found] = await by_sop
     assert found is not None and found.sop_uid == sop and await by_oid == found
     await store.drain()
 
@@ -263,9 +263,9 @@ async def test_shutdown_abandons_queued_commits_cleanly(tmp_path: Path, blobs: l
 
     def reopened() -> None:
         again = Store(tmp_path, 1 << 30)
-        assert again.get(parse_dicom(blobs[0]).sop_instance_uid) is not None  # complete
+        assert again.get(parse_dicom(blobs[0]).orthanc_id) is not None  # complete
         for b in blobs[1:3]:
-            assert again.get(parse_dicom(b).sop_instance_uid) is None  # never started
+            assert again.get(parse_dicom(b).orthanc_id) is None  # never started
         assert again.stats()["entries"] == 1
     await asyncio.to_thread(reopened)
 
@@ -284,14 +284,14 @@ _WRITER = textwrap.dedent("""
         if sys.argv[2] == "group":
             for i in range(0, len(blobs), 8):
                 store.commit_group([Instance.verified(parse_dicom(b), hashlib.md5(b).hexdigest(),
-                                                      None, b) for b in blobs[i:i + 8]])
+                                                      b) for b in blobs[i:i + 8]])
                 if first:  # the kill comes after this, at a chosen delay
                     print("ready", flush=True)
                     first = False
             continue
         for b in blobs:
             store.commit(store.write_temp(b), Instance.verified(
-                parse_dicom(b), hashlib.md5(b).hexdigest(), None, b))
+                parse_dicom(b), hashlib.md5(b).hexdigest(), b))
             if first:
                 print("ready", flush=True)
                 first = False
@@ -320,9 +320,10 @@ def test_kill_9_leaves_a_consistent_store(tmp_path: Path, delay: float, mode: st
 
 
 def test_a_store_of_the_previous_version_is_adopted(tmp_path: Path, blobs: list[bytes]) -> None:
-    """dicomcache 0.1 kept a diskcache index (cache.db, JSON values) and named files after
-    their SOP Instance UID: entries are adopted under new names, pins kept, and a file
-    outside objects/ is never adopted."""
+    """dicomcache 0.1 kept a diskcache index (cache.db, JSON values), keyed entries by SOP
+    Instance UID and named files after it: entries are parsed again for their full
+    identity and adopted under new names, pins kept; an entry whose body is not the
+    instance it was fetched as is dropped, a file outside objects/ never adopted."""
     import json
     import sqlite3
 
@@ -347,7 +348,9 @@ def test_a_store_of_the_previous_version_is_adopted(tmp_path: Path, blobs: list[
                 "transfer_syntax": summary.transfer_syntax_uid,
                 "study_uid": summary.study_instance_uid,
                 "series_uid": summary.series_instance_uid,
-                "orthanc_id": oid_of(i), "stored_at": 1000.0 + i, "file": rel}
+                # the second was fetched as another instance than its body is: dropped
+                "orthanc_id": summary.orthanc_id if i != 1 else oid_of(i),
+                "stored_at": 1000.0 + i, "file": rel}
         legacy.execute("INSERT INTO Cache (key, raw, access_time, mode, filename, value) "
                        "VALUES (?, 1, ?, 1, ?, ?)", (summary.sop_instance_uid, 2000.0 + i, rel,
                                                      json.dumps(meta)))
@@ -357,9 +360,11 @@ def test_a_store_of_the_previous_version_is_adopted(tmp_path: Path, blobs: list[
 
     store = Store(tmp_path, 1 << 30)
     assert not (tmp_path / "cache.db").exists()
-    assert store.stats()["entries"] == 2
-    for summary, blob in zip(kept, blobs[:2], strict=True):
-        entry = store.get(summary.sop_instance_uid)
+    assert store.stats()["entries"] == 1
+    assert store.get(kept[1].orthanc_id) is None and store.get(oid_of(1)) is None
+    for summary, blob in zip(kept[:1], blobs[:1], strict=True):
+        entry = store.get(summary.orthanc_id)
+        assert entry is not None and entry.patient_id == summary.patient_id
         assert entry is not None and entry.path is not None
         assert entry.path.read_bytes() == blob
         assert summary.sop_instance_uid not in entry.path.name  # named by us, not by data
@@ -367,3 +372,59 @@ def test_a_store_of_the_previous_version_is_adopted(tmp_path: Path, blobs: list[
     assert outside.read_bytes() == blobs[2]  # never adopted, never moved
     store.sweep(min_age=0)
     assert {e.path for e in store.entries()} == set((tmp_path / "objects").rglob("*.dcm"))
+
+
+#: The tables of an index of schema version 1 that the migration reads.
+_V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema', '1');
+CREATE TABLE instances (
+    id INTEGER PRIMARY KEY, sop_uid TEXT NOT NULL UNIQUE, orthanc_id TEXT, study_uid TEXT,
+    series_uid TEXT, transfer_syntax TEXT NOT NULL, md5 TEXT NOT NULL, size INTEGER NOT NULL,
+    file TEXT NOT NULL UNIQUE, stored_at REAL NOT NULL, used_at REAL NOT NULL);
+CREATE TABLE pinned (study_uid TEXT PRIMARY KEY, pinned_at REAL NOT NULL);
+"""
+
+
+def test_an_index_of_schema_version_1_is_adopted(tmp_path: Path, blobs: list[bytes]) -> None:
+    """Schema version 1 keyed entries by SOP Instance UID alone: its files are parsed again
+    for their full identity; a file flipped on disk and an entry fetched as another
+    instance than its body are dropped; its WAL is read (a daemon killed mid-write)."""
+    import shutil
+    import sqlite3
+
+    old = tmp_path / "old"
+    old.mkdir()
+    v1 = sqlite3.connect(old / "index.sqlite", isolation_level=None)
+    v1.execute("PRAGMA journal_mode = WAL")
+    v1.executescript(_V1_SCHEMA)
+    (tmp_path / "objects" / "ab").mkdir(parents=True)
+    summaries = []
+    for i, blob in enumerate(blobs[:3]):
+        summary = parse_dicom(blob)
+        summaries.append(summary)
+        rel = f"objects/ab/{i:032x}.dcm"
+        (tmp_path / rel).write_bytes(blob if i != 2 else blob[:-1] + bytes([blob[-1] ^ 1]))
+        v1.execute("INSERT INTO instances VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (summary.sop_instance_uid, summary.orthanc_id if i != 1 else oid_of(1),
+                    summary.study_instance_uid, summary.series_instance_uid,
+                    summary.transfer_syntax_uid, hashlib.md5(blob).hexdigest(), len(blob), rel,
+                    1000.0 + i, 2000.0 + i))
+    v1.execute("INSERT INTO pinned VALUES (?, 5.0)", (summaries[0].study_instance_uid,))
+    # The files as a daemon killed mid-write leaves them: the rows still in the WAL.
+    assert (old / "index.sqlite-wal").stat().st_size > 0
+    for name in ("index.sqlite", "index.sqlite-wal"):
+        shutil.copy(old / name, tmp_path / name)
+    v1.close()
+    store = Store(tmp_path, 1 << 30)
+    assert not list(tmp_path.glob("index-v1.sqlite*"))
+    assert store.stats()["entries"] == 1
+    entry = store.get(summaries[0].orthanc_id)
+    assert entry is not None and entry.path is not None
+    assert entry.patient_id == summaries[0].patient_id
+    assert entry.path.read_bytes() == blobs[0]
+    assert store.get(summaries[1].orthanc_id) is None and store.get(summaries[2].orthanc_id) \
+        is None
+    assert store.pinned() == {summaries[0].study_instance_uid: 5.0}
+    store.close()
+    assert Store(tmp_path, 1 << 30).stats()["entries"] == 1  # adopted once, kept

@@ -26,7 +26,7 @@ from tests.conftest import Sample
 
 def commit(store: Store, blob: bytes) -> Instance:
     """Commit ``blob``: its entry (what it would be, if evicted at once)."""
-    body = Instance.verified(parse_dicom(blob), hashlib.md5(blob).hexdigest(), None, blob)
+    body = Instance.verified(parse_dicom(blob), hashlib.md5(blob).hexdigest(), blob)
     return store.commit(store.write_temp(blob), body) or body
 
 
@@ -168,7 +168,7 @@ def test_verify_quarantines_a_bit_flipped_entry(
     assert note["md5"] in note["reason"]
 
     store = Store(load(cfg).cache.directory, 1 << 30)
-    assert store.get(rotten.sop_uid) is None and store.get(a[2].sop_uid) is None
+    assert store.get(rotten.orthanc_id) is None and store.get(a[2].orthanc_id) is None
     assert store.stats()["entries"] == 5
     store.close()
     code, out, _ = run(capsys, "verify", "--config", str(cfg))
@@ -206,18 +206,18 @@ def test_pinned_studies_are_skipped_by_eviction(tmp_path: Path,
         others.append(commit(store, blob))
         time.sleep(0.01)  # time passing, distinct access times: LRU order is the commit order
     # The pinned study (the least recently used) stays; the oldest unpinned went, one by one.
-    assert all(store.get(e.sop_uid) is not None for e in pinned)
-    present = [store.get(e.sop_uid) is not None for e in others]
+    assert all(store.get(e.orthanc_id) is not None for e in pinned)
+    present = [store.get(e.orthanc_id) is not None for e in others]
     assert present == [False] * 4 + [True] * 2, present
     assert store.evictions == 4
-    assert store.peek(others[0].sop_uid) is None  # the hot map forgot the evicted
+    assert store.peek(others[0].orthanc_id) is None  # the hot map forgot the evicted
 
     # Only pinned entries left and still over the bound: stay over, say so once.
     caplog.set_level(logging.WARNING, logger="dicomcache.cache.store")
     store.max_size = 2 * size
     for blob in blobs_b[:2]:
         commit(store, blob)
-    assert all(store.get(e.sop_uid) is not None for e in pinned)
+    assert all(store.get(e.orthanc_id) is not None for e in pinned)
     warnings = [r for r in caplog.records if "pinned study" in r.getMessage()]
     assert len(warnings) == 1
     assert store.unpin(pinned[0].study_uid or "")
@@ -229,10 +229,10 @@ def test_pinned_studies_are_skipped_by_eviction(tmp_path: Path,
 def test_remove_entries_keeps_the_hot_map_consistent(tmp_path: Path) -> None:
     store = Store(tmp_path, 1 << 30)
     entries = [commit(store, blob) for blob in study(3, seed=31)]
-    assert store.peek(entries[0].sop_uid) is not None
+    assert store.peek(entries[0].orthanc_id) is not None
     assert store.remove_entries(entries[:2]) == (2, entries[0].size + entries[1].size)
-    assert store.peek(entries[0].sop_uid) is None and store.get(entries[0].sop_uid) is None
-    assert store.peek(entries[2].sop_uid) is not None
+    assert store.peek(entries[0].orthanc_id) is None and store.get(entries[0].orthanc_id) is None
+    assert store.peek(entries[2].orthanc_id) is not None
     assert store.remove_entries(entries[:2]) == (0, 0)  # already gone: nothing to do
     store.close()
 

@@ -804,3 +804,102 @@ def test_reasons_name_the_problem_not_a_generic_error() -> None:
             assert outcome.cause == "parse_failure" and outcome.reason
         else:
             assert isinstance(outcome, DicomSummary)
+
+
+# --- mutants found by fuzzing (issue: patient safety) ---------------------------------------
+
+def test_a_vr_flipped_to_one_with_fixed_size_values_is_rejected() -> None:
+    """UT -> UV is one bit: the value of a UV must be whole 8-byte numbers, and a text
+    value read as one would make a viewer's parser read past it."""
+    text = el(0x0018, 0x1030, "UT", b"PROTOCOL X ")  # 12 bytes... then flipped
+    good = image(text)
+    verify_bytes(good)
+    flipped = good.replace(b"UT", b"UV", 1)
+    assert flipped != good
+    err = rejects(flipped, "VR UV", "not a multiple of 8")
+    assert err.cause == "parse_failure"
+    for vr, size in (("US", 3), ("UL", 6), ("FD", 12), ("OW", 5)):
+        rejects(image(el(0x0018, 0x9999, vr, bytes(size))), f"VR {vr}", "not a multiple")
+
+
+def test_encapsulated_pixel_data_under_a_native_syntax_is_rejected() -> None:
+    fragments = iel(0xFFFE, 0xE000) + iel(0xFFFE, 0xE000, bytes(8)) + SEQ_END
+    pixels = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, UNDEF) + fragments
+    rejects(image(pixels=pixels), "encapsulated Pixel Data", "native")
+
+
+@pytest.mark.parametrize("ts", ["1.2.840.10008.1.2.1.x", "01.2.840.10008.1.2.1",
+                                "1.2.840.10008..1.2.1", "1.2.840.10008.1.2.1/../x",
+                                "1." + "2" * 70])
+def test_a_transfer_syntax_uid_that_is_not_a_uid_is_rejected(ts: str) -> None:
+    rejects(meta(ts) + SOP + IMAGE + PIXELS, "Transfer Syntax UID")
+
+
+def test_the_summary_knows_the_patient_and_the_orthanc_id() -> None:
+    from dicomcache.dicom.uids import orthanc_instance_id
+
+    patient = el(0x0010, 0x0020, "LO", b"PAT 42 ")
+    summary = verify_bytes(part10(SOP + patient + el(0x0020, 0x000D, "UI", ui("1.2.5"))
+                                  + el(0x0020, 0x000E, "UI", ui("1.2.5.6")) + IMAGE + PIXELS))
+    assert summary.patient_id == "PAT 42"
+    assert summary.orthanc_id == orthanc_instance_id("PAT 42", "1.2.5", "1.2.5.6", "1.2.3.4")
+    assert summary.uids_conformant
+    odd = verify_bytes(part10(el(0x0008, 0x0016, "UI", ui("1.2.840.10008.5.1.4.1.1.7"))
+                              + el(0x0008, 0x0018, "UI", ui("1.2/../x")) + IMAGE + PIXELS))
+    assert not odd.uids_conformant  # served as Orthanc holds it, never used as a name
+
+
+@pytest.mark.parametrize(("charset", "raw", "expected"), [
+    (None, b"PAT 42 ", "PAT 42"),                     # ASCII, padding removed
+    (None, b"P\xc9REZ", "P\u00c9REZ"),                 # no set named: Latin-1, as Orthanc
+    (b"ISO_IR 100", b"P\xc9REZ", "P\u00c9REZ"),
+    (b"ISO_IR 192", "患者".encode(), "患者"),
+    (b"\\ISO 2022 IR 87", b"\x1b$B45<T\x1b(B1", "患者1"),  # escapes are ASCII bytes
+    (b"ISO_IR 144", b"\xbf\xd0", "Па"),
+    (b"NOT A SET", b"P\xc9", "P\u00c9"),               # unknown: Latin-1, never an error
+])
+def test_the_patient_id_is_read_in_its_character_set(charset: bytes | None, raw: bytes,
+                                                      expected: str) -> None:
+    """Orthanc hashes the Patient ID decoded by (0008,0005): the Orthanc ID must agree."""
+    head = el(0x0008, 0x0005, "CS", charset + b" " * (len(charset) % 2)) if charset else b""
+    value = raw + b" " * (len(raw) % 2)
+    summary = verify_bytes(part10(head + SOP + el(0x0010, 0x0020, "LO", value)
+                                  + IMAGE + PIXELS))
+    assert summary.patient_id == expected
+    assert expected in summary.patient_id_readings()
+
+
+def _twin(patient: bytes) -> DicomSummary:
+    return verify_bytes(part10(SOP + el(0x0010, 0x0020, "LO", patient)
+                               + el(0x0020, 0x000D, "UI", ui("1.2.5"))
+                               + el(0x0020, 0x000E, "UI", ui("1.2.5.6")) + IMAGE + PIXELS))
+
+
+def _tags(patient: str, sop: str = "1.2.3.4") -> dict[str, object]:
+    return {"0010,0020": patient, "0020,000d": "1.2.5", "0020,000e": "1.2.5.6",
+            "0008,0018": sop, "0008,0016": "1.2.840.10008.5.1.4.1.1.7"}
+
+
+def _oid(patient: str) -> str:
+    from dicomcache.dicom.uids import orthanc_instance_id
+
+    return orthanc_instance_id(patient, "1.2.5", "1.2.5.6", "1.2.3.4")
+
+
+@pytest.mark.parametrize(("body", "asked", "tags", "ok"), [
+    (b"PA", _oid("PA"), None, True),                   # the hash agrees: no tags needed
+    (b"PB", _oid("PA"), None, False),                  # the same image, another patient
+    (b"PB", _oid("PA"), _tags("PA"), False),           # Orthanc's tags do not make it PA
+    (b"PB", _oid("PB"), _tags("PB"), True),
+    # A Patient ID Orthanc reads in UTF-8 where the data set names no character set:
+    (b"P\xc3\xa9", _oid("Pé"), None, False),           # read as Latin-1 here: "PÃ©"
+    (b"P\xc3\xa9", _oid("Pé"), _tags("Pé"), True),     # Orthanc's reading is one of ours
+    (b"P\xc3\xa9", _oid("Pé"), _tags("Pé", sop="1.2.3.5"), False),  # other UIDs
+    (b"P\xc3\xa9", _oid("PX"), _tags("PX"), False),    # not a reading of the body's
+])
+def test_identity_problem(body: bytes, asked: str, tags: dict[str, object] | None,
+                          ok: bool) -> None:
+    from dicomcache.dicom.verify import identity_problem
+
+    problem = identity_problem(_twin(body + b" " * (len(body) % 2)), asked, tags)
+    assert (problem is None) == ok, problem

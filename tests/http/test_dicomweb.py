@@ -237,7 +237,7 @@ async def test_frames_served_from_cache_without_orthanc(
         assert again.status == 200
         assert [b for _, b in split_multipart(await again.read(), again.headers["Content-Type"])] \
             == [b for _, b in split_multipart(await first.read(), first.headers["Content-Type"])]
-        assert client.app[STORE].sync.peek(s.sop) is not None
+        assert client.app[STORE].sync.peek(s.orthanc_id) is not None
         bulk = await client.get(f"{series_path(s)}/instances/{s.sop}/bulk/7fe00010")
         assert bulk.status == 200  # the pixel data a BulkDataURI names, from the store
         every = await client.get(f"{series_path(s)}/instances/{s.sop}/frames/1,2,3,4")

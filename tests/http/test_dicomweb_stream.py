@@ -90,7 +90,7 @@ async def test_cold_series_retrieve_by_stream_identical_to_orthanc(
             "dicomcache_upstream_request_duration_seconds_count", {"kind": kind}) == 1
     store = client.app[STORE]
     for s in ct_series:  # every part stored, verified
-        entry = await store.get(s.sop)
+        entry = await store.get(s.orthanc_id)
         assert entry is not None and entry.orthanc_id == s.orthanc_id
         assert entry.md5 == hashlib.md5(s.data).hexdigest()
     # Warm: from the store, no upstream request at all.
@@ -124,7 +124,7 @@ async def test_cold_retrieve_with_the_cache_disk_full_sends_every_part(
         await client.app[STORE].drain()
         assert wan.requests[path] == round_  # a stream each time: nothing was cached
     assert file_requests(wan) == 0
-    assert await client.app[STORE].get(ct_series[0].sop) is None
+    assert await client.app[STORE].get(ct_series[0].orthanc_id) is None
     from dicomcache.http.keys import METRICS
 
     assert metric_value(client.app[METRICS], "dicomcache_cache_write_failures_total",
@@ -199,7 +199,7 @@ async def test_corrupted_stream_part_is_never_sent(
     assert file_requests(wan) >= 1  # the corrupted one (at least) came again on its own
     store = client.app[STORE]
     for s in ct_series:
-        entry = await store.get(s.sop)
+        entry = await store.get(s.orthanc_id)
         assert entry is not None
         assert await asyncio.to_thread(entry.path.read_bytes) == s.data
 
@@ -247,7 +247,7 @@ async def test_cold_retrieve_does_not_wait_for_durability(
                                 resp.headers["Content-Type"])
         assert [b for _, b in parts] == [s.data for s in ct_series]  # all sent, none durable
         store = client.app[STORE]
-        assert store.sync.peek(late.sop) is None
+        assert store.sync.peek(late.orthanc_id) is None
         # The whole series again: its verified bytes are still in memory, sent from
         # there (with the length) rather than after the commits.
         before = sum(wan.requests.values())
@@ -256,7 +256,7 @@ async def test_cold_retrieve_does_not_wait_for_durability(
         assert again.headers["Content-Length"] == str(len(body))
         assert [b for _, b in split_multipart(body, again.headers["Content-Type"])] == \
             [s.data for s in ct_series]
-        assert sum(wan.requests.values()) == before and store.sync.peek(late.sop) is None
+        assert sum(wan.requests.values()) == before and store.sync.peek(late.orthanc_id) is None
         single = asyncio.ensure_future(client.get(f"/instances/{late.orthanc_id}/file"))
         # Time passing: long enough for a miss or a second download to answer; it must
         # still be waiting for the commit.
@@ -268,7 +268,7 @@ async def test_cold_retrieve_does_not_wait_for_durability(
     assert resp.status == 200 and await resp.read() == late.data
     assert file_requests(wan) == 0 and wan.requests[path] == 1
     for s in ct_series:  # durable now, and found without a trip upstream
-        entry = await store.get(s.sop)
+        entry = await store.get(s.orthanc_id)
         assert entry is not None and await asyncio.to_thread(entry.path.read_bytes) == s.data
     from dicomcache.http.keys import DICOMWEB
 
@@ -303,7 +303,7 @@ async def test_shutdown_right_after_a_cold_retrieve_keeps_every_part(
     store = await asyncio.to_thread(Store, directory, 1 << 30)
     try:
         for s in ct_series:
-            entry = await asyncio.to_thread(store.get, s.sop)
+            entry = await asyncio.to_thread(store.get, s.orthanc_id)
             assert entry is not None and await asyncio.to_thread(entry.path.read_bytes) == s.data
     finally:
         await asyncio.to_thread(store.close)

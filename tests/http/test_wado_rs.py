@@ -16,6 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from dicomcache.cache.instance import Instance
+from dicomcache.cache.store import Store
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.dicomweb import retrieve
 from dicomcache.http import respond, wado_rs
@@ -101,7 +102,7 @@ async def test_retrieve_sends_stored_parts_from_files_and_after_restart(
     assert served == sum(len(s.data) for s in ct_series)
     # One instance gone from the store: its length is unknown, the answer is chunked,
     # and the stored parts are read from their files in chunks.
-    await asyncio.to_thread(client.app[STORE].sync.forget, ct_series[3].sop)
+    await asyncio.to_thread(client.app[STORE].sync.forget, ct_series[3].orthanc_id)
     sendfiles.clear()
     resp, mixed = await get_parts(client, path, ANY_SYNTAX)
     assert "Content-Length" not in resp.headers
@@ -114,20 +115,47 @@ async def stored(client: TestClient, path: str, sample: Sample) -> Instance:
     """Retrieve ``path`` through dicomcache, wait for its commits: ``sample``'s entry."""
     await get_parts(client, path, ANY_SYNTAX)
     await client.app[STORE].drain()
-    entry = await client.app[STORE].get(sample.sop)
+    entry = await client.app[STORE].get(sample.orthanc_id)
     assert entry is not None
     return entry
 
 
-async def test_retrieve_of_a_stored_file_cut_on_disk_breaks_the_connection(
+async def test_retrieve_of_a_stored_file_cut_on_disk_sends_the_right_bytes(
         aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
         ct_series: list[Sample], caplog: pytest.LogCaptureFixture) -> None:
-    """A stored file shorter than its index says (disk trouble): never a complete multipart."""
-    client = await aiohttp_client(make_app(make_settings()))
+    """A stored file shorter than its index says (disk trouble) is caught when opened:
+    quarantined, fetched again, and the answer is complete and right."""
+    settings = make_settings()
+    client = await aiohttp_client(make_app(settings))
     path = series_path(ct_series[0])
     entry = await stored(client, path, ct_series[5])
     with entry.path.open("r+b") as f:
         f.truncate(entry.size // 2)
+    resp, got = await get_parts(client, path, ANY_SYNTAX)
+    assert resp.content_length is not None
+    assert [b for _, b in got] == [s.data for s in ct_series]
+    assert any(r.levelno == logging.WARNING and "quarantin" in r.getMessage()
+               for r in caplog.records)
+    assert list((settings.cache.directory / "quarantine").rglob("*"))
+
+
+async def test_retrieve_of_a_file_cut_after_its_check_breaks_the_connection(
+        aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
+        ct_series: list[Sample], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Cut on disk between its check and its sending: never a complete multipart."""
+    client = await aiohttp_client(make_app(make_settings()))
+    path = series_path(ct_series[0])
+    victim = await stored(client, path, ct_series[5])
+    checked = Store.open_checked
+
+    def open_then_cut(self: Store, instance: Instance) -> tuple[int, os.stat_result]:
+        fd, st = checked(self, instance)
+        if instance.orthanc_id == victim.orthanc_id:
+            assert instance.path is not None
+            os.truncate(instance.path, instance.size // 2)
+        return fd, st
+    monkeypatch.setattr(Store, "open_checked", open_then_cut)
     resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
     assert resp.status == 200 and resp.content_length is not None
     with pytest.raises(aiohttp.ClientPayloadError):
@@ -157,7 +185,7 @@ async def test_retrieve_refetches_a_stored_file_deleted_on_disk(
     entry.path.unlink()
     _, got = await get_parts(client, path, ANY_SYNTAX)  # opened in a batch: that one fails
     assert [b for _, b in got] == [s.data for s in ct_series]
-    again = await client.app[STORE].get(ct_series[4].sop)
+    again = await client.app[STORE].get(ct_series[4].orthanc_id)
     assert again is not None and again.path.read_bytes() == ct_series[4].data
     assert open_files_under(settings.cache.directory / "objects") == []
 
@@ -234,14 +262,13 @@ async def test_single_instance_sent_from_its_file(
     head = await client.head(path, headers={"Accept": ANY_SYNTAX})
     assert head.status == 200 and await head.read() == b""
     assert head.headers["Content-Length"] == resp.headers["Content-Length"]
-    entry = await client.app[STORE].get(s.sop)
+    entry = await client.app[STORE].get(s.orthanc_id)
     assert entry is not None
-    with entry.path.open("r+b") as f:
+    with entry.path.open("r+b") as f:  # cut on disk: caught when opened, fetched again
         f.truncate(entry.size // 2)
     resp = await client.get(path, headers={"Accept": ANY_SYNTAX})
-    assert resp.status == 200
-    with pytest.raises(aiohttp.ClientPayloadError):
-        await resp.read()
+    [(_, data)] = split_multipart(await resp.read(), resp.headers["Content-Type"])
+    assert data == s.data
 
 
 async def test_study_retrieve_identical_to_orthanc(

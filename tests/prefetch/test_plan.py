@@ -13,7 +13,8 @@ from dicomcache.prefetch.plan import order_items, touch_of
 
 def _entry(sop: str) -> Instance:
     return Instance(sop_uid=sop, path=Path("/x"), size=1, md5="0" * 32, transfer_syntax="1.2",
-                    study_uid="1.1", series_uid="1.1.1", orthanc_id="oid", stored_at=0.0)
+                    study_uid="1.1", series_uid="1.1.1", orthanc_id="oid", patient_id="P",
+                    stored_at=0.0)
 
 
 @pytest.mark.parametrize(("path", "query", "expected"), [

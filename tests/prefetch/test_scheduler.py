@@ -184,7 +184,7 @@ async def test_cli_prefetch_by_patient_then_everything_is_cached(
     def stored() -> bool:
         store = Store(settings.cache.directory, settings.cache.max_size)
         try:
-            return all(store.get(s.sop) is not None for s in ct_series)
+            return all(store.get(s.orthanc_id) is not None for s in ct_series)
         finally:
             store.close()
     assert await asyncio.to_thread(stored)

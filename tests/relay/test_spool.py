@@ -61,3 +61,23 @@ def test_a_study_backs_off_by_its_consecutive_failures(tmp_path: Path) -> None:
         assert asked == [1, 2, 1]  # cleared: counting starts again
     finally:
         spool.close()
+
+
+def test_a_file_the_relay_did_not_write_is_never_forwarded(tmp_path: Path) -> None:
+    """A file in the spool's objects/ under a name the relay never gives (a crafted name,
+    something else writing there) is not re-queued to the PACS at start: quarantined."""
+    spool = Spool(tmp_path / "spool", ["PACS"])
+    spool.open()
+    [ds] = make_ct_series(1, rows=16, columns=16, seed=40)
+    blob = encode(ds, syntaxes.EXPLICIT_LE)
+    for name in ("x.dcm", "1.2.840.113619.dcm", "..dcm"):
+        (spool.objects / name).write_bytes(blob)
+    spool.close()
+    spool = Spool(tmp_path / "spool", ["PACS"])
+    spool.open()
+    try:
+        assert spool.next_batch("PACS", 10) == []
+        assert list(spool.objects.iterdir()) == []
+        assert len(list(spool.quarantine_dir.glob("*.dcm"))) == 3
+    finally:
+        spool.close()

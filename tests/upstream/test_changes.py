@@ -97,7 +97,7 @@ async def test_prewarm_rule_fetches_a_matching_stable_study(
         await eventually(lambda: mr in watcher.warmed, timeout=20, what="the MR study pre-warmed")
         assert await client.app[PREFETCHER].idle(20)
         store = client.app[STORE]
-        assert all([await store.get_by_orthanc_id(i) for i in ids])
+        assert all([await store.get(i) for i in ids])
         assert ct not in watcher.warmed
     finally:
         await client.close()
