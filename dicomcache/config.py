@@ -87,6 +87,12 @@ class CacheSettings:
     max_size: int = 50 << 30
     #: Seconds a full background re-verification of the store takes (0: none).
     scrub_period: float = 86400.0
+    #: A stored series is served while Orthanc's list of its instances was read within
+    #: twice this (seconds); series in use are confirmed again this often (0: never).
+    confirm_interval: float = 1.0
+    #: Seconds an entry is served without Orthanc confirming its MD5 again (while
+    #: Orthanc can be asked; 0: never confirm).
+    revalidate_after: float = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,9 +178,9 @@ class PrewarmRule:
 
 @dataclass(frozen=True, slots=True)
 class ChangesSettings:
-    #: Follow Orthanc's ``/changes`` (invalidation hooks and pre-warming).
-    enabled: bool = False
-    poll_interval: float = 5.0
+    #: Follow Orthanc's ``/changes`` (replacements, invalidation hooks and pre-warming).
+    enabled: bool = True
+    poll_interval: float = 1.0
     #: Changes read per request.
     batch: int = 100
     #: Where the last change seen is kept across restarts (default: in ``cache.directory``).
@@ -373,8 +379,15 @@ def _cache(sec: _Section, base: Path) -> CacheSettings:
     scrub = sec.get("scrub_period", float, d.scrub_period)
     if scrub < 0 or 0 < scrub < 60:
         sec.problem("scrub_period", f"must be 0 (off) or at least 60 seconds, not {scrub}")
+    confirm = sec.get("confirm_interval", float, d.confirm_interval)
+    if confirm < 0:
+        sec.problem("confirm_interval", f"must be 0 (off) or positive, not {confirm}")
+    revalidate = sec.get("revalidate_after", float, d.revalidate_after)
+    if revalidate < 0:
+        sec.problem("revalidate_after", f"must be 0 (off) or positive, not {revalidate}")
     return CacheSettings(directory=base / directory, max_size=sec.size("max_size", d.max_size),
-                         scrub_period=scrub)
+                         scrub_period=scrub, confirm_interval=confirm,
+                         revalidate_after=revalidate)
 
 
 def _access(sec: _Section) -> AccessSettings:

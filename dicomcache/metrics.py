@@ -36,6 +36,8 @@ FAILURE_CAUSES = tuple(c.value for c in Cause
                        if c not in (Cause.STALE, Cause.CIRCUIT_OPEN, Cause.READ_ERROR))
 #: The ``cause`` labels of verification failures (a subset of ``FAILURE_CAUSES``).
 INTEGRITY_CAUSES = tuple(c.value for c in Cause if c.integrity)
+#: Why stored instances are purged (``dicomcache_cache_purged_total``).
+PURGE_CAUSES = ("deleted_upstream", "replaced", "operator")
 #: API families whose instance requests are served from the store.
 INSTANCE_FAMILIES = ("orthanc", "wado_uri", "dicomweb")
 #: How many recent integrity failures the status page shows.
@@ -102,6 +104,25 @@ class Metrics:
         self.scrubbed_bytes = Counter(
             "dicomcache_cache_scrubbed_bytes_total",
             "Stored bytes re-verified by the background scrubber.", registry=r)
+        self.purged = Counter(
+            "dicomcache_cache_purged_total",
+            "Stored instances removed because Orthanc no longer has them (deleted_upstream), "
+            "has other content under their identity (replaced), or an operator purged them.",
+            ["cause"], registry=r)
+        self.revalidations = Counter(
+            "dicomcache_revalidations_total",
+            "Checks of stored copies against Orthanc (a series' instance list, or an "
+            "instance's MD5), by outcome: confirmed, changed (something purged), "
+            "unreachable (served unconfirmed).", ["outcome"], registry=r)
+        self.unconfirmed = Counter(
+            "dicomcache_cache_unconfirmed_served_total",
+            "Stored instances served without a recent confirmation because Orthanc could "
+            "not be asked (stale-if-error).", registry=r)
+        self.feed_gaps = Counter(
+            "dicomcache_changes_feed_gaps_total",
+            "Times Orthanc's change feed could not be followed without a gap (changes gone "
+            "from its history, a reset, a restart): every stored series is confirmed again.",
+            registry=r)
         self.coalesced = Counter(
             "dicomcache_coalesced_requests_total",
             "Misses that waited for a download already in flight instead of starting one.",
@@ -199,6 +220,10 @@ class Metrics:
             self.uncached.labels(cause)
         for found_by in ("open", "scrub"):
             self.bad_files.labels(found_by)
+        for purge_cause in PURGE_CAUSES:
+            self.purged.labels(purge_cause)
+        for outcome in ("confirmed", "changed", "unreachable"):
+            self.revalidations.labels(outcome)
         # --- state for the status page (not exported) ------------------------------
         self.recent_integrity: deque[IntegrityEvent] = deque(maxlen=RECENT_FAILURES)
         #: ``None`` until the first answer (or failure) from Orthanc.

@@ -45,16 +45,21 @@ class PurgeChoice:
 
 
 def choose_purge(entries: Iterable[Instance], pinned: Iterable[str], *, now: float,
-                 study: str | None = None, older_than: float | None = None,
+                 study: str | None = None, patient: str | None = None,
+                 instance: str | None = None, older_than: float | None = None,
                  include_pinned: bool = False) -> PurgeChoice:
-    """The entries a purge takes (pure): one study's (pinned or not), else every entry or
-    those stored before ``now - older_than``, pinned studies only with ``include_pinned``."""
+    """The entries a purge takes (pure): one study's, one patient's or one instance's
+    (an Orthanc ID or a SOP Instance UID; pinned or not), else every entry or those
+    stored before ``now - older_than``, pinned studies only with ``include_pinned``."""
     pins = set(pinned)
     chosen: list[Instance] = []
     kept = 0
     for entry in entries:
-        if study is not None:
-            if entry.study_uid == study:
+        named = (study is not None and entry.study_uid == study,
+                 patient is not None and entry.patient_id == patient,
+                 instance is not None and instance in (entry.orthanc_id, entry.sop_uid))
+        if study is not None or patient is not None or instance is not None:
+            if any(named):
                 chosen.append(entry)
             continue
         if older_than is not None and entry.stored_at >= now - older_than:

@@ -24,6 +24,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+from dicomcache.cache.coherence import Coherence
 from dicomcache.cache.instance import Instance
 from dicomcache.cache.store import AsyncStore
 from dicomcache.dicom.verify import DicomSummary, identity_problem, md5_hex, verify_bytes
@@ -92,10 +93,13 @@ class PriorityLimiter:
 class Fetcher:
     """Turns misses into verified, stored instances; see the module docstring."""
 
-    def __init__(self, client: OrthancClient, store: AsyncStore, metrics: Metrics) -> None:
+    def __init__(self, client: OrthancClient, store: AsyncStore, metrics: Metrics,
+                 coherence: Coherence | None = None) -> None:
         self.client = client
         self.store = store
         self.metrics = metrics
+        #: Confirms stored entries against Orthanc before they are served (None: trusted).
+        self.coherence = coherence
         self._flights: SingleFlight[Any] = SingleFlight()
         #: Single-flight keys some viewer is waiting for (downloaded at viewer priority).
         self._urgent: set[str] = set()
@@ -104,10 +108,46 @@ class Fetcher:
 
     async def instance(self, orthanc_id: str) -> Instance:
         """The verified instance: from the store, or downloaded (once, however many ask)."""
-        entry = await self.store.get(orthanc_id)
+        entry = await self.stored(orthanc_id)
         if entry is not None:
             return entry
         return await self.by_orthanc_id(orthanc_id)
+
+    async def stored(self, orthanc_id: str) -> Instance | None:
+        """The stored entry of an instance, if it may be served: Orthanc still holds it as
+        it is (:mod:`~dicomcache.cache.coherence`); ``None`` for a miss."""
+        entry = await self.store.get(orthanc_id)
+        if entry is None or self.coherence is None:
+            return entry
+        return await self.coherence.check(entry)
+
+    async def confirmed(self, entries: list[Instance | None]) -> list[Instance | None]:
+        """:meth:`stored` for entries already looked up (one confirmation per series)."""
+        if self.coherence is None:
+            return entries
+        return await self.coherence.check_many(entries)
+
+    async def by_uids(self, sop_uid: str, study_uid: str | None = None,
+                      series_uid: str | None = None) -> tuple[Instance, bool]:
+        """The one instance these UIDs name (see :meth:`find`) and whether it came from
+        the store.
+
+        A remembered resolution whose instance Orthanc no longer has (deleted, or
+        re-created under another patient) is forgotten and the UIDs resolved afresh,
+        so the answer is what Orthanc answers now.
+        """
+        remembered = await self.store.resolution(sop_uid, study_uid, series_uid) is not None
+        entry, oid = await self.locate(sop_uid, study_uid, series_uid)
+        if entry is not None:
+            return entry, True
+        try:
+            return await self.by_orthanc_id(oid), False
+        except NotFoundUpstream:
+            if not remembered:
+                raise
+        await asyncio.to_thread(self.store.sync.forget_resolutions, sop_uid)
+        oid = await self.resolve(sop_uid, study_uid, series_uid)
+        return await self.by_orthanc_id(oid), False
 
     async def by_orthanc_id(self, orthanc_id: str, *, viewer: bool = True) -> Instance:
         """Download and verify, unless a download of this instance is already in flight.
@@ -122,7 +162,7 @@ class Fetcher:
         """The one Orthanc instance these UIDs name (see :meth:`find`) and its stored
         copy, if any: a route serves the copy (a hit) or downloads the instance."""
         oid = await self.resolve(sop_uid, study_uid, series_uid)
-        return await self.store.get(oid), oid
+        return await self.stored(oid), oid
 
     async def find(self, sop_uid: str, study_uid: str | None = None,
                    series_uid: str | None = None) -> Instance:

@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicomcache.dicom.uids import orthanc_series_id, orthanc_study_id
+
 #: The schema this code reads and writes.  An index of another version is refused
 #: (see :class:`SchemaMismatch`), never silently read.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 INDEX_FILE = "index.sqlite"
-#: Version 1 keyed entries by SOP Instance UID alone; the store adopts such an index
+#: Version 1 keyed entries by SOP Instance UID alone, version 2 had no series/study IDs
+#: or confirmation times; the store adopts such an index
 #: (:meth:`~dicomcache.cache.store.Store`), re-reading each file's full identity.
 
 _SCHEMA = """
@@ -47,11 +50,27 @@ CREATE TABLE IF NOT EXISTS instances (
     size INTEGER NOT NULL,
     file TEXT NOT NULL UNIQUE,
     stored_at REAL NOT NULL,
-    used_at REAL NOT NULL
+    confirmed_at REAL NOT NULL,
+    used_at REAL NOT NULL,
+    series_oid TEXT NOT NULL,
+    study_oid TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_used ON instances(used_at);
 CREATE INDEX IF NOT EXISTS instances_sop ON instances(sop_uid);
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE INDEX IF NOT EXISTS instances_patient ON instances(patient_id);
+CREATE INDEX IF NOT EXISTS instances_series_oid ON instances(series_oid);
+CREATE INDEX IF NOT EXISTS instances_study_oid ON instances(study_oid);
+CREATE TABLE IF NOT EXISTS series_state (
+    series_oid TEXT PRIMARY KEY,
+    last_update TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS purged (
+    generation INTEGER NOT NULL,
+    study_uid TEXT NOT NULL,
+    instances INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS purged_generation ON purged(generation);
 CREATE TABLE IF NOT EXISTS usage (
     one INTEGER PRIMARY KEY CHECK (one = 1),
     entries INTEGER NOT NULL,
@@ -77,7 +96,11 @@ CREATE TABLE IF NOT EXISTS pinned (study_uid TEXT PRIMARY KEY, pinned_at REAL NO
 """
 
 _COLUMNS = ("orthanc_id, patient_id, study_uid, series_uid, sop_uid, transfer_syntax, md5, "
-            "size, file, stored_at")
+            "size, file, stored_at, confirmed_at")
+#: Purged studies remembered for the daemon (``purged_since``); older ones: "every study".
+MAX_PURGE_LOG = 10_000
+#: In the purge log: every study (a purge by patient, age or all).
+EVERY_STUDY = "*"
 #: Resolutions kept at most (which Orthanc instances a set of UIDs names); the oldest
 #: go first.  A row is ~200 bytes.
 MAX_RESOLVED = 1_000_000
@@ -118,6 +141,16 @@ class Row:
     size: int
     file: str
     stored_at: float
+    #: When Orthanc last confirmed its MD5 (Unix time; at first, when it was stored).
+    confirmed_at: float = 0.0
+
+    @property
+    def series_oid(self) -> str:
+        return orthanc_series_id(self.patient_id, self.study_uid or "", self.series_uid or "")
+
+    @property
+    def study_oid(self) -> str:
+        return orthanc_study_id(self.patient_id, self.study_uid or "")
 
 
 class Index:
@@ -131,6 +164,9 @@ class Index:
         with self._lock:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
+            # Deleted rows hold patient data (IDs, UIDs): overwrite them, so a purge
+            # leaves none in the file's free pages (see :meth:`checkpoint`).
+            self._db.execute("PRAGMA secure_delete = ON")
             self._check_version()  # before the schema: never alter another version's tables
             self._db.executescript(_SCHEMA)
 
@@ -150,6 +186,12 @@ class Index:
         with self._lock:
             self._db.close()
 
+    def checkpoint(self) -> None:
+        """Write the log into the index and empty it: after a purge, no earlier version
+        of a deleted row is left in the write-ahead log either."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def generation(self) -> int:
         """Bumped by every removal of entries (purge, quarantine) in any process: a
         running daemon polls it and forgets what it holds in memory when it moves."""
@@ -157,10 +199,9 @@ class Index:
             found = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
         return int(found[0]) if found is not None else 0
 
-    def bump(self) -> None:
-        with self._tx() as db:
-            db.execute("INSERT INTO meta VALUES ('generation', '1') ON CONFLICT(key) "
-                       "DO UPDATE SET value = CAST(value AS INTEGER) + 1")
+    def bump(self) -> int:
+        """A removal that purged no study's content (a bad file quarantined)."""
+        return self.log_purge({})
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db, self._lock)
@@ -179,11 +220,12 @@ class Index:
                                  (row.orthanc_id,)).fetchone()
                 if old is not None:
                     db.execute("DELETE FROM instances WHERE orthanc_id = ?", (row.orthanc_id,))
-                db.execute(f"INSERT INTO instances ({_COLUMNS}, used_at) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                db.execute(f"INSERT INTO instances ({_COLUMNS}, used_at, series_oid, study_oid) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (row.orthanc_id, row.patient_id, row.study_uid, row.series_uid,
                             row.sop_uid, row.transfer_syntax, row.md5, row.size, row.file,
-                            row.stored_at, now))
+                            row.stored_at, row.confirmed_at or row.stored_at, now,
+                            row.series_oid, row.study_oid))
             replaced.append(old[0] if old is not None else None)
         return replaced
 
@@ -202,6 +244,79 @@ class Index:
                 "AND (? IS NULL OR study_uid = ?) AND (? IS NULL OR series_uid = ?)",
                 (sop_uid, study_uid, study_uid, series_uid, series_uid)).fetchall()
         return [Row(*values) for values in found]
+
+    def in_series(self, series_oid: str) -> list[Row]:
+        """Every entry of an Orthanc series."""
+        return self._select("series_oid = ?", series_oid)
+
+    def in_study(self, study_oid: str) -> list[Row]:
+        """Every entry of an Orthanc study."""
+        return self._select("study_oid = ?", study_oid)
+
+    def of_patient(self, patient_id: str) -> list[Row]:
+        """Every entry of a Patient ID."""
+        return self._select("patient_id = ?", patient_id)
+
+    def _select(self, where: str, *args: object) -> list[Row]:
+        with self._lock:
+            found = self._db.execute(f"SELECT {_COLUMNS} FROM instances WHERE {where}",
+                                     args).fetchall()
+        return [Row(*values) for values in found]
+
+    def confirm(self, orthanc_ids: Iterable[str], now: float) -> None:
+        """Orthanc confirmed these entries' MD5 ``now``."""
+        with self._tx() as db:
+            db.executemany("UPDATE instances SET confirmed_at = ? WHERE orthanc_id = ?",
+                           ((now, oid) for oid in orthanc_ids))
+
+    def series_updated(self, series_oid: str) -> str | None:
+        """Orthanc's ``LastUpdate`` of a series when its entries were last confirmed."""
+        with self._lock:
+            found = self._db.execute("SELECT last_update FROM series_state WHERE series_oid = ?",
+                                     (series_oid,)).fetchone()
+        return str(found[0]) if found is not None else None
+
+    def set_series_updated(self, series_oid: str, last_update: str | None) -> None:
+        with self._tx() as db:
+            if last_update is None:
+                db.execute("DELETE FROM series_state WHERE series_oid = ?", (series_oid,))
+            else:
+                db.execute("INSERT OR REPLACE INTO series_state VALUES (?, ?)",
+                           (series_oid, last_update))
+
+    def log_purge(self, studies: Mapping[str, int]) -> int:
+        """Bump the generation and note the studies purged with it and how many of their
+        instances (``EVERY_STUDY`` when a purge was not by study); returns the new
+        generation."""
+        with self._tx() as db:
+            db.execute("INSERT INTO meta VALUES ('generation', '1') ON CONFLICT(key) "
+                       "DO UPDATE SET value = CAST(value AS INTEGER) + 1")
+            (generation,) = db.execute(
+                "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'generation'").fetchone()
+            db.executemany("INSERT INTO purged VALUES (?, ?, ?)",
+                           ((generation, uid, n) for uid, n in studies.items()))
+            trimmed = db.execute("DELETE FROM purged WHERE rowid IN (SELECT rowid FROM purged "
+                                 "ORDER BY generation DESC LIMIT -1 OFFSET ?)",
+                                 (MAX_PURGE_LOG,)).rowcount
+            if trimmed:  # notes older than the oldest one kept are gone
+                db.execute("INSERT OR REPLACE INTO meta SELECT 'purge_log_from', "
+                           "CAST(min(generation) AS TEXT) FROM purged")
+        return int(generation)
+
+    def purged_since(self, generation: int) -> dict[str, int]:
+        """The studies purged after ``generation``, with how many of their instances
+        (``EVERY_STUDY`` among them when some purge was not by study, or the log no
+        longer reaches that far back)."""
+        with self._lock:
+            rows = self._db.execute("SELECT study_uid, sum(instances) FROM purged "
+                                    "WHERE generation > ? GROUP BY study_uid",
+                                    (generation,)).fetchall()
+            start = self._db.execute(
+                "SELECT value FROM meta WHERE key = 'purge_log_from'").fetchone()
+        found = {str(uid): int(n) for uid, n in rows}
+        if start is not None and int(start[0]) > generation + 1:
+            found.setdefault(EVERY_STUDY, 0)  # the notes of some purges were trimmed
+        return found
 
     def touch(self, orthanc_ids: Iterable[str], now: float) -> None:
         """Mark entries used now (what least-recently-used eviction orders by)."""

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicomcache.dicom.uids import orthanc_series_id, orthanc_study_id
 from dicomcache.dicom.verify import DicomSummary
 from dicomcache.errors import NotFoundUpstream
 
@@ -42,6 +43,18 @@ class Instance:
     data: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
     #: When it was stored (Unix time; 0 while only in memory).
     stored_at: float = 0.0
+    #: When Orthanc last confirmed its MD5 (Unix time; at first, when it was stored).
+    confirmed_at: float = 0.0
+
+    @property
+    def series_oid(self) -> str:
+        """Orthanc's ID of its series (the hash of Patient ID, Study and Series UIDs)."""
+        return orthanc_series_id(self.patient_id, self.study_uid or "", self.series_uid or "")
+
+    @property
+    def study_oid(self) -> str:
+        """Orthanc's ID of its study."""
+        return orthanc_study_id(self.patient_id, self.study_uid or "")
 
     @classmethod
     def verified(cls, summary: DicomSummary, md5: str, data: bytes,

@@ -56,13 +56,13 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 from dicomcache import durable
-from dicomcache.cache.index import INDEX_FILE, Index, Row, schema_of
+from dicomcache.cache.index import EVERY_STUDY, INDEX_FILE, Index, Row, schema_of
 from dicomcache.cache.instance import Instance
 from dicomcache.dicom.verify import verify_file
 from dicomcache.errors import BadStoredFile, Cause, StoreFull
@@ -73,8 +73,11 @@ log = logging.getLogger(__name__)
 FAN_OUT = 256
 #: The index file of dicomcache 0.1 (diskcache), adopted once (:meth:`Store._migrate_legacy`).
 LEGACY_INDEX = "cache.db"
-#: An index of schema version 1, moved aside to be adopted (:meth:`Store._migrate_v1`).
-V1_INDEX = "index-v1.sqlite"
+#: An index of an earlier schema, moved aside to be adopted (:meth:`Store._migrate_old`).
+OLD_INDEX = "index-old.sqlite"
+#: The earlier schemas it can be: 1 keyed entries by SOP Instance UID alone, 2 had no
+#: series/study IDs or confirmation times.
+OLD_SCHEMAS = ("1", "2")
 
 #: What :meth:`Store.commit_group` gives for each body: the stored instance, ``None``
 #: (evicted at once: bigger than the whole cache), or the error that kept it out.
@@ -113,8 +116,8 @@ class Store:
         self.max_size = max_size
         self.tmp_dir = self.directory / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        if schema_of(self.directory / INDEX_FILE) == "1":
-            self._move_v1_aside()
+        if schema_of(self.directory / INDEX_FILE) in OLD_SCHEMAS:
+            self._move_old_aside()
         self.index = Index(self.directory)
         self._commit_lock = threading.Lock()
         #: Held while a group is written; close() takes it, so it never cuts a group.
@@ -123,8 +126,8 @@ class Store:
         self._make_object_dirs()
         if (self.directory / LEGACY_INDEX).exists():
             self._migrate_legacy()
-        if (self.directory / V1_INDEX).exists():
-            self._migrate_v1()
+        if (self.directory / OLD_INDEX).exists():
+            self._migrate_old()
         self.evictions = 0
         self._pinned_warned = -1e9
         # The hot map: plain dicts, read on the event loop, written by worker
@@ -150,12 +153,12 @@ class Store:
                 d.mkdir(parents=True, exist_ok=True)
             durable.fsync_dir(objects)
 
-    def _move_v1_aside(self) -> None:
-        """Rename a version-1 index (with its WAL) to :data:`V1_INDEX`, adopted below."""
+    def _move_old_aside(self) -> None:
+        """Rename an index of an earlier schema (with its WAL) to :data:`OLD_INDEX`."""
         for suffix in ("-wal", "-shm", ""):  # the main file last: it marks the move done
             source = self.directory / f"{INDEX_FILE}{suffix}"
             if source.exists():
-                os.rename(source, self.directory / f"{V1_INDEX}{suffix}")
+                os.rename(source, self.directory / f"{OLD_INDEX}{suffix}")
         durable.fsync_dir(self.directory)
 
     def _migrate_legacy(self) -> None:
@@ -175,12 +178,10 @@ class Store:
             db.close()
         self._adopt(rows, pins, LEGACY_INDEX)
 
-    def _migrate_v1(self) -> None:
-        """Adopt the entries of an index of schema version 1 (moved aside first).
-
-        That version keyed entries by SOP Instance UID alone (see :meth:`_adopt`).
-        """
-        db = sqlite3.connect(self.directory / V1_INDEX)
+    def _migrate_old(self) -> None:
+        """Adopt the entries of an index of an earlier schema (moved aside first; see
+        :meth:`_adopt`)."""
+        db = sqlite3.connect(self.directory / OLD_INDEX)
         try:
             rows = [dict(zip(("file", "md5", "size", "orthanc_id", "stored_at", "used_at"), r,
                              strict=True))
@@ -189,7 +190,7 @@ class Store:
             pins = db.execute("SELECT study_uid, pinned_at FROM pinned").fetchall()
         finally:
             db.close()
-        self._adopt(rows, pins, V1_INDEX)
+        self._adopt(rows, pins, OLD_INDEX)
 
     def _adopt(self, rows: list[dict[str, Any]], pins: list[tuple[Any, Any]],
                old_index: str) -> None:
@@ -339,9 +340,10 @@ class Store:
         except OSError as exc:
             temp.unlink(missing_ok=True)
             _reraise(exc)
+        now = time.time()
         return Row(instance.orthanc_id, instance.patient_id, instance.study_uid,
                    instance.series_uid, instance.sop_uid, instance.transfer_syntax,
-                   instance.md5, instance.size, rel, time.time())
+                   instance.md5, instance.size, rel, now, now)
 
     def _index_rows(self, placed: Sequence[_Placed]) -> list[Instance | StoreFull | None]:
         """Index durable files in ``objects/``; a result per file.
@@ -430,17 +432,31 @@ class Store:
             raise
         return fd, st
 
-    def refresh(self) -> bool:
+    def refresh(self) -> dict[str, int] | None:
         """Forget what is held in memory when another process (``dicomcache purge``,
-        ``verify``) removed entries since the last call; True when it did."""
+        ``verify``, ``revalidate``) removed entries since the last call.
+
+        Returns ``None`` when nothing was removed; else the StudyInstanceUIDs whose
+        content was purged, with how many instances (:data:`EVERY_STUDY` among them
+        when it cannot tell), for what derives from them to be dropped — empty when
+        only bad files were quarantined.
+        """
         generation = self.index.generation()
         if generation == self.generation:
-            return False
+            return None
+        purged = self.index.purged_since(self.generation)
         self.generation = generation
         self._hot.clear()
         self._hot_sop.clear()
         self._resolved.clear()
-        return True
+        return purged
+
+    def _log_removal(self, study_uids: Mapping[str, int]) -> None:
+        """Note a removal in the index (:meth:`refresh` of other processes sees it); the
+        store's own removals are not news to itself."""
+        generation = self.index.log_purge(study_uids)
+        if generation == self.generation + 1:
+            self.generation = generation
 
     def volume(self) -> int:
         """Bytes the store takes: its files and its index."""
@@ -571,7 +587,8 @@ class Store:
     def _instance(self, row: Row) -> Instance:
         return Instance(row.orthanc_id, row.patient_id, row.study_uid, row.series_uid,
                         row.sop_uid, row.transfer_syntax, row.md5, row.size,
-                        path=self.directory / row.file, stored_at=row.stored_at)
+                        path=self.directory / row.file, stored_at=row.stored_at,
+                        confirmed_at=row.confirmed_at)
 
     def stats(self) -> dict[str, int]:
         """Entries, bytes used (index included), bound, evictions since start."""
@@ -601,25 +618,59 @@ class Store:
         for row, used in self.index.rows():
             yield self._instance(row), used
 
-    def remove_entries(self, entries: list[Instance]) -> tuple[int, int]:
-        """Delete these entries and their files; returns (entries, bytes) removed.
+    def purge(self, entries: Sequence[Instance], *, every_study: bool = False
+              ) -> tuple[int, int]:
+        """Delete these entries, their files and how their UIDs were resolved; returns
+        (entries, bytes) removed.
 
         Only the row still pointing at the same file is deleted, so an entry
-        re-committed meanwhile (by a running daemon) is left alone.
+        re-committed meanwhile (by a running daemon) is left alone.  The purge is
+        logged with the studies it touched (``every_study``: note it as touching
+        every study), so a running daemon drops what it derived from them.
         """
         removed = nbytes = 0
+        studies: collections.Counter[str] = collections.Counter()
         for start in range(0, len(entries), 256):  # bounded transactions
             batch = entries[start:start + 256]
             by_file = {self._rel(e): e for e in batch}
             for rel in self.index.delete_files(list(by_file)):
+                gone = by_file[rel]
                 (self.directory / rel).unlink(missing_ok=True)
                 removed += 1
-                nbytes += by_file[rel].size
+                nbytes += gone.size
+                studies[EVERY_STUDY if every_study else gone.study_uid or EVERY_STUDY] += 1
             for e in batch:
                 self._drop_hot(e.orthanc_id)
+                self.forget_resolutions(e.sop_uid)
         if removed:
-            self.index.bump()
+            self._log_removal(studies)
         return removed, nbytes
+
+    def confirm(self, entries: Sequence[Instance], now: float) -> None:
+        """Orthanc confirmed these entries' MD5 at ``now`` (hot copies updated too)."""
+        self.index.confirm([e.orthanc_id for e in entries], now)
+        for e in entries:
+            if e.orthanc_id in self._hot:
+                self._hot[e.orthanc_id] = replace(e, confirmed_at=now, data=None)
+
+    def series_updated(self, series_oid: str) -> str | None:
+        """Orthanc's ``LastUpdate`` of a series when its entries were last confirmed."""
+        return self.index.series_updated(series_oid)
+
+    def set_series_updated(self, series_oid: str, last_update: str | None) -> None:
+        self.index.set_series_updated(series_oid, last_update)
+
+    def in_series(self, series_oid: str) -> list[Instance]:
+        """The entries of an Orthanc series."""
+        return [self._instance(r) for r in self.index.in_series(series_oid)]
+
+    def in_study(self, study_oid: str) -> list[Instance]:
+        """The entries of an Orthanc study."""
+        return [self._instance(r) for r in self.index.in_study(study_oid)]
+
+    def of_patient(self, patient_id: str) -> list[Instance]:
+        """The entries of a Patient ID."""
+        return [self._instance(r) for r in self.index.of_patient(patient_id)]
 
     @property
     def quarantine_dir(self) -> Path:
@@ -645,8 +696,31 @@ class Store:
             dest.with_suffix(".json").write_text(json.dumps(note, indent=1) + "\n")
         self.index.delete(entry.orthanc_id, rel)
         self._drop_hot(entry.orthanc_id)
-        self.index.bump()
+        self._log_removal({})
         return moved
+
+    def drop_quarantined(self, studies: set[str] | None, patient: str | None = None,
+                         instance: str | None = None) -> int:
+        """Delete quarantined files (and notes) of these studies, this patient or this
+        instance (``studies=None`` and no other: all of them): a purge leaves no copy
+        behind.  Returns how many files went."""
+        dropped = 0
+        if not self.quarantine_dir.is_dir():
+            return 0
+        for note_path in self.quarantine_dir.glob("*.json"):
+            try:
+                note = json.loads(note_path.read_text())
+            except (OSError, ValueError):
+                continue
+            everything = studies is None and patient is None and instance is None
+            if everything or (studies is not None and note.get("study_uid") in studies) \
+                    or (patient is not None and note.get("patient_id") == patient) \
+                    or (instance is not None
+                        and instance in (note.get("orthanc_id"), note.get("sop_uid"))):
+                note_path.with_suffix(".dcm").unlink(missing_ok=True)
+                note_path.unlink(missing_ok=True)
+                dropped += 1
+        return dropped
 
     def check(self) -> dict[str, int]:
         """Prove the store usable: the index answers and ``tmp/`` takes a synced write.

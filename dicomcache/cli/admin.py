@@ -38,6 +38,8 @@ from dicomcache.cli.common import USAGE, load_settings
 from dicomcache.cli.progress import Progress, human_bytes
 from dicomcache.config import Settings
 from dicomcache.dicom.uids import is_uid
+from dicomcache.dicomweb.answers import DiskCopies
+from dicomcache.relay.spool import Spool
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -78,11 +80,16 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--top", type=int, default=10, metavar="N", help="studies to list (10)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = command("purge", cmd_purge, "delete cached instances: all, one study, or older ones")
+    p = command("purge", cmd_purge, "delete cached instances (files, quarantined copies, "
+                "metadata copies, delivered relay copies): all, a study, a patient, an "
+                "instance, or older ones")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="every entry")
     which.add_argument("--study", type=study_uid, metavar="UID", help="one study's entries "
                        "(even if pinned; the pin stays)")
+    which.add_argument("--patient", metavar="PATIENT_ID", help="one Patient ID's entries")
+    which.add_argument("--instance", metavar="ID", help="one instance: its Orthanc ID or "
+                       "SOP Instance UID (every patient's copy)")
     which.add_argument("--older-than", type=parse_duration, metavar="AGE",
                        help="entries stored longer ago than AGE, e.g. 30d, 12h")
     p.add_argument("--include-pinned", action="store_true",
@@ -207,7 +214,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
     store = opened[1]
     try:
         choice = choose_purge(store.entries(), store.pinned(), now=time.time(),
-                              study=args.study, older_than=args.older_than,
+                              study=args.study, patient=args.patient,
+                              instance=args.instance, older_than=args.older_than,
                               include_pinned=args.include_pinned)
         chosen, kept_pinned = choice.entries, choice.kept_pinned
         nbytes = sum(e.size for e in chosen)
@@ -219,15 +227,62 @@ def cmd_purge(args: argparse.Namespace) -> int:
         removed = removed_bytes = 0
         for start in range(0, len(chosen), 256):
             batch = chosen[start:start + 256]
-            n, b = store.remove_entries(batch)
+            n, b = store.purge(batch, every_study=args.all or args.older_than is not None)
             removed += n
             removed_bytes += b
             progress.update(len(batch), sum(e.size for e in batch))
         progress.close()
+        others = _purge_copies(opened[0], store, args, {e.study_uid for e in chosen
+                                                          if e.study_uid})
+        store.index.checkpoint()
     finally:
         store.close()
-    print(f"purged {removed} instance(s), {human_bytes(removed_bytes)}{kept}")
+    print(f"purged {removed} instance(s), {human_bytes(removed_bytes)}{kept}{others}")
     return 0
+
+
+def _purge_copies(settings: Settings, store: Store, args: argparse.Namespace,
+                  studies: set[str]) -> str:
+    """What a purge by study, patient or instance (or of everything) removes besides the
+    entries: quarantined files, the DICOMweb metadata copies on disk and the relay's
+    delivered copies of those studies; a note for the summary line."""
+    if args.older_than is not None:
+        return ""
+    if args.study:
+        studies.add(args.study)
+    everything = bool(args.all)
+    quarantined = store.drop_quarantined(None if everything else studies,
+                                         patient=args.patient, instance=args.instance)
+    relayed = 0
+    spool_dir = settings.relay.spool_directory
+    if (spool_dir / "state.sqlite").exists() and (everything or studies):
+        spool = Spool(spool_dir)
+        spool.open(recover=False)
+        try:
+            relayed = spool.purge_delivered(None if everything else studies)
+        finally:
+            spool.close()
+    answers = forget_disk_copies(settings, None if everything else studies)
+    parts = [f"{n} {what}" for n, what in ((quarantined, "quarantined file(s)"),
+                                           (relayed, "delivered relay cop(ies)")) if n]
+    if answers:
+        parts.append(answers)
+    return f"; also removed {', '.join(parts)}" if parts else ""
+
+
+def forget_disk_copies(settings: Settings, studies: set[str] | None) -> str:
+    """Delete the DICOMweb answers kept on disk for these studies (``None``: all), as a
+    running daemon does when it learns of a purge: a stopped one must not find them at
+    its next start.  Says what went, for a summary line ("" when nothing)."""
+    copies = DiskCopies(settings.cache.directory / "dicomweb", settings.dicomweb.memory_size)
+    if not copies.directory.is_dir() or studies == set():
+        return ""
+    if studies is None:
+        copies.forget(None)
+        return "every DICOMweb metadata copy"
+    for uid in studies:
+        copies.forget(uid)
+    return f"the DICOMweb metadata copies of {len(studies)} stud(ies)"
 
 
 # --- verify ------------------------------------------------------------------------------
@@ -249,7 +304,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             except FileNotFoundError:
                 # Gone with its row (evicted by a running daemon meanwhile) is fine;
                 # a row left without its file is dropped so the instance is fetched again.
-                if store.remove_entries([entry])[0]:
+                if store.purge([entry])[0]:
                     missing += 1
                     _report(progress, f"MISSING {entry.sop_uid} (study {entry.study_uid}): "
                             f"{entry.path} is gone; entry dropped")

@@ -6,7 +6,15 @@ import argparse
 from collections.abc import Sequence
 
 from dicomcache import __version__
-from dicomcache.cli import admin, check_config, prefetch, relay, serve, wan_emulator
+from dicomcache.cli import (
+    admin,
+    check_config,
+    prefetch,
+    relay,
+    revalidate,
+    serve,
+    wan_emulator,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dicomcache", description="Verified edge cache and relay for a remote Orthanc PACS.")
     parser.add_argument("--version", action="version", version=f"dicomcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (serve, check_config, admin, prefetch, relay, wan_emulator):
+    for module in (serve, check_config, admin, prefetch, revalidate, relay, wan_emulator):
         module.add_cli(sub)
     return parser
 

@@ -39,9 +39,22 @@ def is_orthanc_id(value: str) -> bool:
     return _ORTHANC_ID.fullmatch(value) is not None
 
 
+def _orthanc_id(*identifiers: str) -> str:
+    digest = hashlib.sha1("|".join(identifiers).encode(), usedforsecurity=False).hexdigest()
+    return "-".join(digest[i:i + 8] for i in range(0, 40, 8))
+
+
 def orthanc_instance_id(patient_id: str, study: str, series: str, sop: str) -> str:
     """Orthanc's ID of an instance: the SHA-1 of ``PatientID|Study|Series|SOP`` in five
     groups of eight hex digits (one SOP Instance UID under two patients is two instances)."""
-    digest = hashlib.sha1(f"{patient_id}|{study}|{series}|{sop}".encode(),
-                          usedforsecurity=False).hexdigest()
-    return "-".join(digest[i:i + 8] for i in range(0, 40, 8))
+    return _orthanc_id(patient_id, study, series, sop)
+
+
+def orthanc_series_id(patient_id: str, study: str, series: str) -> str:
+    """Orthanc's ID of the series of such an instance (``PatientID|Study|Series``)."""
+    return _orthanc_id(patient_id, study, series)
+
+
+def orthanc_study_id(patient_id: str, study: str) -> str:
+    """Orthanc's ID of the study of such an instance (``PatientID|Study``)."""
+    return _orthanc_id(patient_id, study)

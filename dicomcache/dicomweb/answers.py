@@ -12,6 +12,13 @@ bounded in bytes) with a freshness lifetime per answer:
 * *stale and Orthanc unreachable*: served for up to ``stale_if_error`` seconds
   after it went stale, and the route marks it with ``Warning: 110``.
 
+Every answer derives from one study, or (searches) may list any: a change to a
+study makes its answers and every search stale at once (:meth:`AnswerCache.expire`,
+one-shot: the next revalidation makes them fresh for their usual time); a study
+deleted or replaced in Orthanc has them dropped, in memory and on disk
+(:meth:`AnswerCache.forget`), so no copy of it stands in, even while Orthanc is
+unreachable.
+
 Links are the other concern.  Orthanc writes absolute ``BulkDataURI`` and
 ``RetrieveURL`` (0008,1190) links from its ``DicomWeb.Host`` setting or the
 request's ``Host``/``Forwarded`` header.  :func:`normalise_json` rewrites every
@@ -29,9 +36,11 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -155,7 +164,7 @@ class Cached:
     content_type: str
     #: ``time.monotonic()`` when Orthanc last confirmed it.
     validated_at: float
-    #: Seconds it stays fresh after ``validated_at`` (``math.inf``: immutable).
+    #: Seconds it stays fresh after ``validated_at`` (``math.inf``: never revalidated).
     fresh_for: float
     #: What a loader compares to decide the answer is unchanged (e.g. instance IDs).
     validator: Any = None
@@ -164,6 +173,9 @@ class Cached:
     #: The body holds placeholder links and needs :func:`with_base`.
     has_links: bool = False
     digest: str = ""
+    #: ``clock()`` when a change in Orthanc made it stale before its time; cleared by the
+    #: next revalidation (:meth:`revalidated`), so freshness then comes back.
+    expired_at: float | None = None
     _variants: OrderedDict[tuple[str, bool], bytes] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
@@ -176,16 +188,26 @@ class Cached:
         gzipped variants :meth:`render` memoises (they are made after it is stored)."""
         return 2 * len(self.body) + 256
 
+    def stale_from(self) -> float:
+        """When it went (or goes) stale: at the end of its lifetime, or when expired."""
+        end = self.validated_at + self.fresh_for
+        return end if self.expired_at is None else min(end, self.expired_at)
+
     def fresh(self, now: float) -> bool:
-        return now - self.validated_at < self.fresh_for
+        return now < self.stale_from()
 
     def stale_for(self, now: float) -> float:
         """Seconds since it went stale (0 while fresh)."""
-        return max(0.0, now - self.validated_at - self.fresh_for)
+        return max(0.0, now - self.stale_from())
+
+    def expire(self, now: float) -> None:
+        """Stale from ``now`` (or from earlier, if it already was) until revalidated."""
+        if self.expired_at is None or now < self.expired_at:
+            self.expired_at = now
 
     def revalidated(self, now: float, validator: Any = None, value: Any = None) -> Cached:
-        """The same answer, confirmed by Orthanc at ``now``."""
-        return replace(self, validated_at=now,
+        """The same answer, confirmed by Orthanc at ``now`` (fresh again, not expired)."""
+        return replace(self, validated_at=now, expired_at=None,
                        validator=self.validator if validator is None else validator,
                        value=self.value if value is None else value,
                        _variants=self._variants)
@@ -223,14 +245,38 @@ def plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+#: The disk group of answers that may list any study (searches): a removal of any
+#: study drops it.  Not a hash, so it cannot be a study's group.
+SEARCHES = "_"
+
+
+def affected(changed: str | None, study: str | None) -> bool:
+    """Whether a change to study ``changed`` (``None``: every study) touches an answer
+    derived from ``study`` (``None``: a search, which may list any study)."""
+    return changed is None or study is None or study == changed
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a directory tree (not following links); gone already is fine."""
+    with suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 class DiskCopies:
     """Answers also kept on disk, so that after a restart with Orthanc unreachable the
     viewer still gets (stale, marked) metadata for the studies it has cached.
 
-    One file per key: a JSON header line, then the body.  Written atomically
-    (temp file, rename; no fsync: a lost copy is fetched again).  Bounded to
-    ``max_bytes``, oldest files dropped first by :meth:`prune`.  Every method
-    does disk I/O: call them in a worker thread.
+    One file per key: a JSON header line, then the body.  Laid out by study,
+    ``<directory>/<hash of the study UID>/<hash of the key>`` (searches, which
+    may list any study, under ``<directory>/_/``), so a study removed in Orthanc
+    loses every copy with one directory removal, never a scan of every file;
+    names are hashes, never data.  Written atomically (temp file, rename; no
+    fsync: a lost copy is fetched again).  Bounded to ``max_bytes``, oldest files
+    dropped first by :meth:`prune`.  Every method does disk I/O: call them in a
+    worker thread.
     """
 
     def __init__(self, directory: Path, max_bytes: int) -> None:
@@ -238,17 +284,24 @@ class DiskCopies:
         self.max_bytes = max_bytes
         self.saves = 0
 
-    def path(self, key: str) -> Path:
-        return self.directory / hashlib.sha256(key.encode()).hexdigest()[:40]
+    def group(self, study: str | None) -> Path:
+        """The directory of the copies derived from ``study`` (``None``: searches)."""
+        if study is None:
+            return self.directory / SEARCHES
+        return self.directory / hashlib.sha256(study.encode()).hexdigest()[:32]
 
-    def save(self, key: str, entry: Cached, wall_now: float, mono_now: float) -> None:
-        header = {"key": key, "content_type": entry.content_type,
+    def path(self, key: str, study: str | None) -> Path:
+        return self.group(study) / hashlib.sha256(key.encode()).hexdigest()[:40]
+
+    def save(self, key: str, study: str | None, entry: Cached, wall_now: float,
+             mono_now: float) -> None:
+        header = {"key": key, "study": study, "content_type": entry.content_type,
                   "validated": wall_now - (mono_now - entry.validated_at),
                   "fresh_for": None if entry.fresh_for == math.inf else entry.fresh_for,
                   "validator": entry.validator, "value": entry.value,
                   "has_links": entry.has_links}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        target = self.path(key)
+        target = self.path(key, study)
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
         with open(tmp, "wb") as f:
             f.write(json.dumps(header).encode() + b"\n")
@@ -258,12 +311,14 @@ class DiskCopies:
         if self.saves % 200 == 0:
             self.prune()
 
-    def load(self, key: str, wall_now: float, mono_now: float) -> Cached | None:
+    def load(self, key: str, study: str | None, wall_now: float,
+             mono_now: float) -> Cached | None:
         try:
-            raw = self.path(key).read_bytes()
+            raw = self.path(key, study).read_bytes()
             head, _, body = raw.partition(b"\n")
             header = json.loads(head)
-            if not isinstance(header, dict) or header.get("key") != key:
+            if not isinstance(header, dict) or header.get("key") != key \
+                    or header.get("study") != study:
                 return None
             fresh = header["fresh_for"]
             return Cached(body, str(header["content_type"]),
@@ -277,25 +332,76 @@ class DiskCopies:
             log.warning("ignoring unreadable DICOMweb copy for %s: %s", key, exc)
             return None
 
+    def discard(self, key: str, study: str | None) -> None:
+        """Remove one copy (Orthanc said the resource is gone)."""
+        self.path(key, study).unlink(missing_ok=True)
+
+    def forget(self, study: str | None) -> None:
+        """Remove every copy derived from ``study`` and every search (``None``: every copy).
+
+        Also for a purge while the daemon is not running: it needs only the directory.
+        """
+        if study is not None:
+            _remove(self.group(study))
+            _remove(self.group(None))
+            return
+        with suppress(FileNotFoundError):
+            for child in list(self.directory.iterdir()):
+                _remove(child)
+
     def prune(self) -> int:
-        """Drop the oldest copies beyond ``max_bytes`` (and temp leftovers); returns how many."""
+        """Drop the oldest copies beyond ``max_bytes``, temp leftovers, and files outside
+        the layout (the flat one of earlier versions: never read, and possibly holding a
+        study since removed); returns how many."""
         try:
-            files = [(p.stat(), p) for p in self.directory.iterdir() if p.is_file()]
+            children = list(os.scandir(self.directory))
         except FileNotFoundError:
             return 0
+        removed = 0
+        files: list[tuple[os.stat_result, Path]] = []
+        groups: list[Path] = []
+        for child in children:
+            if not child.is_dir(follow_symlinks=False):
+                _remove(Path(child.path))
+                removed += 1
+                continue
+            groups.append(Path(child.path))
+            with os.scandir(child.path) as entries:
+                for item in entries:
+                    if item.is_file(follow_symlinks=False):
+                        files.append((item.stat(follow_symlinks=False), Path(item.path)))
+                    else:
+                        _remove(Path(item.path))
+                        removed += 1
         files.sort(key=lambda sp: sp[0].st_mtime, reverse=True)
         total = 0
-        removed = 0
         for st, path in files:
             total += st.st_size
             if total > self.max_bytes or path.name.endswith(".tmp"):
                 path.unlink(missing_ok=True)
                 removed += 1
+        for group in groups:
+            with suppress(OSError):  # still holding copies: kept
+                group.rmdir()
         return removed
 
 
+@dataclass(eq=False, slots=True)
+class _Load:
+    """A load (from Orthanc or from disk) in progress, and what happened to its study
+    meanwhile: an answer asked before a change is not kept as if asked after it."""
+
+    study: str | None
+    expired: bool = False
+    removed: bool = False
+
+
 class AnswerCache:
-    """LRU of :class:`Cached` answers bounded in bytes, with single-flight revalidation."""
+    """LRU of :class:`Cached` answers bounded in bytes, with single-flight revalidation.
+
+    Each answer is filed under the study it derives from (``None``: a search, which
+    may list any study) for :meth:`expire` and :meth:`forget`.
+    """
 
     def __init__(self, max_bytes: int, stale_if_error: float,
                  clock: Callable[[], float] = time.monotonic,
@@ -307,8 +413,16 @@ class AnswerCache:
         self.disk = disk
         self.persist = persist
         self._entries: OrderedDict[str, Cached] = OrderedDict()
+        self._study: dict[str, str | None] = {}
         self._bytes = 0
         self._flights: SingleFlight[Cached] = SingleFlight()
+        self._loads: set[_Load] = set()
+        #: Removals so far: part of a flight's key, so a request after a removal never
+        #: joins a load that started before it.
+        self._removals = 0
+        #: Disk writes and removals one at a time: a removal waits for a write in
+        #: progress, and a write after it sees that its study was removed.
+        self._disk_lock = asyncio.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -320,76 +434,142 @@ class AnswerCache:
     def peek(self, key: str) -> Cached | None:
         return self._entries.get(key)
 
-    def put(self, key: str, entry: Cached) -> None:
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self._bytes -= old.size
+    def put(self, key: str, entry: Cached, study: str | None = None) -> None:
+        self.drop(key)
         if entry.size > self.max_bytes // 4:
             return  # too big to be worth keeping: served once, not cached
         self._entries[key] = entry
+        self._study[key] = study
         self._bytes += entry.size
         while self._bytes > self.max_bytes and self._entries:
-            _, dropped = self._entries.popitem(last=False)
-            self._bytes -= dropped.size
-
-    def expire(self, predicate: Callable[[str], bool]) -> int:
-        """Make every revalidating answer whose key matches stale now (kept for
-        stale-if-error); immutable answers are left alone.  Returns how many."""
-        count = 0
-        for key, entry in self._entries.items():
-            if entry.fresh_for != math.inf and predicate(key):
-                entry.fresh_for = min(entry.fresh_for, 0.0)
-                count += 1
-        return count
+            self.drop(next(iter(self._entries)))
 
     def drop(self, key: str) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
             self._bytes -= old.size
+            del self._study[key]
 
-    async def get(self, key: str, load: Loader) -> tuple[Cached, bool]:
-        """The answer for ``key`` and whether it is a stale copy served because Orthanc failed.
+    def expire(self, study: str | None) -> int:
+        """Make every answer derived from ``study``, and every search, stale now
+        (``None``: every answer); kept for stale-if-error, fresh again once revalidated.
+        Returns how many."""
+        now = self.clock()
+        for load in self._loads:
+            load.expired |= affected(study, load.study)
+        count = 0
+        for key, entry in self._entries.items():
+            if affected(study, self._study[key]):
+                entry.expire(now)
+                count += 1
+        return count
+
+    async def forget(self, study: str | None) -> int:
+        """Drop every answer derived from ``study``, and every search (``None``: every
+        answer), in memory and on disk: never served again, not even stale.  Loads in
+        progress still answer who asked, but are not kept.  Returns how many were in
+        memory."""
+        self._removals += 1
+        for load in self._loads:
+            load.removed |= affected(study, load.study)
+        keys = [key for key in self._entries if affected(study, self._study[key])]
+        for key in keys:
+            self.drop(key)
+        if self.disk is not None:
+            async with self._disk_lock:
+                try:
+                    await asyncio.to_thread(self.disk.forget, study)
+                except OSError as exc:
+                    log.error("cannot remove the DICOMweb disk copies of %s: %s",
+                              study or "every study", exc)
+        return len(keys)
+
+    @contextmanager
+    def _watch(self, study: str | None) -> Iterator[_Load]:
+        load = _Load(study)
+        self._loads.add(load)
+        try:
+            yield load
+        finally:
+            self._loads.discard(load)
+
+    async def get(self, key: str, load: Loader, *,
+                  study: str | None = None) -> tuple[Cached, bool]:
+        """The answer for ``key`` (derived from ``study``; ``None``: a search) and whether
+        it is a stale copy served because Orthanc failed.
 
         ``load(old)`` fetches (or confirms) the answer; it raises
         :class:`UpstreamError` when Orthanc is unreachable and
-        :class:`NotFoundUpstream` when the resource is gone (the copy is dropped).
+        :class:`NotFoundUpstream` when the resource is gone (the copy is dropped,
+        on disk too).
         """
         entry = self._entries.get(key)
-        if entry is None and self.disk is not None and self.persist(key):
-            entry = await asyncio.to_thread(self.disk.load, key, time.time(), self.clock())
-            if entry is not None and key not in self._entries:
-                self.put(key, entry)
-        now = self.clock()
-        if entry is not None and entry.fresh(now):
+        if entry is not None and entry.fresh(self.clock()):  # the hit path
             self._entries.move_to_end(key)
             return entry, False
-        try:
-            new = await self._single_flight(key, lambda: load(entry))
-        except NotFoundUpstream:
-            self.drop(key)
-            raise
-        except UpstreamError:
-            if (entry is not None and self.stale_if_error > 0
-                    and entry.stale_for(self.clock()) <= self.stale_if_error):
-                return entry, True
-            raise
-        return new, False
+        with self._watch(study) as watch:
+            if entry is None and self.disk is not None and self.persist(key):
+                entry = await self._from_disk(key, study, watch)
+                if entry is not None and entry.fresh(self.clock()):
+                    return entry, False
+            try:
+                new = await self._single_flight(key, study, lambda: load(entry))
+            except NotFoundUpstream:
+                self.drop(key)
+                await self._discard(key, study)
+                raise
+            except UpstreamError:
+                if (entry is not None and not watch.removed and self.stale_if_error > 0
+                        and entry.stale_for(self.clock()) <= self.stale_if_error):
+                    return entry, True
+                raise
+            return new, False
 
-    async def _single_flight(self, key: str, start: Callable[[], Awaitable[Cached]]) -> Cached:
+    async def _from_disk(self, key: str, study: str | None, watch: _Load) -> Cached | None:
+        assert self.disk is not None
+        entry = await asyncio.to_thread(self.disk.load, key, study, time.time(), self.clock())
+        if entry is None or watch.removed:
+            return None
+        if watch.expired:
+            entry.expire(self.clock())
+        if key not in self._entries:
+            self.put(key, entry, study)
+        return entry
+
+    async def _discard(self, key: str, study: str | None) -> None:
+        if self.disk is None or not self.persist(key):
+            return
+        async with self._disk_lock:
+            try:
+                await asyncio.to_thread(self.disk.discard, key, study)
+            except OSError as exc:
+                log.warning("cannot remove the disk copy of %s: %s", key, exc)
+
+    async def _single_flight(self, key: str, study: str | None,
+                             start: Callable[[], Awaitable[Cached]]) -> Cached:
         async def run() -> Cached:
             old = self._entries.get(key)
-            new = await start()
-            self.put(key, new)
-            if (self.disk is not None and self.persist(key)
-                    and (old is None or old.digest != new.digest
-                         or old.validator != new.validator)):
-                try:
-                    await asyncio.to_thread(self.disk.save, key, new, time.time(),
-                                            self.clock())
-                except OSError as exc:
-                    log.warning("cannot keep a disk copy of %s: %s", key, exc)
+            with self._watch(study) as watch:
+                new = await start()
+                if watch.removed:
+                    return new  # asked before its study was removed: answered, not kept
+                if watch.expired:
+                    new.expire(self.clock())
+                self.put(key, new, study)
+                if (self.disk is not None and self.persist(key)
+                        and (old is None or old.digest != new.digest
+                             or old.validator != new.validator)):
+                    await self._save(key, study, new, watch)
             return new
-        return await self._flights.run(key, run)
+        return await self._flights.run((key, self._removals), run)
 
-
-IMMUTABLE_FRESH = math.inf
+    async def _save(self, key: str, study: str | None, entry: Cached, watch: _Load) -> None:
+        assert self.disk is not None
+        async with self._disk_lock:
+            if watch.removed:  # removed while this waited: the copy must not be written
+                return
+            try:
+                await asyncio.to_thread(self.disk.save, key, study, entry, time.time(),
+                                        self.clock())
+            except OSError as exc:
+                log.warning("cannot keep a disk copy of %s: %s", key, exc)

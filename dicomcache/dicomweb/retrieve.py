@@ -112,6 +112,9 @@ class Plan:
     length: int | None = None
     #: One upstream retrieve of the series feeding the missing instances.
     stream: SeriesStream | None = None
+    #: Stored instances of the listing were found deleted or replaced in Orthanc: the
+    #: listing is older than that change (see :func:`dicomcache.http.wado_rs.retrieve`).
+    outdated: bool = False
 
     @property
     def hit(self) -> bool:
@@ -139,7 +142,14 @@ async def plan(dw: DicomWeb, listing: Cached, boundary: str, wanted: str, study:
                series: str | None) -> Plan:
     """Where each part of a retrieve comes from, and the answer's length when known."""
     oids: list[str] = listing.value[1]
-    found = Plan(await known_instances(dw.store, oids))
+    # Stored ones only while Orthanc still holds them as they are (one check per series).
+    known = await known_instances(dw.store, oids)
+    found = Plan(await dw.fetcher.confirmed(known))
+    newer = dw.fetcher.coherence.listed_since(listing.value[0], listing.validated_at) \
+        if series is not None and dw.fetcher.coherence is not None else None
+    found.outdated = any(k is not None and c is None
+                         for k, c in zip(known, found.known, strict=True)) \
+        or (newer is not None and newer != set(oids))
     if all(e is not None and serves(e.transfer_syntax, wanted) for e in found.known):
         found.sizes = [e.size for e in found.known if e]  # all stored, sent as stored
         found.length = multipart.body_length(boundary, DICOM, found.sizes)

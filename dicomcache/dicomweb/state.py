@@ -33,6 +33,7 @@ from dicomcache.dicom.verify import PixelInfo, parse_dicom
 from dicomcache.dicomweb.answers import AnswerCache, Cached, DiskCopies, normalise_json, plain
 from dicomcache.dicomweb.series_stream import COMMIT_BACKLOG, Budget, SeriesStream
 from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
+from dicomcache.upstream.changes import StudyEvent
 from dicomcache.upstream.client import OrthancClient
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ class DicomWeb:
         validator changes whenever an instance is added or the resource updated.
         """
         key = f"list:{study}/{series or ''}"
-        return await self.cache.get(key, lambda old: self._load_listing(study, series, old))
+        return await self.cache.get(key, lambda old: self._load_listing(study, series, old),
+                                    study=study)
 
     async def _load_listing(self, study: str, series: str | None, old: Cached | None) -> Cached:
         async def once(_attempt: int) -> Cached:
@@ -132,22 +134,29 @@ class DicomWeb:
             result = await self._load_listing(study, series, None)
         return result
 
-    async def json_answer(self, key: str, path: str, fresh_for: float,
+    async def _validator(self, listing: tuple[str, str | None] | None) -> Any:
+        """What a stale answer is confirmed against: the validator of the instance list of
+        ``listing`` (study, series), ``None`` without one.  :class:`UpstreamError` when
+        the list itself is only a stale copy (the answer then stands in as it is)."""
+        if listing is None:
+            return None
+        found, stale = await self.listing(*listing)
+        if stale:
+            raise UpstreamError(Cause.STALE, "the instance list could not be revalidated")
+        return found.validator
+
+    async def json_answer(self, key: str, path: str, fresh_for: float, *, study: str | None,
                           listing: tuple[str, str | None] | None = None) -> tuple[Cached, bool]:
         """A DICOM JSON answer (metadata or QIDO) from the cache, links normalised.
 
-        With ``listing`` (study, series) a stale copy is confirmed against the
-        instance list before it is downloaded again.
+        Filed under ``study`` (``None``: a search, which may list any study).  With
+        ``listing`` (study, series) a stale copy is confirmed against the instance
+        list before it is downloaded again.
         """
         async def load(old: Cached | None) -> Cached:
-            validator = None
-            if listing is not None:
-                found, stale = await self.listing(*listing)
-                if stale:
-                    raise UpstreamError(Cause.STALE, "the instance list could not be revalidated")
-                validator = found.validator
-                if old is not None and old.validator == validator:
-                    return old.revalidated(time.monotonic())
+            validator = await self._validator(listing)
+            if old is not None and listing is not None and old.validator == validator:
+                return old.revalidated(time.monotonic())
 
             async def once(_attempt: int) -> Cached:
                 headers, data = await self.client.get(path, kind="metadata",
@@ -164,31 +173,45 @@ class DicomWeb:
             result: Cached = await self._ask(once, what=f"GET {path}", retry=old is None)
             return result
 
-        return await self.cache.get(key, load)
+        return await self.cache.get(key, load, study=study)
 
-    async def raw_answer(self, key: str, path: str, accept: str | None,
-                         fresh_for: float) -> tuple[Cached, bool]:
-        """Any other small answer (rendered, thumbnail), cached as Orthanc sent it."""
+    async def raw_answer(self, key: str, path: str, accept: str | None, fresh_for: float, *,
+                         study: str, listing: tuple[str, str | None] | None = None
+                         ) -> tuple[Cached, bool]:
+        """Any other small answer (rendered, thumbnail), cached as Orthanc sent it; with
+        ``listing``, confirmed against the instance list as :meth:`json_answer` does."""
         async def load(old: Cached | None) -> Cached:
+            validator = await self._validator(listing)
+            if old is not None and listing is not None and old.validator == validator:
+                return old.revalidated(time.monotonic())
+
             async def once(_attempt: int) -> Cached:
                 headers, data = await self.client.get(
                     path, kind="rendered", headers={"Accept": accept} if accept else None)
                 return Cached(data, headers.get(hdrs.CONTENT_TYPE, "application/octet-stream"),
-                              time.monotonic(), fresh_for)
+                              time.monotonic(), fresh_for, validator=validator)
             result: Cached = await self._ask(once, what=f"GET {path}", retry=old is None)
             return result
 
-        return await self.cache.get(key, load)
+        return await self.cache.get(key, load, study=study)
 
-    async def study_changed(self, study_uid: str) -> None:
-        """A change hook: the study's lists, metadata, QIDO and rendered answers go stale now.
+    async def study_changed(self, event: StudyEvent) -> None:
+        """A change hook (``app[STUDY_CHANGED]``): what derives from the study follows Orthanc.
 
-        They are revalidated on the next request (and still stand in while Orthanc
-        is unreachable); searches are short-lived anyway and all expire.
+        * changed: its instance lists, metadata and rendered answers, and every
+          search (any may list it), go stale now; they are revalidated on the next
+          request (then fresh again for their usual time) and still stand in while
+          Orthanc is unreachable;
+        * removed (instances deleted or replaced): they are dropped, in memory and
+          on disk, and never served again, not even as a stale copy;
+        * ``study_uid`` ``None``: the same for every study.
         """
-        marker = f"/studies/{study_uid}/"
-        self.cache.expire(lambda key: key.startswith((f"list:{study_uid}/", "qido:"))
-                          or marker in key)
+        if event.removed:
+            count = await self.cache.forget(event.study_uid)
+            log.info("DICOMweb answers of %s dropped (%d in memory): removed in Orthanc",
+                     event.study_uid or "every study", count)
+        else:
+            self.cache.expire(event.study_uid)
 
     async def pixel_info(self, found: Instance) -> PixelInfo | None:
         """Where the pixel data of a verified instance lives (parsed once per content)."""

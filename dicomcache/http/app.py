@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from dicomcache.cache.coherence import Coherence
 from dicomcache.cache.fetch import Fetcher
+from dicomcache.cache.index import EVERY_STUDY
 from dicomcache.cache.instance import Instance
 from dicomcache.cache.scrubber import Scrubber
 from dicomcache.cache.store import AsyncStore, Store
@@ -21,6 +23,7 @@ from dicomcache.http import cors, dicomweb, orthanc_rest, passthrough, status, w
 from dicomcache.http.keys import (
     CHANGES,
     CLIENT,
+    COHERENCE,
     FETCHER,
     METRICS,
     PREFETCHER,
@@ -34,7 +37,7 @@ from dicomcache.http.respond import OPEN_FILES, OpenFiles
 from dicomcache.metrics import Metrics
 from dicomcache.prefetch.plan import touch_of
 from dicomcache.prefetch.scheduler import Prefetcher
-from dicomcache.upstream.changes import ChangeWatcher
+from dicomcache.upstream.changes import ChangeWatcher, StudyEvent, StudyHook, notify
 from dicomcache.upstream.client import OrthancClient
 
 log = logging.getLogger(__name__)
@@ -73,8 +76,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics = app[METRICS]
     metrics.cache_max.set(cache.max_size)
     sweep = asyncio.create_task(asyncio.to_thread(store.sweep), name="store sweep")
-    gauges = asyncio.create_task(_store_gauges(app[STORE], app[OPEN_FILES], metrics),
-                                 name="store gauges")
+    gauges = asyncio.create_task(_store_gauges(app[STORE], app[OPEN_FILES], metrics,
+                                               app[STUDY_CHANGED]), name="store gauges")
     yield
     gauges.cancel()
     await asyncio.gather(sweep, gauges, return_exceptions=True)
@@ -85,15 +88,22 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(store.close)
 
 
-async def _store_gauges(store: AsyncStore, open_files: OpenFiles, metrics: Metrics) -> None:
+async def _store_gauges(store: AsyncStore, open_files: OpenFiles, metrics: Metrics,
+                        hooks: list[StudyHook]) -> None:
     """Every second: write hits' recency to the index; refresh gauges and evictions; forget
-    what is held in memory when another process purged or quarantined entries."""
+    what is held in memory when another process purged or quarantined entries, and drop
+    what derives from the studies it purged."""
     seen = bad_seen = 0
     while True:
-        if await asyncio.to_thread(store.sync.refresh):
+        purged = await asyncio.to_thread(store.sync.refresh)
+        if purged is not None:
             open_files.close()  # descriptors of files purged elsewhere are served no more
-            log.info("entries were removed by another process (dicomcache purge/verify): "
-                     "cached lookups and open files dropped")
+            log.info("entries were removed by another process (dicomcache purge/verify/"
+                     "revalidate): cached lookups and open files dropped")
+            metrics.purged.labels("operator").inc(sum(purged.values()))
+            for study in sorted(purged):
+                await notify(hooks, StudyEvent(None if study == EVERY_STUDY else study,
+                                               removed=True))
         if store.sync.bad_found > bad_seen:
             metrics.bad_files.labels("open").inc(store.sync.bad_found - bad_seen)
             bad_seen = store.sync.bad_found
@@ -125,8 +135,12 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     client = OrthancClient(settings.upstream, app[METRICS])
     app[CLIENT] = client
-    app[FETCHER] = Fetcher(client, app[STORE], app[METRICS])
+    coherence = Coherence(settings.cache, client, app[STORE], app[METRICS], app[STUDY_CHANGED])
+    app[COHERENCE] = coherence
+    app[FETCHER] = Fetcher(client, app[STORE], app[METRICS], coherence)
+    coherence.start()
     yield
+    await coherence.stop()
     await client.close()
 
 
@@ -163,7 +177,8 @@ async def _changes_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     cursor = settings.changes.cursor_file or settings.cache.directory / "changes-cursor.json"
     watcher = ChangeWatcher(settings.changes, app[CLIENT], app[METRICS], cursor,
-                            app[STUDY_CHANGED], warm=app[PREFETCHER].warm)
+                            app[STUDY_CHANGED], warm=app[PREFETCHER].warm,
+                            listener=app[COHERENCE])
     app[CHANGES] = watcher
     await watcher.start()
     yield

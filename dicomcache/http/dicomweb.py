@@ -30,7 +30,8 @@ async def _dicomweb_ctx(app: web.Application) -> AsyncIterator[None]:
     app[DICOMWEB] = dw
     if dw.disk is not None:
         await asyncio.to_thread(dw.disk.prune)
-    # Orthanc's /changes feed (when followed) says at once when a study grew.
+    # Told when a study changed (it grew: answers go stale) or lost content (deleted,
+    # replaced, purged: its answers are dropped), by the change feed and the store.
     hooks = app.get(STUDY_CHANGED)
     if hooks is not None:
         hooks.append(dw.study_changed)

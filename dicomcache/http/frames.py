@@ -4,10 +4,17 @@
 would send (see :func:`dicomcache.dicom.frames.plan_frames`); anything Orthanc
 must decode or transcode is read through whole and passed on only once it is a
 complete multipart, its links on dicomcache.
+
+Local answers carry a strong ``ETag`` made from the instance's MD5 and what was
+asked (their multipart boundary is derived from it too, so one tag is one byte
+sequence), with ``Cache-Control: private, no-cache``: browsers keep frames but
+ask before each use, and ``If-None-Match`` is answered with a 304 before any
+frame is read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from aiohttp import hdrs, web
@@ -25,12 +32,25 @@ from dicomcache.http.keys import DICOMWEB, OUTCOME
 from dicomcache.http.metadata import public_base
 from dicomcache.http.params import dicomweb_uids, family_of
 from dicomcache.http.passthrough import passthrough
+from dicomcache.http.respond import REVALIDATE
 from dicomcache.upstream.client import check_status
 
 log = logging.getLogger(__name__)
 
-#: Frames and pixel data of an instance do not change while it exists.
-FRAMES_CACHE_CONTROL = "private, max-age=86400"
+
+def cut_tag(md5: str, *asked: str) -> str:
+    """The validator of an answer cut from the verified instance with MD5 ``md5``: the
+    same instance and the same ``asked`` (frames, media type, link base) give the same
+    bytes.  Also its multipart boundary (32 hex digits, as a random one)."""
+    return hashlib.md5("|".join((md5, *asked)).encode(), usedforsecurity=False).hexdigest()
+
+
+def _validated(request: web.Request, tag: str) -> tuple[dict[str, str], web.Response | None]:
+    """The caching headers of a cut answer, and the 304 when the browser has it already."""
+    headers: dict[str, str] = {hdrs.CACHE_CONTROL: REVALIDATE, hdrs.ETAG: f'"{tag}"'}
+    if headers[hdrs.ETAG] in request.headers.get(hdrs.IF_NONE_MATCH, ""):
+        return headers, web.Response(status=304, headers=headers)
+    return headers, None
 
 
 async def _stored_or_fetched(request: web.Request, dw: DicomWeb, study: str, series: str,
@@ -38,9 +58,9 @@ async def _stored_or_fetched(request: web.Request, dw: DicomWeb, study: str, ser
     """The verified instance: from the store, else downloaded (None: Orthanc could not
     give it, and the caller reads the answer through instead)."""
     try:
-        found, oid = await dw.fetcher.locate(sop, study, series)
-        request[OUTCOME] = "hit" if found is not None else "miss"
-        return found or await dw.fetcher.by_orthanc_id(oid)
+        found, hit = await dw.fetcher.by_uids(sop, study, series)
+        request[OUTCOME] = "hit" if hit else "miss"
+        return found
     except (UpstreamError, NotFoundUpstream) as exc:
         log.info("%s read through: %s", request.path, exc)
         return None
@@ -66,18 +86,20 @@ async def frames(request: web.Request) -> web.StreamResponse:
     ranges = [frame_ranges(pixel, n) for n in numbers] if pixel and numbers else None
     if plan is None or not numbers or not ranges or any(r is None for r in ranges):
         return await frames_through(request)
+    base = public_base(request)
+    b = cut_tag(found.md5, "frames", ",".join(map(str, numbers)), plan.part_type, base)
+    headers, not_modified = _validated(request, b)
+    if not_modified is not None:
+        return not_modified
     try:
         bodies = await read_frames(dw.store.sync, found, [r for r in ranges if r is not None])
     except FileNotFoundError:
         return await frames_through(request)
-    base = public_base(request)
     where = f"{base}/studies/{study}/series/{series}/instances/{sop}/frames"
-    b = multipart.new_boundary()
     body = multipart.write(b, plan.part_type, bodies,
                            [[("Content-Location", f"{where}/{n}")] for n in numbers])
-    return web.Response(body=body, headers={
-        hdrs.CONTENT_TYPE: multipart.content_type(plan.part_type, b),
-        hdrs.CACHE_CONTROL: FRAMES_CACHE_CONTROL})
+    headers[hdrs.CONTENT_TYPE] = multipart.content_type(plan.part_type, b)
+    return web.Response(body=body, headers=headers)
 
 
 def _asks_native_pixels(header: str | None) -> bool:
@@ -108,14 +130,16 @@ async def bulk_pixel_data(request: web.Request) -> web.StreamResponse:
     if pixel is None or pixel.encapsulated or pixel.length is None:
         request[OUTCOME] = "passthrough"
         return await passthrough(request)
+    b = cut_tag(found.md5, "bulk", "7fe00010", OCTET)
+    headers, not_modified = _validated(request, b)
+    if not_modified is not None:
+        return not_modified
     try:
         (value,) = await read_frames(dw.store.sync, found, [[(pixel.offset, pixel.length)]])
     except FileNotFoundError:
         return await passthrough(request)
-    b = multipart.new_boundary()
-    return web.Response(body=multipart.write(b, OCTET, [value]), headers={
-        hdrs.CONTENT_TYPE: multipart.content_type(OCTET, b),
-        hdrs.CACHE_CONTROL: FRAMES_CACHE_CONTROL})
+    headers[hdrs.CONTENT_TYPE] = multipart.content_type(OCTET, b)
+    return web.Response(body=multipart.write(b, OCTET, [value]), headers=headers)
 
 
 async def frames_through(request: web.Request) -> web.StreamResponse:

@@ -6,11 +6,11 @@ found by the routes here; nothing else is global.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from dicomcache.cache.coherence import Coherence
 from dicomcache.cache.fetch import Fetcher
 from dicomcache.cache.scrubber import Scrubber
 from dicomcache.cache.store import AsyncStore
@@ -18,7 +18,7 @@ from dicomcache.config import Settings
 from dicomcache.dicomweb.state import DicomWeb
 from dicomcache.metrics import Metrics
 from dicomcache.prefetch.scheduler import Prefetcher
-from dicomcache.upstream.changes import ChangeWatcher
+from dicomcache.upstream.changes import ChangeWatcher, StudyHook
 from dicomcache.upstream.client import OrthancClient
 
 
@@ -27,8 +27,6 @@ class RelayStatusSource(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
-
-StudyHook = Callable[[str], Awaitable[None]]
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -39,7 +37,8 @@ DICOMWEB = web.AppKey("dicomweb", DicomWeb)
 PREFETCHER = web.AppKey("prefetcher", Prefetcher)
 SCRUBBER = web.AppKey("scrubber", Scrubber)
 CHANGES = web.AppKey("change_watcher", ChangeWatcher)
-#: Async callbacks ``hook(study_uid)`` run when Orthanc reports a change in a study.
+COHERENCE = web.AppKey("coherence", Coherence)
+#: Async callbacks ``hook(StudyEvent)`` run when Orthanc reports a change in a study.
 STUDY_CHANGED: web.AppKey[list[StudyHook]] = web.AppKey("study_changed_hooks")
 RELAY: web.AppKey[RelayStatusSource] = web.AppKey("relay")
 

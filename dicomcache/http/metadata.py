@@ -1,10 +1,14 @@
 """DICOMweb answers from the answer cache: metadata, QIDO-RS, rendered images.
 
-* Metadata: instance metadata is immutable; series/study metadata is fresh for
-  ``dicomweb.metadata_fresh`` seconds, then revalidated against the instance
-  list; QIDO-RS for ``dicomweb.qido_fresh``; rendered/thumbnails for
-  ``dicomweb.rendered_fresh``.  Stale copies are served with ``Warning: 110``
-  while Orthanc is unreachable (:class:`~dicomcache.dicomweb.answers.AnswerCache`).
+* Metadata (study, series and instance) is fresh for ``dicomweb.metadata_fresh``
+  seconds, then revalidated against the instance list of its series or study (an
+  instance can be deleted or replaced in Orthanc); QIDO-RS for
+  ``dicomweb.qido_fresh``; rendered/thumbnails for ``dicomweb.rendered_fresh``
+  (an instance's, then revalidated like its metadata).  Stale copies are served
+  with ``Warning: 110`` while Orthanc is unreachable
+  (:class:`~dicomcache.dicomweb.answers.AnswerCache`).
+* Browsers are told ``private, no-cache``: keep it, revalidate every use (the
+  ``ETag``; a 304 costs no Orthanc request while the answer is fresh here).
 * Every link points at dicomcache, on the host name the viewer used.
 * JSON answers are gzipped for clients that accept it.
 """
@@ -17,11 +21,11 @@ import time
 from aiohttp import hdrs, web
 
 from dicomcache.dicom.accept import accepts_gzip, accepts_json
-from dicomcache.dicomweb.answers import IMMUTABLE_FRESH, Cached
+from dicomcache.dicomweb.answers import Cached
 from dicomcache.http.keys import DICOMWEB, OUTCOME, SETTINGS
 from dicomcache.http.params import dicom_uid, dicomweb_uids, family_of
 from dicomcache.http.passthrough import check_path, passthrough
-from dicomcache.http.respond import BadRequest
+from dicomcache.http.respond import REVALIDATE, BadRequest
 
 #: ``Warning`` on a stale copy served because Orthanc could not be asked (RFC 7234 §5.5.1).
 STALE_WARNING = '110 dicomcache "Response is Stale"'
@@ -57,13 +61,13 @@ def public_base(request: web.Request) -> str:
 
 # --- answers from the answer cache -----------------------------------------------------------
 
-async def _answer(request: web.Request, entry: Cached, stale: bool, cache_control: str,
-                  *, json_body: bool) -> web.Response:
+async def _answer(request: web.Request, entry: Cached, stale: bool, *,
+                  json_body: bool) -> web.Response:
     base = public_base(request) if entry.has_links else ""
     gz = json_body and len(entry.body) >= 1024 and accepts_gzip(
         request.headers.get(hdrs.ACCEPT_ENCODING))
     etag = entry.etag(base, gz)
-    headers = {hdrs.CACHE_CONTROL: cache_control, hdrs.ETAG: etag,
+    headers = {hdrs.CACHE_CONTROL: REVALIDATE, hdrs.ETAG: etag,
                hdrs.CONTENT_TYPE: entry.content_type}
     if json_body:
         headers[hdrs.VARY] = "Accept-Encoding"
@@ -82,7 +86,7 @@ async def _answer(request: web.Request, entry: Cached, stale: bool, cache_contro
 
 async def metadata(request: web.Request) -> web.StreamResponse:
     """Study, series or instance metadata (DICOM JSON) with links on dicomcache."""
-    study, series, sop = dicomweb_uids(request)
+    study, series, _sop = dicomweb_uids(request)
     if not accepts_json(request.headers.get(hdrs.ACCEPT)):
         return await passthrough(request)
     _check_raw(request)
@@ -90,15 +94,10 @@ async def metadata(request: web.Request) -> web.StreamResponse:
     dw = request.app[DICOMWEB]
     path = request.raw_path  # a query (includefield…) is part of what is asked
     hit_before = dw.cache.peek(f"json:{path}")
-    if sop is not None:
-        entry, stale = await dw.json_answer(f"json:{path}", path, IMMUTABLE_FRESH)
-        control = "private, max-age=86400"
-    else:
-        entry, stale = await dw.json_answer(f"json:{path}", path, dw.settings.metadata_fresh,
-                                            listing=(study, series))
-        control = "no-cache"
+    entry, stale = await dw.json_answer(f"json:{path}", path, dw.settings.metadata_fresh,
+                                        study=study, listing=(study, series))
     request[OUTCOME] = "hit" if hit_before is entry else "miss"
-    return await _answer(request, entry, stale, control, json_body=True)
+    return await _answer(request, entry, stale, json_body=True)
 
 
 async def qido(request: web.Request) -> web.StreamResponse:
@@ -114,25 +113,28 @@ async def qido(request: web.Request) -> web.StreamResponse:
     dw = request.app[DICOMWEB]
     key = f"qido:{request.raw_path}"
     before = dw.cache.peek(key)
-    entry, stale = await dw.json_answer(key, request.raw_path, dw.settings.qido_fresh)
+    # Filed under no study: a search may list any, so any study's removal drops it.
+    entry, stale = await dw.json_answer(key, request.raw_path, dw.settings.qido_fresh,
+                                        study=None)
     request[OUTCOME] = "hit" if before is entry else "miss"
-    return await _answer(request, entry, stale, "no-cache", json_body=True)
+    return await _answer(request, entry, stale, json_body=True)
 
 
 async def rendered(request: web.Request) -> web.StreamResponse:
-    """Rendered images and thumbnails: cached as Orthanc renders them."""
-    _study, _series, sop = dicomweb_uids(request)
+    """Rendered images and thumbnails: cached as Orthanc renders them; an instance's
+    (or its frames') confirmed against its series' instance list once stale."""
+    study, series, sop = dicomweb_uids(request)
     _check_raw(request)
     family_of(request, "dicomweb")
     dw = request.app[DICOMWEB]
     accept = request.headers.get(hdrs.ACCEPT)
     key = f"raw:{request.raw_path}|{accept or ''}"
     before = dw.cache.peek(key)
-    fresh = IMMUTABLE_FRESH if sop is not None else dw.settings.rendered_fresh
-    entry, stale = await dw.raw_answer(key, request.raw_path, accept, fresh)
+    entry, stale = await dw.raw_answer(key, request.raw_path, accept, dw.settings.rendered_fresh,
+                                       study=study,
+                                       listing=(study, series) if sop is not None else None)
     request[OUTCOME] = "hit" if before is entry else "miss"
-    control = "private, max-age=86400" if sop is not None else "no-cache"
-    return await _answer(request, entry, stale, control, json_body=False)
+    return await _answer(request, entry, stale, json_body=False)
 
 
 def _check_raw(request: web.Request) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dicomcache.http.keys import FETCHER, OUTCOME, STORE
+from dicomcache.http.keys import FETCHER, OUTCOME
 from dicomcache.http.params import family_of, orthanc_id
 from dicomcache.http.respond import serve_instance
 
@@ -17,7 +17,7 @@ async def instance_file(request: web.Request) -> web.StreamResponse:
     oid = orthanc_id(request.match_info["id"])
     family_of(request, "orthanc")
     fetcher = request.app[FETCHER]
-    entry = await request.app[STORE].get(oid)
+    entry = await fetcher.stored(oid)
     request[OUTCOME] = "miss" if entry is None else "hit"
     found = entry or await fetcher.by_orthanc_id(oid)
     return await serve_instance(request, found, filename=f"{oid}.dcm",

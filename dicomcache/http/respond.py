@@ -31,7 +31,7 @@ from aiohttp.abc import AbstractStreamWriter
 from dicomcache.cache.instance import Instance
 from dicomcache.cache.store import Store, signature
 from dicomcache.http import ranges
-from dicomcache.http.keys import METRICS, STORE
+from dicomcache.http.keys import METRICS, OUTCOME, STORE
 
 DICOM = "application/dicom"
 
@@ -53,8 +53,11 @@ class BadRequest(web.HTTPBadRequest):
         super().__init__(text=json_text("bad request", reason), content_type="application/json")
 
 
-#: Instance bodies never change: let browsers keep them.
-IMMUTABLE = "private, max-age=31536000, immutable"
+#: For everything named by a UID or an Orthanc ID (instance bodies, frames, metadata):
+#: Orthanc deletes, re-creates and overwrites what a name points at, so browsers keep
+#: a copy but ask before each use (``If-None-Match``: a 304 at LAN speed, a 404 once
+#: the instance is gone).  ``private``: patient data never sits in shared caches.
+REVALIDATE = "private, no-cache"
 
 class OpenFiles:
     """A bounded LRU of open descriptors of stored files (used on the event loop only)."""
@@ -121,7 +124,7 @@ async def serve_instance(request: web.Request, found: Instance, *,
     ``refetch``, fetched again instead of failing the viewer.
     """
     etag = found.etag
-    headers: dict[str, str] = {hdrs.CACHE_CONTROL: IMMUTABLE, hdrs.ETAG: etag}
+    headers: dict[str, str] = {hdrs.CACHE_CONTROL: REVALIDATE, hdrs.ETAG: etag}
     if filename:
         headers[hdrs.CONTENT_DISPOSITION] = f'filename="{filename}"'
     if _matches(request.headers.get(hdrs.IF_NONE_MATCH), etag):
@@ -137,6 +140,7 @@ async def serve_instance(request: web.Request, found: Instance, *,
             await asyncio.to_thread(request.app[STORE].sync.forget, found.orthanc_id)
             if refetch is None:
                 raise
+            request[OUTCOME] = "miss"  # purged or bad since the lookup: fetched again
             return await serve_instance(request, await refetch(), filename=filename)
         if _not_modified_since(request, st.st_mtime):
             fobj.close()

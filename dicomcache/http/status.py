@@ -29,7 +29,7 @@ from prometheus_client import Counter, Gauge
 
 from dicomcache import __version__
 from dicomcache.errors import NotFoundUpstream, UpstreamError
-from dicomcache.http.keys import CLIENT, METRICS, RELAY, SETTINGS, STORE
+from dicomcache.http.keys import CLIENT, COHERENCE, METRICS, RELAY, SETTINGS, STORE
 from dicomcache.http.respond import json_error
 from dicomcache.metrics import INSTANCE_FAMILIES, Metrics
 from dicomcache.upstream.client import OrthancClient
@@ -246,7 +246,12 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
                       "time": m.last_uncached[0], "instance": m.last_uncached[1],
                       "reason": m.last_uncached[2]},
                   "coalesced": int(_total(m.coalesced)),
-                  "prefetch_queue": int(_total(m.prefetch_queue))},
+                  "prefetch_queue": int(_total(m.prefetch_queue)),
+                  "coherence": {
+                      **app[COHERENCE].status(),
+                      "purged": {k: int(v) for k, v in _by_label(m.purged, "cause").items()},
+                      "unconfirmed_served": int(_total(m.unconfirmed)),
+                      "feed_gaps": int(_total(m.feed_gaps))}},
         "integrity": {
             "total": integrity,
             "recent": [{"time": e.time, "cause": e.cause, "instance": e.instance,
@@ -417,7 +422,26 @@ def _render_cache(c: dict[str, Any]) -> str:
         + _write_failures(c)
         + f"<dt>coalesced misses</dt><dd>{c['coalesced']}</dd>"
         f"<dt>prefetch queue</dt><dd>{c['prefetch_queue']}</dd>"
-        "</dl></section>")
+        + _coherence(c["coherence"])
+        + "</dl></section>")
+
+
+def _coherence(h: dict[str, Any]) -> str:
+    """Whether stored copies are confirmed against Orthanc, and what it took back."""
+    purged = ", ".join(f"{_e(k)} {v}" for k, v in sorted(h["purged"].items()) if v) or "none"
+    if h.get("unconfirmed_since") is not None:
+        state = (f'<span id="coherence-state" class="bad">UNCONFIRMED</span> since '
+                 f"{_when(h['unconfirmed_since'], time.time())}: stored images are served "
+                 "without Orthanc confirming them (they may have been deleted or corrected "
+                 f"there): {_e(h.get('unconfirmed_reason', ''))}")
+    elif h["confirm_interval"]:
+        state = (f'<span id="coherence-state">confirmed</span> (each series in use every '
+                 f"{_e(h['confirm_interval'])} s; {h['active_series']} in use)")
+    else:
+        state = ('<span id="coherence-state" class="bad">off</span> (cache.confirm_interval '
+                 "= 0: what Orthanc deletes stays served)")
+    return (f"<dt>against Orthanc</dt><dd>{state}</dd>"
+            f"<dt>purged</dt><dd>{purged}; {h['feed_gaps']} change-feed gap(s)</dd>")
 
 
 def _write_failures(c: dict[str, Any]) -> str:

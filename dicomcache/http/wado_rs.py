@@ -26,7 +26,7 @@ from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream
 from dicomcache.http.keys import DICOMWEB, FETCHER, METRICS, OUTCOME, STORE
 from dicomcache.http.params import dicomweb_uids, family_of
 from dicomcache.http.passthrough import passthrough
-from dicomcache.http.respond import IMMUTABLE, send_file_range
+from dicomcache.http.respond import REVALIDATE, send_file_range
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,8 @@ async def instance(request: web.Request) -> web.StreamResponse:
         return await passthrough(request)
     family_of(request, "dicomweb")
     fetcher = request.app[FETCHER]
-    entry, oid = await fetcher.locate(sop, study, series)
-    request[OUTCOME] = "miss" if entry is None else "hit"
-    found = entry or await fetcher.by_orthanc_id(oid)
+    found, hit = await fetcher.by_uids(sop, study, series)
+    request[OUTCOME] = "hit" if hit else "miss"
     if not engine.serves(found.transfer_syntax, wanted):
         request[OUTCOME] = "passthrough"
         return await passthrough(request)
@@ -53,10 +52,11 @@ async def _one_part(request: web.Request, found: Instance) -> web.StreamResponse
     """One part framed as Orthanc frames it; a stored instance is sent from its file (by
     sendfile), never read whole: a multi-frame instance can be hundreds of MB."""
     etag = f'"{found.md5}-mp"'
-    headers = {hdrs.CACHE_CONTROL: IMMUTABLE, hdrs.ETAG: etag}
+    headers = {hdrs.CACHE_CONTROL: REVALIDATE, hdrs.ETAG: etag}
     if etag in request.headers.get(hdrs.IF_NONE_MATCH, ""):
         return web.Response(status=304, headers=headers)
-    b = multipart.new_boundary()
+    # The boundary follows from the content, so the strong ETag names these exact bytes.
+    b = f"dicomcache-{found.md5}"
     headers[hdrs.CONTENT_TYPE] = multipart.content_type(DICOM, b)
     plan = Plan([found], sizes=[found.size], length=multipart.body_length(b, DICOM, [found.size]))
     if request.method == "HEAD":
@@ -102,6 +102,13 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         return web.Response(headers={hdrs.CONTENT_TYPE: ctype})
     plan = await engine.plan(dw, listing, b, wanted, study, series)
+    if plan.outdated:  # Orthanc changed the series since the listing: ask it again
+        dw.cache.expire(study)
+        listing, _stale = await dw.listing(study, series)
+        oids = listing.value[1]
+        if not oids:
+            raise NotFoundUpstream(404, f"{series or study} has no instances")
+        plan = await engine.plan(dw, listing, b, wanted, study, series)
     request[OUTCOME] = "hit" if plan.hit else "miss"
     parts = engine.Parts(dw, oids, plan, asked, wanted, study, series)
     resp = web.StreamResponse(headers={hdrs.CONTENT_TYPE: ctype})

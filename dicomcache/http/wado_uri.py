@@ -29,11 +29,10 @@ async def wado(request: web.Request) -> web.StreamResponse:
         return await passthrough(request)
     family_of(request, "wado_uri")
     fetcher = request.app[FETCHER]
-    entry, oid = await fetcher.locate(sop, study, series)
-    request[OUTCOME] = "miss" if entry is None else "hit"
-    found = entry or await fetcher.by_orthanc_id(oid)
+    found, hit = await fetcher.by_uids(sop, study, series)
+    request[OUTCOME] = "hit" if hit else "miss"
     return await serve_instance(request, found,
-                                refetch=lambda: fetcher.by_orthanc_id(oid))
+                                refetch=lambda: fetcher.by_orthanc_id(found.orthanc_id))
 
 
 def add_routes(app: web.Application) -> None:

@@ -197,6 +197,7 @@ class Spool:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA secure_delete=ON")  # purged rows hold patient data
         db.executescript(_SCHEMA)
         self._db = db
         if recover:
@@ -459,6 +460,27 @@ class Spool:
                 with self._tx():
                     self.db.executemany("DELETE FROM instances WHERE id=?",
                                         [(r[0],) for r in rows])
+        return len(rows)
+
+    def purge_delivered(self, study_uids: Iterable[str] | None) -> int:
+        """Delete delivered instances kept for ``retention`` (of these studies; ``None``:
+        all), with their files: what an operator purges leaves no copy here.  Instances
+        still waiting for a destination are never touched.  Returns how many."""
+        with self._lock:
+            if study_uids is None:
+                rows = self.db.execute("SELECT id, name FROM instances "
+                                       "WHERE finished IS NOT NULL").fetchall()
+            else:
+                rows = [r for uid in set(study_uids) for r in self.db.execute(
+                    "SELECT id, name FROM instances WHERE finished IS NOT NULL "
+                    "AND study_uid=?", (uid,))]
+            for _, name in rows:
+                (self.objects / name).unlink(missing_ok=True)
+            if rows:
+                with self._tx():
+                    self.db.executemany("DELETE FROM instances WHERE id=?",
+                                        [(r[0],) for r in rows])
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return len(rows)
 
     def back_off_study(self, destination: str, study_uid: str,

@@ -1,16 +1,21 @@
 """Follow Orthanc's ``/changes`` feed: tell subscribers which studies changed, pre-warm new ones.
 
-Optional (``[changes] enabled``).  Every ``poll_interval`` seconds (at once
+On by default (``[changes] enabled``).  Every ``poll_interval`` seconds (at once
 again while Orthanc says the feed is not ``Done``) the watcher reads
 ``/changes?since=CURSOR&limit=BATCH`` and:
 
+* tells its **listener** (the store's coherence,
+  :mod:`dicomcache.cache.coherence`) of every change, so a stored instance that
+  got new content is compared with Orthanc at once, and of every **gap**: changes
+  gone from Orthanc's history (deleting a resource removes its changes), a new
+  history (Orthanc's database replaced), or a restart of dicomcache
+  (:func:`feed_gap`);
 * resolves each changed resource (new instance, series, study, stable
-  series/study, modification) to its StudyInstanceUID and calls every
-  **study-changed hook** once per study and batch.  Hooks are async callables
-  ``hook(study_uid)`` in a list the application owns (always present, even when
-  the watcher is off): cached metadata subscribes there to drop what a new
-  instance made stale.  Instances themselves are immutable (keyed by
-  SOPInstanceUID) and need no invalidation.
+  series/study, modification) to its StudyInstanceUID and calls every **study
+  hook** once per study and batch with a :class:`StudyEvent`.  Hooks are async
+  callables in a list the application owns (always present, even when the
+  watcher is off): cached metadata subscribes there to revalidate what a new
+  instance made stale, and to drop what a purge removed.
 * for ``StableStudy``, checks the ``[[changes.prewarm]]`` rules (modality of
   any series, an Orthanc label, a main/shared DICOM tag value; all fields of a
   rule must match, any rule may) and queues the whole study for prefetch, so it
@@ -29,8 +34,9 @@ import collections
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from dicomcache.config import ChangesSettings, PrewarmRule
 from dicomcache.durable import write_durably
@@ -40,7 +46,35 @@ from dicomcache.upstream.client import OrthancClient
 
 log = logging.getLogger(__name__)
 
-StudyHook = Callable[[str], Awaitable[None]]
+@dataclass(frozen=True, slots=True)
+class StudyEvent:
+    """What a study-changed hook is told."""
+
+    #: The study (``None``: every study, e.g. after a gap in the feed).
+    study_uid: str | None
+    #: Content was deleted or replaced: what was derived from it must be dropped, not
+    #: only revalidated (revalidation alone may keep serving it while Orthanc is away).
+    removed: bool = False
+
+
+StudyHook = Callable[[StudyEvent], Awaitable[None]]
+
+
+class ChangeListener(Protocol):
+    """Told of every change the feed reports, and of gaps in it (the store's coherence)."""
+
+    async def changed(self, kind: str, level: str, resource: str) -> None: ...
+
+    async def gap(self, why: str) -> None: ...
+
+
+async def notify(hooks: list[StudyHook], event: StudyEvent) -> None:
+    """Run every hook for ``event``; a failing hook is logged, never raised."""
+    results = await asyncio.gather(*(hook(event) for hook in list(hooks)),
+                                   return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            log.error("changes: study hook failed for %s: %r", event.study_uid, result)
 
 #: Change types that mean "this study's content or metadata changed".
 STUDY_CHANGES = frozenset({
@@ -68,6 +102,31 @@ def write_cursor(path: Path, upstream: str, last: int) -> None:
     write_durably(path, json.dumps({"upstream": upstream, "last": last}).encode())
 
 
+def feed_gap(cursor: int, changes: list[dict[str, Any]], last: object, *,
+             restarted: bool) -> str | None:
+    """Why changes may have been missed since ``cursor``, or ``None`` (pure).
+
+    Orthanc removes the changes of a deleted resource from its history, and keeps
+    a bounded history: a first change beyond ``cursor + 1`` means some were lost.
+    A ``Last`` below the cursor is a new history (Orthanc's database replaced).  A
+    restart of dicomcache is a gap too: Orthanc may have deleted what it stores
+    while it was down, and deletions leave no change.
+    """
+    if isinstance(last, int) and last < cursor:
+        return f"Orthanc's change history restarted (last change {last}, ours {cursor})"
+    if restarted:
+        return "dicomcache restarted; what Orthanc deleted meanwhile left no change"
+    expected = cursor + 1
+    for change in changes:
+        seq = change.get("Seq")
+        if not isinstance(seq, int):
+            continue
+        if seq > expected:
+            return f"changes {expected}–{seq - 1} are gone from Orthanc's history"
+        expected = seq + 1
+    return None
+
+
 def rule_matches(rule: PrewarmRule, study: dict[str, Any], modalities: set[str],
                  tags: dict[str, str]) -> bool:
     """Whether a study matches every field of a pre-warm rule (pure)."""
@@ -85,8 +144,10 @@ class ChangeWatcher:
 
     def __init__(self, settings: ChangesSettings, client: OrthancClient, metrics: Metrics,
                  cursor_file: Path, hooks: list[StudyHook],
-                 warm: Callable[[str], None] | None = None) -> None:
+                 warm: Callable[[str], None] | None = None,
+                 listener: ChangeListener | None = None) -> None:
         self.settings = settings
+        self.listener = listener
         self.client = client
         self.warm = warm
         self.metrics = metrics
@@ -98,9 +159,11 @@ class ChangeWatcher:
         self.seen: collections.Counter[str] = collections.Counter()
         self._uids: dict[str, str] = {}  # Orthanc study ID → StudyInstanceUID
         self._task: asyncio.Task[None] | None = None
+        self._restarted = False
 
     async def start(self) -> None:
         self.cursor = await asyncio.to_thread(read_cursor, self.cursor_file, self.client.base)
+        self._restarted = self.cursor is not None
         self._task = asyncio.get_running_loop().create_task(self._run(), name="changes")
 
     async def stop(self) -> None:
@@ -133,6 +196,19 @@ class ChangeWatcher:
         data = await self.client.get_json(
             f"/changes?since={self.cursor}&limit={self.settings.batch}")
         changes = data.get("Changes") or []
+        why = feed_gap(self.cursor, changes, data.get("Last"), restarted=self._restarted)
+        self._restarted = False
+        if why is not None:
+            await self._gap(why)
+            last = data.get("Last")
+            if isinstance(last, int) and last < self.cursor:  # a new history: follow it
+                await self._save(last)
+                return True
+        for change in changes:
+            if self.listener is not None:
+                await self.listener.changed(str(change.get("ChangeType")),
+                                            str(change.get("ResourceType")),
+                                            str(change.get("ID")))
         studies: dict[str, str] = {}  # Orthanc study ID → why (for stable studies)
         stable: set[str] = set()
         for change in changes:
@@ -155,6 +231,13 @@ class ChangeWatcher:
                 await self._maybe_warm(study_id)
         await self._save(int(data.get("Last", self.cursor)))
         return bool(data.get("Done", True))
+
+    async def _gap(self, why: str) -> None:
+        """Changes may have been missed: the listener confirms again, every study's
+        answers are revalidated."""
+        if self.listener is not None:
+            await self.listener.gap(why)
+        await self._notify(None)
 
     async def _save(self, last: int) -> None:
         """Persist the cursor, then move it: what the file says is where the watcher stands.
@@ -191,12 +274,8 @@ class ChangeWatcher:
             self._uids[study_id] = uid
         return study_id
 
-    async def _notify(self, study_uid: str) -> None:
-        results = await asyncio.gather(*(hook(study_uid) for hook in list(self.hooks)),
-                                       return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                log.error("changes: study-changed hook failed for %s: %r", study_uid, result)
+    async def _notify(self, study_uid: str | None, *, removed: bool = False) -> None:
+        await notify(self.hooks, StudyEvent(study_uid, removed))
 
     async def _maybe_warm(self, study_id: str) -> None:
         study = await self.client.get_json(f"/studies/{study_id}")

@@ -66,11 +66,11 @@ def test_another_process_removing_entries_is_noticed(tmp_path: Path, blobs: list
     daemon = Store(tmp_path, 1 << 30)
     entries = fill(daemon, blobs)
     assert daemon.peek(entries[0].orthanc_id) is not None
-    assert daemon.refresh() is False  # nothing changed
+    assert daemon.refresh() is None  # nothing changed
     cli = Store(tmp_path, 1 << 30)  # `dicomcache purge` next to the daemon
-    assert cli.remove_entries([entries[0]]) == (1, entries[0].size)
+    assert cli.purge([entries[0]]) == (1, entries[0].size)
     cli.close()
-    assert daemon.refresh() is True
+    assert daemon.refresh() == {entries[0].study_uid: 1}  # what it purged, for the daemon
     assert daemon.peek(entries[0].orthanc_id) is None  # no stale copy in memory
     assert daemon.get(entries[0].orthanc_id) is None
     assert daemon.get(entries[1].orthanc_id) is not None

@@ -417,7 +417,7 @@ def test_an_index_of_schema_version_1_is_adopted(tmp_path: Path, blobs: list[byt
         shutil.copy(old / name, tmp_path / name)
     v1.close()
     store = Store(tmp_path, 1 << 30)
-    assert not list(tmp_path.glob("index-v1.sqlite*"))
+    assert not list(tmp_path.glob("index-old.sqlite*"))
     assert store.stats()["entries"] == 1
     entry = store.get(summaries[0].orthanc_id)
     assert entry is not None and entry.path is not None

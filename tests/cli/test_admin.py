@@ -230,10 +230,10 @@ def test_remove_entries_keeps_the_hot_map_consistent(tmp_path: Path) -> None:
     store = Store(tmp_path, 1 << 30)
     entries = [commit(store, blob) for blob in study(3, seed=31)]
     assert store.peek(entries[0].orthanc_id) is not None
-    assert store.remove_entries(entries[:2]) == (2, entries[0].size + entries[1].size)
+    assert store.purge(entries[:2]) == (2, entries[0].size + entries[1].size)
     assert store.peek(entries[0].orthanc_id) is None and store.get(entries[0].orthanc_id) is None
     assert store.peek(entries[2].orthanc_id) is not None
-    assert store.remove_entries(entries[:2]) == (0, 0)  # already gone: nothing to do
+    assert store.purge(entries[:2]) == (0, 0)  # already gone: nothing to do
     store.close()
 
 
@@ -263,3 +263,53 @@ async def test_stats_reads_the_running_daemons_hit_ratio(
         assert "1 instance(s) in 1 study(ies)" in out
     finally:
         await runner.cleanup()
+
+
+def test_purge_by_patient_or_instance_leaves_no_copy_behind(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A purge removes the files, their quarantined copies, the DICOMweb metadata kept on
+    disk and the relay's delivered copies of those studies; other patients keep theirs."""
+    from dicomcache.config import load as load_config
+    from dicomcache.dicomweb.answers import Cached, DiskCopies
+    from dicomcache.relay.outcome import DELIVERED, Outcome
+    from dicomcache.relay.spool import Spool, info_from_bytes
+
+    spool_dir = tmp_path / "spool"
+    cfg = write_config(tmp_path, extra="",)
+    cfg.write_text(cfg.read_text() + f'[relay]\nspool_directory = "{spool_dir}"\n'
+                   "retention = 3600\n")
+    settings = load_config(cfg)
+    gone = [encode(d, d.file_meta.TransferSyntaxUID)
+            for d in make_ct_series(3, rows=16, columns=16, seed=81, patient_id="PGONE")]
+    kept = [encode(d, d.file_meta.TransferSyntaxUID)
+            for d in make_ct_series(2, rows=16, columns=16, seed=82, patient_id="PKEPT")]
+    store = Store(settings.cache.directory, 1 << 30)
+    entries = [commit(store, b) for b in gone + kept]
+    store.quarantine(entries[0], "md5_mismatch", "flipped")  # a quarantined copy of PGONE
+    store.close()
+    copies = DiskCopies(settings.cache.directory / "dicomweb", 1 << 20)
+    for e in (entries[1], entries[3]):
+        assert e.study_uid is not None
+        copies.save(f"json:/dicom-web/studies/{e.study_uid}/metadata", e.study_uid,
+                    Cached(b'[{"00100010":"' + e.patient_id.encode() + b'"}]',
+                           "application/dicom+json", 0.0, 10.0), 0.0, 0.0)
+    spool = Spool(spool_dir, ["PACS"], retention=3600.0)
+    spool.open()
+    keys = [spool.put(b, info_from_bytes(b), "MODALITY") for b in (gone[1], kept[0])]
+    spool.record("PACS", [Outcome(k, DELIVERED, 0, "") for k in keys])
+    spool.close()
+
+    code, out, _ = run(capsys, "purge", "--config", str(cfg), "--patient", "PGONE")
+    assert code == 0, out
+    assert "purged 2 instance(s)" in out and "1 quarantined file(s)" in out
+    assert "1 delivered relay cop(ies)" in out and "metadata copies of 1 stud" in out
+    everything = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
+                          and p.suffix != ".toml")  # the indexes' own files included
+    assert b"PGONE" not in everything and b"PKEPT" in everything
+    assert all(b not in everything for b in gone)
+    # One instance by its SOP Instance UID.
+    code, out, _ = run(capsys, "purge", "--config", str(cfg), "--instance", entries[3].sop_uid)
+    assert code == 0 and "purged 1 instance(s)" in out
+    store = Store(settings.cache.directory, 1 << 30)
+    assert [e.orthanc_id for e in store.entries()] == [entries[4].orthanc_id]
+    store.close()

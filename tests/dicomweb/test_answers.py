@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import math
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +14,11 @@ from dicomcache.config import from_dict
 from dicomcache.dicom.accept import accepts_gzip, accepts_json
 from dicomcache.dicomweb.answers import (
     PLACEHOLDER,
+    SEARCHES,
     AnswerCache,
     Cached,
+    DiskCopies,
+    affected,
     link_path,
     normalise_json,
     relink_parts,
@@ -207,27 +212,160 @@ def test_cors_decisions() -> None:
     assert preflight_problem(s, None, "GET", "")
 
 
-def test_disk_copies_roundtrip_and_bounds(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import math
-
-    from dicomcache.dicomweb.answers import DiskCopies
-
+def test_disk_copies_roundtrip_and_bounds(tmp_path: Path) -> None:
     disk = DiskCopies(tmp_path / "dw", max_bytes=3000)
     entry = Cached(b"[1]", "application/dicom+json", 50.0, 10.0, validator=[["a"], "t"],
                    value=["oid", ["i1"]], has_links=True)
-    disk.save("json:/x", entry, wall_now=1000.0, mono_now=60.0)  # validated 10 s ago
-    back = disk.load("json:/x", wall_now=1005.0, mono_now=500.0)
+    disk.save("json:/x", "1.2", entry, wall_now=1000.0, mono_now=60.0)  # validated 10 s ago
+    back = disk.load("json:/x", "1.2", wall_now=1005.0, mono_now=500.0)
     assert back is not None
     assert (back.body, back.validator, back.value, back.has_links) == \
         (b"[1]", [["a"], "t"], ["oid", ["i1"]], True)
     assert back.validated_at == pytest.approx(485.0)  # 15 s before mono_now
+    assert disk.load("json:/x", "1.3", 1005.0, 500.0) is None  # another study's key
     forever = Cached(b"{}", "application/dicom+json", 0.0, math.inf)
-    disk.save("json:/i", forever, 1000.0, 0.0)
-    assert disk.load("json:/i", 2000.0, 0.0).fresh_for == math.inf  # type: ignore[union-attr]
-    assert disk.load("json:/missing", 0, 0) is None
-    disk.path("json:/x").write_bytes(b"not json\n")
-    assert disk.load("json:/x", 0, 0) is None
+    disk.save("json:/i", "1.2", forever, 1000.0, 0.0)
+    assert disk.load("json:/i", "1.2", 2000.0, 0.0).fresh_for == math.inf  # type: ignore[union-attr]
+    assert disk.load("json:/missing", "1.2", 0, 0) is None
+    disk.path("json:/x", "1.2").write_bytes(b"not json\n")
+    assert disk.load("json:/x", "1.2", 0, 0) is None
     for i in range(10):
-        disk.save(f"k{i}", Cached(b"x" * 1000, "t", 0.0, 1.0), 0, 0)
+        disk.save(f"k{i}", f"9.{i}", Cached(b"x" * 1000, "t", 0.0, 1.0), 0, 0)
     disk.prune()
-    assert sum(p.stat().st_size for p in (tmp_path / "dw").iterdir()) <= 3000
+    assert sum(p.stat().st_size for p in (tmp_path / "dw").rglob("*") if p.is_file()) <= 3000
+    assert all(p.is_dir() for p in (tmp_path / "dw").iterdir())  # empty groups removed too
+    assert len(list((tmp_path / "dw").iterdir())) <= 3
+
+
+def test_disk_copies_are_laid_out_by_study_and_forgotten_by_directory(tmp_path: Path) -> None:
+    disk = DiskCopies(tmp_path / "dw", max_bytes=1 << 20)
+    body = Cached(b'[{"00100010":{"vr":"PN","Value":[{"Alphabetic":"DOE^JANE"}]}}]',
+                  "application/dicom+json", 0.0, 10.0)
+    for key, study in (("json:/a", "1.2"), ("list:1.2/", "1.2"), ("json:/b", "1.3"),
+                       ("qido:/dicom-web/studies", None), ("qido:/dicom-web/studies/1.3/series",
+                                                           None)):
+        disk.save(key, study, body, 0.0, 0.0)
+    assert disk.path("json:/a", "1.2").parent == disk.group("1.2") != disk.group("1.3")
+    assert disk.group(None).name == SEARCHES
+    assert "1.2" not in str(disk.path("json:/a", "1.2"))  # names are hashes, never data
+    disk.forget("1.2")  # the study and every search (they may list it); not the others
+    assert not disk.group("1.2").exists() and not disk.group(None).exists()
+    assert disk.load("json:/a", "1.2", 0, 0) is None
+    assert disk.load("json:/b", "1.3", 0, 0) is not None
+    disk.forget("7.7")  # nothing of it: fine
+    disk.forget(None)  # every study
+    assert list((tmp_path / "dw").iterdir()) == []
+    disk.forget(None)
+
+
+def test_disk_copies_of_the_flat_layout_are_never_served(tmp_path: Path) -> None:
+    """Before the per-study layout every copy sat in the directory itself: those files are
+    not read and are removed at start (they may hold a study removed since)."""
+    import hashlib
+    import json as json_
+
+    directory = tmp_path / "dw"
+    directory.mkdir()
+    old = directory / hashlib.sha256(b"json:/x").hexdigest()[:40]
+    old.write_bytes(json_.dumps({"key": "json:/x", "content_type": "t", "validated": 0.0,
+                                 "fresh_for": None}).encode() + b"\n[1]")
+    disk = DiskCopies(directory, max_bytes=1 << 20)
+    assert disk.load("json:/x", None, 0, 0) is None and disk.load("json:/x", "1.2", 0, 0) is None
+    disk.save("json:/y", "1.2", Cached(b"[2]", "t", 0.0, 1.0), 0, 0)
+    (disk.group("1.2") / "x.tmp").write_bytes(b"half")
+    assert disk.prune() == 2
+    assert not old.exists() and disk.load("json:/y", "1.2", 0, 0) is not None
+
+
+@pytest.mark.parametrize(("changed", "study", "touched"), [
+    ("1.2", "1.2", True),    # the study itself
+    ("1.2", "1.3", False),   # another study
+    ("1.2", None, True),     # a search: it may list the study
+    (None, "1.3", True),     # every study
+    (None, None, True),
+])
+def test_affected(changed: str | None, study: str | None, touched: bool) -> None:
+    assert affected(changed, study) is touched
+
+
+async def test_expiry_is_one_shot_and_stale_if_error_still_applies() -> None:
+    clock = Clock()
+    cache = AnswerCache(1 << 20, stale_if_error=60, clock=clock)
+    loads: list[Cached | None] = []
+
+    async def load(old: Cached | None) -> Cached:
+        loads.append(old)
+        return old.revalidated(clock()) if old is not None else cached(b"v", clock, 10)
+
+    async def down(old: Cached | None) -> Cached:
+        raise UpstreamError("connect", "refused")
+
+    await cache.get("k", load, study="1.2")
+    assert cache.expire("1.3") == 0 and cache.expire("1.2") == 1
+    await cache.get("k", load, study="1.2")  # revalidated once
+    assert len(loads) == 2
+    clock.now += 9
+    await cache.get("k", load, study="1.2")  # fresh for its usual time again
+    assert len(loads) == 2
+    cache.expire(None)
+    clock.now += 30
+    entry, stale = await cache.get("k", down, study="1.2")  # expired 30 s ago: stands in
+    assert stale and entry.body == b"v"
+    clock.now += 31
+    with pytest.raises(UpstreamError):
+        await cache.get("k", down, study="1.2")
+
+
+async def test_forget_drops_a_study_and_every_search_never_stale(tmp_path: Path) -> None:
+    clock = Clock()
+    disk = DiskCopies(tmp_path / "dw", 1 << 20)
+    cache = AnswerCache(1 << 20, stale_if_error=600, clock=clock, disk=disk)
+
+    async def load(old: Cached | None) -> Cached:
+        return cached(b"v", clock, 10)
+
+    async def down(old: Cached | None) -> Cached:
+        raise UpstreamError("connect", "refused")
+
+    for key, study in (("a", "1.2"), ("b", "1.3"), ("q", None)):
+        await cache.get(key, load, study=study)
+    assert await cache.forget("1.2") == 2
+    assert cache.peek("a") is None and cache.peek("q") is None and cache.peek("b") is not None
+    for key, study in (("a", "1.2"), ("q", None)):
+        with pytest.raises(UpstreamError):  # not from memory, not from disk
+            await cache.get(key, down, study=study)
+    clock.now += 20
+    assert (await cache.get("b", down, study="1.3"))[1]  # the other study's copy stands in
+    assert await cache.forget(None) == 1
+    with pytest.raises(UpstreamError):
+        await cache.get("b", down, study="1.3")
+
+
+async def test_a_load_under_way_when_its_study_is_removed_is_not_kept(tmp_path: Path) -> None:
+    clock = Clock()
+    disk = DiskCopies(tmp_path / "dw", 1 << 20)
+    cache = AnswerCache(1 << 20, stale_if_error=600, clock=clock, disk=disk)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(old: Cached | None) -> Cached:
+        started.set()
+        await release.wait()
+        return cached(b"before", clock, 10)
+
+    pending = asyncio.ensure_future(cache.get("a", slow, study="1.2"))
+    await started.wait()
+    await cache.forget("1.2")
+    release.set()
+    assert (await pending)[0].body == b"before"  # who asked before the removal is answered
+    assert cache.peek("a") is None and not disk.group("1.2").exists()
+
+    # an expiry while a load is under way: kept, but stale at once
+    started.clear()
+    release.clear()
+    pending = asyncio.ensure_future(cache.get("a", slow, study="1.2"))
+    await started.wait()
+    cache.expire("1.2")
+    release.set()
+    await pending
+    entry = cache.peek("a")
+    assert entry is not None and not entry.fresh(clock())

@@ -124,6 +124,7 @@ async def test_change_hook_expires_a_study_at_once(
 
     from dicomcache.devtools.samples import encode, make_ct_series
     from dicomcache.http.keys import STUDY_CHANGED
+    from dicomcache.upstream.changes import StudyEvent
 
     datasets = make_ct_series(2, rows=32, columns=32, seed=124, patient_id="PHOOK")
     blobs = [encode(ds, ExplicitVRLittleEndian) for ds in datasets]
@@ -135,7 +136,7 @@ async def test_change_hook_expires_a_study_at_once(
     await asyncio.to_thread(orthanc.upload, blobs[1:])
     assert len(await (await client.get(path)).json(content_type=None)) == 1
     for hook in client.app[STUDY_CHANGED]:
-        await hook(str(st))
+        await hook(StudyEvent(str(st)))
     assert len(await (await client.get(path)).json(content_type=None)) == 2
 
 

@@ -154,7 +154,14 @@ def test_render_escapes_and_shows_learned_strategies() -> None:
                   "by_family": {"orthanc": {"hits": 3, "misses": 1}}, "served_bytes": 10,
                   "write_failures": 4, "last_write_failure": {
                       "time": 998.0, "instance": "x", "reason": "cache disk full: <full>"},
-                  "coalesced": 0, "prefetch_queue": 0},
+                  "coalesced": 0, "prefetch_queue": 0,
+                  "coherence": {"confirm_interval": 1.0, "revalidate_after": 86400.0,
+                                "active_series": 2, "confirmed_series": 2,
+                                "unconfirmed_since": 990.0,
+                                "unconfirmed_reason": "connect: <refused>",
+                                "purged": {"deleted_upstream": 3, "replaced": 0,
+                                           "operator": 0},
+                                "unconfirmed_served": 7, "feed_gaps": 1}},
         "integrity": {"total": {}, "recent": []},
         "relay": {"enabled": True, "ae_title": "DICOMCACHE", "listening": "127.0.0.1:11112",
                   "forwarders": {"pacs": {"busy": True}},
@@ -172,6 +179,8 @@ def test_render_escapes_and_shows_learned_strategies() -> None:
     assert "CT Image Storage" in page and "(sending)" in page
     assert "4 instances since start, served uncached" in page
     assert "cache disk full: &lt;full&gt;" in page
+    assert "UNCONFIRMED" in page and "connect: &lt;refused&gt;" in page
+    assert "deleted_upstream 3" in page and "1 change-feed gap" in page
 
 
 async def test_metrics_on_their_own_port(aiohttp_client, make_settings: SettingsFactory) -> None:

@@ -81,3 +81,27 @@ def test_a_file_the_relay_did_not_write_is_never_forwarded(tmp_path: Path) -> No
         assert len(list(spool.quarantine_dir.glob("*.dcm"))) == 3
     finally:
         spool.close()
+
+
+def test_purge_delivered_removes_only_what_was_delivered(tmp_path: Path) -> None:
+    """An operator's purge of a study leaves no delivered copy in the spool (kept for
+    ``retention``), and never touches what still waits for a destination."""
+    from dicomcache.relay.outcome import DELIVERED
+
+    spool = Spool(tmp_path / "spool", ["PACS"], retention=3600.0)
+    spool.open()
+    try:
+        datasets = [*make_ct_series(2, rows=16, columns=16, seed=71),
+                    *make_ct_series(1, rows=16, columns=16, seed=72)]
+        blobs = [encode(ds, syntaxes.EXPLICIT_LE) for ds in datasets]
+        keys = [spool.put(b, info_from_bytes(b), "MODALITY") for b in blobs]
+        spool.record("PACS", [Outcome(keys[0], DELIVERED, 0, "")])  # one of study A done
+        study_a, study_b = str(datasets[0].StudyInstanceUID), str(datasets[2].StudyInstanceUID)
+        files = sorted(spool.objects.iterdir())
+        assert len(files) == 3  # the delivered one kept for retention
+        assert spool.purge_delivered([study_b]) == 0  # nothing of B delivered
+        assert spool.purge_delivered([study_a]) == 1
+        left = {p.read_bytes() for p in spool.objects.iterdir()}
+        assert left == {blobs[1], blobs[2]}  # the waiting ones stay
+    finally:
+        spool.close()

@@ -16,7 +16,7 @@ from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.devtools.wanem import WanEmulator
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import CHANGES, PREFETCHER, STORE, STUDY_CHANGED
-from dicomcache.upstream.changes import read_cursor, rule_matches, write_cursor
+from dicomcache.upstream.changes import StudyEvent, read_cursor, rule_matches, write_cursor
 from tests.conftest import SettingsFactory, eventually
 
 
@@ -36,8 +36,9 @@ def _upload(orthanc: OrthancProcess, n: int, study: str | None, modality: str,
 async def started(settings: Settings, seen: list[str]) -> TestClient:
     app = make_app(settings)
 
-    async def hook(study_uid: str) -> None:
-        seen.append(study_uid)
+    async def hook(event: StudyEvent) -> None:
+        assert event.study_uid is not None
+        seen.append(event.study_uid)
 
     app[STUDY_CHANGED].append(hook)
     client = TestClient(TestServer(app))
@@ -163,3 +164,19 @@ async def test_stop_during_a_cursor_write_waits_for_it(tmp_path: Path,
     with pytest.raises(asyncio.CancelledError):
         await saving
     assert await asyncio.to_thread(read_cursor, path, "http://o") == watcher.cursor == 7
+
+
+@pytest.mark.parametrize(("cursor", "seqs", "last", "restarted", "gap"), [
+    (10, [11, 12, 13], 13, False, None),            # in order: nothing missed
+    (10, [], 10, False, None),
+    (10, [14, 15], 15, False, "changes 11–13 are gone"),  # deleted resources' changes
+    (10, [11, 13], 13, False, "changes 12–12 are gone"),  # a hole inside the batch
+    (10, [], 3, False, "history restarted"),        # Orthanc's database replaced
+    (10, [11], 11, True, "dicomcache restarted"),
+])
+def test_feed_gap(cursor: int, seqs: list[int], last: int, restarted: bool,
+                  gap: str | None) -> None:
+    from dicomcache.upstream.changes import feed_gap
+
+    found = feed_gap(cursor, [{"Seq": s} for s in seqs], last, restarted=restarted)
+    assert (found is None) if gap is None else (found is not None and gap in found)
