@@ -18,12 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dicomcache"
 
 #: The base: imported by every layer above it.
-BASE = {"errors", "config", "metrics", "durable", "singleflight", ""}
+BASE = {"errors", "config", "metrics", "durable", "singleflight", "principal", ""}
 #: Layer -> the layers it may import (besides itself).  Mirrors docs/architecture.md.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "singleflight": set(),
     "durable": set(),
+    "principal": set(),
     "config": {"errors"},
     "metrics": {"errors", ""},
     "": set(),  # dicomcache/__init__.py: the version only

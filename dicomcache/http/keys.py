@@ -18,6 +18,7 @@ from dicomcache.config import Settings
 from dicomcache.dicomweb.state import DicomWeb
 from dicomcache.metrics import Metrics
 from dicomcache.prefetch.scheduler import Prefetcher
+from dicomcache.principal import Principal
 from dicomcache.upstream.changes import ChangeWatcher, StudyHook
 from dicomcache.upstream.client import OrthancClient
 
@@ -45,3 +46,5 @@ RELAY: web.AppKey[RelayStatusSource] = web.AppKey("relay")
 #: API family (orthanc, wado_uri, dicomweb, passthrough) and outcome (hit, miss, …) of a request.
 FAMILY = web.RequestKey("family", str)
 OUTCOME = web.RequestKey("outcome", str)
+#: Who the request acts for (set by authentication before any handler runs).
+PRINCIPAL = web.RequestKey("principal", Principal)
