@@ -49,8 +49,14 @@ def parse_size(text: str | int) -> int:
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
-    #: Serve /metrics on this separate port (on ``host``) instead of the main one.
-    metrics_port: int | None = None
+    #: Serve the status page, status JSON and /metrics on this port of ``admin_host``
+    #: instead of the viewer port (where they then answer 404).
+    admin_port: int | None = None
+    admin_host: str = "127.0.0.1"
+    #: ``Host:`` names viewers may use (a port after them is ignored); another name is
+    #: answered 421 (DNS rebinding).  Empty: the listen address, this machine's names,
+    #: ``localhost`` and the loopback addresses.
+    allowed_hosts: tuple[str, ...] = ()
     #: Seconds to let in-flight requests finish on SIGTERM before they are cancelled.
     shutdown_timeout: float = 10.0
     log_format: str = "plain"
@@ -215,6 +221,11 @@ class CorsSettings:
     allowed_origins: tuple[str, ...] = ()
     #: Seconds a browser may keep a preflight answer.
     max_age: int = 600
+    #: Let pages send credentials in browser-managed form (cookies, the browser's own
+    #: HTTP authentication prompt): ``Access-Control-Allow-Credentials: true``.  Never
+    #: with ``"*"``.  An ``Authorization`` header set by the viewer (OIDC bearer tokens)
+    #: does not need it.
+    allow_credentials: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,9 +315,21 @@ class _Section:
             self.problem(extra, "unknown key (a typo?)")
 
 
+#: A DNS name, an IPv4 address or a bracketed IPv6 address (what a ``Host:`` names).
+_HOST_NAME = re.compile(r"[a-z0-9*]([a-z0-9.\-]*[a-z0-9])?|\[[0-9a-f:.]+\]")
+
+
 def _server(sec: _Section) -> ServerSettings:
     d = ServerSettings()
-    metrics_port = sec.get("metrics_port", int, 0)  # 0: no port of its own
+    if "metrics_port" in sec.data and "admin_port" not in sec.data:  # its earlier name
+        sec.data["admin_port"] = sec.data.pop("metrics_port")
+        sec.data.setdefault("admin_host", sec.data.get("host", d.host))
+    admin_port = sec.get("admin_port", int, 0)  # 0: no port of its own
+    hosts = tuple(h.strip().lower() for h in sec.str_list("allowed_hosts"))
+    for host in hosts:
+        if not _HOST_NAME.fullmatch(host):
+            sec.problem("allowed_hosts", f"{host!r} is not a host name or address "
+                                         "(no scheme, no port)")
     log_format = sec.get("log_format", str, d.log_format)
     if log_format not in ("plain", "json"):
         sec.problem("log_format", f"must be \"plain\" or \"json\", not {log_format!r}")
@@ -316,7 +339,9 @@ def _server(sec: _Section) -> ServerSettings:
     return ServerSettings(
         host=sec.get("host", str, d.host),
         port=sec.port("port", d.port),
-        metrics_port=sec.port("metrics_port", 0) if metrics_port else None,
+        admin_port=sec.port("admin_port", 0) if admin_port else None,
+        admin_host=sec.get("admin_host", str, d.admin_host),
+        allowed_hosts=hosts,
         shutdown_timeout=sec.positive("shutdown_timeout", d.shutdown_timeout),
         log_format=log_format,
         log_level=log_level,
@@ -595,7 +620,13 @@ def _cors(sec: _Section) -> CorsSettings:
     max_age = sec.get("max_age", int, d.max_age)
     if not 0 <= max_age <= 86400:
         sec.problem("max_age", f"must be between 0 and 86400, not {max_age}")
-    return CorsSettings(allowed_origins=tuple(o.rstrip("/") for o in origins), max_age=max_age)
+    credentials = sec.get("allow_credentials", bool, d.allow_credentials)
+    if credentials and "*" in origins:
+        sec.problem("allow_credentials", "cannot be true with \"*\" in allowed_origins: any "
+                                         "web page could then read patient data with the "
+                                         "user's credentials; list the viewers' origins")
+    return CorsSettings(allowed_origins=tuple(o.rstrip("/") for o in origins), max_age=max_age,
+                        allow_credentials=credentials)
 
 
 def from_dict(data: dict[str, Any], *, base: Path = Path("."),
