@@ -3,6 +3,8 @@
 GET/HEAD on Orthanc's read-only REST resources and DICOMweb paths are streamed
 from Orthanc (never buffered whole), keeping its status and content type.
 Writes and dangerous endpoints answer 403 unless ``[access] allow`` lists them.
+Orthanc's redirects reach the viewer as paths of ours (so the next request
+meets the policy again); one leaving Orthanc is a 502 (dicomcache follows none).
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ from aiohttp import hdrs, web
 from dicomcache.http.keys import CLIENT, FAMILY, OUTCOME, SETTINGS
 from dicomcache.http.params import family_of
 from dicomcache.http.respond import BadRequest, json_error
-from dicomcache.upstream.client import FORWARDED_REQUEST_HEADERS, check_status
+from dicomcache.upstream import policy
+from dicomcache.upstream.client import FORWARDED_REQUEST_HEADERS, check_status, redirect_error
 
 #: Closed even for GET unless explicitly allowed (they change or reveal the PACS's setup).
 CLOSED_PATHS = ("/tools/execute-script", "/tools/reset", "/tools/shutdown",
                 "/modalities", "/modalities/*", "/peers", "/peers/*", "/jobs", "/jobs/*")
 SAFE_METHODS = ("GET", "HEAD")
 
-#: Response headers passed back to viewers (hop-by-hop and auth headers never are).
+#: Response headers passed back to viewers (hop-by-hop and auth headers never are;
+#: ``Location`` only as a path of ours).
 _PASSED_RESPONSE_HEADERS = (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH, hdrs.CONTENT_DISPOSITION,
                             hdrs.CONTENT_ENCODING, hdrs.ETAG, hdrs.LAST_MODIFIED,
-                            hdrs.CACHE_CONTROL, hdrs.LOCATION)
+                            hdrs.CACHE_CONTROL)
 _BAD_RAW = re.compile(r"%(2f|5c|00)|\\|\x00", re.IGNORECASE)
 
 
@@ -68,22 +72,35 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
 
     async def once(_attempt: int) -> web.StreamResponse:
         async with client.open(method, request.raw_path, kind="passthrough", headers=headers,
-                               body=body, encoded=True) as upstream:
+                               body=body, encoded=True, redirects=True) as upstream:
             if upstream.status >= 500 or upstream.status in (401, 403, 429):
                 check_status(upstream.status, upstream.headers, what, await upstream.read())
-            return await _relay_response(request, upstream)
+            location = _location(client.base, str(upstream.url), upstream)
+            if upstream.status in policy.REDIRECT_STATUSES and location is None:
+                raise redirect_error(what, upstream.status, str(upstream.url),
+                                     upstream.headers.get(hdrs.LOCATION, ""),
+                                     "it leaves Orthanc and dicomcache follows no redirect")
+            return await _relay_response(request, upstream, location)
 
     if method in SAFE_METHODS:
         return await client.retrying(once, what=what)
     return await once(1)  # writes are not idempotent: one attempt
 
 
-async def _relay_response(request: web.Request,
-                          upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+def _location(base: str, url: str, upstream: aiohttp.ClientResponse) -> str | None:
+    """Orthanc's ``Location`` as a path of ours; ``None`` if absent or leaving Orthanc."""
+    location = upstream.headers.get(hdrs.LOCATION)
+    return policy.viewer_location(base, url, location) if location else None
+
+
+async def _relay_response(request: web.Request, upstream: aiohttp.ClientResponse,
+                          location: str | None) -> web.StreamResponse:
     out = web.StreamResponse(status=upstream.status)
     for name in _PASSED_RESPONSE_HEADERS:
         if name in upstream.headers:
             out.headers[name] = upstream.headers[name]
+    if location is not None:
+        out.headers[hdrs.LOCATION] = location
     if request.method == "HEAD":
         await out.prepare(request)
         return out
