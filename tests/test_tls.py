@@ -108,7 +108,7 @@ def test_bad_files_are_refused_naming_the_file_at_fault(ca: trustme.CA, tmp_path
 def test_openssl_refuses_what_its_security_level_forbids(tmp_path: Path) -> None:
     weak = _self_signed_rsa(tmp_path, 1024)
     check_pair(weak.cert, weak.key)  # a sound pair…
-    with pytest.raises(TLSFileError, match="OpenSSL refuses .* key too small"):
+    with pytest.raises(TLSFileError, match=r"OpenSSL refuses .* key too small"):
         tls.server_context(weak.cert, weak.key)  # …that OpenSSL will not serve
 
 
