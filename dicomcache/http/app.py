@@ -157,7 +157,7 @@ async def _scrub_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    client = OrthancClient(settings.upstream, app[METRICS])
+    client = await OrthancClient.create(settings.upstream, app[METRICS])
     app[CLIENT] = client
     coherence = Coherence(settings.cache, client, app[STORE], app[METRICS], app[STUDY_CHANGED])
     app[COHERENCE] = coherence

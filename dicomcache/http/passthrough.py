@@ -9,6 +9,8 @@ Explorer and other web apps, ``/tools/*``, archive and media ZIP builders,
 DICOMweb plugin's server table, every write.  A request read through acts with
 dicomcache's own Orthanc account, so what is not listed here is never reachable
 from the network by default.
+Orthanc's redirects reach the viewer as paths of ours (so the next request
+meets the policy again); one leaving Orthanc is a 502 (dicomcache follows none).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from aiohttp import hdrs, web
 from dicomcache.http.keys import CLIENT, FAMILY, OUTCOME, SETTINGS
 from dicomcache.http.params import family_of
 from dicomcache.http.respond import BadRequest, json_error
-from dicomcache.upstream.client import FORWARDED_REQUEST_HEADERS, check_status
+from dicomcache.upstream import policy
+from dicomcache.upstream.client import FORWARDED_REQUEST_HEADERS, check_status, redirect_error
 
 SAFE_METHODS = ("GET", "HEAD")
 _OID = r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}"
@@ -47,10 +50,11 @@ READ_THROUGH: tuple[tuple[str, str], ...] = (
 )
 _READ_THROUGH = re.compile("|".join(f"(?:{p})" for p, _ in READ_THROUGH))
 
-#: Response headers passed back to viewers (hop-by-hop and auth headers never are).
+#: Response headers passed back to viewers (hop-by-hop and auth headers never are;
+#: ``Location`` only as a path of ours).
 _PASSED_RESPONSE_HEADERS = (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH, hdrs.CONTENT_DISPOSITION,
                             hdrs.CONTENT_ENCODING, hdrs.ETAG, hdrs.LAST_MODIFIED,
-                            hdrs.CACHE_CONTROL, hdrs.LOCATION)
+                            hdrs.CACHE_CONTROL)
 _BAD_RAW = re.compile(r"%(2f|5c|00)|\\|\x00", re.IGNORECASE)
 
 
@@ -93,22 +97,35 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
 
     async def once(_attempt: int) -> web.StreamResponse:
         async with client.open(method, request.raw_path, kind="passthrough", headers=headers,
-                               body=body, encoded=True) as upstream:
+                               body=body, encoded=True, redirects=True) as upstream:
             if upstream.status >= 500 or upstream.status in (401, 403, 429):
                 check_status(upstream.status, upstream.headers, what, await upstream.read())
-            return await _relay_response(request, upstream)
+            location = _location(client.base, str(upstream.url), upstream)
+            if upstream.status in policy.REDIRECT_STATUSES and location is None:
+                raise redirect_error(what, upstream.status, str(upstream.url),
+                                     upstream.headers.get(hdrs.LOCATION, ""),
+                                     "it leaves Orthanc and dicomcache follows no redirect")
+            return await _relay_response(request, upstream, location)
 
     if method in SAFE_METHODS:
         return await client.retrying(once, what=what)
     return await once(1)  # writes are not idempotent: one attempt
 
 
-async def _relay_response(request: web.Request,
-                          upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+def _location(base: str, url: str, upstream: aiohttp.ClientResponse) -> str | None:
+    """Orthanc's ``Location`` as a path of ours; ``None`` if absent or leaving Orthanc."""
+    location = upstream.headers.get(hdrs.LOCATION)
+    return policy.viewer_location(base, url, location) if location else None
+
+
+async def _relay_response(request: web.Request, upstream: aiohttp.ClientResponse,
+                          location: str | None) -> web.StreamResponse:
     out = web.StreamResponse(status=upstream.status)
     for name in _PASSED_RESPONSE_HEADERS:
         if name in upstream.headers:
             out.headers[name] = upstream.headers[name]
+    if location is not None:
+        out.headers[hdrs.LOCATION] = location
     if request.method == "HEAD":
         await out.prepare(request)
         return out

@@ -7,7 +7,7 @@
   ``PROBE_EVERY`` seconds, or down, a cheap ``GET /system`` decides.
 * ``GET /``: one plain HTML page for people without Grafana (no script, no
   external assets, refreshes itself); ``GET /status.json`` is the same data.
-* ``/metrics`` on the main port, or, when ``server.metrics_port`` is set, on
+* ``/metrics`` on the main port, or, when ``server.admin_port`` is set, on
   a site of its own (with ``/healthz`` and ``/readyz``) so viewers never see it.
 
 The relay, when it runs, is seen only through ``RELAY`` (anything with a
