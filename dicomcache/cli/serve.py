@@ -9,16 +9,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
 
-from dicomcache import __version__
+from dicomcache import __version__, tls
 from dicomcache.cli.common import USAGE, load_settings, setup_logging, state_dir
 from dicomcache.config import Settings
+from dicomcache.http import listeners
 from dicomcache.http.app import make_app
-from dicomcache.http.keys import METRICS, RELAY
+from dicomcache.http.keys import METRICS, RELAY, RELOADERS, SERVER_TLS
 
 log = logging.getLogger("dicomcache")
 
@@ -42,17 +44,32 @@ def relay_context(settings: Settings) -> Callable[[web.Application], AsyncIterat
         relay = Relay(settings.relay, app[METRICS])
         await relay.start()
         app[RELAY] = relay
+        app[RELOADERS].append(relay.reload_tls)
         yield
         await relay.stop(settings.server.shutdown_timeout)
     return relay_ctx
 
 
-def build_app(settings: Settings) -> web.Application:
-    """The daemon's application: :func:`make_app`, plus the relay when enabled."""
+def build_app(settings: Settings, server_tls: tls.ServerTLS | None = None
+              ) -> web.Application:
+    """The daemon's application: :func:`make_app`, its listeners (HTTPS with
+    ``server_tls``, the redirect, SIGHUP reloads), plus the relay when enabled."""
     app = make_app(settings)
+    if server_tls is not None:
+        app[SERVER_TLS] = server_tls
+    listeners.setup(app)
     if settings.relay.enabled:
         app.cleanup_ctx.append(relay_context(settings))
     return app
+
+
+def viewer_tls(settings: Settings) -> tls.ServerTLS | None:
+    """The viewer listener's certificate (files read and checked: blocking, before the
+    loop runs), or None for plain HTTP."""
+    server = settings.server
+    if server.tls_certificate is None or server.tls_key is None:
+        return None
+    return tls.ServerTLS(server.tls_certificate, server.tls_key, name="viewer listener")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,14 +88,22 @@ def run(args: argparse.Namespace) -> int:
         log.info("no upstream.url configured: starting a local demo Orthanc")
         demo, settings = start_demo_orthanc(settings, state_dir())
     try:
-        app = build_app(settings)
-        base = f"http://{settings.server.host}:{settings.server.port}"
+        try:
+            server_tls = viewer_tls(settings)
+        except tls.TLSFileError as exc:  # changed since the configuration was read
+            print(f"server.tls_{'key' if exc.which == 'key' else 'certificate'}: {exc.message}",
+                  file=sys.stderr)
+            return USAGE
+        app = build_app(settings, server_tls)
+        scheme = "https" if server_tls is not None else "http"
+        base = f"{scheme}://{settings.server.host}:{settings.server.port}"
         log.info("dicomcache %s listening on %s → %s; cache %s (max %.1f GiB)", __version__,
                  base, settings.upstream.url, settings.cache.directory,
                  settings.cache.max_size / (1 << 30))
         if demo is not None:
             print("Demo ready. Try:", *demo_urls(demo, base), sep="\n  ", flush=True)
         web.run_app(app, host=settings.server.host, port=settings.server.port,
+                    ssl_context=server_tls.context if server_tls is not None else None,
                     shutdown_timeout=settings.server.shutdown_timeout, print=None,
                     access_log=None, handle_signals=True)
     finally:

@@ -6,6 +6,7 @@ found by the routes here; nothing else is global.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from dicomcache.dicomweb.state import DicomWeb
 from dicomcache.metrics import Metrics
 from dicomcache.prefetch.scheduler import Prefetcher
 from dicomcache.principal import Principal
+from dicomcache.tls import ServerTLS
 from dicomcache.upstream.changes import ChangeWatcher, StudyHook
 from dicomcache.upstream.client import OrthancClient
 
@@ -50,3 +52,7 @@ OUTCOME = web.RequestKey("outcome", str)
 HOST_NAMES = web.AppKey("host_names", frozenset)
 #: Who the request acts for (set by authentication before any handler runs).
 PRINCIPAL = web.RequestKey("principal", Principal)
+#: The viewer listener's certificate when it speaks TLS (set by ``dicomcache serve``).
+SERVER_TLS = web.AppKey("server_tls", ServerTLS)
+#: What SIGHUP re-reads (certificates, users file…): async callables, run in order.
+RELOADERS: web.AppKey[list[Callable[[], Awaitable[object]]]] = web.AppKey("reloaders")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -29,7 +30,15 @@ from prometheus_client import Counter, Gauge
 
 from dicomcache import __version__
 from dicomcache.errors import NotFoundUpstream, UpstreamError
-from dicomcache.http.keys import CLIENT, COHERENCE, METRICS, RELAY, SETTINGS, STORE
+from dicomcache.http.keys import (
+    CLIENT,
+    COHERENCE,
+    METRICS,
+    RELAY,
+    SERVER_TLS,
+    SETTINGS,
+    STORE,
+)
 from dicomcache.http.respond import json_error
 from dicomcache.metrics import INSTANCE_FAMILIES, Metrics
 from dicomcache.upstream.client import OrthancClient
@@ -155,11 +164,27 @@ async def _admin_site_ctx(app: web.Application) -> AsyncIterator[None]:
     site_app.router.add_get("/", _bound(app, _status_page))
     runner = web.AppRunner(site_app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, server.admin_host, server.admin_port)
+    # Loopback stays plain HTTP (a local Prometheus needs no certificate for it); beyond
+    # it, the viewer port's TLS when it has one.
+    server_tls = app.get(SERVER_TLS)
+    ssl_context = (server_tls.context if server_tls is not None
+                   and not is_loopback(server.admin_host) else None)
+    site = web.TCPSite(runner, server.admin_host, server.admin_port, ssl_context=ssl_context)
     await site.start()
-    log.info("status page and metrics on http://%s:%d/", server.admin_host, server.admin_port)
+    log.info("status page and metrics on %s://%s:%d/", "https" if ssl_context else "http",
+             server.admin_host, server.admin_port)
     yield
     await runner.cleanup()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address only reaches this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 async def _admin_elsewhere(request: web.Request) -> web.Response:
@@ -268,6 +293,7 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
                         "reason": e.reason} for e in reversed(m.recent_integrity)],
         },
         "relay": _relay_status(app),
+        "tls": app[SERVER_TLS].status() if SERVER_TLS in app else None,
     }
 
 
@@ -383,6 +409,7 @@ def render(s: dict[str, Any]) -> str:
         f"<span>up since {_when(s['started'], now)}</span>"
         f"<span>page refreshes every {REFRESH} s</span></header><main>"
         + _render_upstream(s["upstream"], now)
+        + _render_tls(s.get("tls"), now)
         + _render_cache(s["cache"])
         + _render_integrity(s["integrity"], now)
         + _render_relay(s["relay"], now)
@@ -414,6 +441,24 @@ def _render_upstream(u: dict[str, Any], now: float) -> str:
         f"<dt>retries</dt><dd>{u['retries']}</dd>"
         f"<dt>downloaded</dt><dd>{_bytes(u['fetched_bytes'])} verified</dd>"
         "</dl></section>")
+
+
+def _render_tls(t: dict[str, Any] | None, now: float) -> str:
+    """The viewer listener's certificate: what an operator renews, and by when."""
+    if not t:
+        return ('<section id="tls"><h2>HTTPS</h2><p class="muted">off: viewers connect '
+                "in plain HTTP (server.tls_certificate)</p></section>")
+    days = (t["not_after"] - now) / 86400
+    cls = "bad" if days < 14 else ""
+    return (
+        '<section id="tls"><h2>HTTPS</h2><dl>'
+        f"<dt>certificate</dt><dd><code>{_e(t['certificate'])}</code></dd>"
+        f"<dt>subject</dt><dd>{_e(t['subject'])}</dd>"
+        f"<dt>names</dt><dd>{_e(', '.join(t['names']) or '-')}</dd>"
+        f"<dt>issuer</dt><dd>{_e(t['issuer'])}</dd>"
+        f'<dt>valid until</dt><dd id="tls-expiry" class="{cls}">'
+        f"{datetime.fromtimestamp(t['not_after'], UTC):%Y-%m-%d %H:%M} UTC "
+        f"({days:.0f} days)</dd></dl></section>")
 
 
 def _render_cache(c: dict[str, Any]) -> str:

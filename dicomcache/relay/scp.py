@@ -19,6 +19,15 @@ Associations from a calling AE title not in ``allowed_calling_ae_titles`` are
 rejected (permanent, service user, "calling AE title not recognised"); from a
 host not in ``allowed_hosts``: permanent, service user, "no reason given"
 (PS3.8 has no reason for addresses).
+
+With ``tls_certificate``/``tls_key`` the SCP speaks DICOM TLS (PS3.15 B.9-B.11,
+:mod:`dicomcache.tls`'s policy) and nothing else; with ``tls_ca_file`` the
+modalities' certificates are verified against it (required unless
+``tls_require_client_certificate`` is false).  The handshake happens in the
+association's own thread (:class:`~dicomcache.tls.DeferredHandshakeContext`),
+so a client that never finishes it holds one thread for ``timeout`` at most,
+not the accepting one.  :meth:`StoreSCP.reload_tls` (SIGHUP) takes a renewed
+certificate for new associations.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicomcache import tls
 from dicomcache.config import RelaySettings
 from dicomcache.dicom import syntaxes
 from dicomcache.durable import is_disk_full
@@ -80,6 +90,7 @@ class StoreSCP:
         self.spool = spool
         self.metrics = metrics
         self.server: ThreadedAssociationServer | None = None
+        self.tls: tls.ServerTLS | None = None
         self._callers = {t.strip() for t in settings.allowed_calling_ae_titles}
 
     # --- lifecycle -------------------------------------------------------------------
@@ -100,10 +111,31 @@ class StoreSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_ESTABLISHED, self._on_established),
         ]
+        self.tls = self._server_tls()
         self.server = ae.start_server((self.settings.host, self.settings.port), block=False,
-                                      evt_handlers=handlers)
-        log.info("Relay SCP %s listening on %s:%d", self.settings.ae_title, self.settings.host,
-                 self.port)
+                                      evt_handlers=handlers,
+                                      ssl_context=self.tls.context if self.tls else None)
+        log.info("Relay SCP %s listening on %s:%d%s", self.settings.ae_title,
+                 self.settings.host, self.port, " (DICOM TLS)" if self.tls else "")
+
+    def _server_tls(self) -> tls.ServerTLS | None:
+        s = self.settings
+        if s.tls_certificate is None or s.tls_key is None:
+            return None
+        server_tls = tls.ServerTLS(
+            s.tls_certificate, s.tls_key, name="relay SCP", client_ca=s.tls_ca_file,
+            require_client_cert=s.tls_require_client_certificate,
+            cls=tls.DeferredHandshakeContext)
+        # A modality that connects and never finishes its handshake holds its thread
+        # this long at most (its association counts against max_inbound_associations).
+        assert isinstance(server_tls.context, tls.DeferredHandshakeContext)
+        server_tls.context.handshake_timeout = s.timeout
+        return server_tls
+
+    def reload_tls(self) -> bool:
+        """Read the certificate and key again (blocking); False when TLS is off or the
+        new pair was refused (the old one stays in use)."""
+        return self.tls.reload() if self.tls is not None else False
 
     @property
     def port(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -28,6 +29,7 @@ from pydicom import Dataset
 from pynetdicom import AE, _config, build_context
 from pynetdicom.association import Association
 
+from dicomcache import tls
 from dicomcache.config import DestinationSettings
 from dicomcache.metrics import Metrics
 from dicomcache.relay import fallback as fb
@@ -149,10 +151,23 @@ class StoreSCU:
         ae.connection_timeout = min(self.timeout, 10.0)
         contexts = [build_context(p.abstract_syntax, [p.transfer_syntax]) for p in proposals]
         assoc = ae.associate(self.dest.remote_host, self.dest.remote_port, contexts=contexts,
-                             ae_title=self.dest.remote_ae_title, max_pdu=self.max_pdu)
+                             ae_title=self.dest.remote_ae_title, max_pdu=self.max_pdu,
+                             tls_args=self._tls_args())
         with self._lock:
             self._assoc = assoc
         return assoc, len(proposals)
+
+    def _tls_args(self) -> tuple[ssl.SSLContext, str] | None:
+        """DICOM TLS towards this peer, or None.  The context is built for each
+        association (milliseconds, once per batch), so renewed files are picked up
+        without a restart; a file that no longer loads fails this association like
+        an unreachable peer (:class:`~dicomcache.tls.TLSFileError`; the batch is retried
+        with back-off, nothing is lost)."""
+        d = self.dest
+        if not d.tls:
+            return None
+        ctx = tls.client_context(d.tls_ca_file, d.tls_certificate, d.tls_key)
+        return ctx, d.tls_server_name or d.remote_host
 
     def _release(self, assoc: Association) -> None:
         with self._lock:
@@ -200,7 +215,13 @@ class StoreSCU:
                 log.warning("%s", fb.fallback_message(walk, self.peer, len(pending),
                                                       pending[0].sop_class))
             report.associations += 1
-            assoc, n_contexts = self._associate(walk.strategy, pending)
+            try:
+                assoc, n_contexts = self._associate(walk.strategy, pending)
+            except tls.TLSFileError as exc:
+                report.destination_error = f"DICOM TLS towards {self.peer} cannot start: {exc}"
+                log.error("%s", report.destination_error)
+                report.not_attempted.extend(i.key for i in pending)
+                break
             outcome = _association_outcome(assoc)
             step = fb.after_association(walk, outcome, peer=self.peer, n_contexts=n_contexts)
             if not isinstance(step, fb.UseAssociation):

@@ -94,6 +94,11 @@ class Relay:
         await self._refresh()
         self._stats_task = asyncio.create_task(self._stats_loop(), name="relay-stats")
 
+    async def reload_tls(self) -> None:
+        """SIGHUP: the SCP's certificate read again for new associations (destinations'
+        files are read at each association anyway)."""
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.scp.reload_tls)
+
     async def stop(self, grace: float) -> None:
         """Graceful stop within ``grace`` seconds (see the module docstring)."""
         loop = asyncio.get_running_loop()
@@ -152,6 +157,7 @@ class Relay:
             "listening": f"{self.settings.host}:{self.port}",
             "started": self._started,
             "active_inbound_associations": self.scp.active(),
+            "tls": self.scp.tls.status() if self.scp.tls is not None else None,
             "forwarders": self._forwarder_status(),
             **self._snapshot,
         }

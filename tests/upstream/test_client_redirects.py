@@ -163,7 +163,7 @@ async def test_a_redirecting_upstream_leaks_no_credential_to_viewers_status_or_l
         assert await ask(path) == 200
     # The read-through passes a redirect within Orthanc on (as a path of ours), never one
     # leaving it.
-    assert await ask("/patients") == (502 if mode == "away" else 302)
+    assert await ask(f"/patients/{INSTANCE}") == (502 if mode == "away" else 302)
     text = "\n".join(seen) + "\n" + caplog.text
     assert leaks(text) == []
     assert redirector.stolen == []
@@ -171,11 +171,13 @@ async def test_a_redirecting_upstream_leaks_no_credential_to_viewers_status_or_l
 
 async def test_a_same_origin_redirect_is_passed_to_the_viewer_as_a_path_of_ours(
         viewer: TestClient, redirector: Redirector) -> None:
-    """Orthanc's own redirects (``/app`` → ``/app/explorer.html``) reach the viewer as a
-    path on dicomcache, so the next request passes the access policy again."""
+    """Orthanc's own redirects reach the viewer as a path on dicomcache, so the next
+    request passes the access policy again (here: closed, Orthanc Explorer)."""
     for mode in ("relative", "absolute"):
         redirector.mode = mode
-        resp = await viewer.get("/app", allow_redirects=False)
+        resp = await viewer.get(f"/studies/{INSTANCE}/series", allow_redirects=False)
         assert resp.status == 302
         assert resp.headers["Location"] == ("/app/explorer.html" if mode == "relative"
                                             else "/app/explorer.html?x=1")
+        followed = await viewer.get(resp.headers["Location"], allow_redirects=False)
+        assert followed.status == 403
