@@ -47,7 +47,8 @@ def test_unit_is_hardened() -> None:
     assert one["PrivateTmp"] == "yes" and one["NoNewPrivileges"] == "yes"
     assert one["CapabilityBoundingSet"] == "" and one["AmbientCapabilities"] == ""
     assert one["Restart"] == "on-failure"
-    assert "ExecReload" not in d  # the config is read once: restart, not reload
+    # reload = SIGHUP: certificates and the users file re-read, nothing else.
+    assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert d["ExecStart"] == [f"{INSTALLED} serve --config /etc/dicomcache/config.toml"]
     assert d["ExecStartPre"][0].startswith(f"{INSTALLED} check-config --config ")
     # Where the unit lets it write is where the defaults put the cache and the spool.
