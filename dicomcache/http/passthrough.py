@@ -108,7 +108,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
             return await _relay_response(request, upstream, location)
 
     if method in SAFE_METHODS:
-        return await client.retrying(once, what=what)
+        # The path is the viewer's choice: its failures judge that resource, not the link.
+        return await client.retrying(once, what=what, judges_link=False)
     return await once(1)  # writes are not idempotent: one attempt
 
 

@@ -1,9 +1,11 @@
 """A circuit breaker for the link to Orthanc: stop waiting on a dead WAN.
 
 Closed (normal): every request goes to Orthanc.  After ``failures``
-consecutive requests that failed on *every* attempt for a link-level reason
-(timeout, reset, refused connection, 502/503/504 — see
-:func:`dicomcache.upstream.policy.link_down`; refused credentials are not a dead link)
+consecutive requests of dicomcache's own that failed on *every* attempt because
+the link failed (timeout, reset, refused connection — see
+:func:`dicomcache.upstream.policy.link_down`): an answer, even a 5xx for one
+resource, says the link works, refused credentials are not a dead link, and the
+read-through (whose paths viewers choose) never counts
 the circuit **opens**: requests that need Orthanc fail at once with
 :class:`~dicomcache.errors.UpstreamUnavailable` (a ``503`` with
 ``Retry-After`` and a JSON reason for viewers) instead of each waiting through

@@ -135,13 +135,17 @@ class OrthancClient:
         return policy.backoff_delay(attempt, s.backoff_base, s.backoff_max, self._rng.random(),
                                     retry_after)
 
-    async def retrying(self, op: Callable[[int], Awaitable[T]], *, what: str) -> T:
+    async def retrying(self, op: Callable[[int], Awaitable[T]], *, what: str,
+                       judges_link: bool = True) -> T:
         """Run ``op(attempt)`` until it succeeds or the retries are spent.
 
         ``op`` raises :class:`UpstreamError` or :class:`IntegrityError` for a
         retryable failure, :class:`NotFoundUpstream` for a final one.  The error
         after the last attempt is re-raised as :class:`UpstreamError` carrying
-        ``attempts``.
+        ``attempts``.  ``judges_link=False`` (requests whose path a viewer chose: the
+        read-through) keeps their failures out of the circuit breaker and the
+        upstream state: one viewer's slow or failing resource is that resource's
+        problem, never a reason to fail every other viewer fast.
         """
         attempts = self.settings.retries + 1
         for attempt in range(1, attempts + 1):
@@ -159,11 +163,10 @@ class OrthancClient:
                     self.metrics.note_integrity_failure(cause, what, exc.reason)
                 if attempt == attempts or cause.final:
                     log.warning("%s failed after %d attempt(s): %s", what, attempt, exc)
-                    if policy.link_down(cause, status):
+                    if judges_link and policy.upstream_unusable(cause, status):
                         self.metrics.note_upstream(False, self.base, str(exc))
-                        # refused credentials, an untrusted certificate are not a dead link
-                        if cause not in (Cause.AUTH, Cause.TLS):
-                            self.breaker.failure(str(exc))
+                    if judges_link and policy.link_down(cause):
+                        self.breaker.failure(str(exc))
                     kind = UpstreamTimeout if cause is Cause.TIMEOUT else UpstreamError
                     raise kind(cause, exc.reason, attempts=attempt, status=status) from exc
                 retry_after = exc.retry_after if isinstance(exc, UpstreamError) else None

@@ -30,14 +30,19 @@ def backoff_delay(attempt: int, base: float, cap: float, u: float,
     return delay
 
 
-def link_down(cause: Cause, status: int | None = None) -> bool:
-    """Whether a failure says Orthanc is unreachable, not that one resource is bad.
+def link_down(cause: Cause) -> bool:
+    """Whether a failure says the link to Orthanc is down (what the circuit breaker
+    counts): a timeout, a reset or a refused connection.  An answer, any answer (a
+    5xx for one resource, a corrupt body, a refusal), says the link works."""
+    return cause in (Cause.TIMEOUT, Cause.RESET, Cause.CONNECT)
 
-    A 500 for one resource (e.g. a transcoding Orthanc cannot do) or a corrupt
-    body says nothing about the link; timeouts, resets, refused connections,
-    gateway errors and refused credentials do.
-    """
-    return cause in (Cause.TIMEOUT, Cause.RESET, Cause.CONNECT, Cause.AUTH, Cause.TLS) or (
+
+def upstream_unusable(cause: Cause, status: int | None = None) -> bool:
+    """Whether a failure says Orthanc cannot be used at all (the "DOWN" state of the
+    status page and ``dicomcache_upstream_up``): the link is down, the credentials or
+    the certificate are refused, or a gateway in front says Orthanc is gone
+    (502/503/504)."""
+    return link_down(cause) or cause in (Cause.AUTH, Cause.TLS) or (
         cause is Cause.HTTP_5XX and status in (502, 503, 504))
 
 

@@ -8,12 +8,13 @@ the link comes back, the background probe closes the circuit.
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
 from aiohttp.test_utils import TestClient
 
-from dicomcache.devtools.wanem import WanEmulator
+from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.errors import UpstreamUnavailable
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import CLIENT, METRICS
@@ -120,3 +121,35 @@ async def test_disabled_breaker_never_opens() -> None:
         b.failure("reset")
     assert b.state == "closed"
     await b.close()
+
+
+async def test_one_resource_failing_never_opens_the_circuit_for_everyone(
+        client: TestClient, wan: WanEmulator, ct_series: list[Sample]) -> None:
+    """A 5xx for one instance (Orthanc cannot read that file; a proxy's 503 for one
+    path) is that instance's error: other viewers' misses still go to Orthanc."""
+    broken, *others = ct_series[8:]
+    wan.set_profile(LinkProfile(status_503=1.0, fault_paths=re.escape(broken.orthanc_id)))
+    for _ in range(4):
+        assert (await client.get(f"/instances/{broken.orthanc_id}/file")).status == 502
+    assert client.app[CLIENT].breaker.state == "closed"
+    resp = await client.get(f"/instances/{others[0].orthanc_id}/file")
+    assert resp.status == 200 and await resp.read() == others[0].data
+
+
+async def test_a_viewer_read_through_failing_never_opens_the_circuit(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        ct_series: list[Sample]) -> None:
+    """The read-through's paths are the viewer's choice: a failing resource there (or a
+    viewer asking for failing ones on purpose) does not fail every other viewer fast."""
+    settings = make_settings(url=f"http://127.0.0.1:{wan.port}",
+                             upstream={"retries": 0, "breaker_failures": 2})
+    client = await aiohttp_client(make_app(settings))
+    bad = ct_series[9]
+    wan.set_profile(LinkProfile(status_503=1.0,
+                                fault_paths=re.escape(bad.orthanc_id) + "/tags$"))
+    for _ in range(3):
+        assert (await client.get(f"/instances/{bad.orthanc_id}/tags")).status == 502
+    assert wan.faults["status_503"] >= 3
+    assert client.app[CLIENT].breaker.state == "closed"
+    resp = await client.get(f"/instances/{ct_series[10].orthanc_id}/file")
+    assert resp.status == 200 and await resp.read() == ct_series[10].data

@@ -9,6 +9,7 @@ from dicomcache.upstream.policy import (
     describe_location,
     link_down,
     status_error_cause,
+    upstream_unusable,
     viewer_location,
 )
 
@@ -54,13 +55,20 @@ def test_describe_location_shows_no_credentials_or_query(location: str, expected
     assert describe_location(REQ, location) == expected
 
 
-@pytest.mark.parametrize("cause, status, down", [
-    (Cause.TIMEOUT, None, True), (Cause.CONNECT, None, True), (Cause.AUTH, 401, True),
-    (Cause.TLS, None, True), (Cause.REDIRECT, 302, False), (Cause.HTTP_5XX, 500, False),
-    (Cause.HTTP_5XX, 503, True), (Cause.MD5_MISMATCH, None, False),
+@pytest.mark.parametrize("cause, status, down, unusable", [
+    (Cause.TIMEOUT, None, True, True), (Cause.CONNECT, None, True, True),
+    (Cause.RESET, None, True, True), (Cause.AUTH, 401, False, True),
+    (Cause.TLS, None, False, True), (Cause.REDIRECT, 302, False, False),
+    (Cause.HTTP_5XX, 500, False, False), (Cause.HTTP_5XX, 503, False, True),
+    (Cause.HTTP_5XX, 504, False, True), (Cause.MD5_MISMATCH, None, False, False),
+    (Cause.BAD_JSON, None, False, False),
 ])
-def test_link_down(cause: Cause, status: int | None, down: bool) -> None:
-    assert link_down(cause, status) is down
+def test_link_down_and_unusable(cause: Cause, status: int | None, down: bool,
+                                unusable: bool) -> None:
+    """The breaker counts only a failed link; the upstream state also a refusal of
+    dicomcache or a gateway saying Orthanc is gone."""
+    assert link_down(cause) is down
+    assert upstream_unusable(cause, status) is unusable
 
 
 @pytest.mark.parametrize("status, cause", [
