@@ -20,7 +20,7 @@ from dicomcache.errors import (
     UpstreamUnavailable,
 )
 from dicomcache.http.keys import FAMILY, HOST_NAMES, METRICS, OUTCOME
-from dicomcache.http.respond import json_error
+from dicomcache.http.respond import BodyCut, json_error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -122,8 +122,13 @@ async def canonical_path(request: web.Request, handler: Handler) -> web.StreamRe
     closed list.  Such a request is redirected (308: method and body kept) to
     its canonical path, which a viewer with a trailing slash in its base URL
     follows at LAN cost; nothing is ever answered for a non-canonical path.
+    A target that is not a path (``GET http://host/… HTTP/1.1``, the form clients
+    use with a forward proxy) is a 400: dicomcache is nobody's proxy.
     """
     raw, sep, query = request.raw_path.partition("?")
+    if not raw.startswith("/"):
+        return json_error(400, "bad request", "the request target must be a path "
+                          "(absolute-form targets are for proxies; dicomcache is not one)")
     good = canonical(raw)
     if good != raw:
         raise web.HTTPPermanentRedirect(good + sep + query)
@@ -145,6 +150,10 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     except web.HTTPException:
         request.setdefault(OUTCOME, "error")
         raise
+    except BodyCut as exc:  # logged where it was cut
+        if request.transport is not None:
+            request.transport.abort()  # aiohttp's last write then fails quietly
+        response = exc.response
     finally:
         metrics = request.app[METRICS]
         family = request.get(FAMILY)

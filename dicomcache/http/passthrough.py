@@ -23,7 +23,7 @@ from aiohttp import hdrs, web
 
 from dicomcache.http.keys import CLIENT, FAMILY, OUTCOME, SETTINGS
 from dicomcache.http.params import family_of
-from dicomcache.http.respond import BadRequest, json_error
+from dicomcache.http.respond import BadRequest, cut, json_error
 from dicomcache.upstream import policy
 from dicomcache.upstream.client import FORWARDED_REQUEST_HEADERS, check_status, redirect_error
 
@@ -135,10 +135,10 @@ async def _relay_response(request: web.Request, upstream: aiohttp.ClientResponse
         async for chunk in upstream.content.iter_chunked(1 << 16):
             await out.write(chunk)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        # Headers are gone already: the only honest signal left is to break the
-        # connection, so the viewer sees an incomplete body, not a complete short one.
-        # (Raised as a ConnectionResetError, not an upstream error, so nothing retries.)
-        raise ConnectionResetError(f"upstream body cut short: {exc!r}") from exc
+        # Headers are gone already: the viewer must see an incomplete body, not a
+        # complete short one.  (Not an upstream error, so nothing retries.)
+        raise cut(request, out, f"read-through of {request.path}",
+                  exc, " (Orthanc's answer stopped)") from exc
     await out.write_eof()
     return out
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -33,7 +34,32 @@ from dicomcache.cache.store import Store, signature
 from dicomcache.http import ranges
 from dicomcache.http.keys import METRICS, OUTCOME, STORE
 
+log = logging.getLogger(__name__)
+
 DICOM = "application/dicom"
+
+
+class BodyCut(ConnectionResetError):
+    """An answer broken off after its headers went out.  No closing boundary, no last
+    chunk: breaking the connection is the only honest signal left to the client.
+    :func:`~dicomcache.http.middleware.errors_and_metrics` closes the connection and
+    hands ``response`` back to aiohttp, so the cut is one log line (written by
+    :func:`cut`), not a traceback per viewer."""
+
+    def __init__(self, response: web.StreamResponse, message: str) -> None:
+        super().__init__(message)
+        self.response = response
+
+
+def cut(request: web.Request, response: web.StreamResponse, what: str, exc: BaseException,
+        after: str = "") -> BodyCut:
+    """Log why ``response`` cannot be finished and return the error that ends it."""
+    request[OUTCOME] = "aborted"
+    # A viewer that goes away (a closed tab, a cancelled load) is routine; a cut file or
+    # an upstream that stopped sending is not.
+    log.log(logging.INFO if isinstance(exc, ConnectionError) else logging.WARNING,
+            "%s aborted%s: %s: %s", what, after, type(exc).__name__, exc)
+    return BodyCut(response, f"{what} cut{after}: {exc}")
 
 
 def json_text(error: str, reason: str, **extra: Any) -> str:

@@ -26,7 +26,7 @@ from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream
 from dicomcache.http.keys import DICOMWEB, FETCHER, METRICS, OUTCOME, STORE
 from dicomcache.http.params import dicomweb_uids, family_of
 from dicomcache.http.passthrough import passthrough
-from dicomcache.http.respond import REVALIDATE, send_file_range
+from dicomcache.http.respond import REVALIDATE, cut, send_file_range
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ async def _one_part(request: web.Request, found: Instance) -> web.StreamResponse
     except OSError as exc:  # the stored file cut on disk, or the viewer gone
         if not resp.prepared:
             raise
-        raise _cut(request, f"instance {found.sop_uid}", exc) from exc
+        raise cut(request, resp, f"instance {found.sop_uid}", exc) from exc
     await resp.write(multipart.closing(b))
     await resp.write_eof()
     return resp
@@ -121,7 +121,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         await parts.abandon()
         if not resp.prepared or isinstance(exc, asyncio.CancelledError):
             raise
-        raise _cut(request, f"retrieve of {series or study}", exc,
+        raise cut(request, resp, f"retrieve of {series or study}", exc,
                    f" after {sent} of {len(oids)} instances") from exc
     # No wait for the stream's last commits: every part sent was verified, and
     # lookups of an instance whose commit is pending wait for it (AsyncStore.get).
@@ -162,13 +162,3 @@ async def _send(request: web.Request, resp: web.StreamResponse, b: str, part: Pa
     request.app[METRICS].served_bytes.inc(part.size)
 
 
-def _cut(request: web.Request, what: str, exc: BaseException, after: str = ""
-         ) -> ConnectionResetError:
-    """An answer that cannot be finished after its headers: logged, and the error that
-    breaks the connection (no closing boundary, no last chunk): the only honest signal
-    left to the client."""
-    request[OUTCOME] = "aborted"
-    # A viewer that goes away (a closed tab, a cancelled load) is routine; a cut file is not.
-    log.log(logging.INFO if isinstance(exc, ConnectionError) else logging.WARNING,
-            "%s aborted%s: %s", what, after, exc)
-    return ConnectionResetError(f"{what} cut{after}: {exc}")

@@ -1,0 +1,64 @@
+"""dicomcache.http.middleware on the wire: request targets that are not paths."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+import pytest
+
+from dicomcache.devtools.wanem import LinkProfile, WanEmulator
+from dicomcache.http.app import make_app
+from tests.conftest import Sample, SettingsFactory
+
+
+async def raw_request(port: int, target: str) -> str:
+    """One request with exactly this request target (clients normalise theirs)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                 "Connection: close\r\n\r\n".encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return data.decode("latin-1")
+
+
+@pytest.mark.parametrize("target", [
+    "http://127.0.0.1:{port}/instances/{id}/file",
+    "http://attacker.example/instances/{id}/file",
+    "https://127.0.0.1/patients",
+])
+async def test_an_absolute_form_target_is_a_400_not_a_redirect_or_a_500(
+        aiohttp_client, make_settings: SettingsFactory, samples: dict[str, list[Sample]],
+        target: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    client = await aiohttp_client(make_app(make_settings()))
+    port = client.server.port
+    answer = await raw_request(port, target.format(port=port,
+                                                   id=samples["explicit"][0].orthanc_id))
+    assert answer.startswith("HTTP/1.1 400 ")
+    assert "absolute-form" in answer and "Location" not in answer
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("fault", ["reset", "close_early"])
+async def test_an_answer_cut_after_its_headers_is_one_log_line_not_a_traceback(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        samples: dict[str, list[Sample]], fault: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Orthanc's answer stops mid-body on a read-through: the viewer sees a broken
+    connection (never a complete-looking short body), the log says so once."""
+    caplog.set_level(logging.INFO)
+    sample = samples["explicit"][1]
+    wan.set_profile(LinkProfile(**{fault: 1.0}, fault_paths=r"/tags$"))
+    client = await aiohttp_client(make_app(make_settings(url=f"http://127.0.0.1:{wan.port}")))
+    for _ in range(3):
+        resp = await client.get(f"/instances/{sample.orthanc_id}/tags")
+        assert resp.status == 200  # the headers had gone out
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert wan.faults[fault] >= 3
+    assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
+    cuts = [r for r in caplog.records if "aborted" in r.getMessage()]
+    assert len(cuts) == 3 and all(r.levelname == "WARNING" for r in cuts)
