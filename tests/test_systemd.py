@@ -47,6 +47,7 @@ def test_unit_is_hardened() -> None:
     assert one["PrivateTmp"] == "yes" and one["NoNewPrivileges"] == "yes"
     assert one["CapabilityBoundingSet"] == "" and one["AmbientCapabilities"] == ""
     assert one["Restart"] == "on-failure"
+    assert one["RestartPreventExitStatus"] == "2"  # a configuration problem: no restart loop
     # reload = SIGHUP: certificates and the users file re-read, nothing else.
     assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert d["ExecStart"] == [f"{INSTALLED} serve --config /etc/dicomcache/config.toml"]

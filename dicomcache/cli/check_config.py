@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from dicomcache.cli import startup
 from dicomcache.cli.common import USAGE, load_settings
 
 
@@ -21,7 +23,13 @@ def run(args: argparse.Namespace) -> int:
     s = load_settings(args)
     if s is None:
         return USAGE
-    print(f"{args.config or '(embedded default)'}: OK")
+    where = args.config or "(embedded default)"
+    found = startup.problems(s, from_file=args.config is not None)
+    for key, message in found:
+        print(f"{where}: {key}: {message}", file=sys.stderr)
+    if found:
+        return USAGE
+    print(f"{where}: OK")
     print(f"  listen        http://{s.server.host}:{s.server.port}"
           + (f" (status and metrics on {s.server.admin_host}:{s.server.admin_port})"
              if s.server.admin_port else ""))

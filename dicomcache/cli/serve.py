@@ -12,15 +12,24 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from dicomcache import __version__, tls
+from dicomcache.cli import startup
 from dicomcache.cli.common import USAGE, load_settings, setup_logging, state_dir
 from dicomcache.config import Settings
 from dicomcache.http import listeners
 from dicomcache.http.app import make_app
-from dicomcache.http.keys import METRICS, RELAY, RELOADERS, SERVER_TLS
+from dicomcache.http.keys import (
+    ADMIN_SOCKETS,
+    METRICS,
+    REDIRECT_SOCKETS,
+    RELAY,
+    RELOADERS,
+    SERVER_TLS,
+)
 
 log = logging.getLogger("dicomcache")
 
@@ -80,34 +89,69 @@ def run(args: argparse.Namespace) -> int:
         server = dataclasses.replace(settings.server, port=args.port or settings.server.port,
                                      host=args.host or settings.server.host)
         settings = dataclasses.replace(settings, server=server)
+    where = args.config or "(embedded default)"
+    found = startup.problems(settings, from_file=args.config is not None)
+    for key, message in found:
+        print(f"{where}: {key}: {message}", file=sys.stderr)
+    if found:
+        return USAGE
+    try:
+        bound = startup.bind_all(settings)  # before anything starts: one clear line
+    except startup.ListenError as exc:
+        print(f"{where}: {exc.key}: {exc}", file=sys.stderr)
+        return USAGE
     setup_logging(settings.server.log_level, settings.server.log_format)
     demo = None
-    if settings.upstream.url is None:
-        from dicomcache.devtools.demo import demo_urls, start_demo_orthanc
-
-        log.info("no upstream.url configured: starting a local demo Orthanc")
-        demo, settings = start_demo_orthanc(settings, state_dir())
     try:
-        try:
-            server_tls = viewer_tls(settings)
-        except tls.TLSFileError as exc:  # changed since the configuration was read
-            print(f"server.tls_{'key' if exc.which == 'key' else 'certificate'}: {exc.message}",
-                  file=sys.stderr)
-            return USAGE
-        app = build_app(settings, server_tls)
-        scheme = "https" if server_tls is not None else "http"
-        base = f"{scheme}://{settings.server.host}:{settings.server.port}"
-        log.info("dicomcache %s listening on %s → %s; cache %s (max %.1f GiB)", __version__,
-                 base, settings.upstream.url, settings.cache.directory,
+        if settings.upstream.url is None:  # only without --config (startup.problems)
+            from dicomcache.devtools.demo import start_demo_orthanc
+
+            log.info("no --config: starting a local demo Orthanc with a sample study")
+            demo, settings = start_demo_orthanc(settings, state_dir())
+        return _serve(settings, bound, demo)
+    finally:
+        bound.close()
+        if demo is not None:
+            demo.stop()
+
+
+def _serve(settings: Settings, bound: startup.Bound, demo: Any) -> int:
+    try:
+        server_tls = viewer_tls(settings)
+    except tls.TLSFileError as exc:  # changed since the configuration was read
+        print(f"server.tls_{'key' if exc.which == 'key' else 'certificate'}: {exc.message}",
+              file=sys.stderr)
+        return USAGE
+    app = build_app(settings, server_tls)
+    app[ADMIN_SOCKETS], app[REDIRECT_SOCKETS] = bound.admin, bound.redirect
+    scheme = "https" if server_tls is not None else "http"
+    base = f"{scheme}://{settings.server.host}:{settings.server.port}"
+    started = False
+
+    async def say_listening(_app: web.Application) -> None:
+        # After every component started (cleanup_ctx runs first): a "listening" line
+        # is only ever followed by a working service.
+        nonlocal started
+        started = True
+        log.info("dicomcache %s listening on %s → %s; cache %s (max %.1f GiB)",
+                 __version__, base, settings.upstream.url, settings.cache.directory,
                  settings.cache.max_size / (1 << 30))
         if demo is not None:
+            from dicomcache.devtools.demo import demo_urls
+
             print("Demo ready. Try:", *demo_urls(demo, base), sep="\n  ", flush=True)
-        web.run_app(app, host=settings.server.host, port=settings.server.port,
+
+    app.on_startup.append(say_listening)
+    try:
+        web.run_app(app, sock=bound.viewer,
                     ssl_context=server_tls.context if server_tls is not None else None,
                     shutdown_timeout=settings.server.shutdown_timeout, print=None,
                     access_log=None, handle_signals=True)
-    finally:
-        if demo is not None:
-            demo.stop()
+    except Exception as exc:
+        if started:
+            raise
+        log.debug("start-up failed", exc_info=True)
+        log.error("dicomcache could not start: %s: %s", type(exc).__name__, exc)
+        return 1
     log.info("dicomcache stopped")
     return 0

@@ -6,6 +6,7 @@ found by the routes here; nothing else is global.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -56,3 +57,7 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 SERVER_TLS = web.AppKey("server_tls", ServerTLS)
 #: What SIGHUP re-reads (certificates, users file…): async callables, run in order.
 RELOADERS: web.AppKey[list[Callable[[], Awaitable[object]]]] = web.AppKey("reloaders")
+#: Listening sockets ``dicomcache serve`` opened before starting (so that a port in use
+#: is one clear line, not a traceback); absent: the sites bind their own.
+ADMIN_SOCKETS: web.AppKey[list[socket.socket]] = web.AppKey("admin_sockets")
+REDIRECT_SOCKETS: web.AppKey[list[socket.socket]] = web.AppKey("redirect_sockets")

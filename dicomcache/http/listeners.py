@@ -22,7 +22,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import hdrs, web
 
-from dicomcache.http.keys import HOST_NAMES, RELOADERS, SERVER_TLS, SETTINGS
+from dicomcache.http.keys import (
+    HOST_NAMES,
+    REDIRECT_SOCKETS,
+    RELOADERS,
+    SERVER_TLS,
+    SETTINGS,
+)
 from dicomcache.http.middleware import host_allowed, host_of
 from dicomcache.http.respond import json_error
 
@@ -67,7 +73,12 @@ async def _redirect_ctx(app: web.Application) -> AsyncIterator[None]:
     redirect_app.router.add_route("*", "/{tail:.*}", _redirect)
     runner = web.AppRunner(redirect_app, access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, server.host, server.http_redirect_port).start()
+    bound = app.get(REDIRECT_SOCKETS)
+    sites: list[web.BaseSite] = (
+        [web.SockSite(runner, sock) for sock in bound] if bound
+        else [web.TCPSite(runner, server.host, server.http_redirect_port)])
+    for site in sites:
+        await site.start()
     log.info("plain HTTP on port %d redirects to HTTPS on port %d",
              server.http_redirect_port, server.port)
     yield

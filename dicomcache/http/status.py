@@ -31,6 +31,7 @@ from prometheus_client import Counter, Gauge
 from dicomcache import __version__
 from dicomcache.errors import NotFoundUpstream, UpstreamError
 from dicomcache.http.keys import (
+    ADMIN_SOCKETS,
     CLIENT,
     COHERENCE,
     METRICS,
@@ -169,8 +170,13 @@ async def _admin_site_ctx(app: web.Application) -> AsyncIterator[None]:
     server_tls = app.get(SERVER_TLS)
     ssl_context = (server_tls.context if server_tls is not None
                    and not is_loopback(server.admin_host) else None)
-    site = web.TCPSite(runner, server.admin_host, server.admin_port, ssl_context=ssl_context)
-    await site.start()
+    bound = app.get(ADMIN_SOCKETS)
+    sites: list[web.BaseSite] = (
+        [web.SockSite(runner, sock, ssl_context=ssl_context) for sock in bound] if bound
+        else [web.TCPSite(runner, server.admin_host, server.admin_port,
+                          ssl_context=ssl_context)])
+    for site in sites:
+        await site.start()
     log.info("status page and metrics on %s://%s:%d/", "https" if ssl_context else "http",
              server.admin_host, server.admin_port)
     yield

@@ -1,0 +1,118 @@
+"""dicomcache.cli.startup: what stops ``serve`` before it listens, as one clear line.
+
+The daemon runs as a process (as systemd runs it); a port held by another
+program, a read-only cache file system (a real read-only tmpfs) and a
+configuration without an Orthanc each give exit 2, one line naming the key, and
+no "listening" line, no traceback, no demo Orthanc.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicomcache.cli.startup import directory_problem
+from dicomcache.devtools.orthanc import free_port, loopback_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Path]:
+    """A real read-only file system (tmpfs mounted ro; root only)."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_directory_problem(tmp_path: Path, read_only: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    assert directory_problem(tmp_path) is None
+    assert directory_problem(tmp_path / "new" / "cache") is None  # created at start
+    assert "is not a directory" in str(directory_problem(tmp_path / "file"))
+    assert "is not a directory" in str(directory_problem(tmp_path / "file" / "cache"))
+    assert "read-only" in str(directory_problem(read_only))
+    assert f"create {read_only / 'cache'} in {read_only}" in str(
+        directory_problem(read_only / "cache"))
+
+
+def _config(tmp_path: Path, body: str) -> Path:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(textwrap.dedent(body))
+    return cfg
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicomcache", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env=loopback_env(),
+                          check=False)
+
+
+def _refused(done: subprocess.CompletedProcess[str], key: str, text: str) -> None:
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f": {key}: " in lines[0] and text in lines[0], out
+    assert "listening" not in out and "Traceback" not in out
+    assert "Demo ready" not in out and "starting a local demo" not in out
+
+
+@pytest.mark.parametrize("which", ["port", "admin_port"])
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path, which: str) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    ports = {"port": free_port(), "admin_port": free_port(), which: taken}
+    cfg = _config(tmp_path, f"""
+        [server]
+        port = {ports["port"]}
+        admin_port = {ports["admin_port"]}
+        [upstream]
+        url = "http://127.0.0.1:9"
+        [cache]
+        directory = "{tmp_path / 'cache'}"
+    """)
+    try:
+        _refused(_run("serve", "--config", str(cfg)), f"server.{which}",
+                 f"cannot listen on 127.0.0.1:{taken}: Address already in use")
+    finally:
+        holder.close()
+    assert not (tmp_path / "cache").exists()  # nothing started
+
+
+def test_a_read_only_cache_directory_is_one_line_and_exit_2(
+        tmp_path: Path, read_only: Path) -> None:
+    cfg = _config(tmp_path, f"""
+        [server]
+        port = {free_port()}
+        [upstream]
+        url = "http://127.0.0.1:9"
+        [cache]
+        directory = "{read_only / 'cache'}"
+    """)
+    for command in ("serve", "check-config"):
+        _refused(_run(command, "--config", str(cfg)), "cache.directory", "read-only")
+
+
+def test_a_config_without_an_orthanc_never_starts_the_demo(tmp_path: Path) -> None:
+    """One commented-out url must not put a fake patient in front of a clinic."""
+    cfg = _config(tmp_path, f"""
+        [server]
+        port = {free_port()}
+        [cache]
+        directory = "{tmp_path / 'cache'}"
+    """)
+    for command in ("serve", "check-config"):
+        _refused(_run(command, "--config", str(cfg)), "upstream.url", "required")
