@@ -164,7 +164,7 @@ class Coherence:
         asked_at = time.time()
         try:
             info = await self.client.get_json(f"/series/{series_oid}", kind="confirm",
-                                              retry=False)
+                                              retry=False, expect=dict)
         except NotFoundUpstream:
             info = None
         stored = await asyncio.to_thread(self.store.sync.in_series, series_oid)

@@ -79,7 +79,7 @@ class DicomWeb:
         """
         path = f"/{'series' if level == 'Series' else 'studies'}/{oid}/instances"
         try:
-            listed = await self.client.get_json(path, retry=False)
+            listed = await self.client.get_json(path, retry=False, expect=list, of=dict)
             return {str(i["ID"]): int(i["FileSize"]) for i in listed}
         except (UpstreamError, NotFoundUpstream, ValueError, KeyError, TypeError) as exc:
             log.info("no instance sizes for %s (%s): the retrieve is sent chunked", oid, exc)
@@ -106,7 +106,7 @@ class DicomWeb:
             if series is not None:
                 oid = old.value[0] if old is not None else \
                     await self.client.lookup(series, "Series", retry=False)
-                info = await self.client.get_json(f"/series/{oid}", retry=False)
+                info = await self.client.get_json(f"/series/{oid}", retry=False, expect=dict)
                 if old is None and info.get("ParentStudy") != \
                         await self.client.lookup(study, "Study", retry=False):
                     raise NotFoundUpstream(404, f"series {series} is not in study {study}")
@@ -115,7 +115,8 @@ class DicomWeb:
             else:
                 oid = old.value[0] if old is not None else \
                     await self.client.lookup(study, "Study", retry=False)
-                items = await self.client.get_json(f"/studies/{oid}/series", retry=False)
+                items = await self.client.get_json(f"/studies/{oid}/series", retry=False,
+                                                   expect=list, of=dict)
                 ids = [str(i) for s in items for i in s.get("Instances", ())]
                 validator = plain([(s.get("ID"), s.get("LastUpdate"), len(s.get("Instances", ())))
                                    for s in items])

@@ -234,17 +234,17 @@ class Prefetcher:
         if job.mode == "series" and job.series_uid:
             series_id = await self.client.lookup(job.series_uid, "Series")
             series, instances, study = await asyncio.gather(
-                self.client.get_json(f"/series/{series_id}"),
-                self.client.get_json(f"/series/{series_id}/instances"),
-                self.client.get_json(f"/series/{series_id}/study"))
+                self.client.get_json(f"/series/{series_id}", expect=dict),
+                self.client.get_json(f"/series/{series_id}/instances", expect=list, of=dict),
+                self.client.get_json(f"/series/{series_id}/study", expect=dict))
             items = order_items([series], instances, job.series_uid, job.sop_uid)
             if study.get("MainDicomTags", {}).get("StudyInstanceUID") == job.study_uid:
                 await self._remember(job.study_uid, items, whole_study=False)
             return items
         study_id = await self.client.lookup(job.study_uid, "Study")
         series_list, instances = await asyncio.gather(
-            self.client.get_json(f"/studies/{study_id}/series"),
-            self.client.get_json(f"/studies/{study_id}/instances"))
+            self.client.get_json(f"/studies/{study_id}/series", expect=list, of=dict),
+            self.client.get_json(f"/studies/{study_id}/instances", expect=list, of=dict))
         first = job.series_uid
         if first is None and series_list:
             first = series_list[0].get("MainDicomTags", {}).get("SeriesInstanceUID")

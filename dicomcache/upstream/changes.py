@@ -189,12 +189,12 @@ class ChangeWatcher:
     async def poll_once(self) -> bool:
         """Read and handle one batch; True when Orthanc says the feed is done."""
         if self.cursor is None:
-            data = await self.client.get_json("/changes?last")
+            data = await self.client.get_json("/changes?last", expect=dict)
             await self._save(int(data.get("Last", 0)))
             log.info("changes: starting after Orthanc's current last change %d", self.cursor)
             return True
         data = await self.client.get_json(
-            f"/changes?since={self.cursor}&limit={self.settings.batch}")
+            f"/changes?since={self.cursor}&limit={self.settings.batch}", expect=dict)
         changes = data.get("Changes") or []
         why = feed_gap(self.cursor, changes, data.get("Last"), restarted=self._restarted)
         self._restarted = False
@@ -263,7 +263,7 @@ class ChangeWatcher:
         if level == "Study" and resource in self._uids:
             return resource
         try:
-            study = await self.client.get_json(path.format(resource))
+            study = await self.client.get_json(path.format(resource), expect=dict)
         except NotFoundUpstream:  # deleted meanwhile
             return None
         study_id = str(study.get("ID", resource))
@@ -278,13 +278,15 @@ class ChangeWatcher:
         await notify(self.hooks, StudyEvent(study_uid, removed))
 
     async def _maybe_warm(self, study_id: str) -> None:
-        study = await self.client.get_json(f"/studies/{study_id}")
-        series = await self.client.get_json(f"/studies/{study_id}/series")
+        study = await self.client.get_json(f"/studies/{study_id}", expect=dict)
+        series = await self.client.get_json(f"/studies/{study_id}/series", expect=list,
+                                            of=dict)
         modalities = {str(s.get("MainDicomTags", {}).get("Modality", "")).upper()
                       for s in series}
         tags = {**study.get("PatientMainDicomTags", {}), **study.get("MainDicomTags", {})}
         if any(r.tag and r.tag not in tags for r in self.settings.prewarm):
-            shared = await self.client.get_json(f"/studies/{study_id}/shared-tags?simplify")
+            shared = await self.client.get_json(f"/studies/{study_id}/shared-tags?simplify",
+                                                expect=dict)
             tags = {**{k: str(v) for k, v in shared.items() if isinstance(v, str)}, **tags}
         uid = tags.get("StudyInstanceUID")
         if uid and any(rule_matches(r, study, modalities, tags) for r in self.settings.prewarm):

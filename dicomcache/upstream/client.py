@@ -240,19 +240,22 @@ class OrthancClient:
             return CIMultiDict(resp.headers), data
 
     async def get_json(self, path: str, *, method: str = "GET", body: bytes | None = None,
-                       kind: str = "listing", retry: bool = True) -> Any:
+                       kind: str = "listing", retry: bool = True, expect: type = object,
+                       of: type = object) -> Any:
         """A JSON answer, gzipped on the link unless ``upstream.compression = "none"``.
 
         A body that does not decompress or parse (a WAN that cut it, an
-        intermediary that mangled it) is a :attr:`Cause.BAD_JSON` failure,
-        retried like any other with ``retry``.
+        intermediary that mangled it), or is not an ``expect`` (of ``of`` items, for
+        a list), is a :attr:`Cause.BAD_JSON` failure, retried like any other with
+        ``retry``: the callers index what they asked for without a 500 in sight.
         """
         headers = GZIP if self.settings.compression != "none" else None
 
         async def attempt(_attempt: int) -> Any:
             got, data = await self.get(path, kind=kind, method=method, body=body,
                                        headers=headers)
-            return parse_json(data, got.get("Content-Encoding"), f"{method} {path}")
+            doc = parse_json(data, got.get("Content-Encoding"), f"{method} {path}")
+            return check_shape(doc, expect, of, f"{method} {path}")
 
         if not retry:
             return await attempt(1)
@@ -266,7 +269,7 @@ class OrthancClient:
         then, and a cache must never pick one of them).
         """
         found = await self.get_json("/tools/lookup", method="POST", body=uid.encode(),
-                                    kind="lookup", retry=retry)
+                                    kind="lookup", retry=retry, expect=list, of=dict)
         ids = [str(item["ID"]) for item in (found if isinstance(found, list) else ())
                if isinstance(item, dict) and item.get("Type") == level
                and isinstance(item.get("ID"), str)]
@@ -287,9 +290,7 @@ class OrthancClient:
         if series_uid:
             query["SeriesInstanceUID"] = series_uid
         found = await self.get_json("/tools/find", method="POST", kind="lookup", body=json.dumps(
-            {"Level": "Instance", "Query": query}).encode())
-        if not isinstance(found, list) or not all(isinstance(i, str) for i in found):
-            raise UpstreamError(Cause.BAD_JSON, f"/tools/find answered {str(found)[:80]!r}")
+            {"Level": "Instance", "Query": query}).encode(), expect=list, of=str)
         return [str(i) for i in found]
 
     async def instance_md5(self, orthanc_id: str) -> str | None:
@@ -348,6 +349,17 @@ def parse_json(data: bytes, encoding: str | None, what: str) -> Any:
     except (zlib.error, ValueError) as exc:
         raise UpstreamError(Cause.BAD_JSON, f"{what}: Orthanc's JSON answer is cut or "
                             f"malformed ({exc})") from exc
+
+
+def check_shape(doc: Any, expect: type, of: type, what: str) -> Any:
+    """``doc`` when it is an ``expect`` (a list: of ``of`` items); else
+    :class:`UpstreamError` with :attr:`Cause.BAD_JSON` (pure)."""
+    good = isinstance(doc, expect) and (
+        not isinstance(doc, list) or all(isinstance(item, of) for item in doc))
+    if not good:
+        raise UpstreamError(Cause.BAD_JSON, f"{what}: Orthanc's JSON answer is not the "
+                            f"{expect.__name__} expected ({str(doc)[:80]!r})")
+    return doc
 
 
 def md5_path(orthanc_id: str) -> str:

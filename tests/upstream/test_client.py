@@ -16,9 +16,10 @@ from dicomcache.config import UpstreamSettings
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
+from dicomcache.http.app import make_app
 from dicomcache.metrics import Metrics
-from dicomcache.upstream.client import OrthancClient, parse_md5
-from tests.conftest import Sample, eventually
+from dicomcache.upstream.client import OrthancClient, check_shape, parse_md5
+from tests.conftest import Sample, SettingsFactory, eventually
 
 
 def settings(url: str, orthanc: OrthancProcess, **kw: float) -> UpstreamSettings:
@@ -128,3 +129,40 @@ async def test_a_cut_or_malformed_json_answer_is_bad_json_and_retried(
             await client.lookup("1.2.3.4.5.6.7.8.9", "Instance")
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("doc, expect, of, good", [
+    ({"ID": "x"}, dict, object, True), ([], dict, object, False), ("x", dict, object, False),
+    ([{"ID": "x"}], list, dict, True), ([{"ID": "x"}, "y"], list, dict, False),
+    ({"ID": "x"}, list, dict, False), (["a", "b"], list, str, True), ([1], list, str, False),
+    (None, object, object, True),
+])
+def test_check_shape(doc: object, expect: type, of: type, good: bool) -> None:
+    """What a caller indexes is what it asked for, or a BAD_JSON failure (never a 500)."""
+    if good:
+        assert check_shape(doc, expect, of, "GET /x") is doc
+    else:
+        with pytest.raises(UpstreamError) as bad:
+            check_shape(doc, expect, of, "GET /x")
+        assert bad.value.cause is Cause.BAD_JSON
+
+
+@pytest.mark.parametrize("path", [r"^/tools/lookup$", r"^/series/[^/]+$",
+                                  r"^/studies/[^/]+/series$"])
+async def test_a_cut_listing_is_a_json_502_for_the_viewer_never_a_500(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        samples: dict[str, list[Sample]], path: str) -> None:
+    s = samples["jpeg-ls"][0] if "jpeg-ls" in samples else samples["explicit"][2]
+    wan.set_profile(LinkProfile(truncate_lying=1.0, fault_paths=path,
+                                fault_methods=frozenset({"GET", "POST"})))
+    client = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}", upstream={"retries": 1})))
+    for url in (f"/dicom-web/studies/{s.study}/series/{s.series}/metadata",
+                f"/dicom-web/studies/{s.study}/metadata"):
+        resp = await client.get(url)
+        if resp.status == 200:  # this path was not needed for this answer
+            continue
+        assert resp.status == 502, await resp.text()
+        body = await resp.json()
+        assert "cut or malformed" in body["reason"]
+    assert wan.faults["truncate_lying"] >= 1
