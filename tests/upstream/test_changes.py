@@ -146,7 +146,7 @@ async def test_stop_during_a_cursor_write_waits_for_it(tmp_path: Path,
         assert release.wait(10)
         write_cursor(path, upstream, last)
 
-    async def get_json(path: str) -> dict[str, int]:
+    async def get_json(path: str, **_kw: object) -> dict[str, int]:
         assert path == "/changes?last"  # no cursor yet: start at Orthanc's last change
         return {"Last": 7}
 
