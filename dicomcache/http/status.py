@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge
 
 from dicomcache import __version__
 from dicomcache.errors import NotFoundUpstream, UpstreamError
+from dicomcache.http import auth
 from dicomcache.http.keys import CLIENT, COHERENCE, METRICS, RELAY, SETTINGS, STORE
 from dicomcache.http.respond import json_error
 from dicomcache.metrics import INSTANCE_FAMILIES, Metrics
@@ -139,7 +140,9 @@ async def _health_loop(probe: UpstreamProbe) -> None:
 async def _metrics_site_ctx(app: web.Application) -> AsyncIterator[None]:
     server = app[SETTINGS].server
     assert server.metrics_port is not None
-    site_app = web.Application()
+    # The same checks as the main port: /metrics is for admins, health stays open.
+    site_app = web.Application(middlewares=[auth.guard])
+    site_app[auth.AUTH] = app[auth.AUTH]
     site_app.router.add_get("/metrics", app[METRICS].handler())
     site_app.router.add_get("/healthz", healthz)
     site_app.router.add_get("/readyz", _bound(app, readiness))
@@ -258,6 +261,7 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
                         "reason": e.reason} for e in reversed(m.recent_integrity)],
         },
         "relay": _relay_status(app),
+        "auth": app[auth.AUTH].status(app[SETTINGS]) if auth.AUTH in app else {},
     }
 
 
@@ -349,6 +353,7 @@ border-bottom:1px solid #e3e6ea;vertical-align:top}th{color:#5b6475;font-weight:
 .up{background:#1f8a4c}.down{background:#c0392b}.unknown,.disabled{background:#7f8896}
 .bar{background:#e3e6ea;border-radius:4px;height:12px;width:100%;overflow:hidden}
 .bar div{height:100%;background:#2f6fd6}.bar .warn{background:#d68a2f}.bar .crit{background:#c0392b}
+.alarm{background:#c0392b;color:#fff;padding:14px 24px;font-size:17px;font-weight:700}
 .muted{color:#7f8896}.bad{color:#c0392b;font-weight:600}code{font-size:12px}
 """
 
@@ -363,12 +368,24 @@ def render(s: dict[str, Any]) -> str:
         f"<title>dicomcache status</title><style>{_CSS}</style></head><body>"
         f"<header><h1>dicomcache</h1><span>version {_e(s['version'])}</span>"
         f"<span>up since {_when(s['started'], now)}</span>"
-        f"<span>page refreshes every {REFRESH} s</span></header><main>"
+        f"<span>page refreshes every {REFRESH} s</span></header>"
+        + _render_auth_warning(s.get("auth") or {})
+        + "<main>"
         + _render_upstream(s["upstream"], now)
         + _render_cache(s["cache"])
         + _render_integrity(s["integrity"], now)
         + _render_relay(s["relay"], now)
         + "</main></body></html>\n")
+
+
+def _render_auth_warning(a: dict[str, Any]) -> str:
+    """A banner nobody can miss while anyone on the network is an anonymous admin."""
+    if not a.get("anonymous_network"):
+        return ""
+    return ('<div id="auth-warning" class="alarm">WARNING: no authentication '
+            "(auth.mode = \"none\" with auth.allow_anonymous_network = true): anyone who "
+            "can reach this address can read patient data and administer dicomcache. "
+            "Only acceptable behind a proxy that authenticates every request.</div>")
 
 
 def _render_upstream(u: dict[str, Any], now: float) -> str:
