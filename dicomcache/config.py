@@ -280,7 +280,8 @@ class AuthSettings:
     realm: str = "dicomcache"
     #: ``basic``: one ``name:role:argon2id-hash`` line per user (``dicomcache users``).
     users_file: Path | None = None
-    #: ``bearer``: the token issuer (``iss``, and the base of OIDC discovery).
+    #: ``bearer``: the token issuer, exactly as tokens carry it in ``iss`` (a trailing
+    #: slash counts), and the base of OIDC discovery.
     issuer: str | None = None
     #: ``bearer``: the audience (``aud``) tokens must be minted for.
     audience: str | None = None
@@ -808,10 +809,15 @@ def is_loopback_host(host: str) -> bool:
 
 
 def exposure_problem(server: ServerSettings, auth: AuthSettings) -> str | None:
-    """Why anonymous access on ``server.host`` is refused, or ``None``."""
-    if auth.mode != "none" or auth.allow_anonymous_network or is_loopback_host(server.host):
+    """Why anonymous access on ``server.host`` (or the admin port's ``admin_host``) is
+    refused, or ``None``."""
+    if auth.mode != "none" or auth.allow_anonymous_network:
         return None
-    return (f"\"none\" lets anyone who reaches {server.host!r} read patient data and act as "
+    hosts = [server.host] + ([server.admin_host] if server.admin_port is not None else [])
+    exposed = [h for h in hosts if not is_loopback_host(h)]
+    if not exposed:
+        return None
+    return (f"\"none\" lets anyone who reaches {exposed[0]!r} read patient data and act as "
             "admin: use \"basic\" or \"bearer\", bind server.host to 127.0.0.1, or set "
             "auth.allow_anonymous_network = true if a proxy in front authenticates")
 
@@ -900,7 +906,7 @@ def _auth(sec: _Section, base: Path) -> AuthSettings:
         allow_anonymous_network=sec.get("allow_anonymous_network", bool,
                                         d.allow_anonymous_network),
         realm=realm, users_file=base / users if users else None,
-        issuer=issuer.rstrip("/") if issuer else None, audience=audience, jwks_url=jwks_url,
+        issuer=issuer, audience=audience, jwks_url=jwks_url,
         algorithms=tuple(algorithms), leeway=leeway, roles_claim=roles_claim,
         viewer_roles=viewer_roles, admin_roles=admin_roles, name_claim=name_claim,
         max_failures=max_failures, max_delay=max_delay, authorization_url=authz,

@@ -237,8 +237,10 @@ class KeySet:
     """The issuer's signing keys: fetched, refreshed, and kept across outages."""
 
     def __init__(self, settings: AuthSettings, session: aiohttp.ClientSession,
-                 cache_file: Path | None) -> None:
+                 cache_file: Path | None, *, refetch_every: float | None = None) -> None:
         self.settings = settings
+        self.refetch_every = (REFETCH_AT_MOST_EVERY if refetch_every is None
+                              else refetch_every)
         self.session = session
         self.cache_file = cache_file
         self.keys: dict[str, dict[str, Any]] = {}
@@ -253,7 +255,7 @@ class KeySet:
         """Load the copy kept on disk, fetch fresh keys (an outage is not fatal), and keep
         them fresh in the background."""
         if self.cache_file is not None:
-            saved = await asyncio.to_thread(_read_saved, self.cache_file)
+            saved = await asyncio.to_thread(_read_saved, self.cache_file, self._source())
             if saved:
                 self.keys = saved
                 log.info("auth: %d signing key(s) of %s loaded from %s", len(saved),
@@ -269,7 +271,7 @@ class KeySet:
     async def _refresh_loop(self) -> None:
         while True:
             # Sooner while no key was ever obtained: the first one matters most.
-            await asyncio.sleep(REFRESH_EVERY if self.keys else REFETCH_AT_MOST_EVERY)
+            await asyncio.sleep(REFRESH_EVERY if self.keys else self.refetch_every)
             await self.refetch()
 
     # lookups
@@ -280,7 +282,7 @@ class KeySet:
         """
         if kid is not None and kid in self.keys:
             return self.keys[kid]
-        if time.monotonic() - self._last_attempt >= REFETCH_AT_MOST_EVERY:
+        if time.monotonic() - self._last_attempt >= self.refetch_every:
             await self.refetch()
         if not self.keys:
             raise KeysUnavailable(self.last_error or "no signing keys obtained yet")
@@ -324,12 +326,19 @@ class KeySet:
         keys = usable_keys(document)
         if not keys:
             raise ValueError(f"{url} holds no usable signing key")
-        return _Fetched(keys, {"keys": list(keys.values())})
+        return _Fetched(keys, {"keys": list(keys.values()), "source": self._source()})
+
+    def _source(self) -> str:
+        """Whose keys these are: kept with the saved copy, which is used only for the
+        same issuer and key URL (a changed configuration never trusts old keys)."""
+        return f"{self.settings.issuer} {self.settings.jwks_url or DISCOVERY}"
 
     async def _discover(self) -> str:
         issuer = self.settings.issuer or ""
-        document = await self._get_json(issuer + DISCOVERY)
-        if str(document.get("issuer", "")).rstrip("/") != issuer:
+        # OpenID Connect Discovery 1.0 §4: the issuer without its trailing slash, then
+        # the well-known path; the document must name the issuer exactly (§4.3).
+        document = await self._get_json(issuer.rstrip("/") + DISCOVERY)
+        if document.get("issuer") != issuer:
             raise ValueError(f"the discovery document names issuer "
                              f"{str(document.get('issuer'))[:200]!r}, not {issuer!r}")
         jwks_uri = document.get("jwks_uri")
@@ -365,11 +374,14 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _read_saved(path: Path) -> dict[str, dict[str, Any]]:
+def _read_saved(path: Path, source: str) -> dict[str, dict[str, Any]]:
     try:
-        return usable_keys(json.loads(path.read_text(encoding="utf-8")))
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    if not isinstance(document, dict) or document.get("source") != source:
+        return {}
+    return usable_keys(document)
 
 
 def _save(path: Path, document: dict[str, Any]) -> None:
