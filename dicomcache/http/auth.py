@@ -30,8 +30,11 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
+import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import math
 import secrets
@@ -46,17 +49,23 @@ from typing import Any
 import aiohttp
 from aiohttp import hdrs, web
 
-from dicomcache.config import AuthSettings, Settings
+from dicomcache import tls
+from dicomcache.config import AuthSettings, Settings, exposure_problem
+from dicomcache.dicom.accept import accepts_json
 from dicomcache.errors import NotFoundUpstream, UpstreamError
 from dicomcache.http import bearer, users
 from dicomcache.http.authz import (
+    SEARCH,
     AuthorizationUnavailable,
     Authorizer,
+    Lookup,
     Refused,
+    study_of_result,
     target_of,
 )
 from dicomcache.http.keys import CLIENT, PRINCIPAL, SETTINGS, STORE
 from dicomcache.http.middleware import error_answer
+from dicomcache.http.passthrough import denial
 from dicomcache.http.respond import json_error
 from dicomcache.prefetch.budget import PrincipalBudget
 from dicomcache.principal import ADMIN, ANONYMOUS, VIEWER, Principal
@@ -79,11 +88,12 @@ ROUTE_ROLES: dict[str, str | None] = {
     "/instances/{id}/file": VIEWER,
     "/wado": VIEWER,
 }
-#: First path segments of what the read-through serves viewers: DICOMweb, WADO-URI and
-#: Orthanc's read-only REST resources.  Everything else it reaches (``/system``,
-#: ``/changes``, ``/statistics``, ``/tools/…``, ``/app/…``, ``/plugins``…) is admin's.
-VIEWER_SEGMENTS = ("dicom-web", "wado", "patients", "studies", "series", "instances")
 READS = ("GET", "HEAD")
+#: QIDO-RS routes: their answers are filtered per study by the authorization service.
+SEARCH_ROUTES = frozenset({
+    "/dicom-web/studies", "/dicom-web/series", "/dicom-web/instances",
+    "/dicom-web/studies/{study}/series", "/dicom-web/studies/{study}/instances",
+    "/dicom-web/studies/{study}/series/{series}/instances"})
 
 
 def required_role(method: str, path: str, route: str | None) -> str | None:
@@ -98,8 +108,10 @@ def required_role(method: str, path: str, route: str | None) -> str | None:
     if method not in READS:
         return ADMIN
     if route == PASSTHROUGH:
-        first = path.lstrip("/").split("/", 1)[0]
-        return VIEWER if first in VIEWER_SEGMENTS else ADMIN
+        # What viewers read through (the read-through allow-list: one resource of one
+        # patient, DICOMweb, WADO-URI) is viewer data; anything ``[access] allow``
+        # opens beyond it (/system, /changes, /tools/…, listings of everyone) is admin's.
+        return VIEWER if denial("GET", path, ()) is None else ADMIN
     if route is not None and route.startswith("/dicom-web/"):
         return VIEWER
     if route is None:
@@ -242,9 +254,13 @@ class Failure:
     error: str | None = "invalid_token"
     #: Kept as a known-bad header for a while (not for "cannot check now" failures).
     remember: bool = True
+    #: Seconds to wait (429 only).
+    retry_after: float = 0.0
 
 
 def failure_answer(settings: AuthSettings, failure: Failure) -> web.Response:
+    if failure.status == 429:
+        return too_many(failure.retry_after)
     if failure.status == 503:
         response = json_error(503, "authentication unavailable", failure.reason)
         response.headers[hdrs.RETRY_AFTER] = "10"
@@ -390,7 +406,7 @@ class Authenticator:
 
     async def _check(self, credentials: str, digest: bytes, address: str) -> Verified | Failure:
         if self.settings.mode == "basic":
-            outcome = await self._check_basic(credentials)
+            outcome = await self._check_basic(credentials, address)
         else:
             outcome = await self._check_bearer(credentials)
         now = time.monotonic()
@@ -409,7 +425,7 @@ class Authenticator:
             self._rejected.put(digest, outcome, now + REJECTED_FOR)
         return outcome
 
-    async def _check_basic(self, credentials: str) -> Verified | Failure:
+    async def _check_basic(self, credentials: str, address: str) -> Verified | Failure:
         try:
             decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
         except (binascii.Error, ValueError):
@@ -426,6 +442,12 @@ class Authenticator:
         self._argon2_waiting += 1
         try:
             async with self._argon2:
+                # Guesses queued while this address fell into back-off wait like new ones:
+                # parallel requests do not buy an attacker extra tries.
+                wait = self.backoff.wait(address, time.monotonic())
+                if wait > 0:
+                    return Failure(429, "back-off", counts=False, remember=False,
+                                   retry_after=wait)
                 self.argon2_runs += 1
                 ok = await asyncio.to_thread(users.verify_password, user, password)
         finally:
@@ -452,30 +474,36 @@ class Authenticator:
             claims = bearer.verify(token, key, alg, settings)
             principal = bearer.principal_of(claims, token, settings)
         except bearer.KeysUnavailable as exc:
-            return Failure(503, f"the identity provider's signing keys are not available: "
-                                f"{exc}", counts=False, remember=False)
+            log.warning("auth: bearer token not checked: %s", exc)
+            return Failure(503, "the identity provider's signing keys are not available yet",
+                           counts=False, remember=False)
         except bearer.TokenRejected as exc:
             log.info("auth: bearer token refused: %s", exc.description)
             status = 403 if exc.error == "insufficient_scope" else 401
-            return Failure(status, exc.description, counts=exc.counts, error=exc.error)
+            # Only a forgery stays refused for a while: a token not valid *yet*, or signed
+            # by a key published a moment from now (rotation), may pass soon.
+            return Failure(status, exc.description, counts=exc.counts, error=exc.error,
+                           remember=exc.counts)
         return Verified(principal, expires=float(claims["exp"]))
 
     # per-study decisions
     async def authorize(self, request: web.Request, verified: Verified) -> web.Response | None:
-        """``None`` when the authorization service grants the request, else the answer."""
+        """``None`` when the authorization service grants the request, else the answer.
+
+        A search (QIDO-RS at the top level) is not decided here but per result
+        (:meth:`filter_search`).
+        """
         assert self.authorizer is not None
         principal = verified.principal
         try:
             target = target_of(request.path, request.query, request.match_info)
+            if not isinstance(target, Lookup) and target.level == SEARCH:
+                return None
             decision = await self.authorizer.decide(principal, target, verified.expires)
         except Refused as exc:
             return json_error(400, "bad request", str(exc))
-        except AuthorizationUnavailable as exc:
-            response = json_error(503, "authorization unavailable",
-                                  f"the authorization service cannot decide ({exc}); "
-                                  "access is refused until it can")
-            response.headers[hdrs.RETRY_AFTER] = "5"
-            return response
+        except AuthorizationUnavailable:  # the cause is logged by the authorizer
+            return _undecided()
         except (UpstreamError, NotFoundUpstream) as exc:
             return error_answer(exc)
         if not decision.granted:
@@ -488,15 +516,55 @@ class Authenticator:
             request[AUTHORIZED_STUDY] = decision.target.dicom_uid
         return None
 
-    def status(self, settings: Settings) -> dict[str, Any]:
-        from dicomcache.config import is_loopback_host
+    async def filter_search(self, request: web.Request, verified: Verified,
+                            answer: web.StreamResponse) -> web.StreamResponse:
+        """A QIDO-RS answer with only the results whose study the service grants.
 
+        The answer was asked without ``If-None-Match`` and ``Accept-Encoding`` (so it
+        is whole, plain JSON); the filtered one gets an ``ETag`` of its own.  Errors
+        pass unchanged; an answer that cannot be read as a JSON list is refused (502),
+        never passed on unfiltered.
+        """
+        assert self.authorizer is not None
+        if answer.status >= 300 or answer.status == 204:
+            return answer
+        body = answer.body if isinstance(answer, web.Response) else None
+        try:
+            if not isinstance(body, bytes):
+                raise ValueError("not a whole answer")
+            results = json.loads(body)
+            if not isinstance(results, list):
+                raise ValueError("not a JSON list")
+        except ValueError:
+            return json_error(502, "bad gateway", "the search answer could not be checked "
+                                                  "against the authorization service")
+        studies = {study_of_result(r) for r in results}
+        studies.discard(None)
+        try:
+            granted = await self.authorizer.granted_studies(
+                verified.principal, {s for s in studies if s is not None}, verified.expires)
+        except Refused as exc:
+            return json_error(400, "bad request", str(exc))
+        except AuthorizationUnavailable:
+            return _undecided()
+        kept = [r for r in results if study_of_result(r) in granted]
+        filtered = json.dumps(kept, separators=(",", ":")).encode()
+        etag = '"q-' + hashlib.sha256(filtered).hexdigest()[:32] + '"'
+        headers = {hdrs.CACHE_CONTROL: "private, no-cache", hdrs.ETAG: etag}
+        if etag in request.headers.get(hdrs.IF_NONE_MATCH, ""):
+            return web.Response(status=304, headers=headers)
+        headers[hdrs.CONTENT_TYPE] = answer.headers.get(hdrs.CONTENT_TYPE,
+                                                        "application/dicom+json")
+        return web.Response(body=filtered, headers=headers)
+
+    def status(self, settings: Settings) -> dict[str, Any]:
+        # Whether "none" would have been refused without allow_anonymous_network.
+        strict = dataclasses.replace(self.settings, allow_anonymous_network=False)
         out: dict[str, Any] = {
             "mode": self.settings.mode,
-            "anonymous_network": self.settings.mode == "none"
-            and not is_loopback_host(settings.server.host),
+            "anonymous_network": exposure_problem(settings.server, strict) is not None,
             "authorization": self.settings.authorization_url is not None,
-            "blocked_addresses": len(self.backoff),
+            "failing_addresses": len(self.backoff),
         }
         if self.users_file is not None:
             out["users"] = len(self.users_file.users)
@@ -515,12 +583,18 @@ AUTHORIZED_STUDY = web.RequestKey("authorized_study", str)
 
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authenticate, check the role, ask the authorization service; then the handler."""
+    """Authenticate, check the role, ask the authorization service; then the handler.
+
+    ``request[PRINCIPAL]`` is set on every request, refused ones included (then
+    ``UNAUTHENTICATED``), so whatever runs around this middleware knows who asked.
+    """
     auth = request.app[AUTH]
-    role = required_role(request.method, request.path, route_of(request))
+    route = route_of(request)
+    role = required_role(request.method, request.path, route)
     if role is None:
         request[PRINCIPAL] = ANONYMOUS if auth.settings.mode == "none" else UNAUTHENTICATED
         return await handler(request)
+    request[PRINCIPAL] = UNAUTHENTICATED
     verified = await auth.authenticate(request)
     if isinstance(verified, web.StreamResponse):
         return verified
@@ -533,12 +607,33 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             response.headers[hdrs.WWW_AUTHENTICATE] = challenge(
                 auth.settings, "insufficient_scope", reason)
         return response
+    search = role == VIEWER and auth.authorizer is not None and route in SEARCH_ROUTES
     if role == VIEWER and auth.authorizer is not None:
         refused = await auth.authorize(request, verified)
         if refused is not None:
             return refused
+        if search and not accepts_json(request.headers.get(hdrs.ACCEPT)):
+            return json_error(406, "not acceptable",
+                              "with per-study authorization, searches are answered in "
+                              "JSON only (Accept: application/dicom+json)")
     request[AUTHORIZED] = True
-    return await handler(request)
+    if not search:
+        return await handler(request)
+    # The whole plain answer, filtered afterwards (a conditional or gzipped one could
+    # not be filtered).
+    headers = request.headers.copy()
+    for name in (hdrs.IF_NONE_MATCH, hdrs.IF_MODIFIED_SINCE, hdrs.ACCEPT_ENCODING):
+        headers.popall(name, None)
+    answer = await handler(request.clone(headers=headers))
+    return await auth.filter_search(request, verified, answer)
+
+
+def _undecided() -> web.Response:
+    response = json_error(503, "authorization unavailable",
+                          "the authorization service cannot decide; access is refused "
+                          "until it can")
+    response.headers[hdrs.RETRY_AFTER] = "5"
+    return response
 
 
 def may_prefetch(request: web.Request, study: str) -> bool:
@@ -555,7 +650,10 @@ def may_prefetch(request: web.Request, study: str) -> bool:
     budget = request.app.get(BUDGET)
     if principal is None or budget is None:
         return False
-    return budget.allow(f"{principal.method}:{principal.name}", study, time.monotonic())
+    who = f"{principal.method}:{principal.name}"
+    if principal.method == "none":  # no accounts: each client address is one principal
+        who = f"none:{client_key(request.remote)}"
+    return budget.allow(who, study, time.monotonic())
 
 
 # --- lifecycle ------------------------------------------------------------------------------
@@ -571,10 +669,14 @@ async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:
     prefetch = settings.prefetch
     app[BUDGET] = PrincipalBudget(prefetch.max_studies_per_principal, prefetch.principal_window)
     needs_session = auth_settings.mode == "bearer" or auth_settings.authorization_url
-    session = aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=max(bearer.FETCH_TIMEOUT,
-                                                auth_settings.authorization_timeout)),
-        trust_env=False) if needs_session else None
+    session = None
+    if needs_session:  # the house TLS policy; reading the system CAs is file I/O
+        ssl_context = await asyncio.to_thread(tls.client_context)
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ssl_context, limit=16),
+            timeout=aiohttp.ClientTimeout(total=max(bearer.FETCH_TIMEOUT,
+                                                    auth_settings.authorization_timeout)),
+            trust_env=False)
     users_file = keys = authorizer = None
     tasks: list[asyncio.Task[None]] = []
     try:

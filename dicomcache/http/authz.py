@@ -32,13 +32,18 @@ What is decided, and at which level (``target_of``, pure, table-tested):
   Orthanc REST ``/studies|series|instances/{orthanc-id}/…``, whose study is resolved
   first (from the store, else by asking Orthanc for ``…/study``; never by
   downloading the instance), so the service gets both the UID and the Orthanc ID;
-* a QIDO-RS search constrained to exactly one StudyInstanceUID (what OHIF sends when
-  it opens a study) is that study's decision; any other search, and every other
-  viewer resource naming no single study (``/patients``, Orthanc's lists), is a
-  ``system`` decision on its path, as the plugin makes it.  Search results are never
-  filtered: filtering breaks ``limit``/``offset`` paging and would ask the service
-  once per result; a service that wants some users to search grants them the
-  ``system`` level;
+* a QIDO-RS search is **filtered**: its answer is asked of Orthanc as usual, then
+  each result is kept only if the service grants its study (``0020000D`` of the
+  result; a result without one is dropped), one decision per distinct study,
+  kept like any other.  A search under ``/studies/{uid}/…`` is also decided on
+  that study first (403 when denied).  A search naming a denied study thus
+  answers ``[]``, exactly as if the study did not exist, and a search of every
+  study lists only the granted ones.  (Paging with ``limit``/``offset`` counts the
+  results before filtering, so a page can be shorter than ``limit``.)  At most
+  :data:`MAX_SEARCH_STUDIES` distinct studies are checked for one answer; a larger
+  answer is refused (400: narrow the search);
+* every other viewer resource naming no single study (``/patients/{id}``, Orthanc's
+  lists) is a ``system`` decision on its path, as the plugin makes it;
 * WADO-URI without ``studyUID`` (which PS3.18 requires anyway) is refused with 400.
 """
 
@@ -72,8 +77,11 @@ MAX_DECISIONS = 10000
 MAX_RESOLVED = 10000
 #: Most bytes read from the service's answer.
 MAX_ANSWER = 64 << 10
-#: The QIDO-RS keys naming a study (the plugin matches them in lower case too).
-_STUDY_KEYS = ("studyinstanceuid", "0020000d")
+#: Distinct studies of one search answer checked at most, and asked at once.
+MAX_SEARCH_STUDIES = 1000
+SEARCH_PARALLEL = 8
+#: The StudyInstanceUID tag in a DICOM JSON result.
+_STUDY_TAG = "0020000D"
 _ORTHANC_LEVELS = {"studies": "studies", "series": "series", "instances": "instances"}
 
 
@@ -97,6 +105,10 @@ class Target:
     @property
     def key(self) -> str:
         return f"study:{self.dicom_uid}" if self.level == "study" else f"system:{self.uri}"
+
+
+#: ``Target.level`` of a QIDO-RS search answered whole and then filtered per study.
+SEARCH = "search"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +140,7 @@ def target_of(path: str, query: Mapping[str, str] | None = None,
         return Target("study", dicom_uid=parts[2])
     if parts[:1] == ["dicom-web"] and len(parts) == 2 and parts[1] in (
             "studies", "series", "instances"):
-        uid = _one_study(query)
-        return Target("study", dicom_uid=uid) if uid else Target("system", uri=path)
+        return Target(SEARCH, uri=path)  # decided per result (study_of_result)
     if parts == ["wado"]:
         uid = query.get("studyUID")
         if uid is None or not is_uid(uid):
@@ -140,14 +151,17 @@ def target_of(path: str, query: Mapping[str, str] | None = None,
     return Target("system", uri=path)
 
 
-def _one_study(query: Mapping[str, str]) -> str | None:
-    """The one study a QIDO-RS search is constrained to, or ``None`` (any, several, a
-    wildcard or a list)."""
-    values = [v for k, v in query.items() if k.lower() in _STUDY_KEYS]
-    if len(values) != 1:
+def study_of_result(result: Any) -> str | None:
+    """The StudyInstanceUID of one QIDO-RS result (DICOM JSON), or ``None`` when it has
+    no valid one (such a result is dropped: deny by default)."""
+    if not isinstance(result, dict):
         return None
-    value = values[0].strip()
-    return value if is_uid(value) else None  # "1.2*", "1.2,1.3", "1.2\\1.3" are not UIDs
+    element = result.get(_STUDY_TAG)
+    values = element.get("Value") if isinstance(element, dict) else None
+    if not isinstance(values, list) or len(values) != 1:
+        return None
+    uid = values[0]
+    return uid if isinstance(uid, str) and is_uid(uid) else None
 
 
 def token_of(principal: Principal) -> tuple[str, str]:
@@ -263,6 +277,29 @@ class Authorizer:
         if validity > 0:
             self._keep(self._decisions, key, decision, MAX_DECISIONS)
         return decision
+
+    async def granted_studies(self, principal: Principal, studies: set[str],
+                              token_expires: float | None = None) -> set[str]:
+        """Which of ``studies`` (of one search answer) the service grants ``principal``.
+
+        Raises :class:`Refused` past :data:`MAX_SEARCH_STUDIES`, and
+        :class:`AuthorizationUnavailable` when any decision cannot be had (the whole
+        answer is refused then, never partly shown).
+        """
+        if len(studies) > MAX_SEARCH_STUDIES:
+            raise Refused(f"the search found {len(studies)} studies; per-study "
+                          f"authorization checks at most {MAX_SEARCH_STUDIES}: narrow it "
+                          "(limit, dates, patient)")
+        gate = asyncio.Semaphore(SEARCH_PARALLEL)
+
+        async def one(uid: str) -> tuple[str, bool]:
+            async with gate:
+                decision = await self.decide(principal, Target("study", dicom_uid=uid),
+                                             token_expires)
+            return uid, decision.granted
+
+        answers = await asyncio.gather(*(one(uid) for uid in sorted(studies)))
+        return {uid for uid, granted in answers if granted}
 
     async def resolve(self, lookup: Lookup) -> Target:
         """The study of an Orthanc resource, as a study target with both identifiers."""
