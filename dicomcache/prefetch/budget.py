@@ -42,3 +42,7 @@ class PrincipalBudget:
             return False
         studies[study] = now
         return True
+
+    def __len__(self) -> int:
+        """Principals remembered (bounded by ``capacity``)."""
+        return len(self._seen)
