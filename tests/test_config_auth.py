@@ -3,6 +3,7 @@ rule for ``mode = "none"``."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,30 @@ def test_anonymous_access_only_on_loopback(server: dict[str, Any], auth: dict[st
         assert "auth.mode" in [k for k, _ in problems(server=server, auth=auth)]
     else:
         from_dict({"server": server, "auth": auth})
+
+
+def uncommented(block_start: str, block_end: str | None = None) -> list[str]:
+    """The example's commented ``key = value`` lines between two markers, uncommented."""
+    text = (Path(__file__).resolve().parents[1] / "config.example.toml").read_text()
+    start = text.index(block_start)
+    block = text[start:text.index(block_end, start) if block_end else None]
+    return [line[2:] for line in block.splitlines() if re.match(r"# [a-z_]+ = ", line)]
+
+
+@pytest.mark.parametrize(("start", "end", "mode"), [
+    ('# --- mode = "basic"', '# --- mode = "bearer"', "basic"),
+    ('# --- mode = "bearer"', "# --- optional", "bearer"),
+])
+def test_example_auth_blocks_are_valid(tmp_path: Path, start: str, end: str,
+                                       mode: str) -> None:
+    import tomllib
+
+    from dicomcache.config import load
+
+    lines = uncommented(start, end) + uncommented("# --- optional")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[auth]\n" + "\n".join(lines) + "\n")
+    tomllib.loads(cfg.read_text())
+    settings = load(cfg)
+    assert settings.auth.mode == mode
+    assert settings.auth.authorization_url == "https://authz.clinic.example/decide"
