@@ -64,6 +64,7 @@ from dicomcache.cache.store import AsyncStore
 from dicomcache.config import AuthSettings
 from dicomcache.dicom.uids import is_orthanc_id, is_uid
 from dicomcache.errors import NotFoundUpstream
+from dicomcache.http.bearer import read_limited
 from dicomcache.principal import Principal
 from dicomcache.singleflight import SingleFlight
 from dicomcache.upstream.client import OrthancClient
@@ -256,12 +257,9 @@ class Authorizer:
             async with asyncio.timeout(self.settings.authorization_timeout):
                 async with self.session.post(self.url, json=body,
                                              allow_redirects=False) as resp:
-                    data = await resp.content.read(MAX_ANSWER + 1)
-                    status = resp.status
-            if status != 200:
-                raise ValueError(f"it answered HTTP {status}")
-            if len(data) > MAX_ANSWER:
-                raise ValueError("its answer is too large")
+                    if resp.status != 200:
+                        raise ValueError(f"it answered HTTP {resp.status}")
+                    data = await read_limited(resp, MAX_ANSWER)
             granted, validity = parse_decision(data)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             reason = str(exc) or type(exc).__name__

@@ -354,9 +354,10 @@ class KeySet:
                 raise ValueError(f"GET {url} answered {resp.status}")
             if (resp.content_length or 0) > MAX_DOCUMENT:
                 raise ValueError(f"GET {url}: {resp.content_length} bytes is too large")
-            body = await resp.content.read(MAX_DOCUMENT + 1)
-            if len(body) > MAX_DOCUMENT:
-                raise ValueError(f"GET {url}: more than {MAX_DOCUMENT} bytes")
+            try:
+                body = await read_limited(resp, MAX_DOCUMENT)
+            except ValueError as exc:
+                raise ValueError(f"GET {url}: {exc}") from None
         try:
             document = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -368,6 +369,20 @@ class KeySet:
     def status(self) -> dict[str, Any]:
         return {"issuer": self.settings.issuer, "keys": sorted(self.keys),
                 "fetched": self.fetched_at, "error": self.last_error}
+
+
+async def read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body of ``resp``, or ``ValueError`` past ``limit`` bytes.
+
+    (``content.read(n)`` returns what has arrived so far, not the whole body: an
+    answer crossing a WAN in several pieces would be cut.)
+    """
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(1 << 14):
+        body += chunk
+        if len(body) > limit:
+            raise ValueError(f"more than {limit} bytes")
+    return bytes(body)
 
 
 def _describe(exc: BaseException) -> str:

@@ -4,6 +4,7 @@ a users file."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -76,12 +77,25 @@ def unsigned(header: dict[str, Any], body: dict[str, Any], signature: bytes = b"
                      b64(signature)))
 
 
+async def in_two_pieces(request: web.Request, document: Any) -> web.StreamResponse:
+    """A JSON answer sent in two writes with a pause between (as a WAN delivers it)."""
+    body = json.dumps(document).encode()
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await resp.prepare(request)
+    await resp.write(body[:len(body) // 2])
+    await asyncio.sleep(0.05)
+    await resp.write(body[len(body) // 2:])
+    await resp.write_eof()
+    return resp
+
+
 @dataclass
 class Jwks:
     """The identity provider's key endpoint: its keys can change, it can go down."""
 
     keys: list[SigningKey]
     down: bool = False
+    split: bool = False
     fetches: int = 0
     port: int = 0
     runner: web.AppRunner | None = None
@@ -94,7 +108,10 @@ class Jwks:
         self.fetches += 1
         if self.down:
             return web.Response(status=503, text="down for maintenance")
-        return web.json_response({"keys": [k.jwk() for k in self.keys]})
+        document = {"keys": [k.jwk() for k in self.keys]}
+        if self.split:
+            return await in_two_pieces(_request, document)
+        return web.json_response(document)
 
     async def start(self) -> None:
         app = web.Application()
@@ -119,6 +136,7 @@ class AuthzService:
     restricted: set[str] = field(default_factory=set)
     validity: int = 60
     broken: bool = False
+    split: bool = False
     asked: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
     runner: web.AppRunner | None = None
@@ -130,14 +148,17 @@ class AuthzService:
     def studies_asked(self) -> list[str]:
         return [a.get("dicom-uid", "") for a in self.asked if a["level"] == "study"]
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.asked.append(body)
         if self.broken:
             return web.Response(status=500, text="oops")
         granted = not (body["level"] == "study" and body.get("dicom-uid") in self.denied
                        and body.get("user") in self.restricted)
-        return web.json_response({"granted": granted, "validity": self.validity})
+        answer = {"granted": granted, "validity": self.validity, "padding": "x" * 200}
+        if self.split:
+            return await in_two_pieces(request, answer)
+        return web.json_response(answer)
 
     async def start(self) -> None:
         app = web.Application()

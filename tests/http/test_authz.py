@@ -218,3 +218,10 @@ async def test_search_results_are_granted_per_study(authorizer: Authorizer,
     with pytest.raises(Refused):
         await authorizer.granted_studies(
             VERA, {f"1.2.{i}" for i in range(MAX_SEARCH_STUDIES + 1)})
+
+
+async def test_an_answer_arriving_in_pieces_is_read_whole(authorizer: Authorizer,
+                                                         service: AuthzService) -> None:
+    service.split = True
+    assert (await authorizer.decide(VERA, Target("study", dicom_uid="1.2.3"))).granted
+    assert not (await authorizer.decide(VERA, Target("study", dicom_uid="1.2.9"))).granted

@@ -360,3 +360,12 @@ async def test_token_never_logged(client: TestClient, keys: dict[str, SigningKey
     for token in (good, bad):
         for part in token.split("."):
             assert part not in caplog.text
+
+
+async def test_keys_arriving_in_pieces_are_read_whole(
+        aiohttp_client: Any, make_settings: SettingsFactory, jwks: Jwks,
+        keys: dict[str, SigningKey], samples: dict[str, list[Sample]]) -> None:
+    jwks.split = True
+    client = await aiohttp_client(make_app(bearer_settings(make_settings, jwks)))
+    token = keys["k1"].sign(claims("alice", jti="pieces"))
+    assert (await client.get(file_of(samples), headers=bearer(token))).status == 200
