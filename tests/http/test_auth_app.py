@@ -405,3 +405,23 @@ async def test_an_unreachable_service_is_not_described_to_clients(
     assert resp.status == 503
     text = await resp.text()
     assert "127.0.0.1" not in text and str(service.port) not in text
+
+
+async def test_the_admin_port_checks_the_same_way(aiohttp_client: Any,
+                                                  make_settings: SettingsFactory,
+                                                  users_file: Path) -> None:
+    import aiohttp
+
+    from dicomcache.devtools.orthanc import free_port
+
+    port = free_port()
+    settings = make_settings(server={"admin_port": port}, auth=basic_auth(users_file))
+    client = await aiohttp_client(make_app(settings))
+    assert (await client.get("/status.json", headers=ADA)).status == 404  # not here
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        for path, who, status in [("/healthz", {}, 200), ("/metrics", {}, 401),
+                                  ("/metrics", VERA, 403), ("/metrics", ADA, 200),
+                                  ("/status.json", VERA, 403), ("/", ADA, 200)]:
+            async with session.get(base + path, headers=who) as resp:
+                assert resp.status == status, (path, who)
