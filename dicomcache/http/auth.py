@@ -16,7 +16,9 @@ are answered without credentials, and after the canonical-path redirect):
    ``WWW-Authenticate``; an address with repeated failures waits (:class:`Backoff`,
    429 + ``Retry-After``).  Credentials are never logged, kept or echoed.
 3. With ``authorization_url``, viewer requests are decided per study by the
-   authorization service (:mod:`.authz`): 403 when denied, 503 when it cannot say.
+   authorization service (:mod:`.authz`): 403 when denied, 503 when it cannot say;
+   a QIDO-RS answer keeps only the results of granted studies
+   (:meth:`Authenticator.filter_search`).
 
 The principal is left on the request (``request[PRINCIPAL]``) for handlers, the audit
 trail and the prefetcher, which prefetches only for requests that passed, and at
