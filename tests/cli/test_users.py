@@ -139,3 +139,43 @@ def test_basic_without_a_users_file_is_refused(config: Path) -> None:
         done = run(command, "--config", str(config))
         assert done.returncode == 2, (command, done.stderr)
         assert "dicomcache users add" in done.stderr
+
+
+def test_password_from_the_terminal(config: Path) -> None:
+    """On a terminal the password is asked twice and not echoed (a real pty)."""
+    import os
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the pty is its controlling terminal
+        os.execv(sys.executable, [sys.executable, "-m", "dicomcache", "users", "add", "erin",
+                                  "--config", str(config)])
+    seen = b""
+
+    def expect(prompt: bytes, timeout: float = 30) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while prompt not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {prompt!r} in {seen!r}"
+            if select.select([fd], [], [], left)[0]:
+                try:
+                    seen += os.read(fd, 1024)
+                except OSError:  # the child closed the terminal
+                    break
+
+    try:
+        expect(b"Password for erin: ")
+        os.write(fd, b"terminal-secret-1\n")
+        expect(b"Again: ")
+        os.write(fd, b"terminal-secret-1\n")
+        expect(b"added erin")
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, seen
+    assert b"terminal-secret-1" not in seen  # not echoed
+    assert users.verify_password(users.read(config.parent / "users")["erin"],
+                                 "terminal-secret-1")
