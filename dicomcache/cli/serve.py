@@ -16,8 +16,9 @@ from pathlib import Path
 from aiohttp import web
 
 from dicomcache import __version__, tls
+from dicomcache.cli.check_config import users_problem
 from dicomcache.cli.common import USAGE, load_settings, setup_logging, state_dir
-from dicomcache.config import Settings
+from dicomcache.config import Settings, exposure_problem
 from dicomcache.http import listeners
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS, RELAY, RELOADERS, SERVER_TLS
@@ -72,6 +73,18 @@ def viewer_tls(settings: Settings) -> tls.ServerTLS | None:
     return tls.ServerTLS(server.tls_certificate, server.tls_key, name="viewer listener")
 
 
+def start_problem(settings: Settings) -> str | None:
+    """Why the daemon must not start with these settings (after --host/--port), or None."""
+    exposure = exposure_problem(settings.server, settings.auth)
+    if exposure is not None:
+        return f"auth.mode: {exposure}"
+    if settings.auth.mode == "basic" and settings.auth.users_file is not None:
+        problem = users_problem(settings.auth.users_file)
+        if problem is not None:
+            return f"auth.users_file: {problem}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     if settings is None:
@@ -80,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
         server = dataclasses.replace(settings.server, port=args.port or settings.server.port,
                                      host=args.host or settings.server.host)
         settings = dataclasses.replace(settings, server=server)
+    refused = start_problem(settings)
+    if refused is not None:
+        print(f"{args.config or '(embedded default)'}: {refused}", file=sys.stderr)
+        return USAGE
     setup_logging(settings.server.log_level, settings.server.log_format)
     demo = None
     if settings.upstream.url is None:
