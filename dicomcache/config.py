@@ -196,6 +196,10 @@ class PrefetchSettings:
     active_seconds: float = 3600.0
     #: Studies waiting for prefetch at most (older touches are dropped).
     max_queued: int = 32
+    #: Distinct studies one principal (user, token subject) may start prefetching within
+    #: ``principal_window`` seconds; touches past it are served but not prefetched.
+    max_studies_per_principal: int = 20
+    principal_window: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +258,58 @@ class CorsSettings:
     allow_credentials: bool = False
 
 
+AUTH_MODES = ("none", "basic", "bearer")
+#: JWS algorithms an access token may be signed with: public-key ones only.  ``none``
+#: and the HMAC family (``HS*``) are never accepted: with a public JWKS, an HMAC
+#: "signature" keyed by the public key is a forgery anyone can make.
+TOKEN_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                    "ES256", "ES384", "ES512", "EdDSA")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Who may use the HTTP side (see docs/security.md)."""
+
+    #: ``none`` (loopback only, unless ``allow_anonymous_network``), ``basic`` (the users
+    #: file) or ``bearer`` (OIDC/OAuth2 JWT access tokens).
+    mode: str = "none"
+    #: Let ``mode = "none"`` listen on a non-loopback address (everyone on the network is
+    #: an admin then; the status page says so).
+    allow_anonymous_network: bool = False
+    #: The ``realm`` of ``WWW-Authenticate`` challenges.
+    realm: str = "dicomcache"
+    #: ``basic``: one ``name:role:argon2id-hash`` line per user (``dicomcache users``).
+    users_file: Path | None = None
+    #: ``bearer``: the token issuer, exactly as tokens carry it in ``iss`` (a trailing
+    #: slash counts), and the base of OIDC discovery.
+    issuer: str | None = None
+    #: ``bearer``: the audience (``aud``) tokens must be minted for.
+    audience: str | None = None
+    #: ``bearer``: where the signing keys are; ``None``: OIDC discovery from ``issuer``.
+    jwks_url: str | None = None
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    #: Seconds of clock skew tolerated for ``exp``/``nbf``/``iat``.
+    leeway: float = 30.0
+    #: Dotted path of the claim holding the roles (a list, or a space-separated string).
+    roles_claim: str = "realm_access.roles"
+    #: Claim values giving the viewer role (``"*"``: any token for the audience).
+    viewer_roles: tuple[str, ...] = ()
+    #: Claim values giving the admin role.
+    admin_roles: tuple[str, ...] = ()
+    #: The claim naming the principal (logs, audit, per-principal bounds).
+    name_claim: str = "sub"
+    #: Failed authentications from one address before it waits (1 s, doubling).
+    max_failures: int = 10
+    #: Longest wait (seconds) imposed on an address after repeated failures.
+    max_delay: float = 300.0
+    #: Per-study decisions by a web service speaking the Orthanc authorization
+    #: plugin's protocol; ``None``: the role decides alone.
+    authorization_url: str | None = None
+    authorization_timeout: float = 5.0
+    #: ``server-id`` sent to the authorization service.
+    authorization_server_id: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = ServerSettings()
@@ -265,6 +321,7 @@ class Settings:
     changes: ChangesSettings = ChangesSettings()
     dicomweb: DicomwebSettings = DicomwebSettings()
     cors: CorsSettings = CorsSettings()
+    auth: AuthSettings = AuthSettings()
     #: Where the file came from, for messages; ``None`` for built-in defaults.
     source: Path | None = None
 
@@ -650,9 +707,14 @@ def _prefetch(sec: _Section) -> PrefetchSettings:
     max_queued = sec.get("max_queued", int, d.max_queued)
     if max_queued < 1:
         sec.problem("max_queued", "must be at least 1")
+    per_principal = sec.get("max_studies_per_principal", int, d.max_studies_per_principal)
+    if not 1 <= per_principal <= 10000:
+        sec.problem("max_studies_per_principal",
+                    f"must be between 1 and 10000, not {per_principal}")
     return PrefetchSettings(mode=mode, parallel=parallel, max_fraction=max_fraction,
                             active_seconds=sec.positive("active_seconds", d.active_seconds),
-                            max_queued=max_queued)
+                            max_queued=max_queued, max_studies_per_principal=per_principal,
+                            principal_window=sec.positive("principal_window", d.principal_window))
 
 
 _RULE_KEYS = ("modality", "label", "tag", "value")
@@ -736,6 +798,121 @@ def _cors(sec: _Section) -> CorsSettings:
                         allow_credentials=credentials)
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether ``server.host`` only reaches this machine (``localhost``, 127/8, ``::1``)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
+
+
+def exposure_problem(server: ServerSettings, auth: AuthSettings) -> str | None:
+    """Why anonymous access on ``server.host`` (or the admin port's ``admin_host``) is
+    refused, or ``None``."""
+    if auth.mode != "none" or auth.allow_anonymous_network:
+        return None
+    hosts = [server.host] + ([server.admin_host] if server.admin_port is not None else [])
+    exposed = [h for h in hosts if not is_loopback_host(h)]
+    if not exposed:
+        return None
+    return (f"\"none\" lets anyone who reaches {exposed[0]!r} read patient data and act as "
+            "admin: use \"basic\" or \"bearer\", bind server.host to 127.0.0.1, or set "
+            "auth.allow_anonymous_network = true if a proxy in front authenticates")
+
+
+def _secure_url(sec: _Section, name: str, url: str | None) -> str | None:
+    """An https URL (http only towards this machine), or a problem."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment \
+            or parts.username or parts.password:
+        sec.problem(name, f"{url!r} is not an http(s) URL")
+    elif parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        sec.problem(name, f"{url!r}: keys and decisions must come over https "
+                          "(http only from this machine)")
+    return url
+
+
+_REALM_RE = re.compile(r"^[\x20-\x7e]{1,64}$")
+_ROLE_CLAIM_RE = re.compile(r"^[A-Za-z0-9_:/.-]{1,128}$")
+
+
+def _auth(sec: _Section, base: Path) -> AuthSettings:
+    d = AuthSettings()
+    mode = sec.get("mode", str, d.mode)
+    if mode not in AUTH_MODES:
+        sec.problem("mode", f"must be one of {', '.join(AUTH_MODES)}, not {mode!r}")
+    realm = sec.get("realm", str, d.realm)
+    if not _REALM_RE.match(realm) or '"' in realm or "\\" in realm:
+        sec.problem("realm", "must be 1-64 printable ASCII characters without \" or \\")
+    users = sec.get("users_file", str, "") or None
+    issuer = _secure_url(sec, "issuer", sec.get("issuer", str, "") or None)
+    audience = sec.get("audience", str, "") or None
+    jwks_url = _secure_url(sec, "jwks_url", sec.get("jwks_url", str, "") or None)
+    algorithms = sec.str_list("algorithms") if "algorithms" in sec.data else d.algorithms
+    if not algorithms:
+        sec.problem("algorithms", "must list at least one algorithm (e.g. [\"RS256\"])")
+    for alg in algorithms:
+        if alg not in TOKEN_ALGORITHMS:
+            sec.problem("algorithms", f"{alg!r} is not accepted; use public-key algorithms "
+                                      f"({', '.join(TOKEN_ALGORITHMS)}), never none or HS*")
+    leeway = sec.get("leeway", float, d.leeway)
+    if not 0 <= leeway <= 300:
+        sec.problem("leeway", f"must be between 0 and 300 seconds, not {leeway}")
+    roles_claim = sec.get("roles_claim", str, d.roles_claim)
+    if not _ROLE_CLAIM_RE.match(roles_claim):
+        sec.problem("roles_claim", f"{roles_claim!r} is not a claim path such as "
+                                   "\"realm_access.roles\" or \"roles\"")
+    name_claim = sec.get("name_claim", str, d.name_claim)
+    if not _ROLE_CLAIM_RE.match(name_claim):
+        sec.problem("name_claim", f"{name_claim!r} is not a claim name such as \"sub\"")
+    viewer_roles = sec.str_list("viewer_roles")
+    admin_roles = sec.str_list("admin_roles")
+    if "*" in admin_roles:
+        sec.problem("admin_roles", "\"*\" would make every token an admin: list the roles")
+    max_failures = sec.get("max_failures", int, d.max_failures)
+    if not 1 <= max_failures <= 1000:
+        sec.problem("max_failures", f"must be between 1 and 1000, not {max_failures}")
+    max_delay = sec.get("max_delay", float, d.max_delay)
+    if not 1 <= max_delay <= 86400:
+        sec.problem("max_delay", f"must be between 1 and 86400 seconds, not {max_delay}")
+    # Bearer tokens are sent to it, as the Orthanc plugin does: https unless local.
+    authz = _secure_url(sec, "authorization_url", sec.get("authorization_url", str, "") or None)
+    authz_timeout = sec.get("authorization_timeout", float, d.authorization_timeout)
+    if not 0 < authz_timeout <= 60:
+        sec.problem("authorization_timeout", f"must be > 0 and at most 60, not {authz_timeout}")
+    server_id = sec.get("authorization_server_id", str, "") or None
+    if mode == "basic" and users is None:
+        sec.problem("users_file", "is required with mode = \"basic\" "
+                                  "(create it with `dicomcache users add NAME --config FILE`)")
+    if mode != "basic" and users is not None:
+        sec.problem("users_file", "is only used with mode = \"basic\"")
+    if mode == "bearer":
+        for key, value in (("issuer", issuer), ("audience", audience)):
+            if value is None:
+                sec.problem(key, "is required with mode = \"bearer\"")
+        if not viewer_roles:
+            sec.problem("viewer_roles", "is required with mode = \"bearer\": the role claim "
+                                        "values that may view (\"*\": any token for the audience)")
+    else:
+        for key, value in (("issuer", issuer), ("audience", audience), ("jwks_url", jwks_url)):
+            if value is not None:
+                sec.problem(key, "is only used with mode = \"bearer\"")
+    return AuthSettings(
+        mode=mode,
+        allow_anonymous_network=sec.get("allow_anonymous_network", bool,
+                                        d.allow_anonymous_network),
+        realm=realm, users_file=base / users if users else None,
+        issuer=issuer, audience=audience, jwks_url=jwks_url,
+        algorithms=tuple(algorithms), leeway=leeway, roles_claim=roles_claim,
+        viewer_roles=viewer_roles, admin_roles=admin_roles, name_claim=name_claim,
+        max_failures=max_failures, max_delay=max_delay, authorization_url=authz,
+        authorization_timeout=authz_timeout, authorization_server_id=server_id)
+
+
 def from_dict(data: dict[str, Any], *, base: Path = Path("."),
               source: Path | None = None) -> Settings:
     """Build :class:`Settings` from parsed TOML; relative paths are taken from ``base``."""
@@ -743,7 +920,7 @@ def from_dict(data: dict[str, Any], *, base: Path = Path("."),
     top = _Section(data, "", problems)
     secs = {name: _Section(top.get(name, dict, {}), name, problems)
             for name in ("server", "upstream", "cache", "access", "relay", "prefetch",
-                         "changes", "dicomweb", "cors")}
+                         "changes", "dicomweb", "cors", "auth")}
     settings = Settings(
         server=_server(secs["server"], base),
         upstream=_upstream(secs["upstream"], base),
@@ -754,8 +931,12 @@ def from_dict(data: dict[str, Any], *, base: Path = Path("."),
         changes=_changes(secs["changes"], base),
         dicomweb=_dicomweb(secs["dicomweb"]),
         cors=_cors(secs["cors"]),
+        auth=_auth(secs["auth"], base),
         source=source,
     )
+    exposure = exposure_problem(settings.server, settings.auth)
+    if exposure is not None:
+        problems.append(("auth.mode", exposure))
     for sec in (*secs.values(), top):
         sec.finish()
     if problems:

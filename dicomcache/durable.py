@@ -31,12 +31,14 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_new(path: Path, data: bytes | bytearray | memoryview, *, sync: bool = True) -> None:
-    """Create ``path`` (it must not exist), write ``data`` and, with ``sync``, fsync it.
+def write_new(path: Path, data: bytes | bytearray | memoryview, *, sync: bool = True,
+              mode: int = FILE_MODE) -> None:
+    """Create ``path`` (it must not exist, permissions ``mode`` less the umask), write
+    ``data`` and, with ``sync``, fsync it.
 
     On any error the file is removed and the error propagates.
     """
-    fd = os.open(path, _CREATE, FILE_MODE)
+    fd = os.open(path, _CREATE, mode)
     try:
         try:
             view = memoryview(data).cast("B")

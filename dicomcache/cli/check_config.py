@@ -8,6 +8,9 @@ from pathlib import Path
 
 from dicomcache.cli import startup
 from dicomcache.cli.common import USAGE, load_settings
+from dicomcache.cli.startup import users_problem
+from dicomcache.config import AuthSettings, is_loopback_host
+from dicomcache.http import users
 
 
 def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
           f"{s.upstream.read_timeout:g}s retries={s.upstream.retries}")
     print(f"  cache         {s.cache.directory} max {s.cache.max_size / (1 << 30):.2f} GiB")
     print(f"  access.allow  {', '.join(s.access.allow) or '(read-only)'}")
+    auth_problem = describe_auth(s.auth, s.server.host)
+    if auth_problem is not None:
+        print(f"{args.config}: auth.users_file: {auth_problem}", file=sys.stderr)
+        return USAGE
     if s.relay.enabled:
         print(f"  relay         {s.relay.ae_title}@{s.relay.host}:{s.relay.port} → "
               + (", ".join(f"{d.name} ({d.transfer_syntax_strategy})"
@@ -45,3 +52,32 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("  relay         disabled")
     return 0
+
+
+def describe_auth(a: AuthSettings, host: str) -> str | None:
+    """Print the authentication setup; a problem that must stop the start, or ``None``."""
+    if a.mode == "none":
+        exposed = not is_loopback_host(host)
+        print("  auth          none: every request is an anonymous admin"
+              + (" — ON THE NETWORK (allow_anonymous_network)" if exposed else
+                 " (loopback only)"))
+    elif a.mode == "basic":
+        assert a.users_file is not None
+        problem = users_problem(a.users_file)
+        if problem is not None:
+            return problem
+        found = users.read(a.users_file)
+        roles = sorted(u.role for u in found.values())
+        print(f"  auth          basic: {a.users_file} ({roles.count('admin')} admin(s), "
+              f"{roles.count('viewer')} viewer(s))")
+        warning = users.exposure(a.users_file)
+        if warning:
+            print(f"  warning       {warning}", file=sys.stderr)
+    else:
+        print(f"  auth          bearer: issuer {a.issuer}, audience {a.audience}, keys "
+              f"{a.jwks_url or '(OIDC discovery)'}; viewer roles "
+              f"{', '.join(a.viewer_roles)}; admin roles {', '.join(a.admin_roles) or '-'}")
+    if a.authorization_url:
+        print(f"  authorization {a.authorization_url} (per study; refused while it cannot "
+              "answer)")
+    return None

@@ -15,7 +15,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dicomcache.config import Settings
+from dicomcache.config import Settings, exposure_problem
+from dicomcache.http import users
 
 
 def directory_problem(path: Path) -> str | None:
@@ -35,9 +36,29 @@ def directory_problem(path: Path) -> str | None:
     return None
 
 
+def users_problem(path: Path) -> str | None:
+    """Why the users file cannot be used, or ``None``."""
+    if not path.exists():
+        return (f"{path} does not exist: create it with "
+                "`dicomcache users add NAME --role admin --config FILE`")
+    try:
+        users.read(path)
+    except users.UsersFileError as exc:
+        return str(exc)
+    return None
+
+
 def problems(settings: Settings, *, from_file: bool) -> list[tuple[str, str]]:
-    """Problems that stop ``serve`` before it listens, as (key, message)."""
+    """Problems that stop ``serve`` before it listens, as (key, message): also those
+    ``--host`` may create (anonymous access on a network address)."""
     found: list[tuple[str, str]] = []
+    exposure = exposure_problem(settings.server, settings.auth)
+    if exposure is not None:
+        found.append(("auth.mode", exposure))
+    if settings.auth.mode == "basic" and settings.auth.users_file is not None:
+        problem = users_problem(settings.auth.users_file)
+        if problem is not None:
+            found.append(("auth.users_file", problem))
     if from_file and settings.upstream.url is None:
         found.append(("upstream.url", "required: the Orthanc to cache (the demo Orthanc "
                                       "with its sample patient runs only when serve is "

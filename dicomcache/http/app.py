@@ -21,7 +21,7 @@ from dicomcache.cache.instance import Instance
 from dicomcache.cache.scrubber import Scrubber
 from dicomcache.cache.store import AsyncStore, Store
 from dicomcache.config import Settings
-from dicomcache.http import cors, dicomweb, orthanc_rest, passthrough, status, wado_uri
+from dicomcache.http import auth, cors, dicomweb, orthanc_rest, passthrough, status, wado_uri
 from dicomcache.http.keys import (
     CHANGES,
     CLIENT,
@@ -49,8 +49,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """The HTTP application; long-lived resources start and stop in ``cleanup_ctx``."""
+    # Host check, CORS preflights (answered without credentials), the canonical path;
+    # then who asks, and may they (http/auth.py); then the error mapping.
     app = web.Application(middlewares=[host_check, cors.cors_preflight, canonical_path,
-                                       errors_and_metrics],
+                                       auth.guard, errors_and_metrics],
                           client_max_size=64 << 20)
     app.on_response_prepare.append(prefetch_touch)
     app[SETTINGS] = settings
@@ -64,6 +66,7 @@ def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Applicat
     app[STUDY_CHANGED] = []  # metadata caches subscribe here (see changes.py)
     if settings.changes.enabled:
         app.cleanup_ctx.append(_changes_ctx)
+    auth.setup(app)  # users file / signing keys / authorization service; before status
     status.setup(app)  # /, /healthz, /readyz, /metrics (or its own port); after upstream
     orthanc_rest.add_routes(app)
     wado_uri.add_routes(app)
@@ -183,7 +186,9 @@ async def prefetch_touch(request: web.Request, response: web.StreamResponse) -> 
             found = store.peek_uids(sop)
             return found[0] if len(found) == 1 else None
         touched = touch_of(request.path, request.query, store.peek, by_sop)
-        if touched is not None:
+        # Only for requests that passed authentication and authorization, within the
+        # principal's budget of studies: nobody makes the clinic download a history.
+        if touched is not None and auth.may_prefetch(request, touched[0]):
             prefetcher.touch(*touched)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import html
-import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -29,7 +28,9 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from dicomcache import __version__
+from dicomcache.config import is_loopback_host
 from dicomcache.errors import NotFoundUpstream, UpstreamError
+from dicomcache.http import auth
 from dicomcache.http.keys import (
     ADMIN_SOCKETS,
     CLIENT,
@@ -157,7 +158,9 @@ async def _admin_site_ctx(app: web.Application) -> AsyncIterator[None]:
     not by the clinic network."""
     server = app[SETTINGS].server
     assert server.admin_port is not None
-    site_app = web.Application()
+    # The same checks as the main port: status and metrics are for admins, health open.
+    site_app = web.Application(middlewares=[auth.guard])
+    site_app[auth.AUTH] = app[auth.AUTH]
     site_app.router.add_get("/metrics", app[METRICS].handler())
     site_app.router.add_get("/healthz", healthz)
     site_app.router.add_get("/readyz", _bound(app, readiness))
@@ -169,7 +172,7 @@ async def _admin_site_ctx(app: web.Application) -> AsyncIterator[None]:
     # it, the viewer port's TLS when it has one.
     server_tls = app.get(SERVER_TLS)
     ssl_context = (server_tls.context if server_tls is not None
-                   and not is_loopback(server.admin_host) else None)
+                   and not is_loopback_host(server.admin_host) else None)
     bound = app.get(ADMIN_SOCKETS)
     sites: list[web.BaseSite] = (
         [web.SockSite(runner, sock, ssl_context=ssl_context) for sock in bound] if bound
@@ -181,16 +184,6 @@ async def _admin_site_ctx(app: web.Application) -> AsyncIterator[None]:
              server.admin_host, server.admin_port)
     yield
     await runner.cleanup()
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a listen address only reaches this machine."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 async def _admin_elsewhere(request: web.Request) -> web.Response:
@@ -300,6 +293,7 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
         },
         "relay": _relay_status(app),
         "tls": app[SERVER_TLS].status() if SERVER_TLS in app else None,
+        "auth": app[auth.AUTH].status(app[SETTINGS]) if auth.AUTH in app else {},
     }
 
 
@@ -399,6 +393,7 @@ border-bottom:1px solid #e3e6ea;vertical-align:top}th{color:#5b6475;font-weight:
 .up{background:#1f8a4c}.down{background:#c0392b}.unknown,.disabled{background:#7f8896}
 .bar{background:#e3e6ea;border-radius:4px;height:12px;width:100%;overflow:hidden}
 .bar div{height:100%;background:#2f6fd6}.bar .warn{background:#d68a2f}.bar .crit{background:#c0392b}
+.alarm{background:#c0392b;color:#fff;padding:14px 24px;font-size:17px;font-weight:700}
 .muted{color:#7f8896}.bad{color:#c0392b;font-weight:600}code{font-size:12px}
 """
 
@@ -413,13 +408,25 @@ def render(s: dict[str, Any]) -> str:
         f"<title>dicomcache status</title><style>{_CSS}</style></head><body>"
         f"<header><h1>dicomcache</h1><span>version {_e(s['version'])}</span>"
         f"<span>up since {_when(s['started'], now)}</span>"
-        f"<span>page refreshes every {REFRESH} s</span></header><main>"
+        f"<span>page refreshes every {REFRESH} s</span></header>"
+        + _render_auth_warning(s.get("auth") or {})
+        + "<main>"
         + _render_upstream(s["upstream"], now)
         + _render_tls(s.get("tls"), now)
         + _render_cache(s["cache"])
         + _render_integrity(s["integrity"], now)
         + _render_relay(s["relay"], now)
         + "</main></body></html>\n")
+
+
+def _render_auth_warning(a: dict[str, Any]) -> str:
+    """A banner nobody can miss while anyone on the network is an anonymous admin."""
+    if not a.get("anonymous_network"):
+        return ""
+    return ('<div id="auth-warning" class="alarm">WARNING: no authentication '
+            "(auth.mode = \"none\" with auth.allow_anonymous_network = true): anyone who "
+            "can reach this address can read patient data and administer dicomcache. "
+            "Only acceptable behind a proxy that authenticates every request.</div>")
 
 
 def _render_upstream(u: dict[str, Any], now: float) -> str:
