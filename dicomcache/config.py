@@ -217,6 +217,36 @@ class CorsSettings:
     max_age: int = 600
 
 
+AUDIT_SYSLOG_SCHEMES = {"udp": 514, "tcp": 601, "tls": 6514}
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """The audit trail of every access to patient data (see dicomcache.audit)."""
+
+    #: JSON lines, appended by every dicomcache process of this host (flock), rotated by size.
+    file: Path = Path("/var/log/dicomcache/audit.jsonl")
+    #: Fail closed: patient data is refused (HTTP 503, DIMSE 0xA700, purges) while records
+    #: cannot be written.  ``False``: served anyway, the failure said loudly.
+    required: bool = True
+    #: The current file is rotated before it would grow past this.
+    max_file_size: int = 64 << 20
+    #: Rotated files kept (the oldest deleted beyond); 0 keeps them all.
+    keep: int = 0
+    #: Records waiting in memory to be written, at most (more are dropped, and counted).
+    max_queue: int = 10000
+    #: Proxies (addresses or networks) whose ``X-Forwarded-For`` names the client.
+    trusted_proxies: tuple[str, ...] = ()
+    #: Also send DICOM audit messages (PS3.15 A.5) by syslog: ``udp://``, ``tcp://`` or
+    #: ``tls://host[:port]``; ``None``: no syslog.
+    syslog: str | None = None
+    #: For ``tls://``: the CA bundle the collector's certificate is checked against (default:
+    #: the system's), and our client certificate and key when the collector asks for one.
+    syslog_ca_file: Path | None = None
+    syslog_cert_file: Path | None = None
+    syslog_key_file: Path | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = ServerSettings()
@@ -228,6 +258,7 @@ class Settings:
     changes: ChangesSettings = ChangesSettings()
     dicomweb: DicomwebSettings = DicomwebSettings()
     cors: CorsSettings = CorsSettings()
+    audit: AuditSettings = AuditSettings()
     #: Where the file came from, for messages; ``None`` for built-in defaults.
     source: Path | None = None
 
@@ -598,6 +629,56 @@ def _cors(sec: _Section) -> CorsSettings:
     return CorsSettings(allowed_origins=tuple(o.rstrip("/") for o in origins), max_age=max_age)
 
 
+def _audit(sec: _Section, base: Path) -> AuditSettings:
+    d = AuditSettings()
+    keep = sec.get("keep", int, d.keep)
+    if not 0 <= keep <= 100000:
+        sec.problem("keep", f"must be between 0 (keep all) and 100000, not {keep}")
+    max_queue = sec.get("max_queue", int, d.max_queue)
+    if not 100 <= max_queue <= 1000000:
+        sec.problem("max_queue", f"must be between 100 and 1000000, not {max_queue}")
+    proxies = sec.str_list("trusted_proxies")
+    for entry in proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            sec.problem("trusted_proxies", f"{entry!r} is not an IP address or network "
+                                           "(e.g. \"10.1.2.3\" or \"10.1.0.0/16\")")
+    syslog = sec.get("syslog", str, "") or None
+    if syslog is not None:
+        parts = urlsplit(syslog)
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        if (parts.scheme not in AUDIT_SYSLOG_SCHEMES or not parts.hostname or not port_ok
+                or parts.path not in ("", "/") or parts.query or parts.fragment
+                or parts.username or parts.password):
+            sec.problem("syslog", f"{syslog!r} is not a syslog collector such as "
+                                  "\"udp://collector:514\", \"tcp://collector:601\" or "
+                                  "\"tls://collector:6514\"")
+    files: dict[str, Path | None] = {}
+    for key in ("syslog_ca_file", "syslog_cert_file", "syslog_key_file"):
+        value = sec.get(key, str, "")
+        files[key] = base / value if value else None
+        if value and (syslog is None or not syslog.startswith("tls:")):
+            sec.problem(key, "only used with syslog = \"tls://…\"")
+    if (files["syslog_cert_file"] is None) != (files["syslog_key_file"] is None):
+        sec.problem("syslog_cert_file", "syslog_cert_file and syslog_key_file go together")
+    return AuditSettings(
+        file=base / sec.get("file", str, str(d.file)),
+        required=sec.get("required", bool, d.required),
+        max_file_size=sec.size("max_file_size", d.max_file_size),
+        keep=keep,
+        max_queue=max_queue,
+        trusted_proxies=proxies,
+        syslog=syslog,
+        syslog_ca_file=files["syslog_ca_file"],
+        syslog_cert_file=files["syslog_cert_file"],
+        syslog_key_file=files["syslog_key_file"],
+    )
+
+
 def from_dict(data: dict[str, Any], *, base: Path = Path("."),
               source: Path | None = None) -> Settings:
     """Build :class:`Settings` from parsed TOML; relative paths are taken from ``base``."""
@@ -605,7 +686,7 @@ def from_dict(data: dict[str, Any], *, base: Path = Path("."),
     top = _Section(data, "", problems)
     secs = {name: _Section(top.get(name, dict, {}), name, problems)
             for name in ("server", "upstream", "cache", "access", "relay", "prefetch",
-                         "changes", "dicomweb", "cors")}
+                         "changes", "dicomweb", "cors", "audit")}
     settings = Settings(
         server=_server(secs["server"]),
         upstream=_upstream(secs["upstream"], base),
@@ -616,6 +697,7 @@ def from_dict(data: dict[str, Any], *, base: Path = Path("."),
         changes=_changes(secs["changes"], base),
         dicomweb=_dicomweb(secs["dicomweb"]),
         cors=_cors(secs["cors"]),
+        audit=_audit(secs["audit"], base),
         source=source,
     )
     for sec in (*secs.values(), top):
