@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import dicomcache.tls as tls
 from dicomcache.errors import ConfigError
 
 T = TypeVar("T")
@@ -49,12 +50,25 @@ def parse_size(text: str | int) -> int:
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
-    #: Serve /metrics on this separate port (on ``host``) instead of the main one.
-    metrics_port: int | None = None
+    #: Serve the status page, status JSON and /metrics on this port of ``admin_host``
+    #: instead of the viewer port (where they then answer 404).
+    admin_port: int | None = None
+    admin_host: str = "127.0.0.1"
+    #: ``Host:`` names viewers may use (a port after them is ignored); another name is
+    #: answered 421 (DNS rebinding).  Empty: the listen address, this machine's names,
+    #: ``localhost`` and the loopback addresses.
+    allowed_hosts: tuple[str, ...] = ()
     #: Seconds to let in-flight requests finish on SIGTERM before they are cancelled.
     shutdown_timeout: float = 10.0
     log_format: str = "plain"
     log_level: str = "INFO"
+    #: HTTPS on ``port``: the certificate (chain: the server's first, then intermediates)
+    #: and its unencrypted key, both PEM; re-read on SIGHUP.  ``None``: plain HTTP.
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    #: With TLS: a plain-HTTP port (on ``host``) answering every request with a 308 to the
+    #: same path on ``https://…:port``, and nothing else.
+    http_redirect_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +93,9 @@ class UpstreamSettings:
     #: 512 KiB; pays on links slower than Orthanc compresses).  Always verified after
     #: decompression; a viewer's ``Accept-Encoding`` never decides.
     compression: str = "json"
+    #: PEM bundle of the CA(s) an ``https://`` upstream's certificate must chain to
+    #: (a hospital CA); ``None``: the system's CAs.  Verification is never off.
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +129,14 @@ class DestinationSettings:
     max_association_retries: int = 3
     #: Lossy re-compression is only ever done for ``extended`` peers that allow it.
     allow_lossy_recompression: bool = False
+    #: DICOM TLS (PS3.15 B.9-B.11, BCP 195) towards this peer, its certificate verified
+    #: against ``tls_ca_file`` (else the system's CAs) for ``tls_server_name`` (else
+    #: ``remote_host``); ``tls_certificate``/``tls_key``: ours, if the peer asks for one.
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +168,13 @@ class RelaySettings:
     #: relay starts; off: pynetdicom as published (same behaviour, slower).
     accelerate: bool = True
     destinations: tuple[DestinationSettings, ...] = ()
+    #: DICOM TLS on the SCP (PS3.15 B.9-B.11): our certificate chain and key (PEM).
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    #: Modalities' certificates are verified against this CA bundle (PEM)…
+    tls_ca_file: Path | None = None
+    #: …and one is required (``False``: checked only when a modality presents one).
+    tls_require_client_certificate: bool = True
 
 
 PREFETCH_MODES = ("off", "series", "study")
@@ -215,6 +247,11 @@ class CorsSettings:
     allowed_origins: tuple[str, ...] = ()
     #: Seconds a browser may keep a preflight answer.
     max_age: int = 600
+    #: Let pages send credentials in browser-managed form (cookies, the browser's own
+    #: HTTP authentication prompt): ``Access-Control-Allow-Credentials: true``.  Never
+    #: with ``"*"``.  An ``Authorization`` header set by the viewer (OIDC bearer tokens)
+    #: does not need it.
+    allow_credentials: bool = False
 
 
 AUDIT_SYSLOG_SCHEMES = {"udp": 514, "tcp": 601, "tls": 6514}
@@ -335,22 +372,83 @@ class _Section:
             self.problem(extra, "unknown key (a typo?)")
 
 
-def _server(sec: _Section) -> ServerSettings:
+#: A DNS name, an IPv4 address or a bracketed IPv6 address (what a ``Host:`` names).
+_HOST_NAME = re.compile(r"[a-z0-9*]([a-z0-9.\-]*[a-z0-9])?|\[[0-9a-f:.]+\]")
+
+
+def _path(sec: _Section, name: str, base: Path) -> Path | None:
+    value = sec.get(name, str, "")
+    return base / value if value else None
+
+
+def _tls_pair(sec: _Section, cert_key: str, key_key: str, base: Path,
+              ) -> tuple[Path | None, Path | None]:
+    """A certificate and key given together, checked (readable PEM, matching, valid now,
+    accepted by OpenSSL); each problem named by the key of the file at fault."""
+    cert, key = _path(sec, cert_key, base), _path(sec, key_key, base)
+    if (cert is None) != (key is None):
+        sec.problem(cert_key if cert is None else key_key,
+                    f"{cert_key} and {key_key} go together")
+        return None, None
+    if cert is not None and key is not None:
+        try:
+            tls.check_pair(cert, key)
+            tls.server_context(cert, key)  # what OpenSSL itself thinks (key size…)
+        except tls.TLSFileError as exc:
+            sec.problem(cert_key if exc.which == "certificate" else key_key, exc.message)
+    return cert, key
+
+
+def _ca_file(sec: _Section, name: str, base: Path) -> Path | None:
+    path = _path(sec, name, base)
+    if path is not None:
+        try:
+            tls.check_ca_file(path)
+        except tls.TLSFileError as exc:
+            sec.problem(name, exc.message)
+    return path
+
+
+def _server(sec: _Section, base: Path = Path(".")) -> ServerSettings:
     d = ServerSettings()
-    metrics_port = sec.get("metrics_port", int, 0)  # 0: no port of its own
+    if "metrics_port" in sec.data and "admin_port" not in sec.data:  # its earlier name
+        sec.data["admin_port"] = sec.data.pop("metrics_port")
+        sec.data.setdefault("admin_host", sec.data.get("host", d.host))
+    admin_port = sec.get("admin_port", int, 0)  # 0: no port of its own
+    hosts = tuple(h.strip().lower() for h in sec.str_list("allowed_hosts"))
+    for host in hosts:
+        if not _HOST_NAME.fullmatch(host):
+            sec.problem("allowed_hosts", f"{host!r} is not a host name or address "
+                                         "(no scheme, no port)")
     log_format = sec.get("log_format", str, d.log_format)
     if log_format not in ("plain", "json"):
         sec.problem("log_format", f"must be \"plain\" or \"json\", not {log_format!r}")
     log_level = sec.get("log_level", str, d.log_level).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         sec.problem("log_level", f"must be DEBUG, INFO, WARNING or ERROR, not {log_level!r}")
+    port = sec.port("port", d.port)
+    cert, key = _tls_pair(sec, "tls_certificate", "tls_key", base)
+    redirect = sec.get("http_redirect_port", int, 0) or None
+    if redirect is not None:
+        redirect = sec.port("http_redirect_port", 0)
+        if cert is None:
+            sec.problem("http_redirect_port", "only with tls_certificate and tls_key (it "
+                        "redirects to HTTPS)")
+        elif redirect in (port, admin_port):
+            sec.problem("http_redirect_port", f"{redirect} is already server.port or "
+                        "server.admin_port")
     return ServerSettings(
         host=sec.get("host", str, d.host),
-        port=sec.port("port", d.port),
-        metrics_port=sec.port("metrics_port", 0) if metrics_port else None,
+        port=port,
+        admin_port=sec.port("admin_port", 0) if admin_port else None,
+        admin_host=sec.get("admin_host", str, d.admin_host),
+        allowed_hosts=hosts,
         shutdown_timeout=sec.positive("shutdown_timeout", d.shutdown_timeout),
         log_format=log_format,
         log_level=log_level,
+        tls_certificate=cert,
+        tls_key=key,
+        http_redirect_port=redirect,
     )
 
 
@@ -401,7 +499,15 @@ def _upstream(sec: _Section, base: Path) -> UpstreamSettings:
         breaker_failures=breaker_failures,
         breaker_probe_interval=sec.positive("breaker_probe_interval", d.breaker_probe_interval),
         compression=compression,
+        ca_file=_upstream_ca_file(sec, base, url),
     )
+
+
+def _upstream_ca_file(sec: _Section, base: Path, url: str | None) -> Path | None:
+    ca_file = _ca_file(sec, "ca_file", base)
+    if ca_file is not None and url is not None and not url.startswith("https:"):
+        sec.problem("ca_file", "only for an https:// upstream.url")
+    return ca_file
 
 
 def _cache(sec: _Section, base: Path) -> CacheSettings:
@@ -432,7 +538,7 @@ def _access(sec: _Section) -> AccessSettings:
     return AccessSettings(allow=tuple(rules))
 
 
-def _destination(sec: _Section) -> DestinationSettings | None:
+def _destination(sec: _Section, base: Path = Path(".")) -> DestinationSettings | None:
     d = DestinationSettings("", "", "", DEFAULT_DICOM_PORT)  # the defaults of the optional keys
     name = sec.get("name", str, "")
     ae = sec.get("remote_ae_title", str, "")
@@ -460,13 +566,23 @@ def _destination(sec: _Section) -> DestinationSettings | None:
     if lossy and strategy != "extended":
         sec.problem("allow_lossy_recompression",
                     "only allowed with transfer_syntax_strategy = \"extended\"")
+    use_tls = sec.get("tls", bool, d.tls)
+    ca_file = _ca_file(sec, "tls_ca_file", base)
+    client_cert, client_key = _tls_pair(sec, "tls_certificate", "tls_key", base)
+    server_name = sec.get("tls_server_name", str, "") or None
+    if not use_tls:
+        given = {"tls_ca_file": ca_file is not None, "tls_certificate": client_cert is not None,
+                 "tls_server_name": server_name is not None}
+        for key_name in (k for k, there in given.items() if there):
+            sec.problem(key_name, "only with tls = true")
     sec.finish()
     if not (name and ae and host):
         return None
     return DestinationSettings(
         name=name, remote_ae_title=ae, remote_host=host, remote_port=port,
         transfer_syntax_strategy=strategy, max_association_retries=retries,
-        allow_lossy_recompression=lossy)
+        allow_lossy_recompression=lossy, tls=use_tls, tls_ca_file=ca_file,
+        tls_certificate=client_cert, tls_key=client_key, tls_server_name=server_name)
 
 
 def _relay(sec: _Section, base: Path) -> RelaySettings:
@@ -492,7 +608,7 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
     dests: list[DestinationSettings] = []
     for i, raw in enumerate(raw_dests):
         dsec = _Section(raw, f"{sec.prefix}.destinations[{i}]", sec.problems)
-        dest = _destination(dsec)
+        dest = _destination(dsec, base)
         if dest is not None:
             dests.append(dest)
     names = [d.name for d in dests]
@@ -532,7 +648,23 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
         max_instance_retries=instance_retries,
         accelerate=sec.get("accelerate", bool, True),
         destinations=tuple(dests),
+        **_relay_tls(sec, base),
     )
+
+
+def _relay_tls(sec: _Section, base: Path) -> dict[str, Any]:
+    d = RelaySettings()
+    cert, key = _tls_pair(sec, "tls_certificate", "tls_key", base)
+    ca_file = _ca_file(sec, "tls_ca_file", base)
+    explicit = "tls_require_client_certificate" in sec.data
+    require = sec.get("tls_require_client_certificate", bool, d.tls_require_client_certificate)
+    if ca_file is not None and cert is None:
+        sec.problem("tls_ca_file", "only with tls_certificate and tls_key (TLS on the SCP)")
+    if explicit and ca_file is None:
+        sec.problem("tls_require_client_certificate",
+                    "only with tls_ca_file (the CA that signs the modalities' certificates)")
+    return {"tls_certificate": cert, "tls_key": key, "tls_ca_file": ca_file,
+            "tls_require_client_certificate": require}
 
 
 def _prefetch(sec: _Section) -> PrefetchSettings:
@@ -626,7 +758,13 @@ def _cors(sec: _Section) -> CorsSettings:
     max_age = sec.get("max_age", int, d.max_age)
     if not 0 <= max_age <= 86400:
         sec.problem("max_age", f"must be between 0 and 86400, not {max_age}")
-    return CorsSettings(allowed_origins=tuple(o.rstrip("/") for o in origins), max_age=max_age)
+    credentials = sec.get("allow_credentials", bool, d.allow_credentials)
+    if credentials and "*" in origins:
+        sec.problem("allow_credentials", "cannot be true with \"*\" in allowed_origins: any "
+                                         "web page could then read patient data with the "
+                                         "user's credentials; list the viewers' origins")
+    return CorsSettings(allowed_origins=tuple(o.rstrip("/") for o in origins), max_age=max_age,
+                        allow_credentials=credentials)
 
 
 def _audit(sec: _Section, base: Path) -> AuditSettings:
@@ -688,7 +826,7 @@ def from_dict(data: dict[str, Any], *, base: Path = Path("."),
             for name in ("server", "upstream", "cache", "access", "relay", "prefetch",
                          "changes", "dicomweb", "cors", "audit")}
     settings = Settings(
-        server=_server(secs["server"]),
+        server=_server(secs["server"], base),
         upstream=_upstream(secs["upstream"], base),
         cache=_cache(secs["cache"], base),
         access=_access(secs["access"]),

@@ -22,6 +22,11 @@ class Cause(enum.StrEnum):
     HTTP_5XX = "http_5xx"
     HTTP_429 = "http_429"
     AUTH = "auth"
+    #: Orthanc answered with a redirect: dicomcache follows none (credentials never go
+    #: anywhere but ``upstream.url``); the configured URL is not the one that answers.
+    REDIRECT = "redirect"
+    #: The TLS handshake failed: an untrusted or mismatched certificate, or no TLS there.
+    TLS = "tls"
     ENCODING = "encoding"
     BAD_JSON = "bad_json"
     # The body failed verification (see dicomcache.dicom.verify).
@@ -43,8 +48,9 @@ class Cause(enum.StrEnum):
 
     @property
     def final(self) -> bool:
-        """Another attempt cannot fix it (refused credentials)."""
-        return self is Cause.AUTH
+        """Another attempt cannot fix it (refused credentials, a redirect, an untrusted
+        certificate: each is the configuration's to fix)."""
+        return self in (Cause.AUTH, Cause.REDIRECT, Cause.TLS)
 
 
 INTEGRITY_CAUSES = frozenset({Cause.SHORT_BODY, Cause.LENGTH_MISMATCH, Cause.MD5_MISMATCH,

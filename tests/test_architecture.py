@@ -18,14 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dicomcache"
 
 #: The base: imported by every layer above it.
-BASE = {"errors", "config", "metrics", "durable", "singleflight", "principal", ""}
+BASE = {"errors", "config", "metrics", "durable", "singleflight", "principal", "tls", ""}
 #: Layer -> the layers it may import (besides itself).  Mirrors docs/architecture.md.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "singleflight": set(),
     "durable": set(),
     "principal": set(),
-    "config": {"errors"},
+    "tls": set(),
+    "config": {"errors", "tls"},
     "metrics": {"errors", ""},
     "": set(),  # dicomcache/__init__.py: the version only
     "dicom": {"errors"},

@@ -132,9 +132,10 @@ def daemon_figures(settings: Settings, timeout: float = 2.0) -> dict[str, Any] |
     from prometheus_client.parser import text_string_to_metric_families
 
     server = settings.server
-    host = server.host if server.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    host = server.admin_host if server.admin_port else server.host
+    host = host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
-    url = f"http://{host}:{server.metrics_port or server.port}/metrics"
+    url = f"http://{host}:{server.admin_port or server.port}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             text = resp.read().decode("utf-8")

@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
         return USAGE
     print(f"{args.config or '(embedded default)'}: OK")
     print(f"  listen        http://{s.server.host}:{s.server.port}"
-          + (f" (metrics on :{s.server.metrics_port})" if s.server.metrics_port else ""))
+          + (f" (status and metrics on {s.server.admin_host}:{s.server.admin_port})"
+             if s.server.admin_port else ""))
     print(f"  upstream      {s.upstream.url or '(none: a demo Orthanc is started)'}"
           f" user={s.upstream.username or '-'} timeouts={s.upstream.connect_timeout:g}/"
           f"{s.upstream.read_timeout:g}s retries={s.upstream.retries}")

@@ -99,7 +99,7 @@ async def prefetch(settings: Settings, *, studies: list[str], patients: list[str
     metrics = Metrics()
     store = AsyncStore(await asyncio.to_thread(Store, settings.cache.directory,
                                                settings.cache.max_size))
-    client = OrthancClient(settings.upstream, metrics)
+    client = await OrthancClient.create(settings.upstream, metrics)
     problems: list[str] = []
     try:
         fetcher = Fetcher(client, store, metrics)

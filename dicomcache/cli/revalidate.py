@@ -59,7 +59,7 @@ async def revalidate(settings: Settings, *, studies: list[str], patient: str | N
     metrics = Metrics()
     store = AsyncStore(await asyncio.to_thread(Store, settings.cache.directory,
                                                settings.cache.max_size))
-    client = OrthancClient(settings.upstream, metrics)
+    client = await OrthancClient.create(settings.upstream, metrics)
     purged: set[str] = set()
 
     async def forget(event: StudyEvent) -> None:

@@ -54,7 +54,8 @@ def demo_urls(orthanc: OrthancProcess, base: str) -> list[str]:
     tags = orthanc.json("GET", f"/instances/{first}/simplified-tags")
     study, series, sop = tags["StudyInstanceUID"], tags["SeriesInstanceUID"], tags["SOPInstanceUID"]
     return [
-        f"{base}/studies",
+        f"{base}/dicom-web/studies",
+        f"{base}/dicom-web/studies/{study}/series/{series}",
         f"{base}/instances/{first}/file",
         f"{base}/wado?requestType=WADO&studyUID={study}&seriesUID={series}"
         f"&objectUID={sop}&contentType=application/dicom",

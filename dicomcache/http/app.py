@@ -7,7 +7,9 @@ imports the relay."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -25,6 +27,7 @@ from dicomcache.http.keys import (
     CLIENT,
     COHERENCE,
     FETCHER,
+    HOST_NAMES,
     METRICS,
     PREFETCHER,
     SCRUBBER,
@@ -32,7 +35,7 @@ from dicomcache.http.keys import (
     STORE,
     STUDY_CHANGED,
 )
-from dicomcache.http.middleware import canonical_path, errors_and_metrics
+from dicomcache.http.middleware import canonical_path, errors_and_metrics, host_check, host_names
 from dicomcache.http.respond import OPEN_FILES, OpenFiles
 from dicomcache.metrics import Metrics
 from dicomcache.prefetch.plan import touch_of
@@ -46,11 +49,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """The HTTP application; long-lived resources start and stop in ``cleanup_ctx``."""
-    app = web.Application(middlewares=[canonical_path, errors_and_metrics],
+    app = web.Application(middlewares=[host_check, cors.cors_preflight, canonical_path,
+                                       errors_and_metrics],
                           client_max_size=64 << 20)
     app.on_response_prepare.append(prefetch_touch)
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
+    app.cleanup_ctx.append(_hosts_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_prefetch_ctx)
@@ -66,6 +71,25 @@ def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Applicat
     cors.setup(app, settings.cors)  # preflights answered locally; none allowed by default
     passthrough.add_routes(app)  # last: the catch-all
     return app
+
+
+async def _hosts_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The ``Host:`` names to answer (this machine's names looked up once, off the loop)."""
+    settings = app[SETTINGS]
+    machine = await asyncio.to_thread(machine_names)
+    app[HOST_NAMES] = host_names(settings.server, settings.dicomweb.public_url, machine)
+    yield
+
+
+def machine_names() -> set[str]:
+    """This machine's host name, fully qualified name and their addresses (blocking)."""
+    names = {socket.gethostname(), socket.getfqdn()}
+    for name in list(names):
+        with contextlib.suppress(OSError):
+            for *_, sockaddr in socket.getaddrinfo(name, None):
+                address = str(sockaddr[0])
+                names.add(f"[{address}]" if ":" in address else address)
+    return names
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -133,7 +157,7 @@ async def _scrub_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    client = OrthancClient(settings.upstream, app[METRICS])
+    client = await OrthancClient.create(settings.upstream, app[METRICS])
     app[CLIENT] = client
     coherence = Coherence(settings.cache, client, app[STORE], app[METRICS], app[STUDY_CHANGED])
     app[COHERENCE] = coherence

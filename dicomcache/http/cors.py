@@ -75,11 +75,12 @@ async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamRe
         resp = json_error(403, "forbidden", f"CORS preflight refused: {problem}")
         resp.headers[hdrs.VARY] = "Origin"
         return resp
-    return web.Response(status=204, headers={
-        hdrs.ACCESS_CONTROL_ALLOW_METHODS: ", ".join(ALLOWED_METHODS),
-        hdrs.ACCESS_CONTROL_ALLOW_HEADERS: ", ".join(ALLOWED_HEADERS),
-        hdrs.ACCESS_CONTROL_MAX_AGE: str(settings.max_age),
-    })
+    headers = {hdrs.ACCESS_CONTROL_ALLOW_METHODS: ", ".join(ALLOWED_METHODS),
+               hdrs.ACCESS_CONTROL_ALLOW_HEADERS: ", ".join(ALLOWED_HEADERS),
+               hdrs.ACCESS_CONTROL_MAX_AGE: str(settings.max_age)}
+    if settings.allow_credentials:  # never with "*" (refused by the config)
+        headers[hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS] = "true"
+    return web.Response(status=204, headers=headers)
 
 
 async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -93,12 +94,14 @@ async def _add_headers(request: web.Request, response: web.StreamResponse) -> No
     if value is None:
         return
     response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = value
+    if settings.allow_credentials:
+        response.headers[hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS] = "true"
     if request.method != "OPTIONS":
         response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = ", ".join(EXPOSED_HEADERS)
 
 
 def setup(app: web.Application, settings: CorsSettings) -> None:
-    """Install the preflight middleware (first, so it sees every path) and the header hook."""
+    """The settings and the header hook; :func:`cors_preflight` is in the app's middleware
+    list, right after the ``Host:`` check, so it sees every path."""
     app[CORS_SETTINGS] = settings
-    app.middlewares.insert(0, cors_preflight)
     app.on_response_prepare.append(_add_headers)

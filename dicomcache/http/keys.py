@@ -46,5 +46,7 @@ RELAY: web.AppKey[RelayStatusSource] = web.AppKey("relay")
 #: API family (orthanc, wado_uri, dicomweb, passthrough) and outcome (hit, miss, …) of a request.
 FAMILY = web.RequestKey("family", str)
 OUTCOME = web.RequestKey("outcome", str)
+#: The ``Host:`` names this service answers to (:func:`~.middleware.host_names`).
+HOST_NAMES = web.AppKey("host_names", frozenset)
 #: Who the request acts for (set by authentication before any handler runs).
 PRINCIPAL = web.RequestKey("principal", Principal)

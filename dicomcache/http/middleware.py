@@ -1,12 +1,17 @@
-"""Middleware: one place mapping errors to answers, and timing every request."""
+"""Middleware: the ``Host:`` check, one spelling per path, one place mapping errors to
+answers and timing every request."""
 
 from __future__ import annotations
 
+import fnmatch
+import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
+from dicomcache.config import ServerSettings
 from dicomcache.errors import (
     Cause,
     IntegrityError,
@@ -14,7 +19,7 @@ from dicomcache.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from dicomcache.http.keys import FAMILY, METRICS, OUTCOME
+from dicomcache.http.keys import FAMILY, HOST_NAMES, METRICS, OUTCOME
 from dicomcache.http.respond import json_error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -47,6 +52,64 @@ def error_answer(exc: UpstreamError | IntegrityError | NotFoundUpstream) -> web.
 def canonical(path: str) -> str:
     """A path as Orthanc reads it: empty segments (``//``, a trailing ``/``) removed."""
     return "/" + "/".join(segment for segment in path.split("/") if segment)
+
+
+_HOST_SYNTAX = re.compile(r"(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def host_names(server: ServerSettings, public_url: str | None, machine: Iterable[str]
+               ) -> frozenset[str]:
+    """The ``Host:`` names this service answers to (pure; ``machine``: this machine's
+    names and addresses, looked up once at start).
+
+    ``server.allowed_hosts`` when set; else the listen address (unless a wildcard),
+    ``localhost``, the loopback addresses and the machine's names.  The host of
+    ``dicomweb.public_url`` is always one of them.
+    """
+    names = {h.lower() for h in server.allowed_hosts}
+    if not names:
+        names = {"localhost", "127.0.0.1", "[::1]", *(m.lower() for m in machine)}
+        if server.host not in ("", "0.0.0.0", "::"):
+            names.add(f"[{server.host}]" if ":" in server.host else server.host.lower())
+    if public_url:
+        names.add((urlsplit(public_url).hostname or "").lower())
+    return frozenset(n for n in names if n)
+
+
+def host_of(header: str) -> str:
+    """The name of a ``Host:`` value without its port (IPv6 kept in brackets)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[:header.find("]") + 1] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def host_allowed(header: str | None, names: frozenset[str]) -> bool:
+    """Whether a request's ``Host:`` names this service (``*.x`` patterns allowed)."""
+    if not header:
+        return False
+    host = host_of(header)
+    return host in names or any(fnmatch.fnmatchcase(host, n) for n in names if "*" in n)
+
+
+@web.middleware
+async def host_check(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """421 for a ``Host:`` that does not name this service, before anything else.
+
+    A web page on another site can make a browser send requests to a clinic box by
+    pointing its own DNS name at the box's address (DNS rebinding); the browser then
+    reads the answers as same-origin.  Such requests carry the page's host name.
+    """
+    names = request.app.get(HOST_NAMES)
+    header = request.headers.get(hdrs.HOST) or ""
+    # Liveness stays open to load balancers probing by whatever address they use.
+    if names is not None and request.path != "/healthz" and not host_allowed(header, names):
+        if not _HOST_SYNTAX.fullmatch(header):
+            return json_error(400, "bad request", f"Host {header[:80]!r} is not a host name "
+                              "(with an optional port)")
+        return json_error(421, "misdirected request", f"Host {header[:80]!r} is not a name "
+                          "of this service (server.allowed_hosts)")
+    return await handler(request)
 
 
 @web.middleware

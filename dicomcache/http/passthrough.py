@@ -1,8 +1,16 @@
-"""Read-through of everything else viewers read, and the closed-by-default policy.
+"""Read-through of what viewers read that no cache route serves: an allow-list.
 
-GET/HEAD on Orthanc's read-only REST resources and DICOMweb paths are streamed
-from Orthanc (never buffered whole), keeping its status and content type.
-Writes and dangerous endpoints answer 403 unless ``[access] allow`` lists them.
+Only the Orthanc REST and DICOMweb resources a viewer needs (:data:`READ_THROUGH`,
+documented in docs/security.md) are streamed from Orthanc (never buffered whole),
+keeping its status and content type.  Everything else answers 403 unless
+``[access] allow`` lists it: listings of every patient or study, Orthanc
+Explorer and other web apps, ``/tools/*``, archive and media ZIP builders,
+``/system``, ``/statistics``, ``/plugins``, ``/changes``, ``/exports``, the
+DICOMweb plugin's server table, every write.  A request read through acts with
+dicomcache's own Orthanc account, so what is not listed here is never reachable
+from the network by default.
+Orthanc's redirects reach the viewer as paths of ours (so the next request
+meets the policy again); one leaving Orthanc is a 502 (dicomcache follows none).
 """
 
 from __future__ import annotations
@@ -16,17 +24,37 @@ from aiohttp import hdrs, web
 from dicomcache.http.keys import CLIENT, FAMILY, OUTCOME, SETTINGS
 from dicomcache.http.params import family_of
 from dicomcache.http.respond import BadRequest, json_error
-from dicomcache.upstream.client import FORWARDED_REQUEST_HEADERS, check_status
+from dicomcache.upstream import policy
+from dicomcache.upstream.client import FORWARDED_REQUEST_HEADERS, check_status, redirect_error
 
-#: Closed even for GET unless explicitly allowed (they change or reveal the PACS's setup).
-CLOSED_PATHS = ("/tools/execute-script", "/tools/reset", "/tools/shutdown",
-                "/modalities", "/modalities/*", "/peers", "/peers/*", "/jobs", "/jobs/*")
 SAFE_METHODS = ("GET", "HEAD")
+_OID = r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}"
+_UID = r"[0-9]+(?:\.[0-9]+)*"
+#: What GET/HEAD may read through, as (pattern, what it is for).  One resource of one
+#: patient at a time, never a listing of everyone, never a ZIP of anything.
+READ_THROUGH: tuple[tuple[str, str], ...] = (
+    (rf"/(patients|studies|series|instances)/{_OID}", "one resource's main tags"),
+    (rf"/instances/{_OID}/(tags|simplified-tags|header|preview|rendered|image-uint8|"
+     r"image-uint16|image-int16|frames|study|series|patient|pdf|metadata(/[A-Za-z0-9]+)?|"
+     r"content(/[0-9a-fA-F,/\-]+)?)", "an instance's tags, renderings and parents"),
+    (rf"/instances/{_OID}/frames/[0-9]+(/(preview|rendered|image-uint8|image-uint16|"
+     r"image-int16|raw))?", "one frame, rendered or raw"),
+    (rf"/series/{_OID}/(instances|shared-tags|study|patient|ordered-slices|"
+     r"instances-tags|metadata(/[A-Za-z0-9]+)?)", "a series' instances and shared tags"),
+    (rf"/studies/{_OID}/(series|instances|shared-tags|patient|instances-tags|"
+     r"metadata(/[A-Za-z0-9]+)?)", "a study's series and instances"),
+    (rf"/patients/{_OID}/(studies|series|instances|shared-tags)", "one patient's studies"),
+    (rf"/dicom-web/(studies|series|instances)(/{_UID}(/[A-Za-z0-9.,/\-]*)?)?",
+     "DICOMweb QIDO-RS and WADO-RS: searches, retrieves, metadata, frames, renderings"),
+    (r"/wado", "WADO-URI (renderings; application/dicom is served from the store)"),
+)
+_READ_THROUGH = re.compile("|".join(f"(?:{p})" for p, _ in READ_THROUGH))
 
-#: Response headers passed back to viewers (hop-by-hop and auth headers never are).
+#: Response headers passed back to viewers (hop-by-hop and auth headers never are;
+#: ``Location`` only as a path of ours).
 _PASSED_RESPONSE_HEADERS = (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH, hdrs.CONTENT_DISPOSITION,
                             hdrs.CONTENT_ENCODING, hdrs.ETAG, hdrs.LAST_MODIFIED,
-                            hdrs.CACHE_CONTROL, hdrs.LOCATION)
+                            hdrs.CACHE_CONTROL)
 _BAD_RAW = re.compile(r"%(2f|5c|00)|\\|\x00", re.IGNORECASE)
 
 
@@ -40,14 +68,15 @@ def check_path(raw_path: str) -> None:
 
 
 def denial(method: str, path: str, allow: tuple[str, ...]) -> str | None:
-    """Why ``method path`` is closed, or ``None`` when it may pass."""
+    """Why ``method path`` may not be read through, or ``None`` when it may (pure)."""
     if any(fnmatch.fnmatchcase(f"{method} {path}", rule) for rule in allow):
         return None
     if method not in SAFE_METHODS:
         return (f"{method} is closed: dicomcache is read-only unless [access] allow "
                 f"lists \"{method} {path}\"")
-    if any(fnmatch.fnmatchcase(path, p) for p in CLOSED_PATHS):
-        return f"{path} is closed by default; list \"{method} {path}\" in [access] allow to open it"
+    if _READ_THROUGH.fullmatch(path) is None:
+        return (f"{path} is not among what viewers read through dicomcache; list "
+                f"\"{method} {path}\" in [access] allow to open it")
     return None
 
 
@@ -68,22 +97,35 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
 
     async def once(_attempt: int) -> web.StreamResponse:
         async with client.open(method, request.raw_path, kind="passthrough", headers=headers,
-                               body=body, encoded=True) as upstream:
+                               body=body, encoded=True, redirects=True) as upstream:
             if upstream.status >= 500 or upstream.status in (401, 403, 429):
                 check_status(upstream.status, upstream.headers, what, await upstream.read())
-            return await _relay_response(request, upstream)
+            location = _location(client.base, str(upstream.url), upstream)
+            if upstream.status in policy.REDIRECT_STATUSES and location is None:
+                raise redirect_error(what, upstream.status, str(upstream.url),
+                                     upstream.headers.get(hdrs.LOCATION, ""),
+                                     "it leaves Orthanc and dicomcache follows no redirect")
+            return await _relay_response(request, upstream, location)
 
     if method in SAFE_METHODS:
         return await client.retrying(once, what=what)
     return await once(1)  # writes are not idempotent: one attempt
 
 
-async def _relay_response(request: web.Request,
-                          upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+def _location(base: str, url: str, upstream: aiohttp.ClientResponse) -> str | None:
+    """Orthanc's ``Location`` as a path of ours; ``None`` if absent or leaving Orthanc."""
+    location = upstream.headers.get(hdrs.LOCATION)
+    return policy.viewer_location(base, url, location) if location else None
+
+
+async def _relay_response(request: web.Request, upstream: aiohttp.ClientResponse,
+                          location: str | None) -> web.StreamResponse:
     out = web.StreamResponse(status=upstream.status)
     for name in _PASSED_RESPONSE_HEADERS:
         if name in upstream.headers:
             out.headers[name] = upstream.headers[name]
+    if location is not None:
+        out.headers[hdrs.LOCATION] = location
     if request.method == "HEAD":
         await out.prepare(request)
         return out

@@ -7,7 +7,7 @@
   ``PROBE_EVERY`` seconds, or down, a cheap ``GET /system`` decides.
 * ``GET /``: one plain HTML page for people without Grafana (no script, no
   external assets, refreshes itself); ``GET /status.json`` is the same data.
-* ``/metrics`` on the main port, or, when ``server.metrics_port`` is set, on
+* ``/metrics`` on the main port, or, when ``server.admin_port`` is set, on
   a site of its own (with ``/healthz`` and ``/readyz``) so viewers never see it.
 
 The relay, when it runs, is seen only through ``RELAY`` (anything with a
@@ -98,15 +98,16 @@ def setup(app: web.Application) -> None:
     app[STARTED] = time.time()
     app.cleanup_ctx.append(_health_ctx)
     settings = app[SETTINGS].server
-    if settings.metrics_port is None:
-        app.router.add_get("/metrics", app[METRICS].handler())
-    else:
-        app.cleanup_ctx.append(_metrics_site_ctx)
-        app.router.add_get("/metrics", _metrics_elsewhere)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", _bound(app, readiness))
-    app.router.add_get("/status.json", status_json)
-    app.router.add_get("/", status_page)
+    if settings.admin_port is None:
+        app.router.add_get("/metrics", app[METRICS].handler())
+        app.router.add_get("/status.json", status_json)
+        app.router.add_get("/", status_page)
+    else:
+        app.cleanup_ctx.append(_admin_site_ctx)
+        for path in ADMIN_PATHS:  # never read through to Orthanc by the catch-all either
+            app.router.add_get(path, _admin_elsewhere)
 
 
 def _bound(app: web.Application, handler: Callable[[web.Application], Awaitable[web.Response]]
@@ -136,25 +137,34 @@ async def _health_loop(probe: UpstreamProbe) -> None:
         await asyncio.sleep(PROBE_EVERY / 3)
 
 
-async def _metrics_site_ctx(app: web.Application) -> AsyncIterator[None]:
+#: What the admin port serves (and the viewer port then does not).
+ADMIN_PATHS = ("/", "/status.json", "/metrics")
+
+
+async def _admin_site_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The admin site: status page, status JSON, metrics, health, on ``admin_host``
+    (loopback by default): reachable by the machine's operators and a local Prometheus,
+    not by the clinic network."""
     server = app[SETTINGS].server
-    assert server.metrics_port is not None
+    assert server.admin_port is not None
     site_app = web.Application()
     site_app.router.add_get("/metrics", app[METRICS].handler())
     site_app.router.add_get("/healthz", healthz)
     site_app.router.add_get("/readyz", _bound(app, readiness))
+    site_app.router.add_get("/status.json", _bound(app, _status_json))
+    site_app.router.add_get("/", _bound(app, _status_page))
     runner = web.AppRunner(site_app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, server.host, server.metrics_port)
+    site = web.TCPSite(runner, server.admin_host, server.admin_port)
     await site.start()
-    log.info("metrics on http://%s:%d/metrics", server.host, server.metrics_port)
+    log.info("status page and metrics on http://%s:%d/", server.admin_host, server.admin_port)
     yield
     await runner.cleanup()
 
 
-async def _metrics_elsewhere(request: web.Request) -> web.Response:
-    # Not read through to Orthanc: the catch-all would otherwise forward it.
-    return json_error(404, "not found", "metrics are served on the metrics port only")
+async def _admin_elsewhere(request: web.Request) -> web.Response:
+    return json_error(404, "not found", "the status page and metrics are served on the "
+                                        "admin port (server.admin_port) only")
 
 
 # --- health and readiness ----------------------------------------------------------------
@@ -273,12 +283,20 @@ def _relay_status(app: web.Application) -> dict[str, Any]:
 
 async def status_json(request: web.Request) -> web.Response:
     """The status page's data as JSON."""
-    return web.json_response(await snapshot(request.app))
+    return await _status_json(request.app)
 
 
 async def status_page(request: web.Request) -> web.Response:
     """The status page: plain HTML rendered here, no script, no external assets."""
-    return web.Response(text=render(await snapshot(request.app)), content_type="text/html",
+    return await _status_page(request.app)
+
+
+async def _status_json(app: web.Application) -> web.Response:
+    return web.json_response(await snapshot(app), headers={"Cache-Control": "no-store"})
+
+
+async def _status_page(app: web.Application) -> web.Response:
+    return web.Response(text=render(await snapshot(app)), content_type="text/html",
                         headers={"Cache-Control": "no-store"})
 
 

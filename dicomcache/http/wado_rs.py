@@ -136,9 +136,14 @@ async def _send(request: web.Request, resp: web.StreamResponse, b: str, part: Pa
     """Part ``i`` on the wire (the headers first, with the first part); closes its file."""
     try:
         if plan.sizes is not None and part.size != plan.sizes[i]:
-            raise IntegrityError(Cause.LENGTH_MISMATCH, f"instance {oid} is {part.size} "
-                                 f"bytes, Orthanc's listing said {plan.sizes[i]}: the "
-                                 "announced length cannot be kept")
+            if not resp.prepared:  # nothing announced yet: send it chunked instead
+                log.info("instance %s changed size since it was listed (replaced in "
+                         "Orthanc?): the answer is sent chunked", oid)
+                plan.sizes = plan.length = None
+            else:
+                raise IntegrityError(Cause.LENGTH_MISMATCH, f"instance {oid} is {part.size} "
+                                     f"bytes, Orthanc's listing said {plan.sizes[i]}: the "
+                                     "announced length cannot be kept")
         if not resp.prepared:
             if plan.length is not None:
                 resp.content_length = plan.length

@@ -20,6 +20,13 @@ choices below hold everywhere:
   jitter, ``Retry-After`` honoured up to ``backoff_max``).
 * Every JSON answer is parsed defensively (:meth:`OrthancClient.get_json`): a
   cut or malformed listing is retried like a corrupt instance.
+* No redirect is ever followed (:attr:`Cause.REDIRECT`, final): the credentials go
+  to ``upstream.url`` and nowhere else.  The read-through alone sees Orthanc's
+  redirects, to pass those that stay on Orthanc to the viewer as paths of ours.
+* ``https://`` upstreams are verified (the system's CAs, or ``upstream.ca_file``;
+  the host name is checked); a failed handshake is :attr:`Cause.TLS`, final.
+* Errors are described without the request they carried: aiohttp's exceptions
+  hold its headers, ``Authorization`` included, in their ``repr``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -38,6 +46,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+import dicomcache.tls as tls
 from dicomcache.config import UpstreamSettings
 from dicomcache.errors import (
     Cause,
@@ -64,12 +73,17 @@ GZIP = {"Accept-Encoding": "gzip"}
 class OrthancClient:
     """Async client for one Orthanc; create inside a running loop, ``await close()`` after."""
 
-    def __init__(self, settings: UpstreamSettings, metrics: Metrics) -> None:
+    def __init__(self, settings: UpstreamSettings, metrics: Metrics, *,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         if settings.url is None:
             raise ValueError("upstream.url is not set")
         self.settings = settings
         self.metrics = metrics
         self.base = settings.url
+        if ssl_context is None and self.base.startswith("https:"):
+            ssl_context = upstream_tls(settings)  # reads files: prefer :meth:`create`
+        #: Verified TLS towards an https:// upstream.
+        self.ssl_context = ssl_context
         headers = {"Accept-Encoding": "identity", "User-Agent": "dicomcache"}
         if settings.username:
             headers["Authorization"] = aiohttp.encode_basic_auth(
@@ -82,7 +96,8 @@ class OrthancClient:
                 limit=settings.max_connections,
                 # Orthanc closes idle keep-alive connections after ~1 s; recycle ours sooner
                 # than that to avoid racing its close on a reused socket.
-                keepalive_timeout=0.8),
+                keepalive_timeout=0.8,
+                ssl=self.ssl_context if self.ssl_context is not None else True),
             auto_decompress=False,
             headers=headers,
             raise_for_status=False,
@@ -91,6 +106,12 @@ class OrthancClient:
         # Opens after repeated link-level failures; ``retrying`` then fails fast.
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_probe_interval,
                                       self.probe, metrics, self.base)
+
+    @classmethod
+    async def create(cls, settings: UpstreamSettings, metrics: Metrics) -> OrthancClient:
+        """A client whose TLS context (CA files read from disk) is built off the loop."""
+        ctx = await asyncio.to_thread(upstream_tls, settings)
+        return cls(settings, metrics, ssl_context=ctx)
 
     async def close(self) -> None:
         await self.breaker.close()
@@ -140,7 +161,8 @@ class OrthancClient:
                     log.warning("%s failed after %d attempt(s): %s", what, attempt, exc)
                     if policy.link_down(cause, status):
                         self.metrics.note_upstream(False, self.base, str(exc))
-                        if cause is not Cause.AUTH:  # refused credentials are not a dead link
+                        # refused credentials, an untrusted certificate are not a dead link
+                        if cause not in (Cause.AUTH, Cause.TLS):
                             self.breaker.failure(str(exc))
                     kind = UpstreamTimeout if cause is Cause.TIMEOUT else UpstreamError
                     raise kind(cause, exc.reason, attempts=attempt, status=status) from exc
@@ -164,28 +186,43 @@ class OrthancClient:
     async def open(self, method: str, path: str, *, kind: str,
                    headers: Mapping[str, str] | None = None,
                    params: Mapping[str, str] | None = None, body: bytes | None = None,
-                   encoded: bool = False) -> AsyncIterator[aiohttp.ClientResponse]:
+                   encoded: bool = False,
+                   redirects: bool = False) -> AsyncIterator[aiohttp.ClientResponse]:
         """One request; the response is read by the caller inside the ``async with``.
 
         Connection trouble, while connecting or while the caller reads the body,
         becomes :class:`UpstreamError`; the status is the caller's to judge
-        (:func:`check_status`).  The time until the caller is done is recorded
-        under ``kind``.
+        (:func:`check_status`).  A redirect is never followed: it is a
+        :attr:`Cause.REDIRECT` error, unless the caller takes redirects
+        (``redirects``: the read-through, which passes them on as paths of ours).
+        The time until the caller is done is recorded under ``kind``.
         """
         started = time.monotonic()
         what = f"{method} {path.split('?', 1)[0]}"
+        url = self.url(path, encoded=encoded)
         try:
-            async with self.session.request(method, self.url(path, encoded=encoded), data=body,
-                                            headers=headers, params=params) as resp:
+            async with self.session.request(method, url, data=body, headers=headers,
+                                            params=params, allow_redirects=False) as resp:
+                if resp.status in policy.REDIRECT_STATUSES and not redirects:
+                    raise redirect_error(what, resp.status, str(url),
+                                         resp.headers.get("Location", ""))
                 yield resp
         except aiohttp.ClientPayloadError as exc:
             raise UpstreamError(Cause.SHORT_BODY, f"{what}: body cut short ({exc})") from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamError(Cause.TIMEOUT, f"{what}: no answer in time") from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise UpstreamError(Cause.TLS, f"{what}: the certificate of {self.base} is not "
+                                f"trusted ({_verify_message(exc)}); upstream.ca_file names the "
+                                "CA that signed it") from exc
+        except aiohttp.ClientSSLError as exc:
+            raise UpstreamError(Cause.TLS, f"{what}: TLS with {self.base} failed "
+                                f"({describe_error(exc)})") from exc
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamError(Cause.CONNECT, f"{what}: cannot connect ({exc.os_error})") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(Cause.RESET, f"{what}: connection lost ({exc!r})") from exc
+            raise UpstreamError(Cause.RESET,
+                                f"{what}: connection lost ({describe_error(exc)})") from exc
         finally:
             self.metrics.upstream_seconds.labels(kind).observe(time.monotonic() - started)
 
@@ -259,6 +296,43 @@ class OrthancClient:
         except NotFoundUpstream:
             return None
         return parse_md5(data, orthanc_id)
+
+
+def upstream_tls(settings: UpstreamSettings) -> ssl.SSLContext | None:
+    """The verifying client context for an ``https://`` upstream (``ca_file`` or the
+    system's CAs); ``None`` for plain HTTP.  Blocking: it reads the CA files."""
+    if settings.url is None or not settings.url.startswith("https:"):
+        return None
+    return tls.client_context(settings.ca_file)
+
+
+def describe_error(exc: BaseException) -> str:
+    """An aiohttp error for logs and answers: its type and message, never its ``repr``.
+
+    A :class:`aiohttp.ClientResponseError` (a redirect loop, a malformed answer…)
+    carries the request it answers, headers included, and its ``repr`` prints
+    them: ``'Authorization': 'Basic …'`` would reach the viewer's 502, the
+    status page, ``/readyz`` and the logs.
+    """
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__}: {exc.status} {exc.message}".strip()
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"{type(exc).__name__}: {exc.os_error}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _verify_message(exc: aiohttp.ClientConnectorCertificateError) -> str:
+    err = exc.certificate_error
+    return str(getattr(err, "verify_message", "") or err)
+
+
+def redirect_error(what: str, status: int, request_url: str, location: str,
+                   why: str = "dicomcache follows no redirect") -> UpstreamError:
+    """The error for a redirect of Orthanc's: where it pointed (no credentials, no query)."""
+    where = policy.describe_location(request_url, location) if location else "nowhere"
+    return UpstreamError(Cause.REDIRECT, f"{what}: Orthanc answered {status}, a redirect to "
+                         f"{where}; {why} (upstream.url must be the address that answers)",
+                         status=status)
 
 
 def parse_json(data: bytes, encoding: str | None, what: str) -> Any:

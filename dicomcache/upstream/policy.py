@@ -6,7 +6,12 @@ only carry them out.
 
 from __future__ import annotations
 
+from yarl import URL
+
 from dicomcache.errors import Cause
+
+#: The statuses that send a client elsewhere (304 Not Modified is an answer, not a redirect).
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
 def backoff_delay(attempt: int, base: float, cap: float, u: float,
@@ -32,7 +37,7 @@ def link_down(cause: Cause, status: int | None = None) -> bool:
     body says nothing about the link; timeouts, resets, refused connections,
     gateway errors and refused credentials do.
     """
-    return cause in (Cause.TIMEOUT, Cause.RESET, Cause.CONNECT, Cause.AUTH) or (
+    return cause in (Cause.TIMEOUT, Cause.RESET, Cause.CONNECT, Cause.AUTH, Cause.TLS) or (
         cause is Cause.HTTP_5XX and status in (502, 503, 504))
 
 
@@ -56,3 +61,45 @@ def parse_retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
+
+
+def resolve_location(request_url: str, location: str) -> URL | None:
+    """The absolute URL a ``Location`` header names (relative to the request's URL), or
+    ``None`` when it is not a URL at all."""
+    try:
+        target = URL(request_url).join(URL(location.strip()))
+    except ValueError:
+        return None
+    return target if target.is_absolute() and target.host else None
+
+
+def viewer_location(base: str, request_url: str, location: str) -> str | None:
+    """Where a redirect of Orthanc's points, as a path (and query) on dicomcache.
+
+    ``base`` is ``upstream.url``.  ``None`` when the target leaves it: another
+    scheme, host or port, a path outside ``base``'s path, or credentials in the
+    URL.  The viewer then asks dicomcache for that path, so the access policy
+    sees the new request as it sees any other; dicomcache itself never follows.
+    """
+    target = resolve_location(request_url, location)
+    origin = URL(base)
+    if (target is None or target.user is not None or target.password is not None
+            or target.scheme != origin.scheme or target.host != origin.host
+            or target.port != origin.port):
+        return None
+    prefix = origin.raw_path.rstrip("/")
+    path = target.raw_path
+    if prefix and not (path == prefix or path.startswith(prefix + "/")):
+        return None
+    path = path[len(prefix):] or "/"
+    return path + (f"?{target.raw_query_string}" if target.raw_query_string else "")
+
+
+def describe_location(request_url: str, location: str, limit: int = 120) -> str:
+    """A redirect target fit for logs and answers: scheme, host, port and path only (no
+    credentials, query or fragment, whatever the upstream put there), shortened."""
+    target = resolve_location(request_url, location)
+    if target is None:
+        return "an unparseable Location"
+    shown = str(target.with_user(None).with_query(None).with_fragment(None))
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"

@@ -176,9 +176,15 @@ def test_demo_mode_without_config(serve, tmp_path: Path) -> None:  # type: ignor
     base = f"http://127.0.0.1:{port}"
     wait_ready(base, proc, timeout=120)
     import json
-    instances = json.loads(get(f"{base}/instances"))
+    studies = json.loads(get(f"{base}/dicom-web/studies"))  # QIDO: what a viewer lists
+    [study] = [s["0020000D"]["Value"][0] for s in studies]
+    [series] = json.loads(get(f"{base}/dicom-web/studies/{study}/series"))
+    se = series["0020000E"]["Value"][0]
+    instances = json.loads(get(f"{base}/dicom-web/studies/{study}/series/{se}/instances"))
     assert len(instances) == 40
-    body = get(f"{base}/instances/{instances[0]}/file")
+    sop = instances[0]["00080018"]["Value"][0]
+    body = get(f"{base}/wado?requestType=WADO&studyUID={study}&seriesUID={se}"
+               f"&objectUID={sop}&contentType=application/dicom")
     assert body[128:132] == b"DICM"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from pydicom.dataset import Dataset
@@ -100,7 +101,12 @@ def digest(status: int, content_type: str, body: bytes) -> object:
 
 async def ours(client: TestClient, path: str, headers: dict[str, str]) -> object:
     resp = await client.get(path, headers=headers)
-    body = await resp.read()
+    try:
+        body = await resp.read()
+    except aiohttp.ClientPayloadError:
+        # A retrieve whose part was replaced in Orthanc after its length went out is cut,
+        # never completed with other bytes: not (yet) Orthanc's answer.
+        return "cut"
     assert resp.status < 500, (path, resp.status, body[:300])
     return digest(resp.status, resp.headers.get("Content-Type", ""), body)
 

@@ -24,8 +24,11 @@ async def test_json_resources_equal_orthanc(client: TestClient, orthanc: Orthanc
     s = samples["explicit"][0]
     study = await asyncio.to_thread(orthanc.json, "GET", f"/instances/{s.orthanc_id}/study")
     study_id = study["ID"]
-    for path in ("/studies", f"/studies/{study_id}", f"/instances/{s.orthanc_id}/tags",
-                 f"/instances/{s.orthanc_id}/simplified-tags", "/studies?expand"):
+    series = await asyncio.to_thread(orthanc.json, "GET", f"/instances/{s.orthanc_id}/series")
+    for path in (f"/studies/{study_id}", f"/studies/{study_id}/series",
+                 f"/instances/{s.orthanc_id}/series", f"/series/{series['ID']}/ordered-slices",
+                 f"/instances/{s.orthanc_id}/tags", f"/instances/{s.orthanc_id}/simplified-tags",
+                 f"/studies/{study_id}/instances?expand", f"/series/{series['ID']}/shared-tags"):
         # (DICOMweb QIDO is cached with its links rewritten: tests/routes/test_dicomweb.py)
         headers, direct = orthanc_get(orthanc, path)
         resp = await client.get(path)
@@ -39,8 +42,9 @@ async def test_upstream_status_kept(client: TestClient) -> None:
     assert resp.status == 404
 
 
-async def test_head_works_although_orthanc_refuses_head(client: TestClient) -> None:
-    resp = await client.head("/studies")
+async def test_head_works_although_orthanc_refuses_head(
+        client: TestClient, samples: dict[str, list[Sample]]) -> None:
+    resp = await client.head(f"/instances/{samples['explicit'][0].orthanc_id}/tags")
     assert resp.status == 200
     assert resp.headers["Content-Type"].startswith("application/json")
     assert await resp.read() == b""
@@ -48,7 +52,11 @@ async def test_head_works_although_orthanc_refuses_head(client: TestClient) -> N
 
 async def test_viewer_credentials_not_forwarded_and_ours_not_echoed(
         client: TestClient, orthanc: OrthancProcess) -> None:
-    resp = await client.get("/system", headers={"Authorization": "Basic bm9ib2R5Om5vcGU="})
+    oid = "00000000-00000000-00000000-00000000-00000000"
+    resp = await client.get(f"/studies/{oid}", headers={"Authorization": "Basic bm9ib2R5Om5vcGU="})
+    assert resp.status == 404  # our credentials were used, not the viewer's bogus ones
+    resp = await client.get("/dicom-web/studies?PatientID=NOBODY",
+                            headers={"Authorization": "Basic bm9ib2R5Om5vcGU="})
     assert resp.status == 200  # our credentials were used, not the viewer's bogus ones
     body = await resp.text()
     assert orthanc.password not in body
@@ -69,6 +77,19 @@ async def test_viewer_credentials_not_forwarded_and_ours_not_echoed(
     ("GET", "/jobs/1234"),
     ("POST", "/dicom-web/studies"),
     ("POST", "/instances/6cfb666e-352be4d5-bdc7fd9c-7167db56-1d1e9061/file"),
+    # Reads a viewer does not need: listings of everyone, the PACS's setup, ZIP builders,
+    # Orthanc's own web apps, the change feed, the DICOMweb plugin's server table.
+    ("GET", "/patients"), ("GET", "/patients?expand"), ("GET", "/studies"),
+    ("GET", "/series"), ("GET", "/instances"), ("GET", "/system"), ("GET", "/statistics"),
+    ("GET", "/plugins"), ("GET", "/changes"), ("GET", "/exports"), ("GET", "/tools/find"),
+    ("GET", "/tools/lookup"), ("GET", "/app/explorer.html"), ("GET", "/app/libs/jquery.js"),
+    ("GET", "/ui/app/"), ("GET", "/studies/6cfb666e-352be4d5-bdc7fd9c-7167db56-1d1e9061/archive"),
+    ("GET", "/studies/6cfb666e-352be4d5-bdc7fd9c-7167db56-1d1e9061/media"),
+    ("GET", "/patients/6cfb666e-352be4d5-bdc7fd9c-7167db56-1d1e9061/archive"),
+    ("GET", "/series/6cfb666e-352be4d5-bdc7fd9c-7167db56-1d1e9061/archive"),
+    ("GET", "/instances/6cfb666e-352be4d5-bdc7fd9c-7167db56-1d1e9061/attachments"),
+    ("GET", "/dicom-web/servers"), ("GET", "/dicom-web/info"),
+    ("GET", "/tools/generate-uid"),
 ])
 async def test_closed_by_default(client: TestClient, method: str, path: str) -> None:
     resp = await client.request(method, path, data=b"x")
@@ -115,11 +136,15 @@ async def test_malformed_identifiers_and_paths_are_400(client: TestClient, path:
     assert body["error"] == "bad request" and body["reason"]
 
 
-async def test_streams_large_bodies(client: TestClient, ct_series: list[Sample]) -> None:
-    """A study archive (length-less, streamed by Orthanc) passes through whole."""
+async def test_streams_large_bodies(aiohttp_client, make_settings: SettingsFactory,
+                                    ct_series: list[Sample]) -> None:
+    """A study archive (length-less, streamed by Orthanc), opened by ``[access] allow``,
+    passes through whole."""
     import io
     import zipfile
 
+    client = await aiohttp_client(make_app(make_settings(
+        access={"allow": ["GET /studies/*/archive"]})))
     s = ct_series[0]
     study_id = (await (await client.get(f"/instances/{s.orthanc_id}/study")).json())["ID"]
     resp = await client.get(f"/studies/{study_id}/archive")

@@ -183,12 +183,16 @@ def test_render_escapes_and_shows_learned_strategies() -> None:
     assert "deleted_upstream 3" in page and "1 change-feed gap" in page
 
 
-async def test_metrics_on_their_own_port(aiohttp_client, make_settings: SettingsFactory) -> None:
+@pytest.mark.parametrize("key", ["admin_port", "metrics_port"])  # metrics_port: earlier name
+async def test_status_and_metrics_on_the_admin_port(
+        aiohttp_client, make_settings: SettingsFactory, key: str) -> None:
     port = free_port()
-    client = await aiohttp_client(make_app(make_settings(server={"metrics_port": port})))
-    resp = await client.get("/metrics")
-    assert resp.status == 404  # not read through to Orthanc either
-    assert "metrics port" in (await resp.json())["reason"]
+    client = await aiohttp_client(make_app(make_settings(server={key: port})))
+    for path in ("/metrics", "/", "/status.json"):
+        resp = await client.get(path)
+        assert resp.status == 404, path  # not read through to Orthanc either
+        assert "admin port" in (await resp.json())["reason"]
+    assert (await client.get("/healthz")).status == 200  # load balancers still see it
 
     def scrape(path: str) -> tuple[int, str]:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
@@ -198,6 +202,10 @@ async def test_metrics_on_their_own_port(aiohttp_client, make_settings: Settings
     assert status == 200 and "dicomcache_cache_hits_total" in text
     status, text = await asyncio.to_thread(scrape, "/readyz")
     assert status == 200 and '"ready": true' in text
+    status, text = await asyncio.to_thread(scrape, "/")
+    assert status == 200 and "<h1>dicomcache</h1>" in text
+    status, text = await asyncio.to_thread(scrape, "/status.json")
+    assert status == 200 and '"cache"' in text
     await client.close()
     with pytest.raises(OSError):  # the site stops with the app
         await asyncio.to_thread(scrape, "/healthz")

@@ -297,3 +297,36 @@ async def test_retrieve_errors(client: TestClient, samples: dict[str, list[Sampl
     resp = await client.get(
         f"/dicom-web/studies/{s.study}/series/{s.series}/instances/1.2..3/frames/1")
     assert resp.status == 400
+
+
+async def test_a_part_of_another_size_before_the_first_byte_is_sent_chunked(
+        aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess) -> None:
+    """The first instance was replaced in Orthanc (other content, other size) and its
+    stored file is gone: the length announced from the store cannot hold, and nothing
+    is sent yet, so the answer goes out chunked with Orthanc's new bytes (not a 502)."""
+    import copy
+
+    from pydicom.uid import generate_uid
+
+    from dicomcache.devtools.samples import encode, make_ct_series
+
+    datasets = make_ct_series(3, rows=16, columns=16, seed=141, patient_id="PSIZE",
+                              study_uid=generate_uid(), series_uid=generate_uid())
+    oids = await asyncio.to_thread(orthanc.upload, [encode(d, d.file_meta.TransferSyntaxUID)
+                                                    for d in datasets])
+    client = await aiohttp_client(make_app(make_settings()))
+    path = (f"/dicom-web/studies/{datasets[0].StudyInstanceUID}"
+            f"/series/{datasets[0].SeriesInstanceUID}")
+    await get_parts(client, path, ANY_SYNTAX)
+    await client.app[STORE].drain()
+    first = await client.app[STORE].get(oids[0])
+    assert first is not None and first.path is not None
+    bigger = copy.deepcopy(datasets[0])
+    bigger.ImageComments = "X" * 200
+    new_blob = encode(bigger, bigger.file_meta.TransferSyntaxUID)
+    await asyncio.to_thread(orthanc.request, "DELETE", f"/instances/{oids[0]}")
+    assert await asyncio.to_thread(orthanc.upload, [new_blob]) == [oids[0]]
+    await asyncio.to_thread(first.path.unlink)
+    resp, parts = await get_parts(client, path, ANY_SYNTAX)
+    assert resp.status == 200 and "Content-Length" not in resp.headers
+    assert new_blob in [b for _, b in parts]

@@ -53,7 +53,7 @@ async def test_open_fail_fast_serve_cached_then_recover(
     body = await resp.json()
     assert body["error"] == "upstream unavailable" and "unreachable" in body["reason"]
     assert body["retry_after"] >= 1
-    resp = await client.get("/patients")  # read-through too
+    resp = await client.get(f"/instances/{ct_series[0].orthanc_id}/tags")  # read-through too
     assert resp.status == 503
     assert time.monotonic() - started < 0.5
     assert (sum(wan.requests.values()), wan.stats.connections) == before
