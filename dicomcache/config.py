@@ -795,25 +795,29 @@ def _audit(sec: _Section, base: Path) -> AuditSettings:
             sec.problem("syslog", f"{syslog!r} is not a syslog collector such as "
                                   "\"udp://collector:514\", \"tcp://collector:601\" or "
                                   "\"tls://collector:6514\"")
-    files: dict[str, Path | None] = {}
+    tls_syslog = syslog is not None and syslog.startswith("tls:")
     for key in ("syslog_ca_file", "syslog_cert_file", "syslog_key_file"):
-        value = sec.get(key, str, "")
-        files[key] = base / value if value else None
-        if value and (syslog is None or not syslog.startswith("tls:")):
+        if key in sec.data and not tls_syslog:
+            sec.get(key, str, "")  # read: named as misplaced, not as unknown
             sec.problem(key, "only used with syslog = \"tls://…\"")
-    if (files["syslog_cert_file"] is None) != (files["syslog_key_file"] is None):
-        sec.problem("syslog_cert_file", "syslog_cert_file and syslog_key_file go together")
+    # Checked now, as every TLS file is (readable PEM, the key matching, valid now).
+    ca_file = _ca_file(sec, "syslog_ca_file", base) if tls_syslog else None
+    cert, key_file = _tls_pair(sec, "syslog_cert_file", "syslog_key_file", base) \
+        if tls_syslog else (None, None)
+    max_file_size = sec.size("max_file_size", d.max_file_size)
+    if max_file_size < 64 << 10:
+        sec.problem("max_file_size", f"must be at least 64KB, not {max_file_size}")
     return AuditSettings(
         file=base / sec.get("file", str, str(d.file)),
         required=sec.get("required", bool, d.required),
-        max_file_size=sec.size("max_file_size", d.max_file_size),
+        max_file_size=max_file_size,
         keep=keep,
         max_queue=max_queue,
         trusted_proxies=proxies,
         syslog=syslog,
-        syslog_ca_file=files["syslog_ca_file"],
-        syslog_cert_file=files["syslog_cert_file"],
-        syslog_key_file=files["syslog_key_file"],
+        syslog_ca_file=ca_file,
+        syslog_cert_file=cert,
+        syslog_key_file=key_file,
     )
 
 

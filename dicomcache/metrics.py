@@ -47,7 +47,7 @@ UNCACHED_CAUSES = ("disk_full", "io_error")
 #: Where audit records go, why they are lost, why the file could not be written, and which
 #: side refused an access because of it (``dicomcache_audit_*``).
 AUDIT_SINKS = ("file", "syslog")
-AUDIT_DROP_CAUSES = ("queue_full", "shutdown")
+AUDIT_DROP_CAUSES = ("queue_full", "shutdown", "too_large")
 AUDIT_WRITE_CAUSES = ("disk_full", "io_error")
 AUDIT_SIDES = ("http", "relay", "cli")
 #: At most one log line per this many seconds about instances not cached: a full disk
@@ -210,7 +210,8 @@ class Metrics:
         self.audit_dropped = Counter(
             "dicomcache_audit_dropped_total",
             "Audit records lost, by sink and cause: queue_full (more waiting than "
-            "[audit] max_queue), shutdown (still unwritten when the process stopped).",
+            "[audit] max_queue), shutdown (still unwritten when the process stopped), "
+            "too_large (a message UDP syslog cannot carry).",
             ["sink", "cause"], registry=r)
         self.audit_write_errors = Counter(
             "dicomcache_audit_write_errors_total",

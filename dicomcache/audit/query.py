@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import fnmatch
 import gzip
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 from urllib.parse import parse_qsl
 
 from dicomcache.audit.record import decode
@@ -39,12 +40,21 @@ MAX_ASSOCIATED = 200_000
 _PATIENT_KEYS = ("patientid", "00100020")
 
 
-def parse_when(text: str, *, end: bool = False) -> datetime:
-    """``2026-12-01`` or an ISO 8601 time (``2026-12-01T08:00``, ``…+01:00``) as UTC.
+_AGO = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_when(text: str, *, end: bool = False, now: datetime | None = None) -> datetime:
+    """``2026-12-01``, an ISO 8601 time (``2026-12-01T08:00``, ``…+01:00``) or a time
+    ago (``90m``, ``2h``, ``7d``, ``2w``) as UTC.
 
     A time without an offset is UTC (as the records).  A date alone with ``end``
     is the end of that day (``--until 2026-12-31`` includes the 31st).
     """
+    ago = _AGO.fullmatch(text.strip())
+    if ago:
+        return (now or datetime.now(UTC)) - timedelta(
+            seconds=float(ago.group(1)) * _UNITS[ago.group(2)])
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError as exc:
@@ -64,8 +74,8 @@ def stamp(when: datetime) -> str:
 
 def _open(path: Path) -> IO[bytes]:
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")  # noqa: SIM115 (closed by the caller)
+        return cast(IO[bytes], gzip.open(path, "rb"))
+    return open(path, "rb")
 
 
 def read_records(files: list[Path | IO[bytes]], bad: list[int] | None = None

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import dicomcache.tls as tls
 from dicomcache.audit.atna import to_xml
 from dicomcache.audit.record import SUCCESS, Record, iso_time
 from dicomcache.config import AUDIT_SYSLOG_SCHEMES
@@ -116,10 +117,9 @@ class SyslogSender:
         self.pid = os.getpid()
         self._tls: ssl.SSLContext | None = None
         if self.target.scheme == "tls":
-            ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-            if cert_file is not None:
-                ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
-            self._tls = ctx
+            # The one TLS policy (TLS 1.2+, AEAD, no key log): the collector's certificate
+            # and name verified; ours sent when configured (IHE ATNA node authentication).
+            self._tls = tls.client_context(ca_file, cert_file, key_file)
         self._queue: collections.deque[Record] = collections.deque()
         self._sock: socket.socket | None = None
         self._address: tuple[object, ...] | None = None
@@ -189,6 +189,13 @@ class SyslogSender:
                                   pid=self.pid),
                            ok=rec.outcome == SUCCESS, time=rec.time, hostname=self.hostname,
                            procid=str(self.pid))
+            if self.target.scheme == "udp" and len(data) > MAX_DATAGRAM:
+                # Never sendable: dropped (counted) rather than holding up every later one.
+                self._queue.popleft()
+                self._drop("too_large", 1)
+                log.error("audit: a message of %d bytes is too large for UDP syslog; not "
+                          "sent (it is in the audit file)", len(data))
+                continue
             try:
                 self._send(data)
             except (OSError, ssl.SSLError) as exc:
@@ -227,8 +234,6 @@ class SyslogSender:
     def _send(self, data: bytes) -> None:
         t = self.target
         if t.scheme == "udp":
-            if len(data) > MAX_DATAGRAM:
-                raise OSError(f"message of {len(data)} bytes is too large for UDP")
             if self._sock is None:
                 family, _, _, _, address = socket.getaddrinfo(
                     t.host, t.port, type=socket.SOCK_DGRAM)[0]
