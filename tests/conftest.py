@@ -186,6 +186,7 @@ def make_settings(tmp_path: Path, orthanc: OrthancProcess) -> SettingsFactory:
             # would add upstream requests that tests count; their own tests turn them on.
             "prefetch": {"mode": "off"},
             "changes": {"enabled": False},
+            "audit": {"file": str(tmp_path / "audit" / "audit.jsonl")},
         }
         for name, values in sections.items():
             data.setdefault(name, {}).update(values)

@@ -10,8 +10,10 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from dicomcache.audit.trail import AuditLog
 from dicomcache.cache.coherence import Coherence
 from dicomcache.cache.fetch import Fetcher
+from dicomcache.cache.instance import Instance
 from dicomcache.cache.scrubber import Scrubber
 from dicomcache.cache.store import AsyncStore
 from dicomcache.config import Settings
@@ -50,3 +52,8 @@ OUTCOME = web.RequestKey("outcome", str)
 HOST_NAMES = web.AppKey("host_names", frozenset)
 #: Who the request acts for (set by authentication before any handler runs).
 PRINCIPAL = web.RequestKey("principal", Principal)
+#: The process's audit trail (``[audit]``), and per request: the instances a route served
+#: (who the access was about) and the response whose bytes the record counts.
+AUDIT = web.AppKey("audit", AuditLog)
+SERVED: web.RequestKey[list[Instance]] = web.RequestKey("served")
+AUDIT_RESPONSE = web.RequestKey("audit_response", web.StreamResponse)
