@@ -146,10 +146,24 @@ async def remember_response(request: web.Request, response: web.StreamResponse) 
         request[AUDIT_RESPONSE] = response
 
 
-def _bytes(response: web.StreamResponse | None) -> int:
-    if response is None or not response.prepared:
+def _head_size(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """The size of the status line and headers as aiohttp writes them."""
+    v = request.version
+    head = f"HTTP/{v.major}.{v.minor} {response.status} {response.reason}\r\n" + "".join(
+        f"{k}: {val}\r\n" for k, val in response.headers.items()) + "\r\n"
+    return len(head.encode("utf-8"))
+
+
+def body_bytes(request: web.BaseRequest, response: web.StreamResponse | None,
+               complete: bool) -> int:
+    """Body bytes sent: a complete answer with a length sent exactly that (its writer
+    stops at it); otherwise what went through the writer after the headers (chunk
+    framing included), plus what ``sendfile`` sent beside it."""
+    if response is None or not response.prepared or request.method == "HEAD":
         return 0
-    sent = response.body_length
+    if complete and response.content_length is not None and not response.chunked:
+        return response.content_length
+    sent = max(response.body_length - _head_size(request, response), 0)
     if isinstance(response, StoredBody):
         sent += response.file_bytes
     return sent
@@ -179,7 +193,7 @@ async def audit_access(request: web.Request, handler: Handler) -> web.StreamResp
             # Sent now, so the record says what went out (see the module docstring).
             await response.prepare(request)
             await response.write_eof()
-        status, sent = response.status, _bytes(response)
+        status, sent = response.status, body_bytes(request, response, True)
         outcome = r.outcome_of_http(status)
         return response
     except web.HTTPException as exc:
@@ -189,7 +203,7 @@ async def audit_access(request: web.Request, handler: Handler) -> web.StreamResp
     except (ConnectionError, asyncio.CancelledError) as exc:
         cancelled = isinstance(exc, asyncio.CancelledError)
         status, outcome, detail = 499, r.ABORTED, "the client went away"
-        sent = _bytes(request.get(AUDIT_RESPONSE))
+        sent = body_bytes(request, request.get(AUDIT_RESPONSE), False)
         raise
     except Exception as exc:
         detail = type(exc).__name__

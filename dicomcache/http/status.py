@@ -29,7 +29,7 @@ from prometheus_client import Counter, Gauge
 
 from dicomcache import __version__
 from dicomcache.errors import NotFoundUpstream, UpstreamError
-from dicomcache.http.keys import CLIENT, COHERENCE, METRICS, RELAY, SETTINGS, STORE
+from dicomcache.http.keys import AUDIT, CLIENT, COHERENCE, METRICS, RELAY, SETTINGS, STORE
 from dicomcache.http.respond import json_error
 from dicomcache.metrics import INSTANCE_FAMILIES, Metrics
 from dicomcache.upstream.client import OrthancClient
@@ -268,6 +268,7 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
                         "reason": e.reason} for e in reversed(m.recent_integrity)],
         },
         "relay": _relay_status(app),
+        "audit": app[AUDIT].status() if AUDIT in app else None,
     }
 
 
@@ -386,7 +387,32 @@ def render(s: dict[str, Any]) -> str:
         + _render_cache(s["cache"])
         + _render_integrity(s["integrity"], now)
         + _render_relay(s["relay"], now)
+        + _render_audit(s.get("audit"), now)
         + "</main></body></html>\n")
+
+
+def _render_audit(a: dict[str, Any] | None, now: float) -> str:
+    """One line: whether access records are being kept, and where."""
+    if a is None:
+        return ""
+    ok = a["state"] == "ok"
+    badge = (f'<span id="audit-state" class="badge {"up" if ok else "down"}">'
+             f'{"OK" if ok else "FAILING"}</span>')
+    line = (f"{badge} {_e(a['file'])}: {a['written']} written, {a['queued']} waiting, "
+            f"{a['dropped']} dropped, {a['refused']} refused")
+    if not ok:
+        then = "patient data refused (required)" if a["required"] else \
+            "patient data served UNAUDITED (required = false)"
+        line += (f'<br><span class="bad">failing since {_when(a["failing_since"], now)}: '
+                 f'{_e(a["error"])}; {then}</span>')
+    syslog = a.get("syslog")
+    if syslog:
+        line += (f"<br>syslog {_e(syslog['target'])}: {syslog['sent']} sent, "
+                 f"{syslog['queued']} waiting, {syslog['dropped']} dropped"
+                 + (f' <span class="bad">{_e(syslog["error"])}</span>' if syslog["error"]
+                    else ""))
+    return f'<section id="audit"><h2>Audit trail</h2><p>{line}</p></section>'
+
 
 
 def _render_upstream(u: dict[str, Any], now: float) -> str:
