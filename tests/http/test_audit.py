@@ -188,13 +188,15 @@ def fill(directory: Path) -> Path:
     """Fill the file system until ENOSPC; the filler file (delete it to free the space)."""
     filler = directory / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    error = 0
     try:
-        while True:
+        for _ in range(1 << 20):
             os.write(fd, b"\0" * 512)
     except OSError as exc:
-        assert exc.errno == errno.ENOSPC
+        error = exc.errno or 0
     finally:
         os.close(fd)
+    assert error == errno.ENOSPC
     return filler
 
 
