@@ -18,7 +18,7 @@ from dicomcache import __version__
 from dicomcache.cli.common import USAGE, load_settings, setup_logging, state_dir
 from dicomcache.config import Settings
 from dicomcache.http.app import make_app
-from dicomcache.http.keys import METRICS, RELAY
+from dicomcache.http.keys import AUDIT, METRICS, RELAY
 
 log = logging.getLogger("dicomcache")
 
@@ -39,7 +39,7 @@ def relay_context(settings: Settings) -> Callable[[web.Application], AsyncIterat
     async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
         from dicomcache.relay.service import Relay  # the relay's imports only when it runs
 
-        relay = Relay(settings.relay, app[METRICS])
+        relay = Relay(settings.relay, app[METRICS], audit=app.get(AUDIT))
         await relay.start()
         app[RELAY] = relay
         yield

@@ -47,6 +47,8 @@ url = "{upstream}"
 [cache]
 directory = "{tmp_path / 'cache'}"
 max_size = "{max_size}"
+[audit]
+file = "{tmp_path / 'audit' / 'audit.jsonl'}"
 [prefetch]
 mode = "off"
 """)
