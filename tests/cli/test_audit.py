@@ -153,10 +153,9 @@ async def test_who_looked_at_patient_after_real_accesses(
 
 def test_purge_is_audited_and_refused_when_the_trail_cannot_be_written(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.cli.test_admin import commit, study
-
     from dicomcache.cache.store import Store
     from dicomcache.config import load
+    from tests.cli.test_admin import commit, study
 
     trail = tmp_path / "audit" / "audit.jsonl"
     cfg = config(tmp_path, trail)
