@@ -100,7 +100,9 @@ def machine_names() -> set[str]:
 
 async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
     """The audit trail (``[audit]``): opened before anything serves, closed after."""
-    trail = AuditLog(app[SETTINGS].audit, app[METRICS], source="serve")
+    # Built off the loop: a syslog target resolves this host's name and reads TLS files.
+    trail = await asyncio.to_thread(AuditLog, app[SETTINGS].audit, app[METRICS],
+                                    source="serve")
     try:
         await asyncio.to_thread(trail.open)
     except OSError as exc:  # logged and shown by the trail; required: data refused (503)

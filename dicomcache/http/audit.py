@@ -58,8 +58,8 @@ NOT_AUDITED = frozenset({"/", "/healthz", "/readyz", "/metrics", "/status.json",
 _LEVELS = {"patients": "patient", "studies": "study", "series": "series",
            "instances": "instance"}
 #: Orthanc REST listings and searches (anything else read is a retrieve).
-_ORTHANC_QUERIES = frozenset({"/patients", "/studies", "/series", "/instances", "/tools/find",
-                              "/tools/lookup"})
+_ORTHANC_LISTINGS = frozenset({"/patients", "/studies", "/series", "/instances"})
+_ORTHANC_SEARCHES = frozenset({"/tools/find", "/tools/lookup"})
 RETRY_AFTER = 30
 
 
@@ -74,7 +74,7 @@ def action_of(method: str, path: str) -> str:
     """The audit action of a request: ``query`` (QIDO-RS, Orthanc listings and
     ``/tools/find``), ``delete``, ``modify`` (other writes) or ``retrieve``."""
     parts = [p for p in path.split("/") if p]
-    if path in _ORTHANC_QUERIES:
+    if path in _ORTHANC_SEARCHES or (path in _ORTHANC_LISTINGS and method in ("GET", "HEAD")):
         return r.QUERY
     if method == "DELETE":
         return r.DELETE
