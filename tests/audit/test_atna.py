@@ -21,7 +21,7 @@ def check_shape(xml: str) -> ET.Element:
     """The elements and attributes PS3.15 A.5.1 / the DICOM audit schema require."""
     root = ET.fromstring(xml)
     assert root.tag == "AuditMessage"
-    assert [c.tag for c in root][0] == "EventIdentification"
+    assert root[0].tag == "EventIdentification"
     ev = root.find("EventIdentification")
     assert ev is not None
     assert ev.get("EventActionCode") in ("C", "R", "U", "D", "E")
