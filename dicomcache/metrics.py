@@ -222,6 +222,10 @@ class Metrics:
             "dicomcache_audit_refused_total",
             "Accesses to patient data refused because their audit record could not be "
             "written ([audit] required), by side (http, relay, cli).", ["side"], registry=r)
+        self.audit_syslog_failures = Counter(
+            "dicomcache_audit_syslog_failures_total",
+            "Failed attempts to send audit messages to the syslog collector (refused, "
+            "unreachable, TLS failure); the messages wait and are sent again.", registry=r)
         self.audit_queue = Gauge(
             "dicomcache_audit_queue_depth", "Audit records waiting to be written, by sink.",
             ["sink"], registry=r)

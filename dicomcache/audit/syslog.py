@@ -213,6 +213,8 @@ class SyslogSender:
 
     def _failed(self, exc: BaseException) -> None:
         self._disconnect()
+        if self.metrics is not None:
+            self.metrics.audit_syslog_failures.inc()
         now = time.monotonic()
         if self.error is None:
             self.failing_since = time.time()

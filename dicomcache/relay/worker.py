@@ -63,7 +63,7 @@ _WAKE, _STOP, _ABORT = b"w", b"s", b"a"
 #: The audit counters the child adds to the parent's (its gauges, ``audit_up`` and the
 #: queue depth, are the parent's own writer's: two processes would overwrite each other).
 _AUDIT_COUNTERS = frozenset({"audit_records", "audit_dropped", "audit_write_errors",
-                             "audit_refused"})
+                             "audit_refused", "audit_syslog_failures"})
 
 
 def _forwarded(attr: str, method: str) -> bool:

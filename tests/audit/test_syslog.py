@@ -159,6 +159,7 @@ async def test_tls_collector_checked_against_its_ca(
         await eventually(lambda: trail.syslog is not None and trail.syslog.error is not None,
                          what="the untrusted collector refused")
         assert "CERTIFICATE_VERIFY_FAILED" in (trail.syslog.error or "")  # type: ignore[union-attr]
+        assert metric_value(metrics, "dicomcache_audit_syslog_failures_total") >= 1
         assert s.messages == []
         status = trail.status()["syslog"]
         assert status["queued"] == 2 and status["error"]
