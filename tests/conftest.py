@@ -23,7 +23,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicomcache.config import Settings, from_dict
+from dicomcache.config import AuditSettings, Settings, from_dict
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
@@ -142,6 +142,16 @@ async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
     """The WAN emulator (fault injector) in front of the session Orthanc; no faults yet."""
     async with WanEmulator("127.0.0.1", orthanc.http_port, LinkProfile()) as emulator:
         yield emulator
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_system_audit_trail() -> Iterator[None]:
+    """Tests give every daemon and command an audit file of their own: none may write
+    the system's default one (/var/log/dicomcache, which root could create)."""
+    default = AuditSettings().file.parent
+    existed = default.exists()
+    yield
+    assert existed or not default.exists(), f"a test wrote the default audit trail {default}"
 
 
 @pytest.fixture(autouse=True)
