@@ -21,7 +21,7 @@ from dicomcache.cli.common import USAGE, load_settings, setup_logging, state_dir
 from dicomcache.config import Settings, exposure_problem
 from dicomcache.http import listeners
 from dicomcache.http.app import make_app
-from dicomcache.http.keys import METRICS, RELAY, RELOADERS, SERVER_TLS
+from dicomcache.http.keys import AUDIT, METRICS, RELAY, RELOADERS, SERVER_TLS
 
 log = logging.getLogger("dicomcache")
 
@@ -42,7 +42,7 @@ def relay_context(settings: Settings) -> Callable[[web.Application], AsyncIterat
     async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
         from dicomcache.relay.service import Relay  # the relay's imports only when it runs
 
-        relay = Relay(settings.relay, app[METRICS])
+        relay = Relay(settings.relay, app[METRICS], audit=app.get(AUDIT))
         await relay.start()
         app[RELAY] = relay
         app[RELOADERS].append(relay.reload_tls)

@@ -11,8 +11,10 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from dicomcache.audit.trail import AuditLog
 from dicomcache.cache.coherence import Coherence
 from dicomcache.cache.fetch import Fetcher
+from dicomcache.cache.instance import Instance
 from dicomcache.cache.scrubber import Scrubber
 from dicomcache.cache.store import AsyncStore
 from dicomcache.config import Settings
@@ -56,3 +58,8 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 SERVER_TLS = web.AppKey("server_tls", ServerTLS)
 #: What SIGHUP re-reads (certificates, users file…): async callables, run in order.
 RELOADERS: web.AppKey[list[Callable[[], Awaitable[object]]]] = web.AppKey("reloaders")
+#: The process's audit trail (``[audit]``), and per request: the instances a route served
+#: (who the access was about) and the response whose bytes the record counts.
+AUDIT = web.AppKey("audit", AuditLog)
+SERVED: web.RequestKey[list[Instance]] = web.RequestKey("served")
+AUDIT_RESPONSE = web.RequestKey("audit_response", web.StreamResponse)
