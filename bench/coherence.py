@@ -165,6 +165,8 @@ password = "{orthanc.password}"
 [cache]
 directory = "{workdir / 'cache'}"
 max_size = "2GB"
+[audit]
+file = "{workdir / 'audit.jsonl'}"
 [prefetch]
 mode = "off"
 """)

@@ -6,11 +6,16 @@ connections, cycling through the 200 URLs) and prints MB/s, p99 latency and
 the ratio to nginx.  Everything listens on 127.0.0.1 and stops by itself.
 
     ./run bench bench/proxy_hits.py [--seconds 10] [--connections 64] [--profile]
+                                    [--auth basic]
+
+``--auth basic``: viewers log in (a users file, HTTP Basic on every request), as a
+clinic on its network runs it; the audit trail is written in every mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -72,6 +77,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--profile", action="store_true", help="py-spy dump the proxy during load")
+    ap.add_argument("--auth", choices=("none", "basic"), default="none",
+                    help="basic: every request carries a users-file login")
     args = ap.parse_args()
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -103,7 +110,18 @@ def main() -> int:
             [cache]
             directory = "{work / 'cache'}"
             max_size = "2GB"
+            [audit]
+            file = "{work / 'audit' / 'audit.jsonl'}"
         """))
+        viewer_headers: dict[str, str] = {}
+        if args.auth == "basic":
+            with cfg.open("a") as f:
+                f.write(f'[auth]\nmode = "basic"\nusers_file = "{work / "users"}"\n')
+            subprocess.run([sys.executable, "-m", "dicomcache", "users", "add", "bench",
+                            "--config", str(cfg)], input="bench-password-1\n", text=True,
+                           cwd=ROOT, check=True)
+            token = base64.b64encode(b"bench:bench-password-1").decode()
+            viewer_headers = {"Authorization": f"Basic {token}"}
         proxy = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", "--config",
                                   str(cfg)], cwd=ROOT)
         procs.append(proxy)
@@ -112,7 +130,8 @@ def main() -> int:
         paths = [f"/instances/{i}/file" for i in ids]
         t = time.monotonic()
         for p in paths:
-            urllib.request.urlopen(base + p).read()
+            urllib.request.urlopen(urllib.request.Request(base + p,
+                                                          headers=viewer_headers)).read()
         print(f"warmed dicomcache (cold misses) in {time.monotonic() - t:.1f} s", flush=True)
 
         # nginx serving the same files with sendfile
@@ -147,7 +166,7 @@ def main() -> int:
         results = {}
         for name, url, headers in (("nginx", nginx_bases["nginx"], None),
                                    ("nginx-1w", nginx_bases["nginx-1w"], None),
-                                   ("dicomcache", base, None),
+                                   ("dicomcache", base, viewer_headers or None),
                                    ("orthanc", orthanc.url,
                                     {"Authorization": orthanc.auth_header})):
             if args.profile and name == "dicomcache":

@@ -145,7 +145,11 @@ def relay_run(root: Path, files: list[Path], n: int, code: Path, *,
     pacs = storescp(root / "via", pacs_port)
     config = root / "relay.toml"
     config.write_text(
-        f'[server]\nlog_level = "WARNING"\n[relay]\nenabled = true\nport = {relay_port}\n'
+        '[server]\nlog_level = "WARNING"\n'
+        # The audit trail in the work directory (a --baseline checkout may predate it).
+        + (f'[audit]\nfile = "{root / "audit.jsonl"}"\n'
+           if (code / "dicomcache" / "audit").is_dir() else "")
+        + f'[relay]\nenabled = true\nport = {relay_port}\n'
         f'spool_directory = "{root / "spool"}"\n'
         # (the key only when off: a --baseline checkout may predate it)
         + ("" if accelerate else "accelerate = false\n")

@@ -107,6 +107,8 @@ class Proxy:
             [cache]
             directory = "{work / name}"
             max_size = "4GB"
+            [audit]
+            file = "{work / (name + '-audit.jsonl')}"
             [dicomweb]
             retrieve_concurrency = {concurrency}
         """))

@@ -88,6 +88,8 @@ compression = "{compression}"
 [cache]
 directory = "{workdir / 'cache'}"
 max_size = "2GB"
+[audit]
+file = "{workdir / 'audit.jsonl'}"
 [prefetch]
 mode = "study"
 parallel = {parallel}

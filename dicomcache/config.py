@@ -310,6 +310,36 @@ class AuthSettings:
     authorization_server_id: str | None = None
 
 
+AUDIT_SYSLOG_SCHEMES = {"udp": 514, "tcp": 601, "tls": 6514}
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """The audit trail of every access to patient data (see dicomcache.audit)."""
+
+    #: JSON lines, appended by every dicomcache process of this host (flock), rotated by size.
+    file: Path = Path("/var/log/dicomcache/audit.jsonl")
+    #: Fail closed: patient data is refused (HTTP 503, DIMSE 0xA700, purges) while records
+    #: cannot be written.  ``False``: served anyway, the failure said loudly.
+    required: bool = True
+    #: The current file is rotated before it would grow past this.
+    max_file_size: int = 64 << 20
+    #: Rotated files kept (the oldest deleted beyond); 0 keeps them all.
+    keep: int = 0
+    #: Records waiting in memory to be written, at most (more are dropped, and counted).
+    max_queue: int = 10000
+    #: Proxies (addresses or networks) whose ``X-Forwarded-For`` names the client.
+    trusted_proxies: tuple[str, ...] = ()
+    #: Also send DICOM audit messages (PS3.15 A.5) by syslog: ``udp://``, ``tcp://`` or
+    #: ``tls://host[:port]``; ``None``: no syslog.
+    syslog: str | None = None
+    #: For ``tls://``: the CA bundle the collector's certificate is checked against (default:
+    #: the system's), and our client certificate and key when the collector asks for one.
+    syslog_ca_file: Path | None = None
+    syslog_cert_file: Path | None = None
+    syslog_key_file: Path | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = ServerSettings()
@@ -322,6 +352,7 @@ class Settings:
     dicomweb: DicomwebSettings = DicomwebSettings()
     cors: CorsSettings = CorsSettings()
     auth: AuthSettings = AuthSettings()
+    audit: AuditSettings = AuditSettings()
     #: Where the file came from, for messages; ``None`` for built-in defaults.
     source: Path | None = None
 
@@ -913,6 +944,60 @@ def _auth(sec: _Section, base: Path) -> AuthSettings:
         authorization_timeout=authz_timeout, authorization_server_id=server_id)
 
 
+def _audit(sec: _Section, base: Path) -> AuditSettings:
+    d = AuditSettings()
+    keep = sec.get("keep", int, d.keep)
+    if not 0 <= keep <= 100000:
+        sec.problem("keep", f"must be between 0 (keep all) and 100000, not {keep}")
+    max_queue = sec.get("max_queue", int, d.max_queue)
+    if not 100 <= max_queue <= 1000000:
+        sec.problem("max_queue", f"must be between 100 and 1000000, not {max_queue}")
+    proxies = sec.str_list("trusted_proxies")
+    for entry in proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            sec.problem("trusted_proxies", f"{entry!r} is not an IP address or network "
+                                           "(e.g. \"10.1.2.3\" or \"10.1.0.0/16\")")
+    syslog = sec.get("syslog", str, "") or None
+    if syslog is not None:
+        parts = urlsplit(syslog)
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        if (parts.scheme not in AUDIT_SYSLOG_SCHEMES or not parts.hostname or not port_ok
+                or parts.path not in ("", "/") or parts.query or parts.fragment
+                or parts.username or parts.password):
+            sec.problem("syslog", f"{syslog!r} is not a syslog collector such as "
+                                  "\"udp://collector:514\", \"tcp://collector:601\" or "
+                                  "\"tls://collector:6514\"")
+    tls_syslog = syslog is not None and syslog.startswith("tls:")
+    for key in ("syslog_ca_file", "syslog_cert_file", "syslog_key_file"):
+        if key in sec.data and not tls_syslog:
+            sec.get(key, str, "")  # read: named as misplaced, not as unknown
+            sec.problem(key, "only used with syslog = \"tls://…\"")
+    # Checked now, as every TLS file is (readable PEM, the key matching, valid now).
+    ca_file = _ca_file(sec, "syslog_ca_file", base) if tls_syslog else None
+    cert, key_file = _tls_pair(sec, "syslog_cert_file", "syslog_key_file", base) \
+        if tls_syslog else (None, None)
+    max_file_size = sec.size("max_file_size", d.max_file_size)
+    if max_file_size < 64 << 10:
+        sec.problem("max_file_size", f"must be at least 64KB, not {max_file_size}")
+    return AuditSettings(
+        file=base / sec.get("file", str, str(d.file)),
+        required=sec.get("required", bool, d.required),
+        max_file_size=max_file_size,
+        keep=keep,
+        max_queue=max_queue,
+        trusted_proxies=proxies,
+        syslog=syslog,
+        syslog_ca_file=ca_file,
+        syslog_cert_file=cert,
+        syslog_key_file=key_file,
+    )
+
+
 def from_dict(data: dict[str, Any], *, base: Path = Path("."),
               source: Path | None = None) -> Settings:
     """Build :class:`Settings` from parsed TOML; relative paths are taken from ``base``."""
@@ -920,7 +1005,7 @@ def from_dict(data: dict[str, Any], *, base: Path = Path("."),
     top = _Section(data, "", problems)
     secs = {name: _Section(top.get(name, dict, {}), name, problems)
             for name in ("server", "upstream", "cache", "access", "relay", "prefetch",
-                         "changes", "dicomweb", "cors", "auth")}
+                         "changes", "dicomweb", "cors", "auth", "audit")}
     settings = Settings(
         server=_server(secs["server"], base),
         upstream=_upstream(secs["upstream"], base),
@@ -932,6 +1017,7 @@ def from_dict(data: dict[str, Any], *, base: Path = Path("."),
         dicomweb=_dicomweb(secs["dicomweb"]),
         cors=_cors(secs["cors"]),
         auth=_auth(secs["auth"], base),
+        audit=_audit(secs["audit"], base),
         source=source,
     )
     exposure = exposure_problem(settings.server, settings.auth)

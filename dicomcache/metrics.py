@@ -44,6 +44,12 @@ INSTANCE_FAMILIES = ("orthanc", "wado_uri", "dicomweb")
 RECENT_FAILURES = 20
 #: The ``cause`` labels of instances that could not be cached (served uncached).
 UNCACHED_CAUSES = ("disk_full", "io_error")
+#: Where audit records go, why they are lost, why the file could not be written, and which
+#: side refused an access because of it (``dicomcache_audit_*``).
+AUDIT_SINKS = ("file", "syslog")
+AUDIT_DROP_CAUSES = ("queue_full", "shutdown", "too_large")
+AUDIT_WRITE_CAUSES = ("disk_full", "io_error")
+AUDIT_SIDES = ("http", "relay", "cli")
 #: At most one log line per this many seconds about instances not cached: a full disk
 #: would otherwise log every instance of every series.
 UNCACHED_LOG_EVERY = 60.0
@@ -196,6 +202,37 @@ class Metrics:
             "dicomcache_relay_spool_instances",
             "Instances in the spool not yet delivered to every destination.", registry=r)
 
+        # --- audit trail ----------------------------------------------------------
+        self.audit_records = Counter(
+            "dicomcache_audit_records_total",
+            "Audit records of accesses to patient data made durable in the audit file "
+            "(sink=file) or sent to the syslog collector (sink=syslog).", ["sink"], registry=r)
+        self.audit_dropped = Counter(
+            "dicomcache_audit_dropped_total",
+            "Audit records lost, by sink and cause: queue_full (more waiting than "
+            "[audit] max_queue), shutdown (still unwritten when the process stopped), "
+            "too_large (a message UDP syslog cannot carry).",
+            ["sink", "cause"], registry=r)
+        self.audit_write_errors = Counter(
+            "dicomcache_audit_write_errors_total",
+            "Failed attempts to write audit records to the file, by cause (disk_full, "
+            "io_error); the records are kept in memory and written again.", ["cause"],
+            registry=r)
+        self.audit_refused = Counter(
+            "dicomcache_audit_refused_total",
+            "Accesses to patient data refused because their audit record could not be "
+            "written ([audit] required), by side (http, relay, cli).", ["side"], registry=r)
+        self.audit_syslog_failures = Counter(
+            "dicomcache_audit_syslog_failures_total",
+            "Failed attempts to send audit messages to the syslog collector (refused, "
+            "unreachable, TLS failure); the messages wait and are sent again.", registry=r)
+        self.audit_queue = Gauge(
+            "dicomcache_audit_queue_depth", "Audit records waiting to be written, by sink.",
+            ["sink"], registry=r)
+        self.audit_up = Gauge(
+            "dicomcache_audit_up",
+            "1 while the audit file takes records; 0 while it cannot be written.", registry=r)
+
         # --- process --------------------------------------------------------------
         self.build_info = Gauge(
             "dicomcache_build_info", "Always 1; the version is a label.", ["version"],
@@ -224,6 +261,15 @@ class Metrics:
             self.purged.labels(purge_cause)
         for outcome in ("confirmed", "changed", "unreachable"):
             self.revalidations.labels(outcome)
+        for sink in AUDIT_SINKS:
+            self.audit_records.labels(sink)
+            self.audit_queue.labels(sink)
+            for drop_cause in AUDIT_DROP_CAUSES:
+                self.audit_dropped.labels(sink, drop_cause)
+        for write_cause in AUDIT_WRITE_CAUSES:
+            self.audit_write_errors.labels(write_cause)
+        for side in AUDIT_SIDES:
+            self.audit_refused.labels(side)
         # --- state for the status page (not exported) ------------------------------
         self.recent_integrity: deque[IntegrityEvent] = deque(maxlen=RECENT_FAILURES)
         #: ``None`` until the first answer (or failure) from Orthanc.

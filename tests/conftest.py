@@ -23,7 +23,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicomcache.config import Settings, from_dict
+from dicomcache.config import AuditSettings, Settings, from_dict
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
@@ -144,6 +144,16 @@ async def wan(orthanc: OrthancProcess) -> AsyncIterator[WanEmulator]:
         yield emulator
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_system_audit_trail() -> Iterator[None]:
+    """Tests give every daemon and command an audit file of their own: none may write
+    the system's default one (/var/log/dicomcache, which root could create)."""
+    default = AuditSettings().file.parent
+    existed = default.exists()
+    yield
+    assert existed or not default.exists(), f"a test wrote the default audit trail {default}"
+
+
 @pytest.fixture(autouse=True)
 def no_blocking(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail on blocking calls (disk, sqlite, sockets) that dicomcache makes on the event loop.
@@ -186,6 +196,7 @@ def make_settings(tmp_path: Path, orthanc: OrthancProcess) -> SettingsFactory:
             # would add upstream requests that tests count; their own tests turn them on.
             "prefetch": {"mode": "off"},
             "changes": {"enabled": False},
+            "audit": {"file": str(tmp_path / "audit" / "audit.jsonl")},
         }
         for name, values in sections.items():
             data.setdefault(name, {}).update(values)

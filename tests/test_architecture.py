@@ -30,15 +30,17 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": {"errors", ""},
     "": set(),  # dicomcache/__init__.py: the version only
     "dicom": {"errors"},
+    # The audit trail: records, the shared file, syslog; used by every side.
+    "audit": BASE | {"dicom"},
     "upstream": BASE | {"dicom"},
     "cache": BASE | {"dicom", "upstream"},
     "dicomweb": BASE | {"dicom", "upstream", "cache"},
-    "prefetch": BASE | {"dicom", "upstream", "cache"},
-    "http": BASE | {"dicom", "upstream", "cache", "dicomweb", "prefetch"},
-    "relay": BASE | {"dicom"},
+    "prefetch": BASE | {"dicom", "upstream", "cache", "audit"},
+    "http": BASE | {"dicom", "upstream", "cache", "dicomweb", "prefetch", "audit"},
+    "relay": BASE | {"dicom", "audit"},
     "devtools": BASE | {"dicom"},
     "cli": BASE | {"dicom", "upstream", "cache", "dicomweb", "prefetch", "http", "relay",
-                   "devtools"},
+                   "devtools", "audit"},
     "__main__": {"cli"},
 }
 #: What the pure layer must never touch (sockets, the event loop, databases, HTTP).

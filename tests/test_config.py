@@ -23,6 +23,8 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
     assert settings.upstream.url == "http://orthanc.example.org:8042"
     assert settings.cache.max_size == 50 << 30
     assert settings.relay.destinations[0].transfer_syntax_strategy == "conservative"
+    assert settings.audit.file == Path("/var/log/dicomcache/audit.jsonl")
+    assert settings.audit.required and settings.audit.syslog is None
 
 
 def test_defaults() -> None:
@@ -105,3 +107,56 @@ def test_settings_are_frozen() -> None:
 def test_access_rules_normalised() -> None:
     s = from_dict({"access": {"allow": ["post /tools/find", "GET /jobs/*"]}})
     assert s.access.allow == ("POST /tools/find", "GET /jobs/*")
+
+
+# --- [audit] ---------------------------------------------------------------------------
+def test_audit_defaults_and_embedded_default_are_writable_by_a_user() -> None:
+    from dicomcache.cli.common import settings_from, state_dir
+
+    d = from_dict({}).audit
+    assert d.file == Path("/var/log/dicomcache/audit.jsonl") and d.required
+    import argparse
+    embedded = settings_from(argparse.Namespace(config=None)).audit
+    assert embedded.file == state_dir() / "audit" / "audit.jsonl"
+
+
+@pytest.mark.parametrize(("section", "key", "words"), [
+    ({"keep": -1}, "audit.keep", "between 0"),
+    ({"max_queue": 5}, "audit.max_queue", "between 100"),
+    ({"max_file_size": "1KB"}, "audit.max_file_size", "at least"),
+    ({"trusted_proxies": ["proxy.example"]}, "audit.trusted_proxies", "not an IP"),
+    ({"syslog": "http://collector"}, "audit.syslog", "not a syslog collector"),
+    ({"syslog": "udp://user:pw@collector"}, "audit.syslog", "not a syslog collector"),
+    ({"syslog": "udp://collector", "syslog_ca_file": "ca.pem"}, "audit.syslog_ca_file",
+     "only used with"),
+    ({"syslog": "tls://collector", "syslog_ca_file": "missing.pem"}, "audit.syslog_ca_file",
+     "cannot read"),
+    ({"syslog": "tls://collector", "syslog_cert_file": "a.crt"}, "audit.syslog_key_file",
+     "go together"),
+    ({"required": "yes"}, "audit.required", ""),
+    ({"bogus": 1}, "audit.bogus", ""),
+])
+def test_audit_problems_name_their_key(tmp_path: Path, section: dict[str, object], key: str,
+                                       words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_dict({"audit": section}, base=tmp_path)
+    found = dict(err.value.problems)
+    assert key in found, err.value.problems
+    assert words in found[key]
+
+
+def test_audit_tls_syslog_files_checked(tmp_path: Path) -> None:
+    import trustme
+
+    from tests.tls_support import write_ca, write_pair
+
+    ca = trustme.CA()
+    pair = write_pair(ca, tmp_path, "node")
+    write_ca(ca, tmp_path / "ca.pem")
+    a = from_dict({"audit": {"syslog": "tls://collector:6514", "syslog_ca_file": "ca.pem",
+                             "syslog_cert_file": "node.crt", "syslog_key_file": "node.key",
+                             "file": "audit/a.jsonl", "trusted_proxies": ["10.0.0.0/8"]}},
+                  base=tmp_path).audit
+    assert a.syslog_ca_file == tmp_path / "ca.pem" and a.syslog_cert_file == pair.cert
+    assert a.file == tmp_path / "audit" / "a.jsonl"
+    assert a.trusted_proxies == ("10.0.0.0/8",)

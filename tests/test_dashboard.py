@@ -194,7 +194,8 @@ def test_alert_rules_are_well_formed() -> None:
     rules = _system_yaml(ALERTS)["groups"][0]["rules"]
     names = {r["alert"] for r in rules}
     assert {"DicomcacheUpstreamDown", "DicomcacheIntegrityFailuresRising",
-            "DicomcacheCacheNearFull", "DicomcacheRelayQueueGrowing"} <= names
+            "DicomcacheCacheNearFull", "DicomcacheRelayQueueGrowing",
+            "DicomcacheAuditTrailFailing", "DicomcacheAuditRecordsLost"} <= names
     for rule in rules:
         assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
@@ -301,6 +302,33 @@ tests:
       - eval_time: 1h30m
         alertname: DicomcacheRelayQueueGrowing
         exp_alerts: [{{exp_labels: {{severity: warning, instance: a, destination: pacs}}}}]
+  - interval: 1m
+    input_series:
+      # the audit file fails from 10m on (a full disk); b stays fine
+      - series: 'dicomcache_audit_up{{instance="a"}}'
+        values: '1x10 0x20'
+      - series: 'dicomcache_audit_up{{instance="b"}}'
+        values: '1x30'
+      # records dropped at 20m (queue full); syslog collector down from 5m on
+      - series: 'dicomcache_audit_dropped_total{{instance="a",sink="file",cause="queue_full"}}'
+        values: '0x20 5x10'
+      - series: 'dicomcache_audit_syslog_failures_total{{instance="a"}}'
+        values: '0x5 0+1x25'
+      - series: 'dicomcache_audit_records_total{{instance="a",sink="syslog"}}'
+        values: '0+10x5 50x25'
+    alert_rule_test:
+      - {{eval_time: 9m, alertname: DicomcacheAuditTrailFailing, exp_alerts: []}}
+      - eval_time: 12m
+        alertname: DicomcacheAuditTrailFailing
+        exp_alerts: [{{exp_labels: {{severity: critical, instance: a}}}}]
+      - {{eval_time: 15m, alertname: DicomcacheAuditRecordsLost, exp_alerts: []}}
+      - eval_time: 22m
+        alertname: DicomcacheAuditRecordsLost
+        exp_alerts: [{{exp_labels: {{severity: critical, instance: a, sink: file}}}}]
+      - {{eval_time: 10m, alertname: DicomcacheAuditSyslogFailing, exp_alerts: []}}
+      - eval_time: 25m
+        alertname: DicomcacheAuditSyslogFailing
+        exp_alerts: [{{exp_labels: {{severity: warning, instance: a}}}}]
 """
 
 

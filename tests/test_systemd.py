@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomcache.config import CacheSettings, RelaySettings
+from dicomcache.config import AuditSettings, CacheSettings, RelaySettings
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "dicomcache.service"
 ANALYZE = shutil.which("systemd-analyze")
@@ -55,6 +55,9 @@ def test_unit_is_hardened() -> None:
     # Where the unit lets it write is where the defaults put the cache and the spool.
     assert CacheSettings().directory == Path("/var/cache") / one["CacheDirectory"]
     assert Path("/var/lib") / one["StateDirectory"] in RelaySettings().spool_directory.parents
+    # The audit trail: the default and the example config's file, in LogsDirectory= (0700).
+    assert AuditSettings().file.parent == Path("/var/log") / one["LogsDirectory"]
+    assert one["LogsDirectoryMode"] == "0700"
 
 
 @needs_analyze

@@ -257,6 +257,15 @@ class Index:
         """Every entry of a Patient ID."""
         return self._select("patient_id = ?", patient_id)
 
+    def patients_of(self, column: str, value: str) -> list[str]:
+        """The Patient IDs (two at most) of the entries whose ``column`` (``study_uid``,
+        ``study_oid`` or ``series_oid``, all indexed) is ``value``: who an access is about."""
+        assert column in ("study_uid", "study_oid", "series_oid")
+        with self._lock:
+            found = self._db.execute(f"SELECT DISTINCT patient_id FROM instances "
+                                     f"WHERE {column} = ? LIMIT 2", (value,)).fetchall()
+        return [str(r[0]) for r in found]
+
     def _select(self, where: str, *args: object) -> list[Row]:
         with self._lock:
             found = self._db.execute(f"SELECT {_COLUMNS} FROM instances WHERE {where}",

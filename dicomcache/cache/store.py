@@ -668,6 +668,10 @@ class Store:
         """The entries of an Orthanc study."""
         return [self._instance(r) for r in self.index.in_study(study_oid)]
 
+    def patients_of(self, column: str, value: str) -> list[str]:
+        """The Patient IDs (two at most) cached for a study or series (blocking)."""
+        return self.index.patients_of(column, value)
+
     def of_patient(self, patient_id: str) -> list[Instance]:
         """The entries of a Patient ID."""
         return [self._instance(r) for r in self.index.of_patient(patient_id)]

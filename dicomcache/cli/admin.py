@@ -31,13 +31,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dicomcache.audit.record import PURGE, SUCCESS, Record, Subject
 from dicomcache.cache.admin import check_entry, choose_purge, study_use
 from dicomcache.cache.index import INDEX_FILE
 from dicomcache.cache.store import Store
+from dicomcache.cli.audit import open_trail, operator_actor, record_operation
 from dicomcache.cli.common import USAGE, load_settings
 from dicomcache.cli.progress import Progress, human_bytes
 from dicomcache.config import Settings
-from dicomcache.dicom.uids import is_uid
+from dicomcache.dicom.uids import is_orthanc_id, is_uid
 from dicomcache.dicomweb.answers import DiskCopies
 from dicomcache.relay.spool import Spool
 
@@ -213,6 +215,12 @@ def cmd_purge(args: argparse.Namespace) -> int:
     if isinstance(opened, int):
         return opened
     store = opened[1]
+    trail = None
+    if not args.dry_run:
+        trail = open_trail(opened[0])  # refused before anything is deleted, when required
+        if trail is None:
+            store.close()
+            return 1
     try:
         choice = choose_purge(store.entries(), store.pinned(), now=time.time(),
                               study=args.study, patient=args.patient,
@@ -239,7 +247,21 @@ def cmd_purge(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"purged {removed} instance(s), {human_bytes(removed_bytes)}{kept}{others}")
-    return 0
+    assert trail is not None
+    return 0 if record_operation(trail, _purge_record(args, removed, removed_bytes)) else 1
+
+
+def _purge_record(args: argparse.Namespace, removed: int, removed_bytes: int) -> Record:
+    """The audit record of a purge: who ran it, what it selected, how much went."""
+    instance = args.instance
+    selection = ("--all" if args.all else f"--older-than {args.older_than:.0f}s"
+                 if args.older_than is not None else None)
+    subject = Subject(patient_id=args.patient, study_uid=args.study,
+                      sop_uid=instance if instance and is_uid(instance) else None,
+                      orthanc_id=instance if instance and is_orthanc_id(instance) else None,
+                      instances=removed)
+    return Record(PURGE, operator_actor(), subject, SUCCESS, bytes=removed_bytes,
+                  detail=selection)
 
 
 def _purge_copies(settings: Settings, store: Store, args: argparse.Namespace,

@@ -23,10 +23,12 @@ def state_dir() -> Path:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    """The config file's settings, or the embedded default (a per-user cache dir)."""
+    """The config file's settings, or the embedded default (a per-user cache dir and
+    audit trail, so ``dicomcache serve`` works for an ordinary user with no config)."""
     if getattr(args, "config", None):
         return load(args.config)
-    return from_dict({"cache": {"directory": str(state_dir() / "cache"), "max_size": "2GB"}})
+    return from_dict({"cache": {"directory": str(state_dir() / "cache"), "max_size": "2GB"},
+                      "audit": {"file": str(state_dir() / "audit" / "audit.jsonl")}})
 
 
 def report_config_error(exc: ConfigError, source: object) -> int:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dicomcache import __version__
 from dicomcache.cli import (
     admin,
+    audit,
     check_config,
     prefetch,
     relay,
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dicomcache", description="Verified edge cache and relay for a remote Orthanc PACS.")
     parser.add_argument("--version", action="version", version=f"dicomcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (serve, check_config, admin, prefetch, revalidate, relay, users,
+    for module in (serve, check_config, admin, prefetch, revalidate, relay, users, audit,
                    wan_emulator):
         module.add_cli(sub)
     return parser

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import sys
 import time
@@ -77,10 +78,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _run_relay(settings: Settings, forward_in_process: bool) -> None:
+    from dicomcache.audit.trail import AuditLog
     from dicomcache.metrics import Metrics
     from dicomcache.relay.service import Relay
 
-    relay = Relay(settings.relay, Metrics(), forward_in_process=forward_in_process)
+    metrics = Metrics()
+    audit = AuditLog(settings.audit, metrics, source="relay")
+    try:
+        await asyncio.to_thread(audit.open)
+    except OSError as exc:  # required: C-STOREs refused (0xA700) until it can be written
+        logging.getLogger("dicomcache").error("audit trail %s cannot be opened: %s",
+                                              settings.audit.file, exc)
+    audit.start()
+    relay = Relay(settings.relay, metrics, forward_in_process=forward_in_process, audit=audit)
     await relay.start()
     print(f"relay listening on {settings.relay.host}:{relay.port}", flush=True)
     stop = asyncio.Event()
@@ -97,6 +107,7 @@ async def _run_relay(settings: Settings, forward_in_process: bool) -> None:
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
     await relay.stop(settings.server.shutdown_timeout)
+    await asyncio.to_thread(audit.close)
 
 
 # --- status ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dicomcache.http import listeners
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import (
     ADMIN_SOCKETS,
+    AUDIT,
     METRICS,
     REDIRECT_SOCKETS,
     RELAY,
@@ -50,7 +51,7 @@ def relay_context(settings: Settings) -> Callable[[web.Application], AsyncIterat
     async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
         from dicomcache.relay.service import Relay  # the relay's imports only when it runs
 
-        relay = Relay(settings.relay, app[METRICS])
+        relay = Relay(settings.relay, app[METRICS], audit=app.get(AUDIT))
         await relay.start()
         app[RELAY] = relay
         app[RELOADERS].append(relay.reload_tls)

@@ -58,3 +58,8 @@ def orthanc_series_id(patient_id: str, study: str, series: str) -> str:
 def orthanc_study_id(patient_id: str, study: str) -> str:
     """Orthanc's ID of the study of such an instance (``PatientID|Study``)."""
     return _orthanc_id(patient_id, study)
+
+
+def orthanc_patient_id(patient_id: str) -> str:
+    """Orthanc's ID of a patient (the SHA-1 of the Patient ID alone)."""
+    return _orthanc_id(patient_id)

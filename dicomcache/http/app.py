@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from dicomcache.audit.trail import AuditLog
 from dicomcache.cache.coherence import Coherence
 from dicomcache.cache.fetch import Fetcher
 from dicomcache.cache.index import EVERY_STUDY
@@ -21,8 +22,18 @@ from dicomcache.cache.instance import Instance
 from dicomcache.cache.scrubber import Scrubber
 from dicomcache.cache.store import AsyncStore, Store
 from dicomcache.config import Settings
-from dicomcache.http import auth, cors, dicomweb, orthanc_rest, passthrough, status, wado_uri
+from dicomcache.http import (
+    audit,
+    auth,
+    cors,
+    dicomweb,
+    orthanc_rest,
+    passthrough,
+    status,
+    wado_uri,
+)
 from dicomcache.http.keys import (
+    AUDIT,
     CHANGES,
     CLIENT,
     COHERENCE,
@@ -50,14 +61,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """The HTTP application; long-lived resources start and stop in ``cleanup_ctx``."""
     # Host check, CORS preflights (answered without credentials), the canonical path;
+    # the audit record (around authentication, so a refused request is recorded too);
     # then who asks, and may they (http/auth.py); then the error mapping.
     app = web.Application(middlewares=[host_check, cors.cors_preflight, canonical_path,
-                                       auth.guard, errors_and_metrics],
+                                       audit.audit_access, auth.guard, errors_and_metrics],
                           client_max_size=64 << 20)
     app.on_response_prepare.append(prefetch_touch)
+    app.on_response_prepare.append(audit.remember_response)
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
     app.cleanup_ctx.append(_hosts_ctx)
+    app.cleanup_ctx.append(_audit_ctx)  # first opened, last closed
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_prefetch_ctx)
@@ -93,6 +107,21 @@ def machine_names() -> set[str]:
                 address = str(sockaddr[0])
                 names.add(f"[{address}]" if ":" in address else address)
     return names
+
+
+async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The audit trail (``[audit]``): opened before anything serves, closed after."""
+    # Built off the loop: a syslog target resolves this host's name and reads TLS files.
+    trail = await asyncio.to_thread(AuditLog, app[SETTINGS].audit, app[METRICS],
+                                    source="serve")
+    try:
+        await asyncio.to_thread(trail.open)
+    except OSError as exc:  # logged and shown by the trail; required: data refused (503)
+        log.error("audit trail %s cannot be opened: %s", trail.settings.file, exc)
+    trail.start()
+    app[AUDIT] = trail
+    yield
+    await asyncio.to_thread(trail.close)
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -189,13 +218,13 @@ async def prefetch_touch(request: web.Request, response: web.StreamResponse) -> 
         # Only for requests that passed authentication and authorization, within the
         # principal's budget of studies: nobody makes the clinic download a history.
         if touched is not None and auth.may_prefetch(request, touched[0]):
-            prefetcher.touch(*touched)
+            prefetcher.touch(*touched, actor=audit.actor_of(request))
 
 
 async def _prefetch_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     prefetcher = Prefetcher(settings.prefetch, app[FETCHER], app[STORE], app[METRICS],
-                            settings.cache.max_size)
+                            settings.cache.max_size, audit=app.get(AUDIT))
     app[PREFETCHER] = prefetcher
     prefetcher.start()
     yield

@@ -12,8 +12,10 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from dicomcache.audit.trail import AuditLog
 from dicomcache.cache.coherence import Coherence
 from dicomcache.cache.fetch import Fetcher
+from dicomcache.cache.instance import Instance
 from dicomcache.cache.scrubber import Scrubber
 from dicomcache.cache.store import AsyncStore
 from dicomcache.config import Settings
@@ -61,3 +63,8 @@ RELOADERS: web.AppKey[list[Callable[[], Awaitable[object]]]] = web.AppKey("reloa
 #: is one clear line, not a traceback); absent: the sites bind their own.
 ADMIN_SOCKETS: web.AppKey[list[socket.socket]] = web.AppKey("admin_sockets")
 REDIRECT_SOCKETS: web.AppKey[list[socket.socket]] = web.AppKey("redirect_sockets")
+#: The process's audit trail (``[audit]``), and per request: the instances a route served
+#: (who the access was about) and the response whose bytes the record counts.
+AUDIT = web.AppKey("audit", AuditLog)
+SERVED: web.RequestKey[list[Instance]] = web.RequestKey("served")
+AUDIT_RESPONSE = web.RequestKey("audit_response", web.StreamResponse)

@@ -32,7 +32,7 @@ from aiohttp.abc import AbstractStreamWriter
 from dicomcache.cache.instance import Instance
 from dicomcache.cache.store import Store, signature
 from dicomcache.http import ranges
-from dicomcache.http.keys import METRICS, OUTCOME, STORE
+from dicomcache.http.keys import METRICS, OUTCOME, SERVED, STORE
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ def _matches(header: str | None, etag: str) -> bool:
 
 
 Refetch = Callable[[], Awaitable[Instance]]
+#: Instances remembered per request for its audit record (a count beyond is not needed).
+MAX_SERVED = 10_000
 
 
 async def serve_instance(request: web.Request, found: Instance, *,
@@ -149,6 +151,9 @@ async def serve_instance(request: web.Request, found: Instance, *,
     vanished (deleted by hand) is dropped from the store and, with
     ``refetch``, fetched again instead of failing the viewer.
     """
+    served = request.get(SERVED)
+    if served is not None and len(served) < MAX_SERVED:
+        served.append(found)  # who the audit record is about
     etag = found.etag
     headers: dict[str, str] = {hdrs.CACHE_CONTROL: REVALIDATE, hdrs.ETAG: etag}
     if filename:
@@ -241,14 +246,19 @@ class StoredBody(web.StreamResponse):
         super().__init__(status=status, headers=headers)
         self._fobj = fobj
         self._span = span
+        #: Body bytes sent by ``sendfile`` (which bypasses ``body_length``).
+        self.file_bytes = 0
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:  # prepared already (by the audit middleware): sent once
+            return await super().prepare(request)
         try:
             writer = await super().prepare(request)
             if request.method != "HEAD" and self._span.count:
                 assert isinstance(request, web.Request)
-                await send_file_range(request, self, self._fobj, self._span.start,
-                                      self._span.count)
+                if await send_file_range(request, self, self._fobj, self._span.start,
+                                         self._span.count):
+                    self.file_bytes = self._span.count
             await self.write_eof()
             return writer
         finally:

@@ -33,6 +33,7 @@ from dicomcache.errors import NotFoundUpstream, UpstreamError
 from dicomcache.http import auth
 from dicomcache.http.keys import (
     ADMIN_SOCKETS,
+    AUDIT,
     CLIENT,
     COHERENCE,
     METRICS,
@@ -294,6 +295,7 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
         "relay": _relay_status(app),
         "tls": app[SERVER_TLS].status() if SERVER_TLS in app else None,
         "auth": app[auth.AUTH].status(app[SETTINGS]) if auth.AUTH in app else {},
+        "audit": app[AUDIT].status() if AUDIT in app else None,
     }
 
 
@@ -416,6 +418,7 @@ def render(s: dict[str, Any]) -> str:
         + _render_cache(s["cache"])
         + _render_integrity(s["integrity"], now)
         + _render_relay(s["relay"], now)
+        + _render_audit(s.get("audit"), now)
         + "</main></body></html>\n")
 
 
@@ -427,6 +430,30 @@ def _render_auth_warning(a: dict[str, Any]) -> str:
             "(auth.mode = \"none\" with auth.allow_anonymous_network = true): anyone who "
             "can reach this address can read patient data and administer dicomcache. "
             "Only acceptable behind a proxy that authenticates every request.</div>")
+
+
+def _render_audit(a: dict[str, Any] | None, now: float) -> str:
+    """One line: whether access records are being kept, and where."""
+    if a is None:
+        return ""
+    ok = a["state"] == "ok"
+    badge = (f'<span id="audit-state" class="badge {"up" if ok else "down"}">'
+             f'{"OK" if ok else "FAILING"}</span>')
+    line = (f"{badge} {_e(a['file'])}: {a['written']} written, {a['queued']} waiting, "
+            f"{a['dropped']} dropped, {a['refused']} refused")
+    if not ok:
+        then = "patient data refused (required)" if a["required"] else \
+            "patient data served UNAUDITED (required = false)"
+        line += (f'<br><span class="bad">failing since {_when(a["failing_since"], now)}: '
+                 f'{_e(a["error"])}; {then}</span>')
+    syslog = a.get("syslog")
+    if syslog:
+        line += (f"<br>syslog {_e(syslog['target'])}: {syslog['sent']} sent, "
+                 f"{syslog['queued']} waiting, {syslog['dropped']} dropped"
+                 + (f' <span class="bad">{_e(syslog["error"])}</span>' if syslog["error"]
+                    else ""))
+    return f'<section id="audit"><h2>Audit trail</h2><p>{line}</p></section>'
+
 
 
 def _render_upstream(u: dict[str, Any], now: float) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dicomcache.audit.record import Actor
 from dicomcache.cache.instance import Instance
 from dicomcache.dicom.uids import is_uid
 
@@ -75,6 +76,8 @@ class Job:
     sop_uid: str | None
     mode: str
     items: collections.deque[Item] = field(default_factory=collections.deque)
+    #: Whose touch queued it: its downloads are audited as theirs (``None``: the system's).
+    actor: Actor | None = None
 
     @property
     def key(self) -> str:

@@ -40,7 +40,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from dicomcache.audit.record import FAILED, PREFETCH, SUCCESS, Actor, Record, Subject
+from dicomcache.audit.trail import AuditLog
 from dicomcache.cache.fetch import Fetcher
+from dicomcache.cache.instance import Instance
 from dicomcache.cache.store import AsyncStore
 from dicomcache.config import PrefetchSettings
 from dicomcache.errors import NotFoundUpstream, UpstreamError, UpstreamUnavailable
@@ -48,6 +51,9 @@ from dicomcache.metrics import Metrics
 from dicomcache.prefetch.plan import Item, Job, order_items
 
 log = logging.getLogger(__name__)
+
+#: Who downloads nobody's touch caused are audited for (change-feed pre-warming).
+SYSTEM = Actor("dicomcache", "system", "change-feed")
 
 @dataclass(slots=True)
 class Tally:
@@ -78,8 +84,10 @@ class Prefetcher:
     """Background prefetch jobs; see the module docstring.  ``start()``/``stop()`` in a loop."""
 
     def __init__(self, settings: PrefetchSettings, fetcher: Fetcher, store: AsyncStore,
-                 metrics: Metrics, max_size: int) -> None:
+                 metrics: Metrics, max_size: int, audit: AuditLog | None = None) -> None:
         self.settings = settings
+        #: Each download is an access to patient data: recorded, for whoever caused it.
+        self.audit = audit
         self.fetcher = fetcher
         self.client = fetcher.client
         self.store = store
@@ -103,8 +111,9 @@ class Prefetcher:
 
     # --- touches -------------------------------------------------------------------
     def touch(self, study_uid: str, series_uid: str | None = None,
-              sop_uid: str | None = None) -> None:
-        """A viewer used this study: queue it if new, or steer its running job."""
+              sop_uid: str | None = None, actor: Actor | None = None) -> None:
+        """A viewer used this study: queue it if new, or steer its running job.  ``actor``
+        (who touched it) is who the job's downloads are audited for: the first to touch."""
         now = time.monotonic()
         self.viewing[study_uid] = now
         if len(self.viewing) > 4096:  # bound memory: forget studies no longer viewed
@@ -116,7 +125,7 @@ class Prefetcher:
                     table.pop(key, None)
         if not self.enabled or (self.settings.mode == "series" and series_uid is None):
             return  # series mode: wait for a touch that names the series
-        job = Job(study_uid, series_uid, sop_uid, self.settings.mode)
+        job = Job(study_uid, series_uid, sop_uid, self.settings.mode, actor=actor)
         current = self.current
         if current is not None and current.key in (job.key, study_uid):
             current.focus(series_uid, sop_uid)
@@ -284,7 +293,7 @@ class Prefetcher:
                 item = job.items.popleft()
                 self.metrics.prefetch_queue.set(len(job.items))
                 try:
-                    await self._one(item, used, progress, stop)
+                    await self._one(job, item, used, progress, stop)
                 finally:
                     progress.done += 1
 
@@ -302,7 +311,25 @@ class Prefetcher:
             progress.done += skipped
             self.metrics.prefetched.labels("budget").inc(skipped)
 
-    async def _one(self, item: Item, used: list[int], progress: Tally,
+    def _audit(self, job: Job, item: Item, found: Instance | None, started: float, t0: float,
+               failure: str | None) -> None:
+        """The record of one download (a failed one names what was asked)."""
+        if self.audit is None:
+            return
+        if found is not None:
+            subject = Subject(patient_id=found.patient_id, study_uid=found.study_uid,
+                              series_uid=found.series_uid, sop_uid=found.sop_uid,
+                              orthanc_id=found.orthanc_id, level="instance")
+        else:
+            subject = Subject(study_uid=job.study_uid, series_uid=item.series_uid,
+                              sop_uid=item.sop_uid, orthanc_id=item.orthanc_id,
+                              level="instance")
+        self.audit.submit(Record(
+            PREFETCH, job.actor or SYSTEM, subject, SUCCESS if found is not None else FAILED,
+            bytes=found.size if found is not None else 0, seconds=time.monotonic() - t0,
+            time=started, detail=failure))
+
+    async def _one(self, job: Job, item: Item, used: list[int], progress: Tally,
                    stop: asyncio.Event) -> None:
         if await self.store.get(item.orthanc_id) is not None:
             used[0] += item.size
@@ -318,18 +345,28 @@ class Prefetcher:
             progress.budget += 1
             self.metrics.prefetched.labels("budget").inc()
             return
+        if self.audit is not None and self.audit.required and not self.audit.accepting():
+            if not stop.is_set():
+                log.warning("prefetch stops: the audit trail cannot be written ([audit] "
+                            "required)")
+            stop.set()
+            return
         used[0] += item.size  # reserved before the download: parallel workers see it
+        started, t0 = time.time(), time.monotonic()
         try:
             found = await self.fetcher.by_orthanc_id(item.orthanc_id, viewer=False)
-        except UpstreamUnavailable:
+        except UpstreamUnavailable as exc:
             stop.set()
+            self._audit(job, item, None, started, t0, str(exc.reason))
             raise
         except (UpstreamError, NotFoundUpstream) as exc:
+            self._audit(job, item, None, started, t0, str(exc))
             used[0] -= item.size
             progress.failed += 1
             progress.errors.append(f"instance {item.orthanc_id} ({item.sop_uid}): {exc}")
             self.metrics.prefetched.labels("failed").inc()
             return
+        self._audit(job, item, found, started, t0, None)
         size = found.size
         progress.fetched += 1
         progress.bytes += size

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from dicomcache.audit.record import FAILED, RELAY_FORWARD, SUCCESS, Actor, Record, Subject
+from dicomcache.audit.trail import AuditLog
 from dicomcache.config import DestinationSettings, RelaySettings
 from dicomcache.metrics import Metrics
 from dicomcache.relay import negotiation as neg
@@ -59,9 +61,15 @@ class Forwarder:
         executor: Executor,
         *,
         rng: random.Random | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.settings = settings
         self.dest = destination
+        #: Every instance sent (or refused) is recorded: where it went, and the outcome.
+        self.audit = audit
+        d = destination
+        self._where = f"{d.name} {d.remote_ae_title}@{d.remote_host}:{d.remote_port}"
+        self._us = Actor(settings.ae_title, "relay", "dimse")
         self.spool = spool
         self.metrics = metrics
         self.executor = executor
@@ -225,6 +233,16 @@ class Forwarder:
     def _observe(self, res: Outcome, item: QueueItem) -> None:
         name = self.dest.name
         m = self.metrics
+        if self.audit is not None:
+            self.audit.submit(Record(
+                RELAY_FORWARD, self._us,
+                Subject(study_uid=item.study_uid or None, sop_uid=item.sop_instance,
+                        sop_class=item.sop_class),
+                SUCCESS if res.outcome == DELIVERED else FAILED, status=res.status,
+                dimse=True, bytes=item.size if res.outcome == DELIVERED else 0,
+                seconds=res.seconds, time=time.time() - res.seconds,
+                destination=self._where,
+                detail=None if res.outcome == DELIVERED else f"{res.outcome}: {res.reason}"))
         m.relay_forwarded.labels(name, res.outcome).inc()
         m.relay_forward_seconds.labels(name).observe(res.seconds)
         if res.outcome == DELIVERED:

@@ -45,6 +45,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomcache import tls
+from dicomcache.audit.record import DENIED, RELAY_RECEIVE, Actor, Record, Subject, outcome_of_dimse
+from dicomcache.audit.trail import AuditLog
 from dicomcache.config import RelaySettings
 from dicomcache.dicom import syntaxes
 from dicomcache.durable import is_disk_full
@@ -52,7 +54,7 @@ from dicomcache.errors import IntegrityError
 from dicomcache.metrics import Metrics
 from dicomcache.relay import negotiation as neg
 from dicomcache.relay.part10 import part10_header
-from dicomcache.relay.spool import Spool, info_from_bytes
+from dicomcache.relay.spool import InstanceInfo, Spool, info_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +83,22 @@ def host_allowed(address: str, allowed: Iterable[str]) -> bool:
     return any(ip in net for net in nets)
 
 
+def _modality(calling: str, address: str) -> Actor:
+    """Who sends: the calling AE title (what DIMSE authenticates, if anything) and the
+    peer's address."""
+    return Actor(calling or "-", "modality", "dimse", address)
+
+
 class StoreSCP:
     """Accepts C-STORE/C-ECHO, spools durably, answers with a status."""
 
-    def __init__(self, settings: RelaySettings, spool: Spool, metrics: Metrics | None = None
-                 ) -> None:
+    def __init__(self, settings: RelaySettings, spool: Spool, metrics: Metrics | None = None,
+                 audit: AuditLog | None = None) -> None:
         self.settings = settings
         self.spool = spool
         self.metrics = metrics
+        #: Every C-STORE received (and every association refused) is recorded here.
+        self.audit = audit
         self.server: ThreadedAssociationServer | None = None
         self.tls: tls.ServerTLS | None = None
         self._callers = {t.strip() for t in settings.allowed_calling_ae_titles}
@@ -192,6 +202,9 @@ class StoreSCP:
             if reason is None:
                 return
             log.warning("Rejecting association from %s at %s: %s", calling, address, why)
+            if self.audit is not None:
+                self.audit.submit(Record(RELAY_RECEIVE, _modality(calling, address),
+                                         Subject(), DENIED, detail=why))
             if self.metrics is not None:
                 self.metrics.relay_associations.labels("inbound", "rejected").inc()
             assoc.acse.send_reject(*reason)
@@ -209,10 +222,18 @@ class StoreSCP:
 
     def handle_store(self, event: Any) -> int:
         """Spool one C-STORE; returns the status (see the module docstring). Never raises."""
-        started = time.perf_counter()
+        started, wall = time.perf_counter(), time.time()
         status = OUT_OF_RESOURCES
+        seen: dict[str, Any] = {}
         try:
-            status = self._store(event)
+            if self.audit is not None and self.audit.required and not self.audit.accepting():
+                # Fail closed: patient data is not taken in while it cannot be recorded.
+                self.audit.refuse(self._receipt(event, seen, OUT_OF_RESOURCES, wall, 0.0,
+                                                "audit trail unavailable"), "relay")
+                log.error("Refusing a C-STORE with 0xA700: the audit trail cannot be "
+                          "written ([audit] required)")
+                return OUT_OF_RESOURCES
+            status = self._store(event, seen)
         except Exception:
             log.exception("Unexpected error while storing a C-STORE: answering 0xA700")
             status = OUT_OF_RESOURCES
@@ -220,9 +241,32 @@ class StoreSCP:
             if self.metrics is not None:
                 self.metrics.relay_received.labels(f"0x{status:04X}").inc()
                 self.metrics.relay_receive_seconds.observe(time.perf_counter() - started)
+        if self.audit is not None:
+            try:
+                self.audit.submit(self._receipt(event, seen, status, wall,
+                                                time.perf_counter() - started, seen.get("why")))
+            except Exception:
+                log.exception("Cannot make the audit record of a C-STORE")
         return status
 
-    def _store(self, event: Any) -> int:
+    def _receipt(self, event: Any, seen: dict[str, Any], status: int, wall: float,
+                 seconds: float, why: str | None) -> Record:
+        """The audit record of one C-STORE (what the data set said, when it parsed)."""
+        assoc = event.assoc
+        info: InstanceInfo | None = seen.get("info")
+        request = event.request
+        sop = info.sop_instance if info else str(getattr(request, "AffectedSOPInstanceUID", ""))
+        subject = Subject(
+            patient_id=info.patient_id if info else None,
+            study_uid=(info.study_uid or None) if info else None,
+            series_uid=info.series_uid if info else None, sop_uid=sop or None,
+            sop_class=str(getattr(request, "AffectedSOPClassUID", "")) or None)
+        return Record(RELAY_RECEIVE, _modality(str(assoc.requestor.ae_title).strip(),
+                                               str(assoc.requestor.address)),
+                      subject, outcome_of_dimse(status), status=status, dimse=True,
+                      bytes=int(seen.get("bytes", 0)), seconds=seconds, time=wall, detail=why)
+
+    def _store(self, event: Any, seen: dict[str, Any]) -> int:
         calling = str(event.assoc.requestor.ae_title).strip()
         request = event.request
         want_class = str(request.AffectedSOPClassUID)
@@ -232,11 +276,13 @@ class StoreSCP:
                     + event.request.DataSet.getvalue())
         except UnicodeEncodeError:  # not ASCII, so not UIDs: pynetdicom's way; checks follow
             data = event.encoded_dataset(include_meta=True)
+        seen["bytes"] = len(data)
         try:
             info = info_from_bytes(data)
         except IntegrityError as exc:
-            return self._reject(data, CANNOT_UNDERSTAND, f"unparseable data set: {exc.reason}",
-                                calling, want_instance)
+            seen["why"] = f"unparseable data set: {exc.reason}"
+            return self._reject(data, CANNOT_UNDERSTAND, seen["why"], calling, want_instance)
+        seen["info"] = info
         if info.sop_class != want_class:
             return self._reject(data, SOP_CLASS_MISMATCH,
                                 f"SOP Class UID {info.sop_class} in the data set but "
@@ -249,6 +295,7 @@ class StoreSCP:
             self.spool.put(data, info, calling)
         except OSError as exc:
             what = "disk full" if is_disk_full(exc) else "write error"
+            seen["why"] = f"spool: {what}"
             log.error("Cannot spool %s from %s (%s: %s): answering 0xA700", want_instance,
                       calling, what, exc)
             return OUT_OF_RESOURCES

@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from dicomcache.audit.trail import AuditLog
 from dicomcache.config import RelaySettings
 from dicomcache.metrics import Metrics
 from dicomcache.relay import accel, transcode
@@ -45,19 +46,24 @@ class Relay:
     """The DIMSE relay (see the module docstring)."""
 
     def __init__(self, settings: RelaySettings, metrics: Metrics, *,
-                 forward_in_process: bool = False) -> None:
+                 forward_in_process: bool = False, audit: AuditLog | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        #: This process's audit trail: receipts here; the forwarder process opens its own
+        #: writer on the same file (shared by ``flock``).
+        self.audit = audit
         self.spool = Spool(settings.spool_directory, [d.name for d in settings.destinations],
                            retention=settings.retention)
         in_process = forward_in_process or not settings.destinations
         self.executor = ThreadPoolExecutor(
             max_workers=(2 * len(settings.destinations) if in_process else 0) + 4,
             thread_name_prefix="relay")
-        self.scp = StoreSCP(settings, self.spool, metrics)
-        self.forwarders = [Forwarder(settings, d, self.spool, metrics, self.executor)
+        self.scp = StoreSCP(settings, self.spool, metrics, audit)
+        self.forwarders = [Forwarder(settings, d, self.spool, metrics, self.executor,
+                                     audit=audit)
                            for d in settings.destinations] if in_process else []
-        self.worker = None if in_process else ForwarderProcess(settings, metrics)
+        self.worker = None if in_process else ForwarderProcess(
+            settings, metrics, audit=audit.settings if audit is not None else None)
         self._tasks: list[asyncio.Task[None]] = []
         self._stats_task: asyncio.Task[None] | None = None
         self._snapshot: dict[str, Any] = {}

@@ -125,6 +125,9 @@ class InstanceInfo:
     sop_instance: str
     transfer_syntax: str
     has_pixels: bool = True
+    #: For the audit record of the receipt (not kept in the spool's database).
+    patient_id: str | None = None
+    series_uid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +155,9 @@ def info_from_bytes(data: bytes) -> InstanceInfo:
     # No Study Instance UID (invalid, but it happens): queued in arrival order with the
     # others that lack one; the PACS decides whether to take it.
     return InstanceInfo(summary.study_instance_uid or "", summary.sop_class_uid,
-                        summary.sop_instance_uid, summary.transfer_syntax_uid, has_pixels)
+                        summary.sop_instance_uid, summary.transfer_syntax_uid, has_pixels,
+                        patient_id=summary.patient_id,
+                        series_uid=summary.series_instance_uid)
 
 
 class Spool:

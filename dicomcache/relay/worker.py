@@ -50,7 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, cast
 
-from dicomcache.config import RelaySettings
+from dicomcache.config import AuditSettings, RelaySettings
 from dicomcache.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,16 @@ _METHODS = frozenset({"inc", "observe", "set"})
 #: How often the child sends batched metrics and changed statuses.
 _REPORT_EVERY = 0.2
 _WAKE, _STOP, _ABORT = b"w", b"s", b"a"
+#: The audit counters the child adds to the parent's (its gauges, ``audit_up`` and the
+#: queue depth, are the parent's own writer's: two processes would overwrite each other).
+_AUDIT_COUNTERS = frozenset({"audit_records", "audit_dropped", "audit_write_errors",
+                             "audit_refused", "audit_syslog_failures"})
+
+
+def _forwarded(attr: str, method: str) -> bool:
+    """Whether the parent applies a metric update the child sent."""
+    return method in _METHODS and (attr.startswith("relay_") or (
+        attr in _AUDIT_COUNTERS and method == "inc"))
 
 
 def _write_frame(out: IO[bytes], obj: object) -> None:
@@ -99,9 +109,12 @@ class ForwarderProcess:
     All methods are thread-safe; :meth:`start` and :meth:`wait` block.
     """
 
-    def __init__(self, settings: RelaySettings, metrics: Metrics) -> None:
+    def __init__(self, settings: RelaySettings, metrics: Metrics,
+                 audit: AuditSettings | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        #: The child records its forwards itself, in the same file (``flock``).
+        self.audit = audit
         self.status: dict[str, dict[str, Any]] = {
             d.name: {"busy": False, "last_batch": None} for d in settings.destinations}
         self._proc: subprocess.Popen[bytes] | None = None
@@ -179,7 +192,7 @@ class ForwarderProcess:
                   for name in ("", "dicomcache", "dicomcache.relay", "pynetdicom")}
         try:
             _write_frame(proc.stdin, {"settings": self.settings, "levels": levels,
-                                      "parent": os.getpid()})
+                                      "parent": os.getpid(), "audit": self.audit})
         except OSError:
             pass  # it died at once: the reader sees EOF
         os.set_blocking(proc.stdin.fileno(), False)
@@ -251,7 +264,7 @@ class ForwarderProcess:
                 logger.handle(record)
         elif kind == "metrics":
             for attr, labels, method, value in msg[1]:
-                if method not in _METHODS or not str(attr).startswith("relay_"):
+                if not _forwarded(str(attr), str(method)):
                     continue
                 metric = getattr(self.metrics, attr)
                 if labels:
@@ -319,10 +332,22 @@ class _MetricsProxy:
     def __init__(self, outbox: _Outbox) -> None:
         self._outbox = outbox
 
-    def __getattr__(self, attr: str) -> _MetricProxy:
-        if not attr.startswith("relay_"):
+    def __getattr__(self, attr: str) -> _MetricProxy | _Ignored:
+        if attr in ("audit_up", "audit_queue"):
+            return _Ignored()
+        if not (attr.startswith("relay_") or attr in _AUDIT_COUNTERS):
             raise AttributeError(attr)
         return _MetricProxy(self._outbox, attr)
+
+
+class _Ignored:
+    """A gauge of the parent's that the child does not set."""
+
+    def labels(self, *_labels: str) -> _Ignored:
+        return self
+
+    def set(self, _value: float) -> None:
+        pass
 
 
 class _PipeLogHandler(logging.Handler):
@@ -362,7 +387,9 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-async def _child_main(settings: RelaySettings, outbox: _Outbox, inp: IO[bytes]) -> None:
+async def _child_main(settings: RelaySettings, outbox: _Outbox, inp: IO[bytes],
+                      audit_settings: AuditSettings | None = None) -> None:
+    from dicomcache.audit.trail import AuditLog
     from dicomcache.relay import transcode
     from dicomcache.relay.forward import Forwarder
     from dicomcache.relay.spool import Spool
@@ -374,7 +401,15 @@ async def _child_main(settings: RelaySettings, outbox: _Outbox, inp: IO[bytes]) 
                                   thread_name_prefix="forward")
     await loop.run_in_executor(executor, lambda: spool.open(recover=False))
     metrics = cast(Metrics, _MetricsProxy(outbox))
-    forwarders = [Forwarder(settings, d, spool, metrics, executor)
+    audit = None
+    if audit_settings is not None:
+        audit = AuditLog(audit_settings, metrics, source="relay-forwarder")
+        try:
+            await loop.run_in_executor(executor, audit.open)
+        except OSError as exc:  # kept in memory, written once it can be (logged by the trail)
+            log.error("audit trail %s cannot be opened: %s", audit_settings.file, exc)
+        audit.start()
+    forwarders = [Forwarder(settings, d, spool, metrics, executor, audit=audit)
                   for d in settings.destinations]
     tasks = [asyncio.create_task(fw.run(), name=f"relay-{fw.dest.name}") for fw in forwarders]
     done = asyncio.Event()
@@ -433,6 +468,8 @@ async def _child_main(settings: RelaySettings, outbox: _Outbox, inp: IO[bytes]) 
     finally:
         done.set()
         await reporter
+        if audit is not None:
+            await loop.run_in_executor(executor, audit.close)
         outbox.flush_metrics()
         await loop.run_in_executor(executor, spool.close)
         executor.shutdown(wait=False, cancel_futures=True)
@@ -462,7 +499,7 @@ def child() -> int:
         from dicomcache.relay import accel
 
         accel.install()
-    asyncio.run(_child_main(settings, outbox, inp))
+    asyncio.run(_child_main(settings, outbox, inp, init.get("audit")))
     return 0
 
 if __name__ == "__main__":

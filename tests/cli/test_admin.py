@@ -47,6 +47,8 @@ url = "{upstream}"
 [cache]
 directory = "{tmp_path / 'cache'}"
 max_size = "{max_size}"
+[audit]
+file = "{tmp_path / 'audit' / 'audit.jsonl'}"
 [prefetch]
 mode = "off"
 """)
@@ -303,8 +305,12 @@ def test_purge_by_patient_or_instance_leaves_no_copy_behind(
     assert code == 0, out
     assert "purged 2 instance(s)" in out and "1 quarantined file(s)" in out
     assert "1 delivered relay cop(ies)" in out and "metadata copies of 1 stud" in out
+    # The indexes' own files included; the audit trail is not a copy of the data: it
+    # must say whose data was purged (and does).
     everything = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
-                          and p.suffix != ".toml")  # the indexes' own files included
+                          and p.suffix != ".toml" and p.parent.name != "audit")
+    trail = (tmp_path / "audit" / "audit.jsonl").read_text()
+    assert '"action":"purge"' in trail and '"patient_id":"PGONE"' in trail
     assert b"PGONE" not in everything and b"PKEPT" in everything
     assert all(b not in everything for b in gone)
     # One instance by its SOP Instance UID.

@@ -89,6 +89,8 @@ def write_config(path: Path, port: int, upstream: str, orthanc: OrthancProcess,
         [cache]
         directory = "{cache}"
         max_size = "1GB"
+        [audit]
+        file = "{cache.parent / 'audit' / 'audit.jsonl'}"
     """))
     return path
 

@@ -258,7 +258,8 @@ async def test_a_purge_from_the_cli_while_serving_is_a_clean_miss(
     await warm(client, pacs, paths)
     config = tmp_path / "purge.toml"
     config.write_text(f'[upstream]\nurl = "{pacs.url}"\n'
-                      f'[cache]\ndirectory = "{settings.cache.directory}"\n')
+                      f'[cache]\ndirectory = "{settings.cache.directory}"\n'
+                      f'[audit]\nfile = "{settings.audit.file}"\n')  # the daemon's trail
     code = await asyncio.to_thread(main, ["purge", "--config", str(config), "--study", study.uid])
     assert code == 0
     misses = metric_value(client.app[METRICS], "dicomcache_cache_misses_total", family="orthanc")

@@ -84,6 +84,8 @@ def daemon(tmp_path: Path, orthanc: OrthancProcess) -> Iterator[Daemon]:
         directory = "{tmp_path / 'cache'}"
         [changes]
         enabled = false
+        [audit]
+        file = "{tmp_path / 'audit' / 'audit.jsonl'}"
     """))
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:

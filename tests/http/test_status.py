@@ -302,6 +302,8 @@ read_timeout = 5
 [cache]
 directory = "{tmp_path / 'cache'}"
 max_size = "1GB"
+[audit]
+file = "{tmp_path / 'audit' / 'audit.jsonl'}"
 [prefetch]
 mode = "off"    # no background traffic racing the faults below
 """)

@@ -182,6 +182,8 @@ def test_kill_9_mid_burst_then_restart_delivers_every_acknowledged(tmp_path: Pat
     relay_port = free_port()
     config = tmp_path / "relay.toml"
     config.write_text(f"""
+[audit]
+file = "{tmp_path / 'audit' / 'audit.jsonl'}"
 [relay]
 enabled = true
 port = {relay_port}

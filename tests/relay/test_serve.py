@@ -31,6 +31,8 @@ def test_serve_runs_cache_and_relay(tmp_path: Path, orthanc: OrthancProcess,
         password = "{orthanc.password}"
         [cache]
         directory = "{tmp_path / 'cache'}"
+        [audit]
+        file = "{tmp_path / 'audit' / 'audit.jsonl'}"
         [relay]
         enabled = true
         port = {dicom_port}
