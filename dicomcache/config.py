@@ -60,6 +60,10 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] = ()
     #: Seconds to let in-flight requests finish on SIGTERM before they are cancelled.
     shutdown_timeout: float = 10.0
+    #: Seconds a viewer may leave one write of a relayed answer unread before the
+    #: connection is closed (nginx's ``send_timeout``): a client that stops reading
+    #: gives back what it holds (a read-through's connection to Orthanc).
+    send_timeout: float = 60.0
     log_format: str = "plain"
     log_level: str = "INFO"
     #: HTTPS on ``port``: the certificate (chain: the server's first, then intermediates)
@@ -83,8 +87,14 @@ class UpstreamSettings:
     backoff_base: float = 0.25
     backoff_max: float = 8.0
     max_connections: int = 32
-    #: Consecutive requests failing on every attempt for a link-level reason (timeout,
-    #: reset, refused, 502/503/504) that open the circuit breaker; 0 disables it.
+    #: Of ``max_connections``, how many the read-through (the Orthanc paths viewers
+    #: choose, answered as Orthanc sends them) may hold at once; viewers' misses,
+    #: metadata and searches keep the rest, whatever slow clients or slow resources do.
+    #: Read as half of ``max_connections`` when not given.
+    read_through_connections: int = 16
+    #: Consecutive requests of dicomcache's own failing on every attempt because the
+    #: link failed (timeout, reset, refused connection) that open the circuit breaker;
+    #: 0 disables it.
     breaker_failures: int = 3
     #: While the circuit is open, ``GET /system`` is probed this often (seconds).
     breaker_probe_interval: float = 5.0
@@ -501,6 +511,7 @@ def _server(sec: _Section, base: Path = Path(".")) -> ServerSettings:
         admin_host=sec.get("admin_host", str, d.admin_host),
         allowed_hosts=hosts,
         shutdown_timeout=sec.positive("shutdown_timeout", d.shutdown_timeout),
+        send_timeout=sec.positive("send_timeout", d.send_timeout),
         log_format=log_format,
         log_level=log_level,
         tls_certificate=cert,
@@ -535,8 +546,13 @@ def _upstream(sec: _Section, base: Path) -> UpstreamSettings:
     if not 0 <= retries <= 20:
         sec.problem("retries", f"must be between 0 and 20, not {retries}")
     max_connections = sec.get("max_connections", int, d.max_connections)
-    if max_connections < 1:
-        sec.problem("max_connections", "must be at least 1")
+    if max_connections < 2:
+        sec.problem("max_connections", "must be at least 2 (one is kept for viewers' own "
+                                       "requests, see read_through_connections)")
+    read_through = sec.get("read_through_connections", int, max(1, max_connections // 2))
+    if not 1 <= read_through < max(max_connections, 2):
+        sec.problem("read_through_connections", f"must be at least 1 and below "
+                    f"max_connections ({max_connections}): viewers' misses keep the rest")
     compression = sec.get("compression", str, d.compression)
     if compression not in COMPRESSION:
         sec.problem("compression", f"must be one of {', '.join(COMPRESSION)}, not {compression!r}")
@@ -553,6 +569,7 @@ def _upstream(sec: _Section, base: Path) -> UpstreamSettings:
         backoff_base=sec.positive("backoff_base", d.backoff_base),
         backoff_max=sec.positive("backoff_max", d.backoff_max),
         max_connections=max_connections,
+        read_through_connections=read_through,
         breaker_failures=breaker_failures,
         breaker_probe_interval=sec.positive("breaker_probe_interval", d.breaker_probe_interval),
         compression=compression,

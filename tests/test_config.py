@@ -160,3 +160,24 @@ def test_audit_tls_syslog_files_checked(tmp_path: Path) -> None:
     assert a.syslog_ca_file == tmp_path / "ca.pem" and a.syslog_cert_file == pair.cert
     assert a.file == tmp_path / "audit" / "a.jsonl"
     assert a.trusted_proxies == ("10.0.0.0/8",)
+
+
+@pytest.mark.parametrize("upstream, expected", [
+    ({}, 16), ({"max_connections": 8}, 4), ({"max_connections": 2}, 1),
+    ({"max_connections": 8, "read_through_connections": 7}, 7),
+])
+def test_read_through_keeps_connections_for_viewers(upstream: dict[str, int],
+                                                     expected: int) -> None:
+    settings = from_dict({"upstream": {"url": "http://o:8042", **upstream}})
+    assert settings.upstream.read_through_connections == expected
+
+
+@pytest.mark.parametrize("upstream, key", [
+    ({"max_connections": 8, "read_through_connections": 8}, "upstream.read_through_connections"),
+    ({"read_through_connections": 0}, "upstream.read_through_connections"),
+    ({"max_connections": 1}, "upstream.max_connections"),
+])
+def test_read_through_cannot_take_the_whole_pool(upstream: dict[str, int], key: str) -> None:
+    with pytest.raises(ConfigError) as bad:
+        from_dict({"upstream": {"url": "http://o:8042", **upstream}})
+    assert key in str(bad.value)

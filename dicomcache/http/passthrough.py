@@ -15,6 +15,7 @@ meets the policy again); one leaving Orthanc is a 502 (dicomcache follows none).
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import re
 
@@ -96,8 +97,12 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     what = f"{request.method} {request.path}"
 
     async def once(_attempt: int) -> web.StreamResponse:
-        async with client.open(method, request.raw_path, kind="passthrough", headers=headers,
-                               body=body, encoded=True, redirects=True) as upstream:
+        # A slot of the read-through's share of the pool, held while its answer is
+        # relayed: however many slow resources or slow readers, viewers' own requests
+        # keep the rest of the connections to Orthanc.
+        async with client.read_through_slots, client.open(
+                method, request.raw_path, kind="passthrough", headers=headers, body=body,
+                encoded=True, redirects=True) as upstream:
             if upstream.status >= 500 or upstream.status in (401, 403, 429):
                 check_status(upstream.status, upstream.headers, what, await upstream.read())
             location = _location(client.base, str(upstream.url), upstream)
@@ -131,9 +136,15 @@ async def _relay_response(request: web.Request, upstream: aiohttp.ClientResponse
         await out.prepare(request)
         return out
     await out.prepare(request)
+    send_timeout = request.app[SETTINGS].server.send_timeout
     try:
         async for chunk in upstream.content.iter_chunked(1 << 16):
-            await out.write(chunk)
+            try:
+                async with asyncio.timeout(send_timeout):
+                    await out.write(chunk)
+            except TimeoutError as exc:  # the viewer stopped reading: not Orthanc's fault
+                raise cut(request, out, f"read-through of {request.path}", exc,
+                          f" (the viewer read nothing for {send_timeout:g} s)") from exc
     except (aiohttp.ClientError, TimeoutError) as exc:
         # Headers are gone already: the viewer must see an incomplete body, not a
         # complete short one.  (Not an upstream error, so nothing retries.)

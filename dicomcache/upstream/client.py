@@ -103,6 +103,9 @@ class OrthancClient:
             raise_for_status=False,
         )
         self._rng = random.Random()
+        #: Connections the read-through may hold (``read_through_connections``): the
+        #: rest of the pool stays free for viewers' misses and metadata.
+        self.read_through_slots = asyncio.Semaphore(settings.read_through_connections)
         # Opens after repeated link-level failures; ``retrying`` then fails fast.
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_probe_interval,
                                       self.probe, metrics, self.base)

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
 from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient
 
 from dicomcache.devtools.orthanc import OrthancProcess
+from dicomcache.devtools.samples import encode, make_ct_series
+from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.http.app import make_app
+from dicomcache.http.keys import CLIENT
 from dicomcache.http.passthrough import READ_THROUGH
-from tests.conftest import Sample, SettingsFactory
+from tests.conftest import Sample, SettingsFactory, eventually
 from tests.http.test_instances import orthanc_get
 
 
@@ -166,3 +171,59 @@ def test_the_allow_list_is_the_one_documented_for_operators() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
     for _pattern, purpose in READ_THROUGH:
         assert f"| {purpose} |" in doc, purpose
+
+
+async def test_slow_resources_never_take_the_connections_viewers_need(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        ct_series: list[Sample]) -> None:
+    """40 read-throughs of resources Orthanc is slow to send (a stalled link, a slow
+    rendering) hold what the read-through may hold, never the whole pool: a viewer's
+    cold miss meanwhile is served at its normal speed."""
+    slow, cold = ct_series[2], ct_series[3]
+    wan.set_profile(LinkProfile(stall=1.0, stall_seconds=8.0,
+                                fault_paths=re.escape(slow.orthanc_id) + "/tags$"))
+    client = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}", upstream={"read_timeout": 30})))
+
+    async def read_slowly() -> None:
+        async with client.get(f"/instances/{slow.orthanc_id}/tags") as resp:
+            await resp.read()
+
+    stuck = [asyncio.create_task(read_slowly()) for _ in range(40)]
+    await eventually(lambda: wan.faults["stall"] >= 16, what="16 stalled read-throughs")
+    async with asyncio.timeout(5):  # normally ~0.1 s; before: queued behind the stalls
+        resp = await client.get(f"/instances/{cold.orthanc_id}/file")
+        assert resp.status == 200 and await resp.read() == cold.data
+    assert client.app[CLIENT].read_through_slots.locked()  # the read-through is at its share
+    for task in stuck:
+        task.cancel()
+    await asyncio.gather(*stuck, return_exceptions=True)
+
+
+async def test_a_viewer_that_stops_reading_gives_its_connection_back(
+        aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """nginx's send_timeout: a client that reads nothing of a relayed answer for
+    server.send_timeout seconds is cut off, and its read-through slot is free again."""
+    # 32 MiB of pixels: more than the socket buffers between us and the viewer hold.
+    (big,) = make_ct_series(1, rows=4096, columns=4096, seed=77, patient_id="PSLOW")
+    (oid,) = await asyncio.to_thread(orthanc.upload,
+                                     [encode(big, big.file_meta.TransferSyntaxUID)])
+    client = await aiohttp_client(make_app(make_settings(
+        server={"send_timeout": 1},
+        upstream={"max_connections": 2, "read_through_connections": 1})))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing, holds little
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", client.server.port))
+        await asyncio.get_running_loop().sock_sendall(
+            sock, f"GET /instances/{oid}/frames/0/raw HTTP/1.1\r\n"
+                  "Host: 127.0.0.1\r\n\r\n".encode())
+        slots = client.app[CLIENT].read_through_slots
+        await eventually(slots.locked, what="the read-through holding its one slot")
+        await eventually(lambda: "read nothing for 1 s" in caplog.text, timeout=20,
+                         what="the stalled viewer cut off")
+        await eventually(lambda: not slots.locked(), what="its slot given back")
+    finally:
+        sock.close()
