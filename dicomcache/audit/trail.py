@@ -250,7 +250,8 @@ class AuditLog:
             metrics=metrics, ca_file=settings.syslog_ca_file,
             cert_file=settings.syslog_cert_file, key_file=settings.syslog_key_file,
         ) if settings.syslog else None
-        self._queue: collections.deque[bytes | _Flushed] = collections.deque()
+        # Records are encoded by the writer thread, not by the event loop that made them.
+        self._queue: collections.deque[Record | bytes | _Flushed] = collections.deque()
         self._batch: list[bytes] = []
         self._markers: list[_Flushed] = []
         self._stop = threading.Event()
@@ -322,13 +323,12 @@ class AuditLog:
     def submit(self, rec: Record) -> bool:
         """Queue ``rec`` for the file (and syslog); False, counted and logged, when the queue
         is full."""
-        line = encode(rec, source=self.source)
         if self.syslog is not None:
             self.syslog.offer(rec)
         if self.depth >= self.settings.max_queue:
             self._drop("queue_full")
             return False
-        self._queue.append(line)
+        self._queue.append(rec)  # encoded in the writer thread (_take)
         return True
 
     def refuse(self, rec: Record, side: str) -> None:
@@ -406,8 +406,9 @@ class AuditLog:
             if isinstance(item, _Flushed):
                 self._markers.append(item)
                 break
-            batch.append(item)
-            size += len(item)
+            line = item if isinstance(item, bytes) else encode(item, source=self.source)
+            batch.append(line)
+            size += len(line)
         self._batch = batch
 
     def _lose_rest(self) -> None:

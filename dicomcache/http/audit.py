@@ -189,11 +189,17 @@ async def audit_access(request: web.Request, handler: Handler) -> web.StreamResp
     cancelled = False
     try:
         response = await handler(request)
+        status = response.status
         if not response.prepared:
             # Sent now, so the record says what went out (see the module docstring).
-            await response.prepare(request)
-            await response.write_eof()
-        status, sent = response.status, body_bytes(request, response, True)
+            try:
+                await response.prepare(request)
+                await response.write_eof()
+            except ConnectionError:  # the viewer left: aiohttp's own finish is quiet too
+                outcome, detail = r.ABORTED, "the client went away"
+                sent = body_bytes(request, response, False)
+                return response
+        sent = body_bytes(request, response, True)
         outcome = r.outcome_of_http(status)
         return response
     except web.HTTPException as exc:
