@@ -252,7 +252,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     for path, why in bad:
         print(f"skipped {path}: {why}", file=sys.stderr)
     if rs.accelerate:
-        accel.install()
+        accel.install(rs.max_pdu)
     progress = Progress("send", len(items), enabled=False if args.no_progress else None)
     scu = StoreSCU(args.calling_aet or rs.ae_title, dest, timeout=rs.timeout, max_pdu=rs.max_pdu)
     results = []

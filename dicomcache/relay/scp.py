@@ -180,9 +180,15 @@ class StoreSCP:
 
     # --- handlers (pynetdicom threads) -------------------------------------------------
     def _on_connect(self, event: Any) -> None:
-        """TCP_NODELAY: pynetdicom never sets it (~40 ms per message on Nagle otherwise)."""
+        """TCP_NODELAY: pynetdicom never sets it (~40 ms per message on Nagle otherwise);
+        a read timeout of ``relay.timeout``: pynetdicom reads the rest of a PDU with a
+        blocking ``recv``, so a peer that sends a PDU header (or part of a PDU) and
+        stops would hold the association's thread and slot for ever."""
         try:
-            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw = event.assoc.dul.socket.socket
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if raw.gettimeout() is None:
+                raw.settimeout(self.settings.timeout)
         except (AttributeError, OSError):
             pass
 

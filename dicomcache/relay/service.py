@@ -78,7 +78,7 @@ class Relay:
         crash), start the forwarders and the SCP."""
         loop = asyncio.get_running_loop()
         if self.settings.accelerate:
-            accel.install()
+            accel.install(self.settings.max_pdu)
         await loop.run_in_executor(self.executor, self.spool.open)
 
         def wake_all() -> None:

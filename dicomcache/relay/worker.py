@@ -498,7 +498,7 @@ def child() -> int:
     if settings.accelerate:
         from dicomcache.relay import accel
 
-        accel.install()
+        accel.install(settings.max_pdu)
     asyncio.run(_child_main(settings, outbox, inp, init.get("audit")))
     return 0
 

@@ -127,7 +127,9 @@ def encode_pdus(command: bytes, data: bytes | None, path: tuple[Any, int] | None
                 context_id: int, max_pdu: int) -> Iterator[bytearray]:
     """:func:`encode_message` from an encoded command set and the data set (bytes, or a
     file and the offset where the data set starts in it)."""
-    fragment = max_pdu - 6 if max_pdu else 0
+    # A peer may announce a maximum below what one PDV item needs (1-6 bytes): one data
+    # byte per item is the least that can be sent at all (a negative size looped for ever).
+    fragment = max(max_pdu - 6, 1) if max_pdu else 0
     out = bytearray()
     _append_pdvs(out, context_id, command, fragment, command=True, last=True)
     if data:

@@ -98,6 +98,20 @@ log = logging.getLogger(__name__)
 SUPPORTED = ("3.0.4",)
 #: Longest idle wait of the DUL thread (it checks the ARTIM timer between waits).
 DUL_IDLE = 0.05
+#: The largest read a peer's PDU header may ask for (set by :func:`install` from
+#: ``[relay] max_pdu``): a 6-byte header announcing 1 GiB must never allocate it.
+#: Association PDUs are small; P-DATA ones are bounded by what we advertised.
+pdu_read_limit = 131072 + 6
+#: With ``max_pdu = 0`` (no limit advertised), still this much at most.
+UNLIMITED_PDU_READ = 64 << 20
+#: Memory set aside for a read before its bytes arrive (it grows as they do).
+_FIRST_ALLOCATION = 1 << 20
+
+
+def read_limit(max_pdu: int) -> int:
+    """What a peer may make one PDU read ask for (pure): our advertised maximum (at least
+    64 KiB, for association PDUs) plus the 6-byte header; a cap when we advertise none."""
+    return UNLIMITED_PDU_READ if max_pdu <= 0 else max(max_pdu, 1 << 16) + 6
 #: Longest idle wait of the association thread (release/abort/idle-timeout checks).
 REACTOR_IDLE = 0.01
 
@@ -384,18 +398,27 @@ def _assoc_logger() -> logging.Logger:
 
 
 def _socket_recv(self: Any, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv``: up to ``nr_bytes`` (fewer only if the peer closed)."""
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
+    """``AssociationSocket.recv``: up to ``nr_bytes`` (fewer only if the peer closed).
+
+    A read larger than :data:`pdu_read_limit` (a PDU header announcing more than we
+    accept) is an ``OSError`` before anything is allocated: pynetdicom then closes the
+    connection (Evt17).  Memory grows with the bytes that arrive, not with the
+    length announced.
+    """
+    if nr_bytes > pdu_read_limit:
+        raise OSError(f"the peer announced a PDU of {nr_bytes - 6} bytes, more than the "
+                      f"{pdu_read_limit - 6} accepted ([relay] max_pdu): connection closed")
+    buf = bytearray(min(nr_bytes, _FIRST_ALLOCATION))
     got = 0
     sock = self.socket
     while got < nr_bytes:
-        n = sock.recv_into(view[got:], nr_bytes - got)
+        if got == len(buf):  # the peer keeps sending: make room for the next part
+            buf.extend(bytes(min(nr_bytes - got, len(buf))))
+        with memoryview(buf) as view:
+            n = sock.recv_into(view[got:], len(buf) - got)
         if not n:
-            del view
             return buf[:got]
         got += n
-    del view
     return buf
 
 
@@ -588,11 +611,13 @@ def _patches() -> list[tuple[Any, str, Any]]:
     ]
 
 
-def install() -> bool:
+def install(max_pdu: int = 131072) -> bool:
     """Patch pynetdicom, process-wide (idempotent); False when its version is not one
-    these replacements were written for (then nothing is changed)."""
-    global _saved
+    these replacements were written for (then nothing is changed).  ``max_pdu``: the
+    largest PDU we advertise (``[relay] max_pdu``), which bounds every read."""
+    global _saved, pdu_read_limit
     with _install_lock:
+        pdu_read_limit = read_limit(max_pdu)
         if _saved is not None:
             return True
         if pynetdicom.__version__ not in SUPPORTED:

@@ -184,3 +184,22 @@ def test_files_not_laid_out_plainly_are_left_to_pydicom(tmp_path: Path) -> None:
     assert "SOPClassUID" not in found[0]
     with pytest.raises(AttributeError):
         found[0].SOPClassUID  # noqa: B018 - the attribute access is the test
+
+
+@pytest.mark.parametrize("max_pdu", [1, 2, 5, 6, 7])
+def test_a_peer_announcing_a_tiny_maximum_pdu_gets_one_byte_per_pdv(max_pdu: int) -> None:
+    """Announced maxima of 1-6 bytes cannot carry a PDV item (they looped for ever on a
+    negative fragment size): the least possible, one data byte per item, is sent."""
+    command = b"C" * 40
+    out = b"".join(codec.encode_pdus(command, b"D" * 30, None, 3, max_pdu))
+    pdus = P_DATA_TF()
+    items = 0
+    offset = 0
+    while offset < len(out):
+        length = int.from_bytes(out[offset + 2:offset + 6], "big")
+        pdus.decode(out[offset:offset + 6 + length])
+        items += len(pdus.presentation_data_value_items)
+        assert all(len(pdv.presentation_data_value) == 2 for pdv in
+                   pdus.presentation_data_value_items)  # control header + one byte
+        offset += 6 + length
+    assert items == 70

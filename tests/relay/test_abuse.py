@@ -1,0 +1,97 @@
+"""The relay's DIMSE edge under abuse: what a hostile or broken peer can make it
+allocate.  Both ways (``accelerate``): relay/accel/ installed, and pynetdicom as
+published."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from dicomcache.devtools.samples import make_ct_series, write_series
+from dicomcache.relay.accel.fastdul import UNLIMITED_PDU_READ, read_limit
+from tests.conftest import eventually
+from tests.relay.conftest import needs_dcmtk, relay_settings, storescu, wait_until
+
+
+def rss() -> int:
+    """This process's resident memory (the relay runs in it), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("max_pdu, limit", [
+    (131072, 131078), (16384, 65542), (0, UNLIMITED_PDU_READ), (1 << 20, (1 << 20) + 6),
+])
+def test_read_limit(max_pdu: int, limit: int) -> None:
+    assert read_limit(max_pdu) == limit
+
+
+@needs_dcmtk
+async def test_a_pdu_header_announcing_a_gigabyte_allocates_nothing(
+        tmp_path: Path, relay_factory) -> None:
+    """Six bytes claiming a 1 GiB A-ASSOCIATE-RQ: the relay neither allocates it nor
+    waits for it forever; the next modality is served."""
+    running = await relay_factory(relay_settings(tmp_path / "spool", [], timeout=5.0))
+    before = await asyncio.to_thread(rss)
+    hostile = []
+    for _ in range(3):
+        sock = await asyncio.to_thread(socket.create_connection,
+                                       ("127.0.0.1", running.port), 5)
+        await asyncio.to_thread(sock.sendall, struct.pack(">BBL", 0x01, 0, 1 << 30))
+        hostile.append(sock)
+    await asyncio.sleep(1.0)
+    grown = await asyncio.to_thread(rss) - before
+    assert grown < 64 << 20, f"{grown >> 20} MiB allocated for three 6-byte headers"
+
+    def closed(sock: socket.socket) -> bool:
+        sock.settimeout(0.2)
+        try:
+            return sock.recv(1) == b""
+        except TimeoutError:
+            return False
+        except OSError:
+            return True
+
+    started = time.monotonic()
+    for sock in hostile:
+        await wait_until(lambda s=sock: closed(s), 30, "the hostile connection closed")
+        sock.close()
+    assert time.monotonic() - started < 30
+    files = await asyncio.to_thread(write_series, make_ct_series(1, rows=16, columns=16,
+                                                                 seed=3), tmp_path / "src")
+    sent = await asyncio.to_thread(storescu, files, running.port, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+
+
+@needs_dcmtk
+async def test_half_open_associations_give_their_slots_back(
+        tmp_path: Path, relay_factory) -> None:
+    """20 connections that send the first 26 bytes of an A-ASSOCIATE-RQ and stop (more
+    than max_inbound_associations): after relay.timeout they are closed, and a modality
+    gets through instead of "local limit exceeded" for ever."""
+    running = await relay_factory(relay_settings(tmp_path / "spool", [], timeout=3.0,
+                                                 max_inbound_associations=8))
+    half_open = []
+    for _ in range(20):
+        sock = await asyncio.to_thread(socket.create_connection,
+                                       ("127.0.0.1", running.port), 5)
+        await asyncio.to_thread(sock.sendall, struct.pack(">BBL", 0x01, 0, 200) + b"\x00" * 20)
+        half_open.append(sock)
+    files = await asyncio.to_thread(write_series, make_ct_series(1, rows=16, columns=16,
+                                                                 seed=4), tmp_path / "src")
+    try:
+        async def gets_through() -> bool:
+            sent = await asyncio.to_thread(storescu, files, running.port, timeout=60)
+            return sent.returncode == 0
+        await eventually(gets_through, timeout=30, interval=1.0,
+                         what="a modality served after the half-open ones")
+    finally:
+        for sock in half_open:
+            sock.close()
