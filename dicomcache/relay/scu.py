@@ -24,9 +24,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import Dataset
-from pynetdicom import AE, _config, build_context
+from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
 
 from dicomcache import tls
@@ -152,10 +153,23 @@ class StoreSCU:
         contexts = [build_context(p.abstract_syntax, [p.transfer_syntax]) for p in proposals]
         assoc = ae.associate(self.dest.remote_host, self.dest.remote_port, contexts=contexts,
                              ae_title=self.dest.remote_ae_title, max_pdu=self.max_pdu,
-                             tls_args=self._tls_args())
+                             tls_args=self._tls_args(),
+                             evt_handlers=[(evt.EVT_CONN_OPEN, self._read_timeout)])
         with self._lock:
             self._assoc = assoc
         return assoc, len(proposals)
+
+    def _read_timeout(self, event: Any) -> None:
+        """From the first byte: pynetdicom reads a PDU's rest with a blocking ``recv``
+        and leaves a requestor's socket without a timeout, so a PACS that sends part of
+        its A-ASSOCIATE-AC and stalls held the forwarder for ever (and pynetdicom's
+        abort after the ACSE timeout then spun on it)."""
+        try:
+            raw = event.assoc.dul.socket.socket
+            if raw is not None and raw.gettimeout() is None:
+                raw.settimeout(self.timeout)
+        except (AttributeError, OSError):
+            pass
 
     def _tls_args(self) -> tuple[ssl.SSLContext, str] | None:
         """DICOM TLS towards this peer, or None.  The context is built for each

@@ -95,3 +95,58 @@ async def test_half_open_associations_give_their_slots_back(
     finally:
         for sock in half_open:
             sock.close()
+
+
+class StallingPACS:
+    """A PACS that reads the A-ASSOCIATE-RQ, sends the first 10 bytes of an
+    A-ASSOCIATE-AC and then nothing (a half-dead peer on the WAN)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        header = await reader.readexactly(6)
+        await reader.readexactly(int.from_bytes(header[2:], "big"))
+        writer.write(struct.pack(">BBL", 0x02, 0, 200) + b"\x00\x01\x00\x00")
+        await writer.drain()
+        await asyncio.sleep(3600)
+
+    async def stop(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        if self.server is not None:
+            self.server.close()
+
+
+@needs_dcmtk
+async def test_a_pacs_stalling_mid_association_does_not_wedge_its_destination(
+        tmp_path: Path, relay_factory) -> None:
+    pacs = StallingPACS()
+    port = await pacs.start()
+    try:
+        from dicomcache.config import DestinationSettings
+
+        dest = DestinationSettings(name="STALL", remote_ae_title="PACS",
+                                   remote_host="127.0.0.1", remote_port=port,
+                                   max_association_retries=1)
+        running = await relay_factory(relay_settings(tmp_path / "spool", [dest], timeout=2.0,
+                                                     retry_backoff_max=1.0),
+                                      forward_in_process=True)
+        files = await asyncio.to_thread(write_series, make_ct_series(1, rows=16, columns=16,
+                                                                     seed=5), tmp_path / "src")
+        sent = await asyncio.to_thread(storescu, files, running.port, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        # The forwarder gives the association up after the timeout and tries again
+        # (with back-off): the destination is not wedged.
+        await eventually(lambda: pacs.connections >= 3, timeout=40,
+                         what="three association attempts")
+    finally:
+        await pacs.stop()
