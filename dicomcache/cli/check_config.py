@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from pathlib import Path
 
 from dicomcache.cli import startup
 from dicomcache.cli.common import USAGE, load_settings
 from dicomcache.cli.startup import users_problem
-from dicomcache.config import AuthSettings, is_loopback_host
+from dicomcache.config import AuthSettings, RelaySettings, is_loopback_host
 from dicomcache.http import users
 
 
@@ -49,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  relay         {s.relay.ae_title}@{s.relay.host}:{s.relay.port} → "
               + (", ".join(f"{d.name} ({d.transfer_syntax_strategy})"
                            for d in s.relay.destinations) or "no destinations"))
+        for dest, count in _waiting_for_unconfigured(s.relay).items():
+            print(f"  warning       {count} instance(s) in the spool wait for destination "
+                  f"{dest!r}, which is not configured: they are kept; add it back or "
+                  f"`dicomcache relay reroute --from {dest} --to NAME`", file=sys.stderr)
     else:
         print("  relay         disabled")
     return 0
@@ -81,3 +86,19 @@ def describe_auth(a: AuthSettings, host: str) -> str | None:
         print(f"  authorization {a.authorization_url} (per study; refused while it cannot "
               "answer)")
     return None
+
+
+def _waiting_for_unconfigured(rs: RelaySettings) -> dict[str, int]:
+    """Spooled instances waiting for destinations the configuration no longer names."""
+    from dicomcache.relay.spool import Spool
+
+    if not (rs.spool_directory / "state.sqlite").exists():
+        return {}
+    spool = Spool(rs.spool_directory, [d.name for d in rs.destinations])
+    try:
+        spool.open_readonly()
+        return spool.unconfigured()
+    except (OSError, sqlite3.Error):
+        return {}  # unreadable here (another user): the relay itself reports it
+    finally:
+        spool.close()

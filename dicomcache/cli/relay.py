@@ -49,6 +49,19 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 
+    reroute = sub.add_parser(
+        "reroute", help="move what waits for one destination to another",
+        description="Move the instances waiting in the spool for destination FROM (for "
+                    "example one removed from the configuration) to the configured "
+                    "destination TO.  Instances TO already has are not sent twice.  Run it "
+                    "while the relay is stopped (systemctl stop dicomcache); they are sent "
+                    "when it starts.")
+    reroute.add_argument("--from", dest="source", required=True, help="destination name now")
+    reroute.add_argument("--to", dest="target", required=True,
+                         help="a [[relay.destinations]] name from the config")
+    reroute.add_argument("--config", "-c", type=Path, help="TOML configuration")
+    reroute.set_defaults(func=cmd_reroute)
+
     send = sub.add_parser("send", help="C-STORE files to a destination with the relay's "
                                        "negotiation and transcoding")
     send.add_argument("files", nargs="+", type=Path, help="DICOM files or directories")
@@ -108,6 +121,38 @@ async def _run_relay(settings: Settings, forward_in_process: bool) -> None:
     await stop.wait()
     await relay.stop(settings.server.shutdown_timeout)
     await asyncio.to_thread(audit.close)
+
+
+# --- reroute -----------------------------------------------------------------------------
+def cmd_reroute(args: argparse.Namespace) -> int:
+    """Move pending deliveries; exit 0 when something moved, 1 when nothing waited, 2 on
+    a usage error."""
+    from dicomcache.relay.spool import Spool
+
+    settings = load_settings(args)
+    if settings is None:
+        return USAGE
+    rs = settings.relay
+    names = [d.name for d in rs.destinations]
+    if args.target not in names:
+        print(f"--to {args.target!r} is not a configured destination "
+              f"({', '.join(names) or 'none configured'})", file=sys.stderr)
+        return USAGE
+    if args.source == args.target:
+        print("--from and --to name the same destination", file=sys.stderr)
+        return USAGE
+    if not (rs.spool_directory / "state.sqlite").exists():
+        print(f"no relay spool at {rs.spool_directory}", file=sys.stderr)
+        return 1
+    spool = Spool(rs.spool_directory, names, retention=rs.retention)
+    spool.open()
+    try:
+        waiting, sent = spool.reroute(args.source, args.target)
+    finally:
+        spool.close()
+    print(f"{waiting} instance(s) now wait for {args.target}"
+          + (f"; {sent} it already had were not queued again" if sent else ""))
+    return 0 if waiting or sent else 1
 
 
 # --- status ------------------------------------------------------------------------------

@@ -249,19 +249,20 @@ class Spool:
             received = int(path.name.split("-", 1)[0]) / 1e9
             self._insert(path.name, received, "", info, len(data))
             log.info("Re-queued %s found in the spool without a queue entry", path.name)
-        # Destinations added since: they get what is still waiting; removed ones are dropped.
+        # Destinations added since get what is still waiting.  Deliveries to a destination
+        # no longer configured stay pending: acknowledged data is never dropped by a
+        # configuration edit (it waits for the destination to return, or for
+        # `dicomcache relay reroute`).
         pending = [row[0] for row in db.execute("SELECT id FROM instances WHERE finished IS NULL")]
         with self._tx():
             for dest in self.destinations:
                 db.executemany(
                     "INSERT OR IGNORE INTO deliveries(instance_id, destination) VALUES (?, ?)",
                     [(i, dest) for i in pending])
-            if self.destinations:
-                marks = ",".join("?" * len(self.destinations))
-                db.execute(f"UPDATE deliveries SET state='dropped' WHERE state='pending' "
-                           f"AND destination NOT IN ({marks})", self.destinations)
-            else:
-                db.execute("UPDATE deliveries SET state='dropped' WHERE state='pending'")
+        for dest, count in self.unconfigured().items():
+            log.error("Spool: %d instance(s) wait for destination %r, which is no longer "
+                      "configured: they are kept; add it back, or move them with "
+                      "`dicomcache relay reroute --from %s --to NAME`", count, dest, dest)
         missing = [(i, n) for i, n in db.execute(
             "SELECT id, name FROM instances WHERE finished IS NULL")
             if not (self.objects / n).exists()]
@@ -549,10 +550,40 @@ class Spool:
         db.execute("DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - ?",
                    (_KEEP_ERRORS,))
 
+    def unconfigured(self) -> dict[str, int]:
+        """Instances waiting for a destination that is not configured, by destination."""
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT destination, COUNT(*) FROM deliveries WHERE state='pending' "
+                "GROUP BY destination").fetchall()
+        return {name: n for name, n in rows if name not in self.destinations}
+
+    def reroute(self, source: str, target: str) -> tuple[int, int]:
+        """Move what waits for ``source`` to ``target``: ``(now_waiting, already_sent)``.
+        An instance ``target`` already waits for or was given is never queued twice."""
+        db = self.db
+        with self._lock, self._tx():
+            already = {row[0]: row[1] for row in db.execute(
+                "SELECT d.instance_id, t.state FROM deliveries d JOIN deliveries t "
+                "ON t.instance_id=d.instance_id AND t.destination=? "
+                "WHERE d.destination=? AND d.state='pending'", (target, source))}
+            moved = db.execute(
+                "UPDATE deliveries SET destination=?, attempts=0, last_error=NULL "
+                "WHERE destination=? AND state='pending' AND instance_id NOT IN "
+                "(SELECT instance_id FROM deliveries WHERE destination=?)",
+                (target, source, target)).rowcount
+            db.execute("UPDATE deliveries SET state='dropped', last_error=? "
+                       "WHERE destination=? AND state='pending'",
+                       (f"rerouted to {target}", source))
+        self._finish_done()
+        waiting = sum(1 for state in already.values() if state == "pending")
+        return moved + waiting, len(already) - waiting
+
     def snapshot(self, destinations: Iterable[str] = (), errors: int = 10) -> dict[str, Any]:
         """Queue state, JSON-able: what ``relay status`` and the status page show."""
         now = self.clock()
         names = list(dict.fromkeys([*destinations, *self.destinations]))
+        configured = set(names)
         with self._lock:
             db = self.db
             for (n,) in db.execute("SELECT DISTINCT destination FROM deliveries "
@@ -576,6 +607,7 @@ class Spool:
                         "SELECT time, sop_instance, status, message FROM errors "
                         "WHERE destination=? ORDER BY id DESC LIMIT ?", (name, errors))]
                 out_dests[name] = {
+                    "configured": name in configured,
                     "queue_depth": depth,
                     "queue_bytes": nbytes,
                     "oldest_received": oldest,
