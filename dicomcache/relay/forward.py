@@ -205,6 +205,8 @@ class Forwarder:
             log.warning("%s: %d instance(s) wait in the spool; next attempt in %.1f s",
                         report.destination_error, len(batch) - len(delivered), delay)
         elif retried:
+            if delivered:  # progress: the study's back-off starts again from its base
+                self.spool.clear_study_backoff(name, study)
             delay = self.spool.back_off_study(name, study, lambda failures: retry_delay(
                 failures, self.settings.retry_backoff_base, self.settings.retry_backoff_max,
                 self.rng.random()))
