@@ -26,7 +26,9 @@ def touch_of(path: str, query: Mapping[str, str],
 
     ``/instances/{id}/file`` and WADO-URI without ``studyUID`` are resolved
     through the store (the instance was just served, so it is known).  UIDs that
-    do not follow the UI grammar (from data, or a path) are never a touch.
+    do not follow the UI grammar (from data, or a path) are never a touch, nor are
+    searches (QIDO-RS): a viewer lists a study's series before it opens one, and a
+    study download started then competes with its first image for the link.
     """
     touched = _touch_of(path, query, by_orthanc_id, by_sop)
     if touched is None or not all(u is None or is_uid(u) for u in touched):
@@ -51,6 +53,8 @@ def _touch_of(path: str, query: Mapping[str, str],
         return (entry.study_uid, entry.series_uid, entry.sop_uid) if entry and entry.study_uid \
             else None
     if len(parts) >= 3 and parts[0] == "dicom-web" and parts[1] == "studies":
+        if parts[-1] in ("series", "instances"):
+            return None  # a search (QIDO-RS): the viewer has not chosen what to look at
         study = parts[2]
         series = parts[4] if len(parts) >= 5 and parts[3] == "series" else None
         sop = parts[6] if series and len(parts) >= 7 and parts[5] == "instances" else None

@@ -27,6 +27,14 @@ def _entry(sop: str) -> Instance:
     ("/dicom-web/studies/1.2/series/1.2.3/instances/1.2.3.4/frames/1", {},
      ("1.2", "1.2.3", "1.2.3.4")),
     ("/dicom-web/studies", {}, None),
+    # Searches (QIDO-RS) are not a touch: OHIF searches the series of a study before
+    # it asks for anything, and a study download then raced its first image.
+    ("/dicom-web/studies/1.2/series", {}, None),
+    ("/dicom-web/studies/1.2/instances", {}, None),
+    ("/dicom-web/studies/1.2/series/1.2.3/instances", {}, None),
+    ("/dicom-web/studies/1.2/series/1.2.3/rendered", {}, ("1.2", "1.2.3", None)),
+    ("/dicom-web/studies/1.2/series/1.2.3", {}, ("1.2", "1.2.3", None)),
+    ("/dicom-web/studies/1.2", {}, ("1.2", None, None)),
     ("/patients", {}, None),
     ("/instances/x/tags", {}, None),
 ])

@@ -241,3 +241,26 @@ def test_config_problems_name_their_key(data: dict[str, object], key: str) -> No
     with pytest.raises(ConfigError) as info:
         from_dict(data)
     assert key in [k for k, _ in info.value.problems]
+
+
+async def test_a_search_alone_starts_no_download_metadata_does(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        two_series: list[list[Sample]]) -> None:
+    """OHIF's open sequence: QIDO studies, QIDO series of the study, then the series
+    metadata.  The searches leave the link to the viewer; the metadata starts the
+    prefetch (issue 16: a study download raced the first image)."""
+    client = await prefetching_client(aiohttp_client, make_settings, wan, mode="study")
+    a, b = two_series
+    qido = {"Accept": "application/dicom+json"}
+    for path in (f"/dicom-web/studies?StudyInstanceUID={a[0].study}",
+                 f"/dicom-web/studies/{a[0].study}/series",
+                 f"/dicom-web/studies/{a[0].study}/series/{a[0].series}/instances"):
+        resp = await client.get(path, headers=qido)
+        assert resp.status == 200, path
+    assert await client.app[PREFETCHER].idle(10)
+    assert sum(file_requests(wan, a + b)) == 0
+    resp = await client.get(f"/dicom-web/studies/{a[0].study}/series/{a[0].series}/metadata",
+                            headers=qido)
+    assert resp.status == 200
+    assert await client.app[PREFETCHER].idle(30)
+    assert file_requests(wan, a + b) == [1] * 8
