@@ -46,7 +46,13 @@ from dicomcache.http.keys import (
     STORE,
     STUDY_CHANGED,
 )
-from dicomcache.http.middleware import canonical_path, errors_and_metrics, host_check, host_names
+from dicomcache.http.middleware import (
+    cache_status,
+    canonical_path,
+    errors_and_metrics,
+    host_check,
+    host_names,
+)
 from dicomcache.http.respond import OPEN_FILES, OpenFiles
 from dicomcache.metrics import Metrics
 from dicomcache.prefetch.plan import touch_of
@@ -67,6 +73,7 @@ def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Applicat
                                        audit.audit_access, auth.guard, errors_and_metrics],
                           client_max_size=64 << 20)
     app.on_response_prepare.append(prefetch_touch)
+    app.on_response_prepare.append(cache_status)
     app.on_response_prepare.append(audit.remember_response)
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()

@@ -165,3 +165,17 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
             elif request.get(OUTCOME) == "miss":
                 metrics.cache_misses.labels(family).inc()
     return response
+
+
+#: ``X-Cache`` values by request outcome (nginx's ``$upstream_cache_status``, Varnish's
+#: ``X-Cache``): what an operator checks with ``curl -I``.
+CACHE_STATUS = {"hit": "HIT", "miss": "MISS", "stale": "STALE", "passthrough": "PASS"}
+
+
+async def cache_status(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: ``X-Cache: HIT|MISS|STALE|PASS`` on answers the cache
+    decided (hits and misses of every family, copies served while Orthanc is away,
+    read-through)."""
+    value = CACHE_STATUS.get(request.get(OUTCOME, ""))
+    if value is not None:
+        response.headers["X-Cache"] = value

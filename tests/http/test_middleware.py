@@ -62,3 +62,36 @@ async def test_an_answer_cut_after_its_headers_is_one_log_line_not_a_traceback(
     assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
     cuts = [r for r in caplog.records if "aborted" in r.getMessage()]
     assert len(cuts) == 3 and all(r.levelname == "WARNING" for r in cuts)
+
+
+async def test_x_cache_says_hit_miss_stale_or_pass(
+        aiohttp_client, make_settings: SettingsFactory, orthanc,
+        samples: dict[str, list[Sample]]) -> None:
+    """What an operator checks with curl -I, as nginx's $upstream_cache_status."""
+    client = await aiohttp_client(make_app(make_settings()))
+    s = samples["explicit"][2]
+    file = f"/instances/{s.orthanc_id}/file"
+    wado = (f"/wado?requestType=WADO&studyUID={s.study}&seriesUID={s.series}"
+            f"&objectUID={s.sop}&contentType=application/dicom")
+    got = [(await client.get(p)).headers.get("X-Cache") for p in (file, file, wado)]
+    assert got == ["MISS", "HIT", "HIT"]
+    tags = await client.get(f"/instances/{s.orthanc_id}/tags")  # read through
+    assert tags.status == 200 and tags.headers["X-Cache"] == "PASS"
+    assert "X-Cache" not in (await client.get("/healthz")).headers
+
+
+async def test_x_cache_stale_while_orthanc_is_away(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        samples: dict[str, list[Sample]]) -> None:
+    client = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}", dicomweb={"metadata_fresh": 0.05},
+        upstream={"retries": 0, "breaker_failures": 0})))
+    s = samples["explicit"][0]
+    meta = f"/dicom-web/studies/{s.study}/series/{s.series}/metadata"
+    first = await client.get(meta)
+    assert first.status == 200 and first.headers["X-Cache"] == "MISS"
+    await asyncio.sleep(0.1)
+    wan.set_down(True)
+    stale = await client.get(meta)
+    assert stale.status == 200 and stale.headers["X-Cache"] == "STALE"
+    assert "Warning" in stale.headers
