@@ -182,7 +182,11 @@ class OrthancProcess:
                                "orthanc and orthanc-dicomweb")
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg_path = self.workdir / "orthanc.json"
-        cfg_path.write_text(json.dumps(self.config(), indent=2))
+        # It holds the Orthanc password: readable by its owner only.
+        cfg_path.unlink(missing_ok=True)
+        fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.config(), indent=2))
         logf = open(self.workdir / "orthanc.log", "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
             [ORTHANC_BINARY, str(cfg_path)], stdout=logf, stderr=subprocess.STDOUT,
