@@ -36,7 +36,7 @@ from dicomcache.cache.admin import check_entry, choose_purge, study_use
 from dicomcache.cache.index import INDEX_FILE
 from dicomcache.cache.store import Store
 from dicomcache.cli.audit import open_trail, operator_actor, record_operation
-from dicomcache.cli.common import USAGE, load_settings
+from dicomcache.cli.common import USAGE, load_settings, study_uid
 from dicomcache.cli.progress import Progress, human_bytes
 from dicomcache.config import Settings
 from dicomcache.dicom.uids import is_orthanc_id, is_uid
@@ -57,13 +57,6 @@ def parse_duration(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a duration such as 30d, 12h, 90m (units s, m, h, d, w)")
     return float(m.group(1)) * _UNITS[m.group(2).lower()]
-
-
-def study_uid(text: str) -> str:
-    """A StudyInstanceUID: digits and dots, at most 64 characters."""
-    if not is_uid(text):
-        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a DICOM UID (digits and dots)")
-    return text
 
 
 def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

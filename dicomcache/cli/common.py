@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from dicomcache.config import Settings, from_dict, load
+from dicomcache.dicom.uids import is_uid
 from dicomcache.errors import ConfigError
 
 #: Exit status of a command given a bad configuration or command line.
@@ -72,3 +73,10 @@ def setup_logging(level: str = "INFO", fmt: str = "plain") -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if root.getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def study_uid(text: str) -> str:
+    """A StudyInstanceUID: digits and dots, at most 64 characters."""
+    if not is_uid(text):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a DICOM UID (digits and dots)")
+    return text

@@ -28,7 +28,7 @@ from typing import TextIO
 
 from dicomcache.cache.fetch import Fetcher
 from dicomcache.cache.store import AsyncStore, Store
-from dicomcache.cli.common import USAGE, load_settings
+from dicomcache.cli.common import USAGE, load_settings, study_uid
 from dicomcache.cli.progress import Progress
 from dicomcache.config import Settings
 from dicomcache.errors import NotFoundUpstream, UpstreamError
@@ -44,7 +44,7 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="fetch studies into the cache ahead of time (by study, patient, accession)",
         description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("--config", "-c", type=Path, help="TOML config (default: embedded demo)")
-    p.add_argument("--study", action="append", default=[], metavar="UID",
+    p.add_argument("--study", action="append", default=[], metavar="UID", type=study_uid,
                    help="StudyInstanceUID (repeatable)")
     p.add_argument("--patient", action="append", default=[], metavar="ID",
                    help="every study of this PatientID (repeatable)")

@@ -19,8 +19,8 @@ from typing import TextIO
 from dicomcache.cache.coherence import Coherence
 from dicomcache.cache.instance import Instance
 from dicomcache.cache.store import AsyncStore, Store
-from dicomcache.cli.admin import forget_disk_copies, study_uid
-from dicomcache.cli.common import USAGE, load_settings
+from dicomcache.cli.admin import forget_disk_copies
+from dicomcache.cli.common import USAGE, load_settings, study_uid
 from dicomcache.config import Settings
 from dicomcache.errors import UpstreamError
 from dicomcache.metrics import Metrics

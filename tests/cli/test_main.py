@@ -195,3 +195,15 @@ def test_demo_mode_without_config(serve, tmp_path: Path) -> None:  # type: ignor
     # The demo Orthanc we started is gone with us.
     orthanc_log = tmp_path / "state" / "dicomcache" / "demo-orthanc" / "orthanc.log"
     assert orthanc_log.exists()
+
+
+@pytest.mark.parametrize("argv", [["prefetch", "--study", "../etc/passwd"],
+                                  ["prefetch", "--study", "1.2.x"],
+                                  ["pin", "1.2;3"], ["revalidate", "--study", "1..2"]])
+def test_a_malformed_uid_is_a_usage_error(argv: list[str],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 and the reason, before any configuration or Orthanc is read."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    assert "is not a DICOM UID" in capsys.readouterr().err
