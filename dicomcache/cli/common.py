@@ -61,6 +61,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+def setup_daemon(level: str = "INFO", fmt: str = "plain") -> None:
+    """What a long-running dicomcache process sets up first: its logging, and
+    ``/metrics`` without the ``*_created`` series (one per counter and histogram child,
+    doubling what Prometheus stores for nothing a dashboard reads)."""
+    import prometheus_client
+
+    setup_logging(level, fmt)
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
 def setup_logging(level: str = "INFO", fmt: str = "plain") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(

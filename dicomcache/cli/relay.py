@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from dicomcache.cli.common import USAGE, load_settings, setup_logging
+from dicomcache.cli.common import USAGE, load_settings, setup_daemon
 from dicomcache.cli.progress import Progress
 from dicomcache.config import STRATEGIES, DestinationSettings, Settings
 from dicomcache.errors import IntegrityError
@@ -85,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     if settings is None:
         return USAGE
-    setup_logging(args.log_level or settings.server.log_level, settings.server.log_format)
+    setup_daemon(args.log_level or settings.server.log_level, settings.server.log_format)
     asyncio.run(_run_relay(settings, args.forward_in_process))
     return 0
 

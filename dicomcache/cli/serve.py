@@ -18,7 +18,7 @@ from aiohttp import web
 
 from dicomcache import __version__, tls
 from dicomcache.cli import startup
-from dicomcache.cli.common import USAGE, load_settings, setup_logging, state_dir
+from dicomcache.cli.common import USAGE, load_settings, setup_daemon, state_dir
 from dicomcache.config import Settings
 from dicomcache.http import listeners
 from dicomcache.http.app import make_app
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     except startup.ListenError as exc:
         print(f"{where}: {exc.key}: {exc}", file=sys.stderr)
         return USAGE
-    setup_logging(settings.server.log_level, settings.server.log_format)
+    setup_daemon(settings.server.log_level, settings.server.log_format)
     demo = None
     try:
         if settings.upstream.url is None:  # only without --config (startup.problems)

@@ -204,3 +204,10 @@ def test_chromium_opens_the_status_page_over_https(daemon: Daemon) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert "<h1>dicomcache</h1>" in out.stdout
     assert 'id="tls-expiry"' in out.stdout  # the status page shows the certificate
+
+
+def test_metrics_carry_no_created_series(daemon: Daemon) -> None:
+    """One ``*_created`` series per counter child doubled what Prometheus stores."""
+    got = daemon.curl("--cacert", str(daemon.ca), daemon.url("/metrics"))
+    assert got.returncode == 0 and "dicomcache_" in got.stdout
+    assert "_created" not in got.stdout
