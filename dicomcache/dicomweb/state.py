@@ -34,7 +34,7 @@ from dicomcache.dicomweb.answers import AnswerCache, Cached, DiskCopies, normali
 from dicomcache.dicomweb.series_stream import COMMIT_BACKLOG, Budget, SeriesStream
 from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
 from dicomcache.upstream.changes import StudyEvent
-from dicomcache.upstream.client import OrthancClient
+from dicomcache.upstream.client import GZIP, OrthancClient, decoded
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +160,18 @@ class DicomWeb:
                 return old.revalidated(time.monotonic())
 
             async def once(_attempt: int) -> Cached:
-                headers, data = await self.client.get(path, kind="metadata",
-                                                      headers={"Accept": DICOM_JSON})
+                # Gzip on the link (JSON metadata shrinks ~50x), undone before the
+                # answer is normalised and cached (viewers get their own gzip).
+                ask = {"Accept": DICOM_JSON, **(
+                    GZIP if self.client.settings.compression != "none" else {})}
+                headers, data = await self.client.get(path, kind="metadata", headers=ask)
+                encoding = headers.get(hdrs.CONTENT_ENCODING)
+
+                def parse() -> bytes:
+                    return normalise_json(decoded(data, encoding, path))
                 try:
-                    body = await asyncio.to_thread(normalise_json, data) if len(data) > 1 << 16 \
-                        else normalise_json(data)
+                    body = await asyncio.to_thread(parse) if encoding or len(data) > 1 << 16 \
+                        else parse()
                 except ValueError as exc:
                     raise UpstreamError(Cause.BAD_JSON, f"{path}: Orthanc sent invalid JSON "
                                         f"({exc})") from exc

@@ -342,14 +342,29 @@ def redirect_error(what: str, status: int, request_url: str, location: str,
                          status=status)
 
 
+def decoded(data: bytes, encoding: str | None, what: str) -> bytes:
+    """A JSON body with Orthanc's gzip or deflate undone; :class:`UpstreamError` with
+    :attr:`Cause.BAD_JSON` when the compressed stream is cut or damaged."""
+    if (encoding or "identity").lower() not in ("gzip", "deflate"):
+        return data
+    try:
+        inflater = zlib.decompressobj(47)  # gzip or zlib, auto-detected
+        out = inflater.decompress(data)
+    except zlib.error as exc:
+        raise UpstreamError(Cause.BAD_JSON, f"{what}: Orthanc's compressed answer is "
+                            f"damaged ({exc})") from exc
+    if not inflater.eof:
+        raise UpstreamError(Cause.BAD_JSON, f"{what}: Orthanc's compressed answer is cut")
+    return out
+
+
 def parse_json(data: bytes, encoding: str | None, what: str) -> Any:
     """A JSON body as Orthanc sent it (gzip or deflate undone); :class:`UpstreamError`
     with :attr:`Cause.BAD_JSON` when it is cut or malformed."""
+    data = decoded(data, encoding, what)
     try:
-        if (encoding or "identity").lower() in ("gzip", "deflate"):
-            data = zlib.decompress(data, 47)  # gzip or zlib, auto-detected
         return json.loads(data)
-    except (zlib.error, ValueError) as exc:
+    except ValueError as exc:
         raise UpstreamError(Cause.BAD_JSON, f"{what}: Orthanc's JSON answer is cut or "
                             f"malformed ({exc})") from exc
 

@@ -1,0 +1,41 @@
+"""dicomcache.dicomweb.state over the link: what cold metadata costs in bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from dicomcache.devtools.orthanc import OrthancProcess
+from dicomcache.devtools.wanem import WanEmulator
+from dicomcache.http.app import make_app
+from tests.conftest import Sample, SettingsFactory
+from tests.http.test_instances import orthanc_get
+
+
+@pytest.mark.parametrize("compression", ["none", "json"])
+async def test_cold_series_metadata_travels_gzipped_and_is_served_as_orthanc_answers(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        orthanc: OrthancProcess, ct_series: list[Sample], compression: str) -> None:
+    s = ct_series[0]
+    path = f"/dicom-web/studies/{s.study}/series/{s.series}/metadata"
+    client = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}", upstream={"compression": compression})))
+    wan.reset_stats()
+    resp = await client.get(path, headers={"Accept": "application/dicom+json",
+                                           "Accept-Encoding": "identity"})
+    assert resp.status == 200
+    ours = await resp.json(content_type=None)
+    on_link = wan.stats.bytes_down  # the lookups (small) and the metadata
+    _, body = await asyncio.to_thread(orthanc_get, orthanc, path, "application/dicom+json")
+    direct = json.loads(body)
+    # The same answer (links aside), whatever crossed the link.
+    strip = [{k: v for k, v in item.items() if k != "7FE00010"} for item in direct]
+    assert [{k: v for k, v in item.items() if k != "7FE00010"} for item in ours] == strip
+    plain = len(body)
+    if compression == "json":
+        assert on_link < plain / 4, (on_link, plain)
+        print(f"cold series metadata: {on_link} bytes on the link, {plain} as JSON")
+    else:
+        assert on_link > plain, (on_link, plain)
