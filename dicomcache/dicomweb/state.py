@@ -104,11 +104,14 @@ class DicomWeb:
     async def _load_listing(self, study: str, series: str | None, old: Cached | None) -> Cached:
         async def once(_attempt: int) -> Cached:
             if series is not None:
-                oid = old.value[0] if old is not None else \
-                    await self.client.lookup(series, "Series", retry=False)
+                if old is not None:
+                    oid, parent = old.value[0], None
+                else:  # both lookups at once: one round trip on the WAN, not two
+                    oid, parent = await asyncio.gather(
+                        self.client.lookup(series, "Series", retry=False),
+                        self.client.lookup(study, "Study", retry=False))
                 info = await self.client.get_json(f"/series/{oid}", retry=False, expect=dict)
-                if old is None and info.get("ParentStudy") != \
-                        await self.client.lookup(study, "Study", retry=False):
+                if old is None and info.get("ParentStudy") != parent:
                     raise NotFoundUpstream(404, f"series {series} is not in study {study}")
                 ids = [str(i) for i in info.get("Instances", ())]
                 validator: Any = [ids, info.get("LastUpdate")]

@@ -39,3 +39,19 @@ async def test_cold_series_metadata_travels_gzipped_and_is_served_as_orthanc_ans
         print(f"cold series metadata: {on_link} bytes on the link, {plain} as JSON")
     else:
         assert on_link > plain, (on_link, plain)
+
+
+async def test_cold_series_metadata_resolves_both_uids_in_one_round_trip(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        ct_series: list[Sample]) -> None:
+    """The series and study lookups go out together (one round trip on the WAN, not
+    two), then the series' instance list, then the metadata: four requests."""
+    s = ct_series[1]
+    client = await aiohttp_client(make_app(make_settings(url=f"http://127.0.0.1:{wan.port}")))
+    wan.reset_stats()
+    resp = await client.get(f"/dicom-web/studies/{s.study}/series/{s.series}/metadata")
+    assert resp.status == 200
+    kinds = ["lookup" if t == "/tools/lookup" else "series" if t.startswith("/series/")
+             else "metadata" if t.endswith("/metadata") else t for t in wan.targets
+             if t != "/system"]  # the health probe, whenever it runs
+    assert kinds == ["lookup", "lookup", "series", "metadata"]
