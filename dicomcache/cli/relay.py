@@ -192,6 +192,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         snap = spool.snapshot([d.name for d in rs.destinations])
     finally:
         spool.close()
+    for dest in rs.destinations:  # before its first delivery the spool has not recorded it
+        entry = snap["destinations"].get(dest.name)
+        if entry is not None and not entry.get("configured_strategy"):
+            entry["configured_strategy"] = dest.transfer_syntax_strategy
     if args.json:
         json.dump(snap, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
@@ -208,6 +212,9 @@ def _print_status(snap: dict[str, Any], out: TextIO) -> None:
               f"{snap['quarantine_files']} file(s) in quarantine\n")
     for name, d in snap["destinations"].items():
         out.write(f"\n{name}\n")
+        if not d.get("configured", True):
+            out.write("  NOT CONFIGURED    what waits is kept: configure it again, or "
+                      f"`dicomcache relay reroute --from {name} --to NAME`\n")
         out.write(f"  queue depth       {d['queue_depth']} ({d['queue_bytes'] / 1e6:.1f} MB)\n")
         out.write(f"  oldest item       {_when(d['oldest_received'])} "
                   f"({_ago(d['oldest_received'], now)})\n")

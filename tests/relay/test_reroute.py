@@ -95,6 +95,10 @@ def test_relay_reroute_and_check_config(tmp_path: Path) -> None:
     checked = run("check-config")
     assert checked.returncode == 0
     assert "3 instance(s) in the spool wait for destination 'OLD'" in checked.stderr
+    status = run("relay", "status")
+    assert status.returncode == 1  # something waits
+    assert "NOT CONFIGURED" in status.stdout.split("\nOLD\n", 1)[1]
+    assert "configured conservative" in status.stdout  # NEW, before its first delivery
     bad = run("relay", "reroute", "--from", "OLD", "--to", "ELSEWHERE")
     assert bad.returncode == 2 and "not a configured destination" in bad.stderr
     moved = run("relay", "reroute", "--from", "OLD", "--to", "NEW")
