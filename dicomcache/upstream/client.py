@@ -351,10 +351,11 @@ def decoded(data: bytes, encoding: str | None, what: str) -> bytes:
         inflater = zlib.decompressobj(47)  # gzip or zlib, auto-detected
         out = inflater.decompress(data)
     except zlib.error as exc:
-        raise UpstreamError(Cause.BAD_JSON, f"{what}: Orthanc's compressed answer is "
-                            f"damaged ({exc})") from exc
+        raise UpstreamError(Cause.BAD_JSON, f"{what}: Orthanc's JSON answer is cut or "
+                            f"malformed (its compression: {exc})") from exc
     if not inflater.eof:
-        raise UpstreamError(Cause.BAD_JSON, f"{what}: Orthanc's compressed answer is cut")
+        raise UpstreamError(Cause.BAD_JSON, f"{what}: Orthanc's JSON answer is cut or "
+                            "malformed (its compressed stream ends early)")
     return out
 
 
