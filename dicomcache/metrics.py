@@ -171,6 +171,10 @@ class Metrics:
             "dicomcache_relay_forwarded_total",
             "Instances forwarded, by destination and outcome (delivered/retry/quarantined).",
             ["destination", "outcome"], registry=r)
+        self.relay_forwarder_failures = Counter(
+            "dicomcache_relay_forwarder_failures_total",
+            "Times a destination's forwarder paused because the spool failed it (a full "
+            "disk, an I/O error), by destination.", ["destination"], registry=r)
         self.relay_attempts = Counter(
             "dicomcache_relay_forward_attempts_total",
             "Association attempts made to forward instances, by destination.",

@@ -49,6 +49,10 @@ _FLUSH_EVERY = 16
 _IDLE = 5.0
 
 
+class SpoolWriteError(OSError):
+    """What a peer answered could not be recorded in the spool."""
+
+
 class Forwarder:
     """Delivers the spool's queue for one destination."""
 
@@ -82,6 +86,11 @@ class Forwarder:
         self._wakeup: asyncio.Event | None = None
         self.busy = False
         self.last_report: dict[str, Any] | None = None
+        #: Outcomes the peer gave that the spool could not record (its disk full, an I/O
+        #: error): nothing is sent until they are, or the same instances would be again.
+        self._unrecorded: list[Outcome] = []
+        #: Consecutive failures of the loop itself (the spool), for its back-off.
+        self._failures = 0
 
     # --- control ---------------------------------------------------------------------
     def wake(self) -> None:
@@ -117,6 +126,8 @@ class Forwarder:
         log.info("Forwarder for %s started", self.scu.peer)
         while not self._stopping.is_set():
             try:
+                if self._unrecorded:  # what the peer has must be written down first
+                    await self._call(self._record_unrecorded)
                 state = await self._call(self.spool.destination_state, name)
                 wait = float(state["next_attempt"]) - time.time()
                 if wait > 0:
@@ -133,13 +144,32 @@ class Forwarder:
                     await self._call(self.deliver, batch)
                 finally:
                     self.busy = False
+                self._failures = 0
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("Forwarder for %s failed; retrying in %.0f s", name,
-                              self.settings.retry_backoff_base)
-                await self._sleep(self.settings.retry_backoff_base)
+            except Exception as exc:
+                # Paused with a growing delay: a spool that cannot be written (full disk)
+                # must never turn into the same batch sent again and again.
+                self._failures += 1
+                delay = retry_delay(self._failures, self.settings.retry_backoff_base,
+                                    self.settings.retry_backoff_max, self.rng.random())
+                if self._failures == 1:
+                    log.exception("Forwarder for %s paused (%s); retrying in %.1f s", name,
+                                  exc, delay)
+                else:
+                    log.error("Forwarder for %s still paused (%s, %d times); retrying in "
+                              "%.1f s", name, exc, self._failures, delay)
+                self.metrics.relay_forwarder_failures.labels(name).inc()
+                await self._sleep(delay)
         log.info("Forwarder for %s stopped", self.scu.peer)
+
+    def _record_unrecorded(self) -> None:
+        """Write down what the peer answered before the spool failed (blocking); raises
+        while it still cannot, and nothing is sent meanwhile."""
+        self.spool.record(self.dest.name, list(self._unrecorded))
+        log.warning("Forwarder for %s: %d outcome(s) recorded now that the spool takes "
+                    "writes again", self.scu.peer, len(self._unrecorded))
+        self._unrecorded = []
 
     # --- one batch (blocking, in a thread) ---------------------------------------------------
     def deliver(self, batch: list[QueueItem]) -> BatchReport:
@@ -162,14 +192,16 @@ class Forwarder:
         items = [SendItem(q.instance_id, q.path, q.sop_class, q.sop_instance, q.transfer_syntax,
                           q.has_pixels) for q in batch]
         buffer: list[Outcome] = []
-        pending: list[Future[None]] = []
+        pending: list[tuple[Future[None], list[Outcome]]] = []
 
         def flush() -> None:
             # Recorded by another thread, in order, while the next instances are sent:
             # recording (SQLite, unlinking delivered files) is off the send loop.  Not
             # yet recorded at a crash = sent again (at-least-once), as before.
             if buffer:
-                pending.append(self._recorder.submit(self.spool.record, name, list(buffer)))
+                outcomes = list(buffer)
+                pending.append((self._recorder.submit(self.spool.record, name, outcomes),
+                                outcomes))
                 buffer.clear()
 
         def on_result(res: Outcome) -> None:
@@ -188,8 +220,18 @@ class Forwarder:
                                    on_result=on_result)
         finally:
             flush()
-            for fut in pending:  # everything recorded before the next batch is chosen
-                fut.result()
+            failed: list[Outcome] = []
+            error: BaseException | None = None
+            for fut, outcomes in pending:  # all recorded before the next batch is chosen
+                try:
+                    fut.result()
+                except Exception as exc:  # the spool's disk or database: kept in memory
+                    failed.extend(outcomes)
+                    error = error or exc
+            if failed:
+                self._unrecorded.extend(failed)
+                raise SpoolWriteError(f"{len(failed)} outcome(s) from {self.scu.peer} could "
+                                      f"not be recorded in the spool: {error}") from error
         self.metrics.relay_attempts.labels(name).inc(report.associations)
         now = time.time()
         study = batch[0].study_uid
