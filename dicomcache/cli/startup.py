@@ -11,6 +11,7 @@ unit's ``ExecStartPre`` catches them too; the unit does not restart on exit 2
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,23 @@ def problems(settings: Settings, *, from_file: bool) -> list[tuple[str, str]]:
         if spool is not None:
             found.append(("relay.spool_directory", spool))
     return found
+
+
+def size_warning(directory: Path, max_size: int) -> str | None:
+    """A warning when ``max_size`` exceeds the file system that holds ``directory`` (its
+    nearest existing parent): the cache would fill the disk before its own bound."""
+    probe = directory
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        total = shutil.disk_usage(probe).total
+    except OSError:
+        return None
+    if max_size <= total:
+        return None
+    return (f"max_size ({max_size / (1 << 30):.1f} GiB) is larger than the file system "
+            f"holding {directory} ({total / (1 << 30):.1f} GiB): the disk fills before the "
+            "cache evicts anything; lower it, leaving room for the index and other files")
 
 
 class ListenError(OSError):

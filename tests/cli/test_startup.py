@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomcache.cli.startup import directory_problem
+from dicomcache.cli.startup import directory_problem, size_warning
 from dicomcache.devtools.orthanc import free_port, loopback_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,3 +116,20 @@ def test_a_config_without_an_orthanc_never_starts_the_demo(tmp_path: Path) -> No
     """)
     for command in ("serve", "check-config"):
         _refused(_run(command, "--config", str(cfg)), "upstream.url", "required")
+
+
+def test_a_max_size_beyond_the_file_system_is_warned_about(tmp_path: Path,
+                                                          read_only: Path) -> None:
+    """A real 1 MiB tmpfs (the read_only fixture's): 2 MiB cannot fit, 512 KiB can."""
+    assert "larger than the file system" in str(size_warning(read_only / "cache", 2 << 20))
+    assert size_warning(read_only / "cache", 512 << 10) is None
+    cfg = _config(tmp_path, f"""
+        [upstream]
+        url = "http://127.0.0.1:9"
+        [cache]
+        directory = "{tmp_path / 'cache'}"
+        max_size = "1000TB"
+    """)
+    checked = _run("check-config", "--config", str(cfg))
+    assert checked.returncode == 0  # a warning: it still runs, and says so
+    assert "cache.max_size (" in checked.stderr and "larger than the file system" in checked.stderr
