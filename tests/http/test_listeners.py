@@ -68,7 +68,10 @@ class Daemon:
 def daemon(tmp_path: Path, orthanc: OrthancProcess) -> Iterator[Daemon]:
     ca = trustme.CA()
     pair = write_pair(ca, tmp_path / "tls", "viewer")
-    port, redirect_port = free_port(), free_port()
+    port = free_port()
+    redirect_port = free_port()
+    while redirect_port == port:  # free_port may hand out the same port twice in a row
+        redirect_port = free_port()
     cfg = tmp_path / "c.toml"
     cfg.write_text(textwrap.dedent(f"""
         [server]

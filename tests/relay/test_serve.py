@@ -20,7 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_serve_runs_cache_and_relay(tmp_path: Path, orthanc: OrthancProcess,
                                     storescp: Callable[..., StoreSCP], accelerate: bool) -> None:
     pacs = storescp("implicit")
-    http_port, dicom_port = free_port(), free_port()
+    http_port = free_port()
+    dicom_port = free_port()
+    while dicom_port == http_port:  # free_port may hand out the same port twice in a row
+        dicom_port = free_port()
     cfg = tmp_path / "c.toml"
     cfg.write_text(textwrap.dedent(f"""
         [server]
