@@ -5,8 +5,10 @@ blockbuster watching the event loop in every test; the one bounded-polling helpe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -91,6 +93,21 @@ def ct_series(orthanc: OrthancProcess) -> list[Sample]:
 
 
 SettingsFactory = Callable[..., Settings]
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs at ``where`` (``options``: ``size=1m``, ``ro``…), unmounted afterwards.
+    Mounting needs root, as the suite runs (``./run test``, CI); skipped otherwise."""
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 async def eventually(predicate: Callable[[], object | Awaitable[object]], *,

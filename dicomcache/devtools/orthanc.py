@@ -105,6 +105,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` different free ports (two :func:`free_port` calls may return the same one:
+    each socket is closed before the next is bound)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def wait_http(url: str, timeout: float = 30) -> None:
     """Poll ``url`` until it answers (any status) or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from dicomcache.audit.record import RETRIEVE, SUCCESS, Actor, Record, Subject, e
 from dicomcache.audit.trail import AuditFile, AuditLog, audit_files, rotated_files
 from dicomcache.config import AuditSettings
 from dicomcache.metrics import Metrics
-from tests.conftest import eventually_sync, metric_value
+from tests.conftest import eventually_sync, metric_value, tmpfs
 from tests.http.test_audit import fill
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,15 +111,9 @@ def test_kill_9_mid_write_then_another_writer(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    where = tmp_path / "small"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(where)],
-                   check=True)
-    try:
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "small", "size=256k,mode=0700") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 @pytest.mark.blocking_allowed(reason="synchronous test of a blocking writer")

@@ -19,21 +19,16 @@ import pytest
 
 from dicomcache.cli.startup import directory_problem, size_warning
 from dicomcache.devtools.orthanc import free_port, loopback_env
+from tests.conftest import tmpfs
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def read_only(tmp_path: Path) -> Iterator[Path]:
-    """A real read-only file system (tmpfs mounted ro; root only)."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    """A real read-only file system (tmpfs mounted ro)."""
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as where:
+        yield where
 
 
 def test_directory_problem(tmp_path: Path, read_only: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from dicomcache.http.app import make_app
 from dicomcache.http.keys import AUDIT, METRICS, PREFETCHER, PRINCIPAL
 from dicomcache.http.middleware import Handler
 from dicomcache.principal import VIEWER, Principal
-from tests.conftest import Sample, SettingsFactory, eventually, metric_value
+from tests.conftest import Sample, SettingsFactory, eventually, metric_value, tmpfs
 from tests.http.auth_support import basic, write_users
 
 SECRET = "s3cr3t-token-never-in-the-trail"
@@ -177,15 +176,9 @@ async def test_prefetch_downloads_attributed_to_the_toucher(
 # --- a full disk ---------------------------------------------------------------------------
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB tmpfs (root only: the suite runs as root), unmounted afterwards."""
-    where = tmp_path / "small"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(where)],
-                   check=True)
-    try:
+    """A real 1 MiB tmpfs."""
+    with tmpfs(tmp_path / "small", "size=1m,mode=0700") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def fill(directory: Path) -> Path:

@@ -22,7 +22,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from dicomcache.devtools.orthanc import OrthancProcess, free_port, loopback_env
+from dicomcache.devtools.orthanc import OrthancProcess, free_ports, loopback_env
 from dicomcache.http.listeners import https_location
 from tests.conftest import Sample
 from tests.relay.conftest import stop_process, wait_port, wait_until_sync
@@ -68,10 +68,7 @@ class Daemon:
 def daemon(tmp_path: Path, orthanc: OrthancProcess) -> Iterator[Daemon]:
     ca = trustme.CA()
     pair = write_pair(ca, tmp_path / "tls", "viewer")
-    port = free_port()
-    redirect_port = free_port()
-    while redirect_port == port:  # free_port may hand out the same port twice in a row
-        redirect_port = free_port()
+    port, redirect_port = free_ports(2)
     cfg = tmp_path / "c.toml"
     cfg.write_text(textwrap.dedent(f"""
         [server]

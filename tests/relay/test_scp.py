@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from dicomcache.devtools.samples import make_ct_series, write_series
 from dicomcache.dicom import syntaxes
 from dicomcache.durable import write_durably
 from dicomcache.relay.spool import Spool
+from tests.conftest import tmpfs
 from tests.relay.conftest import (
     needs_dcmtk,
     relay_settings,
@@ -110,16 +112,10 @@ async def test_disk_full_answers_0xA700_and_keeps_nothing(tmp_path: Path, relay_
 
 
 @pytest.fixture
-def tiny_tmpfs(tmp_path: Path):
-    """A 1 MiB tmpfs (needs root and mount permission; skipped otherwise)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                         capture_output=True, check=False)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs."""
+    with tmpfs(tmp_path / "tiny", "size=1m") as where:
+        yield where
 
 
 async def test_real_full_disk_answers_0xA700(tiny_tmpfs: Path, tmp_path: Path,

@@ -10,7 +10,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from dicomcache.devtools.orthanc import OrthancProcess, free_port
+from dicomcache.devtools.orthanc import OrthancProcess, free_ports
 from dicomcache.devtools.samples import make_ct_series, write_series
 from tests.relay.conftest import StoreSCP, storescu, wait_port, wait_until_sync
 
@@ -20,10 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_serve_runs_cache_and_relay(tmp_path: Path, orthanc: OrthancProcess,
                                     storescp: Callable[..., StoreSCP], accelerate: bool) -> None:
     pacs = storescp("implicit")
-    http_port = free_port()
-    dicom_port = free_port()
-    while dicom_port == http_port:  # free_port may hand out the same port twice in a row
-        dicom_port = free_port()
+    http_port, dicom_port = free_ports(2)
     cfg = tmp_path / "c.toml"
     cfg.write_text(textwrap.dedent(f"""
         [server]

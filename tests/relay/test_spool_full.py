@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from dicomcache.devtools.orthanc import free_port
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.dicom import syntaxes
 from dicomcache.relay.spool import info_from_bytes
+from tests.conftest import tmpfs
 from tests.relay.conftest import CountingSCP, relay_settings
 
 pytestmark = [
@@ -31,17 +31,9 @@ pytestmark = [
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 4 MiB tmpfs (root only: the suite runs as root)."""
-    where = tmp_path / "small"
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    """A real 4 MiB tmpfs."""
+    with tmpfs(tmp_path / "small", "size=4m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def fill(directory: Path) -> None:
