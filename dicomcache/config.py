@@ -185,6 +185,9 @@ class RelaySettings:
     tls_ca_file: Path | None = None
     #: …and one is required (``False``: checked only when a modality presents one).
     tls_require_client_certificate: bool = True
+    #: New C-STOREs are refused (0xA700) when fewer bytes than this would stay free on the
+    #: spool's file system after them (0: only a full disk refuses).
+    min_free: int = 1 << 30
 
 
 PREFETCH_MODES = ("off", "series", "study")
@@ -723,7 +726,16 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
         accelerate=sec.get("accelerate", bool, True),
         destinations=tuple(dests),
         **_relay_tls(sec, base),
+        min_free=_min_free(sec, d.min_free),
     )
+
+
+def _min_free(sec: _Section, default: int) -> int:
+    """``relay.min_free``: a size (at least 1 MB), or 0 to turn the guard off."""
+    if sec.data.get("min_free") in (0, "0"):
+        sec.used.add("min_free")
+        return 0
+    return sec.size("min_free", default)
 
 
 def _relay_tls(sec: _Section, base: Path) -> dict[str, Any]:

@@ -205,6 +205,14 @@ class Metrics:
         self.relay_spooled = Gauge(
             "dicomcache_relay_spool_instances",
             "Instances in the spool not yet delivered to every destination.", registry=r)
+        self.relay_refused = Counter(
+            "dicomcache_relay_refused_total",
+            "C-STOREs answered 0xA700 before anything was written, by reason: min_free "
+            "(relay.min_free reached), disk_full (the spool's reserve in use), "
+            "spool_unavailable (its database could not be opened).", ["reason"], registry=r)
+        self.relay_spool_free = Gauge(
+            "dicomcache_relay_spool_free_bytes",
+            "Bytes free for the service on the spool's file system.", registry=r)
 
         # --- audit trail ----------------------------------------------------------
         self.audit_records = Counter(

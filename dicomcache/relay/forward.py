@@ -126,6 +126,8 @@ class Forwarder:
         log.info("Forwarder for %s started", self.scu.peer)
         while not self._stopping.is_set():
             try:
+                if not self.spool.is_open:  # a full disk at start-up: retried with back-off
+                    await self._call(self.spool.ensure_open)
                 if self._unrecorded:  # what the peer has must be written down first
                     await self._call(self._record_unrecorded)
                 state = await self._call(self.spool.destination_state, name)

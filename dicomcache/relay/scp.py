@@ -7,7 +7,8 @@ the modality cannot act on).  Statuses returned by :meth:`StoreSCP.handle_store`
 =========  ==============================================================
 ``0x0000``  written, fsynced and queued: safe to delete at the modality
 ``0xA700``  out of resources: the spool could not be written (disk full,
-            I/O error) or an internal error; nothing was kept, resend later
+            I/O error), its file system has less than ``min_free`` left, or an
+            internal error; nothing was kept, resend later
 ``0xA900``  the data set's SOP Class UID is not the one in the request
 ``0xC000``  cannot understand: the data set does not parse (truncated,
             overrun, malformed); kept in ``quarantine/`` with the reason
@@ -53,6 +54,7 @@ from dicomcache.durable import is_disk_full
 from dicomcache.errors import IntegrityError
 from dicomcache.metrics import Metrics
 from dicomcache.relay import negotiation as neg
+from dicomcache.relay import space
 from dicomcache.relay.part10 import part10_header
 from dicomcache.relay.spool import InstanceInfo, Spool, info_from_bytes
 
@@ -102,6 +104,10 @@ class StoreSCP:
         self.server: ThreadedAssociationServer | None = None
         self.tls: tls.ServerTLS | None = None
         self._callers = {t.strip() for t in settings.allowed_calling_ae_titles}
+        #: Why C-STOREs are being refused for lack of room (None: they are taken); the
+        #: log says when this changes, not at every C-STORE.
+        self.refusing: space.Refusal | None = None
+        self._refusing_lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -297,6 +303,13 @@ class StoreSCP:
             return self._reject(data, INSTANCE_MISMATCH,
                                 f"SOP Instance UID {info.sop_instance} in the data set but "
                                 f"{want_instance} in the request", calling, want_instance)
+        refused = space.refusal(self.spool.room(), len(data), self.settings.min_free)
+        self._note_room(refused)
+        if refused is not None:
+            seen["why"] = f"spool: {refused.message}"
+            if self.metrics is not None:
+                self.metrics.relay_refused.labels(refused.reason).inc()
+            return OUT_OF_RESOURCES
         try:
             self.spool.put(data, info, calling)
         except OSError as exc:
@@ -309,6 +322,15 @@ class StoreSCP:
             log.debug("Spooled %s (%s, %d bytes) from %s", want_instance,
                       syntaxes.name(info.transfer_syntax), len(data), calling)
         return SUCCESS
+
+    def _note_room(self, refused: space.Refusal | None) -> None:
+        with self._refusing_lock:
+            before, self.refusing = self.refusing, refused
+        if refused is not None and (before is None or before.reason != refused.reason):
+            log.error("Refusing new C-STOREs with 0xA700 (out of resources): %s",
+                      refused.message)
+        elif refused is None and before is not None:
+            log.warning("Taking C-STOREs again: there is room in the spool")
 
     def _reject(self, data: bytes, status: int, reason: str, calling: str, sop: str) -> int:
         log.warning("Refusing C-STORE of %s from %s with 0x%04X: %s", sop, calling, status,

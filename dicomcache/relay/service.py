@@ -17,6 +17,10 @@ modality resends it); ask the forwarders to stop after the instance in
 flight; abort what is still running at the deadline (and kill the child
 process if it still runs).  Nothing acknowledged is lost: it is in the spool
 and is forwarded after the next start.
+
+A full spool disk does not stop the relay from starting (:mod:`.space`): it
+runs with C-STOREs refused (0xA700) and opens the spool as soon as it can
+(checked every 2 s), then takes C-STOREs again by itself.
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from typing import Any
 from dicomcache.audit.trail import AuditLog
 from dicomcache.config import RelaySettings
 from dicomcache.metrics import Metrics
-from dicomcache.relay import accel, transcode
+from dicomcache.relay import accel, space, transcode
 from dicomcache.relay.forward import Forwarder
 from dicomcache.relay.scp import StoreSCP
-from dicomcache.relay.spool import Spool
+from dicomcache.relay.spool import Spool, SpoolUnavailable
 from dicomcache.relay.worker import ForwarderProcess
 
 log = logging.getLogger(__name__)
@@ -53,7 +57,7 @@ class Relay:
         #: writer on the same file (shared by ``flock``).
         self.audit = audit
         self.spool = Spool(settings.spool_directory, [d.name for d in settings.destinations],
-                           retention=settings.retention)
+                           retention=settings.retention, min_free=settings.min_free)
         in_process = forward_in_process or not settings.destinations
         self.executor = ThreadPoolExecutor(
             max_workers=(2 * len(settings.destinations) if in_process else 0) + 4,
@@ -67,6 +71,7 @@ class Relay:
         self._tasks: list[asyncio.Task[None]] = []
         self._stats_task: asyncio.Task[None] | None = None
         self._snapshot: dict[str, Any] = {}
+        self._intake: dict[str, Any] = {}
         self._started: float | None = None
 
     @property
@@ -79,7 +84,14 @@ class Relay:
         loop = asyncio.get_running_loop()
         if self.settings.accelerate:
             accel.install(self.settings.max_pdu)
-        await loop.run_in_executor(self.executor, self.spool.open)
+        try:
+            await loop.run_in_executor(self.executor, self.spool.open)
+        except SpoolUnavailable as exc:
+            log.error("Relay spool %s cannot be opened: its file system is full (%s). The "
+                      "relay starts without taking C-STOREs (answered 0xA700); nothing "
+                      "spooled is lost or changed; it opens the spool and takes C-STOREs "
+                      "again by itself once there is room", self.settings.spool_directory,
+                      exc)
 
         def wake_all() -> None:
             for fw in self.forwarders:
@@ -159,6 +171,7 @@ class Relay:
     def status(self) -> dict[str, Any]:
         """JSON-able state for the status page (queue figures refresh every 2 s)."""
         return {
+            "intake": self._intake,
             "ae_title": self.settings.ae_title,
             "listening": f"{self.settings.host}:{self.port}",
             "started": self._started,
@@ -168,8 +181,28 @@ class Relay:
             **self._snapshot,
         }
 
+    def _check_room(self) -> dict[str, Any]:
+        """Open the spool if it could not be (blocking), set the reserve aside again when
+        there is room, and say whether C-STOREs are taken."""
+        try:
+            if self.spool.ensure_open():
+                log.warning("Relay spool %s opened: there is room again",
+                            self.settings.spool_directory)
+                if self.worker is not None:
+                    self.worker.wake()
+        except SpoolUnavailable:
+            pass
+        if self.spool.is_open:
+            self.spool.make_reserve()
+        return intake(self.spool, self.settings.min_free)
+
     async def _refresh(self) -> None:
         loop = asyncio.get_running_loop()
+        self._intake = await loop.run_in_executor(self.executor, self._check_room)
+        if self._intake["free_bytes"] is not None:
+            self.metrics.relay_spool_free.set(self._intake["free_bytes"])
+        if not self.spool.is_open:
+            return
         snap = await loop.run_in_executor(
             self.executor, self.spool.snapshot, [d.name for d in self.settings.destinations])
         self._snapshot = snap
@@ -183,6 +216,18 @@ class Relay:
             await asyncio.sleep(_STATS_EVERY)
             try:
                 await self._refresh()
-                await asyncio.get_running_loop().run_in_executor(self.executor, self.spool.purge)
+                if self.spool.is_open:
+                    await asyncio.get_running_loop().run_in_executor(self.executor,
+                                                                     self.spool.purge)
             except Exception:
                 log.exception("Refreshing relay statistics failed")
+
+
+def intake(spool: Spool, min_free: int) -> dict[str, Any]:
+    """Whether C-STOREs are taken now, and why not (``relay status``, the status page)."""
+    room = spool.room()
+    refused = space.refusal(room, 0, min_free)
+    return {"accepting": refused is None,
+            "refusing": None if refused is None else refused.message,
+            "free_bytes": room.free, "min_free": min_free,
+            "reserve_held": room.reserve_held, "spool_open": room.spool_open}

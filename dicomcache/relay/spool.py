@@ -8,6 +8,7 @@ Layout of ``spool_directory``::
                    that refused it for good)
     state.sqlite   queue state (WAL): instances, per-destination deliveries,
                    back-off, learned strategies, recent errors
+    reserve        bytes kept aside for the database on a full disk (:mod:`.space`)
 
 Guarantees
 ----------
@@ -26,10 +27,18 @@ Guarantees
   SQLite (WAL, ``BEGIN IMMEDIATE``, busy timeout): the forwarders run in a
   child process with their own :class:`Spool` on the same directory.  Every method blocks:
   call it from a thread, never from the event loop.
+* A full file system never stops the relay from starting: when the database
+  cannot be opened or recovered for lack of space, the reserve is released and
+  the open tried again; when that fails too, :meth:`Spool.open` raises
+  :class:`SpoolUnavailable`, nothing is changed (files without a row stay in
+  ``objects/`` and are queued by the next successful open) and the caller runs
+  without the spool, retrying :meth:`Spool.ensure_open`.  Recording what a
+  peer stored may use the reserve (it frees space); receiving never does.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
@@ -45,8 +54,9 @@ from typing import Any
 
 from dicomcache.dicom.syntaxes import DEFLATED_LE
 from dicomcache.dicom.verify import parse_dicom
-from dicomcache.durable import write_durably, write_new
+from dicomcache.durable import is_disk_full, write_durably, write_new
 from dicomcache.errors import IntegrityError
+from dicomcache.relay import space
 from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, Outcome
 
 log = logging.getLogger(__name__)
@@ -111,9 +121,14 @@ CREATE TABLE IF NOT EXISTS errors (
 """
 
 _KEEP_ERRORS = 200
+RESERVE_NAME = "reserve"
 _counter = itertools.count()
 #: The names :meth:`Spool.put` gives files (receive time in ns, pid, a counter).
 SPOOL_NAME = re.compile(r"[0-9]{19}-[0-9]+-[0-9]{6}\.dcm")
+
+
+class SpoolUnavailable(OSError):
+    """The spool's database cannot be opened or written for lack of space."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +186,7 @@ class Spool:
         retention: float = 0.0,
         writer: Writer | None = None,
         clock: Callable[[], float] = time.time,
+        min_free: int = 0,
     ) -> None:
         self.directory = Path(directory)
         self.incoming = self.directory / "incoming"
@@ -182,6 +198,9 @@ class Spool:
         self.clock = clock
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
+        self._recover_on_open = True
+        #: ``relay.min_free``: the reserve is re-created only with this much to spare.
+        self.min_free = min_free
         #: Called (from any thread) after each successful :meth:`put`.
         self.on_put: Callable[[], None] | None = None
 
@@ -190,24 +209,132 @@ class Spool:
         """Create the layout, open the database, recover from a crash.
 
         ``recover=False`` (the forwarder process, sharing the spool with the
-        receiving one): no clean-up of ``incoming/``, no re-queueing.
+        receiving one): no clean-up of ``incoming/``, no re-queueing.  Raises
+        :class:`SpoolUnavailable` on a file system too full to open it (see the
+        module docstring); the spool then stays closed and unchanged.
         """
+        self._recover_on_open = recover
         for d in (self.directory, self.incoming, self.objects, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
         if recover:
             for leftover in self.incoming.iterdir():  # writes cut short: never acknowledged
                 leftover.unlink(missing_ok=True)
+        with self._lock:
+            self._with_room(lambda: self._connect(recover), "open")
+        if recover:
+            self.make_reserve()
+
+    def ensure_open(self) -> bool:
+        """Open the spool if it is not (after :class:`SpoolUnavailable`); True when this
+        call opened it.  Raises :class:`SpoolUnavailable` while it still cannot."""
+        if self._db is not None:
+            return False
+        with self._lock:
+            if self._db is not None:
+                return False
+            self.open(recover=self._recover_on_open)
+        return True
+
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
+    def _connect(self, recover: bool) -> None:
         db = sqlite3.connect(self.directory / "state.sqlite", check_same_thread=False,
                              isolation_level=None, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA secure_delete=ON")  # purged rows hold patient data
-        db.executescript(_SCHEMA)
-        self._db = db
-        if recover:
-            with self._lock:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA secure_delete=ON")  # purged rows hold patient data
+            db.executescript(_SCHEMA)
+            self._db = db
+            if recover:
                 self._recover()
+        except BaseException:
+            self._db = None
+            db.close()
+            raise
+
+    # --- room on the file system ---------------------------------------------------
+    def free_bytes(self) -> int | None:
+        """Bytes the service may still write on the spool's file system (None: unknown)."""
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
+    def room(self) -> space.Room:
+        """What :func:`.space.refusal` decides on (a stat and a statvfs: cheap)."""
+        return space.Room(spool_open=self._db is not None,
+                          reserve_held=(self.directory / RESERVE_NAME).exists(),
+                          free=self.free_bytes())
+
+    def out_of_space(self, exc: BaseException) -> bool:
+        """Whether ``exc`` (from SQLite or the file system) means the disk is full.
+        SQLite says so (SQLITE_FULL) only for its pages: a WAL index it cannot extend is
+        an "I/O error", told apart by the free space."""
+        if isinstance(exc, SpoolUnavailable):
+            return True
+        if isinstance(exc, OSError) and is_disk_full(exc):
+            return True
+        if not isinstance(exc, sqlite3.Error):
+            return False
+        if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
+            return True
+        free = self.free_bytes()
+        return free is not None and free < space.RESERVE_SIZE
+
+    def release_reserve(self) -> bool:
+        """Give the reserve back to the file system; True if there was one."""
+        try:
+            (self.directory / RESERVE_NAME).unlink()
+        except FileNotFoundError:
+            return False
+        log.error("Spool %s: its file system is full: the reserve (%d KiB) is released so "
+                  "that deliveries can still be recorded; new C-STOREs are refused (0xA700) "
+                  "until there is room again", self.directory, space.RESERVE_SIZE >> 10)
+        return True
+
+    def make_reserve(self) -> bool:
+        """Create the reserve when it is missing and there is room to spare (see
+        :func:`.space.reserve_due`); True if this call created it.  Never raises."""
+        path = self.directory / RESERVE_NAME
+        if path.exists() or not space.reserve_due(self.free_bytes(), self.min_free):
+            return False
+        tmp = self.incoming / RESERVE_NAME
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, space.RESERVE_SIZE)  # allocated, not sparse
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.warning("Spool %s: cannot set its reserve aside: %s", self.directory, exc)
+            return False
+        return True
+
+    def _with_room(self, fn: Callable[[], None], what: str) -> None:
+        """Run ``fn`` (an open, or a write that frees space); on a full disk, release the
+        reserve and run it once more.  Raises :class:`SpoolUnavailable` when it still
+        cannot."""
+        try:
+            fn()
+            return
+        except (sqlite3.Error, OSError) as exc:
+            if not self.out_of_space(exc):
+                raise
+            if not self.release_reserve():
+                raise SpoolUnavailable(errno.ENOSPC, f"spool {what}: {exc}") from exc
+        try:
+            fn()
+        except (sqlite3.Error, OSError) as exc:
+            if not self.out_of_space(exc):
+                raise
+            raise SpoolUnavailable(errno.ENOSPC, f"spool {what}: {exc}") from exc
 
     def open_readonly(self) -> None:
         """Open the state database read-only (``relay status`` while the daemon runs)."""
@@ -301,8 +428,14 @@ class Spool:
         received = self.clock()
         name = f"{time.time_ns():019d}-{os.getpid()}-{next(_counter):06d}.dcm"
         self.writer(self.objects / name, data)
-        with self._lock:
-            instance_id = self._insert(name, received, calling_ae, info, len(data))
+        try:
+            with self._lock:
+                instance_id = self._insert(name, received, calling_ae, info, len(data))
+        except (sqlite3.Error, RuntimeError) as exc:
+            # Not acknowledged: the file must not be queued by the next start either.
+            (self.objects / name).unlink(missing_ok=True)
+            code = errno.ENOSPC if self.out_of_space(exc) else errno.EIO
+            raise OSError(code, f"spool database: {exc}") from exc
         if self.on_put is not None:
             self.on_put()
         return instance_id
@@ -336,8 +469,11 @@ class Spool:
         except OSError as exc:
             log.error("Could not quarantine a rejected instance (%s): %s", reason, exc)
             return None
-        with self._lock:
-            self._error(None, sop_instance, status, f"received and quarantined: {reason}")
+        try:
+            with self._lock:
+                self._error(None, sop_instance, status, f"received and quarantined: {reason}")
+        except (sqlite3.Error, RuntimeError) as exc:  # closed, or its disk full: logged only
+            log.error("Could not note a rejected instance in the spool (%s): %s", reason, exc)
         return path
 
     # --- forwarding ------------------------------------------------------------------
@@ -388,31 +524,36 @@ class Spool:
 
     def record(self, destination: str, outcomes: Sequence[Outcome]) -> None:
         """Store delivery outcomes (``key``: the instance id); delivered and quarantined
-        instances leave the queue."""
+        instances leave the queue.  On a full disk the reserve is used (recording frees
+        space); :class:`SpoolUnavailable` when even that is not enough."""
         if not outcomes:
             return
         now = self.clock()
         with self._lock:
-            db = self.db
-            with self._tx():
-                for o in outcomes:
-                    state = {DELIVERED: "delivered", QUARANTINED: "quarantined"}.get(
-                        o.outcome, "pending")
-                    db.execute(
-                        "UPDATE deliveries SET state=?, attempts=attempts+1, last_status=?, "
-                        "last_error=?, strategy_used=COALESCE(?, strategy_used), "
-                        "transfer_syntax=COALESCE(?, transfer_syntax), updated=? "
-                        "WHERE instance_id=? AND destination=?",
-                        (state, o.status, o.reason or None, o.strategy_used, o.transfer_syntax,
-                         now, o.key, destination))
-                    if o.outcome != DELIVERED:
-                        sop = db.execute("SELECT sop_instance FROM instances WHERE id=?",
-                                         (o.key,)).fetchone()
-                        self._error(destination, sop[0] if sop else None, o.status, o.reason)
+            self._with_room(lambda: self._record_tx(destination, outcomes, now), "record")
             for o in outcomes:
                 if o.outcome == QUARANTINED:
                     self._quarantine_delivery(destination, o)
-            self._finish_done([o.key for o in outcomes if o.outcome != RETRY])
+            done = [o.key for o in outcomes if o.outcome != RETRY]
+            self._with_room(lambda: self._finish_done(done), "record")
+
+    def _record_tx(self, destination: str, outcomes: Sequence[Outcome], now: float) -> None:
+        db = self.db
+        with self._tx():
+            for o in outcomes:
+                state = {DELIVERED: "delivered", QUARANTINED: "quarantined"}.get(
+                    o.outcome, "pending")
+                db.execute(
+                    "UPDATE deliveries SET state=?, attempts=attempts+1, last_status=?, "
+                    "last_error=?, strategy_used=COALESCE(?, strategy_used), "
+                    "transfer_syntax=COALESCE(?, transfer_syntax), updated=? "
+                    "WHERE instance_id=? AND destination=?",
+                    (state, o.status, o.reason or None, o.strategy_used, o.transfer_syntax,
+                     now, o.key, destination))
+                if o.outcome != DELIVERED:
+                    sop = db.execute("SELECT sop_instance FROM instances WHERE id=?",
+                                     (o.key,)).fetchone()
+                    self._error(destination, sop[0] if sop else None, o.status, o.reason)
 
     def _quarantine_delivery(self, destination: str, o: Outcome) -> None:
         row = self.db.execute("SELECT name, sop_instance, calling_ae FROM instances WHERE id=?",

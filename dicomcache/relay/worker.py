@@ -392,14 +392,17 @@ async def _child_main(settings: RelaySettings, outbox: _Outbox, inp: IO[bytes],
     from dicomcache.audit.trail import AuditLog
     from dicomcache.relay import transcode
     from dicomcache.relay.forward import Forwarder
-    from dicomcache.relay.spool import Spool
+    from dicomcache.relay.spool import Spool, SpoolUnavailable
 
     loop = asyncio.get_running_loop()
     spool = Spool(settings.spool_directory, [d.name for d in settings.destinations],
-                  retention=settings.retention)
+                  retention=settings.retention, min_free=settings.min_free)
     executor = ThreadPoolExecutor(max_workers=2 * len(settings.destinations) + 2,
                                   thread_name_prefix="forward")
-    await loop.run_in_executor(executor, lambda: spool.open(recover=False))
+    try:
+        await loop.run_in_executor(executor, lambda: spool.open(recover=False))
+    except SpoolUnavailable as exc:  # a full disk: the forwarders open it when they can
+        log.error("The forwarders cannot open the spool yet: %s", exc)
     metrics = cast(Metrics, _MetricsProxy(outbox))
     audit = None
     if audit_settings is not None:

@@ -8,6 +8,7 @@ started here and stopped by PID in teardown.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import os
 import shutil
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import threading
 import warnings
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,7 +35,7 @@ from dicomcache.dicom import syntaxes
 from dicomcache.metrics import Metrics
 from dicomcache.relay import accel
 from dicomcache.relay.service import Relay
-from tests.conftest import eventually, eventually_sync
+from tests.conftest import eventually, eventually_sync, tmpfs
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -332,3 +334,25 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 
 def queue_depth(relay: Relay, name: str) -> int:
     return int(relay.spool.snapshot([name])["destinations"][name]["queue_depth"])
+
+
+def content_hash(data: bytes) -> str:
+    """SHA-256 of what a PACS keeps of an instance: its identity and its pixels (the
+    PACS writes its own file meta and encoding around them)."""
+    ds = read_quiet(data)
+    h = hashlib.sha256()
+    for part in (ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID):
+        h.update(str(part).encode() + b"\0")
+    h.update(bytes(ds.PixelData))
+    return h.hexdigest()
+
+
+def received(pacs_dir: Path) -> Counter[str]:
+    return Counter(content_hash(p.read_bytes()) for p in pacs_dir.iterdir() if p.is_file())
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 8 MiB tmpfs (for a spool on a file system that fills up)."""
+    with tmpfs(tmp_path / "small", "size=8m") as where:
+        yield where

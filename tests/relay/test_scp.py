@@ -113,18 +113,19 @@ async def test_disk_full_answers_0xA700_and_keeps_nothing(tmp_path: Path, relay_
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs."""
-    with tmpfs(tmp_path / "tiny", "size=1m") as where:
+    """A 4 MiB tmpfs (1 MiB of it the spool's reserve)."""
+    with tmpfs(tmp_path / "tiny", "size=4m") as where:
         yield where
 
 
 async def test_real_full_disk_answers_0xA700(tiny_tmpfs: Path, tmp_path: Path,
                                              relay_factory) -> None:
-    r = await relay_factory(relay_settings(tiny_tmpfs / "spool", []))
-    files = write_series(make_ct_series(3, rows=512, columns=512, seed=5), tmp_path / "ct")
+    # min_free = 0: no guard, the write itself meets the full disk.
+    r = await relay_factory(relay_settings(tiny_tmpfs / "spool", [], min_free=0))
+    files = write_series(make_ct_series(8, rows=512, columns=512, seed=5), tmp_path / "ct")
     statuses = [await asyncio.to_thread(send_raw, r.port, f, CTImageStorage) for f in files]
-    assert statuses[0] == 0x0000  # 512 KiB fits in 1 MiB …
-    assert 0xA700 in statuses[1:]  # … the next ones do not: no false success
+    assert statuses[0] == 0x0000  # 512 KiB fits …
+    assert 0xA700 in statuses[1:]  # … 4 MiB of them do not: no false success
     # What was acknowledged is intact; no partial file is left behind.
     assert not list((tiny_tmpfs / "spool" / "incoming").iterdir())
     objects = list((tiny_tmpfs / "spool" / "objects").iterdir())
