@@ -175,6 +175,7 @@ def _when(ts: float | None) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the persisted queue state; exit 1 if something waits or is quarantined."""
+    from dicomcache.relay.service import intake
     from dicomcache.relay.spool import Spool
 
     settings = load_settings(args)
@@ -190,6 +191,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     spool.open_readonly()
     try:
         snap = spool.snapshot([d.name for d in rs.destinations])
+        snap["intake"] = intake(spool, rs.min_free)
     finally:
         spool.close()
     for dest in rs.destinations:  # before its first delivery the spool has not recorded it
@@ -210,6 +212,16 @@ def _print_status(snap: dict[str, Any], out: TextIO) -> None:
     out.write(f"spool {snap['spool_directory']}: {snap['spooled_instances']} instance(s), "
               f"{snap['spooled_bytes'] / 1e6:.1f} MB not yet delivered everywhere; "
               f"{snap['quarantine_files']} file(s) in quarantine\n")
+    intake = snap.get("intake")
+    if intake:
+        free = intake["free_bytes"]
+        room = "-" if free is None else f"{free / (1 << 30):.2f} GiB free"
+        room += f", min_free {intake['min_free'] / (1 << 30):.2f} GiB"
+        if intake["accepting"]:
+            out.write(f"intake            taking C-STOREs ({room})\n")
+        else:
+            out.write(f"intake            REFUSING new C-STOREs (0xA700): {intake['refusing']}"
+                      f" ({room})\n")
     for name, d in snap["destinations"].items():
         out.write(f"\n{name}\n")
         if not d.get("configured", True):

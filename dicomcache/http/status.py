@@ -570,6 +570,20 @@ def _render_integrity(i: dict[str, Any], now: float) -> str:
         + "</section>")
 
 
+def _render_intake(intake: dict[str, Any]) -> str:
+    """Whether the relay takes C-STOREs (the spool's room: relay.min_free, a full disk)."""
+    if not intake:
+        return ""
+    free = intake.get("free_bytes")
+    room = (f"{_bytes(free)} free" if free is not None else "free space unknown") + (
+        f", min_free {_bytes(intake.get('min_free', 0))}")
+    if intake.get("accepting"):
+        return f'<dt>intake</dt><dd id="relay-intake">taking C-STOREs ({room})</dd>'
+    return ('<dt>intake</dt><dd id="relay-intake"><span class="badge down">REFUSING</span> '
+            f'<span class="bad">new C-STOREs answered 0xA700: {_e(intake.get("refusing"))}'
+            f"</span> ({room})</dd>")
+
+
 def _render_relay(r: dict[str, Any], now: float) -> str:
     if not r.get("enabled"):
         return ('<section id="relay"><h2>DIMSE relay</h2>'
@@ -605,7 +619,8 @@ def _render_relay(r: dict[str, Any], now: float) -> str:
         '<section id="relay"><h2>DIMSE relay</h2><dl>'
         '<dt>state</dt><dd><span id="relay-state" class="badge up">RUNNING</span> '
         f"{_e(r.get('ae_title', ''))} on {_e(r.get('listening', ''))}</dd>"
-        f"<dt>inbound associations</dt><dd>{r.get('active_inbound_associations', 0)}</dd>"
+        + _render_intake(r.get("intake") or {})
+        + f"<dt>inbound associations</dt><dd>{r.get('active_inbound_associations', 0)}</dd>"
         f"<dt>spooled</dt><dd>{r.get('spooled_instances', 0)} instances "
         f"({_bytes(r.get('spooled_bytes', 0))})</dd>"
         f"<dt>quarantined files</dt><dd>{r.get('quarantine_files', 0)}</dd></dl>"

@@ -107,6 +107,9 @@ class StoreSCP:
         #: Why C-STOREs are being refused for lack of room (None: they are taken); the
         #: log says when this changes, not at every C-STORE.
         self.refusing: space.Refusal | None = None
+        #: Size of the C-STORE last refused for lack of room (0: the last one was taken):
+        #: the status says "refusing" while one that size would still be.
+        self.last_refused_size = 0
         self._refusing_lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------------
@@ -305,6 +308,7 @@ class StoreSCP:
                                 f"{want_instance} in the request", calling, want_instance)
         refused = space.refusal(self.spool.room(), len(data), self.settings.min_free)
         self._note_room(refused)
+        self.last_refused_size = 0 if refused is None else len(data)
         if refused is not None:
             seen["why"] = f"spool: {refused.message}"
             if self.metrics is not None:

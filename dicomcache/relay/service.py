@@ -57,7 +57,7 @@ class Relay:
         #: writer on the same file (shared by ``flock``).
         self.audit = audit
         self.spool = Spool(settings.spool_directory, [d.name for d in settings.destinations],
-                           retention=settings.retention, min_free=settings.min_free)
+                           retention=settings.retention)
         in_process = forward_in_process or not settings.destinations
         self.executor = ThreadPoolExecutor(
             max_workers=(2 * len(settings.destinations) if in_process else 0) + 4,
@@ -194,7 +194,7 @@ class Relay:
             pass
         if self.spool.is_open:
             self.spool.make_reserve()
-        return intake(self.spool, self.settings.min_free)
+        return intake(self.spool, self.settings.min_free, self.scp.last_refused_size)
 
     async def _refresh(self) -> None:
         loop = asyncio.get_running_loop()
@@ -223,10 +223,11 @@ class Relay:
                 log.exception("Refreshing relay statistics failed")
 
 
-def intake(spool: Spool, min_free: int) -> dict[str, Any]:
-    """Whether C-STOREs are taken now, and why not (``relay status``, the status page)."""
+def intake(spool: Spool, min_free: int, size: int = 0) -> dict[str, Any]:
+    """Whether C-STOREs are taken now, and why not (``relay status``, the status page):
+    would one of ``size`` bytes (the last one refused, if any) be taken?"""
     room = spool.room()
-    refused = space.refusal(room, 0, min_free)
+    refused = space.refusal(room, size, min_free)
     return {"accepting": refused is None,
             "refusing": None if refused is None else refused.message,
             "free_bytes": room.free, "min_free": min_free,

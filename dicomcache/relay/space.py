@@ -55,8 +55,7 @@ def refusal(room: Room, size: int, min_free: int) -> Refusal | None:
     if not room.reserve_held:
         return Refusal(DISK_FULL, "the spool's file system filled up and its reserve is in "
                                   "use; new instances are taken again once "
-                                  f"{_size(RESERVE_SIZE + max(min_free, RESERVE_SIZE))} "
-                                  "are free")
+                                  f"{_size(2 * RESERVE_SIZE)} are free")
     if room.free is None or min_free == 0:
         return None  # the write itself will tell (ENOSPC is answered 0xA700 too)
     if room.free - size < min_free:
@@ -65,7 +64,7 @@ def refusal(room: Room, size: int, min_free: int) -> Refusal | None:
     return None
 
 
-def reserve_due(free: int | None, min_free: int) -> bool:
-    """Whether to (re)create the reserve: only with room to spare, so that releasing and
-    re-creating it cannot alternate on a disk that stays nearly full."""
-    return free is not None and free >= RESERVE_SIZE + max(min_free, RESERVE_SIZE)
+def reserve_due(free: int | None) -> bool:
+    """Whether to (re)create the reserve: only with as much again to spare, so that
+    releasing and re-creating it cannot alternate on a disk that stays nearly full."""
+    return free is not None and free >= 2 * RESERVE_SIZE

@@ -186,7 +186,6 @@ class Spool:
         retention: float = 0.0,
         writer: Writer | None = None,
         clock: Callable[[], float] = time.time,
-        min_free: int = 0,
     ) -> None:
         self.directory = Path(directory)
         self.incoming = self.directory / "incoming"
@@ -199,8 +198,6 @@ class Spool:
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
         self._recover_on_open = True
-        #: ``relay.min_free``: the reserve is re-created only with this much to spare.
-        self.min_free = min_free
         #: Called (from any thread) after each successful :meth:`put`.
         self.on_put: Callable[[], None] | None = None
 
@@ -301,7 +298,7 @@ class Spool:
         """Create the reserve when it is missing and there is room to spare (see
         :func:`.space.reserve_due`); True if this call created it.  Never raises."""
         path = self.directory / RESERVE_NAME
-        if path.exists() or not space.reserve_due(self.free_bytes(), self.min_free):
+        if path.exists() or not space.reserve_due(self.free_bytes()):
             return False
         tmp = self.incoming / RESERVE_NAME
         try:

@@ -396,7 +396,7 @@ async def _child_main(settings: RelaySettings, outbox: _Outbox, inp: IO[bytes],
 
     loop = asyncio.get_running_loop()
     spool = Spool(settings.spool_directory, [d.name for d in settings.destinations],
-                  retention=settings.retention, min_free=settings.min_free)
+                  retention=settings.retention)
     executor = ThreadPoolExecutor(max_workers=2 * len(settings.destinations) + 2,
                                   thread_name_prefix="forward")
     try:
