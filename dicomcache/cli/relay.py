@@ -1,8 +1,9 @@
-"""``dicomcache relay run``, ``relay status`` and ``relay send``.
+"""``dicomcache relay run|status|retry|reroute|send``.
 
 ``run`` runs the relay alone (no HTTP side) until SIGTERM/SIGINT.
 ``status`` reads the spool's state database directly (the daemon need not
-run).  ``send`` is a C-STORE SCU with the relay's negotiation (strategies,
+run); ``retry`` writes to it, which a running relay's forwarders read before
+each batch.  ``send`` is a C-STORE SCU with the relay's negotiation (strategies,
 fallback, transcoding); it does not touch the spool.
 """
 
@@ -61,6 +62,16 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                          help="a [[relay.destinations]] name from the config")
     reroute.add_argument("--config", "-c", type=Path, help="TOML configuration")
     reroute.set_defaults(func=cmd_reroute)
+
+    retry = sub.add_parser(
+        "retry", help="retry now: forget the back-off after fixing a PACS",
+        description="Forget the back-off of every destination (or of --destination): its "
+                    "own after failed associations, its studies' after refused instances, "
+                    "and the refusals counted towards max_instance_retries.  Safe while the "
+                    "relay runs: its forwarders attempt again within 5 seconds.")
+    retry.add_argument("--destination", help="only this destination (default: all)")
+    retry.add_argument("--config", "-c", type=Path, help="TOML configuration")
+    retry.set_defaults(func=cmd_retry)
 
     send = sub.add_parser("send", help="C-STORE files to a destination with the relay's "
                                        "negotiation and transcoding")
@@ -155,6 +166,39 @@ def cmd_reroute(args: argparse.Namespace) -> int:
     return 0 if waiting or sent else 1
 
 
+# --- retry -------------------------------------------------------------------------------
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Clear back-offs; exit 0, 1 when there is no spool, 2 for an unknown destination."""
+    from dicomcache.relay.spool import Spool
+
+    settings = load_settings(args)
+    if settings is None:
+        return USAGE
+    rs = settings.relay
+    if not (rs.spool_directory / "state.sqlite").exists():
+        print(f"no relay spool at {rs.spool_directory}", file=sys.stderr)
+        return 1
+    configured = [d.name for d in rs.destinations]
+    # No recovery: the relay may be running (recovery is the running relay's, at start).
+    spool = Spool(rs.spool_directory, configured)
+    spool.open(recover=False)
+    try:
+        known = list(dict.fromkeys([*configured, *spool.known_destinations()]))
+        if args.destination is not None and args.destination not in known:
+            print(f"unknown destination {args.destination!r} ({', '.join(known) or 'none'})",
+                  file=sys.stderr)
+            return USAGE
+        waiting = spool.retry([args.destination] if args.destination else known)
+    finally:
+        spool.close()
+    for name, count in waiting.items():
+        print(f"{name}: back-off cleared, {count} instance(s) waiting")
+    if any(waiting.values()):
+        print("A running relay sends them within 5 seconds (`dicomcache relay status` "
+              "shows the outcome).")
+    return 0
+
+
 # --- status ------------------------------------------------------------------------------
 def _ago(ts: float | None, now: float) -> str:
     if ts is None:
@@ -240,7 +284,8 @@ def _print_status(snap: dict[str, Any], out: TextIO) -> None:
         out.write(f"  last success      {_when(d['last_success'])}\n")
         if d["backing_off_until"]:
             out.write(f"  backing off until {_when(d['backing_off_until'])} "
-                      f"({d['consecutive_failures']} consecutive failures)\n")
+                      f"({d['consecutive_failures']} consecutive failures; fixed it? "
+                      f"`dicomcache relay retry --destination {name}`)\n")
         if d["last_error"]:
             out.write(f"  last error        {_when(d['last_error_time'])}: {d['last_error']}\n")
         for e in d["recent_errors"][:5]:

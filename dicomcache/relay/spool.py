@@ -717,6 +717,32 @@ class Spool:
         waiting = sum(1 for state in already.values() if state == "pending")
         return moved + waiting, len(already) - waiting
 
+    def retry(self, destinations: Iterable[str]) -> dict[str, int]:
+        """Forget the back-off of ``destinations`` (theirs and their studies') and the
+        refusals counted towards ``max_instance_retries``: the next attempt is now, for a
+        running relay too (its forwarders read this state before every batch).  Returns
+        how many instances wait for each."""
+        names = list(dict.fromkeys(destinations))
+        db = self.db
+        with self._lock, self._tx():
+            for name in names:
+                db.execute("UPDATE destinations SET next_attempt=0, failures=0 WHERE name=?",
+                           (name,))
+                db.execute("DELETE FROM study_backoff WHERE destination=?", (name,))
+                db.execute("UPDATE deliveries SET attempts=0 WHERE destination=? "
+                           "AND state='pending'", (name,))
+            return {name: int(db.execute(
+                "SELECT COUNT(*) FROM deliveries WHERE destination=? AND state='pending'",
+                (name,)).fetchone()[0]) for name in names}
+
+    def known_destinations(self) -> list[str]:
+        """Every destination the spool has state or waiting instances for."""
+        with self._lock:
+            rows = self.db.execute("SELECT name FROM destinations UNION "
+                                   "SELECT DISTINCT destination FROM deliveries "
+                                   "WHERE state='pending'").fetchall()
+        return sorted(r[0] for r in rows)
+
     def snapshot(self, destinations: Iterable[str] = (), errors: int = 10) -> dict[str, Any]:
         """Queue state, JSON-able: what ``relay status`` and the status page show."""
         now = self.clock()
