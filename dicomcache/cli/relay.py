@@ -93,8 +93,14 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 # --- run ---------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the relay alone; exit 0 after a stop by signal, 2 on a bad configuration."""
+    from dicomcache.relay.spool import schema_problem
+
     settings = load_settings(args)
     if settings is None:
+        return USAGE
+    schema = schema_problem(settings.relay.spool_directory)
+    if schema is not None:  # one line, before anything starts (as serve does)
+        print(f"{args.config}: relay.spool_directory: {schema}", file=sys.stderr)
         return USAGE
     setup_daemon(args.log_level or settings.server.log_level, settings.server.log_format)
     asyncio.run(_run_relay(settings, args.forward_in_process))
@@ -138,7 +144,7 @@ async def _run_relay(settings: Settings, forward_in_process: bool) -> None:
 def cmd_reroute(args: argparse.Namespace) -> int:
     """Move pending deliveries; exit 0 when something moved, 1 when nothing waited, 2 on
     a usage error."""
-    from dicomcache.relay.spool import Spool
+    from dicomcache.relay.spool import Spool, SpoolSchemaError
 
     settings = load_settings(args)
     if settings is None:
@@ -156,7 +162,11 @@ def cmd_reroute(args: argparse.Namespace) -> int:
         print(f"no relay spool at {rs.spool_directory}", file=sys.stderr)
         return 1
     spool = Spool(rs.spool_directory, names, retention=rs.retention)
-    spool.open()
+    try:
+        spool.open()
+    except SpoolSchemaError as exc:
+        print(f"relay.spool_directory: {exc}", file=sys.stderr)
+        return USAGE
     try:
         waiting, sent = spool.reroute(args.source, args.target)
     finally:
@@ -169,7 +179,7 @@ def cmd_reroute(args: argparse.Namespace) -> int:
 # --- retry -------------------------------------------------------------------------------
 def cmd_retry(args: argparse.Namespace) -> int:
     """Clear back-offs; exit 0, 1 when there is no spool, 2 for an unknown destination."""
-    from dicomcache.relay.spool import Spool
+    from dicomcache.relay.spool import Spool, SpoolSchemaError
 
     settings = load_settings(args)
     if settings is None:
@@ -181,7 +191,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
     configured = [d.name for d in rs.destinations]
     # No recovery: the relay may be running (recovery is the running relay's, at start).
     spool = Spool(rs.spool_directory, configured)
-    spool.open(recover=False)
+    try:
+        spool.open(recover=False)
+    except SpoolSchemaError as exc:
+        print(f"relay.spool_directory: {exc}", file=sys.stderr)
+        return USAGE
     try:
         known = list(dict.fromkeys([*configured, *spool.known_destinations()]))
         if args.destination is not None and args.destination not in known:
@@ -220,7 +234,7 @@ def _when(ts: float | None) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the persisted queue state; exit 1 if something waits or is quarantined."""
     from dicomcache.relay.service import intake
-    from dicomcache.relay.spool import Spool
+    from dicomcache.relay.spool import Spool, SpoolSchemaError
 
     settings = load_settings(args)
     if settings is None:
@@ -232,7 +246,11 @@ def cmd_status(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     spool = Spool(rs.spool_directory)
-    spool.open_readonly()
+    try:
+        spool.open_readonly()
+    except SpoolSchemaError as exc:
+        print(f"relay.spool_directory: {exc}", file=sys.stderr)
+        return USAGE
     try:
         snap = spool.snapshot([d.name for d in rs.destinations])
         snap["intake"] = intake(spool, rs.min_free)

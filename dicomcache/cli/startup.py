@@ -3,9 +3,10 @@
 Every problem is one line naming the configuration key at fault, and exit
 code 2 (``USAGE``), before any "listening" line: a port another program holds,
 a cache directory the service cannot write, a configuration file without an
-Orthanc.  ``check-config`` runs the same checks (without binding), so the
-unit's ``ExecStartPre`` catches them too; the unit does not restart on exit 2
-(``RestartPreventExitStatus=2``): a configuration problem does not fix itself.
+Orthanc, a relay spool written by a newer dicomcache.  ``check-config`` runs
+the same checks (without binding), so the unit's ``ExecStartPre`` catches them
+too; the unit does not restart on exit 2 (``RestartPreventExitStatus=2``): a
+configuration problem does not fix itself.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ def problems(settings: Settings, *, from_file: bool) -> list[tuple[str, str]]:
         spool = directory_problem(settings.relay.spool_directory)
         if spool is not None:
             found.append(("relay.spool_directory", spool))
+        else:
+            from dicomcache.relay.spool import schema_problem
+
+            schema = schema_problem(settings.relay.spool_directory)
+            if schema is not None:
+                found.append(("relay.spool_directory", schema))
     return found
 
 

@@ -27,6 +27,10 @@ Guarantees
   SQLite (WAL, ``BEGIN IMMEDIATE``, busy timeout): the forwarders run in a
   child process with their own :class:`Spool` on the same directory.  Every method blocks:
   call it from a thread, never from the event loop.
+* The database records its schema version (table ``meta``, key ``schema``).
+  An older layout is migrated when the spool is opened (version 1: the layout
+  before versions were recorded); a newer one is refused with
+  :class:`SpoolSchemaError` before anything in it is read or changed.
 * A full file system never stops the relay from starting: when the database
   cannot be opened or recovered for lack of space, the reserve is released and
   the open tried again; when that fails too, :meth:`Spool.open` raises
@@ -66,6 +70,7 @@ log = logging.getLogger(__name__)
 Writer = Callable[[Path, bytes], None]
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS instances (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL UNIQUE,
@@ -120,11 +125,66 @@ CREATE TABLE IF NOT EXISTS errors (
 );
 """
 
+#: The layout this code reads and writes (see :data:`_MIGRATIONS`).
+SCHEMA_VERSION = 2
+#: SQL taking a spool from version N to N+1 (applied in order, one transaction each).
+#: Version 1 is the layout of every spool written before versions were recorded: the
+#: same tables, no ``meta``.
+_MIGRATIONS: dict[int, str] = {
+    1: "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+}
 _KEEP_ERRORS = 200
 RESERVE_NAME = "reserve"
 _counter = itertools.count()
 #: The names :meth:`Spool.put` gives files (receive time in ns, pid, a counter).
 SPOOL_NAME = re.compile(r"[0-9]{19}-[0-9]+-[0-9]{6}\.dcm")
+
+
+class SpoolSchemaError(RuntimeError):
+    """The spool's database was written by a newer dicomcache (or is not a spool)."""
+
+    def __init__(self, path: Path, found: str) -> None:
+        super().__init__(
+            f"spool database {path} has schema version {found}; this dicomcache reads "
+            f"version {SCHEMA_VERSION} and older. Run the dicomcache that wrote it (drain "
+            f"it there first) or restore the spool saved before the upgrade; nothing in it "
+            f"was changed")
+        self.path = path
+        self.found = found
+
+
+def _schema_version(db: sqlite3.Connection) -> int | None:
+    """The version a spool database records (1: tables but no version; None: empty)."""
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        row = None
+    if row is not None:
+        return int(row[0]) if str(row[0]).isdigit() else -1
+    has_tables = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' "
+                            "AND name='instances'").fetchone()
+    return 1 if has_tables else None
+
+
+def schema_problem(directory: Path) -> str | None:
+    """Why the spool in ``directory`` cannot be used by this version (read-only check, for
+    start-up and ``check-config``), or None (no spool yet, or a version it reads)."""
+    path = directory / "state.sqlite"
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            found = _schema_version(db)
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None  # unreadable now (a full disk…): the relay's own start-up says why
+    if found is not None and not 1 <= found <= SCHEMA_VERSION:
+        return str(SpoolSchemaError(path, str(found) if found > 0 else "unknown"))
+    return None
 
 
 class SpoolUnavailable(OSError):
@@ -244,6 +304,7 @@ class Spool:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA secure_delete=ON")  # purged rows hold patient data
+            self._migrate(db)  # before the schema: never alter another version's tables
             db.executescript(_SCHEMA)
             self._db = db
             if recover:
@@ -252,6 +313,27 @@ class Spool:
             self._db = None
             db.close()
             raise
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        path = self.directory / "state.sqlite"
+        db.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see it
+        try:
+            found = _schema_version(db)
+            if found is not None and not 1 <= found <= SCHEMA_VERSION:
+                raise SpoolSchemaError(path, str(found) if found > 0 else "unknown")
+            for version in range(found or SCHEMA_VERSION, SCHEMA_VERSION):
+                db.execute(_MIGRATIONS[version])
+                log.warning("Spool %s: schema migrated from version %d to %d", path, version,
+                            version + 1)
+            if found != SCHEMA_VERSION:
+                db.execute("CREATE TABLE IF NOT EXISTS meta "
+                           "(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)",
+                           (str(SCHEMA_VERSION),))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     # --- room on the file system ---------------------------------------------------
     def free_bytes(self) -> int | None:
@@ -335,9 +417,14 @@ class Spool:
 
     def open_readonly(self) -> None:
         """Open the state database read-only (``relay status`` while the daemon runs)."""
-        db = self.directory / "state.sqlite"
-        self._db = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False,
-                                   isolation_level=None, timeout=30)
+        path = self.directory / "state.sqlite"
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
+                             isolation_level=None, timeout=30)
+        found = _schema_version(db)
+        if found is not None and not 1 <= found <= SCHEMA_VERSION:
+            db.close()
+            raise SpoolSchemaError(path, str(found) if found > 0 else "unknown")
+        self._db = db
 
     def close(self) -> None:
         with self._lock:
