@@ -188,6 +188,9 @@ class RelaySettings:
     #: New C-STOREs are refused (0xA700) when fewer bytes than this would stay free on the
     #: spool's file system after them (0: only a full disk refuses).
     min_free: int = 1 << 30
+    #: Simultaneous inbound associations from one address (more are rejected: "local
+    #: limit exceeded"), so that one host cannot take every slot.
+    max_associations_per_host: int = 8
 
 
 PREFETCH_MODES = ("off", "series", "study")
@@ -727,7 +730,15 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
         destinations=tuple(dests),
         **_relay_tls(sec, base),
         min_free=_min_free(sec, d.min_free),
+        max_associations_per_host=_per_host(sec, d.max_associations_per_host),
     )
+
+
+def _per_host(sec: _Section, default: int) -> int:
+    value = sec.get("max_associations_per_host", int, default)
+    if not 1 <= value <= 1000:
+        sec.problem("max_associations_per_host", f"must be between 1 and 1000, not {value}")
+    return value
 
 
 def _min_free(sec: _Section, default: int) -> int:

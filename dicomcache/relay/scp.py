@@ -19,7 +19,10 @@ the modality cannot act on).  Statuses returned by :meth:`StoreSCP.handle_store`
 Associations from a calling AE title not in ``allowed_calling_ae_titles`` are
 rejected (permanent, service user, "calling AE title not recognised"); from a
 host not in ``allowed_hosts``: permanent, service user, "no reason given"
-(PS3.8 has no reason for addresses).
+(PS3.8 has no reason for addresses); from a host that already holds
+``max_associations_per_host`` (connections not yet associated included):
+transient, service provider, "local limit exceeded", as pynetdicom answers
+past ``max_inbound_associations``.
 
 With ``tls_certificate``/``tls_key`` the SCP speaks DICOM TLS (PS3.15 B.9-B.11,
 :mod:`dicomcache.tls`'s policy) and nothing else; with ``tls_ca_file`` the
@@ -214,6 +217,10 @@ class StoreSCP:
             elif not host_allowed(address, self.settings.allowed_hosts):
                 reason = (0x01, 0x01, 0x01)
                 why = f"host {address} is not in allowed_hosts"
+            elif (held := self._held_by(address, assoc)) >= self.settings.max_associations_per_host:
+                reason = (0x02, 0x03, 0x02)
+                why = (f"host {address} already holds {held} association(s) "
+                       f"(relay.max_associations_per_host)")
             if reason is None:
                 return
             log.warning("Rejecting association from %s at %s: %s", calling, address, why)
@@ -227,6 +234,15 @@ class StoreSCP:
             assoc.kill()
         except Exception:
             log.exception("Association check failed")
+
+    def _held_by(self, address: str, assoc: Any) -> int:
+        """Other inbound associations from ``address``, those still before their
+        A-ASSOCIATE-RQ included (a connection takes its slot when it is accepted)."""
+        server = self.server
+        if server is None:
+            return 0
+        return sum(1 for other in list(server.active_associations)
+                   if other is not assoc and str(other.requestor.address) == address)
 
     def _on_established(self, event: Any) -> None:
         if self.metrics is not None:
