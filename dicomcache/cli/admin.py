@@ -37,8 +37,8 @@ from dicomcache.cache.index import INDEX_FILE
 from dicomcache.cache.store import Store
 from dicomcache.cli.audit import open_trail, operator_actor, record_operation
 from dicomcache.cli.common import USAGE, load_settings, study_uid
-from dicomcache.cli.progress import Progress, human_bytes
-from dicomcache.config import Settings
+from dicomcache.cli.progress import Progress
+from dicomcache.config import Settings, format_size
 from dicomcache.dicom.uids import is_orthanc_id, is_uid
 from dicomcache.dicomweb.answers import DiskCopies
 from dicomcache.relay.spool import Spool
@@ -178,12 +178,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 0
     used = stats["size_bytes"] / stats["max_bytes"] if stats["max_bytes"] else 0.0
     print(f"cache       {settings.cache.directory}")
-    print(f"size        {human_bytes(stats['size_bytes'])} of "
-          f"{human_bytes(stats['max_bytes'])} ({used:.1%})")
+    print(f"size        {format_size(stats['size_bytes'])} of "
+          f"{format_size(stats['max_bytes'])} ({used:.1%})")
     print(f"entries     {stats['entries']} instance(s) in {len(studies)} study(ies)")
     print(f"pinned      {len(pins)} study(ies)"
           + (f", {sum(s.instances for s in pinned_use)} instance(s), "
-             f"{human_bytes(sum(s.size_bytes for s in pinned_use))} cached" if pins else ""))
+             f"{format_size(sum(s.size_bytes for s in pinned_use))} cached" if pins else ""))
     if live is None:
         print("hit ratio   n/a (the daemon's /metrics does not answer)")
     elif ratio is None:
@@ -196,7 +196,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"\ntop {len(top)} studies by size:")
         print(f"  {'StudyInstanceUID':<64} {'inst':>6} {'size':>10}  last used")
         for s in top:
-            print(f"  {s.study_uid:<64} {s.instances:>6} {human_bytes(s.size_bytes):>10}  "
+            print(f"  {s.study_uid:<64} {s.instances:>6} {format_size(s.size_bytes):>10}  "
                   f"{_when(s.last_used)}{'  pinned' if s.pinned else ''}")
     return 0
 
@@ -223,7 +223,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         nbytes = sum(e.size for e in chosen)
         kept = f"; {kept_pinned} instance(s) of pinned studies kept" if kept_pinned else ""
         if args.dry_run:
-            print(f"would purge {len(chosen)} instance(s), {human_bytes(nbytes)}{kept}")
+            print(f"would purge {len(chosen)} instance(s), {format_size(nbytes)}{kept}")
             return 0
         progress = Progress("purge", len(chosen), nbytes, enabled=args.progress)
         removed = removed_bytes = 0
@@ -239,7 +239,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         store.index.checkpoint()
     finally:
         store.close()
-    print(f"purged {removed} instance(s), {human_bytes(removed_bytes)}{kept}{others}")
+    print(f"purged {removed} instance(s), {format_size(removed_bytes)}{kept}{others}")
     assert trail is not None
     return 0 if record_operation(trail, _purge_record(args, removed, removed_bytes)) else 1
 
@@ -338,7 +338,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     finally:
         store.close()
     causes = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
-    print(f"verified {len(entries)} instance(s), {human_bytes(total_bytes)}: {intact} intact, "
+    print(f"verified {len(entries)} instance(s), {format_size(total_bytes)}: {intact} intact, "
           f"{sum(bad.values())} quarantined{f' ({causes})' if causes else ''}, "
           f"{missing} missing")
     return 1 if bad or missing else 0
@@ -369,7 +369,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
     finally:
         store.close()
     state = "pinned" if new else "already pinned"
-    print(f"{state}: study {args.study_uid} ({count} instance(s), {human_bytes(nbytes)} "
+    print(f"{state}: study {args.study_uid} ({count} instance(s), {format_size(nbytes)} "
           "cached now; instances fetched later are kept too)")
     return 0
 

@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from dicomcache import __version__
-from dicomcache.config import is_loopback_host
+from dicomcache.config import format_size, is_loopback_host
 from dicomcache.errors import NotFoundUpstream, UpstreamError
 from dicomcache.http import auth
 from dicomcache.http.keys import (
@@ -334,13 +334,7 @@ def _e(value: object) -> str:
 
 
 def _bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    return "-" if n is None else format_size(n)
 
 
 def _when(ts: float | None, now: float) -> str:
