@@ -4,7 +4,8 @@ These work on the store's directory directly, so they run with or without
 the daemon; while it runs, both see the same sqlite index (a pin made here
 is honoured by its very next eviction; a purged or quarantined file that it
 still had open may be served until it falls out of its open-file cache).
-``stats`` adds the daemon's hit ratio when its ``/metrics`` answers.
+``stats`` adds the daemon's hit ratio (instance requests) and failed requests when its
+``/metrics`` answers.
 
 Usage::
 
@@ -131,6 +132,7 @@ def daemon_figures(settings: Settings, timeout: float = 2.0) -> dict[str, Any] |
     host = host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
     url = f"http://{host}:{server.admin_port or server.port}/metrics"
+    failed: dict[str, float] = {}
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             text = resp.read().decode("utf-8")
@@ -138,12 +140,16 @@ def daemon_figures(settings: Settings, timeout: float = 2.0) -> dict[str, Any] |
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 values[s.name] = values.get(s.name, 0.0) + s.value
+                if s.name == "dicomcache_http_failed_requests_total" and s.value:
+                    reason = s.labels.get("reason", "")
+                    failed[reason] = failed.get(reason, 0.0) + s.value
     except Exception:
         return None
     if "dicomcache_cache_hits_total" not in values:
         return None
     return {"url": url, "hits": int(values["dicomcache_cache_hits_total"]),
             "misses": int(values.get("dicomcache_cache_misses_total", 0)),
+            "failed": {k: int(v) for k, v in sorted(failed.items())},
             "upstream_up": values.get("dicomcache_upstream_up")}
 
 
@@ -162,6 +168,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         store.close()
     live = daemon_figures(settings)
     hits, misses = (live["hits"], live["misses"]) if live else (0, 0)
+    failed: dict[str, int] = live["failed"] if live else {}
     ratio = hits / (hits + misses) if hits + misses else None
     top = sorted(studies.values(), key=lambda s: s.size_bytes, reverse=True)[:max(args.top, 0)]
     pinned_use = [s for s in studies.values() if s.pinned]
@@ -171,6 +178,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             "studies": len(studies), "pinned_studies": sorted(pins),
             "quarantined_files": quarantined, "daemon": live and live["url"],
             "hits": live and hits, "misses": live and misses, "hit_ratio": ratio,
+            "failed_requests": live and sum(failed.values()), "failed_by_reason": failed,
             "top_studies": [{"study_uid": s.study_uid, "instances": s.instances,
                              "size_bytes": s.size_bytes, "last_used": s.last_used,
                              "pinned": s.pinned} for s in top],
@@ -189,7 +197,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     elif ratio is None:
         print(f"hit ratio   n/a (no instance requests yet; {live['url']})")
     else:
-        print(f"hit ratio   {ratio:.1%} ({hits} hits, {misses} misses since the daemon started)")
+        print(f"hit ratio   {ratio:.1%} of instance requests ({hits} hits, {misses} misses "
+              "since the daemon started)")
+    if live is not None:
+        why = ", ".join(f"{k} {v}" for k, v in failed.items())
+        print(f"failed      {sum(failed.values())} viewer request(s) since the daemon started"
+              + (f" ({why})" if why else ""))
     if quarantined:
         print(f"quarantine  {quarantined} file(s) in {store.quarantine_dir}")
     if top:

@@ -230,7 +230,11 @@ def _print_status(snap: dict[str, Any], out: TextIO) -> None:
             out.write(f"  backing off until {_when(d['backing_off_until'])} "
                       f"({d['consecutive_failures']} consecutive failures)\n")
         if d["last_error"]:
-            out.write(f"  last error        {_when(d['last_error_time'])}: {d['last_error']}\n")
+            # An error before the last delivery is history, not the current state.
+            past = d["last_success"] is not None and \
+                d["last_success"] > (d["last_error_time"] or 0.0)
+            out.write(f"  last error        {_when(d['last_error_time'])}: {d['last_error']}"
+                      + (" (recovered: delivered since)" if past else "") + "\n")
         for e in d["recent_errors"][:5]:
             msg = str(e["message"]).replace("\n", " | ")
             out.write(f"    {_when(e['time'])} {e['status'] or ''} {msg}\n")

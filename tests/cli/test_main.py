@@ -88,7 +88,7 @@ def write_config(path: Path, port: int, upstream: str, orthanc: OrthancProcess,
         backoff_base = 0.05
         [cache]
         directory = "{cache}"
-        max_size = "1GB"
+        max_size = "1GiB"
         [audit]
         file = "{cache.parent / 'audit' / 'audit.jsonl'}"
     """))

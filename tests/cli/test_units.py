@@ -3,7 +3,6 @@ and the status page), never decimal "MB" figures beside binary ones."""
 
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 
@@ -11,38 +10,10 @@ import pytest
 
 from dicomcache.cli.main import main
 from dicomcache.cli.prefetch import summary
-from dicomcache.cli.relay import _print_status
 from dicomcache.prefetch.scheduler import Tally
 
 #: A decimal unit, or a size printed without its unit's "i".
 DECIMAL = re.compile(r"\d (kB|KB|MB|GB|TB)\b")
-
-
-def _relay_snapshot(spooled_bytes: int, queue_bytes: int) -> dict[str, object]:
-    return {
-        "spool_directory": "/var/lib/dicomcache/spool", "spooled_instances": 3,
-        "spooled_bytes": spooled_bytes, "quarantine_files": 0, "time": 1000.0,
-        "recent_receive_errors": [],
-        "destinations": {"PACS": {
-            "configured": True, "queue_depth": 3, "queue_bytes": queue_bytes,
-            "oldest_received": 990.0, "oldest_age_seconds": 10.0, "quarantined": 0,
-            "configured_strategy": "conservative", "learned_strategy": None,
-            "learned_syntaxes": {}, "backing_off_until": None, "consecutive_failures": 0,
-            "last_success": None, "last_error": None, "last_error_time": None,
-            "recent_errors": []}},
-    }
-
-
-@pytest.mark.parametrize(("size", "printed"), [
-    (3 << 20, "3.0 MiB"), (1_500_000, "1.4 MiB"), (512, "512 B"), (5 << 30, "5.0 GiB"),
-])
-def test_relay_status_prints_binary_units(size: int, printed: str) -> None:
-    out = io.StringIO()
-    _print_status(_relay_snapshot(size, size), out)
-    text = out.getvalue()
-    assert f"{printed} not yet delivered everywhere" in text
-    assert f"queue depth       3 ({printed})" in text
-    assert not DECIMAL.search(text)
 
 
 @pytest.mark.parametrize(("nbytes", "elapsed", "size", "rate"), [
