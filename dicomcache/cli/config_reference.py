@@ -422,7 +422,7 @@ def render() -> str:
         "below. Relative paths are taken from the file's directory. An unknown key is an "
         "error (usually a typo), and every problem is reported with its key:",
         "",
-        "```sh no-test",
+        "```sh test",
         "dicomcache check-config --config /etc/dicomcache/config.toml",
         "```",
         "",
