@@ -164,7 +164,7 @@ username = "{orthanc.username}"
 password = "{orthanc.password}"
 [cache]
 directory = "{workdir / 'cache'}"
-max_size = "2GB"
+max_size = "2GiB"
 [audit]
 file = "{workdir / 'audit.jsonl'}"
 [prefetch]

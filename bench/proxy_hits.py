@@ -109,7 +109,7 @@ def main() -> int:
             password = "{orthanc.password}"
             [cache]
             directory = "{work / 'cache'}"
-            max_size = "2GB"
+            max_size = "2GiB"
             [audit]
             file = "{work / 'audit' / 'audit.jsonl'}"
         """))

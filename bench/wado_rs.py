@@ -106,7 +106,7 @@ class Proxy:
             password = "{orthanc.password}"
             [cache]
             directory = "{work / name}"
-            max_size = "4GB"
+            max_size = "4GiB"
             [audit]
             file = "{work / (name + '-audit.jsonl')}"
             [dicomweb]

@@ -87,7 +87,7 @@ password = "{orthanc.password}"
 compression = "{compression}"
 [cache]
 directory = "{workdir / 'cache'}"
-max_size = "2GB"
+max_size = "2GiB"
 [audit]
 file = "{workdir / 'audit.jsonl'}"
 [prefetch]

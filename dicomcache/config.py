@@ -22,8 +22,13 @@ from dicomcache.errors import ConfigError
 
 T = TypeVar("T")
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+#: Size units, compared case-insensitively: binary ones with an "i" (as ``df -h`` prints),
+#: decimal ones without (as disks are sold).  A bare "G" is neither, so it is refused.
+SIZE_UNITS = {"": 1, "b": 1,
+              "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+              "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars, no backslash
 
 STRATEGIES = ("universal", "conservative", "standard", "compression", "extended")
@@ -32,18 +37,37 @@ DEFAULT_DICOM_PORT = 104
 
 
 def parse_size(text: str | int) -> int:
-    """``"50GB"`` → bytes.  Units are powers of 1024 (as ``df -h``); ``KiB`` etc. too."""
+    """``"50GiB"`` → 50 × 2³⁰ bytes, ``"50GB"`` → 50 × 10⁹; a TOML integer is bytes.
+
+    KiB, MiB, GiB, TiB are powers of 1024; kB, MB, GB, TB powers of 1000 (any case).
+    A unit without "B" ("50G") is refused: it would be a guess between the two.
+    """
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise ValueError("must not be negative")
         return text
     if not isinstance(text, str):
-        raise ValueError("must be a size such as \"50GB\"")
+        raise ValueError("must be a size such as \"50GiB\"")
     m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"{text!r} is not a size such as \"50GB\" (units B, KB, MB, GB, TB)")
-    unit = m.group(2).upper().replace("I", "").rstrip("B") if m.group(2) else ""
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    unit = m.group(2).lower() if m else ""
+    if m and unit in ("k", "m", "g", "t"):
+        number = m.group(1)
+        raise ValueError(f"{text!r} is ambiguous: write \"{number}{unit.upper()}iB\" (powers "
+                         f"of 1024) or \"{number}{unit.upper()}B\" (powers of 1000)")
+    if not m or unit not in SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size such as \"50GiB\" (units B, KiB, MiB, GiB, "
+                         "TiB: powers of 1024; kB, MB, GB, TB: powers of 1000)")
+    return int(float(m.group(1)) * SIZE_UNITS[unit])
+
+
+def format_size(n: float) -> str:
+    """Bytes for people, in binary units: ``1536`` → ``"1.5 KiB"`` (as ``df -h``; the
+    status page, logs and every command print sizes this way)."""
+    for unit in _BINARY_UNITS:
+        if abs(n) < 1024 or unit == _BINARY_UNITS[-1]:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,7 +446,7 @@ class _Section:
         return value
 
     def size(self, name: str, default: int) -> int:
-        """A size such as ``"50GB"`` (see :func:`parse_size`), at least 1 MB."""
+        """A size such as ``"50GiB"`` (see :func:`parse_size`), at least 1 MiB."""
         raw = self.get(name, (str, int), default)
         try:
             value = parse_size(raw)
@@ -430,7 +454,7 @@ class _Section:
             self.problem(name, str(exc))
             return default
         if value < 1 << 20:
-            self.problem(name, f"{raw!r} is too small: at least 1MB")
+            self.problem(name, f"{raw!r} is too small: at least 1MiB")
         return value
 
     def str_list(self, name: str) -> tuple[str, ...]:
@@ -1023,7 +1047,7 @@ def _audit(sec: _Section, base: Path) -> AuditSettings:
         if tls_syslog else (None, None)
     max_file_size = sec.size("max_file_size", d.max_file_size)
     if max_file_size < 64 << 10:
-        sec.problem("max_file_size", f"must be at least 64KB, not {max_file_size}")
+        sec.problem("max_file_size", f"must be at least 64KiB, not {format_size(max_file_size)}")
     return AuditSettings(
         file=base / sec.get("file", str, str(d.file)),
         required=sec.get("required", bool, d.required),

@@ -40,6 +40,14 @@ INTEGRITY_CAUSES = tuple(c.value for c in Cause if c.integrity)
 PURGE_CAUSES = ("deleted_upstream", "replaced", "operator")
 #: API families whose instance requests are served from the store.
 INSTANCE_FAMILIES = ("orthanc", "wado_uri", "dicomweb")
+#: Families of viewer requests (the read-through too), for failures.
+REQUEST_FAMILIES = (*INSTANCE_FAMILIES, "passthrough")
+#: Why a viewer's request failed (``dicomcache_http_failed_requests_total``): Orthanc or
+#: the link failed (502, 504); Orthanc's body failed verification (502); the circuit was
+#: open (503, failing fast); an answer was broken off after it started; any other 5xx.
+REQUEST_FAILURES = ("upstream", "corrupt", "unavailable", "cut", "other")
+#: Outcomes of requests answered by the answer cache (metadata, searches, rendered).
+ANSWER_OUTCOMES = ("hit", "miss", "stale")
 #: How many recent integrity failures the status page shows.
 RECENT_FAILURES = 20
 #: The ``cause`` labels of instances that could not be cached (served uncached).
@@ -159,6 +167,17 @@ class Metrics:
         self.prefetched = Counter(
             "dicomcache_prefetch_instances_total", "Instances fetched ahead of viewers.",
             ["outcome"], registry=r)
+        self.failed_requests = Counter(
+            "dicomcache_http_failed_requests_total",
+            "Viewer requests that failed, by API family and reason: upstream (Orthanc or the "
+            "link failed: 502/504), corrupt (Orthanc's body failed verification: 502), "
+            "unavailable (503 while the circuit breaker is open), cut (an answer broken off "
+            "after it started), other (any other 5xx).", ["family", "reason"], registry=r)
+        self.answers = Counter(
+            "dicomcache_dicomweb_answers_total",
+            "DICOMweb metadata, QIDO-RS and rendered requests by outcome: hit (from memory), "
+            "miss (asked Orthanc), stale (kept copy served while Orthanc was unreachable). "
+            "Not instance requests: not in the hit ratio.", ["outcome"], registry=r)
         # --- DIMSE relay -----------------------------------------------------------
         self.relay_associations = Counter(
             "dicomcache_relay_associations_total",
@@ -260,6 +279,11 @@ class Metrics:
         for family in INSTANCE_FAMILIES:
             self.cache_hits.labels(family)
             self.cache_misses.labels(family)
+        for family in REQUEST_FAMILIES:
+            for reason in REQUEST_FAILURES:
+                self.failed_requests.labels(family, reason)
+        for outcome in ANSWER_OUTCOMES:
+            self.answers.labels(outcome)
         for cause in FAILURE_CAUSES:
             self.upstream_failures.labels(cause)
             self.upstream_retries.labels(cause)
@@ -289,6 +313,9 @@ class Metrics:
         self.upstream_since: float | None = None
         self.upstream_checked: float | None = None
         self.upstream_detail = ""
+        #: When Orthanc was last found unreachable (``upstream_detail`` says why), kept
+        #: after it recovers so the status page can show the error as past.
+        self.upstream_error_at: float | None = None
         #: The last instance that could not be cached: (time, instance, reason).
         self.last_uncached: tuple[float, str, str] | None = None
         self._uncached_logged_at = float("-inf")
@@ -320,7 +347,7 @@ class Metrics:
         self.upstream_up.set(1 if up else 0)
         self.upstream_checked = now
         if not up:
-            self.upstream_detail = detail
+            self.upstream_detail, self.upstream_error_at = detail, now
         if self.upstream_state is up:
             return False
         previous, self.upstream_state, self.upstream_since = self.upstream_state, up, now

@@ -95,7 +95,7 @@ def _read(path: Path, which: str) -> bytes:
     except OSError as exc:
         raise TLSFileError(which, f"cannot read {str(path)!r}: {exc.strerror}") from exc
     if len(data) > 1 << 20:
-        raise TLSFileError(which, f"{str(path)!r} is larger than 1 MB: not a PEM file")
+        raise TLSFileError(which, f"{str(path)!r} is larger than 1 MiB: not a PEM file")
     return data
 
 

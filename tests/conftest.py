@@ -207,7 +207,7 @@ def make_settings(tmp_path: Path, orthanc: OrthancProcess) -> SettingsFactory:
                          "password": orthanc.password, "connect_timeout": 2,
                          "read_timeout": 5, "retries": 3, "backoff_base": 0.01,
                          "backoff_max": 0.05},
-            "cache": {"directory": str(tmp_path / "cache"), "max_size": "1GB",
+            "cache": {"directory": str(tmp_path / "cache"), "max_size": "1GiB",
                       "confirm_interval": 0},
             # Background prefetch, the change feed and the confirmation of series in use
             # would add upstream requests that tests count; their own tests turn them on.

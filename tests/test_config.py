@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomcache.config import Settings, from_dict, load, parse_size
+from dicomcache.config import Settings, format_size, from_dict, load, parse_size
 from dicomcache.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,17 +36,47 @@ def test_defaults() -> None:
 
 
 @pytest.mark.parametrize(("text", "size"), [
-    ("50GB", 50 << 30), ("1 MB", 1 << 20), ("512KiB", 512 << 10), ("2TB", 2 << 40),
-    ("1.5GB", int(1.5 * (1 << 30))), ("100", 100), ("100B", 100), (4096, 4096),
+    # binary units (an "i"): powers of 1024, as df -h and the status page print them
+    ("50GiB", 50 << 30), ("1 MiB", 1 << 20), ("512KiB", 512 << 10), ("2TiB", 2 << 40),
+    ("1.5GiB", int(1.5 * (1 << 30))), ("256mib", 256 << 20),
+    # decimal units: powers of 1000, as disks are sold
+    ("50GB", 50 * 10**9), ("1 MB", 10**6), ("64kB", 64 * 10**3), ("64KB", 64 * 10**3),
+    ("2TB", 2 * 10**12), ("1.5GB", 1_500_000_000), ("2gb", 2 * 10**9),
+    # bytes
+    ("100", 100), ("100B", 100), (4096, 4096),
 ])
 def test_parse_size(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("bad", ["fifty", "10PB", "-1GB", "", "GB"])
+@pytest.mark.parametrize("bad", ["fifty", "10PB", "-1GB", "", "GB", "1.5.5GB", "2 Gibibytes",
+                                 True, 1.5])
 def test_parse_size_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_size(bad)
+
+
+@pytest.mark.parametrize("ambiguous", ["50G", "50 g", "512K", "1T", "64M"])
+def test_a_unit_without_b_is_refused_as_ambiguous(ambiguous: str) -> None:
+    """"50G" was read as 50 GiB; it is neither unit for sure, so the operator chooses."""
+    with pytest.raises(ValueError, match=r"ambiguous.*iB.*powers of 1024.*powers of 1000"):
+        parse_size(ambiguous)
+
+
+def test_a_bad_size_names_its_key_and_both_unit_families() -> None:
+    with pytest.raises(ConfigError) as err:
+        from_dict({"cache": {"max_size": "50G"}})
+    [(key, message)] = err.value.problems
+    assert key == "cache.max_size" and '"50GiB"' in message and '"50GB"' in message
+
+
+@pytest.mark.parametrize(("size", "text"), [
+    (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
+    (10**6, "976.6 KiB"), (1 << 20, "1.0 MiB"), (10**9, "953.7 MiB"), (50 << 30, "50.0 GiB"),
+    (50 * 10**9, "46.6 GiB"), (3 << 40, "3.0 TiB"), (5000 << 40, "5000.0 TiB"),
+])
+def test_format_size_prints_binary_units(size: int, text: str) -> None:
+    assert format_size(size) == text
 
 
 def test_every_problem_is_named() -> None:

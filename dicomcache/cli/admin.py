@@ -4,7 +4,8 @@ These work on the store's directory directly, so they run with or without
 the daemon; while it runs, both see the same sqlite index (a pin made here
 is honoured by its very next eviction; a purged or quarantined file that it
 still had open may be served until it falls out of its open-file cache).
-``stats`` adds the daemon's hit ratio when its ``/metrics`` answers.
+``stats`` adds the daemon's hit ratio (instance requests) and failed requests when its
+``/metrics`` answers.
 
 Usage::
 
@@ -37,8 +38,8 @@ from dicomcache.cache.index import INDEX_FILE
 from dicomcache.cache.store import Store
 from dicomcache.cli.audit import open_trail, operator_actor, record_operation
 from dicomcache.cli.common import USAGE, load_settings, study_uid
-from dicomcache.cli.progress import Progress, human_bytes
-from dicomcache.config import Settings
+from dicomcache.cli.progress import Progress
+from dicomcache.config import Settings, format_size
 from dicomcache.dicom.uids import is_orthanc_id, is_uid
 from dicomcache.dicomweb.answers import DiskCopies
 from dicomcache.relay.spool import Spool
@@ -131,6 +132,7 @@ def daemon_figures(settings: Settings, timeout: float = 2.0) -> dict[str, Any] |
     host = host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
     url = f"http://{host}:{server.admin_port or server.port}/metrics"
+    failed: dict[str, float] = {}
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             text = resp.read().decode("utf-8")
@@ -138,12 +140,16 @@ def daemon_figures(settings: Settings, timeout: float = 2.0) -> dict[str, Any] |
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 values[s.name] = values.get(s.name, 0.0) + s.value
+                if s.name == "dicomcache_http_failed_requests_total" and s.value:
+                    reason = s.labels.get("reason", "")
+                    failed[reason] = failed.get(reason, 0.0) + s.value
     except Exception:
         return None
     if "dicomcache_cache_hits_total" not in values:
         return None
     return {"url": url, "hits": int(values["dicomcache_cache_hits_total"]),
             "misses": int(values.get("dicomcache_cache_misses_total", 0)),
+            "failed": {k: int(v) for k, v in sorted(failed.items())},
             "upstream_up": values.get("dicomcache_upstream_up")}
 
 
@@ -162,6 +168,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         store.close()
     live = daemon_figures(settings)
     hits, misses = (live["hits"], live["misses"]) if live else (0, 0)
+    failed: dict[str, int] = live["failed"] if live else {}
     ratio = hits / (hits + misses) if hits + misses else None
     top = sorted(studies.values(), key=lambda s: s.size_bytes, reverse=True)[:max(args.top, 0)]
     pinned_use = [s for s in studies.values() if s.pinned]
@@ -171,6 +178,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             "studies": len(studies), "pinned_studies": sorted(pins),
             "quarantined_files": quarantined, "daemon": live and live["url"],
             "hits": live and hits, "misses": live and misses, "hit_ratio": ratio,
+            "failed_requests": live and sum(failed.values()), "failed_by_reason": failed,
             "top_studies": [{"study_uid": s.study_uid, "instances": s.instances,
                              "size_bytes": s.size_bytes, "last_used": s.last_used,
                              "pinned": s.pinned} for s in top],
@@ -178,25 +186,30 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 0
     used = stats["size_bytes"] / stats["max_bytes"] if stats["max_bytes"] else 0.0
     print(f"cache       {settings.cache.directory}")
-    print(f"size        {human_bytes(stats['size_bytes'])} of "
-          f"{human_bytes(stats['max_bytes'])} ({used:.1%})")
+    print(f"size        {format_size(stats['size_bytes'])} of "
+          f"{format_size(stats['max_bytes'])} ({used:.1%})")
     print(f"entries     {stats['entries']} instance(s) in {len(studies)} study(ies)")
     print(f"pinned      {len(pins)} study(ies)"
           + (f", {sum(s.instances for s in pinned_use)} instance(s), "
-             f"{human_bytes(sum(s.size_bytes for s in pinned_use))} cached" if pins else ""))
+             f"{format_size(sum(s.size_bytes for s in pinned_use))} cached" if pins else ""))
     if live is None:
         print("hit ratio   n/a (the daemon's /metrics does not answer)")
     elif ratio is None:
         print(f"hit ratio   n/a (no instance requests yet; {live['url']})")
     else:
-        print(f"hit ratio   {ratio:.1%} ({hits} hits, {misses} misses since the daemon started)")
+        print(f"hit ratio   {ratio:.1%} of instance requests ({hits} hits, {misses} misses "
+              "since the daemon started)")
+    if live is not None:
+        why = ", ".join(f"{k} {v}" for k, v in failed.items())
+        print(f"failed      {sum(failed.values())} viewer request(s) since the daemon started"
+              + (f" ({why})" if why else ""))
     if quarantined:
         print(f"quarantine  {quarantined} file(s) in {store.quarantine_dir}")
     if top:
         print(f"\ntop {len(top)} studies by size:")
         print(f"  {'StudyInstanceUID':<64} {'inst':>6} {'size':>10}  last used")
         for s in top:
-            print(f"  {s.study_uid:<64} {s.instances:>6} {human_bytes(s.size_bytes):>10}  "
+            print(f"  {s.study_uid:<64} {s.instances:>6} {format_size(s.size_bytes):>10}  "
                   f"{_when(s.last_used)}{'  pinned' if s.pinned else ''}")
     return 0
 
@@ -223,7 +236,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         nbytes = sum(e.size for e in chosen)
         kept = f"; {kept_pinned} instance(s) of pinned studies kept" if kept_pinned else ""
         if args.dry_run:
-            print(f"would purge {len(chosen)} instance(s), {human_bytes(nbytes)}{kept}")
+            print(f"would purge {len(chosen)} instance(s), {format_size(nbytes)}{kept}")
             return 0
         progress = Progress("purge", len(chosen), nbytes, enabled=args.progress)
         removed = removed_bytes = 0
@@ -239,7 +252,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         store.index.checkpoint()
     finally:
         store.close()
-    print(f"purged {removed} instance(s), {human_bytes(removed_bytes)}{kept}{others}")
+    print(f"purged {removed} instance(s), {format_size(removed_bytes)}{kept}{others}")
     assert trail is not None
     return 0 if record_operation(trail, _purge_record(args, removed, removed_bytes)) else 1
 
@@ -338,7 +351,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     finally:
         store.close()
     causes = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
-    print(f"verified {len(entries)} instance(s), {human_bytes(total_bytes)}: {intact} intact, "
+    print(f"verified {len(entries)} instance(s), {format_size(total_bytes)}: {intact} intact, "
           f"{sum(bad.values())} quarantined{f' ({causes})' if causes else ''}, "
           f"{missing} missing")
     return 1 if bad or missing else 0
@@ -369,7 +382,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
     finally:
         store.close()
     state = "pinned" if new else "already pinned"
-    print(f"{state}: study {args.study_uid} ({count} instance(s), {human_bytes(nbytes)} "
+    print(f"{state}: study {args.study_uid} ({count} instance(s), {format_size(nbytes)} "
           "cached now; instances fetched later are kept too)")
     return 0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from dicomcache.cli import startup
 from dicomcache.cli.common import USAGE, load_settings
 from dicomcache.cli.startup import users_problem
-from dicomcache.config import AuthSettings, RelaySettings, is_loopback_host
+from dicomcache.config import AuthSettings, RelaySettings, format_size, is_loopback_host
 from dicomcache.http import users
 
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  upstream      {s.upstream.url or '(none: a demo Orthanc is started)'}"
           f" user={s.upstream.username or '-'} timeouts={s.upstream.connect_timeout:g}/"
           f"{s.upstream.read_timeout:g}s retries={s.upstream.retries}")
-    print(f"  cache         {s.cache.directory} max {s.cache.max_size / (1 << 30):.2f} GiB")
+    print(f"  cache         {s.cache.directory} max {format_size(s.cache.max_size)}")
     too_big = startup.size_warning(s.cache.directory, s.cache.max_size)
     if too_big is not None:
         print(f"  warning       cache.{too_big}", file=sys.stderr)

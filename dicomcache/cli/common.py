@@ -28,7 +28,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     audit trail, so ``dicomcache serve`` works for an ordinary user with no config)."""
     if getattr(args, "config", None):
         return load(args.config)
-    return from_dict({"cache": {"directory": str(state_dir() / "cache"), "max_size": "2GB"},
+    return from_dict({"cache": {"directory": str(state_dir() / "cache"), "max_size": "2GiB"},
                       "audit": {"file": str(state_dir() / "audit" / "audit.jsonl")}})
 
 

@@ -10,6 +10,7 @@ from dicomcache.cli import (
     admin,
     audit,
     check_config,
+    config_reference,
     prefetch,
     relay,
     revalidate,
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dicomcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (serve, check_config, admin, prefetch, revalidate, relay, users, audit,
-                   wan_emulator):
+                   wan_emulator, config_reference):
         module.add_cli(sub)
     return parser
 

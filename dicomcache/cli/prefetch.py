@@ -30,7 +30,7 @@ from dicomcache.cache.fetch import Fetcher
 from dicomcache.cache.store import AsyncStore, Store
 from dicomcache.cli.common import USAGE, load_settings, study_uid
 from dicomcache.cli.progress import Progress
-from dicomcache.config import Settings
+from dicomcache.config import Settings, format_size
 from dicomcache.errors import NotFoundUpstream, UpstreamError
 from dicomcache.metrics import Metrics
 from dicomcache.prefetch.plan import Job
@@ -146,16 +146,21 @@ async def prefetch(settings: Settings, *, studies: list[str], patients: list[str
         await store.flush_touches()
         await asyncio.to_thread(store.sync.close)
     elapsed = time.monotonic() - progress.started if jobs else 0.0
-    rate = progress.bytes / elapsed / 1e6 if elapsed > 0 else 0.0
-    print(f"prefetch: {len(jobs)} stud{'y' if len(jobs) == 1 else 'ies'}, "
-          f"{progress.total} instances: {progress.fetched} fetched, {progress.present} already "
-          f"cached, {progress.failed} failed, {progress.budget} left out (cache bound); "
-          f"{progress.bytes / 1e6:.1f} MB in {elapsed:.1f} s ({rate:.1f} MB/s)", file=out)
+    print(summary(len(jobs), progress, elapsed), file=out)
     for problem in problems + progress.errors[:20]:
         print(f"  {problem}", file=out)
     if len(progress.errors) > 20:
         print(f"  … and {len(progress.errors) - 20} more", file=out)
     return 0 if not problems and not progress.failed and not progress.budget else 1
+
+
+def summary(studies: int, t: Tally, elapsed: float) -> str:
+    """The line a run ends with (sizes in binary units, as everywhere)."""
+    rate = t.bytes / elapsed if elapsed > 0 else 0.0
+    return (f"prefetch: {studies} stud{'y' if studies == 1 else 'ies'}, "
+            f"{t.total} instances: {t.fetched} fetched, {t.present} already "
+            f"cached, {t.failed} failed, {t.budget} left out (cache bound); "
+            f"{format_size(t.bytes)} in {elapsed:.1f} s ({format_size(rate)}/s)")
 
 
 def _sync(tally: Tally, bar: Progress) -> None:

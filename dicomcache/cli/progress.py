@@ -11,18 +11,11 @@ import sys
 import time
 from typing import TextIO
 
+from dicomcache.config import format_size
+
 #: Bar width in characters, and the shortest time between two redraws.
 WIDTH = 28
 REDRAW = 0.1
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` → ``"1.5 KiB"`` (binary units, as ``df -h``)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class Progress:
@@ -63,7 +56,7 @@ class Progress:
             rate = self.done_bytes / elapsed
             left = max(self.total_bytes - self.done_bytes, 0)
             eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-            text += f" {human_bytes(self.done_bytes)} {human_bytes(rate)}/s ETA {eta}"
+            text += f" {format_size(self.done_bytes)} {format_size(rate)}/s ETA {eta}"
         else:
             text += f" {self.done / elapsed:.1f}/s"
         if self.failed:

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from dicomcache.cli.common import USAGE, load_settings, setup_daemon
 from dicomcache.cli.progress import Progress
-from dicomcache.config import STRATEGIES, DestinationSettings, Settings
+from dicomcache.config import STRATEGIES, DestinationSettings, Settings, format_size
 from dicomcache.errors import IntegrityError
 
 
@@ -272,7 +272,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _print_status(snap: dict[str, Any], out: TextIO) -> None:
     now = float(snap["time"])
     out.write(f"spool {snap['spool_directory']}: {snap['spooled_instances']} instance(s), "
-              f"{snap['spooled_bytes'] / 1e6:.1f} MB not yet delivered everywhere; "
+              f"{format_size(snap['spooled_bytes'])} not yet delivered everywhere; "
               f"{snap['quarantine_files']} file(s) in quarantine\n")
     intake = snap.get("intake")
     if intake:
@@ -289,7 +289,7 @@ def _print_status(snap: dict[str, Any], out: TextIO) -> None:
         if not d.get("configured", True):
             out.write("  NOT CONFIGURED    what waits is kept: configure it again, or "
                       f"`dicomcache relay reroute --from {name} --to NAME`\n")
-        out.write(f"  queue depth       {d['queue_depth']} ({d['queue_bytes'] / 1e6:.1f} MB)\n")
+        out.write(f"  queue depth       {d['queue_depth']} ({format_size(d['queue_bytes'])})\n")
         out.write(f"  oldest item       {_when(d['oldest_received'])} "
                   f"({_ago(d['oldest_received'], now)})\n")
         learned = d["learned_strategy"] or "(none: starts at the configured strategy)"
@@ -305,7 +305,11 @@ def _print_status(snap: dict[str, Any], out: TextIO) -> None:
                       f"({d['consecutive_failures']} consecutive failures; fixed it? "
                       f"`dicomcache relay retry --destination {name}`)\n")
         if d["last_error"]:
-            out.write(f"  last error        {_when(d['last_error_time'])}: {d['last_error']}\n")
+            # An error before the last delivery is history, not the current state.
+            past = d["last_success"] is not None and \
+                d["last_success"] > (d["last_error_time"] or 0.0)
+            out.write(f"  last error        {_when(d['last_error_time'])}: {d['last_error']}"
+                      + (" (recovered: delivered since)" if past else "") + "\n")
         for e in d["recent_errors"][:5]:
             msg = str(e["message"]).replace("\n", " | ")
             out.write(f"    {_when(e['time'])} {e['status'] or ''} {msg}\n")
@@ -405,7 +409,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     failed = len(items) - len(delivered)
     total_bytes = sum(by_key[r.key].path.stat().st_size for r in delivered)
     print(f"sent {len(delivered)}/{len(items)} instance(s) to {scu.peer} in {elapsed:.1f} s "
-          f"({total_bytes / max(elapsed, 1e-6) / 1e6:.1f} MB/s); failed {failed}; "
+          f"({format_size(total_bytes / max(elapsed, 1e-6))}/s); failed {failed}; "
           f"skipped {len(bad)}")
     strategies = sorted({r.strategy_used or "" for r in delivered})
     syntaxes = sorted({r.transfer_syntax or "" for r in delivered})

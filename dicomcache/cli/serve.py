@@ -19,7 +19,7 @@ from aiohttp import web
 from dicomcache import __version__, tls
 from dicomcache.cli import startup
 from dicomcache.cli.common import USAGE, load_settings, setup_daemon, state_dir
-from dicomcache.config import Settings
+from dicomcache.config import Settings, format_size
 from dicomcache.http import listeners
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import (
@@ -134,9 +134,9 @@ def _serve(settings: Settings, bound: startup.Bound, demo: Any) -> int:
         # is only ever followed by a working service.
         nonlocal started
         started = True
-        log.info("dicomcache %s listening on %s → %s; cache %s (max %.1f GiB)",
+        log.info("dicomcache %s listening on %s → %s; cache %s (max %s)",
                  __version__, base, settings.upstream.url, settings.cache.directory,
-                 settings.cache.max_size / (1 << 30))
+                 format_size(settings.cache.max_size))
         if demo is not None:
             from dicomcache.devtools.demo import demo_urls
 

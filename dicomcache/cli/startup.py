@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dicomcache.config import Settings, exposure_problem
+from dicomcache.config import Settings, exposure_problem, format_size
 from dicomcache.http import users
 
 
@@ -93,8 +93,8 @@ def size_warning(directory: Path, max_size: int) -> str | None:
         return None
     if max_size <= total:
         return None
-    return (f"max_size ({max_size / (1 << 30):.1f} GiB) is larger than the file system "
-            f"holding {directory} ({total / (1 << 30):.1f} GiB): the disk fills before the "
+    return (f"max_size ({format_size(max_size)}) is larger than the file system "
+            f"holding {directory} ({format_size(total)}): the disk fills before the "
             "cache evicts anything; lower it, leaving room for the index and other files")
 
 

@@ -51,6 +51,9 @@ RELAY: web.AppKey[RelayStatusSource] = web.AppKey("relay")
 #: API family (orthanc, wado_uri, dicomweb, passthrough) and outcome (hit, miss, …) of a request.
 FAMILY = web.RequestKey("family", str)
 OUTCOME = web.RequestKey("outcome", str)
+#: Set on requests whose hit or miss is of the answer cache (metadata, searches, rendered
+#: images kept in memory), not of the instance store: they stay out of the hit ratio.
+ANSWER = web.RequestKey("answer", bool)
 #: The ``Host:`` names this service answers to (:func:`~.middleware.host_names`).
 HOST_NAMES = web.AppKey("host_names", frozenset)
 #: Who the request acts for (set by authentication before any handler runs).

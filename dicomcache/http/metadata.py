@@ -90,7 +90,7 @@ async def metadata(request: web.Request) -> web.StreamResponse:
     if not accepts_json(request.headers.get(hdrs.ACCEPT)):
         return await passthrough(request)
     _check_raw(request)
-    family_of(request, "dicomweb")
+    family_of(request, "dicomweb", answer=True)
     dw = request.app[DICOMWEB]
     path = request.raw_path  # a query (includefield…) is part of what is asked
     hit_before = dw.cache.peek(f"json:{path}")
@@ -109,7 +109,7 @@ async def qido(request: web.Request) -> web.StreamResponse:
     if not accepts_json(request.headers.get(hdrs.ACCEPT)):
         return await passthrough(request)
     _check_raw(request)
-    family_of(request, "dicomweb")
+    family_of(request, "dicomweb", answer=True)
     dw = request.app[DICOMWEB]
     key = f"qido:{request.raw_path}"
     before = dw.cache.peek(key)
@@ -125,7 +125,7 @@ async def rendered(request: web.Request) -> web.StreamResponse:
     (or its frames') confirmed against its series' instance list once stale."""
     study, series, sop = dicomweb_uids(request)
     _check_raw(request)
-    family_of(request, "dicomweb")
+    family_of(request, "dicomweb", answer=True)
     dw = request.app[DICOMWEB]
     accept = request.headers.get(hdrs.ACCEPT)
     key = f"raw:{request.raw_path}|{accept or ''}"

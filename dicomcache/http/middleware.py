@@ -19,8 +19,9 @@ from dicomcache.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from dicomcache.http.keys import FAMILY, HOST_NAMES, METRICS, OUTCOME
+from dicomcache.http.keys import ANSWER, FAMILY, HOST_NAMES, METRICS, OUTCOME
 from dicomcache.http.respond import BodyCut, json_error
+from dicomcache.metrics import ANSWER_OUTCOMES
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -135,36 +136,73 @@ async def canonical_path(request: web.Request, handler: Handler) -> web.StreamRe
     return await handler(request)
 
 
+def failure_reason(status: int, outcome: str | None,
+                   exc: BaseException | None = None) -> str | None:
+    """Why a viewer's request failed (:data:`~dicomcache.metrics.REQUEST_FAILURES`), or
+    ``None`` when it did not: a 4xx is the request's own problem (not found, not allowed),
+    not a failure of the service.  ``exc``: the error that made the answer, if any."""
+    if outcome == "cut":
+        return "cut"
+    if isinstance(exc, UpstreamUnavailable):
+        return "unavailable"
+    if isinstance(exc, IntegrityError) or (isinstance(exc, UpstreamError)
+                                           and exc.cause.integrity):
+        return "corrupt"
+    if isinstance(exc, UpstreamError) or (outcome == "passthrough" and status >= 500):
+        return "upstream"  # the read-through passes Orthanc's own 5xx on
+    return "other" if status >= 500 else None
+
+
 @web.middleware
 async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Map dicomcache's errors to answers, and observe every labelled request."""
     started = time.monotonic()
+    status = 500  # an exception that escapes becomes aiohttp's 500
+    error: BaseException | None = None
     try:
         response = await handler(request)
+        status = response.status
     except UpstreamUnavailable as exc:
         request[OUTCOME] = "unavailable"
-        response = error_answer(exc)
+        response, error = error_answer(exc), exc
+        status = response.status
     except (UpstreamError, IntegrityError, NotFoundUpstream) as exc:
         request[OUTCOME] = "error"
-        response = error_answer(exc)
-    except web.HTTPException:
+        response, error = error_answer(exc), exc
+        status = response.status
+    except web.HTTPException as exc:
         request.setdefault(OUTCOME, "error")
+        status = exc.status
         raise
     except BodyCut as exc:  # logged where it was cut
         if request.transport is not None:
             request.transport.abort()  # aiohttp's last write then fails quietly
         response = exc.response
+        status = response.status
     finally:
-        metrics = request.app[METRICS]
-        family = request.get(FAMILY)
-        if family is not None:
-            metrics.request_seconds.labels(family, request.get(OUTCOME, "error")).observe(
-                time.monotonic() - started)
-            if request.get(OUTCOME) == "hit":
-                metrics.cache_hits.labels(family).inc()
-            elif request.get(OUTCOME) == "miss":
-                metrics.cache_misses.labels(family).inc()
+        _observe(request, time.monotonic() - started, failure_reason(
+            status, request.get(OUTCOME), error))
     return response
+
+
+def _observe(request: web.Request, seconds: float, failure: str | None) -> None:
+    """Count a labelled request: latency; a hit or miss of the store (the hit ratio) or
+    of the answer cache; a failure."""
+    metrics = request.app[METRICS]
+    family = request.get(FAMILY)
+    if family is None:
+        return
+    outcome = request.get(OUTCOME, "error")
+    metrics.request_seconds.labels(family, outcome).observe(seconds)
+    if request.get(ANSWER):
+        if outcome in ANSWER_OUTCOMES:
+            metrics.answers.labels(outcome).inc()
+    elif outcome == "hit":
+        metrics.cache_hits.labels(family).inc()
+    elif outcome == "miss":
+        metrics.cache_misses.labels(family).inc()
+    if failure is not None:
+        metrics.failed_requests.labels(family, failure).inc()
 
 
 #: ``X-Cache`` values by request outcome (nginx's ``$upstream_cache_status``, Varnish's

@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from dicomcache.dicom.uids import is_orthanc_id, uid_problem
-from dicomcache.http.keys import FAMILY, OUTCOME
+from dicomcache.http.keys import ANSWER, FAMILY, OUTCOME
 from dicomcache.http.respond import BadRequest
 
 
@@ -35,8 +35,12 @@ def dicomweb_uids(request: web.Request) -> tuple[str, str | None, str | None]:
     return study, series, sop
 
 
-def family_of(request: web.Request, family: str, outcome: str | None = None) -> None:
-    """Label the request for the latency histogram (read by the app's middleware)."""
+def family_of(request: web.Request, family: str, outcome: str | None = None, *,
+              answer: bool = False) -> None:
+    """Label the request for the metrics (read by the app's middleware); ``answer``: its
+    hit or miss is of the answer cache, not an instance's (not in the hit ratio)."""
     request[FAMILY] = family
+    if answer:
+        request[ANSWER] = True
     if outcome is not None:
         request[OUTCOME] = outcome

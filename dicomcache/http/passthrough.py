@@ -144,7 +144,8 @@ async def _relay_response(request: web.Request, upstream: aiohttp.ClientResponse
                     await out.write(chunk)
             except TimeoutError as exc:  # the viewer stopped reading: not Orthanc's fault
                 raise cut(request, out, f"read-through of {request.path}", exc,
-                          f" (the viewer read nothing for {send_timeout:g} s)") from exc
+                          f" (the viewer read nothing for {send_timeout:g} s)",
+                          by_viewer=True) from exc
     except (aiohttp.ClientError, TimeoutError) as exc:
         # Headers are gone already: the viewer must see an incomplete body, not a
         # complete short one.  (Not an upstream error, so nothing retries.)

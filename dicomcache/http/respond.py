@@ -31,6 +31,7 @@ from aiohttp.abc import AbstractStreamWriter
 
 from dicomcache.cache.instance import Instance
 from dicomcache.cache.store import Store, signature
+from dicomcache.errors import UpstreamError
 from dicomcache.http import ranges
 from dicomcache.http.keys import METRICS, OUTCOME, SERVED, STORE
 
@@ -52,12 +53,17 @@ class BodyCut(ConnectionResetError):
 
 
 def cut(request: web.Request, response: web.StreamResponse, what: str, exc: BaseException,
-        after: str = "") -> BodyCut:
-    """Log why ``response`` cannot be finished and return the error that ends it."""
-    request[OUTCOME] = "aborted"
-    # A viewer that goes away (a closed tab, a cancelled load) is routine; a cut file or
-    # an upstream that stopped sending is not.
-    log.log(logging.INFO if isinstance(exc, ConnectionError) else logging.WARNING,
+        after: str = "", *, by_viewer: bool | None = None) -> BodyCut:
+    """Log why ``response`` cannot be finished and return the error that ends it.
+
+    ``by_viewer``: the viewer ended it (default: a connection error that is not
+    Orthanc's, i.e. the viewer's socket)."""
+    # A viewer that goes away (a closed tab, a cancelled load) is routine: logged quietly,
+    # not a failure ("aborted"); one that stops reading is worth a line.  A cut file or an
+    # upstream that stopped sending is a failed request ("cut").
+    gone = isinstance(exc, ConnectionError) and not isinstance(exc, UpstreamError)
+    request[OUTCOME] = "aborted" if (gone if by_viewer is None else by_viewer) else "cut"
+    log.log(logging.INFO if gone else logging.WARNING,
             "%s aborted%s: %s: %s", what, after, type(exc).__name__, exc)
     return BodyCut(response, f"{what} cut{after}: {exc}")
 

@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from dicomcache import __version__
-from dicomcache.config import is_loopback_host
+from dicomcache.config import format_size, is_loopback_host
 from dicomcache.errors import NotFoundUpstream, UpstreamError
 from dicomcache.http import auth
 from dicomcache.http.keys import (
@@ -43,7 +43,7 @@ from dicomcache.http.keys import (
     STORE,
 )
 from dicomcache.http.respond import json_error
-from dicomcache.metrics import INSTANCE_FAMILIES, Metrics
+from dicomcache.metrics import ANSWER_OUTCOMES, INSTANCE_FAMILIES, Metrics
 from dicomcache.upstream.client import OrthancClient
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,10 @@ def _upstream_view(m: Metrics, client: OrthancClient) -> dict[str, Any]:
     state = {None: "unknown", True: "up", False: "down"}[m.upstream_state]
     view = {"url": client.base, "state": state, "since": m.upstream_since,
             "checked": m.upstream_checked,
-            "detail": m.upstream_detail if m.upstream_state is False else ""}
+            "detail": m.upstream_detail if m.upstream_state is False else "",
+            # Kept once Orthanc is back: shown as past, not as a current fault.
+            "last_error": None if m.upstream_error_at is None else {
+                "time": m.upstream_error_at, "detail": m.upstream_detail}}
     # The circuit breaker (when the client has one): open means misses fail fast.
     breaker = getattr(client, "breaker", None)
     if breaker is not None:
@@ -261,6 +264,7 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
     hits = {f: int(_total(m.cache_hits, family=f)) for f in INSTANCE_FAMILIES}
     misses = {f: int(_total(m.cache_misses, family=f)) for f in INSTANCE_FAMILIES}
     nhits, nmisses = sum(hits.values()), sum(misses.values())
+    failed = {k: int(v) for k, v in _by_label(m.failed_requests, "reason").items() if v}
     integrity = {k: int(v) for k, v in _by_label(m.integrity_failures, "cause").items()}
     failures = {k: int(v) for k, v in _by_label(m.upstream_failures, "cause").items() if v}
     return {
@@ -275,6 +279,7 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
                   "hit_ratio": nhits / (nhits + nmisses) if nhits + nmisses else None,
                   "by_family": {f: {"hits": hits[f], "misses": misses[f]}
                                 for f in INSTANCE_FAMILIES},
+                  "answers": {o: int(_total(m.answers, outcome=o)) for o in ANSWER_OUTCOMES},
                   "served_bytes": int(_total(m.served_bytes)),
                   "write_failures": int(_total(m.uncached)),
                   "last_write_failure": None if m.last_uncached is None else {
@@ -287,6 +292,7 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
                       "purged": {k: int(v) for k, v in _by_label(m.purged, "cause").items()},
                       "unconfirmed_served": int(_total(m.unconfirmed)),
                       "feed_gaps": int(_total(m.feed_gaps))}},
+        "requests": {"failed": sum(failed.values()), "failed_by_reason": failed},
         "integrity": {
             "total": integrity,
             "recent": [{"time": e.time, "cause": e.cause, "instance": e.instance,
@@ -334,13 +340,7 @@ def _e(value: object) -> str:
 
 
 def _bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    return "-" if n is None else format_size(n)
 
 
 def _when(ts: float | None, now: float) -> str:
@@ -415,7 +415,7 @@ def render(s: dict[str, Any]) -> str:
         + "<main>"
         + _render_upstream(s["upstream"], now)
         + _render_tls(s.get("tls"), now)
-        + _render_cache(s["cache"])
+        + _render_cache(s["cache"], s.get("requests") or {})
         + _render_integrity(s["integrity"], now)
         + _render_relay(s["relay"], now)
         + _render_audit(s.get("audit"), now)
@@ -459,8 +459,7 @@ def _render_audit(a: dict[str, Any] | None, now: float) -> str:
 def _render_upstream(u: dict[str, Any], now: float) -> str:
     state = u.get("state", "unknown")
     failures = ", ".join(f"{_e(k)} {v}" for k, v in sorted(u["failures"].items())) or "none"
-    detail = (f'<dt>last error</dt><dd class="bad">{_e(u["detail"])}</dd>'
-              if u.get("detail") else "")
+    detail = _last_error(u, now)
     circuit = u.get("circuit")
     if circuit is not None:
         if circuit.get("state") == "open":
@@ -483,6 +482,18 @@ def _render_upstream(u: dict[str, Any], now: float) -> str:
         "</dl></section>")
 
 
+def _last_error(u: dict[str, Any], now: float) -> str:
+    """While Orthanc is down, why (in red); once it is back, the last error as past."""
+    if u.get("detail"):
+        return f'<dt>last error</dt><dd class="bad">{_e(u["detail"])}</dd>'
+    last = u.get("last_error")
+    if not last or u.get("state") != "up":
+        return ""
+    return ('<dt>last error</dt><dd id="upstream-last-error" class="muted">'
+            f"{_when(last['time'], now)}, recovered since {_when(u.get('since'), now)}: "
+            f"{_e(last['detail'])}</dd>")
+
+
 def _render_tls(t: dict[str, Any] | None, now: float) -> str:
     """The viewer listener's certificate: what an operator renews, and by when."""
     if not t:
@@ -501,7 +512,7 @@ def _render_tls(t: dict[str, Any] | None, now: float) -> str:
         f"({days:.0f} days)</dd></dl></section>")
 
 
-def _render_cache(c: dict[str, Any]) -> str:
+def _render_cache(c: dict[str, Any], r: dict[str, Any]) -> str:
     if "error" in c:
         use = f'<dt>store</dt><dd class="bad">{_e(c["error"])}</dd>'
     else:
@@ -514,19 +525,44 @@ def _render_cache(c: dict[str, Any]) -> str:
                f"<dt>instances</dt><dd>{c['entries']}</dd>"
                f"<dt>pinned studies</dt><dd>{c['pinned_studies']}</dd>"
                f"<dt>evictions</dt><dd>{c['evictions']} since start</dd>")
-    ratio = "-" if c["hit_ratio"] is None else f"{c['hit_ratio']:.1%}"
-    fams = ", ".join(f"{_e(f)} {v['hits']}/{v['hits'] + v['misses']}"
-                     for f, v in c["by_family"].items() if v["hits"] + v["misses"])
     return (
-        '<section id="cache"><h2>Cache</h2><dl>' + use
-        + f'<dt>hit ratio</dt><dd><span id="hit-ratio">{ratio}</span> '
-        f"({c['hits']} hits, {c['misses']} misses{'; ' + fams if fams else ''})</dd>"
-        f"<dt>served</dt><dd>{_bytes(c['served_bytes'])}</dd>"
+        '<section id="cache"><h2>Cache</h2><dl>' + use + _hit_ratio(c) + _failed(r)
+        + f"<dt>served</dt><dd>{_bytes(c['served_bytes'])}</dd>"
         + _write_failures(c)
         + f"<dt>coalesced misses</dt><dd>{c['coalesced']}</dd>"
         f"<dt>prefetch queue</dt><dd>{c['prefetch_queue']}</dd>"
         + _coherence(c["coherence"])
         + "</dl></section>")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}es" if what.endswith("s") else f"{n} {what}s"
+
+
+def _hit_ratio(c: dict[str, Any]) -> str:
+    """Instance requests only (a file, a frame, a retrieve): what the store saves the WAN.
+    Metadata and searches are a line of their own."""
+    ratio = "-" if c["hit_ratio"] is None else f"{c['hit_ratio']:.1%}"
+    fams = ", ".join(f"{_e(f)} {v['hits']}/{v['hits'] + v['misses']}"
+                     for f, v in c["by_family"].items() if v["hits"] + v["misses"])
+    a = c.get("answers") or {}
+    answers = (f"<dt>metadata and searches</dt><dd>{a.get('hit', 0)} from memory, "
+               f"{a.get('miss', 0)} from Orthanc, {a.get('stale', 0)} stale copies served "
+               "while Orthanc was away</dd>" if any(a.values()) else "")
+    return (f'<dt>hit ratio</dt><dd><span id="hit-ratio">{ratio}</span> of instance requests '
+            f"({_count(c['hits'], 'hit')}, {_count(c['misses'], 'miss')}"
+            f"{'; ' + fams if fams else ''})</dd>" + answers)
+
+
+def _failed(r: dict[str, Any]) -> str:
+    """Viewer requests answered with a failure: next to the hit ratio, which counts only
+    the requests that were answered."""
+    total = r.get("failed", 0)
+    if not total:
+        return '<dt>failed requests</dt><dd><span id="failed-requests">0</span></dd>'
+    why = ", ".join(f"{_e(k)} {v}" for k, v in sorted(r["failed_by_reason"].items()))
+    return (f'<dt>failed requests</dt><dd><span id="failed-requests" class="bad">{total}'
+            f"</span> since start ({why})</dd>")
 
 
 def _coherence(h: dict[str, Any]) -> str:
@@ -584,6 +620,17 @@ def _render_intake(intake: dict[str, Any]) -> str:
             f"</span> ({room})</dd>")
 
 
+def _destination_error(d: dict[str, Any], now: float) -> str:
+    """A destination's last error: red while current, muted once it delivered since."""
+    if not d.get("last_error"):
+        return "-"
+    when = _when(d.get("last_error_time"), now)
+    success, failed_at = d.get("last_success"), d.get("last_error_time") or 0.0
+    if success is not None and success > failed_at:
+        return f'<span class="muted">{_e(d["last_error"])}</span> {when}, recovered'
+    return f'<span class="bad">{_e(d["last_error"])}</span> {when}'
+
+
 def _render_relay(r: dict[str, Any], now: float) -> str:
     if not r.get("enabled"):
         return ('<section id="relay"><h2>DIMSE relay</h2>'
@@ -601,8 +648,7 @@ def _render_relay(r: dict[str, Any], now: float) -> str:
             f"<li>{_e(_syntax_name(k))}: "
             + ", ".join(_e(_syntax_name(str(t))) for t in (v if isinstance(v, list) else [v]))
             + "</li>" for k, v in sorted(learned.items()))
-        error = (f'<span class="bad">{_e(d["last_error"])}</span> '
-                 f"{_when(d.get('last_error_time'), now)}" if d.get("last_error") else "-")
+        error = _destination_error(d, now)
         rows.append([
             f"<b>{_e(name)}</b>{' (sending)' if busy.get(name) else ''}",
             str(d.get("queue_depth", 0)),

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dicomcache.config import format_size
+
 #: Bytes the spool keeps aside for its own database (see the module docstring).
 RESERVE_SIZE = 1 << 20
 
@@ -43,10 +45,6 @@ class Refusal:
     message: str
 
 
-def _size(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
-
-
 def refusal(room: Room, size: int, min_free: int) -> Refusal | None:
     """Why a C-STORE of ``size`` bytes must be refused, or ``None`` to take it."""
     if not room.spool_open:
@@ -55,12 +53,12 @@ def refusal(room: Room, size: int, min_free: int) -> Refusal | None:
     if not room.reserve_held:
         return Refusal(DISK_FULL, "the spool's file system filled up and its reserve is in "
                                   "use; new instances are taken again once "
-                                  f"{_size(2 * RESERVE_SIZE)} are free")
+                                  f"{format_size(2 * RESERVE_SIZE)} are free")
     if room.free is None or min_free == 0:
         return None  # the write itself will tell (ENOSPC is answered 0xA700 too)
     if room.free - size < min_free:
-        return Refusal(MIN_FREE, f"{_size(room.free)} free on the spool's file system, "
-                                 f"relay.min_free is {_size(min_free)}")
+        return Refusal(MIN_FREE, f"{format_size(room.free)} free on the spool's file system, "
+                                 f"relay.min_free is {format_size(min_free)}")
     return None
 
 

@@ -19,6 +19,7 @@ from dicomcache.cli.main import main
 from dicomcache.config import load
 from dicomcache.devtools.orthanc import OrthancProcess, free_port
 from dicomcache.devtools.samples import encode, make_ct_series
+from dicomcache.devtools.wanem import WanEmulator
 from dicomcache.dicom.verify import parse_dicom
 from dicomcache.http.app import make_app
 from tests.conftest import Sample
@@ -35,7 +36,7 @@ def study(n: int, seed: int, rows: int = 128) -> list[bytes]:
             for ds in make_ct_series(n, rows=rows, columns=512, seed=seed)]
 
 
-def write_config(tmp_path: Path, *, port: int | None = None, max_size: str = "1GB",
+def write_config(tmp_path: Path, *, port: int | None = None, max_size: str = "1GiB",
                  upstream: str = "http://127.0.0.1:9", extra: str = "") -> Path:
     cfg = tmp_path / "dicomcache.toml"
     cfg.write_text(f"""
@@ -240,29 +241,45 @@ def test_remove_entries_keeps_the_hot_map_consistent(tmp_path: Path) -> None:
 
 
 async def test_stats_reads_the_running_daemons_hit_ratio(
-        tmp_path: Path, orthanc: OrthancProcess, ct_series: list[Sample],
+        tmp_path: Path, orthanc: OrthancProcess, wan: WanEmulator, ct_series: list[Sample],
         capsys: pytest.CaptureFixture[str]) -> None:
+    """The ratio is over instance requests only (a search or metadata is not an instance
+    miss), and failed viewer requests are a figure of their own."""
     port = free_port()
-    cfg = write_config(tmp_path, port=port, upstream=orthanc.url,
+    cfg = write_config(tmp_path, port=port, upstream=f"http://127.0.0.1:{wan.port}",
                        extra=f'username = "{orthanc.username}"\n'
-                             f'password = "{orthanc.password}"')
+                             f'password = "{orthanc.password}"\nretries = 0')
     runner = web.AppRunner(make_app(await asyncio.to_thread(load, cfg)))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
+    base = f"http://127.0.0.1:{port}"
+    s = ct_series[4]
     try:
         import aiohttp
         async with aiohttp.ClientSession() as http:
             for _ in range(4):  # one miss, three hits
-                async with http.get(f"http://127.0.0.1:{port}/instances/"
-                                    f"{ct_series[4].orthanc_id}/file") as resp:
+                async with http.get(f"{base}/instances/{s.orthanc_id}/file") as resp:
                     assert resp.status == 200
+            for path in (f"/dicom-web/studies?StudyInstanceUID={s.study}",
+                         f"/dicom-web/studies/{s.study}/series/{s.series}/metadata"):
+                async with http.get(base + path,
+                                    headers={"Accept": "application/dicom+json"}) as resp:
+                    assert resp.status == 200
+            wan.set_down(True)
+            async with http.get(f"{base}/instances/{ct_series[5].orthanc_id}/file") as resp:
+                assert resp.status == 502
         # The CLI blocks (urllib): run it off the loop that serves the daemon.
         code = await asyncio.to_thread(main, ["stats", "--config", str(cfg)])
         out = capsys.readouterr().out
         assert code == 0
-        assert "hit ratio   75.0% (3 hits, 1 misses since the daemon started)" in out
+        assert ("hit ratio   75.0% of instance requests (3 hits, 1 misses since the daemon "
+                "started)") in out
+        assert "failed      1 viewer request(s) since the daemon started (upstream 1)" in out
         assert "1 instance(s) in 1 study(ies)" in out
+        code = await asyncio.to_thread(main, ["stats", "--config", str(cfg), "--json"])
+        data = json.loads(capsys.readouterr().out)
+        assert (data["hits"], data["misses"], data["failed_requests"]) == (3, 1, 1)
     finally:
         await runner.cleanup()
 

@@ -36,10 +36,10 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('[upstream]\nurl = "http://pacs:8042"\n'
-                   '[cache]\ndirectory = "x"\nmax_size = "2GB"\n')
+                   '[cache]\ndirectory = "x"\nmax_size = "2GiB"\n')
     assert main(["check-config", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
-    assert "OK" in out and "http://pacs:8042" in out and "2.00 GiB" in out
+    assert "OK" in out and "http://pacs:8042" in out and "2.0 GiB" in out
 
 
 def test_check_config_lists_every_problem(tmp_path: Path,
@@ -88,7 +88,7 @@ def write_config(path: Path, port: int, upstream: str, orthanc: OrthancProcess,
         backoff_base = 0.05
         [cache]
         directory = "{cache}"
-        max_size = "1GB"
+        max_size = "1GiB"
         [audit]
         file = "{cache.parent / 'audit' / 'audit.jsonl'}"
     """))

@@ -181,7 +181,7 @@ def test_multipart_checks() -> None:
 
 def test_config_sections() -> None:
     s = from_dict({"dicomweb": {"metadata_fresh": 2, "public_url": "https://c.example/pacs/",
-                                "memory_size": "64MB"},
+                                "memory_size": "64MiB"},
                    "cors": {"allowed_origins": ["https://ohif.example", "http://localhost:3000"]}})
     assert s.dicomweb.metadata_fresh == 2.0 and s.dicomweb.memory_size == 64 << 20
     assert s.dicomweb.public_url == "https://c.example/pacs"

@@ -9,8 +9,17 @@ import aiohttp
 import pytest
 
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
+from dicomcache.errors import (
+    Cause,
+    IntegrityError,
+    NotFoundUpstream,
+    UpstreamError,
+    UpstreamUnavailable,
+)
 from dicomcache.http.app import make_app
-from tests.conftest import Sample, SettingsFactory
+from dicomcache.http.keys import METRICS
+from dicomcache.http.middleware import failure_reason
+from tests.conftest import Sample, SettingsFactory, metric_value
 
 
 async def raw_request(port: int, target: str) -> str:
@@ -62,6 +71,9 @@ async def test_an_answer_cut_after_its_headers_is_one_log_line_not_a_traceback(
     assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
     cuts = [r for r in caplog.records if "aborted" in r.getMessage()]
     assert len(cuts) == 3 and all(r.levelname == "WARNING" for r in cuts)
+    # Counted as failed requests (the viewer got no complete answer), not as successes.
+    assert metric_value(client.app[METRICS], "dicomcache_http_failed_requests_total",
+                        family="passthrough", reason="cut") == 3
 
 
 async def test_x_cache_says_hit_miss_stale_or_pass(
@@ -95,3 +107,29 @@ async def test_x_cache_stale_while_orthanc_is_away(
     stale = await client.get(meta)
     assert stale.status == 200 and stale.headers["X-Cache"] == "STALE"
     assert "Warning" in stale.headers
+
+
+@pytest.mark.parametrize(("status", "outcome", "exc", "reason"), [
+    (200, "hit", None, None),
+    (200, "miss", None, None),
+    (200, "passthrough", None, None),
+    (304, "hit", None, None),
+    (404, "error", NotFoundUpstream(404, "no such instance"), None),  # not a failure
+    (400, "error", None, None),
+    (401, None, None, None),
+    (200, "aborted", None, None),   # the viewer went away: routine
+    (200, "cut", None, "cut"),      # the answer was broken off: the viewer has nothing
+    (502, "error", UpstreamError(Cause.RESET, "reset"), "upstream"),
+    (504, "error", UpstreamError(Cause.TIMEOUT, "timeout"), "upstream"),
+    (502, "error", UpstreamError(Cause.MD5_MISMATCH, "md5"), "corrupt"),
+    (502, "error", IntegrityError(Cause.SHORT_BODY, "short"), "corrupt"),
+    (503, "unavailable", UpstreamUnavailable(Cause.CIRCUIT_OPEN, "open", attempts=0),
+     "unavailable"),
+    (500, "passthrough", None, "upstream"),  # Orthanc's own 500, passed on
+    (503, "passthrough", None, "upstream"),
+    (503, "hit", None, "other"),    # e.g. the audit trail cannot be written
+    (500, "error", None, "other"),  # an exception nobody handled
+])
+def test_failure_reason(status: int, outcome: str | None, exc: BaseException | None,
+                        reason: str | None) -> None:
+    assert failure_reason(status, outcome, exc) == reason

@@ -301,7 +301,7 @@ connect_timeout = 2
 read_timeout = 5
 [cache]
 directory = "{tmp_path / 'cache'}"
-max_size = "1GB"
+max_size = "1GiB"
 [audit]
 file = "{tmp_path / 'audit' / 'audit.jsonl'}"
 [prefetch]
@@ -359,3 +359,98 @@ mode = "off"    # no background traffic racing the faults below
     assert len(down) == 1 and down[0]["level"] == "ERROR", messages
     assert len(up) == 1, messages
     assert messages[-1] == "dicomcache stopped"
+
+
+# --- honest numbers ----------------------------------------------------------------------
+JSON = {"Accept": "application/dicom+json"}
+
+
+async def test_hit_ratio_counts_instance_requests_only_and_failures_apart(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        samples: dict[str, list[Sample]]) -> None:
+    """A search or a metadata request is no instance miss; failed requests are counted
+    and shown (a page saying "83 %" while viewers' requests fail would mislead)."""
+    client = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}", upstream={"retries": 0, "breaker_failures": 2})))
+    s, t = samples["explicit"][0], samples["explicit"][1]
+    for _ in range(2):  # a miss, then a hit
+        assert (await client.get(f"/instances/{s.orthanc_id}/file")).status == 200
+    for path in (f"/dicom-web/studies?StudyInstanceUID={s.study}",
+                 f"/dicom-web/studies/{s.study}/series/{s.series}/metadata"):
+        for _ in range(2):  # from Orthanc, then from memory
+            assert (await client.get(path, headers=JSON)).status == 200
+    wan.set_down(True)
+    failed = [(await client.get(f"/instances/{t.orthanc_id}/file")).status for _ in range(4)]
+    assert all(code in (502, 503, 504) for code in failed), failed
+    assert 503 in failed  # the breaker opened: failing fast is a failure too
+
+    data = await (await client.get("/status.json")).json()
+    cache = data["cache"]
+    assert (cache["hits"], cache["misses"], cache["hit_ratio"]) == (1, 1, 0.5)
+    assert cache["by_family"]["dicomweb"] == {"hits": 0, "misses": 0}
+    assert cache["answers"] == {"hit": 2, "miss": 2, "stale": 0}
+    requests = data["requests"]
+    assert requests["failed"] == 4
+    assert requests["failed_by_reason"] == {
+        "upstream": failed.count(502) + failed.count(504), "unavailable": failed.count(503)}
+    m = client.app[METRICS]
+    assert metric_value(m, "dicomcache_cache_misses_total", family="dicomweb") == 0
+    assert metric_value(m, "dicomcache_http_failed_requests_total", family="orthanc",
+                        reason="unavailable") == failed.count(503)
+
+    page = await (await client.get("/")).text()
+    assert re.search(r'id="hit-ratio">50.0%</span> of instance requests \(1 hit, 1 miss', page)
+    assert re.search(r'id="failed-requests" class="bad">4</span> since start', page)
+    assert "metadata and searches" in page and "2 from memory, 2 from Orthanc" in page
+
+
+async def test_a_recovered_upstream_error_is_shown_as_past(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        samples: dict[str, list[Sample]]) -> None:
+    client = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}", upstream={"retries": 0, "breaker_failures": 0})))
+    s, t = samples["explicit"][2], samples["explicit"][0]
+    wan.set_down(True)
+    assert (await client.get(f"/instances/{s.orthanc_id}/file")).status == 502
+    page = await (await client.get("/")).text()
+    assert 'class="badge down">DOWN' in page
+    assert re.search(r'<dt>last error</dt><dd class="bad">[^<]*GET /instances/', page)
+
+    wan.set_down(False)
+    assert (await client.get(f"/instances/{t.orthanc_id}/file")).status == 200
+    data = await (await client.get("/status.json")).json()
+    upstream = data["upstream"]
+    assert upstream["state"] == "up" and upstream["detail"] == ""
+    assert "GET /instances/" in upstream["last_error"]["detail"]
+    assert upstream["last_error"]["time"] <= upstream["since"]
+    page = await (await client.get("/")).text()
+    section = re.search(r'<section id="upstream">.*?</section>', page)
+    assert section is not None
+    assert re.search(r'<dt>last error</dt><dd id="upstream-last-error" class="muted">'
+                     r'<span[^>]*>\d+ s ago</span>, recovered since <span[^>]*>\d+ s ago'
+                     r'</span>: [^<]*GET /instances/', section.group(0)), section.group(0)
+    assert 'class="bad"' not in section.group(0)
+
+
+def _relay_snap(last_success: float | None, last_error_time: float) -> dict[str, Any]:
+    return {"enabled": True, "ae_title": "DICOMCACHE", "listening": "127.0.0.1:11112",
+            "forwarders": {}, "destinations": {"pacs": {
+                "queue_depth": 0, "oldest_age_seconds": None, "configured_strategy": "standard",
+                "learned_strategy": None, "learned_syntaxes": {}, "quarantined": 0,
+                "last_success": last_success, "last_error": "refused",
+                "last_error_time": last_error_time}}}
+
+
+@pytest.mark.parametrize(("last_success", "last_error_time", "recovered"), [
+    (990.0, 960.0, True),    # delivered since the error: past
+    (950.0, 960.0, False),   # failing since the last delivery: current
+    (None, 960.0, False),    # never delivered
+])
+def test_a_relay_destination_error_before_its_last_delivery_is_shown_as_past(
+        last_success: float | None, last_error_time: float, recovered: bool) -> None:
+    html_ = status._render_relay(_relay_snap(last_success, last_error_time), 1000.0)
+    if recovered:
+        assert '<span class="muted">refused</span>' in html_ and "recovered" in html_
+        assert 'class="bad"' not in html_
+    else:
+        assert '<span class="bad">refused</span>' in html_ and "recovered" not in html_

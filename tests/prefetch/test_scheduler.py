@@ -140,7 +140,7 @@ async def test_prefetch_stops_near_the_cache_bound_and_evicts_nothing(
         aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
         ct_series: list[Sample]) -> None:
     settings = make_settings(url=f"http://127.0.0.1:{wan.port}",
-                             cache={"max_size": "4MB"},
+                             cache={"max_size": "4MiB"},
                              prefetch={"mode": "series", "parallel": 2, "max_fraction": 0.5})
     client = await aiohttp_client(make_app(settings))
     assert (await client.get(f"/instances/{ct_series[0].orthanc_id}/file")).status == 200

@@ -1,0 +1,207 @@
+"""Every command in the docs either runs here, or says why it cannot.
+
+Each fenced ``sh`` or ``console`` block of README.md and docs/*.md carries one of two
+tags in its info string:
+
+* ```` ```sh test ````: run here, command by command, against a real Orthanc (the
+  session fixture, given a small study of its own) and a real ``dicomcache serve``
+  started on a free loopback port; each command must exit 0 and print something
+  (never a traceback).
+* ```` ```sh no-test ````: needs what a test cannot have (root, systemd, apt, another
+  machine, a password typed in, a server that runs until stopped).
+
+A block with neither tag fails :func:`test_every_command_block_is_tested_or_marked`.
+
+In tested blocks these stand for the test's own things (docs/README.md says the same):
+
+============================================  ===========================================
+``/etc/dicomcache/config.toml``               the test's configuration file
+``sudo -u dicomcache``                        nothing: the test is the service's user
+``/opt/dicomcache/.venv/bin/dicomcache``      ``dicomcache`` of the test's virtualenv
+``http://127.0.0.1:8080``                     the running daemon
+``STUDY_UID``, ``PATIENT_ID``,                a study in Orthanc, its patient, its
+``ACCESSION_NUMBER``, ``INSTANCE_ID``         accession number, one instance's Orthanc ID
+============================================  ===========================================
+
+An ``alias`` or a variable assignment is set up for the later commands of its block.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset
+
+from dicomcache.devtools.orthanc import OrthancProcess, free_port, loopback_env, wait_http
+from dicomcache.devtools.samples import encode, make_ct_series
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SHELLS = ("sh", "console", "bash", "shell")
+_BLOCK = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.S | re.M)
+_SETUP = re.compile(r"^(alias \w+=|[A-Za-z_]\w*=)")
+
+
+@dataclass(frozen=True)
+class Block:
+    path: Path
+    line: int
+    tags: tuple[str, ...]
+    text: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.path.relative_to(ROOT)}:{self.line}"
+
+
+def blocks() -> list[Block]:
+    """The shell blocks of the documents."""
+    found = []
+    for path in DOCUMENTS:
+        text = path.read_text()
+        for m in _BLOCK.finditer(text):
+            words = m.group(1).split()
+            if words and words[0] in SHELLS:
+                found.append(Block(path, text[:m.start()].count("\n") + 1, tuple(words[1:]),
+                                   m.group(2)))
+    return found
+
+
+def commands(text: str) -> list[str]:
+    """Logical command lines: continuations joined, comments and blank lines left out."""
+    out, pending = [], ""
+    for raw in text.splitlines():
+        line = pending + (raw.lstrip() if pending else raw)
+        if line.rstrip().endswith("\\"):
+            pending = line.rstrip()[:-1].rstrip() + " "
+            continue
+        pending = ""
+        if line.strip() and not line.lstrip().startswith("#"):
+            out.append(line.strip())
+    return out
+
+
+def test_every_command_block_is_tested_or_marked() -> None:
+    unmarked = [b.where for b in blocks() if len(set(b.tags) & {"test", "no-test"}) != 1]
+    assert unmarked == [], "tag each block `sh test` or `sh no-test` (see this module)"
+
+
+def test_the_docs_have_tested_commands() -> None:
+    """The convention is used: a check that would pass with nothing to check is none."""
+    tested = [b for b in blocks() if "test" in b.tags]
+    assert len(tested) >= 8
+    assert sum(len(commands(b.text)) for b in tested) >= 12
+
+
+def test_commands_are_split_as_a_shell_reads_them() -> None:
+    text = "# a comment\ndicomcache verify \\\n     --config F --no-progress\n\nls  # trailing\n"
+    assert commands(text) == ["dicomcache verify --config F --no-progress",
+                              "ls  # trailing"]
+
+
+# --- running them ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Site:
+    """What the placeholders of tested blocks stand for."""
+
+    config: Path
+    base: str
+    values: dict[str, str]
+    env: dict[str, str]
+
+    def substitute(self, command: str) -> str:
+        for old, new in (("sudo -u dicomcache ", ""),
+                         ("/opt/dicomcache/.venv/bin/dicomcache", "dicomcache"),
+                         ("/etc/dicomcache/config.toml", str(self.config)),
+                         ("http://127.0.0.1:8080", self.base), *self.values.items()):
+            command = command.replace(old, new)
+        return command
+
+
+PATIENT, ACCESSION = "PDOCS", "DOCS-0001"
+
+
+def _study(orthanc: OrthancProcess) -> list[tuple[str, Dataset, bytes]]:
+    """A small study of the documents' own (a patient and an accession number to find)."""
+    datasets = make_ct_series(3, rows=64, columns=64, seed=21, patient_id=PATIENT,
+                              accession_number=ACCESSION)
+    blobs = [encode(ds, ds.file_meta.TransferSyntaxUID) for ds in datasets]
+    return list(zip(orthanc.upload(blobs), datasets, blobs, strict=True))
+
+
+@pytest.fixture(scope="module")
+def site(orthanc: OrthancProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """``dicomcache serve`` with the documents' configuration, on a free port."""
+    tmp = tmp_path_factory.mktemp("doc-commands")
+    port = free_port()
+    (tmp / "orthanc-password").write_text(orthanc.password + "\n")
+    config = tmp / "config.toml"
+    config.write_text(textwrap.dedent(f"""\
+        [server]
+        port = {port}
+        [upstream]
+        url = "{orthanc.url}"
+        username = "{orthanc.username}"
+        password_file = "orthanc-password"
+        [cache]
+        directory = "{tmp / 'cache'}"
+        max_size = "1GiB"
+        [prefetch]
+        mode = "off"
+        [audit]
+        file = "{tmp / 'audit' / 'audit.jsonl'}"
+        """))
+    (oid, ds, blob), *_ = _study(orthanc)
+    venv_bin = str(Path(sys.executable).parent)
+    env = loopback_env({**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"})
+    base = f"http://127.0.0.1:{port}"
+    log = tmp / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", "--config",
+                                 str(config)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env=env)
+    try:
+        wait_http(f"{base}/healthz", timeout=60)
+        # One access, so the audit trail and the hit ratio have something to show.
+        with urllib.request.urlopen(f"{base}/instances/{oid}/file", timeout=30) as resp:
+            assert resp.read() == blob
+        yield Site(config, base, {"STUDY_UID": str(ds.StudyInstanceUID), "INSTANCE_ID": oid,
+                                  "PATIENT_ID": PATIENT, "ACCESSION_NUMBER": ACCESSION}, env)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+TESTED = [b for b in blocks() if "test" in b.tags]
+
+
+@pytest.mark.parametrize("block", TESTED, ids=[b.where for b in TESTED])
+def test_documented_commands_run(site: Site, block: Block) -> None:
+    setup: list[str] = []
+    for command in commands(block.text):
+        line = site.substitute(command)
+        if _SETUP.match(line):
+            setup.append(line)
+            continue
+        script = "shopt -s expand_aliases\n" + "".join(f"{s}\n" for s in setup) + line
+        done = subprocess.run(["bash", "-o", "pipefail", "-c", script], cwd=ROOT,
+                              env=site.env, capture_output=True, text=True, timeout=300,
+                              check=False)
+        said = f"{block.where}: {command}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        assert done.returncode == 0, said
+        assert done.stdout.strip(), f"printed nothing: {said}"
+        assert "Traceback" not in done.stderr, said
