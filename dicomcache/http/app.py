@@ -171,6 +171,7 @@ async def _store_gauges(store: AsyncStore, open_files: OpenFiles, metrics: Metri
             metrics.bad_files.labels("open").inc(store.sync.bad_found - bad_seen)
             bad_seen = store.sync.bad_found
         await store.flush_touches()
+        open_files.prune()  # free the disk space of files evicted or purged meanwhile
         stats = await store.stats()
         metrics.cache_entries.set(stats["entries"])
         metrics.cache_size.set(stats["size_bytes"])
