@@ -106,6 +106,13 @@ class UpstreamSettings:
     #: PEM bundle of the CA(s) an ``https://`` upstream's certificate must chain to
     #: (a hospital CA); ``None``: the system's CAs.  Verification is never off.
     ca_file: Path | None = None
+    #: Bytes of one read-through answer kept in memory while its viewer reads slower
+    #: than Orthanc sends (nginx's ``proxy_buffers``); beyond, a temp file.
+    read_through_buffer: int = 256 << 10
+    #: Temp-file bytes all read-through answers may hold together, in the cache
+    #: directory's ``tmp/`` (nginx's ``proxy_max_temp_file_size``); when spent, a slow
+    #: viewer holds its Orthanc connection as long as it reads.  0: never spill.
+    read_through_temp: int = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,16 +422,16 @@ class _Section:
             self.problem(name, f"must be > 0, not {value}")
         return value
 
-    def size(self, name: str, default: int) -> int:
-        """A size such as ``"50GB"`` (see :func:`parse_size`), at least 1 MB."""
+    def size(self, name: str, default: int, minimum: int = 1 << 20) -> int:
+        """A size such as ``"50GB"`` (see :func:`parse_size`), at least ``minimum``."""
         raw = self.get(name, (str, int), default)
         try:
             value = parse_size(raw)
         except ValueError as exc:
             self.problem(name, str(exc))
             return default
-        if value < 1 << 20:
-            self.problem(name, f"{raw!r} is too small: at least 1MB")
+        if value < minimum:
+            self.problem(name, f"{raw!r} is too small: at least {minimum} bytes")
         return value
 
     def str_list(self, name: str) -> tuple[str, ...]:
@@ -574,6 +581,9 @@ def _upstream(sec: _Section, base: Path) -> UpstreamSettings:
         breaker_probe_interval=sec.positive("breaker_probe_interval", d.breaker_probe_interval),
         compression=compression,
         ca_file=_upstream_ca_file(sec, base, url),
+        read_through_buffer=sec.size("read_through_buffer", d.read_through_buffer,
+                                     minimum=1 << 16),
+        read_through_temp=sec.size("read_through_temp", d.read_through_temp, minimum=0),
     )
 
 
