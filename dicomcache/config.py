@@ -127,6 +127,9 @@ class CacheSettings:
     #: Seconds an entry is served without Orthanc confirming its MD5 again (while
     #: Orthanc can be asked; 0: never confirm).
     revalidate_after: float = 86400.0
+    #: Instances larger than this are written to a temp file as they arrive (hashed on
+    #: the way, verified from the file, committed by rename), never held whole in memory.
+    stream_above: int = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -608,7 +611,8 @@ def _cache(sec: _Section, base: Path) -> CacheSettings:
         sec.problem("revalidate_after", f"must be 0 (off) or positive, not {revalidate}")
     return CacheSettings(directory=base / directory, max_size=sec.size("max_size", d.max_size),
                          scrub_period=scrub, confirm_interval=confirm,
-                         revalidate_after=revalidate)
+                         revalidate_after=revalidate,
+                         stream_above=sec.size("stream_above", d.stream_above))
 
 
 def _access(sec: _Section) -> AccessSettings:

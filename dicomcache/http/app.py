@@ -201,7 +201,8 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[CLIENT] = client
     coherence = Coherence(settings.cache, client, app[STORE], app[METRICS], app[STUDY_CHANGED])
     app[COHERENCE] = coherence
-    app[FETCHER] = Fetcher(client, app[STORE], app[METRICS], coherence)
+    app[FETCHER] = Fetcher(client, app[STORE], app[METRICS], coherence,
+                           stream_above=settings.cache.stream_above)
     coherence.start()
     yield
     await coherence.stop()

@@ -29,6 +29,8 @@ from collections import deque
 from pathlib import Path
 from typing import IO
 
+from dicomcache import durable
+
 log = logging.getLogger(__name__)
 
 #: Bytes read back from the temp file at a time.
@@ -102,8 +104,9 @@ class Spill:
         self._writing = True  # the consumer leaves the file alone meanwhile
         try:
             if self._file is None:
-                self._file = await asyncio.to_thread(_new_file, self.directory)
-            await asyncio.to_thread(_write_at, self._file, self._written, chunk)
+                self._file = await durable.in_thread(_new_file, self.directory)
+            # Not abandoned if cancelled: close() must never close it under the write.
+            await durable.in_thread(_write_at, self._file, self._written, chunk)
         except OSError as exc:  # a full or failing disk: fall back to the viewer's pace
             self.budget.give(len(chunk))
             log.debug("read-through buffer cannot spill to %s: %s", self.directory, exc)
@@ -142,7 +145,7 @@ class Spill:
         f = self._file
         assert f is not None
         n = min(READ_SIZE, self._written - self._read)
-        chunk = await asyncio.to_thread(_read_at, f, self._read, n)
+        chunk = await durable.in_thread(_read_at, f, self._read, n)
         self._read += len(chunk)
         if self._read == self._written and not self._writing:
             # Drained: memory is used first again, and the file (an unlinked one: its
