@@ -130,6 +130,13 @@ class UpstreamSettings:
     #: PEM bundle of the CA(s) an ``https://`` upstream's certificate must chain to
     #: (a hospital CA); ``None``: the system's CAs.  Verification is never off.
     ca_file: Path | None = None
+    #: Bytes of one read-through answer kept in memory while its viewer reads slower
+    #: than Orthanc sends (nginx's ``proxy_buffers``); beyond, a temp file.
+    read_through_buffer: int = 256 << 10
+    #: Temp-file bytes all read-through answers may hold together, in the cache
+    #: directory's ``tmp/`` (nginx's ``proxy_max_temp_file_size``); when spent, a slow
+    #: viewer holds its Orthanc connection as long as it reads.  0: never spill.
+    read_through_temp: int = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +151,9 @@ class CacheSettings:
     #: Seconds an entry is served without Orthanc confirming its MD5 again (while
     #: Orthanc can be asked; 0: never confirm).
     revalidate_after: float = 86400.0
+    #: Instances larger than this are written to a temp file as they arrive (hashed on
+    #: the way, verified from the file, committed by rename), never held whole in memory.
+    stream_above: int = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,16 +455,16 @@ class _Section:
             self.problem(name, f"must be > 0, not {value}")
         return value
 
-    def size(self, name: str, default: int) -> int:
-        """A size such as ``"50GiB"`` (see :func:`parse_size`), at least 1 MiB."""
+    def size(self, name: str, default: int, minimum: int = 1 << 20) -> int:
+        """A size such as ``"50GiB"`` (see :func:`parse_size`), at least ``minimum``."""
         raw = self.get(name, (str, int), default)
         try:
             value = parse_size(raw)
         except ValueError as exc:
             self.problem(name, str(exc))
             return default
-        if value < 1 << 20:
-            self.problem(name, f"{raw!r} is too small: at least 1MiB")
+        if value < minimum:
+            self.problem(name, f"{raw!r} is too small: at least {format_size(minimum)}")
         return value
 
     def str_list(self, name: str) -> tuple[str, ...]:
@@ -604,6 +614,9 @@ def _upstream(sec: _Section, base: Path) -> UpstreamSettings:
         breaker_probe_interval=sec.positive("breaker_probe_interval", d.breaker_probe_interval),
         compression=compression,
         ca_file=_upstream_ca_file(sec, base, url),
+        read_through_buffer=sec.size("read_through_buffer", d.read_through_buffer,
+                                     minimum=1 << 16),
+        read_through_temp=sec.size("read_through_temp", d.read_through_temp, minimum=0),
     )
 
 
@@ -628,7 +641,8 @@ def _cache(sec: _Section, base: Path) -> CacheSettings:
         sec.problem("revalidate_after", f"must be 0 (off) or positive, not {revalidate}")
     return CacheSettings(directory=base / directory, max_size=sec.size("max_size", d.max_size),
                          scrub_period=scrub, confirm_interval=confirm,
-                         revalidate_after=revalidate)
+                         revalidate_after=revalidate,
+                         stream_above=sec.size("stream_above", d.stream_above))
 
 
 def _access(sec: _Section) -> AccessSettings:

@@ -7,15 +7,22 @@ After :func:`write_durably` returns, a power cut leaves either the old file or
 the new one, never a mix; on any error the temp file is gone and the
 ``OSError`` (``ENOSPC`` when the disk is full) propagates.
 
-Blocking: call from a worker thread.
+Blocking: call from a worker thread (:func:`in_thread` from the event loop when the
+call writes through a descriptor the caller closes afterwards).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 #: Files dicomcache writes hold patient data: owner read/write, group read, no others.
 FILE_MODE = 0o640
@@ -80,3 +87,19 @@ def write_durably(final: Path, data: bytes | bytearray | memoryview, *,
 def is_disk_full(exc: OSError) -> bool:
     """The disk (or the user's quota) is full."""
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """``asyncio.to_thread``, but a cancelled caller waits for the thread to finish.
+
+    A cancelled ``to_thread`` returns at once while its thread goes on; a caller
+    that then closes the descriptor the thread writes through could have the number
+    reused by another file and written into.  Here the cancellation is re-raised
+    only once the call is over.
+    """
+    call = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        await asyncio.gather(call, return_exceptions=True)
+        raise

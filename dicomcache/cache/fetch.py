@@ -20,18 +20,30 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
+
+import aiohttp
 
 from dicomcache.cache.coherence import Coherence
 from dicomcache.cache.instance import Instance
+from dicomcache.cache.receive import Received, Sink, receive
 from dicomcache.cache.store import AsyncStore
-from dicomcache.dicom.verify import DicomSummary, identity_problem, md5_hex, verify_bytes
+from dicomcache.dicom.verify import (
+    DicomSummary,
+    identity_problem,
+    md5_hex,
+    verify_bytes,
+    verify_file,
+)
 from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
 from dicomcache.metrics import Metrics
 from dicomcache.singleflight import SingleFlight
-from dicomcache.upstream.client import GZIP, OrthancClient
+from dicomcache.upstream.client import GZIP, OrthancClient, check_status
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +106,10 @@ class Fetcher:
     """Turns misses into verified, stored instances; see the module docstring."""
 
     def __init__(self, client: OrthancClient, store: AsyncStore, metrics: Metrics,
-                 coherence: Coherence | None = None) -> None:
+                 coherence: Coherence | None = None, *, stream_above: int = 32 << 20) -> None:
         self.client = client
+        #: Bodies larger (or of unknown length) are streamed to a temp file.
+        self.stream_above = stream_above
         self.store = store
         self.metrics = metrics
         #: Confirms stored entries against Orthanc before they are served (None: trusted).
@@ -268,11 +282,14 @@ class Fetcher:
             entry = await self.store.get(orthanc_id)  # waited: maybe there now
             if entry is not None:
                 return entry
-            summary, md5, data = await self.client.retrying(
+            summary, received = await self.client.retrying(
                 lambda attempt: self._attempt(orthanc_id),
                 what=f"instance {orthanc_id}")
-        self.metrics.fetched_bytes.inc(len(data))
-        fetched = Instance.verified(summary, md5, data, orthanc_id)
+        self.metrics.fetched_bytes.inc(received.size)
+        if received.temp is not None:
+            return await self._commit_file(orthanc_id, summary, received, received.temp)
+        assert received.data is not None
+        fetched = Instance.verified(summary, received.md5, received.data, orthanc_id)
         try:
             stored = await self.store.commit_now(fetched)
         except OSError as exc:  # StoreFull included
@@ -281,44 +298,74 @@ class Fetcher:
             return fetched
         return stored or fetched  # None: evicted at once, bigger than the whole cache
 
-    async def _attempt(self, orthanc_id: str) -> tuple[DicomSummary, str, bytes]:
-        md5_task = asyncio.create_task(self.client.instance_md5(orthanc_id))
+    async def _commit_file(self, orthanc_id: str, summary: DicomSummary, received: Received,
+                           temp: Path) -> Instance:
+        """Adopt a verified temp file as the store's entry (a rename: the body is never
+        read into memory).  Should the store refuse it (disk full, bigger than the whole
+        cache), the viewer still gets the verified body, read from the file."""
+        instance = Instance.verified_file(summary, received.md5, received.size, orthanc_id)
+        keep = await asyncio.to_thread(os.open, temp, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            headers, body = await self.client.get(
-                f"/instances/{orthanc_id}/file", kind="instance",
-                headers=GZIP if self.client.settings.compression == "all" else None)
+            try:
+                stored = await self.store.commit_file(temp, instance)
+            except OSError as exc:
+                self.metrics.note_uncached(orthanc_id, exc)
+                stored = None
+            if stored is not None:
+                return stored
+            # Served from memory after all, once: the exception to the memory bound,
+            # only while the cache cannot take what it verified.
+            data = await asyncio.to_thread(_read_all, keep, received.size)
+            return Instance.verified(summary, received.md5, data, orthanc_id)
+        finally:
+            await asyncio.to_thread(_close_and_remove, keep, temp)
+
+    async def _attempt(self, orthanc_id: str) -> tuple[DicomSummary, Received]:
+        md5_task = asyncio.create_task(self.client.instance_md5(orthanc_id))
+        path = f"/instances/{orthanc_id}/file"
+        try:
+            async with self.client.open(
+                    "GET", path, kind="instance",
+                    headers=GZIP if self.client.settings.compression == "all" else None
+            ) as resp:
+                if resp.status != 200:
+                    check_status(resp.status, resp.headers, f"GET {path}", await resp.read())
+                declared = resp.headers.get("Content-Length")
+                expected_length = int(declared) if declared and declared.isdigit() else None
+                encoding = resp.headers.get("Content-Encoding", "identity").lower()
+                received = await self._receive(resp, encoding, expected_length)
             expected_md5 = await md5_task
         finally:
             md5_task.cancel()
-        declared = headers.get("Content-Length")
-        expected_length = int(declared) if declared and declared.isdigit() else None
-        encoding = headers.get("Content-Encoding", "identity").lower()
-        if expected_md5 is None:
-            log.warning("Orthanc has no MD5 for instance %s (StoreMD5ForAttachments off?): "
-                        "relying on length and a full parse", orthanc_id)
-
-        def check() -> tuple[DicomSummary, str, bytes]:
-            data = body
-            if expected_length is not None and len(body) != expected_length:
-                raise IntegrityError(Cause.LENGTH_MISMATCH, f"received {len(body)} bytes, "
-                                     f"Content-Length said {expected_length}")
-            if encoding in ("gzip", "deflate"):
-                try:
-                    data = zlib.decompress(body, 47)  # gzip or zlib, auto-detected
-                except zlib.error as exc:
-                    raise IntegrityError(Cause.SHORT_BODY, f"bad {encoding} stream: {exc}") from exc
-            elif encoding != "identity":
-                raise UpstreamError(Cause.ENCODING, f"unsupported Content-Encoding {encoding!r}")
-            summary = verify_bytes(data, expected_md5=expected_md5)
-            return summary, expected_md5 or md5_hex(data), data
-
         try:
-            summary, md5, data = await asyncio.to_thread(check)
+            summary, received = await asyncio.to_thread(_verify, received, expected_length,
+                                                        expected_md5)
             await self._check_identity(orthanc_id, summary)
         except IntegrityError as exc:
             log.warning("integrity check failed for instance %s: %s", orthanc_id, exc)
+            await asyncio.to_thread(_remove, received.temp)
             raise
-        return summary, md5, data
+        except BaseException:
+            await asyncio.to_thread(_remove, received.temp)
+            raise
+        if expected_md5 is None:
+            log.warning("Orthanc has no MD5 for instance %s (StoreMD5ForAttachments off?): "
+                        "relying on length and a full parse", orthanc_id)
+        return summary, received
+
+    async def _receive(self, resp: aiohttp.ClientResponse, encoding: str,
+                       expected_length: int | None) -> Received:
+        """The body: read whole when it is known to be small (one thread hop to verify
+        it), else streamed through a :class:`~.receive.Sink` into a temp file."""
+        threshold = self.stream_above
+        if expected_length is not None and expected_length <= threshold:
+            body = await resp.read()
+            if encoding in ("gzip", "deflate"):
+                return await asyncio.to_thread(_inflate_whole, body, encoding)
+            if encoding != "identity":
+                raise UpstreamError(Cause.ENCODING, f"unsupported Content-Encoding {encoding!r}")
+            return Received(len(body), len(body), "", data=body)
+        return await receive(resp, Sink(encoding, threshold, self.store.sync.temp_path))
 
     async def _check_identity(self, orthanc_id: str, summary: DicomSummary) -> None:
         """:func:`~dicomcache.dicom.verify.identity_problem`, asking Orthanc for the
@@ -330,3 +377,43 @@ class Fetcher:
         problem = identity_problem(summary, orthanc_id, tags if isinstance(tags, dict) else {})
         if problem is not None:
             raise IntegrityError(Cause.IDENTITY_MISMATCH, problem)
+
+
+def _verify(received: Received, expected_length: int | None,
+            expected_md5: str | None) -> tuple[DicomSummary, Received]:
+    """Length (on the wire), MD5 and a full parse of a received body (a worker thread);
+    the body with its MD5 (Orthanc's, when it has one)."""
+    if expected_length is not None and received.wire_bytes != expected_length:
+        raise IntegrityError(Cause.LENGTH_MISMATCH, f"received {received.wire_bytes} bytes, "
+                             f"Content-Length said {expected_length}")
+    if received.temp is None:
+        assert received.data is not None
+        summary = verify_bytes(received.data, expected_md5=expected_md5)
+        return summary, replace(received, md5=expected_md5 or md5_hex(received.data))
+    if expected_md5 is not None and expected_md5 != received.md5:
+        raise IntegrityError(Cause.MD5_MISMATCH, f"body MD5 is {received.md5}, expected "
+                             f"{expected_md5}")
+    # The MD5 was taken on the way in; the parse reads element headers, not the pixels.
+    return verify_file(received.temp), received
+
+
+def _inflate_whole(body: bytes, encoding: str) -> Received:
+    try:
+        data = zlib.decompress(body, 47)  # gzip or zlib, auto-detected
+    except zlib.error as exc:
+        raise IntegrityError(Cause.SHORT_BODY, f"bad {encoding} stream: {exc}") from exc
+    return Received(len(body), len(data), "", data=data)
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    return os.pread(fd, size, 0)
+
+
+def _remove(temp: Path | None) -> None:
+    if temp is not None:
+        temp.unlink(missing_ok=True)
+
+
+def _close_and_remove(fd: int, temp: Path) -> None:
+    os.close(fd)
+    temp.unlink(missing_ok=True)  # gone already when committed (renamed)

@@ -70,6 +70,15 @@ class Instance:
                    summary.sop_instance_uid, summary.transfer_syntax_uid, md5, len(data),
                    data=data)
 
+    @classmethod
+    def verified_file(cls, summary: DicomSummary, md5: str, size: int,
+                      orthanc_id: str | None = None) -> Instance:
+        """A body that just passed verification in a temp file, about to be committed
+        (:meth:`Store.commit` gives the stored entry): neither stored nor in memory yet."""
+        return cls(orthanc_id or summary.orthanc_id, summary.patient_id,
+                   summary.study_instance_uid, summary.series_instance_uid,
+                   summary.sop_instance_uid, summary.transfer_syntax_uid, md5, size)
+
     @property
     def stored(self) -> bool:
         return self.path is not None

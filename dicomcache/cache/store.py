@@ -819,6 +819,11 @@ class AsyncStore:
             return self.sync.commit(self.sync.write_temp(body.data), body)
         return await asyncio.to_thread(work)
 
+    async def commit_file(self, temp: Path, instance: Instance) -> Instance | None:
+        """Adopt a verified, fsynced temp file of ``tmp/`` (a large body received by
+        :mod:`~dicomcache.cache.receive`) as the entry; see :meth:`commit_now`."""
+        return await asyncio.to_thread(self.sync.commit, temp, instance)
+
     def queue_commit(self, body: Instance) -> asyncio.Future[Instance | None]:
         """Queue a verified body for the next group; the future settles when it is durable.
 

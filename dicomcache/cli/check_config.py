@@ -7,7 +7,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from dicomcache.cli import startup
+from dicomcache.cli import online, startup
 from dicomcache.cli.common import USAGE, load_settings
 from dicomcache.cli.startup import users_problem
 from dicomcache.config import AuthSettings, RelaySettings, format_size, is_loopback_host
@@ -20,6 +20,10 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         description="Validate a configuration file: exit 0 with a summary, or 2 listing "
                     "every problem with its key.")
     p.add_argument("--config", "-c", type=Path, help="TOML config (default: embedded demo)")
+    p.add_argument("--online", action="store_true",
+                   help="also ask what the file names: Orthanc (credentials, DICOMweb "
+                        "plugin, /changes, MD5s), the listening ports and each relay "
+                        "destination (C-ECHO); exit 1 when any of them is not ready")
     p.set_defaults(func=run)
 
 
@@ -59,6 +63,20 @@ def run(args: argparse.Namespace) -> int:
                   f"`dicomcache relay reroute --from {dest} --to NAME`", file=sys.stderr)
     else:
         print("  relay         disabled")
+    if args.online:
+        return report_online(online.run_checks(s))
+    return 0
+
+
+def report_online(findings: list[online.Finding]) -> int:
+    """Print each online finding (problems on stderr); 0, or :data:`online.NOT_READY`."""
+    print("online checks:")
+    for f in findings:
+        print(f"  {'ok' if f.ok else 'PROBLEM':8}{f.key}: {f.message}")
+    bad = [f.key for f in findings if not f.ok]
+    if bad:
+        print(f"{len(bad)} online problem(s): {', '.join(bad)}", file=sys.stderr)
+        return online.NOT_READY
     return 0
 
 

@@ -102,7 +102,7 @@ async def prefetch(settings: Settings, *, studies: list[str], patients: list[str
     client = await OrthancClient.create(settings.upstream, metrics)
     problems: list[str] = []
     try:
-        fetcher = Fetcher(client, store, metrics)
+        fetcher = Fetcher(client, store, metrics, stream_above=settings.cache.stream_above)
         prefetcher = Prefetcher(dataclasses.replace(settings.prefetch, parallel=parallel),
                                 fetcher, store, metrics, settings.cache.max_size)
         uids = list(dict.fromkeys(studies))

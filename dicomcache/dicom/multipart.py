@@ -33,6 +33,10 @@ class MultipartError(ValueError):
     """The body is not a well-formed, complete multipart (cut, corrupt or too big)."""
 
 
+class PartTooLarge(MultipartError):
+    """A part over the splitter's ``max_part``: well-formed, only too big to hold."""
+
+
 @dataclass(frozen=True, slots=True)
 class Part:
     """One part: its header lines as they came (name, value) and its body."""
@@ -169,7 +173,7 @@ class Splitter:
             end = self._buf.find(_CRLF + self._delim)
             if end < 0:
                 if len(self._buf) > self._max_part + len(self._delim) + 2:
-                    raise MultipartError(f"a part over {self._max_part} bytes")
+                    raise PartTooLarge(f"a part over {self._max_part} bytes")
                 return None
         body = bytes(self._buf[:end])
         del self._buf[:end + 2]

@@ -262,6 +262,9 @@ class SeriesStream:
         try:
             try:
                 await self._read(on_part)
+            except multipart.PartTooLarge:
+                log.info("series stream %s: a part above cache.stream_above; the rest is "
+                         "fetched instance by instance, each streamed to disk", self.path)
             except (StreamBroken, UpstreamError, NotFoundUpstream,
                     multipart.MultipartError) as exc:
                 log.warning("series stream %s cut (%s): the rest is fetched instance by "
@@ -297,7 +300,10 @@ class SeriesStream:
             boundary = multipart.boundary_of(resp.headers.get("Content-Type", ""))
             if boundary is None or resp.headers.get("Content-Encoding", "identity") != "identity":
                 raise StreamBroken("not an identity-encoded multipart answer")
-            splitter = multipart.Splitter(boundary, max_part=MAX_PART)
+            # A part above the fetcher's streaming threshold ends the stream: it and the
+            # rest are fetched one by one, each streamed to disk, never held whole.
+            splitter = multipart.Splitter(boundary,
+                                          max_part=min(MAX_PART, self.fetcher.stream_above))
             async for chunk in resp.content.iter_any():
                 for part in splitter.feed(chunk):
                     await on_part(part)

@@ -171,6 +171,7 @@ async def _store_gauges(store: AsyncStore, open_files: OpenFiles, metrics: Metri
             metrics.bad_files.labels("open").inc(store.sync.bad_found - bad_seen)
             bad_seen = store.sync.bad_found
         await store.flush_touches()
+        open_files.prune()  # free the disk space of files evicted or purged meanwhile
         stats = await store.stats()
         metrics.cache_entries.set(stats["entries"])
         metrics.cache_size.set(stats["size_bytes"])
@@ -200,7 +201,8 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[CLIENT] = client
     coherence = Coherence(settings.cache, client, app[STORE], app[METRICS], app[STUDY_CHANGED])
     app[COHERENCE] = coherence
-    app[FETCHER] = Fetcher(client, app[STORE], app[METRICS], coherence)
+    app[FETCHER] = Fetcher(client, app[STORE], app[METRICS], coherence,
+                           stream_above=settings.cache.stream_above)
     coherence.start()
     yield
     await coherence.stop()

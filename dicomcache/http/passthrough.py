@@ -1,8 +1,10 @@
 """Read-through of what viewers read that no cache route serves: an allow-list.
 
 Only the Orthanc REST and DICOMweb resources a viewer needs (:data:`READ_THROUGH`,
-documented in docs/security.md) are streamed from Orthanc (never buffered whole),
-keeping its status and content type.  Everything else answers 403 unless
+documented in docs/security.md) are relayed from Orthanc, keeping its status and
+content type, through a bounded buffer (:mod:`.spill`: memory, then a temp file)
+so that Orthanc's connection is released at the link's speed, whatever the
+viewer's.  Everything else answers 403 unless
 ``[access] allow`` lists it: listings of every patient or study, Orthanc
 Explorer and other web apps, ``/tools/*``, archive and media ZIP builders,
 ``/system``, ``/statistics``, ``/plugins``, ``/changes``, ``/exports``, the
@@ -22,9 +24,10 @@ import re
 import aiohttp
 from aiohttp import hdrs, web
 
-from dicomcache.http.keys import CLIENT, FAMILY, OUTCOME, SETTINGS
+from dicomcache.http.keys import CLIENT, FAMILY, OUTCOME, SETTINGS, STORE
 from dicomcache.http.params import family_of
 from dicomcache.http.respond import BadRequest, cut, json_error
+from dicomcache.http.spill import Spill, SpillBudget
 from dicomcache.upstream import policy
 from dicomcache.upstream.client import FORWARDED_REQUEST_HEADERS, check_status, redirect_error
 
@@ -56,6 +59,8 @@ _READ_THROUGH = re.compile("|".join(f"(?:{p})" for p, _ in READ_THROUGH))
 _PASSED_RESPONSE_HEADERS = (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH, hdrs.CONTENT_DISPOSITION,
                             hdrs.CONTENT_ENCODING, hdrs.ETAG, hdrs.LAST_MODIFIED,
                             hdrs.CACHE_CONTROL)
+#: Temp-file bytes all read-through answers may hold (``upstream.read_through_temp``).
+SPILL_BUDGET = web.AppKey("spill_budget", SpillBudget)
 _BAD_RAW = re.compile(r"%(2f|5c|00)|\\|\x00", re.IGNORECASE)
 
 
@@ -90,6 +95,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         request[OUTCOME] = "denied"
         return json_error(403, "forbidden", reason)
     client = request.app[CLIENT]
+    upstream_settings = request.app[SETTINGS].upstream
     headers = {h: request.headers[h] for h in FORWARDED_REQUEST_HEADERS if h in request.headers}
     # Orthanc answers 404 to every HEAD: ask with GET and drop the body.
     method = "GET" if request.method == "HEAD" else request.method
@@ -97,9 +103,11 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     what = f"{request.method} {request.path}"
 
     async def once(_attempt: int) -> web.StreamResponse:
-        # A slot of the read-through's share of the pool, held while its answer is
-        # relayed: however many slow resources or slow readers, viewers' own requests
-        # keep the rest of the connections to Orthanc.
+        # A slot of the read-through's share of the pool, held while Orthanc's answer is
+        # read: however many slow resources, viewers' own requests keep the rest of the
+        # connections to Orthanc.  The answer is buffered (memory, then a temp file), so
+        # a slow reader does not hold the slot: it is read at the link's speed and the
+        # viewer is served from the buffer after the connection went back to the pool.
         async with client.read_through_slots, client.open(
                 method, request.raw_path, kind="passthrough", headers=headers, body=body,
                 encoded=True, redirects=True) as upstream:
@@ -110,7 +118,21 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
                 raise redirect_error(what, upstream.status, str(upstream.url),
                                      upstream.headers.get(hdrs.LOCATION, ""),
                                      "it leaves Orthanc and dicomcache follows no redirect")
-            return await _relay_response(request, upstream, location)
+            out = await _start_response(request, upstream, location)
+            if request.method == "HEAD":
+                return out
+            spill = Spill(upstream_settings.read_through_buffer, request.app[SPILL_BUDGET],
+                          request.app[STORE].sync.tmp_dir)
+            sending = asyncio.create_task(_send(request, out, spill))
+            try:
+                await _fill(spill, upstream)
+            except BaseException:
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+                await spill.close()
+                raise
+        # Orthanc's connection is back in the pool; the viewer reads at its own pace.
+        return await sending
 
     if method in SAFE_METHODS:
         # The path is the viewer's choice: its failures judge that resource, not the link.
@@ -124,21 +146,47 @@ def _location(base: str, url: str, upstream: aiohttp.ClientResponse) -> str | No
     return policy.viewer_location(base, url, location) if location else None
 
 
-async def _relay_response(request: web.Request, upstream: aiohttp.ClientResponse,
+async def _start_response(request: web.Request, upstream: aiohttp.ClientResponse,
                           location: str | None) -> web.StreamResponse:
+    """The viewer's response with Orthanc's status and headers, prepared (sent)."""
     out = web.StreamResponse(status=upstream.status)
     for name in _PASSED_RESPONSE_HEADERS:
         if name in upstream.headers:
             out.headers[name] = upstream.headers[name]
     if location is not None:
         out.headers[hdrs.LOCATION] = location
-    if request.method == "HEAD":
-        await out.prepare(request)
-        return out
     await out.prepare(request)
-    send_timeout = request.app[SETTINGS].server.send_timeout
+    return out
+
+
+async def _fill(spill: Spill, upstream: aiohttp.ClientResponse) -> None:
+    """Read Orthanc's answer into ``spill``; a cut answer is passed on as its end."""
     try:
         async for chunk in upstream.content.iter_chunked(1 << 16):
+            await spill.put(chunk)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        # Headers are gone already: the viewer must see an incomplete body, not a
+        # complete short one.  (Not an upstream error, so nothing retries.)
+        spill.finish(exc)
+    except ConnectionResetError:
+        return  # the viewer's side ended first: it reports why
+    else:
+        spill.finish()
+
+
+async def _send(request: web.Request, out: web.StreamResponse,
+                spill: Spill) -> web.StreamResponse:
+    """Write the buffered answer to the viewer, at its pace (bounded by send_timeout)."""
+    send_timeout = request.app[SETTINGS].server.send_timeout
+    try:
+        while True:
+            try:
+                chunk = await spill.get()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise cut(request, out, f"read-through of {request.path}",
+                          exc, " (Orthanc's answer stopped)", by_viewer=False) from exc
+            if chunk is None:
+                break
             try:
                 async with asyncio.timeout(send_timeout):
                     await out.write(chunk)
@@ -146,14 +194,17 @@ async def _relay_response(request: web.Request, upstream: aiohttp.ClientResponse
                 raise cut(request, out, f"read-through of {request.path}", exc,
                           f" (the viewer read nothing for {send_timeout:g} s)",
                           by_viewer=True) from exc
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        # Headers are gone already: the viewer must see an incomplete body, not a
-        # complete short one.  (Not an upstream error, so nothing retries.)
-        raise cut(request, out, f"read-through of {request.path}",
-                  exc, " (Orthanc's answer stopped)") from exc
-    await out.write_eof()
-    return out
+        await out.write_eof()
+        return out
+    finally:
+        await spill.close()
+
+
+def setup_budget(app: web.Application) -> None:
+    """The temp-file bytes every read-through answer may hold together."""
+    app[SPILL_BUDGET] = SpillBudget(app[SETTINGS].upstream.read_through_temp)
 
 
 def add_routes(app: web.Application) -> None:
+    setup_budget(app)
     app.router.add_route("*", "/{tail:.*}", passthrough)

@@ -9,9 +9,10 @@ recently served entries open, and each response gets its own ``dup`` of one
 API (``StreamResponse``, ``request.transport``, ``loop.sendfile``).
 
 Stored files are immutable (a re-commit gets a new name), so a cached
-descriptor can never show different bytes; an evicted file's descriptor may
-serve it a little longer, which is harmless, and is closed when it falls out
-of the cache.
+descriptor can never show different bytes.  Entries are found through the index
+first, so a removed entry is never served from a descriptor still open; the
+descriptors of removed files are closed within a second
+(:meth:`OpenFiles.prune`), or their disk space would stay in use.
 """
 
 from __future__ import annotations
@@ -126,6 +127,17 @@ class OpenFiles:
         # dup: the response owns (and closes) its own descriptor; closing a
         # duplicate never releases the file, so it cannot block.
         return os.fdopen(os.dup(cached[0]), "rb"), cached[1]
+
+    def prune(self) -> int:
+        """Close the descriptors of files no longer in the store (evicted, purged,
+        quarantined): an open descriptor keeps a removed file's disk space in use, so
+        eviction would not free what it counted.  ``fstat`` of open files only (no disk
+        I/O, microseconds each); returns how many were closed."""
+        gone = [path for path, (fd, _st) in self._fds.items() if os.fstat(fd).st_nlink == 0]
+        for path in gone:
+            fd, _st = self._fds.pop(path)
+            os.close(fd)
+        return len(gone)
 
     def close(self) -> None:
         while self._fds:

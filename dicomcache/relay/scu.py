@@ -29,6 +29,7 @@ from typing import Any
 from pydicom import Dataset
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomcache import tls
 from dicomcache.config import DestinationSettings
@@ -182,6 +183,39 @@ class StoreSCU:
             return None
         ctx = tls.client_context(d.tls_ca_file, d.tls_certificate, d.tls_key)
         return ctx, d.tls_server_name or d.remote_host
+
+    def echo(self) -> str | None:
+        """One C-ECHO over a Verification association, as the forwarder would open it
+        (our AE title, TLS, timeouts): ``None`` when the peer answered success, else
+        why not, for people (``check-config --online``)."""
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        ae.connection_timeout = min(self.timeout, 10.0)
+        ae.add_requested_context(Verification)
+        try:
+            assoc = ae.associate(self.dest.remote_host, self.dest.remote_port,
+                                 ae_title=self.dest.remote_ae_title, max_pdu=self.max_pdu,
+                                 tls_args=self._tls_args(),
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, self._read_timeout)])
+        except tls.TLSFileError as exc:
+            return f"DICOM TLS cannot start: {exc}"
+        if not assoc.is_established:
+            outcome = _association_outcome(assoc)
+            if isinstance(outcome, fb.Rejected):
+                return (f"association rejected (result {outcome.result}, source "
+                        f"{outcome.source}, reason {outcome.diagnostic}): is our AE title "
+                        f"{self.calling_ae!r} known to the peer as a sender?")
+            if isinstance(outcome, fb.NoContextAccepted):
+                return "the peer accepts no Verification (C-ECHO) context"
+            return "no association (peer down, wrong host/port, or a TLS mismatch)"
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            assoc.release()
+        code = getattr(status, "Status", None)
+        if code == 0x0000:
+            return None
+        return "no C-ECHO answer" if code is None else f"C-ECHO answered 0x{code:04X}"
 
     def _release(self, assoc: Association) -> None:
         with self._lock:

@@ -211,7 +211,9 @@ async def test_a_viewer_that_stops_reading_gives_its_connection_back(
                                      [encode(big, big.file_meta.TransferSyntaxUID)])
     client = await aiohttp_client(make_app(make_settings(
         server={"send_timeout": 1},
-        upstream={"max_connections": 2, "read_through_connections": 1})))
+        # No temp file: the answer waits for the viewer (see the next test otherwise).
+        upstream={"max_connections": 2, "read_through_connections": 1,
+                  "read_through_temp": 0})))
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing, holds little
     sock.setblocking(False)
@@ -227,3 +229,58 @@ async def test_a_viewer_that_stops_reading_gives_its_connection_back(
         await eventually(lambda: not slots.locked(), what="its slot given back")
     finally:
         sock.close()
+
+
+async def test_a_slow_viewer_is_served_from_the_buffer_after_orthanc_is_free(
+        aiohttp_client, make_settings: SettingsFactory, orthanc: OrthancProcess,
+        tmp_path: Path) -> None:
+    """Before: a read-through held its Orthanc connection (and one of Orthanc's HTTP
+    threads) for as long as its viewer took to read.  Now Orthanc's answer is read at
+    the link's speed into memory and a temp file, the connection goes back to the
+    pool, and the viewer still gets every byte, in order, at its own pace."""
+    (big,) = make_ct_series(1, rows=4096, columns=4096, seed=78, patient_id="PSLOW2")
+    (oid,) = await asyncio.to_thread(orthanc.upload,
+                                     [encode(big, big.file_meta.TransferSyntaxUID)])
+    expected = await asyncio.to_thread(orthanc.request, "GET", f"/instances/{oid}/frames/0/raw")
+    client = await aiohttp_client(make_app(make_settings(
+        server={"send_timeout": 60},
+        upstream={"max_connections": 2, "read_through_connections": 1})))
+    slots = client.app[CLIENT].read_through_slots
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", client.server.port))
+        await loop.sock_sendall(sock, f"GET /instances/{oid}/frames/0/raw HTTP/1.1\r\n"
+                                "Host: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        await asyncio.sleep(0.2)
+        # The viewer has read nothing, yet the one read-through slot is free: another
+        # read-through is answered now, not after this viewer's 32 MiB.
+        await eventually(lambda: not slots.locked(), what="the slot free while unread")
+        async with asyncio.timeout(10):
+            resp = await client.get(f"/instances/{oid}/tags")
+            assert resp.status == 200
+        assert list((tmp_path / "cache" / "tmp").iterdir()) == []  # unlinked temp file
+        received = bytearray()
+        async with asyncio.timeout(60):
+            while chunk := await loop.sock_recv(sock, 1 << 16):
+                received += chunk
+    finally:
+        sock.close()
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _unchunk(body)
+    assert body == expected
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = bytearray()
+    while True:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return bytes(out)
+        out += data[:size]
+        data = data[size + 2:]
