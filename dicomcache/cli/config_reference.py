@@ -115,6 +115,13 @@ SECTIONS: dict[str, Section] = {
                                "slower than Orthanc compresses)."),
             "ca_file": Key("PEM bundle of the CA(s) an https Orthanc's certificate must "
                            "chain to.", default="not set: the system's CAs"),
+            "read_through_buffer": Key("Of one read-through answer, what is kept in memory "
+                                       "while its viewer reads slower than Orthanc sends; "
+                                       "beyond it, a temp file.", "size"),
+            "read_through_temp": Key("Temp-file bytes all read-through answers may hold "
+                                     "together (in the cache directory's `tmp/`): Orthanc's "
+                                     "connection is released once its answer is buffered; "
+                                     "0: never spill.", "size"),
         }),
     "cache": Section(
         "The verified store on local disk.", "integrity.md", {
@@ -129,6 +136,9 @@ SECTIONS: dict[str, Section] = {
                                     "seconds"),
             "revalidate_after": Key("An entry's MD5 is compared with Orthanc's again after "
                                     "this long; 0: never.", "seconds"),
+            "stream_above": Key("Instances larger than this are written to disk as they "
+                                "arrive (hashed on the way, verified from the file), never "
+                                "held whole in memory.", "size"),
         }),
     "access": Section(
         "What is read through to Orthanc beyond the built-in allow-list.", "security.md", {
@@ -174,6 +184,11 @@ SECTIONS: dict[str, Section] = {
             "tls_require_client_certificate": Key("With `tls_ca_file`: a modality must "
                                                   "present a certificate (false: checked "
                                                   "only when it presents one)."),
+            "min_free": Key("C-STOREs are refused (0xA700) when less than this would stay "
+                            "free on the spool's file system; 0: off.", "size"),
+            "max_associations_per_host": Key("Simultaneous inbound associations from one "
+                                             "address; more are rejected (\"local limit "
+                                             "exceeded\").", "count"),
         }),
     "relay.destinations": Section(
         "One table per PACS the relay forwards to.", "relay.md", {
