@@ -120,6 +120,10 @@ class CacheSettings:
     #: Seconds an entry is served without Orthanc confirming its MD5 again (while
     #: Orthanc can be asked; 0: never confirm).
     revalidate_after: float = 86400.0
+    #: Bytes left free on the cache's file system (nginx's ``min_free``): below it the
+    #: least recently used entries are evicted, or new bodies are served uncached
+    #: (0: no guard, the cache writes until the disk is full).
+    min_free: int = 2 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -598,7 +602,17 @@ def _cache(sec: _Section, base: Path) -> CacheSettings:
         sec.problem("revalidate_after", f"must be 0 (off) or positive, not {revalidate}")
     return CacheSettings(directory=base / directory, max_size=sec.size("max_size", d.max_size),
                          scrub_period=scrub, confirm_interval=confirm,
-                         revalidate_after=revalidate)
+                         revalidate_after=revalidate, min_free=_min_free(sec, d.min_free))
+
+
+def _min_free(sec: _Section, default: int) -> int:
+    """``min_free``: a size as for ``max_size`` (``"2GB"``), or 0 for no guard."""
+    raw = sec.get("min_free", (str, int), default)
+    try:
+        return parse_size(raw)
+    except ValueError as exc:
+        sec.problem("min_free", f"{exc} (0: no guard)")
+        return default
 
 
 def _access(sec: _Section) -> AccessSettings:
