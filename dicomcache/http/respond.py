@@ -121,6 +121,14 @@ class OpenFiles:
         # duplicate never releases the file, so it cannot block.
         return os.fdopen(os.dup(cached[0]), "rb"), cached[1]
 
+    def forget(self, path: Path) -> None:
+        """The store deleted this file: close its descriptor (closed in a worker thread:
+        the last close of a deleted file frees its blocks, which may take disk I/O), so
+        its space returns to the file system now, not when the LRU pushes it out."""
+        cached = self._fds.pop(path, None)
+        if cached is not None:
+            asyncio.get_running_loop().run_in_executor(None, os.close, cached[0])
+
     def close(self) -> None:
         while self._fds:
             _, (fd, _st) = self._fds.popitem()
