@@ -154,6 +154,10 @@ class CacheSettings:
     #: Instances larger than this are written to a temp file as they arrive (hashed on
     #: the way, verified from the file, committed by rename), never held whole in memory.
     stream_above: int = 32 << 20
+    #: Bytes left free on the cache's file system (nginx's ``min_free``): below it the
+    #: least recently used entries are evicted, or new bodies are served uncached
+    #: (0: no guard, the cache writes until the disk is full).
+    min_free: int = 2 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -642,7 +646,9 @@ def _cache(sec: _Section, base: Path) -> CacheSettings:
     return CacheSettings(directory=base / directory, max_size=sec.size("max_size", d.max_size),
                          scrub_period=scrub, confirm_interval=confirm,
                          revalidate_after=revalidate,
-                         stream_above=sec.size("stream_above", d.stream_above))
+                         stream_above=sec.size("stream_above", d.stream_above),
+                         min_free=sec.size("min_free", d.min_free, minimum=0))
+
 
 
 def _access(sec: _Section) -> AccessSettings:
@@ -767,7 +773,7 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
         accelerate=sec.get("accelerate", bool, True),
         destinations=tuple(dests),
         **_relay_tls(sec, base),
-        min_free=_min_free(sec, d.min_free),
+        min_free=sec.size("min_free", d.min_free, minimum=0),
         max_associations_per_host=_per_host(sec, d.max_associations_per_host),
     )
 
@@ -777,14 +783,6 @@ def _per_host(sec: _Section, default: int) -> int:
     if not 1 <= value <= 1000:
         sec.problem("max_associations_per_host", f"must be between 1 and 1000, not {value}")
     return value
-
-
-def _min_free(sec: _Section, default: int) -> int:
-    """``relay.min_free``: a size (at least 1 MB), or 0 to turn the guard off."""
-    if sec.data.get("min_free") in (0, "0"):
-        sec.used.add("min_free")
-        return 0
-    return sec.size("min_free", default)
 
 
 def _relay_tls(sec: _Section, base: Path) -> dict[str, Any]:

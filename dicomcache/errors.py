@@ -125,3 +125,32 @@ class BadStoredFile(DicomcacheError, FileNotFoundError):
 
 class StoreFull(DicomcacheError, OSError):
     """The cache directory's disk is full; nothing was committed."""
+
+
+class StoreTrouble(enum.StrEnum):
+    """Why the cache is degraded (serving verified bodies without caching them); the
+    ``cause`` label of ``dicomcache_cache_degraded``."""
+
+    #: The file system of ``cache.directory`` is full (ENOSPC, or the user's quota).
+    DISK_FULL = "disk_full"
+    #: Free space is below ``cache.min_free`` and evicting cannot restore it.
+    MIN_FREE = "min_free"
+    #: The directory cannot be written: a read-only file system, or permission denied.
+    READ_ONLY = "read_only"
+    #: The directory does not exist and cannot be created.
+    MISSING = "missing"
+    #: The index database (``index.sqlite``) cannot be used: not a database, damaged,
+    #: or written by another version.
+    INDEX_UNUSABLE = "index_unusable"
+    #: The disk reports I/O errors (or does not answer).
+    IO_ERROR = "io_error"
+
+
+class StoreUnavailable(DicomcacheError, OSError):
+    """The cache is degraded (``trouble``): nothing was written, the body is served
+    uncached."""
+
+    def __init__(self, trouble: StoreTrouble, detail: str) -> None:
+        self.trouble = StoreTrouble(trouble)
+        self.detail = detail
+        super().__init__(f"cache degraded: {self.trouble}: {detail}")

@@ -17,12 +17,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from dicomcache import __version__
-from dicomcache.errors import Cause, StoreFull
+from dicomcache.errors import Cause, StoreFull, StoreTrouble, StoreUnavailable
 
 # State changes are logged where they are recorded (here), so the upstream
 # client, the readiness probe and the health loop log them the same way, once.
 _upstream_log = logging.getLogger("dicomcache.upstream.client")
-_store_log = logging.getLogger("dicomcache.cache.store")
 
 # Hits are sub-millisecond, misses over a WAN take seconds: cover both.
 _LATENCY_BUCKETS = (
@@ -50,17 +49,17 @@ REQUEST_FAILURES = ("upstream", "corrupt", "unavailable", "cut", "other")
 ANSWER_OUTCOMES = ("hit", "miss", "stale")
 #: How many recent integrity failures the status page shows.
 RECENT_FAILURES = 20
-#: The ``cause`` labels of instances that could not be cached (served uncached).
-UNCACHED_CAUSES = ("disk_full", "io_error")
+#: The ``cause`` labels of instances that could not be cached (served uncached); degraded:
+#: not even tried, the cache was degraded (``dicomcache_cache_degraded`` says why).
+UNCACHED_CAUSES = ("disk_full", "io_error", "degraded")
+#: Why the cache is degraded (``dicomcache_cache_degraded``).
+DEGRADED_CAUSES = tuple(t.value for t in StoreTrouble)
 #: Where audit records go, why they are lost, why the file could not be written, and which
 #: side refused an access because of it (``dicomcache_audit_*``).
 AUDIT_SINKS = ("file", "syslog")
 AUDIT_DROP_CAUSES = ("queue_full", "shutdown", "too_large")
 AUDIT_WRITE_CAUSES = ("disk_full", "io_error")
 AUDIT_SIDES = ("http", "relay", "cli")
-#: At most one log line per this many seconds about instances not cached: a full disk
-#: would otherwise log every instance of every series.
-UNCACHED_LOG_EVERY = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +109,19 @@ class Metrics:
             "dicomcache_cache_write_failures_total",
             "Verified instances that could not be cached (sent to viewers uncached), by cause.",
             ["cause"], registry=r)
+        self.cache_degraded = Gauge(
+            "dicomcache_cache_degraded",
+            "1 (for its cause) while the cache cannot cache: instances are served verified "
+            "from Orthanc without being kept (disk_full, min_free, read_only, missing, "
+            "index_unusable, io_error); 0 while it caches.", ["cause"], registry=r)
+        self.cache_disk_free = Gauge(
+            "dicomcache_cache_disk_free_bytes",
+            "Free bytes on the file system of cache.directory (as the service may use them).",
+            registry=r)
+        self.cache_min_free = Gauge(
+            "dicomcache_cache_min_free_bytes",
+            "Configured cache.min_free: the free space the cache leaves on its file system.",
+            registry=r)
         self.bad_files = Counter(
             "dicomcache_cache_bad_files_total",
             "Stored files found not to be the bytes recorded (bit rot, a hand edit), by who "
@@ -291,6 +303,8 @@ class Metrics:
             self.integrity_failures.labels(cause)
         for cause in UNCACHED_CAUSES:
             self.uncached.labels(cause)
+        for trouble in DEGRADED_CAUSES:
+            self.cache_degraded.labels(trouble)
         for found_by in ("open", "scrub"):
             self.bad_files.labels(found_by)
         for purge_cause in PURGE_CAUSES:
@@ -318,23 +332,19 @@ class Metrics:
         self.upstream_error_at: float | None = None
         #: The last instance that could not be cached: (time, instance, reason).
         self.last_uncached: tuple[float, str, str] | None = None
-        self._uncached_logged_at = float("-inf")
-        self._uncached_unlogged = 0
 
     def note_uncached(self, instance: str, exc: OSError) -> None:
-        """Count an instance the store could not keep; log at most once a minute."""
-        cause = "disk_full" if isinstance(exc, StoreFull) else "io_error"
+        """Count an instance the store could not keep.  Not logged: the store logs once
+        when it becomes degraded (every failed write degrades it), not per instance."""
+        cause = ("degraded" if isinstance(exc, StoreUnavailable)
+                 else "disk_full" if isinstance(exc, StoreFull) else "io_error")
         self.uncached.labels(cause).inc()
-        now = time.monotonic()
         self.last_uncached = (time.time(), instance, str(exc))
-        if now - self._uncached_logged_at < UNCACHED_LOG_EVERY:
-            self._uncached_unlogged += 1
-            return
-        more = (f" ({self._uncached_unlogged} more not cached since the last message)"
-                if self._uncached_unlogged else "")
-        _store_log.error("cannot cache instance %s: %s; serving it uncached%s",
-                         instance, exc, more)
-        self._uncached_logged_at, self._uncached_unlogged = now, 0
+
+    def note_cache_degraded(self, trouble: str | None) -> None:
+        """The cache is degraded for ``trouble`` (``None``: it caches)."""
+        for cause in DEGRADED_CAUSES:
+            self.cache_degraded.labels(cause).set(1 if cause == trouble else 0)
 
     def note_integrity_failure(self, cause: str, instance: str, reason: str) -> None:
         """Count a body rejected by verification and keep it for the status page."""

@@ -79,6 +79,22 @@ def test_format_size_prints_binary_units(size: int, text: str) -> None:
     assert format_size(size) == text
 
 
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, 2 << 30), ("5GiB", 5 << 30), ("512MB", 512 * 10**6), (0, 0), ("0", 0),
+])
+def test_min_free(value: str | int | None, expected: int) -> None:
+    """A size as for max_size; 0 turns the guard off (the default: 2 GiB)."""
+    cache = {} if value is None else {"min_free": value}
+    assert from_dict({"cache": cache}).cache.min_free == expected
+
+
+@pytest.mark.parametrize("bad", ["lots", -1, "-1GB", True, 1.5])
+def test_min_free_rejects(bad: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_dict({"cache": {"min_free": bad}})
+    assert [key for key, _ in err.value.problems] == ["cache.min_free"]
+
+
 def test_every_problem_is_named() -> None:
     with pytest.raises(ConfigError) as err:
         from_dict({

@@ -194,7 +194,7 @@ def test_alert_rules_are_well_formed() -> None:
     rules = _system_yaml(ALERTS)["groups"][0]["rules"]
     names = {r["alert"] for r in rules}
     assert {"DicomcacheUpstreamDown", "DicomcacheIntegrityFailuresRising",
-            "DicomcacheCacheNearFull", "DicomcacheRelayQueueGrowing",
+            "DicomcacheCacheNearFull", "DicomcacheCacheDegraded", "DicomcacheRelayQueueGrowing",
             "DicomcacheAuditTrailFailing", "DicomcacheAuditRecordsLost"} <= names
     for rule in rules:
         assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
@@ -274,6 +274,18 @@ tests:
       - eval_time: 2h
         alertname: DicomcacheCacheNearFull
         exp_alerts: [{{exp_labels: {{severity: warning, instance: a}}}}]
+  - interval: 1m
+    input_series:
+      # a's cache disk fills at 10m (degraded) and stays full; b blips for a minute
+      - series: 'dicomcache_cache_degraded{{instance="a",cause="disk_full"}}'
+        values: '0x10 1x20'
+      - series: 'dicomcache_cache_degraded{{instance="b",cause="read_only"}}'
+        values: '0x10 1 0x19'
+    alert_rule_test:
+      - {{eval_time: 12m, alertname: DicomcacheCacheDegraded, exp_alerts: []}}
+      - eval_time: 20m
+        alertname: DicomcacheCacheDegraded
+        exp_alerts: [{{exp_labels: {{severity: warning, instance: a, cause: disk_full}}}}]
   - interval: 1m
     input_series:
       # one file found bad by the scrubber at 30m; another instance never has one

@@ -282,9 +282,21 @@ class Fetcher:
             entry = await self.store.get(orthanc_id)  # waited: maybe there now
             if entry is not None:
                 return entry
-            summary, received = await self.client.retrying(
-                lambda attempt: self._attempt(orthanc_id),
-                what=f"instance {orthanc_id}")
+            try:
+                summary, received = await self.client.retrying(
+                    lambda attempt: self._attempt(orthanc_id),
+                    what=f"instance {orthanc_id}")
+            except OSError as exc:
+                if isinstance(exc, UpstreamError):
+                    raise
+                # Streaming into the store's tmp/ failed (disk full, read-only): the store
+                # is degraded, and the body is fetched again in memory, served uncached.
+                self.store.sync.note_failure(exc)
+                log.warning("instance %s could not be streamed to the cache disk (%s): "
+                            "fetched again in memory", orthanc_id, exc)
+                summary, received = await self.client.retrying(
+                    lambda attempt: self._attempt(orthanc_id, stream=False),
+                    what=f"instance {orthanc_id}")
         self.metrics.fetched_bytes.inc(received.size)
         if received.temp is not None:
             return await self._commit_file(orthanc_id, summary, received, received.temp)
@@ -320,7 +332,8 @@ class Fetcher:
         finally:
             await asyncio.to_thread(_close_and_remove, keep, temp)
 
-    async def _attempt(self, orthanc_id: str) -> tuple[DicomSummary, Received]:
+    async def _attempt(self, orthanc_id: str, *,
+                       stream: bool = True) -> tuple[DicomSummary, Received]:
         md5_task = asyncio.create_task(self.client.instance_md5(orthanc_id))
         path = f"/instances/{orthanc_id}/file"
         try:
@@ -333,7 +346,8 @@ class Fetcher:
                 declared = resp.headers.get("Content-Length")
                 expected_length = int(declared) if declared and declared.isdigit() else None
                 encoding = resp.headers.get("Content-Encoding", "identity").lower()
-                received = await self._receive(resp, encoding, expected_length)
+                received = await self._receive(resp, encoding, expected_length,
+                                               stream=stream and self.store.sync.caching)
             expected_md5 = await md5_task
         finally:
             md5_task.cancel()
@@ -354,11 +368,12 @@ class Fetcher:
         return summary, received
 
     async def _receive(self, resp: aiohttp.ClientResponse, encoding: str,
-                       expected_length: int | None) -> Received:
+                       expected_length: int | None, *, stream: bool) -> Received:
         """The body: read whole when it is known to be small (one thread hop to verify
-        it), else streamed through a :class:`~.receive.Sink` into a temp file."""
+        it) or the cache cannot take files (degraded: served from memory, uncached),
+        else streamed through a :class:`~.receive.Sink` into a temp file."""
         threshold = self.stream_above
-        if expected_length is not None and expected_length <= threshold:
+        if not stream or (expected_length is not None and expected_length <= threshold):
             body = await resp.read()
             if encoding in ("gzip", "deflate"):
                 return await asyncio.to_thread(_inflate_whole, body, encoding)

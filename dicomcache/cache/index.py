@@ -104,6 +104,9 @@ EVERY_STUDY = "*"
 #: Resolutions kept at most (which Orthanc instances a set of UIDs names); the oldest
 #: go first.  A row is ~200 bytes.
 MAX_RESOLVED = 1_000_000
+#: The same for an index in memory (a store that cannot use its directory): memory stays
+#: bounded while the cache is degraded.
+MAX_RESOLVED_IN_MEMORY = 20_000
 
 
 class SchemaMismatch(RuntimeError):
@@ -156,19 +159,30 @@ class Row:
 class Index:
     """The SQLite index of one store directory (see the module docstring)."""
 
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / INDEX_FILE
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+    def __init__(self, directory: Path | None) -> None:
+        """The index of ``directory``; ``None``: an empty one in memory, for a store that
+        cannot use its directory (it indexes nothing, and keeps fewer resolutions)."""
+        self.path = directory / INDEX_FILE if directory is not None else None
+        self.max_resolved = MAX_RESOLVED if directory is not None else MAX_RESOLVED_IN_MEMORY
+        self._db = sqlite3.connect(self.path or ":memory:", timeout=30.0, isolation_level=None,
                                    check_same_thread=False)
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            # Deleted rows hold patient data (IDs, UIDs): overwrite them, so a purge
-            # leaves none in the file's free pages (see :meth:`checkpoint`).
-            self._db.execute("PRAGMA secure_delete = ON")
-            self._check_version()  # before the schema: never alter another version's tables
-            self._db.executescript(_SCHEMA)
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = NORMAL")
+                # Deleted rows hold patient data (IDs, UIDs): overwrite them, so a purge
+                # leaves none in the file's free pages (see :meth:`checkpoint`).
+                self._db.execute("PRAGMA secure_delete = ON")
+                self._check_version()  # before the schema: never alter another version's
+                self._db.executescript(_SCHEMA)
+        except BaseException:
+            self._db.close()
+            raise
+
+    @property
+    def in_memory(self) -> bool:
+        return self.path is None
 
     def _check_version(self) -> None:
         self._db.execute(
@@ -360,6 +374,19 @@ class Index:
                 "(SELECT study_uid FROM pinned) ORDER BY used_at LIMIT 1").fetchone()
         return Row(*found) if found is not None else None
 
+    def evictable_bytes(self) -> int:
+        """Bytes of the entries eviction may take (those of no pinned study)."""
+        with self._lock:
+            (total,) = self._db.execute(
+                "SELECT coalesce(sum(size), 0) FROM instances WHERE study_uid IS NULL OR "
+                "study_uid NOT IN (SELECT study_uid FROM pinned)").fetchone()
+        return int(total)
+
+    def probe(self, now: float) -> None:
+        """Write one row (the time of this probe): the index still takes writes."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('probed_at', ?)", (repr(now),))
+
     def rows(self) -> Iterator[tuple[Row, float]]:
         """Every entry with its last use."""
         with self._lock:
@@ -392,9 +419,9 @@ class Index:
             db.executemany("INSERT OR REPLACE INTO resolved VALUES (?, ?, ?)",
                            ((key, " ".join(oids), now) for key, oids in resolutions))
             (count,) = db.execute("SELECT count(*) FROM resolved").fetchone()
-            if count > MAX_RESOLVED:
+            if count > self.max_resolved:
                 db.execute("DELETE FROM resolved WHERE uids IN (SELECT uids FROM resolved "
-                           "ORDER BY resolved_at LIMIT ?)", (count - MAX_RESOLVED,))
+                           "ORDER BY resolved_at LIMIT ?)", (count - self.max_resolved,))
 
     def resolution(self, key: str) -> list[str] | None:
         """The Orthanc instances the UIDs ``key`` were last found to name, if known."""
@@ -448,10 +475,16 @@ class _Transaction:
                 try:
                     self.db.execute("COMMIT")
                 except BaseException:
-                    self.db.execute("ROLLBACK")
+                    self._rollback()
                     raise
             else:
-                self.db.execute("ROLLBACK")
+                self._rollback()
         finally:
             self.lock.release()
+
+    def _rollback(self) -> None:
+        # SQLite rolls back by itself after some errors (a full disk): then there is
+        # nothing left to roll back, and trying would hide the error that did it.
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
 

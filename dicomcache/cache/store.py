@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import hashlib
 import json
@@ -56,16 +57,31 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 from dicomcache import durable
-from dicomcache.cache.index import EVERY_STUDY, INDEX_FILE, Index, Row, schema_of
+from dicomcache.cache.health import StoreHealth
+from dicomcache.cache.index import (
+    EVERY_STUDY,
+    INDEX_FILE,
+    Index,
+    Row,
+    SchemaMismatch,
+    schema_of,
+)
 from dicomcache.cache.instance import Instance
+from dicomcache.cache.space import Degrade, Evict, Write, plan_space, trouble_of
 from dicomcache.dicom.verify import verify_file
-from dicomcache.errors import BadStoredFile, Cause, StoreFull
+from dicomcache.errors import (
+    BadStoredFile,
+    Cause,
+    StoreFull,
+    StoreTrouble,
+    StoreUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +94,17 @@ OLD_INDEX = "index-old.sqlite"
 #: The earlier schemas it can be: 1 keyed entries by SOP Instance UID alone, 2 had no
 #: series/study IDs or confirmation times.
 OLD_SCHEMAS = ("1", "2")
+
+#: Seconds between re-checks of the store by the daemon (:meth:`Store.recheck`): how soon
+#: caching resumes after the disk recovers, and min_free is kept without traffic.
+RECHECK_EVERY = 5.0
+#: A re-check the disk does not answer within this many seconds degrades the store.
+RECHECK_TIMEOUT = 30.0
+#: Room the min_free guard keeps for the index's growth with each body: its row, and the
+#: deletions of the entries evicted for it, in the write-ahead log.
+INDEX_ALLOWANCE = 128 << 10
+#: What opening a store's directory and index can raise when they cannot be used.
+ATTACH_ERRORS = (OSError, sqlite3.Error, SchemaMismatch)
 
 #: What :meth:`Store.commit_group` gives for each body: the stored instance, ``None``
 #: (evicted at once: bigger than the whole cache), or the error that kept it out.
@@ -111,24 +138,57 @@ def _rename_into(temp: Path, full: Path) -> None:
 class Store:
     """Synchronous store API (call from worker threads); see the module docstring."""
 
-    def __init__(self, directory: Path, max_size: int) -> None:
+    def __init__(self, directory: Path, max_size: int, min_free: int = 0) -> None:
+        """The store of ``directory``; ``OSError``, ``sqlite3.Error`` or
+        :class:`SchemaMismatch` when it cannot be used (see :meth:`for_serving`)."""
+        self._prepare(directory, max_size, min_free)
+        self._attach()
+
+    @classmethod
+    def for_serving(cls, directory: Path, max_size: int, min_free: int) -> Store:
+        """The daemon's store: degraded, never an error, when ``directory`` cannot be used.
+
+        A directory that is full, read-only, missing and impossible to create, or
+        holds an unusable index gives a store that indexes nothing (an empty index in
+        memory), writes nothing, and says why in :attr:`health`; :meth:`recheck`
+        attaches it to the directory once it is usable.
+        """
+        store = cls.__new__(cls)
+        store._prepare(directory, max_size, min_free)
+        try:
+            store._attach()
+        except ATTACH_ERRORS as exc:
+            store._note(exc)
+        return store
+
+    def _prepare(self, directory: Path, max_size: int, min_free: int) -> None:
+        """What lives in memory only (no I/O); an empty index in memory until attached."""
         self.directory = Path(directory)
         self.max_size = max_size
+        #: Bytes to keep free on the file system (``[cache] min_free``; 0: no guard).
+        self.min_free = min_free
         self.tmp_dir = self.directory / "tmp"
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        if schema_of(self.directory / INDEX_FILE) in OLD_SCHEMAS:
-            self._move_old_aside()
-        self.index = Index(self.directory)
+        self.health = StoreHealth()
+        self.index = Index(None)
+        #: True once the directory and its index are in use (see :meth:`for_serving`).
+        self.attached = False
+        #: The file system's free and total bytes when last looked at (None: not yet).
+        self.free_bytes: int | None = None
+        self.disk_bytes: int | None = None
+        #: Called (from worker threads) with each stored file deleted (evicted, replaced,
+        #: purged).
+        self.removal_listeners: list[Callable[[Path], object]] = []
         self._commit_lock = threading.Lock()
         #: Held while a group is written; close() takes it, so it never cuts a group.
         self._group_lock = threading.Lock()
+        #: Held while deciding whether a body fits (min_free); ``_reserved``: bytes being
+        #: written by bodies admitted (not yet seen in the file system's free space).
+        self._space_lock = threading.Lock()
+        self._reserved = 0
         self._closed = False
-        self._make_object_dirs()
-        if (self.directory / LEGACY_INDEX).exists():
-            self._migrate_legacy()
-        if (self.directory / OLD_INDEX).exists():
-            self._migrate_old()
         self.evictions = 0
+        #: Entries evicted to keep ``min_free`` (``evictions``: to stay under ``max_size``).
+        self.space_evictions = 0
         self._pinned_warned = -1e9
         # The hot map: plain dicts, read on the event loop, written by worker
         # threads (single dict operations are atomic under the GIL).
@@ -141,7 +201,39 @@ class Store:
         self._confirmed: dict[Path, FileSignature] = {}
         #: Stored files found bad when first opened (a metric follows it).
         self.bad_found = 0
+        self.generation = 0
+
+    def _attach(self) -> None:
+        """Use the directory: make it, open (or adopt) its index, make the object
+        directories.  On an error the store stays as it was (unattached)."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        if schema_of(self.directory / INDEX_FILE) in OLD_SCHEMAS:
+            self._move_old_aside()
+        previous, self.index = self.index, Index(self.directory)
+        try:
+            self._make_object_dirs()
+            if (self.directory / LEGACY_INDEX).exists():
+                self._migrate_legacy()
+            if (self.directory / OLD_INDEX).exists():
+                self._migrate_old()
+        except BaseException:
+            failed, self.index = self.index, previous
+            failed.close()
+            raise
+        # The index in memory is left to the garbage collector, not closed: a lookup in
+        # another thread may still be reading it (it indexes nothing).
+        self._hot.clear()
+        self._hot_sop.clear()
         self.generation = self.index.generation()
+        self.attached = True
+
+    def _detach(self) -> None:
+        """The directory vanished under the store: index nothing (in memory) until
+        :meth:`recheck` can attach it again (a new directory, a new index)."""
+        self.index = Index(None)  # the old one is left to the garbage collector (above)
+        self.attached = False
+        self._hot.clear()
+        self._hot_sop.clear()
 
     # --- lifecycle -------------------------------------------------------------------
     def _make_object_dirs(self) -> None:
@@ -251,6 +343,8 @@ class Store:
         younger than ``min_age`` seconds are left alone (they may be mid-commit).
         """
         removed = 0
+        if not self.attached:
+            return 0
         cutoff = time.time() - min_age
         for tmp in self.tmp_dir.iterdir():
             if tmp.stat().st_mtime < cutoff:
@@ -266,6 +360,172 @@ class Store:
         if removed:
             log.info("store sweep removed %d leftover file(s) of interrupted writes", removed)
         return removed
+
+    # --- health: degraded, not dead ---------------------------------------------------
+    def _note(self, exc: BaseException) -> None:
+        """A disk or index operation failed: the store is degraded (see :attr:`health`)."""
+        if isinstance(exc, StoreClosed | StoreUnavailable):
+            return
+        trouble = trouble_of(exc.__cause__ if isinstance(exc.__cause__, sqlite3.Error)
+                             else exc)
+        if not self.attached and not self.directory.exists():
+            trouble = StoreTrouble.MISSING  # whatever mkdir said (EROFS, EACCES)
+        detail = _describe(exc)
+        if isinstance(exc, sqlite3.Error):
+            detail = f"{self.directory / INDEX_FILE}: {detail}"
+        self.health.degrade(trouble, detail)
+
+    def _best_effort(self, write: Callable[[], object]) -> None:
+        """An index write that only saves work later (recency, resolutions,
+        confirmations): on a full or failing disk it is skipped (kept in memory where
+        it is), and the store degraded, rather than failing the request behind it."""
+        try:
+            write()
+        except sqlite3.Error as exc:
+            self._note(exc)
+
+    def recheck(self) -> None:
+        """The periodic re-check (blocking; every few seconds while serving).
+
+        Attaches a store that could not use its directory; keeps ``min_free``
+        (evicting least-recently-used entries when that restores it); proves the
+        directory and the index take a synced write.  Then the store caches (again),
+        or stays degraded with the cause found.
+        """
+        if not self.attached:
+            try:
+                self._attach()
+            except ATTACH_ERRORS as exc:
+                self._note(exc)
+                return
+            log.info("store: cache directory %s is usable again", self.directory)
+            self._sweep_quietly()
+        state = self.health.degraded
+        # Caching resumes with a tenth of min_free to spare, not at the first byte over
+        # it: else a disk hovering at min_free flips between the two every re-check.
+        margin = self.min_free // 10 if state and state.trouble is StoreTrouble.MIN_FREE else 0
+        try:
+            with self._space_lock:
+                self._make_room(margin)
+            self._probe()
+        except StoreUnavailable:
+            return  # below min_free: degraded by _make_room
+        except ATTACH_ERRORS as exc:
+            self._note(exc)
+            if not self.directory.is_dir():
+                self._detach()  # removed under us: a new one is made at the next re-check
+            return
+        self.health.recover()
+
+    def _probe(self) -> None:
+        """A synced write in ``tmp/`` (made again if it was removed), and while degraded a
+        write to the index too (not every few seconds while all is well: it would queue
+        behind an admin command's transaction), or the error."""
+        if not self.tmp_dir.exists():
+            self.tmp_dir.mkdir()
+        probe = self.write_temp(b"ready")
+        probe.unlink()
+        if self.health.degraded is not None:
+            self.index.probe(time.time())
+
+    def _admit(self, nbytes: int) -> None:
+        """Admit ``nbytes`` about to be written (bodies and :data:`INDEX_ALLOWANCE` for
+        each): :class:`StoreUnavailable` while the store is degraded or when ``min_free``
+        cannot be kept (evicting first when that helps).  Reserved until
+        :meth:`_release` (the file system does not show them yet)."""
+        state = self.health.degraded
+        if state is not None:
+            raise StoreUnavailable(state.trouble, state.detail)
+        if not self.attached:
+            raise StoreUnavailable(StoreTrouble.MISSING, f"{self.directory} is not in use")
+        with self._space_lock:
+            self._make_room(nbytes)
+            self._reserved += nbytes
+
+    def _release(self, nbytes: int) -> None:
+        with self._space_lock:
+            self._reserved -= nbytes
+
+    @contextlib.contextmanager
+    def _room(self, nbytes: int) -> Iterator[None]:
+        """:meth:`_admit` ``nbytes`` for the time of a write."""
+        self._admit(nbytes)
+        try:
+            yield
+        finally:
+            self._release(nbytes)
+
+    def _make_room(self, incoming: int) -> None:
+        """Look at the file system's free space; keep ``min_free`` after ``incoming``
+        more bytes (:func:`~dicomcache.cache.space.plan_space`).  Holds ``_space_lock``."""
+        fs = os.statvfs(self.directory)
+        self.free_bytes = fs.f_bavail * fs.f_frsize
+        self.disk_bytes = fs.f_blocks * fs.f_frsize
+        free = self.free_bytes - self._reserved
+
+        def plan(evictable: int) -> Write | Evict | Degrade:
+            return plan_space(free=free, min_free=self.min_free, incoming=incoming,
+                              evictable=evictable, block=fs.f_frsize)
+        decided = plan(0)
+        if isinstance(decided, Write):
+            return
+        decided = plan(self.index.evictable_bytes())
+        if isinstance(decided, Evict):
+            with self._commit_lock:
+                self.space_evictions += self._evict_bytes(decided.nbytes, fs.f_frsize)
+            return
+        assert isinstance(decided, Degrade)
+        detail = (f"{_size(free)} free, min_free {_size(self.min_free)}: "
+                  f"{_size(decided.short)} more needed than evicting every unpinned entry "
+                  "would give")
+        self.health.degrade(StoreTrouble.MIN_FREE, detail)
+        raise StoreUnavailable(StoreTrouble.MIN_FREE, detail)
+
+    def _evict_bytes(self, nbytes: int, block: int) -> int:
+        """Evict least-recently-used entries (not pinned) until their files held at
+        least ``nbytes``; how many went.  Holds ``_commit_lock``."""
+        evicted = freed = 0
+        while freed < nbytes:
+            row = self.index.least_recently_used()
+            if row is None:
+                break
+            if self.index.delete(row.orthanc_id, row.file):
+                self._remove(row.file)
+                self._drop_hot(row.orthanc_id)
+                evicted += 1
+                freed += -(-row.size // block) * block
+        return evicted
+
+    def _remove(self, rel: str) -> None:
+        """Delete a stored file whose entry is gone, and tell :attr:`removal_listeners`
+        (a descriptor kept open elsewhere would hold its space on the disk)."""
+        path = self.directory / rel
+        path.unlink(missing_ok=True)
+        for listener in self.removal_listeners:
+            listener(path)
+
+    def _sweep_quietly(self) -> None:
+        try:
+            self.sweep()
+        except OSError as exc:
+            log.warning("store: cannot sweep leftovers of interrupted writes: %s", exc)
+
+    def status(self) -> dict[str, Any]:
+        """What ``/readyz`` and the status page say of the store (blocking: the stats and
+        the file system's free space)."""
+        with contextlib.suppress(OSError):  # no directory: the health says so
+            fs = os.statvfs(self.directory)
+            self.free_bytes = fs.f_bavail * fs.f_frsize
+            self.disk_bytes = fs.f_blocks * fs.f_frsize
+        state = self.health.degraded
+        return {**self.stats(),
+                "ok": state is None,
+                "degraded": None if state is None else str(state.trouble),
+                "status": "caching" if state is None else state.status,
+                "detail": None if state is None else state.detail,
+                "degraded_since": None if state is None else state.since,
+                "free_bytes": self.free_bytes, "disk_bytes": self.disk_bytes,
+                "min_free": self.min_free}
 
     # --- temp files ----------------------------------------------------------------------
     def temp_path(self) -> Path:
@@ -294,9 +554,47 @@ class Store:
             full.unlink(missing_ok=True)
             _reraise(exc)
         [stored] = self._index_rows([_Placed(0, row)])
-        if isinstance(stored, StoreFull):
+        if isinstance(stored, OSError):
             raise stored
         return stored
+
+    @property
+    def caching(self) -> bool:
+        """The store takes new bodies (not degraded, its directory in use)."""
+        return self.attached and self.health.degraded is None
+
+    def commit_received(self, temp: Path, instance: Instance) -> Instance | None:
+        """:meth:`commit` for a verified temp file already written to ``tmp/`` (a large
+        body streamed in, :mod:`~dicomcache.cache.receive`): ``min_free`` is kept (its
+        bytes are on the disk already, only the index's growth is admitted), and a
+        failure degrades the store like :meth:`commit_body`'s."""
+        try:
+            with self._room(INDEX_ALLOWANCE):
+                return self.commit(temp, instance)
+        except OSError as exc:
+            self._note(exc)
+            raise
+
+    def note_failure(self, exc: OSError) -> None:
+        """A write into the store's directory failed outside the store (a large body
+        streamed to ``tmp/``): the store is degraded, as after a failure of its own."""
+        self._note(exc)
+
+    def commit_body(self, body: Instance) -> Instance | None:
+        """Write, fsync, rename and index a verified body in memory (see :meth:`commit`).
+
+        :class:`StoreUnavailable` (nothing tried) while the store is degraded or when
+        ``min_free`` cannot be kept; any other ``OSError`` (:class:`StoreFull`…)
+        degrades it.
+        """
+        assert body.data is not None, "only bodies in memory are committed"
+        try:
+            with self._room(body.size + INDEX_ALLOWANCE):
+                temp = self.write_temp(body.data)
+            return self.commit(temp, body)
+        except OSError as exc:
+            self._note(exc)
+            raise
 
     def commit_group(self, bodies: Sequence[Instance]) -> list[Committed]:
         """Write and commit several verified bodies (in memory) as one group.
@@ -307,17 +605,33 @@ class Store:
         once; only then are the index rows inserted (and the aliases learnt).
         One result per body (see :data:`Committed`).
         """
+        results = self._commit_group(bodies)
+        for result in results:
+            if isinstance(result, OSError):
+                self._note(result)
+                break
+        return results
+
+    def _commit_group(self, bodies: Sequence[Instance]) -> list[Committed]:
         results: list[Committed] = [None] * len(bodies)
         with self._group_lock:
             if self._closed:
                 return [StoreClosed("store closed: commit abandoned")] * len(bodies)
+            total = sum(body.size + INDEX_ALLOWANCE for body in bodies)
+            try:
+                self._admit(total)
+            except OSError as exc:  # degraded, or no room: nothing written
+                return [exc] * len(bodies)
             placed: list[_Placed] = []
-            for i, body in enumerate(bodies):
-                try:
-                    assert body.data is not None, "only bodies in memory are committed"
-                    placed.append(_Placed(i, self._place(self.write_temp(body.data), body)))
-                except OSError as exc:
-                    results[i] = exc
+            try:
+                for i, body in enumerate(bodies):
+                    try:
+                        assert body.data is not None, "only bodies in memory are committed"
+                        placed.append(_Placed(i, self._place(self.write_temp(body.data), body)))
+                    except OSError as exc:
+                        results[i] = exc
+            finally:
+                self._release(total)
             try:
                 # Renames durable before any index row points at them; one fsync per
                 # directory (a group spreads over a few of the object directories).
@@ -345,28 +659,29 @@ class Store:
                    instance.series_uid, instance.sop_uid, instance.transfer_syntax,
                    instance.md5, instance.size, rel, now, now)
 
-    def _index_rows(self, placed: Sequence[_Placed]) -> list[Instance | StoreFull | None]:
+    def _index_rows(self, placed: Sequence[_Placed]) -> list[Instance | OSError | None]:
         """Index durable files in ``objects/``; a result per file.
 
-        A row the index cannot take (its disk full) is a :class:`StoreFull`, and
-        its file and those after it are removed; an entry evicted at once (bigger
-        than the whole cache) is ``None``.
+        A row the index cannot take is an ``OSError`` (:class:`StoreFull` when its
+        disk is full; the SQLite error as its ``__cause__``), and its file and those
+        after it are removed; an entry evicted at once (bigger than the whole cache)
+        is ``None``.
         """
-        results: list[Instance | StoreFull | None] = []
+        results: list[Instance | OSError | None] = []
         rows = [p.row for p in placed]
         # Only the index update and eviction are serialised; writes, renames and
         # fsyncs of other commits run in parallel in other worker threads.
         with self._commit_lock:
             try:
                 replaced = self.index.put(rows, time.time())
-            except sqlite3.OperationalError as exc:  # "database or disk is full"
-                full = StoreFull(errno.ENOSPC, f"cache index cannot grow: {exc}")
+            except sqlite3.Error as exc:  # "database or disk is full", read-only, …
+                failed = _index_failure(exc)
                 for row in rows:
                     (self.directory / row.file).unlink(missing_ok=True)
-                return [full] * len(rows)
+                return [failed] * len(rows)
             for old in replaced:
                 if old is not None:
-                    (self.directory / old).unlink(missing_ok=True)
+                    self._remove(old)
             self.evictions += self._evict_to_bound()
         for row in rows:
             instance = self._instance(row)
@@ -394,7 +709,7 @@ class Store:
                                 "cache.max_size")
                 break
             if self.index.delete(row.orthanc_id, row.file):
-                (self.directory / row.file).unlink(missing_ok=True)
+                self._remove(row.file)
                 self._drop_hot(row.orthanc_id)
                 evicted += 1
         return evicted
@@ -485,7 +800,7 @@ class Store:
             self.forget(instance.orthanc_id)
             return None
         self._remember(instance)
-        self.index.touch([instance.orthanc_id], time.time())
+        self._best_effort(lambda: self.index.touch([instance.orthanc_id], time.time()))
         return instance
 
     # --- resolutions: which Orthanc instances a set of UIDs names --------------------
@@ -526,13 +841,13 @@ class Store:
             self._resolved.clear()
         keyed = [(self.uids_key(sop, st, se), list(oids)) for sop, st, se, oids in found]
         self._resolved.update(keyed)
-        self.index.resolve_as(keyed, time.time())
+        self._best_effort(lambda: self.index.resolve_as(keyed, time.time()))
 
     def forget_resolutions(self, sop_uid: str) -> None:
         """Orthanc changed what this SOP Instance UID names: ask it again next time."""
         for key in [k for k in self._resolved if k.startswith(f"{sop_uid}|")]:
             self._resolved.pop(key, None)
-        self.index.forget_resolutions(sop_uid)
+        self._best_effort(lambda: self.index.forget_resolutions(sop_uid))
 
     # --- the hot map -----------------------------------------------------------------
     _HOT_LIMIT = 200_000
@@ -565,7 +880,7 @@ class Store:
         for key in touched:
             self._touched.pop(key, None)
         if touched:
-            self.index.touch(touched, time.time())
+            self._best_effort(lambda: self.index.touch(touched, time.time()))
         return len(touched)
 
     def _drop_hot(self, orthanc_id: str) -> None:
@@ -591,10 +906,11 @@ class Store:
                         confirmed_at=row.confirmed_at)
 
     def stats(self) -> dict[str, int]:
-        """Entries, bytes used (index included), bound, evictions since start."""
+        """Entries, bytes used (index included), bound, evictions since start (to stay
+        under ``max_size``, and to keep ``min_free``)."""
         entries, _ = self.index.usage()
         return {"entries": entries, "size_bytes": self.volume(), "max_bytes": self.max_size,
-                "evictions": self.evictions}
+                "evictions": self.evictions, "min_free_evictions": self.space_evictions}
 
     def entries(self) -> Iterator[Instance]:
         for row, _used in self.index.rows():
@@ -635,7 +951,7 @@ class Store:
             by_file = {self._rel(e): e for e in batch}
             for rel in self.index.delete_files(list(by_file)):
                 gone = by_file[rel]
-                (self.directory / rel).unlink(missing_ok=True)
+                self._remove(rel)
                 removed += 1
                 nbytes += gone.size
                 studies[EVERY_STUDY if every_study else gone.study_uid or EVERY_STUDY] += 1
@@ -648,7 +964,7 @@ class Store:
 
     def confirm(self, entries: Sequence[Instance], now: float) -> None:
         """Orthanc confirmed these entries' MD5 at ``now`` (hot copies updated too)."""
-        self.index.confirm([e.orthanc_id for e in entries], now)
+        self._best_effort(lambda: self.index.confirm([e.orthanc_id for e in entries], now))
         for e in entries:
             if e.orthanc_id in self._hot:
                 self._hot[e.orthanc_id] = replace(e, confirmed_at=now, data=None)
@@ -658,7 +974,7 @@ class Store:
         return self.index.series_updated(series_oid)
 
     def set_series_updated(self, series_oid: str, last_update: str | None) -> None:
-        self.index.set_series_updated(series_oid, last_update)
+        self._best_effort(lambda: self.index.set_series_updated(series_oid, last_update))
 
     def in_series(self, series_oid: str) -> list[Instance]:
         """The entries of an Orthanc series."""
@@ -725,18 +1041,6 @@ class Store:
                 note_path.unlink(missing_ok=True)
                 dropped += 1
         return dropped
-
-    def check(self) -> dict[str, int]:
-        """Prove the store usable: the index answers and ``tmp/`` takes a synced write.
-
-        Raises ``OSError`` or ``sqlite3.Error`` when it is not.  Returns the
-        stats plus the free bytes of the cache's file system.
-        """
-        stats = self.stats()
-        probe = self.write_temp(b"ready")
-        probe.unlink()
-        fs = os.statvfs(self.directory)
-        return dict(stats, free_bytes=fs.f_bavail * fs.f_frsize)
 
     def _rel(self, entry: Instance) -> str:
         assert entry.path is not None
@@ -810,19 +1114,14 @@ class AsyncStore:
         For a viewer's own download: it does not queue behind a series stream's
         group commits (:meth:`queue_commit`), whose backlog can be many megabytes.
         ``None`` when the entry was evicted at once (bigger than the whole cache);
-        :class:`StoreFull` (an ``OSError``) when the disk is full.
+        an ``OSError`` when it was not cached (:meth:`Store.commit_body`).
         """
-        assert body.data is not None
-
-        def work() -> Instance | None:
-            assert body.data is not None
-            return self.sync.commit(self.sync.write_temp(body.data), body)
-        return await asyncio.to_thread(work)
+        return await asyncio.to_thread(self.sync.commit_body, body)
 
     async def commit_file(self, temp: Path, instance: Instance) -> Instance | None:
         """Adopt a verified, fsynced temp file of ``tmp/`` (a large body received by
         :mod:`~dicomcache.cache.receive`) as the entry; see :meth:`commit_now`."""
-        return await asyncio.to_thread(self.sync.commit, temp, instance)
+        return await asyncio.to_thread(self.sync.commit_received, temp, instance)
 
     def queue_commit(self, body: Instance) -> asyncio.Future[Instance | None]:
         """Queue a verified body for the next group; the future settles when it is durable.
@@ -907,8 +1206,8 @@ class AsyncStore:
     async def stats(self) -> dict[str, int]:
         return await asyncio.to_thread(self.sync.stats)
 
-    async def check(self) -> dict[str, int]:
-        return await asyncio.to_thread(self.sync.check)
+    async def status(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.sync.status)
 
     async def pinned(self) -> dict[str, float]:
         return await asyncio.to_thread(self.sync.pinned)
@@ -968,3 +1267,28 @@ def entry_as_dict(entry: Instance) -> dict[str, Any]:
     d.pop("data", None)
     d["path"] = str(entry.path)
     return d
+
+
+def _index_failure(exc: sqlite3.Error) -> OSError:
+    """An index write that failed, as the ``OSError`` a commit gives (its cause kept)."""
+    failed = (StoreFull(errno.ENOSPC, f"cache index cannot grow: {exc}")
+              if trouble_of(exc) is StoreTrouble.DISK_FULL
+              else OSError(errno.EIO, f"cache index cannot be written: {exc}"))
+    failed.__cause__ = exc
+    return failed
+
+
+def _describe(exc: BaseException) -> str:
+    """An error for people: what failed, on which file."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    return f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else str(exc)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -45,9 +45,11 @@ def run(args: argparse.Namespace) -> int:
           f" user={s.upstream.username or '-'} timeouts={s.upstream.connect_timeout:g}/"
           f"{s.upstream.read_timeout:g}s retries={s.upstream.retries}")
     print(f"  cache         {s.cache.directory} max {format_size(s.cache.max_size)}")
-    too_big = startup.size_warning(s.cache.directory, s.cache.max_size)
-    if too_big is not None:
-        print(f"  warning       cache.{too_big}", file=sys.stderr)
+    print(f"  min_free      {format_size(s.cache.min_free)} kept free on its file system"
+          if s.cache.min_free else "  min_free      0: no guard (the cache writes until its "
+          "disk is full)")
+    for key, message in startup.cache_warnings(s):
+        print(f"  warning       {key} {message}", file=sys.stderr)
     print(f"  access.allow  {', '.join(s.access.allow) or '(read-only)'}")
     auth_problem = describe_auth(s.auth, s.server.host)
     if auth_problem is not None:

@@ -136,6 +136,10 @@ SECTIONS: dict[str, Section] = {
                                     "seconds"),
             "revalidate_after": Key("An entry's MD5 is compared with Orthanc's again after "
                                     "this long; 0: never.", "seconds"),
+            "min_free": Key("Space left free on the cache's file system (as nginx's "
+                            "`min_free`): below it the least recently used entries are evicted "
+                            "(pinned ones never), or new images are served uncached (\"cache "
+                            "degraded\"); 0: no guard.", "size"),
             "stream_above": Key("Instances larger than this are written to disk as they "
                                 "arrive (hashed on the way, verified from the file), never "
                                 "held whole in memory.", "size"),

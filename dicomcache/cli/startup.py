@@ -21,21 +21,33 @@ from dicomcache.config import Settings, exposure_problem, format_size
 from dicomcache.http import users
 
 
-def directory_problem(path: Path) -> str | None:
-    """Why the service could not create or write ``path`` (a directory), or None.
-    Checks without creating anything: the directory itself when it exists, else the
-    nearest existing parent it would be created in."""
+def _nearest(path: Path) -> Path:
+    """``path`` when it exists, else the nearest existing parent it would be made in."""
     probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
+    while not probe.exists() and probe.parent != probe:
         probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        return f"{probe} is not a directory"
+    return probe
+
+
+def not_a_directory(path: Path) -> str | None:
+    """A file where the directory ``path`` (or a parent of it) should be, or None."""
+    probe = _nearest(path)
+    return f"{probe} is not a directory" if probe.exists() and not probe.is_dir() else None
+
+
+def write_problem(path: Path) -> str | None:
+    """Why the service could not create or write the directory ``path``, or None
+    (checked without creating anything)."""
+    probe = _nearest(path)
     if not os.access(probe, os.W_OK | os.X_OK):
         what = "write in" if probe == path else f"create {path} in"
         return f"cannot {what} {probe} (permission denied, or a read-only file system)"
     return None
+
+
+def directory_problem(path: Path) -> str | None:
+    """Why the service could not create or write ``path`` (a directory), or None."""
+    return not_a_directory(path) or write_problem(path)
 
 
 def users_problem(path: Path) -> str | None:
@@ -65,7 +77,9 @@ def problems(settings: Settings, *, from_file: bool) -> list[tuple[str, str]]:
         found.append(("upstream.url", "required: the Orthanc to cache (the demo Orthanc "
                                       "with its sample patient runs only when serve is "
                                       "given no --config at all)"))
-    cache = directory_problem(settings.cache.directory)
+    # A cache directory that cannot be written (full, read-only, missing) is not one: the
+    # daemon serves with its cache degraded (cache_warnings), and caches once it can.
+    cache = not_a_directory(settings.cache.directory)
     if cache is not None:
         found.append(("cache.directory", cache))
     if settings.relay.enabled:
@@ -96,6 +110,45 @@ def size_warning(directory: Path, max_size: int) -> str | None:
     return (f"max_size ({format_size(max_size)}) is larger than the file system "
             f"holding {directory} ({format_size(total)}): the disk fills before the "
             "cache evicts anything; lower it, leaving room for the index and other files")
+
+
+def min_free_warning(directory: Path, min_free: int) -> str | None:
+    """A warning when ``min_free`` cannot be met on the file system of ``directory``: it
+    is not smaller than the file system, or more than is free there now."""
+    if min_free <= 0:
+        return None
+    try:
+        usage = shutil.disk_usage(_nearest(directory))
+    except OSError:
+        return None
+    gib = 1 << 30
+    if min_free >= usage.total:
+        return (f"min_free ({min_free / gib:.1f} GiB) is not smaller than the file system "
+                f"holding {directory} ({usage.total / gib:.1f} GiB): nothing would ever be "
+                "cached (the cache stays degraded); lower it")
+    if min_free > usage.free:
+        return (f"min_free ({min_free / gib:.1f} GiB) is more than is free on the file "
+                f"system holding {directory} now ({usage.free / gib:.1f} GiB): the cache "
+                "evicts its least recently used entries to restore it, and caches nothing "
+                "new while it cannot (free space, or lower min_free)")
+    return None
+
+
+def cache_warnings(settings: Settings) -> list[tuple[str, str]]:
+    """What ``check-config`` warns about the cache, as (key, message): it still starts."""
+    cache = settings.cache
+    found: list[tuple[str, str]] = []
+    unwritable = write_problem(cache.directory)
+    if unwritable is not None:
+        found.append(("cache.directory", f"{unwritable}: dicomcache serves without caching "
+                                         "(cache degraded) until it can write there"))
+    too_big = size_warning(cache.directory, cache.max_size)
+    if too_big is not None:
+        found.append(("cache.max_size", too_big.removeprefix("max_size ")))
+    low = min_free_warning(cache.directory, cache.min_free)
+    if low is not None:
+        found.append(("cache.min_free", low.removeprefix("min_free ")))
+    return found
 
 
 class ListenError(OSError):

@@ -423,6 +423,9 @@ class AnswerCache:
         #: Disk writes and removals one at a time: a removal waits for a write in
         #: progress, and a write after it sees that its study was removed.
         self._disk_lock = asyncio.Lock()
+        #: Disk copies cannot be written lately (a full or read-only cache disk): said
+        #: once, not once per answer.
+        self._disk_failing = False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -572,4 +575,11 @@ class AnswerCache:
                 await asyncio.to_thread(self.disk.save, key, study, entry, time.time(),
                                         self.clock())
             except OSError as exc:
-                log.warning("cannot keep a disk copy of %s: %s", key, exc)
+                log.log(logging.DEBUG if self._disk_failing else logging.WARNING,
+                        "cannot keep a disk copy of %s (kept in memory only, until disk "
+                        "copies can be written again): %s", key, exc)
+                self._disk_failing = True
+            else:
+                if self._disk_failing:
+                    log.info("DICOMweb answers are kept on disk again")
+                self._disk_failing = False

@@ -11,17 +11,20 @@ import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from dicomcache.audit.trail import AuditLog
 from dicomcache.cache.coherence import Coherence
 from dicomcache.cache.fetch import Fetcher
+from dicomcache.cache.health import Degraded
 from dicomcache.cache.index import EVERY_STUDY
 from dicomcache.cache.instance import Instance
 from dicomcache.cache.scrubber import Scrubber
-from dicomcache.cache.store import AsyncStore, Store
+from dicomcache.cache.store import RECHECK_EVERY, RECHECK_TIMEOUT, AsyncStore, Store
 from dicomcache.config import Settings
+from dicomcache.errors import StoreTrouble
 from dicomcache.http import (
     audit,
     auth,
@@ -132,18 +135,35 @@ async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The store: degraded, never fatal, when its directory cannot be used (full,
+    read-only, missing, an unusable index); re-checked every ``RECHECK_EVERY`` seconds."""
     cache = app[SETTINGS].cache
-    store = await asyncio.to_thread(Store, cache.directory, cache.max_size)
+    store = await asyncio.to_thread(Store.for_serving, cache.directory, cache.max_size,
+                                    cache.min_free)
     app[STORE] = AsyncStore(store)
-    app[OPEN_FILES] = OpenFiles(store)
+    app[OPEN_FILES] = open_files = OpenFiles(store)
+    loop = asyncio.get_running_loop()
+
+    def removed(path: Path) -> None:  # in a worker thread: the descriptors are the loop's
+        with contextlib.suppress(RuntimeError):  # the loop closed: nothing is open
+            loop.call_soon_threadsafe(open_files.forget, path)
+    store.removal_listeners.append(removed)
     metrics = app[METRICS]
     metrics.cache_max.set(cache.max_size)
+    metrics.cache_min_free.set(cache.min_free)
+
+    def tell(state: Degraded | None) -> None:
+        metrics.note_cache_degraded(None if state is None else state.trouble)
+    store.health.listeners.append(tell)
+    tell(store.health.degraded)
     sweep = asyncio.create_task(asyncio.to_thread(store.sweep), name="store sweep")
     gauges = asyncio.create_task(_store_gauges(app[STORE], app[OPEN_FILES], metrics,
                                                app[STUDY_CHANGED]), name="store gauges")
+    recheck = asyncio.create_task(_store_recheck(store), name="store re-check")
     yield
     gauges.cancel()
-    await asyncio.gather(sweep, gauges, return_exceptions=True)
+    recheck.cancel()
+    await asyncio.gather(sweep, gauges, recheck, return_exceptions=True)
     # Verified bodies queued by cold streams are made durable before the index closes.
     await app[STORE].drain()
     await app[STORE].flush_touches()
@@ -156,7 +176,7 @@ async def _store_gauges(store: AsyncStore, open_files: OpenFiles, metrics: Metri
     """Every second: write hits' recency to the index; refresh gauges and evictions; forget
     what is held in memory when another process purged or quarantined entries, and drop
     what derives from the studies it purged."""
-    seen = bad_seen = 0
+    seen = bad_seen = seen_for_space = 0
     while True:
         purged = await asyncio.to_thread(store.sync.refresh)
         if purged is not None:
@@ -171,7 +191,8 @@ async def _store_gauges(store: AsyncStore, open_files: OpenFiles, metrics: Metri
             metrics.bad_files.labels("open").inc(store.sync.bad_found - bad_seen)
             bad_seen = store.sync.bad_found
         await store.flush_touches()
-        open_files.prune()  # free the disk space of files evicted or purged meanwhile
+        if store.sync.free_bytes is not None:
+            metrics.cache_disk_free.set(store.sync.free_bytes)
         stats = await store.stats()
         metrics.cache_entries.set(stats["entries"])
         metrics.cache_size.set(stats["size_bytes"])
@@ -180,7 +201,28 @@ async def _store_gauges(store: AsyncStore, open_files: OpenFiles, metrics: Metri
             log.info("evicted %d instance(s) to stay under cache.max_size",
                      stats["evictions"] - seen)
             seen = stats["evictions"]
+        if stats["min_free_evictions"] > seen_for_space:
+            metrics.evictions.inc(stats["min_free_evictions"] - seen_for_space)
+            log.info("evicted %d instance(s) to keep cache.min_free free on the cache's "
+                     "disk", stats["min_free_evictions"] - seen_for_space)
+            seen_for_space = stats["min_free_evictions"]
         await asyncio.sleep(1)
+
+
+async def _store_recheck(store: Store) -> None:
+    """Every ``RECHECK_EVERY`` seconds: :meth:`Store.recheck` (attach, keep min_free, probe a
+    write; the store caches again or stays degraded).  A check the disk does not answer
+    within ``RECHECK_TIMEOUT`` degrades the store until it does."""
+    while True:
+        check = asyncio.ensure_future(asyncio.to_thread(store.recheck))
+        done, _ = await asyncio.wait([check], timeout=RECHECK_TIMEOUT)
+        if not done:
+            store.health.degrade(StoreTrouble.IO_ERROR, f"the cache disk has not answered "
+                                                        f"for {RECHECK_TIMEOUT:.0f} s")
+            await asyncio.wait([check])
+        if check.exception() is not None:
+            log.error("store: the periodic re-check failed", exc_info=check.exception())
+        await asyncio.sleep(RECHECK_EVERY)
 
 
 async def _scrub_ctx(app: web.Application) -> AsyncIterator[None]:

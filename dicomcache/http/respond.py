@@ -10,9 +10,9 @@ API (``StreamResponse``, ``request.transport``, ``loop.sendfile``).
 
 Stored files are immutable (a re-commit gets a new name), so a cached
 descriptor can never show different bytes.  Entries are found through the index
-first, so a removed entry is never served from a descriptor still open; the
-descriptors of removed files are closed within a second
-(:meth:`OpenFiles.prune`), or their disk space would stay in use.
+first, so a removed entry is never served from a descriptor still open; the store
+has the descriptor of a file it deletes closed at once (:meth:`OpenFiles.forget`),
+or its disk space would stay in use.
 """
 
 from __future__ import annotations
@@ -128,16 +128,13 @@ class OpenFiles:
         # duplicate never releases the file, so it cannot block.
         return os.fdopen(os.dup(cached[0]), "rb"), cached[1]
 
-    def prune(self) -> int:
-        """Close the descriptors of files no longer in the store (evicted, purged,
-        quarantined): an open descriptor keeps a removed file's disk space in use, so
-        eviction would not free what it counted.  ``fstat`` of open files only (no disk
-        I/O, microseconds each); returns how many were closed."""
-        gone = [path for path, (fd, _st) in self._fds.items() if os.fstat(fd).st_nlink == 0]
-        for path in gone:
-            fd, _st = self._fds.pop(path)
-            os.close(fd)
-        return len(gone)
+    def forget(self, path: Path) -> None:
+        """The store deleted this file: close its descriptor (closed in a worker thread:
+        the last close of a deleted file frees its blocks, which may take disk I/O), so
+        its space returns to the file system now, not when the LRU pushes it out."""
+        cached = self._fds.pop(path, None)
+        if cached is not None:
+            asyncio.get_running_loop().run_in_executor(None, os.close, cached[0])
 
     def close(self) -> None:
         while self._fds:

@@ -1,10 +1,11 @@
 """Health, readiness, the status page and the separate metrics port.
 
 * ``GET /healthz``: the process answers (JSON, always 200).
-* ``GET /readyz``: the store takes a synced write and Orthanc is reachable
-  (JSON; 503 with the reason when not).  Orthanc's state comes from real
-  traffic (:meth:`Metrics.note_upstream`); when that is older than
-  ``PROBE_EVERY`` seconds, or down, a cheap ``GET /system`` decides.
+* ``GET /readyz``: Orthanc is reachable (JSON; 503 with the reason when not).
+  Orthanc's state comes from real traffic (:meth:`Metrics.note_upstream`); when
+  that is older than ``PROBE_EVERY`` seconds, or down, a cheap ``GET /system``
+  decides.  A degraded cache (its disk full, read-only, missing) is said, not a
+  503: every instance is still served, verified, uncached.
 * ``GET /``: one plain HTML page for people without Grafana (no script, no
   external assets, refreshes itself); ``GET /status.json`` is the same data.
 * ``/metrics`` on the main port, or, when ``server.admin_port`` is set, on
@@ -199,20 +200,32 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readiness(app: web.Application) -> web.Response:
-    """200 when the store is usable and Orthanc reachable, else 503; JSON says which."""
-    store: dict[str, Any]
-    try:
-        info = await asyncio.wait_for(app[STORE].check(), PROBE_TIMEOUT)
-    except Exception as exc:
-        store = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    else:
-        store = {"ok": True, **info}
+    """200 when Orthanc is reachable, else 503; JSON says which.
+
+    A degraded cache (full, read-only, missing, an unusable index) does not make it
+    503: dicomcache still serves every instance, verified, without caching it; the
+    body's ``store.status`` says ``cache degraded: <cause>: …``.
+    """
+    store = await _store_view(app)
     upstream_ok = await app[PROBE].check(PROBE_EVERY)
     upstream = _upstream_view(app[METRICS], app[CLIENT])
     circuit_open = upstream.get("circuit", {}).get("state") == "open"
-    ready = bool(store["ok"]) and upstream_ok and not circuit_open
+    ready = upstream_ok and not circuit_open
     body = {"ready": ready, "store": store, "upstream": upstream}
     return web.json_response(body, status=200 if ready else 503)
+
+
+async def _store_view(app: web.Application) -> dict[str, Any]:
+    """The store's state (:meth:`Store.status`); its health alone when the stats do not
+    come (a disk that does not answer)."""
+    try:
+        return await asyncio.wait_for(app[STORE].status(), PROBE_TIMEOUT)
+    except Exception as exc:
+        state = app[STORE].sync.health.degraded
+        return {"ok": False, "degraded": None if state is None else str(state.trouble),
+                "status": f"cache degraded: the store does not answer ({type(exc).__name__}: "
+                          f"{exc})" if state is None else state.status,
+                "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _upstream_view(m: Metrics, client: OrthancClient) -> dict[str, Any]:
@@ -256,11 +269,11 @@ def _by_label(metric: Counter | Gauge, label: str) -> dict[str, float]:
 async def snapshot(app: web.Application) -> dict[str, Any]:
     """Everything the status page shows, JSON-able."""
     m = app[METRICS]
+    stats = await _store_view(app)
     try:
-        stats: dict[str, Any] = dict(await app[STORE].stats())
         stats["pinned_studies"] = len(await app[STORE].pinned())
     except Exception as exc:
-        stats = {"error": f"{type(exc).__name__}: {exc}"}
+        stats["error"] = f"{type(exc).__name__}: {exc}"
     hits = {f: int(_total(m.cache_hits, family=f)) for f in INSTANCE_FAMILIES}
     misses = {f: int(_total(m.cache_misses, family=f)) for f in INSTANCE_FAMILIES}
     nhits, nmisses = sum(hits.values()), sum(misses.values())
@@ -412,6 +425,7 @@ def render(s: dict[str, Any]) -> str:
         f"<span>up since {_when(s['started'], now)}</span>"
         f"<span>page refreshes every {REFRESH} s</span></header>"
         + _render_auth_warning(s.get("auth") or {})
+        + _render_cache_warning(s["cache"])
         + "<main>"
         + _render_upstream(s["upstream"], now)
         + _render_tls(s.get("tls"), now)
@@ -512,9 +526,35 @@ def _render_tls(t: dict[str, Any] | None, now: float) -> str:
         f"({days:.0f} days)</dd></dl></section>")
 
 
+def _render_cache_warning(c: dict[str, Any]) -> str:
+    """A banner while the cache is degraded: viewers are served, nothing is cached."""
+    if not c.get("degraded"):
+        return ""
+    return (f'<div id="cache-warning" class="alarm">{_e(c["status"])}. Images are still '
+            "served, verified, from Orthanc, but not cached: every viewing crosses the "
+            "WAN. Caching resumes by itself once this is fixed.</div>")
+
+
+def _cache_state(c: dict[str, Any], now: float) -> str:
+    """Whether the store caches, and the room left on its file system."""
+    if c.get("degraded"):
+        state = (f'<span id="cache-state" class="badge down">DEGRADED</span> since '
+                 f'{_when(c.get("degraded_since"), now)}: <span class="bad">'
+                 f'{_e(c["status"])}</span>')
+    else:
+        state = '<span id="cache-state" class="badge up">CACHING</span>'
+    free, disk, min_free = c.get("free_bytes"), c.get("disk_bytes"), c.get("min_free") or 0
+    low = free is not None and free < min_free
+    room = (f'<dt>disk free</dt><dd id="cache-disk-free"{" class=bad" if low else ""}>'
+            f"{_bytes(free)} of {_bytes(disk)} "
+            f"(kept free: {_bytes(min_free) if min_free else 'no min_free guard'})</dd>")
+    return f"<dt>state</dt><dd>{state}</dd>{room}"
+
+
 def _render_cache(c: dict[str, Any], r: dict[str, Any]) -> str:
-    if "error" in c:
-        use = f'<dt>store</dt><dd class="bad">{_e(c["error"])}</dd>'
+    state = _cache_state(c, time.time())
+    if "size_bytes" not in c:
+        use = f'<dt>store</dt><dd class="bad">{_e(c.get("error", "-"))}</dd>'
     else:
         frac = c["size_bytes"] / c["max_bytes"] if c["max_bytes"] else 0.0
         level = "crit" if frac >= 0.95 else "warn" if frac >= 0.85 else ""
@@ -523,10 +563,12 @@ def _render_cache(c: dict[str, Any], r: dict[str, Any]) -> str:
                f'<div class="bar"><div class="{level}" style="width:{min(frac, 1):.1%}">'
                "</div></div></dd>"
                f"<dt>instances</dt><dd>{c['entries']}</dd>"
-               f"<dt>pinned studies</dt><dd>{c['pinned_studies']}</dd>"
-               f"<dt>evictions</dt><dd>{c['evictions']} since start</dd>")
+               f"<dt>pinned studies</dt><dd>{c.get('pinned_studies', '-')}</dd>"
+               f"<dt>evictions</dt><dd>{c['evictions']} since start"
+               + (f" (and {c['min_free_evictions']} to keep min_free free)"
+                  if c.get("min_free_evictions") else "") + "</dd>")
     return (
-        '<section id="cache"><h2>Cache</h2><dl>' + use + _hit_ratio(c) + _failed(r)
+        '<section id="cache"><h2>Cache</h2><dl>' + state + use + _hit_ratio(c) + _failed(r)
         + f"<dt>served</dt><dd>{_bytes(c['served_bytes'])}</dd>"
         + _write_failures(c)
         + f"<dt>coalesced misses</dt><dd>{c['coalesced']}</dd>"

@@ -351,6 +351,12 @@ class Prefetcher:
                             "required)")
             stop.set()
             return
+        if self.store.sync.health.degraded is not None:
+            if not stop.is_set():  # it would download over the WAN what it cannot keep
+                log.info("prefetch stops: the cache is degraded (%s)",
+                         self.store.sync.health.degraded.trouble)
+            stop.set()
+            return
         used[0] += item.size  # reserved before the download: parallel workers see it
         started, t0 = time.time(), time.monotonic()
         try:

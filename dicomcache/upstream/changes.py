@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -160,6 +161,8 @@ class ChangeWatcher:
         self._uids: dict[str, str] = {}  # Orthanc study ID → StudyInstanceUID
         self._task: asyncio.Task[None] | None = None
         self._restarted = False
+        #: The cursor could not be saved lately (logged once until it can).
+        self._unsaved = False
 
     async def start(self) -> None:
         self.cursor = await asyncio.to_thread(read_cursor, self.cursor_file, self.client.base)
@@ -250,9 +253,22 @@ class ChangeWatcher:
         try:
             await asyncio.shield(write)
         except asyncio.CancelledError:
-            await write
+            with contextlib.suppress(OSError):
+                await write
             self.cursor = last
             raise
+        except OSError as exc:
+            # A full or read-only disk (the cache degraded): the feed is still followed,
+            # from memory; only a restart resumes from the last cursor that was saved.
+            if not self._unsaved:
+                log.warning("changes: cannot save the cursor in %s (%s): following the feed "
+                            "from memory; a restart resumes from the last cursor saved",
+                            self.cursor_file, exc)
+            self._unsaved = True
+        else:
+            if self._unsaved:
+                log.info("changes: the cursor is saved again in %s", self.cursor_file)
+            self._unsaved = False
         self.cursor = last
 
     async def _study_id(self, level: str, resource: str) -> str | None:

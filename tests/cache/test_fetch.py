@@ -163,9 +163,12 @@ async def test_full_disk_still_serves_the_verified_instance(
         assert resp.status == 200 and await resp.read() == s.data
         assert resp.headers["ETag"] == f'"{hashlib.md5(s.data).hexdigest()}"'
     assert wan.requests[f"/instances/{s.orthanc_id}/file"] == 2
-    # Counted every time, logged once a minute (a full disk would log every instance).
+    # The failed write degraded the cache: the next body is not even tried.  Counted
+    # every time, logged once (a full disk would otherwise log every instance).
     metrics = client.app[METRICS]
-    assert metric_value(metrics, "dicomcache_cache_write_failures_total", cause="disk_full") == 2
+    assert metric_value(metrics, "dicomcache_cache_write_failures_total", cause="disk_full") == 1
+    assert metric_value(metrics, "dicomcache_cache_write_failures_total", cause="degraded") == 1
+    assert metric_value(metrics, "dicomcache_cache_degraded", cause="disk_full") == 1
     assert caplog.text.count("cache disk full") == 1
     assert metrics.last_uncached is not None and metrics.last_uncached[1] == s.orthanc_id
 

@@ -22,7 +22,7 @@ from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.dicom import syntaxes
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS
-from tests.conftest import SettingsFactory, metric_value
+from tests.conftest import SettingsFactory, metric_value, tmpfs
 from tests.http.dicomweb_support import ANY_SYNTAX, get_parts
 
 FAULTS = ["truncate_lying", "truncate", "reset", "corrupt"]
@@ -164,3 +164,22 @@ async def test_a_series_retrieve_of_large_instances_fetches_them_one_by_one(
     assert len(one_by_one) == 2, dict(wan.requests)
     assert tmp_files(tmp_path) == []
     assert len(list((tmp_path / "cache" / "objects").rglob("*.dcm"))) == 2
+
+
+async def test_a_disk_that_fills_while_a_large_body_streams_in(
+        aiohttp_client, make_settings: SettingsFactory, large: tuple[str, bytes],
+        tmp_path: Path) -> None:
+    """The cache's file system fills while the body is written to tmp/: the store is
+    degraded, the body is fetched again in memory and served, verified, uncached."""
+    oid, blob = large
+    with tmpfs(tmp_path / "small", "size=3m") as small:
+        client: TestClient = await aiohttp_client(make_app(make_settings(
+            cache={"directory": str(small / "cache"), "stream_above": "1MiB",
+                   "min_free": 0})))
+        resp = await client.get(f"/instances/{oid}/file")
+        assert resp.status == 200 and await resp.read() == blob
+        assert resp.headers["X-Cache"] == "MISS"
+        status = (await (await client.get("/readyz")).json())["store"]
+        assert status["degraded"] == "disk_full", status
+        assert list((small / "cache" / "tmp").iterdir()) == []
+        await client.close()

@@ -1,9 +1,10 @@
 """dicomcache.cli.startup: what stops ``serve`` before it listens, as one clear line.
 
 The daemon runs as a process (as systemd runs it); a port held by another
-program, a read-only cache file system (a real read-only tmpfs) and a
-configuration without an Orthanc each give exit 2, one line naming the key, and
-no "listening" line, no traceback, no demo Orthanc.
+program, a file where the cache directory should be and a configuration without
+an Orthanc each give exit 2, one line naming the key, and no "listening" line, no
+traceback, no demo Orthanc.  A cache directory that cannot be written (a real
+read-only tmpfs) is only a warning: serve starts with its cache degraded.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomcache.cli.startup import directory_problem, size_warning
+from dicomcache.cli.startup import directory_problem, min_free_warning, size_warning
 from dicomcache.devtools.orthanc import free_port, loopback_env
 from tests.conftest import tmpfs
 
@@ -87,8 +88,10 @@ def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path, which: str) -> Non
     assert not (tmp_path / "cache").exists()  # nothing started
 
 
-def test_a_read_only_cache_directory_is_one_line_and_exit_2(
+def test_a_read_only_cache_directory_is_a_warning_not_a_refusal(
         tmp_path: Path, read_only: Path) -> None:
+    """serve starts with its cache degraded (tests/cli/test_serve_degraded.py), so the
+    unit's ExecStartPre (check-config) must let it: a warning naming the key, exit 0."""
     cfg = _config(tmp_path, f"""
         [server]
         port = {free_port()}
@@ -96,9 +99,27 @@ def test_a_read_only_cache_directory_is_one_line_and_exit_2(
         url = "http://127.0.0.1:9"
         [cache]
         directory = "{read_only / 'cache'}"
+        min_free = 0
+    """)
+    checked = _run("check-config", "--config", str(cfg))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    [warning] = [line for line in checked.stderr.splitlines() if "cache.directory" in line]
+    assert "read-only" in warning and "cache degraded" in warning
+    assert "Traceback" not in checked.stderr
+
+
+def test_a_file_for_a_cache_directory_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    cfg = _config(tmp_path, f"""
+        [server]
+        port = {free_port()}
+        [upstream]
+        url = "http://127.0.0.1:9"
+        [cache]
+        directory = "{tmp_path / 'file' / 'cache'}"
     """)
     for command in ("serve", "check-config"):
-        _refused(_run(command, "--config", str(cfg)), "cache.directory", "read-only")
+        _refused(_run(command, "--config", str(cfg)), "cache.directory", "is not a directory")
 
 
 def test_a_config_without_an_orthanc_never_starts_the_demo(tmp_path: Path) -> None:
@@ -128,3 +149,23 @@ def test_a_max_size_beyond_the_file_system_is_warned_about(tmp_path: Path,
     checked = _run("check-config", "--config", str(cfg))
     assert checked.returncode == 0  # a warning: it still runs, and says so
     assert "cache.max_size (" in checked.stderr and "larger than the file system" in checked.stderr
+
+
+def test_a_min_free_the_file_system_cannot_meet_is_warned_about(tmp_path: Path,
+                                                              read_only: Path) -> None:
+    """The read_only fixture's real 1 MiB tmpfs: min_free 2 MiB can never be met; 512 KiB
+    can (it is empty); a guard of 0 is off."""
+    assert "not smaller than the file system" in str(min_free_warning(read_only, 2 << 20))
+    assert min_free_warning(read_only, 512 << 10) is None
+    assert min_free_warning(read_only, 0) is None
+    cfg = _config(tmp_path, f"""
+        [upstream]
+        url = "http://127.0.0.1:9"
+        [cache]
+        directory = "{tmp_path / 'cache'}"
+        min_free = "1000TB"
+    """)
+    checked = _run("check-config", "--config", str(cfg))
+    assert checked.returncode == 0  # a warning: it still runs (degraded), and says so
+    assert "cache.min_free (" in checked.stderr and "nothing would ever be cached" in \
+        checked.stderr

@@ -105,7 +105,7 @@ async def test_cold_retrieve_with_the_cache_disk_full_sends_every_part(
         client: TestClient, wan: WanEmulator, ct_series: list[Sample],
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """ENOSPC on every commit: each verified part is still sent, whole and once; nothing
-    is cached (the next retrieve streams again), and the log says why."""
+    is cached (the next retrieve streams again), and the log says why, once."""
     from dicomcache.cache.store import Store
     from dicomcache.errors import StoreFull
 
@@ -127,9 +127,14 @@ async def test_cold_retrieve_with_the_cache_disk_full_sends_every_part(
     assert await client.app[STORE].get(ct_series[0].orthanc_id) is None
     from dicomcache.http.keys import METRICS
 
-    assert metric_value(client.app[METRICS], "dicomcache_cache_write_failures_total",
-                        cause="disk_full") == 2 * len(ct_series)
-    assert caplog.text.count("cache disk full") == 1  # not once per instance
+    # Each part counted: those that failed, and those not tried once that degraded the
+    # cache; logged once, not per instance.
+    failed = metric_value(client.app[METRICS], "dicomcache_cache_write_failures_total",
+                          cause="disk_full")
+    skipped = metric_value(client.app[METRICS], "dicomcache_cache_write_failures_total",
+                           cause="degraded")
+    assert failed >= 1 and failed + skipped == 2 * len(ct_series)
+    assert caplog.text.count("cache disk full") == 1
 
 
 @pytest.mark.parametrize("fault", ["truncate", "reset", "truncate_lying"])

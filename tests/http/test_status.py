@@ -86,20 +86,29 @@ async def test_readyz_follows_the_upstream(client: TestClient, wan: WanEmulator,
     assert len([m for m in changes if "UP again" in m]) == 1, changes
 
 
-async def test_readyz_fails_when_the_store_cannot_write(client: TestClient) -> None:
-    tmp_dir = client.app[STORE].sync.tmp_dir
+async def test_readyz_stays_ready_and_says_when_the_store_cannot_write(
+        client: TestClient) -> None:
+    """It still serves (verified, uncached): ready, with the cache degraded and why; the
+    periodic re-check (run here at once) notices, and notices the repair."""
+    store = client.app[STORE].sync
+    tmp_dir = store.tmp_dir
     shutil.rmtree(tmp_dir)
     tmp_dir.write_text("not a directory")  # the store's temp writes now fail
     try:
+        await asyncio.to_thread(store.recheck)
         resp = await client.get("/readyz")
         body = await resp.json()
-        assert resp.status == 503
-        assert body["store"]["ok"] is False and "Error" in body["store"]["error"]
-        assert body["upstream"]["state"] == "up"  # it says which part is not ready
+        assert resp.status == 200 and body["ready"] is True
+        assert body["store"]["ok"] is False and body["store"]["degraded"] == "missing"
+        assert body["store"]["status"].startswith("cache degraded: missing: ")
+        assert "Not a directory" in body["store"]["detail"]
+        assert body["upstream"]["state"] == "up"
     finally:
         tmp_dir.unlink()
         tmp_dir.mkdir()
-    assert (await client.get("/readyz")).status == 200
+    await asyncio.to_thread(store.recheck)
+    body = await (await client.get("/readyz")).json()
+    assert body["store"]["ok"] is True and body["store"]["status"] == "caching"
 
 
 async def test_request_failures_mark_the_upstream_down_once(

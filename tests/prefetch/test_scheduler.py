@@ -166,6 +166,22 @@ async def test_prefetch_off_fetches_nothing_ahead(
 
 
 # --- the CLI ---------------------------------------------------------------------------
+async def test_a_degraded_cache_prefetches_nothing(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator, tmp_path,  # type: ignore[no-untyped-def]
+        ct_series: list[Sample]) -> None:
+    """It could keep none of it: every download would cross the WAN for nothing."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "index.sqlite").write_bytes(b"not a database" * 100)
+    client = await prefetching_client(aiohttp_client, make_settings, wan)
+    first = ct_series[2]
+    resp = await client.get(f"/wado?requestType=WADO&studyUID={first.study}"
+                            f"&seriesUID={first.series}&objectUID={first.sop}"
+                            "&contentType=application/dicom")
+    assert resp.status == 200 and await resp.read() == first.data
+    assert await client.app[PREFETCHER].idle(30)
+    assert sum(file_requests(wan, ct_series)) == 1  # the viewer's own, nothing ahead
+
+
 async def test_cli_prefetch_by_patient_then_everything_is_cached(
         make_settings: SettingsFactory, wan: WanEmulator, ct_series: list[Sample]) -> None:
     import io

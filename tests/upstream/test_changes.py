@@ -84,6 +84,31 @@ async def test_hooks_and_cursor_survive_restart(
         await client.close()
 
 
+async def test_a_cursor_that_cannot_be_saved_is_followed_from_memory(
+        make_settings: SettingsFactory, orthanc: OrthancProcess, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The cursor lives in the cache directory: on a full or read-only disk (the cache
+    degraded) the feed is still followed, with one warning, not a traceback a poll."""
+    (tmp_path / "a-file").write_text("x")
+    settings = make_settings(changes={"enabled": True, "poll_interval": 0.1,
+                                      "cursor_file": str(tmp_path / "a-file" / "cursor.json")})
+    seen: list[str] = []
+    client = await started(settings, seen)
+    try:
+        watcher = client.app[CHANGES]
+        await eventually(lambda: watcher.cursor is not None, timeout=15, what="a first cursor")
+        study, _ = await upload(orthanc, seed=31)
+        await eventually(lambda: study in seen, timeout=15, what="the hook for a new study")
+        first = watcher.cursor
+        await upload(orthanc, study=study, seed=32)
+        await eventually(lambda: (watcher.cursor or 0) > (first or 0), timeout=15,
+                         what="the cursor moving on")
+    finally:
+        await client.close()
+    assert caplog.text.count("cannot save the cursor") == 1
+    assert "batch failed" not in caplog.text and "Traceback" not in caplog.text
+
+
 async def test_prewarm_rule_fetches_a_matching_stable_study(
         make_settings: SettingsFactory, orthanc: OrthancProcess) -> None:
     settings = make_settings(changes={"enabled": True, "poll_interval": 0.2,

@@ -1,0 +1,196 @@
+"""``dicomcache serve`` on a cache disk in trouble: degraded, not dead.
+
+The daemon runs as a process (as systemd runs it) in front of the real
+Orthanc, its cache on a real tmpfs that is full, mounted read-only, or holds
+no cache directory and cannot get one.  Each time it starts anyway, serves
+verified instances (from memory, without caching), says "cache degraded" with
+the cause on ``/readyz``, the status page and a metric; once the disk is
+usable again it caches again by itself, without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicomcache.devtools.orthanc import OrthancProcess, free_port, loopback_env
+from tests.conftest import Sample, eventually_sync, tmpfs
+from tests.http.test_cache_degraded import fill
+from tests.relay.conftest import stop_process
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.blocking_allowed(reason="synchronous tests of a daemon process")
+
+
+def remount(where: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(where)], check=True)
+
+
+def get(url: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def metric(text: str, sample: str) -> float | None:
+    """The value of one sample (``name{labels}``) in a /metrics page."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+class Daemon:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+
+    def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        return get(f"http://127.0.0.1:{self.port}{path}")
+
+    def json(self, path: str) -> tuple[int, dict[str, Any]]:
+        status, _, body = self.get(path)
+        return status, json.loads(body)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def serve(tmp_path: Path, orthanc: OrthancProcess) -> Iterator[Any]:
+    """Start ``dicomcache serve`` with its cache in a directory; wait until it answers."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(directory: Path) -> Daemon:
+        port = free_port()
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(textwrap.dedent(f"""
+            [server]
+            port = {port}
+            [upstream]
+            url = "{orthanc.url}"
+            username = "{orthanc.username}"
+            password = "{orthanc.password}"
+            [cache]
+            directory = "{directory}"
+            max_size = "1GB"
+            min_free = 0
+            [prefetch]
+            mode = "off"
+            [changes]
+            enabled = false
+            [audit]
+            file = "{tmp_path / 'audit' / 'audit.jsonl'}"
+        """))
+        log = tmp_path / "serve.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", "--config",
+                                     str(cfg)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                    env=loopback_env())
+        started.append(proc)
+        daemon = Daemon(proc, port, log)
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"serve exited with {proc.returncode}:\n{daemon.log_text()}")
+            try:
+                return daemon.get("/healthz")[0] == 200
+            except OSError:
+                return False
+        eventually_sync(answers, timeout=60, what="dicomcache serve answering")
+        return daemon
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:  # still running: it stops cleanly
+            stop_process(proc)
+            assert proc.returncode == 0
+
+
+TROUBLES = {
+    # trouble: (cause on /readyz and the metric, words an operator reads on the status page)
+    "full": ("disk_full", "full"),
+    "read_only": ("read_only", "read-only"),
+    "missing": ("missing", "cannot be created"),
+}
+
+
+@pytest.mark.parametrize("trouble", sorted(TROUBLES))
+def test_serve_on_a_cache_disk_in_trouble_serves_verified_then_recovers(
+        tmp_path: Path, serve: Any, samples: dict[str, list[Sample]], trouble: str) -> None:
+    cause, words = TROUBLES[trouble]
+    with tmpfs(tmp_path / "disk", "size=4m") as disk:
+        directory = disk / "cache"
+        filler = None
+        if trouble == "full":
+            filler = fill(disk)
+        elif trouble == "read_only":
+            directory.mkdir()
+            remount(disk, "ro")
+        else:  # a cache directory that is not there and cannot be made
+            directory = disk / "not-there" / "cache"
+            remount(disk, "ro")
+        daemon = serve(directory)
+
+        # It serves: ready, and says why the cache is degraded.
+        status, ready = daemon.json("/readyz")
+        assert status == 200 and ready["ready"] is True, ready
+        assert f"cache degraded: {cause}" in ready["store"]["status"], ready
+        assert ready["store"]["degraded"] == cause
+        _, page_state = daemon.json("/status.json")
+        assert page_state["cache"]["degraded"] == cause
+        _, _, page = daemon.get("/")
+        assert b"cache degraded" in page.lower() and words.encode() in page
+        _, _, metrics = daemon.get("/metrics")
+        text = metrics.decode()
+        assert metric(text, f'dicomcache_cache_degraded{{cause="{cause}"}}') == 1.0, text
+
+        # Every instance verified and whole, by each API family, twice (not cached).
+        explicit = samples["explicit"]
+        for s in explicit[:2]:
+            for path in (f"/instances/{s.orthanc_id}/file",
+                         f"/wado?requestType=WADO&studyUID={s.study}&seriesUID={s.series}"
+                         f"&objectUID={s.sop}&contentType=application/dicom"):
+                for _ in range(2):
+                    code, headers, body = daemon.get(path)
+                    assert code == 200 and body == s.data, (path, code, body[:300])
+                    assert headers.get("X-Cache") != "HIT"
+        s = explicit[2]
+        for path in (f"/dicom-web/studies/{s.study}/series/{s.series}/metadata",
+                     f"/dicom-web/studies/{s.study}/metadata"):
+            code, _, body = daemon.get(path)
+            assert code == 200 and s.sop.encode() in body, body[:300]
+        assert daemon.log_text().count("cannot keep a disk copy") <= 1  # not one per answer
+        if trouble != "missing":  # nothing was written into the unusable directory
+            assert not any(directory.rglob("*.dcm"))
+
+        # The disk becomes usable: it caches again by itself.
+        if filler is not None:
+            filler.unlink()
+        else:
+            remount(disk, "rw")
+
+        def recovered() -> bool:
+            return "degraded" not in daemon.json("/readyz")[1]["store"]["status"]
+        eventually_sync(recovered, timeout=60, interval=0.5, what="the cache recovered")
+        _, _, metrics = daemon.get("/metrics")
+        assert metric(metrics.decode(), f'dicomcache_cache_degraded{{cause="{cause}"}}') == 0.0
+        s = samples["implicit"][0]
+        first = daemon.get(f"/instances/{s.orthanc_id}/file")
+        again = daemon.get(f"/instances/{s.orthanc_id}/file")
+        assert first[0] == again[0] == 200 and first[2] == again[2] == s.data
+        assert again[1].get("X-Cache") == "HIT", again[1]
+        assert any(directory.rglob("*.dcm"))
+        assert "Traceback" not in daemon.log_text(), daemon.log_text()
+        stop_process(daemon.proc)
+        assert daemon.proc.returncode == 0, daemon.log_text()
