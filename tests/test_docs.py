@@ -22,8 +22,9 @@ _FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 
 
 def anchor(heading: str) -> str:
-    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to '-'."""
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    """GitHub's anchor for a heading: lower case, punctuation dropped (``_`` and ``-``
+    kept, as in `min_free`), spaces to '-'."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 

@@ -277,8 +277,8 @@ def _print_status(snap: dict[str, Any], out: TextIO) -> None:
     intake = snap.get("intake")
     if intake:
         free = intake["free_bytes"]
-        room = "-" if free is None else f"{free / (1 << 30):.2f} GiB free"
-        room += f", min_free {intake['min_free'] / (1 << 30):.2f} GiB"
+        room = "-" if free is None else f"{format_size(free)} free"
+        room += f", min_free {format_size(intake['min_free'])}"
         if intake["accepting"]:
             out.write(f"intake            taking C-STOREs ({room})\n")
         else:

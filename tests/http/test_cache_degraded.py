@@ -119,7 +119,7 @@ async def test_min_free_evicts_least_recently_used_before_the_disk_fills(
     """12 slices of 512 KiB, a 6 MiB disk that must keep 2 MiB free: the oldest go."""
     min_free = 2 << 20
     settings = make_settings(cache={"directory": str(disk / "cache"), "max_size": "1GB",
-                                    "min_free": "2MB"})
+                                    "min_free": "2MiB"})
     client = await aiohttp_client(make_app(settings))
     metrics = client.app[METRICS]
     for s in ct_series:
@@ -141,7 +141,7 @@ async def test_min_free_never_evicts_pinned_studies_it_serves_uncached(
         aiohttp_client: Any, make_settings: SettingsFactory, disk: Path,
         ct_series: list[Sample]) -> None:
     settings = make_settings(cache={"directory": str(disk / "cache"), "max_size": "1GB",
-                                    "min_free": "2MB"})
+                                    "min_free": "2MiB"})
     client = await aiohttp_client(make_app(settings))
     store = client.app[STORE]
     for s in ct_series[:3]:

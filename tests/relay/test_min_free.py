@@ -101,9 +101,9 @@ def test_relay_status_says_when_c_stores_are_refused(tmp_path: Path) -> None:
         return done.stdout
 
     assert "intake            taking C-STOREs" in status("1MB")
-    refusing = status("1000TB")
+    refusing = status("1000TiB")
     assert "intake            REFUSING new C-STOREs (0xA700): " in refusing
-    assert "relay.min_free is 1024000.00 GiB" in refusing
+    assert "relay.min_free is 1000.0 TiB" in refusing
 
 
 async def test_status_page_says_when_c_stores_are_refused(
@@ -111,7 +111,7 @@ async def test_status_page_says_when_c_stores_are_refused(
     from dicomcache.cli.serve import build_app
     from tests.conftest import eventually
 
-    settings = make_settings(relay={"enabled": True, "port": free_port(), "min_free": "1000TB",
+    settings = make_settings(relay={"enabled": True, "port": free_port(), "min_free": "1000TiB",
                                     "spool_directory": str(tmp_path / "spool")})
     client = await aiohttp_client(build_app(settings))
 
@@ -121,7 +121,7 @@ async def test_status_page_says_when_c_stores_are_refused(
 
     got = await eventually(intake, interval=0.1, what="the relay's intake in /status.json")
     assert got["accepting"] is False and got["min_free"] == 1000 << 40
-    assert "relay.min_free is 1024000.00 GiB" in got["refusing"]
+    assert "relay.min_free is 1000.0 TiB" in got["refusing"]
     page = await (await client.get("/")).text()
     assert 'id="relay-intake"><span class="badge down">REFUSING</span>' in page
     assert "new C-STOREs answered 0xA700" in page

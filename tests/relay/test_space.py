@@ -43,7 +43,7 @@ def test_min_free_message_names_the_key_and_both_sizes() -> None:
     got = refusal(Room(True, True, 300 * MiB), MiB, 2 * GiB)
     assert got is not None
     assert got.message == ("300.0 MiB free on the spool's file system, relay.min_free is "
-                           "2.00 GiB")
+                           "2.0 GiB")
 
 
 @pytest.mark.parametrize(("free", "due"), [
