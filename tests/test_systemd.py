@@ -58,6 +58,9 @@ def test_unit_is_hardened() -> None:
     # The audit trail: the default and the example config's file, in LogsDirectory= (0700).
     assert AuditSettings().file.parent == Path("/var/log") / one["LogsDirectory"]
     assert one["LogsDirectoryMode"] == "0700"
+    # Patient data (cache, spool) for the service alone: systemd sets these modes at
+    # every start, so the default 0755 would undo the package's 0700.
+    assert one["CacheDirectoryMode"] == one["StateDirectoryMode"] == "0700"
 
 
 @needs_analyze
