@@ -135,11 +135,19 @@ async def open_study(base: str, study: Study, auth: str | None) -> Opening:
             connector=aiohttp.TCPConnector(limit_per_host=BROWSER_CONNECTIONS)) as session:
 
         async def get(url: str, accept: dict[str, str]) -> tuple[str, bytes]:
-            async with session.get(url, headers=accept) as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    raise RuntimeError(f"{url}: {resp.status} {body[:200]!r}")
-                return resp.headers.get("Content-Type", ""), body
+            for attempt in (1, 2):
+                try:
+                    async with session.get(url, headers=accept) as resp:
+                        body = await resp.read()
+                        if resp.status != 200:
+                            raise RuntimeError(f"{url}: {resp.status} {body[:200]!r}")
+                        return resp.headers.get("Content-Type", ""), body
+                except aiohttp.ServerDisconnectedError:
+                    # Orthanc closes a keep-alive connection after 1 s idle; a request sent
+                    # on it meanwhile is lost.  A browser sends it again once, so do we.
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
 
         async def frame(series: Series, sop: str) -> None:
             out.asked.setdefault(sop, time.monotonic())
