@@ -156,9 +156,15 @@ class DicomWeb:
         Filed under ``study`` (``None``: a search, which may list any study).  With
         ``listing`` (study, series) a stale copy is confirmed against the instance
         list before it is downloaded again.
+
+        A first download is the answer alone, one request (what a viewer straight to
+        Orthanc waits for), so it has no validator: its first revalidation downloads
+        it again, after the instance list that is then kept as its validator.  A
+        validator is only ever read before the answer it confirms: read after it (in
+        parallel), a change in between would be taken for confirmed.
         """
         async def load(old: Cached | None) -> Cached:
-            validator = await self._validator(listing)
+            validator = await self._validator(listing) if old is not None else None
             if old is not None and listing is not None and old.validator == validator:
                 return old.revalidated(time.monotonic())
 

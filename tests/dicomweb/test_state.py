@@ -41,17 +41,44 @@ async def test_cold_series_metadata_travels_gzipped_and_is_served_as_orthanc_ans
         assert on_link > plain, (on_link, plain)
 
 
-async def test_cold_series_metadata_resolves_both_uids_in_one_round_trip(
+def kinds(wan: WanEmulator) -> list[str]:
+    """The requests that crossed the link, by kind (the health probe left out)."""
+    return ["lookup" if t == "/tools/lookup" else "series" if t.startswith("/series/")
+            else "metadata" if t.endswith("/metadata") else t for t in wan.targets
+            if t != "/system"]
+
+
+async def test_cold_series_metadata_is_one_request_its_validator_comes_first_after(
         aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
         ct_series: list[Sample]) -> None:
-    """The series and study lookups go out together (one round trip on the WAN, not
-    two), then the series' instance list, then the metadata: four requests."""
+    """A cold series metadata is the metadata alone: one round trip, as straight to
+    Orthanc (it was four: two lookups, the instance list, then the metadata).  Its first
+    revalidation reads the instance list, then the metadata (kept with that list as its
+    validator, read before it); later ones only the list, as long as it is the same."""
     s = ct_series[1]
-    client = await aiohttp_client(make_app(make_settings(url=f"http://127.0.0.1:{wan.port}")))
+    client = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}", dicomweb={"metadata_fresh": 0.2})))
+    path = f"/dicom-web/studies/{s.study}/series/{s.series}/metadata"
     wan.reset_stats()
-    resp = await client.get(f"/dicom-web/studies/{s.study}/series/{s.series}/metadata")
+    resp = await client.get(path)
     assert resp.status == 200
-    kinds = ["lookup" if t == "/tools/lookup" else "series" if t.startswith("/series/")
-             else "metadata" if t.endswith("/metadata") else t for t in wan.targets
-             if t != "/system"]  # the health probe, whenever it runs
-    assert kinds == ["lookup", "lookup", "series", "metadata"]
+    first = await resp.read()
+    assert kinds(wan) == ["metadata"]
+    for expected in (["lookup", "lookup", "series", "metadata"], ["series"]):
+        await asyncio.sleep(0.25)  # time passing: past metadata_fresh
+        wan.reset_stats()
+        resp = await client.get(path)
+        assert resp.status == 200 and await resp.read() == first
+        assert kinds(wan) == expected
+
+
+async def test_cold_metadata_of_a_series_not_in_the_study_is_a_404(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        ct_series: list[Sample], samples: dict[str, list[Sample]]) -> None:
+    """Orthanc's own answer, now that no listing checks it first."""
+    a, b = ct_series[0], samples["explicit"][0]
+    assert a.study != b.study
+    client = await aiohttp_client(make_app(make_settings(url=f"http://127.0.0.1:{wan.port}")))
+    resp = await client.get(f"/dicom-web/studies/{a.study}/series/{b.series}/metadata")
+    assert resp.status == 404
+
