@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import mmap
 import os
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -30,7 +32,14 @@ from dicomcache.config import DicomwebSettings
 from dicomcache.dicom import multipart
 from dicomcache.dicom.uids import is_uid
 from dicomcache.dicom.verify import PixelInfo, parse_dicom
-from dicomcache.dicomweb.answers import AnswerCache, Cached, DiskCopies, normalise_json, plain
+from dicomcache.dicomweb.answers import (
+    AnswerCache,
+    Cached,
+    DiskCopies,
+    named_instances,
+    normalised,
+    plain,
+)
 from dicomcache.dicomweb.series_stream import COMMIT_BACKLOG, Budget, SeriesStream
 from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
 from dicomcache.upstream.changes import StudyEvent
@@ -163,6 +172,8 @@ class DicomWeb:
         validator is only ever read before the answer it confirms: read after it (in
         parallel), a change in between would be taken for confirmed.
         """
+        metadata = path.split("?", 1)[0].endswith("/metadata")
+
         async def load(old: Cached | None) -> Cached:
             validator = await self._validator(listing) if old is not None else None
             if old is not None and listing is not None and old.validator == validator:
@@ -176,14 +187,16 @@ class DicomWeb:
                 headers, data = await self.client.get(path, kind="metadata", headers=ask)
                 encoding = headers.get(hdrs.CONTENT_ENCODING)
 
-                def parse() -> bytes:
-                    return normalise_json(decoded(data, encoding, path))
+                def parse() -> tuple[bytes, dict[tuple[str, str, str], list[str]]]:
+                    doc = json.loads(decoded(data, encoding, path))
+                    return normalised(doc), named_instances(doc) if metadata else {}
                 try:
-                    body = await asyncio.to_thread(parse) if encoding or len(data) > 1 << 16 \
-                        else parse()
+                    body, named = await asyncio.to_thread(parse) \
+                        if encoding or len(data) > 1 << 16 else parse()
                 except ValueError as exc:
                     raise UpstreamError(Cause.BAD_JSON, f"{path}: Orthanc sent invalid JSON "
                                         f"({exc})") from exc
+                await self._resolve(named)
                 return Cached(body, headers.get(hdrs.CONTENT_TYPE, DICOM_JSON),
                               time.monotonic(), fresh_for, validator=validator, has_links=True)
 
@@ -191,6 +204,21 @@ class DicomWeb:
             return result
 
         return await self.cache.get(key, load, study=study)
+
+    async def _resolve(self, named: dict[tuple[str, str, str], list[str]]) -> None:
+        """Keep which Orthanc instance each instance of a metadata answer is
+        (:func:`~dicomcache.dicomweb.answers.named_instances`): the viewer's frames that
+        follow need no ``/tools/find`` round trip before their download.  A name that
+        turns out wrong (a Patient ID Orthanc reads differently) costs one 404, then the
+        UIDs are resolved by Orthanc (:meth:`Fetcher.by_uids`); a body is verified to be
+        the instance asked for whatever named it."""
+        if not named:
+            return
+        try:
+            await self.store.resolve_many([(sop, study, series, oids)
+                                           for (sop, study, series), oids in named.items()])
+        except (OSError, sqlite3.Error) as exc:  # only a round trip is lost
+            log.warning("cannot keep what a metadata answer names: %s", exc)
 
     async def raw_answer(self, key: str, path: str, accept: str | None, fresh_for: float, *,
                          study: str, listing: tuple[str, str | None] | None = None

@@ -9,6 +9,7 @@ import pytest
 
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.devtools.wanem import WanEmulator
+from dicomcache.dicom import multipart
 from dicomcache.http.app import make_app
 from tests.conftest import Sample, SettingsFactory
 from tests.http.test_instances import orthanc_get
@@ -82,3 +83,25 @@ async def test_cold_metadata_of_a_series_not_in_the_study_is_a_404(
     resp = await client.get(f"/dicom-web/studies/{a.study}/series/{b.series}/metadata")
     assert resp.status == 404
 
+
+async def test_frames_after_cold_metadata_need_no_lookup(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        ct_series: list[Sample]) -> None:
+    """OHIF asks for a series' metadata, then for its slices' frames.  The metadata names
+    every instance (its Orthanc ID is the hash of its identifiers), so a cold frame is the
+    instance's download alone: no ``/tools/find`` round trip before it."""
+    s = ct_series[5]
+    client = await aiohttp_client(make_app(make_settings(url=f"http://127.0.0.1:{wan.port}")))
+    resp = await client.get(f"/dicom-web/studies/{s.study}/series/{s.series}/metadata",
+                            headers={"Accept": "application/dicom+json"})
+    assert resp.status == 200
+    wan.reset_stats()
+    resp = await client.get(
+        f"/dicom-web/studies/{s.study}/series/{s.series}/instances/{s.sop}/frames/1",
+        headers={"Accept": "multipart/related; type=application/octet-stream; "
+                           "transfer-syntax=*"})
+    assert resp.status == 200
+    assert s.data.endswith(multipart.split(await resp.read(), resp.headers["Content-Type"])[0]
+                           .body)
+    assert sorted(t for t in wan.targets if t != "/system") == [
+        f"/instances/{s.orthanc_id}/attachments/dicom/md5", f"/instances/{s.orthanc_id}/file"]
