@@ -114,14 +114,12 @@ class DicomWeb:
         async def once(_attempt: int) -> Cached:
             if series is not None:
                 if old is not None:
-                    oid, parent = old.value[0], None
-                else:  # both lookups at once: one round trip on the WAN, not two
-                    oid, parent = await asyncio.gather(
-                        self.client.lookup(series, "Series", retry=False),
-                        self.client.lookup(study, "Study", retry=False))
-                info = await self.client.get_json(f"/series/{oid}", retry=False, expect=dict)
-                if old is None and info.get("ParentStudy") != parent:
-                    raise NotFoundUpstream(404, f"series {series} is not in study {study}")
+                    oid = old.value[0]
+                    info = await self.client.get_json(f"/series/{oid}", retry=False,
+                                                      expect=dict)
+                else:
+                    info = await self._find_series(study, series)
+                    oid = str(info["ID"])
                 ids = [str(i) for i in info.get("Instances", ())]
                 validator: Any = [ids, info.get("LastUpdate")]
             else:
@@ -146,6 +144,21 @@ class DicomWeb:
             # The cached Orthanc ID is gone (resource deleted, re-created): look up afresh.
             result = await self._load_listing(study, series, None)
         return result
+
+    async def _find_series(self, study: str, series: str) -> dict[str, Any]:
+        """The series with these UIDs as ``GET /series/{id}`` describes it, in one round
+        trip (``/tools/find``, expanded: no lookups first).  :class:`NotFoundUpstream`
+        when it is not in that study, or the UIDs name several (two patients)."""
+        query = {"Level": "Series", "Expand": True,
+                 "Query": {"StudyInstanceUID": study, "SeriesInstanceUID": series}}
+        found = await self.client.get_json("/tools/find", method="POST", kind="lookup",
+                                           retry=False, body=json.dumps(query).encode(),
+                                           expect=list, of=dict)
+        if len(found) != 1 or not isinstance(found[0].get("ID"), str):
+            raise NotFoundUpstream(404, f"series {series} of study {study}: Orthanc has "
+                                   f"{len(found)} such series")
+        info: dict[str, Any] = found[0]
+        return info
 
     async def _validator(self, listing: tuple[str, str | None] | None) -> Any:
         """What a stale answer is confirmed against: the validator of the instance list of
