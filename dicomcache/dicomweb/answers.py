@@ -561,6 +561,21 @@ class AnswerCache:
                 raise
             return new, False
 
+    async def refresh(self, key: str, load: Loader, *, study: str | None = None) -> None:
+        """Load the answer in hand for ``key`` again now (``load(old)``), while that copy
+        stays served: nobody waits for it.  Gone in Orthanc: dropped, as by :meth:`get`;
+        Orthanc unreachable: the copy is kept, for :meth:`get` to revalidate in time."""
+        old = self._entries.get(key)
+        if old is None:
+            return
+        try:
+            await self._single_flight(key, study, lambda: load(old))
+        except NotFoundUpstream:
+            self.drop(key)
+            await self._discard(key, study)
+        except UpstreamError as exc:
+            log.info("%s not confirmed ahead of time: %s", key, exc)
+
     async def _from_disk(self, key: str, study: str | None, watch: _Load) -> Cached | None:
         assert self.disk is not None
         entry = await asyncio.to_thread(self.disk.load, key, study, time.time(), self.clock())

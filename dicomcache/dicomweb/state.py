@@ -36,6 +36,7 @@ from dicomcache.dicomweb.answers import (
     AnswerCache,
     Cached,
     DiskCopies,
+    Loader,
     named_instances,
     normalised,
     plain,
@@ -48,6 +49,9 @@ from dicomcache.upstream.client import GZIP, OrthancClient, decoded
 log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
+#: First answers confirmed ahead of time at most at once (each costs Orthanc one more
+#: metadata answer, so a burst of cold requests cannot make it many more).
+MAX_CONFIRMATIONS = 64
 
 
 class DicomWeb:
@@ -69,6 +73,15 @@ class DicomWeb:
         self.streams: set[asyncio.Future[None]] = set()
         #: Verified stream parts not yet durable, all streams together.
         self.commit_backlog = Budget(COMMIT_BACKLOG)
+        #: First answers waiting to be confirmed ahead of time (:meth:`json_answer`).
+        self.confirmations: set[asyncio.Task[None]] = set()
+
+    async def stop(self) -> None:
+        """Cancel the streams and confirmations in progress (shutdown)."""
+        tasks = [*self.streams, *self.confirmations]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def series_stream(self, study: str, series: str | None, oids: list[str]) -> SeriesStream:
         """One upstream retrieve of the series/study feeding the missing instances ``oids``."""
@@ -145,6 +158,21 @@ class DicomWeb:
             result = await self._load_listing(study, series, None)
         return result
 
+    def _confirm_later(self, key: str, load: Loader, study: str | None, delay: float) -> None:
+        """Revalidate a first answer (no validator yet) after ``delay`` seconds, off the
+        viewer's path.  At most :data:`MAX_CONFIRMATIONS` wait: past that, an answer is
+        revalidated when next asked for, as any stale copy."""
+        if len(self.confirmations) >= MAX_CONFIRMATIONS:
+            return
+
+        async def confirm() -> None:
+            await asyncio.sleep(delay)
+            await self.cache.refresh(key, load, study=study)
+
+        task = asyncio.get_running_loop().create_task(confirm(), name=f"confirm {key[:80]}")
+        self.confirmations.add(task)
+        task.add_done_callback(self.confirmations.discard)
+
     async def _find_series(self, study: str, series: str) -> dict[str, Any]:
         """The series with these UIDs as ``GET /series/{id}`` describes it, in one round
         trip (``/tools/find``, expanded: no lookups first).  :class:`NotFoundUpstream`
@@ -180,10 +208,11 @@ class DicomWeb:
         list before it is downloaded again.
 
         A first download is the answer alone, one request (what a viewer straight to
-        Orthanc waits for), so it has no validator: its first revalidation downloads
-        it again, after the instance list that is then kept as its validator.  A
-        validator is only ever read before the answer it confirms: read after it (in
-        parallel), a change in between would be taken for confirmed.
+        Orthanc waits for), so it has no validator: halfway through its freshness it is
+        downloaded again in the background, after the instance list that is then kept
+        as its validator (:meth:`_confirm_later`), so the next opening confirms it
+        cheaply.  A validator is only ever read before the answer it confirms: read
+        after it (in parallel), a change in between would be taken for confirmed.
         """
         metadata = path.split("?", 1)[0].endswith("/metadata")
 
@@ -214,6 +243,8 @@ class DicomWeb:
                               time.monotonic(), fresh_for, validator=validator, has_links=True)
 
             result: Cached = await self._ask(once, what=f"GET {path}", retry=old is None)
+            if old is None and listing is not None:
+                self._confirm_later(key, load, study, fresh_for / 2)
             return result
 
         return await self.cache.get(key, load, study=study)

@@ -155,6 +155,45 @@ async def test_answer_cache_fresh_stale_and_errors() -> None:
     assert cache.peek("k") is None
 
 
+async def test_refresh_loads_again_while_the_copy_is_served() -> None:
+    """A first answer confirmed ahead of time: viewers keep getting the copy in hand
+    meanwhile (nobody waits); a copy Orthanc no longer has is dropped; one it cannot be
+    asked about now stays for its own revalidation."""
+    clock = Clock()
+    cache = AnswerCache(1 << 20, stale_if_error=60, clock=clock)
+    release = asyncio.Event()
+
+    async def first(old: Cached | None) -> Cached:
+        return cached(b"v1", clock, 10)
+
+    async def again(old: Cached | None) -> Cached:
+        assert old is not None and old.body == b"v1"
+        await release.wait()
+        return cached(b"v2", clock, 10, validator="list")
+
+    await cache.get("k", first)
+    await cache.refresh("absent", again)  # nothing in hand: nothing to do
+    refreshing = asyncio.create_task(cache.refresh("k", again))
+    await asyncio.sleep(0.01)
+    entry, stale = await asyncio.wait_for(cache.get("k", again), 1)  # no wait for it
+    assert (entry.body, stale) == (b"v1", False)
+    release.set()
+    await refreshing
+    entry, _ = await cache.get("k", first)
+    assert (entry.body, entry.validator) == (b"v2", "list")
+
+    async def down(old: Cached | None) -> Cached:
+        raise UpstreamError("connect", "refused")
+
+    async def gone(old: Cached | None) -> Cached:
+        raise NotFoundUpstream(404, "deleted")
+
+    await cache.refresh("k", down)
+    assert cache.peek("k") is entry
+    await cache.refresh("k", gone)
+    assert cache.peek("k") is None
+
+
 async def test_answer_cache_bounded_and_revalidated_copies_keep_identity() -> None:
     clock = Clock()
     cache = AnswerCache(4000, stale_if_error=0, clock=clock)

@@ -10,8 +10,10 @@ import pytest
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.devtools.wanem import WanEmulator
 from dicomcache.dicom import multipart
+from dicomcache.dicomweb import state
 from dicomcache.http.app import make_app
-from tests.conftest import Sample, SettingsFactory
+from dicomcache.http.keys import DICOMWEB
+from tests.conftest import Sample, SettingsFactory, eventually
 from tests.http.test_instances import orthanc_get
 
 
@@ -50,29 +52,34 @@ def kinds(wan: WanEmulator) -> list[str]:
             if t != "/system"]
 
 
-async def test_cold_series_metadata_is_one_request_its_validator_comes_first_after(
+async def test_cold_series_metadata_is_one_request_confirmed_in_the_background(
         aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
         ct_series: list[Sample]) -> None:
     """A cold series metadata is the metadata alone: one round trip, as straight to
-    Orthanc (it was four: two lookups, the instance list, then the metadata).  Its first
-    revalidation finds the series (its instance list, in one request), then downloads
-    the metadata (kept with that list as its validator, read before it); later ones only
-    read the list, as long as it is the same."""
+    Orthanc (it was four: two lookups, the instance list, then the metadata).  Halfway
+    through its freshness it is confirmed in the background: the series found (its
+    instance list, one request), then the metadata again, kept with that list as its
+    validator (read before it).  Later revalidations only read the list."""
     s = ct_series[1]
     client = await aiohttp_client(make_app(make_settings(
-        url=f"http://127.0.0.1:{wan.port}", dicomweb={"metadata_fresh": 0.2})))
+        url=f"http://127.0.0.1:{wan.port}", dicomweb={"metadata_fresh": 0.4})))
+    dw = client.app[DICOMWEB]
     path = f"/dicom-web/studies/{s.study}/series/{s.series}/metadata"
     wan.reset_stats()
     resp = await client.get(path)
     assert resp.status == 200
     first = await resp.read()
     assert kinds(wan) == ["metadata"]
-    for expected in (["find", "metadata"], ["series"], ["series"]):
-        await asyncio.sleep(0.25)  # time passing: past metadata_fresh
+    assert len(dw.confirmations) == 1
+    await eventually(lambda: not dw.confirmations, what="confirmed in the background")
+    assert kinds(wan) == ["metadata", "find", "metadata"]
+    for _ in range(2):
+        await asyncio.sleep(0.45)  # time passing: past metadata_fresh
         wan.reset_stats()
         resp = await client.get(path)
         assert resp.status == 200 and await resp.read() == first
-        assert kinds(wan) == expected
+        assert kinds(wan) == ["series"]
+        assert not dw.confirmations
 
 
 async def test_cold_metadata_of_a_series_not_in_the_study_is_a_404(
@@ -107,3 +114,18 @@ async def test_frames_after_cold_metadata_need_no_lookup(
                            .body)
     assert sorted(t for t in wan.targets if t != "/system") == [
         f"/instances/{s.orthanc_id}/attachments/dicom/md5", f"/instances/{s.orthanc_id}/file"]
+
+
+async def test_confirmations_ahead_of_time_are_bounded(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        samples: dict[str, list[Sample]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each costs Orthanc another metadata answer: a burst of cold requests cannot queue
+    more than MAX_CONFIRMATIONS; the others are revalidated when next asked for."""
+    monkeypatch.setattr(state, "MAX_CONFIRMATIONS", 2)
+    client = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}", dicomweb={"metadata_fresh": 600})))
+    for series in list(samples.values())[:4]:
+        s = series[0]
+        resp = await client.get(f"/dicom-web/studies/{s.study}/series/{s.series}/metadata")
+        assert resp.status == 200
+    assert len(client.app[DICOMWEB].confirmations) == 2
