@@ -59,6 +59,7 @@ from typing import Final, Literal, TypeVar
 
 __all__ = [
     "FAULT_KINDS",
+    "Exchange",
     "Framing",
     "Head",
     "HttpProtocolError",
@@ -190,6 +191,22 @@ class LinkProfile:
         return {k: getattr(self, k) for k in FAULT_KINDS if getattr(self, k) > 0}
 
 
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One relayed response: what was asked, when, and the bytes that came back.
+
+    ``asked`` is when the request head reached the emulator, ``done`` when the
+    response's last byte reaches the client (``loop.time()``: ``time.monotonic()``
+    for the default loop).  Lets a benchmark tell whose bytes filled the link when.
+    """
+
+    method: str
+    target: str
+    asked: float
+    done: float
+    bytes_down: int
+
+
 @dataclass
 class WanStats:
     """Counters kept by a :class:`WanEmulator` (reset with ``reset_stats``).
@@ -215,6 +232,8 @@ class WanStats:
     connections: int = 0
     """Client connections accepted (while not down)."""
     upstream_connections: int = 0
+    exchanges: list[Exchange] = field(default_factory=list)
+    """Every response relayed from upstream, in the order they ended."""
 
     def copy(self) -> WanStats:
         """A deep copy, safe to keep while the emulator goes on counting."""
@@ -228,6 +247,7 @@ class WanStats:
             bytes_down=self.bytes_down,
             connections=self.connections,
             upstream_connections=self.upstream_connections,
+            exchanges=list(self.exchanges),
         )
 
     def summary(self) -> str:
@@ -539,6 +559,8 @@ class _DelayLine:
         self._count = count
         self._on_fail = on_fail
         self._last_at = not_before
+        #: Bytes put on the line so far, and when the last of them arrives.
+        self.sent = 0
         self._queue: asyncio.Queue[tuple[float, bytes | _Shutdown]] = asyncio.Queue()
         self._queued = 0
         self._space = asyncio.Event()
@@ -568,6 +590,7 @@ class _DelayLine:
             if sent_at - now > _LINK_BACKLOG:
                 await asyncio.sleep(sent_at - now - _LINK_BACKLOG)
             self._queued += len(piece)
+            self.sent += len(piece)
             self._enqueue(sent_at, piece)
 
     async def finish(self, how: _Shutdown) -> None:
@@ -580,6 +603,11 @@ class _DelayLine:
     def task(self) -> asyncio.Task[None]:
         """The pump; done once the line is closed, reset or broken."""
         return self._task
+
+    @property
+    def last_at(self) -> float:
+        """When the last byte put on the line so far arrives (``loop.time()``)."""
+        return self._last_at
 
     def _enqueue(self, sent_at: float, item: bytes | _Shutdown) -> None:
         profile = self._emu.profile
@@ -642,6 +670,7 @@ class _Record:
     close: bool  # the client asked to close after this response
     synthetic: bool = False  # answered by the emulator (503)
     ready_at: float = 0.0  # synthetic: when the request has crossed the link
+    asked: float = 0.0  # when its head reached the emulator
 
 
 class _Connection:
@@ -725,6 +754,7 @@ class _Connection:
             raw = await _read_head(self._client_r)
             if raw is None:
                 break
+            asked = loop.time()
             raw = raw.lstrip(b"\r\n")  # empty lines before a request are allowed
             if not raw:
                 continue
@@ -746,12 +776,13 @@ class _Connection:
                             nbytes += len(piece.wire)
                 emu.stats.bytes_up += nbytes
                 ready = max(now + emu.profile.latency_ms / 1000.0, self._up_not_before)
-                self._records.put_nowait(_Record(method, target, None, close, True, ready))
+                self._records.put_nowait(
+                    _Record(method, target, None, close, True, ready, asked))
             else:
                 up = await self._ensure_upstream()
                 # Queued before forwarding, so the response side knows the
                 # method (HEAD) before any response can come back.
-                self._records.put_nowait(_Record(method, target, plan, close))
+                self._records.put_nowait(_Record(method, target, plan, close, asked=asked))
                 await up.send(raw)
                 async with contextlib.aclosing(body):
                     async for piece in body:
@@ -789,6 +820,7 @@ class _Connection:
                     assert self._up_r is not None  # set before the record was queued
                     head_task = asyncio.create_task(_read_head(self._up_r))
                 first, head_task = head_task, None
+                before = self._down.sent
                 try:
                     outcome = await self._relay_response(rec, first)
                 except (asyncio.IncompleteReadError, HttpProtocolError, OSError) as exc:
@@ -796,6 +828,10 @@ class _Connection:
                     # through, then the connection closes, as it would direct.
                     logger.debug("wan-emulator: upstream response: %r", exc)
                     break
+                finally:
+                    self.emu.stats.exchanges.append(Exchange(
+                        rec.method, rec.target, rec.asked, self._down.last_at,
+                        self._down.sent - before))
                 if outcome == "closed":
                     return
                 if outcome == "close":

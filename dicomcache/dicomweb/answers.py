@@ -47,6 +47,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dicomcache.dicom import multipart
+from dicomcache.dicom.uids import is_uid, orthanc_instance_id
 from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
 from dicomcache.singleflight import SingleFlight
 
@@ -121,9 +122,44 @@ def normalise_json(body: bytes) -> bytes:
     """Orthanc's DICOM JSON with links on the placeholder base, compact.
 
     ``ValueError`` when it is not JSON."""
-    doc = json.loads(body)
+    return normalised(json.loads(body))
+
+
+def normalised(doc: Any) -> bytes:
+    """A parsed DICOM JSON document, its links rewritten in place, as compact JSON."""
     rewrite_links(doc)
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+#: What names an instance in Orthanc: Patient ID, Study, Series and SOP Instance UIDs.
+_IDENTITY = ("00100020", "0020000D", "0020000E", "00080018")
+
+
+def _first_text(dataset: dict[str, Any], tag: str) -> str:
+    attr = dataset.get(tag)
+    value = attr.get("Value") if isinstance(attr, dict) else None
+    first = value[0] if isinstance(value, list) and value else ""
+    return first if isinstance(first, str) else ""
+
+
+def named_instances(doc: Any) -> dict[tuple[str, str, str], list[str]]:
+    """What a metadata answer says each instance it lists is in Orthanc (pure):
+    ``(SOP, Study, Series UID)`` → Orthanc instance IDs (the hash of the Patient ID and
+    the three UIDs; two when one SOP Instance UID is there under two patients).
+
+    Data sets without the three UIDs, or with UIDs that do not follow the UI grammar,
+    name nothing: UIDs from data are never used as names unchecked."""
+    named: dict[tuple[str, str, str], list[str]] = {}
+    for dataset in doc if isinstance(doc, list) else ():
+        if not isinstance(dataset, dict):
+            continue
+        patient, study, series, sop = (_first_text(dataset, tag) for tag in _IDENTITY)
+        if all(is_uid(u) for u in (study, series, sop)):
+            oid = orthanc_instance_id(patient.strip(), study, series, sop)
+            oids = named.setdefault((sop, study, series), [])
+            if oid not in oids:
+                oids.append(oid)
+    return named
 
 
 def relink_parts(body: bytes, content_type: str, base: str) -> bytes:
@@ -527,6 +563,21 @@ class AnswerCache:
                     return entry, True
                 raise
             return new, False
+
+    async def refresh(self, key: str, load: Loader, *, study: str | None = None) -> None:
+        """Load the answer in hand for ``key`` again now (``load(old)``), while that copy
+        stays served: nobody waits for it.  Gone in Orthanc: dropped, as by :meth:`get`;
+        Orthanc unreachable: the copy is kept, for :meth:`get` to revalidate in time."""
+        old = self._entries.get(key)
+        if old is None:
+            return
+        try:
+            await self._single_flight(key, study, lambda: load(old))
+        except NotFoundUpstream:
+            self.drop(key)
+            await self._discard(key, study)
+        except UpstreamError as exc:
+            log.info("%s not confirmed ahead of time: %s", key, exc)
 
     async def _from_disk(self, key: str, study: str | None, watch: _Load) -> Cached | None:
         assert self.disk is not None

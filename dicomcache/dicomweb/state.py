@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import mmap
 import os
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -30,7 +32,15 @@ from dicomcache.config import DicomwebSettings
 from dicomcache.dicom import multipart
 from dicomcache.dicom.uids import is_uid
 from dicomcache.dicom.verify import PixelInfo, parse_dicom
-from dicomcache.dicomweb.answers import AnswerCache, Cached, DiskCopies, normalise_json, plain
+from dicomcache.dicomweb.answers import (
+    AnswerCache,
+    Cached,
+    DiskCopies,
+    Loader,
+    named_instances,
+    normalised,
+    plain,
+)
 from dicomcache.dicomweb.series_stream import COMMIT_BACKLOG, Budget, SeriesStream
 from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
 from dicomcache.upstream.changes import StudyEvent
@@ -39,6 +49,9 @@ from dicomcache.upstream.client import GZIP, OrthancClient, decoded
 log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
+#: First answers confirmed ahead of time at most at once (each costs Orthanc one more
+#: metadata answer, so a burst of cold requests cannot make it many more).
+MAX_CONFIRMATIONS = 64
 
 
 class DicomWeb:
@@ -60,6 +73,15 @@ class DicomWeb:
         self.streams: set[asyncio.Future[None]] = set()
         #: Verified stream parts not yet durable, all streams together.
         self.commit_backlog = Budget(COMMIT_BACKLOG)
+        #: First answers waiting to be confirmed ahead of time (:meth:`json_answer`).
+        self.confirmations: set[asyncio.Task[None]] = set()
+
+    async def stop(self) -> None:
+        """Cancel the streams and confirmations in progress (shutdown)."""
+        tasks = [*self.streams, *self.confirmations]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def series_stream(self, study: str, series: str | None, oids: list[str]) -> SeriesStream:
         """One upstream retrieve of the series/study feeding the missing instances ``oids``."""
@@ -105,14 +127,12 @@ class DicomWeb:
         async def once(_attempt: int) -> Cached:
             if series is not None:
                 if old is not None:
-                    oid, parent = old.value[0], None
-                else:  # both lookups at once: one round trip on the WAN, not two
-                    oid, parent = await asyncio.gather(
-                        self.client.lookup(series, "Series", retry=False),
-                        self.client.lookup(study, "Study", retry=False))
-                info = await self.client.get_json(f"/series/{oid}", retry=False, expect=dict)
-                if old is None and info.get("ParentStudy") != parent:
-                    raise NotFoundUpstream(404, f"series {series} is not in study {study}")
+                    oid = old.value[0]
+                    info = await self.client.get_json(f"/series/{oid}", retry=False,
+                                                      expect=dict)
+                else:
+                    info = await self._find_series(study, series)
+                    oid = str(info["ID"])
                 ids = [str(i) for i in info.get("Instances", ())]
                 validator: Any = [ids, info.get("LastUpdate")]
             else:
@@ -138,6 +158,36 @@ class DicomWeb:
             result = await self._load_listing(study, series, None)
         return result
 
+    def _confirm_later(self, key: str, load: Loader, study: str | None, delay: float) -> None:
+        """Revalidate a first answer (no validator yet) after ``delay`` seconds, off the
+        viewer's path.  At most :data:`MAX_CONFIRMATIONS` wait: past that, an answer is
+        revalidated when next asked for, as any stale copy."""
+        if len(self.confirmations) >= MAX_CONFIRMATIONS:
+            return
+
+        async def confirm() -> None:
+            await asyncio.sleep(delay)
+            await self.cache.refresh(key, load, study=study)
+
+        task = asyncio.get_running_loop().create_task(confirm(), name=f"confirm {key[:80]}")
+        self.confirmations.add(task)
+        task.add_done_callback(self.confirmations.discard)
+
+    async def _find_series(self, study: str, series: str) -> dict[str, Any]:
+        """The series with these UIDs as ``GET /series/{id}`` describes it, in one round
+        trip (``/tools/find``, expanded: no lookups first).  :class:`NotFoundUpstream`
+        when it is not in that study, or the UIDs name several (two patients)."""
+        query = {"Level": "Series", "Expand": True,
+                 "Query": {"StudyInstanceUID": study, "SeriesInstanceUID": series}}
+        found = await self.client.get_json("/tools/find", method="POST", kind="lookup",
+                                           retry=False, body=json.dumps(query).encode(),
+                                           expect=list, of=dict)
+        if len(found) != 1 or not isinstance(found[0].get("ID"), str):
+            raise NotFoundUpstream(404, f"series {series} of study {study}: Orthanc has "
+                                   f"{len(found)} such series")
+        info: dict[str, Any] = found[0]
+        return info
+
     async def _validator(self, listing: tuple[str, str | None] | None) -> Any:
         """What a stale answer is confirmed against: the validator of the instance list of
         ``listing`` (study, series), ``None`` without one.  :class:`UpstreamError` when
@@ -156,9 +206,18 @@ class DicomWeb:
         Filed under ``study`` (``None``: a search, which may list any study).  With
         ``listing`` (study, series) a stale copy is confirmed against the instance
         list before it is downloaded again.
+
+        A first download is the answer alone, one request (what a viewer straight to
+        Orthanc waits for), so it has no validator: halfway through its freshness it is
+        downloaded again in the background, after the instance list that is then kept
+        as its validator (:meth:`_confirm_later`), so the next opening confirms it
+        cheaply.  A validator is only ever read before the answer it confirms: read
+        after it (in parallel), a change in between would be taken for confirmed.
         """
+        metadata = path.split("?", 1)[0].endswith("/metadata")
+
         async def load(old: Cached | None) -> Cached:
-            validator = await self._validator(listing)
+            validator = await self._validator(listing) if old is not None else None
             if old is not None and listing is not None and old.validator == validator:
                 return old.revalidated(time.monotonic())
 
@@ -170,21 +229,40 @@ class DicomWeb:
                 headers, data = await self.client.get(path, kind="metadata", headers=ask)
                 encoding = headers.get(hdrs.CONTENT_ENCODING)
 
-                def parse() -> bytes:
-                    return normalise_json(decoded(data, encoding, path))
+                def parse() -> tuple[bytes, dict[tuple[str, str, str], list[str]]]:
+                    doc = json.loads(decoded(data, encoding, path))
+                    return normalised(doc), named_instances(doc) if metadata else {}
                 try:
-                    body = await asyncio.to_thread(parse) if encoding or len(data) > 1 << 16 \
-                        else parse()
+                    body, named = await asyncio.to_thread(parse) \
+                        if encoding or len(data) > 1 << 16 else parse()
                 except ValueError as exc:
                     raise UpstreamError(Cause.BAD_JSON, f"{path}: Orthanc sent invalid JSON "
                                         f"({exc})") from exc
+                await self._resolve(named)
                 return Cached(body, headers.get(hdrs.CONTENT_TYPE, DICOM_JSON),
                               time.monotonic(), fresh_for, validator=validator, has_links=True)
 
             result: Cached = await self._ask(once, what=f"GET {path}", retry=old is None)
+            if old is None and listing is not None:
+                self._confirm_later(key, load, study, fresh_for / 2)
             return result
 
         return await self.cache.get(key, load, study=study)
+
+    async def _resolve(self, named: dict[tuple[str, str, str], list[str]]) -> None:
+        """Keep which Orthanc instance each instance of a metadata answer is
+        (:func:`~dicomcache.dicomweb.answers.named_instances`): the viewer's frames that
+        follow need no ``/tools/find`` round trip before their download.  A name that
+        turns out wrong (a Patient ID Orthanc reads differently) costs one 404, then the
+        UIDs are resolved by Orthanc (:meth:`Fetcher.by_uids`); a body is verified to be
+        the instance asked for whatever named it."""
+        if not named:
+            return
+        try:
+            await self.store.resolve_many([(sop, study, series, oids)
+                                           for (sop, study, series), oids in named.items()])
+        except (OSError, sqlite3.Error) as exc:  # only a round trip is lost
+            log.warning("cannot keep what a metadata answer names: %s", exc)
 
     async def raw_answer(self, key: str, path: str, accept: str | None, fresh_for: float, *,
                          study: str, listing: tuple[str, str | None] | None = None

@@ -36,9 +36,7 @@ async def _dicomweb_ctx(app: web.Application) -> AsyncIterator[None]:
     if hooks is not None:
         hooks.append(dw.study_changed)
     yield
-    for task in list(dw.streams):
-        task.cancel()
-    await asyncio.gather(*dw.streams, return_exceptions=True)
+    await dw.stop()
     # Parts already verified and queued are made durable by the store's own
     # clean-up (app._store_ctx drains the queue before closing the index).
     if hooks is not None and dw.study_changed in hooks:

@@ -1,13 +1,17 @@
 """Prefetch decisions, pure (no I/O): which study a request touched, in what order to
 fetch a study's instances, how a viewer's new position reorders a running job.
 
+The order is the viewer's: the series it looks at, from the slice it has outwards (the
+next, the previous, the one after, …: where it goes whichever way it scrolls, and the
+order OHIF loads a stack in), then the other series.
+
 Table-tested in ``tests/prefetch/test_plan.py``; :mod:`.scheduler` carries them out.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +75,14 @@ class Item:
     series_uid: str
     size: int
     order: tuple[int, int]
+    #: Its place in its series (0, 1, …, in ``order``).
+    rank: int = 0
+
+
+def around(items: Iterable[Item], rank: int) -> list[Item]:
+    """``items`` of one series nearest the slice at ``rank`` first: that slice, the next,
+    the previous, the one after the next, …"""
+    return sorted(items, key=lambda it: (abs(it.rank - rank), it.rank < rank))
 
 
 @dataclass(slots=True)
@@ -82,6 +94,12 @@ class Job:
     items: collections.deque[Item] = field(default_factory=collections.deque)
     #: Whose touch queued it: its downloads are audited as theirs (``None``: the system's).
     actor: Actor | None = None
+    #: A touch named an image: the viewer has its first one (or none is coming: a
+    #: change-feed pre-warm), so downloads may start.
+    opened: bool = False
+    #: SOP Instance UID → (series, rank) of every listed instance: where a touch is,
+    #: also once that instance has left the queue.
+    places: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -90,26 +108,37 @@ class Job:
             return f"{self.study_uid}/{self.series_uid}"
         return self.study_uid
 
+    def listed(self, items: list[Item]) -> None:
+        """The queue, in fetch order (:func:`order_items`)."""
+        self.items = collections.deque(items)
+        self.places = {it.sop_uid: (it.series_uid, it.rank) for it in items}
+
     def focus(self, series_uid: str | None, sop_uid: str | None) -> None:
-        """Move the queue to the viewer: what follows ``sop_uid`` (or that series) first."""
-        if not self.items or (series_uid is None and sop_uid is None):
+        """Move the queue to the viewer: ``sop_uid``'s series from that slice outwards
+        (:func:`around`), or that series, first.  Before the listing is in, the viewer's
+        place is kept for it."""
+        if series_uid is None and sop_uid is None:
             return
+        self.opened |= sop_uid is not None
+        if not self.places:  # still being listed: the listing orders from here
+            self.series_uid = series_uid or self.series_uid
+            self.sop_uid = sop_uid
+            return
+        place = self.places.get(sop_uid or "")
+        series, rank = place if place is not None else (series_uid, None)
         items = list(self.items)
-        at = next((i for i, it in enumerate(items) if sop_uid and it.sop_uid == sop_uid), None)
-        if at is None:
-            at = next((i for i, it in enumerate(items) if it.series_uid == series_uid), None)
-        if at is None:
+        mine = [it for it in items if it.series_uid == series]
+        if not mine:
             return
-        series = items[at].series_uid
-        mine = [it for it in items[at:] if it.series_uid == series] + \
-            [it for it in items[:at] if it.series_uid == series]
-        rest = [it for it in items if it.series_uid != series]
-        self.items = collections.deque(mine + rest)
+        if rank is not None:
+            mine = around(mine, rank)
+        self.items = collections.deque(mine + [it for it in items if it.series_uid != series])
 
 
 def order_items(series_list: list[dict[str, Any]], instances: list[dict[str, Any]],
-                first_series: str | None, after_sop: str | None) -> list[Item]:
-    """Fetch order (pure): the touched series from just after the touched slice, then the rest.
+                first_series: str | None, at_sop: str | None) -> list[Item]:
+    """Fetch order (pure): the touched series from the touched slice outwards (in slice
+    order without one), then the other series in slice order.
 
     ``series_list`` and ``instances`` are Orthanc's ``/studies/{id}/series`` and
     ``/studies/{id}/instances`` answers (or a series' own instances).
@@ -131,11 +160,12 @@ def order_items(series_list: list[dict[str, Any]], instances: list[dict[str, Any
                           int(inst.get("FileSize") or 0),
                           (int(index) if isinstance(index, int) else number, number)))
     items.sort(key=lambda it: (it.series_uid != first_series, it.series_uid, it.order))
-    if after_sop:
-        first = [it for it in items if it.series_uid == first_series]
-        rest = [it for it in items if it.series_uid != first_series]
-        at = next((i for i, it in enumerate(first) if it.sop_uid == after_sop), None)
-        if at is not None:  # the viewer has the touched slice: start with the next one
-            first = first[at + 1:] + first[:at + 1]
-        items = first + rest
+    for i in range(1, len(items)):
+        if items[i - 1].series_uid == items[i].series_uid:
+            items[i].rank = items[i - 1].rank + 1
+    at = next((it for it in items if it.series_uid == first_series and it.sop_uid == at_sop),
+              None) if at_sop else None
+    if at is not None:
+        first = around((it for it in items if it.series_uid == first_series), at.rank)
+        items = first + [it for it in items if it.series_uid != first_series]
     return items

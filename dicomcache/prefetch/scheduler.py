@@ -5,10 +5,16 @@ API family), series or study metadata, frames, renderings
 (:func:`touch_of` maps a request to ``(study, series, sop)``).  The first
 touch of a study queues a job (``prefetch.mode``):
 
-* ``series``: the touched series, in slice order, starting just after the
-  touched instance (where a scrolling viewer goes next), then the slices
-  before it;
+* ``series``: the touched series, from the touched slice outwards (the next,
+  the previous, …: where a viewer goes whichever way it scrolls, and the order
+  OHIF loads a stack in), in slice order when the touch named no slice;
 * ``study``: the same, then every other series of the study.
+
+**The viewer opens first.**  A study opened without an image (OHIF asks for the
+series metadata, then for the middle slice) is listed at once, but nothing is
+downloaded until the viewer has its first image (a touch that names one) or
+:data:`OPEN_HOLD` seconds passed: on a slow link, six prefetch downloads already
+under way took most of the link from that first image.
 
 Listing a study costs three requests (``/tools/lookup``, then
 ``/studies/{id}/series`` and ``/studies/{id}/instances`` in parallel); each
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -54,6 +61,10 @@ log = logging.getLogger(__name__)
 
 #: Who downloads nobody's touch caused are audited for (change-feed pre-warming).
 SYSTEM = Actor("dicomcache", "system", "change-feed")
+
+#: Seconds a study opened without an image waits for the viewer's first image before
+#: its downloads start anyway (a viewer that only reads metadata).
+OPEN_HOLD = 10.0
 
 @dataclass(slots=True)
 class Tally:
@@ -103,6 +114,9 @@ class Prefetcher:
         self.pending: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self.current: Job | None = None
         self._wake = asyncio.Event()
+        #: Set when a touch names an image (a held job may start).
+        self._opened = asyncio.Event()
+        self.open_hold = OPEN_HOLD
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -125,7 +139,10 @@ class Prefetcher:
                     table.pop(key, None)
         if not self.enabled or (self.settings.mode == "series" and series_uid is None):
             return  # series mode: wait for a touch that names the series
-        job = Job(study_uid, series_uid, sop_uid, self.settings.mode, actor=actor)
+        job = Job(study_uid, series_uid, sop_uid, self.settings.mode, actor=actor,
+                  opened=sop_uid is not None)
+        if sop_uid is not None:
+            self._opened.set()
         current = self.current
         if current is not None and current.key in (job.key, study_uid):
             current.focus(series_uid, sop_uid)
@@ -138,6 +155,7 @@ class Prefetcher:
             self.pending.move_to_end(job.key)
             queued.series_uid = queued.series_uid or series_uid
             queued.sop_uid = sop_uid or queued.sop_uid
+            queued.opened |= job.opened
             return
         self.pending[job.key] = job
         while len(self.pending) > self.settings.max_queued:
@@ -149,7 +167,7 @@ class Prefetcher:
         """Queue a whole study nobody is viewing yet (change-feed pre-warming), any ``mode``."""
         if study_uid in self.pending or (self.current and self.current.key == study_uid):
             return
-        self.pending[study_uid] = Job(study_uid, None, None, "study")
+        self.pending[study_uid] = Job(study_uid, None, None, "study", opened=True)
         self.pending.move_to_end(study_uid, last=False)  # behind everything a viewer touched
         while len(self.pending) > self.settings.max_queued:
             self.pending.popitem(last=False)
@@ -198,7 +216,7 @@ class Prefetcher:
         self.current = job
         try:
             try:
-                job.items = collections.deque(await self.listing(job))
+                job.listed(await self.listing(job))
             except UpstreamUnavailable:
                 raise
             except (UpstreamError, NotFoundUpstream) as exc:
@@ -206,6 +224,7 @@ class Prefetcher:
                 progress.errors.append(f"study {job.study_uid}: {exc}")
                 progress.failed += 1
                 return progress
+            await self._until_opened(job)
             return await self.fetch_listed(job, progress)
         except UpstreamUnavailable as exc:
             log.warning("prefetch of study %s stopped: %s", job.study_uid, exc.reason)
@@ -216,6 +235,14 @@ class Prefetcher:
         finally:
             self.current = None
             self.metrics.prefetch_queue.set(0)
+
+    async def _until_opened(self, job: Job) -> None:
+        """Until the viewer has the job's first image, or :attr:`open_hold` seconds."""
+        deadline = time.monotonic() + self.open_hold
+        while not job.opened and (left := deadline - time.monotonic()) > 0:
+            self._opened.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._opened.wait(), left)
 
     async def fetch_listed(self, job: Job, progress: Tally) -> Tally:
         """Fetch a listed job's ``items`` (counted into ``progress``)."""

@@ -753,3 +753,25 @@ def test_threaded_emulator() -> None:
         conn.close()
     with pytest.raises(RuntimeError):
         _ = wan.port
+
+
+@pytest.mark.asyncio
+async def test_each_exchange_is_recorded_with_its_bytes_and_times() -> None:
+    """What crossed the link for whom, and when (a benchmark tells viewer bytes from
+    prefetch bytes)."""
+    async with rig(LinkProfile(latency_ms=20)) as r:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await r.get("/small")
+        await r.get("/blob?x=1")
+        ended = loop.time()
+        small, blob = r.emu.stats.exchanges
+        assert (small.method, small.target, blob.target) == ("GET", "/small", "/blob?x=1")
+        assert len(SMALL) < small.bytes_down < len(SMALL) + 1024
+        assert len(BLOB) < blob.bytes_down < len(BLOB) + 1024
+        assert small.bytes_down + blob.bytes_down == r.emu.bytes_down
+        # Asked when the client sent it; done when the response's last byte reached the
+        # client: a round trip (and a handshake) later.
+        assert started <= small.asked < small.done <= blob.asked < blob.done <= ended
+        assert small.done - small.asked >= 3 * 0.02
+        assert r.emu.stats.copy().exchanges == [small, blob]

@@ -12,6 +12,7 @@ import pytest
 
 from dicomcache.config import from_dict
 from dicomcache.dicom.accept import accepts_gzip, accepts_json
+from dicomcache.dicom.uids import orthanc_instance_id
 from dicomcache.dicomweb.answers import (
     PLACEHOLDER,
     SEARCHES,
@@ -20,6 +21,7 @@ from dicomcache.dicomweb.answers import (
     DiskCopies,
     affected,
     link_path,
+    named_instances,
     normalise_json,
     relink_parts,
     rewrite_links,
@@ -64,6 +66,35 @@ def test_rewrite_links_everywhere_links_live() -> None:
     # an escaped placeholder (as json.dumps with ensure_ascii writes it) is replaced too
     escaped = json.dumps({"x": PLACEHOLDER + "/studies/1"}).encode()
     assert with_base(escaped, "http://b") == b'{"x": "http://b/studies/1"}'
+
+
+def _dataset(patient: str | None, study: str, series: str, sop: str) -> dict[str, object]:
+    ds: dict[str, object] = {"0020000D": {"vr": "UI", "Value": [study]},
+                             "0020000E": {"vr": "UI", "Value": [series]},
+                             "00080018": {"vr": "UI", "Value": [sop]}}
+    if patient is not None:
+        ds["00100020"] = {"vr": "LO", "Value": [patient]}
+    return ds
+
+
+@pytest.mark.parametrize(("doc", "expected"), [
+    ([_dataset("P1", "1.2", "1.2.3", "1.2.3.4")],
+     {("1.2.3.4", "1.2", "1.2.3"): [orthanc_instance_id("P1", "1.2", "1.2.3", "1.2.3.4")]}),
+    # No Patient ID: Orthanc hashes an empty one.
+    ([_dataset(None, "1.2", "1.2.3", "1.2.3.4")],
+     {("1.2.3.4", "1.2", "1.2.3"): [orthanc_instance_id("", "1.2", "1.2.3", "1.2.3.4")]}),
+    # One SOP Instance UID under two patients: two instances, an ambiguity kept as such.
+    ([_dataset("P1", "1.2", "1.2.3", "1.2.3.4"), _dataset("P2", "1.2", "1.2.3", "1.2.3.4"),
+      _dataset("P1", "1.2", "1.2.3", "1.2.3.4")],
+     {("1.2.3.4", "1.2", "1.2.3"): [orthanc_instance_id("P1", "1.2", "1.2.3", "1.2.3.4"),
+                                    orthanc_instance_id("P2", "1.2", "1.2.3", "1.2.3.4")]}),
+    # UIDs that are not UIDs, or missing, name nothing.
+    ([_dataset("P1", "1.2", "1.2.3", "../../etc"), _dataset("P1", "", "1.2.3", "1.2.3.5"),
+      {"00080018": {"vr": "UI"}}, "not a data set", {"0020000D": "1.2"}], {}),
+    ({"not": "a list"}, {}),
+])
+def test_named_instances(doc: object, expected: dict[tuple[str, str, str], list[str]]) -> None:
+    assert named_instances(doc) == expected
 
 
 def test_normalise_rejects_garbage() -> None:
@@ -121,6 +152,45 @@ async def test_answer_cache_fresh_stale_and_errors() -> None:
 
     with pytest.raises(NotFoundUpstream):
         await cache.get("k", gone)
+    assert cache.peek("k") is None
+
+
+async def test_refresh_loads_again_while_the_copy_is_served() -> None:
+    """A first answer confirmed ahead of time: viewers keep getting the copy in hand
+    meanwhile (nobody waits); a copy Orthanc no longer has is dropped; one it cannot be
+    asked about now stays for its own revalidation."""
+    clock = Clock()
+    cache = AnswerCache(1 << 20, stale_if_error=60, clock=clock)
+    release = asyncio.Event()
+
+    async def first(old: Cached | None) -> Cached:
+        return cached(b"v1", clock, 10)
+
+    async def again(old: Cached | None) -> Cached:
+        assert old is not None and old.body == b"v1"
+        await release.wait()
+        return cached(b"v2", clock, 10, validator="list")
+
+    await cache.get("k", first)
+    await cache.refresh("absent", again)  # nothing in hand: nothing to do
+    refreshing = asyncio.create_task(cache.refresh("k", again))
+    await asyncio.sleep(0.01)
+    entry, stale = await asyncio.wait_for(cache.get("k", again), 1)  # no wait for it
+    assert (entry.body, stale) == (b"v1", False)
+    release.set()
+    await refreshing
+    entry, _ = await cache.get("k", first)
+    assert (entry.body, entry.validator) == (b"v2", "list")
+
+    async def down(old: Cached | None) -> Cached:
+        raise UpstreamError("connect", "refused")
+
+    async def gone(old: Cached | None) -> Cached:
+        raise NotFoundUpstream(404, "deleted")
+
+    await cache.refresh("k", down)
+    assert cache.peek("k") is entry
+    await cache.refresh("k", gone)
     assert cache.peek("k") is None
 
 

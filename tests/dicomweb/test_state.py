@@ -9,8 +9,11 @@ import pytest
 
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.devtools.wanem import WanEmulator
+from dicomcache.dicom import multipart
+from dicomcache.dicomweb import state
 from dicomcache.http.app import make_app
-from tests.conftest import Sample, SettingsFactory
+from dicomcache.http.keys import DICOMWEB
+from tests.conftest import Sample, SettingsFactory, eventually
 from tests.http.test_instances import orthanc_get
 
 
@@ -41,17 +44,88 @@ async def test_cold_series_metadata_travels_gzipped_and_is_served_as_orthanc_ans
         assert on_link > plain, (on_link, plain)
 
 
-async def test_cold_series_metadata_resolves_both_uids_in_one_round_trip(
+def kinds(wan: WanEmulator) -> list[str]:
+    """The requests that crossed the link, by kind (the health probe left out)."""
+    return ["lookup" if t == "/tools/lookup" else "find" if t == "/tools/find"
+            else "series" if t.startswith("/series/")
+            else "metadata" if t.endswith("/metadata") else t for t in wan.targets
+            if t != "/system"]
+
+
+async def test_cold_series_metadata_is_one_request_confirmed_in_the_background(
         aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
         ct_series: list[Sample]) -> None:
-    """The series and study lookups go out together (one round trip on the WAN, not
-    two), then the series' instance list, then the metadata: four requests."""
+    """A cold series metadata is the metadata alone: one round trip, as straight to
+    Orthanc (it was four: two lookups, the instance list, then the metadata).  Halfway
+    through its freshness it is confirmed in the background: the series found (its
+    instance list, one request), then the metadata again, kept with that list as its
+    validator (read before it).  Later revalidations only read the list."""
     s = ct_series[1]
-    client = await aiohttp_client(make_app(make_settings(url=f"http://127.0.0.1:{wan.port}")))
+    client = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}", dicomweb={"metadata_fresh": 0.4})))
+    dw = client.app[DICOMWEB]
+    path = f"/dicom-web/studies/{s.study}/series/{s.series}/metadata"
     wan.reset_stats()
-    resp = await client.get(f"/dicom-web/studies/{s.study}/series/{s.series}/metadata")
+    resp = await client.get(path)
     assert resp.status == 200
-    kinds = ["lookup" if t == "/tools/lookup" else "series" if t.startswith("/series/")
-             else "metadata" if t.endswith("/metadata") else t for t in wan.targets
-             if t != "/system"]  # the health probe, whenever it runs
-    assert kinds == ["lookup", "lookup", "series", "metadata"]
+    first = await resp.read()
+    assert kinds(wan) == ["metadata"]
+    assert len(dw.confirmations) == 1
+    await eventually(lambda: not dw.confirmations, what="confirmed in the background")
+    assert kinds(wan) == ["metadata", "find", "metadata"]
+    for _ in range(2):
+        await asyncio.sleep(0.45)  # time passing: past metadata_fresh
+        wan.reset_stats()
+        resp = await client.get(path)
+        assert resp.status == 200 and await resp.read() == first
+        assert kinds(wan) == ["series"]
+        assert not dw.confirmations
+
+
+async def test_cold_metadata_of_a_series_not_in_the_study_is_a_404(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        ct_series: list[Sample], samples: dict[str, list[Sample]]) -> None:
+    """Orthanc's own answer, now that no listing checks it first."""
+    a, b = ct_series[0], samples["explicit"][0]
+    assert a.study != b.study
+    client = await aiohttp_client(make_app(make_settings(url=f"http://127.0.0.1:{wan.port}")))
+    resp = await client.get(f"/dicom-web/studies/{a.study}/series/{b.series}/metadata")
+    assert resp.status == 404
+
+
+async def test_frames_after_cold_metadata_need_no_lookup(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        ct_series: list[Sample]) -> None:
+    """OHIF asks for a series' metadata, then for its slices' frames.  The metadata names
+    every instance (its Orthanc ID is the hash of its identifiers), so a cold frame is the
+    instance's download alone: no ``/tools/find`` round trip before it."""
+    s = ct_series[5]
+    client = await aiohttp_client(make_app(make_settings(url=f"http://127.0.0.1:{wan.port}")))
+    resp = await client.get(f"/dicom-web/studies/{s.study}/series/{s.series}/metadata",
+                            headers={"Accept": "application/dicom+json"})
+    assert resp.status == 200
+    wan.reset_stats()
+    resp = await client.get(
+        f"/dicom-web/studies/{s.study}/series/{s.series}/instances/{s.sop}/frames/1",
+        headers={"Accept": "multipart/related; type=application/octet-stream; "
+                           "transfer-syntax=*"})
+    assert resp.status == 200
+    assert s.data.endswith(multipart.split(await resp.read(), resp.headers["Content-Type"])[0]
+                           .body)
+    assert sorted(t for t in wan.targets if t != "/system") == [
+        f"/instances/{s.orthanc_id}/attachments/dicom/md5", f"/instances/{s.orthanc_id}/file"]
+
+
+async def test_confirmations_ahead_of_time_are_bounded(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        samples: dict[str, list[Sample]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each costs Orthanc another metadata answer: a burst of cold requests cannot queue
+    more than MAX_CONFIRMATIONS; the others are revalidated when next asked for."""
+    monkeypatch.setattr(state, "MAX_CONFIRMATIONS", 2)
+    client = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}", dicomweb={"metadata_fresh": 600})))
+    for series in list(samples.values())[:4]:
+        s = series[0]
+        resp = await client.get(f"/dicom-web/studies/{s.study}/series/{s.series}/metadata")
+        assert resp.status == 200
+    assert len(client.app[DICOMWEB].confirmations) == 2

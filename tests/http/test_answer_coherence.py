@@ -21,7 +21,7 @@ from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.devtools.wanem import WanEmulator
 from dicomcache.http.app import make_app
-from dicomcache.http.keys import SETTINGS, STUDY_CHANGED
+from dicomcache.http.keys import DICOMWEB, SETTINGS, STUDY_CHANGED
 from dicomcache.upstream.changes import StudyEvent
 from tests.conftest import Sample, SettingsFactory, eventually
 from tests.http.dicomweb_support import ANY_SYNTAX, series_path, split_multipart
@@ -197,6 +197,8 @@ async def test_instance_answers_are_revalidated_and_a_deleted_one_is_gone(
     for path in (kept + "/metadata", kept + "/rendered", deleted + "/metadata",
                  deleted + "/rendered"):
         assert (await client.get(path)).status == 200, path
+    # First metadata answers are confirmed (given a validator) in the background.
+    await eventually(lambda: not client.app[DICOMWEB].confirmations, what="confirmed")
     await asyncio.sleep(0.35)  # time passing: past metadata_fresh and rendered_fresh
     wan.reset_stats()
     for path in (kept + "/metadata", kept + "/rendered"):

@@ -92,8 +92,9 @@ async def test_study_mode_fetches_the_other_series_after_the_touched_one(
     assert file_requests(wan, a + b) == [1] * 8
     order = [t for t in wan.targets if t.endswith("/file")]
     ids = [t.split("/")[2] for t in order]
-    # The touched slice, then the rest of its series from the next slice on, then the other.
-    assert ids == [b[1].orthanc_id, b[2].orthanc_id, b[3].orthanc_id, b[0].orthanc_id,
+    # The touched slice, then the rest of its series from there outwards (next, previous,
+    # then the one after the next), then the other series.
+    assert ids == [b[1].orthanc_id, b[2].orthanc_id, b[0].orthanc_id, b[3].orthanc_id,
                    *(x.orthanc_id for x in a)]
 
 
@@ -266,6 +267,7 @@ async def test_a_search_alone_starts_no_download_metadata_does(
     metadata.  The searches leave the link to the viewer; the metadata starts the
     prefetch (issue 16: a study download raced the first image)."""
     client = await prefetching_client(aiohttp_client, make_settings, wan, mode="study")
+    client.app[PREFETCHER].open_hold = 0.2  # no image is asked for: start after that
     a, b = two_series
     qido = {"Accept": "application/dicom+json"}
     for path in (f"/dicom-web/studies?StudyInstanceUID={a[0].study}",
@@ -280,3 +282,34 @@ async def test_a_search_alone_starts_no_download_metadata_does(
     assert resp.status == 200
     assert await client.app[PREFETCHER].idle(30)
     assert file_requests(wan, a + b) == [1] * 8
+
+
+async def test_an_opened_study_waits_for_the_first_image_then_goes_outwards_from_it(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        two_series: list[list[Sample]]) -> None:
+    """OHIF asks for the series metadata, then for a slice's frame.  The metadata lists
+    the study, but its downloads wait for that first image (they took the link from it):
+    then they go from that slice outwards, then to the other series."""
+    client = await prefetching_client(aiohttp_client, make_settings, wan, mode="study",
+                                      parallel=1)
+    prefetcher = client.app[PREFETCHER]
+    prefetcher.open_hold = 60.0  # the image, not the time, starts the downloads here
+    a, b = two_series
+    resp = await client.get(f"/dicom-web/studies/{b[0].study}/series/{b[0].series}/metadata",
+                            headers={"Accept": "application/dicom+json"})
+    assert resp.status == 200
+    await eventually(lambda: prefetcher.current is not None and prefetcher.current.places,
+                     what="the study listed")
+    await asyncio.sleep(0.5)  # downloads would be under way by now
+    assert sum(file_requests(wan, a + b)) == 0
+    assert len(prefetcher.current.items) == 8
+    s = b[2]
+    resp = await client.get(
+        f"/dicom-web/studies/{s.study}/series/{s.series}/instances/{s.sop}/frames/1",
+        headers={"Accept": "multipart/related; type=application/octet-stream; "
+                           "transfer-syntax=*"})
+    assert resp.status == 200
+    assert await prefetcher.idle(30)
+    ids = [t.split("/")[2] for t in wan.targets if t.endswith("/file")]
+    assert ids == [b[2].orthanc_id, b[3].orthanc_id, b[1].orthanc_id, b[0].orthanc_id,
+                   *(x.orthanc_id for x in a)]

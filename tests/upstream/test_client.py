@@ -147,7 +147,7 @@ def test_check_shape(doc: object, expect: type, of: type, good: bool) -> None:
         assert bad.value.cause is Cause.BAD_JSON
 
 
-@pytest.mark.parametrize("path", [r"^/tools/lookup$", r"^/series/[^/]+$",
+@pytest.mark.parametrize("path", [r"^/tools/find$", r"^/tools/lookup$",
                                   r"^/studies/[^/]+/series$"])
 async def test_a_cut_listing_is_a_json_502_for_the_viewer_never_a_500(
         aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
@@ -157,9 +157,11 @@ async def test_a_cut_listing_is_a_json_502_for_the_viewer_never_a_500(
                                 fault_methods=frozenset({"GET", "POST"})))
     client = await aiohttp_client(make_app(make_settings(
         url=f"http://127.0.0.1:{wan.port}", upstream={"retries": 1})))
-    for url in (f"/dicom-web/studies/{s.study}/series/{s.series}/metadata",
-                f"/dicom-web/studies/{s.study}/metadata"):
-        resp = await client.get(url)
+    # Retrieves list the series (found) or the study (looked up, then its series).
+    for url in (f"/dicom-web/studies/{s.study}/series/{s.series}",
+                f"/dicom-web/studies/{s.study}"):
+        resp = await client.get(url, headers={
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
         if resp.status == 200:  # this path was not needed for this answer
             continue
         assert resp.status == 502, await resp.text()
