@@ -29,6 +29,7 @@ from typing import Any
 from pydicom import Dataset
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomcache import tls
@@ -127,6 +128,8 @@ class StoreSCU:
         self.encodable = encodable_syntaxes() if encodable is None else encodable
         self._assoc: Association | None = None
         self._lock = threading.Lock()
+        #: Each association's own socket, from EVT_CONN_OPEN, so it is closed for sure.
+        self._sockets: dict[int, socket.socket] = {}
 
     @property
     def peer(self) -> str:
@@ -155,22 +158,46 @@ class StoreSCU:
         assoc = ae.associate(self.dest.remote_host, self.dest.remote_port, contexts=contexts,
                              ae_title=self.dest.remote_ae_title, max_pdu=self.max_pdu,
                              tls_args=self._tls_args(),
-                             evt_handlers=[(evt.EVT_CONN_OPEN, self._read_timeout)])
+                             evt_handlers=self._socket_handlers())
         with self._lock:
             self._assoc = assoc
+        if not assoc.is_established:
+            self._close_socket(assoc)
         return assoc, len(proposals)
 
-    def _read_timeout(self, event: Any) -> None:
+    def _socket_handlers(self) -> list[EventHandlerType]:
+        return [(evt.EVT_CONN_OPEN, self._conn_open),
+                (evt.EVT_CONN_CLOSE, lambda event: self._close_socket(event.assoc))]
+
+    def _conn_open(self, event: Any) -> None:
         """From the first byte: pynetdicom reads a PDU's rest with a blocking ``recv``
         and leaves a requestor's socket without a timeout, so a PACS that sends part of
         its A-ASSOCIATE-AC and stalls held the forwarder for ever (and pynetdicom's
-        abort after the ACSE timeout then spun on it)."""
+        abort after the ACSE timeout then spun on it).  The socket is kept for
+        :meth:`_close_socket`."""
         try:
             raw = event.assoc.dul.socket.socket
-            if raw is not None and raw.gettimeout() is None:
+        except AttributeError:
+            return
+        if raw is None:
+            return
+        with self._lock:
+            self._sockets[id(event.assoc)] = raw
+        try:
+            if raw.gettimeout() is None:
                 raw.settimeout(self.timeout)
-        except (AttributeError, OSError):
+        except OSError:
             pass
+
+    def _close_socket(self, assoc: Association) -> None:
+        """Close an ended association's socket.  pynetdicom closes it only when
+        ``shutdown()`` succeeds; after a reset by the peer that raises ENOTCONN and the
+        descriptor stayed open until garbage collection (one per reset, under a
+        PACS that resets every attempt).  Idempotent."""
+        with self._lock:
+            raw = self._sockets.pop(id(assoc), None)
+        if raw is not None:
+            raw.close()
 
     def _tls_args(self) -> tuple[ssl.SSLContext, str] | None:
         """DICOM TLS towards this peer, or None.  The context is built for each
@@ -196,10 +223,11 @@ class StoreSCU:
             assoc = ae.associate(self.dest.remote_host, self.dest.remote_port,
                                  ae_title=self.dest.remote_ae_title, max_pdu=self.max_pdu,
                                  tls_args=self._tls_args(),
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, self._read_timeout)])
+                                 evt_handlers=self._socket_handlers())
         except tls.TLSFileError as exc:
             return f"DICOM TLS cannot start: {exc}"
         if not assoc.is_established:
+            self._close_socket(assoc)
             outcome = _association_outcome(assoc)
             if isinstance(outcome, fb.Rejected):
                 return (f"association rejected (result {outcome.result}, source "
@@ -212,6 +240,7 @@ class StoreSCU:
             status = assoc.send_c_echo()
         finally:
             assoc.release()
+            self._close_socket(assoc)
         code = getattr(status, "Status", None)
         if code == 0x0000:
             return None
@@ -222,6 +251,7 @@ class StoreSCU:
             self._assoc = None
         if assoc.is_established:
             assoc.release()
+        self._close_socket(assoc)
 
     def send(
         self,

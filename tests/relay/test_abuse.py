@@ -5,9 +5,12 @@ published."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import struct
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -150,3 +153,62 @@ async def test_a_pacs_stalling_mid_association_does_not_wedge_its_destination(
                          what="three association attempts")
     finally:
         await pacs.stop()
+
+
+class ResettingPACS:
+    """A PACS that reads the A-ASSOCIATE-RQ and resets the connection (RST)."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.server.getsockname()[1])
+        self.resets = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                header = conn.recv(6, socket.MSG_WAITALL)
+                conn.recv(int.from_bytes(header[2:], "big"), socket.MSG_WAITALL)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.resets += 1
+
+    def stop(self) -> None:
+        self.server.shutdown(socket.SHUT_RDWR)  # (wakes accept(); close() does not)
+        self.server.close()
+        self.thread.join(5)
+
+
+def test_a_pacs_resetting_every_association_leaves_no_socket_open(tmp_path: Path) -> None:
+    """pynetdicom closes a socket only when ``shutdown()`` succeeds, which it does not
+    after a reset: each attempt left a descriptor to the garbage collector (and
+    failed CI through the ResourceWarning)."""
+    from dicomcache.config import DestinationSettings
+    from dicomcache.relay.scu import SendItem, StoreSCU
+
+    pacs = ResettingPACS()
+    series = make_ct_series(1, rows=16, columns=16, seed=5)
+    files = write_series(series, tmp_path / "src")
+    items = [SendItem(0, files[0], str(series[0].SOPClassUID), str(series[0].SOPInstanceUID),
+                      str(series[0].file_meta.TransferSyntaxUID))]
+    dest = DestinationSettings(name="RESET", remote_ae_title="PACS", remote_host="127.0.0.1",
+                               remote_port=pacs.port, max_association_retries=1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            for _ in range(3):
+                scu = StoreSCU("RELAY", dest, timeout=2.0)
+                assert scu.send(items).results == []
+                assert scu.echo() is not None
+                del scu
+            gc.collect()
+    finally:
+        pacs.stop()
+    assert pacs.resets >= 6
+    leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert leaked == []
