@@ -40,10 +40,12 @@ from dicomcache.devtools.orthanc import OrthancProcess, free_ports  # noqa: E402
 from dicomcache.devtools.samples import encode, make_ct_series  # noqa: E402
 
 
-def rss(pid: int) -> int:
+def rss(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory in bytes: ``VmRSS`` (all), ``RssAnon`` (its own
+    allocations) or ``RssFile`` (file pages it maps: reclaimable page cache)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -56,6 +58,7 @@ class Peak:
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.peak = dict.fromkeys(pids, 0)
+        self.peak_anon = dict.fromkeys(pids, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -63,6 +66,7 @@ class Peak:
         while not self._stop.wait(0.2):
             for name, pid in self.pids.items():
                 self.peak[name] = max(self.peak[name], rss(pid))
+                self.peak_anon[name] = max(self.peak_anon[name], rss(pid, "RssAnon"))
 
     def __enter__(self) -> Peak:
         self._thread.start()
@@ -205,6 +209,7 @@ def main() -> int:
                 with Peak({"dicomcache": proc.pid, "orthanc": orthanc.proc.pid}) as cold:
                     cold_s, served = asyncio.run(load(base, big, small, args.viewers, None))
                 after = rss(proc.pid)
+                after_anon = rss(proc.pid, "RssAnon")
             finally:
                 stop(proc)
         finally:
@@ -218,6 +223,8 @@ def main() -> int:
           f"{served} small bodies served meanwhile")
     print(f"  dicomcache RSS: idle {idle / mib:.0f} MiB, peak {cold.peak['dicomcache'] / mib:.0f}"
           f" MiB, after {after / mib:.0f} MiB   (goal: peak ≤ 300 MiB)")
+    print(f"    of which its own allocations (RssAnon): peak "
+          f"{cold.peak_anon['dicomcache'] / mib:.0f} MiB, after {after_anon / mib:.0f} MiB")
     print(f"  Orthanc peak RSS behind dicomcache {cold.peak['orthanc'] / mib:.0f} MiB")
     return 0
 

@@ -31,9 +31,11 @@ import aiohttp
 
 from dicomcache.cache.coherence import Coherence
 from dicomcache.cache.instance import Instance
-from dicomcache.cache.receive import Received, Sink, receive
+from dicomcache.cache.receive import Received, Sink, held_in_memory, receive
 from dicomcache.cache.store import AsyncStore
+from dicomcache.config import format_size
 from dicomcache.dicom.verify import (
+    MAX_INFLATED,
     DicomSummary,
     identity_problem,
     md5_hex,
@@ -372,15 +374,15 @@ class Fetcher:
         """The body: read whole when it is known to be small (one thread hop to verify
         it) or the cache cannot take files (degraded: served from memory, uncached),
         else streamed through a :class:`~.receive.Sink` into a temp file."""
-        threshold = self.stream_above
-        if not stream or (expected_length is not None and expected_length <= threshold):
+        hold = held_in_memory(encoding, expected_length, self.stream_above)
+        if not stream or hold is None:
             body = await resp.read()
             if encoding in ("gzip", "deflate"):
                 return await asyncio.to_thread(_inflate_whole, body, encoding)
             if encoding != "identity":
                 raise UpstreamError(Cause.ENCODING, f"unsupported Content-Encoding {encoding!r}")
             return Received(len(body), len(body), "", data=body)
-        return await receive(resp, Sink(encoding, threshold, self.store.sync.temp_path))
+        return await receive(resp, Sink(encoding, hold, self.store.sync.temp_path))
 
     async def _check_identity(self, orthanc_id: str, summary: DicomSummary) -> None:
         """:func:`~dicomcache.dicom.verify.identity_problem`, asking Orthanc for the
@@ -413,10 +415,19 @@ def _verify(received: Received, expected_length: int | None,
 
 
 def _inflate_whole(body: bytes, encoding: str) -> Received:
+    """A compressed body read whole (only when the cache cannot take files), inflated
+    to at most :data:`~dicomcache.dicom.verify.MAX_INFLATED` (a lying upstream's
+    small gzip of zeros must not become gigabytes here)."""
+    inflater = zlib.decompressobj(47)  # gzip or zlib, auto-detected
     try:
-        data = zlib.decompress(body, 47)  # gzip or zlib, auto-detected
+        data = inflater.decompress(body, MAX_INFLATED + 1)
     except zlib.error as exc:
         raise IntegrityError(Cause.SHORT_BODY, f"bad {encoding} stream: {exc}") from exc
+    if len(data) > MAX_INFLATED:
+        raise IntegrityError(Cause.SHORT_BODY, f"{encoding} body inflates beyond "
+                                               f"{format_size(MAX_INFLATED)}")
+    if not inflater.eof:
+        raise IntegrityError(Cause.SHORT_BODY, f"{encoding} stream cut short")
     return Received(len(body), len(data), "", data=data)
 
 

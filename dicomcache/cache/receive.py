@@ -7,7 +7,9 @@ hashed and appended to a temp file of the store as they arrive, in worker
 threads, a megabyte at a time.  The caller then verifies the file (length and
 MD5 already known; a full parse through a read-only mapping that touches the
 element headers, not the pixels) and commits it by rename: the bytes are never
-all in memory.  A body that turns out small stays in memory, as before.
+all in memory.  A body known to be large goes to the file from its first byte; one
+whose decoded size is not known (gzip) is held in memory up to ``HOLD_UNKNOWN`` and
+stays there when it turns out small.
 
 The temp file is created with the store's own permissions, fsynced before it is
 handed over, and removed on any failure (:meth:`Sink.discard`).
@@ -29,6 +31,23 @@ from dicomcache.errors import Cause, IntegrityError, UpstreamError
 
 #: Bytes gathered on the event loop before one hop to a worker thread.
 HOP = 1 << 20
+
+#: At most this much of a body whose decoded size is not known in advance (gzip, or
+#: no Content-Length) is held in memory before it goes to a temp file: eight such
+#: bodies at once held up to ``stream_above`` (32 MiB) each.  Single-frame CT and MR
+#: instances (well under a MiB) stay in memory.
+HOLD_UNKNOWN = 4 << 20
+
+
+def held_in_memory(encoding: str, length: int | None, stream_above: int) -> int | None:
+    """How a body is received: ``None`` read whole (small and known to be, as sent);
+    else streamed through a :class:`Sink` holding that many bytes in memory before it
+    spills to a temp file (0: straight to the file, it is known to be large)."""
+    if encoding == "identity" and length is not None:
+        return None if length <= stream_above else 0
+    if length is not None and length > stream_above:
+        return 0  # compressed and large even so
+    return min(stream_above, HOLD_UNKNOWN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +107,11 @@ class Sink:
             self._fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                                | os.O_CLOEXEC,
                                durable.FILE_MODE)
-            self._write(bytes(self._held))
+            self._write(self._held)  # (no copy: the held bytes were up to `memory`)
             self._held = bytearray()
         self._write(data)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | bytearray) -> None:
         assert self._fd is not None
         view = memoryview(data)
         while view:

@@ -9,6 +9,7 @@ left in ``tmp/``.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +17,13 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient
 
+from dicomcache.cache import fetch
+from dicomcache.cache.receive import held_in_memory
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.dicom import syntaxes
+from dicomcache.errors import IntegrityError
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS
 from tests.conftest import SettingsFactory, metric_value, tmpfs
@@ -183,3 +187,66 @@ async def test_a_disk_that_fills_while_a_large_body_streams_in(
         assert status["degraded"] == "disk_full", status
         assert list((small / "cache" / "tmp").iterdir()) == []
         await client.close()
+
+
+@pytest.mark.parametrize("encoding, length, expected", [
+    ("identity", 1000, None),              # small and known: read whole
+    ("identity", 8 << 20, None),           # exactly the threshold
+    ("identity", (8 << 20) + 1, 0),        # known large: to the file from the first byte
+    ("identity", None, 4 << 20),           # no Content-Length: held up to HOLD_UNKNOWN
+    ("gzip", 1000, 4 << 20),               # compressed: decoded size unknown
+    ("gzip", None, 4 << 20),
+    ("gzip", (8 << 20) + 1, 0),            # compressed and large even so
+    ("deflate", None, 4 << 20),
+])
+def test_how_a_body_is_received(encoding: str, length: int | None,
+                                expected: int | None) -> None:
+    assert held_in_memory(encoding, length, 8 << 20) == expected
+    assert held_in_memory(encoding, length, 1 << 20) in (None, 0, 1 << 20)
+
+
+async def peak_of_one_miss(client: TestClient, oid: str) -> tuple[int, bytes]:
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        resp = await client.get(f"/instances/{oid}/file")
+        assert resp.status == 200
+        received = bytearray()
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            received += chunk
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, bytes(received)
+
+
+@pytest.mark.parametrize("compression", ["json", "all"])
+async def test_a_large_body_is_not_held_up_to_the_threshold_first(
+        aiohttp_client, make_settings: SettingsFactory, big: tuple[str, bytes],
+        tmp_path: Path, compression: str) -> None:
+    """Before: a body above ``stream_above`` was first gathered in memory up to the
+    threshold (32 MiB by default), then copied once more on its way to the temp
+    file: 64 MiB per concurrent big miss, 465 MiB RSS with eight 500 MB ones.  Now a
+    body known to be large goes to the file from its first byte, and one of unknown
+    decoded size (gzip) is held up to 4 MiB."""
+    oid, blob = big
+    client: TestClient = await aiohttp_client(make_app(make_settings(
+        upstream={"compression": compression}, cache={"stream_above": "16MiB"})))
+    peak, body = await peak_of_one_miss(client, oid)
+    assert body == blob
+    assert peak < len(blob) + (8 << 20), f"peak {peak >> 20} MiB over a {len(blob) >> 20} MiB body"
+    assert tmp_files(tmp_path) == []
+
+
+def test_a_compressed_body_read_whole_is_inflated_within_bounds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only when the cache cannot take files is a gzip body read whole; an upstream's
+    small gzip that inflates beyond the bound is an integrity failure, not an
+    allocation of whatever it claims."""
+    monkeypatch.setattr(fetch, "MAX_INFLATED", 1 << 20)
+    bomb = gzip.compress(bytes(4 << 20))
+    with pytest.raises(IntegrityError, match=r"inflates beyond 1\.0 MiB"):
+        fetch._inflate_whole(bomb, "gzip")
+    with pytest.raises(IntegrityError, match="cut short"):
+        fetch._inflate_whole(gzip.compress(bytes(1000))[:-20], "gzip")
+    assert fetch._inflate_whole(gzip.compress(b"DICM" * 10), "gzip").data == b"DICM" * 10
