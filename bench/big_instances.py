@@ -131,6 +131,9 @@ def start_dicomcache(workdir: Path, orthanc: OrthancProcess) -> tuple[subprocess
 [server]
 port = {port}
 log_level = "WARNING"
+# Many simulated viewers share one loopback address: no per-client limits.
+max_requests_per_client = 0
+client_rate = 0
 [upstream]
 url = "{orthanc.url}"
 username = "{orthanc.username}"

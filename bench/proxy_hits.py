@@ -103,6 +103,9 @@ def main() -> int:
             [server]
             port = {port}
             log_level = "WARNING"
+            # Many simulated viewers share one loopback address: no per-client limits.
+            max_requests_per_client = 0
+            client_rate = 0
             [upstream]
             url = "{orthanc.url}"
             username = "{orthanc.username}"

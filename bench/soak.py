@@ -178,6 +178,9 @@ class Daemon:
 host = "127.0.0.1"
 port = {port}
 log_level = "WARNING"
+# Many simulated viewers share one loopback address: no per-client limits.
+max_requests_per_client = 0
+client_rate = 0
 [upstream]
 url = "http://127.0.0.1:{wan_port}"
 username = "{orthanc.username}"

@@ -100,6 +100,9 @@ class Proxy:
             [server]
             port = {self.port}
             log_level = "WARNING"
+            # Many simulated viewers share one loopback address: no per-client limits.
+            max_requests_per_client = 0
+            client_rate = 0
             [upstream]
             url = "{upstream or orthanc.url}"
             username = "{orthanc.username}"

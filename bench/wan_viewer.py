@@ -80,6 +80,9 @@ def dicomcache(workdir: Path, orthanc: OrthancProcess, wan_port: int, *, paralle
 [server]
 port = {port}
 log_level = "WARNING"
+# Many simulated viewers share one loopback address: no per-client limits.
+max_requests_per_client = 0
+client_rate = 0
 [upstream]
 url = "http://127.0.0.1:{wan_port}"
 username = "{orthanc.username}"

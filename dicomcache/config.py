@@ -21,6 +21,7 @@ import dicomcache.tls as tls
 from dicomcache.errors import ConfigError
 
 T = TypeVar("T")
+N = TypeVar("N", int, float)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 #: Size units, compared case-insensitively: binary ones with an "i" (as ``df -h`` prints),
@@ -97,6 +98,13 @@ class ServerSettings:
     #: With TLS: a plain-HTTP port (on ``host``) answering every request with a 308 to the
     #: same path on ``https://…:port``, and nothing else.
     http_redirect_port: int | None = None
+    #: Requests one client (address, or /64) may have in progress; more wait their turn
+    #: (up to 8 times as many), beyond that ``429``.  0: no limit.
+    max_requests_per_client: int = 32
+    #: Requests per second one client may send on average (a token bucket), in bursts of
+    #: up to ``client_burst``; beyond that ``429`` with ``Retry-After``.  0: no limit.
+    client_rate: float = 300.0
+    client_burst: int = 3000
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,6 +467,14 @@ class _Section:
             self.problem(name, f"must be > 0, not {value}")
         return value
 
+    def at_least(self, name: str, default: N, minimum: N) -> N:
+        """A number (of ``default``'s type) no smaller than ``minimum``."""
+        value = self.get(name, type(default), default)
+        if value < minimum:
+            self.problem(name, f"must be at least {minimum}, not {value}")
+            return default
+        return value
+
     def size(self, name: str, default: int, minimum: int = 1 << 20) -> int:
         """A size such as ``"50GiB"`` (see :func:`parse_size`), at least ``minimum``."""
         raw = self.get(name, (str, int), default)
@@ -561,6 +577,10 @@ def _server(sec: _Section, base: Path = Path(".")) -> ServerSettings:
         tls_certificate=cert,
         tls_key=key,
         http_redirect_port=redirect,
+        max_requests_per_client=sec.at_least("max_requests_per_client",
+                                             d.max_requests_per_client, 0),
+        client_rate=sec.at_least("client_rate", d.client_rate, 0.0),
+        client_burst=sec.at_least("client_burst", d.client_burst, 1),
     )
 
 

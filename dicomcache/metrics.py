@@ -83,6 +83,10 @@ class Metrics:
             "dicomcache_http_request_duration_seconds",
             "Time to answer a viewer request, by API family and outcome.",
             ["family", "outcome"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.client_limited = Counter(
+            "dicomcache_client_limited_total",
+            "Viewer requests answered 429 by a per-client limit (rate or in_flight).",
+            ["limit"], registry=r)
         self.cache_hits = Counter(
             "dicomcache_cache_hits_total", "Instance requests served from the local store.",
             ["family"], registry=r)

@@ -227,3 +227,26 @@ def test_read_through_cannot_take_the_whole_pool(upstream: dict[str, int], key: 
     with pytest.raises(ConfigError) as bad:
         from_dict({"upstream": {"url": "http://o:8042", **upstream}})
     assert key in str(bad.value)
+
+
+@pytest.mark.parametrize(("section", "key", "words"), [
+    ({"max_requests_per_client": -1}, "server.max_requests_per_client", "at least 0"),
+    ({"max_requests_per_client": 1.5}, "server.max_requests_per_client", "must be int"),
+    ({"client_rate": -0.5}, "server.client_rate", "at least 0"),
+    ({"client_rate": "fast"}, "server.client_rate", "must be float"),
+    ({"client_burst": 0}, "server.client_burst", "at least 1"),
+])
+def test_client_limit_problems_name_their_key(section: dict[str, object], key: str,
+                                              words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_dict({"server": section})
+    found = dict(err.value.problems)
+    assert key in found, err.value.problems
+    assert words in found[key]
+
+
+def test_client_limits_read() -> None:
+    server = from_dict({"server": {"max_requests_per_client": 0, "client_rate": 50,
+                                   "client_burst": 200}}).server
+    assert (server.max_requests_per_client, server.client_rate, server.client_burst) == (
+        0, 50.0, 200)

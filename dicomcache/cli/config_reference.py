@@ -82,6 +82,16 @@ SECTIONS: dict[str, Section] = {
                            applies=TLS_FILES),
             "http_redirect_port": Key("With TLS: a plain-HTTP port answering every request "
                                       "with a 308 to the same path over HTTPS.", "port"),
+            "max_requests_per_client": Key("Requests one client (an address, an IPv6 /64, or "
+                                           "the client a trusted proxy names) may have in "
+                                           "progress; more wait their turn, up to 8 times as "
+                                           "many, beyond that 429. 0: no limit."),
+            "client_rate": Key("Requests per second one client may send on average "
+                               "(bursts up to `client_burst`); beyond that 429 with "
+                               "`Retry-After`. 0: no limit."),
+            "client_burst": Key("Requests one client may send at once before `client_rate` "
+                                "applies (OHIF opening a 1,000-slice series sends about "
+                                "1,000)."),
         }),
     "upstream": Section(
         "The hospital's Orthanc, and how dicomcache talks to it.", "operations.md", {

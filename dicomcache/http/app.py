@@ -30,6 +30,7 @@ from dicomcache.http import (
     auth,
     cors,
     dicomweb,
+    limits,
     orthanc_rest,
     passthrough,
     status,
@@ -69,11 +70,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """The HTTP application; long-lived resources start and stop in ``cleanup_ctx``."""
-    # Host check, CORS preflights (answered without credentials), the canonical path;
+    # Host check, CORS preflights (answered without credentials), per-client limits
+    # (http/limits.py), the canonical path;
     # the audit record (around authentication, so a refused request is recorded too);
     # then who asks, and may they (http/auth.py); then the error mapping.
-    app = web.Application(middlewares=[host_check, cors.cors_preflight, canonical_path,
-                                       audit.audit_access, auth.guard, errors_and_metrics],
+    app = web.Application(middlewares=[host_check, cors.cors_preflight, limits.client_limits,
+                                       canonical_path, audit.audit_access, auth.guard,
+                                       errors_and_metrics],
                           client_max_size=64 << 20)
     app.on_response_prepare.append(prefetch_touch)
     app.on_response_prepare.append(cache_status)
@@ -90,6 +93,7 @@ def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Applicat
     app[STUDY_CHANGED] = []  # metadata caches subscribe here (see changes.py)
     if settings.changes.enabled:
         app.cleanup_ctx.append(_changes_ctx)
+    limits.setup(app, settings)
     auth.setup(app)  # users file / signing keys / authorization service; before status
     status.setup(app)  # /, /healthz, /readyz, /metrics (or its own port); after upstream
     orthanc_rest.add_routes(app)

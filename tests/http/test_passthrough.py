@@ -182,17 +182,22 @@ async def test_slow_resources_never_take_the_connections_viewers_need(
     slow, cold = ct_series[2], ct_series[3]
     wan.set_profile(LinkProfile(stall=1.0, stall_seconds=8.0,
                                 fault_paths=re.escape(slow.orthanc_id) + "/tags$"))
+    # The slow ones come from other clients than the viewer (named by a trusted proxy):
+    # one client's own requests beyond server.max_requests_per_client wait their turn.
     client = await aiohttp_client(make_app(make_settings(
-        url=f"http://127.0.0.1:{wan.port}", upstream={"read_timeout": 30})))
+        url=f"http://127.0.0.1:{wan.port}", upstream={"read_timeout": 30},
+        audit={"trusted_proxies": ["127.0.0.1"]})))
 
-    async def read_slowly() -> None:
-        async with client.get(f"/instances/{slow.orthanc_id}/tags") as resp:
+    async def read_slowly(i: int) -> None:
+        async with client.get(f"/instances/{slow.orthanc_id}/tags",
+                              headers={"X-Forwarded-For": f"10.9.0.{i}"}) as resp:
             await resp.read()
 
-    stuck = [asyncio.create_task(read_slowly()) for _ in range(40)]
+    stuck = [asyncio.create_task(read_slowly(i)) for i in range(40)]
     await eventually(lambda: wan.faults["stall"] >= 16, what="16 stalled read-throughs")
     async with asyncio.timeout(5):  # normally ~0.1 s; before: queued behind the stalls
-        resp = await client.get(f"/instances/{cold.orthanc_id}/file")
+        resp = await client.get(f"/instances/{cold.orthanc_id}/file",
+                                headers={"X-Forwarded-For": "10.9.1.1"})
         assert resp.status == 200 and await resp.read() == cold.data
     assert client.app[CLIENT].read_through_slots.locked()  # the read-through is at its share
     for task in stuck:
