@@ -130,6 +130,8 @@ class Forwarder:
                     await self._call(self.spool.ensure_open)
                 if self._unrecorded:  # what the peer has must be written down first
                     await self._call(self._record_unrecorded)
+                # Older copies a newer one replaced leave the spool (none is in flight here).
+                await self._call(self.spool.finish_superseded, name)
                 state = await self._call(self.spool.destination_state, name)
                 wait = float(state["next_attempt"]) - time.time()
                 if wait > 0:
@@ -146,6 +148,7 @@ class Forwarder:
                     await self._call(self.deliver, batch)
                 finally:
                     self.busy = False
+                    await self._call(self.spool.release, name)
                 self._failures = 0
             except asyncio.CancelledError:
                 raise
