@@ -10,7 +10,11 @@ while it forwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import signal
+import sqlite3
+import subprocess
 import threading
 from collections import Counter
 from pathlib import Path
@@ -23,6 +27,7 @@ from dicomcache.config import DestinationSettings
 from dicomcache.devtools.orthanc import OrthancProcess, free_port
 from dicomcache.devtools.samples import make_ct_series, write_series
 from dicomcache.dicom import syntaxes
+from dicomcache.relay.forward import DUPLICATES_AFTER_CRASH
 from tests.relay.conftest import (
     StoreSCP,
     content_hash,
@@ -31,8 +36,11 @@ from tests.relay.conftest import (
     received,
     relay_settings,
     storescu,
+    wait_port,
     wait_until,
+    wait_until_sync,
 )
+from tests.relay.test_scp import _children, _start_relay_process
 
 pytestmark = [
     needs_dcmtk,
@@ -167,3 +175,89 @@ async def test_a_corrected_resend_in_another_study_is_not_overtaken_by_the_stale
         assert pacs.versions(sop) == [content_hash(corrected.read_bytes())]
     finally:
         pacs.stop()
+
+
+def _relay_config(tmp_path: Path, relay_port: int, pacs_port: int) -> Path:
+    config = tmp_path / "relay.toml"
+    config.write_text(f"""
+[audit]
+file = "{tmp_path / 'audit' / 'audit.jsonl'}"
+[relay]
+enabled = true
+port = {relay_port}
+spool_directory = "{tmp_path / 'spool'}"
+retry_backoff_base = 0.2
+retry_backoff_max = 1.0
+[[relay.destinations]]
+name = "PACS"
+remote_ae_title = "PACS"
+remote_host = "127.0.0.1"
+remote_port = {pacs_port}
+""")
+    return config
+
+
+def _waiting(spool: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{spool / 'state.sqlite'}?mode=ro",
+                                            uri=True)) as db:
+        return int(db.execute("SELECT COUNT(*) FROM deliveries WHERE state='pending'")
+                   .fetchone()[0])
+
+
+def _kill_9(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the relay we started (by its PID); its forwarder process dies with it."""
+    children = _children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for child in children:
+        wait_until_sync(lambda c=child: not Path(f"/proc/{c}").exists(), 10,
+                        "the forwarder process to die with the relay")
+
+
+@pytest.mark.slow
+def test_kill_9_while_forwarding_sends_at_most_the_instances_in_flight_again(
+        tmp_path: Path) -> None:
+    n, kills = 240, 3
+    relay_port = free_port()
+    pacs = _unique_filenames_pacs(tmp_path / "pacs")
+    config = _relay_config(tmp_path, relay_port, pacs.port)
+    series = make_ct_series(n, rows=256, columns=256, seed=23)
+    files = write_series(series, tmp_path / "modality")
+    want = Counter(content_hash(f.read_bytes()) for f in files)
+    assert len(want) == n
+    log = tmp_path / "relay.log"
+    proc = _start_relay_process(config, log)
+    try:
+        wait_port(relay_port, proc)
+        # The PACS is down while the modality sends: the whole series is spooled.
+        res = storescu(files, relay_port)
+        assert res.returncode == 0, res.stderr
+        pacs.start()
+        at_kill = []
+        for k in range(1, kills + 1):  # killed while it delivers, then restarted
+            with contextlib.suppress(AssertionError):  # (it may have finished: see below)
+                wait_until_sync(lambda k=k: len(pacs.files()) >= k * n // (kills + 1), 60,
+                                "deliveries", poll=0.01)
+            at_kill.append(len(pacs.files()))
+            _kill_9(proc)
+            proc = _start_relay_process(config, log)
+            wait_port(relay_port, proc)
+        wait_until_sync(lambda: _waiting(tmp_path / "spool") == 0, 120, "an empty queue")
+    finally:
+        with contextlib.suppress(OSError):
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        pacs.stop()
+    assert at_kill[0] < n, f"the relay was not killed while it was forwarding: {at_kill}"
+    got = received(pacs.directory)
+    lost = set(want) - set(got)
+    duplicates = sum(got.values()) - len(got)
+    assert not lost, f"{len(lost)} instance(s) lost"
+    assert set(got) == set(want)  # nothing else arrived (no half-written copy)
+    assert duplicates <= kills * DUPLICATES_AFTER_CRASH, \
+        f"{duplicates} duplicate(s) after {kills} kill -9"
+    assert "Traceback" not in log.read_text()
