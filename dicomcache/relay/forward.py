@@ -3,8 +3,7 @@
 Each worker loops: take the next due batch (the oldest pending study that is
 not backing off, in arrival order, at most ``batch_size`` instances and 128
 presentation contexts), send it with :class:`~.scu.StoreSCU` in a thread,
-record every outcome in the spool as it comes (so a crash resends little),
-then back off:
+record every outcome in the spool as it comes, then back off:
 
 * the **destination** (exponential, ``retry_backoff_base`` doubling up to
   ``retry_backoff_max``, with jitter: :mod:`.backoff`) when it is down,
@@ -15,6 +14,12 @@ then back off:
   quarantined.
 
 Permanent failures are quarantined and do not hold the study back.
+
+What a crash (``kill -9``, power cut of the process) can make the peer store
+twice is bounded: an outcome is written to the spool by a recording thread
+while the next instance is sent, and the one after waits until it is
+written.  At any moment at most two instances the peer may have stored are
+not yet recorded as delivered: the one being sent and the one being recorded.
 """
 
 from __future__ import annotations
@@ -43,8 +48,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Outcomes are written to the spool in groups this size (one transaction each).
-_FLUSH_EVERY = 16
+#: Instances a crash can make a destination store twice (see the module docstring).
+DUPLICATES_AFTER_CRASH = 2
 #: Longest idle sleep: new arrivals wake the worker earlier.
 _IDLE = 5.0
 
@@ -130,6 +135,8 @@ class Forwarder:
                     await self._call(self.spool.ensure_open)
                 if self._unrecorded:  # what the peer has must be written down first
                     await self._call(self._record_unrecorded)
+                # Older copies a newer one replaced leave the spool (none is in flight here).
+                await self._call(self.spool.finish_superseded, name)
                 state = await self._call(self.spool.destination_state, name)
                 wait = float(state["next_attempt"]) - time.time()
                 if wait > 0:
@@ -146,6 +153,7 @@ class Forwarder:
                     await self._call(self.deliver, batch)
                 finally:
                     self.busy = False
+                    await self._call(self.spool.release, name)
                 self._failures = 0
             except asyncio.CancelledError:
                 raise
@@ -193,18 +201,8 @@ class Forwarder:
         by_key = {q.instance_id: q for q in batch}
         items = [SendItem(q.instance_id, q.path, q.sop_class, q.sop_instance, q.transfer_syntax,
                           q.has_pixels) for q in batch]
-        buffer: list[Outcome] = []
         pending: list[tuple[Future[None], list[Outcome]]] = []
-
-        def flush() -> None:
-            # Recorded by another thread, in order, while the next instances are sent:
-            # recording (SQLite, unlinking delivered files) is off the send loop.  Not
-            # yet recorded at a crash = sent again (at-least-once), as before.
-            if buffer:
-                outcomes = list(buffer)
-                pending.append((self._recorder.submit(self.spool.record, name, outcomes),
-                                outcomes))
-                buffer.clear()
+        unrecordable = threading.Event()
 
         def on_result(res: Outcome) -> None:
             attempts = by_key[res.key].attempts
@@ -212,16 +210,25 @@ class Forwarder:
                     res.status, attempts, self.settings.max_instance_retries):
                 res.outcome = QUARANTINED
                 res.reason += f" (refused {attempts + 1} times: given up, max_instance_retries)"
-            buffer.append(res)
             self._observe(res, by_key[res.key])
-            if len(buffer) >= _FLUSH_EVERY:
-                flush()
+            # The previous outcome must be in the spool before the next instance goes
+            # out: what a crash sends again is bounded (DUPLICATES_AFTER_CRASH).  It was
+            # recorded by another thread while this one was sent (SQLite, unlinking
+            # delivered files: off the send loop), so this seldom waits.
+            for fut, _ in pending[-1:]:
+                try:
+                    fut.result()
+                except Exception:  # the spool cannot be written: stop sending (below)
+                    unrecordable.set()
+            pending.append((self._recorder.submit(self.spool.record, name, [res]), [res]))
+
+        def should_stop() -> bool:
+            return self._stopping.is_set() or unrecordable.is_set()
 
         try:
-            report = self.scu.send(items, start, should_stop=self._stopping.is_set,
+            report = self.scu.send(items, start, should_stop=should_stop,
                                    on_result=on_result)
         finally:
-            flush()
             failed: list[Outcome] = []
             error: BaseException | None = None
             for fut, outcomes in pending:  # all recorded before the next batch is chosen

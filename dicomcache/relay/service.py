@@ -32,13 +32,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from dicomcache.audit.record import FAILED, RELAY_FORWARD, Actor, Record, Subject
 from dicomcache.audit.trail import AuditLog
 from dicomcache.config import RelaySettings
 from dicomcache.metrics import Metrics
 from dicomcache.relay import accel, space, transcode
 from dicomcache.relay.forward import Forwarder
 from dicomcache.relay.scp import StoreSCP
-from dicomcache.relay.spool import Spool, SpoolUnavailable
+from dicomcache.relay.spool import Spool, SpoolUnavailable, Superseded, utc_text
 from dicomcache.relay.worker import ForwarderProcess
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class Relay:
         def on_put() -> None:  # from pynetdicom's threads
             loop.call_soon_threadsafe(wake_all)
 
+        self.spool.on_superseded = self._audit_superseded
         if self.worker is not None:
             await loop.run_in_executor(self.executor, self.worker.start)
             self.spool.on_put = self.worker.wake
@@ -111,6 +113,23 @@ class Relay:
         self._started = time.time()
         await self._refresh()
         self._stats_task = asyncio.create_task(self._stats_loop(), name="relay-stats")
+
+    def _audit_superseded(self, copies: list[Superseded]) -> None:
+        """An older copy a newer one replaced is never sent: the audit trail says so, as a
+        forward that did not happen (from pynetdicom's threads)."""
+        if self.audit is None:
+            return
+        where = {d.name: f"{d.name} {d.remote_ae_title}@{d.remote_host}:{d.remote_port}"
+                 for d in self.settings.destinations}
+        us = Actor(self.settings.ae_title, "relay", "dimse")
+        for c in copies:
+            self.audit.submit(Record(
+                RELAY_FORWARD, us, Subject(study_uid=c.study_uid or None,
+                                           sop_uid=c.sop_instance, sop_class=c.sop_class),
+                FAILED, dimse=True, destination=where.get(c.destination, c.destination),
+                detail=f"superseded: a newer copy received {utc_text(c.newer_received)} from "
+                       f"{c.newer_calling_ae or 'unknown AE'!r} replaces the copy received "
+                       f"{utc_text(c.received)}, which is not sent"))
 
     async def reload_tls(self) -> None:
         """SIGHUP: the SCP's certificate read again for new associations (destinations'

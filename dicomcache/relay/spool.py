@@ -22,6 +22,11 @@ Guarantees
   nanosecond timestamp so re-queued files keep their order too.
 * A delivery is marked delivered only after the peer's success status: a
   crash in between sends it again (at-least-once).
+* One copy per SOP Instance UID goes to a destination, the newest
+  (:mod:`.versions`): queueing a copy supersedes the older ones still waiting
+  for the same destination (state ``superseded``: never sent, noted in the
+  recent errors, :attr:`Spool.on_superseded` told).  Their files go once no
+  forwarder of this process holds them (:meth:`Spool.finish_superseded`).
 * Thread-safe: one connection behind a lock; pynetdicom's threads, the
   forwarders' threads and status readers share it.  Process-safe through
   SQLite (WAL, ``BEGIN IMMEDIATE``, busy timeout): the forwarders run in a
@@ -60,8 +65,8 @@ from dicomcache.dicom.syntaxes import DEFLATED_LE
 from dicomcache.dicom.verify import parse_dicom
 from dicomcache.durable import is_disk_full, write_durably, write_new
 from dicomcache.errors import IntegrityError
-from dicomcache.relay import space
-from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, Outcome
+from dicomcache.relay import space, versions
+from dicomcache.relay.outcome import DELIVERED, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +102,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (instance_id, destination)
 );
 CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries(destination, state, instance_id);
+CREATE INDEX IF NOT EXISTS instances_sop ON instances(sop_instance);
 CREATE TABLE IF NOT EXISTS study_backoff (
     destination TEXT NOT NULL,
     study_uid TEXT NOT NULL,
@@ -206,6 +212,20 @@ class InstanceInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Superseded:
+    """An older copy of a SOP Instance taken out of a destination's queue by a newer one."""
+
+    destination: str
+    sop_instance: str
+    study_uid: str
+    sop_class: str
+    #: When the older copy (not sent) and the newer one (sent instead) were received.
+    received: float
+    newer_received: float
+    newer_calling_ae: str
+
+
+@dataclass(frozen=True, slots=True)
 class QueueItem:
     """One pending delivery of one instance to one destination."""
 
@@ -260,6 +280,12 @@ class Spool:
         self._recover_on_open = True
         #: Called (from any thread) after each successful :meth:`put`.
         self.on_put: Callable[[], None] | None = None
+        #: Called (from the thread of :meth:`put`) with the copies a put superseded.
+        self.on_superseded: Callable[[list[Superseded]], None] | None = None
+        #: Instance ids each destination's forwarder (in this process) is sending: from
+        #: :meth:`next_batch` until their outcome is recorded or :meth:`release`.  Their
+        #: files are not removed meanwhile (a superseded copy may still be in a batch).
+        self._held: dict[str, set[int]] = {}
 
     # --- lifecycle -------------------------------------------------------------------
     def open(self, *, recover: bool = True) -> None:
@@ -470,6 +496,9 @@ class Spool:
                 db.executemany(
                     "INSERT OR IGNORE INTO deliveries(instance_id, destination) VALUES (?, ?)",
                     [(i, dest) for i in pending])
+                # (a destination added since, or files re-queued above, may have queued
+                # two copies of one instance)
+                self._supersede_all(dest)
         for dest, count in self.unconfigured().items():
             log.error("Spool: %d instance(s) wait for destination %r, which is no longer "
                       "configured: they are kept; add it back, or move them with "
@@ -512,21 +541,26 @@ class Spool:
         received = self.clock()
         name = f"{time.time_ns():019d}-{os.getpid()}-{next(_counter):06d}.dcm"
         self.writer(self.objects / name, data)
+        replaced: list[Superseded] = []
         try:
             with self._lock:
-                instance_id = self._insert(name, received, calling_ae, info, len(data))
+                instance_id = self._insert(name, received, calling_ae, info, len(data),
+                                           replaced)
         except (sqlite3.Error, RuntimeError) as exc:
             # Not acknowledged: the file must not be queued by the next start either.
             (self.objects / name).unlink(missing_ok=True)
             code = errno.ENOSPC if self.out_of_space(exc) else errno.EIO
             raise OSError(code, f"spool database: {exc}") from exc
+        if replaced and self.on_superseded is not None:
+            self.on_superseded(replaced)
         if self.on_put is not None:
             self.on_put()
         return instance_id
 
     def _insert(self, name: str, received: float, calling_ae: str, info: InstanceInfo,
-                size: int) -> int:
+                size: int, replaced: list[Superseded] | None = None) -> int:
         db = self.db
+        found: list[Superseded] = []
         with self._tx():
             cur = db.execute(
                 "INSERT INTO instances(name, received, calling_ae, study_uid, sop_class, "
@@ -538,7 +572,54 @@ class Spool:
                            [(instance_id, d) for d in self.destinations])
             if not self.destinations:
                 db.execute("UPDATE instances SET finished=? WHERE id=?", (received, instance_id))
+            for dest in self.destinations:
+                found += self._supersede(dest, info.sop_instance)
+        for s in found:
+            log.info("Spool: an older copy of %s (received %s) will not be sent to %s: a "
+                     "newer copy (received %s from %r) replaces it", s.sop_instance,
+                     utc_text(s.received), s.destination, utc_text(s.newer_received),
+                     s.newer_calling_ae)
+        if replaced is not None:
+            replaced.extend(found)
         return instance_id
+
+    def _supersede_all(self, destination: str) -> list[Superseded]:
+        """:meth:`_supersede` for every instance with a copy waiting for ``destination``
+        and another one queued for it (start-up, reroute); in the caller's transaction."""
+        sops = [r[0] for r in self.db.execute(
+            "SELECT i.sop_instance FROM deliveries d JOIN instances i ON i.id=d.instance_id "
+            "WHERE d.destination=? GROUP BY i.sop_instance "
+            "HAVING COUNT(*) > 1 AND SUM(d.state='pending') > 0", (destination,))]
+        return [s for sop in sops for s in self._supersede(destination, sop)]
+
+    def _supersede(self, destination: str, sop_instance: str) -> list[Superseded]:
+        """Mark the copies of ``sop_instance`` waiting for ``destination`` that a newer
+        copy replaces (:func:`.versions.superseded`); in the caller's transaction."""
+        db = self.db
+        rows = db.execute(
+            "SELECT i.id, i.received, d.state, i.study_uid, i.sop_class, i.calling_ae "
+            "FROM instances i JOIN deliveries d ON d.instance_id=i.id AND d.destination=? "
+            "WHERE i.sop_instance=?", (destination, sop_instance)).fetchall()
+        if len(rows) < 2:
+            return []
+        keys = versions.superseded(versions.Copy(r[0], r[1], r[2]) for r in rows)
+        if not keys:
+            return []
+        newest = max(rows, key=lambda r: (r[1], r[0]))
+        by_key = {r[0]: r for r in rows}
+        out: list[Superseded] = []
+        for key in keys:
+            r = by_key[key]
+            why = (f"superseded: a newer copy of {sop_instance} (received "
+                   f"{utc_text(newest[1])} from {newest[5] or 'unknown AE'!r}) replaces this one "
+                   f"(received {utc_text(r[1])}), which is not sent")
+            db.execute("UPDATE deliveries SET state=?, last_error=?, updated=? "
+                       "WHERE instance_id=? AND destination=? AND state='pending'",
+                       (versions.SUPERSEDED, why, self.clock(), key, destination))
+            self._error(destination, sop_instance, None, why)
+            out.append(Superseded(destination, sop_instance, r[3], r[4], r[1], newest[1],
+                                  newest[5]))
+        return out
 
     def quarantine_received(self, data: bytes, reason: str, status: int, calling_ae: str,
                             sop_instance: str | None = None) -> Path | None:
@@ -585,15 +666,45 @@ class Spool:
                 "FROM deliveries d JOIN instances i ON i.id=d.instance_id "
                 "WHERE d.destination=? AND d.state='pending' AND i.study_uid=? "
                 "ORDER BY d.instance_id LIMIT ?", (destination, row[0], limit)).fetchall()
-        items: list[QueueItem] = []
-        total = 0
-        for r in rows:
-            if items and total + r[8] > max_bytes:
-                break
-            total += r[8]
-            items.append(QueueItem(r[0], self.objects / r[1], r[2], r[3], r[4], r[5], r[6],
-                                   bool(r[7]), r[8], r[9]))
+            items: list[QueueItem] = []
+            total = 0
+            for r in rows:
+                if items and total + r[8] > max_bytes:
+                    break
+                total += r[8]
+                items.append(QueueItem(r[0], self.objects / r[1], r[2], r[3], r[4], r[5],
+                                       r[6], bool(r[7]), r[8], r[9]))
+            self._held.setdefault(destination, set()).update(q.instance_id for q in items)
         return items
+
+    def release(self, destination: str, ids: Iterable[int] | None = None) -> None:
+        """``destination``'s forwarder no longer holds these instances (None: any)."""
+        with self._lock:
+            held = self._held.get(destination)
+            if held is not None:
+                if ids is None:
+                    held.clear()
+                else:
+                    held.difference_update(ids)
+
+    def _unheld(self, ids: Iterable[int]) -> list[int]:
+        with self._lock:
+            held = set().union(*self._held.values()) if self._held else set()
+        return [i for i in ids if i not in held]
+
+    def finish_superseded(self, destination: str) -> int:
+        """Finish the instances superseded for ``destination`` that nothing else waits
+        for and no forwarder here holds (their files go, or after ``retention``).
+        Returns how many were looked at.  The forwarders call it between batches."""
+        with self._lock:
+            ids = [r[0] for r in self.db.execute(
+                "SELECT d.instance_id FROM deliveries d JOIN instances i "
+                "ON i.id=d.instance_id WHERE d.destination=? AND d.state=? "
+                "AND i.finished IS NULL", (destination, versions.SUPERSEDED))]
+            ids = self._unheld(ids)
+            if ids:
+                self._with_room(lambda: self._finish_done(ids), "record")
+        return len(ids)
 
     def next_due(self, destination: str) -> float | None:
         """When something is next due for ``destination`` (None: queue empty)."""
@@ -614,19 +725,29 @@ class Spool:
             return
         now = self.clock()
         with self._lock:
-            self._with_room(lambda: self._record_tx(destination, outcomes, now), "record")
+            states: dict[int, str] = {}
+            self._with_room(lambda: self._record_tx(destination, outcomes, now, states),
+                            "record")
+            self.release(destination, (o.key for o in outcomes))
             for o in outcomes:
-                if o.outcome == QUARANTINED:
+                if states.get(o.key) == versions.QUARANTINED_STATE:
                     self._quarantine_delivery(destination, o)
-            done = [o.key for o in outcomes if o.outcome != RETRY]
+            done = self._unheld(o.key for o in outcomes
+                                if states.get(o.key) != versions.PENDING)
             self._with_room(lambda: self._finish_done(done), "record")
 
-    def _record_tx(self, destination: str, outcomes: Sequence[Outcome], now: float) -> None:
+    def _record_tx(self, destination: str, outcomes: Sequence[Outcome], now: float,
+                   states: dict[int, str]) -> None:
+        """Write the outcomes; ``states`` gets each delivery's new state."""
         db = self.db
         with self._tx():
+            states.clear()  # (run again after a full disk)
             for o in outcomes:
-                state = {DELIVERED: "delivered", QUARANTINED: "quarantined"}.get(
-                    o.outcome, "pending")
+                row = db.execute("SELECT state FROM deliveries WHERE instance_id=? "
+                                 "AND destination=?", (o.key, destination)).fetchone()
+                state = versions.recorded_state(row[0] if row else versions.PENDING,
+                                                o.outcome)
+                states[o.key] = state
                 db.execute(
                     "UPDATE deliveries SET state=?, attempts=attempts+1, last_status=?, "
                     "last_error=?, strategy_used=COALESCE(?, strategy_used), "
@@ -800,6 +921,7 @@ class Spool:
             db.execute("UPDATE deliveries SET state='dropped', last_error=? "
                        "WHERE destination=? AND state='pending'",
                        (f"rerouted to {target}", source))
+            self._supersede_all(target)
         self._finish_done()
         waiting = sum(1 for state in already.values() if state == "pending")
         return moved + waiting, len(already) - waiting
@@ -911,6 +1033,11 @@ class Spool:
         reason = path.with_name(path.stem + ".reason.json")
         text = json.dumps(info, indent=2, sort_keys=True) + "\n"
         write_durably(reason, text.encode(), sync=False)
+
+
+def utc_text(ts: float) -> str:
+    """A time for people (logs, messages): ISO 8601, UTC, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _safe(name: str) -> str:

@@ -115,3 +115,32 @@ async def test_required_trail_unwritable_refuses_c_store(tmp_path: Path, storesc
     assert trail.refused == 1
     assert await asyncio.to_thread(lambda: list((tmp_path / "spool" / "objects").iterdir())
                                    if (tmp_path / "spool" / "objects").exists() else []) == []
+
+
+@needs_dcmtk
+async def test_a_superseded_copy_is_recorded_as_a_forward_that_did_not_happen(
+        tmp_path: Path, audited_relay: Callable[..., Any]) -> None:
+    from dicomcache.config import DestinationSettings
+    from dicomcache.devtools.orthanc import free_port
+
+    down = DestinationSettings(name="PACS", remote_ae_title="PACS", remote_host="127.0.0.1",
+                               remote_port=free_port())  # nothing listens: it waits
+    audit = AuditSettings(file=tmp_path / "audit" / "audit.jsonl")
+    relay, _trail = await audited_relay(relay_settings(tmp_path / "spool", [down]), audit)
+    ds = make_ct_series(1, rows=16, columns=16, seed=24, patient_id="PRESEND")[0]
+    [first] = write_series([ds], tmp_path / "first")
+    ds.PatientName = "Corrected^Name"
+    [again] = write_series([ds], tmp_path / "again")
+    for path in (first, again):
+        res = await asyncio.to_thread(storescu, [path], relay.port, calling="CT_ROOM_2")
+        assert res.returncode == 0, res.stderr
+
+    def superseded() -> list[dict[str, Any]]:
+        return [r for r in read(audit.file) if r["action"] == "relay-forward"]
+    await wait_until(lambda: bool(superseded()), 20, "the superseded copy's record")
+    [rec] = await asyncio.to_thread(superseded)
+    assert rec["outcome"] == "failed"
+    assert rec["sop_uid"] == str(ds.SOPInstanceUID)
+    assert rec["destination"] == f"PACS PACS@127.0.0.1:{down.remote_port}"
+    assert rec["detail"].startswith("superseded: a newer copy received ")
+    assert "'CT_ROOM_2'" in rec["detail"]

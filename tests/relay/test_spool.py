@@ -5,11 +5,13 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import pytest
+
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.dicom import syntaxes
 from dicomcache.durable import FILE_MODE
-from dicomcache.relay.outcome import QUARANTINED, Outcome
-from dicomcache.relay.spool import Spool, info_from_bytes
+from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, Outcome
+from dicomcache.relay.spool import Spool, Superseded, info_from_bytes
 
 
 def _mode(path: Path) -> int:
@@ -103,5 +105,90 @@ def test_purge_delivered_removes_only_what_was_delivered(tmp_path: Path) -> None
         assert spool.purge_delivered([study_a]) == 1
         left = {p.read_bytes() for p in spool.objects.iterdir()}
         assert left == {blobs[1], blobs[2]}  # the waiting ones stay
+    finally:
+        spool.close()
+
+
+def _two_versions(study_uid: str | None = None) -> tuple[bytes, bytes]:
+    """An instance as first sent, and its corrected re-send (same SOP Instance UID)."""
+    ds = make_ct_series(1, rows=16, columns=16, seed=3)[0]
+    first = encode(ds, syntaxes.EXPLICIT_LE)
+    ds.PatientName = "Corrected^Name"
+    ds.PixelData = bytes(reversed(ds.PixelData))
+    if study_uid is not None:
+        ds.StudyInstanceUID = study_uid
+    return first, encode(ds, syntaxes.EXPLICIT_LE)
+
+
+def test_a_corrected_resend_supersedes_the_copy_still_waiting(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", ["PACS", "ARCHIVE"])
+    told: list[Superseded] = []
+    spool.on_superseded = told.extend
+    spool.open()
+    try:
+        first, corrected = _two_versions(study_uid="1.2.826.0.1.3680043.10.1234.99")
+        old = spool.put(first, info_from_bytes(first), "MODALITY")
+        new = spool.put(corrected, info_from_bytes(corrected), "MODALITY")
+        for dest in ("PACS", "ARCHIVE"):
+            [item] = spool.next_batch(dest, 10)  # the corrected copy only, in another study
+            assert item.instance_id == new and item.path.read_bytes() == corrected
+            spool.release(dest)
+        assert {(t.destination, t.sop_instance) for t in told} == {
+            (d, info_from_bytes(first).sop_instance) for d in ("PACS", "ARCHIVE")}
+        snap = spool.snapshot()
+        for dest in ("PACS", "ARCHIVE"):
+            assert snap["destinations"][dest]["queue_depth"] == 1
+            [note] = snap["destinations"][dest]["recent_errors"]
+            assert note["message"].startswith("superseded: a newer copy of ")
+        [(name,)] = spool.db.execute("SELECT name FROM instances WHERE id=?", (old,))
+        assert (spool.objects / name).exists()
+        spool.finish_superseded("PACS")
+        spool.finish_superseded("ARCHIVE")
+        assert not (spool.objects / name).exists()  # nothing waits for it any more
+        assert spool.db.execute("SELECT 1 FROM instances WHERE id=?", (old,)).fetchone() is None
+    finally:
+        spool.close()
+
+
+@pytest.mark.parametrize("outcome", [DELIVERED, RETRY, QUARANTINED])
+def test_a_copy_in_flight_goes_before_the_newer_one_and_never_again(tmp_path: Path,
+                                                                     outcome: str) -> None:
+    spool = Spool(tmp_path / "spool", ["PACS"])
+    spool.open()
+    try:
+        first, corrected = _two_versions()
+        old = spool.put(first, info_from_bytes(first))
+        [item] = spool.next_batch("PACS", 10)  # being sent…
+        new = spool.put(corrected, info_from_bytes(corrected))  # …when the correction comes
+        assert spool.next_batch("PACS", 10)[0].instance_id == new
+        spool.release("PACS", [new])
+        spool.finish_superseded("PACS")
+        assert item.path.exists()  # still held by the batch in flight
+        spool.record("PACS", [Outcome(old, outcome, 0xA700 if outcome != DELIVERED else 0,
+                                      "peer said so")])
+        spool.finish_superseded("PACS")
+        assert not item.path.exists()
+        assert not list(spool.quarantine_dir.iterdir())  # a newer copy replaces it
+        [nxt] = spool.next_batch("PACS", 10)  # the newer copy, after it
+        assert nxt.instance_id == new
+    finally:
+        spool.close()
+
+
+def test_two_copies_found_at_start_up_send_only_the_newer(tmp_path: Path) -> None:
+    """A destination added since (or files re-queued after a crash) never gets an older
+    copy after a newer one."""
+    first, corrected = _two_versions()
+    spool = Spool(tmp_path / "spool", ["PACS"])
+    spool.open()
+    spool.put(first, info_from_bytes(first))
+    spool.put(corrected, info_from_bytes(corrected))
+    spool.close()
+    spool = Spool(tmp_path / "spool", ["PACS", "NEW"])
+    spool.open()
+    try:
+        for dest in ("PACS", "NEW"):
+            [item] = spool.next_batch(dest, 10)
+            assert item.path.read_bytes() == corrected
     finally:
         spool.close()
