@@ -219,10 +219,17 @@ class Cached:
             self.digest = hashlib.md5(self.body, usedforsecurity=False).hexdigest()[:20]
 
     @property
+    def variant_budget(self) -> int:
+        """Bytes the variants :meth:`render` memoises may hold together: a quarter more
+        than the body (one site's host with its gzip fits; a second host's copy replaces
+        the first rather than adding to memory nobody counted)."""
+        return len(self.body) + len(self.body) // 4
+
+    @property
     def size(self) -> int:
-        """Bytes charged to the cache: the body, and as much again for the per-host and
-        gzipped variants :meth:`render` memoises (they are made after it is stored)."""
-        return 2 * len(self.body) + 256
+        """Bytes charged to the cache: the body and :attr:`variant_budget` (the variants
+        are made after it is stored, and never hold more)."""
+        return len(self.body) + self.variant_budget + 256
 
     def stale_from(self) -> float:
         """When it went (or goes) stale: at the end of its lifetime, or when expired."""
@@ -265,10 +272,12 @@ class Cached:
                 body = await asyncio.to_thread(gzip.compress, body, 5, mtime=0)
             else:
                 body = gzip.compress(body, 5, mtime=0)
-        if self.has_links or gzipped:
+        if (self.has_links or gzipped) and len(body) <= self.variant_budget:
             self._variants[key] = body
-            while len(self._variants) > 4:  # a few host names / encodings at most
-                self._variants.popitem(last=False)
+            held = sum(len(v) for v in self._variants.values())
+            while held > self.variant_budget or len(self._variants) > 4:
+                _, dropped = self._variants.popitem(last=False)  # least recently used
+                held -= len(dropped)
         return body
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dicomcache.cache.index import INDEX_FILE
+from dicomcache.cache.space import INDEX_HEADROOM
 from dicomcache.cache.store import Store
 from dicomcache.errors import StoreTrouble, StoreUnavailable
 from tests.cache.test_store import blobs, verified
@@ -80,7 +81,7 @@ def test_min_free_evicts_unpinned_least_recently_used_and_tells_listeners(
     # Every blob is in one study: pinned, nothing may go.  A body and a half short (and
     # resuming wants a tenth of min_free more: two bodies go):
     real = os.statvfs
-    short = (1 << 20) - len(blobs[0]) * 3 // 2
+    short = (1 << 20) - len(blobs[0]) * 3 // 2 + INDEX_HEADROOM
     monkeypatch.setattr(os, "statvfs", lambda p: _Fs(short) if Path(p) == store.directory
                         else real(p))
     store.recheck()

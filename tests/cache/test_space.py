@@ -10,33 +10,46 @@ from pathlib import Path
 import pytest
 
 from dicomcache.cache.index import SchemaMismatch
-from dicomcache.cache.space import MEANING, Degrade, Evict, Write, plan_space, trouble_of
+from dicomcache.cache.space import (
+    INDEX_HEADROOM,
+    MEANING,
+    Degrade,
+    Evict,
+    Write,
+    plan_space,
+    trouble_of,
+)
 from dicomcache.errors import StoreTrouble
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 
+H = INDEX_HEADROOM  # planned with every write: the index's own growth
+
+
 @pytest.mark.parametrize(("free", "min_free", "incoming", "evictable", "expected"), [
     # the guard off: always write (the disk may fill; the store degrades on ENOSPC)
     (0, 0, 10 * MiB, 0, Write()),
-    # room for the body and min_free after it
+    # room for the body, the index's growth and min_free after them
     (10 * GiB, 2 * GiB, 512 * KiB, 0, Write()),
-    (2 * GiB + 512 * KiB, 2 * GiB, 512 * KiB, 0, Write()),  # exactly enough
+    (2 * GiB + 512 * KiB + H, 2 * GiB, 512 * KiB, 0, Write()),  # exactly enough
     # a re-check with nothing to write: above min_free
-    (2 * GiB, 2 * GiB, 0, 0, Write()),
+    (2 * GiB + H, 2 * GiB, 0, 0, Write()),
     # 1 byte short: evict what makes up the difference (a whole block for the body)
-    (2 * GiB + 512 * KiB - 1, 2 * GiB, 512 * KiB, 10 * GiB, Evict(1)),
+    (2 * GiB + 512 * KiB + H - 1, 2 * GiB, 512 * KiB, 10 * GiB, Evict(1)),
+    # without the index's growth planned, the disk dipped below min_free
+    (2 * GiB + 512 * KiB, 2 * GiB, 512 * KiB, 10 * GiB, Evict(H)),
     # below min_free with nothing to write: evict back to it
-    (1 * GiB, 2 * GiB, 0, 5 * GiB, Evict(1 * GiB)),
-    (1 * GiB, 2 * GiB, 512 * KiB, 5 * GiB, Evict(1 * GiB + 512 * KiB)),
+    (1 * GiB, 2 * GiB, 0, 5 * GiB, Evict(1 * GiB + H)),
+    (1 * GiB, 2 * GiB, 512 * KiB, 5 * GiB, Evict(1 * GiB + 512 * KiB + H)),
     # evicting exactly all that may go restores it
-    (1 * GiB, 2 * GiB, 0, 1 * GiB, Evict(1 * GiB)),
+    (1 * GiB, 2 * GiB, 0, 1 * GiB + H, Evict(1 * GiB + H)),
     # even evicting everything unpinned would not: degrade, evict nothing
-    (1 * GiB, 2 * GiB, 0, 1 * GiB - 1, Degrade(1 * GiB)),
-    (0, 2 * GiB, 512 * KiB, 0, Degrade(2 * GiB + 512 * KiB)),
+    (1 * GiB, 2 * GiB, 0, 1 * GiB + H - 1, Degrade(1 * GiB + H)),
+    (0, 2 * GiB, 512 * KiB, 0, Degrade(2 * GiB + 512 * KiB + H)),
     # a body is counted in whole blocks of the file system
-    (2 * GiB + 4096, 2 * GiB, 1, 0, Write()),
-    (2 * GiB + 4096, 2 * GiB, 4097, 0, Degrade(4096)),
+    (2 * GiB + 4096 + H, 2 * GiB, 1, 0, Write()),
+    (2 * GiB + 4096 + H, 2 * GiB, 4097, 0, Degrade(4096)),
 ])
 def test_plan_space(free: int, min_free: int, incoming: int, evictable: int,
                     expected: Write | Evict | Degrade) -> None:

@@ -439,3 +439,28 @@ async def test_a_load_under_way_when_its_study_is_removed_is_not_kept(tmp_path: 
     await pending
     entry = cache.peek("a")
     assert entry is not None and not entry.fresh(clock())
+
+
+async def test_memoised_variants_never_hold_more_than_the_cache_charges() -> None:
+    """Before: up to four per-host copies of an answer were kept while the cache charged
+    one (issue 15: 240 requests under other host names took a process from 116 to
+    554 MiB while the metadata bound said it held 64).  Now the variants stay within
+    what ``size`` charges, whatever the hosts and encodings asked."""
+    # As in a series' metadata: a few KiB of tags per instance, one link each.
+    body = normalise_json(json.dumps([{
+        "00081190": {"vr": "UR", "Value": [f"http://o/dicom-web/studies/1/series/2/"
+                                           f"instances/{i}"]},
+        "00204000": {"vr": "LT", "Value": [f"slice {i} " + "x" * 2000]},
+    } for i in range(200)]).encode())
+    entry = Cached(body, "application/dicom+json", 0.0, 10, has_links=True)
+    charged = entry.size
+    for i in range(10):
+        for gzipped in (False, True):
+            out = await entry.render(f"https://viewer-{i}.clinic.example:8443/dicom-web",
+                                     gzipped)
+            assert (b"viewer-%d" % i) in (gzip.decompress(out) if gzipped else out)
+        held = sum(len(v) for v in entry._variants.values())
+        assert len(body) + held + 256 <= charged == entry.size
+    # One site's host, plain and gzipped, is still memoised.
+    plain = await entry.render("https://viewer-9.clinic.example:8443/dicom-web", False)
+    assert await entry.render("https://viewer-9.clinic.example:8443/dicom-web", False) is plain
