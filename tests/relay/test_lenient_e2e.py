@@ -23,6 +23,7 @@ from pydicom import Dataset, dcmwrite
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
+from dicomcache.cli import main as cli
 from dicomcache.devtools.orthanc import OrthancProcess, free_port, loopback_env
 from dicomcache.devtools.samples import make_ct_series
 from dicomcache.dicom import syntaxes
@@ -302,3 +303,64 @@ def _quarantined_as_received(spool: Path, path: Path, status: int, words: str) -
     kept = reasons[0].with_name(reasons[0].name.replace(".reason.json", ".dcm"))
     assert dataset_bytes(kept.read_bytes()) == dataset_bytes(path.read_bytes())
     assert not list((spool / "objects").iterdir())
+
+
+# --- relay send, and the operator's release from quarantine ----------------------------------
+def _config(tmp_path: Path, pacs: StoreSCP) -> Path:
+    config = tmp_path / "c.toml"
+    config.write_text(f"""
+[relay]
+spool_directory = "{tmp_path / 'spool'}"
+[[relay.destinations]]
+name = "PACS"
+remote_ae_title = "{pacs.aet}"
+remote_host = "127.0.0.1"
+remote_port = {pacs.port}
+""")
+    return config
+
+
+def test_relay_send_sends_what_a_pacs_stores_and_says_what_is_wrong(
+        tmp_path: Path, storescp, capsys: pytest.CaptureFixture[str]) -> None:
+    pacs = storescp("all")
+    files = [make_case(k, tmp_path / "files") for k in
+             ("pixels_two_bytes_more", "ct_without_pixel_data", "us_retired")]
+    rc = cli.main(["relay", "send", "--config", str(_config(tmp_path, pacs)),
+                   "--destination", "PACS", "--no-progress", *map(str, files)])
+    out = capsys.readouterr()
+    assert rc == 0, out
+    assert "sent 3/3" in out.out
+    assert "sent with problems" in out.err and "has 514 bytes" in out.err
+    assert {dataset_uid(f) for f in files} <= {p.name.split(".", 1)[1] for p in pacs.files()}
+
+
+def test_relay_send_releases_a_quarantined_file_only_on_the_operators_word(
+        tmp_path: Path, storescp, capsys: pytest.CaptureFixture[str]) -> None:
+    pacs = storescp("all")
+    config = _config(tmp_path, pacs)
+    # What an earlier relay quarantined at reception (it refused Pixel Data 2 bytes
+    # short with 0xC000), as it left it: the file and its reason.
+    quarantine = tmp_path / "spool" / "quarantine"
+    quarantine.mkdir(parents=True)
+    original = make_case("pixels_two_bytes_less", tmp_path / "files")
+    held = quarantine / "1733300000000000000-123-000001.dcm"
+    held.write_bytes(original.read_bytes())
+    held.with_name(held.stem + ".reason.json").write_text(json.dumps(
+        {"reason": "unparseable data set: Pixel Data (7FE0,0010) at offset 1000 has 510 "
+                   "bytes but 16x16x1 samples x 16 bits x 1 frames need 512",
+         "status": "0xC000", "destination": None}))
+    nothing = make_case("no_sop_class", tmp_path / "files")
+    args = ["relay", "send", "--config", str(config), "--destination", "PACS", "--no-progress"]
+
+    assert cli.main([*args, str(quarantine), str(nothing)]) == 1
+    err = capsys.readouterr().err
+    assert "in quarantine (unparseable data set: Pixel Data" in err and "--release" in err
+    assert "no SOP Class UID" in err
+    assert pacs.files() == []
+
+    assert cli.main([*args, "--release", str(quarantine), str(nothing)]) == 1
+    out = capsys.readouterr()
+    assert "sent 1/1" in out.out and "skipped 1" in out.out
+    assert "no SOP Class UID" in out.err  # never sendable, released or not
+    (stored,) = pacs.files()
+    assert stored.name.endswith(dataset_uid(original))
