@@ -86,6 +86,10 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                       help="transfer syntax strategy (default: the destination's, or "
                            "conservative)")
     send.add_argument("--max-association-retries", type=int, default=None)
+    send.add_argument("--release", action="store_true",
+                      help="also send files the relay put in quarantine (a FILE.reason.json "
+                           "beside them says why): you have read the reason and take "
+                           "responsibility for the PACS storing them as they are")
     send.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     send.set_defaults(func=cmd_send)
 
@@ -317,9 +321,37 @@ def _print_status(snap: dict[str, Any], out: TextIO) -> None:
         out.write("\nrejected at reception\n")
         for e in snap["recent_receive_errors"][:5]:
             out.write(f"    {_when(e['time'])} {e['status'] or ''} {e['message']}\n")
+    if snap.get("recent_receive_warnings"):
+        out.write("\naccepted with problems (stored and forwarded as received)\n")
+        for e in snap["recent_receive_warnings"][:5]:
+            out.write(f"    {_when(e['time'])} {e['sop_instance_uid'] or '-'} {e['message']}\n")
 
 
 # --- send ------------------------------------------------------------------------------------
+_REASON_SUFFIX = ".reason.json"
+
+
+def _is_reason(path: Path) -> bool:
+    return path.name.endswith(_REASON_SUFFIX)
+
+
+def _quarantine_reason(path: Path) -> str | None:
+    """Why the relay quarantined ``path`` (its ``.reason.json``), None when it did not."""
+    reason = path.with_name(path.stem + _REASON_SUFFIX)
+    try:
+        text = reason.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"its reason file cannot be read: {exc}"
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return "its reason file is not JSON"
+    return str(info.get("reason") or "no reason recorded") if isinstance(info, dict) \
+        else "its reason file is not a JSON object"
+
+
 def _expand(paths: list[Path]) -> Iterator[Path]:
     for p in paths:
         if p.is_dir():
@@ -331,9 +363,10 @@ def _expand(paths: list[Path]) -> Iterator[Path]:
 def cmd_send(args: argparse.Namespace) -> int:
     """Send files; exit 0 when all were stored, 1 when some failed, 2 on usage errors."""
     from dicomcache.relay import accel
+    from dicomcache.relay.acceptance import judge_send
     from dicomcache.relay.outcome import DELIVERED
     from dicomcache.relay.scu import SendItem, StoreSCU
-    from dicomcache.relay.spool import info_from_bytes
+    from dicomcache.relay.spool import InstanceInfo, info_from_bytes
 
     settings = load_settings(args)
     if settings is None:
@@ -371,15 +404,21 @@ def cmd_send(args: argparse.Namespace) -> int:
     items: list[SendItem] = []
     study_of: dict[int, str] = {}
     bad: list[tuple[Path, str]] = []
-    for i, path in enumerate(_expand(args.files)):
+    for i, path in enumerate(p for p in _expand(args.files) if not _is_reason(p)):
+        parsed: InstanceInfo | str
         try:
-            info = info_from_bytes(path.read_bytes())
+            parsed = info_from_bytes(path.read_bytes())
         except (OSError, IntegrityError) as exc:
-            bad.append((path, str(exc)))
+            parsed = str(exc)
+        decision = judge_send(parsed, _quarantine_reason(path), args.release)
+        if not decision.send or isinstance(parsed, str):
+            bad.append((path, decision.message or "not sent"))
             continue
-        items.append(SendItem(i, path, info.sop_class, info.sop_instance, info.transfer_syntax,
-                              info.has_pixels))
-        study_of[i] = info.study_uid
+        if decision.message:
+            print(f"{path}: {decision.message}", file=sys.stderr)
+        items.append(SendItem(i, path, parsed.sop_class, parsed.sop_instance,
+                              parsed.transfer_syntax, parsed.has_pixels))
+        study_of[i] = parsed.study_uid
     for path, why in bad:
         print(f"skipped {path}: {why}", file=sys.stderr)
     if rs.accelerate:

@@ -39,6 +39,17 @@ What the walk enforces
   at a top-level element boundary still parses; only ``expected_length`` or
   ``expected_md5`` catch that.
 
+Lenient parse
+-------------
+``parse_dicom(data, lenient=True)`` is the relay's reading of what a modality
+sends (a PACS stores more than a viewer can use): tags out of order, a native
+Pixel Data length that does not match the image attributes, missing or unusable
+image attributes, a Basic Offset Table that does not match the fragments, and an
+image without Pixel Data are listed in ``DicomSummary.problems`` (at most
+``_MAX_PROBLEMS``) instead of raising.  Every bounds check stays: what does not
+fit, lacks a delimiter, or has no SOP Instance UID or SOP Class UID still raises.
+The cache never parses leniently: what it serves to a viewer passes every check.
+
 Implicit VR and sequences
 -------------------------
 With implicit VR the VR is not in the file.  An element of undefined length is
@@ -141,6 +152,11 @@ class DicomSummary:
     patient_id: str = ""
     #: Its bytes as stored (padding removed): other readings of a non-ASCII Patient ID.
     patient_id_bytes: bytes = b""
+    #: What the strict walk would have refused, when a lenient parse read past it
+    #: (``parse_dicom(..., lenient=True)``); always empty after a strict parse.
+    problems: tuple[str, ...] = ()
+    #: The SOP Class UID came from the data set (0008,0016), not from the File Meta.
+    sop_class_in_dataset: bool = True
 
     def patient_id_readings(self) -> set[str]:
         """The texts the stored Patient ID can be read as: its Specific Character Set,
@@ -203,6 +219,7 @@ _PIXEL_TAGS = frozenset({_FLOAT_PIXEL_DATA, _DOUBLE_PIXEL_DATA, _PIXEL_DATA})
 _IMAGE_PIXEL_TAGS = frozenset({_SAMPLES_PER_PIXEL, _PHOTOMETRIC, _BITS_ALLOCATED})
 _INTERESTING = _UID_TAGS | _US_TAGS | _PIXEL_TAGS | {_PHOTOMETRIC, _NUMBER_OF_FRAMES,
                                                      _PATIENT_ID, _CHARSET}
+_MAX_PROBLEMS = 16  # a lenient walk lists this many (a bound on what a sender makes us keep)
 _NOT_AN_INTEGER = -1  # recorded for an unreadable Number of Frames; only fatal with Pixel Data
 
 # VRs whose explicit-VR header has 2 reserved bytes and a 4-byte length.
@@ -339,10 +356,12 @@ def _fail(reason: str) -> NoReturn:
 class _Walker:
     """One walk over a data set buffer; collects what the summary needs."""
 
-    __slots__ = ("buf", "native", "pixel", "top", "uids", "where")
+    __slots__ = ("buf", "native", "pixel", "problems", "top", "uids", "where")
 
-    def __init__(self, buf: Buffer, where: str, native: bool) -> None:
+    def __init__(self, buf: Buffer, where: str, native: bool, lenient: bool = False) -> None:
         self.buf = buf
+        #: Lenient walk: what :meth:`problem` notes (None: strict, a problem fails).
+        self.problems: list[str] | None = [] if lenient else None
         self.where = where  # prefix for reasons ("" or "inflated data set: ")
         #: The transfer syntax is a native one: Pixel Data must not be encapsulated.
         self.native = native
@@ -352,6 +371,14 @@ class _Walker:
 
     def fail(self, reason: str) -> NoReturn:
         _fail(self.where + reason)
+
+    def problem(self, reason: str) -> None:
+        """A problem a lenient walk can read past (the layout of the bytes is still
+        known): noted when lenient, fatal when strict."""
+        if self.problems is None:
+            self.fail(reason)
+        if len(self.problems) < _MAX_PROBLEMS:
+            self.problems.append(self.where + reason)
 
     def dataset(self, pos: int, end: int, c: _Codec, depth: int, undefined: bool) -> int:
         """Walk a data set from ``pos``; return the offset just after it.
@@ -391,10 +418,10 @@ class _Walker:
                     return pos + 8
                 self.fail(f"unexpected delimiter tag {_tag(tag)} at offset {pos} in a data set")
             if tag <= prev:
-                self.fail(
+                self.problem(
                     f"element {_tag(tag)} at offset {pos} is out of order: it follows {_tag(prev)}"
                 )
-            prev = tag
+            prev = max(prev, tag)
             if explicit:
                 if vr in _LONG_VRS:
                     if end - pos < 12:
@@ -516,8 +543,10 @@ class _Walker:
         elif depth == 0:
             self.uids[tag] = _read(self.buf, vpos, length)
 
-    def image_attrs(self, at: int, image: dict[int, int]) -> tuple[int, int, int, int, int]:
-        """Rows, Columns, Samples per Pixel, Bits Allocated, Number of Frames."""
+    def image_attrs(self, at: int, image: dict[int, int]
+                    ) -> tuple[int, int, int, int, int] | None:
+        """Rows, Columns, Samples per Pixel, Bits Allocated, Number of Frames (None: a
+        lenient walk noted that they are missing or unusable)."""
         missing = [
             name
             for name, tag in (
@@ -526,14 +555,17 @@ class _Walker:
             if tag not in image
         ]
         if missing:
-            self.fail(f"Pixel Data at offset {at} but no {', '.join(missing)} in its data set")
+            self.problem(f"Pixel Data at offset {at} but no {', '.join(missing)} in its data set")
+            return None
         frames = image.get(_NUMBER_OF_FRAMES, 1)
         if frames == _NOT_AN_INTEGER:
-            self.fail(
+            self.problem(
                 f"Pixel Data at offset {at} but Number of Frames (0028,0008) is not an integer"
             )
+            return None
         if frames < 1:
-            self.fail(f"Pixel Data at offset {at} but Number of Frames is {frames}")
+            self.problem(f"Pixel Data at offset {at} but Number of Frames is {frames}")
+            return None
         return (
             image[_ROWS],
             image[_COLUMNS],
@@ -546,12 +578,15 @@ class _Walker:
         image[_PIXEL_DATA] = 1
         if depth > 0 and not {_ROWS, _COLUMNS, _BITS_ALLOCATED} <= image.keys():
             return  # Pixel Data in a (private) item that is not an image: opaque
-        rows, columns, spp, bits, frames = self.image_attrs(vpos, image)
+        attrs = self.image_attrs(vpos, image)
+        if attrs is None:
+            return
+        rows, columns, spp, bits, frames = attrs
         # YBR_FULL_422 stores Y1 Y2 Cb Cr per pair of pixels: 2 samples per pixel.
         samples = 2 if spp == 3 and image.get(_PHOTOMETRIC) else spp
         expected = (rows * columns * samples * frames * bits + 7) // 8
         if length != expected and not (expected % 2 == 1 and length == expected + 1):
-            self.fail(
+            self.problem(
                 f"Pixel Data (7FE0,0010) at offset {vpos} has {length} bytes but "
                 f"{rows}x{columns}x{samples} samples x {bits} bits x {frames} frames "
                 f"need {expected}"
@@ -566,7 +601,8 @@ class _Walker:
     ) -> int:
         """Walk encapsulated Pixel Data whose value starts at ``vpos``; return its end."""
         image[_PIXEL_DATA] = 1
-        rows, columns, spp, bits, frames = self.image_attrs(vpos, image)
+        attrs = self.image_attrs(vpos, image)
+        rows, columns, spp, bits, frames = attrs or (0, 0, 0, 0, 0)
         buf = self.buf
         tag_len = c.tag_len
         if end - vpos < 8:
@@ -589,13 +625,16 @@ class _Walker:
                 f"Basic Offset Table at offset {vpos} declares {bot_len} bytes "
                 f"but only {end - vpos - 8} remain"
             )
+        table_len = bot_len
         if bot_len and bot_len // 4 != frames:  # checked before unpacking a huge table
-            self.fail(
-                f"Basic Offset Table at offset {vpos} has {bot_len // 4} entries "
-                f"but Number of Frames is {frames}"
-            )
+            if attrs is not None:
+                self.problem(
+                    f"Basic Offset Table at offset {vpos} has {bot_len // 4} entries "
+                    f"but Number of Frames is {frames}"
+                )
+            table_len = 0  # read past unchecked: the fragments are walked all the same
         order = "<" if c.little else ">"
-        bot: tuple[int, ...] = struct.unpack_from(f"{order}{bot_len // 4}I", buf, vpos + 8)
+        bot: tuple[int, ...] = struct.unpack_from(f"{order}{table_len // 4}I", buf, vpos + 8)
         first: int = vpos + 8 + bot_len
         pos = first
         starts: list[int] = []
@@ -633,13 +672,13 @@ class _Walker:
             self.fail(f"encapsulated Pixel Data at offset {vpos} has no fragments")
         if bot:
             if bot[0] != 0 or any(a >= b for a, b in itertools.pairwise(bot)):
-                self.fail(
+                self.problem(
                     f"Basic Offset Table at offset {vpos} is not increasing from 0: {bot[:8]!r}"
                 )
             known = set(starts)
             stray = [o for o in bot if o not in known]
             if stray:
-                self.fail(
+                self.problem(
                     f"Basic Offset Table at offset {vpos} points at {stray[0]}, "
                     f"which is not the start of a fragment"
                 )
@@ -710,13 +749,22 @@ def _byte_view(data: Buffer) -> Buffer:
     return data
 
 
-def parse_dicom(data: Buffer) -> DicomSummary:
+def parse_dicom(data: Buffer, *, lenient: bool = False) -> DicomSummary:
     """Walk a whole Part-10 file and summarise it.
 
     Raises ``IntegrityError`` with cause ``"parse_failure"`` and a reason
     naming the offset and tag of the first problem.  See the module docstring
     for what is checked.  Nothing is copied except small attribute values
     (and the inflated data set for deflated files).
+
+    ``lenient``: read past the problems that leave the layout of the bytes
+    known — tags out of order, a Pixel Data length that does not match the
+    image attributes, missing or unusable image attributes, a Basic Offset
+    Table that does not match the fragments, an image without Pixel Data —
+    and list them in ``DicomSummary.problems`` (what a PACS such as DCMTK's
+    storescp or Orthanc stores all the same).  Everything else still raises:
+    an element or item that does not fit, a missing delimiter, an unknown VR,
+    no SOP Instance UID or SOP Class UID.
     """
     buf = _byte_view(data)
     size = len(buf)
@@ -775,13 +823,13 @@ def parse_dicom(data: Buffer) -> DicomSummary:
 
     if ts == syntaxes.DEFLATED_LE:
         inflated = _inflate(buf, pos)
-        walker = _Walker(inflated, "inflated data set: ", True)
+        walker = _Walker(inflated, "inflated data set: ", True, lenient)
         walker.dataset(0, len(inflated), _EXPLICIT_LE, 0, False)
         walker.pixel = None
     else:
         codec = {syntaxes.IMPLICIT_LE: _IMPLICIT_LE,
                  syntaxes.EXPLICIT_BE: _EXPLICIT_BE}.get(ts, _EXPLICIT_LE)
-        walker = _Walker(buf, "", not syntaxes.is_encapsulated(ts))
+        walker = _Walker(buf, "", not syntaxes.is_encapsulated(ts), lenient)
         walker.dataset(pos, size, codec, 0, False)
 
     uids = walker.uids
@@ -789,19 +837,18 @@ def parse_dicom(data: Buffer) -> DicomSummary:
     instance = _uid(uids.get(_SOP_INSTANCE), "SOP Instance UID")
     if not instance:
         _fail("data set has no SOP Instance UID (0008,0018)")
-    sop_class = _uid(uids.get(_SOP_CLASS), "SOP Class UID") or _uid(
-        values.get(_MEDIA_SOP_CLASS), "Media Storage SOP Class UID"
-    )
+    own_class = _uid(uids.get(_SOP_CLASS), "SOP Class UID")
+    sop_class = own_class or _uid(values.get(_MEDIA_SOP_CLASS), "Media Storage SOP Class UID")
     if not sop_class:
         _fail("data set has no SOP Class UID (0008,0016) and the File Meta has none either")
     if not _PIXEL_TAGS & top.keys():
         if _IMAGE_PIXEL_TAGS & top.keys():
-            _fail(
+            walker.problem(
                 "data set has Image Pixel attributes (0028,xxxx) but no Pixel Data "
                 "(7FE0,0010): truncated at an element boundary?"
             )
-        if sop_class in IMAGE_SOP_CLASSES:
-            _fail(
+        elif sop_class in IMAGE_SOP_CLASSES:
+            walker.problem(
                 f"SOP Class {sop_class} is an image but the data set has no Pixel Data "
                 "(7FE0,0010): truncated at an element boundary?"
             )
@@ -816,6 +863,8 @@ def parse_dicom(data: Buffer) -> DicomSummary:
         series_instance_uid=_uid(uids.get(_SERIES_UID), "Series Instance UID"),
         size=size,
         pixel=walker.pixel,
+        problems=tuple(walker.problems or ()),
+        sop_class_in_dataset=bool(own_class),
     )
 
 

@@ -64,6 +64,54 @@ ACCEPTED_FROM_MODALITIES: tuple[str, ...] = (
     EXPLICIT_LE, IMPLICIT_LE, DEFLATED_LE, EXPLICIT_BE, *LOSSLESS, *LOSSY,
 )
 
+#: Storage SOP classes a modality may send that pynetdicom's
+#: ``AllStoragePresentationContexts`` lacks (UID → pydicom's keyword), from PS3.6
+#: Annex A: the retired ones (old ultrasound, nuclear medicine and angiography
+#: systems still send them; DCMTK's storescp and Orthanc store them) and the
+#: current ones it leaves out.  Not Storage Commitment, not the DICOMDIR class
+#: (no C-STORE).
+EXTRA_STORAGE_SOP_CLASSES: Mapping[str, str] = {
+    "1.2.840.10008.5.1.1.27": "StoredPrintStorage",
+    "1.2.840.10008.5.1.1.29": "HardcopyGrayscaleImageStorage",
+    "1.2.840.10008.5.1.1.30": "HardcopyColorImageStorage",
+    "1.2.840.10008.5.1.4.1.1.3": "UltrasoundMultiFrameImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.5": "NuclearMedicineImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.6": "UltrasoundImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.8": "StandaloneOverlayStorage",
+    "1.2.840.10008.5.1.4.1.1.9": "StandaloneCurveStorage",
+    "1.2.840.10008.5.1.4.1.1.9.1": "WaveformStorageTrial",
+    "1.2.840.10008.5.1.4.1.1.10": "StandaloneModalityLUTStorage",
+    "1.2.840.10008.5.1.4.1.1.11": "StandaloneVOILUTStorage",
+    "1.2.840.10008.5.1.4.1.1.12.3": "XRayAngiographicBiPlaneImageStorage",
+    "1.2.840.10008.5.1.4.1.1.77.1": "VLImageStorageTrial",
+    "1.2.840.10008.5.1.4.1.1.77.2": "VLMultiFrameImageStorageTrial",
+    "1.2.840.10008.5.1.4.1.1.88.1": "TextSRStorageTrial",
+    "1.2.840.10008.5.1.4.1.1.88.2": "AudioSRStorageTrial",
+    "1.2.840.10008.5.1.4.1.1.88.3": "DetailSRStorageTrial",
+    "1.2.840.10008.5.1.4.1.1.88.4": "ComprehensiveSRStorageTrial",
+    "1.2.840.10008.5.1.4.1.1.129": "StandalonePETCurveStorage",
+    "1.2.840.10008.5.1.4.34.1": "RTBeamsDeliveryInstructionStorageTrial",
+    "1.2.840.10008.5.1.4.1.1.501.1": "DICOSCTImageStorage",
+    "1.2.840.10008.5.1.4.1.1.501.2.1": "DICOSDigitalXRayImageStorageForPresentation",
+    "1.2.840.10008.5.1.4.1.1.501.2.2": "DICOSDigitalXRayImageStorageForProcessing",
+    "1.2.840.10008.5.1.4.1.1.501.3": "DICOSThreatDetectionReportStorage",
+    "1.2.840.10008.5.1.4.1.1.501.4": "DICOS2DAITStorage",
+    "1.2.840.10008.5.1.4.1.1.501.5": "DICOS3DAITStorage",
+    "1.2.840.10008.5.1.4.1.1.501.6": "DICOSQuadrupoleResonanceStorage",
+    "1.2.840.10008.5.1.4.1.1.601.1": "EddyCurrentImageStorage",
+    "1.2.840.10008.5.1.4.1.1.601.2": "EddyCurrentMultiFrameImageStorage",
+    # Non-patient objects (pynetdicom serves them with its own storage service).
+    "1.2.840.10008.5.1.4.1.1.200.1": "CTDefinedProcedureProtocolStorage",
+    "1.2.840.10008.5.1.4.1.1.200.3": "ProtocolApprovalStorage",
+    "1.2.840.10008.5.1.4.1.1.200.7": "XADefinedProcedureProtocolStorage",
+    "1.2.840.10008.5.1.4.1.1.201.1": "InventoryStorage",
+    "1.2.840.10008.5.1.4.38.1": "HangingProtocolStorage",
+    "1.2.840.10008.5.1.4.39.1": "ColorPaletteStorage",
+    "1.2.840.10008.5.1.4.43.1": "GenericImplantTemplateStorage",
+    "1.2.840.10008.5.1.4.44.1": "ImplantAssemblyTemplateStorage",
+    "1.2.840.10008.5.1.4.45.1": "ImplantTemplateGroupStorage",
+}
+
 _UNIVERSAL = (IMPLICIT_LE,)
 _CONSERVATIVE = (*_UNIVERSAL, EXPLICIT_LE)
 _STANDARD = (*_CONSERVATIVE, EXPLICIT_BE)

@@ -9,12 +9,17 @@ the modality cannot act on).  Statuses returned by :meth:`StoreSCP.handle_store`
 ``0xA700``  out of resources: the spool could not be written (disk full,
             I/O error), its file system has less than ``min_free`` left, or an
             internal error; nothing was kept, resend later
-``0xA900``  the data set's SOP Class UID is not the one in the request
-``0xC000``  cannot understand: the data set does not parse (truncated,
-            overrun, malformed); kept in ``quarantine/`` with the reason
-``0xC002``  cannot understand: the SOP Instance UID differs from the
-            request's Affected SOP Instance UID; quarantined
+``0xA900``  the data set's SOP Class UID or SOP Instance UID is not the one
+            in the request (as storescp and Orthanc answer); quarantined
+``0xC000``  cannot understand: the data set cannot be read (truncated inside
+            an element, overrun, malformed) or has no SOP Instance UID or
+            SOP Class UID; kept in ``quarantine/`` with the reason
 =========  ==============================================================
+
+What a strict reading objects to but a PACS stores (Pixel Data of the wrong
+length, tags out of order, an image without Pixel Data) is stored as received
+with ``0x0000`` and recorded as a warning (:mod:`.acceptance`).  Every storage
+SOP class is accepted, the retired ones included (:func:`storage_sop_classes`).
 
 Associations from a calling AE title not in ``allowed_calling_ae_titles`` are
 rejected (permanent, service user, "calling AE title not recognised"); from a
@@ -44,8 +49,12 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom import AE, AllStoragePresentationContexts, evt, register_uid
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Verification,
+    uid_to_service_class,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomcache import tls
@@ -56,18 +65,18 @@ from dicomcache.dicom import syntaxes
 from dicomcache.durable import is_disk_full
 from dicomcache.errors import IntegrityError
 from dicomcache.metrics import Metrics
+from dicomcache.relay import acceptance, space
 from dicomcache.relay import negotiation as neg
-from dicomcache.relay import space
 from dicomcache.relay.part10 import part10_header
-from dicomcache.relay.spool import InstanceInfo, Spool, info_from_bytes
+from dicomcache.relay.spool import ACCEPTED_PREFIX, InstanceInfo, Spool, info_from_bytes
 
 log = logging.getLogger(__name__)
 
-SUCCESS = 0x0000
+SUCCESS = acceptance.SUCCESS
 OUT_OF_RESOURCES = 0xA700
-SOP_CLASS_MISMATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-INSTANCE_MISMATCH = 0xC002
+SOP_CLASS_MISMATCH = acceptance.SOP_CLASS_MISMATCH
+CANNOT_UNDERSTAND = acceptance.CANNOT_UNDERSTAND
+INSTANCE_MISMATCH = acceptance.INSTANCE_MISMATCH
 
 
 def _networks(entries: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -86,6 +95,22 @@ def host_allowed(address: str, allowed: Iterable[str]) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip in net for net in nets)
+
+
+def storage_sop_classes() -> list[str]:
+    """Every storage SOP class the SCP accepts: pynetdicom's list and the ones it lacks
+    (:data:`.negotiation.EXTRA_STORAGE_SOP_CLASSES`, retired ones included).
+
+    The extra ones are registered with pynetdicom's storage service (its public
+    ``register_uid``; idempotent) so that their C-STOREs reach :meth:`StoreSCP.handle_store`
+    instead of an "unsupported" answer.
+    """
+    known = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+             if cx.abstract_syntax is not None]
+    for uid, keyword in neg.EXTRA_STORAGE_SOP_CLASSES.items():
+        if uid_to_service_class(uid) is ServiceClass:
+            register_uid(uid, keyword, StorageServiceClass)
+    return list(dict.fromkeys([*known, *neg.EXTRA_STORAGE_SOP_CLASSES]))
 
 
 def _modality(calling: str, address: str) -> Actor:
@@ -122,9 +147,8 @@ class StoreSCP:
         ae.maximum_associations = max(self.settings.max_inbound_associations, 1)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.timeout
         ae.maximum_pdu_size = self.settings.max_pdu
-        for cx in AllStoragePresentationContexts:
-            if cx.abstract_syntax is not None:
-                ae.add_supported_context(cx.abstract_syntax, list(neg.ACCEPTED_FROM_MODALITIES))
+        for sop_class in storage_sop_classes():
+            ae.add_supported_context(sop_class, list(neg.ACCEPTED_FROM_MODALITIES))
         ae.add_supported_context(Verification, list(syntaxes.UNCOMPRESSED))
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connect),
@@ -309,19 +333,22 @@ class StoreSCP:
             data = event.encoded_dataset(include_meta=True)
         seen["bytes"] = len(data)
         try:
-            info = info_from_bytes(data)
+            parsed: InstanceInfo | str = info_from_bytes(data)
         except IntegrityError as exc:
-            seen["why"] = f"unparseable data set: {exc.reason}"
-            return self._reject(data, CANNOT_UNDERSTAND, seen["why"], calling, want_instance)
-        seen["info"] = info
-        if info.sop_class != want_class:
-            return self._reject(data, SOP_CLASS_MISMATCH,
-                                f"SOP Class UID {info.sop_class} in the data set but "
-                                f"{want_class} in the request", calling, want_instance)
-        if info.sop_instance != want_instance:
-            return self._reject(data, INSTANCE_MISMATCH,
-                                f"SOP Instance UID {info.sop_instance} in the data set but "
-                                f"{want_instance} in the request", calling, want_instance)
+            parsed = exc.reason
+        verdict = acceptance.judge_received(want_class, want_instance, parsed)
+        if isinstance(parsed, InstanceInfo):
+            seen["info"] = parsed
+        if verdict.refusal is not None:
+            seen["why"] = verdict.refusal
+            return self._reject(data, verdict.status, verdict.refusal, calling, want_instance)
+        assert isinstance(parsed, InstanceInfo)
+        info = parsed
+        if verdict.warnings:
+            # Stored as received, as a PACS would (see .acceptance); the spool records it.
+            seen["why"] = ACCEPTED_PREFIX + "; ".join(verdict.warnings)
+            log.warning("Accepting C-STORE of %s from %s as received despite: %s",
+                        want_instance, calling, "; ".join(verdict.warnings))
         refused = space.refusal(self.spool.room(), len(data), self.settings.min_free)
         self._note_room(refused)
         self.last_refused_size = 0 if refused is None else len(data)

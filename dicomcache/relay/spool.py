@@ -140,6 +140,10 @@ _MIGRATIONS: dict[int, str] = {
     1: "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 }
 _KEEP_ERRORS = 200
+#: The status of the ``errors`` rows that record an instance accepted with problems
+#: (what the modality was answered: success).
+RECEIVED_WITH_PROBLEMS = 0x0000
+ACCEPTED_PREFIX = "accepted as received despite: "
 RESERVE_NAME = "reserve"
 _counter = itertools.count()
 #: The names :meth:`Spool.put` gives files (receive time in ns, pid, a counter).
@@ -209,6 +213,10 @@ class InstanceInfo:
     #: For the audit record of the receipt (not kept in the spool's database).
     patient_id: str | None = None
     series_uid: str | None = None
+    #: What a strict reading objects to (stored all the same: :mod:`.acceptance`).
+    problems: tuple[str, ...] = ()
+    #: The data set names its SOP Class itself (not only the File Meta).
+    sop_class_in_dataset: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,8 +250,10 @@ class QueueItem:
 
 
 def info_from_bytes(data: bytes) -> InstanceInfo:
-    """Parse (strictly) a Part-10 file and return its queue info; raises IntegrityError."""
-    summary = parse_dicom(data)
+    """Parse a Part-10 file leniently (``parse_dicom(lenient=True)``: what a PACS
+    stores) and return its queue info, the strict problems included; raises
+    IntegrityError when it cannot be read at all."""
+    summary = parse_dicom(data, lenient=True)
     # The strict parse does not summarise deflated data sets: assume pixels (the
     # conservative answer: only relabelling of pixel-less data depends on it).
     has_pixels = summary.pixel is not None or summary.transfer_syntax_uid == DEFLATED_LE
@@ -252,7 +262,9 @@ def info_from_bytes(data: bytes) -> InstanceInfo:
     return InstanceInfo(summary.study_instance_uid or "", summary.sop_class_uid,
                         summary.sop_instance_uid, summary.transfer_syntax_uid, has_pixels,
                         patient_id=summary.patient_id,
-                        series_uid=summary.series_instance_uid)
+                        series_uid=summary.series_instance_uid,
+                        problems=summary.problems,
+                        sop_class_in_dataset=summary.sop_class_in_dataset)
 
 
 class Spool:
@@ -572,6 +584,9 @@ class Spool:
                            [(instance_id, d) for d in self.destinations])
             if not self.destinations:
                 db.execute("UPDATE instances SET finished=? WHERE id=?", (received, instance_id))
+            if info.problems:  # with the row: the record of what was accepted as it is
+                self._error(None, info.sop_instance, RECEIVED_WITH_PROBLEMS,
+                            f"{ACCEPTED_PREFIX}{'; '.join(info.problems)}")
             for dest in self.destinations:
                 found += self._supersede(dest, info.sop_instance)
         for s in found:
@@ -1000,12 +1015,14 @@ class Spool:
             spooled, spooled_bytes = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances "
                 "WHERE finished IS NULL").fetchone()
-            received_errors = [
-                {"time": t, "sop_instance_uid": s, "status": None if st is None
-                 else f"0x{st:04X}", "message": m}
-                for t, s, st, m in db.execute(
-                    "SELECT time, sop_instance, status, message FROM errors "
-                    "WHERE destination IS NULL ORDER BY id DESC LIMIT ?", (errors,))]
+            received_errors, received_warnings = (
+                [{"time": t, "sop_instance_uid": s, "status": None if st is None
+                  else f"0x{st:04X}", "message": m}
+                 for t, s, st, m in db.execute(
+                     "SELECT time, sop_instance, status, message FROM errors "
+                     f"WHERE destination IS NULL AND {where} ORDER BY id DESC LIMIT ?",
+                     (RECEIVED_WITH_PROBLEMS, errors))]
+                for where in ("(status IS NULL OR status != ?)", "status = ?"))
         quarantine_files = sum(1 for p in self.quarantine_dir.glob("*.dcm"))
         return {
             "spool_directory": str(self.directory),
@@ -1014,6 +1031,8 @@ class Spool:
             "quarantine_files": quarantine_files,
             "destinations": out_dests,
             "recent_receive_errors": received_errors,
+            # Instances stored although a strict reading objects (:mod:`.acceptance`).
+            "recent_receive_warnings": received_warnings,
             "time": now,
         }
 

@@ -51,3 +51,15 @@ def test_an_error_before_the_last_delivery_is_shown_as_past(
                                   last_error_time=last_error_time), out)
     line = next(x for x in out.getvalue().splitlines() if "last error" in x)
     assert line.endswith("refused (recovered: delivered since)" if recovered else "refused")
+
+
+def test_relay_status_lists_instances_accepted_with_problems() -> None:
+    snap = _relay_snapshot()
+    snap["recent_receive_warnings"] = [{
+        "time": 990.0, "sop_instance_uid": "1.2.3.4", "status": "0x0000",
+        "message": "accepted as received despite: tags out of order"}]
+    out = io.StringIO()
+    _print_status(snap, out)
+    text = out.getvalue()
+    assert "accepted with problems (stored and forwarded as received)" in text
+    assert "1.2.3.4 accepted as received despite: tags out of order" in text

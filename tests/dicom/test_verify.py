@@ -903,3 +903,62 @@ def test_identity_problem(body: bytes, asked: str, tags: dict[str, object] | Non
 
     problem = identity_problem(_twin(body + b" " * (len(body) % 2)), asked, tags)
     assert (problem is None) == ok, problem
+
+
+# --- lenient parse: what a PACS stores all the same ---------------------------
+
+SOP_REVERSED = el(0x0008, 0x0018, "UI", ui("1.2.3.4")) + \
+    el(0x0008, 0x0016, "UI", ui("1.2.840.10008.5.1.4.1.1.7"))
+
+
+@pytest.mark.parametrize(("data", "problem"), [
+    pytest.param(part10(SOP_REVERSED + IMAGE + PIXELS), "(0008,0016) at offset",
+                 id="tags out of order"),
+    pytest.param(image(pixels=el(0x7FE0, 0x0010, "OW", bytes(10))), "has 10 bytes",
+                 id="Pixel Data 2 bytes more"),
+    pytest.param(image(pixels=el(0x7FE0, 0x0010, "OW", bytes(6))), "has 6 bytes",
+                 id="Pixel Data 2 bytes less"),
+    pytest.param(part10(SOP + IMAGE), "Image Pixel attributes (0028,xxxx) but no Pixel Data",
+                 id="image attributes without Pixel Data"),
+    pytest.param(part10(SOP), "is an image but the data set has no Pixel Data",
+                 id="image SOP class without Pixel Data"),
+    pytest.param(part10(SOP + PIXELS), "no Rows, Columns, Bits Allocated",
+                 id="Pixel Data without image attributes"),
+])
+def test_lenient_parse_reads_past_what_a_pacs_stores(data: bytes, problem: str) -> None:
+    rejects(data, problem)
+    summary = parse_dicom(data, lenient=True)
+    assert summary.sop_instance_uid == "1.2.3.4"
+    assert summary.sop_class_uid == "1.2.840.10008.5.1.4.1.1.7"
+    assert len(summary.problems) == 1 and problem in summary.problems[0]
+    assert parse_dicom(data, lenient=True).problems == summary.problems
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    pytest.param(part10(SOP + el(0x0010, 0x0010, "PN", b"AB", length=100)), "declares 100",
+                 id="element longer than what is left"),
+    pytest.param(part10(SOP + el(0x0010, 0x0010, "XX", b"AB")), "unknown VR", id="unknown VR"),
+    pytest.param(part10(el(0x0008, 0x0016, "UI", ui("1.2.840.10008.5.1.4.1.1.66"))),
+                 "no SOP Instance UID", id="no SOP Instance UID"),
+    pytest.param(part10(SOP + el(0x0040, 0xA730, "SQ", item(b"", undefined=True), UNDEF)),
+                 "no Sequence Delimitation Item", id="sequence without its delimiter"),
+])
+def test_lenient_parse_still_refuses_what_cannot_be_read(data: bytes, reason: str) -> None:
+    rejects(data, reason)
+    with pytest.raises(IntegrityError, match=reason):
+        parse_dicom(data, lenient=True)
+
+
+def test_a_strict_parse_has_no_problems_and_knows_where_the_sop_class_came_from() -> None:
+    assert parse_dicom(image()).problems == ()
+    assert parse_dicom(image()).sop_class_in_dataset
+    only_meta = parse_dicom(part10(el(0x0008, 0x0018, "UI", ui("1.2.3.4"))), lenient=True)
+    assert only_meta.sop_class_uid == "1.2.840.10008.5.1.4.1.1.7"  # the File Meta's
+    assert not only_meta.sop_class_in_dataset
+
+
+def test_lenient_problems_are_bounded() -> None:
+    """A sender cannot make the relay keep an unbounded list: 500 tags out of order."""
+    body = b"".join(el(0x0009, 0x1000 - n, "LO", b"ab") for n in range(500))
+    summary = parse_dicom(part10(SOP + body + IMAGE + PIXELS), lenient=True)
+    assert 0 < len(summary.problems) <= 16

@@ -11,7 +11,7 @@ from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.dicom import syntaxes
 from dicomcache.durable import FILE_MODE
 from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, Outcome
-from dicomcache.relay.spool import Spool, Superseded, info_from_bytes
+from dicomcache.relay.spool import InstanceInfo, Spool, Superseded, info_from_bytes
 
 
 def _mode(path: Path) -> int:
@@ -192,3 +192,20 @@ def test_two_copies_found_at_start_up_send_only_the_newer(tmp_path: Path) -> Non
             assert item.path.read_bytes() == corrected
     finally:
         spool.close()
+
+
+def test_an_instance_accepted_with_problems_is_recorded_with_it(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", ["PACS"])
+    spool.open()
+    try:
+        info = InstanceInfo("1.2.3", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4",
+                            "1.2.840.10008.1.2.1", problems=("tags out of order", "short"))
+        spool.put(b"data", info, "MODALITY")
+        spool.quarantine_received(b"junk", "unparseable", 0xC000, "MODALITY", "1.2.3.5")
+        snap = spool.snapshot(["PACS"])
+    finally:
+        spool.close()
+    (warning,) = snap["recent_receive_warnings"]
+    assert warning["sop_instance_uid"] == "1.2.3.4" and warning["status"] == "0x0000"
+    assert warning["message"] == "accepted as received despite: tags out of order; short"
+    assert [e["sop_instance_uid"] for e in snap["recent_receive_errors"]] == ["1.2.3.5"]
