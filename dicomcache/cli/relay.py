@@ -284,6 +284,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
         return USAGE
     if args.cancel:
         return _drain_cancel(settings)
+    # A SIGTERM (``timeout 600 dicomcache relay drain``, a script stopped) ends it as
+    # Ctrl-C does: withdrawn, so the relay is not left rejecting associations.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     lock = drain.try_lock(rs.spool_directory, exclusive=True)
     try:
         if lock is not None and drain.listening(rs.host, rs.port):
@@ -296,6 +299,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
         return _drain(args, settings, lock)
     finally:
         drain.unlock(lock)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _drain_cancel(settings: Settings) -> int:

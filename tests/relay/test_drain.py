@@ -5,6 +5,7 @@ runs it; what arrived is counted at the PACS by SOP Instance UID."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -287,6 +288,21 @@ def test_drain_timeout_reports_what_is_left_and_takes_associations_again(
     assert "NOT DRAINED: 3 instance(s) still wait" in text.stdout
     assert "The relay takes associations again" in text.stdout
     assert "What to do" in text.stdout
+    # Stopped from outside (a script's `timeout`): withdrawn as well.
+    last = (_meta(spool, drain.ANSWER) or {}).get("id")
+    with open(tmp_path / "drain.out", "wb") as out:
+        stopped = subprocess.Popen(
+            [sys.executable, "-m", "dicomcache", "relay", "drain", "--config", str(config)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+    processes.append(stopped)
+    wait_until_sync(lambda: (_meta(spool, drain.ANSWER) or {}).get("id") not in (None, last),
+                    60, "the relay answering the new drain")
+    stopped.send_signal(signal.SIGTERM)
+    assert stopped.wait(timeout=60) == 1
+    assert "NOT DRAINED: 3 instance(s) still wait, interrupted" in \
+        (tmp_path / "drain.out").read_text()
+    assert _meta(spool, drain.REQUEST) is None
     # The relay takes associations again (it reads the withdrawn request within 2 s).
     wait_until_sync(lambda: storescu(late, relay_port).returncode == 0, 30,
                     "the relay taking associations after the failed drain")
