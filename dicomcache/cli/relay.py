@@ -13,21 +13,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dicomcache.cli.common import USAGE, load_settings, setup_daemon
 from dicomcache.cli.progress import Progress
 from dicomcache.config import STRATEGIES, DestinationSettings, Settings, format_size
 from dicomcache.errors import IntegrityError
+
+if TYPE_CHECKING:  # imported where used: a command loads only what it needs
+    from dicomcache.relay.spool import Spool
 
 
 def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -258,7 +263,7 @@ class _RelayGone:
 def cmd_drain(args: argparse.Namespace) -> int:
     """Drain the spool (see the parser's description for the exit statuses)."""
     from dicomcache.relay import drain
-    from dicomcache.relay.spool import schema_problem
+    from dicomcache.relay.spool import SpoolSchemaError, SpoolUnavailable, schema_problem
 
     settings = load_settings(args)
     if settings is None:
@@ -297,6 +302,10 @@ def cmd_drain(args: argparse.Namespace) -> int:
                   "service stopped", file=sys.stderr)
             return USAGE
         return _drain(args, settings, lock)
+    except (SpoolSchemaError, SpoolUnavailable, sqlite3.Error, OSError) as exc:
+        print(f"cannot drain: relay.spool_directory {rs.spool_directory}: {exc}",
+              file=sys.stderr)
+        return USAGE
     finally:
         drain.unlock(lock)
         signal.signal(signal.SIGTERM, previous)
@@ -337,6 +346,7 @@ def _drain(args: argparse.Namespace, settings: Settings, lock: int | None) -> in
                               "interrupted": False}
     request: dict[str, Any] | None = None
     waited: drain.Waited | None = None
+    drained = False
     try:
         spool.retry(list(dict.fromkeys([*names, *spool.known_destinations()])))
         before = spool.snapshot(names, errors=1)
@@ -351,8 +361,8 @@ def _drain(args: argparse.Namespace, settings: Settings, lock: int | None) -> in
                 elif not waited.answered:
                     spool.set_control(drain.REQUEST, None)
                     print(f"a relay holds the spool but did not answer the drain request "
-                          f"within {drain.ANSWER_WITHIN:.0f} s (its log may say why); "
-                          "nothing was changed", file=sys.stderr)
+                          f"within {drain.ANSWER_WITHIN:.0f} s (its log may say why); it "
+                          "takes associations as before", file=sys.stderr)
                     return USAGE
                 result["active_inbound"] = waited.active_inbound
             if lock is not None or gone.fd is not None:
@@ -365,9 +375,11 @@ def _drain(args: argparse.Namespace, settings: Settings, lock: int | None) -> in
         code = 1 if result["interrupted"] else drain.exit_status(rows)
         if waited is not None and not (waited.done or waited.relay_stopped):
             code = 1  # associations still open may yet bring instances in
-        if code and request is not None:
-            spool.set_control(drain.REQUEST, None)  # not drained: modalities may send again
+        drained = code == 0
     finally:
+        if request is not None and not drained:  # modalities may send again
+            with contextlib.suppress(sqlite3.Error, OSError):
+                spool.set_control(drain.REQUEST, None)
         spool.close()
         drain.unlock(gone.fd)
     result.update(inbound_open=0 if waited is None or waited.done else waited.active_inbound,
@@ -382,7 +394,7 @@ def _drain(args: argparse.Namespace, settings: Settings, lock: int | None) -> in
     return code
 
 
-async def _deliver_stopped(settings: Settings, spool: Any, seconds: float) -> None:
+async def _deliver_stopped(settings: Settings, spool: Spool, seconds: float) -> None:
     from dicomcache.audit.trail import AuditLog
     from dicomcache.metrics import Metrics
     from dicomcache.relay import drain

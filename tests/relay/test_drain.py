@@ -388,3 +388,21 @@ def test_no_spool_is_nothing_to_drain(tmp_path: Path) -> None:
     config = _config(tmp_path, *free_ports(2))
     done = _dicomcache("relay", "drain", "--config", str(config))
     assert done.returncode == 0 and "nothing to drain" in done.stdout
+
+
+@pytest.mark.blocking_allowed(reason="a synchronous test driving the command")
+def test_a_relay_that_does_not_answer_is_left_taking_associations(tmp_path: Path) -> None:
+    """A process holds the relay's lock but never reads the request (wedged): the
+    command gives up, exit 2, and withdraws its request."""
+    config = _config(tmp_path, *free_ports(2))
+    spool = Spool(tmp_path / "spool", ["PACS"])
+    spool.open()
+    spool.close()
+    held = drain.lock_running(tmp_path / "spool")
+    try:
+        done = _dicomcache("relay", "drain", "--config", str(config), "--timeout", "2")
+    finally:
+        drain.unlock(held)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "did not answer the drain request" in done.stderr
+    assert _meta(tmp_path / "spool", drain.REQUEST) is None
