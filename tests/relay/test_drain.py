@@ -339,6 +339,37 @@ def test_drain_with_the_service_stopped(tmp_path: Path, storescp: Callable[..., 
 
 
 @dcmtk
+def test_service_stopped_during_the_drain(tmp_path: Path, storescp: Callable[..., StoreSCP],
+                                          processes: list[subprocess.Popen[bytes]]) -> None:
+    """``systemctl stop`` while the drain waits: the command delivers the rest itself."""
+    relay_port, pacs_port = free_ports(2)
+    config = _config(tmp_path, relay_port, pacs_port)
+    spool = tmp_path / "spool"
+    files = write_series(make_ct_series(3, rows=64, columns=64, seed=1807), tmp_path / "ct")
+    relay = _start(["relay", "run", "--config", str(config)], tmp_path / "relay.log",
+                   relay_port)
+    processes.append(relay)
+    assert storescu(files, relay_port).returncode == 0
+    with open(tmp_path / "drain.out", "wb") as out:
+        draining = subprocess.Popen(
+            [sys.executable, "-m", "dicomcache", "relay", "drain", "--config", str(config),
+             "--timeout", "300"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+    processes.append(draining)
+    wait_until_sync(lambda: _meta(spool, drain.ANSWER) is not None, 60,
+                    "the running relay answering the drain")
+    stop_process(relay)
+    assert relay.returncode == 0
+    pacs = storescp("all", port=pacs_port)
+    assert draining.wait(timeout=240) == 0, (tmp_path / "drain.out").read_text()
+    report = (tmp_path / "drain.out").read_text()
+    assert "The relay was stopped during the drain" in report
+    assert "PACS  delivered 3, quarantined 0, still waiting 0" in report
+    assert set(_sop_uids(pacs.directory)) == _uids(files)
+    assert _pending(spool) == 0
+
+
+@dcmtk
 def test_cancel_takes_associations_again(tmp_path: Path,
                                          processes: list[subprocess.Popen[bytes]]) -> None:
     relay_port, pacs_port = free_ports(2)
