@@ -3,28 +3,36 @@
 ``run`` runs the relay alone (no HTTP side) until SIGTERM/SIGINT.
 ``status`` reads the spool's state database directly (the daemon need not
 run); ``retry`` writes to it, which a running relay's forwarders read before
-each batch.  ``send`` is a C-STORE SCU with the relay's negotiation (strategies,
-fallback, transcoding); it does not touch the spool.
+each batch; ``drain`` talks to a running relay through it too
+(:mod:`dicomcache.relay.drain`), or delivers the spool itself when none runs.
+``send`` is a C-STORE SCU with the relay's negotiation (strategies, fallback,
+transcoding); it does not touch the spool.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dicomcache.cli.common import USAGE, load_settings, setup_daemon
 from dicomcache.cli.progress import Progress
 from dicomcache.config import STRATEGIES, DestinationSettings, Settings, format_size
 from dicomcache.errors import IntegrityError
+
+if TYPE_CHECKING:  # imported where used: a command loads only what it needs
+    from dicomcache.relay.spool import Spool
 
 
 def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -72,6 +80,26 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     retry.add_argument("--destination", help="only this destination (default: all)")
     retry.add_argument("--config", "-c", type=Path, help="TOML configuration")
     retry.set_defaults(func=cmd_retry)
+
+    drain = sub.add_parser(
+        "drain", help="before an upgrade: reject new associations, deliver the spool, report",
+        description="Ask the running relay (dicomcache serve or relay run) to reject new "
+                    "associations (A-ASSOCIATE-RJ transient, temporary congestion: modalities "
+                    "retry later) and deliver everything in the spool; with the relay "
+                    "stopped, deliver it from this process.  Back-offs are cleared first, as "
+                    "`relay retry` does.  Reports per destination what was delivered, what "
+                    "still waits and why, and what was quarantined.  Exit status 0: nothing "
+                    "waits (stop the service and upgrade; the relay rejects associations "
+                    "until it stops); 1: something still waits at --timeout (the relay takes "
+                    "associations again); 2: could not drain (configuration, spool, or a "
+                    "relay that did not answer).")
+    drain.add_argument("--config", "-c", type=Path, help="TOML configuration")
+    drain.add_argument("--timeout", type=float, default=600.0,
+                       help="give up after this many seconds (default 600)")
+    drain.add_argument("--json", action="store_true", help="machine-readable report")
+    drain.add_argument("--cancel", action="store_true",
+                       help="take associations again after a drain (no restart needed)")
+    drain.set_defaults(func=cmd_drain)
 
     send = sub.add_parser("send", help="C-STORE files to a destination with the relay's "
                                        "negotiation and transcoding")
@@ -217,6 +245,213 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- drain -------------------------------------------------------------------------------
+_MAX_DRAIN = 86400.0
+
+
+class _RelayGone:
+    """``relay_gone`` for :func:`drain.wait_running`: keeps the lock once it is free."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.fd: int | None = None
+
+    def __call__(self) -> bool:
+        from dicomcache.relay import drain
+
+        if self.fd is None:
+            self.fd = drain.try_lock(self.directory, exclusive=True)
+        return self.fd is not None
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Drain the spool (see the parser's description for the exit statuses)."""
+    from dicomcache.relay import drain
+    from dicomcache.relay.spool import SpoolSchemaError, SpoolUnavailable, schema_problem
+
+    settings = load_settings(args)
+    if settings is None:
+        return USAGE
+    if not 0 < args.timeout <= _MAX_DRAIN:
+        print(f"--timeout must be more than 0 and at most {_MAX_DRAIN:.0f} seconds",
+              file=sys.stderr)
+        return USAGE
+    rs = settings.relay
+    if not (rs.spool_directory / "state.sqlite").exists():
+        print(f"no relay spool at {rs.spool_directory}: nothing to drain")
+        return 0
+    problem = schema_problem(rs.spool_directory)
+    if problem is not None:
+        print(f"relay.spool_directory: {problem}", file=sys.stderr)
+        return USAGE
+    owner = rs.spool_directory.stat().st_uid
+    if os.geteuid() == 0 and owner != 0:
+        # Files root would create in the spool (the database's WAL) lock the service out.
+        print(f"run it as the spool's owner (uid {owner}), not as root: "
+              f"sudo -u dicomcache dicomcache relay drain --config {args.config}",
+              file=sys.stderr)
+        return USAGE
+    if args.cancel:
+        return _drain_cancel(settings)
+    # A SIGTERM (``timeout 600 dicomcache relay drain``, a script stopped) ends it as
+    # Ctrl-C does: withdrawn, so the relay is not left rejecting associations.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    lock = drain.try_lock(rs.spool_directory, exclusive=True)
+    try:
+        if lock is not None and drain.listening(rs.host, rs.port):
+            print(f"something accepts connections on {rs.host}:{rs.port}, the relay's port, "
+                  "but no relay holds the spool: a dicomcache older than this one runs, and "
+                  "cannot be asked to drain. Stop it (sudo systemctl stop dicomcache), then "
+                  "run `dicomcache relay drain` again: it delivers the spool with the "
+                  "service stopped", file=sys.stderr)
+            return USAGE
+        return _drain(args, settings, lock)
+    except (SpoolSchemaError, SpoolUnavailable, sqlite3.Error, OSError) as exc:
+        print(f"cannot drain: relay.spool_directory {rs.spool_directory}: {exc}",
+              file=sys.stderr)
+        return USAGE
+    finally:
+        drain.unlock(lock)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _drain_cancel(settings: Settings) -> int:
+    from dicomcache.relay import drain
+    from dicomcache.relay.spool import Spool
+
+    spool = Spool(settings.relay.spool_directory)
+    spool.open(recover=False)
+    try:
+        was = spool.control(drain.REQUEST)
+        spool.set_control(drain.REQUEST, None)
+    finally:
+        spool.close()
+    print("drain cancelled: a running relay takes associations again within 2 seconds"
+          if was else "no drain was requested")
+    return 0
+
+
+def _drain(args: argparse.Namespace, settings: Settings, lock: int | None) -> int:
+    from dicomcache.relay import drain
+    from dicomcache.relay.spool import Spool
+
+    rs = settings.relay
+    names = [d.name for d in rs.destinations]
+    spool = Spool(rs.spool_directory, names, retention=rs.retention)
+    spool.open(recover=lock is not None)  # recovery is a running relay's own
+    gone = _RelayGone(rs.spool_directory)
+    started = time.monotonic()
+    deadline = started + args.timeout
+    result: dict[str, Any] = {"relay": "running" if lock is None else "stopped",
+                              "interrupted": False}
+    request: dict[str, Any] | None = None
+    waited: drain.Waited | None = None
+    drained = False
+    try:
+        spool.retry(list(dict.fromkeys([*names, *spool.known_destinations()])))
+        before = spool.snapshot(names, errors=1)
+        first = spool.last_instance_id()
+        try:
+            if lock is None:
+                request = drain.new_request()
+                spool.set_control(drain.REQUEST, request)
+                waited = drain.wait_running(spool, request, names, deadline, gone)
+                if waited.relay_stopped:  # stopped meanwhile: deliver the rest from here
+                    result["relay"] = "stopped during the drain"
+                elif not waited.answered:
+                    spool.set_control(drain.REQUEST, None)
+                    print(f"a relay holds the spool but did not answer the drain request "
+                          f"within {drain.ANSWER_WITHIN:.0f} s (its log may say why); it "
+                          "takes associations as before", file=sys.stderr)
+                    return USAGE
+                result["active_inbound"] = waited.active_inbound
+            if lock is not None or gone.fd is not None:
+                remaining = max(deadline - time.monotonic(), 0.0)
+                asyncio.run(_deliver_stopped(settings, spool, remaining))
+        except KeyboardInterrupt:
+            result["interrupted"] = True
+        after = spool.snapshot(names, errors=1)
+        rows = drain.report(before, after, spool.last_instance_id() - first)
+        code = 1 if result["interrupted"] else drain.exit_status(rows)
+        if waited is not None and not (waited.done or waited.relay_stopped):
+            code = 1  # associations still open may yet bring instances in
+        drained = code == 0
+    finally:
+        if request is not None and not drained:  # modalities may send again
+            with contextlib.suppress(sqlite3.Error, OSError):
+                spool.set_control(drain.REQUEST, None)
+        spool.close()
+        drain.unlock(gone.fd)
+    result.update(inbound_open=0 if waited is None or waited.done else waited.active_inbound,
+                  seconds=round(time.monotonic() - started, 1), timeout=args.timeout,
+                  still_waiting=sum(r.waiting for r in rows), exit_status=code,
+                  destinations=drain.as_json(rows))
+    if args.json:
+        json.dump(result, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        _print_drain(result, drain.format_rows(rows), sys.stdout)
+    return code
+
+
+async def _deliver_stopped(settings: Settings, spool: Spool, seconds: float) -> None:
+    from dicomcache.audit.trail import AuditLog
+    from dicomcache.metrics import Metrics
+    from dicomcache.relay import drain
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    # What is sent is audited as the relay's own forwarding is.
+    audit = AuditLog(settings.audit, Metrics(), source="relay-drain")
+    try:
+        await asyncio.to_thread(audit.open)
+    except OSError as exc:
+        logging.getLogger("dicomcache").error("audit trail %s cannot be opened: %s",
+                                              settings.audit.file, exc)
+    audit.start()
+    try:
+        await drain.deliver_stopped(settings.relay, spool, deadline, audit)
+    finally:
+        await asyncio.to_thread(audit.close)
+
+
+def _print_drain(result: dict[str, Any], rows: list[str], out: TextIO) -> None:
+    running = result["relay"] == "running"
+    if running:
+        out.write("The running relay rejected new associations (A-ASSOCIATE-RJ transient, "
+                  "temporary congestion) and delivered the spool.\n")
+    else:
+        out.write(f"The relay was {result['relay']}: the spool was delivered from this "
+                  "command.\n")
+    for line in rows:
+        out.write(f"  {line}\n")
+    if result["exit_status"] == 0:
+        if running:
+            out.write("Spool drained: nothing waits. Stop the service now (sudo systemctl "
+                      "stop dicomcache) and upgrade. Until it stops, new associations are "
+                      "rejected (`dicomcache relay drain --cancel` takes them again).\n")
+        else:
+            out.write("Spool drained: nothing waits. Upgrade now.\n")
+        return
+    why = ("interrupted" if result["interrupted"]
+           else f"after {result['seconds']:.0f} s (--timeout {result['timeout']:g})")
+    out.write(f"NOT DRAINED: {result['still_waiting']} instance(s) still wait, {why}.\n")
+    if result["inbound_open"]:
+        out.write(f"  {result['inbound_open']} association(s) from modalities were still "
+                  "open.\n")
+    if running:
+        out.write("The relay takes associations again.\n")
+    out.write("What to do: fix what is named above (`dicomcache relay status` has the "
+              "details) and run `dicomcache relay drain` again; or upgrade anyway: what "
+              "waits stays in the spool and is delivered after the start, unless the "
+              "CHANGELOG says the spool's format changes (then upgrade only once it is "
+              "empty).\n")
+
+
 # --- status ------------------------------------------------------------------------------
 def _ago(ts: float | None, now: float) -> str:
     if ts is None:
@@ -237,6 +472,7 @@ def _when(ts: float | None) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the persisted queue state; exit 1 if something waits or is quarantined."""
+    from dicomcache.relay.drain import REQUEST as DRAIN_REQUEST
     from dicomcache.relay.service import intake
     from dicomcache.relay.spool import Spool, SpoolSchemaError
 
@@ -258,6 +494,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         snap = spool.snapshot([d.name for d in rs.destinations])
         snap["intake"] = intake(spool, rs.min_free)
+        snap["drain_requested"] = spool.control(DRAIN_REQUEST)
     finally:
         spool.close()
     for dest in rs.destinations:  # before its first delivery the spool has not recorded it
@@ -288,6 +525,10 @@ def _print_status(snap: dict[str, Any], out: TextIO) -> None:
         else:
             out.write(f"intake            REFUSING new C-STOREs (0xA700): {intake['refusing']}"
                       f" ({room})\n")
+    drain = snap.get("drain_requested")
+    if drain:
+        out.write(f"draining          new associations rejected since {_when(drain.get('time'))}"
+                  " (`dicomcache relay drain`; a restart or `relay drain --cancel` ends it)\n")
     for name, d in snap["destinations"].items():
         out.write(f"\n{name}\n")
         if not d.get("configured", True):

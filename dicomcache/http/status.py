@@ -708,6 +708,9 @@ def _render_relay(r: dict[str, Any], now: float) -> str:
         '<dt>state</dt><dd><span id="relay-state" class="badge up">RUNNING</span> '
         f"{_e(r.get('ae_title', ''))} on {_e(r.get('listening', ''))}</dd>"
         + _render_intake(r.get("intake") or {})
+        + ('<dt>draining</dt><dd id="relay-draining"><span class="badge down">DRAINING'
+           "</span> new associations rejected until the relay restarts (`dicomcache relay "
+           "drain`; `relay drain --cancel` ends it)</dd>" if r.get("draining") else "")
         + f"<dt>inbound associations</dt><dd>{r.get('active_inbound_associations', 0)}</dd>"
         f"<dt>spooled</dt><dd>{r.get('spooled_instances', 0)} instances "
         f"({_bytes(r.get('spooled_bytes', 0))})</dd>"

@@ -27,7 +27,9 @@ host not in ``allowed_hosts``: permanent, service user, "no reason given"
 (PS3.8 has no reason for addresses); from a host that already holds
 ``max_associations_per_host`` (connections not yet associated included):
 transient, service provider, "local limit exceeded", as pynetdicom answers
-past ``max_inbound_associations``.
+past ``max_inbound_associations``.  While ``dicomcache relay drain`` runs
+(:attr:`StoreSCP.draining`), every association is rejected transient, service
+provider, "temporary congestion": try again later.
 
 With ``tls_certificate``/``tls_key`` the SCP speaks DICOM TLS (PS3.15 B.9-B.11,
 :mod:`dicomcache.tls`'s policy) and nothing else; with ``tls_ca_file`` the
@@ -77,6 +79,9 @@ OUT_OF_RESOURCES = 0xA700
 SOP_CLASS_MISMATCH = acceptance.SOP_CLASS_MISMATCH
 CANNOT_UNDERSTAND = acceptance.CANNOT_UNDERSTAND
 INSTANCE_MISMATCH = acceptance.INSTANCE_MISMATCH
+#: A-ASSOCIATE-RJ while ``relay drain`` runs: rejected-transient, service provider
+#: (presentation related), temporary congestion; a modality retries later (PS3.8 7.1.1.7).
+REJECT_DRAINING = (0x02, 0x03, 0x01)
 
 
 def _networks(entries: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -139,6 +144,8 @@ class StoreSCP:
         #: the status says "refusing" while one that size would still be.
         self.last_refused_size = 0
         self._refusing_lock = threading.Lock()
+        #: ``dicomcache relay drain``: every new association is rejected, transient.
+        self.draining = False
 
     # --- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -235,7 +242,10 @@ class StoreSCP:
             calling = str(assoc.requestor.primitive.calling_ae_title).strip()
             address = str(assoc.requestor.address)
             reason: tuple[int, int, int] | None = None
-            if self._callers and calling not in self._callers:
+            if self.draining:
+                reason = REJECT_DRAINING
+                why = "the relay is draining for an upgrade (dicomcache relay drain)"
+            elif self._callers and calling not in self._callers:
                 reason = (0x01, 0x01, 0x03)
                 why = f"calling AE title {calling!r} is not in allowed_calling_ae_titles"
             elif not host_allowed(address, self.settings.allowed_hosts):

@@ -18,6 +18,10 @@ flight; abort what is still running at the deadline (and kill the child
 process if it still runs).  Nothing acknowledged is lost: it is in the spool
 and is forwarded after the next start.
 
+While it runs the relay holds a shared lock on the spool (``relay.lock``) and
+reads ``dicomcache relay drain``'s request every 2 s (:mod:`.drain`): then its
+SCP rejects new associations (transient) until it restarts.
+
 A full spool disk does not stop the relay from starting (:mod:`.space`): it
 runs with C-STOREs refused (0xA700) and opens the spool as soon as it can
 (checked every 2 s), then takes C-STOREs again by itself.
@@ -36,7 +40,7 @@ from dicomcache.audit.record import FAILED, RELAY_FORWARD, Actor, Record, Subjec
 from dicomcache.audit.trail import AuditLog
 from dicomcache.config import RelaySettings
 from dicomcache.metrics import Metrics
-from dicomcache.relay import accel, space, transcode
+from dicomcache.relay import accel, drain, space, transcode
 from dicomcache.relay.forward import Forwarder
 from dicomcache.relay.scp import StoreSCP
 from dicomcache.relay.spool import Spool, SpoolUnavailable, Superseded, utc_text
@@ -74,6 +78,8 @@ class Relay:
         self._snapshot: dict[str, Any] = {}
         self._intake: dict[str, Any] = {}
         self._started: float | None = None
+        #: The shared lock on the spool that says "a relay runs" (:mod:`.drain`).
+        self._lock_fd: int | None = None
 
     @property
     def port(self) -> int:
@@ -85,8 +91,13 @@ class Relay:
         loop = asyncio.get_running_loop()
         if self.settings.accelerate:
             accel.install(self.settings.max_pdu)
+        self._lock_fd = await loop.run_in_executor(self.executor, drain.lock_running,
+                                                   self.settings.spool_directory)
         try:
             await loop.run_in_executor(self.executor, self.spool.open)
+            # A drain requested of the relay that ran before is over: this one takes
+            # associations (after an upgrade, the new version).
+            await loop.run_in_executor(self.executor, drain.clear, self.spool)
         except SpoolUnavailable as exc:
             log.error("Relay spool %s cannot be opened: its file system is full (%s). The "
                       "relay starts without taking C-STOREs (answered 0xA700); nothing "
@@ -165,6 +176,8 @@ class Relay:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stats_task
         await loop.run_in_executor(self.executor, self.spool.close)
+        drain.unlock(self._lock_fd)
+        self._lock_fd = None
         self.executor.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(transcode.shutdown_pool)
         log.info("Relay stopped")
@@ -195,6 +208,7 @@ class Relay:
             "listening": f"{self.settings.host}:{self.port}",
             "started": self._started,
             "active_inbound_associations": self.scp.active(),
+            "draining": self.scp.draining,
             "tls": self.scp.tls.status() if self.scp.tls is not None else None,
             "forwarders": self._forwarder_status(),
             **self._snapshot,
@@ -207,13 +221,25 @@ class Relay:
             if self.spool.ensure_open():
                 log.warning("Relay spool %s opened: there is room again",
                             self.settings.spool_directory)
+                drain.clear(self.spool)
                 if self.worker is not None:
                     self.worker.wake()
         except SpoolUnavailable:
             pass
         if self.spool.is_open:
             self.spool.make_reserve()
+            drain.answer(self.spool, self.scp.active, self._set_draining)
         return intake(self.spool, self.settings.min_free, self.scp.last_refused_size)
+
+    def _set_draining(self, draining: bool) -> None:
+        if draining != self.scp.draining:
+            if draining:
+                log.warning("Draining (`dicomcache relay drain`): new associations are "
+                            "rejected (transient, temporary congestion) until the relay "
+                            "restarts or the drain is cancelled; the spool is delivered")
+            else:
+                log.warning("Drain over: taking associations again")
+        self.scp.draining = draining
 
     async def _refresh(self) -> None:
         loop = asyncio.get_running_loop()

@@ -9,6 +9,7 @@ Layout of ``spool_directory``::
     state.sqlite   queue state (WAL): instances, per-destination deliveries,
                    back-off, learned strategies, recent errors
     reserve        bytes kept aside for the database on a full disk (:mod:`.space`)
+    relay.lock     held (flock, shared) by each running relay (:mod:`.drain`)
 
 Guarantees
 ----------
@@ -32,6 +33,9 @@ Guarantees
   SQLite (WAL, ``BEGIN IMMEDIATE``, busy timeout): the forwarders run in a
   child process with their own :class:`Spool` on the same directory.  Every method blocks:
   call it from a thread, never from the event loop.
+* Table ``meta`` also holds control records (keys ``control.*``, JSON): how a
+  command asks a running relay something and reads its answer
+  (:mod:`.drain`); they are not part of the schema.
 * The database records its schema version (table ``meta``, key ``schema``).
   An older layout is migrated when the spool is opened (version 1: the layout
   before versions were recorded); a newer one is refused with
@@ -959,6 +963,43 @@ class Spool:
                 "SELECT COUNT(*) FROM deliveries WHERE destination=? AND state='pending'",
                 (name,)).fetchone()[0]) for name in names}
 
+    # --- control records (``meta``): how commands talk to a running relay -------------
+    def control(self, key: str) -> dict[str, Any] | None:
+        """The control record ``key`` (JSON in ``meta``), or None."""
+        _control_key(key)
+        with self._lock:
+            try:
+                row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            except sqlite3.OperationalError:  # read-only, version 1 (no ``meta`` yet)
+                if self.db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
+                    raise
+                row = None
+        if row is None:
+            return None
+        try:
+            value = json.loads(row[0])
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def set_control(self, key: str, value: dict[str, Any] | None) -> None:
+        """Write (or, with None, delete) the control record ``key``."""
+        _control_key(key)
+        with self._lock, self._tx():
+            if value is None:
+                self.db.execute("DELETE FROM meta WHERE key=?", (key,))
+            else:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                (key, json.dumps(value, sort_keys=True)))
+
+    def last_instance_id(self) -> int:
+        """The highest instance id ever given (ids are never reused, even once purged):
+        how many instances arrived between two calls is the difference."""
+        with self._lock:
+            row = self.db.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name='instances'").fetchone()
+        return int(row[0]) if row else 0
+
     def known_destinations(self) -> list[str]:
         """Every destination the spool has state or waiting instances for."""
         with self._lock:
@@ -1057,6 +1098,11 @@ class Spool:
 def utc_text(ts: float) -> str:
     """A time for people (logs, messages): ISO 8601, UTC, to the second."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _control_key(key: str) -> None:
+    if not key.startswith("control."):  # never the schema version, or another's record
+        raise ValueError(f"not a control record: {key!r}")
 
 
 def _safe(name: str) -> str:
