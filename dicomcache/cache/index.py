@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicomcache.cache.space import INDEX_HEADROOM, WAL_PAGES
 from dicomcache.dicom.uids import orthanc_series_id, orthanc_study_id
 
 #: The schema this code reads and writes.  An index of another version is refused
@@ -171,6 +172,11 @@ class Index:
             with self._lock:
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.execute("PRAGMA synchronous = NORMAL")
+                # The WAL is checkpointed at 256 pages and cut back to 1 MiB after: the
+                # file it grows into stays within the min_free guard's index headroom
+                # (SQLite's default, 1000 pages never cut back, let it grow ~4 MiB).
+                self._db.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
+                self._db.execute(f"PRAGMA journal_size_limit = {INDEX_HEADROOM}")
                 # Deleted rows hold patient data (IDs, UIDs): overwrite them, so a purge
                 # leaves none in the file's free pages (see :meth:`checkpoint`).
                 self._db.execute("PRAGMA secure_delete = ON")

@@ -41,10 +41,14 @@ class Degrade:
 
 SpacePlan = Write | Evict | Degrade
 
-#: What the index may grow by with one write (SQLite's WAL takes a few 4 KiB pages per
-#: commit, evictions included): planned for with every body, so the file system does not
-#: dip below ``min_free`` by the index's growth (seen: 44 KiB on a 6 MiB disk).
-INDEX_HEADROOM = 64 << 10
+#: What the index may grow by between two looks at the free space (SQLite's WAL takes a
+#: few 4 KiB pages per commit, evictions included; it is checkpointed at
+#: :data:`WAL_PAGES` and cut back to this size): planned for with every body, so the
+#: file system does not dip below ``min_free`` by the index's growth (seen: 44 and
+#: 124 KiB on a 6 MiB disk without it).
+INDEX_HEADROOM = 1 << 20
+#: SQLite pages (4 KiB) in the index's WAL before it is checkpointed.
+WAL_PAGES = 256
 
 
 def plan_space(*, free: int, min_free: int, incoming: int, evictable: int,

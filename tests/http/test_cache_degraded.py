@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from dicomcache.cache.space import INDEX_HEADROOM
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS, STORE
 from tests.conftest import Sample, SettingsFactory, eventually, metric_value, tmpfs
@@ -147,7 +148,8 @@ async def test_min_free_never_evicts_pinned_studies_it_serves_uncached(
     for s in ct_series[:3]:
         assert await fetch(client, s) == "MISS"
     await asyncio.to_thread(store.sync.pin, ct_series[0].study)  # the whole CT is pinned
-    filler = await asyncio.to_thread(fill, disk, 2 << 20)  # just at min_free
+    # Just at what the guard keeps: min_free and the index's headroom.
+    filler = await asyncio.to_thread(fill, disk, (2 << 20) + INDEX_HEADROOM)
     for s in ct_series[3:6]:  # no room, nothing evictable: served, not cached
         assert await fetch(client, s) != "HIT"
         assert await fetch(client, s) != "HIT"
