@@ -21,6 +21,7 @@ import contextlib
 import functools
 import logging
 import os
+import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -336,18 +337,25 @@ class Fetcher:
                        stream: bool = True) -> tuple[DicomSummary, Received]:
         md5_task = asyncio.create_task(self.client.instance_md5(orthanc_id))
         path = f"/instances/{orthanc_id}/file"
+        ask = self.client.body_encoding(background=orthanc_id not in self._urgent)
+        asked = time.monotonic()
         try:
-            async with self.client.open(
-                    "GET", path, kind="instance",
-                    headers=GZIP if self.client.settings.compression == "all" else None
-            ) as resp:
+            async with self.client.open("GET", path, kind="instance",
+                                        headers=GZIP if ask == "gzip" else None) as resp:
                 if resp.status != 200:
                     check_status(resp.status, resp.headers, f"GET {path}", await resp.read())
                 declared = resp.headers.get("Content-Length")
                 expected_length = int(declared) if declared and declared.isdigit() else None
                 encoding = resp.headers.get("Content-Encoding", "identity").lower()
-                received = await self._receive(resp, encoding, expected_length,
-                                               stream=stream and self.store.sync.caching)
+                # Measured for upstream.compression = "auto": the body's time on the
+                # link, and Orthanc's time to answer (its gzip included).
+                with self.client.link.body(time.monotonic() - asked) as body:
+                    received = await self._receive(resp, encoding, expected_length,
+                                                   stream=stream and self.store.sync.caching)
+                    body.done(encoding, received.wire_bytes, received.size,
+                              streamed=expected_length is None)
+                self.metrics.upstream_bodies.labels(
+                    "identity" if encoding == "identity" else "gzip").inc()
             expected_md5 = await md5_task
         finally:
             md5_task.cancel()
