@@ -33,8 +33,9 @@ no probe ever costs a viewer anything:
 * To keep gzip's cost measured while identity is chosen (and identity's time to
   first byte while gzip is), one body in ``explore_every`` that no viewer is
   waiting for (prefetch) is asked the other way, as long as the window holds
-  fewer than ``MIN_SAMPLES`` of that kind.  A viewer's body is never an
-  experiment.
+  fewer than ``MIN_SAMPLES`` of that kind and the rate is within 2x of the
+  break-even (:func:`uncertain`; farther, the cost cannot change the choice).
+  A viewer's body is never an experiment.
 
 What Orthanc sends is decoded before it is verified and stored
 (:mod:`dicomcache.cache.receive`): the encoding changes bytes on the link, never
@@ -103,6 +104,13 @@ def choose(f: LinkFigures, current: Encoding) -> Encoding:
     if current == "gzip":
         return "gzip" if f.rate < limit * (1 + BAND) else "identity"
     return "gzip" if f.rate < limit * (1 - BAND) else "identity"
+
+
+def uncertain(f: LinkFigures) -> bool:
+    """Whether the measured rate is near enough the break-even (within 2x) for gzip's
+    measured cost to matter (pure): far from it, exploring only wastes the link."""
+    limit = break_even(f)
+    return f.rate is not None and limit / 2 <= f.rate <= limit * 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +194,7 @@ class LinkMeter:
     def encoding_for(self, *, background: bool) -> Encoding:
         """The encoding to ask for one body (``background``: no viewer waits for it)."""
         chosen = self.choice()
-        if not background:
+        if not background or not uncertain(self.figures()):
             return chosen
         other: Encoding = "identity" if chosen == "gzip" else "gzip"
         self._since_explore += 1

@@ -14,6 +14,7 @@ from dicomcache.upstream.link import (
     break_even,
     choose,
     figures,
+    uncertain,
 )
 
 MBIT = 1e6 / 8
@@ -144,11 +145,29 @@ def test_a_failed_body_is_not_recorded_but_took_its_share() -> None:
     assert [(s.wire, s.share) for s in meter.samples()] == [(500, pytest.approx(0.5))]
 
 
+@pytest.mark.parametrize(("f", "expected"), [
+    (LinkFigures(), False),  # nothing to compare
+    (LinkFigures(rate=PRIOR_EVEN), True),
+    (LinkFigures(rate=PRIOR_EVEN * 1.9), True),
+    (LinkFigures(rate=PRIOR_EVEN / 1.9), True),
+    (LinkFigures(rate=PRIOR_EVEN * 2.1), False),  # a LAN: identity whatever gzip costs
+    (LinkFigures(rate=PRIOR_EVEN / 2.1), False),  # a slow WAN: gzip whatever it costs
+])
+def test_uncertain(f: LinkFigures, expected: bool) -> None:
+    assert uncertain(f) is expected
+
+
 def test_only_background_bodies_explore_and_only_while_the_other_kind_is_short() -> None:
     clock = Clock()
     meter = LinkMeter(explore_every=4, clock=clock)
     for _ in range(MIN_SAMPLES):
         cross(meter, clock, 0.001, 512 * KIB)  # fast: identity
+    assert not uncertain(meter.figures())
+    assert {meter.encoding_for(background=True) for _ in range(8)} == {"identity"}
+    meter = LinkMeter(explore_every=4, clock=clock)
+    for _ in range(MIN_SAMPLES):  # near the break-even, on the fast side: identity
+        cross(meter, clock, 512 * KIB / (PRIOR_EVEN * 1.5), 512 * KIB)
+    assert meter.choice() == "identity"
     viewer = [meter.encoding_for(background=False) for _ in range(20)]
     assert set(viewer) == {"identity"}
     background = [meter.encoding_for(background=True) for _ in range(8)]
