@@ -8,6 +8,7 @@ cold and from the cache, is the one Orthanc stores, whatever crossed the link.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -20,7 +21,7 @@ from dicomcache.dicom import syntaxes
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS
 from dicomcache.upstream.link import WINDOW
-from tests.conftest import SettingsFactory, metric_value
+from tests.conftest import SettingsFactory, eventually, metric_value
 
 #: Bodies per phase: more than half the window, so its median follows the new link.
 PHASE = WINDOW // 2 + 6
@@ -101,3 +102,24 @@ async def test_fixed_modes_ask_the_same_whatever_the_link(
     assert got == [expected] * 4
     status = await (await client.get("/status.json")).json()
     assert status["upstream"]["compression"]["choice"] == expected
+
+
+async def test_a_body_that_timed_out_gzipped_is_retried_as_stored(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        slices: list[tuple[str, bytes]]) -> None:
+    """Orthanc gzips a whole file before its first byte; for a large multi-frame that
+    can outlast ``read_timeout``, and every retry would time out the same way."""
+    oid, blob = slices[-1]
+    client: TestClient = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}",
+        upstream={"compression": "all", "read_timeout": 1, "retries": 2})))
+    wan.reset_stats()
+    wan.set_profile(LinkProfile(stall=1.0, stall_seconds=3, fault_paths=r"/file$"))
+    task = asyncio.create_task(client.get(f"/instances/{oid}/file"))
+    await eventually(lambda: wan.faults["stall"] >= 1, what="the gzipped body stalled")
+    wan.set_profile(LinkProfile())
+    resp = await task
+    assert resp.status == 200 and await resp.read() == blob
+    path = f"/instances/{oid}/file"
+    assert {e: n for (p, e), n in wan.stats.encodings.items() if p == path} == {
+        "gzip": 1, "identity": 1}
