@@ -36,7 +36,7 @@ before the first image), *JSON* (searches, metadata, lookups, listings).
 
     ./run bench bench/first_image.py [--quick] [--slices 120] [--runs 1]
         [--links 10x20,10x80,50x20,50x80,200x20,200x80] [--prefetch study|series|off]
-        [--compression none|json|all] [--timeline]
+        [--compression none|json|all|auto] [--timeline]
 
 ``--quick``: 40 slices, two cells (10 Mbit/s x 20 ms and 200 Mbit/s x 80 ms).  Every
 opening has a deadline (``--deadline``, default 600 s); a cell that misses it fails
@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -239,6 +240,14 @@ def classify(exchanges: list[Exchange], study: Study, opening: Opening) -> LinkB
     return out
 
 
+def bodies_by_encoding(encodings: collections.Counter[tuple[str, str]]) -> tuple[int, int]:
+    """Instance bodies (``/instances/{id}/file``) that crossed gzipped, and as stored."""
+    files = [(e, n) for (path, e), n in encodings.items()
+             if path.startswith("/instances/") and path.endswith("/file")]
+    gzipped = sum(n for e, n in files if e != "identity")
+    return gzipped, sum(n for _, n in files) - gzipped
+
+
 def quiet(wan: ThreadedWanEmulator, deadline: float) -> None:
     """Wait until nothing crossed the link for a second (prefetch done): a second opening
     is a later one."""
@@ -335,6 +344,8 @@ class Cell:
     warm: list[Opening] = dataclasses.field(default_factory=list)
     direct_bytes: list[int] = dataclasses.field(default_factory=list)
     cold_bytes: list[LinkBytes] = dataclasses.field(default_factory=list)
+    #: Instance bodies of the cold opening that crossed gzipped, and as stored.
+    cold_gzipped: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -360,13 +371,15 @@ def report(cells: list[Cell], study_bytes: int, viewed: int, settings: str) -> s
             lines.append(f"| {c.name} | {label} | {d:.3f} s | {cold:.3f} s | {warm:.3f} s | "
                          f"**{cold / d:.2f}** | {warm / d:.3f} |")
     lines += ["", "| link (one-way) | direct: bytes | cold: viewer | prefetch (≈ before first "
-              "image) | JSON | cold total / direct |", "|---|---|---|---|---|---|"]
+              "image) | JSON | cold total / direct | cold bodies gzip / identity |",
+              "|---|---|---|---|---|---|---|"]
     for c in cells:
         d = median([float(b) for b in c.direct_bytes])
         b = c.cold_bytes[len(c.cold_bytes) // 2]
+        gz = " ".join(f"{g}/{i}" for g, i in c.cold_gzipped)
         lines.append(f"| {c.name} | {d / 1e6:.1f} MB | {b.viewer / 1e6:.1f} MB | "
                      f"{b.prefetch / 1e6:.1f} MB ({b.prefetch_before_first / 1e6:.1f} MB) | "
-                     f"{b.json / 1e6:.2f} MB | {b.total / d:.2f} |")
+                     f"{b.json / 1e6:.2f} MB | {b.total / d:.2f} | {gz} |")
     return "\n".join(lines)
 
 
@@ -386,8 +399,8 @@ def main() -> int:
     ap.add_argument("--links", default=None,
                     help="MBITxONE_WAY_MS,… (default 10x20,10x80,50x20,50x80,200x20,200x80)")
     ap.add_argument("--prefetch", default="study", choices=("study", "series", "off"))
-    ap.add_argument("--compression", default="json", choices=("none", "json", "all"),
-                    help="dicomcache's upstream.compression (default: the product's, json)")
+    ap.add_argument("--compression", default="auto", choices=("none", "json", "all", "auto"),
+                    help="dicomcache's upstream.compression (default: the product's, auto)")
     ap.add_argument("--timeline", action="store_true",
                     help="print what crossed the link before each cold first image")
     ap.add_argument("--deadline", type=float, default=600.0, help="seconds per opening")
@@ -428,8 +441,10 @@ def main() -> int:
                             wan.reset_stats()
                             cold = timed(base)
                             cell.cold.append(cold)
-                            exchanges = wan.stats().exchanges
+                            stats = wan.stats()
+                            exchanges = stats.exchanges
                             cell.cold_bytes.append(classify(exchanges, study, cold))
+                            cell.cold_gzipped.append(bodies_by_encoding(stats.encodings))
                             if args.timeline:
                                 print(timeline(exchanges, study, cold), file=sys.stderr)
                             quiet(wan, args.deadline)

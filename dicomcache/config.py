@@ -132,9 +132,11 @@ class UpstreamSettings:
     breaker_probe_interval: float = 5.0
     #: Ask Orthanc for gzip: ``none``; ``json`` (dicomcache's own listings and lookups);
     #: ``all`` (instances too: ~2x fewer bytes on the link for ~45 ms of Orthanc CPU per
-    #: 512 KiB; pays on links slower than Orthanc compresses).  Always verified after
-    #: decompression; a viewer's ``Accept-Encoding`` never decides.
-    compression: str = "json"
+    #: 512 KiB; pays on links slower than Orthanc compresses); ``auto`` (JSON always,
+    #: instances when the measured link is slower than gzip's break-even, see
+    #: :mod:`dicomcache.upstream.link`).  Always verified after decompression; a
+    #: viewer's ``Accept-Encoding`` never decides.
+    compression: str = "auto"
     #: PEM bundle of the CA(s) an ``https://`` upstream's certificate must chain to
     #: (a hospital CA); ``None``: the system's CAs.  Verification is never off.
     ca_file: Path | None = None
@@ -240,7 +242,7 @@ class RelaySettings:
 
 
 PREFETCH_MODES = ("off", "series", "study")
-COMPRESSION = ("none", "json", "all")
+COMPRESSION = ("none", "json", "all", "auto")
 
 
 @dataclass(frozen=True, slots=True)

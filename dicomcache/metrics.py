@@ -289,6 +289,21 @@ class Metrics:
             "dicomcache_start_time_seconds", "When this process started (Unix time).",
             registry=r)
         self.start_time.set(time.time())
+        # upstream.compression: what instance bodies are asked as, and why (``auto``).
+        self.upstream_body_encoding = Gauge(
+            "dicomcache_upstream_body_encoding",
+            "1 for the Content-Encoding dicomcache asks Orthanc for on the next instance "
+            "body a viewer waits for (upstream.compression; with auto, as measured).",
+            ["encoding"], registry=r)
+        self.upstream_link_rate = Gauge(
+            "dicomcache_upstream_link_throughput_bytes",
+            "Estimated bytes per second one instance body gets from the link to Orthanc "
+            "(median over the recent bodies); 0: none in the last two minutes.",
+            registry=r)
+        self.upstream_bodies = Counter(
+            "dicomcache_upstream_instance_bodies_total",
+            "Instance bodies received from Orthanc, by Content-Encoding on the link.",
+            ["encoding"], registry=r)
         ProcessCollector(registry=r)  # process_* (memory, CPU, open fds) on Linux
         # Children for every known label value exist from the start, so rate() and
         # dashboards see 0 instead of "no data" until the first event.
@@ -305,6 +320,8 @@ class Metrics:
             self.upstream_retries.labels(cause)
         for cause in INTEGRITY_CAUSES:
             self.integrity_failures.labels(cause)
+        for encoding in ("gzip", "identity"):
+            self.upstream_bodies.labels(encoding)
         for cause in UNCACHED_CAUSES:
             self.uncached.labels(cause)
         for trouble in DEGRADED_CAUSES:

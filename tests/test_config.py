@@ -33,6 +33,17 @@ def test_defaults() -> None:
     assert s.server.port == 8080 and s.server.host == "127.0.0.1"
     assert (s.upstream.connect_timeout, s.upstream.read_timeout, s.upstream.retries) == (15, 60, 3)
     assert s.upstream.url is None
+    assert s.upstream.compression == "auto"  # measured per link (dicomcache.upstream.link)
+
+
+@pytest.mark.parametrize("mode", ["none", "json", "all", "auto"])
+def test_compression_modes(mode: str) -> None:
+    assert from_dict({"upstream": {"compression": mode}}).upstream.compression == mode
+
+
+def test_an_unknown_compression_names_its_key() -> None:
+    with pytest.raises(ConfigError, match=r"upstream\.compression.*auto"):
+        from_dict({"upstream": {"compression": "gzip"}})
 
 
 @pytest.mark.parametrize(("text", "size"), [

@@ -121,8 +121,10 @@ SECTIONS: dict[str, Section] = {
             "breaker_probe_interval": Key("While the circuit is open, `GET /system` is probed "
                                           "this often.", "seconds"),
             "compression": Key("Ask Orthanc for gzip: `\"none\"`, `\"json\"` (listings and "
-                               "lookups) or `\"all\"` (instances too; pays only on links "
-                               "slower than Orthanc compresses)."),
+                               "lookups), `\"all\"` (instances too; pays only on links "
+                               "slower than Orthanc compresses) or `\"auto\"` (JSON always, "
+                               "instances when the link, measured from recent downloads, is "
+                               "slower than gzip's break-even)."),
             "ca_file": Key("PEM bundle of the CA(s) an https Orthanc's certificate must "
                            "chain to.", default="not set: the system's CAs"),
             "read_through_buffer": Key("Of one read-through answer, what is kept in memory "

@@ -234,6 +234,11 @@ class WanStats:
     upstream_connections: int = 0
     exchanges: list[Exchange] = field(default_factory=list)
     """Every response relayed from upstream, in the order they ended."""
+    encodings: collections.Counter[tuple[str, str]] = field(
+        default_factory=collections.Counter
+    )
+    """Responses relayed from upstream by (path, Content-Encoding): which answers
+    crossed the link gzipped ("identity" when the header is absent)."""
 
     def copy(self) -> WanStats:
         """A deep copy, safe to keep while the emulator goes on counting."""
@@ -248,6 +253,7 @@ class WanStats:
             connections=self.connections,
             upstream_connections=self.upstream_connections,
             exchanges=list(self.exchanges),
+            encodings=collections.Counter(self.encodings),
         )
 
     def summary(self) -> str:
@@ -870,6 +876,8 @@ class _Connection:
             await self._down.send(raw)  # interim 1xx: relay, keep reading
             raw = await _read_head(self._up_r)
         framing, length = response_framing(rec.method, head)
+        encoding = ",".join(head.tokens("content-encoding")) or "identity"
+        self.emu.stats.encodings[(rec.target.split("?", 1)[0], encoding)] += 1
         keep = framing != "close" and not rec.close and keep_alive(head.first[0], head)
         body = _iter_body(self._up_r, framing, length)
         async with contextlib.aclosing(body):

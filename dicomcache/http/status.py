@@ -45,6 +45,7 @@ from dicomcache.http.keys import (
 )
 from dicomcache.http.respond import json_error
 from dicomcache.metrics import ANSWER_OUTCOMES, INSTANCE_FAMILIES, Metrics
+from dicomcache.upstream import link
 from dicomcache.upstream.client import OrthancClient
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,20 @@ def _upstream_view(m: Metrics, client: OrthancClient) -> dict[str, Any]:
     breaker = getattr(client, "breaker", None)
     if breaker is not None:
         view["circuit"] = breaker.status()
+    if getattr(client, "link", None) is not None:
+        view["compression"] = _compression_view(client)
     return view
+
+
+def _compression_view(client: OrthancClient) -> dict[str, Any]:
+    """upstream.compression: what instance bodies are asked as now, and the figures
+    ``auto`` decided from (``None``: not measured in the window)."""
+    figures = client.link.figures()
+    return {"mode": client.settings.compression, "choice": client.body_choice(),
+            "bytes_per_second": figures.rate, "gzip_ratio": figures.ratio,
+            "gzip_seconds_per_mib": None if figures.cost is None else figures.cost * (1 << 20),
+            "break_even_bytes_per_second": link.break_even(figures),
+            "bodies": len(client.link.samples())}
 
 
 # --- the status data ---------------------------------------------------------------------
@@ -493,7 +507,24 @@ def _render_upstream(u: dict[str, Any], now: float) -> str:
         f"<dt>failed attempts</dt><dd>{failures}</dd>"
         f"<dt>retries</dt><dd>{u['retries']}</dd>"
         f"<dt>downloaded</dt><dd>{_bytes(u['fetched_bytes'])} verified</dd>"
+        f"{_render_compression(u.get('compression'))}"
         "</dl></section>")
+
+
+def _render_compression(c: dict[str, Any] | None) -> str:
+    """Instance bodies gzipped or not, and (``auto``) the link figures behind it."""
+    if not c:
+        return ""
+    rate = c["bytes_per_second"]
+    measured = (f"link ≈ {_bytes(rate)}/s ({rate * 8 / 1e6:.1f} Mbit/s) over the last "
+                f"{c['bodies']} bodies" if rate is not None
+                else "link not measured yet (no recent bodies): gzip, as a browser gets")
+    even = c["break_even_bytes_per_second"]
+    why = (f"; gzip wins below ≈ {even * 8 / 1e6:.0f} Mbit/s" if c["mode"] == "auto" and even
+           else "")
+    return ('<dt>instance bodies</dt><dd><span id="body-encoding">'
+            f"{_e(c['choice'])}</span> (upstream.compression = {_e(c['mode'])}; "
+            f"{_e(measured)}{_e(why)})</dd>")
 
 
 def _last_error(u: dict[str, Any], now: float) -> str:

@@ -7,9 +7,10 @@ choices below hold everywhere:
   ``Authorization`` is never forwarded and Orthanc's auth challenges are never
   passed back.
 * ``Accept-Encoding: identity`` and no automatic decompression unless a caller
-  asks (JSON, ``upstream.compression``): what Orthanc sends is what is
-  verified and stored, whatever the viewer's headers say (Orthanc would
-  otherwise gzip DICOM on the fly, slowly and without ``Vary``).
+  asks (JSON; instance bodies as :meth:`OrthancClient.body_encoding` says, from
+  ``upstream.compression``): what Orthanc sends is decoded, verified and stored,
+  whatever the viewer's headers say (Orthanc would otherwise gzip DICOM on the
+  fly, slowly and without ``Vary``).
 * One request path, :meth:`OrthancClient.open`: every request, whole or
   streamed, is timed in the same metric and has its connection trouble turned
   into :class:`UpstreamError` with a :class:`~dicomcache.errors.Cause`.
@@ -32,6 +33,7 @@ choices below hold everywhere:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -58,6 +60,7 @@ from dicomcache.errors import (
 from dicomcache.metrics import Metrics
 from dicomcache.upstream import policy
 from dicomcache.upstream.breaker import CircuitBreaker
+from dicomcache.upstream.link import ENCODINGS, Encoding, LinkMeter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,7 +69,7 @@ T = TypeVar("T")
 #: notably Authorization, Cookie, Accept-Encoding and hop-by-hop headers).
 FORWARDED_REQUEST_HEADERS = ("Accept", "Accept-Language", "Content-Type",
                              "If-None-Match", "If-Modified-Since")
-#: Ask for gzip (JSON answers, and instances with ``upstream.compression = "all"``).
+#: Ask for gzip (JSON answers; instances as :meth:`OrthancClient.body_encoding` says).
 GZIP = {"Accept-Encoding": "gzip"}
 
 
@@ -109,6 +112,31 @@ class OrthancClient:
         # Opens after repeated link-level failures; ``retrying`` then fails fast.
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_probe_interval,
                                       self.probe, metrics, self.base)
+        #: The instance bodies of this link, measured (``upstream.compression = "auto"``
+        #: decides from them; the other modes are measured too, for the status page).
+        self.link = LinkMeter()
+        # Read when scraped: an idle link's figures age out without any traffic.
+        metrics.upstream_link_rate.set_function(lambda: self.link.figures().rate or 0.0)
+        for encoding in ENCODINGS:
+            metrics.upstream_body_encoding.labels(encoding).set_function(
+                functools.partial(self._is_body_choice, encoding))
+
+    def body_choice(self) -> Encoding:
+        """What the next instance body a viewer waits for is asked as."""
+        mode = self.settings.compression
+        if mode == "auto":
+            return self.link.choice()
+        return "gzip" if mode == "all" else "identity"
+
+    def _is_body_choice(self, encoding: Encoding) -> float:
+        return float(self.body_choice() == encoding)
+
+    def body_encoding(self, *, background: bool) -> Encoding:
+        """The encoding to ask for one instance body (``background``: no viewer waits
+        for it, so ``auto`` may measure the other encoding with it)."""
+        if self.settings.compression == "auto":
+            return self.link.encoding_for(background=background)
+        return self.body_choice()
 
     @classmethod
     async def create(cls, settings: UpstreamSettings, metrics: Metrics) -> OrthancClient:

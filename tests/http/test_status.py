@@ -243,7 +243,7 @@ async def test_status_page_in_headless_chromium(
         aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
         ct_series: list[Sample], tmp_path: Path) -> None:
     settings = make_settings(
-        url=f"http://127.0.0.1:{wan.port}",
+        url=f"http://127.0.0.1:{wan.port}", upstream={"compression": "json"},  # MD5 named
         relay={"enabled": True, "port": free_port(), "spool_directory": str(tmp_path / "spool"),
                "destinations": [{"name": "pacs", "remote_ae_title": "PACS",
                                  "remote_host": "127.0.0.1", "remote_port": free_port(),
@@ -301,6 +301,7 @@ port = {port}
 log_format = "json"
 [upstream]
 url = "http://127.0.0.1:{wan.port}"
+compression = "json"  # bodies as stored: a corrupted one fails its MD5
 username = "{orthanc.username}"
 password = "{orthanc.password}"
 retries = 1
