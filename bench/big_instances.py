@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -36,45 +33,31 @@ sys.path.insert(0, str(ROOT))
 
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 
-from dicomcache.devtools.orthanc import OrthancProcess, free_ports  # noqa: E402
+from _daemon import Daemon, rss, sampling, serve_settings  # noqa: E402
+from dicomcache.devtools.orthanc import OrthancProcess  # noqa: E402
 from dicomcache.devtools.samples import encode, make_ct_series  # noqa: E402
 
 
-def rss(pid: int, field: str = "VmRSS") -> int:
-    """A process's resident memory in bytes: ``VmRSS`` (all), ``RssAnon`` (its own
-    allocations) or ``RssFile`` (file pages it maps: reclaimable page cache)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 class Peak:
-    """The peak RSS of some processes, sampled in a thread."""
+    """The peak RSS of some processes, sampled every 0.2 s while the block runs."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.peak = dict.fromkeys(pids, 0)
         self.peak_anon = dict.fromkeys(pids, 0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._stack = contextlib.ExitStack()
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            for name, pid in self.pids.items():
-                self.peak[name] = max(self.peak[name], rss(pid))
-                self.peak_anon[name] = max(self.peak_anon[name], rss(pid, "RssAnon"))
+    def _sample(self) -> None:
+        for name, pid in self.pids.items():
+            self.peak[name] = max(self.peak[name], rss(pid))
+            self.peak_anon[name] = max(self.peak_anon[name], rss(pid, "RssAnon"))
 
     def __enter__(self) -> Peak:
-        self._thread.start()
+        self._stack.enter_context(sampling(0.2, self._sample))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._stack.close()
 
 
 async def get_checked(session: aiohttp.ClientSession, url: str, md5: str) -> int:
@@ -122,54 +105,6 @@ async def load(base: str, big: list[tuple[str, str]], small: list[tuple[str, str
     return seconds, served
 
 
-def start_dicomcache(workdir: Path, orthanc: OrthancProcess) -> tuple[subprocess.Popen[bytes],
-                                                                      str]:
-    workdir.mkdir(parents=True)
-    (port,) = free_ports(1)
-    cfg = workdir / "config.toml"
-    cfg.write_text(f"""
-[server]
-port = {port}
-log_level = "WARNING"
-# Many simulated viewers share one loopback address: no per-client limits.
-max_requests_per_client = 0
-client_rate = 0
-[upstream]
-url = "{orthanc.url}"
-username = "{orthanc.username}"
-password = "{orthanc.password}"
-read_timeout = 600
-[cache]
-directory = "{workdir / 'cache'}"
-max_size = "64GiB"
-[audit]
-file = "{workdir / 'audit.jsonl'}"
-[prefetch]
-mode = "off"
-""")
-    proc = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", "--config", str(cfg)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(base + "/healthz", timeout=1).read()
-            return proc, base
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("dicomcache did not start") from None
-            time.sleep(0.1)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--count", type=int, default=8)
@@ -205,16 +140,17 @@ def main() -> int:
             with Peak({"orthanc": orthanc.proc.pid}) as direct:
                 direct_s, _ = asyncio.run(load(orthanc.url, big, small, 0,
                                                orthanc.auth_header))
-            proc, base = start_dicomcache(tmp / "dicomcache", orthanc)
-            try:
-                idle = rss(proc.pid)
+            workdir = tmp / "dicomcache"
+            settings = serve_settings(workdir, orthanc.url, orthanc, max_size="64GiB",
+                                      upstream={"read_timeout": 600}, prefetch={"mode": "off"})
+            with Daemon(workdir, settings) as daemon:
+                idle = rss(daemon.pid)
                 print("through dicomcache, cold…", file=sys.stderr)
-                with Peak({"dicomcache": proc.pid, "orthanc": orthanc.proc.pid}) as cold:
-                    cold_s, served = asyncio.run(load(base, big, small, args.viewers, None))
-                after = rss(proc.pid)
-                after_anon = rss(proc.pid, "RssAnon")
-            finally:
-                stop(proc)
+                with Peak({"dicomcache": daemon.pid, "orthanc": orthanc.proc.pid}) as cold:
+                    cold_s, served = asyncio.run(load(daemon.base, big, small, args.viewers,
+                                                      None))
+                after = rss(daemon.pid)
+                after_anon = rss(daemon.pid, "RssAnon")
         finally:
             orthanc.stop()
     mib = 1 << 20

@@ -24,9 +24,7 @@ import copy
 import hashlib
 import http.client
 import json
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
-from dicomcache.devtools.orthanc import OrthancProcess, free_port  # noqa: E402
+from _daemon import Daemon, serve_settings  # noqa: E402
+from dicomcache.devtools.orthanc import OrthancProcess  # noqa: E402
 from dicomcache.devtools.samples import encode, make_ct_series  # noqa: E402
 from dicomcache.devtools.wanem import LinkProfile, ThreadedWanEmulator  # noqa: E402
 
@@ -152,48 +151,10 @@ def converge(base: str, orthanc: OrthancProcess, todo: list[tuple[str, dict[str,
 @contextlib.contextmanager
 def dicomcache(workdir: Path, orthanc: OrthancProcess, wan_port: int) -> Iterator[str]:
     """``dicomcache serve`` with default coherence settings; yields its base URL."""
-    port = free_port()
-    cfg = workdir / "config.toml"
-    cfg.write_text(f"""
-[server]
-port = {port}
-log_level = "WARNING"
-# Many simulated viewers share one loopback address: no per-client limits.
-max_requests_per_client = 0
-client_rate = 0
-[upstream]
-url = "http://127.0.0.1:{wan_port}"
-username = "{orthanc.username}"
-password = "{orthanc.password}"
-[cache]
-directory = "{workdir / 'cache'}"
-max_size = "2GiB"
-[audit]
-file = "{workdir / 'audit.jsonl'}"
-[prefetch]
-mode = "off"
-""")
-    proc = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", "--config", str(cfg)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(base + "/healthz", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("dicomcache did not start") from None
-                time.sleep(0.05)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    settings = serve_settings(workdir, f"http://127.0.0.1:{wan_port}", orthanc,
+                              max_size="2GiB", prefetch={"mode": "off"})
+    with Daemon(workdir, settings) as daemon:
+        yield daemon.base
 
 
 def main() -> int:

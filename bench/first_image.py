@@ -52,13 +52,10 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,7 +66,8 @@ sys.path.insert(0, str(ROOT))
 
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
-from dicomcache.devtools.orthanc import OrthancProcess, free_port  # noqa: E402
+from _daemon import Daemon, serve_settings  # noqa: E402
+from dicomcache.devtools.orthanc import OrthancProcess  # noqa: E402
 from dicomcache.devtools.samples import encode, make_ct_series  # noqa: E402
 from dicomcache.devtools.wanem import Exchange, LinkProfile, ThreadedWanEmulator  # noqa: E402
 from dicomcache.dicom import multipart  # noqa: E402
@@ -266,50 +264,11 @@ def quiet(wan: ThreadedWanEmulator, deadline: float) -> None:
 def dicomcache(workdir: Path, orthanc: OrthancProcess, wan_port: int, prefetch: str,
                compression: str) -> Iterator[str]:
     """``dicomcache serve`` on a fresh cache behind the emulated link; yields its DICOMweb root."""
-    workdir.mkdir(parents=True)
-    port = free_port()
-    cfg = workdir / "config.toml"
-    cfg.write_text(f"""
-[server]
-port = {port}
-log_level = "WARNING"
-# Many simulated viewers share one loopback address: no per-client limits.
-max_requests_per_client = 0
-client_rate = 0
-[upstream]
-url = "http://127.0.0.1:{wan_port}"
-username = "{orthanc.username}"
-password = "{orthanc.password}"
-compression = "{compression}"
-[cache]
-directory = "{workdir / 'cache'}"
-max_size = "4GB"
-[audit]
-file = "{workdir / 'audit.jsonl'}"
-[prefetch]
-mode = "{prefetch}"
-""")
-    proc = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", "--config", str(cfg)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(base + "/healthz", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("dicomcache did not start") from None
-                time.sleep(0.05)
-        yield base + "/dicom-web"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    settings = serve_settings(workdir, f"http://127.0.0.1:{wan_port}", orthanc, max_size="4GB",
+                              upstream={"compression": compression},
+                              prefetch={"mode": prefetch})
+    with Daemon(workdir, settings) as daemon:
+        yield daemon.base + "/dicom-web"
 
 
 def make_study(orthanc: OrthancProcess, slices: int) -> tuple[Study, int]:

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _daemon import Daemon, serve_settings, stop  # noqa: E402
 from dicomcache.devtools.orthanc import OrthancProcess, free_port, loopback_env, wait_http  # noqa: E402
 from dicomcache.devtools.samples import encode, make_ct_series  # noqa: E402
 
@@ -86,6 +86,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="dicomcache-bench-"))
     work.chmod(0o755)  # nginx workers drop root privileges and must read the files
     procs: list[subprocess.Popen[bytes]] = []
+    daemon: Daemon | None = None
     orthanc = OrthancProcess(work / "orthanc")
     try:
         orthanc.start()
@@ -97,39 +98,19 @@ def main() -> int:
               f"in {time.monotonic() - t:.1f} s", flush=True)
 
         # dicomcache, as users run it
-        port = free_port()
-        cfg = work / "dicomcache.toml"
-        cfg.write_text(textwrap.dedent(f"""
-            [server]
-            port = {port}
-            log_level = "WARNING"
-            # Many simulated viewers share one loopback address: no per-client limits.
-            max_requests_per_client = 0
-            client_rate = 0
-            [upstream]
-            url = "{orthanc.url}"
-            username = "{orthanc.username}"
-            password = "{orthanc.password}"
-            [cache]
-            directory = "{work / 'cache'}"
-            max_size = "2GiB"
-            [audit]
-            file = "{work / 'audit' / 'audit.jsonl'}"
-        """))
+        settings = serve_settings(work, orthanc.url, orthanc, max_size="2GiB")
         viewer_headers: dict[str, str] = {}
         if args.auth == "basic":
-            with cfg.open("a") as f:
-                f.write(f'[auth]\nmode = "basic"\nusers_file = "{work / "users"}"\n')
+            settings["auth"] = {"mode": "basic", "users_file": str(work / "users")}
+        daemon = Daemon(work, settings, config_name="dicomcache.toml")
+        if args.auth == "basic":
             subprocess.run([sys.executable, "-m", "dicomcache", "users", "add", "bench",
-                            "--config", str(cfg)], input="bench-password-1\n", text=True,
-                           cwd=ROOT, check=True)
+                            "--config", str(daemon.config)], input="bench-password-1\n",
+                           text=True, cwd=ROOT, check=True)
             token = base64.b64encode(b"bench:bench-password-1").decode()
             viewer_headers = {"Authorization": f"Basic {token}"}
-        proxy = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", "--config",
-                                  str(cfg)], cwd=ROOT)
-        procs.append(proxy)
-        base = f"http://127.0.0.1:{port}"
-        wait_http(base + "/healthz")
+        daemon.start()
+        base = daemon.base
         paths = [f"/instances/{i}/file" for i in ids]
         t = time.monotonic()
         for p in paths:
@@ -175,7 +156,7 @@ def main() -> int:
             if args.profile and name == "dicomcache":
                 spy = subprocess.Popen(["py-spy", "record", "-d", str(args.seconds), "-f", "raw",
                                         "--threads", "-o", str(work / "profile.txt"),
-                                        "-p", str(proxy.pid)])
+                                        "-p", str(daemon.pid)])
             results[name] = wrk(url, paths, args.seconds, args.connections, work, headers)
             r = results[name]
             print(f"{name:11s} {r['MB/s']:8.0f} MB/s {r['req/s']:7.0f} req/s "
@@ -192,13 +173,10 @@ def main() -> int:
               f"{results['dicomcache']['MB/s'] / results['orthanc']['MB/s']:.2f}")
         return 0
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        if daemon is not None:
+            daemon.stop()
+        for proc in procs:
+            stop(proc, 20)
         orthanc.stop()
         if not os.environ.get("KEEP_BENCH"):
             shutil.rmtree(work, ignore_errors=True)

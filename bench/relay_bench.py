@@ -43,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _daemon import stop
 from dicomcache.devtools.orthanc import free_port, loopback_env
 from dicomcache.devtools.samples import make_ct_series, write_series
 from dicomcache.dicom import syntaxes
@@ -87,16 +88,6 @@ def storescp(directory: Path, port: int) -> subprocess.Popen[bytes]:
                             env=loopback_env(), start_new_session=True)
     wait_port(port)
     return proc
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def storescu(files: list[Path], port: int, aec: str) -> float:
@@ -181,8 +172,8 @@ def relay_run(root: Path, files: list[Path], n: int, code: Path, *,
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
     finally:
-        stop(relay)
-        stop(pacs)
+        stop(relay, 20)
+        stop(pacs, 20)
     return acks, e2e
 
 
@@ -197,7 +188,7 @@ def one_run(root: Path, files: list[Path], n: int, baseline: str | None,
         storescu(files, port, "PACS")
         out["direct"] = wait_files(root / "direct", n, t0)
     finally:
-        stop(pacs)
+        stop(pacs, 20)
     here = Path(__file__).resolve().parents[1]
     out["acks"], out["e2e"] = relay_run(root / "relay", files, n, here, profile=profile,
                                         accelerate=accelerate != "off")

@@ -28,19 +28,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 
-from dicomcache.devtools.orthanc import OrthancProcess, free_ports  # noqa: E402
+from _daemon import Daemon, descriptors, rss, sampling, serve_settings  # noqa: E402
+from dicomcache.devtools.orthanc import OrthancProcess  # noqa: E402
 from dicomcache.devtools.samples import encode, make_ct_series  # noqa: E402
 from dicomcache.devtools.wanem import LinkProfile, ThreadedWanEmulator  # noqa: E402
 from dicomcache.dicom import multipart  # noqa: E402
@@ -84,7 +80,7 @@ class Tally:
 
 def make_data(orthanc: OrthancProcess, studies: int, series: int, slices: int,
               size: int) -> list[Slice]:
-    out = []
+    out: list[Slice] = []
     for s in range(studies):
         for e in range(series):
             datasets = make_ct_series(slices, rows=size, columns=size, seed=1000 + s * 10 + e,
@@ -166,93 +162,22 @@ async def viewers(base: str, data: list[Slice], n: int, until: float, tally: Tal
     await asyncio.gather(*(one(i) for i in range(n)))
 
 
-class Daemon:
-    """``dicomcache serve`` as a child process, restartable on the same cache."""
-
-    def __init__(self, workdir: Path, orthanc: OrthancProcess, wan_port: int, port: int,
-                 max_size: int) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.cfg = workdir / "config.toml"
-        self.cfg.write_text(f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-log_level = "WARNING"
-# Many simulated viewers share one loopback address: no per-client limits.
-max_requests_per_client = 0
-client_rate = 0
-[upstream]
-url = "http://127.0.0.1:{wan_port}"
-username = "{orthanc.username}"
-password = "{orthanc.password}"
-[cache]
-directory = "{workdir / 'cache'}"
-max_size = {max_size}
-[audit]
-file = "{workdir / 'audit.jsonl'}"
-[prefetch]
-mode = "study"
-""")
-        self.log = workdir / "dicomcache.log"
-        self.base = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicomcache", "serve", "--config", str(self.cfg)],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(self.base + "/healthz", timeout=1).read()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"dicomcache did not start: see {self.log}") from None
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def sample(self) -> tuple[int, int] | None:
-        """(RSS bytes, open descriptors) of the running child, or None."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None
-        try:
-            status = Path(f"/proc/{self.proc.pid}/status").read_text()
-            rss = next(int(line.split()[1]) * 1024 for line in status.splitlines()
-                       if line.startswith("VmRSS:"))
-            return rss, len(os.listdir(f"/proc/{self.proc.pid}/fd"))
-        except (OSError, StopIteration):
-            return None
+def sample(daemon: Daemon) -> tuple[int, int] | None:
+    """(RSS bytes, open descriptors) of the running daemon, or None."""
+    if not daemon.running():
+        return None
+    memory = rss(daemon.pid)
+    return (memory, descriptors(daemon.pid)) if memory else None  # 0: it just ended
 
 
-@contextlib.contextmanager
-def sampling(daemon: Daemon, into: list[tuple[float, int, int]]) -> Iterator[None]:
-    """Sample the daemon's RSS and descriptors every second (a thread: the loop is busy)."""
-    stop = threading.Event()
-
+def sample_into(daemon: Daemon, into: list[tuple[float, int, int]]) -> Callable[[], None]:
+    """A sampler for ``sampling``: the daemon's RSS and descriptors, with the time."""
     def run() -> None:
-        while not stop.wait(1.0):
-            got = daemon.sample()
-            if got is not None:
-                into.append((time.monotonic(), *got))
+        got = sample(daemon)
+        if got is not None:
+            into.append((time.monotonic(), *got))
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+    return run
 
 
 def main() -> int:
@@ -278,10 +203,12 @@ def main() -> int:
                              if p.is_file() and len(p.name) == 36)
             with ThreadedWanEmulator("127.0.0.1", orthanc.http_port) as wan:
                 wan.set_profile(FAULTY)
-                port, = free_ports(1)
                 # A cache of 60 % of the data: eviction runs during the soak.
-                daemon = Daemon(tmp / "dicomcache", orthanc, wan.port, port,
-                                max(int(data_bytes * 0.6), 1 << 20))
+                workdir = tmp / "dicomcache"
+                daemon = Daemon(workdir, serve_settings(
+                    workdir, f"http://127.0.0.1:{wan.port}", orthanc,
+                    max_size=max(int(data_bytes * 0.6), 1 << 20), prefetch={"mode": "study"}),
+                    log=workdir / "dicomcache.log")
                 tally = Tally()
                 samples: list[tuple[float, int, int]] = []
                 daemon.start()
@@ -303,9 +230,9 @@ def main() -> int:
                     await asyncio.gather(restart(), viewers(
                         daemon.base, data, n_viewers, started + seconds, tally, seed=1))
 
-                with sampling(daemon, samples):
+                with sampling(1.0, sample_into(daemon, samples)):
                     asyncio.run(soak())
-                    final = daemon.sample()
+                    final = sample(daemon)
                 before_restart = max((s for s in samples if s[0] < half), default=None,
                                      key=lambda s: s[0])
                 daemon.stop()

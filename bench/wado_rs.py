@@ -43,7 +43,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,7 +50,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dicomcache.devtools.orthanc import OrthancProcess, free_port, wait_http  # noqa: E402
+from _daemon import Daemon, serve_settings  # noqa: E402
+from dicomcache.devtools.orthanc import OrthancProcess  # noqa: E402
 from dicomcache.devtools.samples import encode, make_ct_series  # noqa: E402
 from dicomcache.devtools.wanem import LinkProfile, ThreadedWanEmulator  # noqa: E402
 
@@ -89,43 +89,14 @@ def count_parts(body: bytes) -> int:
     return body.count(first + b"\r\n")
 
 
-class Proxy:
-    """``dicomcache serve`` as a child process on a fresh cache directory."""
-
-    def __init__(self, work: Path, orthanc: OrthancProcess, name: str,
-                 concurrency: int, upstream: str | None = None) -> None:
-        self.port = free_port()
-        cfg = work / f"{name}.toml"
-        cfg.write_text(textwrap.dedent(f"""
-            [server]
-            port = {self.port}
-            log_level = "WARNING"
-            # Many simulated viewers share one loopback address: no per-client limits.
-            max_requests_per_client = 0
-            client_rate = 0
-            [upstream]
-            url = "{upstream or orthanc.url}"
-            username = "{orthanc.username}"
-            password = "{orthanc.password}"
-            [cache]
-            directory = "{work / name}"
-            max_size = "4GiB"
-            [audit]
-            file = "{work / (name + '-audit.jsonl')}"
-            [dicomweb]
-            retrieve_concurrency = {concurrency}
-        """))
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", "--config",
-                                      str(cfg)], cwd=ROOT)
-        wait_http(f"http://127.0.0.1:{self.port}/healthz")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def start_proxy(work: Path, orthanc: OrthancProcess, name: str, concurrency: int,
+                upstream: str | None = None) -> Daemon:
+    """``dicomcache serve`` as users run it, started on a fresh cache directory."""
+    settings = serve_settings(work / name, upstream or orthanc.url, orthanc, max_size="4GiB",
+                              dicomweb={"retrieve_concurrency": concurrency})
+    proxy = Daemon(work / name, settings)
+    proxy.start()
+    return proxy
 
 
 class Profiler:
@@ -146,7 +117,7 @@ class Profiler:
 
 
 def across_wan(args: argparse.Namespace, work: Path, orthanc: OrthancProcess,
-               proxies: list[Proxy], series: str, direct_h: dict[str, str],
+               proxies: list[Daemon], series: str, direct_h: dict[str, str],
                ours_h: dict[str, str], total: int, check: Callable[[bytes, str], None]) -> None:
     """Direct and cold across the emulated link, warm from the LAN, same run."""
     profile = LinkProfile(latency_ms=args.rtt_ms / 2, bandwidth_mbit=args.wan)
@@ -157,7 +128,7 @@ def across_wan(args: argparse.Namespace, work: Path, orthanc: OrthancProcess,
             s, _, body = timed_get(wan.port, series, direct_h)
             check(body, "orthanc across the WAN")
             direct.append(s)
-            proxy = Proxy(work, orthanc, f"wan{run}", args.concurrency, upstream=far)
+            proxy = start_proxy(work, orthanc, f"wan{run}", args.concurrency, upstream=far)
             proxies.append(proxy)
             s, _, body = timed_get(proxy.port, series, ours_h)
             check(body, "cold across the WAN")
@@ -196,7 +167,7 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dicomcache-wado-bench-"))
     orthanc = OrthancProcess(work / "orthanc")
-    proxies: list[Proxy] = []
+    proxies: list[Daemon] = []
     try:
         orthanc.start()
         datasets = make_ct_series(args.instances, seed=11)
@@ -227,9 +198,9 @@ def main() -> int:
             s, _, _ = timed_get(orthanc.http_port, series + "/metadata",
                                 {"Authorization": orthanc.auth_header})
             meta_direct.append(s)
-            proxy = Proxy(work, orthanc, f"cache{run}", args.concurrency)
+            proxy = start_proxy(work, orthanc, f"cache{run}", args.concurrency)
             proxies.append(proxy)
-            profiler = Profiler(proxy.proc.pid, args.profile) \
+            profiler = Profiler(proxy.pid, args.profile) \
                 if args.profile and run == 0 else None
             try:
                 s, _, body = timed_get(proxy.port, series, ours_h)
@@ -253,7 +224,7 @@ def main() -> int:
                   f"warm {min(warm[-args.runs:]):.3f} s", flush=True)
             if use_curl:  # the same three with curl, cold on another fresh cache
                 curl["direct"].append(curl_get(orthanc.http_port, series, direct_h)[0])
-                proxy = Proxy(work, orthanc, f"curl{run}", args.concurrency)
+                proxy = start_proxy(work, orthanc, f"curl{run}", args.concurrency)
                 proxies.append(proxy)
                 # Warm as often as above: the first may still be sent from memory
                 # (commits deferred while the cold stream was read), the rest from files.
