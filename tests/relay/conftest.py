@@ -8,13 +8,17 @@ started here and stopped by PID in teardown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
+import sys
+import textwrap
 import threading
 import warnings
 from collections import Counter
@@ -30,7 +34,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicomcache.config import DestinationSettings, RelaySettings
-from dicomcache.devtools.orthanc import free_port, loopback_env
+from dicomcache.devtools.orthanc import OrthancProcess, free_port, loopback_env
 from dicomcache.dicom import syntaxes
 from dicomcache.metrics import Metrics
 from dicomcache.relay import accel
@@ -137,12 +141,14 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None,
     wait_until_sync(ready, timeout, f"a listener on port {port}")
 
 
-def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM,
+                 timeout: float = 15) -> None:
+    """Stop a process the test started, by its PID: ``sig``, SIGKILL after ``timeout``."""
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(sig)
     try:
-        proc.wait(timeout=15)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -347,8 +353,23 @@ def content_hash(data: bytes) -> str:
     return h.hexdigest()
 
 
-def received(pacs_dir: Path) -> Counter[str]:
-    return Counter(content_hash(p.read_bytes()) for p in pacs_dir.iterdir() if p.is_file())
+def sop_uid(data: bytes) -> str:
+    """The SOP Instance UID of an instance's bytes."""
+    return str(read_quiet(data).SOPInstanceUID)
+
+
+def sop_uids(files: list[Path]) -> set[str]:
+    """The SOP Instance UIDs of the files a modality sends."""
+    return {sop_uid(f.read_bytes()) for f in files}
+
+
+def received(pacs_dir: Path, by: Callable[[bytes], str] = content_hash) -> Counter[str]:
+    """What a PACS (a storescp's directory) received: how many copies of each instance,
+    counted by ``by`` (:func:`content_hash`, or :func:`sop_uid`); none yet when the
+    directory is not there."""
+    if not pacs_dir.exists():
+        return Counter()
+    return Counter(by(p.read_bytes()) for p in pacs_dir.iterdir() if p.is_file())
 
 
 @pytest.fixture
@@ -356,3 +377,118 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A real 8 MiB tmpfs (for a spool on a file system that fills up)."""
     with tmpfs(tmp_path / "small", "size=8m") as where:
         yield where
+
+
+# --- dicomcache as a process of its own (`relay run`, `serve`), as an operator runs it ----
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def daemon_config(tmp_path: Path, relay_port: int, pacs_port: int, *,
+                  name: str = "relay.toml", backoff: tuple[float, float | None] = (0.2, 1.0),
+                  relay_extra: str = "", serve: tuple[int, OrthancProcess] | None = None
+                  ) -> Path:
+    """The configuration file of a relay process: the relay on ``relay_port`` with one
+    destination ``PACS`` (AE title PACS) on ``pacs_port``, the spool in ``tmp_path/spool``,
+    the audit trail in ``tmp_path/audit``; ``backoff`` is (retry_backoff_base,
+    retry_backoff_max), the latter left out when ``None``; ``relay_extra``: more lines of
+    ``[relay]``.  ``serve``: (HTTP port, Orthanc) for ``dicomcache serve``, the cache in
+    ``tmp_path/cache``."""
+    base, most = backoff
+    cache = "" if serve is None else textwrap.dedent(f"""\
+        [server]
+        port = {serve[0]}
+        [upstream]
+        url = "{serve[1].url}"
+        username = "{serve[1].username}"
+        password = "{serve[1].password}"
+        [cache]
+        directory = "{tmp_path / 'cache'}"
+    """)
+    text = (f'[audit]\nfile = "{tmp_path / "audit" / "audit.jsonl"}"\n{cache}'
+            f'[relay]\nenabled = true\nport = {relay_port}\n'
+            f'spool_directory = "{tmp_path / "spool"}"\nretry_backoff_base = {base}\n'
+            + ("" if most is None else f"retry_backoff_max = {most}\n")
+            + relay_extra.strip() + ("\n" if relay_extra.strip() else "")
+            + '[[relay.destinations]]\nname = "PACS"\nremote_ae_title = "PACS"\n'
+            f'remote_host = "127.0.0.1"\nremote_port = {pacs_port}\n')
+    config = tmp_path / name
+    config.write_text(text)
+    return config
+
+
+def start_dicomcache(args: list[str], log: Path, *listening: int) -> subprocess.Popen[bytes]:
+    """``python -m dicomcache ARGS`` in a session of its own, its output appended to
+    ``log``; returns once it listens on every port of ``listening`` (60 s at most)."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dicomcache", *args], cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for port in listening:
+            wait_port(port, proc, timeout=60)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc
+
+
+def run_dicomcache(*args: str, timeout: float = 120, check: bool = False
+                   ) -> subprocess.CompletedProcess[str]:
+    """A ``dicomcache`` command as an operator runs it (its output captured)."""
+    return subprocess.run([sys.executable, "-m", "dicomcache", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=check)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The processes a test started (it appends them): stopped by PID at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        stop_process(proc)
+
+
+def children_now(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def children(pid: int) -> list[int]:
+    """:func:`children_now`, waiting up to 20 s for one to appear."""
+    with contextlib.suppress(AssertionError):
+        wait_until_sync(lambda: bool(children_now(pid)), 20, "a child process")
+    return children_now(pid)
+
+
+def kill_9(proc: subprocess.Popen[bytes]) -> list[int]:
+    """SIGKILL a relay the test started (by its PID) and wait until its forwarder process
+    died with it (PR_SET_PDEATHSIG); returns the children it had."""
+    had = children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    wait_until_sync(lambda: not any(Path(f"/proc/{c}").exists() for c in had), 10,
+                    "the forwarder process to die with the relay (it outlived kill -9)")
+    return had
+
+
+def spool_row(spool: Path, sql: str, *params: object) -> tuple[Any, ...] | None:
+    """One row of a relay process's spool database, read-only (``None``: no such row)."""
+    with contextlib.closing(sqlite3.connect(f"file:{spool / 'state.sqlite'}?mode=ro",
+                                            uri=True)) as db:
+        row: tuple[Any, ...] | None = db.execute(sql, params).fetchone()
+    return row
+
+
+def pending(spool: Path) -> int:
+    """Deliveries still waiting in a relay process's spool."""
+    row = spool_row(spool, "SELECT COUNT(*) FROM deliveries WHERE state='pending'")
+    assert row is not None
+    return int(row[0])

@@ -7,12 +7,9 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import sqlite3
 import subprocess
-import sys
-import textwrap
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +21,19 @@ from dicomcache.relay import drain
 from dicomcache.relay.spool import Spool
 from tests.relay.conftest import (
     StoreSCP,
+    daemon_config,
     needs_dcmtk,
-    read_quiet,
+    pending,
+    received,
+    run_dicomcache,
+    sop_uid,
+    sop_uids,
+    spool_row,
+    start_dicomcache,
     stop_process,
     storescu,
-    wait_port,
     wait_until_sync,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def dcmtk(test: Callable[..., None]) -> Callable[..., None]:
@@ -119,76 +120,19 @@ def test_a_running_relay_s_lock_keeps_a_drain_from_delivering_beside_it(tmp_path
 
 
 # --- with real processes ------------------------------------------------------------------------
-def _dicomcache(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicomcache", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def _config(tmp_path: Path, relay_port: int, pacs_port: int, extra: str = "") -> Path:
-    config = tmp_path / "dicomcache.toml"
-    config.write_text(textwrap.dedent(f"""
-        [audit]
-        file = "{tmp_path / 'audit' / 'audit.jsonl'}"
-        {extra}
-        [relay]
-        enabled = true
-        port = {relay_port}
-        spool_directory = "{tmp_path / 'spool'}"
-        retry_backoff_base = 1
-        retry_backoff_max = 2
-        [[relay.destinations]]
-        name = "PACS"
-        remote_ae_title = "PACS"
-        remote_host = "127.0.0.1"
-        remote_port = {pacs_port}
-    """))
-    return config
-
-
-def _start(args: list[str], log: Path, port: int) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dicomcache", *args], cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    wait_port(port, proc, timeout=60)
-    return proc
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        stop_process(proc)
-
-
-def _sop_uids(directory: Path) -> Counter[str]:
-    """SOP Instance UIDs of what a storescp stored."""
-    if not directory.exists():
-        return Counter()
-    return Counter(str(read_quiet(p).SOPInstanceUID) for p in directory.iterdir()
-                   if p.is_file())
-
-
-def _uids(files: list[Path]) -> set[str]:
-    return {str(read_quiet(f).SOPInstanceUID) for f in files}
+def _config(tmp_path: Path, relay_port: int, pacs_port: int,
+            serve: tuple[int, OrthancProcess] | None = None) -> Path:
+    return daemon_config(tmp_path, relay_port, pacs_port, name="dicomcache.toml",
+                         backoff=(1, 2), serve=serve)
 
 
 def _meta(spool: Path, key: str) -> dict[str, Any] | None:
-    with sqlite3.connect(f"file:{spool / 'state.sqlite'}?mode=ro", uri=True) as db:
-        row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    row = spool_row(spool, "SELECT value FROM meta WHERE key=?", key)
     return None if row is None else dict(json.loads(row[0]))
 
 
-def _pending(spool: Path) -> int:
-    with sqlite3.connect(f"file:{spool / 'state.sqlite'}?mode=ro", uri=True) as db:
-        return int(db.execute("SELECT COUNT(*) FROM deliveries WHERE state='pending'"
-                              ).fetchone()[0])
-
-
 def _failed_once(spool: Path) -> bool:
-    with sqlite3.connect(f"file:{spool / 'state.sqlite'}?mode=ro", uri=True) as db:
-        row = db.execute("SELECT failures FROM destinations WHERE name='PACS'").fetchone()
+    row = spool_row(spool, "SELECT failures FROM destinations WHERE name='PACS'")
     return row is not None and row[0] >= 1
 
 
@@ -204,30 +148,18 @@ def test_drain_of_the_running_service_while_the_pacs_is_down_then_up(
     """What the systemd unit runs: ``dicomcache serve`` with the relay on."""
     daemon = "serve"
     http_port, relay_port, pacs_port = free_ports(3)
-    config = _config(tmp_path, relay_port, pacs_port, extra=textwrap.dedent(f"""
-        [server]
-        port = {http_port}
-        [upstream]
-        url = "{orthanc.url}"
-        username = "{orthanc.username}"
-        password = "{orthanc.password}"
-        [cache]
-        directory = "{tmp_path / 'cache'}"
-    """))
+    config = _config(tmp_path, relay_port, pacs_port, serve=(http_port, orthanc))
     spool = tmp_path / "spool"
     files = write_series(make_ct_series(6, rows=64, columns=64, seed=1801), tmp_path / "ct")
     late = write_series(make_ct_series(1, rows=64, columns=64, seed=1802), tmp_path / "late")
-    processes.append(_start([daemon, "--config", str(config)], tmp_path / "serve.log",
-                            relay_port))
+    processes.append(start_dicomcache([daemon, "--config", str(config)],
+                                      tmp_path / "serve.log", relay_port))
     sent = storescu(files, relay_port)
     assert sent.returncode == 0, sent.stderr
     wait_until_sync(lambda: _failed_once(spool), 60, "the PACS found down")
 
-    with open(tmp_path / "drain.out", "wb") as out:
-        draining = subprocess.Popen(
-            [sys.executable, "-m", "dicomcache", "relay", "drain", "--config", str(config),
-             "--timeout", "300"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True)
+    draining = start_dicomcache(["relay", "drain", "--config", str(config), "--timeout", "300"],
+                                tmp_path / "drain.out")
     processes.append(draining)
     wait_until_sync(lambda: _meta(spool, drain.ANSWER) is not None, 60,
                     "the running relay answering the drain")
@@ -242,22 +174,23 @@ def test_drain_of_the_running_service_while_the_pacs_is_down_then_up(
     assert "Spool drained" in report
     # Nothing lost, nothing extra: every acknowledged instance at the PACS, the refused
     # one not (its modality keeps it and retries).
-    assert set(_sop_uids(pacs.directory)) == _uids(files)
-    assert _pending(spool) == 0
+    assert set(received(pacs.directory, by=sop_uid)) == sop_uids(files)
+    assert pending(spool) == 0
     # Until the service stops, modalities are still told to come back later.
     again = storescu(late, relay_port)
     assert _rejected_transient(again), again.stdout + again.stderr
-    status = _dicomcache("relay", "status", "--config", str(config))
+    status = run_dicomcache("relay", "status", "--config", str(config))
     assert "draining" in status.stdout and status.returncode == 0, status.stdout
 
     # The upgrade: stop, start (the new version) — it takes associations again.
     stop_process(processes[0])
     assert processes[0].returncode == 0
-    processes.append(_start([daemon, "--config", str(config)], tmp_path / "serve.log",
-                            relay_port))
+    processes.append(start_dicomcache([daemon, "--config", str(config)],
+                                      tmp_path / "serve.log", relay_port))
     taken = storescu(late, relay_port)
     assert taken.returncode == 0, taken.stdout + taken.stderr
-    wait_until_sync(lambda: set(_sop_uids(pacs.directory)) == _uids(files) | _uids(late),
+    wait_until_sync(lambda: set(received(pacs.directory, by=sop_uid))
+                    == sop_uids(files) | sop_uids(late),
                     60, "the instance sent after the upgrade at the PACS")
 
 
@@ -270,31 +203,28 @@ def test_drain_timeout_reports_what_is_left_and_takes_associations_again(
     spool = tmp_path / "spool"
     files = write_series(make_ct_series(3, rows=64, columns=64, seed=1803), tmp_path / "ct")
     late = write_series(make_ct_series(1, rows=64, columns=64, seed=1804), tmp_path / "late")
-    processes.append(_start(["relay", "run", "--config", str(config)],
-                            tmp_path / "relay.log", relay_port))
+    processes.append(start_dicomcache(["relay", "run", "--config", str(config)],
+                                      tmp_path / "relay.log", relay_port))
     assert storescu(files, relay_port).returncode == 0
 
-    done = _dicomcache("relay", "drain", "--config", str(config), "--timeout", "8", "--json")
+    done = run_dicomcache("relay", "drain", "--config", str(config), "--timeout", "8", "--json")
     assert done.returncode == 1, done.stdout + done.stderr
     result = json.loads(done.stdout)
     assert result["relay"] == "running" and result["still_waiting"] == 3
     (pacs,) = result["destinations"]
     assert pacs["name"] == "PACS" and pacs["waiting"] == 3 and pacs["delivered"] == 0
     assert "Connection refused" in pacs["why"] or "connect" in pacs["why"].lower(), pacs
-    assert _pending(spool) == 3  # nothing dropped
+    assert pending(spool) == 3  # nothing dropped
 
-    text = _dicomcache("relay", "drain", "--config", str(config), "--timeout", "3")
+    text = run_dicomcache("relay", "drain", "--config", str(config), "--timeout", "3")
     assert text.returncode == 1
     assert "NOT DRAINED: 3 instance(s) still wait" in text.stdout
     assert "The relay takes associations again" in text.stdout
     assert "What to do" in text.stdout
     # Stopped from outside (a script's `timeout`): withdrawn as well.
     last = (_meta(spool, drain.ANSWER) or {}).get("id")
-    with open(tmp_path / "drain.out", "wb") as out:
-        stopped = subprocess.Popen(
-            [sys.executable, "-m", "dicomcache", "relay", "drain", "--config", str(config)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+    stopped = start_dicomcache(["relay", "drain", "--config", str(config)],
+                               tmp_path / "drain.out")
     processes.append(stopped)
     wait_until_sync(lambda: (_meta(spool, drain.ANSWER) or {}).get("id") not in (None, last),
                     60, "the relay answering the new drain")
@@ -306,7 +236,7 @@ def test_drain_timeout_reports_what_is_left_and_takes_associations_again(
     # The relay takes associations again (it reads the withdrawn request within 2 s).
     wait_until_sync(lambda: storescu(late, relay_port).returncode == 0, 30,
                     "the relay taking associations after the failed drain")
-    assert _pending(spool) == 4
+    assert pending(spool) == 4
 
 
 
@@ -317,24 +247,25 @@ def test_drain_with_the_service_stopped(tmp_path: Path, storescp: Callable[..., 
     config = _config(tmp_path, relay_port, pacs_port)
     spool = tmp_path / "spool"
     files = write_series(make_ct_series(4, rows=64, columns=64, seed=1805), tmp_path / "ct")
-    relay = _start(["relay", "run", "--config", str(config)], tmp_path / "relay.log",
-                   relay_port)
+    relay = start_dicomcache(["relay", "run", "--config", str(config)],
+                             tmp_path / "relay.log", relay_port)
     processes.append(relay)
     assert storescu(files, relay_port).returncode == 0
     stop_process(relay)  # systemctl stop dicomcache
-    assert relay.returncode == 0 and _pending(spool) == 4
+    assert relay.returncode == 0 and pending(spool) == 4
 
     pacs = storescp("all", port=pacs_port)
-    done = _dicomcache("relay", "drain", "--config", str(config), "--timeout", "120")
+    done = run_dicomcache("relay", "drain", "--config", str(config), "--timeout", "120")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "The relay was stopped" in done.stdout
     assert "PACS  delivered 4, quarantined 0, still waiting 0" in done.stdout
-    assert Counter(_sop_uids(pacs.directory)) == Counter(dict.fromkeys(_uids(files), 1))
-    assert _pending(spool) == 0
-    assert _dicomcache("relay", "status", "--config", str(config)).returncode == 0
+    assert Counter(received(pacs.directory, by=sop_uid)) == \
+        Counter(dict.fromkeys(sop_uids(files), 1))
+    assert pending(spool) == 0
+    assert run_dicomcache("relay", "status", "--config", str(config)).returncode == 0
     # Every instance sent is in the audit trail, as the relay's own forwarding is.
     audit = (tmp_path / "audit" / "audit.jsonl").read_text()
-    assert all(uid in audit for uid in _uids(files))
+    assert all(uid in audit for uid in sop_uids(files))
 
 
 
@@ -346,15 +277,12 @@ def test_service_stopped_during_the_drain(tmp_path: Path, storescp: Callable[...
     config = _config(tmp_path, relay_port, pacs_port)
     spool = tmp_path / "spool"
     files = write_series(make_ct_series(3, rows=64, columns=64, seed=1807), tmp_path / "ct")
-    relay = _start(["relay", "run", "--config", str(config)], tmp_path / "relay.log",
-                   relay_port)
+    relay = start_dicomcache(["relay", "run", "--config", str(config)],
+                             tmp_path / "relay.log", relay_port)
     processes.append(relay)
     assert storescu(files, relay_port).returncode == 0
-    with open(tmp_path / "drain.out", "wb") as out:
-        draining = subprocess.Popen(
-            [sys.executable, "-m", "dicomcache", "relay", "drain", "--config", str(config),
-             "--timeout", "300"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True)
+    draining = start_dicomcache(["relay", "drain", "--config", str(config), "--timeout", "300"],
+                                tmp_path / "drain.out")
     processes.append(draining)
     wait_until_sync(lambda: _meta(spool, drain.ANSWER) is not None, 60,
                     "the running relay answering the drain")
@@ -365,8 +293,8 @@ def test_service_stopped_during_the_drain(tmp_path: Path, storescp: Callable[...
     report = (tmp_path / "drain.out").read_text()
     assert "The relay was stopped during the drain" in report
     assert "PACS  delivered 3, quarantined 0, still waiting 0" in report
-    assert set(_sop_uids(pacs.directory)) == _uids(files)
-    assert _pending(spool) == 0
+    assert set(received(pacs.directory, by=sop_uid)) == sop_uids(files)
+    assert pending(spool) == 0
 
 
 @dcmtk
@@ -375,12 +303,12 @@ def test_cancel_takes_associations_again(tmp_path: Path,
     relay_port, pacs_port = free_ports(2)
     config = _config(tmp_path, relay_port, pacs_port)
     files = write_series(make_ct_series(1, rows=64, columns=64, seed=1806), tmp_path / "ct")
-    processes.append(_start(["relay", "run", "--config", str(config)],
-                            tmp_path / "relay.log", relay_port))
-    done = _dicomcache("relay", "drain", "--config", str(config), "--timeout", "60")
+    processes.append(start_dicomcache(["relay", "run", "--config", str(config)],
+                                      tmp_path / "relay.log", relay_port))
+    done = run_dicomcache("relay", "drain", "--config", str(config), "--timeout", "60")
     assert done.returncode == 0, done.stdout + done.stderr  # nothing waited
     assert _rejected_transient(storescu(files, relay_port))
-    cancelled = _dicomcache("relay", "drain", "--cancel", "--config", str(config))
+    cancelled = run_dicomcache("relay", "drain", "--cancel", "--config", str(config))
     assert cancelled.returncode == 0 and "drain cancelled" in cancelled.stdout
     wait_until_sync(lambda: storescu(files, relay_port).returncode == 0, 30,
                     "the relay taking associations after --cancel")
@@ -399,7 +327,7 @@ def test_an_older_relay_on_the_port_without_the_lock_is_not_drained_beside(tmp_p
     spool.open()
     spool.close()
     with socket.create_server(("127.0.0.1", relay_port)):
-        done = _dicomcache("relay", "drain", "--config", str(config), "--timeout", "5")
+        done = run_dicomcache("relay", "drain", "--config", str(config), "--timeout", "5")
     assert done.returncode == 2
     assert "a dicomcache older than this one runs" in done.stderr
     assert "systemctl stop dicomcache" in done.stderr
@@ -409,7 +337,7 @@ def test_an_older_relay_on_the_port_without_the_lock_is_not_drained_beside(tmp_p
 @pytest.mark.parametrize("timeout", ["0", "-1", "90000", "nan"])
 def test_bad_timeout(tmp_path: Path, timeout: str) -> None:
     config = _config(tmp_path, *free_ports(2))
-    done = _dicomcache("relay", "drain", "--config", str(config), "--timeout", timeout)
+    done = run_dicomcache("relay", "drain", "--config", str(config), "--timeout", timeout)
     assert done.returncode == 2
     assert "--timeout" in done.stderr
 
@@ -417,7 +345,7 @@ def test_bad_timeout(tmp_path: Path, timeout: str) -> None:
 @pytest.mark.blocking_allowed(reason="a synchronous test driving the command")
 def test_no_spool_is_nothing_to_drain(tmp_path: Path) -> None:
     config = _config(tmp_path, *free_ports(2))
-    done = _dicomcache("relay", "drain", "--config", str(config))
+    done = run_dicomcache("relay", "drain", "--config", str(config))
     assert done.returncode == 0 and "nothing to drain" in done.stdout
 
 
@@ -431,7 +359,7 @@ def test_a_relay_that_does_not_answer_is_left_taking_associations(tmp_path: Path
     spool.close()
     held = drain.lock_running(tmp_path / "spool")
     try:
-        done = _dicomcache("relay", "drain", "--config", str(config), "--timeout", "2")
+        done = run_dicomcache("relay", "drain", "--config", str(config), "--timeout", "2")
     finally:
         drain.unlock(held)
     assert done.returncode == 2, done.stdout + done.stderr

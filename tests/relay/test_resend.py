@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import signal
-import sqlite3
-import subprocess
 import threading
 from collections import Counter
 from pathlib import Path
@@ -31,16 +28,19 @@ from dicomcache.relay.forward import DUPLICATES_AFTER_CRASH
 from tests.relay.conftest import (
     StoreSCP,
     content_hash,
+    daemon_config,
+    kill_9,
     needs_dcmtk,
+    pending,
     queue_depth,
     received,
     relay_settings,
+    start_dicomcache,
+    stop_process,
     storescu,
-    wait_port,
     wait_until,
     wait_until_sync,
 )
-from tests.relay.test_scp import _children, _start_relay_process
 
 pytestmark = [
     needs_dcmtk,
@@ -177,58 +177,21 @@ async def test_a_corrected_resend_in_another_study_is_not_overtaken_by_the_stale
         pacs.stop()
 
 
-def _relay_config(tmp_path: Path, relay_port: int, pacs_port: int) -> Path:
-    config = tmp_path / "relay.toml"
-    config.write_text(f"""
-[audit]
-file = "{tmp_path / 'audit' / 'audit.jsonl'}"
-[relay]
-enabled = true
-port = {relay_port}
-spool_directory = "{tmp_path / 'spool'}"
-retry_backoff_base = 0.2
-retry_backoff_max = 1.0
-[[relay.destinations]]
-name = "PACS"
-remote_ae_title = "PACS"
-remote_host = "127.0.0.1"
-remote_port = {pacs_port}
-""")
-    return config
-
-
-def _waiting(spool: Path) -> int:
-    with contextlib.closing(sqlite3.connect(f"file:{spool / 'state.sqlite'}?mode=ro",
-                                            uri=True)) as db:
-        return int(db.execute("SELECT COUNT(*) FROM deliveries WHERE state='pending'")
-                   .fetchone()[0])
-
-
-def _kill_9(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the relay we started (by its PID); its forwarder process dies with it."""
-    children = _children(proc.pid)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    for child in children:
-        wait_until_sync(lambda c=child: not Path(f"/proc/{c}").exists(), 10,
-                        "the forwarder process to die with the relay")
-
-
 @pytest.mark.slow
 def test_kill_9_while_forwarding_sends_at_most_the_instances_in_flight_again(
         tmp_path: Path) -> None:
     n, kills = 240, 3
     relay_port = free_port()
     pacs = _unique_filenames_pacs(tmp_path / "pacs")
-    config = _relay_config(tmp_path, relay_port, pacs.port)
+    config = daemon_config(tmp_path, relay_port, pacs.port)
     series = make_ct_series(n, rows=256, columns=256, seed=23)
     files = write_series(series, tmp_path / "modality")
     want = Counter(content_hash(f.read_bytes()) for f in files)
     assert len(want) == n
     log = tmp_path / "relay.log"
-    proc = _start_relay_process(config, log)
+    relay_run = ["relay", "run", "--config", str(config)]
+    proc = start_dicomcache(relay_run, log, relay_port)
     try:
-        wait_port(relay_port, proc)
         # The PACS is down while the modality sends: the whole series is spooled.
         res = storescu(files, relay_port)
         assert res.returncode == 0, res.stderr
@@ -239,18 +202,11 @@ def test_kill_9_while_forwarding_sends_at_most_the_instances_in_flight_again(
                 wait_until_sync(lambda k=k: len(pacs.files()) >= k * n // (kills + 1), 60,
                                 "deliveries", poll=0.01)
             at_kill.append(len(pacs.files()))
-            _kill_9(proc)
-            proc = _start_relay_process(config, log)
-            wait_port(relay_port, proc)
-        wait_until_sync(lambda: _waiting(tmp_path / "spool") == 0, 120, "an empty queue")
+            kill_9(proc)
+            proc = start_dicomcache(relay_run, log, relay_port)
+        wait_until_sync(lambda: pending(tmp_path / "spool") == 0, 120, "an empty queue")
     finally:
-        with contextlib.suppress(OSError):
-            proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=30)
         pacs.stop()
     assert at_kill[0] < n, f"the relay was not killed while it was forwarding: {at_kill}"
     got = received(pacs.directory)

@@ -3,9 +3,6 @@ instead of waiting out its back-off (a real daemon, a real storescp first down, 
 
 from __future__ import annotations
 
-import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,29 +12,24 @@ from dicomcache.devtools.orthanc import free_ports
 from dicomcache.devtools.samples import make_ct_series, write_series
 from tests.relay.conftest import (
     content_hash,
+    daemon_config,
     needs_dcmtk,
     received,
+    run_dicomcache,
+    spool_row,
+    start_dicomcache,
     stop_process,
     storescu,
-    wait_port,
     wait_until_sync,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-
 pytestmark = [needs_dcmtk, pytest.mark.slow]
-
-
-def _dicomcache(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicomcache", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60, check=False)
 
 
 def _backing_off(spool: Path) -> bool:
     if not (spool / "state.sqlite").exists():
         return False
-    with sqlite3.connect(f"file:{spool / 'state.sqlite'}?mode=ro", uri=True) as db:
-        row = db.execute("SELECT next_attempt FROM destinations WHERE name='PACS'").fetchone()
+    row = spool_row(spool, "SELECT next_attempt FROM destinations WHERE name='PACS'")
     return row is not None and row[0] > time.time() + 60
 
 
@@ -45,39 +37,20 @@ def _backing_off(spool: Path) -> bool:
 def test_retry_sends_at_once_after_the_pacs_is_fixed(tmp_path: Path, storescp) -> None:
     relay_port, pacs_port = free_ports(2)
     spool = tmp_path / "spool"
-    config = tmp_path / "relay.toml"
-    config.write_text(f"""
-[audit]
-file = "{tmp_path / 'audit' / 'audit.jsonl'}"
-[relay]
-enabled = true
-port = {relay_port}
-spool_directory = "{spool}"
-# After one failed association the next attempt is 5-10 minutes away.
-retry_backoff_base = 600
-retry_backoff_max = 600
-[[relay.destinations]]
-name = "PACS"
-remote_ae_title = "PACS"
-remote_host = "127.0.0.1"
-remote_port = {pacs_port}
-""")
+    # After one failed association the next attempt is 5-10 minutes away.
+    config = daemon_config(tmp_path, relay_port, pacs_port, backoff=(600, 600))
     files = write_series(make_ct_series(3, rows=64, columns=64, seed=181), tmp_path / "ct")
-    with open(tmp_path / "relay.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dicomcache", "relay", "run", "--config", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-            start_new_session=True)
+    proc = start_dicomcache(["relay", "run", "--config", str(config)], tmp_path / "relay.log",
+                            relay_port)
     try:
-        wait_port(relay_port, proc)
         sent = storescu(files, relay_port)
         assert sent.returncode == 0, sent.stderr
         wait_until_sync(lambda: _backing_off(spool), 30, "the destination backing off")
 
         pacs = storescp("all", port=pacs_port)  # the PACS is fixed
-        assert _dicomcache("relay", "retry", "--destination", "NOPE", "--config",
-                           str(config)).returncode == 2
-        done = _dicomcache("relay", "retry", "--destination", "PACS", "--config", str(config))
+        assert run_dicomcache("relay", "retry", "--destination", "NOPE", "--config",
+                              str(config)).returncode == 2
+        done = run_dicomcache("relay", "retry", "--destination", "PACS", "--config", str(config))
         assert done.returncode == 0, done.stderr
         assert "PACS: back-off cleared, 3 instance(s) waiting" in done.stdout
         want = {content_hash(f.read_bytes()): 1 for f in files}
@@ -91,5 +64,5 @@ remote_port = {pacs_port}
 def test_retry_without_a_spool(tmp_path: Path) -> None:
     config = tmp_path / "relay.toml"
     config.write_text(f'[relay]\nenabled = true\nspool_directory = "{tmp_path / "none"}"\n')
-    done = _dicomcache("relay", "retry", "--config", str(config))
+    done = run_dicomcache("relay", "retry", "--config", str(config))
     assert done.returncode == 1 and "no relay spool" in done.stderr

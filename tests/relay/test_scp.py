@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import errno
 import json
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,12 +25,14 @@ from dicomcache.durable import write_durably
 from dicomcache.relay.spool import Spool
 from tests.conftest import tmpfs
 from tests.relay.conftest import (
+    daemon_config,
+    kill_9,
     needs_dcmtk,
     relay_settings,
     sample,
+    start_dicomcache,
     stop_process,
     storescu,
-    wait_port,
     wait_until_sync,
 )
 
@@ -163,43 +163,20 @@ async def test_c_echo(tmp_path: Path, relay_factory) -> None:
     assert res.returncode == 0, res.stderr
 
 
-def _start_relay_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as logf:
-        return subprocess.Popen(
-            [sys.executable, "-m", "dicomcache", "relay", "run", "--config", str(config)],
-            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=Path(__file__).resolve().parents[2], start_new_session=True)
-
-
 @needs_dcmtk
 @pytest.mark.slow
 def test_kill_9_mid_burst_then_restart_delivers_every_acknowledged(tmp_path: Path, storescp,
                                                                    accelerate: bool) -> None:
     pacs_port = free_port()
     relay_port = free_port()
-    config = tmp_path / "relay.toml"
-    config.write_text(f"""
-[audit]
-file = "{tmp_path / 'audit' / 'audit.jsonl'}"
-[relay]
-enabled = true
-port = {relay_port}
-spool_directory = "{tmp_path / 'spool'}"
-retry_backoff_base = 0.2
-retry_backoff_max = 1.0
-accelerate = {str(accelerate).lower()}
-[[relay.destinations]]
-name = "PACS"
-remote_ae_title = "PACS"
-remote_host = "127.0.0.1"
-remote_port = {pacs_port}
-""")
+    config = daemon_config(tmp_path, relay_port, pacs_port,
+                           relay_extra=f"accelerate = {str(accelerate).lower()}")
     series = make_ct_series(120, rows=256, columns=256, seed=9)
     files = write_series(series, tmp_path / "ct")
     log = tmp_path / "relay.log"
-    proc = _start_relay_process(config, log)
+    relay_run = ["relay", "run", "--config", str(config)]
+    proc = start_dicomcache(relay_run, log, relay_port)
     try:
-        wait_port(relay_port, proc)
         # The PACS is down: everything acknowledged stays in the spool.  Kill the relay
         # while storescu is in the middle of the burst.
         scu = subprocess.Popen(
@@ -210,21 +187,16 @@ remote_port = {pacs_port}
         with contextlib.suppress(AssertionError):  # (then storescu has finished: see below)
             wait_until_sync(lambda: objects.exists() and len(list(objects.iterdir())) >= 20,
                             30, "20 spooled instances", poll=0.01)
-        children = _children(proc.pid)
-        assert len(children) == 1, children  # the forwarder process
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
         # The forwarder process dies with it (PR_SET_PDEATHSIG): no stale forwarder
         # beside the next one.
-        wait_until_sync(lambda: not Path(f"/proc/{children[0]}").exists(), 10,
-                        "the forwarder to die with the relay (it outlived kill -9)")
+        children = kill_9(proc)
+        assert len(children) == 1, children  # the forwarder process
         out, _ = scu.communicate(timeout=60)
         acked = _acknowledged(out, files)
         assert 10 <= len(acked) < len(files), out[-2000:]
         # Restart with the PACS up: every acknowledged instance arrives, intact.
         pacs = storescp("all", port=pacs_port)
-        proc = _start_relay_process(config, log)
-        wait_port(relay_port, proc)
+        proc = start_dicomcache(relay_run, log, relay_port)
         with contextlib.suppress(AssertionError):  # (what is missing is named below)
             wait_until_sync(lambda: len(pacs.files()) >= len(acked), 60, "every delivery")
         received = {}
@@ -240,26 +212,6 @@ remote_port = {pacs_port}
     finally:
         stop_process(proc)
     assert "Traceback" not in log.read_text()
-
-
-def _children_now(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid`` (from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _children(pid: int) -> list[int]:
-    """:func:`_children_now`, waiting up to 20 s for one to appear."""
-    with contextlib.suppress(AssertionError):
-        wait_until_sync(lambda: bool(_children_now(pid)), 20, "a child process")
-    return _children_now(pid)
 
 
 def _acknowledged(storescu_output: str, files: list[Path]) -> list[str]:
