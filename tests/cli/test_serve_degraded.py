@@ -11,6 +11,7 @@ usable again it caches again by itself, without a restart.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -71,14 +72,15 @@ def serve(tmp_path: Path, orthanc: OrthancProcess) -> Iterator[Any]:
     """Start ``dicomcache serve`` with its cache in a directory; wait until it answers."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(directory: Path) -> Daemon:
+    def start(directory: Path, upstream: str | None = None) -> Daemon:
+        """``upstream``: another Orthanc URL (one that refuses: Orthanc stopped)."""
         port = free_port()
         cfg = tmp_path / "c.toml"
         cfg.write_text(textwrap.dedent(f"""
             [server]
             port = {port}
             [upstream]
-            url = "{orthanc.url}"
+            url = "{upstream or orthanc.url}"
             username = "{orthanc.username}"
             password = "{orthanc.password}"
             [cache]
@@ -194,3 +196,46 @@ def test_serve_on_a_cache_disk_in_trouble_serves_verified_then_recovers(
         assert "Traceback" not in daemon.log_text(), daemon.log_text()
         stop_process(daemon.proc)
         assert daemon.proc.returncode == 0, daemon.log_text()
+
+
+@pytest.mark.parametrize("ended", ["stopped", "killed"])
+def test_a_cache_disk_remounted_read_only_serves_its_entries_as_hits(
+        tmp_path: Path, serve: Any, samples: dict[str, list[Sample]], ended: str) -> None:
+    """The clinic's disk went read-only (ext4 ``errors=remount-ro``) and dicomcache was
+    restarted while the WAN is down too: what the cache holds is still served, verified,
+    from the read-only disk.  ``killed``: the index's write-ahead log (and its -shm) is
+    left behind holding the last rows, as after a crash; ``stopped``: a clean stop left
+    no log (SQLite then needs ``immutable=1``: ``mode=ro`` cannot create the -shm)."""
+    cached = samples["explicit"][:3]
+    with tmpfs(tmp_path / "disk", "size=8m") as disk:
+        directory = disk / "cache"
+        daemon = serve(directory)
+        for s in cached:
+            assert daemon.get(f"/instances/{s.orthanc_id}/file")[1].get("X-Cache") == "MISS"
+        assert daemon.get(f"/instances/{cached[0].orthanc_id}/file")[1].get("X-Cache") == "HIT"
+        stop_process(daemon.proc, signal.SIGKILL if ended == "killed" else signal.SIGTERM)
+        left = {p.name for p in directory.iterdir()}
+        assert ("index.sqlite-wal" in left) == (ended == "killed"), left
+        remount(disk, "ro")
+        try:
+            daemon = serve(directory, upstream=f"http://127.0.0.1:{free_port()}")  # WAN down
+            for s in cached:
+                for path in (f"/instances/{s.orthanc_id}/file",
+                             f"/wado?requestType=WADO&studyUID={s.study}&seriesUID={s.series}"
+                             f"&objectUID={s.sop}&contentType=application/dicom"):
+                    code, headers, body = daemon.get(path)
+                    assert code == 200 and body == s.data, (path, code, body[:300])
+                    assert headers.get("X-Cache") == "HIT", headers
+            _, state = daemon.json("/status.json")
+            assert state["cache"]["degraded"] == "read_only", state["cache"]
+            assert "cache degraded: read_only" in state["cache"]["status"]
+            assert state["cache"]["entries"] == len(cached), state["cache"]
+            _, _, metrics = daemon.get("/metrics")
+            assert metric(metrics.decode(), 'dicomcache_cache_degraded{cause="read_only"}') == 1
+            s = samples["implicit"][0]  # not cached, and Orthanc is out of reach
+            assert daemon.get(f"/instances/{s.orthanc_id}/file")[0] in (502, 503, 504)
+            assert "Traceback" not in daemon.log_text(), daemon.log_text()
+            stop_process(daemon.proc)
+            assert daemon.proc.returncode == 0, daemon.log_text()
+        finally:
+            remount(disk, "rw")
