@@ -419,6 +419,12 @@ class Store:
             trouble = StoreTrouble.MISSING  # whatever mkdir said (EROFS, EACCES)
         elif look and trouble is not StoreTrouble.READ_ONLY and self._on_read_only_fs():
             trouble = StoreTrouble.READ_ONLY  # whatever failed (EIO, SQLITE_CANTOPEN…)
+        current = self.health.degraded
+        if trouble is StoreTrouble.IO_ERROR and current is not None \
+                and current.trouble is StoreTrouble.READ_ONLY:
+            # ext4 made read-only after an error (still "rw" to statvfs): new files fail
+            # with EROFS, the index's writes with EIO.  One cause, not two in turn.
+            trouble = StoreTrouble.READ_ONLY
         detail = _describe(exc)
         if isinstance(exc, sqlite3.Error):
             detail = f"{self.directory / INDEX_FILE}: {detail}"
@@ -436,8 +442,9 @@ class Store:
         """An index write that only saves work later (recency, resolutions,
         confirmations): on a full or failing disk it is skipped (kept in memory where
         it is), and the store degraded, rather than failing the request behind it;
-        never tried on a read-only index."""
-        if self.read_only:
+        never tried while the store is read-only."""
+        state = self.health.degraded
+        if self.read_only or (state is not None and state.trouble is StoreTrouble.READ_ONLY):
             return
         try:
             write()
