@@ -258,6 +258,20 @@ class Index:
         with self._lock:
             self._db.close()
 
+    def release(self) -> None:
+        """Close the file, and answer from now on as an empty index in memory: a lookup
+        in another thread racing the store's swap to a new index is a miss, not an error.
+        SQLite shares one ``-shm`` per file among a process's connections, so while a
+        read-only one is open (its ``-shm`` opened read-only), a new connection cannot
+        write either: the read-only index is released before the directory is attached
+        for writing again."""
+        empty = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        empty.executescript(_SCHEMA)
+        with self._lock:
+            self._db.close()
+            self._db = empty
+            self.path = None
+
     def checkpoint(self) -> None:
         """Write the log into the index and empty it: after a purge, no earlier version
         of a deleted row is left in the write-ahead log either."""

@@ -262,7 +262,6 @@ class Store:
             return
         self.index = index  # the one in memory is left to the garbage collector (above)
         self.attached = self.read_only = True
-        self._withdrawn.clear()
         self._hot.clear()
         self._hot_sop.clear()
         self.generation = generation
@@ -466,6 +465,15 @@ class Store:
             # old one unmounted, checked and mounted again); the old connection may fail
             # for good (ext4 after errors=remount-ro).
             withdrawn = set(self._withdrawn)
+            if self.read_only:
+                try:
+                    self._probe_tmp()  # writable again? (else keep serving what it holds)
+                except OSError as exc:
+                    self._note(exc)
+                    return
+                reader = self.index
+                self._detach()
+                reader.release()
             try:
                 self._attach()
             except ATTACH_ERRORS as exc:
@@ -493,6 +501,13 @@ class Store:
             return
         self.health.recover()
 
+    def _probe_tmp(self) -> None:
+        """A synced write in ``tmp/`` (made again if it was removed), or the error."""
+        if not self.tmp_dir.exists():
+            self.tmp_dir.mkdir()
+        probe = self.write_temp(b"ready")
+        probe.unlink()
+
     def _drop_withdrawn(self, orthanc_ids: set[str]) -> None:
         """Delete the entries withdrawn while the index was read-only (purged, found bad,
         vanished), now that it takes writes."""
@@ -512,10 +527,7 @@ class Store:
         """A synced write in ``tmp/`` (made again if it was removed), and while degraded a
         write to the index too (not every few seconds while all is well: it would queue
         behind an admin command's transaction), or the error."""
-        if not self.tmp_dir.exists():
-            self.tmp_dir.mkdir()
-        probe = self.write_temp(b"ready")
-        probe.unlink()
+        self._probe_tmp()
         if self.health.degraded is not None:
             self.index.probe(time.time())
 

@@ -431,8 +431,9 @@ def test_an_index_of_schema_version_1_is_adopted(tmp_path: Path, blobs: list[byt
     assert Store(tmp_path, 1 << 30).stats()["entries"] == 1  # adopted once, kept
 
 
+@pytest.mark.parametrize("ended", ["closed", "crashed"])
 def test_a_read_only_cache_directory_serves_its_entries_and_writes_nothing(
-        tmp_path: Path, blobs: list[bytes]) -> None:
+        tmp_path: Path, blobs: list[bytes], ended: str) -> None:
     """A file system remounted read-only (a real tmpfs): the index is opened read-only, its
     entries are found and served; nothing is written (no recency, no new entry, no
     purge); once it is writable again the store caches, and what was purged meanwhile
@@ -440,11 +441,20 @@ def test_a_read_only_cache_directory_serves_its_entries_and_writes_nothing(
     with tmpfs(tmp_path / "disk", "size=8m") as disk:
         before = Store(disk / "cache", 1 << 30)
         kept, purged = commit(before, blobs[0]), commit(before, blobs[1])
+        if ended == "crashed":  # the -wal and -shm are left, as a crash leaves them
+            # (mode=ro); the process's own connection must be gone for the remount.
+            left = {n: (disk / "cache" / n).read_bytes()
+                    for n in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm")}
         before.close()  # a clean stop: no write-ahead log left (immutable=1)
+        if ended == "crashed":
+            for name, data in left.items():
+                (disk / "cache" / name).write_bytes(data)
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         try:
             store = Store.for_serving(disk / "cache", 1 << 30, 0)
             assert store.read_only and store.attached
+            assert (store.index.path is not None) and ((disk / "cache" / "index.sqlite-wal")
+                                                      .exists() == (ended == "crashed"))
             assert store.health.degraded is not None
             assert store.health.degraded.trouble is StoreTrouble.READ_ONLY
             got = store.get(kept.orthanc_id)
