@@ -629,6 +629,8 @@ class Store:
                 "status": "caching" if state is None else state.status,
                 "detail": None if state is None else state.detail,
                 "degraded_since": None if state is None else state.since,
+                # What it holds is served (from a read-only index too), or nothing is.
+                "serving_cached": self.attached, "read_only": self.read_only,
                 "free_bytes": self.free_bytes, "disk_bytes": self.disk_bytes,
                 "min_free": self.min_free}
 

@@ -233,13 +233,26 @@ def test_a_cache_disk_remounted_read_only_serves_its_entries_as_hits(
             assert state["cache"]["entries"] == len(cached), state["cache"]
             _, _, metrics = daemon.get("/metrics")
             assert metric(metrics.decode(), 'dicomcache_cache_degraded{cause="read_only"}') == 1
+            assert state["cache"]["serving_cached"] is True
+            _, _, page = daemon.get("/")
+            assert b"already holds are still served from it" in page
             s = samples["implicit"][0]  # not cached, and Orthanc is out of reach
             assert daemon.get(f"/instances/{s.orthanc_id}/file")[0] in (502, 503, 504)
-            assert "Traceback" not in daemon.log_text(), daemon.log_text()
-            stop_process(daemon.proc)
-            assert daemon.proc.returncode == 0, daemon.log_text()
         finally:
             remount(disk, "rw")
+
+        # Writable again (remounted by hand): it caches again by itself, keeping what it held.
+        def recovered() -> bool:
+            return daemon.json("/readyz")[1]["store"]["degraded"] is None
+        eventually_sync(recovered, timeout=60, interval=0.5, what="the cache recovered")
+        _, _, metrics = daemon.get("/metrics")
+        assert metric(metrics.decode(), 'dicomcache_cache_degraded{cause="read_only"}') == 0
+        assert daemon.json("/status.json")[1]["cache"]["entries"] == len(cached)
+        for s in cached:
+            assert daemon.get(f"/instances/{s.orthanc_id}/file")[1].get("X-Cache") == "HIT"
+        assert "Traceback" not in daemon.log_text(), daemon.log_text()
+        stop_process(daemon.proc)
+        assert daemon.proc.returncode == 0, daemon.log_text()
 
 
 @contextlib.contextmanager
