@@ -20,6 +20,7 @@ Every method is blocking: call from a worker thread.
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -114,6 +115,23 @@ class SchemaMismatch(RuntimeError):
     """The index was written by another version of dicomcache."""
 
 
+def read_only_mode(wal_bytes: int | None, shm: bool) -> str | None:
+    """How SQLite can read an index on a file system that cannot be written, from its
+    write-ahead log's size (``None``: no log) and whether its ``-shm`` exists: the URI
+    parameter, or ``None`` when it cannot be read consistently.
+
+    Measured with SQLite 3.40 on a read-only tmpfs: ``mode=ro`` needs the ``-shm``
+    (it cannot create one: ``SQLITE_CANTOPEN`` after a clean close, which removes
+    both files), and then sees the rows only the log holds (after a crash or a
+    forced remount); ``immutable=1`` opens the file alone and ignores any log.
+    """
+    if not wal_bytes:
+        return "immutable=1"  # no log: the file is the whole index
+    if shm:
+        return "mode=ro"
+    return None  # rows only in a log SQLite cannot index without its -shm
+
+
 def schema_of(path: Path) -> str | None:
     """The schema version an index file records (``None``: no file, or none recorded)."""
     if not path.exists():
@@ -160,14 +178,32 @@ class Row:
 class Index:
     """The SQLite index of one store directory (see the module docstring)."""
 
-    def __init__(self, directory: Path | None) -> None:
+    def __init__(self, directory: Path | None, *, read_only: bool = False) -> None:
         """The index of ``directory``; ``None``: an empty one in memory, for a store that
-        cannot use its directory (it indexes nothing, and keeps fewer resolutions)."""
+        cannot use its directory (it indexes nothing, and keeps fewer resolutions).
+
+        ``read_only``: the index of a directory that cannot be written (a file system
+        remounted read-only), opened as :func:`read_only_mode` says; every write to it
+        fails (``SQLITE_READONLY``).  ``OSError`` when it cannot be read consistently.
+        """
         self.path = directory / INDEX_FILE if directory is not None else None
         self.max_resolved = MAX_RESOLVED if directory is not None else MAX_RESOLVED_IN_MEMORY
-        self._db = sqlite3.connect(self.path or ":memory:", timeout=30.0, isolation_level=None,
-                                   check_same_thread=False)
+        self.read_only = read_only
+        if read_only:
+            assert self.path is not None
+            self._db = self._open_read_only(self.path)
+        else:
+            self._db = sqlite3.connect(self.path or ":memory:", timeout=30.0,
+                                       isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
+        if read_only:
+            try:
+                self._db.execute("PRAGMA query_only = ON")
+                self._check_version(create=False)
+            except BaseException:
+                self._db.close()
+                raise
+            return
         try:
             with self._lock:
                 self._db.execute("PRAGMA journal_mode = WAL")
@@ -190,10 +226,26 @@ class Index:
     def in_memory(self) -> bool:
         return self.path is None
 
-    def _check_version(self) -> None:
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    @staticmethod
+    def _open_read_only(path: Path) -> sqlite3.Connection:
+        if not path.is_file():
+            raise FileNotFoundError(errno.ENOENT, "no cache index", str(path))
+        wal, shm = path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")
+        wal_bytes = wal.stat().st_size if wal.exists() else None
+        mode = read_only_mode(wal_bytes, shm.exists())
+        if mode is None:
+            raise OSError(errno.EROFS, f"its write-ahead log ({wal_bytes} bytes) cannot be "
+                                       f"read without {shm.name} on a read-only disk", str(path))
+        return sqlite3.connect(f"{path.as_uri()}?{mode}", uri=True, timeout=30.0,
+                               isolation_level=None, check_same_thread=False)
+
+    def _check_version(self, *, create: bool = True) -> None:
+        if create:
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is None and not create:
+            raise SchemaMismatch(f"cache index {self.path} records no schema version")
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         elif row[0] != str(SCHEMA_VERSION):
@@ -205,6 +257,20 @@ class Index:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def release(self) -> None:
+        """Close the file, and answer from now on as an empty index in memory: a lookup
+        in another thread racing the store's swap to a new index is a miss, not an error.
+        SQLite shares one ``-shm`` per file among a process's connections, so while a
+        read-only one is open (its ``-shm`` opened read-only), a new connection cannot
+        write either: the read-only index is released before the directory is attached
+        for writing again."""
+        empty = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        empty.executescript(_SCHEMA)
+        with self._lock:
+            self._db.close()
+            self._db = empty
+            self.path = None
 
     def checkpoint(self) -> None:
         """Write the log into the index and empty it: after a purge, no earlier version

@@ -159,6 +159,7 @@ class Store:
             store._attach()
         except ATTACH_ERRORS as exc:
             store._note(exc)
+            store._attach_read_only()
         return store
 
     def _prepare(self, directory: Path, max_size: int, min_free: int) -> None:
@@ -172,6 +173,12 @@ class Store:
         self.index = Index(None)
         #: True once the directory and its index are in use (see :meth:`for_serving`).
         self.attached = False
+        #: Attached to a directory that can be read, not written (:meth:`_attach_read_only`).
+        self.read_only = False
+        #: While read-only: entries that are no longer to be served (purged, quarantined,
+        #: vanished) but whose rows cannot be deleted.
+        self._withdrawn: set[str] = set()
+        self._read_only_failure = ""
         #: The file system's free and total bytes when last looked at (None: not yet).
         self.free_bytes: int | None = None
         self.disk_bytes: int | None = None
@@ -226,12 +233,48 @@ class Store:
         self._hot_sop.clear()
         self.generation = self.index.generation()
         self.attached = True
+        self.read_only = False
+        self._withdrawn.clear()
+
+    def _attach_read_only(self) -> None:
+        """Serve what a directory that cannot be written holds (its file system remounted
+        read-only after an I/O error, say): its index opened read-only, every entry still
+        checked against its MD5 when first opened; nothing written (no new entries, no
+        recency, no eviction, no quarantine) until :meth:`recheck` attaches it for writing.
+        Only while the store is degraded for being read-only; else it stays unattached."""
+        state = self.health.degraded
+        if state is None or state.trouble is not StoreTrouble.READ_ONLY:
+            return
+        try:
+            index = Index(self.directory, read_only=True)
+            try:
+                generation = index.generation()
+                entries, _ = index.usage()
+            except BaseException:
+                index.close()
+                raise
+        except ATTACH_ERRORS as exc:
+            failure = _describe(exc)
+            if failure != self._read_only_failure:  # once, not at every re-check
+                self._read_only_failure = failure
+                log.warning("store: the read-only cache index cannot be read either (%s): "
+                            "nothing is served from %s", failure, self.directory)
+            return
+        self.index = index  # the one in memory is left to the garbage collector (above)
+        self.attached = self.read_only = True
+        self._hot.clear()
+        self._hot_sop.clear()
+        self.generation = generation
+        log.warning("store: cache directory %s cannot be written: the %d instance(s) it "
+                    "holds are served (verified), nothing new is cached", self.directory,
+                    entries)
 
     def _detach(self) -> None:
         """The directory vanished under the store: index nothing (in memory) until
         :meth:`recheck` can attach it again (a new directory, a new index)."""
         self.index = Index(None)  # the old one is left to the garbage collector (above)
         self.attached = False
+        self.read_only = False
         self._hot.clear()
         self._hot_sop.clear()
 
@@ -343,7 +386,7 @@ class Store:
         younger than ``min_age`` seconds are left alone (they may be mid-commit).
         """
         removed = 0
-        if not self.attached:
+        if not self.attached or self.read_only:
             return 0
         cutoff = time.time() - min_age
         for tmp in self.tmp_dir.iterdir():
@@ -362,23 +405,46 @@ class Store:
         return removed
 
     # --- health: degraded, not dead ---------------------------------------------------
-    def _note(self, exc: BaseException) -> None:
-        """A disk or index operation failed: the store is degraded (see :attr:`health`)."""
+    def _note(self, exc: BaseException, *, look: bool = True) -> None:
+        """A disk or index operation failed: the store is degraded (see :attr:`health`).
+
+        ``look``: ask the file system whether it is read-only (blocking: not on the
+        event loop)."""
         if isinstance(exc, StoreClosed | StoreUnavailable):
             return
         trouble = trouble_of(exc.__cause__ if isinstance(exc.__cause__, sqlite3.Error)
                              else exc)
         if not self.attached and not self.directory.exists():
             trouble = StoreTrouble.MISSING  # whatever mkdir said (EROFS, EACCES)
+        elif look and trouble is not StoreTrouble.READ_ONLY and self._on_read_only_fs():
+            trouble = StoreTrouble.READ_ONLY  # whatever failed (EIO, SQLITE_CANTOPEN…)
+        current = self.health.degraded
+        if trouble is StoreTrouble.IO_ERROR and current is not None \
+                and current.trouble is StoreTrouble.READ_ONLY:
+            # ext4 made read-only after an error (still "rw" to statvfs): new files fail
+            # with EROFS, the index's writes with EIO.  One cause, not two in turn.
+            trouble = StoreTrouble.READ_ONLY
         detail = _describe(exc)
         if isinstance(exc, sqlite3.Error):
             detail = f"{self.directory / INDEX_FILE}: {detail}"
         self.health.degrade(trouble, detail)
 
+    def _on_read_only_fs(self) -> bool:
+        """The directory's file system is mounted read-only (by hand, or by the kernel
+        after an I/O error: ext4 ``errors=remount-ro``)."""
+        try:
+            return bool(os.statvfs(self.directory).f_flag & os.ST_RDONLY)
+        except OSError:
+            return False
+
     def _best_effort(self, write: Callable[[], object]) -> None:
         """An index write that only saves work later (recency, resolutions,
         confirmations): on a full or failing disk it is skipped (kept in memory where
-        it is), and the store degraded, rather than failing the request behind it."""
+        it is), and the store degraded, rather than failing the request behind it;
+        never tried while the store is read-only."""
+        state = self.health.degraded
+        if self.read_only or (state is not None and state.trouble is StoreTrouble.READ_ONLY):
+            return
         try:
             write()
         except sqlite3.Error as exc:
@@ -392,14 +458,32 @@ class Store:
         directory and the index take a synced write.  Then the store caches (again),
         or stays degraded with the cause found.
         """
-        if not self.attached:
+        state = self.health.degraded
+        if not self.attached or self.read_only or (
+                state is not None and state.trouble is StoreTrouble.READ_ONLY):
+            # Read-only: a new index, as the directory may be another file system now (the
+            # old one unmounted, checked and mounted again); the old connection may fail
+            # for good (ext4 after errors=remount-ro).
+            withdrawn = set(self._withdrawn)
+            if self.read_only:
+                try:
+                    self._probe_tmp()  # writable again? (else keep serving what it holds)
+                except OSError as exc:
+                    self._note(exc)
+                    return
+                reader = self.index
+                self._detach()
+                reader.release()
             try:
                 self._attach()
             except ATTACH_ERRORS as exc:
                 self._note(exc)
+                if not self.attached:
+                    self._attach_read_only()
                 return
             log.info("store: cache directory %s is usable again", self.directory)
             self._sweep_quietly()
+            self._drop_withdrawn(withdrawn)
         state = self.health.degraded
         # Caching resumes with a tenth of min_free to spare, not at the first byte over
         # it: else a disk hovering at min_free flips between the two every re-check.
@@ -417,14 +501,33 @@ class Store:
             return
         self.health.recover()
 
-    def _probe(self) -> None:
-        """A synced write in ``tmp/`` (made again if it was removed), and while degraded a
-        write to the index too (not every few seconds while all is well: it would queue
-        behind an admin command's transaction), or the error."""
+    def _probe_tmp(self) -> None:
+        """A synced write in ``tmp/`` (made again if it was removed), or the error."""
         if not self.tmp_dir.exists():
             self.tmp_dir.mkdir()
         probe = self.write_temp(b"ready")
         probe.unlink()
+
+    def _drop_withdrawn(self, orthanc_ids: set[str]) -> None:
+        """Delete the entries withdrawn while the index was read-only (purged, found bad,
+        vanished), now that it takes writes."""
+        if not orthanc_ids:
+            return
+        try:
+            with self._commit_lock:
+                for oid in orthanc_ids:
+                    row = self.index.get(oid)
+                    if row is not None and self.index.delete(oid, row.file):
+                        self._remove(row.file)
+            self._log_removal({EVERY_STUDY: len(orthanc_ids)})
+        except ATTACH_ERRORS as exc:
+            self._note(exc)
+
+    def _probe(self) -> None:
+        """A synced write in ``tmp/`` (made again if it was removed), and while degraded a
+        write to the index too (not every few seconds while all is well: it would queue
+        behind an admin command's transaction), or the error."""
+        self._probe_tmp()
         if self.health.degraded is not None:
             self.index.probe(time.time())
 
@@ -436,6 +539,8 @@ class Store:
         state = self.health.degraded
         if state is not None:
             raise StoreUnavailable(state.trouble, state.detail)
+        if self.read_only:
+            raise StoreUnavailable(StoreTrouble.READ_ONLY, f"{self.directory} is read-only")
         if not self.attached:
             raise StoreUnavailable(StoreTrouble.MISSING, f"{self.directory} is not in use")
         with self._space_lock:
@@ -524,6 +629,8 @@ class Store:
                 "status": "caching" if state is None else state.status,
                 "detail": None if state is None else state.detail,
                 "degraded_since": None if state is None else state.since,
+                # What it holds is served (from a read-only index too), or nothing is.
+                "serving_cached": self.attached, "read_only": self.read_only,
                 "free_bytes": self.free_bytes, "disk_bytes": self.disk_bytes,
                 "min_free": self.min_free}
 
@@ -577,8 +684,9 @@ class Store:
 
     def note_failure(self, exc: OSError) -> None:
         """A write into the store's directory failed outside the store (a large body
-        streamed to ``tmp/``): the store is degraded, as after a failure of its own."""
-        self._note(exc)
+        streamed to ``tmp/``): the store is degraded, as after a failure of its own
+        (called on the event loop: the next re-check tells a read-only file system)."""
+        self._note(exc, look=False)
 
     def commit_body(self, body: Instance) -> Instance | None:
         """Write, fsync, rename and index a verified body in memory (see :meth:`commit`).
@@ -786,6 +894,9 @@ class Store:
         row = self.index.get(orthanc_id)
         return self._found(row) if row is not None else None
 
+    def _served(self, row: Row) -> bool:
+        return not self._withdrawn or row.orthanc_id not in self._withdrawn
+
     def by_uids(self, sop_uid: str, study_uid: str | None = None,
                 series_uid: str | None = None) -> list[Instance]:
         """Every stored entry with these UIDs (several: the same UIDs under several
@@ -794,6 +905,8 @@ class Store:
         return [i for i in found if i is not None]
 
     def _found(self, row: Row) -> Instance | None:
+        if not self._served(row):
+            return None
         instance = self._instance(row)
         assert instance.path is not None
         if not instance.path.exists():
@@ -897,7 +1010,21 @@ class Store:
         """Drop an entry whose file vanished (deleted by hand, disk trouble)."""
         log.warning("store: file of instance %s vanished; dropping its entry", orthanc_id)
         self._drop_hot(orthanc_id)
+        if self.read_only:
+            self._withdraw([orthanc_id])
+            return
         self.index.delete(orthanc_id)
+
+    def _withdraw(self, orthanc_ids: Sequence[str]) -> None:
+        """Never serve these entries of a read-only index again (their rows cannot go);
+        past :attr:`_HOT_LIMIT` of them, serve nothing from it (memory stays bounded)."""
+        for oid in orthanc_ids:
+            self._drop_hot(oid)
+        self._withdrawn.update(orthanc_ids)
+        if len(self._withdrawn) > self._HOT_LIMIT:
+            log.warning("store: too many entries of the read-only cache were withdrawn: "
+                        "nothing more is served from it")
+            self._detach()
 
     def _instance(self, row: Row) -> Instance:
         return Instance(row.orthanc_id, row.patient_id, row.study_uid, row.series_uid,
@@ -945,6 +1072,9 @@ class Store:
         every study), so a running daemon drops what it derived from them.
         """
         removed = nbytes = 0
+        if self.read_only:  # the rows cannot be deleted: the entries are never served again
+            self._withdraw([e.orthanc_id for e in entries])
+            return len(entries), sum(e.size for e in entries)
         studies: collections.Counter[str] = collections.Counter()
         for start in range(0, len(entries), 256):  # bounded transactions
             batch = entries[start:start + 256]
@@ -978,11 +1108,11 @@ class Store:
 
     def in_series(self, series_oid: str) -> list[Instance]:
         """The entries of an Orthanc series."""
-        return [self._instance(r) for r in self.index.in_series(series_oid)]
+        return [self._instance(r) for r in self.index.in_series(series_oid) if self._served(r)]
 
     def in_study(self, study_oid: str) -> list[Instance]:
         """The entries of an Orthanc study."""
-        return [self._instance(r) for r in self.index.in_study(study_oid)]
+        return [self._instance(r) for r in self.index.in_study(study_oid) if self._served(r)]
 
     def patients_of(self, column: str, value: str) -> list[str]:
         """The Patient IDs (two at most) cached for a study or series (blocking)."""
@@ -990,7 +1120,7 @@ class Store:
 
     def of_patient(self, patient_id: str) -> list[Instance]:
         """The entries of a Patient ID."""
-        return [self._instance(r) for r in self.index.of_patient(patient_id)]
+        return [self._instance(r) for r in self.index.of_patient(patient_id) if self._served(r)]
 
     @property
     def quarantine_dir(self) -> Path:
@@ -1002,6 +1132,9 @@ class Store:
         Returns the quarantined file, or ``None`` if the file was already gone.
         """
         assert entry.path is not None
+        if self.read_only:  # nothing can be moved: it is only never served again
+            self._withdraw([entry.orthanc_id])
+            return None
         rel = self._rel(entry)
         self.quarantine_dir.mkdir(exist_ok=True)
         dest = self.quarantine_dir / entry.path.name

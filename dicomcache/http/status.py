@@ -561,9 +561,12 @@ def _render_cache_warning(c: dict[str, Any]) -> str:
     """A banner while the cache is degraded: viewers are served, nothing is cached."""
     if not c.get("degraded"):
         return ""
-    return (f'<div id="cache-warning" class="alarm">{_e(c["status"])}. Images are still '
-            "served, verified, from Orthanc, but not cached: every viewing crosses the "
-            "WAN. Caching resumes by itself once this is fixed.</div>")
+    served = ("Images it already holds are still served from it; the others are served, "
+              "verified, from Orthanc, but not cached: each viewing of them crosses the WAN"
+              if c.get("serving_cached") else "Images are still served, verified, from "
+              "Orthanc, but not cached: every viewing crosses the WAN")
+    return (f'<div id="cache-warning" class="alarm">{_e(c["status"])}. {served}. '
+            "Caching resumes by itself once this is fixed.</div>")
 
 
 def _cache_state(c: dict[str, Any], now: float) -> str:

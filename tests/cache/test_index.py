@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dicomcache.cache import index as index_module
-from dicomcache.cache.index import EVERY_STUDY, Index
+from dicomcache.cache.index import EVERY_STUDY, Index, read_only_mode
 
 
 def test_purges_are_told_by_study_with_their_instances(tmp_path: Path) -> None:
@@ -37,3 +37,15 @@ def test_a_trimmed_log_says_every_study(tmp_path: Path, monkeypatch: pytest.Monk
         assert idx.purged_since(2) == {"1.2.2": 1, "1.2.3": 1}
     finally:
         idx.close()
+
+
+@pytest.mark.parametrize(("wal_bytes", "shm", "mode"), [
+    (None, False, "immutable=1"),   # a clean stop: mode=ro could not create the -shm
+    (None, True, "immutable=1"),
+    (0, True, "immutable=1"),       # an empty log holds nothing
+    (0, False, "immutable=1"),
+    (4096, True, "mode=ro"),        # a crash or a forced remount: the log holds rows
+    (4096, False, None),            # rows SQLite cannot find without the -shm
+])
+def test_read_only_mode(wal_bytes: int | None, shm: bool, mode: str | None) -> None:
+    assert read_only_mode(wal_bytes, shm) == mode

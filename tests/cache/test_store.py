@@ -20,7 +20,8 @@ from dicomcache.cache.instance import Instance
 from dicomcache.cache.store import AsyncStore, Store, StoreClosed
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.dicom.verify import parse_dicom, verify_file
-from tests.conftest import eventually
+from dicomcache.errors import StoreTrouble, StoreUnavailable
+from tests.conftest import eventually, tmpfs
 
 
 @pytest.fixture(scope="module")
@@ -428,3 +429,75 @@ def test_an_index_of_schema_version_1_is_adopted(tmp_path: Path, blobs: list[byt
     assert store.pinned() == {summaries[0].study_instance_uid: 5.0}
     store.close()
     assert Store(tmp_path, 1 << 30).stats()["entries"] == 1  # adopted once, kept
+
+
+@pytest.mark.parametrize("ended", ["closed", "crashed"])
+def test_a_read_only_cache_directory_serves_its_entries_and_writes_nothing(
+        tmp_path: Path, blobs: list[bytes], ended: str) -> None:
+    """A file system remounted read-only (a real tmpfs): the index is opened read-only, its
+    entries are found and served; nothing is written (no recency, no new entry, no
+    purge); once it is writable again the store caches, and what was purged meanwhile
+    goes for good."""
+    with tmpfs(tmp_path / "disk", "size=8m") as disk:
+        before = Store(disk / "cache", 1 << 30)
+        kept, purged = commit(before, blobs[0]), commit(before, blobs[1])
+        if ended == "crashed":  # the -wal and -shm are left, as a crash leaves them
+            # (mode=ro); the process's own connection must be gone for the remount.
+            left = {n: (disk / "cache" / n).read_bytes()
+                    for n in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm")}
+        before.close()  # a clean stop: no write-ahead log left (immutable=1)
+        if ended == "crashed":
+            for name, data in left.items():
+                (disk / "cache" / name).write_bytes(data)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        try:
+            store = Store.for_serving(disk / "cache", 1 << 30, 0)
+            assert store.read_only and store.attached
+            assert (store.index.path is not None) and ((disk / "cache" / "index.sqlite-wal")
+                                                      .exists() == (ended == "crashed"))
+            assert store.health.degraded is not None
+            assert store.health.degraded.trouble is StoreTrouble.READ_ONLY
+            got = store.get(kept.orthanc_id)
+            assert got is not None and got.path is not None
+            fd, _ = store.open_checked(got)  # checked against its MD5, as every hit
+            os.close(fd)
+            assert store.by_uids(kept.sop_uid) == [got]
+            store.peek(kept.orthanc_id)
+            assert store.flush_touches() == 1  # recency kept in memory only
+            with pytest.raises(StoreUnavailable):
+                store.commit_body(verified(blobs[2]))
+            assert store.purge([purged]) == (1, purged.size)
+            assert store.get(purged.orthanc_id) is None
+            assert store.sweep(min_age=0) == 0
+            store.recheck()  # still read-only: nothing changes
+            assert store.read_only and store.get(kept.orthanc_id) == got
+            assert store.stats()["entries"] == 2
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        store.recheck()
+        assert not store.read_only and store.health.degraded is None
+        assert store.get(purged.orthanc_id) is None and not purged.path.exists()  # type: ignore[union-attr]
+        assert store.get(kept.orthanc_id) is not None
+        assert store.commit_body(verified(blobs[2])) is not None
+        assert store.stats()["entries"] == 2
+        store.close()
+
+
+def test_an_index_that_cannot_be_read_on_a_read_only_disk_serves_nothing_from_it(
+        tmp_path: Path, blobs: list[bytes]) -> None:
+    """A write-ahead log without its -shm cannot be read consistently: the store stays
+    unattached (served from Orthanc, uncached), as before."""
+    with tmpfs(tmp_path / "disk", "size=8m") as disk:
+        before = Store(disk / "cache", 1 << 30)
+        commit(before, blobs[0])
+        before.close()
+        (disk / "cache" / "index.sqlite-wal").write_bytes(b"\0" * 4096)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        try:
+            store = Store.for_serving(disk / "cache", 1 << 30, 0)
+            assert not store.attached and not store.read_only
+            assert store.health.degraded is not None
+            assert store.health.degraded.trouble is StoreTrouble.READ_ONLY
+            assert store.stats()["entries"] == 0
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
