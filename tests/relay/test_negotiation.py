@@ -51,7 +51,7 @@ def test_fallback_sequence_rejects(bad: tuple[str, int]) -> None:
 @pytest.mark.parametrize("configured, learned, expected", [
     ("standard", None, "standard"),
     ("standard", "universal", "universal"),
-    ("standard", "extended", "standard"),     # never above the configuration
+    ("standard", "extended", "extended"),     # learned by widening: above it
     ("conservative", "bogus", "conservative"),
 ])
 def test_start_strategy(configured: str, learned: str | None, expected: str) -> None:
