@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from dicomcache.config import STRATEGIES
 from dicomcache.relay import negotiation as neg
 from dicomcache.relay.outcome import RETRY
 
@@ -340,3 +341,75 @@ def fallback_message(walk: Walk, peer: str, left: int, sop_class: str) -> str:
     return (f"Using {walk.strategy} fallback for {peer}: {left} instance(s) of study left to "
             f"send (previous strategy '{previous}' gave no usable presentation context for "
             f"'{sop_class}')")
+
+
+# --- what a destination learns, per (SOP class, source syntax), and when it re-probes ------
+#: (SOP class UID, the instance's own transfer syntax UID).
+Key = tuple[str, str]
+
+#: A learned strategy is used for at most this long, or this many batches, after which
+#: the configured strategy is tried again (the peer may have been fixed or upgraded; a
+#: downgrade that stayed for good once cost 7.6x the bytes over the WAN, issue 17).
+REPROBE_AFTER_SECONDS = 3600.0
+REPROBE_AFTER_BATCHES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Learned:
+    """The strategy a fallback or a widening found for one key of a destination."""
+
+    strategy: str
+    #: When it was learned (or confirmed again by a re-probe), epoch seconds.
+    since: float
+    #: Batches started from it since then.
+    batches: int = 0
+
+
+def key_start(configured: str, learned: Learned | None, now: float) -> str:
+    """Where a key starts: its learned strategy while fresh, else the configured one
+    (a re-probe once :data:`REPROBE_AFTER_SECONDS` or :data:`REPROBE_AFTER_BATCHES`
+    have passed, or when the clock went back)."""
+    if learned is None or learned.strategy not in STRATEGIES:
+        return configured
+    age = now - learned.since
+    if not 0 <= age < REPROBE_AFTER_SECONDS or learned.batches >= REPROBE_AFTER_BATCHES:
+        return configured
+    return learned.strategy
+
+
+def batch_start(configured: str, keys: Iterable[Key], table: Mapping[Key, Learned],
+                now: float) -> str:
+    """One association serves the batch: it starts at the widest of its keys' starts, so
+    a key with nothing learned (or due for a re-probe) gets the configured strategy and
+    a narrower key falls back again on its own refusal."""
+    starts = {key_start(configured, table.get(k), now) for k in keys}
+    return max(starts, key=STRATEGIES.index) if starts else configured
+
+
+def learn(configured: str, table: Mapping[Key, Learned],
+          delivered: Iterable[tuple[Key, str]], refused: Iterable[Key], now: float
+          ) -> dict[Key, Learned | None]:
+    """What to change in the destination's learned table after a batch (None: forget).
+
+    For each key delivered (with the strategy of the association that delivered it):
+
+    * with the configured strategy → forget what was learned (a re-probe worked);
+    * the key was refused at another strategy in this batch → learn this one, afresh;
+    * with the strategy it had learned, without a refusal → one more batch on it;
+    * otherwise (carried along by another key's fallback) → unchanged.
+    """
+    used: dict[Key, str] = {}
+    for key, strategy in delivered:
+        used[key] = strategy
+    refused = set(refused)
+    changes: dict[Key, Learned | None] = {}
+    for key, strategy in used.items():
+        old = table.get(key)
+        if strategy == configured:
+            if old is not None:
+                changes[key] = None
+        elif key in refused:
+            changes[key] = Learned(strategy, now, 0)
+        elif old is not None and old.strategy == strategy:
+            changes[key] = Learned(strategy, old.since, old.batches + 1)
+    return changes

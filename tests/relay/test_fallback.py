@@ -317,3 +317,57 @@ def test_widened_walk() -> None:
             CONS_WIDE.probe) == ("compression", 2, ("conservative", "compression"), True, True)
     assert CONS_WIDE.learned() == "compression"
     assert CONS_WIDE.widen([CT_ELE]) is None  # once per batch
+
+
+# --- learned per key, re-probed (issue 17) ----------------------------------------------------
+NOW = 1_000_000.0
+K_CT, K_LS = (CT, ts.EXPLICIT_LE), (MR, ts.JPEG_LS_LOSSLESS)
+FRESH = fb.Learned("conservative", NOW - 60, 3)
+
+
+@pytest.mark.parametrize("learned, expected", [
+    pytest.param(None, "compression", id="nothing learned: configured"),
+    pytest.param(FRESH, "conservative", id="fresh: learned"),
+    pytest.param(fb.Learned("extended", NOW - 60), "extended", id="widened: learned"),
+    pytest.param(fb.Learned("conservative", NOW - fb.REPROBE_AFTER_SECONDS), "compression",
+                 id="interval passed: re-probe"),
+    pytest.param(fb.Learned("conservative", NOW - 60, fb.REPROBE_AFTER_BATCHES),
+                 "compression", id="batches used up: re-probe"),
+    pytest.param(fb.Learned("conservative", NOW + 3600), "compression",
+                 id="clock went back: re-probe"),
+    pytest.param(fb.Learned("bogus", NOW - 60), "compression", id="unknown strategy"),
+])
+def test_key_start(learned: fb.Learned | None, expected: str) -> None:
+    assert fb.key_start("compression", learned, NOW) == expected
+
+
+def test_batch_start_is_the_widest_key_start() -> None:
+    table = {K_CT: FRESH}
+    assert fb.batch_start("compression", [K_CT], table, NOW) == "conservative"
+    # A key with nothing learned gets the configured strategy: not one global downgrade.
+    assert fb.batch_start("compression", [K_LS], table, NOW) == "compression"
+    assert fb.batch_start("compression", [K_CT, K_LS], table, NOW) == "compression"
+    assert fb.batch_start("compression", [], table, NOW) == "compression"
+
+
+@pytest.mark.parametrize("table, delivered, refused, expected", [
+    pytest.param({}, [(K_CT, "conservative")], [K_CT],
+                 {K_CT: fb.Learned("conservative", NOW, 0)}, id="refused, then delivered: learn"),
+    pytest.param({K_CT: FRESH}, [(K_CT, "compression")], [],
+                 {K_CT: None}, id="configured works again (re-probe): forget"),
+    pytest.param({}, [(K_CT, "compression")], [], {}, id="configured, nothing learned"),
+    pytest.param({K_CT: FRESH}, [(K_CT, "conservative")], [],
+                 {K_CT: fb.Learned("conservative", FRESH.since, 4)},
+                 id="started from it: one more batch"),
+    pytest.param({K_CT: FRESH}, [(K_CT, "conservative")], [K_CT],
+                 {K_CT: fb.Learned("conservative", NOW, 0)},
+                 id="re-probe refused again: learned afresh"),
+    pytest.param({}, [(K_CT, "conservative"), (K_LS, "conservative")], [K_CT],
+                 {K_CT: fb.Learned("conservative", NOW, 0)},
+                 id="carried along by another key's fallback: not learned"),
+    pytest.param({}, [(K_CT, "compression")], [K_CT], {},
+                 id="refused but delivered with the configured one: nothing to learn"),
+])
+def test_learn(table: dict[fb.Key, fb.Learned], delivered: list[tuple[fb.Key, str]],
+               refused: list[fb.Key], expected: dict[fb.Key, fb.Learned | None]) -> None:
+    assert fb.learn("compression", table, delivered, refused, NOW) == expected
