@@ -273,12 +273,13 @@ def after_association(walk: Walk, outcome: AssociationOutcome, *, peer: str, n_c
 
 
 def no_context(sop_class: str, seen: Mapping[str, Iterable[str]],
-               refused: Mapping[str, Iterable[int]] | None = None) -> str:
+               refused: Mapping[str, Iterable[int]] | None = None,
+               encodable: Iterable[str] | None = None) -> str:
     """Why an instance of ``sop_class`` cannot go: the seed's message, naming what the peer
     accepted for that SOP class in any association of the batch (``seen``) and what it
     answered to the contexts it refused (``refused``)."""
     return neg.no_context_message(sop_class, seen.get(sop_class, ()),
-                                  (refused or {}).get(sop_class, ()))
+                                  (refused or {}).get(sop_class, ()), encodable)
 
 
 def for_instance(
@@ -305,7 +306,7 @@ def for_instance(
     if choice is not None:
         return Send(choice)
     codes = set((refused or {}).get(source.sop_class, ()))
-    why = Quarantine(no_context(source.sop_class, seen, refused))
+    why = Quarantine(no_context(source.sop_class, seen, refused, encodable))
     if _class_unsupported(codes):
         return why
     if _needs_other_syntaxes(codes):

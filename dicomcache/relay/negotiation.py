@@ -386,14 +386,17 @@ def recommend(accepted_syntaxes: Iterable[str]) -> str | None:
 
 
 def no_context_message(sop_class: str, accepted_syntaxes: Iterable[str],
-                       results: Iterable[int] = ()) -> str:
+                       results: Iterable[int] = (), encodable: Iterable[str] | None = None
+                       ) -> str:
     """The seed's two-line diagnosis when nothing usable was accepted for a SOP class.
 
     ``No compatible presentation context for '1.2.840.10008.5.1.4.1.1.2'.
     Peer accepted transfer syntaxes: ['1.2.840.10008.1.2']``, then, when the peer
     refused contexts, what it answered (``results``: the non-zero presentation
     context results it gave for the class, PS3.8 §9.3.3.2), then a
-    ``Recommendation: …`` line that follows from those answers.
+    ``Recommendation: …`` line that follows from those answers (``encodable``: what
+    the relay can compress to, when known: a peer taking only lossy syntaxes the relay
+    cannot produce needs its own configuration changed, not ours).
     """
     syntaxes = sorted(set(accepted_syntaxes), key=_syntax_order)
     codes = sorted({r for r in results if r != ACCEPTANCE})
@@ -404,9 +407,16 @@ def no_context_message(sop_class: str, accepted_syntaxes: Iterable[str],
         head += f"\nPeer answered: {answers}"
     strategy = recommend(syntaxes)
     name = f"'{sop_class}' ({sop_class_name(sop_class)})"
-    if strategy is not None:
+    lossy_only = bool(syntaxes) and all(ts in LOSSY for ts in syntaxes)
+    producible = lossy_only and (encodable is None or any(ts in set(encodable)
+                                                          for ts in syntaxes))
+    if lossy_only and not producible:
+        advice = (f"Recommendation: the peer takes SOP class {name} only in lossy "
+                  f"syntaxes the relay cannot produce: let it accept a lossless or "
+                  f"uncompressed syntax")
+    elif strategy is not None:
         advice = f"Recommendation: Use '{strategy}' strategy for this peer"
-        if all(ts in LOSSY for ts in syntaxes):
+        if lossy_only:
             advice += (" with allow_lossy_recompression = true (it accepts only lossy "
                        "syntaxes for this class)")
     elif codes == [ABSTRACT_SYNTAX_NOT_SUPPORTED]:

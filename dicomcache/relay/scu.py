@@ -343,8 +343,8 @@ class StoreSCU:
             elif isinstance(step, fb.QuarantineRest):
                 while pending:
                     item = pending.popleft()
-                    self._quarantine(item, walk, fb.no_context(item.sop_class, seen, refused),
-                                     done)
+                    self._quarantine(item, walk, fb.no_context(item.sop_class, seen, refused,
+                                                               self.encodable), done)
                 break
             elif isinstance(step, fb.DestinationError):
                 log.warning("%s", step.message)

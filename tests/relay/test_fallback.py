@@ -131,9 +131,10 @@ SEED_MESSAGE = ("No compatible presentation context for '1.2.840.10008.5.1.4.1.1
                  fb.Quarantine("No compatible presentation context for "
                                "'1.2.840.10008.5.1.4.1.1.2'. Peer accepted transfer syntaxes: "
                                "['1.2.840.10008.1.2.4.50']\n"
-                               "Recommendation: Use 'extended' strategy for this peer with "
-                               "allow_lossy_recompression = true (it accepts only lossy "
-                               "syntaxes for this class)"),
+                               "Recommendation: the peer takes SOP class "
+                               "'1.2.840.10008.5.1.4.1.1.2' (CT Image Storage) only in lossy "
+                               "syntaxes the relay cannot produce: let it accept a lossless "
+                               "or uncompressed syntax"),
                  id="only a lossy syntax accepted, lossy not allowed: quarantined"),
     pytest.param(LAST, Source(CT, ts.EXPLICIT_LE), [], {},
                  fb.Quarantine("No compatible presentation context for "

@@ -84,10 +84,10 @@ class _NoBigEndianCT:
         self.server.shutdown()
 
 
-def _learned(spool: Path) -> dict[tuple[str, str], tuple[str, float]]:
+def _learned(spool: Path) -> dict[tuple[str, str], tuple[str, float, int]]:
     with sqlite3.connect(spool / "state.sqlite") as db:
-        return {(r[0], r[1]): (r[2], r[3]) for r in db.execute(
-            "SELECT sop_class, transfer_syntax, strategy, since FROM learned")}
+        return {(r[0], r[1]): (r[2], r[3], r[4]) for r in db.execute(
+            "SELECT sop_class, transfer_syntax, strategy, since, batches FROM learned")}
 
 
 async def test_learned_per_key_and_reprobed(tmp_path: Path, relay_factory) -> None:
@@ -102,14 +102,24 @@ async def test_learned_per_key_and_reprobed(tmp_path: Path, relay_factory) -> No
         def n_files() -> int:
             return len(list(pacs.directory.iterdir()))
 
+        async def settled(study_uid: str) -> None:
+            """The forwarder finished a batch of ``study_uid``, learning recorded, and is idle."""
+            def idle() -> bool:
+                st = r.relay.status()["forwarders"]["NOBE"]
+                return (st["busy"] is False
+                        and (st["last_batch"] or {}).get("study_uid") == study_uid)
+            await wait_until(idle, 20, f"the forwarder done with {study_uid}")
+
         async def send(files: list[Path], propose: str = "-xe") -> None:
             res = await asyncio.to_thread(storescu, files, r.port, propose=propose)
             assert res.returncode == 0, res.stdout + res.stderr
 
         # 1. A CT study: compression and standard offer CT in Big Endian, rejected;
         #    conservative delivers, and is learned for (CT, Explicit VR LE) only.
-        await send(write_series(make_ct_series(2, rows=32, columns=32, seed=1), tmp_path / "a"))
+        a = make_ct_series(2, rows=32, columns=32, seed=1)
+        await send(write_series(a, tmp_path / "a"))
         await wait_until(lambda: n_files() == 2, 60, "the CT study delivered")
+        await settled(str(a[0].StudyInstanceUID))
         await wait_until(lambda: (CT, syntaxes.EXPLICIT_LE) in _learned(spool), 10, "learned")
         assert _learned(spool)[(CT, syntaxes.EXPLICIT_LE)][0] == "conservative"
 
@@ -123,14 +133,19 @@ async def test_learned_per_key_and_reprobed(tmp_path: Path, relay_factory) -> No
         [mr_file] = write_series(mr, tmp_path / "b")
         await send([mr_file], propose="-xt")
         await wait_until(lambda: n_files() == 3, 60, "the MR study delivered")
+        await settled(str(mr[0].StudyInstanceUID))
         got = read_quiet(pacs.directory / f"{mr[0].SOPInstanceUID}.dcm")
         assert got.file_meta.TransferSyntaxUID == syntaxes.JPEG_LS_LOSSLESS
 
         # 3. Another CT study starts from what was learned: no Big Endian offered.
+        used = _learned(spool)[(CT, syntaxes.EXPLICIT_LE)][2]
         before = pacs.n_associations()
-        await send(write_series(make_ct_series(1, rows=32, columns=32, seed=3), tmp_path / "c"))
+        c = make_ct_series(1, rows=32, columns=32, seed=3)
+        await send(write_series(c, tmp_path / "c"))
         await wait_until(lambda: n_files() == 4, 60, "the second CT study delivered")
+        await settled(str(c[0].StudyInstanceUID))
         assert not pacs.offered_ct_big_endian(before)
+        assert _learned(spool)[(CT, syntaxes.EXPLICIT_LE)][2] == used + 1  # one more batch
 
         # 4. Past the re-probe interval (the entry aged as the clock would age it), the
         #    configured strategy is tried again, then conservative learned afresh.
