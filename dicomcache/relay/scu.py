@@ -287,11 +287,12 @@ class StoreSCU:
     ) -> BatchReport:
         """Send ``items`` in order; never raises for network or data problems.
 
-        ``start_strategy``: the strategy learned to work (ignored when above the
-        configured one).  ``on_result`` sees each outcome as it comes and may turn
-        a ``retry`` into ``quarantined`` (the forwarder's retry limit): the batch
-        then goes on.  What to do next is :mod:`.fallback`'s decision; this
-        method only performs it.
+        ``start_strategy``: where to start (the forwarder's
+        :func:`~.fallback.batch_start`: what was learned for these instances, or the
+        configured strategy; None: the configured one).  ``on_result`` sees each
+        outcome as it comes and may turn a ``retry`` into ``quarantined`` (the
+        forwarder's retry limit): the batch then goes on.  What to do next is
+        :mod:`.fallback`'s decision; this method only performs it.
         """
         # Spooled files go out as they are (no decode/re-encode) when the peer accepted
         # their own syntax.  A process-wide pynetdicom switch; it only affects
