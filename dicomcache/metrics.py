@@ -248,6 +248,14 @@ class Metrics:
         self.relay_spool_free = Gauge(
             "dicomcache_relay_spool_free_bytes",
             "Bytes free for the service on the spool's file system.", registry=r)
+        self.relay_received_with_problems = Counter(
+            "dicomcache_relay_received_with_problems_total",
+            "C-STOREs acknowledged 0x0000 although a strict reading found problems (stored "
+            "and forwarded as received; also in dicomcache_relay_received_total).", registry=r)
+        self.relay_superseded = Counter(
+            "dicomcache_relay_superseded_total",
+            "Older copies of an instance a newer copy replaced before they were sent, by "
+            "destination (never sent there).", ["destination"], registry=r)
 
         # --- audit trail ----------------------------------------------------------
         self.audit_records = Counter(

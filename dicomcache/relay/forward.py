@@ -37,6 +37,7 @@ from dicomcache.audit.record import FAILED, RELAY_FORWARD, SUCCESS, Actor, Recor
 from dicomcache.audit.trail import AuditLog
 from dicomcache.config import DestinationSettings, RelaySettings
 from dicomcache.metrics import Metrics
+from dicomcache.relay import fallback as fb
 from dicomcache.relay import negotiation as neg
 from dicomcache.relay.backoff import refused_too_often, retry_delay
 from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, Outcome
@@ -186,14 +187,15 @@ class Forwarder:
         """Send one batch and record everything about it in the spool."""
         name = self.dest.name
         state = self.spool.destination_state(name)
-        learned = state["learned_strategy"]
-        if state["configured_strategy"] != self.dest.transfer_syntax_strategy:
+        configured = self.dest.transfer_syntax_strategy
+        if state["configured_strategy"] != configured:
             # A changed configuration starts afresh: what was learned was for the old one.
-            learned = None
-            self.spool.update_destination(
-                name, configured_strategy=self.dest.transfer_syntax_strategy,
-                learned_strategy=None)
-        start = neg.start_strategy(self.dest.transfer_syntax_strategy, learned)
+            self.spool.forget_learned(name)
+            self.spool.update_destination(name, configured_strategy=configured,
+                                          learned_strategy=None)
+        table = {k: fb.Learned(*v) for k, v in self.spool.learned(name).items()}
+        start = fb.batch_start(configured, [(q.sop_class, q.transfer_syntax) for q in batch],
+                               table, time.time())
         sources = [neg.Source(q.sop_class, q.transfer_syntax, q.has_pixels) for q in batch]
         n = neg.fit_batch(start, sources, encodable=encodable_syntaxes(),
                           allow_lossy=self.dest.allow_lossy_recompression)
@@ -267,10 +269,7 @@ class Forwarder:
             self.spool.clear_study_backoff(name, study)
         if delivered and not report.destination_error:
             values: dict[str, Any] = {"failures": 0, "next_attempt": 0.0, "last_success": now}
-            if report.learned_strategy:
-                values["learned_strategy"] = report.learned_strategy
-                log.warning("Learned strategy for %s: '%s' (next batches start there)",
-                            self.scu.peer, report.learned_strategy)
+            values["learned_strategy"] = self._learn(configured, table, batch, report, now)
             if report.accepted_syntaxes:
                 values["learned_syntaxes"] = report.accepted_syntaxes
             self.spool.update_destination(name, **values)
@@ -282,6 +281,32 @@ class Forwarder:
             "destination_error": report.destination_error,
         }
         return report
+
+    def _learn(self, configured: str, table: dict[fb.Key, fb.Learned],
+               batch: list[QueueItem], report: BatchReport, now: float) -> str | None:
+        """Record what this batch taught, per (SOP class, source syntax); returns the
+        most recently learned strategy still held (``relay status``'s summary)."""
+        by_key = {q.instance_id: (q.sop_class, q.transfer_syntax) for q in batch}
+        delivered = [(by_key[r.key], r.strategy_used or configured)
+                     for r in report.results if r.outcome == DELIVERED]
+        changes = fb.learn(configured, table, delivered, report.refused_keys, now)
+        self.spool.update_learned(self.dest.name, {
+            k: None if v is None else (v.strategy, v.since, v.batches)
+            for k, v in changes.items()})
+        for (sop_class, syntax), value in changes.items():
+            if value is not None and value.since == now:
+                log.warning("Learned strategy for %s: '%s' for %s in %s (next batches of "
+                            "these start there; the configured '%s' is tried again after "
+                            "%d s or %d batches)", self.scu.peer, value.strategy,
+                            neg.sop_class_name(sop_class), syntax, configured,
+                            fb.REPROBE_AFTER_SECONDS, fb.REPROBE_AFTER_BATCHES)
+            elif value is None:
+                log.info("Configured strategy '%s' works again for %s: %s in %s",
+                         configured, self.scu.peer, neg.sop_class_name(sop_class), syntax)
+        table = {**table, **{k: v for k, v in changes.items() if v is not None}}
+        for k in [k for k, v in changes.items() if v is None]:
+            table.pop(k, None)
+        return max(table.values(), key=lambda v: v.since).strategy if table else None
 
     def _observe(self, res: Outcome, item: QueueItem) -> None:
         name = self.dest.name

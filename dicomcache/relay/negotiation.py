@@ -149,11 +149,44 @@ def fallback_sequence(strategy: str, max_association_retries: int) -> tuple[str,
 
 
 def start_strategy(configured: str, learned: str | None) -> str:
-    """Where to start: what was learned to work, unless it is above the configuration."""
-    if learned is not None and learned in STRATEGY_SYNTAXES \
-            and STRATEGIES.index(learned) <= STRATEGIES.index(configured):
+    """Where to start: what was learned to work (below the configuration after a
+    fallback, above it after a widening), else the configured strategy."""
+    if learned is not None and learned in STRATEGY_SYNTAXES:
         return learned
     return configured
+
+
+def widen_target(current: str, sources: Iterable[Source]) -> str | None:
+    """The strategy to widen to when the peer refused every syntax ``current`` proposed
+    (result 4): ``compression`` (the lossless syntaxes the relay can produce), or
+    ``extended`` when a source's own syntax is only there (or ``current`` is
+    ``compression``); ``None`` from ``extended``, the widest."""
+    if current == "extended":
+        return None
+    own_outside = any(s.transfer_syntax not in _COMPRESSION for s in sources)
+    if current == "compression" or own_outside:
+        return "extended"
+    return "compression"
+
+
+#: Presentation context results (PS3.8 §9.3.3.2, Table 9-18).
+ACCEPTANCE, USER_REJECTION, NO_REASON, ABSTRACT_SYNTAX_NOT_SUPPORTED, \
+    TRANSFER_SYNTAXES_NOT_SUPPORTED = range(5)
+RESULT_NAMES: Mapping[int, str] = {
+    USER_REJECTION: "user rejection",
+    NO_REASON: "no reason given",
+    ABSTRACT_SYNTAX_NOT_SUPPORTED: "abstract syntax (SOP class) not supported",
+    TRANSFER_SYNTAXES_NOT_SUPPORTED: "transfer syntaxes not supported",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ContextResult:
+    """How the peer answered one proposed presentation context (0: accepted)."""
+
+    abstract_syntax: str
+    transfer_syntax: str
+    result: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +245,7 @@ def propose(
     *,
     encodable: Iterable[str] = (),
     allow_lossy: bool = False,
+    probe: bool = False,
 ) -> list[Proposal]:
     """The presentation contexts to request for ``sources`` under ``strategy``.
 
@@ -219,9 +253,16 @@ def propose(
     strategy allows (first, so it is used untouched when accepted), then the
     syntaxes we could transcode to.  Duplicates are dropped.  The result may
     exceed :data:`MAX_CONTEXTS`; see :func:`fit_batch`.
+
+    ``probe`` (a widened association, after the peer refused every syntax it was
+    offered): every other syntax of ``extended`` too, last, so that the peer's
+    answer says what it accepts (the quarantine reason lists it) even where the
+    relay may not produce it; :func:`choose` never picks one it may not send.
     """
     allowed = STRATEGY_SYNTAXES[strategy]
     targets = _targets_for(strategy, encodable, allow_lossy)
+    if probe:
+        targets += [ts for ts in _EXTENDED if ts not in targets]
     own: dict[str, list[str]] = {}
     for src in sources:
         syntaxes = own.setdefault(src.sop_class, [])
@@ -241,6 +282,7 @@ def fit_batch(
     encodable: Iterable[str] = (),
     allow_lossy: bool = False,
     limit: int = MAX_CONTEXTS,
+    probe: bool = False,
 ) -> int:
     """How many of ``sources`` (a prefix, to keep arrival order) fit in one association.
 
@@ -250,6 +292,8 @@ def fit_batch(
     """
     allowed = STRATEGY_SYNTAXES[strategy]
     targets = set(_targets_for(strategy, encodable, allow_lossy))
+    if probe:
+        targets |= set(_EXTENDED)
     own: dict[str, set[str]] = {}
     total = 0
     for n, src in enumerate(sources):
@@ -341,22 +385,49 @@ def recommend(accepted_syntaxes: Iterable[str]) -> str | None:
     return "extended"
 
 
-def no_context_message(sop_class: str, accepted_syntaxes: Iterable[str]) -> str:
+def no_context_message(sop_class: str, accepted_syntaxes: Iterable[str],
+                       results: Iterable[int] = (), encodable: Iterable[str] | None = None
+                       ) -> str:
     """The seed's two-line diagnosis when nothing usable was accepted for a SOP class.
 
     ``No compatible presentation context for '1.2.840.10008.5.1.4.1.1.2'.
-    Peer accepted transfer syntaxes: ['1.2.840.10008.1.2']``, then a
-    ``Recommendation: …`` line.
+    Peer accepted transfer syntaxes: ['1.2.840.10008.1.2']``, then, when the peer
+    refused contexts, what it answered (``results``: the non-zero presentation
+    context results it gave for the class, PS3.8 §9.3.3.2), then a
+    ``Recommendation: …`` line that follows from those answers (``encodable``: what
+    the relay can compress to, when known: a peer taking only lossy syntaxes the relay
+    cannot produce needs its own configuration changed, not ours).
     """
     syntaxes = sorted(set(accepted_syntaxes), key=_syntax_order)
+    codes = sorted({r for r in results if r != ACCEPTANCE})
     head = (f"No compatible presentation context for '{sop_class}'. "
             f"Peer accepted transfer syntaxes: {syntaxes!r}")
+    if codes:
+        answers = ", ".join(f"{RESULT_NAMES.get(c, 'unknown')} (result {c})" for c in codes)
+        head += f"\nPeer answered: {answers}"
     strategy = recommend(syntaxes)
-    if strategy is None:
-        advice = (f"Recommendation: check that the peer supports SOP class '{sop_class}' "
-                  f"({sop_class_name(sop_class)}); it accepted none of the proposed contexts")
-    else:
+    name = f"'{sop_class}' ({sop_class_name(sop_class)})"
+    lossy_only = bool(syntaxes) and all(ts in LOSSY for ts in syntaxes)
+    producible = lossy_only and (encodable is None or any(ts in set(encodable)
+                                                          for ts in syntaxes))
+    if lossy_only and not producible:
+        advice = (f"Recommendation: the peer takes SOP class {name} only in lossy "
+                  f"syntaxes the relay cannot produce: let it accept a lossless or "
+                  f"uncompressed syntax")
+    elif strategy is not None:
         advice = f"Recommendation: Use '{strategy}' strategy for this peer"
+        if lossy_only:
+            advice += (" with allow_lossy_recompression = true (it accepts only lossy "
+                       "syntaxes for this class)")
+    elif codes == [ABSTRACT_SYNTAX_NOT_SUPPORTED]:
+        advice = (f"Recommendation: the peer does not store SOP class {name}: add it to "
+                  f"the peer's accepted SOP classes, or do not send it there")
+    elif TRANSFER_SYNTAXES_NOT_SUPPORTED in codes:
+        advice = (f"Recommendation: the peer takes SOP class {name} but none of the "
+                  f"transfer syntaxes the relay can produce: check which ones it accepts")
+    else:
+        advice = (f"Recommendation: check that the peer supports SOP class {name}; it "
+                  f"accepted none of the proposed contexts")
     return f"{head}\n{advice}"
 
 

@@ -305,6 +305,8 @@ class StoreSCP:
         finally:
             if self.metrics is not None:
                 self.metrics.relay_received.labels(f"0x{status:04X}").inc()
+                if status == SUCCESS and str(seen.get("why", "")).startswith(ACCEPTED_PREFIX):
+                    self.metrics.relay_received_with_problems.inc()
                 self.metrics.relay_receive_seconds.observe(time.perf_counter() - started)
         if self.audit is not None:
             try:

@@ -73,6 +73,10 @@ class BatchReport:
     associations: int = 0
     #: Keys not attempted (stop requested or the association failed before them).
     not_attempted: list[int] = field(default_factory=list)
+    #: (SOP class, source transfer syntax) of the instances the peer refused at some
+    #: strategy of this batch (they needed a fallback or a widening): what they were
+    #: then delivered with is worth learning (:func:`.fallback.learn`).
+    refused_keys: set[tuple[str, str]] = field(default_factory=set)
 
 
 def _tune_socket(assoc: Association, timeout: float) -> None:
@@ -92,6 +96,19 @@ def _tune_socket(assoc: Association, timeout: float) -> None:
         pass
 
 
+def _context_results(assoc: Association) -> tuple[neg.ContextResult, ...]:
+    """How the peer answered each context we proposed (PS3.8 §9.3.3.2), from the
+    A-ASSOCIATE-AC: accepted ones 0, the others their result (1-4)."""
+    proposed = {cx.context_id: (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                for cx in assoc.requestor.requested_contexts if cx.transfer_syntax}
+    out = [neg.ContextResult(*proposed[cx.context_id], neg.ACCEPTANCE)
+           for cx in assoc.accepted_contexts if cx.context_id in proposed]
+    out += [neg.ContextResult(*proposed[cx.context_id], int(cx.result))
+            for cx in assoc.rejected_contexts
+            if cx.context_id in proposed and cx.result is not None]
+    return tuple(out)
+
+
 def _association_outcome(assoc: Association) -> fb.AssociationOutcome:
     """How pynetdicom's association attempt ended, as :mod:`.fallback` knows it."""
     if assoc.is_established:
@@ -103,8 +120,13 @@ def _association_outcome(assoc: Association) -> fb.AssociationOutcome:
     if rsp is not None and getattr(rsp, "result", None) == 0 and not assoc.accepted_contexts:
         # The peer answered A-ASSOCIATE-AC but accepted no context (pynetdicom then
         # aborts): that is "no usable context", not "peer down".
-        return fb.NoContextAccepted()
+        return fb.NoContextAccepted(_context_results(assoc))
     return fb.Failed()
+
+
+def _key(item: SendItem) -> tuple[str, str]:
+    """What a destination learns a strategy for: (SOP class, source transfer syntax)."""
+    return (item.sop_class, item.transfer_syntax)
 
 
 class StoreSCU:
@@ -147,10 +169,12 @@ class StoreSCU:
         if self.metrics is not None:
             self.metrics.relay_associations.labels("outbound", outcome).inc()
 
-    def _associate(self, strategy: str, items: Sequence[SendItem]) -> tuple[Association, int]:
+    def _associate(self, walk: fb.Walk, items: Sequence[SendItem]
+                   ) -> tuple[Association, int]:
         allow_lossy = self.dest.allow_lossy_recompression
-        proposals = neg.propose(strategy, [i.source for i in items], encodable=self.encodable,
-                                allow_lossy=allow_lossy)[: neg.MAX_CONTEXTS]
+        proposals = neg.propose(walk.strategy, [i.source for i in items],
+                                encodable=self.encodable, allow_lossy=allow_lossy,
+                                probe=walk.probe)[: neg.MAX_CONTEXTS]
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         ae.connection_timeout = min(self.timeout, 10.0)
@@ -263,11 +287,12 @@ class StoreSCU:
     ) -> BatchReport:
         """Send ``items`` in order; never raises for network or data problems.
 
-        ``start_strategy``: the strategy learned to work (ignored when above the
-        configured one).  ``on_result`` sees each outcome as it comes and may turn
-        a ``retry`` into ``quarantined`` (the forwarder's retry limit): the batch
-        then goes on.  What to do next is :mod:`.fallback`'s decision; this
-        method only performs it.
+        ``start_strategy``: where to start (the forwarder's
+        :func:`~.fallback.batch_start`: what was learned for these instances, or the
+        configured strategy; None: the configured one).  ``on_result`` sees each
+        outcome as it comes and may turn a ``retry`` into ``quarantined`` (the
+        forwarder's retry limit): the batch then goes on.  What to do next is
+        :mod:`.fallback`'s decision; this method only performs it.
         """
         # Spooled files go out as they are (no decode/re-encode) when the peer accepted
         # their own syntax.  A process-wide pynetdicom switch; it only affects
@@ -279,6 +304,8 @@ class StoreSCU:
         pending = deque(items)
         #: SOP class → syntaxes the peer accepted in any association of this batch.
         seen: dict[str, set[str]] = {}
+        #: SOP class → the results the peer gave its contexts in this batch (PS3.8 §9.3.3.2).
+        refused: dict[str, set[int]] = {}
 
         def done(res: Outcome) -> None:
             report.results.append(res)
@@ -289,19 +316,22 @@ class StoreSCU:
             if should_stop():
                 report.not_attempted.extend(i.key for i in pending)
                 break
-            if walk.level > 0:
+            if walk.attempts > 1:
                 log.warning("%s", fb.fallback_message(walk, self.peer, len(pending),
                                                       pending[0].sop_class))
             report.associations += 1
             try:
-                assoc, n_contexts = self._associate(walk.strategy, pending)
+                assoc, n_contexts = self._associate(walk, pending)
             except tls.TLSFileError as exc:
                 report.destination_error = f"DICOM TLS towards {self.peer} cannot start: {exc}"
                 log.error("%s", report.destination_error)
                 report.not_attempted.extend(i.key for i in pending)
                 break
             outcome = _association_outcome(assoc)
-            step = fb.after_association(walk, outcome, peer=self.peer, n_contexts=n_contexts)
+            for sop_class, codes in fb.refusals(_context_results(assoc)).items():
+                refused.setdefault(sop_class, set()).update(codes - {neg.ACCEPTANCE})
+            step = fb.after_association(walk, outcome, peer=self.peer, n_contexts=n_contexts,
+                                        sources=[i.source for i in pending])
             if not isinstance(step, fb.UseAssociation):
                 self._count("rejected" if isinstance(outcome, fb.Rejected) else "failed")
                 with self._lock:
@@ -309,11 +339,13 @@ class StoreSCU:
             if isinstance(step, fb.FallBack):
                 if step.warning:
                     log.warning("%s", step.warning)
+                report.refused_keys.update(_key(i) for i in pending)
                 walk = step.walk
             elif isinstance(step, fb.QuarantineRest):
                 while pending:
                     item = pending.popleft()
-                    self._quarantine(item, walk, fb.no_context(item.sop_class, seen), done)
+                    self._quarantine(item, walk, fb.no_context(item.sop_class, seen, refused,
+                                                               self.encodable), done)
                 break
             elif isinstance(step, fb.DestinationError):
                 log.warning("%s", step.message)
@@ -321,7 +353,8 @@ class StoreSCU:
                 report.not_attempted.extend(i.key for i in pending)
                 break
             else:
-                walk = self._send_on(assoc, walk, pending, seen, report, done, should_stop)
+                walk = self._send_on(assoc, walk, pending, seen, refused, report, done,
+                                     should_stop)
         delivered = [r for r in report.results if r.outcome == DELIVERED]
         if delivered:
             strategies = sorted({r.strategy_used or "" for r in delivered})
@@ -339,6 +372,7 @@ class StoreSCU:
         walk: fb.Walk,
         pending: deque[SendItem],
         seen: dict[str, set[str]],
+        refused: dict[str, set[int]],
         report: BatchReport,
         done: Callable[[Outcome], None],
         should_stop: Callable[[], bool],
@@ -356,13 +390,22 @@ class StoreSCU:
             by_class.setdefault(acc.abstract_syntax, set()).add(acc.transfer_syntax)
         for sop_class, syntaxes in by_class.items():
             seen.setdefault(sop_class, set()).update(syntaxes)
+        proposed = {str(cx.abstract_syntax) for cx in assoc.requestor.requested_contexts}
         sent = 0
         after = walk
         while pending and not should_stop():
             item = pending[0]
+            if item.sop_class not in proposed:
+                # Cut off by the context limit (a widened association proposes more per
+                # class): it goes in the next batch, not judged on contexts never offered.
+                report.not_attempted.extend(i.key for i in pending)
+                pending.clear()
+                break
             step = fb.for_instance(walk, item.source, accepted, seen, encodable=self.encodable,
-                                   allow_lossy=self.dest.allow_lossy_recompression)
+                                   allow_lossy=self.dest.allow_lossy_recompression,
+                                   refused=refused, pending=[i.source for i in pending])
             if isinstance(step, fb.FallBack):
+                report.refused_keys.add(_key(item))
                 after = step.walk
                 break
             pending.popleft()

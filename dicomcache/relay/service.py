@@ -127,7 +127,9 @@ class Relay:
 
     def _audit_superseded(self, copies: list[Superseded]) -> None:
         """An older copy a newer one replaced is never sent: the audit trail says so, as a
-        forward that did not happen (from pynetdicom's threads)."""
+        forward that did not happen (from pynetdicom's threads); counted per destination."""
+        for c in copies:
+            self.metrics.relay_superseded.labels(c.destination).inc()
         if self.audit is None:
             return
         where = {d.name: f"{d.name} {d.remote_ae_title}@{d.remote_host}:{d.remote_port}"

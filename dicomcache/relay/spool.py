@@ -125,6 +125,15 @@ CREATE TABLE IF NOT EXISTS destinations (
     last_error TEXT,
     last_error_time REAL
 );
+CREATE TABLE IF NOT EXISTS learned (
+    destination TEXT NOT NULL,
+    sop_class TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    strategy TEXT NOT NULL,
+    since REAL NOT NULL,
+    batches INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (destination, sop_class, transfer_syntax)
+);
 CREATE TABLE IF NOT EXISTS errors (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time REAL NOT NULL,
@@ -904,6 +913,30 @@ class Spool:
                                 (*values.values(), name))
             if values.get("last_error"):
                 self._error(name, None, None, str(values["last_error"]))
+
+    def learned(self, destination: str) -> dict[tuple[str, str], tuple[str, float, int]]:
+        """(SOP class, source syntax) → (strategy, since, batches) learned for
+        ``destination`` (the decisions are :mod:`.fallback`'s)."""
+        with self._lock:
+            rows = self.db.execute("SELECT sop_class, transfer_syntax, strategy, since, batches "
+                                   "FROM learned WHERE destination=?", (destination,))
+            return {(r[0], r[1]): (r[2], float(r[3]), int(r[4])) for r in rows}
+
+    def update_learned(self, destination: str,
+                       changes: dict[tuple[str, str], tuple[str, float, int] | None]) -> None:
+        """Set (or, for None, forget) learned strategies of ``destination``."""
+        with self._lock, self._tx():
+            for (sop_class, syntax), value in changes.items():
+                if value is None:
+                    self.db.execute("DELETE FROM learned WHERE destination=? AND sop_class=? "
+                                    "AND transfer_syntax=?", (destination, sop_class, syntax))
+                else:
+                    self.db.execute("INSERT OR REPLACE INTO learned VALUES (?,?,?,?,?,?)",
+                                    (destination, sop_class, syntax, *value))
+
+    def forget_learned(self, destination: str) -> None:
+        with self._lock, self._tx():
+            self.db.execute("DELETE FROM learned WHERE destination=?", (destination,))
 
     # --- diagnostics -----------------------------------------------------------------
     def _error(self, destination: str | None, sop_instance: str | None, status: int | None,

@@ -237,9 +237,11 @@ async def test_no_compatible_context_is_quarantined_with_the_seed_message(
     await wait_until(lambda: r.relay.spool.snapshot()["destinations"]["JPEG_PACS"]["quarantined"]
                      == 1, 30, "quarantine")
     await wait_until(lambda: "All C-STORE strategies failed" in caplog.text, 10, "logged")
-    assert "Using universal fallback" in caplog.text
+    # The peer answered "transfer syntaxes not supported" (result 4): the relay widened
+    # (issue 17) and the reason lists what the peer took.
+    assert "Using compression widening" in caplog.text
     assert ("No compatible presentation context for '1.2.840.10008.5.1.4.1.1.2'. "
-            "Peer accepted transfer syntaxes: []") in caplog.text
+            "Peer accepted transfer syntaxes: ['1.2.840.10008.1.2.4.50']") in caplog.text
     reasons = list((spool / "quarantine").glob("*.reason.json"))
     assert len(reasons) == 1
     info = json.loads(reasons[0].read_text())

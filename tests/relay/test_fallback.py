@@ -21,7 +21,7 @@ import pytest
 
 from dicomcache.dicom import syntaxes as ts
 from dicomcache.relay import fallback as fb
-from dicomcache.relay.negotiation import Accepted, Choice, Source
+from dicomcache.relay.negotiation import Accepted, Choice, ContextResult, Source
 from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, classify
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -131,7 +131,10 @@ SEED_MESSAGE = ("No compatible presentation context for '1.2.840.10008.5.1.4.1.1
                  fb.Quarantine("No compatible presentation context for "
                                "'1.2.840.10008.5.1.4.1.1.2'. Peer accepted transfer syntaxes: "
                                "['1.2.840.10008.1.2.4.50']\n"
-                               "Recommendation: Use 'extended' strategy for this peer"),
+                               "Recommendation: the peer takes SOP class "
+                               "'1.2.840.10008.5.1.4.1.1.2' (CT Image Storage) only in lossy "
+                               "syntaxes the relay cannot produce: let it accept a lossless "
+                               "or uncompressed syntax"),
                  id="only a lossy syntax accepted, lossy not allowed: quarantined"),
     pytest.param(LAST, Source(CT, ts.EXPLICIT_LE), [], {},
                  fb.Quarantine("No compatible presentation context for "
@@ -190,7 +193,9 @@ def test_classify(status: int | None, expected: str) -> None:
 @pytest.mark.parametrize("configured, learned, retries, expected", [
     ("standard", None, 3, SEQ),                                # SEED's example
     ("standard", "universal", 3, ("universal",)),              # learned: start there
-    ("standard", "extended", 3, SEQ),                          # never above the configuration
+    # Learned by widening (the peer refused every syntax of the configured strategy,
+    # result 4): start there (issue 17: "the sequence must be able to widen").
+    ("standard", "extended", 3, ("extended", "compression", "standard")),
     ("extended", None, 2, ("extended", "compression")),
 ])
 def test_walk_start(configured: str, learned: str | None, retries: int,
@@ -226,3 +231,144 @@ def test_the_seeds_automatic_fallback_sequence() -> None:
     assert fb.fallback_message(walk, PEER, 2, CT) == (
         f"Using universal fallback for {PEER}: 2 instance(s) of study left to send "
         f"(previous strategy 'conservative' gave no usable presentation context for '{CT}')")
+
+
+# --- widening and the peer's result codes (issue 17) ---------------------------------------
+def _results(*triples: tuple[str, str, int]) -> tuple[ContextResult, ...]:
+    return tuple(ContextResult(*t) for t in triples)
+
+
+CONS = fb.Walk(("conservative", "universal"), limit=3)
+CONS_WIDE = fb.Walk(("conservative", "universal"), 0, "compression", 3)
+CT_ELE = Source(CT, ts.EXPLICIT_LE)
+
+
+@pytest.mark.parametrize("walk, outcome, sources, expected", [
+    # PS3.8 §9.3.3.2 result 4 for every CT context: the peer stores CT, not in these
+    # syntaxes. A narrower strategy offers a subset of them: widen instead.
+    pytest.param(CONS, fb.NoContextAccepted(_results((CT, ts.IMPLICIT_LE, 4),
+                                                      (CT, ts.EXPLICIT_LE, 4))),
+                 [CT_ELE], fb.FallBack(CONS_WIDE), id="result 4: widen to compression"),
+    pytest.param(CONS, fb.NoContextAccepted(_results((CT, ts.EXPLICIT_LE, 4))),
+                 [Source(CT, ts.JPEG_BASELINE)],
+                 fb.FallBack(fb.Walk(("conservative", "universal"), 0, "extended", 3)),
+                 id="result 4, own syntax lossy: widen to extended (sent as received)"),
+    pytest.param(CONS_WIDE, fb.NoContextAccepted(_results((CT, ts.EXPLICIT_LE, 4))),
+                 [CT_ELE], fb.QuarantineRest(), id="result 4 after widening: quarantine"),
+    pytest.param(fb.Walk(("conservative", "universal"), limit=1),
+                 fb.NoContextAccepted(_results((CT, ts.EXPLICIT_LE, 4))), [CT_ELE],
+                 fb.QuarantineRest(), id="result 4, no association left: quarantine"),
+    pytest.param(fb.Walk(("extended", "compression"), limit=3),
+                 fb.NoContextAccepted(_results((CT, ts.EXPLICIT_LE, 4))), [CT_ELE],
+                 fb.QuarantineRest(), id="result 4 at extended: nothing wider, quarantine"),
+    # Result 3 everywhere: the peer does not store the class; no strategy helps.
+    pytest.param(CONS, fb.NoContextAccepted(_results((CT, ts.IMPLICIT_LE, 3),
+                                                      (CT, ts.EXPLICIT_LE, 3))),
+                 [CT_ELE], fb.QuarantineRest(), id="result 3: quarantine at once"),
+    # Results 1/2 (no reason): the seed's narrower fallback, as before.
+    pytest.param(CONS, fb.NoContextAccepted(_results((CT, ts.EXPLICIT_LE, 2))), [CT_ELE],
+                 fb.FallBack(fb.Walk(("conservative", "universal"), 1, None, 3)),
+                 id="result 2: fall back"),
+    # One class unsupported (3), another refused in its syntaxes (4): widen for the latter.
+    pytest.param(CONS, fb.NoContextAccepted(_results((CT, ts.EXPLICIT_LE, 4),
+                                                      (MR, ts.EXPLICIT_LE, 3))),
+                 [CT_ELE, Source(MR, ts.EXPLICIT_LE)], fb.FallBack(CONS_WIDE),
+                 id="results 3 and 4: widen"),
+])
+def test_after_association_reads_the_peers_results(walk: fb.Walk, outcome: object,
+                                                   sources: list[Source],
+                                                   expected: object) -> None:
+    assert fb.after_association(walk, outcome, peer=PEER, n_contexts=2,  # type: ignore[arg-type]
+                                sources=sources) == expected
+
+
+@pytest.mark.parametrize("walk, accepted, refused, expected", [
+    pytest.param(CONS, _acc((MR, ts.EXPLICIT_LE)), {CT: {4}}, fb.FallBack(CONS_WIDE),
+                 id="its class refused with 4 on an established association: widen"),
+    pytest.param(CONS, _acc((MR, ts.EXPLICIT_LE)), {CT: {3}},
+                 fb.Quarantine(
+                     "No compatible presentation context for '1.2.840.10008.5.1.4.1.1.2'. "
+                     "Peer accepted transfer syntaxes: []\n"
+                     "Peer answered: abstract syntax (SOP class) not supported (result 3)\n"
+                     "Recommendation: the peer does not store SOP class "
+                     "'1.2.840.10008.5.1.4.1.1.2' (CT Image Storage): add it to the peer's "
+                     "accepted SOP classes, or do not send it there"),
+                 id="its class refused with 3: quarantined, the class named"),
+    pytest.param(CONS_WIDE, _acc((MR, ts.EXPLICIT_LE)), {CT: {4}},
+                 fb.Quarantine(
+                     "No compatible presentation context for '1.2.840.10008.5.1.4.1.1.2'. "
+                     "Peer accepted transfer syntaxes: []\n"
+                     "Peer answered: transfer syntaxes not supported (result 4)\n"
+                     "Recommendation: the peer takes SOP class '1.2.840.10008.5.1.4.1.1.2' "
+                     "(CT Image Storage) but none of the transfer syntaxes the relay can "
+                     "produce: check which ones it accepts"),
+                 id="refused with 4 after widening: quarantined, syntaxes named"),
+    pytest.param(CONS, _acc((MR, ts.EXPLICIT_LE)), {}, fb.FallBack(
+        fb.Walk(("conservative", "universal"), 1, None, 3)), id="no results known: fall back"),
+])
+def test_for_instance_reads_the_peers_results(walk: fb.Walk, accepted: list[Accepted],
+                                              refused: dict[str, set[int]],
+                                              expected: object) -> None:
+    assert fb.for_instance(walk, CT_ELE, accepted, {}, refused=refused,
+                           pending=[CT_ELE]) == expected
+
+
+def test_widened_walk() -> None:
+    assert (CONS_WIDE.strategy, CONS_WIDE.attempts, CONS_WIDE.tried, CONS_WIDE.last,
+            CONS_WIDE.probe) == ("compression", 2, ("conservative", "compression"), True, True)
+    assert CONS_WIDE.learned() == "compression"
+    assert CONS_WIDE.widen([CT_ELE]) is None  # once per batch
+
+
+# --- learned per key, re-probed (issue 17) ----------------------------------------------------
+NOW = 1_000_000.0
+K_CT, K_LS = (CT, ts.EXPLICIT_LE), (MR, ts.JPEG_LS_LOSSLESS)
+FRESH = fb.Learned("conservative", NOW - 60, 3)
+
+
+@pytest.mark.parametrize("learned, expected", [
+    pytest.param(None, "compression", id="nothing learned: configured"),
+    pytest.param(FRESH, "conservative", id="fresh: learned"),
+    pytest.param(fb.Learned("extended", NOW - 60), "extended", id="widened: learned"),
+    pytest.param(fb.Learned("conservative", NOW - fb.REPROBE_AFTER_SECONDS), "compression",
+                 id="interval passed: re-probe"),
+    pytest.param(fb.Learned("conservative", NOW - 60, fb.REPROBE_AFTER_BATCHES),
+                 "compression", id="batches used up: re-probe"),
+    pytest.param(fb.Learned("conservative", NOW + 3600), "compression",
+                 id="clock went back: re-probe"),
+    pytest.param(fb.Learned("bogus", NOW - 60), "compression", id="unknown strategy"),
+])
+def test_key_start(learned: fb.Learned | None, expected: str) -> None:
+    assert fb.key_start("compression", learned, NOW) == expected
+
+
+def test_batch_start_is_the_widest_key_start() -> None:
+    table = {K_CT: FRESH}
+    assert fb.batch_start("compression", [K_CT], table, NOW) == "conservative"
+    # A key with nothing learned gets the configured strategy: not one global downgrade.
+    assert fb.batch_start("compression", [K_LS], table, NOW) == "compression"
+    assert fb.batch_start("compression", [K_CT, K_LS], table, NOW) == "compression"
+    assert fb.batch_start("compression", [], table, NOW) == "compression"
+
+
+@pytest.mark.parametrize("table, delivered, refused, expected", [
+    pytest.param({}, [(K_CT, "conservative")], [K_CT],
+                 {K_CT: fb.Learned("conservative", NOW, 0)}, id="refused, then delivered: learn"),
+    pytest.param({K_CT: FRESH}, [(K_CT, "compression")], [],
+                 {K_CT: None}, id="configured works again (re-probe): forget"),
+    pytest.param({}, [(K_CT, "compression")], [], {}, id="configured, nothing learned"),
+    pytest.param({K_CT: FRESH}, [(K_CT, "conservative")], [],
+                 {K_CT: fb.Learned("conservative", FRESH.since, 4)},
+                 id="started from it: one more batch"),
+    pytest.param({K_CT: FRESH}, [(K_CT, "conservative")], [K_CT],
+                 {K_CT: fb.Learned("conservative", NOW, 0)},
+                 id="re-probe refused again: learned afresh"),
+    pytest.param({}, [(K_CT, "conservative"), (K_LS, "conservative")], [K_CT],
+                 {K_CT: fb.Learned("conservative", NOW, 0)},
+                 id="carried along by another key's fallback: not learned"),
+    pytest.param({}, [(K_CT, "compression")], [K_CT], {},
+                 id="refused but delivered with the configured one: nothing to learn"),
+])
+def test_learn(table: dict[fb.Key, fb.Learned], delivered: list[tuple[fb.Key, str]],
+               refused: list[fb.Key], expected: dict[fb.Key, fb.Learned | None]) -> None:
+    assert fb.learn("compression", table, delivered, refused, NOW) == expected

@@ -51,7 +51,7 @@ def test_fallback_sequence_rejects(bad: tuple[str, int]) -> None:
 @pytest.mark.parametrize("configured, learned, expected", [
     ("standard", None, "standard"),
     ("standard", "universal", "universal"),
-    ("standard", "extended", "standard"),     # never above the configuration
+    ("standard", "extended", "extended"),     # learned by widening: above it
     ("conservative", "bogus", "conservative"),
 ])
 def test_start_strategy(configured: str, learned: str | None, expected: str) -> None:
@@ -183,3 +183,63 @@ def test_no_context_message_has_the_seed_shape() -> None:
     none = neg.no_context_message(CT, [])
     assert "Peer accepted transfer syntaxes: []" in none
     assert "Recommendation: check that the peer supports SOP class" in none
+
+
+# --- the diagnosis from the peer's answers (issue 17; PS3.8 §9.3.3.2) -------------------------
+_CT = "1.2.840.10008.5.1.4.1.1.2"
+_HEAD = f"No compatible presentation context for '{_CT}'. Peer accepted transfer syntaxes: "
+
+
+@pytest.mark.parametrize("accepted, results, encodable, expected", [
+    pytest.param([ts.IMPLICIT_LE], [], None,
+                 _HEAD + "['1.2.840.10008.1.2']\n"
+                 "Recommendation: Use 'universal' strategy for this peer",
+                 id="the seed's message, unchanged without results"),
+    pytest.param([ts.JPEG_2000], [4], {ts.JPEG_2000},
+                 _HEAD + "['1.2.840.10008.1.2.4.91']\n"
+                 "Peer answered: transfer syntaxes not supported (result 4)\n"
+                 "Recommendation: Use 'extended' strategy for this peer with "
+                 "allow_lossy_recompression = true (it accepts only lossy syntaxes for this "
+                 "class)", id="lossy only, and the relay can produce it"),
+    pytest.param([ts.JPEG_BASELINE], [4], {ts.JPEG_2000},
+                 _HEAD + "['1.2.840.10008.1.2.4.50']\n"
+                 "Peer answered: transfer syntaxes not supported (result 4)\n"
+                 "Recommendation: the peer takes SOP class '1.2.840.10008.5.1.4.1.1.2' (CT "
+                 "Image Storage) only in lossy syntaxes the relay cannot produce: let it "
+                 "accept a lossless or uncompressed syntax", id="lossy only, no encoder"),
+    pytest.param([], [3], None,
+                 _HEAD + "[]\nPeer answered: abstract syntax (SOP class) not supported "
+                 "(result 3)\nRecommendation: the peer does not store SOP class "
+                 "'1.2.840.10008.5.1.4.1.1.2' (CT Image Storage): add it to the peer's "
+                 "accepted SOP classes, or do not send it there", id="result 3"),
+    pytest.param([], [1, 2], None,
+                 _HEAD + "[]\nPeer answered: user rejection (result 1), no reason given "
+                 "(result 2)\nRecommendation: check that the peer supports SOP class "
+                 "'1.2.840.10008.5.1.4.1.1.2' (CT Image Storage); it accepted none of the "
+                 "proposed contexts", id="results 1 and 2"),
+])
+def test_no_context_message(accepted: list[str], results: list[int],
+                            encodable: set[str] | None, expected: str) -> None:
+    assert neg.no_context_message(_CT, accepted, results, encodable) == expected
+
+
+@pytest.mark.parametrize("current, own, expected", [
+    ("universal", ts.EXPLICIT_LE, "compression"),
+    ("conservative", ts.EXPLICIT_LE, "compression"),
+    ("standard", ts.JPEG_LS_LOSSLESS, "compression"),
+    ("conservative", ts.JPEG_BASELINE, "extended"),  # sent as received: only extended has it
+    ("compression", ts.EXPLICIT_LE, "extended"),
+    ("extended", ts.EXPLICIT_LE, None),
+])
+def test_widen_target(current: str, own: str, expected: str | None) -> None:
+    assert neg.widen_target(current, [neg.Source(_CT, own)]) == expected
+
+
+def test_probe_proposes_every_syntax_after_the_strategys() -> None:
+    src = [neg.Source(_CT, ts.EXPLICIT_LE)]
+    plain = neg.propose("compression", src, encodable={ts.JPEG_LS_LOSSLESS})
+    probed = neg.propose("compression", src, encodable={ts.JPEG_LS_LOSSLESS}, probe=True)
+    assert probed[: len(plain)] == plain
+    assert {p.transfer_syntax for p in probed} == set(neg.STRATEGY_SYNTAXES["extended"])
+    assert neg.fit_batch("compression", src * 3, encodable={ts.JPEG_LS_LOSSLESS},
+                         probe=True) == 3
