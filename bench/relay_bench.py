@@ -242,6 +242,9 @@ def one_run(root: Path, files: list[Path], n: int, baseline: str | None,
         out[f"acks_x{k}"], out[f"e2e_x{k}"] = relay_run(
             root / f"relay_x{k}", files, n, here, accelerate=accelerate != "off",
             associations=k)
+        if baseline:
+            out[f"b_acks_x{k}"], out[f"b_e2e_x{k}"] = relay_run(
+                root / f"baseline_x{k}", files, n, Path(baseline).resolve(), associations=k)
     return out
 
 
@@ -360,6 +363,11 @@ def main() -> int:
         print(f"baseline: modality acks       {n / b_acks:7.1f} inst/s {mb / b_acks:7.1f} MB/s")
         print(f"baseline: end to end          {n / b_e2e:7.1f} inst/s {mb / b_e2e:7.1f} MB/s "
               f"({ratio('b_e2e'):.2f}x direct)")
+        for k in parallel:
+            k_acks, k_e2e = med(f"b_acks_x{k}"), med(f"b_e2e_x{k}")
+            print(f"{f'baseline, {k} associations: acks':30}{n / k_acks:7.1f} inst/s")
+            print(f"{f'baseline, {k} associations: e2e':30}{n / k_e2e:7.1f} inst/s "
+                  f"({ratio(f'b_e2e_x{k}'):.2f}x direct)")
     print(f"transcode Explicit→Implicit   {exp_rate[0]:7.1f} inst/s {exp_rate[1]:7.1f} MB/s")
     print(f"transcode JPEG-LL→Implicit    {jll_rate[0]:7.1f} inst/s")
     return 0
