@@ -2,6 +2,7 @@
 
     python bench/relay_bench.py [--count 200] [--runs N] [--json] [--baseline DIR]
                                 [--profile FILE] [--accelerate on|off|both]
+                                [--parallel N[,N…]]
 
 200 generated CT instances of 512 KiB (512x512x16 bit, Explicit VR LE).  All
 processes on 127.0.0.1, DCMTK with TCP_NODELAY=1 (``loopback_env``), the
@@ -11,7 +12,10 @@ PACS folders in a temp dir.  Reports:
 * direct: storescu → storescp, instances/s and MB/s until the last file is
   on the peer's disk (storescp writes before it answers);
 * relay: time until the modality has all its acknowledgements (ack rate)
-  and until the last instance is on the peer's disk (end to end);
+  and until the last instance is on the peer's disk (end to end), and the
+  CPU time of the relay's process and of its forwarder process per instance;
+* the same with ``--parallel`` associations at once (default 4 storescu,
+  each its own calling AE title: several modalities);
 * transcoding rates in-process: Explicit → Implicit VR LE, JPEG Lossless →
   Implicit VR LE.
 
@@ -90,14 +94,30 @@ def storescp(directory: Path, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-def storescu(files: list[Path], port: int, aec: str) -> float:
+def storescu(files: list[Path], port: int, aec: str, associations: int = 1) -> float:
+    """Send ``files`` with ``associations`` storescu processes at once (each its own
+    calling AE title, as several modalities), files dealt round-robin; seconds until
+    the last one has all its acknowledgements."""
     started = time.perf_counter()
-    res = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", aec, "-xe", "127.0.0.1",
-                          str(port), *map(str, files)], capture_output=True, text=True,
-                         env=loopback_env(), check=False, timeout=600)
-    if res.returncode != 0:
-        raise RuntimeError(f"storescu failed: {res.stderr[-2000:]}")
+    procs = [subprocess.Popen(["storescu", "-aet", f"MODALITY{i}", "-aec", aec, "-xe",
+                               "127.0.0.1", str(port), *map(str, files[i::associations])],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env=loopback_env())
+             for i in range(associations)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-2000:]}")
     return time.perf_counter() - started
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_files(directory: Path, count: int, started: float, timeout: float = 600) -> float:
@@ -127,10 +147,12 @@ def relay_command(code: Path) -> list[str]:
 
 def relay_run(root: Path, files: list[Path], n: int, code: Path, *,
               profile: str | None = None, extra: tuple[str, ...] = (),
-              accelerate: bool = True) -> tuple[float, float]:
-    """storescu → relay (``dicomcache relay run`` from ``code``) → storescp; returns
-    (seconds until every acknowledgement, seconds until the last instance is on the
-    PACS's disk)."""
+              accelerate: bool = True, associations: int = 1,
+              cpu: dict[str, float] | None = None) -> tuple[float, float]:
+    """storescu (``associations`` at once) → relay (``dicomcache relay run`` from
+    ``code``) → storescp; returns (seconds until every acknowledgement, seconds until
+    the last instance is on the PACS's disk).  ``cpu`` gets the CPU seconds the relay's
+    process (``scp``) and its forwarder process (``forwarder``) spent meanwhile."""
     root.mkdir(parents=True)
     pacs_port, relay_port = free_port(), free_port()
     pacs = storescp(root / "via", pacs_port)
@@ -165,9 +187,14 @@ def relay_run(root: Path, files: list[Path], n: int, code: Path, *,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                      for pid, out in targets]
             time.sleep(1.0)
+        procs = {"scp": relay.pid}
+        procs.update(("forwarder", pid) for pid in _children(relay.pid))
+        before = {k: cpu_seconds(pid) for k, pid in procs.items()}
         t0 = time.perf_counter()
-        acks = storescu(files, relay_port, "DICOMCACHE")
+        acks = storescu(files, relay_port, "DICOMCACHE", associations)
         e2e = wait_files(root / "via", n, t0)
+        if cpu is not None:
+            cpu.update({k: cpu_seconds(pid) - before[k] for k, pid in procs.items()})
         for spy in spies:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
@@ -178,8 +205,10 @@ def relay_run(root: Path, files: list[Path], n: int, code: Path, *,
 
 
 def one_run(root: Path, files: list[Path], n: int, baseline: str | None,
-            profile: str | None, accelerate: str = "on") -> dict[str, float]:
-    """direct, relay (plain, baseline) once each, in that order: seconds."""
+            profile: str | None, accelerate: str = "on",
+            parallel: tuple[int, ...] = ()) -> dict[str, float]:
+    """direct, relay (plain, baseline, then ``parallel`` associations) once each, in
+    that order: seconds (``cpu_*``: CPU seconds of the relay's processes)."""
     out: dict[str, float] = {}
     port = free_port()
     pacs = storescp(root / "direct", port)
@@ -190,14 +219,23 @@ def one_run(root: Path, files: list[Path], n: int, baseline: str | None,
     finally:
         stop(pacs, 20)
     here = Path(__file__).resolve().parents[1]
+    cpu: dict[str, float] = {}
     out["acks"], out["e2e"] = relay_run(root / "relay", files, n, here, profile=profile,
-                                        accelerate=accelerate != "off")
+                                        accelerate=accelerate != "off", cpu=cpu)
+    out.update({f"cpu_{k}": v for k, v in cpu.items()})
     if accelerate == "both":
         out["p_acks"], out["p_e2e"] = relay_run(root / "plain", files, n, here,
                                                 accelerate=False)
     if baseline:
         out["b_acks"], out["b_e2e"] = relay_run(root / "baseline", files, n,
                                                 Path(baseline).resolve())
+    for k in parallel:
+        out[f"acks_x{k}"], out[f"e2e_x{k}"] = relay_run(
+            root / f"relay_x{k}", files, n, here, accelerate=accelerate != "off",
+            associations=k)
+        if baseline:
+            out[f"b_acks_x{k}"], out[f"b_e2e_x{k}"] = relay_run(
+                root / f"baseline_x{k}", files, n, Path(baseline).resolve(), associations=k)
     return out
 
 
@@ -217,7 +255,11 @@ def main() -> int:
     parser.add_argument("--accelerate", choices=("on", "off", "both"), default="on",
                         help="[relay] accelerate of the relay under test; both: run it with "
                              "and without in each run (the plain one reported as 'plain')")
+    parser.add_argument("--parallel", metavar="N[,N…]", default="4",
+                        help="also run the relay with N storescu associations at once (each "
+                             "its own calling AE title), in each run; '' for none")
     args = parser.parse_args()
+    parallel = tuple(int(k) for k in args.parallel.split(",") if k.strip())
     n = args.count
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         root = Path(tmp)
@@ -226,7 +268,7 @@ def main() -> int:
         total = sum(f.stat().st_size for f in files)
         mb = total / 1e6
         runs = [one_run(root / f"run{i}", files, n, args.baseline,
-                        args.profile if i == 0 else None, args.accelerate)
+                        args.profile if i == 0 else None, args.accelerate, parallel)
                 for i in range(max(args.runs, 1))]
 
         # Transcoding (in this process).
@@ -253,7 +295,14 @@ def main() -> int:
                        "mb_per_s": round(mb / acks, 1)},
         "relay_end_to_end": {"seconds": round(e2e, 3), "instances_per_s": round(n / e2e, 1),
                              "mb_per_s": round(mb / e2e, 1), "ratio_to_direct": ratio("e2e")},
-        "per_run": [{k: round(n / v, 1) for k, v in r.items()} for r in runs],
+        "per_run": [{k: round(n / v, 1) for k, v in r.items() if not k.startswith("cpu_")}
+                    for r in runs],
+        # CPU milliseconds per instance of the relay's processes (one association)
+        "cpu_ms_per_instance": {k[4:]: round(1000 * med(k) / n, 2) for k in runs[0]
+                                if k.startswith("cpu_")},
+        "parallel": {str(k): {"acks_instances_per_s": round(n / med(f"acks_x{k}"), 1),
+                              "end_to_end_instances_per_s": round(n / med(f"e2e_x{k}"), 1),
+                              "ratio_to_direct": ratio(f"e2e_x{k}")} for k in parallel},
         "accelerate": args.accelerate,
         "plain_acks_instances_per_s": round(n / med("p_acks"), 1) if both else None,
         "plain_end_to_end": {"instances_per_s": round(n / med("p_e2e"), 1),
@@ -278,6 +327,8 @@ def main() -> int:
                      if both else "")
             extra += (f"  baseline acks {r['b_acks']:6.1f}  e2e {r['b_e2e']:6.1f}"
                       if args.baseline else "")
+            extra += "".join(f"  x{k} acks {r[f'acks_x{k}']:6.1f}  e2e {r[f'e2e_x{k}']:6.1f}"
+                             for k in parallel)
             print(f"  run {i}: direct {r['direct']:6.1f}  acks {r['acks']:6.1f}  "
                   f"e2e {r['e2e']:6.1f} inst/s{extra}")
     print(f"direct storescu→storescp      {n / direct:7.1f} inst/s {mb / direct:7.1f} MB/s")
@@ -285,6 +336,14 @@ def main() -> int:
     print(f"{label + ': modality acks':30}{n / acks:7.1f} inst/s {mb / acks:7.1f} MB/s")
     print(f"{label + ': end to end':30}{n / e2e:7.1f} inst/s {mb / e2e:7.1f} MB/s "
           f"({ratio('e2e'):.2f}x direct)")
+    for name, ms in result["cpu_ms_per_instance"].items():
+        print(f"{label + ': CPU of ' + name:30}{ms:7.2f} ms/instance")
+    for k in parallel:
+        k_acks, k_e2e = med(f"acks_x{k}"), med(f"e2e_x{k}")
+        print(f"{f'{label}, {k} associations: acks':30}{n / k_acks:7.1f} inst/s "
+              f"{mb / k_acks:7.1f} MB/s")
+        print(f"{f'{label}, {k} associations: e2e':30}{n / k_e2e:7.1f} inst/s "
+              f"{mb / k_e2e:7.1f} MB/s ({ratio(f'e2e_x{k}'):.2f}x direct)")
     if both:
         p_acks, p_e2e = med("p_acks"), med("p_e2e")
         print(f"plain relay: modality acks    {n / p_acks:7.1f} inst/s {mb / p_acks:7.1f} MB/s")
@@ -295,6 +354,11 @@ def main() -> int:
         print(f"baseline: modality acks       {n / b_acks:7.1f} inst/s {mb / b_acks:7.1f} MB/s")
         print(f"baseline: end to end          {n / b_e2e:7.1f} inst/s {mb / b_e2e:7.1f} MB/s "
               f"({ratio('b_e2e'):.2f}x direct)")
+        for k in parallel:
+            k_acks, k_e2e = med(f"b_acks_x{k}"), med(f"b_e2e_x{k}")
+            print(f"{f'baseline, {k} associations: acks':30}{n / k_acks:7.1f} inst/s")
+            print(f"{f'baseline, {k} associations: e2e':30}{n / k_e2e:7.1f} inst/s "
+                  f"({ratio(f'b_e2e_x{k}'):.2f}x direct)")
     print(f"transcode Explicit→Implicit   {exp_rate[0]:7.1f} inst/s {exp_rate[1]:7.1f} MB/s")
     print(f"transcode JPEG-LL→Implicit    {jll_rate[0]:7.1f} inst/s")
     return 0

@@ -15,10 +15,13 @@ Guarantees
 ----------
 * :meth:`Spool.put` returns only once the file is written, fsynced, renamed
   into ``objects/`` and the directory fsynced: after that a power cut cannot
-  lose it, so the SCP may acknowledge.  The database row is written after the
-  file with ``synchronous=NORMAL`` (survives a process crash, not necessarily
-  a power cut); :meth:`Spool.open` re-queues any file in ``objects/`` that has
-  no row, so the file system is the source of truth for "received".
+  lose it, so the SCP may acknowledge.  C-STOREs spooled at once (several
+  associations) share the directory's fsync (:mod:`.groupsync`): each still
+  returns only after an fsync that began after its own rename.  The database
+  row is written after the file with ``synchronous=NORMAL`` (survives a
+  process crash, not necessarily a power cut); :meth:`Spool.open` re-queues
+  any file in ``objects/`` that has no row, so the file system is the source
+  of truth for "received".
 * Queue order is arrival order (the row id); file names start with a
   nanosecond timestamp so re-queued files keep their order too.
 * A delivery is marked delivered only after the peer's success status: a
@@ -67,9 +70,10 @@ from typing import Any
 
 from dicomcache.dicom.syntaxes import DEFLATED_LE
 from dicomcache.dicom.verify import parse_dicom
-from dicomcache.durable import is_disk_full, write_durably, write_new
+from dicomcache.durable import fsync_dir, is_disk_full, temp_name, write_durably, write_new
 from dicomcache.errors import IntegrityError
 from dicomcache.relay import space, versions
+from dicomcache.relay.groupsync import GroupSync
 from dicomcache.relay.outcome import DELIVERED, Outcome
 
 log = logging.getLogger(__name__)
@@ -311,6 +315,8 @@ class Spool:
         #: :meth:`next_batch` until their outcome is recorded or :meth:`release`.  Their
         #: files are not removed meanwhile (a superseded copy may still be in a batch).
         self._held: dict[str, set[int]] = {}
+        #: The fsync of ``objects/`` after a rename, shared by the C-STOREs spooled at once.
+        self.objects_sync = GroupSync(lambda: fsync_dir(self.objects))
 
     # --- lifecycle -------------------------------------------------------------------
     def open(self, *, recover: bool = True) -> None:
@@ -554,8 +560,22 @@ class Spool:
     # --- receiving -------------------------------------------------------------------
     def write_object(self, final: Path, data: bytes) -> None:
         """Write an object file so that it survives a crash or a power cut (temp file in
-        ``incoming/``, fsync, rename, directory fsync; mode ``FILE_MODE``)."""
-        write_durably(final, data, temp_dir=self.incoming)
+        ``incoming/``, fsync, rename, directory fsync; mode ``FILE_MODE``): what
+        :func:`dicomcache.durable.write_durably` does, with the directory's fsync shared
+        by the C-STOREs renamed at once (:attr:`objects_sync`).  On an error nothing
+        is left in ``objects/``."""
+        tmp = self.incoming / temp_name(final)
+        write_new(tmp, data)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:
+            self.objects_sync.sync()
+        except BaseException:
+            final.unlink(missing_ok=True)  # never acknowledged: not queued at the next start
+            raise
 
     def put(self, data: bytes, info: InstanceInfo, calling_ae: str = "") -> int:
         """Spool ``data`` durably and queue it for every destination; returns its id.

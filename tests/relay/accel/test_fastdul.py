@@ -140,3 +140,31 @@ def test_many_c_stores_in_one_association_keep_request_response_pairing(
     assert report.associations == 1
     assert scp.stored == [str(ds.SOPInstanceUID) for ds in series]
     assert "unexpected" not in caplog.text.lower()
+
+
+def test_a_server_binds_no_logging_handlers_when_they_would_not_print() -> None:
+    """The SCP's associations inherit the handlers of pynetdicom's server: bound there,
+    pynetdicom's "standard" ones format every message received and send every C-STORE
+    response through pydicom (a handler of ``EVT_DIMSE_SENT`` needs a message object)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from dicomcache.devtools.orthanc import free_port
+
+    logger = logging.getLogger("pynetdicom")
+    old = logger.level
+    servers = []
+    try:
+        for level in (logging.WARNING, logging.INFO):
+            logger.setLevel(level)
+            ae = AE()
+            ae.add_supported_context(Verification)
+            servers.append(ae.start_server(("127.0.0.1", free_port()), block=False))
+    finally:
+        logger.setLevel(old)
+        for server in servers:
+            server.shutdown()
+    quiet, verbose = servers
+    for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT):
+        assert quiet.get_handlers(event) == []
+        assert verbose.get_handlers(event) != []

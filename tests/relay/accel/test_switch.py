@@ -21,6 +21,7 @@ PATCHED = [
     (dul.DULServiceProvider, "kill_dul"), (dul.DULServiceProvider, "stop_dul"),
     (dul.DULServiceProvider, "_send"), (Association, "__init__"),
     (Association, "_run_reactor"), (Association, "_bind_defaults"),
+    (transport.AssociationServer, "_bind_defaults"),
     (transport.AssociationSocket, "recv"), (dimse.DIMSEServiceProvider, "send_msg"),
     (DIMSEMessage, "_set_command_group_length"), (transport, "deepcopy"),
     (association, "split_dataset"),
