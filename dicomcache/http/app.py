@@ -83,6 +83,7 @@ def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Applicat
     app.on_response_prepare.append(audit.remember_response)
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
+    app[audit.TRUSTED_PROXIES] = audit.TrustedProxies.parse(settings.audit.trusted_proxies)
     app.cleanup_ctx.append(_hosts_ctx)
     app.cleanup_ctx.append(_audit_ctx)  # first opened, last closed
     app.cleanup_ctx.append(_store_ctx)

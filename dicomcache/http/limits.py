@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from aiohttp import hdrs, web
 
 from dicomcache.config import Settings
-from dicomcache.http.audit import client_of
+from dicomcache.http.audit import client_address
 from dicomcache.http.auth import client_key
-from dicomcache.http.keys import METRICS, SETTINGS
+from dicomcache.http.keys import METRICS
 from dicomcache.http.respond import json_error
 
 log = logging.getLogger(__name__)
@@ -174,9 +174,7 @@ async def client_limits(request: web.Request, handler: Handler) -> web.StreamRes
     limits = request.app.get(CLIENT_LIMITS)
     if limits is None:
         return await handler(request)
-    settings = request.app[SETTINGS]
-    client, _ = client_of(request.remote, request.headers.get("X-Forwarded-For"),
-                          settings.audit.trusted_proxies)
+    client, _ = client_address(request)
     key = client_key(client)
     entry = limits.client(key)
     wait = limits.rate_wait(entry, time.monotonic())
