@@ -1,6 +1,6 @@
 """Per-client fairness on the viewer port: one client cannot take the clinic's share.
 
-Two limits, per client (its address, or the address a trusted proxy names in
+Two request limits, per client (its address, or the address a trusted proxy names in
 ``X-Forwarded-For``; an IPv6 client counts as its /64):
 
 * **Requests in progress** (``server.max_requests_per_client``): more wait their
@@ -12,6 +12,10 @@ Two limits, per client (its address, or the address a trusted proxy names in
   ``server.client_burst``): a token bucket (:func:`take`); beyond it ``429`` with
   ``Retry-After``.  OHIF opening a 1,000-slice series sends about 1,000 requests
   within a second or two, well inside the default burst.
+
+A third limit holds per connection, not per request: **open connections**
+(``server.max_connections_per_client``, the TCP peer at accept(); see
+:class:`ConnectionGate` and ``http/listeners.py``).
 
 A refusal costs no upstream request, is counted in
 ``dicomcache_client_limited_total{limit}`` and logged at most once a minute per
