@@ -105,6 +105,10 @@ class ServerSettings:
     #: up to ``client_burst``; beyond that ``429`` with ``Retry-After``.  0: no limit.
     client_rate: float = 300.0
     client_burst: int = 3000
+    #: Connections one client (address, or /64) may hold open on the viewer port; beyond
+    #: it its longest idle one is closed, or the new one if none is idle.  Trusted proxies
+    #: (``[audit] trusted_proxies``) are exempt.  0: no limit.
+    max_connections_per_client: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -583,6 +587,8 @@ def _server(sec: _Section, base: Path = Path(".")) -> ServerSettings:
                                              d.max_requests_per_client, 0),
         client_rate=sec.at_least("client_rate", d.client_rate, 0.0),
         client_burst=sec.at_least("client_burst", d.client_burst, 1),
+        max_connections_per_client=sec.at_least("max_connections_per_client",
+                                                d.max_connections_per_client, 0),
     )
 
 

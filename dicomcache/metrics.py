@@ -85,7 +85,8 @@ class Metrics:
             ["family", "outcome"], buckets=_LATENCY_BUCKETS, registry=r)
         self.client_limited = Counter(
             "dicomcache_client_limited_total",
-            "Viewer requests answered 429 by a per-client limit (rate or in_flight).",
+            "Viewer requests answered 429 (limit rate or in_flight), or connections "
+            "closed (limit connections), by a per-client limit.",
             ["limit"], registry=r)
         self.cache_hits = Counter(
             "dicomcache_cache_hits_total", "Instance requests served from the local store.",

@@ -246,6 +246,9 @@ def test_read_through_cannot_take_the_whole_pool(upstream: dict[str, int], key: 
     ({"client_rate": -0.5}, "server.client_rate", "at least 0"),
     ({"client_rate": "fast"}, "server.client_rate", "must be float"),
     ({"client_burst": 0}, "server.client_burst", "at least 1"),
+    ({"max_connections_per_client": -1}, "server.max_connections_per_client", "at least 0"),
+    ({"max_connections_per_client": "many"}, "server.max_connections_per_client",
+     "must be int"),
 ])
 def test_client_limit_problems_name_their_key(section: dict[str, object], key: str,
                                               words: str) -> None:
@@ -261,3 +264,6 @@ def test_client_limits_read() -> None:
                                    "client_burst": 200}}).server
     assert (server.max_requests_per_client, server.client_rate, server.client_burst) == (
         0, 50.0, 200)
+    assert from_dict({}).server.max_connections_per_client == 64
+    assert from_dict({"server": {"max_connections_per_client": 0}}
+                     ).server.max_connections_per_client == 0

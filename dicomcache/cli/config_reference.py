@@ -92,6 +92,11 @@ SECTIONS: dict[str, Section] = {
             "client_burst": Key("Requests one client may send at once before `client_rate` "
                                 "applies (OHIF opening a 1,000-slice series sends about "
                                 "1,000)."),
+            "max_connections_per_client": Key(
+                "Connections one client (an address or an IPv6 /64) may hold open on the "
+                "viewer port; beyond it its longest idle one is closed (or the new one, when "
+                "none is idle). Proxies in `[audit] trusted_proxies` are exempt. Raise it when "
+                "many workstations share one address (NAT). 0: no limit."),
         }),
     "upstream": Section(
         "The hospital's Orthanc, and how dicomcache talks to it.", "operations.md", {

@@ -144,10 +144,10 @@ def _serve(settings: Settings, bound: startup.Bound, demo: Any) -> int:
 
     app.on_startup.append(say_listening)
     try:
-        web.run_app(app, sock=bound.viewer,
-                    ssl_context=server_tls.context if server_tls is not None else None,
-                    shutdown_timeout=settings.server.shutdown_timeout, print=None,
-                    access_log=None, handle_signals=True)
+        # As web.run_app, with connections counted per client (http/listeners.py).
+        listeners.run(app, bound.viewer,
+                      ssl_context=server_tls.context if server_tls is not None else None,
+                      shutdown_timeout=settings.server.shutdown_timeout)
     except Exception as exc:
         if started:
             raise

@@ -74,7 +74,9 @@ def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Applicat
     # (http/limits.py), the canonical path;
     # the audit record (around authentication, so a refused request is recorded too);
     # then who asks, and may they (http/auth.py); then the error mapping.
-    app = web.Application(middlewares=[host_check, cors.cors_preflight, limits.client_limits,
+    # First of all, a gated connection is marked in use until its answer is sent.
+    app = web.Application(middlewares=[limits.connection_in_use, host_check,
+                                       cors.cors_preflight, limits.client_limits,
                                        canonical_path, audit.audit_access, auth.guard,
                                        errors_and_metrics],
                           client_max_size=64 << 20)
@@ -83,6 +85,7 @@ def make_app(settings: Settings, metrics: Metrics | None = None) -> web.Applicat
     app.on_response_prepare.append(audit.remember_response)
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
+    app[audit.TRUSTED_PROXIES] = audit.TrustedProxies.parse(settings.audit.trusted_proxies)
     app.cleanup_ctx.append(_hosts_ctx)
     app.cleanup_ctx.append(_audit_ctx)  # first opened, last closed
     app.cleanup_ctx.append(_store_ctx)

@@ -37,7 +37,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl
 
 from aiohttp import hdrs, web
@@ -116,27 +116,60 @@ def subject_of(path: str, query: str) -> Subject:
     return Subject()
 
 
-def client_of(remote: str | None, forwarded_for: str | None, trusted: Iterable[str]
-              ) -> tuple[str, str | None]:
-    """``(client, proxy)``: the peer, or — when the peer is a trusted proxy — the last
-    address of ``X-Forwarded-For`` that is not itself a trusted proxy."""
-    nets = [ipaddress.ip_network(t, strict=False) for t in trusted]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-    def is_trusted(address: str) -> bool:
+
+@dataclass(frozen=True, slots=True)
+class TrustedProxies:
+    """``[audit] trusted_proxies``, parsed once when the application is made (the limits
+    and the audit middleware ask on every request)."""
+
+    networks: tuple[Network, ...] = ()
+
+    @classmethod
+    def parse(cls, entries: Iterable[str]) -> TrustedProxies:
+        return cls(tuple(ipaddress.ip_network(e, strict=False) for e in entries))
+
+    def trusts(self, address: str) -> bool:
+        """Whether ``address`` (a zone suffix ignored) is one of the trusted proxies."""
+        if not self.networks:
+            return False
         try:
             ip = ipaddress.ip_address(address.strip().split("%", 1)[0])
         except ValueError:
             return False
-        return any(ip in n for n in nets)
+        return any(ip in n for n in self.networks)
 
+
+def client_of(remote: str | None, forwarded_for: str | None, trusted: TrustedProxies
+              ) -> tuple[str, str | None]:
+    """``(client, proxy)``: the peer, or — when the peer is a trusted proxy — the last
+    address of ``X-Forwarded-For`` that is not itself a trusted proxy."""
     peer = remote or ""
-    if not forwarded_for or not nets or not is_trusted(peer):
+    if not forwarded_for or not trusted.trusts(peer):
         return peer, None
     hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
     for hop in reversed(hops):
-        if not is_trusted(hop):
+        if not trusted.trusts(hop):
             return hop, peer
     return (hops[0] if hops else peer), peer
+
+
+#: The parsed ``[audit] trusted_proxies`` (set by ``make_app``).
+TRUSTED_PROXIES = web.AppKey("trusted_proxies", TrustedProxies)
+#: A request's ``(client, proxy)``, worked out once by the first middleware that asks.
+CLIENT_ADDRESS: web.RequestKey[tuple[str, str | None]] = web.RequestKey("client_address")
+
+
+def client_address(request: web.Request) -> tuple[str, str | None]:
+    """``(client, proxy)`` of a request (:func:`client_of`), worked out once per request
+    and shared by the per-client limits and the audit record."""
+    found = request.get(CLIENT_ADDRESS)
+    if found is None:
+        trusted = request.app.get(TRUSTED_PROXIES) or TrustedProxies()
+        found = request[CLIENT_ADDRESS] = client_of(
+            request.remote, request.headers.get(hdrs.X_FORWARDED_FOR), trusted)
+    return found
 
 
 # --- the middleware --------------------------------------------------------------------------
@@ -225,9 +258,7 @@ async def audit_access(request: web.Request, handler: Handler) -> web.StreamResp
 
 def actor_of(request: web.Request) -> Actor:
     """Who a request acts for, and from where."""
-    trail = request.app.get(AUDIT)
-    trusted = trail.settings.trusted_proxies if trail is not None else ()
-    client, proxy = client_of(request.remote, request.headers.get("X-Forwarded-For"), trusted)
+    client, proxy = client_address(request)
     return Actor.of(request.get(PRINCIPAL) or ANONYMOUS, client, proxy)
 
 

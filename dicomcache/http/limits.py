@@ -1,6 +1,6 @@
 """Per-client fairness on the viewer port: one client cannot take the clinic's share.
 
-Two limits, per client (its address, or the address a trusted proxy names in
+Two request limits, per client (its address, or the address a trusted proxy names in
 ``X-Forwarded-For``; an IPv6 client counts as its /64):
 
 * **Requests in progress** (``server.max_requests_per_client``): more wait their
@@ -13,6 +13,10 @@ Two limits, per client (its address, or the address a trusted proxy names in
   ``Retry-After``.  OHIF opening a 1,000-slice series sends about 1,000 requests
   within a second or two, well inside the default burst.
 
+A third limit holds per connection, not per request: **open connections**
+(``server.max_connections_per_client``, the TCP peer at accept(); see
+:class:`ConnectionGate` and ``http/listeners.py``).
+
 A refusal costs no upstream request, is counted in
 ``dicomcache_client_limited_total{limit}`` and logged at most once a minute per
 client.  At most :data:`CAPACITY` clients are remembered (the least recently seen
@@ -23,20 +27,24 @@ CORS preflights are answered before these limits (they cost nothing upstream).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import cast
 
 from aiohttp import hdrs, web
 
 from dicomcache.config import Settings
-from dicomcache.http.audit import client_of
+from dicomcache.http.audit import TRUSTED_PROXIES, TrustedProxies, client_address
 from dicomcache.http.auth import client_key
-from dicomcache.http.keys import METRICS, SETTINGS
+from dicomcache.http.keys import METRICS
 from dicomcache.http.respond import json_error
+from dicomcache.metrics import Metrics
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -152,6 +160,8 @@ def setup(app: web.Application, settings: Settings) -> None:
     server = settings.server
     app[CLIENT_LIMITS] = ClientLimits(server.max_requests_per_client, server.client_rate,
                                       server.client_burst)
+    app[CONNECTION_GATE] = ConnectionGate(server.max_connections_per_client,
+                                          app[TRUSTED_PROXIES], app[METRICS])
 
 
 def _refused(request: web.Request, entry: _Client, key: str, limit: str, wait: float,
@@ -174,9 +184,7 @@ async def client_limits(request: web.Request, handler: Handler) -> web.StreamRes
     limits = request.app.get(CLIENT_LIMITS)
     if limits is None:
         return await handler(request)
-    settings = request.app[SETTINGS]
-    client, _ = client_of(request.remote, request.headers.get("X-Forwarded-For"),
-                          settings.audit.trusted_proxies)
+    client, _ = client_address(request)
     key = client_key(client)
     entry = limits.client(key)
     wait = limits.rate_wait(entry, time.monotonic())
@@ -192,3 +200,192 @@ async def client_limits(request: web.Request, handler: Handler) -> web.StreamRes
         return await handler(request)
     finally:
         limits.done(entry)
+
+
+# --- connections ------------------------------------------------------------------------
+# Idle keep-alive connections cost a descriptor each and nothing else, so one host could
+# hold thousands of them.  ``server.max_connections_per_client`` bounds them per client
+# (the TCP peer: no request has been read yet, so no X-Forwarded-For); the listener
+# (http/listeners.py) asks the gate at accept().  Beyond the bound the client's longest
+# idle connection is closed (browsers open a new one, and retry a request that raced the
+# close, as they do at any keep-alive timeout); when none is idle the new one is refused.
+
+
+class Admission(Enum):
+    """What is done with a client's new connection."""
+
+    ADMIT = "admit"
+    CLOSE_IDLE = "close_idle"  # admitted, its longest idle connection closed
+    REFUSE = "refuse"  # closed at once: every connection it has is answering a request
+
+
+def longest_idle(idle_since: Sequence[float | None]) -> int | None:
+    """The index of the connection idle the longest (``None``: in use), or None."""
+    found: int | None = None
+    for i, since in enumerate(idle_since):
+        if since is not None and (found is None or since < cast(float, idle_since[found])):
+            found = i
+    return found
+
+
+def admission(idle_since: Sequence[float | None], limit: int) -> tuple[Admission, int | None]:
+    """A new connection of a client whose open ones became idle at ``idle_since`` (``None``:
+    in use), under ``limit`` (0: none): the decision, and which one to close."""
+    if limit <= 0 or len(idle_since) < limit:
+        return Admission.ADMIT, None
+    victim = longest_idle(idle_since)
+    return (Admission.REFUSE, None) if victim is None else (Admission.CLOSE_IDLE, victim)
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass(eq=False, slots=True)
+class Connection:
+    """One accepted connection on a gated listener."""
+
+    client: str
+    last_used: float
+    transport: asyncio.Transport | None = None  # None while being set up (TLS handshake)
+    busy: int = 0  # requests of it being answered
+    #: Closes it now: the listener's (cancel its set-up), then ``transport.abort``.
+    closer: Callable[[], None] = _nothing
+
+    def idle_since(self) -> float | None:
+        """When it became idle (no request read yet counts as idle since accepted), or
+        None while it answers a request or still sends an answer."""
+        if self.busy or (self.transport is not None
+                         and self.transport.get_write_buffer_size()):
+            return None
+        return self.last_used
+
+
+@dataclass(slots=True)
+class _Peer:
+    connections: list[Connection] = field(default_factory=list)
+    logged: float = -math.inf
+
+
+class ConnectionGate:
+    """The open connections of the viewer listeners, per client (event loop only).  A
+    client is remembered only while it has connections open: the table is bounded by
+    the process's descriptors."""
+
+    def __init__(self, limit: int, trusted: TrustedProxies, metrics: Metrics) -> None:
+        self.limit = limit
+        self.trusted = trusted
+        self.metrics = metrics
+        self._peers: dict[str, _Peer] = {}
+        self._by_transport: dict[asyncio.BaseTransport, Connection] = {}
+        self._descriptors_logged = -math.inf
+
+    def accept(self, address: str) -> Connection | None:
+        """A connection accepted from ``address``: its record, or None when it is to be
+        closed at once (the client's bound reached, none of its connections idle)."""
+        now = time.monotonic()
+        key = client_key(address)
+        peer = self._peers.setdefault(key, _Peer())
+        if not self.trusted.trusts(address):
+            verdict, victim = admission([c.idle_since() for c in peer.connections],
+                                        self.limit)
+            if verdict is not Admission.ADMIT:
+                self._limited(peer, key, now, verdict)
+            if verdict is Admission.REFUSE:
+                if not peer.connections:
+                    del self._peers[key]
+                return None
+            if victim is not None:
+                self.close(peer.connections[victim])
+        conn = Connection(key, now)
+        peer.connections.append(conn)
+        return conn
+
+    def _limited(self, peer: _Peer, key: str, now: float, verdict: Admission) -> None:
+        self.metrics.client_limited.labels("connections").inc()
+        if now - peer.logged < LOG_EVERY:
+            return
+        peer.logged = now
+        done = ("closed its longest idle one" if verdict is Admission.CLOSE_IDLE
+                else "refused the new one (none idle)")
+        log.warning("client %s: more than %d connections open "
+                    "(server.max_connections_per_client): %s; counted in "
+                    "dicomcache_client_limited_total{limit=\"connections\"}, logged once "
+                    "a minute", key, self.limit, done)
+
+    def made(self, conn: Connection, transport: asyncio.Transport) -> None:
+        """The connection is set up (after the TLS handshake): it serves requests now."""
+        conn.transport = transport
+        conn.closer = transport.abort
+        conn.last_used = time.monotonic()
+        self._by_transport[transport] = conn
+
+    def lost(self, conn: Connection) -> None:
+        """The connection closed (or never got set up); calling it twice is harmless."""
+        if conn.transport is not None:
+            self._by_transport.pop(conn.transport, None)
+        peer = self._peers.get(conn.client)
+        if peer is not None and conn in peer.connections:
+            peer.connections.remove(conn)
+            if not peer.connections:
+                del self._peers[conn.client]
+
+    def of(self, transport: asyncio.BaseTransport | None) -> Connection | None:
+        return None if transport is None else self._by_transport.get(transport)
+
+    def close(self, conn: Connection) -> None:
+        """Close an idle connection now and stop counting it.  Aborted: nothing is in
+        flight on it, its descriptor is freed at once (with TLS, a close_notify the
+        client may never answer would hold it for the shutdown timeout)."""
+        self.lost(conn)
+        conn.closer()
+
+    def make_room(self) -> bool:
+        """accept() found no descriptor left: close the connection idle the longest, of
+        any client (as nginx reuses its idle keep-alive connections); False if none is."""
+        every = [c for p in self._peers.values() for c in p.connections]
+        victim = longest_idle([c.idle_since() for c in every])
+        if victim is None:
+            return False
+        self.close(every[victim])
+        return True
+
+    def out_of_descriptors(self, exc: OSError, freed: bool) -> None:
+        """Say so, once a minute (never a traceback per accept attempt)."""
+        now = time.monotonic()
+        if now - self._descriptors_logged < LOG_EVERY:
+            return
+        self._descriptors_logged = now
+        log.error("viewer port: out of descriptors (%s; %d connections open): %s; raise "
+                  "LimitNOFILE or lower server.max_connections_per_client (logged once a "
+                  "minute)", exc.strerror or exc,
+                  sum(len(p.connections) for p in self._peers.values()),
+                  "closing the longest idle connections to accept new ones" if freed
+                  else "no connection is idle, new ones wait in the listen queue")
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+
+CONNECTION_GATE = web.AppKey("connection_gate", ConnectionGate)
+
+
+@web.middleware
+async def connection_in_use(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: a gated connection counts as in use (never closed as idle) from the
+    start of a request until its answer is sent — sent here, so it is."""
+    gate = request.app.get(CONNECTION_GATE)
+    conn = gate.of(request.transport) if gate is not None else None
+    if conn is None:
+        return await handler(request)
+    conn.busy += 1
+    try:
+        response = await handler(request)
+        if not response.prepared:
+            with contextlib.suppress(ConnectionError):  # the client left: aiohttp is quiet too
+                await response.prepare(request)
+                await response.write_eof()
+        return response
+    finally:
+        conn.busy -= 1
+        conn.last_used = time.monotonic()

@@ -8,7 +8,13 @@ import pytest
 
 from dicomcache.audit import record as r
 from dicomcache.audit.record import Actor, Record, Subject, decode, encode
-from dicomcache.http.audit import action_of, audited, client_of, subject_of
+from dicomcache.http.audit import (
+    TrustedProxies,
+    action_of,
+    audited,
+    client_of,
+    subject_of,
+)
 from dicomcache.principal import VIEWER, Principal
 
 
@@ -127,7 +133,7 @@ def test_subject_of(path: str, query: str, want: Subject) -> None:
 ])
 def test_client_of(remote: str, xff: str | None, trusted: tuple[str, ...],
                    want: tuple[str, str | None]) -> None:
-    assert client_of(remote, xff, trusted) == want
+    assert client_of(remote, xff, TrustedProxies.parse(trusted)) == want
 
 
 @pytest.mark.parametrize(("method", "path", "want"), [

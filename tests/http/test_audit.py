@@ -282,3 +282,28 @@ async def test_the_real_guard_names_the_user_in_the_trail(
     assert refused["outcome"] == "denied" and refused["status"] == 401
     text = await asyncio.to_thread(client.app[AUDIT].settings.file.read_text)
     assert "vera-password-1" not in text and "guess-guess" not in text
+
+
+def test_client_address_is_worked_out_once_per_request(tmp_path: Path) -> None:
+    """The trusted proxies are parsed when the app is made, and a request's client is
+    worked out by the first middleware that asks: the second asker (the limits, then
+    the audit record) gets the same answer even if the list changed in between."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from dicomcache.config import from_dict
+    from dicomcache.http.audit import TRUSTED_PROXIES, TrustedProxies, client_address
+
+    app = make_app(from_dict({"upstream": {"url": "http://127.0.0.1:1"},
+                              "cache": {"directory": str(tmp_path)},
+                              "audit": {"trusted_proxies": ["127.0.0.0/8"]}}))
+    assert app[TRUSTED_PROXIES].networks and app[TRUSTED_PROXIES].trusts("127.0.0.9")
+    class Peer(asyncio.Transport):
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return ("127.0.0.1", 40000) if name == "peername" else default
+
+    request = make_mocked_request("GET", "/wado", headers={"X-Forwarded-For": "10.9.8.7"},
+                                  app=app, transport=Peer())
+    assert request.remote == "127.0.0.1"
+    assert client_address(request) == ("10.9.8.7", "127.0.0.1")
+    app[TRUSTED_PROXIES] = TrustedProxies()  # (a frozen app would refuse; this one is not)
+    assert client_address(request) == ("10.9.8.7", "127.0.0.1")

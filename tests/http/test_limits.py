@@ -15,8 +15,19 @@ from aiohttp.test_utils import TestClient
 
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.http.app import make_app
+from dicomcache.http.audit import TrustedProxies
 from dicomcache.http.keys import METRICS
-from dicomcache.http.limits import QUEUE_FACTOR, Bucket, ClientLimits, take
+from dicomcache.http.limits import (
+    QUEUE_FACTOR,
+    Admission,
+    Bucket,
+    ClientLimits,
+    ConnectionGate,
+    admission,
+    longest_idle,
+    take,
+)
+from dicomcache.metrics import Metrics
 from tests.conftest import SettingsFactory, metric_value
 
 
@@ -128,3 +139,73 @@ async def test_no_limits_when_turned_off(aiohttp_client, make_settings: Settings
         server={"client_rate": 0, "max_requests_per_client": 0})))
     statuses = await asyncio.gather(*(client.get("/healthz") for _ in range(50)))
     assert {r.status for r in statuses} == {200}
+
+
+# --- connections per client (the listener's part: tests/http/test_connection_limits.py) ---
+@pytest.mark.parametrize(("idle_since", "want"), [
+    ([], None),
+    ([None, None], None),                 # every one answering a request
+    ([5.0, None, 3.0, 4.0], 2),           # idle the longest
+    ([None, 7.0], 1),
+    ([2.0, 2.0], 0),                      # a tie: the first accepted
+])
+def test_longest_idle(idle_since: list[float | None], want: int | None) -> None:
+    assert longest_idle(idle_since) == want
+
+
+@pytest.mark.parametrize(("idle_since", "limit", "want"), [
+    ([], 64, (Admission.ADMIT, None)),
+    ([1.0] * 63, 64, (Admission.ADMIT, None)),
+    ([None] * 63, 64, (Admission.ADMIT, None)),          # busy or not, below the bound
+    ([3.0, 1.0, 2.0], 3, (Admission.CLOSE_IDLE, 1)),     # at it: the longest idle goes
+    ([None, None, 2.0], 3, (Admission.CLOSE_IDLE, 2)),
+    ([None, None, None], 3, (Admission.REFUSE, None)),   # none idle: the new one goes
+    ([None] * 500, 0, (Admission.ADMIT, None)),          # 0: no limit
+])
+def test_admission(idle_since: list[float | None], limit: int,
+                   want: tuple[Admission, int | None]) -> None:
+    assert admission(idle_since, limit) == want
+
+
+class _Transport(asyncio.Transport):
+    """Just what the gate reads of a transport: its write buffer, and abort()."""
+
+    def __init__(self, buffered: int = 0) -> None:
+        super().__init__()
+        self.buffered, self.aborted = buffered, False
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_gate_closes_a_clients_longest_idle_connection_then_refuses_when_all_are_busy(
+        ) -> None:
+    metrics = Metrics()
+    gate = ConnectionGate(2, TrustedProxies.parse(["10.9.9.9"]), metrics)
+    first, second = gate.accept("10.0.0.1"), gate.accept("10.0.0.1")
+    assert first is not None and second is not None
+    t1, t2 = _Transport(), _Transport()
+    gate.made(first, t1)
+    gate.made(second, t2)
+    first.last_used, second.last_used = 1.0, 2.0
+    # A third: the first (idle the longest) is closed and forgotten, the third admitted.
+    third = gate.accept("10.0.0.1")
+    assert third is not None and t1.aborted and not t2.aborted
+    assert gate.of(t1) is None and gate.of(t2) is second
+    # Both in use (a request; an answer still in the write buffer): a fourth is refused.
+    second.busy = 1
+    t3 = _Transport(buffered=100)
+    gate.made(third, t3)
+    assert gate.accept("10.0.0.1") is None
+    assert metric_value(metrics, "dicomcache_client_limited_total", limit="connections") == 2
+    # Another client is not affected; a trusted proxy is exempt.
+    assert gate.accept("10.0.0.2") is not None
+    assert all(gate.accept("10.9.9.9") is not None for _ in range(5))
+    # The table remembers a client only while it has connections open.
+    gate.lost(second)
+    gate.lost(third)
+    gate.lost(second)  # twice is harmless
+    assert len(gate) == 2  # 10.0.0.2 and the proxy: 10.0.0.1 is forgotten
