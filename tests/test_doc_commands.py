@@ -1,16 +1,20 @@
 """Every command in the docs either runs here, or says why it cannot.
 
-Each fenced ``sh`` or ``console`` block of README.md and docs/*.md carries one of two
-tags in its info string:
+Each fenced ``sh`` or ``console`` block of README.md and docs/*.md (indented ones in
+lists too) carries tags in its info string:
 
 * ```` ```sh test ````: run here, command by command, against a real Orthanc (the
   session fixture, given a small study of its own) and a real ``dicomcache serve``
   started on a free loopback port; each command must exit 0 and print something
   (never a traceback).
-* ```` ```sh no-test ````: needs what a test cannot have (root, systemd, apt, another
-  machine, a password typed in, a server that runs until stopped).
+* ```` ```sh package ````: run by tests/test_package.py as written (sudo, apt, systemctl,
+  journalctl, sudoedit), by an administrator in a clean Debian root booted with systemd,
+  with the .deb just built; each block is named in one of that module's plans.
+* ```` ```sh no-test ````: needs what no test here has (another machine, a password
+  typed in, a server that runs until stopped), alone.
 
-A block with neither tag fails :func:`test_every_command_block_is_tested_or_marked`.
+A block that is neither run nor marked fails :func:`test_every_command_block_is_tested_or_marked`;
+a ``package`` block no plan names fails :func:`test_every_package_block_is_planned`.
 
 In tested blocks these stand for the test's own things (docs/README.md says the same):
 
@@ -47,7 +51,9 @@ from dicomcache.devtools.samples import encode, make_ct_series
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELLS = ("sh", "console", "bash", "shell")
-_BLOCK = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.S | re.M)
+# Indented fences too (a block inside a numbered step): the closing fence at the same indent.
+_BLOCK = re.compile(r"^([ \t]*)```([^\n]*)\n(.*?)^\1```[ \t]*$", re.S | re.M)
+RUN = {"test", "package"}
 _SETUP = re.compile(r"^(alias \w+=|[A-Za-z_]\w*=)")
 
 
@@ -69,10 +75,10 @@ def blocks() -> list[Block]:
     for path in DOCUMENTS:
         text = path.read_text()
         for m in _BLOCK.finditer(text):
-            words = m.group(1).split()
+            words = m.group(2).split()
             if words and words[0] in SHELLS:
                 found.append(Block(path, text[:m.start()].count("\n") + 1, tuple(words[1:]),
-                                   m.group(2)))
+                                   textwrap.dedent(m.group(3))))
     return found
 
 
@@ -90,9 +96,37 @@ def commands(text: str) -> list[str]:
     return out
 
 
+def marked(tags: tuple[str, ...]) -> bool:
+    """Run by a test (``test``, ``package`` or both), or ``no-test`` alone."""
+    return set(tags) == {"no-test"} or (bool(set(tags) & RUN) and set(tags) <= RUN)
+
+
 def test_every_command_block_is_tested_or_marked() -> None:
-    unmarked = [b.where for b in blocks() if len(set(b.tags) & {"test", "no-test"}) != 1]
-    assert unmarked == [], "tag each block `sh test` or `sh no-test` (see this module)"
+    unmarked = [b.where for b in blocks() if not marked(b.tags)]
+    assert unmarked == [], "tag each block `sh test`, `sh package` or `sh no-test` (this module)"
+
+
+def test_the_tags_are_read_as_documented() -> None:
+    assert marked(("test",)) and marked(("package",)) and marked(("test", "package"))
+    assert marked(("no-test",))
+    assert not marked(()) and not marked(("no-test", "test")) and not marked(("chroot",))
+
+
+def test_indented_blocks_are_found() -> None:
+    """A block in a numbered step is a block (one escaped untagged that way)."""
+    found = [b for b in blocks() if b.path.name == "upgrade.md"
+             and commands(b.text)[:1] == ["dicomcache --version"]]
+    assert found and all(not b.text.startswith(" ") for b in found)
+
+
+def test_every_package_block_is_planned() -> None:
+    """tests/test_package.py runs every ```sh package block: each document that has one
+    has a plan there, and the plan names each of its blocks (checked here without root)."""
+    from tests import test_package
+    planned = {b.where for document, plan in test_package.PLANS
+               for b in test_package.claimed(plan, document)}
+    unplanned = [b.where for b in blocks() if "package" in b.tags and b.where not in planned]
+    assert unplanned == [], "name them in a plan of tests/test_package.py (PLANS)"
 
 
 def test_the_docs_have_tested_commands() -> None:

@@ -9,28 +9,41 @@ there with apt, as docs/install.md says, in a network namespace of its own (the
 install needs no network).  This machine's / is never touched.  The bootstrapped root
 is kept as a tarball in ~/.cache/dicomcache-tests (made once, about a minute).
 
-Needs root (chroot, mount), as ``./run test`` and CI run.
+docs/install.md and docs/upgrade.md are then followed as written (their ```sh package
+blocks): in such a root with systemd added, booted by ``systemd-nspawn`` so that
+``systemctl`` and ``journalctl`` talk to a real systemd, by an administrator with sudo;
+the upgrade from the previous release (0.1.0, built from its commit) and between two
+builds with drain, backup, start, check and roll back.
+
+Needs root (chroot, mount, systemd-nspawn), as ``./run test`` and CI run.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import http.client
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pydicom import Dataset
 
 from dicomcache import __version__
-from dicomcache.devtools.orthanc import OrthancProcess, free_ports
+from dicomcache.devtools.orthanc import OrthancProcess, free_ports, loopback_env
+from dicomcache.devtools.samples import encode, make_ct_series
 from tests.conftest import Sample, eventually_sync
+from tests.test_doc_commands import Block, blocks, commands
 from tests.test_systemd import directives
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,18 +118,17 @@ def debian_mirror(release: str) -> str:
     pytest.fail(f"apt on this machine has no source for {release}:\n{listed}")
 
 
-@pytest.fixture(scope="module")
-def clean_root_tarball(packages: tuple[Path, Path]) -> Path:
-    """A minimal Debian root of this machine's release with the package's dependencies,
-    as a tarball, made once per machine (other suites on this machine may be making it
-    at the same moment: a lock)."""
-    _, deb = packages
+def bootstrap(deb: Path, extra: tuple[str, ...] = ()) -> Path:
+    """A minimal Debian root of this machine's release with the package's dependencies
+    (and ``extra`` packages), as a tarball, made once per machine (other suites on this
+    machine may be making it at the same moment: a lock)."""
     release = re.search(r"^VERSION_CODENAME=(\S+)$", Path("/etc/os-release").read_text(),
                         re.M)
     assert release, "no VERSION_CODENAME in /etc/os-release"
     arch = host_run("dpkg", "--print-architecture").strip()
     depends = host_run("dpkg-deb", "--field", deb, "Depends")
     include = sorted(re.sub(r"\s*\(.*\)", "", d).strip() for d in depends.split(","))
+    include += sorted(extra)
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dicomcache-tests"
     cache.mkdir(parents=True, exist_ok=True)
     tarball = cache / f"debian-{release[1]}-{arch}-minbase-{'-'.join(include)}.tar"
@@ -137,6 +149,12 @@ def clean_root_tarball(packages: tuple[Path, Path]) -> Path:
                          ".")
                 os.replace(Path(tmp) / "root.tar", tarball)
     return tarball
+
+
+@pytest.fixture(scope="module")
+def clean_root_tarball(packages: tuple[Path, Path]) -> Path:
+    """The clean root: the package's dependencies and nothing else."""
+    return bootstrap(packages[1])
 
 
 @pytest.fixture
@@ -411,3 +429,378 @@ def test_the_artifacts_carry_one_version_and_the_license(packages: tuple[Path, P
     assert f"Version: {__version__}\n" in fields and f"Architecture: {arch}\n" in fields
     assert deb.name == f"dicomcache_{__version__}_{arch}.deb"
     assert re.search(r"Depends: python3\.\d+, libc6 \(>= 2\.\d+\), passwd", fields), fields
+
+
+# --- the documents' own commands, in a root booted with systemd -------------------------
+#
+# docs/install.md and docs/upgrade.md tag their commands ```sh package: they are run
+# here as written, by an administrator (a user with sudo, as on a server) in a clean
+# root that runs a real systemd as its PID 1 (systemd-nspawn --boot), with the .deb
+# just built.  tests/test_doc_commands.py fails a ```sh package block that no plan below
+# runs.
+
+#: What the booted root has besides the package's dependencies: systemd to boot, D-Bus
+#: for systemctl as a user, sudo and curl as the documents use them.
+BOOTED_EXTRAS = ("curl", "dbus", "sudo", "systemd")
+ADMIN = "admin"
+#: What ``sudoedit`` opens the files with: stands for the administrator typing the edit.
+#: The edits (a JSON list of [regex, replacement]) and the password come from the test.
+EDITOR = """import json, os, re, sys
+for name in sys.argv[1:]:
+    with open(name) as f:
+        text = f.read()
+    if "orthanc-password" in os.path.basename(name):
+        text = os.environ["DOC_PASSWORD"] + "\\n"
+    else:
+        for pattern, new in json.loads(os.environ["DOC_EDITS"]):
+            text, n = re.subn(pattern, new, text, count=1, flags=re.M)
+            assert n == 1, pattern
+    with open(name, "w") as f:
+        f.write(text)
+"""
+
+
+def doc_blocks(document: str) -> list[Block]:
+    """The ```sh package blocks of ``document`` (a path from the repository's top)."""
+    return [b for b in blocks() if "package" in b.tags and b.path == REPO / document]
+
+
+def claimed(plan: list[str], document: str) -> list[Block]:
+    """The blocks of ``document`` in the order of ``plan``, each block named by the start
+    of its commands (one a line) and matching exactly one block."""
+    found = doc_blocks(document)
+    ordered = []
+    for start in plan:
+        matching = [b for b in found if "\n".join(commands(b.text)).startswith(start)]
+        assert len(matching) == 1, f"{document}: {start!r} names {len(matching)} blocks"
+        ordered.append(matching[0])
+    assert len(set(ordered)) == len(ordered), f"{document}: a block named twice in one plan"
+    return ordered
+
+
+class Booted:
+    """``root`` booted by systemd-nspawn (sharing this machine's network, so the real
+    Orthanc on loopback is reached); commands are run in it with nsenter."""
+
+    def __init__(self, root: Path, log: Path) -> None:
+        self.root, self.log = root, log
+        with log.open("wb") as out:
+            self.nspawn = subprocess.Popen(
+                ["systemd-nspawn", "--quiet", "--directory", str(root), "--boot",
+                 "--register=no", "--keep-unit", "--console=pipe",
+                 f"--machine=dicomcache-test-{os.getpid()}"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            self.leader = eventually_sync(self._leader, timeout=60, interval=0.2,
+                                          what="systemd started by systemd-nspawn")
+            # Until systemd listens, systemctl prints nothing: ask again.
+            state = eventually_sync(self._state, timeout=180, interval=0.5,
+                                    what="systemd's answer to is-system-running")
+            assert state == "running", (
+                state + self.run("systemctl --failed --no-pager", user=None).stdout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _leader(self) -> int:
+        """The container's PID 1 (systemd), seen from here: a descendant of nspawn."""
+        assert self.nspawn.poll() is None, self.log.read_text()
+        parents, names = {}, {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            pid = int(stat.parent.name)
+            names[pid] = text[text.index("(") + 1:text.rindex(")")]
+            parents[pid] = int(text.rpartition(")")[2].split()[1])
+        for pid, name in names.items():
+            ancestor = parents.get(pid)
+            while name == "systemd" and ancestor:
+                if ancestor == self.nspawn.pid:
+                    return pid
+                ancestor = parents.get(ancestor)
+        return 0
+
+    def _state(self) -> str:
+        return self.run("systemctl is-system-running --wait", user=None,
+                        timeout=180).stdout.strip()
+
+    def run(self, command: str, *, user: str | None = ADMIN, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """``command`` by bash in the booted root, as ``user`` (root if None), in its home."""
+        home = f"/home/{user}" if user else "/root"
+        environment = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": home,
+                       "LANG": "C.UTF-8", "USER": user or "root", "LOGNAME": user or "root",
+                       **(env or {})}
+        inner = ["env", "-i", *(f"{k}={v}" for k, v in environment.items()),
+                 "bash", "-o", "pipefail", "-c", f"cd {home} && {command}"]
+        if user is not None:
+            inner = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *inner]
+        return subprocess.run(["nsenter", f"--target={self.leader}", "--all", "--root",
+                               "--wd", *inner], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+
+    def stop(self) -> None:
+        if self.nspawn.poll() is None:
+            if getattr(self, "leader", 0):
+                self.run("systemctl poweroff", user=None)
+            else:
+                self.nspawn.terminate()
+            try:
+                self.nspawn.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.nspawn.kill()
+                self.nspawn.wait()
+
+
+@pytest.fixture
+def booted(packages: tuple[Path, Path], tmp_path: Path) -> Iterator[Booted]:
+    """A fresh root with systemd, an administrator in the sudo group (no password asked:
+    there is no one to type it) and the .deb in the administrator's home, booted."""
+    if not shutil.which("systemd-nspawn"):
+        pytest.fail("systemd-nspawn is missing (./run test installs systemd-container)")
+    tarball = bootstrap(packages[1], BOOTED_EXTRAS)
+    where = tmp_path / "booted"
+    where.mkdir()
+    host_run("tar", "--numeric-owner", "-xpf", tarball, "-C", where)
+    sh(where, "useradd", "--create-home", "--shell", "/bin/bash", "--groups",
+       "sudo,adm,systemd-journal", ADMIN)
+    (where / "etc/sudoers.d/admin").write_text(f"{ADMIN} ALL=(ALL:ALL) NOPASSWD: ALL\n")
+    (where / "etc/sudoers.d/admin").chmod(0o440)
+    # apt asks before installing; an administrator answers yes.
+    (where / "etc/apt/apt.conf.d/90yes").write_text('APT::Get::Assume-Yes "true";\n')
+    editor = where / "usr/local/bin/doc-edit"
+    (python, *_) = sorted(where.glob("usr/bin/python3.*[0-9]"))  # the package's dependency
+    editor.write_text(f"#!/{python.relative_to(where)}\n{EDITOR}")
+    editor.chmod(0o755)
+    shutil.copy(packages[1], where / "home" / ADMIN)
+    system = Booted(where, tmp_path / "nspawn.log")
+    try:
+        yield system
+    finally:
+        system.stop()
+        shutil.rmtree(where, ignore_errors=True)
+
+
+@dataclass
+class Operator:
+    """Runs the documents' blocks in the booted root as the administrator would type them,
+    with this test's names in place of the documents' examples."""
+
+    booted: Booted
+    replace: dict[str, str]
+    env: dict[str, str]
+
+    def run_block(self, block: Block) -> list[str]:
+        """Each command must exit 0 (a ``curl`` of the just-started service: within a
+        minute); returns what each printed."""
+        printed = []
+        for command in commands(block.text):
+            line = command
+            for old, new in self.replace.items():
+                line = line.replace(old, new)
+            deadline = time.monotonic() + (60 if line.startswith("curl ") else 0)
+            while True:
+                done = self.booted.run(line, env=self.env)
+                if done.returncode == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            said = f"{block.where}: {line}\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            assert done.returncode == 0, said
+            assert "Traceback" not in done.stderr, said
+            printed.append(done.stdout + done.stderr)
+        return printed
+
+
+def operator(booted: Booted, orthanc: OrthancProcess, port: int,
+             extra_edits: list[tuple[str, str]] | None = None) -> Operator:
+    edits = [(r'^url = "http://orthanc\.example\.org:8042"', f'url = "{orthanc.url}"'),
+             (r'^username = "dicomcache"(?= )', f'username = "{orthanc.username}"'),
+             (r"^port = 8080\b", f"port = {port}"), *(extra_edits or [])]
+    return Operator(booted, {"http://127.0.0.1:8080": f"http://127.0.0.1:{port}"},
+                    {"SUDO_EDITOR": "/usr/local/bin/doc-edit", "DOC_EDITS": json.dumps(edits),
+                     "DOC_PASSWORD": orthanc.password})
+
+
+#: docs/install.md's blocks, in the order an administrator runs them.
+INSTALL_PLAN = ["sha256sum", "sudo apt install", "sudoedit", "sudo install -m 640",
+                "sudo -u dicomcache dicomcache check-config", "sudo systemctl enable --now",
+                "sudo apt remove"]
+
+
+def test_install_md_as_written_on_a_booted_root(
+        booted: Booted, packages: tuple[Path, Path], orthanc: OrthancProcess) -> None:
+    deb = packages[1]
+    (port,) = free_ports(1)
+    admin = operator(booted, orthanc, port)
+    admin.replace["dicomcache_0.1.0_amd64.deb"] = deb.name
+    *setup, remove = claimed(INSTALL_PLAN, "docs/install.md")
+    out = [admin.run_block(b) for b in setup]
+    assert out[0][0].split()[0] == hashlib.sha256(deb.read_bytes()).hexdigest()
+    assert "not started until it is configured" in out[1][0]
+    # Started by systemd, as the service's user: ready (curl -f: /readyz answered 200).
+    status = out[5]
+    assert "Active: active (running)" in status[1], status[1]
+    assert status[3].strip()
+    assert booted.run("systemctl show -p User --value dicomcache").stdout.strip() == "dicomcache"
+    assert booted.run("stat -c %U /proc/$(systemctl show -p MainPID --value dicomcache)"
+                      ).stdout.strip() == "dicomcache"
+    # Removed, then purged: the audit trail is kept, and said to be.  (The relay is off
+    # here: its empty spool directory goes with the package; a spool holding studies
+    # stays, test_upgrade_keeps_the_configuration_and_nothing_deletes_the_spool.)
+    removed, purged = admin.run_block(remove)
+    assert not (booted.root / "opt/dicomcache").exists()
+    assert (booted.root / "var/log/dicomcache/audit.jsonl").exists()
+    assert "/var/log/dicomcache" in removed and "/var/log/dicomcache" in purged
+    assert not (booted.root / CONF.lstrip("/")).exists()
+    assert booted.run("systemctl is-active dicomcache").stdout.strip() == "inactive"
+
+
+#: docs/upgrade.md's blocks, in the order of its steps: what runs now, drain and stop,
+#: back up, drain as a script would (the service stopped), upgrade, start, check, roll back.
+UPGRADE_PLAN = ["dicomcache --version\ndpkg-query",
+                "sudo -u dicomcache dicomcache relay drain --config", "sudo tar -C /",
+                "sudo -u dicomcache dicomcache relay drain --timeout 900",
+                "sudo apt install ./dicomcache_0.2.0", "sudo systemctl start",
+                "dicomcache --version\nsudo -u", "sudo apt install --allow-downgrades"]
+
+
+def relay_edits(relay_port: int, pacs: OrthancProcess) -> list[tuple[str, str]]:
+    """The relay on, listening on ``relay_port``, its one destination ``pacs``."""
+    return [(r"^enabled = false(?=\s+# true to run the relay)", "enabled = true"),
+            (r"^port = 11112\b", f"port = {relay_port}"),
+            (r'^remote_ae_title = "PACS_SCP"', f'remote_ae_title = "{pacs.aet}"'),
+            (r'^remote_host = "192\.168\.1\.100"', 'remote_host = "127.0.0.1"'),
+            (r"^remote_port = 11112\b", f"remote_port = {pacs.dicom_port}")]
+
+
+def send_study(tmp_path: Path, relay_port: int, seed: int) -> Dataset:
+    """A modality (DCMTK's storescu) sends a one-instance study to the relay."""
+    (ds,) = make_ct_series(1, rows=32, columns=32, seed=seed, patient_id=f"PUPGRADE{seed}")
+    study = tmp_path / f"study-{seed}.dcm"
+    study.write_bytes(encode(ds, ds.file_meta.TransferSyntaxUID))
+    sent = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "DICOMCACHE", "-xe",
+                           "127.0.0.1", str(relay_port), str(study)], env=loopback_env(),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    return ds
+
+
+def stored(pacs: OrthancProcess, ds: Dataset) -> bool:
+    """Whether the PACS holds the instance."""
+    return bool(pacs.json("POST", "/tools/find", json.dumps(
+        {"Level": "Instance", "Query": {"SOPInstanceUID": str(ds.SOPInstanceUID)}}).encode()))
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
+    """A real Orthanc that takes C-STOREs: the relay's destination."""
+    with OrthancProcess(tmp_path_factory.mktemp("pacs"), dicom=True) as proc:
+        yield proc
+
+
+def test_upgrade_md_as_written_on_a_booted_root(
+        booted: Booted, packages: tuple[Path, Path], pacs: OrthancProcess,
+        tmp_path: Path) -> None:
+    deb = packages[1]
+    # The next release: this build under a later version (the real previous release is
+    # the next test's; this one rolls back too, which needs a release that has drain).
+    newer = with_version(deb, f"{__version__}+1", tmp_path)
+    shutil.copy(newer, booted.root / "home" / ADMIN)
+    http_port, relay_port = free_ports(2)
+    admin = operator(booted, pacs, http_port, extra_edits=relay_edits(relay_port, pacs))
+    admin.replace.update({"dicomcache_0.1.0_amd64.deb": deb.name,
+                          "dicomcache_0.2.0_amd64.deb": newer.name})
+    # Installed and running as docs/install.md says, the relay on.
+    for block in claimed(INSTALL_PLAN, "docs/install.md")[1:6]:
+        admin.run_block(block)
+    conf = booted.root / CONF.lstrip("/")
+    configured = conf.read_text()
+    assert f"remote_port = {pacs.dicom_port}" in configured
+    # A modality sends a study.
+    ds = send_study(tmp_path, relay_port, seed=23)
+
+    out = [admin.run_block(b) for b in claimed(UPGRADE_PLAN, "docs/upgrade.md")]
+    assert out[0][0].strip() == f"dicomcache {__version__}"
+    # Drained (delivered to the PACS), then stopped.
+    assert stored(pacs, ds)
+    # The backup holds the configuration and the spool.
+    listing = booted.run("sudo tar -tzf /root/dicomcache-before-upgrade.tar.gz").stdout
+    assert "etc/dicomcache/config.toml" in listing and "var/lib/dicomcache/spool/" in listing
+    # Upgraded, started, checked: the new version runs with the clinic's configuration.
+    assert f"Unpacking dicomcache ({__version__}+1) over ({__version__})" in out[4][0]
+    assert "Active: active (running)" in out[6][2]
+    # Rolled back to the version before, the configuration still the clinic's.
+    assert f"Unpacking dicomcache ({__version__}) over ({__version__}+1)" in out[7][0]
+    assert booted.run("dpkg-query --showformat='${Version}' --show dicomcache").stdout == (
+        __version__)
+    assert conf.read_text() == configured
+    assert (booted.root / "var/lib/dicomcache/spool").is_dir()
+
+
+#: The release before this one, built from its commit: 0.1.0 (no tag was made for it;
+#: its CHANGELOG entry was written by this commit).
+PREVIOUS_RELEASE = ("0.1.0", "edaa2c00209d4d00a5a4919e198b4820901745aa")
+#: docs/upgrade.md's way from 0.1.0 (it has no relay drain).
+UPGRADE_FROM_0_1_0_PLAN = ["sudo systemctl stop dicomcache\nsudo tar"]
+#: Every ```sh package block of the documents is run by one of these
+#: (tests/test_doc_commands.py checks it).
+PLANS = [("docs/install.md", INSTALL_PLAN), ("docs/upgrade.md", UPGRADE_PLAN),
+         ("docs/upgrade.md", UPGRADE_FROM_0_1_0_PLAN)]
+
+
+@pytest.fixture(scope="module")
+def previous_release(packages: tuple[Path, Path],
+                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The .deb of the previous release, built by its own ``./run package`` from its
+    commit (a clone of this repository's history: no network for the sources)."""
+    version, commit = PREVIOUS_RELEASE
+    tmp = tmp_path_factory.mktemp("previous")
+    host_run("git", "clone", "--quiet", "--shared", "--no-checkout", REPO, tmp / "src")
+    checkout = subprocess.run(["git", "-C", tmp / "src", "checkout", "--quiet", "--detach",
+                               commit], capture_output=True, text=True, check=False)
+    assert checkout.returncode == 0, (
+        f"the previous release's commit {commit} is not in this clone (a shallow clone?): "
+        f"{checkout.stderr}")
+    host_run(tmp / "src" / "run", "package", "--out", tmp / "dist", timeout=1800)
+    (deb,) = (tmp / "dist").glob("dicomcache_*.deb")
+    assert deb.name.startswith(f"dicomcache_{version}_")
+    yield deb
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_upgrade_from_the_previous_release_delivers_what_it_left_in_the_spool(
+        booted: Booted, packages: tuple[Path, Path], previous_release: Path,
+        orthanc: OrthancProcess, tmp_path: Path) -> None:
+    """0.1.0, built from its commit and running with the relay on, holds a study its
+    PACS has not received; docs/upgrade.md's steps from 0.1.0 upgrade it to this build,
+    which delivers the study, with the clinic's configuration kept."""
+    old_version = PREVIOUS_RELEASE[0]
+    newer = packages[1]
+    if subprocess.run(["dpkg", "--compare-versions", __version__, "gt", old_version],
+                      check=False).returncode != 0:
+        newer = with_version(newer, f"{__version__}+1", tmp_path)  # the next release
+    shutil.copy(previous_release, booted.root / "home" / ADMIN)
+    shutil.copy(newer, booted.root / "home" / ADMIN)
+    # The PACS is down while the modality sends: nothing listens on its port yet.
+    pacs = OrthancProcess(tmp_path / "pacs", dicom=True)
+    http_port, relay_port = free_ports(2)
+    admin = operator(booted, orthanc, http_port, extra_edits=relay_edits(relay_port, pacs))
+    admin.replace.update({"dicomcache_0.1.0_amd64.deb": previous_release.name,
+                          "dicomcache_0.2.0_amd64.deb": newer.name})
+    for block in claimed(INSTALL_PLAN, "docs/install.md")[1:6]:
+        admin.run_block(block)
+    assert booted.run("dicomcache --version").stdout.strip() == f"dicomcache {old_version}"
+    conf = booted.root / CONF.lstrip("/")
+    configured = conf.read_text()
+    ds = send_study(tmp_path, relay_port, seed=24)
+    with pacs:
+        (block,) = claimed(UPGRADE_FROM_0_1_0_PLAN, "docs/upgrade.md")
+        out = admin.run_block(block)
+        assert "delivered" in out[3], out[3]
+        assert stored(pacs, ds)
+    assert booted.run("dicomcache --version").stdout.strip() == f"dicomcache {__version__}"
+    assert booted.run("systemctl is-active dicomcache").stdout.strip() == "active"
+    assert conf.read_text() == configured
+    assert (booted.root / "etc/dicomcache/config.toml.dpkg-dist").exists()  # the new example

@@ -357,7 +357,7 @@ def _drain(args: argparse.Namespace, settings: Settings, lock: int | None) -> in
         first = spool.last_instance_id()
         try:
             if lock is None:
-                request = drain.new_request()
+                request = drain.new_request(args.timeout)
                 spool.set_control(drain.REQUEST, request)
                 waited = drain.wait_running(spool, request, names, deadline, gone)
                 if waited.relay_stopped:  # stopped meanwhile: deliver the rest from here

@@ -18,6 +18,12 @@ the listener stays bound, so the port is not free for something else during
 the upgrade.  Associations open when the drain starts finish normally: their
 C-STOREs are spooled and delivered like the rest.
 
+**The request expires.**  After a successful drain the request stands, so that
+nothing arrives between the drain and the stop.  An upgrade abandoned there would
+leave every modality refused until someone noticed; so the running relay withdraws a
+request older than its ``--timeout`` plus :data:`EXPIRY_GRACE` itself, logs it, and
+takes associations again (:func:`expired` decides, from the request alone).
+
 **Is a relay running?**  Every relay (``serve`` or ``relay run``) holds a
 shared ``flock`` on ``spool_directory/relay.lock`` while it runs; the kernel
 lets it go when the process ends, however it ends.  When the command can take
@@ -66,6 +72,11 @@ LOCK_NAME = "relay.lock"
 ANSWER_WITHIN = 30.0
 #: How often the command looks at the spool while it waits.
 POLL = 0.5
+#: How long after its ``--timeout`` a drain request still stands: the time to stop the
+#: service after a drain (and back up).  Past it the running relay withdraws the request.
+EXPIRY_GRACE = 1800.0
+#: The ``--timeout`` of a request that does not say (written by an earlier version).
+DEFAULT_TIMEOUT = 600.0
 
 
 # --- the lock ----------------------------------------------------------------------------
@@ -118,11 +129,39 @@ def unlock(fd: int | None) -> None:
 
 
 # --- the running relay's side ----------------------------------------------------------------
+def expired(request: dict[str, Any], now: float) -> bool:
+    """Whether a drain request has outlived its ``--timeout`` plus :data:`EXPIRY_GRACE`
+    at wall-clock time ``now``.  One that cannot be read, or dated further ahead than
+    the grace (a clock set back), counts as expired: kept, it would refuse modalities
+    for ever."""
+    try:
+        made = float(request["time"])
+        timeout = request.get("timeout")
+        timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+    except (KeyError, TypeError, ValueError):
+        return True
+    age = now - made
+    # NaN compares false both ways: expired.
+    return not -EXPIRY_GRACE <= age <= timeout + EXPIRY_GRACE
+
+
 def answer(spool: Spool, active_inbound: Callable[[], int], set_draining: Callable[[bool], None]
            ) -> bool:
     """Read the drain request; while there is one, refuse new associations (through
-    ``set_draining``) and answer it.  Returns whether the relay drains.  Blocking."""
+    ``set_draining``) and answer it; withdraw it once :func:`expired` (on the spool's
+    clock).  Returns whether the relay drains.  Blocking."""
     request = spool.control(REQUEST)
+    if request is not None and expired(request, spool.clock()):
+        log.warning("The drain request %s (made %s, --timeout %s s) expired %.0f s after "
+                    "its timeout: withdrawn, new associations are taken again",
+                    request.get("id"), request.get("time"), request.get("timeout"),
+                    EXPIRY_GRACE)
+        try:
+            spool.set_control(REQUEST, None)
+            spool.set_control(ANSWER, None)
+        except (sqlite3.Error, OSError) as exc:  # read again in 2 s: tried again then
+            log.warning("Cannot withdraw the expired drain request in the spool: %s", exc)
+        request = None
     set_draining(request is not None)
     if request is None:
         return False
@@ -246,8 +285,10 @@ def listening(host: str, port: int) -> bool:
         return False
 
 
-def new_request() -> dict[str, Any]:
-    return {"id": uuid.uuid4().hex, "time": time.time(), "pid": os.getpid()}
+def new_request(timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+    """A drain request; ``timeout`` (the command's ``--timeout``) dates its expiry."""
+    return {"id": uuid.uuid4().hex, "time": time.time(), "pid": os.getpid(),
+            "timeout": timeout}
 
 
 @dataclass
