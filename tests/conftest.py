@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import inspect
+import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -108,6 +110,38 @@ def tmpfs(where: Path, options: str) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use on ``directory``'s file system."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def fill_filesystem(directory: Path, leave: int = 0) -> Path:
+    """Another program fills ``directory``'s file system, up to ``leave`` bytes free;
+    the filler file (delete it to free the space).
+
+    Unbuffered writes no larger than the room left, so ENOSPC, if it comes, ends the
+    fill and is never raised later by a close() flushing a buffer (it once failed a
+    test that way)."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(1 << 16):  # bounded: a test's small tmpfs fills long before
+            room = free_bytes(directory) - leave
+            if room <= 0:
+                break
+            try:
+                os.write(fd, bytes(min(1 << 16, max(512, room))))
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+    finally:
+        os.close(fd)
+    assert free_bytes(directory) <= max(leave, 4096), "the file system did not fill"
+    return filler
 
 
 async def eventually(predicate: Callable[[], object | Awaitable[object]], *,

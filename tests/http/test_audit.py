@@ -5,8 +5,6 @@ the bytes really sent; denied requests recorded; prefetch downloads attributed; 
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,14 @@ from dicomcache.http.app import make_app
 from dicomcache.http.keys import AUDIT, METRICS, PREFETCHER, PRINCIPAL
 from dicomcache.http.middleware import Handler
 from dicomcache.principal import VIEWER, Principal
-from tests.conftest import Sample, SettingsFactory, eventually, metric_value, tmpfs
+from tests.conftest import (
+    Sample,
+    SettingsFactory,
+    eventually,
+    fill_filesystem,
+    metric_value,
+    tmpfs,
+)
 from tests.http.auth_support import basic, write_users
 
 SECRET = "s3cr3t-token-never-in-the-trail"
@@ -181,22 +186,6 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         yield where
 
 
-def fill(directory: Path) -> Path:
-    """Fill the file system until ENOSPC; the filler file (delete it to free the space)."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    error = 0
-    try:
-        for _ in range(1 << 20):
-            os.write(fd, b"\0" * 512)
-    except OSError as exc:
-        error = exc.errno or 0
-    finally:
-        os.close(fd)
-    assert error == errno.ENOSPC
-    return filler
-
-
 async def test_full_disk_with_required_refuses_patient_data_then_recovers(
         aiohttp_client: Any, make_settings: SettingsFactory, small_fs: Path,
         samples: dict[str, list[Sample]]) -> None:
@@ -206,7 +195,7 @@ async def test_full_disk_with_required_refuses_patient_data_then_recovers(
     path = f"/instances/{s.orthanc_id}/file"
     assert (await client.get(path)).status == 200
     await records(client, 1)  # durable before the disk fills
-    filler = await asyncio.to_thread(fill, small_fs)
+    filler = await asyncio.to_thread(fill_filesystem, small_fs)
 
     async def refused() -> bool:
         resp = await client.get(path)
@@ -248,7 +237,7 @@ async def test_full_disk_without_required_still_serves(
     path = f"/instances/{s.orthanc_id}/file"
     assert (await client.get(path)).status == 200
     await records(client, 1)
-    await asyncio.to_thread(fill, small_fs)
+    await asyncio.to_thread(fill_filesystem, small_fs)
     trail = client.app[AUDIT]
 
     async def failing() -> bool:

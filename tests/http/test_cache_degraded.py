@@ -10,8 +10,6 @@ ones) are evicted before the file system runs out, and when that cannot restore
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,15 @@ from aiohttp.test_utils import TestClient
 from dicomcache.cache.space import INDEX_HEADROOM
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS, STORE
-from tests.conftest import Sample, SettingsFactory, eventually, metric_value, tmpfs
+from tests.conftest import (
+    Sample,
+    SettingsFactory,
+    eventually,
+    fill_filesystem,
+    free_bytes,
+    metric_value,
+    tmpfs,
+)
 
 
 @pytest.fixture
@@ -30,32 +36,6 @@ def disk(tmp_path: Path) -> Iterator[Path]:
     """A real 6 MiB tmpfs (a dozen 512 KiB CT slices do not fit)."""
     with tmpfs(tmp_path / "disk", "size=6m") as where:
         yield where
-
-
-def fill(directory: Path, leave: int = 0) -> Path:
-    """Another program fills the file system (up to ``leave`` bytes free); the filler file
-    (delete it to free the space)."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    error = 0
-    try:
-        for _ in range(1 << 16):  # bounded: a small tmpfs fills long before
-            free = free_bytes(directory)
-            if free <= leave:
-                break
-            os.write(fd, b"\0" * min(1 << 16, max(4096, free - leave)))
-    except OSError as exc:
-        error = exc.errno or 0
-    finally:
-        os.close(fd)
-    assert error in (0, errno.ENOSPC)
-    assert free_bytes(directory) <= max(leave, 4096), "the file system did not fill"
-    return filler
-
-
-def free_bytes(directory: Path) -> int:
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
 
 
 async def fetch(client: TestClient, s: Sample, *, by_uids: bool = False) -> str:
@@ -88,7 +68,7 @@ async def test_a_cache_disk_that_fills_at_run_time_serves_then_recovers(
         assert await fetch(client, s) == "HIT"
     assert (await readyz(client))["store"]["degraded"] is None
 
-    filler = await asyncio.to_thread(fill, disk)  # another program fills the disk
+    filler = await asyncio.to_thread(fill_filesystem, disk)  # another program fills the disk
     for s in ct_series[2:5]:
         for by_uids in (False, True, False):
             assert await fetch(client, s, by_uids=by_uids) != "HIT"
@@ -149,7 +129,7 @@ async def test_min_free_never_evicts_pinned_studies_it_serves_uncached(
         assert await fetch(client, s) == "MISS"
     await asyncio.to_thread(store.sync.pin, ct_series[0].study)  # the whole CT is pinned
     # Just at what the guard keeps: min_free and the index's headroom.
-    filler = await asyncio.to_thread(fill, disk, (2 << 20) + INDEX_HEADROOM)
+    filler = await asyncio.to_thread(fill_filesystem, disk, (2 << 20) + INDEX_HEADROOM)
     for s in ct_series[3:6]:  # no room, nothing evictable: served, not cached
         assert await fetch(client, s) != "HIT"
         assert await fetch(client, s) != "HIT"

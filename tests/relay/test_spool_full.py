@@ -5,7 +5,6 @@ instances again in a loop (seen: 3,292 C-STOREs for 102 instances in 60 s)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from dicomcache.devtools.orthanc import free_port
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.dicom import syntaxes
 from dicomcache.relay.spool import info_from_bytes
-from tests.conftest import tmpfs
+from tests.conftest import fill_filesystem, tmpfs
 from tests.relay.conftest import CountingSCP, relay_settings
 
 pytestmark = [
@@ -34,21 +33,6 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A real 4 MiB tmpfs."""
     with tmpfs(tmp_path / "small", "size=4m") as where:
         yield where
-
-
-def fill(directory: Path) -> None:
-    """Take every free byte of the file system (ENOSPC ends it)."""
-    with open(directory / "filler", "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-        try:
-            os.fsync(f.fileno())
-        except OSError:
-            pass
 
 
 class LatePACS(CountingSCP):
@@ -81,7 +65,7 @@ async def test_a_full_spool_pauses_forwarding_instead_of_resending(
     for blob in blobs:
         await asyncio.to_thread(running.relay.spool.put, blob, info_from_bytes(blob), "MOD")
     await asyncio.sleep(1.5)  # the PACS is down: the forwarder backs off
-    await asyncio.to_thread(fill, small_fs)
+    await asyncio.to_thread(fill_filesystem, small_fs)
     await asyncio.to_thread(pacs.start)
     try:
         await asyncio.sleep(12)

@@ -9,7 +9,6 @@ is counted by a hash of each data set's content."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from dicomcache.devtools.samples import make_ct_series, write_series
 from dicomcache.relay.spool import RESERVE_NAME, Spool, info_from_bytes
+from tests.conftest import fill_filesystem
 from tests.relay.conftest import (
     content_hash,
     needs_dcmtk,
@@ -33,25 +33,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
-
-
-def fill(directory: Path) -> Path:
-    """Take every free byte of the file system; returns the filler file."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError:
-        pass
-    try:
-        while True:  # the last blocks
-            os.write(fd, b"\0" * 512)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return filler
 
 
 def _spooled_before(spool_dir: Path, files: list[Path], *, keep_reserve: bool) -> None:
@@ -75,7 +56,7 @@ async def test_starts_on_a_full_disk_refuses_then_resumes_by_itself(
     spooled, late = series[:5], series[5]
     spool_dir = small_fs / "spool"
     await asyncio.to_thread(_spooled_before, spool_dir, spooled, keep_reserve=False)
-    filler = await asyncio.to_thread(fill, small_fs)
+    filler = await asyncio.to_thread(fill_filesystem, small_fs)
 
     # Before: Relay.start raised "disk I/O error" from the spool's recovery.
     r = await relay_factory(relay_settings(spool_dir, [pacs.destination("PACS")], min_free=0))
@@ -105,7 +86,7 @@ async def test_the_reserve_lets_the_forwarder_drain_a_full_disk(
     spool_dir = small_fs / "spool"
     await asyncio.to_thread(_spooled_before, spool_dir, spooled, keep_reserve=True)
     assert (spool_dir / RESERVE_NAME).stat().st_size > 0
-    filler = await asyncio.to_thread(fill, small_fs)
+    filler = await asyncio.to_thread(fill_filesystem, small_fs)
 
     r = await relay_factory(relay_settings(spool_dir, [pacs.destination("PACS")], min_free=0))
     # The disk stays full: what the spool holds is delivered anyway (and leaves the spool).
