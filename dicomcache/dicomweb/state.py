@@ -40,6 +40,7 @@ from dicomcache.dicomweb.answers import (
     named_instances,
     normalised,
     plain,
+    relinked_bulk_data,
 )
 from dicomcache.dicomweb.series_stream import COMMIT_BACKLOG, Budget, SeriesStream
 from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
@@ -248,8 +249,11 @@ class DicomWeb:
                 encoding = headers.get(hdrs.CONTENT_ENCODING)
 
                 def parse() -> tuple[bytes, dict[tuple[str, str, str], list[str]]]:
-                    doc = json.loads(decoded(data, encoding, path))
-                    return normalised(doc), named_instances(doc) if metadata else {}
+                    text = decoded(data, encoding, path)
+                    doc = json.loads(text)  # checked JSON, whichever way it is relinked
+                    named = named_instances(doc) if metadata else {}
+                    fast = relinked_bulk_data(text) if metadata else None
+                    return fast if fast is not None else normalised(doc), named
                 try:
                     body, named = await asyncio.to_thread(parse) \
                         if encoding or len(data) > 1 << 16 else parse()
