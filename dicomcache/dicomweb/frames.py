@@ -69,20 +69,20 @@ def transcoding_accept(accept: str | None, syntax: str) -> str | None:
 def _whole_codestream(syntax: str, frame: bytes) -> bool:
     """Does ``frame`` look like one whole compressed frame of ``syntax``?  Begins and ends
     with the codestream's markers (JPEG-LS: SOI … EOI; JPEG 2000: SOC, or a JP2 box …
-    EOC), or, RLE, a 64-byte header whose segments lie inside it.  Catches a frame cut
+    EOC; either maybe padded with one 0x00 to an even length, as a DICOM fragment is),
+    or, RLE, a 64-byte header whose segments lie inside it.  Catches a frame cut
     short; the pixels themselves have no checksum to compare."""
-    if syntax == JPEG_LS_LOSSLESS:
-        return frame.startswith(b"\xff\xd8") and frame.endswith(b"\xff\xd9")
-    if syntax == JPEG_2000_LOSSLESS:
-        return frame.startswith((b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")) \
-            and frame.endswith(b"\xff\xd9")
+    if syntax in (JPEG_LS_LOSSLESS, JPEG_2000_LOSSLESS):
+        end = frame[:-1] if len(frame) % 2 == 0 and frame.endswith(b"\xff\xd9\x00") else frame
+        starts = (b"\xff\xd8",) if syntax == JPEG_LS_LOSSLESS else (
+            b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")
+        return frame.startswith(starts) and end.endswith(b"\xff\xd9")
     if syntax == RLE_LOSSLESS:
-        if len(frame) < 64:
-            return False
         count = int.from_bytes(frame[:4], "little")
+        if len(frame) < 64 or not 1 <= count <= 15:
+            return False
         offsets = [int.from_bytes(frame[4 + 4 * i:8 + 4 * i], "little") for i in range(count)]
-        return 1 <= count <= 15 and offsets[0] == 64 and offsets == sorted(offsets) \
-            and offsets[-1] < len(frame)
+        return offsets[0] == 64 and offsets == sorted(offsets) and offsets[-1] < len(frame)
     return False
 
 

@@ -57,7 +57,10 @@ def answer(parts: list[bytes], part_type: str) -> tuple[bytes, str]:
 
 @pytest.mark.parametrize(("syntax", "media", "frame"), [
     (JPEG_LS_LOSSLESS, "image/jls", JLS_FRAME),
+    # an odd-length codestream padded to an even length, as Orthanc sends it
+    (JPEG_LS_LOSSLESS, "image/jls", JLS_FRAME + b"x\xff\xd9\x00"),
     (JPEG_2000_LOSSLESS, "image/jp2", J2K_FRAME),
+    (JPEG_2000_LOSSLESS, "image/jp2", J2K_FRAME + b"x\xff\xd9\x00"),
     (RLE_LOSSLESS, "image/dicom-rle", RLE_FRAME),
 ])
 def test_a_whole_answer_passes(syntax: str, media: str, frame: bytes) -> None:
@@ -72,6 +75,8 @@ def test_a_whole_answer_passes(syntax: str, media: str, frame: bytes) -> None:
     ([JLS_FRAME], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}", 1),
     ([JLS_FRAME], f"image/jls; transfer-syntax={JPEG_2000_LOSSLESS}", 1),
     ([b""], f"image/jls; transfer-syntax={JPEG_LS_LOSSLESS}", 1),
+    ([JLS_FRAME + b"\x00\x00"], f"image/jls; transfer-syntax={JPEG_LS_LOSSLESS}", 1),
+    ([JLS_FRAME[:-1] + b"\x00"], f"image/jls; transfer-syntax={JPEG_LS_LOSSLESS}", 1),
 ])
 def test_an_answer_that_is_not_whole_is_refused(parts: list[bytes], part_type: str,
                                                 count: int) -> None:
@@ -87,6 +92,7 @@ def test_a_multipart_cut_short_is_refused() -> None:
 
 
 @pytest.mark.parametrize("frame", [RLE_FRAME[:60], bytes(64) + b"x",
+                                   b"\xff" * 64,  # 4 billion segments: refused, not listed
                                    (1).to_bytes(4, "little") + (64).to_bytes(4, "little")
                                    + bytes(56)])
 def test_rle_frames_need_their_segments(frame: bytes) -> None:

@@ -89,6 +89,20 @@ async def test_cold_frames_travel_as_jpeg_ls_and_decode_to_the_same_pixels(
     assert asked(wan) == []
 
 
+async def test_every_cold_frame_travels_transcoded(
+        aiohttp_client: Any, make_settings: SettingsFactory, wan: WanEmulator,
+        ct_series: list[Sample]) -> None:
+    """Half of Orthanc's JPEG-LS frames are odd-length codestreams padded with one 0x00
+    (a DICOM fragment's even length): whole frames all the same, none refused."""
+    client = await app_with(aiohttp_client, make_settings, wan, JPEG_LS_LOSSLESS)
+    for s in ct_series:
+        resp = await client.get(frame_path(s), headers={"Accept": OHIF})
+        assert resp.status == 200
+        kind, got = decoded(await resp.read(), resp.headers["Content-Type"])
+        assert kind.startswith("image/jls") and np.array_equal(got, pixels(s)), s.sop
+    assert not any(t.endswith("/file") for t in asked(wan))
+
+
 @pytest.mark.parametrize("accept", [
     "multipart/related; type=application/octet-stream",
     "multipart/related; type=application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1",
