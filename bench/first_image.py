@@ -31,12 +31,18 @@ cell, as ratios to direct: the **first image** (from the first search to the mid
 slice's pixels), the **series metadata** (that request alone) and the **whole
 series** (first search to last slice); and, for dicomcache cold, the bytes that
 crossed the link by class: *viewer* (instances the viewer had asked for when their
-download started), *prefetch* (instances fetched ahead; ≈ how much of it crossed
-before the first image), *JSON* (searches, metadata, lookups, listings).
+download started, and frames asked transcoded), *prefetch* (instances fetched ahead;
+≈ how much of it crossed before the first image), *JSON* (searches, metadata,
+lookups, listings); and the CPU seconds Orthanc spent on the direct opening, and
+Orthanc and dicomcache on the cold one with the prefetch after it (until the link
+is quiet).  ``--frames-syntax 1.2.840.10008.1.2.4.80`` sets dicomcache's
+``upstream.frames_transfer_syntax`` (cold frames asked in JPEG-LS Lossless; their
+pixels are decoded and checked like the others).
 
     ./run bench bench/first_image.py [--quick] [--slices 120] [--runs 1]
         [--links 10x20,10x80,50x20,50x80,200x20,200x80] [--prefetch study|series|off]
-        [--compression none|json|all|auto] [--timeline]
+        [--compression none|json|all|auto] [--frames-syntax ""|1.2.840.10008.1.2.4.80]
+        [--timeline]
 
 ``--quick``: 40 slices, two cells (10 Mbit/s x 20 ms and 200 Mbit/s x 80 ms).  Every
 opening has a deadline (``--deadline``, default 600 s); a cell that misses it fails
@@ -52,6 +58,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import os
 import statistics
 import sys
 import tempfile
@@ -153,7 +160,10 @@ async def open_study(base: str, study: Study, auth: str | None) -> Opening:
             ctype, body = await get(f"{base}/studies/{study.uid}/series/{series.uid}/instances/"
                                     f"{sop}/frames/1", FRAME)
             (part,) = multipart.split(body, ctype)
-            if hashlib.md5(part.body).hexdigest() != series.pixels[sop]:
+            pixels = part.body
+            if part.headers.get("content-type", "").startswith("image/jls"):
+                pixels = await asyncio.to_thread(jls_pixels, pixels)  # as a viewer decodes
+            if hashlib.md5(pixels).hexdigest() != series.pixels[sop]:
                 raise RuntimeError(f"frame of {sop}: wrong pixels")
 
         async def metadata(series: Series) -> float:
@@ -186,6 +196,20 @@ async def open_study(base: str, study: Study, auth: str | None) -> Opening:
         out.series = time.monotonic() - t0
         await asyncio.gather(*thumbnails, *listed.values())
     return out
+
+
+def jls_pixels(frame: bytes) -> bytes:
+    """A JPEG-LS frame (``upstream.frames_transfer_syntax``) decoded, little-endian."""
+    import jpeg_ls
+
+    data, _info = jpeg_ls.decode_buffer(frame)
+    return bytes(data)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclasses.dataclass
@@ -226,7 +250,9 @@ def classify(exchanges: list[Exchange], study: Study, opening: Opening) -> LinkB
     for ex in exchanges:
         parts = ex.target.split("?")[0].strip("/").split("/")
         sop = sop_of.get(parts[1]) if len(parts) >= 3 and parts[0] == "instances" else None
-        if sop is None:
+        if "frames" in parts:  # asked transcoded (upstream.frames_transfer_syntax)
+            out.viewer += ex.bytes_down
+        elif sop is None:
             out.json += ex.bytes_down
         elif opening.asked.get(sop, float("inf")) <= ex.asked:
             out.viewer += ex.bytes_down
@@ -262,13 +288,15 @@ def quiet(wan: ThreadedWanEmulator, deadline: float) -> None:
 
 @contextlib.contextmanager
 def dicomcache(workdir: Path, orthanc: OrthancProcess, wan_port: int, prefetch: str,
-               compression: str) -> Iterator[str]:
-    """``dicomcache serve`` on a fresh cache behind the emulated link; yields its DICOMweb root."""
+               compression: str, frames_syntax: str = "") -> Iterator[tuple[str, int]]:
+    """``dicomcache serve`` on a fresh cache behind the emulated link; yields its DICOMweb
+    root and its pid."""
     settings = serve_settings(workdir, f"http://127.0.0.1:{wan_port}", orthanc, max_size="4GB",
-                              upstream={"compression": compression},
+                              upstream={"compression": compression,
+                                        "frames_transfer_syntax": frames_syntax},
                               prefetch={"mode": prefetch})
     with Daemon(workdir, settings) as daemon:
-        yield daemon.base + "/dicom-web"
+        yield daemon.base + "/dicom-web", daemon.pid
 
 
 def make_study(orthanc: OrthancProcess, slices: int) -> tuple[Study, int]:
@@ -305,6 +333,9 @@ class Cell:
     cold_bytes: list[LinkBytes] = dataclasses.field(default_factory=list)
     #: Instance bodies of the cold opening that crossed gzipped, and as stored.
     cold_gzipped: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    #: CPU seconds: Orthanc during the direct opening; Orthanc and dicomcache during the
+    #: cold opening and the prefetch after it (until the link is quiet).
+    cpu: list[tuple[float, float, float]] = dataclasses.field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -330,15 +361,17 @@ def report(cells: list[Cell], study_bytes: int, viewed: int, settings: str) -> s
             lines.append(f"| {c.name} | {label} | {d:.3f} s | {cold:.3f} s | {warm:.3f} s | "
                          f"**{cold / d:.2f}** | {warm / d:.3f} |")
     lines += ["", "| link (one-way) | direct: bytes | cold: viewer | prefetch (≈ before first "
-              "image) | JSON | cold total / direct | cold bodies gzip / identity |",
-              "|---|---|---|---|---|---|---|"]
+              "image) | JSON | cold total / direct | cold bodies gzip / identity | CPU s: "
+              "Orthanc direct / Orthanc cold / dicomcache cold |",
+              "|---|---|---|---|---|---|---|---|"]
     for c in cells:
         d = median([float(b) for b in c.direct_bytes])
         b = c.cold_bytes[len(c.cold_bytes) // 2]
         gz = " ".join(f"{g}/{i}" for g, i in c.cold_gzipped)
+        cpu = " / ".join(f"{median([run[i] for run in c.cpu]):.1f}" for i in range(3))
         lines.append(f"| {c.name} | {d / 1e6:.1f} MB | {b.viewer / 1e6:.1f} MB | "
                      f"{b.prefetch / 1e6:.1f} MB ({b.prefetch_before_first / 1e6:.1f} MB) | "
-                     f"{b.json / 1e6:.2f} MB | {b.total / d:.2f} | {gz} |")
+                     f"{b.json / 1e6:.2f} MB | {b.total / d:.2f} | {gz} | {cpu} |")
     return "\n".join(lines)
 
 
@@ -360,6 +393,8 @@ def main() -> int:
     ap.add_argument("--prefetch", default="study", choices=("study", "series", "off"))
     ap.add_argument("--compression", default="auto", choices=("none", "json", "all", "auto"),
                     help="dicomcache's upstream.compression (default: the product's, auto)")
+    ap.add_argument("--frames-syntax", default="", choices=("", "1.2.840.10008.1.2.4.80"),
+                    help="dicomcache's upstream.frames_transfer_syntax (default: off)")
     ap.add_argument("--timeline", action="store_true",
                     help="print what crossed the link before each cold first image")
     ap.add_argument("--deadline", type=float, default=600.0, help="seconds per opening")
@@ -384,6 +419,8 @@ def main() -> int:
             auth = "Basic " + base64.b64encode(
                 f"{orthanc.username}:{orthanc.password}".encode()).decode()
             cells = [Cell(mbit, ms) for mbit, ms in links]
+            assert orthanc.proc is not None
+            orthanc_pid = orthanc.proc.pid
             with ThreadedWanEmulator("127.0.0.1", orthanc.http_port) as wan:
                 direct_base = f"http://127.0.0.1:{wan.port}/dicom-web"
                 n = 0
@@ -392,12 +429,15 @@ def main() -> int:
                                                 bandwidth_mbit=cell.mbit))
                     for _ in range(args.runs):
                         wan.reset_stats()
+                        orthanc_cpu = cpu_seconds(orthanc_pid)
                         cell.direct.append(timed(direct_base, auth))
+                        direct_cpu = cpu_seconds(orthanc_pid) - orthanc_cpu
                         cell.direct_bytes.append(wan.stats().bytes_down)
                         n += 1
                         with dicomcache(tmp / f"c{n}", orthanc, wan.port, args.prefetch,
-                                        args.compression) as base:
+                                        args.compression, args.frames_syntax) as (base, pid):
                             wan.reset_stats()
+                            ours, orthanc_cpu = cpu_seconds(pid), cpu_seconds(orthanc_pid)
                             cold = timed(base)
                             cell.cold.append(cold)
                             stats = wan.stats()
@@ -407,6 +447,8 @@ def main() -> int:
                             if args.timeline:
                                 print(timeline(exchanges, study, cold), file=sys.stderr)
                             quiet(wan, args.deadline)
+                            cell.cpu.append((direct_cpu, cpu_seconds(orthanc_pid) - orthanc_cpu,
+                                             cpu_seconds(pid) - ours))
                             cell.warm.append(timed(base))
                         d, c, w = cell.direct[-1], cell.cold[-1], cell.warm[-1]
                         print(f"  {cell.name:22s} first image {d.first_image:6.2f} / "
@@ -417,7 +459,8 @@ def main() -> int:
         finally:
             orthanc.stop()
     print(report(cells, study_bytes, slices, f"prefetch.mode = {args.prefetch}, "
-                 f"upstream.compression = {args.compression}"))
+                 f"upstream.compression = {args.compression}, "
+                 f"upstream.frames_transfer_syntax = {args.frames_syntax!r}"))
     return 0
 
 

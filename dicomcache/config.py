@@ -32,6 +32,10 @@ SIZE_UNITS = {"": 1, "b": 1,
 _BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars, no backslash
 
+#: ``upstream.frames_transfer_syntax``: RLE, JPEG-LS and JPEG 2000 Lossless (config
+#: imports no DICOM knowledge; tests/test_config.py checks these against dicom/syntaxes.py).
+FRAMES_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80",
+                            "1.2.840.10008.1.2.4.90")
 STRATEGIES = ("universal", "conservative", "standard", "compression", "extended")
 #: The registered DICOM port (PS3.8 §C.1), for a destination without ``remote_port``.
 DEFAULT_DICOM_PORT = 104
@@ -151,6 +155,11 @@ class UpstreamSettings:
     #: directory's ``tmp/`` (nginx's ``proxy_max_temp_file_size``); when spent, a slow
     #: viewer holds its Orthanc connection as long as it reads.  0: never spill.
     read_through_temp: int = 1 << 30
+    #: Opt-in: a viewer's cold frames (not stored yet) asked with ``transfer-syntax=*``
+    #: are fetched from Orthanc in this lossless syntax (e.g. JPEG-LS Lossless
+    #: ``1.2.840.10008.1.2.4.80``: ~3x fewer bytes than native); ``""``: off.  The
+    #: stored original instance stays what is served for anything byte-exact.
+    frames_transfer_syntax: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -649,7 +658,18 @@ def _upstream(sec: _Section, base: Path) -> UpstreamSettings:
         read_through_buffer=sec.size("read_through_buffer", d.read_through_buffer,
                                      minimum=1 << 16),
         read_through_temp=sec.size("read_through_temp", d.read_through_temp, minimum=0),
+        frames_transfer_syntax=_frames_transfer_syntax(sec, d.frames_transfer_syntax),
     )
+
+
+def _frames_transfer_syntax(sec: _Section, default: str) -> str:
+    """``""`` or a lossless syntax a frame can be sent in (a media type of its own)."""
+    value = sec.get("frames_transfer_syntax", str, default)
+    if value and value not in FRAMES_TRANSFER_SYNTAXES:
+        sec.problem("frames_transfer_syntax", f"must be \"\" (off) or one of "
+                    f"{', '.join(FRAMES_TRANSFER_SYNTAXES)} (lossless, with a frame media "
+                    f"type), not {value!r}")
+    return value
 
 
 def _upstream_ca_file(sec: _Section, base: Path, url: str | None) -> Path | None:

@@ -46,6 +46,22 @@ def test_an_unknown_compression_names_its_key() -> None:
         from_dict({"upstream": {"compression": "gzip"}})
 
 
+def test_frames_transfer_syntax_is_off_by_default_and_lossless_only() -> None:
+    from dicomcache.config import FRAMES_TRANSFER_SYNTAXES
+    from dicomcache.dicom.syntaxes import LOSSLESS, SYNTAXES
+
+    assert from_dict({}).upstream.frames_transfer_syntax == ""
+    # config's list is the lossless syntaxes a frame has a media type of its own for
+    assert set(FRAMES_TRANSFER_SYNTAXES) == {
+        u for u in LOSSLESS if SYNTAXES[u].frame_media_type}
+    jls = "1.2.840.10008.1.2.4.80"
+    assert from_dict({"upstream": {"frames_transfer_syntax": jls}}
+                     ).upstream.frames_transfer_syntax == jls
+    for bad in ("1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.1", "jpeg-ls"):
+        with pytest.raises(ConfigError, match=r"upstream\.frames_transfer_syntax.*4\.80"):
+            from_dict({"upstream": {"frames_transfer_syntax": bad}})
+
+
 @pytest.mark.parametrize(("text", "size"), [
     # binary units (an "i"): powers of 1024, as df -h and the status page print them
     ("50GiB", 50 << 30), ("1 MiB", 1 << 20), ("512KiB", 512 << 10), ("2TiB", 2 << 40),

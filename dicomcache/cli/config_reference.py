@@ -139,6 +139,14 @@ SECTIONS: dict[str, Section] = {
                                      "together (in the cache directory's `tmp/`): Orthanc's "
                                      "connection is released once its answer is buffered; "
                                      "0: never spill.", "size"),
+            "frames_transfer_syntax": Key("Opt-in: a viewer's frames of an instance not "
+                                          "cached yet, asked in any syntax "
+                                          "(`transfer-syntax=*`, as OHIF asks), are fetched "
+                                          "from Orthanc transcoded to this lossless syntax "
+                                          "(`\"1.2.840.10008.1.2.4.80\"`, JPEG-LS Lossless: "
+                                          "the one Orthanc 1.10 makes); the cached original "
+                                          "serves everything else.",
+                                          default="`\"\"`: off"),
         }),
     "cache": Section(
         "The verified store on local disk.", "integrity.md", {

@@ -40,6 +40,7 @@ from dicomcache.dicomweb.answers import (
     named_instances,
     normalised,
     plain,
+    relinked_bulk_data,
 )
 from dicomcache.dicomweb.series_stream import COMMIT_BACKLOG, Budget, SeriesStream
 from dicomcache.errors import Cause, IntegrityError, NotFoundUpstream, UpstreamError
@@ -52,6 +53,8 @@ DICOM_JSON = "application/dicom+json"
 #: First answers confirmed ahead of time at most at once (each costs Orthanc one more
 #: metadata answer, so a burst of cold requests cannot make it many more).
 MAX_CONFIRMATIONS = 64
+#: Orthanc errors in a row after which frames are no longer asked transcoded.
+FRAMES_REFUSED_AFTER = 3
 
 
 class DicomWeb:
@@ -75,6 +78,22 @@ class DicomWeb:
         self.commit_backlog = Budget(COMMIT_BACKLOG)
         #: First answers waiting to be confirmed ahead of time (:meth:`json_answer`).
         self.confirmations: set[asyncio.Task[None]] = set()
+        #: Orthanc refused ``upstream.frames_transfer_syntax`` (:meth:`frames_failed`).
+        self.frames_refused = False
+        self._frames_failures = 0
+
+    def frames_failed(self, syntax: str, status: int, why: str) -> None:
+        """Orthanc did not transcode frames to ``syntax``: a 4xx says it never will,
+        :data:`FRAMES_REFUSED_AFTER` 500s in a row (Orthanc 1.10's answer for a syntax
+        it has no encoder for) too.  Then it is not asked again until restart."""
+        self._frames_failures = 0 if status == 200 else self._frames_failures + 1
+        if status == 200 or self.frames_refused:
+            return
+        if status != 500 or self._frames_failures >= FRAMES_REFUSED_AFTER:
+            log.warning("Orthanc does not transcode frames to %s (%s %s): viewers get the "
+                        "stored syntax; unset upstream.frames_transfer_syntax or pick one "
+                        "Orthanc makes", syntax, status, why)
+            self.frames_refused = True
 
     async def stop(self) -> None:
         """Cancel the streams and confirmations in progress (shutdown)."""
@@ -230,8 +249,11 @@ class DicomWeb:
                 encoding = headers.get(hdrs.CONTENT_ENCODING)
 
                 def parse() -> tuple[bytes, dict[tuple[str, str, str], list[str]]]:
-                    doc = json.loads(decoded(data, encoding, path))
-                    return normalised(doc), named_instances(doc) if metadata else {}
+                    text = decoded(data, encoding, path)
+                    doc = json.loads(text)  # checked JSON, whichever way it is relinked
+                    named = named_instances(doc) if metadata else {}
+                    fast = relinked_bulk_data(text) if metadata else None
+                    return fast if fast is not None else normalised(doc), named
                 try:
                     body, named = await asyncio.to_thread(parse) \
                         if encoding or len(data) > 1 << 16 else parse()

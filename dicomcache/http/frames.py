@@ -14,6 +14,7 @@ frame is read.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 
@@ -25,9 +26,9 @@ from dicomcache.dicom.accept import OCTET
 from dicomcache.dicom.frames import frame_ranges, parse_frame_list, plan_frames
 from dicomcache.dicom.syntaxes import NATIVE_LE
 from dicomcache.dicomweb.answers import relink_parts
-from dicomcache.dicomweb.frames import read_frames
+from dicomcache.dicomweb.frames import read_frames, transcoded_frames, transcoding_accept
 from dicomcache.dicomweb.state import DicomWeb
-from dicomcache.errors import NotFoundUpstream, UpstreamError
+from dicomcache.errors import IntegrityError, NotFoundUpstream, UpstreamError
 from dicomcache.http.keys import DICOMWEB, OUTCOME
 from dicomcache.http.metadata import public_base
 from dicomcache.http.params import dicomweb_uids, family_of
@@ -72,6 +73,13 @@ async def frames(request: web.Request) -> web.StreamResponse:
     assert series is not None and sop is not None
     family_of(request, "dicomweb")
     dw = request.app[DICOMWEB]
+    syntax = dw.client.settings.frames_transfer_syntax
+    compressed = transcoding_accept(request.headers.get(hdrs.ACCEPT), syntax) \
+        if syntax and not dw.frames_refused else None
+    if compressed is not None and await _cold(dw, study, series, sop):
+        answer = await _frames_compressed(request, dw, compressed, syntax)
+        if answer is not None:
+            return answer
     found = await _stored_or_fetched(request, dw, study, series, sop)
     if found is None:
         return await frames_through(request)
@@ -100,6 +108,58 @@ async def frames(request: web.Request) -> web.StreamResponse:
                            [[("Content-Location", f"{where}/{n}")] for n in numbers])
     headers[hdrs.CONTENT_TYPE] = multipart.content_type(plan.part_type, b)
     return web.Response(body=body, headers=headers)
+
+
+async def _cold(dw: DicomWeb, study: str, series: str, sop: str) -> bool:
+    """The one instance these UIDs name is not stored yet (its Orthanc ID is usually
+    known from the series metadata, so this costs no request)."""
+    try:
+        entry, _oid = await dw.fetcher.locate(sop, study, series)
+    except (UpstreamError, NotFoundUpstream):
+        return False  # the usual path answers (or reports) it
+    return entry is None
+
+
+async def _frames_compressed(request: web.Request, dw: DicomWeb, accept_up: str,
+                             syntax: str) -> web.Response | None:
+    """Cold frames as Orthanc transcodes them to ``syntax`` (opt-in:
+    ``upstream.frames_transfer_syntax``), for a viewer that takes any syntax.
+
+    Nothing is stored: the instance itself is still downloaded as stored (by the
+    prefetch, or the next request) and serves everything else.  ``None`` (the
+    caller then serves frames cut from the original): Orthanc could not, or its
+    answer is not whole (:func:`~dicomcache.dicomweb.frames.transcoded_frames`).  An
+    Orthanc that cannot make the syntax is soon no longer asked
+    (:meth:`~dicomcache.dicomweb.state.DicomWeb.frames_failed`).
+    """
+    count = len(parse_frame_list(request.match_info["frames"], 1 << 30) or ())
+    if not count:
+        return None
+    what = f"frames {request.path} in {syntax}"
+
+    async def once(_attempt: int) -> tuple[int, str, bytes]:
+        async with dw.client.open("GET", request.raw_path, kind="frames",
+                                  headers={"Accept": accept_up}, encoded=True) as up:
+            data = await up.read()
+            status, ctype = up.status, up.headers.get(hdrs.CONTENT_TYPE, "")
+        if status in (401, 403, 429):
+            check_status(status, {}, what, data)
+        return status, ctype, data
+
+    try:
+        status, ctype, data = await dw.client.retrying(once, what=what)
+        if status in (400, 406, 415, 500, 501) or status == 200:
+            dw.frames_failed(syntax, status, repr(data[:200]) if status != 200 else "")
+        if status != 200:
+            return None
+        await asyncio.to_thread(transcoded_frames, data, ctype, syntax, count)
+    except (UpstreamError, NotFoundUpstream, IntegrityError) as exc:
+        log.info("%s: the original's frames instead (%s)", what, exc)
+        return None
+    request[OUTCOME] = "passthrough"
+    out = web.Response(body=relink_parts(data, ctype, public_base(request)))
+    out.headers[hdrs.CONTENT_TYPE] = ctype
+    return out
 
 
 def _asks_native_pixels(header: str | None) -> bool:

@@ -24,6 +24,7 @@ from dicomcache.dicomweb.answers import (
     named_instances,
     normalise_json,
     relink_parts,
+    relinked_bulk_data,
     rewrite_links,
     with_base,
 )
@@ -42,6 +43,48 @@ from dicomcache.http.cors import allowed_origin, preflight_problem
 ])
 def test_link_path(url: str, path: str | None) -> None:
     assert link_path(url) == path
+
+
+def orthanc_metadata(links: list[str], extra: str = "") -> bytes:
+    """Series metadata laid out as Orthanc 1.10 writes it (tabs, `` : ``)."""
+    items = [f'\t{{\n\t\t"00080018" : \n\t\t{{\n\t\t\t"Value" : \n\t\t\t[\n\t\t\t\t'
+             f'"1.2.{i}"\n\t\t\t],\n\t\t\t"vr" : "UI"\n\t\t}},{extra}\n\t\t"7FE00010" : '
+             f'\n\t\t{{\n\t\t\t"BulkDataURI" : "{link}",\n\t\t\t"vr" : "OW"\n\t\t}}\n\t}}'
+             for i, link in enumerate(links)]
+    return ("[\n" + ",\n".join(items) + "\n]\n").encode()
+
+
+@pytest.mark.parametrize(("links", "extra", "fast"), [
+    (["http://127.0.0.1:8042/dicom-web/studies/1.2/series/3/instances/4/bulk/7fe00010",
+      "https://pacs.example:443/studies/1.2/series/3/instances/5/bulk/7fe00010"], "", True),
+    (["http://h/dicom-web/studies/1/x/studies/2?a=b&c=%22d"], "", True),  # first /studies/
+    (["http://h/dicom-web/series/1"], "", False),  # no /studies/: left, as the walk does
+    (["http://h/dicom-web/studies/1#frag"], "", False),
+    (["http://h/dicom-web/studies/1\\u0041"], "", False),  # an escape: the walk decides
+    (["/dicom-web/studies/1"], "", False),  # relative
+    # text that says BulkDataURI, and a Retrieve URL: the walk
+    (["http://h/studies/1"],
+     '\n\t\t"00081030" : {"Value" : ["BulkDataURI"], "vr" : "LO"},', False),
+    (["http://h/studies/1"],
+     '\n\t\t"00081030" : {"Value" : ["\\"BulkDataURI\\" : \\"http://h/studies/2\\""], '
+     '"vr" : "LO"},', True),
+    (["http://h/studies/1"],
+     '\n\t\t"00081190" : {"Value" : ["http://h/studies/1"], "vr" : "UR"},', False),
+    (["http://h/studies/1"],
+     '\n\t\t"00081030" : {"Value" : ["a : b\\tc http://h/studies/9"], "vr" : "LO"},', True),
+])
+def test_bulk_data_links_relinked_in_the_text_as_the_walk_does(
+        links: list[str], extra: str, fast: bool) -> None:
+    text = orthanc_metadata(links, extra)
+    walked = json.loads(normalise_json(text))
+    out = relinked_bulk_data(text)
+    assert (out is not None) is fast
+    if out is not None:
+        assert json.loads(out) == walked
+        base = "http://c:8080/dicom-web"
+        assert json.loads(with_base(out, base)) == json.loads(with_base(normalise_json(text),
+                                                                         base))
+        assert b"\t" not in out and b"\n" not in out
 
 
 def test_rewrite_links_everywhere_links_live() -> None:
