@@ -229,8 +229,11 @@ SECTIONS: dict[str, Section] = {
             "transfer_syntax_strategy": Key("`universal`, `conservative`, `standard`, "
                                             "`compression` or `extended`: which syntaxes are "
                                             "proposed."),
-            "max_association_retries": Key("Strategies tried per delivery along the fallback "
-                                           "sequence; 1 to 10.", "count"),
+            "max_association_retries": Key("Associations tried per delivery along the fallback "
+                                           "sequence (a widening to `compression` or "
+                                           "`extended` after a peer answers 'transfer "
+                                           "syntaxes not supported' is one of them); 1 to 10.",
+                                           "count"),
             "allow_lossy_recompression": Key("Only with `extended`: may re-encode to a lossy "
                                              "syntax."),
             "tls": Key("DICOM TLS towards this PACS, its certificate verified."),

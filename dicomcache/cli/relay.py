@@ -90,9 +90,10 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                     "`relay retry` does.  Reports per destination what was delivered, what "
                     "still waits and why, and what was quarantined.  Exit status 0: nothing "
                     "waits (stop the service and upgrade; the relay rejects associations "
-                    "until it stops); 1: something still waits at --timeout (the relay takes "
-                    "associations again); 2: could not drain (configuration, spool, or a "
-                    "relay that did not answer).")
+                    "until it stops, --cancel, or --timeout plus 30 minutes have passed, when "
+                    "it withdraws the request itself); 1: something still waits at "
+                    "--timeout (the relay takes associations again); 2: could not drain "
+                    "(configuration, spool, or a relay that did not answer).")
     drain.add_argument("--config", "-c", type=Path, help="TOML configuration")
     drain.add_argument("--timeout", type=float, default=600.0,
                        help="give up after this many seconds (default 600)")
@@ -470,6 +471,14 @@ def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _uid_name(uid: str) -> str:
+    """A UID as operators read it: its name (pydicom's dictionary), else the UID."""
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return uid if name == uid else name
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the persisted queue state; exit 1 if something waits or is quarantined."""
     from dicomcache.relay.drain import REQUEST as DRAIN_REQUEST
@@ -511,6 +520,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _print_status(snap: dict[str, Any], out: TextIO) -> None:
+    from dicomcache.relay.fallback import REPROBE_AFTER_BATCHES, REPROBE_AFTER_SECONDS
+
     now = float(snap["time"])
     out.write(f"spool {snap['spool_directory']}: {snap['spooled_instances']} instance(s), "
               f"{format_size(snap['spooled_bytes'])} not yet delivered everywhere; "
@@ -540,6 +551,12 @@ def _print_status(snap: dict[str, Any], out: TextIO) -> None:
         learned = d["learned_strategy"] or "(none: starts at the configured strategy)"
         out.write(f"  strategy          configured {d['configured_strategy'] or '-'}, "
                   f"learned {learned}\n")
+        for entry in d.get("learned_by_class", []):
+            out.write(f"  learned for       {_uid_name(entry['sop_class'])} in "
+                      f"{_uid_name(entry['transfer_syntax'])}: {entry['strategy']} since "
+                      f"{_when(entry['since'])}, {entry['batches']} batches (the configured "
+                      f"strategy is tried again after {REPROBE_AFTER_SECONDS / 3600:g} h or "
+                      f"{REPROBE_AFTER_BATCHES} batches)\n")
         if d["learned_syntaxes"]:
             for sop, syntaxes in sorted(d["learned_syntaxes"].items()):
                 out.write(f"  accepted          {sop}: {', '.join(syntaxes)}\n")

@@ -938,6 +938,11 @@ class Spool:
         """(SOP class, source syntax) → (strategy, since, batches) learned for
         ``destination`` (the decisions are :mod:`.fallback`'s)."""
         with self._lock:
+            # A spool last written by an older dicomcache, opened read-only (`relay
+            # status` beside it), has no such table yet: nothing learned.
+            if self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' "
+                               "AND name='learned'").fetchone() is None:
+                return {}
             rows = self.db.execute("SELECT sop_class, transfer_syntax, strategy, since, batches "
                                    "FROM learned WHERE destination=?", (destination,))
             return {(r[0], r[1]): (r[2], float(r[3]), int(r[4])) for r in rows}
@@ -1098,6 +1103,11 @@ class Spool:
                     "configured_strategy": state["configured_strategy"],
                     "learned_strategy": state["learned_strategy"],
                     "learned_syntaxes": state["learned_syntaxes"],
+                    "learned_by_class": [
+                        {"sop_class": sop, "transfer_syntax": ts, "strategy": strategy,
+                         "since": since, "batches": batches}
+                        for (sop, ts), (strategy, since, batches)
+                        in sorted(self.learned(name).items())],
                     "backing_off_until": state["next_attempt"] if state["next_attempt"] > now
                     else None,
                     "consecutive_failures": state["failures"],

@@ -63,3 +63,15 @@ def test_relay_status_lists_instances_accepted_with_problems() -> None:
     text = out.getvalue()
     assert "accepted with problems (stored and forwarded as received)" in text
     assert "1.2.3.4 accepted as received despite: tags out of order" in text
+
+
+def test_relay_status_lists_what_was_learned_per_class_and_syntax() -> None:
+    """Learned strategies are kept per (SOP class, source syntax) and re-probed: the
+    operator sees each one, by name, with when the configured strategy is tried again."""
+    out = io.StringIO()
+    _print_status(_relay_snapshot(learned_by_class=[{
+        "sop_class": "1.2.840.10008.5.1.4.1.1.2", "transfer_syntax": "1.2.840.10008.1.2.1",
+        "strategy": "conservative", "since": 990.0, "batches": 3}]), out)
+    line = next(x for x in out.getvalue().splitlines() if "learned for" in x)
+    assert "CT Image Storage in Explicit VR Little Endian: conservative since" in line
+    assert "3 batches" in line and "after 1 h or 20 batches" in line

@@ -122,6 +122,10 @@ async def test_learned_per_key_and_reprobed(tmp_path: Path, relay_factory) -> No
         await settled(str(a[0].StudyInstanceUID))
         await wait_until(lambda: (CT, syntaxes.EXPLICIT_LE) in _learned(spool), 10, "learned")
         assert _learned(spool)[(CT, syntaxes.EXPLICIT_LE)][0] == "conservative"
+        snap = await asyncio.to_thread(r.relay.spool.snapshot, ["NOBE"])
+        shown = snap["destinations"]["NOBE"]["learned_by_class"]
+        assert [(e["sop_class"], e["transfer_syntax"], e["strategy"]) for e in shown] == \
+            [(CT, syntaxes.EXPLICIT_LE, "conservative")]
 
         # 2. A later MR study in JPEG-LS: nothing learned for it, so the configured
         #    compression strategy: it arrives as sent, not decompressed.
