@@ -20,8 +20,7 @@ from dicomcache.audit.record import RETRIEVE, SUCCESS, Actor, Record, Subject, e
 from dicomcache.audit.trail import AuditFile, AuditLog, audit_files, rotated_files
 from dicomcache.config import AuditSettings
 from dicomcache.metrics import Metrics
-from tests.conftest import eventually_sync, metric_value, tmpfs
-from tests.http.test_audit import fill
+from tests.conftest import eventually_sync, fill_filesystem, metric_value, tmpfs
 
 ROOT = Path(__file__).resolve().parents[2]
 WRITER = textwrap.dedent("""
@@ -126,7 +125,7 @@ def test_full_disk_writes_nothing_half_then_recovers(small_fs: Path) -> None:
     try:
         log.submit(rec(0))
         assert log.flush()
-        filler = fill(small_fs)
+        filler = fill_filesystem(small_fs)
         size = path.stat().st_size
         for i in range(1, 60):  # more than what is left of the file's last page
             log.submit(rec(i))

@@ -25,8 +25,7 @@ from typing import Any
 import pytest
 
 from dicomcache.devtools.orthanc import OrthancProcess, free_port, loopback_env
-from tests.conftest import Sample, eventually_sync, tmpfs
-from tests.http.test_cache_degraded import fill
+from tests.conftest import Sample, eventually_sync, fill_filesystem, tmpfs
 from tests.relay.conftest import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,7 +135,7 @@ def test_serve_on_a_cache_disk_in_trouble_serves_verified_then_recovers(
         directory = disk / "cache"
         filler = None
         if trouble == "full":
-            filler = fill(disk)
+            filler = fill_filesystem(disk)
         elif trouble == "read_only":
             directory.mkdir()
             remount(disk, "ro")
