@@ -73,7 +73,9 @@ def _whole_codestream(syntax: str, frame: bytes) -> bool:
     or, RLE, a 64-byte header whose segments lie inside it.  Catches a frame cut
     short; the pixels themselves have no checksum to compare."""
     if syntax in (JPEG_LS_LOSSLESS, JPEG_2000_LOSSLESS):
-        end = frame[:-1] if len(frame) % 2 == 0 and frame.endswith(b"\xff\xd9\x00") else frame
+        # The pad byte is 0x00 in what Orthanc sends; any one byte after EOI at an
+        # even length is a pad (EOI cannot occur inside the scan data: 0xFF is stuffed).
+        end = frame[:-1] if len(frame) % 2 == 0 and frame[-3:-1] == b"\xff\xd9" else frame
         starts = (b"\xff\xd8",) if syntax == JPEG_LS_LOSSLESS else (
             b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")
         return frame.startswith(starts) and end.endswith(b"\xff\xd9")
@@ -106,4 +108,5 @@ def transcoded_frames(body: bytes, content_type: str, syntax: str, count: int) -
                                  f"{syntax}")
         if not _whole_codestream(syntax, part.body):
             raise IntegrityError(Cause.SHORT_BODY, f"a transcoded frame ({len(part.body)} "
-                                 f"bytes) is not a whole {SYNTAXES[syntax].name} codestream")
+                                 f"bytes, {part.body[:4].hex()}…{part.body[-4:].hex()}) is "
+                                 f"not a whole {SYNTAXES[syntax].name} codestream")

@@ -59,6 +59,7 @@ def answer(parts: list[bytes], part_type: str) -> tuple[bytes, str]:
     (JPEG_LS_LOSSLESS, "image/jls", JLS_FRAME),
     # an odd-length codestream padded to an even length, as Orthanc sends it
     (JPEG_LS_LOSSLESS, "image/jls", JLS_FRAME + b"x\xff\xd9\x00"),
+    (JPEG_LS_LOSSLESS, "image/jls", JLS_FRAME + b"x\xff\xd9\xff"),  # any one pad byte
     (JPEG_2000_LOSSLESS, "image/jp2", J2K_FRAME),
     (JPEG_2000_LOSSLESS, "image/jp2", J2K_FRAME + b"x\xff\xd9\x00"),
     (RLE_LOSSLESS, "image/dicom-rle", RLE_FRAME),
