@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import errno
 import inspect
-import json
 import os
 import signal
 import socket
@@ -35,6 +34,7 @@ from pydicom.uid import (
 )
 
 from dicomcache.config import AuditSettings, Settings, from_dict
+from dicomcache.devtools import tomlfile
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
@@ -298,27 +298,8 @@ def serve_config(path: Path, port: int, url: str, login: Login, /,
             settings.pop(name, None)
         else:
             settings[name] = {**settings.get(name, {}), **keys}
-    path.write_text(_toml(settings))
+    path.write_text(tomlfile.dumps(settings))
     return path
-
-
-def _toml(settings: Mapping[str, Mapping[str, object]]) -> str:
-    """``settings`` as TOML: strings, numbers and booleans (all a test sets); ``None``
-    values are left out."""
-    def value(v: object) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)  # a JSON string is a TOML basic string
-        raise TypeError(f"no TOML for {v!r}")
-
-    lines = []
-    for name, keys in settings.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {value(v)}" for key, v in keys.items() if v is not None]
-    return "\n".join(lines) + "\n"
 
 
 def _listening(port: int) -> bool:
