@@ -16,7 +16,6 @@ descriptors for the benchmarks that sample them.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -31,6 +30,7 @@ from typing import IO, Protocol
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dicomcache.devtools import tomlfile  # noqa: E402
 from dicomcache.devtools.orthanc import free_port  # noqa: E402
 
 #: ``[server]`` keys of every benchmark: many simulated viewers share one loopback
@@ -69,24 +69,6 @@ def serve_settings(workdir: Path, upstream_url: str, login: Credentials, *,
     return settings
 
 
-def toml(settings: Settings) -> str:
-    """``settings`` as TOML (strings, numbers and booleans are all a benchmark sets)."""
-    def value(v: object) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)  # a JSON string is a TOML basic string
-        raise TypeError(f"no TOML for {v!r}")
-
-    lines = []
-    for name, keys in settings.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {value(v)}" for key, v in keys.items()]
-    return "\n".join(lines) + "\n"
-
-
 def stop(proc: subprocess.Popen[bytes], timeout: float = STOP_SECONDS) -> None:
     """Stop a child this benchmark started: SIGTERM to its PID, SIGKILL after ``timeout``."""
     if proc.poll() is not None:
@@ -111,7 +93,7 @@ class Daemon:
         self.base = f"http://127.0.0.1:{self.port}"
         server = {"host": "127.0.0.1", "port": self.port, **settings.get("server", {})}
         self.config = workdir / config_name
-        self.config.write_text(toml({**settings, "server": server}))
+        self.config.write_text(tomlfile.dumps({**settings, "server": server}))
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 

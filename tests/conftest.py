@@ -1,6 +1,8 @@
 """Shared fixtures: a real Orthanc with generated instances, settings factories, and
 blockbuster watching the event loop in every test; the one bounded-polling helper
-(:func:`eventually`, :func:`eventually_sync`) and :func:`metric_value`."""
+(:func:`eventually`, :func:`eventually_sync`) and :func:`metric_value`; dicomcache as a
+process of its own (:func:`serve_config`, :func:`start_dicomcache`, :func:`stop_process`,
+the ``processes`` fixture)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,15 @@ import dataclasses
 import errno
 import inspect
 import os
+import signal
+import socket
 import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from pydicom.uid import (
@@ -28,6 +34,7 @@ from pydicom.uid import (
 )
 
 from dicomcache.config import AuditSettings, Settings, from_dict
+from dicomcache.devtools import tomlfile
 from dicomcache.devtools.orthanc import OrthancProcess
 from dicomcache.devtools.samples import encode, make_ct_series
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
@@ -254,3 +261,141 @@ def make_settings(tmp_path: Path, orthanc: OrthancProcess) -> SettingsFactory:
         return from_dict(data)
 
     return factory
+
+
+# --- dicomcache as a process of its own (`serve`, `relay run`…), as an operator runs it ---
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Login(Protocol):
+    """Orthanc's login (``OrthancProcess`` has it)."""
+
+    username: str
+    password: str
+
+
+def serve_config(path: Path, port: int, url: str, login: Login, /,
+                 **sections: Mapping[str, object] | None) -> Path:
+    """Write the configuration of a ``dicomcache serve`` a test starts, to ``path``.
+
+    The defaults: the viewer port on 127.0.0.1:``port``; the upstream at ``url`` (the
+    session Orthanc's or a WAN emulator's) with Orthanc's ``login``; the cache in
+    ``path.parent/cache``; prefetch and the change feed off (background requests a test
+    would not expect); the audit trail in ``path.parent/audit/audit.jsonl`` (never the
+    system's).  ``sections`` add or override keys, section by section; a key or a whole
+    section given as ``None`` is left out (the daemon's own default)."""
+    settings: dict[str, dict[str, object]] = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "upstream": {"url": url, "username": login.username,
+                     "password": login.password},
+        "cache": {"directory": str(path.parent / "cache")},
+        "prefetch": {"mode": "off"},
+        "changes": {"enabled": False},
+        "audit": {"file": str(path.parent / "audit" / "audit.jsonl")},
+    }
+    for name, keys in sections.items():
+        if keys is None:
+            settings.pop(name, None)
+        else:
+            settings[name] = {**settings.get(name, {}), **keys}
+    path.write_text(tomlfile.dumps(settings))
+    return path
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _answers_healthz(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:  # not listening yet, or not answering yet
+        return False
+
+
+def _alive(proc: subprocess.Popen[bytes] | None, waiting_for: str) -> None:
+    if proc is not None and proc.poll() is not None:
+        raise RuntimeError(f"process exited with {proc.returncode} before {waiting_for}")
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None,
+              timeout: float = 20.0) -> None:
+    """Wait until something listens on 127.0.0.1:``port`` (``proc``: fail if it exits)."""
+
+    def ready() -> bool:
+        _alive(proc, "listening")
+        return _listening(port)
+
+    eventually_sync(ready, timeout=timeout, what=f"a listener on port {port}")
+
+
+def wait_healthz(port: int, proc: subprocess.Popen[bytes] | None = None,
+                 timeout: float = 60.0) -> None:
+    """Wait until ``http://127.0.0.1:port/healthz`` answers 200 (``proc``: fail if it
+    exits): the daemon serves, not only listens (it binds its ports before it starts)."""
+
+    def ready() -> bool:
+        _alive(proc, "answering")
+        return _answers_healthz(port)
+
+    eventually_sync(ready, timeout=timeout, what=f"dicomcache answering on port {port}")
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM,
+                 timeout: float = 15) -> None:
+    """Stop a process the test started, by its PID: ``sig``, SIGKILL after ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def start_dicomcache(args: list[str], log: Path, *listening: int, healthz: int | None = None,
+                     timeout: float = 60, env: Mapping[str, str] | None = None,
+                     preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
+    """``python -m dicomcache ARGS`` in a session of its own, its output appended to
+    ``log``; returns once it listens on every port of ``listening`` and, with ``healthz``,
+    once that HTTP port answers ``/healthz`` (``timeout`` seconds for each).  ``env``: its
+    environment (this one's by default); ``preexec_fn``: run in the child before exec
+    (resource limits).  Stopped again, its log's end in the error, when it does not
+    come up."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dicomcache", *args], cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env=env, preexec_fn=preexec_fn)
+    try:
+        for port in listening:
+            wait_port(port, proc, timeout=timeout)
+        if healthz is not None:
+            wait_healthz(healthz, proc, timeout=timeout)
+    except BaseException as exc:
+        stop_process(proc)
+        exc.add_note(f"{log}:\n{log.read_text(errors='replace')[-3000:]}")
+        raise
+    return proc
+
+
+def run_dicomcache(*args: str, timeout: float = 120, check: bool = False
+                   ) -> subprocess.CompletedProcess[str]:
+    """A ``dicomcache`` command as an operator runs it (its output captured)."""
+    return subprocess.run([sys.executable, "-m", "dicomcache", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=check)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The processes a test started (it appends them): stopped by PID at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        stop_process(proc)

@@ -45,8 +45,9 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset
 
-from dicomcache.devtools.orthanc import OrthancProcess, free_port, loopback_env, wait_http
+from dicomcache.devtools.orthanc import OrthancProcess, free_port, loopback_env
 from dicomcache.devtools.samples import encode, make_ct_series
+from tests.conftest import serve_config, start_dicomcache, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -178,45 +179,24 @@ def site(orthanc: OrthancProcess, tmp_path_factory: pytest.TempPathFactory) -> I
     tmp = tmp_path_factory.mktemp("doc-commands")
     port = free_port()
     (tmp / "orthanc-password").write_text(orthanc.password + "\n")
-    config = tmp / "config.toml"
-    config.write_text(textwrap.dedent(f"""\
-        [server]
-        port = {port}
-        [upstream]
-        url = "{orthanc.url}"
-        username = "{orthanc.username}"
-        password_file = "orthanc-password"
-        [cache]
-        directory = "{tmp / 'cache'}"
-        max_size = "1GiB"
-        [prefetch]
-        mode = "off"
-        [audit]
-        file = "{tmp / 'audit' / 'audit.jsonl'}"
-        """))
+    # The change feed as the daemon has it; the password from a file, as documented.
+    config = serve_config(tmp / "config.toml", port, orthanc.url, orthanc, changes=None,
+                          upstream={"password": None, "password_file": "orthanc-password"},
+                          cache={"max_size": "1GiB"})
     (oid, ds, blob), *_ = _study(orthanc)
     venv_bin = str(Path(sys.executable).parent)
     env = loopback_env({**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"})
     base = f"http://127.0.0.1:{port}"
     log = tmp / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", "--config",
-                                 str(config)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env=env)
+    proc = start_dicomcache(["serve", "--config", str(config)], log, healthz=port, env=env)
     try:
-        wait_http(f"{base}/healthz", timeout=60)
         # One access, so the audit trail and the hit ratio have something to show.
         with urllib.request.urlopen(f"{base}/instances/{oid}/file", timeout=30) as resp:
             assert resp.read() == blob
         yield Site(config, base, {"STUDY_UID": str(ds.StudyInstanceUID), "INSTANCE_ID": oid,
                                   "PATIENT_ID": PATIENT, "ACCESSION_NUMBER": ACCESSION}, env)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=30)
     assert proc.returncode == 0, log.read_text()[-3000:]
 
 

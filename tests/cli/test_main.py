@@ -6,13 +6,12 @@ import concurrent.futures
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,9 +20,7 @@ from dicomcache.cli.main import main
 from dicomcache.devtools.orthanc import OrthancProcess, free_port
 from dicomcache.devtools.wanem import LinkProfile, ThreadedWanEmulator
 from dicomcache.dicom.verify import verify_file
-from tests.conftest import Sample, eventually_sync
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import Sample, serve_config, start_dicomcache
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,68 +55,40 @@ def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "cannot read" in capsys.readouterr().err
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    def answers() -> bool:
-        assert proc.poll() is None, f"dicomcache exited with {proc.returncode}"
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=1).read()
-        except OSError:  # not listening yet
-            return False
-        return True
-
-    eventually_sync(answers, timeout=timeout, what="dicomcache answering /healthz")
-
-
 def get(url: str, timeout: float = 30) -> bytes:
     return urllib.request.urlopen(url, timeout=timeout).read()  # type: ignore[no-any-return]
 
 
-def write_config(path: Path, port: int, upstream: str, orthanc: OrthancProcess,
-                 cache: Path) -> Path:
-    path.write_text(textwrap.dedent(f"""
-        [server]
-        port = {port}
-        shutdown_timeout = 5
-        [upstream]
-        url = "{upstream}"
-        username = "{orthanc.username}"
-        password = "{orthanc.password}"
-        retries = 1
-        backoff_base = 0.05
-        [cache]
-        directory = "{cache}"
-        max_size = "1GiB"
-        [audit]
-        file = "{cache.parent / 'audit' / 'audit.jsonl'}"
-    """))
-    return path
+def write_config(path: Path, port: int, upstream: str, orthanc: OrthancProcess) -> Path:
+    """Prefetch and the change feed as the daemon has them by default."""
+    return serve_config(path, port, upstream, orthanc, prefetch=None, changes=None,
+                        server={"shutdown_timeout": 5},
+                        upstream={"retries": 1, "backoff_base": 0.05},
+                        cache={"max_size": "1GiB"})
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
-    procs: list[subprocess.Popen[bytes]] = []
+def serve(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> Callable[..., Any]:
+    """``serve(*args, port=…)``: ``dicomcache serve ARGS`` once it answers on ``port``,
+    its output in ``serve0.log``, ``serve1.log``…; ``env``: more environment."""
 
-    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        with open(tmp_path / f"serve{len(procs)}.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", *args],
-                                    cwd=ROOT, stderr=log, env={**os.environ, **(env or {})})
-        procs.append(proc)
+    def start(*args: str, port: int, env: dict[str, str] | None = None,
+              timeout: float = 60) -> subprocess.Popen[bytes]:
+        proc = start_dicomcache(["serve", *args], tmp_path / f"serve{len(processes)}.log",
+                                healthz=port, timeout=timeout,
+                                env={**os.environ, **(env or {})})
+        processes.append(proc)
         return proc
 
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    return start
 
 
 def test_serve_and_sigterm(serve, tmp_path: Path, orthanc: OrthancProcess,  # type: ignore[no-untyped-def]
                            ct_series: list[Sample]) -> None:
     port = free_port()
-    cfg = write_config(tmp_path / "c.toml", port, orthanc.url, orthanc, tmp_path / "cache")
-    proc = serve("--config", str(cfg))
+    cfg = write_config(tmp_path / "c.toml", port, orthanc.url, orthanc)
+    proc = serve("--config", str(cfg), port=port)
     base = f"http://127.0.0.1:{port}"
-    wait_ready(base, proc)
     assert get(f"{base}/instances/{ct_series[0].orthanc_id}/file") == ct_series[0].data
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
@@ -135,11 +104,9 @@ def test_kill_9_during_downloads_then_restart(serve, tmp_path: Path,  # type: ig
     with ThreadedWanEmulator("127.0.0.1", orthanc.http_port,
                              LinkProfile(latency_ms=5, bandwidth_mbit=40)) as wan:
         port = free_port()
-        cfg = write_config(tmp_path / "c.toml", port, f"http://127.0.0.1:{wan.port}", orthanc,
-                           tmp_path / "cache")
-        proc = serve("--config", str(cfg))
+        cfg = write_config(tmp_path / "c.toml", port, f"http://127.0.0.1:{wan.port}", orthanc)
+        proc = serve("--config", str(cfg), port=port)
         base = f"http://127.0.0.1:{port}"
-        wait_ready(base, proc)
         pool = concurrent.futures.ThreadPoolExecutor(len(ct_series))
         futures = [pool.submit(get, f"{base}/instances/{s.orthanc_id}/file") for s in ct_series]
         time.sleep(0.6)  # the deliberate kill delay: some downloads done, others in flight
@@ -164,8 +131,7 @@ def test_kill_9_during_downloads_then_restart(serve, tmp_path: Path,  # type: ig
         assert not list((tmp_path / "cache" / "tmp").iterdir())
         store.close()
 
-        proc = serve("--config", str(cfg))
-        wait_ready(base, proc)
+        proc = serve("--config", str(cfg), port=port)
         for s in ct_series:
             assert get(f"{base}/instances/{s.orthanc_id}/file") == s.data
         proc.send_signal(signal.SIGTERM)
@@ -174,9 +140,9 @@ def test_kill_9_during_downloads_then_restart(serve, tmp_path: Path,  # type: ig
 
 def test_demo_mode_without_config(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
-    proc = serve("--port", str(port), env={"XDG_STATE_HOME": str(tmp_path / "state")})
+    proc = serve("--port", str(port), port=port, timeout=120,
+                 env={"XDG_STATE_HOME": str(tmp_path / "state")})
     base = f"http://127.0.0.1:{port}"
-    wait_ready(base, proc, timeout=120)
     import json
     studies = json.loads(get(f"{base}/dicom-web/studies"))  # QIDO: what a viewer lists
     [study] = [s["0020000D"]["Value"][0] for s in studies]

@@ -14,8 +14,6 @@ import contextlib
 import json
 import signal
 import subprocess
-import sys
-import textwrap
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,10 +23,16 @@ from typing import Any
 import pytest
 
 from dicomcache.devtools.orthanc import OrthancProcess, free_port, loopback_env
-from tests.conftest import Sample, eventually_sync, fill_filesystem, tmpfs
-from tests.relay.conftest import stop_process
+from tests.conftest import (
+    Sample,
+    eventually_sync,
+    fill_filesystem,
+    serve_config,
+    start_dicomcache,
+    stop_process,
+    tmpfs,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.blocking_allowed(reason="synchronous tests of a daemon process")
 
 
@@ -75,42 +79,14 @@ def serve(tmp_path: Path, orthanc: OrthancProcess) -> Iterator[Any]:
     def start(directory: Path, upstream: str | None = None) -> Daemon:
         """``upstream``: another Orthanc URL (one that refuses: Orthanc stopped)."""
         port = free_port()
-        cfg = tmp_path / "c.toml"
-        cfg.write_text(textwrap.dedent(f"""
-            [server]
-            port = {port}
-            [upstream]
-            url = "{upstream or orthanc.url}"
-            username = "{orthanc.username}"
-            password = "{orthanc.password}"
-            [cache]
-            directory = "{directory}"
-            max_size = "1GB"
-            min_free = 0
-            [prefetch]
-            mode = "off"
-            [changes]
-            enabled = false
-            [audit]
-            file = "{tmp_path / 'audit' / 'audit.jsonl'}"
-        """))
-        log = tmp_path / "serve.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", "--config",
-                                     str(cfg)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                    env=loopback_env())
+        cfg = serve_config(tmp_path / "c.toml", port, upstream or orthanc.url, orthanc,
+                           cache={"directory": str(directory), "max_size": "1GB",
+                                  "min_free": 0})
+        log = tmp_path / f"serve{len(started)}.log"  # each start's own
+        proc = start_dicomcache(["serve", "--config", str(cfg)], log, healthz=port,
+                                env=loopback_env())
         started.append(proc)
-        daemon = Daemon(proc, port, log)
-
-        def answers() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"serve exited with {proc.returncode}:\n{daemon.log_text()}")
-            try:
-                return daemon.get("/healthz")[0] == 200
-            except OSError:
-                return False
-        eventually_sync(answers, timeout=60, what="dicomcache serve answering")
-        return daemon
+        return Daemon(proc, port, log)
 
     yield start
     for proc in started:

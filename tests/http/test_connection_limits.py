@@ -9,22 +9,16 @@ import errno
 import http.client
 import re
 import resource
-import signal
 import socket
 import subprocess
-import sys
-import textwrap
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from dicomcache.devtools.orthanc import OrthancProcess, free_ports, loopback_env
-from tests.conftest import eventually_sync
-from tests.relay.conftest import stop_process, wait_port
+from tests.conftest import eventually_sync, serve_config, start_dicomcache
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.blocking_allowed(reason="synchronous tests of a daemon process")
 
 #: The daemon's descriptor limit in these tests (the unit's LimitNOFILE is 65536).
@@ -58,36 +52,14 @@ def _nofile() -> None:  # in the child, before exec
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, orthanc: OrthancProcess) -> Iterator[Daemon]:
+def daemon(tmp_path: Path, orthanc: OrthancProcess,
+           processes: list[subprocess.Popen[bytes]]) -> Daemon:
     (port,) = free_ports(1)
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(textwrap.dedent(f"""
-        [server]
-        host = "127.0.0.1"
-        port = {port}
-        [upstream]
-        url = "{orthanc.url}"
-        username = "{orthanc.username}"
-        password = "{orthanc.password}"
-        [cache]
-        directory = "{tmp_path / 'cache'}"
-        [prefetch]
-        mode = "off"
-        [changes]
-        enabled = false
-        [audit]
-        file = "{tmp_path / 'audit' / 'audit.jsonl'}"
-    """))
+    cfg = serve_config(tmp_path / "c.toml", port, orthanc.url, orthanc)
     log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", "--config",
-                                 str(cfg)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env=loopback_env(), preexec_fn=_nofile)
-    try:
-        wait_port(port, proc, timeout=60)
-        yield Daemon(proc, port, log)
-    finally:
-        stop_process(proc, signal.SIGTERM)
+    processes.append(start_dicomcache(["serve", "--config", str(cfg)], log, port,
+                                      env=loopback_env(), preexec_fn=_nofile))
+    return Daemon(processes[-1], port, log)
 
 
 def open_idle(port: int, source: str, count: int) -> list[socket.socket]:

@@ -11,8 +11,6 @@ import shutil
 import signal
 import ssl
 import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +22,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from dicomcache.devtools.orthanc import OrthancProcess, free_ports, loopback_env
 from dicomcache.http.listeners import https_location
-from tests.conftest import Sample
-from tests.relay.conftest import stop_process, wait_port, wait_until_sync
+from tests.conftest import Sample, eventually_sync, serve_config, start_dicomcache, stop_process
 from tests.tls_support import Pair, write_ca, write_pair
 
-ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.blocking_allowed(reason="synchronous tests of a daemon process")
 
@@ -69,32 +65,13 @@ def daemon(tmp_path: Path, orthanc: OrthancProcess) -> Iterator[Daemon]:
     ca = trustme.CA()
     pair = write_pair(ca, tmp_path / "tls", "viewer")
     port, redirect_port = free_ports(2)
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(textwrap.dedent(f"""
-        [server]
-        port = {port}
-        tls_certificate = "{pair.cert}"
-        tls_key = "{pair.key}"
-        http_redirect_port = {redirect_port}
-        [upstream]
-        url = "{orthanc.url}"
-        username = "{orthanc.username}"
-        password = "{orthanc.password}"
-        [cache]
-        directory = "{tmp_path / 'cache'}"
-        [changes]
-        enabled = false
-        [audit]
-        file = "{tmp_path / 'audit' / 'audit.jsonl'}"
-    """))
+    cfg = serve_config(tmp_path / "c.toml", port, orthanc.url, orthanc, prefetch=None,
+                       server={"tls_certificate": str(pair.cert), "tls_key": str(pair.key),
+                               "http_redirect_port": redirect_port})
     log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dicomcache", "serve", "--config",
-                                 str(cfg)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env=loopback_env())
+    proc = start_dicomcache(["serve", "--config", str(cfg)], log, port, redirect_port,
+                            env=loopback_env())
     try:
-        wait_port(port, proc, timeout=60)
-        wait_port(redirect_port, proc, timeout=60)
         yield Daemon(proc, port, redirect_port, write_ca(ca, tmp_path / "ca.crt"), pair, log)
     finally:
         stop_process(proc)
@@ -165,7 +142,8 @@ def test_sighup_takes_a_renewed_certificate_without_dropping_connections(
     daemon.pair.cert.write_bytes(renewed.cert.read_bytes())
     daemon.pair.key.write_bytes(renewed.key.read_bytes())
     daemon.proc.send_signal(signal.SIGHUP)
-    wait_until_sync(lambda: "certificate reloaded" in daemon.log_text(), 20, "the reload")
+    eventually_sync(lambda: "certificate reloaded" in daemon.log_text(), timeout=20,
+                    what="the reload")
     kept.request("GET", "/healthz")  # the connection made before the reload goes on
     assert kept.getresponse().status == 200
     kept.close()
@@ -178,7 +156,8 @@ def test_sighup_takes_a_renewed_certificate_without_dropping_connections(
     # A broken file is refused; the renewed certificate stays in use.
     daemon.pair.cert.write_text("-----BEGIN CERTIFICATE-----\ngarbage\n")
     daemon.proc.send_signal(signal.SIGHUP)
-    wait_until_sync(lambda: "NOT reloaded" in daemon.log_text(), 20, "the refused reload")
+    eventually_sync(lambda: "NOT reloaded" in daemon.log_text(), timeout=20,
+                    what="the refused reload")
     third = _peer_certificate(Daemon(daemon.proc, daemon.port, 0, new_ca, renewed, daemon.log))
     assert third.serial_number == second.serial_number
     assert daemon.proc.poll() is None

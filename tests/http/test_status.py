@@ -25,7 +25,7 @@ from dicomcache.http import status
 from dicomcache.http.app import make_app
 from dicomcache.http.keys import METRICS, RELAY, STORE
 from dicomcache.http.status import render
-from tests.conftest import Sample, SettingsFactory, eventually, metric_value
+from tests.conftest import Sample, SettingsFactory, eventually, metric_value, serve_config
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -293,30 +293,15 @@ async def test_json_log_lines_from_a_running_daemon(
         ct_series: list[Sample]) -> None:
     """``server.log_format = "json"``: one JSON object per line, one line per event."""
     port = free_port()
-    cfg = tmp_path / "dicomcache.toml"
-    cfg.write_text(f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-log_format = "json"
-[upstream]
-url = "http://127.0.0.1:{wan.port}"
-compression = "json"  # bodies as stored: a corrupted one fails its MD5
-username = "{orthanc.username}"
-password = "{orthanc.password}"
-retries = 1
-backoff_base = 0.01
-backoff_max = 0.02
-connect_timeout = 2
-read_timeout = 5
-[cache]
-directory = "{tmp_path / 'cache'}"
-max_size = "1GiB"
-[audit]
-file = "{tmp_path / 'audit' / 'audit.jsonl'}"
-[prefetch]
-mode = "off"    # no background traffic racing the faults below
-""")
+    # Prefetch off (serve_config's default): no background traffic racing the faults below;
+    # the change feed as the daemon has it.  Compression "json": bodies as stored, so a
+    # corrupted one fails its MD5.
+    cfg = serve_config(tmp_path / "dicomcache.toml", port, f"http://127.0.0.1:{wan.port}",
+                       orthanc, changes=None, server={"log_format": "json"},
+                       upstream={"compression": "json", "retries": 1, "backoff_base": 0.01,
+                                 "backoff_max": 0.02, "connect_timeout": 2,
+                                 "read_timeout": 5},
+                       cache={"max_size": "1GiB"})
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "dicomcache", "serve", "--config", str(cfg),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)

@@ -14,10 +14,8 @@ import io
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import textwrap
 import threading
 import warnings
@@ -39,7 +37,13 @@ from dicomcache.dicom import syntaxes
 from dicomcache.metrics import Metrics
 from dicomcache.relay import accel
 from dicomcache.relay.service import Relay
-from tests.conftest import eventually, eventually_sync, tmpfs
+
+# dicomcache as a process (start_dicomcache, run_dicomcache, stop_process, wait_port, the
+# ``processes`` fixture) lives in tests/conftest.py, one way for every test; re-exported
+# here, where the relay tests import it from.
+from tests.conftest import eventually, eventually_sync, stop_process, tmpfs, wait_port
+from tests.conftest import run_dicomcache as run_dicomcache
+from tests.conftest import start_dicomcache as start_dicomcache
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -119,39 +123,6 @@ def read_quiet(path: Path | bytes) -> pydicom.Dataset:
         if isinstance(path, bytes):
             return pydicom.dcmread(io.BytesIO(path))
         return pydicom.dcmread(path)
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None,
-              timeout: float = 20.0) -> None:
-    """Wait until something listens on 127.0.0.1:``port`` (``proc``: fail if it exits)."""
-
-    def ready() -> bool:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening")
-        return _listening(port)
-
-    wait_until_sync(ready, timeout, f"a listener on port {port}")
-
-
-def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM,
-                 timeout: float = 15) -> None:
-    """Stop a process the test started, by its PID: ``sig``, SIGKILL after ``timeout``."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def storescp_config(path: Path, syntaxes: tuple[str, ...]) -> Path:
@@ -380,7 +351,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 
 # --- dicomcache as a process of its own (`relay run`, `serve`), as an operator runs it ----
-ROOT = Path(__file__).resolve().parents[2]
+# (started, waited for and stopped by tests/conftest.py's helpers, imported above)
 
 
 def daemon_config(tmp_path: Path, relay_port: int, pacs_port: int, *,
@@ -414,38 +385,6 @@ def daemon_config(tmp_path: Path, relay_port: int, pacs_port: int, *,
     config = tmp_path / name
     config.write_text(text)
     return config
-
-
-def start_dicomcache(args: list[str], log: Path, *listening: int) -> subprocess.Popen[bytes]:
-    """``python -m dicomcache ARGS`` in a session of its own, its output appended to
-    ``log``; returns once it listens on every port of ``listening`` (60 s at most)."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dicomcache", *args], cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        for port in listening:
-            wait_port(port, proc, timeout=60)
-    except BaseException:
-        stop_process(proc)
-        raise
-    return proc
-
-
-def run_dicomcache(*args: str, timeout: float = 120, check: bool = False
-                   ) -> subprocess.CompletedProcess[str]:
-    """A ``dicomcache`` command as an operator runs it (its output captured)."""
-    return subprocess.run([sys.executable, "-m", "dicomcache", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, check=check)
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """The processes a test started (it appends them): stopped by PID at teardown."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        stop_process(proc)
 
 
 def children_now(pid: int) -> list[int]:
