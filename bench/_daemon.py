@@ -34,9 +34,10 @@ from dicomcache.devtools import tomlfile  # noqa: E402
 from dicomcache.devtools.orthanc import free_port  # noqa: E402
 
 #: ``[server]`` keys of every benchmark: many simulated viewers share one loopback
-#: address, so the per-client limits (server.max_requests_per_client, client_rate;
-#: client_burst only matters with a rate) are off.
-NO_CLIENT_LIMITS: dict[str, object] = {"max_requests_per_client": 0, "client_rate": 0}
+#: address, so the per-client limits (server.max_requests_per_client, client_rate,
+#: max_connections_per_client; client_burst only matters with a rate) are off.
+NO_CLIENT_LIMITS: dict[str, object] = {"max_requests_per_client": 0, "client_rate": 0,
+                                     "max_connections_per_client": 0}
 
 #: Seconds ``dicomcache serve`` gets to answer ``/healthz``, and to stop on SIGTERM.
 READY_SECONDS = 60.0
