@@ -18,6 +18,7 @@ from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 
+from dicomcache.config import DestinationSettings
 from dicomcache.devtools.orthanc import free_port, loopback_env
 from dicomcache.devtools.samples import make_ct_series, write_series
 from dicomcache.dicom import syntaxes
@@ -120,8 +121,12 @@ def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 async def test_real_full_disk_answers_0xA700(tiny_tmpfs: Path, tmp_path: Path,
                                              relay_factory) -> None:
-    # min_free = 0: no guard, the write itself meets the full disk.
-    r = await relay_factory(relay_settings(tiny_tmpfs / "spool", [], min_free=0))
+    # min_free = 0: no guard, the write itself meets the full disk.  The destination
+    # listens nowhere, so everything acknowledged stays queued (with none, an instance
+    # is finished on arrival and may be purged while the test counts files).
+    nowhere = DestinationSettings(name="DOWN", remote_ae_title="DOWN",
+                                  remote_host="127.0.0.1", remote_port=free_port())
+    r = await relay_factory(relay_settings(tiny_tmpfs / "spool", [nowhere], min_free=0))
     files = write_series(make_ct_series(8, rows=512, columns=512, seed=5), tmp_path / "ct")
     statuses = [await asyncio.to_thread(send_raw, r.port, f, CTImageStorage) for f in files]
     assert statuses[0] == 0x0000  # 512 KiB fits …
