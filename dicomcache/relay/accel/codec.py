@@ -9,9 +9,10 @@ tested for byte equality with pynetdicom and pydicom); :mod:`.fastdul` uses
 them when it is installed, and anything they do not handle (a message type
 other than C-STORE, a value only pydicom should encode) returns ``None`` so
 that the caller takes pynetdicom's way.  The other way round,
-:func:`decode_store_rq` reads a received C-STORE-RQ command set (pydicom's
+:func:`decode_store_command` reads a received C-STORE command set (pydicom's
 decode and pynetdicom's check of every UID again were the largest Python cost
-of the DUL thread per C-STORE), tested against pydicom's own decoding.
+of the SCP's DUL thread per C-STORE; the forwarder reads a response per
+instance), tested against pydicom's own decoding.
 """
 
 from __future__ import annotations
@@ -273,27 +274,36 @@ def read_file_meta(path: str | os.PathLike[str]) -> tuple[FileMetaUIDs, int] | N
 
 #: A conformant UID (PS3.5 9.1): what pynetdicom accepts without a word.
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-#: The C-STORE-RQ command elements :func:`decode_store_rq` reads: element → (VR, the
-#: only length it takes; 0 for a UI of any length).  Anything else is pydicom's.
+#: The C-STORE command elements :func:`decode_store_command` reads, request and
+#: response: element → (VR, the only length it takes; 0 for a UI of any length).
+#: Anything else is pydicom's.
 _STORE_RQ_ELEMENTS = {0x0000: ("UL", 4), 0x0002: ("UI", 0), 0x0100: ("US", 2),
                       0x0110: ("US", 2), 0x0700: ("US", 2), 0x0800: ("US", 2),
                       0x1000: ("UI", 0), 0x1031: ("US", 2)}
-#: Those a request must hold for the quick way (the rest: pynetdicom decides).
+_STORE_RSP_ELEMENTS = {0x0000: ("UL", 4), 0x0002: ("UI", 0), 0x0100: ("US", 2),
+                       0x0120: ("US", 2), 0x0800: ("US", 2), 0x0900: ("US", 2),
+                       0x1000: ("UI", 0)}
+#: Those a command set must hold for the quick way (the rest: pynetdicom decides).
 _STORE_RQ_REQUIRED = frozenset({0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000})
+_STORE_RSP_REQUIRED = frozenset({0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x1000})
 _US = struct.Struct("<H")
-#: CommandDataSetType "no data set" (PS3.7 E.1-1).
-_NO_DATA_SET = 0x0101
+#: CommandField of a C-STORE-RQ and -RSP; CommandDataSetType "no data set" (PS3.7 E.1-1).
+_C_STORE_RQ, _C_STORE_RSP, _NO_DATA_SET = 0x0001, 0x8001, 0x0101
 
 
 @dataclass(frozen=True, slots=True)
-class StoreRequest:
-    """A C-STORE-RQ command set, decoded (:func:`decode_store_rq`)."""
+class StoreCommand:
+    """A C-STORE command set, decoded (:func:`decode_store_command`)."""
 
+    #: A request (with a data set), or a response (with none).
+    request: bool
+    #: MessageID of a request, MessageIDBeingRespondedTo of a response.
     message_id: int
-    priority: int
     sop_class: UID
     sop_instance: UID
+    priority: int | None = None
     move_originator_message_id: int | None = None
+    status: int | None = None
 
 
 def _uid(raw: bytes) -> UID | None:
@@ -309,13 +319,11 @@ def _uid(raw: bytes) -> UID | None:
     return UID(text)
 
 
-def decode_store_rq(raw: bytes) -> StoreRequest | None:
-    """A C-STORE-RQ command set (Implicit VR Little Endian) decoded without pydicom:
-    what pynetdicom's ``decode`` and ``message_to_primitive`` make of it, for the plain
-    case.  None (the caller uses pydicom) for anything else: another command, an
-    element not in :data:`_STORE_RQ_ELEMENTS` (a Move Originator AE Title included),
-    one of the wrong length, repeated or out of order, a required one missing, no
-    data set, a UID that is not one conformant UID, trailing bytes."""
+def _elements(raw: bytes) -> dict[int, bytes] | None:
+    """A command set's group 0000 elements (Implicit VR LE) → their values, when each
+    is one of a C-STORE's (:data:`_STORE_RQ_ELEMENTS`, :data:`_STORE_RSP_ELEMENTS`) of
+    its length, once and in order, and nothing follows the last; else None."""
+    known = _STORE_RQ_ELEMENTS | _STORE_RSP_ELEMENTS
     values: dict[int, bytes] = {}
     pos, end, last = 0, len(raw), -1
     while pos < end:
@@ -323,7 +331,7 @@ def decode_store_rq(raw: bytes) -> StoreRequest | None:
             return None
         group, element, length = _ELEMENT_HEAD.unpack_from(raw, pos)
         pos += 8
-        spec = _STORE_RQ_ELEMENTS.get(element)
+        spec = known.get(element)
         if group != 0 or spec is None or element <= last or pos + length > end:
             return None
         if spec[1] and length != spec[1]:
@@ -331,29 +339,61 @@ def decode_store_rq(raw: bytes) -> StoreRequest | None:
         values[element] = raw[pos:pos + length]
         pos += length
         last = element
-    if not values.keys() >= _STORE_RQ_REQUIRED:
+    return values
+
+
+def decode_store_command(raw: bytes) -> StoreCommand | None:
+    """A C-STORE-RQ or -RSP command set (Implicit VR Little Endian) decoded without
+    pydicom: what pynetdicom's ``decode`` and ``message_to_primitive`` make of it, for
+    the plain case.  None (the caller uses pydicom) for anything else: another
+    command, an element the command does not have or this does not read (a Move
+    Originator AE Title, an Error Comment), one of the wrong length, repeated or out of
+    order, a required one missing, a request without a data set or a response with
+    one, a UID that is not one conformant UID, trailing bytes."""
+    values = _elements(raw)
+    if values is None or 0x0100 not in values:
         return None
-    if _US.unpack(values[0x0100])[0] != 0x0001 or _US.unpack(values[0x0800])[0] == _NO_DATA_SET:
+    field = _US.unpack(values[0x0100])[0]
+    if field == _C_STORE_RQ:
+        allowed, required = _STORE_RQ_ELEMENTS, _STORE_RQ_REQUIRED
+    elif field == _C_STORE_RSP:
+        allowed, required = _STORE_RSP_ELEMENTS, _STORE_RSP_REQUIRED
+    else:
+        return None
+    if not values.keys() >= required or not values.keys() <= allowed.keys():
+        return None
+    if (_US.unpack(values[0x0800])[0] == _NO_DATA_SET) == (field == _C_STORE_RQ):
         return None
     sop_class, sop_instance = _uid(values[0x0002]), _uid(values[0x1000])
     if sop_class is None or sop_instance is None:
         return None
-    move_id = values.get(0x1031)
-    return StoreRequest(_US.unpack(values[0x0110])[0], _US.unpack(values[0x0700])[0],
-                        sop_class, sop_instance,
-                        None if move_id is None else _US.unpack(move_id)[0])
+
+    def us(element: int) -> int | None:
+        value = values.get(element)
+        return None if value is None else int(_US.unpack(value)[0])
+
+    if field == _C_STORE_RSP:
+        return StoreCommand(False, int(us(0x0120) or 0), sop_class, sop_instance,
+                            status=us(0x0900))
+    return StoreCommand(True, int(us(0x0110) or 0), sop_class, sop_instance,
+                        priority=us(0x0700), move_originator_message_id=us(0x1031))
 
 
-def store_primitive(request: StoreRequest) -> C_STORE:
+def store_primitive(command: StoreCommand) -> C_STORE:
     """The C_STORE primitive pynetdicom's ``message_to_primitive`` makes of the same
-    command set (its data set, context and file attributes are the caller's).  The UIDs
-    go in as they are: :func:`decode_store_rq` took only conformant ones, which
-    pynetdicom's setters would accept unchanged and without a message."""
+    command set (a request's data set, context and file attributes are the caller's).
+    The UIDs go in as they are: :func:`decode_store_command` took only conformant
+    ones, which pynetdicom's setters would accept unchanged and without a message."""
     primitive = C_STORE()
-    primitive.MessageID = request.message_id
-    primitive.Priority = request.priority
-    primitive._affected_sop_class_uid = request.sop_class
-    primitive._affected_sop_instance_uid = request.sop_instance
-    if request.move_originator_message_id is not None:
-        primitive.MoveOriginatorMessageID = request.move_originator_message_id
+    if command.request:
+        primitive.MessageID = command.message_id
+        if command.priority is not None:  # (always: a request without one is pydicom's)
+            primitive.Priority = command.priority
+        if command.move_originator_message_id is not None:
+            primitive.MoveOriginatorMessageID = command.move_originator_message_id
+    else:
+        primitive.MessageIDBeingRespondedTo = command.message_id
+        primitive.Status = command.status
+    primitive._affected_sop_class_uid = command.sop_class
+    primitive._affected_sop_instance_uid = command.sop_instance
     return primitive

@@ -42,7 +42,8 @@ and :func:`uninstall` puts back:
   for the group length); a C-STORE's command set straight from its primitive
   (:func:`~.codec.store_command`);
 * ``DIMSEMessage.decode_msg`` and ``message_to_primitive``: a received
-  C-STORE-RQ's command set is read by :func:`~.codec.decode_store_rq` and its
+  C-STORE-RQ's or -RSP's command set is read by
+  :func:`~.codec.decode_store_command` and its
   primitive made directly (:func:`~.codec.store_primitive`), without pydicom's
   decode and pynetdicom's second check of every UID, when nobody is shown
   the message (no ``EVT_DIMSE_RECV`` handler) and its data set is received in
@@ -88,7 +89,7 @@ from pynetdicom import dul as _dul
 from pynetdicom import evt, fsm
 from pynetdicom import transport as _transport
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
@@ -97,7 +98,7 @@ from pynetdicom.transport import AssociationSocket
 
 from dicomcache.relay.accel.codec import (
     command_bytes,
-    decode_store_rq,
+    decode_store_command,
     encode_message,
     encode_pdus,
     read_file_meta,
@@ -449,8 +450,8 @@ _NO_DATA_SET = 0x0101
 
 
 def _decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
-    """pynetdicom 3.0.4's ``DIMSEMessage.decode_msg``, a C-STORE-RQ's command set read
-    by :func:`~.codec.decode_store_rq` (kept for :func:`_message_to_primitive`).
+    """pynetdicom 3.0.4's ``DIMSEMessage.decode_msg``, a C-STORE's command set read by
+    :func:`~.codec.decode_store_command` (kept for :func:`_message_to_primitive`).
 
     pynetdicom's own when a handler of ``EVT_DIMSE_RECV`` is to be shown the message
     (its command set as a Dataset) or data sets are received into files."""
@@ -465,9 +466,12 @@ def _decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
             if not header & 2:
                 continue
             self.context_id = context_id
-            request = decode_store_rq(self.encoded_command_set.getvalue())
-            if request is not None:
-                self._dc_store_request = request
+            command = decode_store_command(self.encoded_command_set.getvalue())
+            if command is not None:
+                self._dc_store_command = command
+                if not command.request:
+                    self.__class__ = C_STORE_RSP
+                    return True
                 self.__class__ = C_STORE_RQ
                 continue
             self.command_set = decode(self.encoded_command_set, True, True)
@@ -482,13 +486,14 @@ def _decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
 
 
 def _message_to_primitive(self: Any) -> Any:
-    """pynetdicom's ``message_to_primitive``; a C-STORE-RQ that :func:`_decode_msg` read
+    """pynetdicom's ``message_to_primitive``; a C-STORE that :func:`_decode_msg` read
     becomes its primitive directly (:func:`~.codec.store_primitive`)."""
-    request = self.__dict__.get("_dc_store_request")
-    if request is None:
+    command = self.__dict__.get("_dc_store_command")
+    if command is None:
         return _orig_message_to_primitive(self)
-    primitive = store_primitive(request)
-    primitive.DataSet = self.data_set
+    primitive = store_primitive(command)
+    if command.request:
+        primitive.DataSet = self.data_set
     primitive._context_id = self.context_id
     primitive._dataset_path = self._data_set_path
     primitive._dataset_file = self._data_set_file

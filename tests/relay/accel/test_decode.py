@@ -1,9 +1,9 @@
-"""A received C-STORE-RQ command set read without pydicom gives pynetdicom's primitive.
+"""A received C-STORE command set read without pydicom gives pynetdicom's primitive.
 
 Every command set of the table goes through the replaced ``decode_msg`` and
 ``message_to_primitive`` and through pynetdicom's own: the primitives must
 agree (values and types), or both fail alike.  ``quick`` says whether
-:func:`~dicomcache.relay.accel.codec.decode_store_rq` takes it (else pydicom
+:func:`~dicomcache.relay.accel.codec.decode_store_command` takes it (else pydicom
 does, as before), so the table shows which odd cases fall back.
 """
 
@@ -99,6 +99,31 @@ CASES: list[tuple[str, bytes, bool]] = [
 ]
 
 
+def _store_rsp(*, status: int = 0x0000, data_set_type: int = 0x0101,
+               extra: tuple[tuple[int, bytes], ...] = (), drop: tuple[int, ...] = ()) -> bytes:
+    """A C-STORE-RSP command set (as :func:`_store_rq`)."""
+    parts = {0x0002: _ui(0x0002, CT), 0x0100: _us(0x0100, 0x8001), 0x0120: _us(0x0120, 7),
+             0x0800: _us(0x0800, data_set_type), 0x0900: _us(0x0900, status),
+             0x1000: _ui(0x1000, SOP)}
+    items = [(k, v) for k, v in parts.items() if k not in drop] + list(extra)
+    return _command(*(v for _, v in sorted(items, key=lambda kv: kv[0])))
+
+
+CASES += [
+    ("response: success", _store_rsp(), True),
+    ("response: out of resources", _store_rsp(status=0xA700), True),
+    ("response: warning with an error comment",
+     _store_rsp(status=0xB000, extra=((0x0902, _el(0x0902, b"coerced ")),)), False),
+    ("response: offending element",
+     _store_rsp(status=0xA900, extra=((0x0901, _el(0x0901, struct.pack("<HH", 8, 0x16))),)),
+     False),
+    ("response without SOP instance UID", _store_rsp(drop=(0x1000,)), False),
+    ("response with a data set", _store_rsp(data_set_type=0x0001), False),
+    ("response with a request's element", _store_rsp(extra=((0x0700, _us(0x0700, 1)),)),
+     False),
+]
+
+
 def _pynetdicom_encoded() -> bytes:
     """A C-STORE-RQ command set as pynetdicom sends it (through pydicom)."""
     from pynetdicom import dimse
@@ -140,14 +165,15 @@ def _pdata(command: bytes, data: bytes, fragment: int = 0) -> P_DATA:
     for i, piece in enumerate(pieces):
         pdata.presentation_data_value_list.append(
             (3, bytes([0x03 if i == len(pieces) - 1 else 0x01]) + piece))
-    pdata.presentation_data_value_list.append((3, b"\x00" + data[:10]))
-    pdata.presentation_data_value_list.append((3, b"\x02" + data[10:]))
+    if data:
+        pdata.presentation_data_value_list.append((3, b"\x00" + data[:10]))
+        pdata.presentation_data_value_list.append((3, b"\x02" + data[10:]))
     return pdata
 
 
 _ATTRS = ("MessageID", "MessageIDBeingRespondedTo", "AffectedSOPClassUID",
           "AffectedSOPInstanceUID", "Priority", "MoveOriginatorApplicationEntityTitle",
-          "MoveOriginatorMessageID", "_context_id")
+          "MoveOriginatorMessageID", "Status", "_context_id")
 
 
 def _received(decode: Any, to_primitive: Any, pdata: P_DATA, assoc: _Assoc) -> Any:
@@ -174,15 +200,16 @@ def _received(decode: Any, to_primitive: Any, pdata: P_DATA, assoc: _Assoc) -> A
 @pytest.mark.parametrize("fragment", [0, 16])
 def test_command_sets_decode_as_pynetdicom_does(name: str, command: bytes, quick: bool,
                                                 fragment: int) -> None:
-    assert (codec.decode_store_rq(command) is not None) == quick
-    data = bytes(range(40))
+    assert (codec.decode_store_command(command) is not None) == quick
+    response = name.startswith("response")
+    data = b"" if response and "data set" not in name else bytes(range(40))
     pdata = _pdata(command, data, fragment)
     ours = _received(fastdul._decode_msg, fastdul._message_to_primitive, pdata, _Assoc())
     theirs = _received(fastdul._orig_decode_msg, fastdul._orig_message_to_primitive, pdata,
                        _Assoc())
     assert ours == theirs
     if quick:
-        assert isinstance(ours, dict) and ours["data"] == data
+        assert isinstance(ours, dict) and ours["data"] == (None if response else data)
 
 
 def test_the_replacements_are_what_pynetdicom_runs() -> None:
@@ -193,8 +220,8 @@ def test_the_replacements_are_what_pynetdicom_runs() -> None:
 @pytest.mark.parametrize("cut", [1, 7, 8, 20])
 def test_cut_command_sets_are_left_to_pydicom(cut: int) -> None:
     raw = _store_rq()
-    assert codec.decode_store_rq(raw[:-cut]) is None
-    assert codec.decode_store_rq(raw + b"\x00" * cut) is None
+    assert codec.decode_store_command(raw[:-cut]) is None
+    assert codec.decode_store_command(raw + b"\x00" * cut) is None
 
 
 def test_a_message_shown_to_a_receive_handler_is_pydicoms() -> None:
@@ -202,7 +229,7 @@ def test_a_message_shown_to_a_receive_handler_is_pydicoms() -> None:
     msg = DIMSEMessage()
     assert fastdul._decode_msg(msg, _pdata(_store_rq(), b"\x08\x00"), _Assoc([object()]))
     assert msg.command_set.AffectedSOPInstanceUID == SOP
-    assert "_dc_store_request" not in vars(msg)
+    assert "_dc_store_command" not in vars(msg)
 
 
 def test_data_sets_received_into_files_are_pynetdicoms(monkeypatch: pytest.MonkeyPatch
