@@ -2,7 +2,7 @@
 
     python bench/relay_bench.py [--count 200] [--runs N] [--json] [--baseline DIR]
                                 [--profile FILE] [--accelerate on|off|both]
-                                [--parallel N[,N…]]
+                                [--parallel N[,N…]] [--scp-alone]
 
 200 generated CT instances of 512 KiB (512x512x16 bit, Explicit VR LE).  All
 processes on 127.0.0.1, DCMTK with TCP_NODELAY=1 (``loopback_env``), the
@@ -16,6 +16,9 @@ PACS folders in a temp dir.  Reports:
   CPU time of the relay's process and of its forwarder process per instance;
 * the same with ``--parallel`` associations at once (default 4 storescu,
   each its own calling AE title: several modalities);
+* with ``--scp-alone``, the relay again with no destination (no forwarder, no
+  PACS): its acknowledgement rate in the same run, to tell what forwarding
+  costs the SCP from what the machine's load does;
 * transcoding rates in-process: Explicit → Implicit VR LE, JPEG Lossless →
   Implicit VR LE.
 
@@ -148,11 +151,14 @@ def relay_command(code: Path) -> list[str]:
 def relay_run(root: Path, files: list[Path], n: int, code: Path, *,
               profile: str | None = None, extra: tuple[str, ...] = (),
               accelerate: bool = True, associations: int = 1,
-              cpu: dict[str, float] | None = None) -> tuple[float, float]:
+              cpu: dict[str, float] | None = None,
+              destination: bool = True) -> tuple[float, float]:
     """storescu (``associations`` at once) → relay (``dicomcache relay run`` from
     ``code``) → storescp; returns (seconds until every acknowledgement, seconds until
     the last instance is on the PACS's disk).  ``cpu`` gets the CPU seconds the relay's
-    process (``scp``) and its forwarder process (``forwarder``) spent meanwhile."""
+    process (``scp``) and its forwarder process (``forwarder``) spent meanwhile.
+    ``destination=False``: the relay has none (the SCP alone); both times are then the
+    acknowledgements'."""
     root.mkdir(parents=True)
     pacs_port, relay_port = free_port(), free_port()
     pacs = storescp(root / "via", pacs_port)
@@ -166,8 +172,8 @@ def relay_run(root: Path, files: list[Path], n: int, code: Path, *,
         f'spool_directory = "{root / "spool"}"\n'
         # (the key only when off: a --baseline checkout may predate it)
         + ("" if accelerate else "accelerate = false\n")
-        + f'[[relay.destinations]]\nname = "PACS"\nremote_ae_title = "PACS"\n'
-        f'remote_host = "127.0.0.1"\nremote_port = {pacs_port}\n')
+        + (f'[[relay.destinations]]\nname = "PACS"\nremote_ae_title = "PACS"\n'
+           f'remote_host = "127.0.0.1"\nremote_port = {pacs_port}\n' if destination else ""))
     env = dict(os.environ, PYTHONPATH=str(code))
     relay = subprocess.Popen([*relay_command(code), "--config", str(config), *extra],
                              cwd=code, env=env,
@@ -192,7 +198,7 @@ def relay_run(root: Path, files: list[Path], n: int, code: Path, *,
         before = {k: cpu_seconds(pid) for k, pid in procs.items()}
         t0 = time.perf_counter()
         acks = storescu(files, relay_port, "DICOMCACHE", associations)
-        e2e = wait_files(root / "via", n, t0)
+        e2e = wait_files(root / "via", n, t0) if destination else acks
         if cpu is not None:
             cpu.update({k: cpu_seconds(pid) - before[k] for k, pid in procs.items()})
         for spy in spies:
@@ -206,9 +212,9 @@ def relay_run(root: Path, files: list[Path], n: int, code: Path, *,
 
 def one_run(root: Path, files: list[Path], n: int, baseline: str | None,
             profile: str | None, accelerate: str = "on",
-            parallel: tuple[int, ...] = ()) -> dict[str, float]:
-    """direct, relay (plain, baseline, then ``parallel`` associations) once each, in
-    that order: seconds (``cpu_*``: CPU seconds of the relay's processes)."""
+            parallel: tuple[int, ...] = (), scp_alone: bool = False) -> dict[str, float]:
+    """direct, relay (plain, baseline, SCP alone, then ``parallel`` associations) once
+    each, in that order: seconds (``cpu_*``: CPU seconds of the relay's processes)."""
     out: dict[str, float] = {}
     port = free_port()
     pacs = storescp(root / "direct", port)
@@ -227,8 +233,16 @@ def one_run(root: Path, files: list[Path], n: int, baseline: str | None,
         out["p_acks"], out["p_e2e"] = relay_run(root / "plain", files, n, here,
                                                 accelerate=False)
     if baseline:
+        b_cpu: dict[str, float] = {}
         out["b_acks"], out["b_e2e"] = relay_run(root / "baseline", files, n,
-                                                Path(baseline).resolve())
+                                                Path(baseline).resolve(), cpu=b_cpu)
+        out.update({f"cpu_baseline_{k}": v for k, v in b_cpu.items()})
+    if scp_alone:
+        alone: dict[str, float] = {}
+        out["alone_acks"], _ = relay_run(root / "alone", files, n, here,
+                                         accelerate=accelerate != "off", cpu=alone,
+                                         destination=False)
+        out["cpu_alone_scp"] = alone["scp"]
     for k in parallel:
         out[f"acks_x{k}"], out[f"e2e_x{k}"] = relay_run(
             root / f"relay_x{k}", files, n, here, accelerate=accelerate != "off",
@@ -258,6 +272,9 @@ def main() -> int:
     parser.add_argument("--parallel", metavar="N[,N…]", default="4",
                         help="also run the relay with N storescu associations at once (each "
                              "its own calling AE title), in each run; '' for none")
+    parser.add_argument("--scp-alone", action="store_true",
+                        help="also run the relay with no destination in each run (the SCP "
+                             "alone: no forwarder, no PACS)")
     args = parser.parse_args()
     parallel = tuple(int(k) for k in args.parallel.split(",") if k.strip())
     n = args.count
@@ -268,7 +285,8 @@ def main() -> int:
         total = sum(f.stat().st_size for f in files)
         mb = total / 1e6
         runs = [one_run(root / f"run{i}", files, n, args.baseline,
-                        args.profile if i == 0 else None, args.accelerate, parallel)
+                        args.profile if i == 0 else None, args.accelerate, parallel,
+                        args.scp_alone)
                 for i in range(max(args.runs, 1))]
 
         # Transcoding (in this process).
@@ -303,6 +321,8 @@ def main() -> int:
         "parallel": {str(k): {"acks_instances_per_s": round(n / med(f"acks_x{k}"), 1),
                               "end_to_end_instances_per_s": round(n / med(f"e2e_x{k}"), 1),
                               "ratio_to_direct": ratio(f"e2e_x{k}")} for k in parallel},
+        "scp_alone_acks_instances_per_s": round(n / med("alone_acks"), 1)
+        if args.scp_alone else None,
         "accelerate": args.accelerate,
         "plain_acks_instances_per_s": round(n / med("p_acks"), 1) if both else None,
         "plain_end_to_end": {"instances_per_s": round(n / med("p_e2e"), 1),
@@ -327,6 +347,7 @@ def main() -> int:
                      if both else "")
             extra += (f"  baseline acks {r['b_acks']:6.1f}  e2e {r['b_e2e']:6.1f}"
                       if args.baseline else "")
+            extra += f"  alone acks {r['alone_acks']:6.1f}" if args.scp_alone else ""
             extra += "".join(f"  x{k} acks {r[f'acks_x{k}']:6.1f}  e2e {r[f'e2e_x{k}']:6.1f}"
                              for k in parallel)
             print(f"  run {i}: direct {r['direct']:6.1f}  acks {r['acks']:6.1f}  "
@@ -338,6 +359,10 @@ def main() -> int:
           f"({ratio('e2e'):.2f}x direct)")
     for name, ms in result["cpu_ms_per_instance"].items():
         print(f"{label + ': CPU of ' + name:30}{ms:7.2f} ms/instance")
+    if args.scp_alone:
+        a_acks = med("alone_acks")
+        print(f"{label + ', no destination: acks':30}{n / a_acks:7.1f} inst/s "
+              f"{mb / a_acks:7.1f} MB/s")
     for k in parallel:
         k_acks, k_e2e = med(f"acks_x{k}"), med(f"e2e_x{k}")
         print(f"{f'{label}, {k} associations: acks':30}{n / k_acks:7.1f} inst/s "

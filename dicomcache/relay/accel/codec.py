@@ -8,14 +8,20 @@ These functions give the same bytes directly (each is
 tested for byte equality with pynetdicom and pydicom); :mod:`.fastdul` uses
 them when it is installed, and anything they do not handle (a message type
 other than C-STORE, a value only pydicom should encode) returns ``None`` so
-that the caller takes pynetdicom's way.
+that the caller takes pynetdicom's way.  The other way round,
+:func:`decode_store_command` reads a received C-STORE command set (pydicom's
+decode and pynetdicom's check of every UID again were the largest Python cost
+of the SCP's DUL thread per C-STORE; the forwarder reads a response per
+instance), tested against pydicom's own decoding.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -264,3 +270,130 @@ def read_file_meta(path: str | os.PathLike[str]) -> tuple[FileMetaUIDs, int] | N
                 return None
             uids[keyword] = UID(head[start:end].decode("ascii", "replace").rstrip("\0 "))
         pos = end
+
+
+#: A conformant UID (PS3.5 9.1): what pynetdicom accepts without a word.
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+#: The C-STORE command elements :func:`decode_store_command` reads, request and
+#: response: element → (VR, the only length it takes; 0 for a UI of any length).
+#: Anything else is pydicom's.
+_STORE_RQ_ELEMENTS = {0x0000: ("UL", 4), 0x0002: ("UI", 0), 0x0100: ("US", 2),
+                      0x0110: ("US", 2), 0x0700: ("US", 2), 0x0800: ("US", 2),
+                      0x1000: ("UI", 0), 0x1031: ("US", 2)}
+_STORE_RSP_ELEMENTS = {0x0000: ("UL", 4), 0x0002: ("UI", 0), 0x0100: ("US", 2),
+                       0x0120: ("US", 2), 0x0800: ("US", 2), 0x0900: ("US", 2),
+                       0x1000: ("UI", 0)}
+#: Those a command set must hold for the quick way (the rest: pynetdicom decides).
+_STORE_RQ_REQUIRED = frozenset({0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000})
+_STORE_RSP_REQUIRED = frozenset({0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x1000})
+_US = struct.Struct("<H")
+#: CommandField of a C-STORE-RQ and -RSP; CommandDataSetType "no data set" (PS3.7 E.1-1).
+_C_STORE_RQ, _C_STORE_RSP, _NO_DATA_SET = 0x0001, 0x8001, 0x0101
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCommand:
+    """A C-STORE command set, decoded (:func:`decode_store_command`)."""
+
+    #: A request (with a data set), or a response (with none).
+    request: bool
+    #: MessageID of a request, MessageIDBeingRespondedTo of a response.
+    message_id: int
+    sop_class: UID
+    sop_instance: UID
+    priority: int | None = None
+    move_originator_message_id: int | None = None
+    status: int | None = None
+
+
+def _uid(raw: bytes) -> UID | None:
+    """A UI value as pydicom decodes it (trailing NULs and spaces dropped), when it is one
+    conformant UID; None otherwise (empty, several values, not ASCII, not conformant:
+    pynetdicom's checks and messages apply)."""
+    try:
+        text = raw.decode("ascii").rstrip("\0 ")
+    except UnicodeDecodeError:
+        return None
+    if not text or len(text) > 64 or _UID.fullmatch(text) is None:
+        return None
+    return UID(text)
+
+
+def _elements(raw: bytes) -> dict[int, bytes] | None:
+    """A command set's group 0000 elements (Implicit VR LE) → their values, when each
+    is one of a C-STORE's (:data:`_STORE_RQ_ELEMENTS`, :data:`_STORE_RSP_ELEMENTS`) of
+    its length, once and in order, and nothing follows the last; else None."""
+    known = _STORE_RQ_ELEMENTS | _STORE_RSP_ELEMENTS
+    values: dict[int, bytes] = {}
+    pos, end, last = 0, len(raw), -1
+    while pos < end:
+        if pos + 8 > end:
+            return None
+        group, element, length = _ELEMENT_HEAD.unpack_from(raw, pos)
+        pos += 8
+        spec = known.get(element)
+        if group != 0 or spec is None or element <= last or pos + length > end:
+            return None
+        if spec[1] and length != spec[1]:
+            return None
+        values[element] = raw[pos:pos + length]
+        pos += length
+        last = element
+    return values
+
+
+def decode_store_command(raw: bytes) -> StoreCommand | None:
+    """A C-STORE-RQ or -RSP command set (Implicit VR Little Endian) decoded without
+    pydicom: what pynetdicom's ``decode`` and ``message_to_primitive`` make of it, for
+    the plain case.  None (the caller uses pydicom) for anything else: another
+    command, an element the command does not have or this does not read (a Move
+    Originator AE Title, an Error Comment), one of the wrong length, repeated or out of
+    order, a required one missing, a request without a data set or a response with
+    one, a UID that is not one conformant UID, trailing bytes."""
+    values = _elements(raw)
+    if values is None or 0x0100 not in values:
+        return None
+    field = _US.unpack(values[0x0100])[0]
+    if field == _C_STORE_RQ:
+        allowed, required = _STORE_RQ_ELEMENTS, _STORE_RQ_REQUIRED
+    elif field == _C_STORE_RSP:
+        allowed, required = _STORE_RSP_ELEMENTS, _STORE_RSP_REQUIRED
+    else:
+        return None
+    if not values.keys() >= required or not values.keys() <= allowed.keys():
+        return None
+    if (_US.unpack(values[0x0800])[0] == _NO_DATA_SET) == (field == _C_STORE_RQ):
+        return None
+    sop_class, sop_instance = _uid(values[0x0002]), _uid(values[0x1000])
+    if sop_class is None or sop_instance is None:
+        return None
+
+    def us(element: int) -> int | None:
+        value = values.get(element)
+        return None if value is None else int(_US.unpack(value)[0])
+
+    if field == _C_STORE_RSP:
+        return StoreCommand(False, int(us(0x0120) or 0), sop_class, sop_instance,
+                            status=us(0x0900))
+    return StoreCommand(True, int(us(0x0110) or 0), sop_class, sop_instance,
+                        priority=us(0x0700), move_originator_message_id=us(0x1031))
+
+
+def store_primitive(command: StoreCommand) -> C_STORE:
+    """The C_STORE primitive pynetdicom's ``message_to_primitive`` makes of the same
+    command set (a request's data set, context and file attributes are the caller's).
+    The UIDs go in as they are: :func:`decode_store_command` took only conformant
+    ones, which pynetdicom's setters would accept unchanged and without a message."""
+    primitive = C_STORE()
+    if command.request:
+        primitive.MessageID = command.message_id
+        if command.priority is not None:  # (always: a request without one is pydicom's)
+            primitive.Priority = command.priority
+        if command.move_originator_message_id is not None:
+            primitive.MoveOriginatorMessageID = command.move_originator_message_id
+    else:
+        primitive.MessageIDBeingRespondedTo = command.message_id
+        primitive.Status = command.status
+    primitive._affected_sop_class_uid = command.sop_class
+    primitive._affected_sop_instance_uid = command.sop_instance
+    return primitive

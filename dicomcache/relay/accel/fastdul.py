@@ -41,6 +41,13 @@ and :func:`uninstall` puts back:
   instead of pydicom's writer, which pynetdicom runs twice per message (once
   for the group length); a C-STORE's command set straight from its primitive
   (:func:`~.codec.store_command`);
+* ``DIMSEMessage.decode_msg`` and ``message_to_primitive``: a received
+  C-STORE-RQ's or -RSP's command set is read by
+  :func:`~.codec.decode_store_command` and its
+  primitive made directly (:func:`~.codec.store_primitive`), without pydicom's
+  decode and pynetdicom's second check of every UID, when nobody is shown
+  the message (no ``EVT_DIMSE_RECV`` handler) and its data set is received in
+  memory; any other command set, or one it does not take, is pydicom's;
 * ``association.split_dataset`` (what ``send_c_store`` reads from a file):
   :func:`~.codec.read_file_meta` reads the three UIDs it needs directly;
 * ``Association._bind_defaults`` and ``AssociationServer._bind_defaults``:
@@ -77,11 +84,13 @@ import pynetdicom
 from pynetdicom import _config as _pynetdicom_config
 from pynetdicom import association as _association
 from pynetdicom import dimse as _dimse
+from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dul as _dul
 from pynetdicom import evt, fsm
 from pynetdicom import transport as _transport
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
+from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
@@ -89,10 +98,12 @@ from pynetdicom.transport import AssociationSocket
 
 from dicomcache.relay.accel.codec import (
     command_bytes,
+    decode_store_command,
     encode_message,
     encode_pdus,
     read_file_meta,
     store_command,
+    store_primitive,
 )
 
 log = logging.getLogger(__name__)
@@ -432,6 +443,63 @@ def _set_command_group_length(self: Any) -> None:
     self.command_set.CommandGroupLength = len(command_bytes(self.command_set))
 
 
+_orig_decode_msg = DIMSEMessage.decode_msg
+_orig_message_to_primitive = DIMSEMessage.message_to_primitive
+#: CommandDataSetType "no data set" (PS3.7 E.1-1).
+_NO_DATA_SET = 0x0101
+
+
+def _decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
+    """pynetdicom 3.0.4's ``DIMSEMessage.decode_msg``, a C-STORE's command set read by
+    :func:`~.codec.decode_store_command` (kept for :func:`_message_to_primitive`).
+
+    pynetdicom's own when a handler of ``EVT_DIMSE_RECV`` is to be shown the message
+    (its command set as a Dataset) or data sets are received into files."""
+    if (primitive.__class__ is not P_DATA or assoc is None
+            or _pynetdicom_config.STORE_RECV_CHUNKED_DATASET
+            or assoc.get_handlers(evt.EVT_DIMSE_RECV)):
+        return bool(_orig_decode_msg(self, primitive, assoc))
+    for context_id, data in primitive.presentation_data_value_list:
+        header = data[0]
+        if header & 1:  # command set fragment
+            self.encoded_command_set.write(data[1:])
+            if not header & 2:
+                continue
+            self.context_id = context_id
+            command = decode_store_command(self.encoded_command_set.getvalue())
+            if command is not None:
+                self._dc_store_command = command
+                if not command.request:
+                    self.__class__ = C_STORE_RSP
+                    return True
+                self.__class__ = C_STORE_RQ
+                continue
+            self.command_set = decode(self.encoded_command_set, True, True)
+            self.__class__ = _dimse_messages._MESSAGE_TYPES[self.command_set.CommandField][1]
+            if self.command_set.CommandDataSetType == _NO_DATA_SET:
+                return True
+        else:  # data set fragment (a view: no copy of up to max_pdu bytes)
+            self.data_set.write(memoryview(data)[1:])
+            if header & 2:
+                return True
+    return False
+
+
+def _message_to_primitive(self: Any) -> Any:
+    """pynetdicom's ``message_to_primitive``; a C-STORE that :func:`_decode_msg` read
+    becomes its primitive directly (:func:`~.codec.store_primitive`)."""
+    command = self.__dict__.get("_dc_store_command")
+    if command is None:
+        return _orig_message_to_primitive(self)
+    primitive = store_primitive(command)
+    if command.request:
+        primitive.DataSet = self.data_set
+    primitive._context_id = self.context_id
+    primitive._dataset_path = self._data_set_path
+    primitive._dataset_file = self._data_set_file
+    return primitive
+
+
 class RawPData(P_DATA):
     """A P-DATA request whose PDUs are already encoded (a block of one DIMSE message)."""
 
@@ -625,6 +693,8 @@ def _patches() -> list[tuple[Any, str, Any]]:
         (AssociationSocket, "recv", _socket_recv),
         (_dimse.DIMSEServiceProvider, "send_msg", _dimse_send_msg),
         (DIMSEMessage, "_set_command_group_length", _set_command_group_length),
+        (DIMSEMessage, "decode_msg", _decode_msg),
+        (DIMSEMessage, "message_to_primitive", _message_to_primitive),
         (_transport, "deepcopy", copy_contexts),
         (_association, "split_dataset", _split_dataset),
     ]
