@@ -258,9 +258,10 @@ class DicomWeb:
                 encoding = headers.get(hdrs.CONTENT_ENCODING)
                 checked = functools.partial(self._checked, data, encoding, path,
                                             metadata=metadata, viewer=viewer)
-                # One step, after the last byte: the body arrives whole (Orthanc sends
-                # it once made; gzipped, a series' is one 14 KB read) and the stdlib
-                # has no incremental JSON parser.  In a thread when it has index
+                # One step, after the last byte: nothing to overlap with the download
+                # (Orthanc sends the body once made: 14 KB gzipped for 120 instances,
+                # ~11 ms at 10 Mbit/s; its inflating is 1 ms, and the stdlib has no
+                # incremental JSON parser).  In a thread when it has index
                 # writes (the instances a metadata names) or much to inflate; else
                 # here: json.loads, the bulk of the work, holds the GIL (the event loop
                 # waits for it in a thread too), so a hop only pays for big answers.
