@@ -42,7 +42,16 @@ pixels are decoded and checked like the others).
     ./run bench bench/first_image.py [--quick] [--slices 120] [--runs 1]
         [--links 10x20,10x80,50x20,50x80,200x20,200x80] [--prefetch study|series|off]
         [--compression none|json|all|auto] [--frames-syntax ""|1.2.840.10008.1.2.4.80]
-        [--timeline]
+        [--timeline] [--metadata N [--baseline DIR]]
+
+``--metadata N``: instead, the cold series metadata alone, one request at a time: N
+series (``--slices`` instances each, 128x128 images: the metadata is the same size),
+each asked once straight to Orthanc, through dicomcache (this tree, prefetch off) and,
+with ``--baseline DIR``, through a dicomcache from another checkout, in rotating
+order, at the first link of ``--links``; medians of the times, of each one's excess
+over direct, of dicomcache's own part (its time beyond its request to Orthanc, from
+its ``/metrics``: what it adds whatever Orthanc's time) and of its CPU per request
+(``/proc``, in 10 ms ticks).
 
 ``--quick``: 40 slices, two cells (10 Mbit/s x 20 ms and 200 Mbit/s x 80 ms).  Every
 opening has a deadline (``--deadline``, default 600 s); a cell that misses it fails
@@ -63,6 +72,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -375,6 +385,126 @@ def report(cells: list[Cell], study_bytes: int, viewed: int, settings: str) -> s
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def checkout(tree: Path | None) -> Iterator[None]:
+    """Child processes started meanwhile import ``dicomcache`` from ``tree`` (``None``:
+    this one): its directory on ``PYTHONPATH``, and ``-m`` not putting the working
+    directory (this checkout) before it."""
+    if tree is None:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    os.environ.update(PYTHONPATH=str(tree), PYTHONSAFEPATH="1")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+async def timed_get(url: str, auth: str | None) -> float:
+    """One metadata request as OHIF sends it, on a new connection; its seconds."""
+    headers = {**JSON, "Accept-Encoding": "gzip, deflate"}
+    if auth:
+        headers["Authorization"] = auth
+    async with aiohttp.ClientSession() as session:
+        t = time.monotonic()
+        async with session.get(url, headers=headers) as resp:
+            body = await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"{url}: {resp.status} {body[:200]!r}")
+        return time.monotonic() - t
+
+
+def upstream_metadata_seconds(base: str) -> float:
+    """Seconds dicomcache spent so far on metadata requests to Orthanc, from sending one
+    to its last byte (its ``/metrics``)."""
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith('dicomcache_upstream_request_duration_seconds_sum{kind="metadata"}'):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def metadata_alone(args: argparse.Namespace, slices: int, link: tuple[float, float]) -> int:
+    """``--metadata N`` (module docstring)."""
+    with tempfile.TemporaryDirectory(prefix="first-image-") as tmp_name:
+        tmp = Path(tmp_name)
+        orthanc = OrthancProcess(tmp / "orthanc", overrides={"HttpCompressionEnabled": True})
+        orthanc.start()
+        try:
+            study_uid = str(generate_uid())
+            uids = []
+            for i in range(args.metadata):
+                datasets = make_ct_series(slices, rows=128, columns=128, study_uid=study_uid,
+                                          seed=1700 + i, patient_id="PMETADATA")
+                orthanc.upload(encode(ds, ExplicitVRLittleEndian) for ds in datasets)
+                uids.append(str(datasets[0].SeriesInstanceUID))
+            auth = "Basic " + base64.b64encode(
+                f"{orthanc.username}:{orthanc.password}".encode()).decode()
+            trees: list[Path | None] = [None] + ([args.baseline] if args.baseline else [])
+            with ThreadedWanEmulator("127.0.0.1", orthanc.http_port) as wan, \
+                    contextlib.ExitStack() as stack:
+                wan.set_profile(LinkProfile(latency_ms=link[1], bandwidth_mbit=link[0]))
+                daemons = []
+                for n, tree in enumerate(trees):
+                    settings = serve_settings(tmp / f"d{n}", f"http://127.0.0.1:{wan.port}",
+                                              orthanc, max_size="1GB",
+                                              upstream={"compression": args.compression},
+                                              prefetch={"mode": "off"},
+                                              # no confirmation in the background (at half
+                                              # of it) during the run: one request each
+                                              dicomweb={"metadata_fresh": 3600})
+                    with checkout(tree):
+                        daemons.append(stack.enter_context(Daemon(tmp / f"d{n}", settings)))
+                names = ["direct", "this tree"] + [f"{args.baseline}"] * bool(args.baseline)
+                seconds: dict[str, list[float]] = {name: [] for name in names}
+                cpu: dict[str, list[float]] = {name: [] for name in names[1:]}
+                #: Seconds from Orthanc's last byte to the viewer's (and before the request
+                #: to Orthanc): dicomcache's own part, whatever Orthanc's time was.
+                own: dict[str, list[float]] = {name: [] for name in names[1:]}
+                for i, series in enumerate(uids):
+                    path = f"/dicom-web/studies/{study_uid}/series/{series}/metadata"
+                    order = list(range(len(names)))
+                    order = order[i % len(order):] + order[:i % len(order)]
+                    for k in order:
+                        if k == 0:
+                            seconds["direct"].append(asyncio.run(timed_get(
+                                f"http://127.0.0.1:{wan.port}{path}", auth)))
+                            continue
+                        base = daemons[k - 1].base
+                        upstream = upstream_metadata_seconds(base)
+                        before = cpu_seconds(daemons[k - 1].pid)
+                        took = asyncio.run(timed_get(base + path, None))
+                        seconds[names[k]].append(took)
+                        cpu[names[k]].append(cpu_seconds(daemons[k - 1].pid) - before)
+                        own[names[k]].append(took - (upstream_metadata_seconds(base) - upstream))
+                    print(f"  {i}: " + "  ".join(
+                        f"{name} {seconds[name][-1]:.3f} s" + (
+                            f" (own {own[name][-1] * 1000:.0f} ms, {cpu[name][-1] * 1000:.0f}"
+                            " ms CPU)" if name in cpu else "") for name in names), file=sys.stderr)
+        finally:
+            orthanc.stop()
+    direct = seconds["direct"]
+    print(f"cold series metadata alone: {args.metadata} series of {slices} instances, "
+          f"{link[0]:g} Mbit/s, {link[1]:g} ms one-way, upstream.compression = "
+          f"{args.compression}; medians\n")
+    print("| path | seconds | excess over direct (ms) | ratio to direct | dicomcache's own "
+          "ms (beyond its request to Orthanc) | dicomcache CPU ms |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        excess = [(t - d) * 1000 for t, d in zip(seconds[name], direct, strict=True)]
+        ratio = [t / d for t, d in zip(seconds[name], direct, strict=True)]
+        ours = f"{median(own[name]) * 1000:.0f}" if name in own else "–"
+        used = f"{median(cpu[name]) * 1000:.0f}" if name in cpu else "–"
+        print(f"| {name} | {median(seconds[name]):.3f} | {median(excess):+.0f} | "
+              f"{median(ratio):.2f} | {ours} | {used} |")
+    return 0
+
+
 def parse_links(text: str) -> list[tuple[float, float]]:
     links = []
     for item in text.split(","):
@@ -398,12 +528,18 @@ def main() -> int:
     ap.add_argument("--timeline", action="store_true",
                     help="print what crossed the link before each cold first image")
     ap.add_argument("--deadline", type=float, default=600.0, help="seconds per opening")
+    ap.add_argument("--metadata", type=int, default=0, metavar="N",
+                    help="measure the cold series metadata alone, over N series")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                    help="with --metadata: also a dicomcache from this checkout")
     args = ap.parse_args()
     slices = args.slices or (40 if args.quick else 120)
     links = parse_links(args.links or ("10x20,200x80" if args.quick else
                                        "10x20,10x80,50x20,50x80,200x20,200x80"))
-    if not 1 <= args.runs <= 20 or not 4 <= slices <= 1000:
-        ap.error("--runs in 1..20, --slices in 4..1000")
+    if not 1 <= args.runs <= 20 or not 4 <= slices <= 1000 or not 0 <= args.metadata <= 100:
+        ap.error("--runs in 1..20, --slices in 4..1000, --metadata in 0..100")
+    if args.metadata:
+        return metadata_alone(args, slices, links[0])
 
     def timed(base: str, auth: str | None = None) -> Opening:
         return asyncio.run(asyncio.wait_for(open_study(base, study, auth), args.deadline))

@@ -21,7 +21,7 @@ import time
 from aiohttp import hdrs, web
 
 from dicomcache.dicom.accept import accepts_gzip, accepts_json
-from dicomcache.dicomweb.answers import Cached
+from dicomcache.dicomweb.answers import Cached, gzips
 from dicomcache.http.keys import DICOMWEB, OUTCOME, SETTINGS
 from dicomcache.http.params import dicom_uid, dicomweb_uids, family_of
 from dicomcache.http.passthrough import check_path, passthrough
@@ -61,11 +61,15 @@ def public_base(request: web.Request) -> str:
 
 # --- answers from the answer cache -----------------------------------------------------------
 
+def _viewer(request: web.Request) -> tuple[str, bool]:
+    """The viewer's base URL (:func:`public_base`) and whether it takes gzip."""
+    return public_base(request), accepts_gzip(request.headers.get(hdrs.ACCEPT_ENCODING))
+
+
 async def _answer(request: web.Request, entry: Cached, stale: bool, *,
                   json_body: bool) -> web.Response:
     base = public_base(request) if entry.has_links else ""
-    gz = json_body and len(entry.body) >= 1024 and accepts_gzip(
-        request.headers.get(hdrs.ACCEPT_ENCODING))
+    gz = json_body and gzips(entry.body, accepts_gzip(request.headers.get(hdrs.ACCEPT_ENCODING)))
     etag = entry.etag(base, gz)
     headers = {hdrs.CACHE_CONTROL: REVALIDATE, hdrs.ETAG: etag,
                hdrs.CONTENT_TYPE: entry.content_type}
@@ -95,7 +99,8 @@ async def metadata(request: web.Request) -> web.StreamResponse:
     path = request.raw_path  # a query (includefield…) is part of what is asked
     hit_before = dw.cache.peek(f"json:{path}")
     entry, stale = await dw.json_answer(f"json:{path}", path, dw.settings.metadata_fresh,
-                                        study=study, listing=(study, series))
+                                        study=study, listing=(study, series),
+                                        viewer=_viewer(request))
     request[OUTCOME] = "hit" if hit_before is entry else "miss"
     return await _answer(request, entry, stale, json_body=True)
 
@@ -115,7 +120,7 @@ async def qido(request: web.Request) -> web.StreamResponse:
     before = dw.cache.peek(key)
     # Filed under no study: a search may list any, so any study's removal drops it.
     entry, stale = await dw.json_answer(key, request.raw_path, dw.settings.qido_fresh,
-                                        study=None)
+                                        study=None, viewer=_viewer(request))
     request[OUTCOME] = "hit" if before is entry else "miss"
     return await _answer(request, entry, stale, json_body=True)
 

@@ -507,3 +507,58 @@ async def test_memoised_variants_never_hold_more_than_the_cache_charges() -> Non
     # One site's host, plain and gzipped, is still memoised.
     plain = await entry.render("https://viewer-9.clinic.example:8443/dicom-web", False)
     assert await entry.render("https://viewer-9.clinic.example:8443/dicom-web", False) is plain
+
+
+async def test_disk_copies_are_written_after_the_answer_never_for_a_removed_study(
+        tmp_path: Path) -> None:
+    """A disk copy is written once the answer is given (the viewer does not wait for
+    it); :meth:`AnswerCache.flush` waits for it.  A study removed right after its answer
+    was given, whether or not its copy had started, has no copy left."""
+    clock = Clock()
+    disk = DiskCopies(tmp_path / "dw", 1 << 20)
+    cache = AnswerCache(1 << 20, stale_if_error=600, clock=clock, disk=disk)
+
+    async def load(old: Cached | None) -> Cached:
+        return cached(b"v", clock, 10)
+
+    entry, _ = await cache.get("a", load, study="1.2")
+    await cache.flush()
+    back = await asyncio.to_thread(disk.load, "a", "1.2", 0.0, 0.0)
+    assert back is not None and back.body == entry.body
+    for removed in ("1.3", None):
+        await cache.get("b", load, study="1.3")
+        await cache.forget(removed)  # the copy's write may or may not have begun
+        await cache.flush()
+        assert not await asyncio.to_thread(disk.group("1.3").exists)
+    # A slow disk: the answer is given while its copy waits behind the lock.
+    async with cache._disk_lock:
+        entry, _ = await cache.get("c", load, study="1.4")
+        assert entry.body == b"v"
+        assert not await asyncio.to_thread(disk.path("c", "1.4").exists)
+    await cache.flush()
+    assert await asyncio.to_thread(disk.path("c", "1.4").exists)
+
+
+def test_disk_copies_know_which_keys_they_hold(tmp_path: Path) -> None:
+    """Once listed (:meth:`DiskCopies.prune`, at start), a key without a copy is known to
+    have none without touching the disk; saves, discards and removals keep the list."""
+    disk = DiskCopies(tmp_path / "dw", 1 << 20)
+    assert disk.may_hold("json:/a", "1.2")  # not listed yet: it may
+    disk.save("json:/a", "1.2", Cached(b"[1]", "t", 0.0, 1.0), 0, 0)
+    again = DiskCopies(tmp_path / "dw", 1 << 20)  # a restart
+    again.prune()
+    assert again.may_hold("json:/a", "1.2") and not again.may_hold("json:/b", "1.2")
+    again.save("json:/b", "1.2", Cached(b"[2]", "t", 0.0, 1.0), 0, 0)
+    again.save("json:/q", None, Cached(b"[3]", "t", 0.0, 1.0), 0, 0)
+    again.save("json:/c", "1.3", Cached(b"[4]", "t", 0.0, 1.0), 0, 0)
+    assert all(again.may_hold(k, s) for k, s in (("json:/b", "1.2"), ("json:/q", None)))
+    again.discard("json:/a", "1.2")
+    assert not again.may_hold("json:/a", "1.2") and again.may_hold("json:/b", "1.2")
+    again.forget("1.2")  # the study and every search
+    assert not again.may_hold("json:/b", "1.2") and not again.may_hold("json:/q", None)
+    assert again.may_hold("json:/c", "1.3")
+    again.forget(None)
+    assert not again.may_hold("json:/c", "1.3")
+    empty = DiskCopies(tmp_path / "none", 1 << 20)
+    empty.prune()
+    assert not empty.may_hold("json:/a", "1.2")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 
 import pytest
 
 from dicomcache.devtools.orthanc import OrthancProcess
-from dicomcache.devtools.wanem import WanEmulator
+from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.dicom import multipart
 from dicomcache.dicomweb import answers, state
 from dicomcache.http.app import make_app
@@ -132,3 +133,68 @@ async def test_confirmations_ahead_of_time_are_bounded(
         resp = await client.get(f"/dicom-web/studies/{s.study}/series/{s.series}/metadata")
         assert resp.status == 200
     assert len(client.app[DICOMWEB].confirmations) == 2
+
+
+@pytest.mark.parametrize("accept_encoding", ["gzip, deflate", "identity", "gzip;q=0"])
+async def test_a_cold_answer_is_byte_for_byte_the_warm_one(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        ct_series: list[Sample], accept_encoding: str) -> None:
+    """A cold metadata or search is rendered for its viewer with the download (one step
+    after Orthanc's last byte); the warm answer is the same bytes and ETag, gzipped
+    exactly when the viewer takes gzip, and a viewer on another host name gets its own
+    links."""
+    s = ct_series[2]
+    client = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}",
+        server={"allowed_hosts": ["127.0.0.1", "viewer.example"]})))
+    gzipped = accept_encoding.startswith("gzip,")
+    for path in (f"/dicom-web/studies/{s.study}/series/{s.series}/metadata",
+                 f"/dicom-web/studies/{s.study}/series?includefield=0008103E"):
+        answers_ = []
+        for _ in range(2):  # cold, then warm
+            wan.reset_stats()
+            resp = await client.get(path, auto_decompress=False, headers={
+                "Accept": "application/dicom+json", "Accept-Encoding": accept_encoding})
+            assert resp.status == 200
+            answers_.append((await resp.read(), resp.headers["ETag"],
+                             resp.headers.get("Content-Encoding")))
+            assert resp.headers["Vary"] == "Accept-Encoding"
+        assert wan.targets == []  # the second was warm
+        (cold, cold_tag, encoding), warm = answers_
+        assert (cold, cold_tag, encoding) == warm
+        text = gzip.decompress(cold) if encoding == "gzip" else cold
+        assert encoding == ("gzip" if gzipped and len(text) >= answers.GZIP_MIN else None)
+        base = f"http://127.0.0.1:{client.port}/dicom-web"
+        assert json.loads(text) and (base.encode() in text or "metadata" not in path)
+        other = await client.get(path, headers={"Accept": "application/dicom+json",
+                                                "Accept-Encoding": accept_encoding,
+                                                "Host": "viewer.example:8443"})
+        relinked = await other.read()
+        assert other.status == 200 and other.headers["ETag"] != cold_tag
+        assert relinked == text.replace(base.encode(), b"http://viewer.example:8443/dicom-web")
+
+
+@pytest.mark.parametrize("fault", ["truncate_lying", "corrupt"])
+async def test_a_cold_metadata_cut_or_damaged_is_a_502_never_cached(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        ct_series: list[Sample], fault: str) -> None:
+    """Orthanc's gzipped metadata cut short (re-framed so that its length looks right:
+    the gzip stream ends early) or with bytes changed is never passed on, rendered or
+    kept: a 502 once the retries are spent, nothing cached, in memory or on disk; the
+    next request downloads it whole."""
+    s = ct_series[3]
+    path = f"/dicom-web/studies/{s.study}/series/{s.series}/metadata"
+    client = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}",
+        upstream={"retries": 1, "backoff_base": 0.01, "breaker_failures": 0})))
+    dw = client.app[DICOMWEB]
+    wan.set_profile(LinkProfile(**{fault: 1.0}, fault_paths=r"/metadata$", seed=3))
+    resp = await client.get(path, headers={"Accept": "application/dicom+json"})
+    assert resp.status == 502
+    assert wan.faults[fault] == 2  # the first try and its retry, both damaged
+    await dw.cache.flush()
+    assert dw.cache.peek(f"json:{path}") is None
+    assert dw.disk is not None and not dw.disk.path(f"json:{path}", s.study).exists()
+    wan.set_profile(LinkProfile())
+    resp = await client.get(path, headers={"Accept": "application/dicom+json"})
+    assert resp.status == 200 and len(await resp.json(content_type=None)) == len(ct_series)
