@@ -37,7 +37,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -367,7 +367,7 @@ class StoreSCU:
         return not readable
 
     def _take_kept(self, items: Sequence[SendItem], wanted: Sequence[neg.Proposal]
-                   ) -> tuple[Association, tuple[neg.Accepted, ...]] | None:
+                   ) -> tuple[_Kept, tuple[neg.Accepted, ...]] | None:
         """The association kept from the last batch with the contexts to use for this
         one (:func:`.fallback.reuse`), or None after releasing (or dropping) it."""
         with self._lock:
@@ -387,7 +387,7 @@ class StoreSCU:
                       "releasing it, negotiating a new one", self.peer)
             self._release(kept.assoc)
             return None
-        return kept.assoc, usable
+        return kept, usable
 
     def send(
         self,
@@ -468,8 +468,9 @@ class StoreSCU:
             kept = self._take_kept(pending, proposals) if reusable else None
             reusable = False  # only at the batch's start: its walk is where a new one starts
             if kept is not None:
-                walk, stale = self._send_on(kept[0], proposals, kept[1], walk, pending, seen,
-                                            refused, report, done, should_stop, reused=True)
+                old, usable = kept
+                walk, stale = self._send_on(old.assoc, proposals, usable, walk, pending, seen,
+                                            refused, report, done, should_stop, reused=old)
                 if stale:
                     log.info("The association kept open with %s was closed by the peer as "
                              "the batch began: sending again on a new one", self.peer)
@@ -527,17 +528,20 @@ class StoreSCU:
         done: Callable[[Outcome], None],
         should_stop: Callable[[], bool],
         *,
-        reused: bool = False,
+        reused: _Kept | None = None,
     ) -> tuple[fb.Walk, bool]:
         """Send ``pending`` in order on an established association (negotiated for
         ``proposals``; ``accepted``: its contexts to use), until none is left, a stop is
         asked for, the batch ends, or the next instance needs a fallback; then keep it
         open for the next batch or release it (:meth:`_finish`).
 
-        Returns the walk to go on with, and whether the association was ``reused`` from
-        an earlier batch and found closed by the peer at its first C-STORE: that
-        instance is back at the head of ``pending``, nothing recorded for it (no
-        answer came: it is sent again on a new association)."""
+        ``reused``: it was kept open from an earlier batch (kept again as negotiated
+        then).  Returns the walk to go on with, and whether such an association was
+        found closed by the peer at its first C-STORE: that instance is back at the
+        head of ``pending``, nothing recorded for it (no answer came: it is sent again
+        on a new association)."""
+        negotiated = (reused.proposed, reused.accepted) if reused else (proposals, accepted)
+        first_on_kept = reused is not None
         by_class: dict[str, set[str]] = {}
         for acc in accepted:
             by_class.setdefault(acc.abstract_syntax, set()).add(acc.transfer_syntax)
@@ -566,13 +570,14 @@ class StoreSCU:
             if isinstance(step, fb.Quarantine):
                 self._quarantine(item, walk, step.message, done)
                 continue
-            res = self._send_one(assoc, item, step.choice, walk.strategy, walk.attempts)
+            res, unanswered = self._send_one(assoc, item, step.choice, walk.strategy,
+                                             walk.attempts)
             alive = assoc.is_established
-            if reused and not alive and res.outcome == RETRY and res.status is None:
+            if first_on_kept and unanswered:
                 pending.appendleft(item)
                 self._drop(assoc)
                 return walk, True
-            reused = False  # the peer answered on it: a failure from here on is its own
+            first_on_kept = False  # the peer answered on it: a failure from here is its own
             done(res)  # (may turn a retry into quarantined)
             if res.outcome == DELIVERED:
                 sent += 1
@@ -585,7 +590,7 @@ class StoreSCU:
                 if end.destination_error:
                     report.destination_error = end.destination_error
         keep = clean and after is walk and not pending and not should_stop()
-        self._finish(assoc, proposals, accepted, keep=keep)
+        self._finish(assoc, *negotiated, keep=keep)
         if sent:
             report.accepted_syntaxes = {k: sorted(v) for k, v in by_class.items()}
             learned = walk.learned()
@@ -593,8 +598,8 @@ class StoreSCU:
                 report.learned_strategy = learned
         return after, False
 
-    def _finish(self, assoc: Association, proposals: Sequence[neg.Proposal],
-                accepted: Sequence[neg.Accepted], *, keep: bool) -> None:
+    def _finish(self, assoc: Association, proposals: Iterable[neg.Proposal],
+                accepted: Iterable[neg.Accepted], *, keep: bool) -> None:
         """After a batch's last instance on ``assoc``: keep it open for the next batch
         (``keep_open``, ``keep``: the batch ended cleanly, and it is still up), else
         release it."""
@@ -613,7 +618,9 @@ class StoreSCU:
         done(Outcome(item.key, QUARANTINED, None, message, walk.strategy, walk.attempts, None))
 
     def _send_one(self, assoc: Association, item: SendItem, choice: neg.Choice, strategy: str,
-                  attempts: int) -> Outcome:
+                  attempts: int) -> tuple[Outcome, bool]:
+        """The instance's outcome, and whether the association gave no answer to it (it
+        was gone, or went while the peer was asked)."""
         started = time.perf_counter()
         base = Outcome(item.key, RETRY, None, "", strategy, attempts, choice.transfer_syntax,
                           transcoded=choice.transcode)
@@ -628,27 +635,27 @@ class StoreSCU:
             base.outcome, base.reason = QUARANTINED, str(exc)
             log.error("Cannot transcode %s for %s: %s", item.sop_instance, self.peer, exc)
             base.seconds = time.perf_counter() - started
-            return base
+            return base, False
         except OSError as exc:
             base.outcome, base.reason = RETRY, f"cannot read the spooled file: {exc}"
             base.seconds = time.perf_counter() - started
-            return base
+            return base, False
         try:
             rsp = assoc.send_c_store(payload)
         except RuntimeError as exc:  # association gone
             base.reason = f"association lost: {exc}"
             base.seconds = time.perf_counter() - started
-            return base
+            return base, True
         except (ValueError, AttributeError) as exc:  # cannot encode / no context / no UIDs
             base.outcome, base.reason = QUARANTINED, f"cannot send: {exc}"
             base.seconds = time.perf_counter() - started
-            return base
+            return base, False
         base.seconds = time.perf_counter() - started
         status = rsp.get("Status") if rsp is not None else None
         if status is None:
             base.reason = ("no C-STORE response (aborted or timed out): outcome unknown, "
                            "will resend")
-            return base
+            return base, True
         status = int(status)
         base.status = status
         base.outcome = classify(status)
@@ -656,8 +663,8 @@ class StoreSCU:
             if status != 0:
                 log.warning("%s stored %s with warning status 0x%04X", self.peer,
                             item.sop_instance, status)
-            return base
+            return base, False
         comment = rsp.get("ErrorComment", "")
         base.reason = (f"C-STORE of {item.sop_instance} refused by {self.peer} with status "
                        f"0x{status:04X}{': ' + str(comment) if comment else ''}")
-        return base
+        return base, False

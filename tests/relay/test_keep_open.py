@@ -197,6 +197,21 @@ def test_a_batch_needing_contexts_the_open_association_lacks_renegotiates(
     assert peer.stored == Counter({h: 1 for s in (ct, mr, ct2) for h in s.hashes})
 
 
+def test_a_kept_association_keeps_every_context_it_was_negotiated_with(
+        tmp_path: Path, peer: Peer, accelerate: bool) -> None:
+    """A CT-only batch on an association negotiated for CT and MR leaves it able to
+    carry an MR batch next."""
+    scu = scu_for(peer)
+    ct, mr = make_study(tmp_path, 21), make_study(tmp_path, 22, mr=True)
+    ct2, mr2 = make_study(tmp_path, 23), make_study(tmp_path, 24, mr=True)
+    both = Study(ct.files + mr.files, ct.items + mr.items)
+    reports = [scu.send(s.items) for s in (both, ct2, mr2)]
+    assert all(delivered_all(r, s) for r, s in zip(reports, (both, ct2, mr2), strict=True))
+    assert [r.associations for r in reports] == [1, 0, 0] and peer.accepted == 1
+    scu.close()
+    assert peer.stored == Counter({h: 1 for s in (both, ct2, mr2) for h in s.hashes})
+
+
 @pytest.mark.parametrize("how", ["release", "abort", "close"])
 def test_a_peer_ending_the_idle_association_loses_nothing(
         tmp_path: Path, peer: Peer, accelerate: bool, how: str) -> None:
