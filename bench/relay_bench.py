@@ -13,7 +13,8 @@ PACS folders in a temp dir.  Reports:
   on the peer's disk (storescp writes before it answers);
 * relay: time until the modality has all its acknowledgements (ack rate)
   and until the last instance is on the peer's disk (end to end), and the
-  CPU time of the relay's process and of its forwarder process per instance;
+  CPU time of the relay's process and of its forwarder process per instance (of
+  every relayed run: this checkout, ``--baseline``, ``--parallel``);
 * the same with ``--parallel`` associations at once (default 4 storescu,
   each its own calling AE title: several modalities);
 * with ``--scp-alone``, the relay again with no destination (no forwarder, no
@@ -246,10 +247,13 @@ def one_run(root: Path, files: list[Path], n: int, baseline: str | None,
     for k in parallel:
         out[f"acks_x{k}"], out[f"e2e_x{k}"] = relay_run(
             root / f"relay_x{k}", files, n, here, accelerate=accelerate != "off",
-            associations=k)
+            associations=k, cpu=cpu)
+        out.update({f"cpu_x{k}_{name}": v for name, v in cpu.items()})
         if baseline:
             out[f"b_acks_x{k}"], out[f"b_e2e_x{k}"] = relay_run(
-                root / f"baseline_x{k}", files, n, Path(baseline).resolve(), associations=k)
+                root / f"baseline_x{k}", files, n, Path(baseline).resolve(), associations=k,
+                cpu=cpu)
+            out.update({f"cpu_baseline_x{k}_{name}": v for name, v in cpu.items()})
     return out
 
 
@@ -315,7 +319,8 @@ def main() -> int:
                              "mb_per_s": round(mb / e2e, 1), "ratio_to_direct": ratio("e2e")},
         "per_run": [{k: round(n / v, 1) for k, v in r.items() if not k.startswith("cpu_")}
                     for r in runs],
-        # CPU milliseconds per instance of the relay's processes (one association)
+        # CPU milliseconds per instance of the relay's processes (scp, forwarder), of the
+        # relay under test with one association, then baseline_…, x{k}_…, baseline_x{k}_…
         "cpu_ms_per_instance": {k[4:]: round(1000 * med(k) / n, 2) for k in runs[0]
                                 if k.startswith("cpu_")},
         "parallel": {str(k): {"acks_instances_per_s": round(n / med(f"acks_x{k}"), 1),

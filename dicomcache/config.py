@@ -252,6 +252,9 @@ class RelaySettings:
     #: Simultaneous inbound associations from one address (more are rejected: "local
     #: limit exceeded"), so that one host cannot take every slot.
     max_associations_per_host: int = 8
+    #: A forwarder keeps its association with a PACS open this many seconds after a
+    #: batch, for the next one (0: released after every batch).
+    forward_idle_release: float = 5.0
 
 
 PREFETCH_MODES = ("off", "series", "study")
@@ -823,7 +826,16 @@ def _relay(sec: _Section, base: Path) -> RelaySettings:
         **_relay_tls(sec, base),
         min_free=sec.size("min_free", d.min_free, minimum=0),
         max_associations_per_host=_per_host(sec, d.max_associations_per_host),
+        forward_idle_release=_idle_release(sec, d.forward_idle_release),
     )
+
+
+def _idle_release(sec: _Section, default: float) -> float:
+    value = sec.get("forward_idle_release", float, default)
+    if not 0 <= value <= 3600:
+        sec.problem("forward_idle_release", f"must be between 0 and 3600 seconds, not {value}")
+        return default
+    return value
 
 
 def _per_host(sec: _Section, default: int) -> int:

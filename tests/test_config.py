@@ -283,3 +283,16 @@ def test_client_limits_read() -> None:
     assert from_dict({}).server.max_connections_per_client == 64
     assert from_dict({"server": {"max_connections_per_client": 0}}
                      ).server.max_connections_per_client == 0
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 5.0), (0, 0.0), (2.5, 2.5), (3600, 3600.0)])
+def test_forward_idle_release(value: float | None, expected: float) -> None:
+    relay = {} if value is None else {"forward_idle_release": value}
+    assert from_dict({"relay": relay}).relay.forward_idle_release == expected
+
+
+@pytest.mark.parametrize("bad", [-1, 3601, "5", True])
+def test_forward_idle_release_rejects(bad: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_dict({"relay": {"forward_idle_release": bad}})
+    assert [key for key, _ in err.value.problems] == ["relay.forward_idle_release"]

@@ -218,6 +218,10 @@ SECTIONS: dict[str, Section] = {
             "max_associations_per_host": Key("Simultaneous inbound associations from one "
                                              "address; more are rejected (\"local limit "
                                              "exceeded\").", "count"),
+            "forward_idle_release": Key("A forwarder keeps its association with a PACS open "
+                                        "this long after a batch, for the next one (at "
+                                        "most half the `timeout`); 0: released after every "
+                                        "batch.", "seconds"),
         }),
     "relay.destinations": Section(
         "One table per PACS the relay forwards to.", "relay.md", {

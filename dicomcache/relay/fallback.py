@@ -8,7 +8,9 @@ so that every case can be table-tested (``tests/relay/test_fallback.py``):
   destination for now (it backs off);
 * for the next instance on an established association, :func:`for_instance`:
   send it in the best accepted syntax, fall back, or quarantine it;
-* after each instance's outcome, :func:`after_result`: go on, or end the batch.
+* after each instance's outcome, :func:`after_result`: go on, or end the batch;
+* before a batch, whether the association kept open from the last one serves it
+  (:func:`reuse`) or a new one is negotiated.
 
 The walk follows the seed's fallback sequence (``docs/relay.md``): from the
 configured strategy, or the one learned to work, towards ``universal``
@@ -327,6 +329,35 @@ def after_result(outcome: str, association_alive: bool, reason: str, *, peer: st
     if association_alive:
         return EndBatch()
     return EndBatch(f"Association with {peer} aborted during C-STORE: {reason}")
+
+
+def reuse(proposed: Iterable[neg.Proposal], accepted: Iterable[neg.Accepted],
+          wanted: Sequence[neg.Proposal], sources: Sequence[neg.Source], *,
+          encodable: Iterable[str] = (), allow_lossy: bool = False
+          ) -> tuple[neg.Accepted, ...] | None:
+    """Whether an association kept open from an earlier batch serves the next one as a
+    new association would; returns the accepted contexts to use, or None (release it,
+    negotiate afresh).
+
+    ``wanted``: what a new association would propose for ``sources`` (the batch's
+    start strategy).  It serves when it proposed every one of those contexts (so the
+    peer has answered each) and each instance of a class in ``wanted`` has a usable
+    accepted context among them.  Only those are used: what a new association would
+    have accepted, so the choice of syntax, the fallback walk and what is learned stay
+    as they would be with a new association (a context kept from a wider strategy is
+    never used by a narrower one).
+    """
+    want = set(wanted)
+    if not want or not want <= set(proposed):
+        return None
+    usable = tuple(a for a in accepted
+                   if neg.Proposal(a.abstract_syntax, a.transfer_syntax) in want)
+    classes = {p.abstract_syntax for p in want}
+    for src in sources:
+        if src.sop_class in classes and neg.choose(src, usable, encodable=encodable,
+                                                   allow_lossy=allow_lossy) is None:
+            return None
+    return usable
 
 
 def fallback_message(walk: Walk, peer: str, left: int, sop_class: str) -> str:

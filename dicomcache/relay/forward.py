@@ -15,6 +15,12 @@ record every outcome in the spool as it comes, then back off:
 
 Permanent failures are quarantined and do not hold the study back.
 
+The association a batch ended on stays open for the next batch while it
+serves it (:class:`~.scu.StoreSCU` ``keep_open``), and is released once it has
+waited ``forward_idle_release`` seconds (at most half the ``timeout``, after
+which pynetdicom would abort it as idle), when the forwarder stops (shutdown,
+the end of a drain) and after a failure of the loop itself.
+
 What a crash (``kill -9``, power cut of the process) can make the peer store
 twice is bounded: an outcome is written to the spool by a recording thread
 while the next instance is sent, and the one after waits until it is
@@ -110,7 +116,11 @@ class Forwarder:
         self.executor = executor
         self.rng = rng or random.Random()
         self.scu = StoreSCU(settings.ae_title, destination, timeout=settings.timeout,
-                            max_pdu=settings.max_pdu, metrics=metrics)
+                            max_pdu=settings.max_pdu, metrics=metrics,
+                            keep_open=settings.forward_idle_release > 0)
+        #: An idle association is released after this long (pynetdicom aborts one idle for
+        #: its network timeout: released well before).
+        self.idle_release = min(settings.forward_idle_release, settings.timeout / 2)
         self._stopping = threading.Event()
         self._recorder = ThreadPoolExecutor(max_workers=1,
                                             thread_name_prefix=f"record-{destination.name}")
@@ -146,12 +156,24 @@ class Forwarder:
         return await loop.run_in_executor(self.executor, lambda: fn(*args))
 
     async def _sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` or until :meth:`wake`; no longer than until the open
+        association is due for release (the loop then releases it)."""
         assert self._wakeup is not None
         self._wakeup.clear()
+        idle = self.scu.idle_seconds()
+        if idle is not None:
+            seconds = min(seconds, self.idle_release - idle)
         try:
             await asyncio.wait_for(self._wakeup.wait(), timeout=max(seconds, 0.0))
         except TimeoutError:
             pass
+
+    async def _release_idle(self, *, now: bool = False) -> None:
+        """Release the association kept open when it has waited ``idle_release`` for a
+        batch (``now``: whatever its wait)."""
+        idle = self.scu.idle_seconds()
+        if idle is not None and (now or idle >= self.idle_release):
+            await self._call(self.scu.close)
 
     async def run(self) -> None:
         """The worker loop; returns after :meth:`request_stop`."""
@@ -160,6 +182,7 @@ class Forwarder:
         log.info("Forwarder for %s started", self.scu.peer)
         while not self._stopping.is_set():
             try:
+                await self._release_idle()
                 if not self.spool.is_open:  # a full disk at start-up: retried with back-off
                     await self._call(self.spool.ensure_open)
                 if self._unrecorded:  # what the peer has must be written down first
@@ -199,7 +222,9 @@ class Forwarder:
                     log.error("Forwarder for %s still paused (%s, %d times); retrying in "
                               "%.1f s", name, exc, self._failures, delay)
                 self.metrics.relay_forwarder_failures.labels(name).inc()
+                await self._release_idle(now=True)  # the next batch negotiates afresh
                 await self._sleep(delay)
+        await self._release_idle(now=True)
         log.info("Forwarder for %s stopped", self.scu.peer)
 
     async def _gathered(self, name: str) -> list[QueueItem]:

@@ -8,6 +8,21 @@ here touches the spool: the result (:class:`BatchReport`) says what happened
 to each instance, and the caller records it.  ``dicomcache relay send`` uses
 the same class.
 
+With ``keep_open`` (the forwarder, ``[relay] forward_idle_release`` > 0) the
+association a batch ended on stays open for the next batch, which uses it
+when it serves that batch as a new association would (:func:`.fallback.reuse`);
+otherwise it is released and a new one negotiated.  Negotiating took ~40 % of
+the forwarder's CPU when each batch had its own association (bench/README.md).
+It is released, never kept, after a batch that ended on an error or a transient
+refusal, or with a stop asked for; the caller releases it when it has been idle
+long enough, and on shutdown (:meth:`StoreSCU.close`).  One the peer released,
+aborted or closed while idle is dropped before use; if the peer closed it just
+as the next batch began, that batch's first C-STORE gets no answer: it is sent
+again on a new association at once, not counted as a failure of the peer
+(the peer may then store that one instance twice, if it stored it and closed
+without answering; a duplicate SOP Instance is an overwrite to a PACS).
+At most one association per destination is open at a time, kept or not.
+
 Each instance's :class:`~.outcome.Outcome` follows the peer's status
 (:func:`~.outcome.classify`, PS3.4 B.2.3): a warning is stored, so delivered
 (logged; resending would store it again).
@@ -16,12 +31,13 @@ Each instance's :class:`~.outcome.Outcome` follows the peer's status
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +140,23 @@ def _association_outcome(assoc: Association) -> fb.AssociationOutcome:
     return fb.Failed()
 
 
+@dataclass(slots=True)
+class _Kept:
+    """The association kept open after a batch, with what it was negotiated for."""
+
+    assoc: Association
+    proposed: frozenset[neg.Proposal]
+    accepted: tuple[neg.Accepted, ...]
+    #: When its last batch ended (monotonic).
+    since: float
+
+
+def _accepted(assoc: Association) -> tuple[neg.Accepted, ...]:
+    return tuple(neg.Accepted(int(cx.context_id or 0), str(cx.abstract_syntax),
+                              str(cx.transfer_syntax[0]))
+                 for cx in assoc.accepted_contexts)
+
+
 def _key(item: SendItem) -> tuple[str, str]:
     """What a destination learns a strategy for: (SOP class, source transfer syntax)."""
     return (item.sop_class, item.transfer_syntax)
@@ -141,6 +174,7 @@ class StoreSCU:
         max_pdu: int = 131072,
         metrics: Metrics | None = None,
         encodable: frozenset[str] | None = None,
+        keep_open: bool = False,
     ) -> None:
         self.calling_ae = calling_ae
         self.dest = destination
@@ -148,7 +182,11 @@ class StoreSCU:
         self.max_pdu = max_pdu
         self.metrics = metrics
         self.encodable = encodable_syntaxes() if encodable is None else encodable
+        #: Keep the association a batch ended on for the next one (see the module docstring).
+        self.keep_open = keep_open
+        #: The association in use or kept open (for :meth:`abort`).
         self._assoc: Association | None = None
+        self._kept: _Kept | None = None
         self._lock = threading.Lock()
         #: Each association's own socket, from EVT_CONN_OPEN, so it is closed for sure.
         self._sockets: dict[int, socket.socket] = {}
@@ -159,7 +197,8 @@ class StoreSCU:
         return f"{d.name} ({d.remote_ae_title}@{d.remote_host}:{d.remote_port})"
 
     def abort(self) -> None:
-        """Abort the association in progress (from another thread: shutdown deadline)."""
+        """Abort the association in progress or kept open (from another thread: shutdown
+        deadline); the next batch negotiates afresh."""
         with self._lock:
             assoc = self._assoc
         if assoc is not None and assoc.is_established:
@@ -169,12 +208,13 @@ class StoreSCU:
         if self.metrics is not None:
             self.metrics.relay_associations.labels("outbound", outcome).inc()
 
-    def _associate(self, walk: fb.Walk, items: Sequence[SendItem]
-                   ) -> tuple[Association, int]:
-        allow_lossy = self.dest.allow_lossy_recompression
-        proposals = neg.propose(walk.strategy, [i.source for i in items],
-                                encodable=self.encodable, allow_lossy=allow_lossy,
-                                probe=walk.probe)[: neg.MAX_CONTEXTS]
+    def _proposals(self, walk: fb.Walk, items: Sequence[SendItem]) -> list[neg.Proposal]:
+        """What an association at ``walk``'s strategy proposes for ``items``."""
+        return neg.propose(walk.strategy, [i.source for i in items], encodable=self.encodable,
+                           allow_lossy=self.dest.allow_lossy_recompression,
+                           probe=walk.probe)[: neg.MAX_CONTEXTS]
+
+    def _associate(self, walk: fb.Walk, proposals: Sequence[neg.Proposal]) -> Association:
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         ae.connection_timeout = min(self.timeout, 10.0)
@@ -187,7 +227,7 @@ class StoreSCU:
             self._assoc = assoc
         if not assoc.is_established:
             self._close_socket(assoc)
-        return assoc, len(proposals)
+        return assoc
 
     def _socket_handlers(self) -> list[EventHandlerType]:
         return [(evt.EVT_CONN_OPEN, self._conn_open),
@@ -277,6 +317,78 @@ class StoreSCU:
             assoc.release()
         self._close_socket(assoc)
 
+    def _drop(self, assoc: Association) -> None:
+        """End an association that cannot be trusted any more (the peer closed it, or
+        sent something unasked while it was idle): A-ABORT if still up."""
+        with self._lock:
+            self._assoc = None
+        if assoc.is_established:
+            assoc.abort()
+        self._close_socket(assoc)
+
+    def idle_seconds(self) -> float | None:
+        """How long the association kept open has waited for a batch (None: none is)."""
+        with self._lock:
+            kept = self._kept
+        return None if kept is None else time.monotonic() - kept.since
+
+    def close(self) -> None:
+        """Release the association kept open, if any (idle for long enough, shutdown,
+        drain, an error of the caller's).  Blocking; never raises."""
+        with self._lock:
+            kept, self._kept = self._kept, None
+        if kept is None:
+            return
+        try:
+            if self._alive(kept.assoc):
+                log.debug("Releasing the idle association with %s", self.peer)
+                self._release(kept.assoc)
+            else:
+                self._drop(kept.assoc)
+        except Exception:  # pynetdicom on a broken socket: gone either way
+            log.exception("Releasing the association with %s failed", self.peer)
+            self._close_socket(kept.assoc)
+
+    def _alive(self, assoc: Association) -> bool:
+        """Whether an idle association can carry the next batch: established, its DUL
+        running, and nothing waiting on its socket (a peer says nothing unasked
+        between batches: readable means its A-RELEASE-RQ, A-ABORT or a closed
+        connection that pynetdicom has not handled yet)."""
+        if not assoc.is_established or not assoc.dul.is_alive():
+            return False
+        with self._lock:
+            raw = self._sockets.get(id(assoc))
+        if raw is None:
+            return False
+        try:
+            readable, _, _ = select.select([raw], [], [], 0)
+        except (OSError, ValueError):  # closed meanwhile
+            return False
+        return not readable
+
+    def _take_kept(self, items: Sequence[SendItem], wanted: Sequence[neg.Proposal]
+                   ) -> tuple[_Kept, tuple[neg.Accepted, ...]] | None:
+        """The association kept from the last batch with the contexts to use for this
+        one (:func:`.fallback.reuse`), or None after releasing (or dropping) it."""
+        with self._lock:
+            kept, self._kept = self._kept, None
+        if kept is None:
+            return None
+        if not self._alive(kept.assoc):
+            log.info("The idle association with %s was ended by the peer: negotiating a "
+                     "new one", self.peer)
+            self._drop(kept.assoc)
+            return None
+        usable = fb.reuse(kept.proposed, kept.accepted, wanted, [i.source for i in items],
+                          encodable=self.encodable,
+                          allow_lossy=self.dest.allow_lossy_recompression)
+        if usable is None:
+            log.debug("The open association with %s does not serve the next batch: "
+                      "releasing it, negotiating a new one", self.peer)
+            self._release(kept.assoc)
+            return None
+        return kept, usable
+
     def send(
         self,
         items: Sequence[SendItem],
@@ -312,6 +424,39 @@ class StoreSCU:
             if on_result is not None:
                 on_result(res)
 
+        try:
+            self._walk(walk, pending, seen, refused, report, done, should_stop)
+        except BaseException:
+            # (on_result raised: the spool, the caller's): nothing is left open behind it.
+            with self._lock:
+                assoc, self._kept = self._assoc, None
+            if assoc is not None:
+                self._drop(assoc)
+            raise
+        delivered = [r for r in report.results if r.outcome == DELIVERED]
+        if delivered:
+            strategies = sorted({r.strategy_used or "" for r in delivered})
+            syntaxes = sorted({r.transfer_syntax or "" for r in delivered})
+            log.info("C-STORE successful: %d instance(s) to %s using %s strategy "
+                     "(attempts made: %d, transfer syntaxes: %s, transcoded: %d)",
+                     len(delivered), self.peer, "/".join(repr(s) for s in strategies),
+                     max(r.attempts_made for r in delivered), syntaxes,
+                     sum(r.transcoded for r in delivered))
+        return report
+
+    def _walk(
+        self,
+        walk: fb.Walk,
+        pending: deque[SendItem],
+        seen: dict[str, set[str]],
+        refused: dict[str, set[int]],
+        report: BatchReport,
+        done: Callable[[Outcome], None],
+        should_stop: Callable[[], bool],
+    ) -> None:
+        """:meth:`send`'s loop: one association per strategy tried (the first may be the
+        one kept open from the last batch)."""
+        reusable = True
         while pending:
             if should_stop():
                 report.not_attempted.extend(i.key for i in pending)
@@ -319,14 +464,26 @@ class StoreSCU:
             if walk.attempts > 1:
                 log.warning("%s", fb.fallback_message(walk, self.peer, len(pending),
                                                       pending[0].sop_class))
+            proposals = self._proposals(walk, pending)
+            kept = self._take_kept(pending, proposals) if reusable else None
+            reusable = False  # only at the batch's start: its walk is where a new one starts
+            if kept is not None:
+                old, usable = kept
+                walk, stale = self._send_on(old.assoc, proposals, usable, walk, pending, seen,
+                                            refused, report, done, should_stop, reused=old)
+                if stale:
+                    log.info("The association kept open with %s was closed by the peer as "
+                             "the batch began: sending again on a new one", self.peer)
+                continue
             report.associations += 1
             try:
-                assoc, n_contexts = self._associate(walk, pending)
+                assoc = self._associate(walk, proposals)
             except tls.TLSFileError as exc:
                 report.destination_error = f"DICOM TLS towards {self.peer} cannot start: {exc}"
                 log.error("%s", report.destination_error)
                 report.not_attempted.extend(i.key for i in pending)
                 break
+            n_contexts = len(proposals)
             outcome = _association_outcome(assoc)
             for sop_class, codes in fb.refusals(_context_results(assoc)).items():
                 refused.setdefault(sop_class, set()).update(codes - {neg.ACCEPTANCE})
@@ -353,22 +510,16 @@ class StoreSCU:
                 report.not_attempted.extend(i.key for i in pending)
                 break
             else:
-                walk = self._send_on(assoc, walk, pending, seen, refused, report, done,
-                                     should_stop)
-        delivered = [r for r in report.results if r.outcome == DELIVERED]
-        if delivered:
-            strategies = sorted({r.strategy_used or "" for r in delivered})
-            syntaxes = sorted({r.transfer_syntax or "" for r in delivered})
-            log.info("C-STORE successful: %d instance(s) to %s using %s strategy "
-                     "(attempts made: %d, transfer syntaxes: %s, transcoded: %d)",
-                     len(delivered), self.peer, "/".join(repr(s) for s in strategies),
-                     max(r.attempts_made for r in delivered), syntaxes,
-                     sum(r.transcoded for r in delivered))
-        return report
+                self._count("established")
+                _tune_socket(assoc, self.timeout)
+                walk, _ = self._send_on(assoc, proposals, _accepted(assoc), walk, pending, seen,
+                                        refused, report, done, should_stop)
 
     def _send_on(
         self,
         assoc: Association,
+        proposals: Sequence[neg.Proposal],
+        accepted: Sequence[neg.Accepted],
         walk: fb.Walk,
         pending: deque[SendItem],
         seen: dict[str, set[str]],
@@ -376,22 +527,29 @@ class StoreSCU:
         report: BatchReport,
         done: Callable[[Outcome], None],
         should_stop: Callable[[], bool],
-    ) -> fb.Walk:
-        """Send ``pending`` in order on an established association, until none is left,
-        a stop is asked for, the batch ends, or the next instance needs a fallback;
-        release.  Returns the walk to go on with."""
-        self._count("established")
-        _tune_socket(assoc, self.timeout)
-        accepted = [neg.Accepted(int(cx.context_id or 0), str(cx.abstract_syntax),
-                                 str(cx.transfer_syntax[0]))
-                    for cx in assoc.accepted_contexts]
+        *,
+        reused: _Kept | None = None,
+    ) -> tuple[fb.Walk, bool]:
+        """Send ``pending`` in order on an established association (negotiated for
+        ``proposals``; ``accepted``: its contexts to use), until none is left, a stop is
+        asked for, the batch ends, or the next instance needs a fallback; then keep it
+        open for the next batch or release it (:meth:`_finish`).
+
+        ``reused``: it was kept open from an earlier batch (kept again as negotiated
+        then).  Returns the walk to go on with, and whether such an association was
+        found closed by the peer at its first C-STORE: that instance is back at the
+        head of ``pending``, nothing recorded for it (no answer came: it is sent again
+        on a new association)."""
+        negotiated = (reused.proposed, reused.accepted) if reused else (proposals, accepted)
+        first_on_kept = reused is not None
         by_class: dict[str, set[str]] = {}
         for acc in accepted:
             by_class.setdefault(acc.abstract_syntax, set()).add(acc.transfer_syntax)
         for sop_class, syntaxes in by_class.items():
             seen.setdefault(sop_class, set()).update(syntaxes)
-        proposed = {str(cx.abstract_syntax) for cx in assoc.requestor.requested_contexts}
+        proposed = {p.abstract_syntax for p in proposals}
         sent = 0
+        clean = True  # no transient refusal, no broken association: worth keeping
         after = walk
         while pending and not should_stop():
             item = pending[0]
@@ -412,24 +570,45 @@ class StoreSCU:
             if isinstance(step, fb.Quarantine):
                 self._quarantine(item, walk, step.message, done)
                 continue
-            res = self._send_one(assoc, item, step.choice, walk.strategy, walk.attempts)
+            res, unanswered = self._send_one(assoc, item, step.choice, walk.strategy,
+                                             walk.attempts)
             alive = assoc.is_established
+            if first_on_kept and unanswered:
+                pending.appendleft(item)
+                self._drop(assoc)
+                return walk, True
+            first_on_kept = False  # the peer answered on it: a failure from here is its own
             done(res)  # (may turn a retry into quarantined)
             if res.outcome == DELIVERED:
                 sent += 1
+            elif res.outcome == RETRY:
+                clean = False
             end = fb.after_result(res.outcome, alive, res.reason, peer=self.peer)
             if isinstance(end, fb.EndBatch):
                 report.not_attempted.extend(i.key for i in pending)
                 pending.clear()
                 if end.destination_error:
                     report.destination_error = end.destination_error
-        self._release(assoc)
+        keep = clean and after is walk and not pending and not should_stop()
+        self._finish(assoc, *negotiated, keep=keep)
         if sent:
             report.accepted_syntaxes = {k: sorted(v) for k, v in by_class.items()}
             learned = walk.learned()
             if learned is not None:
                 report.learned_strategy = learned
-        return after
+        return after, False
+
+    def _finish(self, assoc: Association, proposals: Iterable[neg.Proposal],
+                accepted: Iterable[neg.Accepted], *, keep: bool) -> None:
+        """After a batch's last instance on ``assoc``: keep it open for the next batch
+        (``keep_open``, ``keep``: the batch ended cleanly, and it is still up), else
+        release it."""
+        if self.keep_open and keep and assoc.is_established:
+            with self._lock:
+                self._kept = _Kept(assoc, frozenset(proposals), tuple(accepted),
+                                   time.monotonic())
+            return
+        self._release(assoc)
 
     def _quarantine(self, item: SendItem, walk: fb.Walk, message: str,
                     done: Callable[[Outcome], None]) -> None:
@@ -439,7 +618,9 @@ class StoreSCU:
         done(Outcome(item.key, QUARANTINED, None, message, walk.strategy, walk.attempts, None))
 
     def _send_one(self, assoc: Association, item: SendItem, choice: neg.Choice, strategy: str,
-                  attempts: int) -> Outcome:
+                  attempts: int) -> tuple[Outcome, bool]:
+        """The instance's outcome, and whether the association gave no answer to it (it
+        was gone, or went while the peer was asked)."""
         started = time.perf_counter()
         base = Outcome(item.key, RETRY, None, "", strategy, attempts, choice.transfer_syntax,
                           transcoded=choice.transcode)
@@ -454,27 +635,27 @@ class StoreSCU:
             base.outcome, base.reason = QUARANTINED, str(exc)
             log.error("Cannot transcode %s for %s: %s", item.sop_instance, self.peer, exc)
             base.seconds = time.perf_counter() - started
-            return base
+            return base, False
         except OSError as exc:
             base.outcome, base.reason = RETRY, f"cannot read the spooled file: {exc}"
             base.seconds = time.perf_counter() - started
-            return base
+            return base, False
         try:
             rsp = assoc.send_c_store(payload)
         except RuntimeError as exc:  # association gone
             base.reason = f"association lost: {exc}"
             base.seconds = time.perf_counter() - started
-            return base
+            return base, True
         except (ValueError, AttributeError) as exc:  # cannot encode / no context / no UIDs
             base.outcome, base.reason = QUARANTINED, f"cannot send: {exc}"
             base.seconds = time.perf_counter() - started
-            return base
+            return base, False
         base.seconds = time.perf_counter() - started
         status = rsp.get("Status") if rsp is not None else None
         if status is None:
             base.reason = ("no C-STORE response (aborted or timed out): outcome unknown, "
                            "will resend")
-            return base
+            return base, True
         status = int(status)
         base.status = status
         base.outcome = classify(status)
@@ -482,8 +663,8 @@ class StoreSCU:
             if status != 0:
                 log.warning("%s stored %s with warning status 0x%04X", self.peer,
                             item.sop_instance, status)
-            return base
+            return base, False
         comment = rsp.get("ErrorComment", "")
         base.reason = (f"C-STORE of {item.sop_instance} refused by {self.peer} with status "
                        f"0x{status:04X}{': ' + str(comment) if comment else ''}")
-        return base
+        return base, False

@@ -21,7 +21,7 @@ import pytest
 
 from dicomcache.dicom import syntaxes as ts
 from dicomcache.relay import fallback as fb
-from dicomcache.relay.negotiation import Accepted, Choice, ContextResult, Source
+from dicomcache.relay.negotiation import Accepted, Choice, ContextResult, Proposal, Source
 from dicomcache.relay.outcome import DELIVERED, QUARANTINED, RETRY, classify
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -372,3 +372,42 @@ def test_batch_start_is_the_widest_key_start() -> None:
 def test_learn(table: dict[fb.Key, fb.Learned], delivered: list[tuple[fb.Key, str]],
                refused: list[fb.Key], expected: dict[fb.Key, fb.Learned | None]) -> None:
     assert fb.learn("compression", table, delivered, refused, NOW) == expected
+
+
+# --- the association kept open from the last batch (fb.reuse) -------------------------------
+def _p(sop_class: str, syntax: str) -> Proposal:
+    return Proposal(sop_class, syntax)
+
+
+_KEPT = (_p(CT, ts.EXPLICIT_LE), _p(CT, ts.IMPLICIT_LE), _p(CT, ts.JPEG_LS_LOSSLESS))
+_KEPT_OK = (Accepted(1, CT, ts.EXPLICIT_LE), Accepted(3, CT, ts.IMPLICIT_LE),
+            Accepted(5, CT, ts.JPEG_LS_LOSSLESS))
+_CT_ILE = Source(CT, ts.IMPLICIT_LE)
+_CT_JLS = Source(CT, ts.JPEG_LS_LOSSLESS)
+
+
+@pytest.mark.parametrize("proposed, accepted, wanted, sources, expected", [
+    # the same needs: used, with the contexts the new association would have had
+    (_KEPT[:2], _KEPT_OK[:2], _KEPT[:2], [Source(CT, ts.EXPLICIT_LE)], _KEPT_OK[:2]),
+    # proposed more (a wider strategy): only what this batch would propose is used, so
+    # a narrower start never sends in a syntax it would not have proposed
+    (_KEPT, _KEPT_OK, _KEPT[:2], [_CT_JLS], _KEPT_OK[:2]),
+    # a context this batch would propose was never proposed (another SOP class): new one
+    (_KEPT, _KEPT_OK, (*_KEPT[:2], _p(MR, ts.EXPLICIT_LE)),
+     [Source(MR, ts.EXPLICIT_LE)], None),
+    # ... or another syntax of the same class
+    (_KEPT[:2], _KEPT_OK[:2], _KEPT, [_CT_JLS], None),
+    # proposed, but refused by the peer, for an instance that needs it: a new association
+    # walks the fallback as it would have (nothing is decided on the kept one)
+    (_KEPT[:2], _KEPT_OK[:1], _KEPT[1:2], [_CT_ILE], None),
+    # one usable context per instance is enough (what a new association would choose)
+    (_KEPT[:2], _KEPT_OK[1:2], _KEPT[:2], [Source(CT, ts.EXPLICIT_LE), _CT_ILE],
+     _KEPT_OK[1:2]),
+    # nothing to propose: no reuse
+    (_KEPT, _KEPT_OK, (), [], None),
+])
+def test_reuse_of_the_kept_association(proposed: tuple[Proposal, ...],
+                                       accepted: tuple[Accepted, ...],
+                                       wanted: tuple[Proposal, ...], sources: list[Source],
+                                       expected: tuple[Accepted, ...] | None) -> None:
+    assert fb.reuse(proposed, accepted, wanted, sources) == expected
