@@ -929,12 +929,14 @@ def test_operating_docs_as_written_on_a_booted_root(
     # Installed, configured, checked, started: README.md's lines.
     installed = admin.run_block(readme)
     assert "not started until it is configured" in installed[0]
+    # Checked against the real Orthanc with the service stopped, as operations.md says
+    # (a running dicomcache holds the port the check tries): every line ok.
+    assert booted.run("sudo systemctl stop dicomcache").returncode == 0
+    (checked,) = admin.run_block(online)
+    assert "upstream.url" in checked and "PROBLEM" not in checked, checked
     _, status, log = admin.run_block(service)
     assert "Active: active (running)" in status, status
     assert "listening on" in log, log
-    # Checked against the real Orthanc: every line OK.
-    (checked,) = admin.run_block(online)
-    assert "upstream.url" in checked and "PROBLEM" not in checked, checked
     (answers, same_log) = admin.run_block(not_starting)
     assert "listening on" in answers and "upstream.url" in same_log
     # Orthanc as dicomcache's user sees it (the password typed when curl asks).
@@ -1074,6 +1076,8 @@ def test_relay_md_as_written_on_a_booted_root(
     admin.replace.update({"dicomcache_0.1.0_amd64.deb": deb.name,
                           f"{DOC_HOSTS[0]} 11112 ": f"{DOC_HOSTS[0]} {relay_port} "})
     map_doc_hosts(booted)
+    install = claimed(INSTALL_PLAN, "docs/install.md")
+    admin.run_block(install[1])  # installed: its user and /etc/dicomcache exist
     # The clinic's CA: the relay's certificate, the modalities' CA; a modality's own
     # certificate and a study in the administrator's home (the modality, here).
     ca = trustme.CA()
@@ -1094,7 +1098,7 @@ def test_relay_md_as_written_on_a_booted_root(
     uid = {v: k for k, v in names(booted.root, "passwd").items()}[ADMIN]
     for path in home.iterdir():
         os.chown(path, uid, uid)
-    for block in claimed(INSTALL_PLAN, "docs/install.md")[1:6]:
+    for block in install[2:6]:  # configured (the relay on, with TLS), checked, started
         admin.run_block(block)
     (modality_sends,) = claimed(MODALITY_PLAN, "docs/security.md")
     release, drain = claimed(RELAY_PLAN, "docs/relay.md")
