@@ -981,6 +981,7 @@ def test_operating_docs_as_written_on_a_booted_root(
     for pattern, new in ((r'^# (tls_certificate = "tls/dicomcache\.crt")', r"\1"),
                          (r'^# (tls_key = "tls/dicomcache\.key")', r"\1"),
                          (r"^# http_redirect_port = 80\b", f"http_redirect_port = {redirect_port}"),
+                         (r"^# allowed_hosts = \[.*?\]", f'allowed_hosts = ["{DOC_HOSTS[0]}"]'),
                          (r'^mode = "none"', 'mode = "basic"'),
                          (r'^# (users_file = "users")', r"\1")):
         text = replace_once(text, pattern, new)
