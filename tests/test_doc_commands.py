@@ -10,8 +10,11 @@ lists too) carries tags in its info string:
 * ```` ```sh package ````: run by tests/test_package.py as written (sudo, apt, systemctl,
   journalctl, sudoedit), by an administrator in a clean Debian root booted with systemd,
   with the .deb just built; each block is named in one of that module's plans.
-* ```` ```sh no-test ````: needs what no test here has (another machine, a password
-  typed in, a server that runs until stopped), alone.
+* ```` ```sh build ````: the build of a release, ``./run package``: run by
+  tests/test_package.py to build what it installs (with ``--out`` into its own
+  temporary directory, so a checkout's ``dist/`` is left alone).
+* ```` ```sh no-test ````: needs what no test here has (another machine, a server that
+  runs until stopped, the test suite itself, a benchmark), alone.
 
 A block that is neither run nor marked fails :func:`test_every_command_block_is_tested_or_marked`;
 a ``package`` block no plan names fails :func:`test_every_package_block_is_planned`.
@@ -54,7 +57,7 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELLS = ("sh", "console", "bash", "shell")
 # Indented fences too (a block inside a numbered step): the closing fence at the same indent.
 _BLOCK = re.compile(r"^([ \t]*)```([^\n]*)\n(.*?)^\1```[ \t]*$", re.S | re.M)
-RUN = {"test", "package"}
+RUN = {"test", "package", "build"}
 _SETUP = re.compile(r"^(alias \w+=|[A-Za-z_]\w*=)")
 
 
@@ -98,7 +101,7 @@ def commands(text: str) -> list[str]:
 
 
 def marked(tags: tuple[str, ...]) -> bool:
-    """Run by a test (``test``, ``package`` or both), or ``no-test`` alone."""
+    """Run by a test (``test``, ``package``, ``build``), or ``no-test`` alone."""
     return set(tags) == {"no-test"} or (bool(set(tags) & RUN) and set(tags) <= RUN)
 
 
@@ -128,6 +131,13 @@ def test_every_package_block_is_planned() -> None:
                for b in test_package.claimed(plan, document)}
     unplanned = [b.where for b in blocks() if "package" in b.tags and b.where not in planned]
     assert unplanned == [], "name them in a plan of tests/test_package.py (PLANS)"
+
+
+def test_every_build_block_is_the_package_build() -> None:
+    """tests/test_package.py builds with the one command ```sh build blocks show."""
+    from tests import test_package
+    built = [b for b in blocks() if "build" in b.tags]
+    assert built and all(test_package.build_command(b) == ["./run", "package"] for b in built)
 
 
 def test_the_docs_have_tested_commands() -> None:

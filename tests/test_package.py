@@ -26,6 +26,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 from pydicom import Dataset
 
 from dicomcache import __version__
@@ -45,6 +47,7 @@ from dicomcache.devtools.samples import encode, make_ct_series
 from tests.conftest import Sample, eventually_sync
 from tests.test_doc_commands import Block, blocks, commands
 from tests.test_systemd import directives
+from tests.tls_support import write_ca, write_pair
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = "/etc/dicomcache/config.toml"
@@ -100,11 +103,20 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, P
     if os.geteuid() != 0:
         pytest.skip("installing into a chroot needs root (./run test and CI run as root)")
     out = tmp_path_factory.mktemp("dist")
-    host_run(REPO / "run", "package", "--out", out, timeout=1800)
+    # The documents' build command (```sh build), into this test's directory.
+    (documented,) = {tuple(build_command(b)) for b in blocks() if "build" in b.tags}
+    program, *argv = documented
+    host_run(REPO / program, *argv, "--out", out, timeout=1800)
     (wheel,) = out.glob("dicomcache-*.whl")
     (deb,) = out.glob("dicomcache_*.deb")
     yield wheel, deb
     shutil.rmtree(out, ignore_errors=True)
+
+
+def build_command(block: Block) -> list[str]:
+    """The command of a ```sh build block (one line), as words, its comment left out."""
+    (line,) = commands(block.text)
+    return shlex.split(line, comments=True)
 
 
 def debian_mirror(release: str) -> str:
@@ -440,17 +452,25 @@ def test_the_artifacts_carry_one_version_and_the_license(packages: tuple[Path, P
 # runs.
 
 #: What the booted root has besides the package's dependencies: systemd to boot, D-Bus
-#: for systemctl as a user, sudo and curl as the documents use them.
-BOOTED_EXTRAS = ("curl", "dbus", "sudo", "systemd")
+#: for systemctl as a user, and what the documents' commands use (sudo, curl, openssl,
+#: rsync, Prometheus's promtool, DCMTK's storescu).
+BOOTED_EXTRAS = ("ca-certificates", "curl", "dbus", "dcmtk", "openssl", "prometheus", "rsync",
+                 "sudo", "systemd")
+#: Services of BOOTED_EXTRAS that would start at boot (on this machine's network, which the
+#: booted root shares) and that no document needs running: masked.
+MASKED = ("prometheus.service",)
 ADMIN = "admin"
-#: What ``sudoedit`` opens the files with: stands for the administrator typing the edit.
-#: The edits (a JSON list of [regex, replacement]) and the password come from the test.
+#: What ``sudoedit`` and ``systemctl edit`` open the files with: stands for the
+#: administrator typing the edit.  The edits (a JSON list of [regex, replacement]), the
+#: password and a drop-in's text come from the test.
 EDITOR = """import json, os, re, sys
 for name in sys.argv[1:]:
     with open(name) as f:
         text = f.read()
     if "orthanc-password" in os.path.basename(name):
         text = os.environ["DOC_PASSWORD"] + "\\n"
+    elif "override.conf" in os.path.basename(name):
+        text = os.environ["DOC_DROPIN"]
     else:
         for pattern, new in json.loads(os.environ["DOC_EDITS"]):
             text, n = re.subn(pattern, new, text, count=1, flags=re.M)
@@ -527,8 +547,9 @@ class Booted:
                         timeout=180).stdout.strip()
 
     def run(self, command: str, *, user: str | None = ADMIN, env: dict[str, str] | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        """``command`` by bash in the booted root, as ``user`` (root if None), in its home."""
+            timeout: float = 600, typed: str = "") -> subprocess.CompletedProcess[str]:
+        """``command`` by bash in the booted root, as ``user`` (root if None), in its home,
+        with ``typed`` on its standard input (what a command that asks is answered)."""
         home = f"/home/{user}" if user else "/root"
         environment = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": home,
                        "LANG": "C.UTF-8", "USER": user or "root", "LOGNAME": user or "root",
@@ -538,7 +559,7 @@ class Booted:
         if user is not None:
             inner = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *inner]
         return subprocess.run(["nsenter", f"--target={self.leader}", "--all", "--root",
-                               "--wd", *inner], capture_output=True, text=True,
+                               "--wd", *inner], input=typed, capture_output=True, text=True,
                               timeout=timeout, check=False)
 
     def stop(self) -> None:
@@ -566,10 +587,14 @@ def booted(packages: tuple[Path, Path], tmp_path: Path) -> Iterator[Booted]:
     host_run("tar", "--numeric-owner", "-xpf", tarball, "-C", where)
     sh(where, "useradd", "--create-home", "--shell", "/bin/bash", "--groups",
        "sudo,adm,systemd-journal", ADMIN)
-    (where / "etc/sudoers.d/admin").write_text(f"{ADMIN} ALL=(ALL:ALL) NOPASSWD: ALL\n")
+    # systemctl edit, run by sudo, finds the editor standing in for the administrator.
+    (where / "etc/sudoers.d/admin").write_text(f"{ADMIN} ALL=(ALL:ALL) NOPASSWD: ALL\n"
+                                               'Defaults env_keep += "SYSTEMD_EDITOR DOC_DROPIN"\n')
     (where / "etc/sudoers.d/admin").chmod(0o440)
     # apt asks before installing; an administrator answers yes.
     (where / "etc/apt/apt.conf.d/90yes").write_text('APT::Get::Assume-Yes "true";\n')
+    for unit in MASKED:
+        (where / "etc/systemd/system" / unit).symlink_to("/dev/null")
     editor = where / "usr/local/bin/doc-edit"
     (python, *_) = sorted(where.glob("usr/bin/python3.*[0-9]"))  # the package's dependency
     editor.write_text(f"#!/{python.relative_to(where)}\n{EDITOR}")
@@ -583,6 +608,15 @@ def booted(packages: tuple[Path, Path], tmp_path: Path) -> Iterator[Booted]:
         shutil.rmtree(where, ignore_errors=True)
 
 
+#: Commands that follow a log until the administrator stops them (Ctrl-C): run for
+#: FOLLOW_SECONDS, then interrupted; what they printed by then is checked.
+FOLLOWING = ("journalctl -u dicomcache -f",)
+FOLLOW_SECONDS = 5
+#: Commands that refuse to run without a terminal ("Cannot edit units if not on a tty"):
+#: given one, as the administrator's session has.
+ON_A_TERMINAL = ("sudo systemctl edit ",)
+
+
 @dataclass
 class Operator:
     """Runs the documents' blocks in the booted root as the administrator would type them,
@@ -592,22 +626,36 @@ class Operator:
     replace: dict[str, str]
     env: dict[str, str]
 
-    def run_block(self, block: Block) -> list[str]:
+    def run_block(self, block: Block, typed: str = "") -> list[str]:
         """Each command must exit 0 (a ``curl`` of the just-started service: within a
-        minute); returns what each printed."""
+        minute), but one whose comment says ``# must fail`` must not; a command that
+        follows a log until Ctrl-C (:data:`FOLLOWING`) is stopped after a few seconds.
+        ``typed`` is what the administrator types where a command asks (a password).
+        Returns what each printed."""
         printed = []
         for command in commands(block.text):
             line = command
             for old, new in self.replace.items():
                 line = line.replace(old, new)
+            fails = line.endswith("# must fail")
+            follows = line.startswith(FOLLOWING)
+            if follows:
+                line = f"timeout --signal=INT {FOLLOW_SECONDS} {line}"
+            if line.startswith(ON_A_TERMINAL):  # util-linux's script: a pseudo-terminal
+                line = f"script --quiet --return --command {shlex.quote(line)} /dev/null"
             deadline = time.monotonic() + (60 if line.startswith("curl ") else 0)
             while True:
-                done = self.booted.run(line, env=self.env)
+                done = self.booted.run(line, env=self.env, typed=typed)
                 if done.returncode == 0 or time.monotonic() > deadline:
                     break
                 time.sleep(1)
             said = f"{block.where}: {line}\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
-            assert done.returncode == 0, said
+            if fails:
+                assert done.returncode != 0, said
+            elif follows:
+                assert done.returncode == 124 and done.stdout.strip(), said  # stopped by us
+            else:
+                assert done.returncode == 0, said
             assert "Traceback" not in done.stderr, said
             printed.append(done.stdout + done.stderr)
         return printed
@@ -744,10 +792,6 @@ def test_upgrade_md_as_written_on_a_booted_root(
 PREVIOUS_RELEASE = ("0.1.0", "edaa2c00209d4d00a5a4919e198b4820901745aa")
 #: docs/upgrade.md's way from 0.1.0 (it has no relay drain).
 UPGRADE_FROM_0_1_0_PLAN = ["sudo systemctl stop dicomcache\nsudo tar"]
-#: Every ```sh package block of the documents is run by one of these
-#: (tests/test_doc_commands.py checks it).
-PLANS = [("docs/install.md", INSTALL_PLAN), ("docs/upgrade.md", UPGRADE_PLAN),
-         ("docs/upgrade.md", UPGRADE_FROM_0_1_0_PLAN)]
 
 
 @pytest.fixture(scope="module")
@@ -804,3 +848,283 @@ def test_upgrade_from_the_previous_release_delivers_what_it_left_in_the_spool(
     assert booted.run("systemctl is-active dicomcache").stdout.strip() == "active"
     assert conf.read_text() == configured
     assert (booted.root / "etc/dicomcache/config.toml.dpkg-dist").exists()  # the new example
+
+
+# --- operating it: README.md, operations.md, troubleshooting.md, orthanc.md, security.md ---
+
+#: README.md's install, on the server.
+README_PLAN = ["sudo apt install ./dicomcache_0.1.0_amd64.deb"]
+#: docs/operations.md: the service and its log, the check against the real world, the
+#: alert rules, a drop-in for a cache elsewhere, a hit seen over HTTPS.
+OPERATIONS_PLAN = ["sudo systemctl enable --now dicomcache\nsystemctl status",
+                   "sudo -u dicomcache dicomcache check-config --online",
+                   "sudo install -D -m 644", "sudo systemctl edit dicomcache",
+                   "curl -sI -u alice"]
+#: docs/troubleshooting.md: Orthanc asked from the dicomcache machine; a start that fails.
+TROUBLESHOOTING_PLAN = ["curl -s -o /dev/null", "journalctl -u dicomcache -n 20"]
+#: docs/orthanc.md: Orthanc's answers to dicomcache's user.
+ORTHANC_PLAN = ["curl -su dicomcache http://orthanc.hospital.example:8042/system",
+                "curl -su dicomcache http://orthanc.hospital.example:8042/instances/ID"]
+#: docs/security.md: users, HTTPS, authentication.
+SECURITY_PLAN = ["sudo dicomcache users add alice", "curl --cacert",
+                 "sudo -u dicomcache dicomcache check-config"]
+#: Where the documents' names point in the booted root (its /etc/hosts).
+DOC_HOSTS = ("dicomcache.clinic.example", "orthanc.hospital.example")
+#: The passwords the administrator types (alice's) and a script pipes in (ward3's).
+ALICE_PASSWORD, WARD3_PASSWORD = "alice at the viewer", "ward three's scripted one"
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrthancProcess, str]]:
+    """The documents' Orthanc: dicomcache's user on it is called ``dicomcache``, as they
+    write; one instance in it (its Orthanc ID returned)."""
+    with OrthancProcess(tmp_path_factory.mktemp("hospital"), username="dicomcache") as proc:
+        (ds,) = make_ct_series(1, rows=32, columns=32, seed=31, patient_id="PHOSPITAL")
+        (instance,) = proc.upload([encode(ds, ds.file_meta.TransferSyntaxUID)])
+        yield proc, instance
+
+
+def map_doc_hosts(booted: Booted) -> None:
+    """The documents' host names are this root (its /etc/hosts)."""
+    hosts = booted.root / "etc/hosts"
+    before = hosts.read_text() if hosts.exists() else "127.0.0.1 localhost\n"
+    hosts.write_text(before + f"127.0.0.1 {' '.join(DOC_HOSTS)}\n")
+
+
+def dropin(block: Block) -> str:
+    """What a ``systemctl edit`` block's comment lines say to type."""
+    lines = [line.strip().removeprefix("#").strip() for line in block.text.splitlines()]
+    return "\n".join(line for line in lines[1:] if line) + "\n"
+
+
+def test_operating_docs_as_written_on_a_booted_root(
+        booted: Booted, packages: tuple[Path, Path],
+        hospital: tuple[OrthancProcess, str]) -> None:
+    """Installed as README.md says, then operated as operations.md, troubleshooting.md,
+    orthanc.md and security.md say: with the documents' host names (this root's
+    /etc/hosts), dicomcache's own Orthanc user, a hospital CA of the test's own, the
+    passwords typed on standard input."""
+    orthanc, instance = hospital
+    deb = packages[1]
+    http_port, redirect_port = free_ports(2)
+    admin = operator(booted, orthanc, http_port)
+    admin.replace.update({
+        "dicomcache_0.1.0_amd64.deb": deb.name,
+        "orthanc.hospital.example:8042": f"orthanc.hospital.example:{orthanc.http_port}",
+        "dicomcache.clinic.example:8443": f"dicomcache.clinic.example:{http_port}",
+        "dicomcache.clinic.example:8080": f"dicomcache.clinic.example:{redirect_port}",
+        "/instances/ID/": f"/instances/{instance}/"})
+    admin.env.update({"SYSTEMD_EDITOR": "/usr/local/bin/doc-edit", "PW": WARD3_PASSWORD})
+    map_doc_hosts(booted)
+    (readme,) = claimed(README_PLAN, "README.md")
+    service, online, alerts, edit, hit = claimed(OPERATIONS_PLAN, "docs/operations.md")
+    orthanc_down, not_starting = claimed(TROUBLESHOOTING_PLAN, "docs/troubleshooting.md")
+    orthanc_answers, md5 = claimed(ORTHANC_PLAN, "docs/orthanc.md")
+    users, https, auth = claimed(SECURITY_PLAN, "docs/security.md")
+    typed_orthanc = orthanc.password + "\n"
+
+    # Installed, configured, checked, started: README.md's lines.
+    installed = admin.run_block(readme)
+    assert "not started until it is configured" in installed[0]
+    # Checked against the real Orthanc with the service stopped, as operations.md says
+    # (a running dicomcache holds the port the check tries): every line ok.
+    assert booted.run("sudo systemctl stop dicomcache").returncode == 0
+    (checked,) = admin.run_block(online)
+    assert "upstream.url" in checked and "PROBLEM" not in checked, checked
+    _, status, log = admin.run_block(service)
+    assert "Active: active (running)" in status, status
+    assert "listening on" in log, log
+    (answers, same_log) = admin.run_block(not_starting)
+    assert "listening on" in answers and f"{CONF}: OK" in same_log, same_log
+    # Orthanc as dicomcache's user sees it (the password typed when curl asks).
+    (code,) = admin.run_block(orthanc_down, typed=typed_orthanc)
+    assert re.search(r"^200$", code, re.M), code  # (curl's prompt is on stderr)
+    system, plugins, changes = admin.run_block(orthanc_answers, typed=typed_orthanc)
+    assert '"ApiVersion"' in system and '"dicom-web"' in plugins and '"Changes"' in changes
+    (kept,) = admin.run_block(md5, typed=typed_orthanc)
+    assert re.match(r"[0-9a-f]{32}", kept), kept
+    # The alert rules, installed and found valid by Prometheus's own checker.
+    _, valid = admin.run_block(alerts)
+    assert "SUCCESS" in valid, valid
+
+    # The cache moved to /srv: the drop-in operations.md shows lets the hardened unit
+    # write there (ProtectSystem=strict refuses it otherwise).
+    assert booted.run("sudo install -d -o dicomcache -g dicomcache -m 700 /srv/dicomcache-cache"
+                      ).returncode == 0
+    conf = booted.root / CONF.lstrip("/")
+    conf.write_text(replace_once(conf.read_text(), r'^directory = "/var/cache/dicomcache"',
+                                 'directory = "/srv/dicomcache-cache"'))
+    admin.env["DOC_DROPIN"] = dropin(edit)
+    admin.run_block(edit)
+    assert "ReadWritePaths=/srv/dicomcache-cache" in booted.run(
+        "systemctl cat dicomcache").stdout
+    restarted = booted.run("sudo systemctl restart dicomcache && curl -fsS -o /dev/null "
+                           f"--retry 30 --retry-connrefused --retry-delay 1 "
+                           f"http://127.0.0.1:{http_port}/instances/{instance}/file")
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert [p for p in (booted.root / "srv/dicomcache-cache").rglob("*") if p.is_file()]
+
+    # HTTPS with the hospital's CA (trusted by this root, as by the clinic's machines),
+    # a plain-HTTP port that redirects, Basic authentication with a users file.
+    ca = trustme.CA()
+    tls = booted.root / "etc/dicomcache/tls"
+    pair = write_pair(ca, tls, "dicomcache", DOC_HOSTS[0])
+    gid = {v: k for k, v in names(booted.root, "group").items()}["dicomcache"]
+    for path, mode in ((tls, 0o750), (pair.cert, 0o640), (pair.key, 0o640)):
+        os.chown(path, 0, gid)
+        path.chmod(mode)
+    write_ca(ca, booted.root / "usr/local/share/ca-certificates/hospital-ca.crt")
+    trusted = booted.run("update-ca-certificates", user=None)
+    assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+    assert (booted.root / "etc/ssl/certs/hospital-ca.pem").is_symlink()
+    text = conf.read_text()
+    for pattern, new in ((r'^# (tls_certificate = "tls/dicomcache\.crt")', r"\1"),
+                         (r'^# (tls_key = "tls/dicomcache\.key")', r"\1"),
+                         (r"^# http_redirect_port = 80\b", f"http_redirect_port = {redirect_port}"),
+                         (r"^# allowed_hosts = \[.*?\]", f'allowed_hosts = ["{DOC_HOSTS[0]}"]'),
+                         (r'^mode = "none"', 'mode = "basic"'),
+                         (r'^# (users_file = "users")', r"\1")):
+        text = replace_once(text, pattern, new)
+    conf.write_text(text)
+    out = admin.run_block(users, typed=ALICE_PASSWORD + "\n")
+    assert "added alice (viewer)" in out[0] and "chown dicomcache:" in out[0]
+    assert "updated alice" in out[4] and "removed alice" in out[5]
+    listed = out[6]
+    assert "it-ops" in listed and "ward3" in listed and "alice" not in listed, listed
+    assert "$argon2" not in listed
+    assert owner_mode(booted.root, "/etc/dicomcache/users") == ("dicomcache", "dicomcache", 0o600)
+    # alice again, for what follows (the block above ends by removing her).
+    again = booted.run("sudo dicomcache users add alice --config /etc/dicomcache/config.toml",
+                       typed=ALICE_PASSWORD + "\n")
+    assert again.returncode == 0, again.stdout + again.stderr
+    restarted = booted.run("sudo systemctl restart dicomcache")
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr + booted.run(
+        "journalctl -u dicomcache -n 30 --no-pager").stdout
+
+    healthz, refused, redirect = admin.run_block(https)
+    assert '{"status": "ok"}' in healthz, healthz
+    # Refused by the server (no TLS 1.1 handshake), not by this openssl.
+    assert "no protocols available" not in refused and "Cipher is (NONE)" in refused, refused
+    assert " 308" in redirect, redirect
+
+    checked, anonymous, viewer, not_admin = admin.run_block(auth, typed=ALICE_PASSWORD + "\n")
+    assert "basic:" in checked, checked
+    assert " 401" in anonymous and "www-authenticate" in anonymous.lower(), anonymous
+    assert " 200" in viewer.split("\n", 1)[0] or "HTTP/1.1 200" in viewer, viewer
+    assert " 403" in not_admin, not_admin
+
+    (cached,) = admin.run_block(hit, typed=ALICE_PASSWORD + "\n")
+    assert re.search(r"(?im)^x-cache: (HIT|MISS)", cached), cached
+
+
+
+#: docs/security.md: a modality sending over DICOM TLS (DCMTK's storescu, in this root).
+MODALITY_PLAN = ["storescu +tls"]
+#: docs/relay.md: a quarantined file released; drain, stop, back up before an upgrade.
+RELAY_PLAN = ["sudo -u dicomcache dicomcache relay send",
+              "sudo -u dicomcache dicomcache relay drain --config /etc/dicomcache/config.toml\n"
+              "sudo systemctl stop"]
+
+
+def send_study_tls(booted: Booted, relay_port: int) -> Dataset:
+    """The modality in the root sends one more study over DICOM TLS."""
+    (ds,) = make_ct_series(1, rows=32, columns=32, seed=43, patient_id="PWAITING")
+    home = booted.root / "home" / ADMIN
+    (home / "waiting.dcm").write_bytes(encode(ds, ds.file_meta.TransferSyntaxUID))
+    sent = booted.run("storescu +tls modality.key modality.crt +cf clinic-ca.pem "
+                      f"-aec DICOMCACHE {DOC_HOSTS[0]} {relay_port} /home/{ADMIN}/waiting.dcm")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    return ds
+
+
+def test_relay_md_as_written_on_a_booted_root(
+        booted: Booted, packages: tuple[Path, Path], pacs: OrthancProcess,
+        tmp_path: Path) -> None:
+    """The relay with DICOM TLS towards the modalities (a clinic CA of the test's own):
+    a modality's storescu as security.md shows it; a file quarantined by the relay
+    released as relay.md says; the spool drained, the service stopped and the spool
+    backed up as before an upgrade."""
+    deb = packages[1]
+    http_port, relay_port = free_ports(2)
+    admin = operator(booted, pacs, http_port, extra_edits=[
+        *relay_edits(relay_port, pacs),
+        (r'^# (tls_certificate = "tls/relay\.crt")(?=\s+# PEM chain)', r"\1"),
+        (r'^# (tls_key = "tls/relay\.key")(?=\s+# PEM, unencrypted)', r"\1"),
+        (r'^# (tls_ca_file = "tls/modalities-ca\.pem")', r"\1")])
+    admin.replace.update({"dicomcache_0.1.0_amd64.deb": deb.name,
+                          f"{DOC_HOSTS[0]} 11112 ": f"{DOC_HOSTS[0]} {relay_port} "})
+    map_doc_hosts(booted)
+    install = claimed(INSTALL_PLAN, "docs/install.md")
+    admin.run_block(install[1])  # installed: its user and /etc/dicomcache exist
+    # The clinic's CA: the relay's certificate, the modalities' CA; a modality's own
+    # certificate and a study in the administrator's home (the modality, here).
+    ca = trustme.CA()
+    tls = booted.root / "etc/dicomcache/tls"
+    relay_pair = write_pair(ca, tls, "relay", DOC_HOSTS[0])
+    write_ca(ca, tls / "modalities-ca.pem")
+    gid = {v: k for k, v in names(booted.root, "group").items()}["dicomcache"]
+    for path, mode in ((tls, 0o750), (relay_pair.cert, 0o640), (relay_pair.key, 0o640),
+                       (tls / "modalities-ca.pem", 0o644)):
+        os.chown(path, 0, gid)
+        path.chmod(mode)
+    home = booted.root / "home" / ADMIN
+    write_pair(ca, home, "modality", "modality.clinic.example")
+    write_ca(ca, home / "clinic-ca.pem")
+    study = make_ct_series(2, rows=32, columns=32, seed=41, patient_id="PMODALITY")
+    for i, ds in enumerate(study):
+        (home / f"ct{i}.dcm").write_bytes(encode(ds, ds.file_meta.TransferSyntaxUID))
+    uid = {v: k for k, v in names(booted.root, "passwd").items()}[ADMIN]
+    for path in home.iterdir():
+        os.chown(path, uid, uid)
+    for block in install[2:6]:  # configured (the relay on, with TLS), checked, started
+        admin.run_block(block)
+    (modality_sends,) = claimed(MODALITY_PLAN, "docs/security.md")
+    release, drain = claimed(RELAY_PLAN, "docs/relay.md")
+
+    # The modality sends over DICOM TLS; the relay forwards to the PACS.
+    admin.run_block(modality_sends)
+    eventually_sync(lambda: all(stored(pacs, ds) for ds in study), timeout=120, interval=1,
+                    what="the study sent over DICOM TLS, at the PACS")
+
+    # A file in the spool that the relay did not write (found at its start): quarantined.
+    assert booted.run("sudo systemctl stop dicomcache").returncode == 0
+    (liar,) = make_ct_series(1, rows=32, columns=32, seed=42, patient_id="PQUARANTINE")
+    stray = booted.root / "var/lib/dicomcache/spool/objects/stray.dcm"
+    stray.write_bytes(encode(liar, liar.file_meta.TransferSyntaxUID))
+    service_uid = {v: k for k, v in names(booted.root, "passwd").items()}["dicomcache"]
+    os.chown(stray, service_uid, gid)
+    assert booted.run("sudo systemctl start dicomcache").returncode == 0
+    quarantine = booted.root / "var/lib/dicomcache/spool/quarantine"
+    (reason,) = eventually_sync(lambda: list(quarantine.glob("*.reason.json")), timeout=120,
+                                interval=1, what="the stray file quarantined")
+    assert "not written by the relay" in reason.read_text()
+    name = reason.name.removesuffix(".reason.json")
+    assert not stored(pacs, liar)
+    admin.replace["/quarantine/NAME.dcm"] = f"/quarantine/{name}.dcm"
+    (released,) = admin.run_block(release)
+    assert "sent 1/1" in released, released
+    assert stored(pacs, liar)
+    # Step 3: the released file and its reason deleted, as relay.md says.
+    removed = booted.run(f"sudo rm /var/lib/dicomcache/spool/quarantine/{name}.dcm "
+                         f"/var/lib/dicomcache/spool/quarantine/{name}.reason.json")
+    assert removed.returncode == 0, removed.stderr
+
+    # Before an upgrade: a study waiting, drained to the PACS, the service stopped, the
+    # spool backed up.
+    waiting = send_study_tls(booted, relay_port)
+    drained, _, _ = admin.run_block(drain)
+    assert stored(pacs, waiting), drained
+    assert booted.run("systemctl is-active dicomcache").stdout.strip() == "inactive"
+    backup = booted.root / "root/spool-before-upgrade"
+    assert (backup / "state.sqlite").is_file() and (backup / "quarantine").is_dir()
+    assert owner_mode(booted.root, "/root/spool-before-upgrade/state.sqlite")[0] == "dicomcache"
+
+
+#: Every ```sh package block of the documents is run by one of these
+#: (tests/test_doc_commands.py checks it).
+PLANS = [("docs/install.md", INSTALL_PLAN), ("docs/upgrade.md", UPGRADE_PLAN),
+         ("docs/upgrade.md", UPGRADE_FROM_0_1_0_PLAN), ("README.md", README_PLAN),
+         ("docs/operations.md", OPERATIONS_PLAN),
+         ("docs/troubleshooting.md", TROUBLESHOOTING_PLAN), ("docs/orthanc.md", ORTHANC_PLAN),
+         ("docs/security.md", SECURITY_PLAN), ("docs/security.md", MODALITY_PLAN),
+         ("docs/relay.md", RELAY_PLAN)]
