@@ -96,6 +96,21 @@ async def test_sop_class_mismatch_gets_0xA900(tmp_path: Path, relay_factory) -> 
     assert len(list((tmp_path / "spool" / "quarantine").glob("*.reason.json"))) == 1
 
 
+async def test_sop_instance_mismatch_gets_0xA900(tmp_path: Path, relay_factory) -> None:
+    r = await relay_factory(_relay_settings(tmp_path))
+    mr = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
+    # Announced as one instance (the File Meta, sent as the request's UID), another inside.
+    ds = dcmread(mr)
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7"
+    path = tmp_path / "liar.dcm"
+    ds.save_as(path)
+    assert await asyncio.to_thread(send_raw, r.port, path) == 0xA900
+    reasons = list((tmp_path / "spool" / "quarantine").glob("*.reason.json"))
+    assert len(reasons) == 1
+    assert "1.2.3.4.5.6.7" in reasons[0].read_text()
+    assert not list((tmp_path / "spool" / "objects").iterdir())
+
+
 async def test_disk_full_answers_0xA700_and_keeps_nothing(tmp_path: Path, relay_factory
                                                           ) -> None:
     """ENOSPC from the spool's write path (injected: the writer is a parameter)."""
