@@ -259,17 +259,49 @@ class SyslogSender:
 
     @staticmethod
     def _closed_by_peer(sock: socket.socket) -> bool:
-        """A collector never writes: a readable connection is one it closed."""
+        """Whether the collector closed the connection.  A collector has nothing to say,
+        but a readable connection is not always a closed one: a TLS 1.3 server sends
+        session tickets after the handshake.  What can be read is read (TLS consumes its
+        own records), so that only an end of stream counts, and so that the socket is
+        never closed with unread bytes, which sends a reset that can make the collector
+        drop messages it has not read yet."""
         try:
             readable, _, _ = select.select([sock], [], [], 0)
         except (OSError, ValueError):
             return True
-        return bool(readable)
+        return bool(readable) and _drained(sock)
 
     def _disconnect(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
             try:
+                _drained(sock)  # unread bytes would turn the close into a reset
                 sock.close()
             except OSError:
                 pass
+
+
+#: Reads of what a collector sent before the connection is judged (bounded: one that
+#: keeps writing is not read forever).
+_DRAIN_READS = 16
+
+
+def _drained(sock: socket.socket) -> bool:
+    """Read, without waiting, what ``sock``'s peer has sent; True at its end of stream
+    (or on an error: the connection is unusable), False when nothing more is there."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        for _ in range(_DRAIN_READS):
+            if not sock.recv(4096):
+                return True
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+        return False
+    except OSError:  # ssl.SSLError included
+        return True
+    finally:
+        try:
+            sock.settimeout(timeout)
+        except OSError:
+            pass
+    return False
