@@ -162,6 +162,26 @@ def _key(item: SendItem) -> tuple[str, str]:
     return (item.sop_class, item.transfer_syntax)
 
 
+@dataclass(slots=True)
+class _Batch:
+    """One :meth:`StoreSCU.send` call's state, shared by every association it uses."""
+
+    pending: deque[SendItem]
+    report: BatchReport
+    #: Each outcome as it comes (records it; the caller may turn a retry into quarantined).
+    done: Callable[[Outcome], None]
+    should_stop: Callable[[], bool]
+    #: SOP class → syntaxes the peer accepted in any association of this batch.
+    seen: dict[str, set[str]] = field(default_factory=dict)
+    #: SOP class → the results the peer gave its contexts in this batch (PS3.8 §9.3.3.2).
+    refused: dict[str, set[int]] = field(default_factory=dict)
+
+    def give_up_rest(self) -> None:
+        """The rest is not attempted in this batch (it stays pending in the spool)."""
+        self.report.not_attempted.extend(i.key for i in self.pending)
+        self.pending.clear()
+
+
 class StoreSCU:
     """C-STORE SCU for one destination with strategy fallback and transcoding."""
 
@@ -413,19 +433,14 @@ class StoreSCU:
         report = BatchReport()
         walk = fb.Walk.start(self.dest.transfer_syntax_strategy, start_strategy,
                              self.dest.max_association_retries)
-        pending = deque(items)
-        #: SOP class → syntaxes the peer accepted in any association of this batch.
-        seen: dict[str, set[str]] = {}
-        #: SOP class → the results the peer gave its contexts in this batch (PS3.8 §9.3.3.2).
-        refused: dict[str, set[int]] = {}
-
         def done(res: Outcome) -> None:
             report.results.append(res)
             if on_result is not None:
                 on_result(res)
 
+        batch = _Batch(deque(items), report, done, should_stop)
         try:
-            self._walk(walk, pending, seen, refused, report, done, should_stop)
+            self._walk(walk, batch)
         except BaseException:
             # (on_result raised: the spool, the caller's): nothing is left open behind it.
             with self._lock:
@@ -444,22 +459,14 @@ class StoreSCU:
                      sum(r.transcoded for r in delivered))
         return report
 
-    def _walk(
-        self,
-        walk: fb.Walk,
-        pending: deque[SendItem],
-        seen: dict[str, set[str]],
-        refused: dict[str, set[int]],
-        report: BatchReport,
-        done: Callable[[Outcome], None],
-        should_stop: Callable[[], bool],
-    ) -> None:
+    def _walk(self, walk: fb.Walk, batch: _Batch) -> None:
         """:meth:`send`'s loop: one association per strategy tried (the first may be the
         one kept open from the last batch)."""
+        pending, report = batch.pending, batch.report
         reusable = True
         while pending:
-            if should_stop():
-                report.not_attempted.extend(i.key for i in pending)
+            if batch.should_stop():
+                batch.give_up_rest()
                 break
             if walk.attempts > 1:
                 log.warning("%s", fb.fallback_message(walk, self.peer, len(pending),
@@ -469,8 +476,7 @@ class StoreSCU:
             reusable = False  # only at the batch's start: its walk is where a new one starts
             if kept is not None:
                 old, usable = kept
-                walk, stale = self._send_on(old.assoc, proposals, usable, walk, pending, seen,
-                                            refused, report, done, should_stop, reused=old)
+                walk, stale = self._send_on(old.assoc, proposals, usable, walk, batch, reused=old)
                 if stale:
                     log.info("The association kept open with %s was closed by the peer as "
                              "the batch began: sending again on a new one", self.peer)
@@ -481,12 +487,12 @@ class StoreSCU:
             except tls.TLSFileError as exc:
                 report.destination_error = f"DICOM TLS towards {self.peer} cannot start: {exc}"
                 log.error("%s", report.destination_error)
-                report.not_attempted.extend(i.key for i in pending)
+                batch.give_up_rest()
                 break
             n_contexts = len(proposals)
             outcome = _association_outcome(assoc)
             for sop_class, codes in fb.refusals(_context_results(assoc)).items():
-                refused.setdefault(sop_class, set()).update(codes - {neg.ACCEPTANCE})
+                batch.refused.setdefault(sop_class, set()).update(codes - {neg.ACCEPTANCE})
             step = fb.after_association(walk, outcome, peer=self.peer, n_contexts=n_contexts,
                                         sources=[i.source for i in pending])
             if not isinstance(step, fb.UseAssociation):
@@ -501,19 +507,19 @@ class StoreSCU:
             elif isinstance(step, fb.QuarantineRest):
                 while pending:
                     item = pending.popleft()
-                    self._quarantine(item, walk, fb.no_context(item.sop_class, seen, refused,
-                                                               self.encodable), done)
+                    self._quarantine(item, walk, fb.no_context(item.sop_class, batch.seen,
+                                                               batch.refused, self.encodable),
+                                     batch.done)
                 break
             elif isinstance(step, fb.DestinationError):
                 log.warning("%s", step.message)
                 report.destination_error = step.message
-                report.not_attempted.extend(i.key for i in pending)
+                batch.give_up_rest()
                 break
             else:
                 self._count("established")
                 _tune_socket(assoc, self.timeout)
-                walk, _ = self._send_on(assoc, proposals, _accepted(assoc), walk, pending, seen,
-                                        refused, report, done, should_stop)
+                walk, _ = self._send_on(assoc, proposals, _accepted(assoc), walk, batch)
 
     def _send_on(
         self,
@@ -521,54 +527,50 @@ class StoreSCU:
         proposals: Sequence[neg.Proposal],
         accepted: Sequence[neg.Accepted],
         walk: fb.Walk,
-        pending: deque[SendItem],
-        seen: dict[str, set[str]],
-        refused: dict[str, set[int]],
-        report: BatchReport,
-        done: Callable[[Outcome], None],
-        should_stop: Callable[[], bool],
+        batch: _Batch,
         *,
         reused: _Kept | None = None,
     ) -> tuple[fb.Walk, bool]:
-        """Send ``pending`` in order on an established association (negotiated for
-        ``proposals``; ``accepted``: its contexts to use), until none is left, a stop is
-        asked for, the batch ends, or the next instance needs a fallback; then keep it
-        open for the next batch or release it (:meth:`_finish`).
+        """Send the batch's pending instances in order on an established association
+        (negotiated for ``proposals``; ``accepted``: its contexts to use), until none is
+        left, a stop is asked for, the batch ends, or the next instance needs a fallback;
+        then keep it open for the next batch or release it (:meth:`_finish`).
 
         ``reused``: it was kept open from an earlier batch (kept again as negotiated
         then).  Returns the walk to go on with, and whether such an association was
         found closed by the peer at its first C-STORE: that instance is back at the
-        head of ``pending``, nothing recorded for it (no answer came: it is sent again
-        on a new association)."""
+        head of the pending ones, nothing recorded for it (no answer came: it is sent
+        again on a new association)."""
+        pending, report = batch.pending, batch.report
         negotiated = (reused.proposed, reused.accepted) if reused else (proposals, accepted)
         first_on_kept = reused is not None
         by_class: dict[str, set[str]] = {}
         for acc in accepted:
             by_class.setdefault(acc.abstract_syntax, set()).add(acc.transfer_syntax)
         for sop_class, syntaxes in by_class.items():
-            seen.setdefault(sop_class, set()).update(syntaxes)
+            batch.seen.setdefault(sop_class, set()).update(syntaxes)
         proposed = {p.abstract_syntax for p in proposals}
         sent = 0
         clean = True  # no transient refusal, no broken association: worth keeping
         after = walk
-        while pending and not should_stop():
+        while pending and not batch.should_stop():
             item = pending[0]
             if item.sop_class not in proposed:
                 # Cut off by the context limit (a widened association proposes more per
                 # class): it goes in the next batch, not judged on contexts never offered.
-                report.not_attempted.extend(i.key for i in pending)
-                pending.clear()
+                batch.give_up_rest()
                 break
-            step = fb.for_instance(walk, item.source, accepted, seen, encodable=self.encodable,
+            step = fb.for_instance(walk, item.source, accepted, batch.seen,
+                                   encodable=self.encodable,
                                    allow_lossy=self.dest.allow_lossy_recompression,
-                                   refused=refused, pending=[i.source for i in pending])
+                                   refused=batch.refused, pending=[i.source for i in pending])
             if isinstance(step, fb.FallBack):
                 report.refused_keys.add(_key(item))
                 after = step.walk
                 break
             pending.popleft()
             if isinstance(step, fb.Quarantine):
-                self._quarantine(item, walk, step.message, done)
+                self._quarantine(item, walk, step.message, batch.done)
                 continue
             res, unanswered = self._send_one(assoc, item, step.choice, walk.strategy,
                                              walk.attempts)
@@ -578,18 +580,17 @@ class StoreSCU:
                 self._drop(assoc)
                 return walk, True
             first_on_kept = False  # the peer answered on it: a failure from here is its own
-            done(res)  # (may turn a retry into quarantined)
+            batch.done(res)  # (may turn a retry into quarantined)
             if res.outcome == DELIVERED:
                 sent += 1
             elif res.outcome == RETRY:
                 clean = False
             end = fb.after_result(res.outcome, alive, res.reason, peer=self.peer)
             if isinstance(end, fb.EndBatch):
-                report.not_attempted.extend(i.key for i in pending)
-                pending.clear()
+                batch.give_up_rest()
                 if end.destination_error:
                     report.destination_error = end.destination_error
-        keep = clean and after is walk and not pending and not should_stop()
+        keep = clean and after is walk and not pending and not batch.should_stop()
         self._finish(assoc, *negotiated, keep=keep)
         if sent:
             report.accepted_syntaxes = {k: sorted(v) for k, v in by_class.items()}
