@@ -160,6 +160,12 @@ class UpstreamSettings:
     #: ``1.2.840.10008.1.2.4.80``: ~3x fewer bytes than native); ``""``: off.  The
     #: stored original instance stays what is served for anything byte-exact.
     frames_transfer_syntax: str = ""
+    #: Connections to Orthanc opened ahead when a viewer searches or opens a series
+    #: (a cheap ``GET /system`` each, at most once a second), so the requests that
+    #: follow (the other series' metadata, each frame's body and its MD5) do not each
+    #: wait for a new connection; 0: off.  Orthanc closes an idle one after ~1 s.
+    #: Read as at most ``max_connections - 1`` when not given.
+    warm_connections: int = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -662,7 +668,18 @@ def _upstream(sec: _Section, base: Path) -> UpstreamSettings:
                                      minimum=1 << 16),
         read_through_temp=sec.size("read_through_temp", d.read_through_temp, minimum=0),
         frames_transfer_syntax=_frames_transfer_syntax(sec, d.frames_transfer_syntax),
+        warm_connections=_warm_connections(sec, d.warm_connections, max_connections),
     )
+
+
+def _warm_connections(sec: _Section, default: int, max_connections: int) -> int:
+    """At least 0; fewer than ``max_connections`` (a viewer's own request needs one).
+    Not given: the default, or fewer for a small pool."""
+    value = sec.get("warm_connections", int, max(0, min(default, max_connections - 1)))
+    if not 0 <= value < max_connections:
+        sec.problem("warm_connections", f"must be between 0 (off) and max_connections - 1 "
+                    f"({max_connections - 1}), not {value}")
+    return value
 
 
 def _frames_transfer_syntax(sec: _Section, default: str) -> str:

@@ -161,7 +161,8 @@ class Metrics:
         self.upstream_seconds = Histogram(
             "dicomcache_upstream_request_duration_seconds",
             "Time of one request to Orthanc, by kind (instance, md5, lookup, passthrough, "
-            "series: a whole series stream, md5_lookups: all MD5 lookups of one).",
+            "series: a whole series stream, md5_lookups: all MD5 lookups of one, warm: a "
+            "connection opened ahead of a viewer's requests).",
             ["kind"], buckets=_LATENCY_BUCKETS, registry=r)
         self.upstream_retries = Counter(
             "dicomcache_upstream_retries_total", "Requests to Orthanc retried, by cause.",

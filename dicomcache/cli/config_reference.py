@@ -147,6 +147,11 @@ SECTIONS: dict[str, Section] = {
                                           "the one Orthanc 1.10 makes); the cached original "
                                           "serves everything else.",
                                           default="`\"\"`: off"),
+            "warm_connections": Key("Connections to Orthanc opened ahead (a `GET /system` "
+                                    "each, at most once a second) when a viewer searches or "
+                                    "opens a series, so the metadata and frames that follow "
+                                    "do not each wait for a new connection (one round trip, "
+                                    "two over TLS); 0: off.", "count"),
         }),
     "cache": Section(
         "The verified store on local disk.", "integrity.md", {

@@ -71,6 +71,12 @@ FORWARDED_REQUEST_HEADERS = ("Accept", "Accept-Language", "Content-Type",
                              "If-None-Match", "If-Modified-Since")
 #: Ask for gzip (JSON answers; instances as :meth:`OrthancClient.body_encoding` says).
 GZIP = {"Accept-Encoding": "gzip"}
+#: The requests that start a viewer's burst (a search, a series opened, frames read
+#: through): more follow at once, each wanting a connection (:meth:`OrthancClient.warm_up`).
+WARMING_KINDS = frozenset({"passthrough", "metadata", "frames"})
+#: At most one warm-up this often (seconds): what it opened is then in use or idle
+#: (Orthanc closes an idle connection after ~1 s, and so do we, sooner).
+WARM_EVERY = 1.0
 
 
 class OrthancClient:
@@ -106,6 +112,9 @@ class OrthancClient:
             raise_for_status=False,
         )
         self._rng = random.Random()
+        #: When connections were last opened ahead (:meth:`warm_up`), and those requests.
+        self._warmed_at = -WARM_EVERY
+        self._warming: set[asyncio.Task[None]] = set()
         #: Connections the read-through may hold (``read_through_connections``): the
         #: rest of the pool stays free for viewers' misses and metadata.
         self.read_through_slots = asyncio.Semaphore(settings.read_through_connections)
@@ -145,8 +154,41 @@ class OrthancClient:
         return cls(settings, metrics, ssl_context=ctx)
 
     async def close(self) -> None:
+        for task in list(self._warming):
+            task.cancel()
+        await asyncio.gather(*self._warming, return_exceptions=True)
         await self.breaker.close()
         await self.session.close()
+
+    def warm_up(self) -> None:
+        """Have ``upstream.warm_connections`` connections to Orthanc ready, in the
+        background: a viewer's search or series is followed at once by more requests
+        (OHIF: each series' metadata, then six frames, each a body and its MD5), each
+        on a new connection when the pool has none idle, one round trip more (two
+        over TLS) than on an open one.  A browser straight to Orthanc opens them as
+        it goes; dicomcache knows they are coming.
+
+        Each is a ``GET /system`` (an idle connection is reused, so afterwards at
+        least that many are open).  Not more than once per :data:`WARM_EVERY`, not
+        while the circuit is open; its failures are nobody's (the requests that
+        follow judge the link)."""
+        n = self.settings.warm_connections
+        now = time.monotonic()
+        if n <= 0 or now - self._warmed_at < WARM_EVERY or self.breaker.is_open:
+            return
+        self._warmed_at = now
+        for _ in range(n):
+            task = asyncio.get_running_loop().create_task(self._warm_one())
+            self._warming.add(task)
+            task.add_done_callback(self._warming.discard)
+
+    async def _warm_one(self) -> None:
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout + self.settings.read_timeout):
+                async with self.open("GET", "/system", kind="warm") as resp:
+                    await resp.read()
+        except (UpstreamError, TimeoutError):
+            pass
 
     async def probe(self) -> bool:
         """One cheap ``GET /system``: True when Orthanc answers at all."""
@@ -234,6 +276,9 @@ class OrthancClient:
         started = time.monotonic()
         what = f"{method} {path.split('?', 1)[0]}"
         url = self.url(path, encoded=encoded)
+        if kind in WARMING_KINDS:
+            # Its tasks start after this request has taken an idle connection, if any.
+            self.warm_up()
         try:
             async with self.session.request(method, url, data=body, headers=headers,
                                             params=params, allow_redirects=False) as resp:
