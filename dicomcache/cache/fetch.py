@@ -307,6 +307,12 @@ class Fetcher:
             return await self._commit_file(orthanc_id, summary, received, received.temp)
         assert received.data is not None
         fetched = Instance.verified(summary, received.md5, received.data, orthanc_id)
+        if orthanc_id in self._urgent:
+            # A viewer waits: it gets the verified body now; the disk copy follows (a
+            # lookup meanwhile waits for it: AsyncStore.commit_soon).
+            self.store.commit_soon(fetched).add_done_callback(
+                functools.partial(self._committed_late, orthanc_id))
+            return fetched
         try:
             stored = await self.store.commit_now(fetched)
         except OSError as exc:  # StoreFull included
@@ -314,6 +320,17 @@ class Fetcher:
             self.metrics.note_uncached(orthanc_id, exc)
             return fetched
         return stored or fetched  # None: evicted at once, bigger than the whole cache
+
+    def _committed_late(self, orthanc_id: str, done: asyncio.Future[Instance | None]) -> None:
+        """The disk copy of a body already served: only caching can have failed."""
+        if done.cancelled():
+            return
+        exc = done.exception()
+        if isinstance(exc, OSError):  # StoreFull included
+            self.metrics.note_uncached(orthanc_id, exc)
+        elif exc is not None:
+            log.error("instance %s: its disk copy failed (%s: %s); served uncached",
+                      orthanc_id, type(exc).__name__, exc)
 
     async def _commit_file(self, orthanc_id: str, summary: DicomSummary, received: Received,
                            temp: Path) -> Instance:

@@ -1201,6 +1201,8 @@ class AsyncStore:
         #: (in memory until durable).
         self._pending: dict[str, asyncio.Future[Instance | None]] = {}
         self._pending_body: dict[str, Instance] = {}
+        #: Commits of bodies already served (:meth:`commit_soon`).
+        self._soon: set[asyncio.Task[Instance | None]] = set()
 
     @property
     def committer(self) -> asyncio.Task[None] | None:
@@ -1263,6 +1265,26 @@ class AsyncStore:
         misses an instance being committed).
         """
         fut: asyncio.Future[Instance | None] = asyncio.get_running_loop().create_future()
+        self._track(body, fut)
+        self._queue.append((body, fut))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_queued(), name="store commits")
+        return fut
+
+    def commit_soon(self, body: Instance) -> asyncio.Future[Instance | None]:
+        """:meth:`commit_now` in a task of its own, for a body its viewer is served from
+        memory meanwhile (a cold frame answered once verified, not once durable).  Until
+        it settles, :meth:`get` of the instance waits for it, as for :meth:`queue_commit`;
+        :meth:`drain` waits for it too."""
+        task = asyncio.get_running_loop().create_task(self.commit_now(body),
+                                                      name=f"store commit {body.orthanc_id}")
+        self._track(body, task)
+        self._soon.add(task)
+        task.add_done_callback(self._soon.discard)
+        return task
+
+    def _track(self, body: Instance, fut: asyncio.Future[Instance | None]) -> None:
+        """``body`` is being committed by ``fut``: lookups wait for it until it settles."""
         oid = body.orthanc_id
         self._pending[oid] = fut
         self._pending_body[oid] = body
@@ -1274,10 +1296,18 @@ class AsyncStore:
             if not f.cancelled():
                 f.exception()  # retrieved: the waiter may have gone
         fut.add_done_callback(settled)
-        self._queue.append((body, fut))
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(self._commit_queued(), name="store commits")
-        return fut
+
+    def peek(self, orthanc_id: str) -> Instance | None:
+        """A known entry, or a verified body being committed, without I/O."""
+        return self.sync.peek(orthanc_id) or self._pending_body.get(orthanc_id)
+
+    def peek_uids(self, sop_uid: str) -> list[Instance]:
+        """Known entries, and verified bodies being committed, with this SOP Instance
+        UID, without I/O."""
+        known = self.sync.peek_uids(sop_uid)
+        ids = {i.orthanc_id for i in known}
+        return known + [b for b in self._pending_body.values()
+                        if b.sop_uid == sop_uid and b.orthanc_id not in ids]
 
     def pending_body(self, orthanc_id: str) -> Instance | None:
         """The verified body of an instance queued or being committed (not durable yet).
@@ -1292,6 +1322,8 @@ class AsyncStore:
         """Wait until every commit queued so far is durable (or failed)."""
         while self._committer is not None and not self._committer.done():
             await asyncio.wait([self._committer])
+        if self._soon:
+            await asyncio.wait(list(self._soon))
 
     def _take_group(self) -> list[tuple[Instance, asyncio.Future[Instance | None]]]:
         group = [self._queue.popleft()]

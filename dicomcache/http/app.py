@@ -267,7 +267,8 @@ async def prefetch_touch(request: web.Request, response: web.StreamResponse) -> 
     """
     prefetcher = request.app.get(PREFETCHER)
     if prefetcher is not None and request.method == "GET" and response.status < 400:
-        store = request.app[STORE].sync
+        # (Entries known in memory, and bodies just served whose disk copy is under way.)
+        store = request.app[STORE]
 
         def by_sop(sop: str) -> Instance | None:
             found = store.peek_uids(sop)

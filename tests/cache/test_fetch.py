@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from dicomcache.devtools.wanem import LinkProfile, WanEmulator
 from dicomcache.http.app import make_app
-from dicomcache.http.keys import METRICS
+from dicomcache.http.keys import METRICS, STORE
 from tests.conftest import Sample, SettingsFactory, metric_value
 
 FAULTS = ["truncate_lying", "truncate", "close_early", "reset", "corrupt", "status_503"]
@@ -166,6 +166,7 @@ async def test_full_disk_still_serves_the_verified_instance(
         assert resp.status == 200 and await resp.read() == s.data
         assert resp.headers["ETag"] == f'"{hashlib.md5(s.data).hexdigest()}"'
     assert wan.requests[f"/instances/{s.orthanc_id}/file"] == 2
+    await client.app[STORE].drain()  # each was served before its disk copy was tried
     # The failed write degraded the cache: the next body is not even tried.  Counted
     # every time, logged once (a full disk would otherwise log every instance).
     metrics = client.app[METRICS]
@@ -186,3 +187,40 @@ async def test_corrupted_md5_answer_is_not_taken_for_no_md5(
     wan.set_profile(LinkProfile())
     resp = await client.get(f"/instances/{s.orthanc_id}/file")
     assert resp.status == 200 and await resp.read() == s.data
+
+
+async def test_a_viewer_gets_its_verified_instance_before_its_disk_copy(
+        client: TestClient, wan: WanEmulator, ct_series: list[Sample],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A viewer's cold instance is answered once verified; its copy on the cache disk
+    (a write and three fsyncs: slow on a busy disk) follows, and a lookup meanwhile
+    waits for it instead of downloading again."""
+    import threading
+
+    from dicomcache.cache.instance import Instance
+    from dicomcache.cache.store import Store
+
+    release = threading.Event()
+    commit_body = Store.commit_body
+
+    def slow_disk(self: Store, body: Instance) -> Instance | None:
+        release.wait(30)
+        return commit_body(self, body)
+
+    monkeypatch.setattr(Store, "commit_body", slow_disk)
+    s = ct_series[6]
+    try:
+        resp = await asyncio.wait_for(client.get(f"/instances/{s.orthanc_id}/file"), 10)
+        assert resp.status == 200 and await resp.read() == s.data
+        again = asyncio.ensure_future(client.get(f"/instances/{s.orthanc_id}/file"))
+        await asyncio.sleep(0.2)
+        assert not again.done(), "a lookup did not wait for the disk copy under way"
+    finally:
+        release.set()
+    resp = await again
+    assert resp.status == 200 and await resp.read() == s.data
+    store = client.app[STORE]
+    await store.drain()
+    stored = await store.get(s.orthanc_id)
+    assert stored is not None and stored.path is not None and stored.path.exists()
+    assert wan.requests[f"/instances/{s.orthanc_id}/file"] == 1

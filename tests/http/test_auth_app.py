@@ -344,6 +344,7 @@ async def test_prefetch_only_after_authorization_and_bounded_per_principal(
     # The principal's budget (one study) is spent: the next study is served, not prefetched.
     assert (await client.get(file_path(second[0]), headers=VERA)).status == 200
     assert await prefetcher.idle(10)
+    await client.app[STORE].drain()  # its disk copy follows its answer
     assert stored(second) == 1
     assert stored(denied) == 0
     # Another principal has a budget of their own.
