@@ -301,7 +301,7 @@ SECTIONS: dict[str, Section] = {
             "retrieve_concurrency": Key("Instances read or downloaded ahead while a series "
                                         "or study retrieve streams; 1 to 64.", "count"),
             "public_url": Key("Base of the links written into metadata, e.g. "
-                              "`https://dicomcache.clinic.example:8080`.",
+                              "`https://dicomcache.clinic.example:8443`.",
                               default="not set: from the viewer's `Host`/`Forwarded`"),
         }),
     "cors": Section(
