@@ -85,18 +85,18 @@ SECTIONS: dict[str, Section] = {
             "max_requests_per_client": Key("Requests one client (an address, an IPv6 /64, or "
                                            "the client a trusted proxy names) may have in "
                                            "progress; more wait their turn, up to 8 times as "
-                                           "many, beyond that 429. 0: no limit."),
+                                           "many, beyond that 429. 0: no limit.", "count"),
             "client_rate": Key("Requests per second one client may send on average "
                                "(bursts up to `client_burst`); beyond that 429 with "
-                               "`Retry-After`. 0: no limit."),
+                               "`Retry-After`. 0: no limit.", "requests/s"),
             "client_burst": Key("Requests one client may send at once before `client_rate` "
                                 "applies (OHIF opening a 1,000-slice series sends about "
-                                "1,000)."),
+                                "1,000).", "count"),
             "max_connections_per_client": Key(
                 "Connections one client (an address or an IPv6 /64) may hold open on the "
                 "viewer port; beyond it its longest idle one is closed (or the new one, when "
                 "none is idle). Proxies in `[audit] trusted_proxies` are exempt. Raise it when "
-                "many workstations share one address (NAT). 0: no limit."),
+                "many workstations share one address (NAT). 0: no limit.", "count"),
         }),
     "upstream": Section(
         "The hospital's Orthanc, and how dicomcache talks to it.", "operations.md", {
