@@ -78,8 +78,8 @@ SECTIONS: dict[str, Section] = {
             "tls_certificate": Key("PEM chain (this server's certificate first, then the "
                                    "intermediates): the viewer port speaks HTTPS only.",
                                    applies=TLS_FILES),
-            "tls_key": Key("PEM private key of `tls_certificate`, unencrypted, mode 0600.",
-                           applies=TLS_FILES),
+            "tls_key": Key("PEM private key of `tls_certificate`, unencrypted, readable by "
+                           "the service only (`root:dicomcache` 0640).", applies=TLS_FILES),
             "http_redirect_port": Key("With TLS: a plain-HTTP port answering every request "
                                       "with a 308 to the same path over HTTPS.", "port"),
             "max_requests_per_client": Key("Requests one client (an address, an IPv6 /64, or "
@@ -106,8 +106,9 @@ SECTIONS: dict[str, Section] = {
             "username": Key("HTTP basic user dicomcache uses towards Orthanc (viewers never "
                             "see it)."),
             "password": Key("Its password; prefer `password_file`."),
-            "password_file": Key("File holding only the password (mode 0600), relative to "
-                                 "the config file."),
+            "password_file": Key("File holding only the password, readable by the service "
+                                 "only (`root:dicomcache` 0640), relative to the config "
+                                 "file."),
             "connect_timeout": Key("Time to open a connection to Orthanc.", "seconds"),
             "read_timeout": Key("Silence tolerated while reading an answer.", "seconds"),
             "retries": Key("Attempts after the first (exponential backoff with jitter); "
@@ -207,7 +208,8 @@ SECTIONS: dict[str, Section] = {
                               "pynetdicom as published (same behaviour, slower)."),
             "tls_certificate": Key("DICOM TLS on the SCP: our PEM chain, ours first.",
                                    applies=TLS_FILES),
-            "tls_key": Key("Its PEM private key, unencrypted, mode 0600.", applies=TLS_FILES),
+            "tls_key": Key("Its PEM private key, unencrypted, readable by the service only "
+                           "(`root:dicomcache` 0640).", applies=TLS_FILES),
             "tls_ca_file": Key("Modalities' certificates are verified against this PEM "
                                "bundle.", applies="restart; renewed file: SIGHUP"),
             "tls_require_client_certificate": Key("With `tls_ca_file`: a modality must "
