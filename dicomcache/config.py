@@ -946,7 +946,7 @@ def _dicomweb(sec: _Section) -> DicomwebSettings:
                 or parts.fragment or parts.username or not re.fullmatch(r"[\x21-\x7e]+", public_url)
                 or '"' in public_url or "\\" in public_url):
             sec.problem("public_url", f"{public_url!r} is not an http(s) base URL such as "
-                                      "\"https://dicomcache.clinic.example:8080\"")
+                                      "\"https://dicomcache.clinic.example:8443\"")
         public_url = public_url.rstrip("/")
     return DicomwebSettings(
         metadata_fresh=sec.positive("metadata_fresh", d.metadata_fresh),

@@ -44,6 +44,7 @@ from pydicom import Dataset
 from dicomcache import __version__
 from dicomcache.devtools.orthanc import OrthancProcess, free_ports, loopback_env
 from dicomcache.devtools.samples import encode, make_ct_series
+from dicomcache.dicom.syntaxes import JPEG_LS_LOSSLESS
 from tests.conftest import Sample, eventually_sync
 from tests.test_doc_commands import Block, blocks, commands
 from tests.test_systemd import directives
@@ -875,13 +876,18 @@ ALICE_PASSWORD, WARD3_PASSWORD = "alice at the viewer", "ward three's scripted o
 
 
 @pytest.fixture(scope="module")
-def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrthancProcess, str]]:
+def hospital(tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[tuple[OrthancProcess, str, Dataset]]:
     """The documents' Orthanc: dicomcache's user on it is called ``dicomcache``, as they
-    write; one instance in it (its Orthanc ID returned)."""
+    write; two studies of one instance in it: the first one's Orthanc ID returned (the
+    instance the documents fetch), and the second's data set (a study nobody opens, so
+    nothing prefetches it, before dicomweb.md's check of a cold frame)."""
     with OrthancProcess(tmp_path_factory.mktemp("hospital"), username="dicomcache") as proc:
-        (ds,) = make_ct_series(1, rows=32, columns=32, seed=31, patient_id="PHOSPITAL")
-        (instance,) = proc.upload([encode(ds, ds.file_meta.TransferSyntaxUID)])
-        yield proc, instance
+        (first,) = make_ct_series(1, rows=32, columns=32, seed=31, patient_id="PHOSPITAL")
+        (cold,) = make_ct_series(1, rows=32, columns=32, seed=32, patient_id="PHOSPITAL")
+        instance, _ = proc.upload([encode(ds, ds.file_meta.TransferSyntaxUID)
+                                   for ds in (first, cold)])
+        yield proc, instance, cold
 
 
 def map_doc_hosts(booted: Booted) -> None:
@@ -899,12 +905,12 @@ def dropin(block: Block) -> str:
 
 def test_operating_docs_as_written_on_a_booted_root(
         booted: Booted, packages: tuple[Path, Path],
-        hospital: tuple[OrthancProcess, str]) -> None:
+        hospital: tuple[OrthancProcess, str, Dataset]) -> None:
     """Installed as README.md says, then operated as operations.md, troubleshooting.md,
-    orthanc.md and security.md say: with the documents' host names (this root's
+    orthanc.md, security.md and dicomweb.md say: with the documents' host names (this root's
     /etc/hosts), dicomcache's own Orthanc user, a hospital CA of the test's own, the
     passwords typed on standard input."""
-    orthanc, instance = hospital
+    orthanc, instance, cold = hospital
     deb = packages[1]
     http_port, redirect_port = free_ports(2)
     admin = operator(booted, orthanc, http_port)
@@ -914,13 +920,17 @@ def test_operating_docs_as_written_on_a_booted_root(
         "dicomcache.clinic.example:8443": f"dicomcache.clinic.example:{http_port}",
         "dicomcache.clinic.example:8080": f"dicomcache.clinic.example:{redirect_port}",
         "/instances/ID/": f"/instances/{instance}/"})
-    admin.env.update({"SYSTEMD_EDITOR": "/usr/local/bin/doc-edit", "PW": WARD3_PASSWORD})
+    # The UIDs dicomweb.md's frame check asks the administrator to set.
+    admin.env.update({"SYSTEMD_EDITOR": "/usr/local/bin/doc-edit", "PW": WARD3_PASSWORD,
+                      "STUDY": str(cold.StudyInstanceUID), "SERIES": str(cold.SeriesInstanceUID),
+                      "SOP": str(cold.SOPInstanceUID)})
     map_doc_hosts(booted)
     (readme,) = claimed(README_PLAN, "README.md")
     service, online, alerts, edit, hit = claimed(OPERATIONS_PLAN, "docs/operations.md")
     orthanc_down, not_starting = claimed(TROUBLESHOOTING_PLAN, "docs/troubleshooting.md")
     orthanc_answers, md5 = claimed(ORTHANC_PLAN, "docs/orthanc.md")
     users, https, auth = claimed(SECURITY_PLAN, "docs/security.md")
+    (cold_frame,) = claimed(DICOMWEB_PLAN, "docs/dicomweb.md")
     typed_orthanc = orthanc.password + "\n"
 
     # Installed, configured, checked, started: README.md's lines.
@@ -983,7 +993,10 @@ def test_operating_docs_as_written_on_a_booted_root(
                          (r"^# http_redirect_port = 80\b", f"http_redirect_port = {redirect_port}"),
                          (r"^# allowed_hosts = \[.*?\]", f'allowed_hosts = ["{DOC_HOSTS[0]}"]'),
                          (r'^mode = "none"', 'mode = "basic"'),
-                         (r'^# (users_file = "users")', r"\1")):
+                         (r'^# (users_file = "users")', r"\1"),
+                         # dicomweb.md's option, whose effect its frame check shows.
+                         (r"^\[upstream\]\n", '[upstream]\nframes_transfer_syntax = '
+                                               f'"{JPEG_LS_LOSSLESS}"\n')):
         text = replace_once(text, pattern, new)
     conf.write_text(text)
     out = admin.run_block(users, typed=ALICE_PASSWORD + "\n")
@@ -1013,11 +1026,20 @@ def test_operating_docs_as_written_on_a_booted_root(
     assert " 200" in viewer.split("\n", 1)[0] or "HTTP/1.1 200" in viewer, viewer
     assert " 403" in not_admin, not_admin
 
+    # A cold frame as OHIF asks for it, as alice: transcoded by Orthanc (image/jls), or
+    # cut from the original if that failed (a timeout on a loaded machine): the answer's
+    # part type says which, and a refusal (401, 403) has no such line.
+    (frame,) = admin.run_block(cold_frame, typed=ALICE_PASSWORD + "\n")
+    assert re.search(r'(?im)^content-type: multipart/related;.*\btype="?'
+                     r"(image/jls|application/octet-stream)\b", frame), frame
+
     (cached,) = admin.run_block(hit, typed=ALICE_PASSWORD + "\n")
     assert re.search(r"(?im)^x-cache: (HIT|MISS)", cached), cached
 
 
 
+#: docs/dicomweb.md: a frame of an instance not cached yet, asked as OHIF asks.
+DICOMWEB_PLAN = ["curl -sf -D - -o /dev/null -u alice"]
 #: docs/security.md: a modality sending over DICOM TLS (DCMTK's storescu, in this root).
 MODALITY_PLAN = ["storescu +tls"]
 #: docs/relay.md: a quarantined file released; drain, stop, back up before an upgrade.
@@ -1127,4 +1149,4 @@ PLANS = [("docs/install.md", INSTALL_PLAN), ("docs/upgrade.md", UPGRADE_PLAN),
          ("docs/operations.md", OPERATIONS_PLAN),
          ("docs/troubleshooting.md", TROUBLESHOOTING_PLAN), ("docs/orthanc.md", ORTHANC_PLAN),
          ("docs/security.md", SECURITY_PLAN), ("docs/security.md", MODALITY_PLAN),
-         ("docs/relay.md", RELAY_PLAN)]
+         ("docs/relay.md", RELAY_PLAN), ("docs/dicomweb.md", DICOMWEB_PLAN)]

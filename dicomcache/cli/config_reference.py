@@ -78,25 +78,25 @@ SECTIONS: dict[str, Section] = {
             "tls_certificate": Key("PEM chain (this server's certificate first, then the "
                                    "intermediates): the viewer port speaks HTTPS only.",
                                    applies=TLS_FILES),
-            "tls_key": Key("PEM private key of `tls_certificate`, unencrypted, mode 0600.",
-                           applies=TLS_FILES),
+            "tls_key": Key("PEM private key of `tls_certificate`, unencrypted, readable by "
+                           "the service only (`root:dicomcache` 0640).", applies=TLS_FILES),
             "http_redirect_port": Key("With TLS: a plain-HTTP port answering every request "
                                       "with a 308 to the same path over HTTPS.", "port"),
             "max_requests_per_client": Key("Requests one client (an address, an IPv6 /64, or "
                                            "the client a trusted proxy names) may have in "
                                            "progress; more wait their turn, up to 8 times as "
-                                           "many, beyond that 429. 0: no limit."),
+                                           "many, beyond that 429. 0: no limit.", "count"),
             "client_rate": Key("Requests per second one client may send on average "
                                "(bursts up to `client_burst`); beyond that 429 with "
-                               "`Retry-After`. 0: no limit."),
+                               "`Retry-After`. 0: no limit.", "requests/s"),
             "client_burst": Key("Requests one client may send at once before `client_rate` "
                                 "applies (OHIF opening a 1,000-slice series sends about "
-                                "1,000)."),
+                                "1,000).", "count"),
             "max_connections_per_client": Key(
                 "Connections one client (an address or an IPv6 /64) may hold open on the "
                 "viewer port; beyond it its longest idle one is closed (or the new one, when "
                 "none is idle). Proxies in `[audit] trusted_proxies` are exempt. Raise it when "
-                "many workstations share one address (NAT). 0: no limit."),
+                "many workstations share one address (NAT). 0: no limit.", "count"),
         }),
     "upstream": Section(
         "The hospital's Orthanc, and how dicomcache talks to it.", "operations.md", {
@@ -106,8 +106,9 @@ SECTIONS: dict[str, Section] = {
             "username": Key("HTTP basic user dicomcache uses towards Orthanc (viewers never "
                             "see it)."),
             "password": Key("Its password; prefer `password_file`."),
-            "password_file": Key("File holding only the password (mode 0600), relative to "
-                                 "the config file."),
+            "password_file": Key("File holding only the password, readable by the service "
+                                 "only (`root:dicomcache` 0640), relative to the config "
+                                 "file."),
             "connect_timeout": Key("Time to open a connection to Orthanc.", "seconds"),
             "read_timeout": Key("Silence tolerated while reading an answer.", "seconds"),
             "retries": Key("Attempts after the first (exponential backoff with jitter); "
@@ -212,7 +213,8 @@ SECTIONS: dict[str, Section] = {
                               "pynetdicom as published (same behaviour, slower)."),
             "tls_certificate": Key("DICOM TLS on the SCP: our PEM chain, ours first.",
                                    applies=TLS_FILES),
-            "tls_key": Key("Its PEM private key, unencrypted, mode 0600.", applies=TLS_FILES),
+            "tls_key": Key("Its PEM private key, unencrypted, readable by the service only "
+                           "(`root:dicomcache` 0640).", applies=TLS_FILES),
             "tls_ca_file": Key("Modalities' certificates are verified against this PEM "
                                "bundle.", applies="restart; renewed file: SIGHUP"),
             "tls_require_client_certificate": Key("With `tls_ca_file`: a modality must "
@@ -306,7 +308,7 @@ SECTIONS: dict[str, Section] = {
             "retrieve_concurrency": Key("Instances read or downloaded ahead while a series "
                                         "or study retrieve streams; 1 to 64.", "count"),
             "public_url": Key("Base of the links written into metadata, e.g. "
-                              "`https://dicomcache.clinic.example:8080`.",
+                              "`https://dicomcache.clinic.example:8443`.",
                               default="not set: from the viewer's `Host`/`Forwarded`"),
         }),
     "cors": Section(

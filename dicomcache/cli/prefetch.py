@@ -42,7 +42,8 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p = subparsers.add_parser(
         "prefetch",
         help="fetch studies into the cache ahead of time (by study, patient, accession)",
-        description=__doc__.split("\n\n")[1] if __doc__ else None)
+        # The docstring's second paragraph, without its reStructuredText quoting.
+        description=__doc__.split("\n\n")[1].replace("``", "") if __doc__ else None)
     p.add_argument("--config", "-c", type=Path, help="TOML config (default: embedded demo)")
     p.add_argument("--study", action="append", default=[], metavar="UID", type=study_uid,
                    help="StudyInstanceUID (repeatable)")

@@ -2,9 +2,11 @@
 
 Every problem is one line naming the configuration key at fault, and exit
 code 2 (``USAGE``), before any "listening" line: a port another program holds,
-a cache directory the service cannot write, a configuration file without an
-Orthanc, a relay spool written by a newer dicomcache.  ``check-config`` runs
-the same checks (without binding), so the unit's ``ExecStartPre`` catches them
+a file where the cache directory should be, a relay spool the service cannot
+write or one written by a newer dicomcache, a configuration file without an
+Orthanc.  (A cache directory it cannot write is no such problem: the daemon
+serves with its cache degraded.)  ``check-config`` runs the same checks
+(without binding), so the unit's ``ExecStartPre`` catches them
 too; the unit does not restart on exit 2 (``RestartPreventExitStatus=2``): a
 configuration problem does not fix itself.
 """

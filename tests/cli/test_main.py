@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import os
+import re
 import signal
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dicomcache.cache.store import Store
-from dicomcache.cli.main import main
+from dicomcache.cli.main import build_parser, main
 from dicomcache.devtools.orthanc import OrthancProcess, free_port
 from dicomcache.devtools.wanem import LinkProfile, ThreadedWanEmulator
 from dicomcache.dicom.verify import verify_file
@@ -173,3 +175,23 @@ def test_a_malformed_uid_is_a_usage_error(argv: list[str],
         main(argv)
     assert done.value.code == 2
     assert "is not a DICOM UID" in capsys.readouterr().err
+
+
+def _parsers(parser: argparse.ArgumentParser, chain: str
+             ) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every command's parser, ``dicomcache`` first, each with its command line."""
+    yield chain, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, f"{chain} {name}")
+
+
+def test_every_help_is_plain_text() -> None:
+    """``--help`` is read in a terminal: no reStructuredText from a docstring in it
+    (``prefetch --help`` showed ````cache.directory```` that way)."""
+    markup = re.compile(r"``|:(?:func|class|meth|mod|data|attr):`")
+    shown = {chain: parser.format_help() for chain, parser in _parsers(build_parser(),
+                                                                        "dicomcache")}
+    assert len(shown) > 20
+    assert [chain for chain, text in shown.items() if markup.search(text)] == []
