@@ -196,6 +196,45 @@ def named_instances(doc: Any) -> dict[tuple[str, str, str], list[str]]:
     return named
 
 
+#: Instance Number (IS): the order a viewer stacks a series' slices in.
+_INSTANCE_NUMBER = "00200013"
+
+
+def _number(dataset: dict[str, Any], tag: str) -> float | None:
+    """The first value of an IS/DS attribute (a JSON number, or a string as some
+    servers write them); ``None`` when absent or not a finite number."""
+    attr = dataset.get(tag)
+    value = attr.get("Value") if isinstance(attr, dict) else None
+    first = value[0] if isinstance(value, list) and value else None
+    if isinstance(first, bool) or not isinstance(first, int | float | str):
+        return None
+    try:
+        number = float(first)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def middle_instances(doc: Any) -> list[tuple[str, str, str]]:
+    """The ``(SOP, Study, Series UID)`` of the instance in the middle of a series
+    metadata answer, in Instance Number order (pure): where OHIF opens a series, as
+    its first image or as its thumbnail, right after this answer (index ``n // 2``
+    of ``n``).  One, not both middles of an even count: on a slow link a second
+    download takes half of it from the viewer's.  None when any data set lacks a
+    number or valid UIDs (no guess from incomplete data)."""
+    numbered: list[tuple[float, str, str, str, str]] = []
+    for dataset in doc if isinstance(doc, list) else ():
+        if not isinstance(dataset, dict):
+            return []
+        _patient, study, series, sop = (_first_text(dataset, tag) for tag in _IDENTITY)
+        number = _number(dataset, _INSTANCE_NUMBER)
+        if number is None or not all(is_uid(u) for u in (study, series, sop)):
+            return []
+        numbered.append((number, sop, sop, study, series))
+    numbered.sort()
+    return [numbered[len(numbered) // 2][2:]] if numbered else []
+
+
 def relink_parts(body: bytes, content_type: str, base: str) -> bytes:
     """A complete multipart answer with each part's ``Content-Location`` on ``base``.
 

@@ -90,7 +90,7 @@ async def _answer(request: web.Request, entry: Cached, stale: bool, *,
 
 async def metadata(request: web.Request) -> web.StreamResponse:
     """Study, series or instance metadata (DICOM JSON) with links on dicomcache."""
-    study, series, _sop = dicomweb_uids(request)
+    study, series, sop = dicomweb_uids(request)
     if not accepts_json(request.headers.get(hdrs.ACCEPT)):
         return await passthrough(request)
     _check_raw(request)
@@ -100,7 +100,8 @@ async def metadata(request: web.Request) -> web.StreamResponse:
     hit_before = dw.cache.peek(f"json:{path}")
     entry, stale = await dw.json_answer(f"json:{path}", path, dw.settings.metadata_fresh,
                                         study=study, listing=(study, series),
-                                        viewer=_viewer(request))
+                                        viewer=_viewer(request),
+                                        series_metadata=series is not None and sop is None)
     request[OUTCOME] = "hit" if hit_before is entry else "miss"
     return await _answer(request, entry, stale, json_body=True)
 

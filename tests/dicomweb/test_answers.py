@@ -21,6 +21,7 @@ from dicomcache.dicomweb.answers import (
     DiskCopies,
     affected,
     link_path,
+    middle_instances,
     named_instances,
     normalise_json,
     relink_parts,
@@ -138,6 +139,49 @@ def _dataset(patient: str | None, study: str, series: str, sop: str) -> dict[str
 ])
 def test_named_instances(doc: object, expected: dict[tuple[str, str, str], list[str]]) -> None:
     assert named_instances(doc) == expected
+
+
+def _slice(number: object, sop: str) -> dict[str, object]:
+    ds = _dataset("P1", "1.2", "1.2.3", sop)
+    if number is not None:
+        ds["00200013"] = {"vr": "IS", "Value": [number]}
+    return ds
+
+
+def _slices(*numbers: object) -> list[dict[str, object]]:
+    return [_slice(n, f"1.2.3.{i}") for i, n in enumerate(numbers, start=10)]
+
+
+def _uids(*sops: str) -> list[tuple[str, str, str]]:
+    return [(sop, "1.2", "1.2.3") for sop in sops]
+
+
+@pytest.mark.parametrize(("doc", "expected"), [
+    # Odd: the middle one, whatever order Orthanc listed them in.
+    (_slices(3, 1, 2), _uids("1.2.3.12")),
+    (_slices(5, 4, 3, 2, 1), _uids("1.2.3.12")),
+    # Even: the upper middle (index n // 2), as OHIF opens it.
+    (_slices(1, 2, 3, 4), _uids("1.2.3.12")),
+    (_slices(4, 3, 2, 1), _uids("1.2.3.11")),
+    # Numbers as strings (IS written as text), as decimals; one slice; none.
+    (_slices("2", "1", "3"), _uids("1.2.3.10")),
+    (_slices(1.5, 0.5, 2.5), _uids("1.2.3.10")),
+    (_slices(7), _uids("1.2.3.10")),
+    ([], []),
+    # Equal numbers: the SOP Instance UID decides, so the answer is the same every time.
+    (_slices(1, 1, 1), _uids("1.2.3.11")),
+    # An instance without a number, with a number that is not one, or with a bad UID:
+    # no guess from incomplete data.
+    (_slices(1, None, 3), []),
+    (_slices(1, "two", 3), []),
+    (_slices(1, True, 3), []),
+    (_slices(1, float("nan"), 3), []),
+    ([*_slices(1, 2), _slice(3, "../etc")], []),
+    ([*_slices(1, 2), "not a data set"], []),
+    ({"not": "a list"}, []),
+])
+def test_middle_instances(doc: object, expected: list[tuple[str, str, str]]) -> None:
+    assert middle_instances(doc) == expected
 
 
 def test_normalise_rejects_garbage() -> None:

@@ -104,7 +104,8 @@ async def test_frames_after_cold_metadata_need_no_lookup(
     every instance (its Orthanc ID is the hash of its identifiers), so a cold frame is the
     instance's download alone: no ``/tools/find`` round trip before it."""
     s = ct_series[5]
-    client = await aiohttp_client(make_app(make_settings(url=f"http://127.0.0.1:{wan.port}")))
+    client = await aiohttp_client(make_app(make_settings(  # (nothing fetched ahead)
+        url=f"http://127.0.0.1:{wan.port}", prefetch={"mode": "off"})))
     resp = await client.get(f"/dicom-web/studies/{s.study}/series/{s.series}/metadata",
                             headers={"Accept": "application/dicom+json"})
     assert resp.status == 200
@@ -118,6 +119,59 @@ async def test_frames_after_cold_metadata_need_no_lookup(
                            .body)
     assert sorted(t for t in wan.targets if t != "/system") == [
         f"/instances/{s.orthanc_id}/attachments/dicom/md5", f"/instances/{s.orthanc_id}/file"]
+
+
+def files(wan: WanEmulator) -> list[str]:
+    """The instance bodies that crossed the link."""
+    return [t for t in wan.targets if t.endswith("/file")]
+
+
+FRAME = {"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"}
+
+
+async def test_a_cold_series_metadata_fetches_its_middle_slices_ahead(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        ct_series: list[Sample]) -> None:
+    """OHIF opens a series at its middle slice (the first image, or its thumbnail) as
+    soon as it has read the metadata: that download starts as the metadata comes from
+    Orthanc, and the viewer's frame request joins it.  Only that: the study's prefetch
+    still waits for the first image."""
+    client = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}", prefetch={"mode": "series"})))
+    s = ct_series[0]  # 12 slices, numbered in this order: the middle one is the 7th
+    middle = {f"/instances/{ct_series[6].orthanc_id}/file"}
+    wan.reset_stats()
+    resp = await client.get(f"/dicom-web/studies/{s.study}/series/{s.series}/metadata",
+                            headers={"Accept": "application/dicom+json"})
+    assert resp.status == 200
+    await eventually(lambda: set(files(wan)) >= middle, what="the middle slices fetched")
+    assert sorted(files(wan)) == sorted(middle)
+    viewed = ct_series[6]
+    resp = await client.get(f"/dicom-web/studies/{s.study}/series/{s.series}/instances/"
+                            f"{viewed.sop}/frames/1", headers=FRAME)
+    assert resp.status == 200
+    assert viewed.data.endswith(
+        multipart.split(await resp.read(), resp.headers["Content-Type"])[0].body)
+    assert wan.requests[f"/instances/{viewed.orthanc_id}/file"] == 1
+
+
+@pytest.mark.parametrize("case", ["prefetch off", "study metadata"])
+async def test_nothing_is_fetched_ahead_otherwise(
+        aiohttp_client, make_settings: SettingsFactory, wan: WanEmulator,
+        ct_series: list[Sample], case: str) -> None:
+    """With ``prefetch.mode = "off"`` nothing is downloaded before it is asked for; a
+    study's metadata names no series' first image (and a study's prefetch waits for one)."""
+    s = ct_series[0]
+    client = await aiohttp_client(make_app(make_settings(
+        url=f"http://127.0.0.1:{wan.port}",
+        prefetch={"mode": "off" if case == "prefetch off" else "series"})))
+    path = {"prefetch off": f"/dicom-web/studies/{s.study}/series/{s.series}/metadata",
+            "study metadata": f"/dicom-web/studies/{s.study}/metadata"}[case]
+    wan.reset_stats()
+    resp = await client.get(path, headers={"Accept": "application/dicom+json"})
+    assert resp.status == 200
+    await asyncio.sleep(0.5)
+    assert files(wan) == []
 
 
 async def test_confirmations_ahead_of_time_are_bounded(
