@@ -87,7 +87,8 @@ log = logging.getLogger(__name__)
 
 #: Object files are spread over this many directories (two hex digits).
 FAN_OUT = 256
-#: The index file of dicomcache 0.1 (diskcache), adopted once (:meth:`Store._migrate_legacy`).
+#: The index file of development builds before 0.1.0 (diskcache), adopted once
+#: (:meth:`Store._migrate_legacy`).
 LEGACY_INDEX = "cache.db"
 #: An index of an earlier schema, moved aside to be adopted (:meth:`Store._migrate_old`).
 OLD_INDEX = "index-old.sqlite"
@@ -297,7 +298,8 @@ class Store:
         durable.fsync_dir(self.directory)
 
     def _migrate_legacy(self) -> None:
-        """Adopt the entries of a store written by dicomcache 0.1 (a diskcache index).
+        """Adopt the entries of a store written by a development build before 0.1.0 (a
+        diskcache index).
 
         That version keyed entries by SOP Instance UID alone (see :meth:`_adopt`).
         """

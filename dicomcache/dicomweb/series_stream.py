@@ -31,7 +31,7 @@ its error causes).  A part is read only while fewer than :data:`PARALLEL` are
 being verified, which bounds the memory a fast link can fill.
 
 Every claimed instance the stream did not deliver verified (cut stream,
-corrupted part, no MD5 at Orthanc, upstream error) falls back to the ordinary
+corrupted part, its MD5 not to be looked up, upstream error) falls back to the ordinary
 per-instance download with its retries (:meth:`Fetcher.fall_back`) as soon as
 the stream ends, without waiting for the commits.  Nothing unverified is sent
 or stored.
@@ -343,9 +343,12 @@ async def look_up_md5s(client: OrthancClient, oids: list[str],
                        learn: Callable[[str, str], None], metrics: Metrics) -> None:
     """Orthanc's stored MD5 of each instance, :data:`LOOKUPS` at a time, to ``learn``.
 
-    An instance without an MD5 (404) is left out: its part, unmatched, falls
-    back to a single download; any other refusal ends the lookups (raised; the
-    single downloads then say why).
+    An instance Orthanc stored no MD5 for (404: ``StoreMD5ForAttachments`` off) is
+    left out: its part is then accepted on its length, a full parse and its
+    identity, as a single download of it would be.  A malformed MD5 answer leaves
+    it out too, and its part falls back to a single download; any other refusal
+    ends the lookups (raised; the parts without an MD5 then fall back, and their
+    single downloads say why).
     """
     todo = iter(oids)
     started = time.monotonic()
