@@ -254,9 +254,12 @@ class Coherence:
         elif level == "Series":
             self._confirmed.pop(resource, None)
             if kind == "Deleted":
+                await self.store.drain()  # bodies being written are in the store first
                 await self.purge(await asyncio.to_thread(self.store.sync.in_series, resource),
                                  "deleted_upstream")
         elif level == "Study":
+            if kind == "Deleted":
+                await self.store.drain()  # (as for a series)
             entries = await asyncio.to_thread(self.store.sync.in_study, resource)
             for oid in {e.series_oid for e in entries}:
                 self._confirmed.pop(oid, None)

@@ -97,3 +97,41 @@ def fill(store: Store, blobs: list[bytes]) -> list[Instance]:
         assert stored is not None
         out.append(stored)
     return out
+
+
+@pytest.mark.parametrize("level", ["Series", "Study"])
+async def test_a_deleted_series_or_study_takes_what_is_being_committed_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, level: str) -> None:
+    """A body served to its viewer while its disk copy is under way
+    (:meth:`AsyncStore.commit_soon`) is purged with its series or study: a deletion
+    read while it was being written must not leave it in the store."""
+    import threading
+
+    (blob,) = [encode(ds, ds.file_meta.TransferSyntaxUID)
+               for ds in make_ct_series(1, rows=16, columns=16, seed=62, patient_id="PDEL2")]
+    store = AsyncStore(await asyncio.to_thread(Store, tmp_path, 1 << 30))
+    body = Instance.verified(parse_dicom(blob), hashlib.md5(blob).hexdigest(), blob)
+    release = threading.Event()
+    commit_body = Store.commit_body
+
+    def slow_disk(self: Store, b: Instance) -> Instance | None:
+        release.wait(30)
+        return commit_body(self, b)
+
+    monkeypatch.setattr(Store, "commit_body", slow_disk)
+    metrics = Metrics()
+    client = OrthancClient(UpstreamSettings(url="http://127.0.0.1:9"), metrics)
+    coherence = Coherence(CacheSettings(directory=tmp_path), client, store, metrics, [])
+    try:
+        committing = store.commit_soon(body)
+        resource = body.series_oid if level == "Series" else body.study_oid
+        deleted = asyncio.ensure_future(coherence.changed("Deleted", level, resource))
+        await asyncio.sleep(0.2)
+        release.set()
+        await asyncio.wait_for(deleted, 10)
+        await committing
+        assert await store.get(body.orthanc_id) is None
+    finally:
+        release.set()
+        await client.close()
+        await asyncio.to_thread(store.sync.close)
