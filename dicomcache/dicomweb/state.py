@@ -66,14 +66,8 @@ class DicomWeb:
     """The DICOMweb caches and the upstream calls they need (one per app)."""
 
     def __init__(self, settings: DicomwebSettings, client: OrthancClient, store: AsyncStore,
-                 fetcher: Fetcher, directory: Path | None = None, *,
-                 fetch_ahead: bool = False) -> None:
+                 fetcher: Fetcher, directory: Path | None = None) -> None:
         self.settings = settings
-        #: A cold series metadata starts the download of its middle instance(s), the
-        #: viewer's next request (``prefetch.mode`` other than ``"off"``).
-        self.fetch_ahead = fetch_ahead
-        #: Those downloads (:meth:`_first_images`), cancelled at shutdown.
-        self.ahead: set[asyncio.Task[None]] = set()
         self.client = client
         self.store = store
         self.fetcher = fetcher
@@ -110,7 +104,7 @@ class DicomWeb:
         """Cancel the streams and confirmations in progress (shutdown), once the disk
         copies of the answers already given are written."""
         await self.cache.flush()
-        tasks = [*self.streams, *self.confirmations, *self.ahead]
+        tasks = [*self.streams, *self.confirmations]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -234,16 +228,18 @@ class DicomWeb:
     async def json_answer(self, key: str, path: str, fresh_for: float, *, study: str | None,
                           listing: tuple[str, str | None] | None = None,
                           viewer: tuple[str, bool] | None = None,
-                          series_metadata: bool = False) -> tuple[Cached, bool]:
+                          ahead: Callable[[tuple[str, ...]], None] | None = None
+                          ) -> tuple[Cached, bool]:
         """A DICOM JSON answer (metadata or QIDO) from the cache, links normalised.
 
         Filed under ``study`` (``None``: a search, which may list any study).  With
         ``listing`` (study, series) a stale copy is confirmed against the instance
         list before it is downloaded again.  ``viewer`` (its base URL, whether it
         takes gzip): a download also makes that viewer's rendering of the answer
-        (:meth:`Cached.render`), in the same step as its checks.  ``series_metadata``:
-        the answer lists one series, whose middle instance a viewer opens next
-        (:attr:`fetch_ahead`).
+        (:meth:`Cached.render`), in the same step as its checks.  ``ahead``: the
+        answer lists one series; a download of it tells ``ahead`` the Orthanc ID of
+        its middle instance (:func:`middle_instances`), which a viewer opens next, as
+        soon as it is checked.
 
         A first download is the answer alone, one request (what a viewer straight to
         Orthanc waits for), so it has no validator: halfway through its freshness it is
@@ -268,7 +264,7 @@ class DicomWeb:
                 encoding = headers.get(hdrs.CONTENT_ENCODING)
                 checked = functools.partial(
                     self._checked, data, encoding, path, metadata=metadata, viewer=viewer,
-                    middle=series_metadata and self.fetch_ahead and viewer is not None)
+                    middle=ahead is not None)
                 # One step, after the last byte: nothing to overlap with the download
                 # (Orthanc sends the body once made: 14 KB gzipped for 120 instances,
                 # ~11 ms at 10 Mbit/s; its inflating is 1 ms, and the stdlib has no
@@ -282,7 +278,8 @@ class DicomWeb:
                 except ValueError as exc:
                     raise UpstreamError(Cause.BAD_JSON, f"{path}: Orthanc sent invalid JSON "
                                         f"({exc})") from exc
-                self._first_images(prepared.middle)
+                if ahead is not None and prepared.middle:
+                    ahead(prepared.middle)
                 entry = Cached(prepared.body, headers.get(hdrs.CONTENT_TYPE, DICOM_JSON),
                                time.monotonic(), fresh_for, validator=validator,
                                has_links=True, digest=prepared.digest)
@@ -318,23 +315,6 @@ class DicomWeb:
         gzipped = gzips(body, viewer[1])
         return Prepared(body, digest, gzipped, for_viewer(body, True, viewer[0], gzipped),
                         middle=ahead)
-
-    def _first_images(self, oids: tuple[str, ...]) -> None:
-        """Download ``oids`` (a series' middle instance, :func:`middle_instances`) as a
-        viewer's request, now: the viewer asks for it once it has read the metadata
-        (OHIF: its first image, or the series' thumbnail), and then joins this download
-        instead of starting it one round trip later."""
-        for oid in oids:
-            task = asyncio.get_running_loop().create_task(self._first_image(oid))
-            self.ahead.add(task)
-            task.add_done_callback(self.ahead.discard)
-
-    async def _first_image(self, oid: str) -> None:
-        try:
-            await self.fetcher.by_orthanc_id(oid)
-        except (UpstreamError, NotFoundUpstream, IntegrityError, OSError) as exc:
-            # The viewer's own request, if it comes, tries again and reports.
-            log.info("instance %s, fetched ahead of its viewer: %s", oid, exc)
 
     def _resolve(self, named: dict[tuple[str, str, str], list[str]]) -> None:
         """Keep which Orthanc instance each instance of a metadata answer is

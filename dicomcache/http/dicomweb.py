@@ -26,8 +26,7 @@ from dicomcache.http.wado_rs import instance, retrieve
 async def _dicomweb_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     dw = DicomWeb(settings.dicomweb, app[CLIENT], app[STORE], app[FETCHER],
-                  directory=settings.cache.directory / "dicomweb",
-                  fetch_ahead=settings.prefetch.mode != "off")
+                  directory=settings.cache.directory / "dicomweb")
     app[DICOMWEB] = dw
     if dw.disk is not None:
         await asyncio.to_thread(dw.disk.prune)

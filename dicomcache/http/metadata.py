@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 
 from aiohttp import hdrs, web
 
 from dicomcache.dicom.accept import accepts_gzip, accepts_json
 from dicomcache.dicomweb.answers import Cached, gzips
-from dicomcache.http.keys import DICOMWEB, OUTCOME, SETTINGS
+from dicomcache.http import audit, auth
+from dicomcache.http.keys import DICOMWEB, OUTCOME, PREFETCHER, SETTINGS
 from dicomcache.http.params import dicom_uid, dicomweb_uids, family_of
 from dicomcache.http.passthrough import check_path, passthrough
 from dicomcache.http.respond import REVALIDATE, BadRequest
@@ -88,6 +90,21 @@ async def _answer(request: web.Request, entry: Cached, stale: bool, *,
     return resp
 
 
+def _first_images(request: web.Request,
+                  study: str) -> Callable[[tuple[str, ...]], None] | None:
+    """What to do with the middle instance a cold series metadata names: have the
+    prefetcher download it now (it is this viewer's next request), when this request
+    may start a prefetch of ``study`` (:func:`~dicomcache.http.auth.may_prefetch`)."""
+    prefetcher = request.app.get(PREFETCHER)
+    if prefetcher is None or not prefetcher.enabled:
+        return None
+
+    def ahead(oids: tuple[str, ...]) -> None:
+        if auth.may_prefetch(request, study):
+            prefetcher.first_images(oids, audit.actor_of(request))
+    return ahead
+
+
 async def metadata(request: web.Request) -> web.StreamResponse:
     """Study, series or instance metadata (DICOM JSON) with links on dicomcache."""
     study, series, sop = dicomweb_uids(request)
@@ -101,7 +118,8 @@ async def metadata(request: web.Request) -> web.StreamResponse:
     entry, stale = await dw.json_answer(f"json:{path}", path, dw.settings.metadata_fresh,
                                         study=study, listing=(study, series),
                                         viewer=_viewer(request),
-                                        series_metadata=series is not None and sop is None)
+                                        ahead=_first_images(request, study)
+                                        if series is not None and sop is None else None)
     request[OUTCOME] = "hit" if hit_before is entry else "miss"
     return await _answer(request, entry, stale, json_body=True)
 

@@ -53,7 +53,7 @@ from dicomcache.cache.fetch import Fetcher
 from dicomcache.cache.instance import Instance
 from dicomcache.cache.store import AsyncStore
 from dicomcache.config import PrefetchSettings
-from dicomcache.errors import NotFoundUpstream, UpstreamError, UpstreamUnavailable
+from dicomcache.errors import IntegrityError, NotFoundUpstream, UpstreamError, UpstreamUnavailable
 from dicomcache.metrics import Metrics
 from dicomcache.prefetch.plan import Item, Job, order_items
 
@@ -118,6 +118,8 @@ class Prefetcher:
         self._opened = asyncio.Event()
         self.open_hold = OPEN_HOLD
         self._task: asyncio.Task[None] | None = None
+        #: Downloads of a series' first image (:meth:`first_images`).
+        self._firsts: set[asyncio.Task[None]] = set()
 
     @property
     def enabled(self) -> bool:
@@ -179,9 +181,49 @@ class Prefetcher:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        tasks = [*self._firsts, *([task] if task is not None else [])]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def first_images(self, oids: tuple[str, ...], actor: Actor | None) -> None:
+        """Download ``oids`` now, as a viewer's requests: a series' middle instance,
+        named by its metadata as it comes from Orthanc (OHIF opens a series there, as
+        its first image or its thumbnail, once it has read the metadata; its request
+        then joins this download).  Not held like a study's job: it *is* the first
+        image.  Each is audited as a prefetch by ``actor``; none while a required
+        audit trail cannot be written.  The caller checked that ``actor`` may prefetch
+        this study (authorization, the principal's budget)."""
+        if not self.enabled:
+            return
+        for oid in oids:
+            task = asyncio.get_running_loop().create_task(self._first_image(oid, actor))
+            self._firsts.add(task)
+            task.add_done_callback(self._firsts.discard)
+
+    async def _first_image(self, oid: str, actor: Actor | None) -> None:
+        if self.audit is not None and self.audit.required and not self.audit.accepting():
+            return
+        started, t0 = time.time(), time.monotonic()
+        found: Instance | None = None
+        failure: str | None = None
+        try:
+            if await self.store.get(oid) is not None:
+                return  # stored: nothing crosses the link, nothing to record
+            found = await self.fetcher.by_orthanc_id(oid)
+        except (UpstreamError, NotFoundUpstream, IntegrityError, OSError) as exc:
+            # The viewer's own request, if it comes, tries again and reports.
+            failure = str(exc)
+            log.info("instance %s, fetched ahead of its viewer: %s", oid, exc)
+        if self.audit is not None:
+            subject = Subject(patient_id=found.patient_id, study_uid=found.study_uid,
+                              series_uid=found.series_uid, sop_uid=found.sop_uid,
+                              orthanc_id=oid, level="instance") if found is not None \
+                else Subject(orthanc_id=oid, level="instance")
+            self.audit.submit(Record(
+                PREFETCH, actor or SYSTEM, subject, SUCCESS if found is not None else FAILED,
+                bytes=found.size if found is not None else 0, seconds=time.monotonic() - t0,
+                time=started, detail=failure))
 
     async def idle(self, timeout: float) -> bool:
         """Wait until no job runs or waits (tests, benchmarks); False on timeout."""

@@ -178,6 +178,30 @@ async def test_prefetch_downloads_attributed_to_the_toucher(
         assert rec["bytes"] == len(next(s.data for s in ct_series if s.sop == rec["sop_uid"]))
 
 
+async def test_a_series_first_image_fetched_ahead_is_the_viewers_prefetch(
+        aiohttp_client: Any, make_settings: SettingsFactory, ct_series: list[Sample]) -> None:
+    """A cold series metadata starts the download of its middle slice before the viewer
+    asks for it: an access to patient data on that viewer's behalf, recorded as such."""
+    settings = make_settings(prefetch={"mode": "series"})
+    client = await aiohttp_client(with_guard(make_app(settings)))
+    first = ct_series[0]
+    middle = ct_series[len(ct_series) // 2]  # numbered in this order
+    resp = await client.get(f"/dicom-web/studies/{first.study}/series/{first.series}/metadata",
+                            headers={"Authorization": "Bearer bob",
+                                     "Accept": "application/dicom+json"})
+    assert resp.status == 200
+    await resp.read()
+
+    async def fetched_ahead() -> list[dict[str, Any]] | None:
+        recs = [r for r in await records(client) if r["action"] == "prefetch"]
+        return recs or None
+    (rec,) = await eventually(fetched_ahead, what="the middle slice's prefetch record")
+    assert rec["sop_uid"] == middle.sop and rec["orthanc_id"] == middle.orthanc_id
+    assert rec["principal"] == "bob" and rec["client"] == "127.0.0.1"
+    assert rec["patient_id"] == "PBIG" and rec["outcome"] == "success"
+    assert rec["bytes"] == len(middle.data)
+
+
 # --- a full disk ---------------------------------------------------------------------------
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:

@@ -347,6 +347,15 @@ async def test_prefetch_only_after_authorization_and_bounded_per_principal(
     await client.app[STORE].drain()  # its disk copy follows its answer
     assert stored(second) == 1
     assert stored(denied) == 0
+    # Nor does its series metadata start the download of its first image (the middle
+    # slice a cold series metadata fetches ahead for a viewer within budget).
+    resp = await client.get(f"/dicom-web/studies/{second[0].study}/series/"
+                            f"{second[0].series}/metadata",
+                            headers={**VERA, "Accept": "application/dicom+json"})
+    assert resp.status == 200
+    await asyncio.sleep(0.5)
+    await client.app[STORE].drain()
+    assert stored(second) == 1
     # Another principal has a budget of their own.
     assert (await client.get(file_path(second[1]), headers=ADA)).status == 200
     await eventually(lambda: stored(second) == 3, what="second study prefetched for ada")
