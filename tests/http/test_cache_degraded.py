@@ -127,6 +127,7 @@ async def test_min_free_never_evicts_pinned_studies_it_serves_uncached(
     store = client.app[STORE]
     for s in ct_series[:3]:
         assert await fetch(client, s) == "MISS"
+    await store.drain()  # their disk copies follow the answers
     await asyncio.to_thread(store.sync.pin, ct_series[0].study)  # the whole CT is pinned
     # Just at what the guard keeps: min_free and the index's headroom.
     filler = await asyncio.to_thread(fill_filesystem, disk, (2 << 20) + INDEX_HEADROOM)
